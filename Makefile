@@ -1,0 +1,47 @@
+# pyxl -- the two commands a newcomer types are `make test` and `make demo`.
+VENV      := .venv
+PY        := $(VENV)/bin/python
+APT_PKGS  := libxen-dev xen-utils-4.17 valgrind
+STAMP     := $(VENV)/.pyxl-installed
+SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SOURCES   := setup.py pyproject.toml pyxl/_msgtable.py $(wildcard libxl_helper/*.c libxl_helper/*.pyx libxl_helper/*.py fakexen/*.c fakexen/*.h)
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-slow demo bench memcheck clean apt
+
+setup: $(STAMP)
+
+# Debian packages: only the missing ones, and without recommends (xen-utils
+# would otherwise pull in the hypervisor, grub-xen-host and qemu-system-xen).
+apt:
+	@missing=$$(for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install $$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): $(SOURCES) | apt
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: setup
+	PYXL_SLOW=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/pyxl demo
+
+bench: setup
+	$(PY) -m pip install -q matplotlib
+	$(PY) bench/run.py $(if $(QUICK),--quick)
+
+memcheck: setup
+	$(PY) -m pytest -q tests/test_memcheck.py
+
+clean:
+	rm -rf build $(VENV) pyxl/pyxl-save-helper pyxl/pyxl-sim-vcpu pyxl/libfakexen.so *.egg-info
