@@ -97,9 +97,9 @@ class BuildNative(build_ext):
             # A separate Extension so the module is named after the .pyx
             # (PyInit__helper), matching main.c's PyImport_AppendInittab.
             mod = Extension(os.path.splitext(os.path.basename(ext.pyx))[0], [ext.pyx])
-            cythonize([mod], build_dir=gen_dir, include_path=[gen_dir, os.path.dirname(ext.pyx)],
+            mod = cythonize([mod], build_dir=gen_dir, include_path=[gen_dir, os.path.dirname(ext.pyx)],
                       compiler_directives={"language_level": 3}, quiet=True,
-                      force=self.force)
+                      force=self.force)[0]
             sources += mod.sources
             include_dirs += [os.path.dirname(s) for s in mod.sources]
         if ext.embed_python:
