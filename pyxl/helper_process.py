@@ -1,0 +1,217 @@
+"""One run of a save/restore helper, driven from an event loop.
+
+This is pyxl's equivalent of libxl's ``libxl_save_callout.c``: spawn the helper
+with Xen 4.17's argv, feed its stdout to the sans-I/O :class:`Conversation`,
+hand messages to the owner, write replies, and watch the child's exit through a
+pidfd.  It never blocks: the pipes are non-blocking and every wait is an fd
+watch or a timer on the caller's loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import subprocess
+from typing import Callable, Dict, List, Optional, Sequence
+
+from .loop import Loop, Timer
+from .protocol import Complete, Conversation, Message, ProtocolError, RestoreResults
+
+# Bytes to read per readiness event; a frame is < 64 KiB.
+_READ_SIZE = 1 << 16
+
+
+def _set_nonblocking(fd: int) -> None:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+
+def save_argv(helper: str, io_fd: int, back_fd: int, domid: int, xcflags: int,
+              cbflags: int, stream_type: int = 0) -> List[str]:
+    return [helper, "--save-domain", str(io_fd), str(back_fd), str(domid), str(xcflags),
+            str(cbflags), str(stream_type)]
+
+
+def restore_argv(helper: str, io_fd: int, back_fd: int, domid: int, store_evtchn: int,
+                 store_domid: int, console_evtchn: int, console_domid: int, cbflags: int,
+                 stream_type: int = 0) -> List[str]:
+    return [helper, "--restore-domain", str(io_fd), str(back_fd), str(domid), str(store_evtchn),
+            str(store_domid), str(console_evtchn), str(console_domid), str(cbflags),
+            str(stream_type)]
+
+
+class HelperProcess:
+    """A running helper.  ``on_message(msg)`` sees every message; callbacks are
+    answered with :meth:`reply`.  ``on_exit(self)`` runs once, after the child
+    was reaped and its stdout is finished; read the outcome from
+    ``wait_status``, ``complete``, ``results`` and ``protocol_error``.
+    """
+
+    def __init__(self, loop: Loop, argv: Sequence[str], mode: str, cbflags: int,
+                 pass_fds: Sequence[int], on_message: Callable[[Message], None],
+                 on_exit: Callable[["HelperProcess"], None],
+                 env: Optional[Dict[str, str]] = None) -> None:
+        self.loop = loop
+        self.argv = list(argv)
+        self.conv = Conversation(mode, cbflags)
+        self._on_message = on_message
+        self._on_exit = on_exit
+        self.wait_status: Optional[int] = None
+        self.protocol_error: Optional[ProtocolError] = None
+        self._replies = bytearray()
+        self._stdout_open = True
+        self._exited = False
+        self._reported = False
+        self._kill_timer: Optional[Timer] = None
+        # close_fds (the default) leaves the child only 0/1/2 and pass_fds, as
+        # libxl's CLOEXEC discipline does; restore_signals resets SIGPIPE.
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=tuple(pass_fds),
+            env=env, close_fds=True, restore_signals=True)
+        self.pid = self.proc.pid
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self._in = self.proc.stdin.fileno()
+        self._out = self.proc.stdout.fileno()
+        _set_nonblocking(self._in)
+        _set_nonblocking(self._out)
+        self._pidfd = os.pidfd_open(self.pid)
+        loop.add_reader(self._out, self._readable)
+        loop.add_reader(self._pidfd, self._child_exited)
+
+    # -- stdout -----------------------------------------------------------
+
+    def _readable(self) -> None:
+        self._drain(until_eof=False)
+
+    def _drain(self, until_eof: bool) -> None:
+        while self._stdout_open:
+            try:
+                data = os.read(self._out, _READ_SIZE)
+            except BlockingIOError:
+                if until_eof:
+                    # The helper is gone but something (a grandchild?) still
+                    # holds the pipe: stop reading rather than wait.
+                    self._close_stdout()
+                return
+            except OSError as exc:
+                self._fail_protocol(ProtocolError(f"read error: {exc}", self.conv.decoder.offset))
+                return
+            try:
+                msgs = self.conv.receive(data)
+            except ProtocolError as exc:
+                self._fail_protocol(exc)
+                return
+            if not data:
+                self._close_stdout()
+                return
+            for msg in msgs:
+                self._on_message(msg)
+                if isinstance(msg, Complete):
+                    # libxl reads nothing after complete; neither do we.
+                    self._close_stdout()
+                    break
+            if not until_eof and len(data) < _READ_SIZE:
+                return
+
+    def _close_stdout(self) -> None:
+        if self._stdout_open:
+            self._stdout_open = False
+            self.loop.remove_reader(self._out)
+            assert self.proc.stdout is not None
+            self.proc.stdout.close()
+            self._maybe_report()
+
+    def _fail_protocol(self, exc: ProtocolError) -> None:
+        if self.protocol_error is None:
+            self.protocol_error = exc
+        self._close_stdout()
+        self.kill()
+
+    # -- replies ----------------------------------------------------------
+
+    @property
+    def awaiting(self) -> Optional[Message]:
+        return self.conv.awaiting
+
+    def reply(self, value: int) -> None:
+        """Answer the callback the helper is blocked on."""
+        self._replies += self.conv.reply(value)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._replies:
+            try:
+                n = os.write(self._in, self._replies)
+            except BlockingIOError:
+                self.loop.add_writer(self._in, self._writable)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EPIPE, errno.EBADF):
+                    raise
+                self._replies.clear()  # the helper is gone; its exit tells the story
+                return
+            del self._replies[:n]
+        self.loop.remove_writer(self._in)
+
+    def _writable(self) -> None:
+        self._flush()
+
+    # -- exit -------------------------------------------------------------
+
+    def _child_exited(self) -> None:
+        if self._exited:
+            return
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            return  # spurious wake-up
+        self.proc.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from reaping again
+        self._exited = True
+        self.wait_status = status
+        self.loop.remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+        # Frames written just before exit are still in the pipe.
+        self._drain(until_eof=True)
+        self._maybe_report()
+
+    def _maybe_report(self) -> None:
+        if self._exited and not self._stdout_open and not self._reported:
+            self._reported = True
+            self.loop.remove_writer(self._in)
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            self._on_exit(self)
+
+    @property
+    def running(self) -> bool:
+        return not self._exited
+
+    def signal(self, signum: int) -> None:
+        if not self._exited:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def terminate(self, grace: float) -> None:
+        """SIGTERM now (save: libxc's next write fails; restore: it dies), SIGKILL after ``grace``."""
+        self.signal(signal.SIGTERM)
+        if not self._exited and self._kill_timer is None:
+            self._kill_timer = self.loop.call_later(grace, self.kill)
+
+    @property
+    def complete(self) -> Optional[Complete]:
+        return self.conv.completed
+
+    @property
+    def results(self) -> Optional[RestoreResults]:
+        return self.conv.results

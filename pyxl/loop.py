@@ -1,0 +1,263 @@
+"""Event-loop integration: how pyxl watches fds and timers without owning the loop.
+
+pyxl needs exactly four things from a loop -- watch an fd for readability or
+writability, stop watching it, and call something after a delay -- the same
+small surface as libxl's "osevent hooks".  Three implementations:
+
+* :class:`SelectorLoop`: pyxl's own loop over :mod:`selectors`, used by
+  :func:`pyxl.wait` and the CLI.  Add your own fds to it with ``add_reader``.
+* :class:`HookLoop`: the toolstack's own loop, through registration hooks it
+  supplies (register/modify/deregister an fd, add/cancel a timeout).  The
+  toolstack calls the callback it was given when the fd is ready or the
+  timeout fires.
+* :class:`AsyncioLoop`: an asyncio loop, through ``add_reader``/``call_later``.
+
+Child exit is watched through a pidfd like any other fd: no SIGCHLD handler,
+no waitpid polling, no threads.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import selectors
+import time
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+
+Callback = Callable[[], None]
+
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Loop(Protocol):
+    """What pyxl asks of an event loop."""
+
+    def add_reader(self, fd: int, callback: Callback) -> None: ...
+    def remove_reader(self, fd: int) -> None: ...
+    def add_writer(self, fd: int, callback: Callback) -> None: ...
+    def remove_writer(self, fd: int) -> None: ...
+    def call_later(self, delay: float, callback: Callback) -> Timer: ...
+
+
+class _Watches:
+    """Per-fd reader/writer bookkeeping shared by the loops that speak in event masks."""
+
+    def __init__(self) -> None:
+        self.readers: Dict[int, Callback] = {}
+        self.writers: Dict[int, Callback] = {}
+
+    def mask(self, fd: int) -> int:
+        return (READ if fd in self.readers else 0) | (WRITE if fd in self.writers else 0)
+
+    def dispatch(self, fd: int, events: int) -> None:
+        # Look callbacks up at dispatch time: an earlier callback in the same
+        # round may have removed this watch.
+        if events & READ:
+            cb = self.readers.get(fd)
+            if cb is not None:
+                cb()
+        if events & WRITE:
+            cb = self.writers.get(fd)
+            if cb is not None:
+                cb()
+
+
+class _SelectorTimer:
+    __slots__ = ("deadline", "callback", "cancelled")
+
+    def __init__(self, deadline: float, callback: Callback) -> None:
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class SelectorLoop:
+    """pyxl's default loop: a selector plus a timer heap, single-threaded."""
+
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._w = _Watches()
+        self._timers: List[Tuple[float, int, _SelectorTimer]] = []
+        self._seq = itertools.count()
+
+    def _update(self, fd: int) -> None:
+        mask = self._w.mask(fd)
+        try:
+            self._sel.get_key(fd)
+            registered = True
+        except KeyError:
+            registered = False
+        if mask and registered:
+            self._sel.modify(fd, mask)
+        elif mask:
+            self._sel.register(fd, mask)
+        elif registered:
+            self._sel.unregister(fd)
+
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        self._w.readers[fd] = callback
+        self._update(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._w.readers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        self._w.writers[fd] = callback
+        self._update(fd)
+
+    def remove_writer(self, fd: int) -> None:
+        if self._w.writers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def call_later(self, delay: float, callback: Callback) -> _SelectorTimer:
+        t = _SelectorTimer(time.monotonic() + max(0.0, delay), callback)
+        heapq.heappush(self._timers, (t.deadline, next(self._seq), t))
+        return t
+
+    def run_once(self, timeout: Optional[float] = None) -> None:
+        """Wait for one round of events (at most ``timeout`` seconds) and dispatch them."""
+        while self._timers and self._timers[0][2].cancelled:
+            heapq.heappop(self._timers)
+        if self._timers:
+            until = max(0.0, self._timers[0][0] - time.monotonic())
+            timeout = until if timeout is None else min(timeout, until)
+        if self._sel.get_map():
+            ready = self._sel.select(timeout)
+        else:
+            if timeout is None:
+                raise RuntimeError("SelectorLoop.run_once: nothing to wait for")
+            time.sleep(timeout)
+            ready = []
+        for key, events in ready:
+            self._w.dispatch(key.fd, events)
+        now = time.monotonic()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, t = heapq.heappop(self._timers)
+            if not t.cancelled:
+                t.cancelled = True
+                t.callback()
+
+    def run_until(self, done: Callable[[], bool], timeout: Optional[float] = None) -> bool:
+        """Run until ``done()`` is true; False if ``timeout`` ran out first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self.run_once(left)
+        return True
+
+    def close(self) -> None:
+        self._sel.close()
+
+
+class HookLoop:
+    """Adapter to a toolstack's own loop, given as hooks (libxl's osevent idea).
+
+    ``fd_register(fd, events, ready)`` must start watching ``fd`` for the
+    ``selectors.EVENT_READ``/``EVENT_WRITE`` bits in ``events`` and call
+    ``ready(events_that_fired)`` when it is ready; it returns a token.
+    ``fd_modify(token, events)`` changes the mask, ``fd_deregister(token)``
+    stops watching.  ``timeout_register(delay, fire)`` calls ``fire()`` after
+    ``delay`` seconds and returns a token for ``timeout_cancel(token)``.
+    """
+
+    def __init__(self, fd_register: Callable[[int, int, Callable[[int], None]], Any],
+                 fd_modify: Callable[[Any, int], None],
+                 fd_deregister: Callable[[Any], None],
+                 timeout_register: Callable[[float, Callback], Any],
+                 timeout_cancel: Callable[[Any], None]) -> None:
+        self._reg, self._mod, self._dereg = fd_register, fd_modify, fd_deregister
+        self._treg, self._tcancel = timeout_register, timeout_cancel
+        self._w = _Watches()
+        self._tokens: Dict[int, Any] = {}
+
+    def _update(self, fd: int) -> None:
+        mask = self._w.mask(fd)
+        token = self._tokens.get(fd)
+        if mask and token is not None:
+            self._mod(token, mask)
+        elif mask:
+            self._tokens[fd] = self._reg(fd, mask, lambda events, fd=fd: self._w.dispatch(fd, events))
+        elif token is not None:
+            del self._tokens[fd]
+            self._dereg(token)
+
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        self._w.readers[fd] = callback
+        self._update(fd)
+
+    def remove_reader(self, fd: int) -> None:
+        if self._w.readers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        self._w.writers[fd] = callback
+        self._update(fd)
+
+    def remove_writer(self, fd: int) -> None:
+        if self._w.writers.pop(fd, None) is not None:
+            self._update(fd)
+
+    def call_later(self, delay: float, callback: Callback) -> Timer:
+        hook = self
+
+        class _HookTimer:
+            def __init__(self) -> None:
+                self.fired = False
+                self.token = hook._treg(delay, self._fire)
+
+            def _fire(self) -> None:
+                if not self.fired:
+                    self.fired = True
+                    callback()
+
+            def cancel(self) -> None:
+                if not self.fired:
+                    self.fired = True
+                    hook._tcancel(self.token)
+
+        return _HookTimer()
+
+
+class AsyncioLoop:
+    """Adapter to an asyncio event loop (``add_reader``, ``call_later``)."""
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+
+    def add_reader(self, fd: int, callback: Callback) -> None:
+        self.loop.add_reader(fd, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        self.loop.remove_reader(fd)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        self.loop.add_writer(fd, callback)
+
+    def remove_writer(self, fd: int) -> None:
+        self.loop.remove_writer(fd)
+
+    def call_later(self, delay: float, callback: Callback) -> Timer:
+        handle: Timer = self.loop.call_later(delay, callback)
+        return handle
+
+
+_default: Optional[SelectorLoop] = None
+
+
+def default_loop() -> SelectorLoop:
+    """The process-wide default :class:`SelectorLoop` used by :func:`pyxl.wait`."""
+    global _default
+    if _default is None:
+        _default = SelectorLoop()
+    return _default
