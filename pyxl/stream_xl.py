@@ -1,0 +1,344 @@
+"""The xl save-file header, and the whole-stream scanner.
+
+xl header (``../shared/reference/xen-4.17-save-restore.md`` section 4.3),
+all integers in the **writer's native byte order**::
+
+    0   32  magic "Xen saved domain, xl format\\n \\0 \\r"
+    32   4  byteorder 0x01020304 (xl refuses any other value)
+    36   4  mandatory_flags: bit 0 JSON config, bit 1 STREAMv2; 4.17 writes 3.
+            Unknown bits are refused.
+    40   4  optional_flags (not checked)
+    44   4  optional_data_len
+    48   n  optional data: u32 config_len, config_len bytes of config
+
+The config is libxl's JSON for the domain (yajl "beautify": 4-space indent,
+a trailing newline) **plus a NUL, counted in config_len**.  The libxl
+stream starts right after the optional data -- not 8-aligned in the file.
+xl writes the u32 config_len even when there is no config (then 0, and the
+JSON flag clear).
+
+Readers check the magic, byteorder, mandatory flags, that the optional data
+holds ``config_len`` bytes, and, with the JSON flag, that the config is
+NUL-terminated, valid UTF-8 JSON (no NaN/Infinity, as yajl) and an object.
+Like xl, the JSON text ends at the first NUL.  Bytes after the config inside
+the optional data are ignored.  pyxl caps optional data at
+``XL_OPTDATA_MAX`` (16 MiB; xl has no cap) and does not support streams
+without the STREAMv2 flag (xl would run the legacy converter).
+
+``scan_stream()`` detects the outermost layer (xl, libxl or bare libxc) from
+the first 8 bytes and scans the whole stream; ``scan_path()`` opens a file.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Dict, Mapping, Optional, Union
+
+from .stream_common import (Source, StreamError, StreamReport, TruncatedStream,
+                            UnsupportedStream, read_exact)
+from .stream_libxc import DHDR_TYPE_X86_HVM, DHDR_TYPE_X86_PV, IMAGE_HEADER, scan_libxc_on
+from .stream_libxl import (LIBXL_HEADER, libxc_context_record, libxl_header, scan_libxl_on)
+
+__all__ = [
+    "XL_MAGIC", "XL_BYTEORDER", "XL_FLAG_JSON", "XL_FLAG_STREAMV2", "XL_FLAGS_KNOWN",
+    "XL_HEADER", "XL_OPTDATA_MAX", "XlHeader", "config_json", "xl_header", "save_prologue",
+    "parse_xl_header", "parse_xl_optional_data", "read_xl_header", "guest_type_of_config",
+    "detect_layer", "scan_stream", "scan_path",
+]
+
+WHERE = "xl header"
+
+XL_MAGIC = b"Xen saved domain, xl format\n \0 \r"
+assert len(XL_MAGIC) == 32
+XL_BYTEORDER = 0x01020304
+XL_FLAG_JSON = 1 << 0
+XL_FLAG_STREAMV2 = 1 << 1
+XL_FLAGS_KNOWN = XL_FLAG_JSON | XL_FLAG_STREAMV2
+#: magic, byteorder, mandatory_flags, optional_flags, optional_data_len
+XL_HEADER = struct.Struct("=32sIIII")
+_U32 = struct.Struct("=I")
+#: pyxl's cap on the optional data it reads (xl allocates whatever is declared)
+XL_OPTDATA_MAX = 16 << 20
+
+LIBXC_MAGIC = IMAGE_HEADER.pack(0xFFFFFFFFFFFFFFFF, 0, 0, 0, 0, 0)[:8]
+LIBXL_MAGIC = LIBXL_HEADER.pack(0x4C6962786C466D74, 0, 0)[:8]
+
+
+@dataclass(frozen=True)
+class XlHeader:
+    """A checked xl save-file header."""
+
+    mandatory_flags: int
+    optional_flags: int
+    optional_data_len: int
+    #: the config bytes as stored (config_len bytes, NUL included); None if absent
+    config_bytes: Optional[bytes]
+    #: the parsed JSON config (JSON flag set), else None
+    config: Optional[Dict[str, Any]]
+
+    @property
+    def size(self) -> int:
+        """Header plus optional data: where the libxl stream starts."""
+        return XL_HEADER.size + self.optional_data_len
+
+    @property
+    def streamv2(self) -> bool:
+        return bool(self.mandatory_flags & XL_FLAG_STREAMV2)
+
+    @property
+    def json(self) -> bool:
+        return bool(self.mandatory_flags & XL_FLAG_JSON)
+
+    @property
+    def config_len(self) -> int:
+        return len(self.config_bytes) if self.config_bytes is not None else 0
+
+    @property
+    def guest_type(self) -> Optional[int]:
+        return guest_type_of_config(self.config)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "offset": 0,
+            "size": self.size,
+            "mandatory_flags": self.mandatory_flags,
+            "optional_flags": self.optional_flags,
+            "optional_data_len": self.optional_data_len,
+            "config_len": self.config_len,
+            "json": self.json,
+            "streamv2": self.streamv2,
+        }
+
+
+def guest_type_of_config(config: Optional[Mapping[str, Any]]) -> Optional[int]:
+    """libxc domain type for a libxl config (``c_info.type``): pv -> 1,
+    hvm/pvh -> 2; None if absent or unknown."""
+    if not isinstance(config, Mapping):
+        return None
+    c_info = config.get("c_info")
+    ctype = c_info.get("type") if isinstance(c_info, Mapping) else None
+    return {"pv": DHDR_TYPE_X86_PV, "hvm": DHDR_TYPE_X86_HVM,
+            "pvh": DHDR_TYPE_X86_HVM}.get(ctype) if isinstance(ctype, str) else None
+
+
+def _max_vcpus_of_config(config: Optional[Mapping[str, Any]]) -> Optional[int]:
+    if not isinstance(config, Mapping):
+        return None
+    b_info = config.get("b_info")
+    n = b_info.get("max_vcpus") if isinstance(b_info, Mapping) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+# ---------------------------------------------------------------------------
+# Writers
+
+
+def config_json(config: Mapping[str, Any], *, indent: int = 4) -> bytes:
+    """A config as libxl serialises it for xl: beautified JSON (yajl's
+    4-space indent), a trailing newline, and the NUL that config_len counts."""
+    text = json.dumps(config, indent=indent, ensure_ascii=False, allow_nan=False)
+    return text.encode("utf-8") + b"\n\0"
+
+
+def xl_header(config: Union[Mapping[str, Any], bytes, str, None], *,
+              indent: int = 4) -> bytes:
+    """The xl save-file header with its optional data.
+
+    ``config`` is a libxl-style config dict (serialised by
+    :func:`config_json`), or the JSON text as ``str``/``bytes`` (used as is,
+    a NUL appended if missing), or None for a file without a config (xl
+    then writes config_len 0 and leaves the JSON flag clear).  The result is
+    checked with our own reader, so we never write what we would refuse.
+    """
+    if config is None:
+        cfg = b""
+    elif isinstance(config, Mapping):
+        cfg = config_json(config, indent=indent)
+    else:
+        cfg = config.encode("utf-8") if isinstance(config, str) else bytes(config)
+        if not cfg.endswith(b"\0"):
+            cfg += b"\0"
+    flags = XL_FLAG_STREAMV2 | (XL_FLAG_JSON if cfg else 0)
+    optdata = _U32.pack(len(cfg)) + cfg
+    if len(optdata) > XL_OPTDATA_MAX:
+        raise ValueError(f"config of {len(cfg)} bytes is too large")
+    out = XL_HEADER.pack(XL_MAGIC, XL_BYTEORDER, flags, 0, len(optdata)) + optdata
+    try:
+        parse_xl_optional_data(parse_xl_header(out), out[XL_HEADER.size:])
+    except StreamError as err:
+        raise ValueError(f"config cannot be stored: {err.reason}") from None
+    return out
+
+
+def save_prologue(config: Union[Mapping[str, Any], bytes, str, None], *,
+                  indent: int = 4) -> bytes:
+    """What the host writes before the save helper starts: the xl header,
+    the libxl header and the empty LIBXC_CONTEXT record.  The helper's libxc
+    stream follows; then ``stream_libxl.libxl_trailer()``."""
+    return xl_header(config, indent=indent) + libxl_header() + libxc_context_record()
+
+
+# ---------------------------------------------------------------------------
+# Readers
+
+
+@dataclass(frozen=True)
+class _Fixed:
+    mandatory_flags: int
+    optional_flags: int
+    optional_data_len: int
+
+
+def parse_xl_header(data: bytes, *, max_optional_data: int = XL_OPTDATA_MAX) -> _Fixed:
+    """Check the fixed 48-byte part of an xl header."""
+    if len(data) < XL_HEADER.size:
+        raise TruncatedStream(len(data), "xl header is 48 bytes", WHERE)
+    magic, byteorder, mandatory, optional, optlen = XL_HEADER.unpack_from(data)
+    if magic != XL_MAGIC:
+        raise StreamError(0, "wrong magic (not an xl save file)", WHERE)
+    if byteorder != XL_BYTEORDER:
+        raise StreamError(32, f"byteorder {byteorder:#010x} != 0x01020304 in this host's "
+                          "byte order", WHERE)
+    bad = mandatory & ~XL_FLAGS_KNOWN
+    if bad:
+        raise StreamError(36, f"unknown mandatory flags {bad:#x} (known: JSON 0x1, "
+                          "STREAMv2 0x2)", WHERE)
+    if optlen > max_optional_data:
+        raise UnsupportedStream(44, f"optional_data_len {optlen:#x} exceeds pyxl's limit "
+                                f"{max_optional_data:#x}", WHERE)
+    return _Fixed(mandatory, optional, optlen)
+
+
+def _parse_config(cfg: bytes) -> Dict[str, Any]:
+    nul = cfg.find(b"\0")
+    if nul < 0:
+        raise StreamError(52, "config is not NUL-terminated", WHERE)
+    try:
+        text = cfg[:nul].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise StreamError(52, f"config is not UTF-8 ({err.reason} at byte {err.start})",
+                          WHERE) from None
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        obj = json.loads(text, parse_constant=no_constants)
+    except ValueError as err:
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err)
+        raise StreamError(52, f"config is not valid JSON ({reason})", WHERE) from None
+    if not isinstance(obj, dict):
+        raise StreamError(52, "config JSON is not an object", WHERE)
+    return obj
+
+
+def parse_xl_optional_data(fixed: _Fixed, optdata: bytes) -> XlHeader:
+    """Check the optional data (config_len and config) of an xl header."""
+    if fixed.optional_data_len != len(optdata):  # pragma: no cover - caller bug
+        raise ValueError("optional data length mismatch")
+    config_bytes: Optional[bytes] = None
+    config: Optional[Dict[str, Any]] = None
+    if optdata:
+        if len(optdata) < 4:
+            raise StreamError(48, f"optional data of {len(optdata)} bytes has no room for "
+                              "config_len", WHERE)
+        (config_len,) = _U32.unpack_from(optdata)
+        if config_len > len(optdata) - 4:
+            raise StreamError(48, f"config_len {config_len} exceeds the {len(optdata) - 4} "
+                              "bytes of optional data after it", WHERE)
+        config_bytes = optdata[4:4 + config_len]
+        if fixed.mandatory_flags & XL_FLAG_JSON:
+            config = _parse_config(config_bytes)
+    if not fixed.mandatory_flags & XL_FLAG_STREAMV2:
+        raise UnsupportedStream(36, "STREAMv2 flag clear: a legacy (pre-4.6) stream, "
+                                "which xl converts and pyxl does not support", WHERE)
+    return XlHeader(fixed.mandatory_flags, fixed.optional_flags, fixed.optional_data_len,
+                    config_bytes, config)
+
+
+def read_xl_header(fd: int, *, max_optional_data: int = XL_OPTDATA_MAX) -> XlHeader:
+    """Read and check the xl header and its optional data from ``fd``, with
+    exact ``os.read`` calls: afterwards the fd is on the libxl header."""
+    fixed = parse_xl_header(read_exact(fd, XL_HEADER.size, what="xl header", where=WHERE),
+                            max_optional_data=max_optional_data)
+    optdata = read_exact(fd, fixed.optional_data_len, offset=XL_HEADER.size,
+                         what="xl optional data", where=WHERE)
+    return parse_xl_optional_data(fixed, optdata)
+
+
+# ---------------------------------------------------------------------------
+# Whole-stream scanner
+
+
+def detect_layer(head: bytes) -> Optional[str]:
+    """"xl", "libxl" or "libxc" from a stream's first 8 bytes, else None."""
+    if head[:8] == XL_MAGIC[:8]:
+        return "xl"
+    if head[:8] == LIBXL_MAGIC:
+        return "libxl"
+    if head[:8] == LIBXC_MAGIC:
+        return "libxc"
+    return None
+
+
+def _scan_xl_on(src: Source, report: StreamReport, *, checkpointed: bool) -> None:
+    fixed = parse_xl_header(src.read(XL_HEADER.size, "xl header", WHERE))
+    optdata = src.read(fixed.optional_data_len, "xl optional data", WHERE)
+    hdr = parse_xl_optional_data(fixed, optdata)
+    report.xl_header = hdr
+    if hdr.config_bytes is not None:
+        consumed = 4 + len(hdr.config_bytes)
+        if consumed < len(optdata):
+            report.warn(48 + consumed, f"{len(optdata) - consumed} bytes of optional data "
+                        "after the config (ignored by xl)")
+    scan_libxl_on(src, report, checkpointed=checkpointed,
+                  expected_guest_type=hdr.guest_type,
+                  max_vcpus=_max_vcpus_of_config(hdr.config))
+
+
+def scan_stream(f: BinaryIO, *, layer: Optional[str] = None,
+                checkpointed: bool = False) -> StreamReport:
+    """Scan a whole stream from the current position of ``f``.
+
+    The outermost layer is detected from the first 8 bytes unless ``layer``
+    ("xl", "libxl" or "libxc") is given.  Nothing bulky is held in memory:
+    page data is seeked over in regular files and read and discarded in
+    1 MiB chunks from pipes.  Never raises :class:`StreamError` -- the first
+    one is in ``report.error`` -- but ``OSError`` from ``f`` propagates.
+    """
+    src = Source(f)
+    report = StreamReport(size=src.size, checkpointed=checkpointed)
+    try:
+        head = src.peek(8)
+        detected = detect_layer(head)
+        report.layer = layer or detected or "unknown"
+        if layer is None and detected is None:
+            if len(head) < 8:
+                raise TruncatedStream(len(head), "stream is shorter than any header", "stream")
+            raise StreamError(0, "not a Xen 4.17 stream: no xl, libxl or libxc magic "
+                              f"(starts {head.hex()})", "stream")
+        if report.layer == "xl":
+            _scan_xl_on(src, report, checkpointed=checkpointed)
+        elif report.layer == "libxl":
+            scan_libxl_on(src, report, checkpointed=checkpointed)
+        elif report.layer == "libxc":
+            scan_libxc_on(src, report, checkpointed=checkpointed)
+        else:
+            raise ValueError(f"unknown layer {layer!r}")
+        report.trailing_bytes = src.count_rest()
+        if report.trailing_bytes:
+            report.warn(src.pos - report.trailing_bytes,
+                        f"{report.trailing_bytes} bytes after the final END (never read)")
+    except StreamError as err:
+        report.error = err
+    return report
+
+
+def scan_path(path: str, *, layer: Optional[str] = None,
+              checkpointed: bool = False) -> StreamReport:
+    """Open ``path`` and :func:`scan_stream` it (OSError if unreadable)."""
+    with open(path, "rb", buffering=0) as f:
+        return scan_stream(f, layer=layer, checkpointed=checkpointed)
+
