@@ -353,9 +353,12 @@ class RecordInfo:
     offset: int
     length: int
     detail: str = ""
+    #: PAGE_DATA only: pfn entries, and entries carrying a page of data
+    pfns: int = 0
+    with_data: int = 0
 
     def to_json(self) -> Dict[str, Any]:
-        return {
+        out: Dict[str, Any] = {
             "layer": self.layer,
             "type": self.rtype,
             "name": self.name,
@@ -363,6 +366,10 @@ class RecordInfo:
             "length": self.length,
             "detail": self.detail,
         }
+        if self.pfns:
+            out["pfns"] = self.pfns
+            out["with_data"] = self.with_data
+        return out
 
 
 @dataclass

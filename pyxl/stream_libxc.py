@@ -439,6 +439,7 @@ class LibxcScanner:
         self.max_vcpus = max_vcpus
         self.start = src.pos
         self.st: Optional[_State] = None
+        self._last_pages: Tuple[int, int] = (0, 0)
 
     # -- headers --------------------------------------------------------
 
@@ -484,10 +485,12 @@ class LibxcScanner:
                               WHERE_REC)
         src.need(roundup8(length), f"{name} body", WHERE_REC)
         body = _Body(src, off, length, name, WHERE_REC)
+        self._last_pages = (0, 0)
         detail = self._dispatch(st, rtype, body)
         if not body.finish():
             self.report.warn(off, f"{name} padding is non-zero (libxc ignores it)")
-        self.report.add_record(RecordInfo("libxc", rtype, name, off, length, detail))
+        self.report.add_record(RecordInfo("libxc", rtype, name, off, length, detail,
+                                          *self._last_pages))
         return rtype
 
     def _fail(self, body: _Body, reason: str) -> StreamError:
@@ -622,6 +625,7 @@ class LibxcScanner:
                              "(libxc ignores them)")
         named = {page_type_name(t): n for t, n in sorted(by_type.items())}
         self.report.pages.add(named, with_data)
+        self._last_pages = (count, with_data)
         parts = ", ".join(f"{k} {v}" for k, v in named.items())
         return f"{count} pfns, {with_data} with data ({parts})"
 
