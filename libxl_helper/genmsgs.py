@@ -3,6 +3,9 @@
     python libxl_helper/genmsgs.py wire  > pyxl/_wire.py         (host tables)
     python libxl_helper/genmsgs.py pxi   > <build>/_messages.pxi  (helper stubs)
 
+``--table PATH`` (before the kind) reads another copy of the table instead;
+the tests use it to check that a changed table changes both outputs alike.
+
 setup.py runs both at build time; pyxl/_wire.py is also committed so the pure
 Python package works from a checkout, and tests/test_generator.py checks that
 regenerating it changes nothing.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 import runpy
 import sys
+from typing import Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TABLE = os.path.join(HERE, os.pardir, "pyxl", "_msgtable.py")
@@ -21,14 +25,29 @@ TABLE = os.path.join(HERE, os.pardir, "pyxl", "_msgtable.py")
 FIXED = {"uint16": ("H", 2), "uint32": ("I", 4), "int32": ("i", 4), "uint64": ("Q", 8)}
 
 
+class Table(tuple):
+    """A table's MESSAGES that remembers the same table's CALLBACK_BIT_MESSAGES.
+
+    ``numbered()`` takes the CBFLAGS bits from here, so a table loaded from
+    another path (tests, ``--table``) is numbered consistently by every
+    generator instead of borrowing the default table's bits.
+    """
+
+    callback_bits: Tuple[str, ...] = ()
+
+
 def load_table(path: str = TABLE):
     ns = runpy.run_path(path)
-    return ns["MESSAGES"], ns["CALLBACK_BIT_MESSAGES"]
+    messages = Table(ns["MESSAGES"])
+    messages.callback_bits = tuple(ns["CALLBACK_BIT_MESSAGES"])
+    return messages, messages.callback_bits
 
 
 def numbered(messages):
     """(number, name, senders, waits, args, cbflag) in wire order."""
-    _, bits = load_table()
+    bits = getattr(messages, "callback_bits", None)
+    if bits is None:  # a plain sequence: bits of the default table
+        _, bits = load_table()
     out = []
     for number, (name, senders, waits, args) in enumerate(messages, start=1):
         cbflag = (1 << number) if name in bits else 0
@@ -89,17 +108,137 @@ def gen_wire(messages) -> str:
 
 
 def main(argv):
-    if len(argv) != 2 or argv[1] not in GENERATORS:
-        sys.stderr.write(f"usage: {argv[0]} {{{'|'.join(GENERATORS)}}}\n")
+    """``genmsgs.py [--table PATH] {wire|pxi}``; --table defaults to pyxl/_msgtable.py."""
+    args = list(argv[1:])
+    table = TABLE
+    if len(args) == 3 and args[0] == "--table":
+        table = args[1]
+        args = args[2:]
+    if len(args) != 1 or args[0] not in GENERATORS:
+        sys.stderr.write(f"usage: {argv[0]} [--table PATH] {{{'|'.join(GENERATORS)}}}\n")
         return 2
-    messages, _ = load_table()
-    sys.stdout.write(GENERATORS[argv[1]](messages))
+    messages, _ = load_table(table)
+    sys.stdout.write(GENERATORS[args[0]](messages))
     return 0
 
 
-def gen_pxi(messages) -> str:  # placeholder, replaced by the helper implementation
-    return "# GENERATED placeholder\n"
+# --- the helper's Cython marshalling (gen_pxi) ------------------------------
+#
+# The helper side mirrors what Xen's libxl_save_msgs_gen.pl produces for the
+# C helper, as Cython: per message a typed send function, per callback a stub
+# with exactly the signature libxc calls, and per helper mode one function
+# that installs the stubs for the CBFLAGS bits set.  Only the per-message code
+# is generated; the frame runtime it calls (_msg_begin, _put_<wire type>,
+# _string_len, _fit_strings, _msg_send, _get_reply) is written by hand in
+# _helper.pyx, which includes the output.
 
+# wire type -> C type of the argument in the helper (and in libxc's callbacks:
+# uint32_t is libxc's "unsigned", uint64_t its xen_pfn_t / unsigned long on
+# x86-64; _helper.pyx declares the stdint types so Cython sees them that way).
+C_TYPES = {"uint16": "uint16_t", "uint32": "uint32_t", "int32": "int32_t",
+           "uint64": "uint64_t", "string": "const char *"}
+FRAME_BODY_MAX = 0xFFFF  # u16 length prefix; Xen's helper asserts body < 64 KiB
+STRING_OVERHEAD = 5      # u32 size + the NUL
+
+
+def _check_table(rows) -> None:
+    """Refuse a table the helper could not implement, naming the offending row."""
+    seen = set()
+    for number, name, senders, waits, args, cbflag in rows:
+        where = f"message {number} {name!r}"
+        if not name.isidentifier() or name in seen:
+            raise ValueError(f"{where}: name must be a unique identifier")
+        seen.add(name)
+        if not senders or set(senders) - {"save", "restore"}:
+            raise ValueError(f"{where}: senders must be a non-empty subset of save/restore, not {senders!r}")
+        if cbflag and number >= 32:
+            raise ValueError(f"{where}: CBFLAGS is 32 bits wide, bit {number} does not fit")
+        argnames = [a for a, _ in args]
+        if len(set(argnames)) != len(argnames) or "data" in argnames:
+            raise ValueError(f"{where}: argument names must be unique and not 'data'")
+        for arg, wtype in args:
+            if wtype not in C_TYPES:
+                raise ValueError(f"{where}: argument {arg!r} has unknown wire type {wtype!r}")
+        fixed = 2 + sum(FIXED[w][1] if w in FIXED else STRING_OVERHEAD for _, w in args)
+        if fixed > FRAME_BODY_MAX:
+            raise ValueError(f"{where}: {fixed} fixed bytes exceed the 64 KiB frame")
+    if len(rows) > 0xFFFF:
+        raise ValueError("more than 65535 messages do not fit the u16 message number")
+
+
+def _c_param(wtype: str, name: str) -> str:
+    ctype = C_TYPES[wtype]
+    return f"{ctype}{name}" if ctype.endswith("*") else f"{ctype} {name}"
+
+
+def _pxi_message(number, name, senders, waits, args, cbflag):
+    const = f"MSG_{name.upper()}"
+    decl = ", ".join(_c_param(w, a) for a, w in args)
+    call = ", ".join(a for a, _ in args)
+    strings = [a for a, w in args if w == "string"]
+    fixed = 2 + sum(FIXED[w][1] if w in FIXED else STRING_OVERHEAD for _, w in args)
+    what = ("callback, CBFLAGS bit %d (%d)" % (number, cbflag) if cbflag else "always sent")
+    what += "; waits for a 4-byte reply" if waits else "; no reply"
+    out = ["", "", f"# ---- {number} {name} (sent by {', '.join(senders)}): {what}", "",
+           f"cdef void send_{name}({decl}) noexcept nogil:"]
+    out.append("    cdef unsigned char *p")
+    if strings:
+        out.append(f"    cdef size_t lens[{len(strings)}]")
+        for i, a in enumerate(strings):
+            out.append(f"    lens[{i}] = _string_len({a})")
+        out.append(f"    _fit_strings(lens, {len(strings)}, {fixed})  # {fixed} = fixed bytes of the body")
+    out.append(f"    p = _msg_begin({const})")
+    i = 0
+    for a, w in args:
+        if w == "string":
+            out.append(f"    p = _put_string(p, {a}, lens[{i}])")
+            i += 1
+        else:
+            out.append(f"    p = _put_{w}(p, {a})")
+    out.append("    _msg_send(p)")
+    if waits or cbflag:
+        sdecl = ", ".join([_c_param(w, a) for a, w in args] + ["void *data"])
+        rtype = "int" if waits else "void"
+        out += ["", "", f"cdef {rtype} stub_{name}({sdecl}) noexcept nogil:",
+                f"    send_{name}({call})"]
+        if waits:
+            out.append("    return _get_reply()")
+    return out
+
+
+def gen_pxi(messages) -> str:
+    """Helper side: the Cython marshalling that _helper.pyx includes."""
+    rows = numbered(messages)
+    _check_table(rows)
+    out = [
+        "# GENERATED by libxl_helper/genmsgs.py from pyxl/_msgtable.py -- do not edit.",
+        "#",
+        "# The helper's half of the Xen 4.14-4.17 helper protocol, included by",
+        "# libxl_helper/_helper.pyx (which provides the frame runtime and the",
+        "# libxc declarations).  Per message send_<name>(args...) frames it and",
+        "# writes it to fd 1.  Per callback stub_<name>(args..., data) has the",
+        "# signature libxc calls: it sends, then (if the message waits) blocks for",
+        "# the 4-byte reply on fd 0 and returns it.  install_<mode>_callbacks()",
+        "# puts the stubs into libxc's struct <mode>_callbacks per CBFLAGS bit.",
+        "",
+        "cdef enum:",
+    ]
+    out += [f"    MSG_{name.upper()} = {number}" for number, name, *_ in rows]
+    out += ["", "cdef enum:"]
+    flags = [(name, cbflag) for _n, name, _s, _w, _a, cbflag in rows if cbflag]
+    out += [f"    CBFLAG_{name.upper()} = {cbflag}" for name, cbflag in flags] or ["    CBFLAG_NONE = 0"]
+    for row in rows:
+        out += _pxi_message(*row)
+    for mode in ("save", "restore"):
+        out += ["", "", f"cdef void install_{mode}_callbacks({mode}_callbacks *cbs, unsigned int cbflags) noexcept nogil:",
+                f'    """Install a stub in *cbs for each {mode} callback whose CBFLAGS bit is set."""']
+        installed = [name for _n, name, senders, _w, _a, cbflag in rows if cbflag and mode in senders]
+        for name in installed:
+            out += [f"    if cbflags & CBFLAG_{name.upper()}:", f"        cbs.{name} = stub_{name}"]
+        if not installed:
+            out.append("    pass")
+    out.append("")
+    return "\n".join(out)
 
 GENERATORS = {"wire": gen_wire, "pxi": gen_pxi}
 
