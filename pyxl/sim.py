@@ -45,7 +45,7 @@ from ._paths import package_file
 
 __all__ = [
     "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
-    "NoSuchDomain", "SimError", "SimTimeout", "check_guest", "config", "create",
+    "NoSuchDomain", "SimError", "SimTimeout", "check_guest", "config", "counter", "create",
     "create_empty", "destroy", "digest", "format_size", "helper_env", "info",
     "libfakexen_path", "list_domains", "parse_size", "pause", "request_suspend", "resume",
     "set_dirty_rate", "sim_dir_path", "state", "suspend", "unpause", "vcpu_path",
@@ -95,6 +95,7 @@ HVMCTX_OFF = 0x013000
 HVMCTX_MAX = 0x100000
 BITMAPS_OFF = 0x113000
 PFN_ALIGN = 32768
+GUEST_MAGIC = 0x54534555474C5850
 MAX_LEAVES = 120
 MAX_MSRS = 2
 NR_PARAMS = 39
@@ -526,7 +527,7 @@ def _build(tmp: str, domid: int, *, name: str, uuid: str, nr_pfns: int, max_page
                 hvmctx = _hvm_context(gtsc_khz)
                 leaves, msrs = _cpu_policy()
             now = time.time_ns()
-            for key, val in (
+            fields: List[Tuple[str, Any]] = [
                 ("version", CTL_VERSION), ("domid", domid), ("nr_pfns", nr_pfns),
                 ("max_pages", max_pages), ("tot_pages", tot),
                 ("max_gpfn", max((s + n - 1 for s, n in ram), default=0)),
@@ -538,8 +539,9 @@ def _build(tmp: str, domid: int, *, name: str, uuid: str, nr_pfns: int, max_page
                 ("uuid", uuidlib.UUID(uuid).bytes), ("name", name.encode()[:63]),
                 ("created_ns", now), ("populated_off", BITMAPS_OFF),
                 ("dirty_off", BITMAPS_OFF + nr_pfns // 8), ("ctl_size", ctl_size),
-            ):
-                _pack_field(hdr, key, val)
+            ]
+            for key, fval in fields:
+                _pack_field(hdr, key, fval)
             for i, leaf in enumerate(leaves):
                 struct.pack_into("<6I", m, LEAVES_OFF + 24 * i, *leaf)
             for i, (idx, flags, val) in enumerate(msrs):
@@ -714,7 +716,7 @@ class _Dom:
 
     def request(self, req: int) -> int:
         """Post a request to the vCPU; return its sequence number."""
-        seq = (self.get("req_seq") + 1) & 0xFFFFFFFF
+        seq: int = (self.get("req_seq") + 1) & 0xFFFFFFFF
         self.set("req", req)
         self.set("req_seq", seq)
         _futex_wake(self.page, CTL_FIELDS["req_seq"][0])
@@ -726,7 +728,7 @@ class _Dom:
         delay = 0.0002
         while self.get("ack_seq") != seq:
             if not self.vcpu_alive():
-                return self.get("ack_seq") == seq
+                return bool(self.get("ack_seq") == seq)
             if time.monotonic() > deadline:
                 raise SimTimeout(f"domain {self.domid}: the vCPU did not answer within {timeout}s")
             time.sleep(delay)
@@ -1038,6 +1040,22 @@ def grant_entries(domid: int, count: int = 2,
         d.state()
         raw = os.pread(d.fd, 8 * count, GNT_OFF)
     return [struct.unpack_from("<HHI", raw, 8 * i) for i in range(count)]
+
+
+GUEST_STATE_FMT = struct.Struct("<6Q")  # struct fx_guest_state at pfn 0
+
+
+def counter(domid: int, sim_dir: Optional[str] = None) -> int:
+    """How many pages the guest has written since it was created, across migrations.
+
+    Read from the guest's own state page, so it continues on a restored domain.
+    """
+    with _Dom(domid, sim_dir) as d:
+        d.state()
+        with open(os.path.join(d.path, "mem"), "rb") as mem:
+            raw = os.pread(mem.fileno(), GUEST_STATE_FMT.size, 0)
+    magic, _lap, _cursor, written, _boots, _ram = GUEST_STATE_FMT.unpack(raw)
+    return int(written) if magic == GUEST_MAGIC else 0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,254 @@
+"""``pyxl sim``: create and control simulated Xen domains (fakexen).
+
+    pyxl sim create --memory 1G [--dirty-rate 50M] [--name N] [--paused] [--json]
+    pyxl sim create-empty --max-mem 1G [--name N] [--json]
+    pyxl sim list [--json]
+    pyxl sim info DOMID [--json]
+    pyxl sim pause|unpause|suspend|resume|destroy DOMID
+    pyxl sim digest DOMID
+    pyxl sim check DOMID [--json]
+    pyxl sim set-rate DOMID RATE
+    pyxl sim env
+
+Every subcommand takes ``--sim-dir DIR`` (default: $PYXL_SIM_DIR, else
+/dev/shm/pyxl-sim).  Sizes take K, M, G suffixes.  Handlers return an exit
+code: 0 ok, 1 the operation failed, 2 bad arguments or no such domain; errors
+are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from typing import Any, Callable, List, Optional
+
+from . import sim
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _size(text: str) -> int:
+    try:
+        return sim.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _domid(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a domain id: {text!r}") from None
+    if not 0 <= value < 0x7FF0:
+        raise argparse.ArgumentTypeError(f"domain id out of range: {value}")
+    return value
+
+
+def _err(msg: str) -> None:
+    print(f"pyxl sim: error: {msg}", file=sys.stderr)
+
+
+def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Turn simulator errors into one-line messages and exit codes."""
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except sim.NoSuchDomain as exc:
+            _err(str(exc))
+            return EXIT_USAGE
+        except (sim.SimError, ValueError, OSError) as exc:
+            _err(str(exc))
+            return EXIT_FAILED
+    run.__name__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
+
+
+def _print_info(i: sim.DomainInfo) -> None:
+    rate = f", writing {sim.format_size(i.dirty_rate)}/s" if i.dirty_rate else ""
+    pid = f", vcpu pid {i.vcpu_pid}" if i.vcpu_pid else ""
+    print(f"domain {i.domid} {i.name!r}: {i.state}, {sim.format_size(i.memory)}, "
+          f"{i.tot_pages} pages populated, max gpfn {i.max_gpfn:#x}{rate}{pid}")
+
+
+@_guarded
+def cmd_create(args: argparse.Namespace) -> int:
+    domid = sim.create(args.memory, dirty_rate=args.dirty_rate, name=args.name,
+                       sim_dir=args.sim_dir, paused=args.paused)
+    if args.json:
+        print(json.dumps(sim.info(domid, sim_dir=args.sim_dir).to_json()))
+    else:
+        print(domid)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_create_empty(args: argparse.Namespace) -> int:
+    domid = sim.create_empty(args.max_mem // 1024, args.name, sim_dir=args.sim_dir)
+    if args.json:
+        print(json.dumps(sim.info(domid, sim_dir=args.sim_dir).to_json()))
+    else:
+        print(domid)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_list(args: argparse.Namespace) -> int:
+    doms = sim.list_domains(args.sim_dir)
+    if args.json:
+        print(json.dumps([d.to_json() for d in doms]))
+        return EXIT_OK
+    print(f"{'DOMID':>5}  {'NAME':<20} {'STATE':<10} {'MEMORY':>10} {'DIRTY/S':>10}  VCPU")
+    for d in doms:
+        print(f"{d.domid:>5}  {d.name[:20]:<20} {d.state:<10} {sim.format_size(d.memory):>10} "
+              f"{sim.format_size(d.dirty_rate) if d.dirty_rate else '-':>10}  "
+              f"{d.vcpu_pid or '-'}")
+    return EXIT_OK
+
+
+@_guarded
+def cmd_info(args: argparse.Namespace) -> int:
+    i = sim.info(args.domid, sim_dir=args.sim_dir)
+    if args.json:
+        print(json.dumps(i.to_json()))
+    else:
+        _print_info(i)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_pause(args: argparse.Namespace) -> int:
+    sim.pause(args.domid, sim_dir=args.sim_dir)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_unpause(args: argparse.Namespace) -> int:
+    sim.unpause(args.domid, sim_dir=args.sim_dir)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_suspend(args: argparse.Namespace) -> int:
+    sim.suspend(args.domid, sim_dir=args.sim_dir, timeout=args.timeout)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_resume(args: argparse.Namespace) -> int:
+    sim.resume(args.domid, sim_dir=args.sim_dir)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_destroy(args: argparse.Namespace) -> int:
+    sim.destroy(args.domid, sim_dir=args.sim_dir)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_digest(args: argparse.Namespace) -> int:
+    print(sim.digest(args.domid, sim_dir=args.sim_dir))
+    return EXIT_OK
+
+
+@_guarded
+def cmd_check(args: argparse.Namespace) -> int:
+    c = sim.check_guest(args.domid, sim_dir=args.sim_dir)
+    if args.json:
+        d: Any = dict(c.__dict__, consistent=c.consistent)
+        print(json.dumps(d))
+    else:
+        print(f"domain {args.domid}: lap {c.lap}, cursor {c.cursor:#x}, "
+              f"{c.pages_written} page writes, {c.boots} vCPU boots; "
+              f"{c.ok}/{c.checked} RAM pages intact, {c.torn} torn, {c.stale} stale, "
+              f"{c.foreign} misplaced, {c.unstamped} blank")
+    return EXIT_OK if c.consistent else EXIT_FAILED
+
+
+@_guarded
+def cmd_set_rate(args: argparse.Namespace) -> int:
+    sim.set_dirty_rate(args.domid, args.rate, sim_dir=args.sim_dir)
+    return EXIT_OK
+
+
+@_guarded
+def cmd_env(args: argparse.Namespace) -> int:
+    for key, val in sim.helper_env(args.sim_dir).items():
+        print(f"{key}={shlex.quote(val)}")
+    return EXIT_OK
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``sim`` and its subcommands on an argparse subparsers object.
+
+    Each subcommand parser sets ``func``: call ``args.func(args)`` for the exit code.
+    """
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "sim", help="create and control simulated Xen domains (fakexen)",
+        description=__doc__.split("\n")[0] if __doc__ else None)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--sim-dir", metavar="DIR",
+                        help="fakexen state directory (default: $PYXL_SIM_DIR, "
+                             f"else {sim.DEFAULT_SIM_DIR})")
+    sub = p.add_subparsers(dest="sim_command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], helptext: str,
+            domid: bool = True, json_flag: bool = False) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = sub.add_parser(name, parents=[common], help=helptext,
+                                                     description=helptext)
+        if domid:
+            sp.add_argument("domid", type=_domid, metavar="DOMID")
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+        sp.set_defaults(func=fn)
+        return sp
+
+    sp = add("create", cmd_create, "create a simulated HVM guest; prints its domid",
+             domid=False, json_flag=True)
+    sp.add_argument("--memory", type=_size, required=True, metavar="SIZE",
+                    help="guest RAM, e.g. 256M or 1G")
+    sp.add_argument("--dirty-rate", type=_size, default=0, metavar="RATE",
+                    help="bytes/s the guest writes, e.g. 50M (default 0: idle)")
+    sp.add_argument("--name", metavar="NAME", help="domain name (default simN)")
+    sp.add_argument("--paused", action="store_true", help="do not start the guest's vCPU")
+
+    sp = add("create-empty", cmd_create_empty,
+             "create an empty paused domain to restore into; prints its domid",
+             domid=False, json_flag=True)
+    sp.add_argument("--max-mem", type=_size, required=True, metavar="SIZE",
+                    help="the most memory a restore may populate")
+    sp.add_argument("--name", metavar="NAME", help="domain name")
+
+    add("list", cmd_list, "list simulated domains", domid=False, json_flag=True)
+    add("info", cmd_info, "show one domain", json_flag=True)
+    add("pause", cmd_pause, "stop the guest's vCPU")
+    add("unpause", cmd_unpause, "run the guest (starts a vCPU on restored memory)")
+    sp = add("suspend", cmd_suspend, "suspend the guest and wait until it has stopped")
+    sp.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                    help="give up after this long (default 10)")
+    add("resume", cmd_resume, "bring a suspended guest back to running (after a failed save)")
+    add("destroy", cmd_destroy, "kill the guest and remove the domain")
+    add("digest", cmd_digest, "print the sha256 of the domain's memory, HVM context and params")
+    add("check", cmd_check, "verify the guest's page pattern (exit 1 if inconsistent)",
+        json_flag=True)
+    sp = add("set-rate", cmd_set_rate, "change how fast the guest writes memory")
+    sp.add_argument("rate", type=_size, metavar="RATE", help="bytes/s, e.g. 20M (0: idle)")
+    add("env", cmd_env, "print the environment that runs a helper on fakexen", domid=False)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Standalone entry: ``python -m pyxl.sim_cli create --memory 256M``."""
+    parser = argparse.ArgumentParser(prog="pyxl")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["sim"] + (sys.argv[1:] if argv is None else argv))
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
