@@ -258,14 +258,19 @@ class Source:
             return None
         return self.size - self.pos
 
-    def need(self, n: int, what: str, where: str) -> None:
+    def need(self, n: int, what: str, where: str, at: Optional[int] = None) -> None:
         """Raise :class:`TruncatedStream` now if a sized source has fewer
-        than ``n`` bytes left.  A no-op for pipes."""
+        than ``n`` bytes left.  A no-op for pipes.
+
+        Truncation errors carry the offset ``at`` of the unit being read
+        (default: the current position) and say where the stream ended.
+        """
         left = self.remaining
         if left is not None and n > left:
             raise TruncatedStream(
-                self.pos + left,
-                f"{what} needs {n} bytes but the stream ends {left} bytes later", where)
+                self.pos if at is None else at,
+                f"{what} needs {n} bytes but the stream ends after {max(left, 0)} "
+                f"(at {self.pos + max(left, 0):#x})", where)
 
     def _raw_read(self, n: int) -> bytes:
         parts: List[bytes] = []
@@ -278,9 +283,9 @@ class Source:
             got += len(chunk)
         return b"".join(parts)
 
-    def read(self, n: int, what: str, where: str) -> bytes:
+    def read(self, n: int, what: str, where: str, at: Optional[int] = None) -> bytes:
         """Exactly ``n`` bytes, or :class:`TruncatedStream`."""
-        self.need(n, what, where)
+        self.need(n, what, where, at)
         data = b""
         if self._pushback:
             data, self._pushback = self._pushback[:n], self._pushback[n:]
@@ -288,14 +293,15 @@ class Source:
             data += self._raw_read(n - len(data))
         if len(data) < n:
             raise TruncatedStream(
-                self.pos + len(data),
-                f"end of stream after {len(data)} of {n} bytes of {what}", where)
+                self.pos if at is None else at,
+                f"{what} needs {n} bytes but the stream ends after {len(data)} "
+                f"(at {self.pos + len(data):#x})", where)
         self.pos += n
         return data
 
-    def skip(self, n: int, what: str, where: str) -> None:
+    def skip(self, n: int, what: str, where: str, at: Optional[int] = None) -> None:
         """Move ``n`` bytes forward without keeping them."""
-        self.need(n, what, where)
+        self.need(n, what, where, at)
         done = min(n, len(self._pushback))
         self._pushback = self._pushback[done:]
         if self._seekable and n > done:
@@ -305,7 +311,9 @@ class Source:
             chunk = self._f.read(min(n - done, CHUNK))
             if not chunk:
                 raise TruncatedStream(
-                    self.pos + done, f"end of stream after {done} of {n} bytes of {what}", where)
+                    self.pos if at is None else at,
+                    f"{what} needs {n} bytes but the stream ends after {done} "
+                    f"(at {self.pos + done:#x})", where)
             done += len(chunk)
         self.pos += n
 

@@ -383,18 +383,18 @@ class _Body:
     def read(self, n: int) -> bytes:
         if n > self.left:  # pragma: no cover - handlers check lengths first
             raise AssertionError(f"{self.name}: read past end of body")
-        data = self.src.read(n, f"{self.name} body", self.where)
+        data = self.src.read(n, f"{self.name} body", self.where, self.offset)
         self.used += n
         return data
 
     def finish(self) -> bool:
         """Skip what the handler did not read; True if the padding is zero."""
         if self.left:
-            self.src.skip(self.left, f"{self.name} body", self.where)
+            self.src.skip(self.left, f"{self.name} body", self.where, self.offset)
             self.used = self.length
         pad = pad_len(self.length)
         if pad:
-            return not any(self.src.read(pad, f"{self.name} padding", self.where))
+            return not any(self.src.read(pad, f"{self.name} padding", self.where, self.offset))
         return True
 
 
@@ -483,7 +483,7 @@ class LibxcScanner:
         if length > REC_LENGTH_MAX:
             raise StreamError(off, f"{name} length {length:#x} exceeds the 128 MiB record limit",
                               WHERE_REC)
-        src.need(roundup8(length), f"{name} body", WHERE_REC)
+        src.need(roundup8(length), f"{name} body", WHERE_REC, off)
         body = _Body(src, off, length, name, WHERE_REC)
         self._last_pages = (0, 0)
         detail = self._dispatch(st, rtype, body)

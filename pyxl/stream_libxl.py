@@ -513,7 +513,7 @@ class LibxlScanner:
                                                    WHERE_REC))
         _check_record_type(rtype, off)
         name = record_name(rtype)
-        src.need(roundup8(length), f"{name} body", WHERE_REC)
+        src.need(roundup8(length), f"{name} body", WHERE_REC, off)
         _check_order(rtype, length, off, guest_type=self.guest_type,
                      seen_libxc=self.libxc is not None, in_checkpoint=self.in_checkpoint)
         T = LibxlRecordType
@@ -521,7 +521,7 @@ class LibxlScanner:
         used = 0
         if rtype in (T.EMULATOR_XENSTORE_DATA, T.EMULATOR_CONTEXT):
             eid, index = EMULATOR_HEADER.unpack(src.read(EMULATOR_HEADER.size,
-                                                         f"{name} body", WHERE_REC))
+                                                         f"{name} body", WHERE_REC, off))
             used = EMULATOR_HEADER.size
             try:
                 ename = EmulatorId(eid).name
@@ -534,7 +534,7 @@ class LibxlScanner:
                 if payload_len > XENSTORE_DATA_MAX:
                     raise UnsupportedStream(off, f"{name} payload of {payload_len} bytes "
                                             "exceeds pyxl's limit", WHERE_REC)
-                pairs = parse_xenstore_data(src.read(payload_len, f"{name} body", WHERE_REC),
+                pairs = parse_xenstore_data(src.read(payload_len, f"{name} body", WHERE_REC, off),
                                             off)
                 used = length
                 detail += f", {len(pairs)} keys"
@@ -545,9 +545,9 @@ class LibxlScanner:
         elif length:
             rep.warn(off, f"END has a {length}-byte body")
         if length - used:
-            src.skip(length - used, f"{name} body", WHERE_REC)
+            src.skip(length - used, f"{name} body", WHERE_REC, off)
         pad = pad_len(length)
-        if pad and any(src.read(pad, f"{name} padding", WHERE_REC)):
+        if pad and any(src.read(pad, f"{name} padding", WHERE_REC, off)):
             rep.warn(off, f"{name} padding is non-zero (libxl ignores it)")
         rep.add_record(RecordInfo("libxl", rtype, name, off, length, detail))
         if rtype == T.LIBXC_CONTEXT:

@@ -285,7 +285,7 @@ def detect_layer(head: bytes) -> Optional[str]:
 
 def _scan_xl_on(src: Source, report: StreamReport, *, checkpointed: bool) -> None:
     fixed = parse_xl_header(src.read(XL_HEADER.size, "xl header", WHERE))
-    optdata = src.read(fixed.optional_data_len, "xl optional data", WHERE)
+    optdata = src.read(fixed.optional_data_len, "xl optional data", WHERE, 44)
     hdr = parse_xl_optional_data(fixed, optdata)
     report.xl_header = hdr
     if hdr.config_bytes is not None:

@@ -9,7 +9,7 @@ import pathlib
 import socket
 import struct
 import threading
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -130,7 +130,7 @@ def test_xenstore_record_round_trip() -> None:
 @pytest.mark.parametrize("kind", ["hvm", "pv", "pv32", "hvm-v2", "pv-v2"])
 def test_written_streams_scan_clean(layer: str, kind: str) -> None:
     build = hvm_stream if kind.startswith("hvm") else pv_stream
-    kw: dict = {"version": 2} if kind.endswith("v2") else {}
+    kw: Dict[str, int] = {"version": 2} if kind.endswith("v2") else {}
     if kind == "pv32":
         kw["width"] = 4
     report = scan(b"".join(build(layer, **kw)))
@@ -165,7 +165,7 @@ def test_xenstore_data_round_trip_through_scanner() -> None:
 def test_debian_verifier_accepts_our_streams(tmp_path: pathlib.Path, layer: str,
                                              kind: str) -> None:
     build = hvm_stream if kind.startswith("hvm") else pv_stream
-    kw: dict = {"version": 2} if kind.endswith("v2") else {}
+    kw: Dict[str, int] = {"version": 2} if kind.endswith("v2") else {}
     if kind == "pv32":
         kw["width"] = 4
     path = tmp_path / f"s.{layer}"
@@ -219,7 +219,9 @@ def _pipe() -> Pair:
 
 def _socketpair() -> Pair:
     a, b = socket.socketpair()
-    return b.detach(), a.detach()  # (read end, write end) as plain fds
+    read_end: int = b.detach()
+    write_end: int = a.detach()
+    return read_end, write_end
 
 
 @pytest.fixture(params=[_pipe, _socketpair], ids=["pipe", "socket"])
@@ -228,8 +230,10 @@ def channel(request: Any) -> Iterator[Callable[[bytes], int]]:
     opened: List[int] = []
     threads: List[threading.Thread] = []
 
+    factory: Callable[[], Pair] = request.param
+
     def make(data: bytes) -> int:
-        r, w = request.param()
+        r, w = factory()
         opened.append(r)
 
         def feed() -> None:
@@ -253,7 +257,7 @@ def channel(request: Any) -> Iterator[Callable[[bytes], int]]:
 
 
 def read_rest(fd: int) -> bytes:
-    parts = []
+    parts: List[bytes] = []
     while True:
         chunk = os.read(fd, 65536)
         if not chunk:
