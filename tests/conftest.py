@@ -16,3 +16,49 @@ SLOW = bool(os.environ.get("PYXL_SLOW"))
 @pytest.fixture
 def vectors() -> pathlib.Path:
     return VECTORS
+
+OUR_HELPER = str(ROOT / "pyxl" / "pyxl-save-helper")
+HELPERS = {"ours": OUR_HELPER, "debian": DEBIAN_HELPER}
+
+
+@pytest.fixture
+def sim_dir(tmp_path_factory):
+    """A private fakexen state directory; every domain left in it is destroyed after the test."""
+    import shutil
+    import tempfile
+
+    from pyxl import sim
+
+    d = tempfile.mkdtemp(prefix="pyxl-test-", dir="/dev/shm")
+    try:
+        yield d
+    finally:
+        for info in sim.list_domains(sim_dir=d):
+            try:
+                sim.destroy(info.domid, sim_dir=d)
+            except sim.SimError:
+                pass
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def open_fds():
+    import pyxl
+
+    pyxl.default_loop()  # its selector is a long-lived fd of its own
+    return sorted(int(f) for f in os.listdir("/proc/self/fd"))
+
+
+def children():
+    """Live (or zombie) children of this process."""
+    out = []
+    me = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me:
+                out.append((int(pid), fields[0]))
+    return out

@@ -1,0 +1,46 @@
+"""asyncio front end: ``await pyxl.aio.save(...)`` / ``await pyxl.aio.restore(...)``.
+
+The operations run on the running asyncio loop (``add_reader``/``call_later``);
+callback handlers may be coroutines.  Cancelling the awaiting task cancels the
+operation and waits for its clean-up (helper reaped, temp file removed, domain
+resumed or destroyed) before the cancellation propagates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from . import operation
+from .loop import AsyncioLoop
+from .operation import Operation, RestoreResult, SaveResult
+
+__all__ = ["restore", "save", "run"]
+
+
+async def run(op: Operation) -> Any:
+    """Await an operation created with ``loop=AsyncioLoop(...)``."""
+    try:
+        return await asyncio.shield(_wrap(op))
+    except asyncio.CancelledError:
+        op.cancel()
+        done = asyncio.get_running_loop().create_future()
+        op.add_done_callback(lambda _op: done.done() or done.set_result(None))
+        await done
+        raise
+
+
+async def _wrap(op: Operation) -> Any:
+    return await op
+
+
+async def save(domid: int, path_or_fd: operation.PathOrFd, **kw: Any) -> SaveResult:
+    op = operation.save(domid, path_or_fd, loop=AsyncioLoop(asyncio.get_running_loop()), **kw)
+    result: SaveResult = await run(op)
+    return result
+
+
+async def restore(path_or_fd: operation.PathOrFd, **kw: Any) -> RestoreResult:
+    op = operation.restore(path_or_fd, loop=AsyncioLoop(asyncio.get_running_loop()), **kw)
+    result: RestoreResult = await run(op)
+    return result

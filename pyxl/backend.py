@@ -1,0 +1,105 @@
+"""Where domains live: what pyxl does around the helper that libxl would do.
+
+libxc never pauses, suspends, resumes, creates or destroys a domain; the
+toolstack does, in the suspend callback and around the helper run.  A backend
+supplies those defaults.  :class:`SimBackend` drives fakexen's simulated
+domains (every machine); a real-Xen backend is chosen where
+``/dev/xen/privcmd`` exists.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Dict, Optional
+
+from . import sim
+from .errors import StartupError
+from .loop import Loop, Timer
+
+# How often to look at a simulated guest's run state while it suspends.  A
+# timer on the loop, not a sleep: the loop keeps serving other operations.
+_SUSPEND_POLL = 0.001
+
+
+class SimBackend:
+    """fakexen domains in a state directory (``PYXL_SIM_DIR`` or /dev/shm)."""
+
+    name = "sim"
+
+    def __init__(self, sim_dir: Optional[str] = None) -> None:
+        self.sim_dir = sim_dir
+
+    def helper_env(self) -> Dict[str, str]:
+        env = dict(os.environ)
+        env.update(sim.helper_env(self.sim_dir))
+        return env
+
+    def check_domain(self, domid: int) -> None:
+        try:
+            sim.info(domid, sim_dir=self.sim_dir)
+        except sim.NoSuchDomain as exc:
+            raise StartupError(f"no such domain: {domid}") from exc
+
+    def domain_config(self, domid: int) -> Dict[str, Any]:
+        return sim.config(domid, sim_dir=self.sim_dir)
+
+    def start_suspend(self, loop: Loop, domid: int, timeout: float,
+                      done: Callable[[bool, str], None]) -> Timer:
+        """Ask the guest to suspend; call ``done(ok, why)`` from the loop when it has."""
+        sim.request_suspend(domid, sim_dir=self.sim_dir)
+        deadline = time.monotonic() + timeout
+        holder: Dict[str, Timer] = {}
+
+        def poll() -> None:
+            try:
+                state = sim.state(domid, sim_dir=self.sim_dir)
+            except sim.SimError as exc:
+                done(False, str(exc))
+                return
+            if state == "suspended":
+                done(True, "")
+            elif time.monotonic() >= deadline:
+                done(False, f"guest did not suspend within {timeout:g}s")
+            else:
+                holder["t"] = loop.call_later(_SUSPEND_POLL, poll)
+
+        class _Cancel:
+            def cancel(self) -> None:
+                t = holder.get("t")
+                if t is not None:
+                    t.cancel()
+
+        holder["t"] = loop.call_later(0, poll)
+        return _Cancel()
+
+    def resume(self, domid: int) -> None:
+        sim.resume(domid, sim_dir=self.sim_dir)
+
+    def pause(self, domid: int) -> None:
+        sim.pause(domid, sim_dir=self.sim_dir)
+
+    def destroy(self, domid: int) -> None:
+        sim.destroy(domid, sim_dir=self.sim_dir)
+
+    def create_restore_target(self, config: Dict[str, Any]) -> int:
+        b_info = config.get("b_info", {})
+        c_info = config.get("c_info", {})
+        try:
+            max_memkb = int(b_info["max_memkb"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StartupError("saved config has no usable b_info.max_memkb") from exc
+        return sim.create_empty(max_memkb, c_info.get("name") or "restored", config,
+                                sim_dir=self.sim_dir)
+
+    def unpause(self, domid: int) -> None:
+        sim.unpause(domid, sim_dir=self.sim_dir)
+
+
+def default_backend(sim_dir: Optional[str] = None) -> SimBackend:
+    if os.path.exists("/dev/xen/privcmd") and sim_dir is None and not os.environ.get("PYXL_SIM_DIR"):
+        # A real hypervisor: its backend (suspend through XenStore, domain
+        # creation through libxenctrl) is not part of this release.
+        raise StartupError("this host runs Xen; pyxl's real-Xen backend is not available yet "
+                           "(use --sim-dir / PYXL_SIM_DIR for simulated domains)")
+    return SimBackend(sim_dir)

@@ -1,0 +1,717 @@
+"""Save and restore operations: the part of libxl's domain save/restore that
+surrounds the helper, as objects an event loop drives.
+
+An :class:`Operation` is future-like: ``done()``, ``result()``, ``exception()``,
+``add_done_callback()``, ``cancel()``, and ``await op`` under asyncio.  It
+starts at once (files opened, headers written, helper spawned) and then makes
+progress only when its loop dispatches events, so one thread can run many.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import inspect
+import logging
+import os
+import signal
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import (Any, Awaitable, Callable, Deque, Dict, Generator, List, Optional,
+                    Sequence, Tuple, Union)
+
+from . import stream_libxl, stream_xl
+from ._paths import helper_path
+from .backend import SimBackend, default_backend
+from .errors import (Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
+                     MissingComplete, MissingRestoreResults, OperationError, StartupError,
+                     Timeout)
+from .helper_process import HelperProcess, restore_argv, save_argv
+from .loop import Loop, Timer, default_loop
+from .stream_libxl import LibxlRecordType as RecordType
+from .protocol import (Complete, Log, Message, Progress, RestoreResults, StaticDataDone,
+                       Suspend, SwitchQemuLogdirty, cbflags_for)
+
+__all__ = ["CallbackRequest", "Operation", "ProgressEvent", "RestoreOperation", "RestoreResult",
+           "SaveOperation", "SaveResult", "restore", "save", "wait"]
+
+XCFLAGS_LIVE = 1
+XCFLAGS_DEBUG = 2
+
+# xentoollog level -> logging level.  The xentoollog-only levels get numbers
+# between the standard ones so that filtering keeps their order.
+_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG + 2, 3: logging.DEBUG + 5, 4: logging.INFO - 2,
+           5: logging.INFO, 6: logging.INFO + 5, 7: logging.WARNING, 8: logging.ERROR,
+           9: logging.CRITICAL}
+for _xtl, _name in ((2, "VERBOSE"), (3, "DETAIL"), (4, "PROGRESS"), (6, "NOTICE")):
+    logging.addLevelName(_LEVELS[_xtl], _name)
+
+#: What a callback answers when its handler failed (libxc reads these as failure).
+_FAILURE_REPLY = {"suspend": 0, "postcopy": 0, "checkpoint": 0, "wait_checkpoint": 0,
+                  "switch_qemu_logdirty": -1, "static_data_done": -1}
+
+SAVE_CALLBACKS = ("suspend", "switch_qemu_logdirty")
+RESTORE_CALLBACKS = ("static_data_done", "restore_results")
+
+PathOrFd = Union[str, "os.PathLike[str]", int]
+Handler = Callable[["CallbackRequest"], Union[int, bool, None, Awaitable[int]]]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """A ``progress`` message: ``phase`` is libxc's "doing what" text."""
+
+    domid: int
+    context: str
+    phase: str
+    done: int
+    total: int
+    iteration: Optional[int]  # N of "Frames iteration N", else None
+
+    @property
+    def fraction(self) -> Optional[float]:
+        return self.done / self.total if self.total else None
+
+
+@dataclass
+class SaveResult:
+    domid: int
+    path: Optional[str]
+    bytes_written: Optional[int]
+    duration: float
+    iterations: int
+    downtime: Optional[float]  # suspend reply -> end of stream (seconds)
+    retval: int = 0
+    errnoval: int = 0
+
+
+@dataclass
+class RestoreResult:
+    domid: int
+    store_gfn: int
+    console_gfn: int
+    config: Dict[str, Any]
+    duration: float
+    retval: int = 0
+    errnoval: int = 0
+    emulator_records: List[Tuple[int, bytes]] = field(default_factory=list)
+
+
+class CallbackRequest:
+    """A helper callback waiting for the toolstack's answer.
+
+    A handler may return the answer (an int or bool), return an awaitable that
+    produces it (asyncio), or return None and call :meth:`reply` later.
+    """
+
+    def __init__(self, op: "Operation", message: Message) -> None:
+        self.op = op
+        self.message = message
+        self.answered = False
+
+    @property
+    def name(self) -> str:
+        return self.message.NAME
+
+    def reply(self, value: Union[int, bool]) -> None:
+        if self.answered:
+            raise RuntimeError(f"{self.name} already answered")
+        self.answered = True
+        self.op._answer(self, int(value))
+
+
+class Operation:
+    """One save or restore in progress."""
+
+    kind = "operation"
+
+    def __init__(self, domid: int, loop: Optional[Loop], timeout: Optional[float],
+                 callbacks: Optional[Dict[str, Handler]],
+                 on_progress: Optional[Callable[[ProgressEvent], None]]) -> None:
+        self.domid = domid
+        self.loop: Loop = loop if loop is not None else default_loop()
+        self.logger = logging.getLogger(f"pyxl.domain.{domid}")
+        self.callbacks: Dict[str, Handler] = dict(callbacks or {})
+        self.helper: Optional[HelperProcess] = None
+        self.helper_errors: Deque[str] = collections.deque(maxlen=8)
+        self.started = time.monotonic()
+        self.iterations = 0
+        self._progress_cbs: List[Callable[[ProgressEvent], None]] = []
+        if on_progress is not None:
+            self._progress_cbs.append(on_progress)
+        self._done_cbs: List[Callable[["Operation"], None]] = []
+        self._done = False
+        self._result: Any = None
+        self._exception: Optional[OperationError] = None
+        self._failure: Optional[OperationError] = None  # decided before the helper exits
+        self._timer: Optional[Timer] = None
+        self._timeout = timeout
+        self._pending: Optional[CallbackRequest] = None
+        self._aux: List[Timer] = []
+
+    # -- future protocol ----------------------------------------------------
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self) -> Any:
+        if not self._done:
+            raise RuntimeError(f"{self.kind} of domain {self.domid} is still running "
+                               "(use pyxl.wait or await it)")
+        if self._exception is not None:
+            raise self._exception
+        return self._result
+
+    def exception(self) -> Optional[OperationError]:
+        if not self._done:
+            raise RuntimeError("operation still running")
+        return self._exception
+
+    def add_done_callback(self, fn: Callable[["Operation"], None]) -> None:
+        if self._done:
+            fn(self)
+        else:
+            self._done_cbs.append(fn)
+
+    def add_progress_callback(self, fn: Callable[[ProgressEvent], None]) -> None:
+        self._progress_cbs.append(fn)
+
+    def cancel(self, grace: float = 5.0) -> bool:
+        """Stop the operation: SIGTERM to the helper, SIGKILL after ``grace`` seconds."""
+        if self._done:
+            return False
+        self._fail_soon(Cancelled(f"{self.kind} of domain {self.domid} cancelled", op=self,
+                                  helper_errors=list(self.helper_errors)))
+        if self.helper is not None:
+            self.helper.terminate(grace)
+        return True
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        import asyncio
+        fut = asyncio.get_running_loop().create_future()
+
+        def transfer(op: "Operation") -> None:
+            if fut.cancelled():
+                return
+            if op._exception is not None:
+                fut.set_exception(op._exception)
+            else:
+                fut.set_result(op._result)
+
+        self.add_done_callback(transfer)
+        return fut.__await__()
+
+    # -- machinery shared by save and restore -------------------------------
+
+    def _start_timer(self) -> None:
+        if self._timeout is not None:
+            self._timer = self.loop.call_later(self._timeout, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._done:
+            return
+        self._fail_soon(Timeout(f"{self.kind} of domain {self.domid} timed out after "
+                                f"{self._timeout:g}s", op=self,
+                                helper_errors=list(self.helper_errors)))
+        if self.helper is not None and self.helper.running:
+            self.helper.kill()
+        else:
+            self._conclude()
+
+    def _fail_soon(self, exc: OperationError) -> None:
+        """Record the failure; it is reported once the helper has been reaped."""
+        if self._failure is None:
+            self._failure = exc
+
+    def _spawn(self, argv: List[str], mode: str, cbflags: int, pass_fds: Sequence[int],
+               env: Optional[Dict[str, str]]) -> None:
+        try:
+            self.helper = HelperProcess(self.loop, argv, mode, cbflags, pass_fds,
+                                        self._on_message, self._on_helper_exit, env=env)
+        except OSError as exc:
+            raise StartupError(f"cannot run helper {argv[0]}: {exc.strerror}") from exc
+        self.logger.debug("helper [%d] started: %s", self.helper.pid, " ".join(argv))
+        self._start_timer()
+
+    def _on_message(self, msg: Message) -> None:
+        if isinstance(msg, Log):
+            self.logger.log(_LEVELS.get(msg.level, logging.INFO), "%s: %s", msg.context,
+                            msg.formatted)
+            if msg.level >= 8:
+                self.helper_errors.append(f"{msg.context}: {msg.formatted}")
+        elif isinstance(msg, Progress):
+            self._progress(msg)
+        elif isinstance(msg, Complete):
+            assert self.helper is not None
+            self.helper.reply(0)
+        elif isinstance(msg, RestoreResults):
+            pass  # kept by the conversation
+        elif msg.WAITS_FOR_REPLY:
+            self._callback(msg)
+
+    def _progress(self, msg: Progress) -> None:
+        iteration = None
+        if msg.doing_what.startswith("Frames iteration "):
+            try:
+                iteration = int(msg.doing_what.rsplit(" ", 1)[1])
+            except ValueError:
+                pass
+            else:
+                self.iterations = max(self.iterations, iteration + 1)
+        event = ProgressEvent(self.domid, msg.context, msg.doing_what, msg.done, msg.total,
+                              iteration)
+        for cb in self._progress_cbs:
+            cb(event)
+
+    def _callback(self, msg: Message) -> None:
+        req = CallbackRequest(self, msg)
+        self._pending = req
+        handler = self.callbacks.get(msg.NAME) or self._default_handler(msg.NAME)
+        try:
+            answer = handler(req)
+        except Exception as exc:  # a toolstack handler bug must not wedge the helper
+            self.logger.error("%s handler raised %r", msg.NAME, exc)
+            if not req.answered:
+                req.reply(_FAILURE_REPLY.get(msg.NAME, -1))
+            return
+        if answer is None or req.answered:
+            return
+        if inspect.isawaitable(answer):
+            self._await_answer(req, answer)
+        else:
+            req.reply(int(answer))
+
+    def _await_answer(self, req: CallbackRequest, aw: Awaitable[int]) -> None:
+        import asyncio
+        task = asyncio.ensure_future(aw)
+
+        def done(t: "asyncio.Future[int]") -> None:
+            if req.answered:
+                return
+            if t.cancelled() or t.exception() is not None:
+                self.logger.error("%s handler failed: %r", req.name,
+                                  None if t.cancelled() else t.exception())
+                req.reply(_FAILURE_REPLY.get(req.name, -1))
+            else:
+                req.reply(int(t.result()))
+
+        task.add_done_callback(done)
+
+    def _answer(self, req: CallbackRequest, value: int) -> None:
+        if req is not self._pending or self.helper is None or not self.helper.running:
+            return  # the helper went away meanwhile; nothing to answer
+        self._pending = None
+        self._answered(req, value)
+        if self.helper.awaiting is not None:
+            self.helper.reply(value)
+
+    def _answered(self, req: CallbackRequest, value: int) -> None:
+        """Hook: a callback was answered with ``value``."""
+
+    def _default_handler(self, name: str) -> Handler:
+        return lambda req: _FAILURE_REPLY.get(name, -1)
+
+    def _on_helper_exit(self, helper: HelperProcess) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for t in self._aux:
+            t.cancel()
+        self._conclude()
+
+    def _helper_outcome(self) -> Optional[OperationError]:
+        """libxl's helper_exited rules, plus our protocol strictness."""
+        h = self.helper
+        assert h is not None and h.wait_status is not None
+        errs = list(self.helper_errors)
+        what = f"{self.kind} helper for domain {self.domid} [{h.pid}]"
+        if self._failure is not None:
+            return self._failure
+        if h.protocol_error is not None:
+            return HelperProtocolError(f"{what} broke the protocol: {h.protocol_error}",
+                                       h.protocol_error, op=self, helper_errors=errs)
+        st = h.wait_status
+        if os.WIFSIGNALED(st):
+            sig = os.WTERMSIG(st)
+            return HelperDied(f"{what} died due to fatal signal {signal.Signals(sig).name}",
+                              sig, op=self, helper_errors=errs)
+        code = os.waitstatus_to_exitcode(st)
+        if code != 0:
+            why = {255: " (start-up failed)", 254: " (reply pipe closed or interrupted)"}
+            return HelperExited(f"{what} exited with error status {code}{why.get(code, '')}",
+                                code, op=self, helper_errors=errs)
+        if self.kind == "restore" and h.results is None:
+            return MissingRestoreResults(f"{what} exited without providing results",
+                                         op=self, helper_errors=errs)
+        if h.complete is None:
+            return MissingComplete(f"{what} exited without signaling completion",
+                                   op=self, helper_errors=errs)
+        if h.complete.retval != 0:
+            return HelperFailed(f"{self.kind} of domain {self.domid} failed", h.complete.retval,
+                                h.complete.errnoval, op=self, helper_errors=errs)
+        return None
+
+    def _conclude(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self, result: Any = None, exc: Optional[OperationError] = None) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._result, self._exception = result, exc
+        if exc is not None:
+            self.logger.error("%s", exc)
+        cbs, self._done_cbs = self._done_cbs, []
+        for cb in cbs:
+            cb(self)
+
+
+def _is_regular(fd: int) -> bool:
+    return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class SaveOperation(Operation):
+    kind = "save"
+
+    def __init__(self, domid: int, target: PathOrFd, *, live: bool = False,
+                 leave: str = "destroy", helper: Optional[str] = None,
+                 timeout: Optional[float] = None, loop: Optional[Loop] = None,
+                 callbacks: Optional[Dict[str, Handler]] = None,
+                 on_progress: Optional[Callable[[ProgressEvent], None]] = None,
+                 on_resume: Optional[Callable[[int], None]] = None,
+                 backend: Optional[SimBackend] = None, sim_dir: Optional[str] = None,
+                 suspend_timeout: float = 30.0, debug: bool = False, fsync: bool = True,
+                 config: Optional[Dict[str, Any]] = None,
+                 emulator_records: Sequence[Tuple[int, bytes]] = ()) -> None:
+        if leave not in ("destroy", "paused", "running"):
+            raise ValueError(f"leave must be 'destroy', 'paused' or 'running', not {leave!r}")
+        super().__init__(domid, loop, timeout, callbacks, on_progress)
+        self.backend = backend or default_backend(sim_dir)
+        self.live, self.leave = live, leave
+        self.on_resume = on_resume
+        self.suspend_timeout = suspend_timeout
+        self.fsync = fsync
+        self.emulator_records = list(emulator_records)
+        self.suspended = False
+        self.suspended_at: Optional[float] = None
+        self._suspend_cancel: Optional[Timer] = None
+        self.path: Optional[str] = None
+        self._tmp: Optional[str] = None
+        self._fd = -1
+        self._own_fd = False
+
+        self.backend.check_domain(domid)
+        if config is None:
+            config = self.backend.domain_config(domid)
+        self.config = config
+        if isinstance(target, int):
+            self._fd = target
+        else:
+            self.path = os.fspath(target)
+            self._open_temp()
+        try:
+            _write_all(self._fd, stream_xl.xl_header(config) + stream_libxl.libxl_header()
+                       + stream_libxl.libxc_context_record())
+            cbflags = cbflags_for(SAVE_CALLBACKS)
+            xcflags = (XCFLAGS_LIVE if live else 0) | (XCFLAGS_DEBUG if debug else 0)
+            io_fd = self._fd if self._fd > 2 else self._dup_high(self._fd)
+            # libxl passes a dup of its own stdin as BACK_FD (zero-initialised
+            # state); it is only read for COLO streams, so we pass -1.
+            argv = save_argv(helper_path(helper), io_fd, -1, domid, xcflags, cbflags)
+            try:
+                self._spawn(argv, "save", cbflags, [io_fd], self.backend.helper_env())
+            finally:
+                if io_fd != self._fd:
+                    os.close(io_fd)
+        except BaseException as exc:
+            self._discard()
+            if isinstance(exc, OSError):
+                raise StartupError(f"cannot write save stream: {exc.strerror}") from exc
+            raise
+
+    @staticmethod
+    def _dup_high(fd: int) -> int:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+
+    def _open_temp(self) -> None:
+        assert self.path is not None
+        d = os.path.dirname(os.path.abspath(self.path))
+        base = os.path.basename(self.path)
+        if os.path.isdir(self.path):
+            raise StartupError(f"{self.path}: is a directory")
+        for i in range(100):
+            tmp = os.path.join(d, f".{base}.pyxl-{os.getpid()}-{i}.tmp")
+            try:
+                self._fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise StartupError(f"cannot create {tmp}: {exc.strerror}") from exc
+            self._tmp = tmp
+            self._own_fd = True
+            return
+        raise StartupError(f"cannot create a temporary file next to {self.path}")
+
+    def _discard(self) -> None:
+        if self._own_fd and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._tmp is not None:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._tmp = None
+
+    def _default_handler(self, name: str) -> Handler:
+        if name == "suspend":
+            return self._default_suspend
+        if name == "switch_qemu_logdirty":
+            return lambda req: 0  # no device model in a simulated guest
+        return super()._default_handler(name)
+
+    def _default_suspend(self, req: CallbackRequest) -> None:
+        def done(ok: bool, why: str) -> None:
+            self._suspend_cancel = None
+            if not ok:
+                self.logger.error("suspend of domain %d failed: %s", self.domid, why)
+            if not req.answered:
+                req.reply(1 if ok else 0)
+
+        self._suspend_cancel = self.backend.start_suspend(self.loop, self.domid,
+                                                          self.suspend_timeout, done)
+        self._aux.append(self._suspend_cancel)
+
+    def _answered(self, req: CallbackRequest, value: int) -> None:
+        if isinstance(req.message, Suspend) and value:
+            self.suspended = True
+            self.suspended_at = time.monotonic()
+
+    def _conclude(self) -> None:
+        exc = self._helper_outcome() if self.helper is not None else self._failure
+        if exc is None:
+            try:
+                result = self._complete_stream()
+            except OSError as err:
+                exc = OperationError(f"writing the end of the save stream failed: {err.strerror}",
+                                     op=self)
+            else:
+                self._finish(result)
+                return
+        self._discard()
+        if self.suspended:
+            self._resume_after_failure()
+        assert exc is not None
+        self._finish(exc=exc)
+
+    def _complete_stream(self) -> SaveResult:
+        end = time.monotonic()
+        trailer = b"".join(stream_libxl.libxl_record(rtype, body)
+                           for rtype, body in self.emulator_records)
+        trailer += stream_libxl.end_record()
+        # The helper has exited, so nobody else writes to this description.
+        _write_all(self._fd, trailer)
+        size = None
+        if self._own_fd:
+            size = os.fstat(self._fd).st_size
+            if self.fsync:
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            assert self._tmp is not None and self.path is not None
+            os.rename(self._tmp, self.path)
+            self._tmp = None
+            if self.fsync:
+                dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        self._leave_domain()
+        return SaveResult(self.domid, self.path, size, end - self.started, self.iterations,
+                          None if self.suspended_at is None else end - self.suspended_at)
+
+    def _leave_domain(self) -> None:
+        try:
+            if self.leave == "destroy":
+                self.backend.destroy(self.domid)
+            elif self.leave == "running":
+                self.backend.resume(self.domid)
+            else:
+                self.backend.resume(self.domid)
+                self.backend.pause(self.domid)
+        except Exception as exc:  # the image is safe; report, don't lose it
+            self.logger.error("saved domain %d, but could not leave it %s: %s", self.domid,
+                              self.leave, exc)
+
+    def _resume_after_failure(self) -> None:
+        try:
+            if self.on_resume is not None:
+                self.on_resume(self.domid)
+            else:
+                self.backend.resume(self.domid)
+        except Exception as exc:
+            self.logger.error("could not resume domain %d after the failed save: %s",
+                              self.domid, exc)
+
+
+class RestoreOperation(Operation):
+    kind = "restore"
+
+    def __init__(self, source: PathOrFd, *, paused: bool = False, helper: Optional[str] = None,
+                 timeout: Optional[float] = None, loop: Optional[Loop] = None,
+                 callbacks: Optional[Dict[str, Handler]] = None,
+                 on_progress: Optional[Callable[[ProgressEvent], None]] = None,
+                 backend: Optional[SimBackend] = None, sim_dir: Optional[str] = None) -> None:
+        self.backend = backend or default_backend(sim_dir)
+        self.paused = paused
+        self.path: Optional[str] = None
+        own = not isinstance(source, int)
+        if isinstance(source, int):
+            fd = source
+        else:
+            self.path = os.fspath(source)
+            if os.path.isdir(self.path):
+                raise StartupError(f"{self.path}: is a directory")
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise StartupError(f"cannot open {self.path}: {exc.strerror}") from exc
+        self._fd, self._own_fd = fd, own
+        try:
+            header = stream_xl.read_xl_header(fd)
+            self.config: Dict[str, Any] = header.config
+            stream_libxl.read_libxl_header(fd)
+            rtype, length = stream_libxl.read_libxl_record_header(fd)
+            if rtype != RecordType.LIBXC_CONTEXT or length != 0:
+                raise StartupError(f"libxl stream starts with record {rtype:#x} "
+                                   f"(length {length}), not an empty LIBXC_CONTEXT")
+        except (ValueError, OSError) as exc:
+            self._close()
+            if isinstance(exc, StartupError):
+                raise
+            raise StartupError(f"{self.path or 'stream'}: {exc}") from exc
+        domid = self.backend.create_restore_target(self.config)
+        super().__init__(domid, loop, timeout, callbacks, on_progress)
+        try:
+            cbflags = cbflags_for(RESTORE_CALLBACKS)
+            io_fd = fd if fd > 2 else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            # Event channels: store 1 and console 2 on backend domain 0, as the
+            # simulated domain's builder would allocate them.
+            argv = restore_argv(helper_path(helper), io_fd, -1, domid, 1, 0, 2, 0, cbflags)
+            try:
+                self._spawn(argv, "restore", cbflags, [io_fd], self.backend.helper_env())
+            finally:
+                if io_fd != fd:
+                    os.close(io_fd)
+        except BaseException:
+            self._close()
+            self._destroy_target()
+            raise
+
+    def _close(self) -> None:
+        if self._own_fd and self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+
+    def _destroy_target(self) -> None:
+        try:
+            self.backend.destroy(self.domid)
+        except Exception as exc:
+            self.logger.error("could not destroy half-restored domain %d: %s", self.domid, exc)
+
+    def _default_handler(self, name: str) -> Handler:
+        if name == "static_data_done":
+            # missing CPUID/MSR policy (v2 streams) would be rebuilt the legacy
+            # way by libxl; the simulated domain keeps its default policy.
+            return lambda req: 0
+        return super()._default_handler(name)
+
+    def _conclude(self) -> None:
+        exc = self._helper_outcome() if self.helper is not None else self._failure
+        records: List[Tuple[int, bytes]] = []
+        if exc is None:
+            try:
+                records = self._read_trailer()
+            except (ValueError, OSError) as err:
+                exc = OperationError(f"{self.path or 'stream'}: after the libxc stream: {err}",
+                                     op=self)
+        self._close()
+        if exc is not None:
+            self._destroy_target()
+            self._finish(exc=exc)
+            return
+        try:
+            if not self.paused:
+                self.backend.unpause(self.domid)
+        except Exception as err:
+            self._destroy_target()
+            self._finish(exc=OperationError(f"restored domain {self.domid} would not start: {err}",
+                                            op=self))
+            return
+        assert self.helper is not None and self.helper.results is not None
+        res = self.helper.results
+        self._finish(RestoreResult(self.domid, res.store_gfn, res.console_gfn, self.config,
+                                   time.monotonic() - self.started, emulator_records=records))
+
+    def _read_trailer(self) -> List[Tuple[int, bytes]]:
+        """libxl records after the libxc stream, up to END."""
+        out: List[Tuple[int, bytes]] = []
+        while True:
+            rec = stream_libxl.read_libxl_record(self._fd)
+            if rec.rtype == RecordType.END:
+                return out
+            if rec.rtype in (RecordType.EMULATOR_XENSTORE_DATA, RecordType.EMULATOR_CONTEXT):
+                out.append((rec.rtype, rec.body))
+                continue
+            raise ValueError(f"unexpected libxl record {stream_libxl.record_name(rec.rtype)} "
+                             "after the libxc stream")
+
+
+def save(domid: int, path_or_fd: PathOrFd, live: bool = False, leave: str = "destroy",
+         helper: Optional[str] = None, timeout: Optional[float] = None,
+         **kw: Any) -> SaveOperation:
+    """Start saving ``domid`` into a file (written atomically) or an fd.
+
+    ``leave`` says what becomes of the domain after a successful save:
+    "destroy" (xl's default), "paused" or "running".  Returns at once; run the
+    loop (``pyxl.wait(op)``, asyncio, or your own) to make progress.
+    """
+    return SaveOperation(domid, path_or_fd, live=live, leave=leave, helper=helper,
+                         timeout=timeout, **kw)
+
+
+def restore(path_or_fd: PathOrFd, paused: bool = False, helper: Optional[str] = None,
+            timeout: Optional[float] = None, **kw: Any) -> RestoreOperation:
+    """Start restoring an xl save file (or stream on an fd) into a new domain."""
+    return RestoreOperation(path_or_fd, paused=paused, helper=helper, timeout=timeout, **kw)
+
+
+def wait(*ops: Operation, timeout: Optional[float] = None) -> List[Any]:
+    """Run the default loop until every op is done; raise the first failure.
+
+    All operations run to completion even when one fails, so that nothing is
+    left half-done.  ``timeout`` bounds the wait (the ops keep running).
+    """
+    loop = default_loop()
+    for op in ops:
+        if op.loop is not loop:
+            raise ValueError("pyxl.wait drives the default loop; this op runs on another loop")
+    first: List[Operation] = []
+    for op in ops:
+        op.add_done_callback(lambda o: first.append(o) if o._exception is not None else None)
+    if not loop.run_until(lambda: all(op.done() for op in ops), timeout):
+        raise TimeoutError(f"pyxl.wait: operations still running after {timeout:g}s")
+    if first:
+        first[0].result()
+    return [op.result() for op in ops]

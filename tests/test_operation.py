@@ -1,0 +1,180 @@
+"""pyxl's host operations end to end: real helpers (ours and Debian's), real pipes, fakexen."""
+
+import asyncio
+import os
+import selectors
+import time
+
+import pytest
+
+import pyxl
+from pyxl import sim
+from pyxl.loop import HookLoop
+
+from conftest import HELPERS, children, open_fds
+
+MB = 1 << 20
+
+
+@pytest.mark.parametrize("saver,restorer", [("ours", "ours"), ("debian", "debian"),
+                                            ("ours", "debian"), ("debian", "ours")])
+def test_nonlive_save_restore_byte_exact(sim_dir, tmp_path, saver, restorer):
+    d = sim.create(64 * MB, dirty_rate=2 * MB, sim_dir=sim_dir)
+    sim.pause(d, sim_dir=sim_dir)
+    before = sim.digest(d, sim_dir=sim_dir)
+    path = tmp_path / "guest.save"
+    res = pyxl.wait(pyxl.save(d, path, helper=HELPERS[saver], sim_dir=sim_dir))[0]
+    assert res.path == str(path) and res.bytes_written == path.stat().st_size
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert d not in [i.domid for i in sim.list_domains(sim_dir=sim_dir)], "xl's default: destroyed"
+    rres = pyxl.wait(pyxl.restore(path, paused=True, helper=HELPERS[restorer], sim_dir=sim_dir))[0]
+    assert rres.domid != d
+    assert sim.digest(rres.domid, sim_dir=sim_dir) == before
+    assert sim.info(rres.domid, sim_dir=sim_dir).state == "paused"
+    assert rres.config["c_info"]["name"] == sim.info(rres.domid, sim_dir=sim_dir).name
+
+
+@pytest.mark.parametrize("helper", ["ours", "debian"])
+def test_live_save_of_dirtying_guest(sim_dir, tmp_path, helper):
+    d = sim.create(64 * MB, dirty_rate=40 * MB, sim_dir=sim_dir)
+    time.sleep(0.2)
+    phases = []
+    op = pyxl.save(d, tmp_path / "g", live=True, leave="paused", helper=HELPERS[helper],
+                   sim_dir=sim_dir, on_progress=lambda ev: phases.append(ev.phase))
+    res = pyxl.wait(op)[0]
+    rounds = {p for p in phases if p.startswith("Frames iteration")}
+    assert len(rounds) >= 2, phases
+    assert res.iterations >= 2 and res.downtime is not None
+    assert sim.info(d, sim_dir=sim_dir).state == "paused"
+    src = sim.digest(d, sim_dir=sim_dir)
+    rres = pyxl.wait(pyxl.restore(tmp_path / "g", paused=True, sim_dir=sim_dir))[0]
+    assert sim.digest(rres.domid, sim_dir=sim_dir) == src
+    check = sim.check_guest(rres.domid, sim_dir=sim_dir)
+    assert check.consistent, check
+    sim.unpause(rres.domid, sim_dir=sim_dir)
+    time.sleep(0.3)
+    sim.pause(rres.domid, sim_dir=sim_dir)
+    after = sim.check_guest(rres.domid, sim_dir=sim_dir)
+    assert after.consistent and after.pages_written > check.pages_written, (check, after)
+
+
+def test_leave_running_and_logs(sim_dir, tmp_path, caplog):
+    d = sim.create(32 * MB, sim_dir=sim_dir)
+    caplog.set_level("DEBUG", logger=f"pyxl.domain.{d}")
+    pyxl.wait(pyxl.save(d, tmp_path / "g", leave="running", sim_dir=sim_dir))
+    assert sim.info(d, sim_dir=sim_dir).state == "running"
+    texts = [r.getMessage() for r in caplog.records if r.name == f"pyxl.domain.{d}"]
+    assert any("starting save" in t for t in texts)
+    assert any("Saving domain" in t for t in texts)
+
+
+def test_eight_at_once_in_one_thread(sim_dir, tmp_path):
+    fds, kids = open_fds(), children()
+    doms = []
+    for i in range(4):
+        d = sim.create(32 * MB, dirty_rate=4 * MB, sim_dir=sim_dir)
+        doms.append(d)
+    # four existing images to restore while the four saves run
+    images = []
+    for i in range(4):
+        d = sim.create(32 * MB, sim_dir=sim_dir)
+        sim.pause(d, sim_dir=sim_dir)
+        images.append((tmp_path / f"old{i}", sim.digest(d, sim_dir=sim_dir)))
+        pyxl.wait(pyxl.save(d, images[-1][0], sim_dir=sim_dir))
+    fds, kids = open_fds(), children()
+    answered = []
+
+    def slow_suspend(req):
+        # answer later, from a timer, while the other helpers keep streaming
+        answered.append(req.op.domid)
+        pyxl.default_loop().call_later(0.05, lambda: (sim.suspend(req.op.domid, sim_dir=sim_dir),
+                                                      req.reply(1)))
+
+    saves = [pyxl.save(d, tmp_path / f"new{d}", live=True, leave="paused", sim_dir=sim_dir,
+                       callbacks={"suspend": slow_suspend}) for d in doms]
+    restores = [pyxl.restore(p, paused=True, sim_dir=sim_dir) for p, _ in images]
+    results = pyxl.wait(*saves, *restores)
+    assert sorted(answered) == sorted(doms)
+    for (path, digest), res in zip(images, results[4:]):
+        assert sim.digest(res.domid, sim_dir=sim_dir) == digest
+    for d in doms:
+        src = sim.digest(d, sim_dir=sim_dir)
+        r = pyxl.wait(pyxl.restore(tmp_path / f"new{d}", paused=True, sim_dir=sim_dir))[0]
+        assert sim.digest(r.domid, sim_dir=sim_dir) == src
+    assert open_fds() == fds
+    assert children() == kids
+
+
+def test_hook_loop_example(sim_dir, tmp_path):
+    """README: driving pyxl from a toolstack's own loop through hooks."""
+    sel = selectors.DefaultSelector()
+    timers = {}
+    tokens = iter(range(1, 10**6))
+
+    def fd_register(fd, events, ready):
+        sel.register(fd, events, ready)
+        return fd
+
+    def fd_modify(token, events):
+        sel.modify(token, events, sel.get_key(token).data)
+
+    def fd_deregister(token):
+        sel.unregister(token)
+
+    def timeout_register(delay, fire):
+        t = next(tokens)
+        timers[t] = (time.monotonic() + delay, fire)
+        return t
+
+    def timeout_cancel(token):
+        timers.pop(token, None)
+
+    loop = HookLoop(fd_register, fd_modify, fd_deregister, timeout_register, timeout_cancel)
+    d = sim.create(32 * MB, sim_dir=sim_dir)
+    op = pyxl.save(d, tmp_path / "g", loop=loop, sim_dir=sim_dir)
+    deadline = time.monotonic() + 30
+    while not op.done():
+        assert time.monotonic() < deadline
+        wait = min((t for t, _ in timers.values()), default=time.monotonic() + 1) - time.monotonic()
+        for key, events in sel.select(max(0, wait)):
+            key.data(events)
+        now = time.monotonic()
+        for tok, (t, fire) in list(timers.items()):
+            if t <= now:
+                del timers[tok]
+                fire()
+    assert op.result().path == str(tmp_path / "g")
+    assert not sel.get_map(), "every watch removed"
+
+
+def test_asyncio_example(sim_dir, tmp_path):
+    """README: asyncio, with a coroutine suspend handler."""
+    import pyxl.aio
+
+    async def main():
+        d = sim.create(32 * MB, dirty_rate=4 * MB, sim_dir=sim_dir)
+
+        async def suspend(req):
+            await asyncio.sleep(0.01)
+            sim.suspend(d, sim_dir=sim_dir)
+            return 1
+
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        t = asyncio.ensure_future(ticker())
+        res = await pyxl.aio.save(d, tmp_path / "g", live=True, leave="paused", sim_dir=sim_dir,
+                                  callbacks={"suspend": suspend})
+        src = sim.digest(d, sim_dir=sim_dir)
+        rres = await pyxl.aio.restore(tmp_path / "g", paused=True, sim_dir=sim_dir)
+        t.cancel()
+        return res, src, sim.digest(rres.domid, sim_dir=sim_dir), ticks
+
+    res, src, dst, ticks = asyncio.run(main())
+    assert src == dst and res.iterations >= 1
+    assert ticks > 10, "the loop kept running during the save"
