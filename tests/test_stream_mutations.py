@@ -812,3 +812,27 @@ def test_every_header_bit_flip_is_accepted_or_refused_cleanly() -> None:
         # Reserved/ignored fields exist (optional_flags, reserved words), but
         # most flips must be refused.
         assert outcomes["refused"] > 4 * outcomes["ok"], outcomes
+
+
+def test_first_bad_pfn_entry_wins_in_libxc_order() -> None:
+    """libxc checks entry by entry, the pfn before the type."""
+    v = pv_chunks()
+    both = raw_page_data(3, [3, (5 << 60) | 4, 100], 2)
+    refused(replace(v, V_PD1, both), V_PD1, "pfn 0x4 (index 1) has invalid page type 0x5")
+    same_entry = raw_page_data(2, [3, (5 << 60) | 100], 1)
+    refused(replace(v, V_PD1, same_entry), V_PD1, "pfn 0x64 (index 1) outside the domain")
+    late = [p for p in range(8)] * 1200 + [(7 << 60) | 1]  # bad entry in the 2nd chunk
+    refused(replace(v, V_PD1, raw_page_data(len(late), late, len(late) - 1)), V_PD1,
+            f"pfn 0x1 (index {len(late) - 1}) has invalid page type 0x7")
+
+
+def test_page_data_with_16m_entries_is_checked_quickly() -> None:
+    import time
+    n = (128 << 20) // 8 - 1  # the largest PAGE_DATA record: 16M entries, no data
+    body = struct.pack("<II", n, 0) + struct.pack("<Q", 0xF << 60) * n
+    h = hvm_chunks()
+    chunks = replace(h, H_PD1, rec(T.PAGE_DATA, body))
+    start = time.monotonic()
+    report = accepted(chunks)
+    assert time.monotonic() - start < 10
+    assert report.pages.holes == n + 2
