@@ -349,6 +349,26 @@ static struct fxdom *dom_first_from(unsigned domid)
     return dom_get(best, 1);
 }
 
+/*
+ * Test hook (not a Xen interface): forget cached domains and re-read the
+ * environment, so one process can talk to several state directories in turn.
+ */
+EXPORT void pyxl_fakexen_reset(void)
+{
+    pthread_mutex_lock(&g_lock);
+    while (g_doms) {
+        struct fxdom *d = g_doms;
+        g_doms = d->next;
+        dom_free(d);
+    }
+    if (g_trace && g_trace != stderr)
+        fclose(g_trace);
+    g_trace = NULL;
+    g_populate = 1;
+    __atomic_store_n(&g_inited, 0, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&g_lock);
+}
+
 /* ---- domctl ---------------------------------------------------------- */
 
 static long domctl_getdomaininfo(void *dc)

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import os
 import selectors
+import shutil
 import struct
 import subprocess
+import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from pyxl import sim
 
@@ -279,10 +282,13 @@ def run_helper(argv: List[str], io_fd: int, *, mode: str, sim_dir: str,
     return run
 
 
-def _suspend_cb(domid: int, sim_dir: str, hook: Optional[Callable[[], None]]) -> Callable[[Msg], int]:
+def _suspend_cb(domid: int, sim_dir: str,
+                hook: Optional[Callable[[], Optional[int]]]) -> Callable[[Msg], int]:
     def cb(msg: Msg) -> int:
         if hook is not None:
-            hook()
+            reply = hook()
+            if reply is not None:
+                return reply
         try:
             sim.suspend(domid, sim_dir, timeout=30.0)
         except sim.SimError:
@@ -293,8 +299,10 @@ def _suspend_cb(domid: int, sim_dir: str, hook: Optional[Callable[[], None]]) ->
 
 def save(domid: int, io_fd: int, *, sim_dir: str, live: bool = False, debug: bool = False,
          helper: str = DEBIAN_HELPER, back_fd: int = -1, close_io_fd: bool = False,
-         on_suspend: Optional[Callable[[], None]] = None, timeout: float = 300.0,
+         on_suspend: Optional[Callable[[], Optional[int]]] = None, timeout: float = 300.0,
          env: Optional[Dict[str, str]] = None) -> HelperRun:
+    """Save `domid` to `io_fd`.  `on_suspend` runs in the suspend callback first; if it
+    returns an int, that is the reply and the guest is not suspended by the driver."""
     xcflags = (XCFLAGS_LIVE if live else 0) | (XCFLAGS_DEBUG if debug else 0)
     argv = [helper, "--save-domain", str(io_fd), str(back_fd), str(domid), str(xcflags),
             str(SAVE_CBFLAGS), "0"]
@@ -362,3 +370,56 @@ def verify_stream(path: str, fmt: str = "libxc") -> subprocess.CompletedProcess[
     env = dict(os.environ, PYTHONPATH=XEN_PYTHONPATH)
     return subprocess.run(["/usr/bin/python3", VERIFY_STREAM, "-v", "-f", fmt, "-i", path],
                           capture_output=True, text=True, env=env, timeout=600)
+
+
+# ---- test scaffolding -------------------------------------------------------------------
+
+
+def vcpu_processes(sim_dir: str) -> List[int]:
+    """pids of pyxl-sim-vcpu processes working in `sim_dir`."""
+    out = []
+    key = os.path.abspath(sim_dir).encode() + b"/"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if not zombie and argv and argv[0].endswith(b"pyxl-sim-vcpu") and \
+                any(a.startswith(key) for a in argv[1:]):
+            out.append(int(pid))
+    return out
+
+
+@contextmanager
+def private_sim_dir(prefix: str = "pyxl-fx-") -> Iterator[str]:
+    """A fresh state directory under /dev/shm; afterwards every domain in it is destroyed,
+    no vCPU process may be left, and the directory is removed."""
+    d = tempfile.mkdtemp(prefix=prefix, dir="/dev/shm")
+    try:
+        yield d
+    finally:
+        for info in sim.list_domains(d):
+            try:
+                sim.destroy(info.domid, d)
+            except sim.SimError:
+                pass
+        deadline = time.monotonic() + 5
+        while vcpu_processes(d) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        left = vcpu_processes(d)
+        shutil.rmtree(d, ignore_errors=True)
+        assert not left, f"vCPU processes left behind in {d}: {left}"
+
+
+def stream_pipe_cat(sink: str = "/dev/null") -> Tuple[int, "subprocess.Popen[bytes]"]:
+    """A pipe whose read end is drained by `cat` (into `sink`); returns (write fd, cat)."""
+    r, w = os.pipe()
+    with open(sink, "wb") as out:
+        cat = subprocess.Popen(["cat"], stdin=r, stdout=out)
+    os.close(r)
+    return w, cat

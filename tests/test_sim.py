@@ -1,0 +1,368 @@
+"""pyxl.sim: the simulated domains themselves, without any helper."""
+
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import simdriver
+from pyxl import sim, sim_cli
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def fxdir():
+    with simdriver.private_sim_dir() as d:
+        yield d
+
+
+def native_built():
+    return os.access(sim.vcpu_path(), os.X_OK) and os.path.exists(sim.libfakexen_path())
+
+
+pytestmark = pytest.mark.skipif(not native_built(), reason="native artefacts not built")
+
+
+# ---- layout ---------------------------------------------------------------------------------
+
+
+def test_control_block_layout_matches_the_c_header():
+    out = subprocess.run([sim.vcpu_path(), "layout"], capture_output=True, text=True, check=True)
+    c = json.loads(out.stdout)
+    for name, (off, _fmt) in sim.CTL_FIELDS.items():
+        assert c[name] == off, name
+    assert c["sizeof_ctl"] <= sim.PAGE_SIZE
+    for key in ("GNT_OFF", "LEAVES_OFF", "MSRS_OFF", "CONFIG_OFF", "CONFIG_MAX", "HVMCTX_OFF",
+                "HVMCTX_MAX", "BITMAPS_OFF", "PFN_ALIGN", "CTL_MAGIC", "CTL_VERSION",
+                "GUEST_MAGIC"):
+        assert c[key] == getattr(sim, key), key
+    assert c["guest_state"] == {"magic": 0, "lap": 8, "cursor": 16, "pages_written": 24,
+                                "boots": 32, "ram_pages": 40}
+
+
+def test_ram_layout_is_libxls():
+    # 1 GiB: pfn 0 up, VGA hole 0xa0-0xbf left out, all below the MMIO hole
+    assert sim.ram_runs(262144) == [(0, 0xA0), (0xC0, 262144 - 0xA0)]
+    # 8 GiB: RAM beyond 3.75 GiB goes above 4 GiB
+    runs = sim.ram_runs(2097152)
+    assert runs[:2] == [(0, 0xA0), (0xC0, 0xF0000 - 0xC0)]
+    assert runs[2][0] == 0x100000 and sum(n for _, n in runs) == 2097152
+    assert runs[2][0] + runs[2][1] - 1 == 0x21001F   # the probe's max_gpfn for 8 GiB
+
+
+@given(st.lists(st.tuples(st.integers(0, 5000), st.integers(1, 300)), max_size=8))
+@settings(max_examples=200, deadline=None)
+def test_bit_runs_are_maximal_runs(spans):
+    bm = bytearray(1024)
+    want = set()
+    for start, n in spans:
+        sim._set_bits(bm, start, min(n, 8192 - start))
+        want.update(range(start, min(start + n, 8192)))
+    runs = sim.bit_runs(bytes(bm))
+    got = set()
+    for i, (s, n) in enumerate(runs):
+        assert n > 0
+        if i:
+            assert s > runs[i - 1][0] + runs[i - 1][1]   # maximal and ordered
+        got.update(range(s, s + n))
+    assert got == want
+
+
+def test_parse_size():
+    assert sim.parse_size("1G") == 1 << 30
+    assert sim.parse_size("50M") == 50 * MiB
+    assert sim.parse_size("64k") == 65536
+    assert sim.parse_size("4096") == 4096
+    assert sim.parse_size("1GiB") == 1 << 30
+    with pytest.raises(ValueError):
+        sim.parse_size("lots")
+
+
+# ---- creation -------------------------------------------------------------------------------
+
+
+def test_create_paused_guest(fxdir):
+    domid = sim.create(16 * MiB, name="g1", sim_dir=fxdir, paused=True)
+    i = sim.info(domid, fxdir)
+    assert (i.domid, i.name, i.state, i.memory) == (domid, "g1", "paused", 16 * MiB)
+    assert i.tot_pages == 4096 + 16          # RAM + the 16 special pages
+    assert i.max_gpfn == 0xFEFFF             # the console page
+    assert i.vcpu_pid is None
+    assert sim.populated_runs(domid, fxdir) == [(0, 0xA0), (0xC0, 4096 - 0xA0), (0xFEFF0, 16)]
+    cfg = sim.config(domid, fxdir)
+    assert cfg["c_info"]["type"] == "hvm" and cfg["c_info"]["name"] == "g1"
+    assert cfg["c_info"]["uuid"] == i.uuid
+    assert cfg["b_info"] == {"max_memkb": 16384, "target_memkb": 16384, "max_vcpus": 1}
+    params = sim.hvm_params(domid, fxdir)
+    assert params[1] == 0xFEFFC and params[17] == 0xFEFFF and params[5] == 0xFEFFD
+    assert params[6] == 0xFEFFB and params[32] == 0xFEFF0 and params[33] == 8
+    ctx = sim.hvm_context(domid, fxdir)
+    assert ctx[:8] == bytes([1, 0, 0, 0, 24, 0, 0, 0])          # HEADER descriptor
+    assert int.from_bytes(ctx[8:12], "little") == 0x54381286
+    assert ctx[-8:] == bytes(8)                                 # END
+    c = sim.check_guest(domid, fxdir)
+    assert c.consistent and c.ram_pages == 4095 and c.lap == 1 and c.pages_written == 0
+    assert c.special_nonzero == 0
+    assert sim.digest(domid, fxdir) == sim.digest(domid, fxdir)
+    assert [d.domid for d in sim.list_domains(fxdir)] == [domid]
+
+
+def test_create_empty_restore_target(fxdir):
+    cfg = {"c_info": {"type": "hvm", "name": "x", "uuid": "6a2f0b2e-2d64-4a6b-9d8c-1c5e2a9f4b11"},
+           "b_info": {"max_memkb": 65536, "target_memkb": 65536, "max_vcpus": 1}}
+    domid = sim.create_empty(65536, "incoming", cfg, sim_dir=fxdir)
+    i = sim.info(domid, fxdir)
+    assert (i.state, i.tot_pages, i.max_gpfn, i.vcpu_pid) == ("paused", 0, 0, None)
+    assert i.uuid == "6a2f0b2e-2d64-4a6b-9d8c-1c5e2a9f4b11"
+    assert sim.config(domid, fxdir)["c_info"]["name"] == "incoming"
+    assert sim.populated_runs(domid, fxdir) == []
+    assert sim.hvm_context(domid, fxdir) == b""
+
+
+def test_domids_are_unique_and_never_reused(fxdir):
+    a = sim.create(1 * MiB, sim_dir=fxdir, paused=True)
+    b = sim.create_empty(1024, sim_dir=fxdir)
+    sim.destroy(a, fxdir)
+    c = sim.create(1 * MiB, sim_dir=fxdir, paused=True)
+    assert len({a, b, c}) == 3 and c > b > a
+
+
+def _racer(args):
+    fxdir, i = args
+    return sim.create(1 * MiB, name=f"r{i}", sim_dir=fxdir, paused=True)
+
+
+def test_racing_creators_get_distinct_domids(fxdir):
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(8) as pool:
+        ids = pool.map(_racer, [(fxdir, i) for i in range(24)])
+    assert len(set(ids)) == 24
+    assert sorted(d.domid for d in sim.list_domains(fxdir)) == sorted(ids)
+    assert not [n for n in os.listdir(fxdir) if n.startswith(".tmp-")]
+
+
+def test_a_crashed_creator_leaves_nothing_that_blocks(fxdir):
+    # What a creator killed mid-build leaves: its private build directory.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    os.mkdir(os.path.join(fxdir, f".tmp-7-{dead.pid}-deadbeef"))
+    with open(os.path.join(fxdir, f".tmp-7-{dead.pid}-deadbeef", "mem"), "wb") as f:
+        f.write(b"partial")
+    domid = sim.create(1 * MiB, sim_dir=fxdir, paused=True)
+    assert sim.info(domid, fxdir).state == "paused"
+    assert not [n for n in os.listdir(fxdir) if n.startswith(".tmp-")]
+    assert [d.domid for d in sim.list_domains(fxdir)] == [domid]
+
+
+def test_guest_larger_than_the_machine_is_refused_up_front(fxdir):
+    with pytest.raises(sim.InsufficientResources, match="needs"):
+        sim.create(1 << 50, sim_dir=fxdir)
+    with pytest.raises(sim.InsufficientResources):
+        sim.create_empty(1 << 40, sim_dir=fxdir)
+    assert sim.list_domains(fxdir) == []
+    assert [n for n in os.listdir(fxdir) if not n.startswith(".")] == []
+
+
+@pytest.fixture
+def tiny_tmpfs():
+    """A 16 MiB tmpfs, mounted for the test (needs root)."""
+    mnt = tempfile.mkdtemp(prefix="pyxl-fx-tiny-", dir="/tmp")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", mnt],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        os.rmdir(mnt)
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
+    try:
+        yield mnt
+    finally:
+        for info in sim.list_domains(mnt):
+            sim.destroy(info.domid, mnt)
+        subprocess.run(["umount", "-l", mnt], check=False)
+        os.rmdir(mnt)
+
+
+def test_full_tmpfs_is_a_clear_error_and_leaves_nothing(tiny_tmpfs):
+    with pytest.raises(sim.InsufficientResources, match="free"):
+        sim.create(64 * MiB, sim_dir=tiny_tmpfs)
+    assert [n for n in os.listdir(tiny_tmpfs) if n.startswith(("d", ".tmp-"))] == []
+    # Past the up-front check (e.g. another writer filled the disk meanwhile), the
+    # allocation itself fails cleanly: ENOSPC, never a SIGBUS, nothing half-made.
+    orig = sim._check_capacity
+    sim._check_capacity = lambda *a: None
+    try:
+        with pytest.raises(sim.InsufficientResources, match="no space left"):
+            sim.create(64 * MiB, sim_dir=tiny_tmpfs)
+    finally:
+        sim._check_capacity = orig
+    assert [n for n in os.listdir(tiny_tmpfs) if n.startswith(("d", ".tmp-"))] == []
+    # and the directory still works for a guest that fits
+    domid = sim.create(4 * MiB, sim_dir=tiny_tmpfs, paused=True)
+    assert sim.check_guest(domid, tiny_tmpfs).consistent
+
+
+# ---- run state ------------------------------------------------------------------------------
+
+
+def _children():
+    """(pid, cmdline) of this process's children, zombies included."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            if not cmd:
+                with open(f"/proc/{pid}/comm", "rb") as f:
+                    cmd = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            out.append((int(pid), cmd))
+    return out
+
+
+def test_vcpu_is_detached_and_writes_at_the_rate(fxdir):
+    domid = sim.create(8 * MiB, dirty_rate=4 * MiB, sim_dir=fxdir)
+    i = sim.info(domid, fxdir)
+    assert i.state == "running" and i.vcpu_pid
+    with open(f"/proc/{i.vcpu_pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    assert int(fields[1]) != os.getpid()            # not our child
+    assert int(fields[3]) != os.getsid(0)           # its own session
+    assert not [pid for pid, cmd in _children() if b"pyxl-sim-vcpu" in cmd]  # nor zombie
+    time.sleep(0.5)
+    sim.pause(domid, fxdir)
+    n = sim.counter(domid, fxdir)
+    assert 200 <= n <= 1000, n                      # ~512 pages in 0.5 s at 4 MiB/s
+    time.sleep(0.2)
+    assert sim.counter(domid, fxdir) == n           # paused: no writes
+    assert sim.state(domid, fxdir) == "paused"
+    assert sim.check_guest(domid, fxdir).consistent
+    sim.unpause(domid, fxdir)
+    time.sleep(0.2)
+    assert sim.counter(domid, fxdir) > n
+
+
+def test_set_dirty_rate(fxdir):
+    domid = sim.create(4 * MiB, sim_dir=fxdir)
+    time.sleep(0.1)
+    assert sim.counter(domid, fxdir) == 0           # idle guest
+    sim.set_dirty_rate(domid, 8 * MiB, fxdir)
+    time.sleep(0.2)
+    assert sim.counter(domid, fxdir) > 0
+    assert sim.info(domid, fxdir).dirty_rate == 8 * MiB
+
+
+def test_suspend_is_pollable_and_resume_continues(fxdir):
+    domid = sim.create(8 * MiB, dirty_rate=16 * MiB, sim_dir=fxdir)
+    time.sleep(0.1)
+    sim.request_suspend(domid, fxdir)               # returns at once
+    deadline = time.monotonic() + 5
+    while sim.state(domid, fxdir) != "suspended":
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    i = sim.info(domid, fxdir)
+    assert i.shutdown_reason == "suspend" and i.vcpu_pid is None
+    n = sim.counter(domid, fxdir)
+    c = sim.check_guest(domid, fxdir)
+    assert c.consistent and c.ctx_rip == c.pages_written == n   # state left in the context
+    time.sleep(0.1)
+    assert sim.counter(domid, fxdir) == n
+    with pytest.raises(sim.DomainStateError, match="suspended"):
+        sim.unpause(domid, fxdir)
+    sim.resume(domid, fxdir)
+    assert sim.state(domid, fxdir) == "running"
+    time.sleep(0.1)
+    sim.pause(domid, fxdir)
+    c2 = sim.check_guest(domid, fxdir)
+    assert c2.consistent and c2.pages_written > n and c2.boots == 2
+
+
+def test_suspend_of_paused_guest_is_immediate(fxdir):
+    domid = sim.create(4 * MiB, sim_dir=fxdir, paused=True)
+    sim.suspend(domid, fxdir, timeout=1)
+    assert sim.state(domid, fxdir) == "suspended"
+
+
+def test_destroy(fxdir):
+    domid = sim.create(4 * MiB, dirty_rate=MiB, sim_dir=fxdir)
+    pid = sim.info(domid, fxdir).vcpu_pid
+    sim.destroy(domid, fxdir)
+    assert not simdriver.vcpu_processes(fxdir)
+    assert not os.path.exists(f"/proc/{pid}/cmdline") or b"pyxl-sim-vcpu" not in open(
+        f"/proc/{pid}/cmdline", "rb").read()
+    for op in (sim.info, sim.state, sim.pause, sim.unpause, sim.destroy, sim.digest,
+               sim.request_suspend, sim.config):
+        with pytest.raises(sim.NoSuchDomain, match=f"domain {domid} does not exist"):
+            op(domid, fxdir)
+    assert sim.list_domains(fxdir) == []
+
+
+def test_vcpu_exits_when_its_state_dir_disappears():
+    d = tempfile.mkdtemp(prefix="pyxl-fx-gone-", dir="/dev/shm")
+    domid = sim.create(4 * MiB, dirty_rate=MiB, sim_dir=d)
+    pid = sim.info(domid, d).vcpu_pid
+    shutil.rmtree(d)
+    deadline = time.monotonic() + 5
+    while simdriver.vcpu_processes(d):
+        assert time.monotonic() < deadline, f"vCPU {pid} outlived its directory"
+        time.sleep(0.05)
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv):
+    rc = sim_cli.main(list(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli(fxdir, capsys):
+    rc, out, err = run_cli(capsys, "create", "--memory", "4M", "--dirty-rate", "1M",
+                           "--name", "c1", "--sim-dir", fxdir)
+    assert rc == 0 and err == ""
+    domid = int(out.strip())
+    rc, out, _ = run_cli(capsys, "list", "--json", "--sim-dir", fxdir)
+    (entry,) = json.loads(out)
+    assert entry["domid"] == domid and entry["name"] == "c1" and entry["state"] == "running"
+    assert entry["memory"] == 4 * MiB
+    rc, out, _ = run_cli(capsys, "create", "--memory", "2M", "--paused", "--json",
+                         "--sim-dir", fxdir)
+    other = json.loads(out)
+    assert rc == 0 and other["state"] == "paused" and other["domid"] != domid
+    assert run_cli(capsys, "suspend", str(domid), "--sim-dir", fxdir)[0] == 0
+    rc, out, _ = run_cli(capsys, "digest", str(domid), "--sim-dir", fxdir)
+    assert rc == 0 and out.strip().splitlines()[-1] == sim.digest(domid, fxdir)
+    assert run_cli(capsys, "resume", str(domid), "--sim-dir", fxdir)[0] == 0
+    assert run_cli(capsys, "pause", str(domid), "--sim-dir", fxdir)[0] == 0
+    rc, out, _ = run_cli(capsys, "check", str(domid), "--json", "--sim-dir", fxdir)
+    assert rc == 0 and json.loads(out)["consistent"]
+    assert run_cli(capsys, "unpause", str(domid), "--sim-dir", fxdir)[0] == 0
+    assert run_cli(capsys, "destroy", str(domid), "--sim-dir", fxdir)[0] == 0
+    rc, out, err = run_cli(capsys, "destroy", str(domid), "--sim-dir", fxdir)
+    assert rc == 2 and err.count("\n") == 1 and "does not exist" in err
+    rc, out, err = run_cli(capsys, "create", "--memory", "100T", "--sim-dir", fxdir)
+    assert rc == 1 and err.startswith("pyxl sim: error:") and err.count("\n") == 1
+    rc, out, _ = run_cli(capsys, "list", "--sim-dir", fxdir)
+    assert rc == 0 and "DOMID" in out
+    rc, out, _ = run_cli(capsys, "env", "--sim-dir", fxdir)
+    assert f"PYXL_SIM_DIR={fxdir}" in out and "libfakexen.so" in out
+
+
+def test_cli_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        sim_cli.main(["create", "--memory", "lots"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit):
+        sim_cli.main(["pause", "x"])
