@@ -59,6 +59,7 @@ __all__ = [
     "read_exact",
     "write_all",
     "Source",
+    "note_trailing",
     "RecordInfo",
     "PageStats",
     "StreamReport",
@@ -94,7 +95,10 @@ class StreamError(ValueError):
         self.offset = offset
         self.reason = reason
         self.where = where
-        super().__init__(f"{where} at {offset:#x}: {reason}")
+        super().__init__(offset, reason, where)  # args round-trip through pickle
+
+    def __str__(self) -> str:
+        return f"{self.where} at {self.offset:#x}: {self.reason}"
 
     @property
     def layer(self) -> str:
@@ -345,6 +349,24 @@ class Source:
             n += len(chunk)
         self.pos += n
         return n
+
+
+#: on pipes, at most this much data after the final END is read (and counted)
+TRAILING_LIMIT = 1 << 20
+
+
+def note_trailing(src: Source, report: "StreamReport") -> None:
+    """Count bytes after the outermost END (Xen never reads them) and warn.
+    On pipes, stop after ``TRAILING_LIMIT`` so an endless producer cannot
+    hang the scan."""
+    limit = None if src.size is not None else TRAILING_LIMIT
+    start = src.pos
+    n = src.count_rest() if limit is None else src.count_rest(limit + 1)
+    report.trailing_bytes = n
+    if n:
+        more = "more than " if limit is not None and n > limit else ""
+        report.warn(start, f"{more}{min(n, limit or n)} bytes after the final END "
+                    "(never read by Xen)")
 
 
 # ---------------------------------------------------------------------------

@@ -67,7 +67,8 @@ from typing import (Any, BinaryIO, Callable, Dict, Iterable, Mapping, Optional,
                     Sequence, Tuple, Union)
 
 from .stream_common import (REC_HEADER, RecordInfo, Source, StreamError,
-                            StreamReport, TruncatedStream, frame_record, pad_len, roundup8)
+                            StreamReport, TruncatedStream, frame_record, note_trailing, pad_len,
+                            roundup8)
 
 __all__ = [
     "IHDR_MARKER", "IHDR_ID", "IHDR_VERSION", "IHDR_OPT_BIG_ENDIAN", "IMAGE_HEADER",
@@ -818,10 +819,7 @@ def scan_libxc(f: BinaryIO, *, checkpointed: bool = False) -> StreamReport:
     report = StreamReport(layer="libxc", size=src.size)
     try:
         scan_libxc_on(src, report, checkpointed=checkpointed)
-        report.trailing_bytes = src.count_rest()
-        if report.trailing_bytes:
-            report.warn(src.pos - report.trailing_bytes,
-                        f"{report.trailing_bytes} bytes after END (not read by libxc)")
+        note_trailing(src, report)
     except StreamError as err:
         report.error = err
     return report

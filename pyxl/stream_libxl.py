@@ -48,7 +48,8 @@ Rules (what libxl 4.17 checks, plus where pyxl is stricter):
   without END is refused.  libxl's reader takes EOF as success and decodes
   its zero-filled record-header buffer as END, so Xen would restore a cut
   stream; we report :class:`TruncatedStream`.  (2) END before any
-  LIBXC_CONTEXT (no domain memory) and a second LIBXC_CONTEXT are refused.
+  LIBXC_CONTEXT (no domain memory), END inside a checkpoint (before its
+  CHECKPOINT_END) and a second LIBXC_CONTEXT are refused.
   (3) The fd reader caps record bodies it reads into memory at
   ``LIBXL_RECORD_MAX`` (128 MiB; libxl has no cap) and xenstore data at
   ``XENSTORE_DATA_MAX`` -- both raise :class:`UnsupportedStream`.
@@ -63,8 +64,8 @@ from typing import (Any, BinaryIO, Dict, Iterable, List, Mapping, Optional, Sequ
                     Union)
 
 from .stream_common import (REC_HEADER, RecordInfo, Source, StreamError, StreamReport,
-                            TruncatedStream, UnsupportedStream, frame_record, pad_len,
-                            read_exact, roundup8)
+                            TruncatedStream, UnsupportedStream, frame_record, note_trailing,
+                            pad_len, read_exact, roundup8)
 from .stream_libxc import DHDR_TYPE_X86_PV, LibxcScanner
 
 __all__ = [
@@ -571,15 +572,8 @@ def scan_libxl(f: BinaryIO, *, checkpointed: bool = False) -> StreamReport:
     report = StreamReport(layer="libxl", size=src.size)
     try:
         scan_libxl_on(src, report, checkpointed=checkpointed)
-        _trailing(src, report)
+        note_trailing(src, report)
     except StreamError as err:
         report.error = err
     return report
-
-
-def _trailing(src: Source, report: StreamReport) -> None:
-    report.trailing_bytes = src.count_rest()
-    if report.trailing_bytes:
-        report.warn(src.pos - report.trailing_bytes,
-                    f"{report.trailing_bytes} bytes after the final END (never read)")
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Dict, Mapping, Optional, Union
 
 from .stream_common import (Source, StreamError, StreamReport, TruncatedStream,
-                            UnsupportedStream, read_exact)
+                            UnsupportedStream, note_trailing, read_exact)
 from .stream_libxc import DHDR_TYPE_X86_HVM, DHDR_TYPE_X86_PV, IMAGE_HEADER, scan_libxc_on
 from .stream_libxl import (LIBXL_HEADER, libxc_context_record, libxl_header, scan_libxl_on)
 
@@ -327,10 +327,7 @@ def scan_stream(f: BinaryIO, *, layer: Optional[str] = None,
             scan_libxc_on(src, report, checkpointed=checkpointed)
         else:
             raise ValueError(f"unknown layer {layer!r}")
-        report.trailing_bytes = src.count_rest()
-        if report.trailing_bytes:
-            report.warn(src.pos - report.trailing_bytes,
-                        f"{report.trailing_bytes} bytes after the final END (never read)")
+        note_trailing(src, report)
     except StreamError as err:
         report.error = err
     return report

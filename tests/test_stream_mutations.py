@@ -836,3 +836,32 @@ def test_page_data_with_16m_entries_is_checked_quickly() -> None:
     report = accepted(chunks)
     assert time.monotonic() - start < 10
     assert report.pages.holes == n + 2
+
+
+def test_endless_data_after_end_on_a_pipe_does_not_hang() -> None:
+    r, w = os.pipe()
+    import threading
+
+    stop = threading.Event()
+
+    def feed() -> None:
+        try:
+            os.write(w, b"".join(hvm_stream("xl")))
+            while not stop.is_set():
+                os.write(w, bytes(65536))
+        except OSError:
+            pass
+        finally:
+            os.close(w)
+
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    try:
+        with open(r, "rb", buffering=0) as f:
+            report = xl1.scan_stream(f)
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    assert report.ok
+    assert report.trailing_bytes > 1 << 20
+    assert any("more than 1048576 bytes after the final END" in w for w in report.warnings)
