@@ -378,7 +378,7 @@ static long domctl_getdomaininfo(void *dc)
         return -EINVAL;
     struct fxdom *d = dom_first_from(domid);
     if (!d) {
-        TRACE("getdomaininfo d%u: ESRCH", domid);
+        fx_log("getdomaininfo d%u: no such domain (nor a higher one) in %s", domid, g_simdir);
         return -ESRCH;
     }
     struct fx_ctl *c = d->ctl;
