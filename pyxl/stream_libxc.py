@@ -444,7 +444,7 @@ class LibxcScanner:
         self.expected_guest_type = expected_guest_type
         self.max_vcpus = max_vcpus
         self.st: Optional[_State] = None
-        self._last_pages: Tuple[int, int] = (0, 0)
+        self._pending_pages: Optional[Tuple[Dict[str, int], int, int]] = None
 
     # -- headers --------------------------------------------------------
 
@@ -490,12 +490,16 @@ class LibxcScanner:
                               WHERE_REC)
         src.need(roundup8(length), f"{name} body", WHERE_REC, off)
         body = _Body(src, off, length, name, WHERE_REC)
-        self._last_pages = (0, 0)
+        self._pending_pages = None
         detail = self._dispatch(st, rtype, body)
         if not body.finish():
             self.report.warn(off, f"{name} padding is non-zero (libxc ignores it)")
+        pfns = with_data = 0
+        if self._pending_pages is not None:
+            named, pfns, with_data = self._pending_pages
+            self.report.pages.add(named, with_data)
         self.report.add_record(RecordInfo("libxc", rtype, name, off, length, detail,
-                                          *self._last_pages))
+                                          pfns, with_data))
         return rtype
 
     def _fail(self, body: _Body, reason: str) -> StreamError:
@@ -604,8 +608,7 @@ class LibxcScanner:
             self.report.warn(body.offset, "PAGE_DATA pfn bits 52-59 are non-zero "
                              "(libxc ignores them)")
         named = {page_type_name(t): n for t, n in sorted(by_type.items())}
-        self.report.pages.add(named, with_data)
-        self._last_pages = (count, with_data)
+        self._pending_pages = (named, count, with_data)  # counted once the record is whole
         parts = ", ".join(f"{k} {v}" for k, v in named.items())
         return f"{count} pfns, {with_data} with data ({parts})"
 

@@ -591,6 +591,10 @@ def test_truncation_through_a_pipe() -> None:
         report = scan_pipe(data[:cut])
         assert isinstance(report.error, TruncatedStream), (cut, report.error)
         assert report.error.offset <= cut
+        # Page counts only include records that were read whole.
+        listed = [r for r in report.records if r.name == "PAGE_DATA"]
+        assert report.pages.records == len(listed)
+        assert report.pages.pfns == sum(r.pfns for r in listed)
 
 
 # ---------------------------------------------------------------------------
