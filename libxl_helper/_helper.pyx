@@ -402,6 +402,11 @@ cdef restore_callbacks _restore_cbs
 
 cdef int _startup(const char *op) noexcept nogil:
     global _xch
+    # A fresh C program starts with errno 0; ours comes out of CPython's start-up
+    # with leftovers (ENOTTY from isatty() on the pipes).  libxc does not always
+    # set errno before failing, and complete() reports it, so start clean: a
+    # failed restore of a bad stream reports complete(-1, 0), as Xen's helper does.
+    set_errno(0)
     _logger.vmessage = _logger_vmessage
     _logger.progress = _logger_progress
     _logger.destroy = _logger_destroy
@@ -514,6 +519,26 @@ def _show(arg):
     return repr(arg.decode("utf-8", "surrogateescape"))
 
 
+cdef object _decimal(bytes arg):
+    """[-]digits (ASCII) -> int, else None.  Beyond 18 significant digits: 10**18.
+
+    Computed in C rather than with int(): CPython 3.11's int("0") reads an
+    uninitialised digit (gh-119022), which would make memcheck runs noisy.
+    """
+    cdef bint negative = arg[:1] == b"-"
+    cdef bytes digits = arg[1:] if negative else arg
+    cdef long long value = 0
+    cdef unsigned char c
+    if not digits or not digits.isdigit():   # bytes.isdigit(): ASCII digits only
+        return None
+    digits = digits.lstrip(b"0")
+    if len(digits) > 18:
+        return 10 ** 18   # out of every range, without overflowing
+    for c in digits:
+        value = value * 10 + (c - 48)
+    return -value if negative else value
+
+
 def parse_argv(args):
     """``args`` (bytes, without argv[0]) -> (mode, [int values]); UsageError if bad.
 
@@ -533,8 +558,7 @@ def parse_argv(args):
             mode.decode(), len(spec), " ".join(name for name, _, _ in spec), len(given)))
     values = []
     for (name, lo, hi), arg in zip(spec, given):
-        digits = arg[1:] if arg[:1] == b"-" else arg
-        value = int(arg) if digits.isdigit() else None   # bytes.isdigit(): ASCII only
+        value = _decimal(arg)
         if value is None or not lo <= value <= hi:
             raise UsageError("%s: %s must be a decimal number from %d to %d, got %s"
                              % (mode.decode(), name, lo, hi, _show(arg)))

@@ -29,7 +29,7 @@ from conftest import DEBIAN_HELPER, HELPER_VECTORS, ROOT
 HELPER = str(ROOT / "pyxl" / "pyxl-save-helper")
 HELPERS = {"pyxl": HELPER, "debian": DEBIAN_HELPER}
 EXIT_USAGE, EXIT_REPLY_LOST, EXIT_FAIL = 2, 254, 255
-SYS_READ, SYS_WRITE = 0, 1   # x86-64 syscall numbers, for /proc/PID/syscall
+SYS_READ, SYS_WRITE, SYS_WRITEV = 0, 1, 20   # x86-64 syscall numbers, for /proc/PID/syscall
 
 # argv of the captured "pure" vectors (tests/vectors/xen-4.17-helper/INDEX.md);
 # IO_FD/BACK_FD are filled in per run.
@@ -168,8 +168,27 @@ class HelperRun:
             os.close(self.stdin_w)
             self.stdin_w = -1
 
-    def kill(self, signum: int) -> None:
+    def kill(self, signum: int, timeout: float = 10) -> None:
+        """Send signum and wait until the helper has taken it (or died of it).
+
+        Waiting matters: a helper blocked writing to its stdout must see the
+        signal while the pipe is still full, before the test reads from it.
+        """
         os.kill(self.pid, signum)
+        bit = 1 << (signum - 1)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    status = dict(line.split(":", 1) for line in f if ":" in line)
+            except FileNotFoundError:
+                return
+            pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+            if not pending & bit or status["State"].split()[0] in ("Z", "X"):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"helper did not take signal {signum}")
+            time.sleep(0.001)
 
     # -- observing ----------------------------------------------------------
     def threads(self) -> int:
@@ -179,16 +198,17 @@ class HelperRun:
         with open(f"/proc/{self.pid}/syscall") as f:
             return f.read().split()
 
-    def wait_blocked(self, nr: int, fd: int, timeout: float = 10) -> None:
-        """Wait until the helper sleeps in syscall nr on fd (e.g. read(0, ...)).
+    def wait_blocked(self, nr, fd: int, timeout: float = 10) -> None:
+        """Wait until the helper sleeps in syscall nr (or one of a tuple) on fd.
 
         Polls /proc: another process's blocking state has no event to wait on.
         """
+        nrs = {str(n) for n in (nr if isinstance(nr, tuple) else (nr,))}
         deadline = time.monotonic() + timeout
         while True:
             call = self.syscall()
             stat = open(f"/proc/{self.pid}/stat").read().rsplit(")", 1)[1].split()
-            if call[:2] == [str(nr), hex(fd)] and stat[0] == "S":
+            if call[0] in nrs and call[1:2] == [hex(fd)] and stat[0] == "S":
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"helper not blocked in syscall {nr} on fd {fd}: {call}")

@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 
-from pyxl.protocol import Log
+from pyxl.protocol import Log, ProtocolError
 
 from test_helper import (DEBIAN_HELPER, EXIT_FAIL, EXIT_REPLY_LOST, HELPER, HELPERS, RESTORE,
                          RESTORE_COLO, SAVE, SAVE_LIVE, SAVE_REMUS, SYS_READ, SYS_WRITE, HelperRun,
@@ -125,6 +125,15 @@ int xc_domain_save(xc_interface *xch, int io_fd, uint32_t dom, uint32_t flags,
             !!cb->wait_checkpoint, !!cb->switch_qemu_logdirty, !!cb->data);
     if (is("callbacks-only"))
         return 0;
+    if (is("fail-leaving-errno"))   /* like libxc on a bad stream: errno untouched */
+        return -1;
+    if (is("chatty")) {             /* more log than a pipe holds */
+        char *text = repeat("c", 1000);
+        for (int i = 0; i < 200; i++)
+            xtl_log(lg, XTL_DETAIL, -1, "xc", "chatter %d %s", i, text);
+        free(text);
+        return 0;
+    }
     if (cb->switch_qemu_logdirty) {
         if (CALL(cb, switch_qemu_logdirty, dom, 1, cb->data)) {
             errno = EIO;
@@ -176,6 +185,8 @@ int xc_domain_restore(xc_interface *xch, int io_fd, uint32_t dom, unsigned int s
             !!cb->wait_checkpoint, !!cb->restore_results, !!cb->data);
     if (is("callbacks-only"))
         return 0;
+    if (is("fail-leaving-errno"))
+        return -1;
     if (cb->static_data_done && CALL(cb, static_data_done, is("missing") ? 3 : 0, cb->data)) {
         xtl_log(lg, XTL_ERROR, -1, "xc", "Mandatory record 0x10 not handled");
         errno = EINVAL;
@@ -298,6 +309,15 @@ def test_shim_restore_flow_matches_debian(shim, tmp_path, scenario, argv):
     else:
         assert results[-1].store_gfn == 0xfeffc and results[-1].console_gfn == 0xfefff
         assert (complete.retval, complete.errnoval) == (0, 0)
+
+
+@pytest.mark.parametrize("argv", [SAVE, RESTORE], ids=["save", "restore"])
+def test_shim_failure_without_errno_reports_errno_0_like_debian(shim, tmp_path, argv):
+    """libxc may fail without setting errno: complete() then reports whatever
+    errno the helper's own start-up left -- 0 in Xen's helper, so 0 in ours
+    too (not CPython's start-up leftovers)."""
+    done = both(shim, argv, tmp_path, "fail-leaving-errno")
+    assert (done.messages[-2].retval, done.messages[-2].errnoval) == (-1, 0)
 
 
 def test_shim_restore_results_sent_without_its_cbflag(shim, tmp_path):
@@ -469,3 +489,34 @@ def test_shim_null_context(shim, tmp_path, exe):
         return
     assert done.returncode == EXIT_FAIL
     assert [(m.context, m.formatted) for m in done.messages][1] == ("", "no context")
+
+
+@pytest.mark.parametrize("exe", HELPERS.values(), ids=HELPERS.keys())
+def test_shim_sigterm_while_blocked_on_stdout(shim, tmp_path, exe):
+    """Save mode, SIGTERM while the helper waits for libxl to read its stdout.
+
+    Xen's helper takes the interrupted write() as fatal (perror, exit 255) and
+    never reports complete; ours retries the write (documented difference), so
+    the SIGTERM only does what it is for -- fail libxc's stream -- and libxl
+    still gets every message and complete."""
+    run = shim_run(shim, exe, SAVE, tmp_path, "chatty")
+    run.wait_blocked(SYS_WRITE, 1)
+    run.kill(signal.SIGTERM)
+    if exe == DEBIAN_HELPER:
+        # Its frame header was out, the body write failed: a cut frame, then exit.
+        with pytest.raises(ProtocolError, match="ended inside a frame"):
+            while run.next() is not None:
+                pass
+        assert run.proc.wait(10) == EXIT_FAIL
+        with open(run.stderr_path, "rb") as f:
+            assert f.read() == b"write: Interrupted system call\n"
+        assert "complete" not in [m.name for m in run.messages]
+        return
+    while (msg := run.next()) is not None:
+        if msg.WAITS_FOR_REPLY:
+            run.reply(0)
+    done = run.finish()
+    chatter = [m for m in done.messages if isinstance(m, Log) and m.formatted.startswith("chatter")]
+    assert done.returncode == 0 and done.stderr == b""
+    assert len(chatter) == 200
+    assert (done.messages[-2].name, done.messages[-2].retval) == ("complete", 0)
