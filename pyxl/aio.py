@@ -24,8 +24,13 @@ async def run(op: Operation) -> Any:
         return await asyncio.shield(_wrap(op))
     except asyncio.CancelledError:
         op.cancel()
-        done = asyncio.get_running_loop().create_future()
-        op.add_done_callback(lambda _op: done.done() or done.set_result(None))
+        done: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+
+        def finished(_op: Operation) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        op.add_done_callback(finished)
         await done
         raise
 

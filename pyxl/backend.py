@@ -89,8 +89,11 @@ class SimBackend:
             max_memkb = int(b_info["max_memkb"])
         except (KeyError, TypeError, ValueError) as exc:
             raise StartupError("saved config has no usable b_info.max_memkb") from exc
-        return sim.create_empty(max_memkb, c_info.get("name") or "restored", config,
-                                sim_dir=self.sim_dir)
+        try:
+            return sim.create_empty(max_memkb, c_info.get("name") or "restored", config,
+                                    sim_dir=self.sim_dir)
+        except sim.SimError as exc:
+            raise StartupError(f"cannot create the domain to restore into: {exc}") from exc
 
     def unpause(self, domid: int) -> None:
         sim.unpause(domid, sim_dir=self.sim_dir)

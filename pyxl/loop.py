@@ -187,7 +187,10 @@ class HookLoop:
         if mask and token is not None:
             self._mod(token, mask)
         elif mask:
-            self._tokens[fd] = self._reg(fd, mask, lambda events, fd=fd: self._w.dispatch(fd, events))
+            def ready(events: int, fd: int = fd) -> None:
+                self._w.dispatch(fd, events)
+
+            self._tokens[fd] = self._reg(fd, mask, ready)
         elif token is not None:
             del self._tokens[fd]
             self._dereg(token)

@@ -590,6 +590,9 @@ class RestoreOperation(Operation):
         self._fd, self._own_fd = fd, own
         try:
             header = stream_xl.read_xl_header(fd)
+            if header.config is None:
+                raise StartupError(f"{self.path or 'stream'}: the xl header carries no domain "
+                                   "config to build the new domain from")
             self.config: Dict[str, Any] = header.config
             stream_libxl.read_libxl_header(fd)
             rtype, length = stream_libxl.read_libxl_record_header(fd)
@@ -601,7 +604,11 @@ class RestoreOperation(Operation):
             if isinstance(exc, StartupError):
                 raise
             raise StartupError(f"{self.path or 'stream'}: {exc}") from exc
-        domid = self.backend.create_restore_target(self.config)
+        try:
+            domid = self.backend.create_restore_target(self.config)
+        except BaseException:
+            self._close()
+            raise
         super().__init__(domid, loop, timeout, callbacks, on_progress)
         try:
             cbflags = cbflags_for(RESTORE_CALLBACKS)
