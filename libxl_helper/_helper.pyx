@@ -23,8 +23,9 @@ of those two calls:
   for its reply, ``xc_interface_close()``, exit 0.
 
 Everything from argv parsing onwards behaves as Debian's 4.17 helper does,
-message for message and exit status for exit status (tests/test_helper.py runs
-both side by side).  Exit statuses: 0 after complete; 255 when start-up fails
+message for message and exit status for exit status (tests/test_helper*.py run
+both side by side: without a hypervisor, over an LD_PRELOAD stand-in for
+xc_domain_save/restore, and with real libxc on fakexen).  Exit statuses: 0 after complete; 255 when start-up fails
 (xc_interface_open, /dev/null, signal set-up) or writing fd 1 fails; 254 when
 reading a reply hits EOF, an error or EINTR.  Deliberate differences, all for
 input libxl never produces:
@@ -45,6 +46,9 @@ input libxl never produces:
   still reported).
 * **logger destroy.**  Xen's aborts; libxc never destroys a caller's logger,
   and ours is a no-op.
+* **Environment.**  Xen's helper reads none; main.c reads
+  PYXL_HELPER_PYTHONMALLOC (CPython's allocator, for valgrind).  CPython
+  itself runs isolated and ignores PYTHON* variables.
 
 Strategy notes: nothing below ``pyxl_helper_main``'s argv parsing touches a
 Python object.  The logger, the stubs and the SIGTERM handler are
