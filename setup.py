@@ -152,8 +152,11 @@ class BuildScripts(build_scripts):
 
 setup(
     ext_modules=[
+        # The generated callback stubs must match libxc's prototypes exactly:
+        # a mismatch is a build error, not a warning.
         Program(f"pyxl.{HELPER}", ["libxl_helper/main.c"], pyx="libxl_helper/_helper.pyx",
-                embed_python=True, libraries=["xenctrl", "xenguest", "xentoollog"]),
+                embed_python=True, libraries=["xenctrl", "xenguest", "xentoollog"],
+                extra_compile_args=["-Werror=incompatible-pointer-types"]),
         SharedLib("pyxl.libfakexen", ["fakexen/fakexen.c"], libraries=["pthread"]),
         Program("pyxl.pyxl-sim-vcpu", ["fakexen/vcpu.c"]),
     ],
