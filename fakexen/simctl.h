@@ -123,6 +123,9 @@ struct fx_ctl {
     uint64_t dirty_off;        /* 0x2e8 = populated_off + nr_pfns / 8 */
     uint64_t ctl_size;         /* 0x2f0 total size of the ctl file */
     uint64_t vcpu_starts;      /* 0x2f8 vCPU processes started on this domain */
+    uint32_t resume_paused;    /* 0x300 paused by the toolstack while suspended:
+                                  resume leaves it paused (Xen's pause count) */
+    uint32_t pad0;             /* 0x304 */
 };
 
 _Static_assert(offsetof(struct fx_ctl, state) == 0x30, "fx_ctl layout");
@@ -130,6 +133,7 @@ _Static_assert(offsetof(struct fx_ctl, tsc) == 0x60, "fx_ctl layout");
 _Static_assert(offsetof(struct fx_ctl, params) == 0x78, "fx_ctl layout");
 _Static_assert(offsetof(struct fx_ctl, hvmctx_len) == 0x278, "fx_ctl layout");
 _Static_assert(offsetof(struct fx_ctl, vcpu_starts) == 0x2f8, "fx_ctl layout");
+_Static_assert(offsetof(struct fx_ctl, resume_paused) == 0x300, "fx_ctl layout");
 _Static_assert(sizeof(struct fx_ctl) <= 0x1000, "fx_ctl fits its page");
 
 /*

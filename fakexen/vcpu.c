@@ -461,8 +461,11 @@ static int cmd_run(const char *dir, int foreground)
                 }
                 break;
             case FX_REQ_PAUSE:
-                if (st == FX_RUNNING)
+                if (st == FX_RUNNING) {
+                    /* A paused vCPU's registers are what the context reports. */
+                    set_ctx_rip(&d, gs->pages_written);
                     __atomic_store_n(&c->state, FX_PAUSED, __ATOMIC_RELEASE);
+                }
                 break;
             case FX_REQ_SUSPEND:
                 if (st == FX_RUNNING || st == FX_PAUSED) {
@@ -551,7 +554,7 @@ static int cmd_layout(void)
     F(state); F(shutdown_reason); F(req); F(req_seq); F(ack_seq); F(vcpu_pid); F(dirty_rate);
     F(logdirty); F(hvm); F(mem_bytes); F(tsc); F(params); F(hvmctx_len); F(nr_leaves);
     F(nr_msrs); F(config_len); F(uuid); F(name); F(created_ns); F(populated_off); F(dirty_off);
-    F(ctl_size); F(vcpu_starts);
+    F(ctl_size); F(vcpu_starts); F(resume_paused);
     printf("  \"sizeof_ctl\": %zu,\n", sizeof(struct fx_ctl));
     printf("  \"GNT_OFF\": %lu,\n  \"LEAVES_OFF\": %lu,\n  \"MSRS_OFF\": %lu,\n"
            "  \"CONFIG_OFF\": %lu,\n  \"CONFIG_MAX\": %lu,\n  \"HVMCTX_OFF\": %lu,\n"

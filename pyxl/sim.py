@@ -132,6 +132,7 @@ CTL_FIELDS: Dict[str, Tuple[int, str]] = {
     "dirty_off": (0x2E8, "<Q"),
     "ctl_size": (0x2F0, "<Q"),
     "vcpu_starts": (0x2F8, "<Q"),
+    "resume_paused": (0x300, "<I"),
 }
 
 # Run states (enum fx_state) and vCPU requests (enum fx_req).
@@ -858,11 +859,16 @@ def config(domid: int, sim_dir: Optional[str] = None) -> Dict[str, Any]:
 
 
 def pause(domid: int, sim_dir: Optional[str] = None, timeout: float = 10.0) -> None:
-    """Stop the guest's vCPU (between two page writes).  No-op if already paused."""
+    """Stop the guest's vCPU (between two page writes).  No-op if already paused.
+
+    Pausing a suspended domain (xl save -p: pause, then resume) makes a later
+    :func:`resume` leave it paused instead of running, as Xen's pause count does.
+    """
     with _Dom(domid, sim_dir) as d, d.locked():
         st = d.state()
         if st == SUSPENDED:
-            raise DomainStateError(f"domain {domid} is suspended; it cannot be paused")
+            d.set("resume_paused", 1)
+            return
         if st == PAUSED:
             return
         if d.vcpu_alive() and d.wait_ack(d.request(REQ_PAUSE), timeout):
@@ -875,6 +881,9 @@ def unpause(domid: int, sim_dir: Optional[str] = None, timeout: float = 10.0) ->
     with _Dom(domid, sim_dir) as d, d.locked():
         st = d.state()
         if st == SUSPENDED:
+            if d.get("resume_paused"):
+                d.set("resume_paused", 0)   # drops the pause taken while suspended
+                return
             raise DomainStateError(
                 f"domain {domid} is suspended: resume it (after a failed save) or destroy it")
         if d.vcpu_alive():
@@ -928,7 +937,11 @@ def suspend(domid: int, sim_dir: Optional[str] = None, timeout: float = 10.0) ->
 
 
 def resume(domid: int, sim_dir: Optional[str] = None) -> None:
-    """Bring a suspended guest back to running (after a failed save).  No-op if running."""
+    """Bring a suspended guest back to running (after a failed save, or xl save -c).
+
+    No-op if running.  A suspended domain that was also paused (:func:`pause`)
+    comes back paused; :func:`unpause` then runs it.
+    """
     with _Dom(domid, sim_dir) as d, d.locked():
         st = d.state()
         if st == RUNNING and d.vcpu_alive():
@@ -936,6 +949,10 @@ def resume(domid: int, sim_dir: Optional[str] = None) -> None:
         if st == PAUSED:
             raise DomainStateError(f"domain {domid} is paused, not suspended: unpause it")
         d.set("shutdown_reason", 0)
+        if st == SUSPENDED and d.get("resume_paused"):
+            d.set("resume_paused", 0)
+            d.set("state", PAUSED)
+            return
         d.set("state", RUNNING)
         try:
             d.start_vcpu()

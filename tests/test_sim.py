@@ -288,6 +288,36 @@ def test_suspend_is_pollable_and_resume_continues(fxdir):
     assert c2.consistent and c2.pages_written > n and c2.boots == 2
 
 
+def test_pause_then_resume_leaves_a_suspended_guest_paused(fxdir):
+    """xl save -p: pause the suspended domain, then resume it: it stays paused and its
+    memory is what was saved; unpause then runs it."""
+    domid = sim.create(8 * MiB, dirty_rate=16 * MiB, sim_dir=fxdir)
+    time.sleep(0.05)
+    sim.suspend(domid, fxdir)
+    saved = sim.digest(domid, fxdir)
+    sim.pause(domid, fxdir)
+    assert sim.state(domid, fxdir) == "suspended"
+    sim.resume(domid, fxdir)
+    assert sim.state(domid, fxdir) == "paused" and sim.info(domid, fxdir).vcpu_pid is None
+    assert sim.digest(domid, fxdir) == saved
+    sim.unpause(domid, fxdir)
+    time.sleep(0.05)
+    assert sim.state(domid, fxdir) == "running"
+    sim.pause(domid, fxdir)
+    assert sim.check_guest(domid, fxdir).consistent
+
+
+def test_pausing_or_suspending_a_paused_guest_changes_nothing(fxdir):
+    domid = sim.create(8 * MiB, dirty_rate=16 * MiB, sim_dir=fxdir)
+    time.sleep(0.05)
+    sim.pause(domid, fxdir)
+    before = sim.digest(domid, fxdir)
+    c = sim.check_guest(domid, fxdir)
+    assert c.ctx_rip == c.pages_written          # the paused vCPU's registers
+    sim.suspend(domid, fxdir)
+    assert sim.digest(domid, fxdir) == before
+
+
 def test_suspend_of_paused_guest_is_immediate(fxdir):
     domid = sim.create(4 * MiB, sim_dir=fxdir, paused=True)
     sim.suspend(domid, fxdir, timeout=1)
