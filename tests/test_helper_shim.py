@@ -22,7 +22,7 @@ import pytest
 
 from pyxl.protocol import Log, ProtocolError
 
-from test_helper import (DEBIAN_HELPER, EXIT_FAIL, EXIT_REPLY_LOST, HELPER, HELPERS, RESTORE,
+from test_helper import (DEBIAN_HELPER, EXIT_FAIL, EXIT_REPLY_LOST, HELPERS, RESTORE,
                          RESTORE_COLO, SAVE, SAVE_LIVE, SAVE_REMUS, SYS_READ, SYS_WRITE, HelperRun,
                          assert_same, needs_debian)
 
