@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         if not same:
             return 1
         before = sim.counter(rres.domid, sim_dir=sim_dir)
+        sim.set_dirty_rate(rres.domid, args.dirty_rate, sim_dir=sim_dir)
         sim.unpause(rres.domid, sim_dir=sim_dir)
         time.sleep(0.5)
         after = sim.counter(rres.domid, sim_dir=sim_dir)

@@ -548,8 +548,10 @@ class SaveOperation(Operation):
             elif self.leave == "running":
                 self.backend.resume(self.domid)
             else:
-                self.backend.resume(self.domid)
+                # xl save -p: pause first, so the guest never runs between
+                # the suspend and the pause.
                 self.backend.pause(self.domid)
+                self.backend.resume(self.domid)
         except Exception as exc:  # the image is safe; report, don't lose it
             self.logger.error("saved domain %d, but could not leave it %s: %s", self.domid,
                               self.leave, exc)

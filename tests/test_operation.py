@@ -51,6 +51,8 @@ def test_live_save_of_dirtying_guest(sim_dir, tmp_path, helper):
     assert sim.digest(rres.domid, sim_dir=sim_dir) == src
     check = sim.check_guest(rres.domid, sim_dir=sim_dir)
     assert check.consistent, check
+    # The workload's rate is the simulator's knob, not guest state: set it again.
+    sim.set_dirty_rate(rres.domid, 40 * MB, sim_dir=sim_dir)
     sim.unpause(rres.domid, sim_dir=sim_dir)
     time.sleep(0.3)
     sim.pause(rres.domid, sim_dir=sim_dir)
