@@ -680,8 +680,12 @@ class _Dom:
     def __enter__(self) -> "_Dom":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException],
+                 tb: object) -> None:
         self.close()
+        if isinstance(exc, FileNotFoundError):
+            # The directory went away under us: destroyed meanwhile.
+            raise NoSuchDomain(self.domid, self.sim_dir) from None
 
     def get(self, name: str) -> Any:
         return _field(self.page, name)
@@ -705,8 +709,11 @@ class _Dom:
         return st
 
     def vcpu_alive(self) -> bool:
-        fd = os.open(os.path.join(self.path, "vcpu.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o644)
+        try:
+            fd = os.open(os.path.join(self.path, "vcpu.lock"),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            return False   # directory gone: destroyed
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -834,7 +841,7 @@ def list_domains(sim_dir: Optional[str] = None) -> List[DomainInfo]:
             continue
         try:
             out.append(info(int(m.group(1)), sdir))
-        except SimError:
+        except (SimError, OSError):
             continue  # destroyed meanwhile, or not ours
     return sorted(out, key=lambda i: i.domid)
 

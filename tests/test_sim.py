@@ -396,3 +396,30 @@ def test_cli_usage_errors(capsys):
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
         sim_cli.main(["pause", "x"])
+
+
+def test_queries_racing_destroy_see_no_such_domain_or_nothing(fxdir):
+    import threading
+    doms = [sim.create(1 * MiB, sim_dir=fxdir, paused=True) for _ in range(12)]
+    errors = []
+
+    def destroyer():
+        for d in doms:
+            sim.destroy(d, fxdir)
+
+    t = threading.Thread(target=destroyer)
+    t.start()
+    while t.is_alive():
+        try:
+            sim.list_domains(fxdir)
+            for d in doms:
+                try:
+                    sim.info(d, fxdir)
+                    sim.digest(d, fxdir)
+                except sim.NoSuchDomain:
+                    pass
+        except Exception as exc:  # anything else is a bug
+            errors.append(exc)
+    t.join()
+    assert not errors
+    assert sim.list_domains(fxdir) == []
