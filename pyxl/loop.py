@@ -79,28 +79,14 @@ class _SelectorTimer:
         self.cancelled = True
 
 
-class SelectorLoop:
-    """pyxl's default loop: a selector plus a timer heap, single-threaded."""
+class _MaskLoop:
+    """add/remove reader/writer in terms of one per-fd event mask; subclasses apply it."""
 
     def __init__(self) -> None:
-        self._sel = selectors.DefaultSelector()
         self._w = _Watches()
-        self._timers: List[Tuple[float, int, _SelectorTimer]] = []
-        self._seq = itertools.count()
 
     def _update(self, fd: int) -> None:
-        mask = self._w.mask(fd)
-        try:
-            self._sel.get_key(fd)
-            registered = True
-        except KeyError:
-            registered = False
-        if mask and registered:
-            self._sel.modify(fd, mask)
-        elif mask:
-            self._sel.register(fd, mask)
-        elif registered:
-            self._sel.unregister(fd)
+        raise NotImplementedError
 
     def add_reader(self, fd: int, callback: Callback) -> None:
         self._w.readers[fd] = callback
@@ -117,6 +103,30 @@ class SelectorLoop:
     def remove_writer(self, fd: int) -> None:
         if self._w.writers.pop(fd, None) is not None:
             self._update(fd)
+
+
+class SelectorLoop(_MaskLoop):
+    """pyxl's default loop: a selector plus a timer heap, single-threaded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sel = selectors.DefaultSelector()
+        self._timers: List[Tuple[float, int, _SelectorTimer]] = []
+        self._seq = itertools.count()
+
+    def _update(self, fd: int) -> None:
+        mask = self._w.mask(fd)
+        try:
+            self._sel.get_key(fd)
+            registered = True
+        except KeyError:
+            registered = False
+        if mask and registered:
+            self._sel.modify(fd, mask)
+        elif mask:
+            self._sel.register(fd, mask)
+        elif registered:
+            self._sel.unregister(fd)
 
     def call_later(self, delay: float, callback: Callback) -> _SelectorTimer:
         t = _SelectorTimer(time.monotonic() + max(0.0, delay), callback)
@@ -160,7 +170,7 @@ class SelectorLoop:
         self._sel.close()
 
 
-class HookLoop:
+class HookLoop(_MaskLoop):
     """Adapter to a toolstack's own loop, given as hooks (libxl's osevent idea).
 
     ``fd_register(fd, events, ready)`` must start watching ``fd`` for the
@@ -177,8 +187,8 @@ class HookLoop:
                  timeout_register: Callable[[float, Callback], Any],
                  timeout_cancel: Callable[[Any], None]) -> None:
         self._reg, self._mod, self._dereg = fd_register, fd_modify, fd_deregister
+        super().__init__()
         self._treg, self._tcancel = timeout_register, timeout_cancel
-        self._w = _Watches()
         self._tokens: Dict[int, Any] = {}
 
     def _update(self, fd: int) -> None:
@@ -194,22 +204,6 @@ class HookLoop:
         elif token is not None:
             del self._tokens[fd]
             self._dereg(token)
-
-    def add_reader(self, fd: int, callback: Callback) -> None:
-        self._w.readers[fd] = callback
-        self._update(fd)
-
-    def remove_reader(self, fd: int) -> None:
-        if self._w.readers.pop(fd, None) is not None:
-            self._update(fd)
-
-    def add_writer(self, fd: int, callback: Callback) -> None:
-        self._w.writers[fd] = callback
-        self._update(fd)
-
-    def remove_writer(self, fd: int) -> None:
-        if self._w.writers.pop(fd, None) is not None:
-            self._update(fd)
 
     def call_later(self, delay: float, callback: Callback) -> Timer:
         hook = self
