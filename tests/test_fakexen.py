@@ -93,9 +93,10 @@ def test_nonlive_save_restore_of_paused_guest(fxdir, stream, helper):
     assert sim.state(dst, fxdir) == "paused"
 
 
-def test_saved_stream_passes_debians_verifier(fxdir, stream):
+@pytest.mark.parametrize("helper", HELPERS)
+def test_saved_stream_passes_debians_verifier(fxdir, stream, helper):
     src = sim.create(16 * MiB, sim_dir=fxdir, dirty_rate=8 * MiB)
-    run = sd.save_to_file(src, stream, sim_dir=fxdir, live=True)
+    run = sd.save_to_file(src, stream, sim_dir=fxdir, live=True, helper=helper)
     assert_ok(run)
     v = sd.verify_stream(stream)
     assert v.returncode == 0, v.stdout + v.stderr
