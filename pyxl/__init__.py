@@ -10,8 +10,8 @@ save/restore helper protocol (ours, ``pyxl-save-helper``, or Debian's own
 
 from ._paths import DEBIAN_HELPER, helper_path
 from .errors import (Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
-                     MissingComplete, MissingRestoreResults, OperationError, PyxlError,
-                     StartupError, Timeout)
+                     MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
+                     PyxlError, StartupError, Timeout)
 from .loop import AsyncioLoop, HookLoop, SelectorLoop, default_loop
 from .operation import (CallbackRequest, Operation, ProgressEvent, RestoreOperation,
                         RestoreResult, SaveOperation, SaveResult, restore, save, wait)
@@ -20,7 +20,7 @@ from .protocol import ProtocolError
 __all__ = [
     "AsyncioLoop", "CallbackRequest", "Cancelled", "DEBIAN_HELPER", "HelperDied",
     "HelperExited", "HelperFailed", "HelperProtocolError", "HookLoop", "MissingComplete",
-    "MissingRestoreResults", "Operation", "OperationError", "ProgressEvent", "ProtocolError",
+    "MissingRestoreResults", "Operation", "OperationError", "PrecopyAborted", "ProgressEvent", "ProtocolError",
     "PyxlError", "RestoreOperation", "RestoreResult", "SaveOperation", "SaveResult",
     "SelectorLoop", "StartupError", "Timeout", "default_loop", "helper_path", "restore",
     "save", "wait",

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Cancelled", "HelperDied", "HelperFailed", "HelperExited", "HelperProtocolError",
-    "MissingComplete", "MissingRestoreResults", "OperationError", "PyxlError",
-    "ProtocolError", "StartupError", "Timeout",
+    "MissingComplete", "MissingRestoreResults", "OperationError", "PrecopyAborted",
+    "PyxlError", "ProtocolError", "StartupError", "Timeout",
 ]
 
 
@@ -53,6 +53,12 @@ class HelperFailed(OperationError):
         self.retval = retval
         self.errnoval = errnoval
         self.errno_name = _errno.errorcode.get(errnoval, str(errnoval))
+
+
+class PrecopyAborted(HelperFailed):
+    """A live save's precopy policy gave up (pyxl's helper, ``PYXL_PRECOPY=downtime``
+    with ``PYXL_PRECOPY_ON_FAIL=abort``): the downtime target was not met within the
+    round limit.  The guest was never suspended and keeps running."""
 
 
 class HelperExited(OperationError):

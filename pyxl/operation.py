@@ -26,8 +26,8 @@ from . import stream_libxl, stream_xl
 from ._paths import helper_path
 from .backend import SimBackend, default_backend
 from .errors import (Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
-                     MissingComplete, MissingRestoreResults, OperationError, StartupError,
-                     Timeout)
+                     MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
+                     StartupError, Timeout)
 from .helper_process import HelperProcess, restore_argv, save_argv
 from .loop import Loop, Timer, default_loop
 from .stream_libxl import LibxlRecordType as RecordType
@@ -39,6 +39,9 @@ __all__ = ["CallbackRequest", "Operation", "ProgressEvent", "RestoreOperation", 
 
 XCFLAGS_LIVE = 1
 XCFLAGS_DEBUG = 2
+
+#: Log context of pyxl's helper's precopy policy (its ERROR line when it aborts).
+PRECOPY_LOG_CONTEXT = "pyxl-precopy"
 
 # xentoollog level -> logging level.  The xentoollog-only levels get numbers
 # between the standard ones so that filtering keeps their order.
@@ -350,6 +353,12 @@ class Operation:
             return MissingComplete(f"{what} exited without signaling completion",
                                    op=self, helper_errors=errs)
         if h.complete.retval != 0:
+            # pyxl's helper names a precopy policy that gave up (PYXL_PRECOPY=downtime).
+            precopy = [e for e in errs if e.startswith(PRECOPY_LOG_CONTEXT + ": ")]
+            if precopy:
+                return PrecopyAborted(f"live {self.kind} of domain {self.domid} aborted: "
+                                      f"{precopy[-1].split(': ', 1)[1]}", h.complete.retval,
+                                      h.complete.errnoval, op=self, helper_errors=errs)
             return HelperFailed(f"{self.kind} of domain {self.domid} failed", h.complete.retval,
                                 h.complete.errnoval, op=self, helper_errors=errs)
         return None
@@ -392,7 +401,14 @@ class SaveOperation(Operation):
                  backend: Optional[SimBackend] = None, sim_dir: Optional[str] = None,
                  suspend_timeout: float = 30.0, debug: bool = False, fsync: bool = True,
                  config: Optional[Dict[str, Any]] = None,
-                 emulator_records: Sequence[Tuple[int, bytes]] = ()) -> None:
+                 emulator_records: Sequence[Tuple[int, bytes]] = (),
+                 helper_env: Optional[Dict[str, str]] = None,
+                 write_trailer: Optional[Callable[[bytes], None]] = None) -> None:
+        """``helper_env``: extra environment variables for the helper (e.g. the
+        precopy policy's PYXL_PRECOPY & co.).  ``write_trailer``: for an fd the
+        caller drains asynchronously (a relay pipe), called with the libxl
+        records that end the stream instead of writing them to the fd, so a
+        full pipe never blocks the loop."""
         if leave not in ("destroy", "paused", "running"):
             raise ValueError(f"leave must be 'destroy', 'paused' or 'running', not {leave!r}")
         super().__init__(domid, loop, timeout, callbacks, on_progress)
@@ -402,6 +418,7 @@ class SaveOperation(Operation):
         self.suspend_timeout = suspend_timeout
         self.fsync = fsync
         self.emulator_records = list(emulator_records)
+        self.write_trailer = write_trailer
         self.suspended = False
         self.suspended_at: Optional[float] = None
         self._suspend_cancel: Optional[Timer] = None
@@ -429,7 +446,9 @@ class SaveOperation(Operation):
             # state); it is only read for COLO streams, so we pass -1.
             argv = save_argv(helper_path(helper), io_fd, -1, domid, xcflags, cbflags)
             try:
-                self._spawn(argv, "save", cbflags, [io_fd], self.backend.helper_env())
+                env = self.backend.helper_env()
+                env.update(helper_env or {})
+                self._spawn(argv, "save", cbflags, [io_fd], env)
             finally:
                 if io_fd != self._fd:
                     os.close(io_fd)
@@ -519,8 +538,11 @@ class SaveOperation(Operation):
         trailer = b"".join(stream_libxl.libxl_record(rtype, body)
                            for rtype, body in self.emulator_records)
         trailer += stream_libxl.end_record()
-        # The helper has exited, so nobody else writes to this description.
-        _write_all(self._fd, trailer)
+        if self.write_trailer is not None:
+            self.write_trailer(trailer)
+        else:
+            # The helper has exited, so nobody else writes to this description.
+            _write_all(self._fd, trailer)
         size = None
         if self._own_fd:
             size = os.fstat(self._fd).st_size
