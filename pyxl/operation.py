@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import (Any, Awaitable, Callable, Deque, Dict, Generator, List, Optional,
                     Sequence, Tuple, Union)
 
-from . import stream_libxl, stream_xl
+from . import stream_common, stream_libxl, stream_xl
 from ._paths import helper_path
 from .backend import SimBackend, default_backend
 from .errors import (Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
@@ -612,6 +612,7 @@ class RestoreOperation(Operation):
             except OSError as exc:
                 raise StartupError(f"cannot open {self.path}: {exc.strerror}") from exc
         self._fd, self._own_fd = fd, own
+        self._trailer: Optional[_TrailerReader] = None
         try:
             header = stream_xl.read_xl_header(fd)
             if header.config is None:
@@ -671,12 +672,55 @@ class RestoreOperation(Operation):
     def _conclude(self) -> None:
         exc = self._helper_outcome() if self.helper is not None else self._failure
         records: List[Tuple[int, bytes]] = []
+        if exc is None and not _is_regular(self._fd):
+            # A pipe or socket (migration): the records after the libxc stream
+            # may still be on their way.  Read them as they arrive, not blocking
+            # the loop; the helper has exited, so the fd is ours alone.
+            self._trailer = _TrailerReader(self.loop, self._fd, self._trailer_read)
+            if self._timeout is not None:
+                left = max(0.0, self._timeout - (time.monotonic() - self.started))
+                self._aux.append(self.loop.call_later(left, self._trailer_timed_out))
+            return
         if exc is None:
             try:
                 records = self._read_trailer()
             except (ValueError, OSError) as err:
                 exc = OperationError(f"{self.path or 'stream'}: after the libxc stream: {err}",
                                      op=self)
+        self._finish_restore(records, exc)
+
+    def _trailer_read(self, records: List[Tuple[int, bytes]],
+                      err: Optional[Exception]) -> None:
+        self._trailer = None
+        for t in self._aux:
+            t.cancel()
+        exc: Optional[OperationError] = None
+        if self._failure is not None:
+            exc = self._failure
+        elif err is not None:
+            exc = OperationError(f"{self.path or 'stream'}: after the libxc stream: {err}",
+                                 op=self)
+        self._finish_restore(records, exc)
+
+    def _stop_trailer(self, exc: OperationError) -> None:
+        if self._trailer is not None:
+            self._fail_soon(exc)
+            self._trailer.stop()
+
+    def _trailer_timed_out(self) -> None:
+        self._stop_trailer(Timeout(f"{self.kind} of domain {self.domid} timed out after "
+                                   f"{self._timeout:g}s waiting for the end of the stream",
+                                   op=self))
+
+    def cancel(self, grace: float = 5.0) -> bool:
+        if self._trailer is not None and not self._done:
+            self._stop_trailer(Cancelled(f"{self.kind} of domain {self.domid} cancelled",
+                                         op=self))
+            return True
+        return super().cancel(grace)
+
+    def _finish_restore(self, records: List[Tuple[int, bytes]],
+                        exc: Optional[OperationError]) -> None:
         self._close()
         if exc is not None:
             self._destroy_target()
@@ -707,6 +751,81 @@ class RestoreOperation(Operation):
                 continue
             raise ValueError(f"unexpected libxl record {stream_libxl.record_name(rec.rtype)} "
                              "after the libxc stream")
+
+
+class _TrailerReader:
+    """The libxl records after the libxc stream, up to END, read from a pipe or
+    socket as they arrive: ``done(records, None)`` or ``done([], error)``.
+
+    Reads exactly what each record needs, never a byte beyond END (a migration
+    handshake may follow on the same fd).  The fd is non-blocking meanwhile.
+    """
+
+    def __init__(self, loop: Loop, fd: int,
+                 done: Callable[[List[Tuple[int, bytes]], Optional[Exception]], None]) -> None:
+        self.loop, self.fd, self.done = loop, fd, done
+        self.flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, self.flags | os.O_NONBLOCK)
+        self.buf = bytearray()
+        self.want = stream_common.REC_HEADER.size
+        self.rtype: Optional[int] = None
+        self.length = 0
+        self.records: List[Tuple[int, bytes]] = []
+        self.active = True
+        loop.add_reader(fd, self._readable)
+
+    def stop(self, records: Optional[List[Tuple[int, bytes]]] = None,
+             err: Optional[Exception] = None) -> None:
+        if not self.active:
+            return
+        self.active = False
+        self.loop.remove_reader(self.fd)
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags)
+        except OSError:
+            pass
+        self.done(records or [], err)
+
+    def _readable(self) -> None:
+        while self.active:
+            try:
+                chunk = os.read(self.fd, self.want - len(self.buf))
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.stop(err=exc)
+                return
+            if not chunk:
+                self.stop(err=stream_common.TruncatedStream(
+                    0, f"end of stream in the libxl records after the libxc stream "
+                    f"({len(self.buf)} of {self.want} bytes)", stream_libxl.WHERE_REC))
+                return
+            self.buf += chunk
+            if len(self.buf) == self.want:
+                self._unit()
+
+    def _unit(self) -> None:
+        data, self.buf = bytes(self.buf), bytearray()
+        if self.rtype is None:
+            rtype, length = stream_common.REC_HEADER.unpack(data)
+            if rtype == RecordType.END:
+                self.stop(self.records)
+                return
+            if rtype not in (RecordType.EMULATOR_XENSTORE_DATA, RecordType.EMULATOR_CONTEXT):
+                self.stop(err=ValueError(f"unexpected libxl record {stream_libxl.record_name(rtype)}"
+                                         " after the libxc stream"))
+                return
+            if length > stream_libxl.LIBXL_RECORD_MAX:
+                self.stop(err=ValueError(f"{stream_libxl.record_name(rtype)} length {length:#x} "
+                                         "exceeds pyxl's limit"))
+                return
+            self.rtype, self.length = rtype, length
+            self.want = stream_common.roundup8(length)
+            if self.want:
+                return
+        self.records.append((self.rtype, data[:self.length]))
+        self.rtype = None
+        self.want = stream_common.REC_HEADER.size
 
 
 def save(domid: int, path_or_fd: PathOrFd, live: bool = False, leave: str = "destroy",
