@@ -22,6 +22,11 @@ from .protocol import Complete, Conversation, Message, ProtocolError, RestoreRes
 # Bytes to read per readiness event; a frame is < 64 KiB.
 _READ_SIZE = 1 << 16
 
+#: Seconds a helper may live on after closing its stdout (without sending
+#: ``complete``) before it is killed: it can no longer talk to us, and one that
+#: is exiting has long been reaped by then.
+EOF_GRACE = 1.0
+
 
 def _set_nonblocking(fd: int) -> None:
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -60,6 +65,10 @@ class HelperProcess:
         self._on_exit = on_exit
         self.wait_status: Optional[int] = None
         self.protocol_error: Optional[ProtocolError] = None
+        #: stdout ended inside a frame; a protocol error only if the helper
+        #: then exits 0 (a helper that died or failed explains the cut itself)
+        self.truncated: Optional[ProtocolError] = None
+        self._eof_timer: Optional[Timer] = None
         self._replies = bytearray()
         self._stdout_open = True
         self._exited = False
@@ -101,10 +110,14 @@ class HelperProcess:
             try:
                 msgs = self.conv.receive(data)
             except ProtocolError as exc:
-                self._fail_protocol(exc)
+                if data:
+                    self._fail_protocol(exc)
+                else:
+                    self.truncated = exc
+                    self._stdout_ended()
                 return
             if not data:
-                self._close_stdout()
+                self._stdout_ended()
                 return
             for msg in msgs:
                 self._on_message(msg)
@@ -122,6 +135,20 @@ class HelperProcess:
             assert self.proc.stdout is not None
             self.proc.stdout.close()
             self._maybe_report()
+
+    def _stdout_ended(self) -> None:
+        """EOF on stdout.  A helper that lives on without it can only hang (it
+        waits for replies to messages we never saw): kill it after a grace."""
+        self._close_stdout()
+        if not self._exited and self._eof_timer is None:
+            self._eof_timer = self.loop.call_later(EOF_GRACE, self._silent_but_alive)
+
+    def _silent_but_alive(self) -> None:
+        self._eof_timer = None
+        if not self._exited:
+            self._fail_protocol(self.truncated or ProtocolError(
+                f"helper closed its stdout but did not exit within {EOF_GRACE:g}s",
+                self.conv.decoder.offset))
 
     def _fail_protocol(self, exc: ProtocolError) -> None:
         if self.protocol_error is None:
@@ -173,6 +200,9 @@ class HelperProcess:
         os.close(self._pidfd)
         if self._kill_timer is not None:
             self._kill_timer.cancel()
+        if self._eof_timer is not None:
+            self._eof_timer.cancel()
+            self._eof_timer = None
         # Frames written just before exit are still in the pipe.
         self._drain(until_eof=True)
         self._maybe_report()
@@ -180,6 +210,8 @@ class HelperProcess:
     def _maybe_report(self) -> None:
         if self._exited and not self._stdout_open and not self._reported:
             self._reported = True
+            if self.truncated is not None and self.protocol_error is None and self.wait_status == 0:
+                self.protocol_error = self.truncated
             self.loop.remove_writer(self._in)
             assert self.proc.stdin is not None
             try:
