@@ -304,15 +304,21 @@ class Operation:
         task.add_done_callback(done)
 
     def _answer(self, req: CallbackRequest, value: int) -> None:
-        if req is not self._pending or self.helper is None or not self.helper.running:
-            return  # the helper went away meanwhile; nothing to answer
+        if req is not self._pending or self.helper is None:
+            return
         self._pending = None
+        if not self.helper.running:
+            self._answered_late(req, value)  # the helper went away meanwhile
+            return
         self._answered(req, value)
         if self.helper.awaiting is not None:
             self.helper.reply(value)
 
     def _answered(self, req: CallbackRequest, value: int) -> None:
         """Hook: a callback was answered with ``value``."""
+
+    def _answered_late(self, req: CallbackRequest, value: int) -> None:
+        """Hook: a callback was answered after the helper had gone (the operation failed)."""
 
     def _default_handler(self, name: str) -> Handler:
         return lambda req: _FAILURE_REPLY.get(name, -1)
@@ -422,6 +428,7 @@ class SaveOperation(Operation):
         self.suspended = False
         self.suspended_at: Optional[float] = None
         self._suspend_cancel: Optional[Timer] = None
+        self._held: Optional[OperationError] = None  # failure waiting for a suspend in flight
         self.path: Optional[str] = None
         self._tmp: Optional[str] = None
         self._fd = -1
@@ -504,17 +511,31 @@ class SaveOperation(Operation):
             self._suspend_cancel = None
             if not ok:
                 self.logger.error("suspend of domain %d failed: %s", self.domid, why)
-            if not req.answered:
+            if self._held is not None:
+                # The helper died while the guest was suspending; the failure
+                # waited for the suspend to land so the guest can be resumed.
+                exc, self._held = self._held, None
+                if ok:
+                    self._resume_after_failure()
+                self._finish(exc=exc)
+            elif not req.answered:
                 req.reply(1 if ok else 0)
 
+        # Not in self._aux: if the helper dies meanwhile, the suspend goes on
+        # (the guest was asked already) and _conclude waits for it.
         self._suspend_cancel = self.backend.start_suspend(self.loop, self.domid,
                                                           self.suspend_timeout, done)
-        self._aux.append(self._suspend_cancel)
 
     def _answered(self, req: CallbackRequest, value: int) -> None:
         if isinstance(req.message, Suspend) and value:
             self.suspended = True
             self.suspended_at = time.monotonic()
+
+    def _answered_late(self, req: CallbackRequest, value: int) -> None:
+        if isinstance(req.message, Suspend) and value:
+            # A toolstack's suspend handler finished after the save had failed:
+            # its guest is suspended now, and nobody else will resume it.
+            self._resume_after_failure()
 
     def _conclude(self) -> None:
         exc = self._helper_outcome() if self.helper is not None else self._failure
@@ -528,9 +549,12 @@ class SaveOperation(Operation):
                 self._finish(result)
                 return
         self._discard()
+        assert exc is not None
+        if self._suspend_cancel is not None:
+            self._held = exc  # a suspend is on its way: finish once it has landed
+            return
         if self.suspended:
             self._resume_after_failure()
-        assert exc is not None
         self._finish(exc=exc)
 
     def _complete_stream(self) -> SaveResult:
