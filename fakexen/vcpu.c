@@ -522,13 +522,13 @@ static int cmd_run(const char *dir, int foreground)
             return 0;
         uint64_t rate = __atomic_load_n(&c->dirty_rate, __ATOMIC_RELAXED);
         if (st != FX_RUNNING || rate == 0 || !gs->ram_pages) {
-            wait_request(&d, seq, 500000000ULL);
+            wait_request(&d, seq, 100000000ULL);
             next = now_ns();
             continue;
         }
         if (now < next) {
             uint64_t ns = next - now;
-            wait_request(&d, seq, ns < 500000000ULL ? ns : 500000000ULL);
+            wait_request(&d, seq, ns < 100000000ULL ? ns : 100000000ULL);
             continue;
         }
         uint64_t interval = (uint64_t)(FX_PAGE_SIZE * 1000000000.0 / (double)rate);
