@@ -132,6 +132,8 @@ class Decoder:
         self._buf = bytearray()
         self._offset = 0  # stream offset of _buf[0]
         self._error: Optional[ProtocolError] = None
+        #: stream offsets of the frames the last :meth:`feed` returned
+        self.last_offsets: List[int] = []
 
     @property
     def offset(self) -> int:
@@ -148,6 +150,8 @@ class Decoder:
             raise self._error
         self._buf += data
         out: List[Message] = []
+        offsets: List[int] = []
+        self.last_offsets = offsets
         buf = self._buf
         pos = 0
         try:
@@ -157,6 +161,7 @@ class Decoder:
                     break
                 out.append(_decode_body(bytes(buf[pos + 2:pos + 2 + length]),
                                         self._offset + pos, self.mode))
+                offsets.append(self._offset + pos)
                 pos += 2 + length
         except ProtocolError as exc:
             self._error = exc
@@ -236,9 +241,8 @@ class Conversation:
         msgs = self.decoder.feed(data) if data else []
         if not data:
             self.decoder.eof()
-        start = self.decoder.offset
-        for msg in msgs:
-            self._check(msg, start)
+        for msg, offset in zip(msgs, self.decoder.last_offsets):
+            self._check(msg, offset)
         return msgs
 
     def _check(self, msg: Message, offset: int) -> None:
