@@ -648,7 +648,7 @@ class RestoreOperation(Operation):
             if rtype != RecordType.LIBXC_CONTEXT or length != 0:
                 raise StartupError(f"libxl stream starts with record {rtype:#x} "
                                    f"(length {length}), not an empty LIBXC_CONTEXT")
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, StartupError) as exc:
             self._close()
             if isinstance(exc, StartupError):
                 raise
