@@ -2,8 +2,9 @@
 
 Exit codes: 0 success; 1 the operation failed (helper, libxc, guest, or a
 stream Xen would refuse); 2 bad arguments or unusable input (argparse errors,
-unreadable or missing files, unknown domain); 130 interrupted.  Errors are one
-line on stderr, never a traceback (``PYXL_DEBUG=1`` shows one).
+unreadable or missing files, unknown domain); 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM), after cancelling the operation and cleaning up.  Errors
+are one line on stderr, never a traceback (``PYXL_DEBUG=1`` shows one).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable, List, Optional
 
@@ -21,7 +24,17 @@ from .errors import OperationError, PyxlError, StartupError
 from .loop import default_loop
 from .operation import ProgressEvent, RestoreOperation, SaveOperation, restore, save
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: the operation is cancelled and cleaned up
+    (temporary file removed, guest resumed, half-restored domain destroyed)."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
+    raise Terminated()
 
 
 class ProgressBar:
@@ -162,8 +175,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("-c and -p are mutually exclusive")
     _configure_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
     try:
         return func(args)
+    except Terminated:
+        print("pyxl: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("pyxl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -176,6 +194,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # still one line: a toolstack parses our stderr
         _fail(exc, internal=True)
         return EXIT_FAILED
+    finally:
+        if on_main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(exc: BaseException, internal: bool = False) -> None:
