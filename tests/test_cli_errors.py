@@ -191,8 +191,11 @@ def test_save_disk_already_full(sim_dir, guest, tiny_tmpfs):
     assert sim.info(guest, sim_dir=sim_dir).state == "running"
 
 
-def test_save_interrupted(sim_dir, tmp_path):
-    """Ctrl-C during a save: 130, the existing file untouched, the guest resumed."""
+@pytest.mark.parametrize("signum,code,text", [(signal.SIGINT, 130, "pyxl: interrupted"),
+                                              (signal.SIGTERM, 143, "pyxl: terminated")])
+def test_save_interrupted(sim_dir, tmp_path, signum, code, text):
+    """Ctrl-C or SIGTERM during a save: the operation is cancelled, the existing
+    file untouched, the temporary file removed, the guest resumed."""
     d = sim.create(256 * MB, dirty_rate=50 * MB, sim_dir=sim_dir)
     (tmp_path / "existing.save").write_bytes(b"precious")
     # slow the helper down so that the interrupt lands mid-stream
@@ -208,12 +211,12 @@ def test_save_interrupted(sim_dir, tmp_path):
         assert time.monotonic() < deadline and p.poll() is None
         time.sleep(0.01)
     time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(signum)
     out, err = p.communicate(timeout=30)
     if p.returncode == 0:
         pytest.skip("the save finished before the interrupt")
-    assert p.returncode == 130, (p.returncode, err)
-    assert err.strip().splitlines() == ["pyxl: interrupted"], err
+    assert p.returncode == code, (p.returncode, err)
+    assert err.strip().splitlines() == [text], err
     untouched(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["existing.save", "slow-helper"]
     assert sim.info(d, sim_dir=sim_dir).state == "running"
@@ -299,4 +302,26 @@ def test_restore_timeout(sim_dir, tmp_path, saved):
                  str(saved))
     assert time.monotonic() - t0 < 15
     one_line_error(r, 1, "timed out")
+    assert domids(sim_dir) == before
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_restore_interrupted(sim_dir, tmp_path, saved, signum, code):
+    """Ctrl-C or SIGTERM while the helper runs: the new domain is destroyed."""
+    hang = tmp_path / "hang"
+    hang.write_text("#!/bin/sh\nexec sleep 60\n")
+    hang.chmod(0o755)
+    before = domids(sim_dir)
+    p = subprocess.Popen(PYXL + ["restore", "--sim-dir", sim_dir, "--helper", str(hang),
+                                 str(saved)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=str(ROOT))
+    deadline = time.monotonic() + 20
+    while len(domids(sim_dir)) == len(before):
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.01)
+    time.sleep(0.1)
+    p.send_signal(signum)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == code, (p.returncode, err)
+    assert out == "" and len(err.splitlines()) == 1
     assert domids(sim_dir) == before
