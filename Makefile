@@ -7,7 +7,7 @@ SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SOURCES   := setup.py pyproject.toml pyxl/_msgtable.py $(wildcard libxl_helper/*.c libxl_helper/*.pyx libxl_helper/*.py fakexen/*.c fakexen/*.h)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow demo bench memcheck clean apt
+.PHONY: setup test test-slow demo bench memcheck clean apt xen-e2e
 
 setup: $(STAMP)
 
@@ -45,3 +45,8 @@ memcheck: setup
 
 clean:
 	rm -rf build $(VENV) pyxl/pyxl-save-helper pyxl/pyxl-sim-vcpu pyxl/libfakexen.so *.egg-info
+
+# Real Xen 4.17 booted in QEMU (TCG): Debian's xl/libxl drives our helper and Debian's,
+# save/restore/live migrate, timed side by side (xen-e2e/README.md). Root, ~7 min cold.
+xen-e2e:
+	bash xen-e2e/run.sh

@@ -1,0 +1,60 @@
+# Shared settings and helpers for the xen-e2e lane (sourced, not run).
+# shellcheck shell=bash
+set -euo pipefail
+
+E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_DIR=$(cd "$E2E_DIR/.." && pwd)
+CACHE=${XEN_E2E_CACHE:-$E2E_DIR/.cache}
+DEBS=$CACHE/debs
+SUITE=bookworm
+MIRROR=${XEN_E2E_MIRROR:-http://deb.debian.org/debian}
+SECURITY_MIRROR=${XEN_E2E_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+XEN_PKG=xen-hypervisor-4.17-amd64
+
+log() { printf '[xen-e2e %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# sha256 of the named files' contents plus any extra strings given after "--".
+hash_inputs() {
+    local f h=""
+    while [ $# -gt 0 ] && [ "$1" != "--" ]; do
+        h+="$(basename "$1") $(sha256sum < "$1" | cut -c1-64)"$'\n'; shift
+    done
+    [ $# -gt 0 ] && shift
+    h+="$*"
+    printf '%s' "$h" | sha256sum | cut -c1-16
+}
+
+# The candidate version apt would install (host's apt lists).
+candidate() { apt-cache policy "$1" | awk '/Candidate:/{print $2}'; }
+
+# Kernel image package behind linux-image-amd64, e.g. linux-image-6.1.0-56-amd64.
+kernel_pkg() { apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}'; }
+
+# Download one .deb (exact version) into $DEBS once; print its path.
+fetch_deb() {
+    local pkg=$1 ver=$2 f
+    mkdir -p "$DEBS"
+    f=$(ls "$DEBS"/"${pkg}"_"${ver//:/%3a}"_*.deb 2>/dev/null | head -1 || true)
+    if [ -z "$f" ]; then
+        (cd "$DEBS" && apt-get download -q "$pkg=$ver" 2>&1 | grep -v -e unsandboxed -e '^Get:' >&2 || true)
+        f=$(ls "$DEBS"/"${pkg}"_"${ver//:/%3a}"_*.deb 2>/dev/null | head -1 || true)
+        [ -n "$f" ] || die "could not download $pkg=$ver"
+    fi
+    printf '%s\n' "$f"
+}
+
+# Run a command in a chroot inside a private mount namespace: the bind mounts
+# vanish with the process, whatever happens.
+in_chroot() {
+    local root=$1; shift
+    unshare -m --propagation private sh -ec '
+        root=$1; shift
+        mount -t proc proc "$root/proc"
+        mount --rbind /dev "$root/dev"
+        mount -t sysfs sys "$root/sys"
+        cp -L /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
+        exec chroot "$root" env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+            LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive "$@"
+    ' sh "$root" "$@"
+}

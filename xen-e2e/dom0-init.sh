@@ -1,0 +1,46 @@
+#!/bin/sh
+# PID 1 of dom0 (installed as /sbin/xen-e2e-init in the dom0 root; no systemd).
+# Brings up the Xen toolstack's daemons, runs the tests the host put on the 9p
+# share (tests-in-dom0.sh), then powers the (emulated) machine off.
+export PATH=/opt/pyxl/bin:/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root LANG=C.UTF-8
+say() { echo "dom0-init: $*"; }
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /run
+mount -o remount,rw /
+mkdir -p /run/lock /run/xen /run/xenstored /var/log/xen/console /var/lib/xen /tmp
+hostname dom0
+for m in xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd 9pnet_virtio 9p; do
+    modprobe "$m" || say "modprobe $m failed"
+done
+mount -t xenfs xenfs /proc/xen || say "mount xenfs failed"
+mkdir -p /mnt/e2e
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 e2e /mnt/e2e || say "mount 9p share failed"
+mkdir -p /mnt/e2e/out
+say "dom0 up after $(cut -d' ' -f1 /proc/uptime) s"
+
+/usr/lib/xen-4.17/bin/xenstored --pid-file=/run/xenstored.pid || say "xenstored failed"
+/usr/lib/xen-4.17/bin/xen-init-dom0 || say "xen-init-dom0 failed"
+/usr/lib/xen-4.17/bin/xenconsoled --pid-file=/run/xenconsoled.pid --log=guest \
+    --log-dir=/var/log/xen/console || say "xenconsoled failed"
+say "toolstack up after $(cut -d' ' -f1 /proc/uptime) s"
+
+if [ -f /mnt/e2e/tests-in-dom0.sh ]; then
+    bash /mnt/e2e/tests-in-dom0.sh > /mnt/e2e/out/tests.log 2>&1
+    say "tests-in-dom0.sh exited $?"
+else
+    say "no tests on the share"
+fi
+# Keep the guests' console logs and the toolstack's logs with the results.
+cp -r /var/log/xen /mnt/e2e/out/var-log-xen 2>/dev/null
+say "powering off after $(cut -d' ' -f1 /proc/uptime) s"
+sync
+umount /mnt/e2e 2>/dev/null
+echo o > /proc/sysrq-trigger
+sleep 30

@@ -1,0 +1,74 @@
+#!/bin/bash
+# `make xen-e2e`: boot Xen 4.17 in QEMU (TCG) and run real libxl (Debian's xl)
+# against OUR save helper and Debian's, on a real hypervisor.  See README.md.
+#
+# Environment:
+#   XEN_E2E_RUNS=N          boots (each a full test run) in this invocation (default 1)
+#   XEN_E2E_BOOT_TIMEOUT=S  bound on one boot (default 900)
+#   XEN_E2E_CACHE=DIR       cache directory (default xen-e2e/.cache)
+#   XEN_E2E_TESTS=FILE      run FILE in dom0 instead of tests-in-dom0.sh (debugging)
+# Exit status: 0 iff every run finished and no test failed.
+source "$(dirname "$0")/common.sh"
+START=$SECONDS
+RUNS=${XEN_E2E_RUNS:-1}
+phase() { PH_NAME=$1; PH_T0=$SECONDS; log "== $1"; }
+PHASES=""
+endphase() { PHASES+="$(printf '  %-44s %4d s' "$PH_NAME" $((SECONDS - PH_T0)))"$'\n'; }
+
+[ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot, mke2fs -d of a root-owned tree)"
+
+phase "host packages"
+HOST_PKGS="qemu-system-x86 debootstrap e2fsprogs cpio busybox-static kmod xz-utils"
+missing=$(for p in $HOST_PKGS; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || echo "$p"; done)
+if [ -n "$missing" ] || [ -z "$(candidate "$XEN_PKG")" ]; then
+    apt-get update -qq
+fi
+if [ -n "$missing" ]; then
+    log "apt-get install $missing"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing > /dev/null
+fi
+endphase
+
+phase "boot artefacts (xen, kernel, initrds)"
+BOOT=$("$E2E_DIR/build-boot.sh")
+endphase
+phase "dom0 base root (debootstrap, apt, Cython)"
+BASE=$("$E2E_DIR/build-base.sh" "$(cat "$BOOT/kver")" "$BOOT/modules")
+endphase
+phase "dom0 root image (pyxl built inside)"
+IMG=$("$E2E_DIR/build-rootfs.sh" "$BASE")
+endphase
+log "pyxl in the dom0 root: $(cat "${IMG%.img}.helper-status" 2>/dev/null || echo unknown)"
+
+stamp=$(date +%Y%m%d-%H%M%S)
+RETRIES=0 FAILED_RUNS=0 ALLRES=""
+for i in $(seq 1 "$RUNS"); do
+    phase "run $i/$RUNS: boot + tests"
+    run=$CACHE/runs/$stamp-$i
+    # Alternate which helper goes first: odd runs Debian's, even runs ours.
+    export XEN_E2E_HELPER_ORDER="debian ours"; [ $((i % 2)) = 0 ] && XEN_E2E_HELPER_ORDER="ours debian"
+    if ! "$E2E_DIR/boot.sh" "$BOOT" "$IMG" "$run"; then
+        RETRIES=$((RETRIES + 1))
+        log "run $i did not finish: retrying the whole boot once (first attempt kept in $run.attempt1)"
+        rm -rf "$run.attempt1"; mv "$run" "$run.attempt1"
+        "$E2E_DIR/boot.sh" "$BOOT" "$IMG" "$run" || { FAILED_RUNS=$((FAILED_RUNS + 1)); log "run $i failed twice"; }
+    fi
+    endphase
+    ALLRES+=" $run/share/out/results.txt"
+    log "results: $run/share/out/ (serial console: $run/serial.log)"
+done
+# Keep the 8 newest run directories.
+ls -dt "$CACHE"/runs/*/ 2>/dev/null | tail -n +9 | xargs -r rm -rf
+
+echo
+echo "================ xen-e2e summary ================"
+echo "Xen: $(basename "$BOOT") kernel $(cat "$BOOT/kver"); dom0 root: $(basename "$IMG")"
+echo "pyxl helper build in dom0 root: $(cat "${IMG%.img}.helper-status" 2>/dev/null)"
+status=0
+python3 "$E2E_DIR/summarize.py" $ALLRES || status=$?
+echo
+echo "phases:"
+printf '%s' "$PHASES"
+echo "whole-boot retries: $RETRIES; runs failed even after the retry: $FAILED_RUNS"
+echo "total wall time: $((SECONDS - START)) s"
+exit $status

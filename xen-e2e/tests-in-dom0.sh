@@ -1,0 +1,334 @@
+#!/bin/bash
+# The tests, run by dom0's init (dom0-init.sh) from the 9p share /mnt/e2e on a
+# real Xen 4.17 host (inside QEMU).  Real libxl (Debian's `xl`) drives a save
+# helper chosen with LIBXL_SAVE_HELPER: ours (pyxl-save-helper, built inside the
+# dom0 root) and Debian's (libxl-save-helper), one after the other, on:
+#   PV guest:   xl save / xl restore                    (each helper, timed)
+#               xl save -c with ours, helper threads sampled from /proc/PID/task
+#   PVH guest:  xl save / xl restore, xl migrate (live, localhost, over a pipe)
+# and checks each guest's console counter continues (same boot id, higher
+# count) after every restore and migration.  Files saved through our helper
+# must pass Debian's verify-stream-v2 and `pyxl inspect`.
+#
+# Output (on the share): out/results.txt with lines
+#   RESULT <test> PASS|FAIL|SKIP <detail>
+#   TIME <op> <helper> <seconds>
+#   SUMMARY <n> passed, <m> failed
+#   DONE
+# Poll with shell built-ins only (no `sleep`/`cat` processes in loops).
+set -u
+E2E=/mnt/e2e
+OUT=$E2E/out
+RES=$OUT/results.txt
+W=/var/lib/xen-e2e
+XL=/usr/lib/xen-4.17/bin/xl
+OURS_REAL=/opt/pyxl/bin/pyxl-save-helper
+DEBIAN_REAL=/usr/lib/xen-4.17/bin/libxl-save-helper
+CONLOG=/var/log/xen/console
+export PYTHONPATH=/usr/lib/xen-4.17/lib/python   # verify-stream-v2's modules
+
+mkdir -p "$W" "$OUT"
+: > "$RES"
+npass=0 nfail=0 nskip=0
+
+# --- helpers ----------------------------------------------------------------
+say() { echo "[$(uptime_s)] $*"; }
+uptime_s() { local u _; read -r u _ < /proc/uptime; echo "$u"; }
+result() {  # NAME PASS|FAIL|SKIP DETAIL...
+    local n=$1 s=$2; shift 2
+    echo "RESULT $n $s $*" >> "$RES"
+    say "$s $n $*"
+    case $s in PASS) npass=$((npass + 1)) ;; FAIL) nfail=$((nfail + 1)) ;; *) nskip=$((nskip + 1)) ;; esac
+}
+timing() { echo "TIME $1 $2 $3" >> "$RES"; }
+now_us() { local t=${EPOCHREALTIME/./}; echo "$t"; }
+fmt_s() { printf '%d.%03d' $(($1 / 1000000)) $((($1 / 1000) % 1000)); }
+# A sleep without a process: read from a FIFO nobody writes to.
+mkfifo "$W/snooze" 2>/dev/null; exec 9<> "$W/snooze"
+snooze() { read -r -t "$1" -u 9 _ || :; }
+
+# --- guests -----------------------------------------------------------------
+cp "$E2E/vmlinuz" "$E2E/guest-initrd.gz" "$W/"
+mkcfg() {  # NAME TYPE EXTRA_LINE
+    cat > "$W/$1.cfg" <<EOF
+name = "$1"
+type = "$2"
+kernel = "$W/vmlinuz"
+ramdisk = "$W/guest-initrd.gz"
+extra = "console=hvc0 loglevel=4"
+memory = 128
+vcpus = 1
+on_crash = "preserve"
+$3
+EOF
+}
+mkcfg pv1 pv ''
+# PVH under QEMU's emulated SVM: RDTSCP must not be intercepted (see README).
+mkcfg pvh1 pvh 'tsc_mode = "native"'
+
+# Wrappers record how libxl invoked each helper, then exec it (same cost for both).
+for h in ours debian; do
+    real=$OURS_REAL; [ $h = debian ] && real=$DEBIAN_REAL
+    cat > "$W/helper-$h" <<EOF
+#!/bin/sh
+read -r up _ < /proc/uptime
+echo "\$up $h \$*" >> $OUT/helper-invocations.log
+exec $real "\$@"
+EOF
+    chmod +x "$W/helper-$h"
+done
+
+# --- console counter bookkeeping ---------------------------------------------
+# Per guest: boot id, highest count seen; per log file: lines consumed.
+declare -A GID GMAX SEEN
+RESTARTS=0 REPEATS=0 GAPS=0
+scan() {  # NAME: consume new complete lines of the guest's console logs
+    local name=$1 f i l id n
+    for f in "$CONLOG/guest-$name.log" "$CONLOG/guest-$name--incoming.log"; do
+        [ -f "$f" ] || continue
+        local -a lines=()
+        mapfile lines < "$f"
+        i=${SEEN[$f]:-0}
+        while [ "$i" -lt "${#lines[@]}" ]; do
+            l=${lines[$i]}
+            [ "${l: -1}" = $'\n' ] || break          # partial last line: later
+            i=$((i + 1))
+            l=${l%$'\n'}; l=${l%$'\r'}
+            [[ $l =~ e2e-tick\ ([0-9a-f-]{36})\ ([0-9]+)$ ]] || continue
+            id=${BASH_REMATCH[1]} n=${BASH_REMATCH[2]}
+            if [ -z "${GID[$name]:-}" ]; then GID[$name]=$id; GMAX[$name]=$n; continue; fi
+            if [ "$id" != "${GID[$name]}" ]; then
+                RESTARTS=$((RESTARTS + 1)); say "$name: new boot id $id at count $n (restart!)"
+                continue
+            fi
+            if [ "$n" -le "${GMAX[$name]}" ]; then REPEATS=$((REPEATS + 1))
+            else
+                [ "$n" -gt $((GMAX[$name] + 1)) ] && GAPS=$((GAPS + n - GMAX[$name] - 1))
+                GMAX[$name]=$n
+            fi
+        done
+        SEEN[$f]=$i
+    done
+}
+wait_ticks() {  # NAME MIN_COUNT TIMEOUT_S: wait until the count exceeds MIN_COUNT
+    local name=$1 min=$2 t=$(($3 * 4))
+    while [ "$t" -gt 0 ]; do
+        scan "$name"
+        [ -n "${GMAX[$name]:-}" ] && [ "${GMAX[$name]}" -gt "$min" ] && return 0
+        snooze 0.25; t=$((t - 1))
+    done
+    return 1
+}
+# After an operation: the same boot keeps counting past where it stood.
+check_continues() {  # TESTNAME NAME BEFORE
+    local test=$1 name=$2 before=$3
+    if wait_ticks "$name" $((before + 2)) 40 && [ "$RESTARTS" -eq 0 ]; then
+        result "$test" PASS "counter $before -> ${GMAX[$name]}, boot id unchanged (repeats $REPEATS, gaps $GAPS)"
+    else
+        result "$test" FAIL "counter before $before, now ${GMAX[$name]:-none}, restarts $RESTARTS"
+    fi
+}
+begin_op() {  # NAME -> prints the count before the operation
+    scan "$1"; RESTARTS=0 REPEATS=0 GAPS=0
+}
+
+# --- thread sampler ---------------------------------------------------------
+# Samples /proc/PID/task of every process whose comm is $1 until $W/stop-sampler exists.
+sampler() {
+    local comm=$1 out=$2 d c max=0 samples=0 pids=""
+    local -a t
+    while [ ! -e "$W/stop-sampler" ]; do
+        for d in /proc/[0-9]*; do
+            read -r c 2>/dev/null < "$d/comm" || continue
+            [ "$c" = "$comm" ] || continue
+            t=("$d"/task/*); samples=$((samples + 1))
+            [ "${#t[@]}" -gt "$max" ] && max=${#t[@]}
+            case " $pids " in *" ${d#/proc/} "*) ;; *) pids="$pids ${d#/proc/}" ;; esac
+        done
+    done
+    echo "$samples $max$pids" > "$out"
+}
+
+# --- operations ---------------------------------------------------------------
+xl_timed() {  # OP HELPER LOGNAME xl-args...: run xl with LIBXL_SAVE_HELPER, record TIME
+    local op=$1 h=$2 logname=$3 t0 t1 rc; shift 3
+    sync
+    t0=$(now_us)
+    LIBXL_SAVE_HELPER=$W/helper-$h "$XL" "$@" > "$OUT/xl-$logname.log" 2>&1
+    rc=$?
+    t1=$(now_us)
+    LAST_S=$(fmt_s $((t1 - t0)))
+    [ $rc -eq 0 ] && timing "$op" "$h" "$LAST_S"
+    say "xl $* (helper $h): rc $rc, $LAST_S s"
+    return $rc
+}
+save_restore() {  # GUEST HELPER ROUND
+    local g=$1 h=$2 r=$3 before f=$W/$1-$2.save t=$1.$2.r$3
+    begin_op "$g"; before=${GMAX[$g]}
+    if ! xl_timed "save.$g" "$h" "save-$t" save "$g" "$f"; then
+        result "save.$t" FAIL "xl save failed: $(tail -n 3 "$OUT/xl-save-$t.log" | tr '\n' ' ')"
+        return 1
+    fi
+    result "save.$t" PASS "$LAST_S s, $(stat -c %s "$f") bytes"
+    if ! xl_timed "restore.$g" "$h" "restore-$t" restore "$f"; then
+        result "restore.$t" FAIL "xl restore failed: $(tail -n 3 "$OUT/xl-restore-$t.log" | tr '\n' ' ')"
+        return 1
+    fi
+    result "restore.$t" PASS "$LAST_S s"
+    check_continues "counter-after-restore.$t" "$g" "$before"
+}
+migrate() {  # GUEST HELPER ROUND
+    local g=$1 h=$2 r=$3 before t=$1.$2.r$3
+    begin_op "$g"; before=${GMAX[$g]}
+    if ! xl_timed "migrate.$g" "$h" "migrate-$t" migrate -s "" "$g" "$XL migrate-receive"; then
+        result "migrate.$t" FAIL "xl migrate failed: $(tail -n 3 "$OUT/xl-migrate-$t.log" | tr '\n' ' ')"
+        return 1
+    fi
+    result "migrate.$t" PASS "$LAST_S s (live, localhost pipe)"
+    check_continues "counter-after-migrate.$t" "$g" "$before"
+}
+reverse() { local out="" w; for w in $1; do out="$w $out"; done; echo ${out% }; }
+verify_file() {  # TAG FILE
+    local tag=$1 f=$2 t0
+    [ -f "$f" ] || { result "verify-stream-v2.$tag" SKIP "no file"; result "pyxl-inspect.$tag" SKIP "no file"; return; }
+    t0=$(now_us)
+    if /usr/lib/xen-4.17/bin/verify-stream-v2 -f xl -i "$f" > "$OUT/verify-$tag.log" 2>&1; then
+        result "verify-stream-v2.$tag" PASS "$(fmt_s $(($(now_us) - t0))) s"
+    else
+        result "verify-stream-v2.$tag" FAIL "rc $?: $(tail -n 2 "$OUT/verify-$tag.log" | tr '\n' ' ')"
+    fi
+    if ! command -v pyxl > /dev/null; then
+        result "pyxl-inspect.$tag" FAIL "pyxl is not installed in dom0"
+        return
+    fi
+    t0=$(now_us)
+    pyxl inspect "$f" > "$OUT/inspect-$tag.log" 2>&1
+    local rc=$?
+    if [ $rc -eq 0 ]; then
+        result "pyxl-inspect.$tag" PASS "$(fmt_s $(($(now_us) - t0))) s: $(head -c 200 "$OUT/inspect-$tag.log" | tr '\n' ' ')"
+    elif grep -q -e "invalid choice: 'inspect'" -e 'No module named' -e 'not implemented' "$OUT/inspect-$tag.log"; then
+        result "pyxl-inspect.$tag" FAIL "pyxl inspect not available in this tree: $(tail -n 1 "$OUT/inspect-$tag.log")"
+    else
+        result "pyxl-inspect.$tag" FAIL "rc $rc: $(tail -n 2 "$OUT/inspect-$tag.log" | tr '\n' ' ')"
+    fi
+}
+
+# --- the run ------------------------------------------------------------------
+say "cpu flags of note: $(grep -m1 '^flags' /proc/cpuinfo | grep -o -w -E 'xsave|xsaveopt|avx|avx2' | tr '\n' ' ')"
+say "xl info: $("$XL" info 2>&1 | grep -E '^(xen_version|virt_caps|free_memory)' | tr -s ' ' | tr '\n' ';')"
+OURS_OK=1
+if [ -x "$OURS_REAL" ]; then
+    result helper.installed PASS "$OURS_REAL ($(stat -c %s "$OURS_REAL") bytes)"
+else
+    OURS_OK=0
+    result helper.installed FAIL "$OURS_REAL missing (helper build failed in the dom0 root: see rootfs build log)"
+fi
+# Which helper goes first alternates between runs (boot.sh writes the order),
+# so neither always pays for cold caches.
+ORDER="debian ours"; [ -f "$E2E/helper-order" ] && read -r ORDER < "$E2E/helper-order"
+HELPERS="debian"; [ $OURS_OK = 1 ] && HELPERS=$ORDER
+ROUNDS=2; [ -f "$E2E/rounds" ] && read -r ROUNDS < "$E2E/rounds"
+say "helper order: $HELPERS (reversed every other round), $ROUNDS rounds"
+
+# Helper start-up cost alone (a bad command line: Debian's asserts, ours exits 2),
+# after one warm-up run each, so both are in the page cache.
+for h in $HELPERS; do
+    real=$OURS_REAL; [ $h = debian ] && real=$DEBIAN_REAL
+    (ulimit -c 0; "$real" --bogus > /dev/null 2>&1)
+    t0=$(now_us)
+    for i in 1 2 3 4 5; do (ulimit -c 0; "$real" --bogus > /dev/null 2>&1); done
+    timing startup-bad-argv "$h" "$(fmt_s $((($(now_us) - t0) / 5)))"
+done
+
+for g in pv1 pvh1; do
+    t0=$(now_us)
+    if "$XL" create "$W/$g.cfg" > "$OUT/xl-create-$g.log" 2>&1 && wait_ticks "$g" 1 60; then
+        result "create.$g" PASS "$(fmt_s $(($(now_us) - t0))) s to the second counter line"
+    else
+        result "create.$g" FAIL "$(tail -n 3 "$OUT/xl-create-$g.log" | tr '\n' ' ') count ${GMAX[$g]:-none}"
+    fi
+done
+
+# dom0 data integrity while guests run: QEMU 7.2's TCG with XSAVE exposed
+# corrupts dom0's user-space state once guests are scheduled (see README).
+# A short LZMA round-trip loop catches a machine whose results can't be trusted.
+if python3 - "$W/vmlinuz" > "$OUT/integrity.log" 2>&1 <<'EOP'
+import lzma, sys, time
+raw = open(sys.argv[1], "rb").read()[:2 << 20]
+blob = lzma.compress(raw, preset=1)
+n = bad = 0
+t0 = time.time()
+while time.time() - t0 < 8:
+    try:
+        bad += lzma.decompress(blob) != raw
+    except lzma.LZMAError:
+        bad += 1
+    n += 1
+print(f"{n} rounds, {bad} bad")
+sys.exit(1 if bad else 0)
+EOP
+then result dom0-integrity PASS "LZMA round trips with guests running: $(tail -n 1 "$OUT/integrity.log")"
+else result dom0-integrity FAIL "dom0 computes wrong results with guests running: $(tail -n 1 "$OUT/integrity.log")"
+fi
+
+# 1+2. save/restore of both guests, each helper in turn.
+order=$HELPERS
+for r in $(seq 1 "$ROUNDS"); do
+    for g in pv1 pvh1; do
+        [ -n "${GMAX[$g]:-}" ] || continue
+        for h in $order; do save_restore "$g" "$h" "$r"; done
+    done
+    order=$(reverse "$order")
+done
+
+# 3. Thread count of our helper during a save (xl save -c: the guest keeps running).
+if [ $OURS_OK = 1 ] && [ -n "${GMAX[pv1]:-}" ]; then
+    rm -f "$W/stop-sampler"
+    sampler pyxl-save-helpe "$W/threads" &
+    spid=$!
+    begin_op pv1; before=${GMAX[pv1]}
+    LIBXL_SAVE_HELPER=$W/helper-ours "$XL" save -c pv1 "$W/pv1-ours-checkpoint.save" > "$OUT/xl-save-c-pv1.log" 2>&1
+    rc=$?
+    touch "$W/stop-sampler"; wait "$spid"
+    read -r samples maxthreads pids < "$W/threads"
+    if [ $rc -ne 0 ]; then
+        result threads.ours FAIL "xl save -c failed: $(tail -n 2 "$OUT/xl-save-c-pv1.log" | tr '\n' ' ')"
+    elif [ "$samples" -gt 0 ] && [ "$maxthreads" -eq 1 ]; then
+        result threads.ours PASS "1 thread in all $samples samples of /proc/PID/task (pid $pids)"
+    else
+        result threads.ours FAIL "max $maxthreads threads over $samples samples (pids $pids)"
+    fi
+    check_continues counter-after-checkpoint.pv1.ours pv1 "$before"
+fi
+
+# 1+2. live migration of the PVH guest (PV cannot: Debian's Xen has no shadow paging).
+if [ -n "${GMAX[pvh1]:-}" ]; then
+    order=$HELPERS
+    for r in $(seq 1 "$ROUNDS"); do
+        for h in $order; do migrate pvh1 "$h" "$r"; done
+        order=$(reverse "$order")
+    done
+fi
+
+"$XL" list > "$OUT/xl-list.log" 2>&1
+"$XL" destroy pv1 2>/dev/null; "$XL" destroy pvh1 2>/dev/null
+
+# 3. Streams written through our helper (Debian's as a control).
+for f in "$W"/*.save; do
+    [ -f "$f" ] || continue
+    b=${f##*/}; b=${b%.save}
+    case $b in *-ours*) verify_file "$b" "$f" ;; esac
+done
+for g in pv1 pvh1; do
+    [ -f "$W/$g-debian.save" ] || continue
+    if /usr/lib/xen-4.17/bin/verify-stream-v2 -f xl -i "$W/$g-debian.save" > "$OUT/verify-$g-debian.log" 2>&1; then
+        say "control: verify-stream-v2 accepts Debian's $g file"
+    else
+        say "control: verify-stream-v2 rejects Debian's $g file too"
+    fi
+done
+ls -l "$W"/*.save > "$OUT/save-files.txt" 2>&1
+
+echo "SUMMARY $npass passed, $nfail failed, $nskip skipped" >> "$RES"
+say "SUMMARY $npass passed, $nfail failed, $nskip skipped"
+echo DONE >> "$RES"
