@@ -17,6 +17,9 @@ relies on:
 Faults are injected from the host side, between the moment pyxl reads a
 message from the helper's stdout and the moment it acts on it: the helper has
 sent the message and dies (or stops) before it can see any answer.
+
+Debian's helper runs under every kill in the quick lane and under every fault
+with ``PYXL_SLOW=1``.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import pyxl
 from pyxl import sim, stream_xl
 from pyxl.protocol import Message
 
-from conftest import HELPERS, ROOT, children, open_fds
+from conftest import HELPERS, ROOT, SLOW, children, open_fds
 
 MB = 1 << 20
 #: How long any failure may take to be reported once the fault happened.
@@ -198,9 +201,25 @@ SAVE_CASES = (
 )
 
 
-@pytest.mark.parametrize("helper", ["ours", "debian"])
-@pytest.mark.parametrize("kind,trigger,live", SAVE_CASES,
-                         ids=[f"{k}-{t}{'-live' if lv else ''}" for k, t, lv in SAVE_CASES])
+#: Debian's helper in the quick lane: every kill, one stop and one cancel case;
+#: PYXL_SLOW=1 runs it under every fault.
+DEBIAN_QUICK = {("stop", "suspend"), ("cancel", "page-data"), ("stop", "page-data"),
+                ("cancel", "static_data_done")}
+
+
+def with_helpers(cases, ids):
+    out = []
+    for case, case_id in zip(cases, ids):
+        for helper in ("ours", "debian"):
+            slow_only = (helper == "debian" and case[0] != "kill"
+                         and tuple(case[:2]) not in DEBIAN_QUICK)
+            marks = [pytest.mark.skipif(not SLOW, reason="PYXL_SLOW=1")] if slow_only else []
+            out.append(pytest.param(helper, *case, marks=marks, id=f"{case_id}-{helper}"))
+    return out
+
+
+@pytest.mark.parametrize("helper,kind,trigger,live", with_helpers(
+    SAVE_CASES, [f"{k}-{t}{'-live' if lv else ''}" for k, t, lv in SAVE_CASES]))
 def test_save_fault(sim_dir, tmp_path, helper, kind, trigger, live):
     hpath = HELPERS[helper]
     (tmp_path / "faulty").mkdir()
@@ -301,9 +320,8 @@ RESTORE_CASES = (
 )
 
 
-@pytest.mark.parametrize("helper", ["ours", "debian"])
-@pytest.mark.parametrize("kind,trigger", RESTORE_CASES,
-                         ids=[f"{k}-{t}" for k, t in RESTORE_CASES])
+@pytest.mark.parametrize("helper,kind,trigger", with_helpers(
+    RESTORE_CASES, [f"{k}-{t}" for k, t in RESTORE_CASES]))
 def test_restore_fault(sim_dir, tmp_path, image, helper, kind, trigger):
     path, head, middle = image
     hpath = HELPERS[helper]
