@@ -36,12 +36,16 @@ test-slow: setup
 demo: setup
 	$(VENV)/bin/pyxl demo
 
+# Full run < 10 min on 2 cores, QUICK=1 < 3 min: bench/results/latest.{json,md,png}.
 bench: setup
-	$(PY) -m pip install -q matplotlib
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q matplotlib
 	$(PY) bench/run.py $(if $(QUICK),--quick)
 
+# valgrind memcheck of our helper: save, live save, restore on fakexen (bench/memcheck.py),
+# then the helper's failure paths (tests/test_helper_memcheck.py).  `make test` runs both too.
 memcheck: setup
-	$(PY) -m pytest -q tests/test_memcheck.py
+	$(PY) bench/memcheck.py
+	$(PY) -m pytest -q tests/test_helper_memcheck.py
 
 clean:
 	rm -rf build $(VENV) pyxl/pyxl-save-helper pyxl/pyxl-sim-vcpu pyxl/libfakexen.so *.egg-info

@@ -1,0 +1,307 @@
+"""Turn a bench result (bench/results/*.json) into the markdown table and the PNG plot.
+
+    python bench/report.py bench/results/latest.json   # reprint the table, redraw the plot
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional
+
+
+def _f(x: Optional[float], fmt: str = "{:.2f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def _cell(s: Dict[str, Any]) -> str:
+    if not s or not s.get("n"):
+        return "–"
+    return f"{s['median']:.2f} [{s['min']:.2f}–{s['max']:.2f}]"
+
+
+def _holds(h: Optional[bool]) -> str:
+    return "–" if h is None else ("yes" if h else "**no**")
+
+
+def markdown(res: Dict[str, Any]) -> str:
+    m = res["machine"]
+    ld = res["load"]
+    pl = res["placement"]
+    out: List[str] = []
+    w = out.append
+    w(f"### pyxl bench ({res['mode']}), {res['started']}, {res['duration_s']:.0f} s\n")
+    w(f"Machine: {m['nproc']} × {m['cpu_model']} vCPUs, kernel {m['kernel']}, "
+      f"{m['mem_total_gib']} GiB RAM, cpuidle {m.get('cpuidle_driver') or '?'}, "
+      f"Python {m['python']}; commit `{m['git_commit'][:12]}`{' (+ local changes)' if m['git_dirty'] else ''}.  ")
+    w(f"Load: loadavg {'/'.join(f'{x:.2f}' for x in ld['loadavg_start'])} at start, "
+      f"{'/'.join(f'{x:.2f}' for x in ld['loadavg_end'])} at end; during the runs a median "
+      f"{_f(ld['foreign_cores_median'])} cores were busy with other work "
+      f"(other tenants' QEMU: {_f(ld['qemu_cores_median'])}), steal {_f(ld['steal_cores_median'])}.  ")
+    w(f"Placement (`os.sched_setaffinity`, inherited by every child): save, restore, live and RSS "
+      f"runs put the writer (helper or `cat`) and the reader on cpu{pl['writer_cpu']} and pyxl's "
+      f"loop on cpu{pl['other_cpu']} (\"pair\"); the live guest's vCPU runs on cpu{pl['other_cpu']}; "
+      f"spawn: pyxl and the helper on cpu{pl['writer_cpu']}; concurrency: {pl['concurrency']}.\n")
+
+    w("| figure | key | value | target | holds |")
+    w("|---|---|---|---|---|")
+    t = res["targets"]
+    rows = [
+        ("save, pipe", "save_ratio_vs_debian", "{:.3f}"),
+        ("save, pipe", "save_ratio_vs_raw", "{:.3f}"),
+        ("restore", "restore_ratio_vs_debian", "{:.3f}"),
+        ("helper start", "spawn_ms_extra_vs_debian", "{:.2f} ms"),
+        ("concurrency", "concurrency_efficiency", "{:.3f}"),
+        ("concurrency", "loop_lag_p99_ms", "{:.2f} ms"),
+    ]
+    for fig, key, fmt in rows:
+        w(f"| {fig} | `{key}` | {_f(t[key]['value'], fmt)} | {t[key]['target']} | "
+          f"{_holds(t[key]['holds'])} |")
+    w(f"| save, 1 MiB pipe | `save_pipe1m_ratio_vs_debian` / `_vs_raw` | "
+      f"{_f(res.get('save_pipe1m_ratio_vs_debian'), '{:.3f}')} / "
+      f"{_f(res.get('save_pipe1m_ratio_vs_raw'), '{:.3f}')} | (info) | – |")
+    w(f"| save, file | `save_file_ratio_vs_debian` / `_vs_raw` | {_f(res['save_file_ratio_vs_debian'], '{:.3f}')}"
+      f" / {_f(res['save_file_ratio_vs_raw'], '{:.3f}')} | (info) | – |")
+    w(f"| helper start | `spawn_ms_ours` / `spawn_ms_debian` | {_f(res['spawn_ms_ours'])} / "
+      f"{_f(res['spawn_ms_debian'])} ms | (info) | – |")
+    w(f"| concurrency | `loop_lag_reference_p99_ms` / `loop_start_block_ms` | "
+      f"{_f(res.get('loop_lag_reference_p99_ms'))} / {_f(res.get('loop_start_block_ms'), '{:.1f}')} ms "
+      f"| (info) | – |")
+    w(f"| concurrency | `concurrency_efficiency_vs_available_cores` | "
+      f"{_f(res['concurrency_efficiency_vs_available_cores'], '{:.3f}')} | (info) | – |")
+    rss = res["helper_rss_mib"]
+    rss_txt = ", ".join(f"{k} GiB: {v:.1f}" for k, v in sorted(rss.items(), key=lambda kv: float(kv[0])))
+    w(f"| helper RSS | `helper_rss_mib` | {rss_txt} MiB | flat | {_holds(t['helper_rss_flat']['holds'])} |")
+    w("")
+
+    w("Headline ratios are paired: the median over the repetitions of ours ÷ the other in adjacent "
+      "runs (geometric mean over guest sizes).\n")
+    w("**Save** of an idle guest, GiB/s of guest RAM, median [min–max]; pipe = default 64 KiB "
+      "pipe → `cat`, pipe1m = the same grown to 1 MiB, file = ext4 without fsync:\n")
+    w("| guest | sink | ours | Debian's | `cat` (raw) | ours ÷ Debian | ours ÷ raw | Debian ÷ raw "
+      "| paired ours ÷ Debian | paired ours ÷ raw | foreign cores |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|")
+    for key, c in res["save"].items():
+        g, sink = key.split("/")
+        w(f"| {g} GiB | {sink} | {_cell(c['ours'])} | {_cell(c['debian'])} | {_cell(c['raw'])} | "
+          f"{_f(c['ratio_vs_debian'], '{:.3f}')} | {_f(c['ratio_vs_raw'], '{:.3f}')} | "
+          f"{_f(c['debian_ratio_vs_raw'], '{:.3f}')} | {_f(c['paired_vs_debian'], '{:.3f}')} | "
+          f"{_f(c['paired_vs_raw'], '{:.3f}')} | {_f(c['foreign_cores'])} |")
+    w("")
+    w("**Where ours and Debian's differ** (pair placement): start = `pyxl.save()`/`restore()` call → "
+      "first message; stream = first message → `complete` (libxc's work, as GiB/s of guest RAM); "
+      "exit = `complete` → helper reaped; medians:\n")
+    w("| run | start ms ours / Debian's | stream GiB/s ours / Debian's | stream ours ÷ Debian | "
+      "exit ms ours / Debian's | whole run ours ÷ Debian |")
+    w("|---|---|---|---|---|---|")
+    for title, cells in (("save", res["save"]), ("restore", res["restore"])):
+        for key, c in cells.items():
+            if "stream_ratio_vs_debian" not in c:
+                continue
+            o, d = c["ours"], c["debian"]
+            name = f"{title} {key.replace('/', ' GiB, ')}" + ("" if "/" in key else " GiB")
+            w(f"| {name} | {_f(o.get('start_ms'), '{:.1f}')} / {_f(d.get('start_ms'), '{:.1f}')} | "
+              f"{_f(o.get('stream_gib_per_s'))} / {_f(d.get('stream_gib_per_s'))} | "
+              f"{_f(c.get('stream_ratio_vs_debian'), '{:.3f}')} | "
+              f"{_f(o.get('exit_ms'), '{:.1f}')} / {_f(d.get('exit_ms'), '{:.1f}')} | "
+              f"{_f(c.get('ratio_vs_debian'), '{:.3f}')} |")
+    w("")
+    pls = res.get("save_placements") or {}
+    if pls:
+        g = f"{res['sizes_gib'][0]:g}"
+        w(f"**Placement check**, {g} GiB pipe save (GiB/s median): pair = writer + reader on one "
+          "vCPU, pyxl on the other; same = all three on one vCPU; split = writer on one vCPU, reader "
+          "and pyxl on the other:\n")
+        w("| placement | ours | Debian's | `cat` (raw) | ours ÷ Debian | ours ÷ raw |")
+        w("|---|---|---|---|---|---|")
+        for name, c in pls.items():
+            w(f"| {name} | {_cell(c['ours'])} | {_cell(c['debian'])} | {_cell(c['raw'])} | "
+              f"{_f(c['ratio_vs_debian'], '{:.3f}')} | {_f(c['ratio_vs_raw'], '{:.3f}')} |")
+        w("")
+    w("**Restore** from a stream file in page cache, GiB/s of guest RAM:\n")
+    w("| guest | ours | Debian's | `cat` stream → tmpfs | ours ÷ Debian | paired | ours ÷ raw |")
+    w("|---|---|---|---|---|---|---|")
+    for g, c in res["restore"].items():
+        w(f"| {g} GiB | {_cell(c['ours'])} | {_cell(c['debian'])} | {_cell(c['raw'])} | "
+          f"{_f(c['ratio_vs_debian'], '{:.3f}')} | {_f(c['paired_vs_debian'], '{:.3f}')} | "
+          f"{_f(c['ratio_vs_raw'], '{:.3f}')} |")
+    w("")
+    sp = res["spawn"]
+    w(f"**Helper start** (exec → first message, n = {sp['ours']['n']} each, alternated): ours "
+      f"{sp['ours']['median_ms']:.2f} ms (p10 {sp['ours']['p10_ms']:.2f}, p90 {sp['ours']['p90_ms']:.2f}), "
+      f"Debian's {sp['debian']['median_ms']:.2f} ms (p10 {sp['debian']['p10_ms']:.2f}, "
+      f"p90 {sp['debian']['p90_ms']:.2f}).  CPU the helper had used when its first message "
+      f"arrived (/proc/PID/schedstat): ours {_f(sp['ours'].get('helper_cpu_ms_median'))} ms, "
+      f"Debian's {_f(sp['debian'].get('helper_cpu_ms_median'))} ms.\n")
+    cc = res["concurrency"]
+    idle = res["loop_lag_idle"]
+    w(f"**Concurrency**: N saves of {cc['guest_gib']:g} GiB idle guests at once (our helper, "
+      f"each into its own pipe → `cat`), one pyxl thread.  Loop lag = lateness of a 1 ms timer on "
+      f"pyxl's loop while the N saves are in flight, pooled over the repetitions (idle loop: p99 "
+      f"{_f(idle['p99_ms'])} ms); "
+      f"reference = the same timer in a separate idle process over the same window; own CPU = "
+      f"pyxl's CPU time between arming and firing (bounds the lag caused by work on the loop); "
+      f"start = the pyxl.save() calls, which block the thread:\n")
+    w("| saves at once | aggregate GiB/s | pyxl CPU s/GiB (without the timer) | loop lag p50 / p99 ms "
+      "(worst rep p99) | reference p50 / p99 ms | own CPU p99 ms | lag max ms | start ms per save "
+      "(median / max), all | foreign cores |")
+    w("|---|---|---|---|---|---|---|---|---|")
+    rows = list(cc["levels"].items())
+    if cc.get("niced_helpers"):
+        rows.append((f"{rows[-1][0]}, helpers + readers at nice 5", cc["niced_helpers"]))
+    for n, c in rows:
+        w(f"| {n} | {c['aggregate_gib_per_s']:.2f} | {c['pyxl_cpu_s_per_gib']:.4f} "
+          f"({_f(c.get('pyxl_cpu_s_per_gib_without_ticker'), '{:.4f}')}) | "
+          f"{_f(c.get('lag_p50_ms'))} / {c['lag_p99_ms']:.2f} ({_f(c.get('lag_p99_ms_worst_rep'))}) | "
+          f"{_f(c.get('ref_lag_p50_ms'))} / {_f(c.get('ref_lag_p99_ms'))} | "
+          f"{_f(c.get('lag_own_cpu_p99_ms'))} | {c['lag_max_ms']:.2f} | "
+          f"{_f(c.get('start_ms_per_save_median'))} / {_f(c.get('start_ms_per_save_max'))}, "
+          f"{_f(c.get('start_total_ms'), '{:.1f}')} | {c['foreign_cores']:.2f} |")
+    w("")
+    live = res["live"]
+    if live:
+        w(f"**Live save** of a {live[0]['guest_gib']:g} GiB guest (libxc's default policy), "
+          "into a pipe → `wc -c`; downtime = suspend reply → end of stream (pyxl writes the END "
+          "record once the helper has exited, so the helper's exit is inside it):\n")
+        w("| helper | dirty MB/s (achieved) | rounds | bytes sent | × guest | downtime ms "
+          "(of which helper exit) | wall s |")
+        w("|---|---|---|---|---|---|---|")
+        for e in live:
+            w(f"| {e['helper']} | {e['dirty_rate_mbps']:.0f} ({_f(e['dirty_rate_achieved_mbps'], '{:.0f}')}) | "
+              f"{_f(e['rounds'], '{:g}')} | {e['bytes_sent'] / 2**20:.0f} MiB | {e['bytes_vs_guest']:.2f} | "
+              f"{e['downtime_ms']:.1f} ({_f(e.get('exit_ms'), '{:.1f}')}) | {e['wall_s']:.2f} |")
+        w("")
+    w("**Helper peak RSS** (VmHWM at `complete`, MiB):\n")
+    w("| guest GiB | ours | Debian's |")
+    w("|---|---|---|")
+    deb = res.get("helper_rss_mib_debian", {})
+    for k in sorted(rss, key=float):
+        w(f"| {k} | {rss[k]:.1f} | {_f(deb.get(k), '{:.1f}')} |")
+    w("")
+    return "\n".join(out) + "\n"
+
+
+def plot(res: Dict[str, Any], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    colors = {"ours": "tab:blue", "debian": "tab:orange", "raw": "tab:gray"}
+    names = {"ours": "pyxl-save-helper", "debian": "Debian libxl-save-helper", "raw": "cat (raw)"}
+
+    ax = axes[0][0]
+    keys = list(res["save"])
+    width = 0.27
+    ax.tick_params(axis="x", labelsize=7)
+    for i, who in enumerate(("ours", "debian", "raw")):
+        vals = [res["save"][k][who].get("median") or 0 for k in keys]
+        lo = [v - (res["save"][k][who].get("min") or v) for k, v in zip(keys, vals)]
+        hi = [(res["save"][k][who].get("max") or v) - v for k, v in zip(keys, vals)]
+        ax.bar([x + (i - 1) * width for x in range(len(keys))], vals, width, yerr=[lo, hi],
+               color=colors[who], label=names[who], capsize=3)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([k.replace("/", " GiB\n") for k in keys])
+    ax.set_ylabel("GiB/s of guest RAM")
+    ax.set_title("Save, idle guest (median, min–max)")
+    ax.legend(fontsize=8)
+
+    ax = axes[0][1]
+    keys = list(res["restore"])
+    for i, who in enumerate(("ours", "debian", "raw")):
+        vals = [res["restore"][k][who].get("median") or 0 for k in keys]
+        ax.bar([x + (i - 1) * width for x in range(len(keys))], vals, width, color=colors[who],
+               label=names[who] if who != "raw" else "cat stream → tmpfs")
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([f"{k} GiB" for k in keys])
+    ax.set_ylabel("GiB/s of guest RAM")
+    ax.set_title("Restore from page cache")
+    ax.legend(fontsize=8)
+
+    ax = axes[0][2]
+    sp = res["spawn"]
+    ax.bar([0, 1], [sp["ours"]["median_ms"], sp["debian"]["median_ms"]],
+           yerr=[[sp[w]["median_ms"] - sp[w]["p10_ms"] for w in ("ours", "debian")],
+                 [sp[w]["p90_ms"] - sp[w]["median_ms"] for w in ("ours", "debian")]],
+           color=[colors["ours"], colors["debian"]], capsize=4)
+    ax.set_xticks([0, 1])
+    ax.set_xticklabels([names["ours"], names["debian"]], fontsize=8)
+    ax.set_ylabel("ms (median, p10–p90)")
+    ax.set_title("Helper start: exec → first message")
+
+    ax = axes[1][0]
+    lv = res["concurrency"]["levels"]
+    ns = [int(n) for n in lv]
+    ax.plot(ns, [lv[str(n)]["aggregate_gib_per_s"] for n in ns], "o-", color=colors["ours"],
+            label="aggregate GiB/s")
+    single = lv[str(ns[0])]["aggregate_gib_per_s"]
+    ax.plot(ns, [single * min(n, res["machine"]["nproc"]) for n in ns], "--", color="gray",
+            label="single × min(N, nproc)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns)
+    ax.set_xticklabels([str(n) for n in ns])
+    ax.set_xlabel("saves at once (one pyxl thread)")
+    ax.set_ylabel("GiB/s")
+    ax2 = ax.twinx()
+    ax2.plot(ns, [lv[str(n)]["lag_p99_ms"] for n in ns], "s:", color="tab:red", label="loop lag p99")
+    ax2.plot(ns, [lv[str(n)].get("ref_lag_p99_ms") or 0 for n in ns], "^:", color="tab:pink",
+             label="reference process p99")
+    ax2.legend(fontsize=7, loc="lower right")
+    ax2.set_ylabel("loop lag p99 (ms)", color="tab:red")
+    ax.set_title(f"Concurrency ({res['concurrency']['guest_gib']:g} GiB guests)")
+    ax.legend(fontsize=8, loc="upper left")
+
+    ax = axes[1][1]
+    live = res["live"]
+    for who in ("ours", "debian"):
+        es = [e for e in live if e["helper"] == who]
+        ax.plot([e["dirty_rate_mbps"] for e in es], [e["downtime_ms"] for e in es], "o-",
+                color=colors[who], label=f"{names[who]} downtime")
+    ax.set_xlabel("guest dirty rate (MB/s)")
+    ax.set_ylabel("downtime (ms)")
+    ax2 = ax.twinx()
+    for who in ("ours", "debian"):
+        es = [e for e in live if e["helper"] == who]
+        ax2.plot([e["dirty_rate_mbps"] for e in es], [e["bytes_vs_guest"] for e in es], "x--",
+                 color=colors[who], alpha=0.6)
+    ax2.set_ylabel("bytes sent ÷ guest size (dashed)")
+    ax.set_title(f"Live save ({live[0]['guest_gib']:g} GiB guest)" if live else "Live save")
+    ax.legend(fontsize=8, loc="upper left")
+
+    ax = axes[1][2]
+    for who, key in (("ours", "helper_rss_mib"), ("debian", "helper_rss_mib_debian")):
+        d = res.get(key, {})
+        ks = sorted(d, key=float)
+        ax.plot([float(k) for k in ks], [d[k] for k in ks], "o-", color=colors[who], label=names[who])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("guest size (GiB)")
+    ax.set_ylabel("peak RSS, VmHWM (MiB)")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Helper peak RSS")
+    ax.legend(fontsize=8)
+
+    m = res["machine"]
+    fig.suptitle(f"pyxl bench ({res['mode']}) {res['started']} — {m['nproc']} × {m['cpu_model']}, "
+                 f"kernel {m['kernel']}, commit {m['git_commit'][:10]}; median foreign load "
+                 f"{_f(res['load']['foreign_cores_median'])} cores", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: List[str]) -> int:
+    if len(argv) != 2:
+        sys.stderr.write("usage: report.py RESULT.json\n")
+        return 2
+    with open(argv[1]) as f:
+        res = json.load(f)
+    sys.stdout.write(markdown(res))
+    png = os.path.splitext(argv[1])[0] + ".png"
+    plot(res, png)
+    sys.stdout.write(f"\nplot: {png}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
