@@ -63,6 +63,9 @@ def markdown(res: Dict[str, Any]) -> str:
       f"{_f(res.get('save_pipe1m_ratio_vs_raw'), '{:.3f}')} | (info) | – |")
     w(f"| save, file | `save_file_ratio_vs_debian` / `_vs_raw` | {_f(res['save_file_ratio_vs_debian'], '{:.3f}')}"
       f" / {_f(res['save_file_ratio_vs_raw'], '{:.3f}')} | (info) | – |")
+    w(f"| save / restore | `save_cpu_ratio_vs_debian` / `restore_cpu_ratio_vs_debian` (GiB per "
+      f"helper CPU-second) | {_f(res.get('save_cpu_ratio_vs_debian'), '{:.3f}')} / "
+      f"{_f(res.get('restore_cpu_ratio_vs_debian'), '{:.3f}')} | (info) | – |")
     w(f"| helper start | `spawn_ms_ours` / `spawn_ms_debian` | {_f(res['spawn_ms_ours'])} / "
       f"{_f(res['spawn_ms_debian'])} ms | (info) | – |")
     w(f"| concurrency | `loop_lag_reference_p99_ms` / `loop_start_block_ms` | "
@@ -91,10 +94,12 @@ def markdown(res: Dict[str, Any]) -> str:
     w("")
     w("**Where ours and Debian's differ** (pair placement): start = `pyxl.save()`/`restore()` call → "
       "first message; stream = first message → `complete` (libxc's work, as GiB/s of guest RAM); "
-      "exit = `complete` → helper reaped; medians:\n")
+      "exit = `complete` → helper reaped; helper CPU = its on-CPU time at `complete` "
+      "(/proc/PID/schedstat), which other tenants cannot inflate; medians:\n")
     w("| run | start ms ours / Debian's | stream GiB/s ours / Debian's | stream ours ÷ Debian | "
-      "exit ms ours / Debian's | whole run ours ÷ Debian |")
-    w("|---|---|---|---|---|---|")
+      "exit ms ours / Debian's | helper CPU s ours / Debian's | GiB per CPU-s ours ÷ Debian | "
+      "whole run ours ÷ Debian |")
+    w("|---|---|---|---|---|---|---|---|")
     for title, cells in (("save", res["save"]), ("restore", res["restore"])):
         for key, c in cells.items():
             if "stream_ratio_vs_debian" not in c:
@@ -105,6 +110,8 @@ def markdown(res: Dict[str, Any]) -> str:
               f"{_f(o.get('stream_gib_per_s'))} / {_f(d.get('stream_gib_per_s'))} | "
               f"{_f(c.get('stream_ratio_vs_debian'), '{:.3f}')} | "
               f"{_f(o.get('exit_ms'), '{:.1f}')} / {_f(d.get('exit_ms'), '{:.1f}')} | "
+              f"{_f(o.get('helper_cpu_s'), '{:.3f}')} / {_f(d.get('helper_cpu_s'), '{:.3f}')} | "
+              f"{_f(c.get('cpu_ratio_vs_debian'), '{:.3f}')} | "
               f"{_f(c.get('ratio_vs_debian'), '{:.3f}')} |")
     w("")
     pls = res.get("save_placements") or {}
