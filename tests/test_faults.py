@@ -32,7 +32,7 @@ import sys
 import termios
 import textwrap
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import pytest
 

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
