@@ -1,0 +1,195 @@
+"""``pyxl migrate`` and ``pyxl migrate-receive``: host-to-host migration (xl migrate).
+
+    pyxl migrate [--live] [--downtime MS [--max-iterations N] [--on-fail abort|stop]]
+                 [--max-bandwidth BYTES/S] [--command CMD] [--helper PATH]
+                 [--sim-dir DIR] [--timeout S] [--json] DOMID [HOST:PORT]
+    pyxl migrate-receive [--listen ADDR:PORT] [--paused] [--helper PATH]
+                 [--sim-dir DIR] [--timeout S] [--json]
+
+The sender connects to HOST:PORT, or runs CMD through the shell and talks to
+its stdin/stdout (``--command "ssh host pyxl migrate-receive"``).  The
+receiver accepts one connection on ``--listen`` (port 0: any; it says
+"listening on ADDR:PORT" on stderr) or, without ``--listen``, uses its
+stdin/stdout -- then ``--json`` goes to stderr, stdout being the channel.
+
+JSON: sender ``{"domid", "digest", "downtime_ms", "iterations", "bytes_sent",
+"seconds"}``; receiver ``{"domid", "digest", "seconds"}``.  Exit codes as
+``pyxl``'s: 0 migrated, 1 failed (the source runs on; "in doubt": paused),
+2 bad arguments or unusable input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from typing import Any, List
+
+from . import sim
+from .migrate import migrate, parse_address, receive
+
+EXIT_OK = 0
+
+
+def _size(text: str) -> int:
+    try:
+        value = sim.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _address(listen: bool) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            return parse_address(text, listen=listen)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
+def _positive_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
+    if not 0.001 <= value <= 3600000:
+        raise argparse.ArgumentTypeError("must be from 0.001 to 3600000 ms")
+    return value
+
+
+def _iterations(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 1000000:
+        raise argparse.ArgumentTypeError("must be from 1 to 1000000")
+    return value
+
+
+def _run(op: Any) -> Any:
+    """Run ``op`` on the default loop.  SIGINT, SIGTERM and SIGHUP cancel it
+    cleanly -- from the loop, through a wakeup fd, never in the middle of a
+    callback -- so the source runs on and the receiver destroys what it got;
+    then KeyboardInterrupt (exit 130)."""
+    from .loop import default_loop
+    loop = default_loop()
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    caught: List[int] = []
+
+    def on_signal() -> None:
+        try:
+            caught.extend(os.read(r, 64))
+        except BlockingIOError:
+            pass
+        if caught and not op.done():
+            op.cancel()
+
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {sig: signal.signal(sig, lambda *_: None) for sig in sigs}
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    loop.add_reader(r, on_signal)
+    try:
+        loop.run_until(op.done)
+    finally:
+        loop.remove_reader(r)
+        signal.set_wakeup_fd(old_fd)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        os.close(r)
+        os.close(w)
+    if caught and op.exception() is not None:
+        raise KeyboardInterrupt
+    return op.result()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from .cli import ProgressBar
+    if (args.target is None) == (args.command is None):
+        raise SystemExit(_usage("give HOST:PORT or --command CMD (one of them)"))
+    if args.downtime is None and (args.max_iterations is not None or args.on_fail is not None):
+        raise SystemExit(_usage("--max-iterations and --on-fail go with --downtime"))
+    if args.downtime is not None and not args.live:
+        raise SystemExit(_usage("--downtime needs --live"))
+    bar = ProgressBar(f"migrating domain {args.domid}")
+    op = migrate(args.domid, args.target, command=args.command, live=args.live,
+                 downtime_ms=args.downtime, max_iterations=args.max_iterations,
+                 on_fail=args.on_fail or "abort", max_bandwidth=args.max_bandwidth,
+                 helper=args.helper, timeout=args.timeout, sim_dir=args.sim_dir,
+                 digest=args.json, on_progress=bar)
+    try:
+        res = _run(op)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps({"domid": res.domid, "digest": res.digest,
+                          "downtime_ms": None if res.downtime is None
+                          else round(res.downtime * 1000, 3),
+                          "iterations": res.iterations, "bytes_sent": res.bytes_sent,
+                          "seconds": round(res.duration, 6)}))
+    return EXIT_OK
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    if args.listen is not None:
+        op = receive(args.listen, paused=args.paused, helper=args.helper, timeout=args.timeout,
+                     sim_dir=args.sim_dir, digest=args.json)
+        host, port = op.address or args.listen
+        print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
+        out = sys.stdout
+    else:
+        op = receive(fds=(0, 1), paused=args.paused, helper=args.helper, timeout=args.timeout,
+                     sim_dir=args.sim_dir, digest=args.json)
+        out = sys.stderr   # stdout is the channel back to the sender
+    res = _run(op)
+    if args.json:
+        print(json.dumps({"domid": res.domid, "digest": res.digest,
+                          "seconds": round(res.duration, 6)}), file=out, flush=True)
+    return EXIT_OK
+
+
+def _usage(text: str) -> int:
+    print(f"pyxl: error: {text}", file=sys.stderr)
+    return 2
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``migrate`` and ``migrate-receive``; each sets ``func``."""
+    from .cli import _common, _domid
+
+    p = subparsers.add_parser("migrate", help="migrate a domain to another host (xl migrate)",
+                              description="Migrate a domain to a pyxl migrate-receive "
+                              "(over TCP, or through --command).")
+    p.add_argument("--live", action="store_true", help="pre-copy while the guest runs")
+    p.add_argument("--downtime", type=_positive_ms, metavar="MS",
+                   help="target downtime: pyxl's helper's downtime policy instead of Xen's "
+                        "(stop below 50 dirty pages or after 5 rounds)")
+    p.add_argument("--max-iterations", type=_iterations, metavar="N",
+                   help="with --downtime: rounds before giving up (default 30)")
+    p.add_argument("--on-fail", choices=("abort", "stop"),
+                   help="with --downtime, if the target is not met in time: abort the "
+                        "migration (default; the guest keeps running) or stop and copy anyway")
+    p.add_argument("--max-bandwidth", type=_size, metavar="BYTES/S",
+                   help="cap the stream's bandwidth, e.g. 100M")
+    p.add_argument("--command", metavar="CMD",
+                   help="run CMD (through the shell) and send over its stdin/stdout, "
+                        "e.g. \"ssh host pyxl migrate-receive\"")
+    p.add_argument("domid", type=_domid, metavar="DOMID")
+    p.add_argument("target", nargs="?", type=_address(False), metavar="HOST:PORT")
+    _common(p)
+    p.set_defaults(func=cmd_migrate)
+
+    p = subparsers.add_parser("migrate-receive",
+                              help="receive a migrating domain (xl migrate-receive)",
+                              description="Receive one migrating domain, on --listen or on "
+                              "stdin/stdout.")
+    p.add_argument("--listen", type=_address(True), metavar="ADDR:PORT",
+                   help="accept one connection here (port 0: any); default: stdin/stdout")
+    p.add_argument("--paused", action="store_true", help="leave the received domain paused")
+    _common(p)
+    p.set_defaults(func=cmd_receive)

@@ -1,0 +1,490 @@
+"""Host-to-host migration between two simulated hosts (two fakexen state dirs).
+
+In-process (sender and receiver on one loop), as separate CLI processes over
+TCP and through --command, and across two network namespaces.  A dirtying
+guest must arrive byte for byte and running, the source gone; every failure
+must leave the source running and the destination empty -- except a lost
+status after "cleared to unpause", which leaves the source paused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, List, Tuple
+
+import pytest
+
+import pyxl
+from pyxl import migrate, sim
+from pyxl.loop import default_loop
+
+from conftest import HELPERS, ROOT
+
+MB = 1 << 20
+PYXL = [sys.executable, "-m", "pyxl.cli"]
+
+
+@pytest.fixture
+def hosts():
+    """Two sim state dirs: (source, destination)."""
+    dirs = [tempfile.mkdtemp(prefix=f"pyxl-test-{n}-", dir="/dev/shm") for n in "ab"]
+    try:
+        yield tuple(dirs)
+    finally:
+        for d in dirs:
+            for info in sim.list_domains(sim_dir=d):
+                try:
+                    sim.destroy(info.domid, sim_dir=d)
+                except sim.SimError:
+                    pass
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def busy(sim_dir: str, rate_mb: float = 20, memory: int = 64 * MB) -> int:
+    dom = sim.create(memory, dirty_rate=int(rate_mb * MB), sim_dir=sim_dir)
+    time.sleep(0.1)
+    return dom
+
+
+def domains(sim_dir: str) -> List[Tuple[int, str]]:
+    return [(i.domid, i.state) for i in sim.list_domains(sim_dir=sim_dir)]
+
+
+def run_both(*ops: Any, timeout: float = 120) -> None:
+    assert default_loop().run_until(lambda: all(op.done() for op in ops), timeout)
+
+
+def assert_runs_intact(sim_dir: str, dom: int, rate_mb: float = 8) -> None:
+    """The guest is running, writes on when asked to, and its memory is consistent."""
+    assert sim.info(dom, sim_dir=sim_dir).state == "running"
+    before = sim.counter(dom, sim_dir=sim_dir)
+    sim.set_dirty_rate(dom, int(rate_mb * MB), sim_dir=sim_dir)
+    time.sleep(0.2)
+    sim.pause(dom, sim_dir=sim_dir)
+    check = sim.check_guest(dom, sim_dir=sim_dir)
+    assert check.consistent, check
+    assert check.pages_written > before
+    sim.unpause(dom, sim_dir=sim_dir)
+
+
+def source_survived(sim_dir: str, dom: int) -> None:
+    assert domains(sim_dir) == [(dom, "running")]
+    assert_runs_intact(sim_dir, dom)
+
+
+# ---------------------------------------------------------------------------
+# Success
+
+
+@pytest.mark.parametrize("helper", ["ours", "debian"])
+def test_live_migration_in_process(hosts, helper):
+    a, b = hosts
+    dom = busy(a, 40)
+    gaps: List[float] = []
+    last = [time.monotonic()]
+
+    def tick() -> None:   # the loop must keep turning throughout
+        now = time.monotonic()
+        gaps.append(now - last[0])
+        last[0] = now
+        if not (tx.done() and rx.done()):
+            default_loop().call_later(0.005, tick)
+
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, digest=True, helper=HELPERS[helper])
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True,
+                         helper=HELPERS[helper])
+    default_loop().call_later(0, tick)
+    sent, got = pyxl.wait(tx, rx, timeout=120)
+    assert sent.digest == got.digest and re.fullmatch(r"[0-9a-f]{64}", sent.digest)
+    assert 1 <= sent.iterations <= 5 and sent.bytes_sent > 64 * MB
+    assert sent.downtime is not None and 0 < sent.downtime < sent.duration
+    assert domains(a) == [] and domains(b) == [(got.domid, "running")]
+    assert max(gaps) < 1.0, max(gaps)
+    assert_runs_intact(b, got.domid)
+
+
+def test_nonlive_migration(hosts):
+    a, b = hosts
+    dom = busy(a, 8)
+    rx = migrate.receive(("127.0.0.1", 0), sim_dir=b, digest=True)
+    tx = migrate.migrate(dom, f"127.0.0.1:{rx.address[1]}", sim_dir=a, digest=True)
+    sent, got = pyxl.wait(tx, rx, timeout=120)
+    assert sent.digest == got.digest and sent.iterations == 0
+    assert domains(a) == [] and domains(b) == [(got.domid, "running")]
+
+
+def test_receive_paused(hosts):
+    a, b = hosts
+    dom = busy(a, 8)
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, paused=True)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True)
+    sent, got = pyxl.wait(tx, rx, timeout=120)
+    assert domains(b) == [(got.domid, "paused")] and got.paused
+    assert sim.digest(got.domid, sim_dir=b) == sent.digest
+
+
+def test_bandwidth_cap_paces_the_stream(hosts):
+    a, b = hosts
+    dom = busy(a, 2, memory=32 * MB)
+    cap = 40 * MB
+    gaps: List[float] = []
+    last = [time.monotonic()]
+
+    def tick() -> None:
+        now = time.monotonic()
+        gaps.append(now - last[0])
+        last[0] = now
+        if not tx.done():
+            default_loop().call_later(0.005, tick)
+
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, digest=True)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True, max_bandwidth=cap)
+    default_loop().call_later(0, tick)
+    sent, got = pyxl.wait(tx, rx, timeout=120)
+    assert sent.digest == got.digest
+    rate = sent.bytes_sent / sent.duration
+    assert 0.5 * cap < rate <= 1.1 * cap, rate / MB
+    assert max(gaps) < 0.5, max(gaps)
+
+
+def test_downtime_policy_migration(hosts):
+    a, b = hosts
+    dom = busy(a, 30)
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, digest=True)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True,
+                         downtime_ms=20, max_bandwidth=150 * MB)
+    sent, got = pyxl.wait(tx, rx, timeout=120)
+    assert sent.digest == got.digest
+    assert domains(a) == [] and domains(b) == [(got.domid, "running")]
+
+
+# ---------------------------------------------------------------------------
+# CLI, separate processes
+
+
+def _cli(*args: str, **kw: Any) -> "subprocess.Popen[str]":
+    return subprocess.Popen(PYXL + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT, **kw)
+
+
+def _listening(proc: "subprocess.Popen[str]") -> int:
+    assert proc.stderr is not None
+    line = proc.stderr.readline()
+    m = re.match(r"listening on .*:(\d+)$", line.strip())
+    assert m, line
+    return int(m.group(1))
+
+
+def test_cli_over_tcp(hosts):
+    a, b = hosts
+    dom = busy(a, 30)
+    rx = _cli("migrate-receive", "--listen", "127.0.0.1:0", "--sim-dir", b, "--json")
+    port = _listening(rx)
+    tx = subprocess.run(PYXL + ["migrate", "--live", "--json", "--sim-dir", a, str(dom),
+                                f"127.0.0.1:{port}"], capture_output=True, text=True,
+                        timeout=120, cwd=ROOT)
+    assert tx.returncode == 0, tx.stderr
+    out, err = rx.communicate(timeout=60)
+    assert rx.returncode == 0, err
+    sent, got = json.loads(tx.stdout), json.loads(out)
+    assert set(sent) == {"domid", "digest", "downtime_ms", "iterations", "bytes_sent", "seconds"}
+    assert set(got) == {"domid", "digest", "seconds"}
+    assert sent["digest"] == got["digest"] and sent["domid"] == dom
+    assert sent["downtime_ms"] > 0 and 1 <= sent["iterations"] <= 5
+    assert domains(a) == [] and domains(b) == [(got["domid"], "running")]
+    assert_runs_intact(b, got["domid"])
+
+
+def test_cli_through_a_command(hosts):
+    a, b = hosts
+    dom = busy(a, 30)
+    receiver = " ".join(PYXL + ["migrate-receive", "--sim-dir", b, "--json"])
+    tx = subprocess.run(PYXL + ["migrate", "--live", "--downtime", "50", "--json", "--sim-dir",
+                                a, "--command", receiver, str(dom)],
+                        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert tx.returncode == 0, tx.stderr
+    sent = json.loads(tx.stdout)
+    # The receiver's JSON went to its stderr (its stdout is the channel), i.e. ours.
+    got = json.loads([ln for ln in tx.stderr.splitlines() if ln.startswith("{")][-1])
+    assert sent["digest"] == got["digest"]
+    assert domains(a) == [] and domains(b) == [(got["domid"], "running")]
+
+
+@pytest.mark.parametrize("opts,target,complaint", [
+    ([], [], "give HOST:PORT or --command CMD"),
+    (["--command", "true"], ["127.0.0.1:1"], "give HOST:PORT or --command CMD"),
+    (["--downtime", "5"], ["127.0.0.1:1"], "--downtime needs --live"),
+    (["--live", "--on-fail", "stop"], ["127.0.0.1:1"], "go with --downtime"),
+    (["--live"], ["127.0.0.1:0"], "port out of range"),
+    (["--live"], ["localhost"], "expected HOST:PORT"),
+    (["--live", "--max-bandwidth", "0"], ["127.0.0.1:1"], "must be positive"),
+    (["--live", "--downtime", "0"], ["127.0.0.1:1"], "must be from 0.001"),
+])
+def test_cli_usage_errors(hosts, opts, target, complaint):
+    done = subprocess.run(PYXL + ["migrate", "--sim-dir", hosts[0]] + opts + ["1"] + target,
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2 and complaint in done.stderr, done.stderr
+
+
+def test_cli_unknown_domain_and_refused_connection(hosts):
+    a, _ = hosts
+    done = subprocess.run(PYXL + ["migrate", "--sim-dir", a, "7", "127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2 and "no such domain: 7" in done.stderr
+    dom = busy(a, 4)
+    done = subprocess.run(PYXL + ["migrate", "--live", "--sim-dir", a, str(dom), "127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 1 and "cannot connect to the receiver" in done.stderr
+    source_survived(a, dom)
+
+
+# ---------------------------------------------------------------------------
+# Two network namespaces
+
+
+@pytest.fixture
+def netns():
+    """Two namespaces joined by a veth pair: yields (sender ns, receiver ns, receiver addr)."""
+    tag = f"{os.getpid() % 100000}"
+    ns = (f"pyxl-a{tag}", f"pyxl-b{tag}")
+    veth = (f"pxa{tag}", f"pxb{tag}")
+    made: List[str] = []
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip"] + list(args), check=True, capture_output=True, timeout=30)
+
+    try:
+        for n in ns:
+            ip("netns", "add", n)
+            made.append(n)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        for n in made:
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+        pytest.skip(f"ip netns add failed: {getattr(exc, 'stderr', exc)!r}")
+    try:
+        ip("link", "add", veth[0], "netns", ns[0], "type", "veth", "peer", "name", veth[1],
+           "netns", ns[1])
+        for n, v, addr in zip(ns, veth, ("10.213.0.1/24", "10.213.0.2/24")):
+            ip("-n", n, "addr", "add", addr, "dev", v)
+            ip("-n", n, "link", "set", v, "up")
+            ip("-n", n, "link", "set", "lo", "up")
+        yield ns[0], ns[1], "10.213.0.2"
+    finally:
+        for n in ns:
+            subprocess.run(["ip", "netns", "del", n], capture_output=True)
+
+
+def test_migration_between_network_namespaces(hosts, netns):
+    a, b = hosts
+    ns_a, ns_b, addr = netns
+    dom = busy(a, 30)
+    rx = _cli_ns(ns_b, "migrate-receive", "--listen", f"{addr}:0", "--sim-dir", b, "--json")
+    port = _listening(rx)
+    tx = subprocess.run(["ip", "netns", "exec", ns_a] + PYXL +
+                        ["migrate", "--live", "--json", "--sim-dir", a, str(dom),
+                         f"{addr}:{port}"], capture_output=True, text=True, timeout=120,
+                        cwd=ROOT)
+    assert tx.returncode == 0, tx.stderr
+    out, err = rx.communicate(timeout=60)
+    assert rx.returncode == 0, err
+    sent, got = json.loads(tx.stdout), json.loads(out)
+    assert sent["digest"] == got["digest"]
+    assert domains(a) == [] and domains(b) == [(got["domid"], "running")]
+    assert_runs_intact(b, got["domid"])
+
+
+def _cli_ns(ns: str, *args: str) -> "subprocess.Popen[str]":
+    return subprocess.Popen(["ip", "netns", "exec", ns] + PYXL + list(args),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def test_killed_receiver_across_namespaces_leaves_source_running(hosts, netns):
+    a, b = hosts
+    ns_a, ns_b, addr = netns
+    dom = busy(a, 20)
+    rx = _cli_ns(ns_b, "migrate-receive", "--listen", f"{addr}:0", "--sim-dir", b)
+    port = _listening(rx)
+    tx = subprocess.Popen(["ip", "netns", "exec", ns_a] + PYXL +
+                          ["migrate", "--live", "--max-bandwidth", "20M", "--sim-dir", a,
+                           str(dom), f"{addr}:{port}"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(1.0)
+    rx.kill()
+    rx.wait()
+    _, err = tx.communicate(timeout=60)
+    assert tx.returncode == 1, err
+    assert "the receiver closed the connection" in err or "failed" in err, err
+    source_survived(a, dom)
+
+
+# ---------------------------------------------------------------------------
+# Failures
+
+
+def _slow_migration(a: str, b: str, dom: int):
+    """A receiver subprocess and an in-process capped sender, ~3 s of stream."""
+    rx = _cli("migrate-receive", "--listen", "127.0.0.1:0", "--sim-dir", b)
+    port = _listening(rx)
+    tx = migrate.migrate(dom, ("127.0.0.1", port), live=True, sim_dir=a, max_bandwidth=24 * MB)
+    return rx, tx
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_receiver_leaves_source_running(hosts, sig):
+    a, b = hosts
+    dom = busy(a, 20)
+    rx, tx = _slow_migration(a, b, dom)
+    default_loop().call_later(1.0, lambda: rx.send_signal(sig))
+    run_both(tx)
+    rx.wait(timeout=30)
+    exc = tx.exception()
+    assert isinstance(exc, migrate.MigrationError) and not isinstance(
+        exc, migrate.MigrationInDoubt), exc
+    assert exc.source_state == "running"
+    source_survived(a, dom)
+    if sig == signal.SIGTERM:
+        # A receiver that could clean up did: no half-made domain.
+        assert rx.returncode == 130
+        assert domains(b) == []
+
+
+def test_killed_sender_leaves_no_domain_at_the_receiver(hosts):
+    a, b = hosts
+    dom = busy(a, 20)
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b)
+    tx = _cli("migrate", "--live", "--max-bandwidth", "24M", "--sim-dir", a, str(dom),
+              f"127.0.0.1:{rx.address[1]}")
+    time.sleep(0.1)
+    default_loop().call_later(1.0, tx.kill)
+    run_both(rx)
+    tx.wait(timeout=30)
+    assert isinstance(rx.exception(), pyxl.OperationError), rx.exception()
+    assert domains(b) == []
+
+
+def test_failed_restore_is_reported_to_the_sender(hosts):
+    a, b = hosts
+    dom = busy(a, 8)
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, helper="/bin/false")
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a)
+    run_both(tx, rx)
+    assert isinstance(rx.exception(), pyxl.HelperExited)
+    exc = tx.exception()
+    assert isinstance(exc, migrate.MigrationError), exc
+    assert "the receiver failed: " in str(exc) and "exited with error status 1" in str(exc)
+    assert domains(b) == []
+    source_survived(a, dom)
+
+
+def test_not_a_receiver(hosts):
+    a, _ = hosts
+    dom = busy(a, 8)
+    srv = socket.create_server(("127.0.0.1", 0))
+    tx = migrate.migrate(dom, srv.getsockname(), live=True, sim_dir=a)
+    conn, _ = srv.accept()
+    conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n" + b"x" * 64)
+    run_both(tx)
+    conn.close()
+    srv.close()
+    assert "not a migration receiver" in str(tx.exception())
+    source_survived(a, dom)
+
+
+def test_precopy_abort_during_migration(hosts):
+    a, b = hosts
+    dom = busy(a, 400)
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, downtime_ms=0.001,
+                         max_iterations=3)
+    run_both(tx, rx)
+    assert isinstance(tx.exception(), pyxl.PrecopyAborted), tx.exception()
+    assert rx.exception() is not None
+    assert domains(b) == []
+    source_survived(a, dom)
+
+
+def test_lost_status_after_go_leaves_source_paused(hosts):
+    """The receiver's reply channel dies right after "ready": the sender clears
+    it to unpause, gets no status, and keeps its copy paused (never two running)."""
+    a, b = hosts
+    dom = busy(a, 8)
+    n = len(migrate.BANNER) + len(migrate.READY)
+    receiver = " ".join(PYXL + ["migrate-receive", "--sim-dir", b]) + f" | dd bs=1 count={n} status=none"
+    tx = migrate.migrate(dom, command=receiver, live=True, sim_dir=a)
+    run_both(tx)
+    exc = tx.exception()
+    assert isinstance(exc, migrate.MigrationInDoubt), exc
+    assert exc.source_state == "paused" and domains(a) == [(dom, "paused")]
+    deadline = time.monotonic() + 30
+    while not domains(b) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [s for _, s in domains(b)] == ["running"]   # it did unpause: in doubt indeed
+
+
+def test_cancel_before_go(hosts):
+    a, b = hosts
+    dom = busy(a, 20)
+    rx, tx = _slow_migration(a, b, dom)
+    default_loop().call_later(0.8, tx.cancel)
+    run_both(tx)
+    rx.wait(timeout=30)
+    assert isinstance(tx.exception(), pyxl.Cancelled)
+    source_survived(a, dom)
+    assert domains(b) == []
+
+
+def test_receiver_timeout_without_sender(hosts):
+    _, b = hosts
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, timeout=0.3)
+    run_both(rx)
+    assert isinstance(rx.exception(), pyxl.Timeout)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", rx.address[1]), timeout=1).close()
+
+
+# ---------------------------------------------------------------------------
+# The restore side's trailer read never blocks the loop
+
+
+def test_restore_reads_a_late_trailer_without_blocking(hosts, tmp_path):
+    a, b = hosts
+    dom = sim.create(8 * MB, sim_dir=a, paused=True)
+    pyxl.wait(pyxl.save(dom, tmp_path / "g", leave="paused", sim_dir=a))
+    data = (tmp_path / "g").read_bytes()
+    assert data.endswith(b"\0" * 8)   # libxl END
+    left, right = socket.socketpair()
+    # All but END from another process; END (and more) 0.5 s after that.
+    feeder = subprocess.Popen(["head", "-c", str(len(data) - 8), str(tmp_path / "g")],
+                              stdout=right.fileno())
+    ticks: List[float] = []
+
+    def tick() -> None:
+        ticks.append(time.monotonic())
+        if not op.done():
+            default_loop().call_later(0.01, tick)
+
+    def send_end() -> None:
+        if feeder.poll() is None:
+            default_loop().call_later(0.05, send_end)
+        else:
+            default_loop().call_later(0.5, lambda: right.sendall(data[-8:] + b"handshake"))
+
+    op = pyxl.restore(left.fileno(), paused=True, sim_dir=b)
+    default_loop().call_later(0, tick)
+    send_end()
+    res = pyxl.wait(op, timeout=60)[0]
+    assert feeder.wait() == 0
+    assert sim.digest(res.domid, sim_dir=b) == sim.digest(dom, sim_dir=a)
+    assert len(ticks) > 20 and max(y - x for x, y in zip(ticks, ticks[1:])) < 0.3
+    assert left.recv(100) == b"handshake"   # nothing read past END
+    left.close()
+    right.close()
