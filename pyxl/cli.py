@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_restore)
 
-    for name, module in (("inspect", "inspect_cli"), ("sim", "sim_cli"), ("demo", "demo")):
+    for name, module in (("inspect", "inspect_cli"), ("sim", "sim_cli"), ("demo", "demo"),
+                         ("migrate", "migrate_cli")):
         mod = __import__(f"pyxl.{module}", fromlist=["add_parser"])
         mod.add_parser(sub)
     return parser
