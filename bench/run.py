@@ -145,7 +145,17 @@ class Bench:
 
     def create(self, size: int, dirty_rate: int = 0) -> int:
         t = time.monotonic()
-        dom = sim.create(size, dirty_rate=dirty_rate, sim_dir=self.sim_dir, paused=True)
+        for attempt in range(25):
+            try:
+                dom = sim.create(size, dirty_rate=dirty_rate, sim_dir=self.sim_dir, paused=True)
+                break
+            except sim.InsufficientResources as exc:
+                # Other tenants' jobs come and go: wait for the memory rather
+                # than fail a long run (up to 2 minutes).
+                if attempt == 24:
+                    raise
+                self.log(f"waiting for memory: {exc}")
+                time.sleep(5)
         self.log(f"created {gib(size)} GiB guest d{dom} in {time.monotonic() - t:.1f}s")
         return dom
 
