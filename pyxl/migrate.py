@@ -644,6 +644,14 @@ class MigrateOperation(_Future):
             return
         self.save.add_done_callback(self._saved)
 
+    def _phase(self, what: str) -> None:
+        """Debug timeline of the switch-over (ms since the suspend)."""
+        t = self.save.suspended_at if self.save is not None else None
+        if t is not None:
+            self.logger.debug("+%.1f ms after suspend: %s", (time.monotonic() - t) * 1e3, what)
+        else:
+            self.logger.debug("%s", what)
+
     def _progress(self, ev: ProgressEvent) -> None:
         if ev.iteration is not None and self.save is not None and not self.save.suspended:
             self._rounds.add(ev.iteration)
@@ -662,16 +670,19 @@ class MigrateOperation(_Future):
             return
         self._save_result = op.result()
         self._source_paused = True
+        self._phase("save done (helper exited)")
         if self._error is not None:
             self._teardown()
 
     def _relayed(self) -> None:
+        self._phase(f"stream sent ({self.relay.sent if self.relay else 0} bytes)")
         self._stream_sent = True
         if self.state == "stream":
             self.state = "ready"
             self._process()
 
     def _send_go(self) -> None:
+        self._phase("receiver ready; clearing it to unpause")
         assert self.outbox is not None
         self.state = "report"
         self._go_sent = True
@@ -680,6 +691,7 @@ class MigrateOperation(_Future):
 
     def _reported(self, status: int) -> None:
         end = time.monotonic()
+        self._phase(f"receiver reports status {status}")
         save = self.save
         assert save is not None and self._save_result is not None
         if status != 0:

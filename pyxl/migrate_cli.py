@@ -15,7 +15,8 @@ stdin/stdout -- then ``--json`` goes to stderr, stdout being the channel.
 JSON: sender ``{"domid", "digest", "downtime_ms", "iterations", "bytes_sent",
 "seconds"}``; receiver ``{"domid", "digest", "seconds"}``.  Exit codes as
 ``pyxl``'s: 0 migrated, 1 failed (the source runs on; "in doubt": paused),
-2 bad arguments or unusable input, 130 interrupted.
+2 bad arguments or unusable input, 130 interrupted (SIGINT), 143 terminated
+(SIGTERM, SIGHUP): the migration is cancelled first.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _run(op: Any) -> Any:
     """Run ``op`` on the default loop.  SIGINT, SIGTERM and SIGHUP cancel it
     cleanly -- from the loop, through a wakeup fd, never in the middle of a
     callback -- so the source runs on and the receiver destroys what it got;
-    then KeyboardInterrupt (exit 130)."""
+    then KeyboardInterrupt (SIGINT: exit 130) or cli.Terminated (exit 143)."""
     from .loop import default_loop
     loop = default_loop()
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -104,7 +105,8 @@ def _run(op: Any) -> Any:
         os.close(r)
         os.close(w)
     if caught and op.exception() is not None:
-        raise KeyboardInterrupt
+        from .cli import Terminated
+        raise KeyboardInterrupt if signal.SIGINT in caught else Terminated()
     return op.result()
 
 
