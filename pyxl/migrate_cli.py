@@ -77,7 +77,8 @@ def _run(op: Any) -> Any:
     """Run ``op`` on the default loop.  SIGINT, SIGTERM and SIGHUP cancel it
     cleanly -- from the loop, through a wakeup fd, never in the middle of a
     callback -- so the source runs on and the receiver destroys what it got;
-    then KeyboardInterrupt (SIGINT: exit 130) or cli.Terminated (exit 143)."""
+    then the signal goes to the handler that was in place (``pyxl``'s: exit
+    130 for SIGINT, 143 for SIGTERM and SIGHUP)."""
     from .loop import default_loop
     loop = default_loop()
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -105,8 +106,14 @@ def _run(op: Any) -> Any:
         os.close(r)
         os.close(w)
     if caught and op.exception() is not None:
-        from .cli import Terminated
-        raise KeyboardInterrupt if signal.SIGINT in caught else Terminated()
+        # Now that the clean-up is done, let the handler that was in place
+        # (pyxl's: KeyboardInterrupt for SIGINT, cli.Terminated for SIGTERM)
+        # have the signal.
+        signum = signal.SIGINT if signal.SIGINT in caught else signal.SIGTERM
+        handler = old[signum]
+        if callable(handler):
+            handler(signum, None)
+        raise KeyboardInterrupt
     return op.result()
 
 
