@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import (Any, Awaitable, Callable, Deque, Dict, Generator, List, Optional,
                     Sequence, Tuple, Union)
 
-from . import stream_common, stream_libxl, stream_xl
+from . import stream_common, stream_libxc, stream_libxl, stream_xl
 from ._paths import helper_path
 from .backend import SimBackend, default_backend
 from .errors import (Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
@@ -57,6 +57,10 @@ _FAILURE_REPLY = {"suspend": 0, "postcopy": 0, "checkpoint": 0, "wait_checkpoint
 
 SAVE_CALLBACKS = ("suspend", "switch_qemu_logdirty")
 RESTORE_CALLBACKS = ("static_data_done", "restore_results")
+# Checkpointed (Remus) streams add these, as libxl does: save CBFLAGS 184, restore 800.
+REMUS_SAVE_CALLBACKS = SAVE_CALLBACKS + ("postcopy", "checkpoint")
+REMUS_RESTORE_CALLBACKS = RESTORE_CALLBACKS + ("checkpoint",)
+STREAM_PLAIN, STREAM_REMUS = 0, 1
 
 PathOrFd = Union[str, "os.PathLike[str]", int]
 Handler = Callable[["CallbackRequest"], Union[int, bool, None, Awaitable[int]]]
@@ -88,6 +92,7 @@ class SaveResult:
     downtime: Optional[float]  # suspend reply -> end of stream (seconds)
     retval: int = 0
     errnoval: int = 0
+    checkpoints: int = 0       # Remus: checkpoints sent
 
 
 @dataclass
@@ -100,6 +105,7 @@ class RestoreResult:
     retval: int = 0
     errnoval: int = 0
     emulator_records: List[Tuple[int, bytes]] = field(default_factory=list)
+    checkpoints: int = 0       # Remus: checkpoints received
 
 
 class CallbackRequest:
@@ -409,12 +415,23 @@ class SaveOperation(Operation):
                  config: Optional[Dict[str, Any]] = None,
                  emulator_records: Sequence[Tuple[int, bytes]] = (),
                  helper_env: Optional[Dict[str, str]] = None,
-                 write_trailer: Optional[Callable[[bytes], None]] = None) -> None:
+                 write_trailer: Optional[Callable[[bytes], None]] = None,
+                 stream_type: int = STREAM_PLAIN, checkpoints: Optional[int] = None,
+                 checkpoint_interval: float = 0.1) -> None:
         """``helper_env``: extra environment variables for the helper (e.g. the
         precopy policy's PYXL_PRECOPY & co.).  ``write_trailer``: for an fd the
         caller drains asynchronously (a relay pipe), called with the libxl
         records that end the stream instead of writing them to the fd, so a
-        full pipe never blocks the loop."""
+        full pipe never blocks the loop.
+
+        ``stream_type=STREAM_REMUS`` (1): a checkpointed stream (libxl's Remus;
+        use it with ``live=True``).  After each checkpoint the default
+        ``postcopy`` handler writes libxl's checkpoint records (the emulator
+        records, CHECKPOINT_END) and resumes the guest; the default
+        ``checkpoint`` handler waits ``checkpoint_interval`` seconds and asks
+        for another checkpoint until ``checkpoints`` were taken (None: until
+        cancelled), then ends the stream gracefully.  The guest runs on
+        afterwards (``leave`` applies)."""
         if leave not in ("destroy", "paused", "running"):
             raise ValueError(f"leave must be 'destroy', 'paused' or 'running', not {leave!r}")
         super().__init__(domid, loop, timeout, callbacks, on_progress)
@@ -425,6 +442,12 @@ class SaveOperation(Operation):
         self.fsync = fsync
         self.emulator_records = list(emulator_records)
         self.write_trailer = write_trailer
+        if stream_type not in (STREAM_PLAIN, STREAM_REMUS):
+            raise ValueError(f"stream_type must be 0 (plain) or 1 (Remus), not {stream_type}")
+        self.stream_type = stream_type
+        self.max_checkpoints = checkpoints
+        self.checkpoint_interval = checkpoint_interval
+        self.checkpoints = 0
         self.suspended = False
         self.suspended_at: Optional[float] = None
         self._suspend_cancel: Optional[Timer] = None
@@ -446,12 +469,13 @@ class SaveOperation(Operation):
         try:
             _write_all(self._fd, stream_xl.xl_header(config) + stream_libxl.libxl_header()
                        + stream_libxl.libxc_context_record())
-            cbflags = cbflags_for(SAVE_CALLBACKS)
+            cbflags = cbflags_for(REMUS_SAVE_CALLBACKS if stream_type else SAVE_CALLBACKS)
             xcflags = (XCFLAGS_LIVE if live else 0) | (XCFLAGS_DEBUG if debug else 0)
             io_fd = self._fd if self._fd > 2 else self._dup_high(self._fd)
             # libxl passes a dup of its own stdin as BACK_FD (zero-initialised
             # state); it is only read for COLO streams, so we pass -1.
-            argv = save_argv(helper_path(helper), io_fd, -1, domid, xcflags, cbflags)
+            argv = save_argv(helper_path(helper), io_fd, -1, domid, xcflags, cbflags,
+                             stream_type)
             try:
                 env = self.backend.helper_env()
                 env.update(helper_env or {})
@@ -504,7 +528,46 @@ class SaveOperation(Operation):
             return self._default_suspend
         if name == "switch_qemu_logdirty":
             return lambda req: 0  # no device model in a simulated guest
+        if name == "postcopy":
+            return self._default_postcopy
+        if name == "checkpoint":
+            return self._default_checkpoint
         return super()._default_handler(name)
+
+    def _default_postcopy(self, req: CallbackRequest) -> None:
+        """Remus, after a checkpoint's libxc records: libxl's records for it,
+        then the guest runs again until the next checkpoint."""
+        records = b"".join(stream_libxl.libxl_record(rtype, body)
+                           for rtype, body in self.emulator_records)
+        records += stream_libxl.checkpoint_end_record()
+
+        def written(err: Optional[OSError]) -> None:
+            if err is not None:
+                self.logger.error("writing checkpoint records failed: %s", err.strerror)
+                req.reply(0)
+                return
+            self.checkpoints += 1
+            try:
+                self.backend.resume(self.domid)
+            except Exception as exc:
+                self.logger.error("could not resume domain %d after checkpoint %d: %s",
+                                  self.domid, self.checkpoints, exc)
+                req.reply(0)
+                return
+            self.suspended = False
+            req.reply(1)
+
+        # The helper waits for this answer, so the fd is ours for the moment.
+        _FdWriter(self.loop, self._fd, records, written)
+
+    def _default_checkpoint(self, req: CallbackRequest) -> None:
+        """Remus: another checkpoint after the interval, until enough were taken."""
+        more = self.max_checkpoints is None or self.checkpoints < self.max_checkpoints
+        if not more:
+            return req.reply(0)   # a graceful end of the stream
+        self._aux.append(self.loop.call_later(self.checkpoint_interval,
+                                              lambda: req.reply(1) if not req.answered else None))
+        return None
 
     def _default_suspend(self, req: CallbackRequest) -> None:
         def done(ok: bool, why: str) -> None:
@@ -559,9 +622,15 @@ class SaveOperation(Operation):
 
     def _complete_stream(self) -> SaveResult:
         end = time.monotonic()
-        trailer = b"".join(stream_libxl.libxl_record(rtype, body)
-                           for rtype, body in self.emulator_records)
-        trailer += stream_libxl.end_record()
+        if self.stream_type == STREAM_REMUS:
+            # libxc 4.17 ends a checkpointed stream after the last CHECKPOINT
+            # (its emulator records went with each one): add the libxc END it
+            # omits, so the receiver's libxc completes on it, then libxl's END.
+            trailer = stream_libxc.end_record() + stream_libxl.end_record()
+        else:
+            trailer = b"".join(stream_libxl.libxl_record(rtype, body)
+                               for rtype, body in self.emulator_records)
+            trailer += stream_libxl.end_record()
         if self.write_trailer is not None:
             self.write_trailer(trailer)
         else:
@@ -585,7 +654,8 @@ class SaveOperation(Operation):
                     os.close(dfd)
         self._leave_domain()
         return SaveResult(self.domid, self.path, size, end - self.started, self.iterations,
-                          None if self.suspended_at is None else end - self.suspended_at)
+                          None if self.suspended_at is None else end - self.suspended_at,
+                          checkpoints=self.checkpoints)
 
     def _leave_domain(self) -> None:
         try:
@@ -593,6 +663,8 @@ class SaveOperation(Operation):
                 self.backend.destroy(self.domid)
             elif self.leave == "running":
                 self.backend.resume(self.domid)
+            elif not self.suspended:
+                self.backend.pause(self.domid)   # Remus: it ran on after the last checkpoint
             else:
                 # xl save -p: pause first, so the guest never runs between
                 # the suspend and the pause.
@@ -620,7 +692,19 @@ class RestoreOperation(Operation):
                  timeout: Optional[float] = None, loop: Optional[Loop] = None,
                  callbacks: Optional[Dict[str, Handler]] = None,
                  on_progress: Optional[Callable[[ProgressEvent], None]] = None,
-                 backend: Optional[SimBackend] = None, sim_dir: Optional[str] = None) -> None:
+                 backend: Optional[SimBackend] = None, sim_dir: Optional[str] = None,
+                 stream_type: int = STREAM_PLAIN) -> None:
+        """``stream_type=STREAM_REMUS`` (1): a checkpointed stream.  At each
+        checkpoint the default ``checkpoint`` handler reads libxl's records up to
+        CHECKPOINT_END (collected in ``emulator_records``) and lets libxc go on;
+        libxc applies each checkpoint when the next one is complete.  A stream
+        that ends after a complete checkpoint without END (the sender died) is
+        a failover: the domain is restored at its last checkpoint."""
+        if stream_type not in (STREAM_PLAIN, STREAM_REMUS):
+            raise ValueError(f"stream_type must be 0 (plain) or 1 (Remus), not {stream_type}")
+        self.stream_type = stream_type
+        self.checkpoints = 0
+        self.checkpoint_records: List[Tuple[int, bytes]] = []
         self.backend = backend or default_backend(sim_dir)
         self.paused = paused
         self.path: Optional[str] = None
@@ -660,11 +744,16 @@ class RestoreOperation(Operation):
             raise
         super().__init__(domid, loop, timeout, callbacks, on_progress)
         try:
-            cbflags = cbflags_for(RESTORE_CALLBACKS)
+            cbflags = cbflags_for(REMUS_RESTORE_CALLBACKS if stream_type else RESTORE_CALLBACKS)
             io_fd = fd if fd > 2 else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-            # Event channels: store 1 and console 2 on backend domain 0, as the
-            # simulated domain's builder would allocate them.
-            argv = restore_argv(helper_path(helper), io_fd, -1, domid, 1, 0, 2, 0, cbflags)
+            # Event channels (store port, store domain, console port, console
+            # domain): the backend's, or store 1 and console 2 on backend
+            # domain 0, as the simulated domain's builder would allocate them.
+            ports = getattr(self.backend, "restore_ports", None)
+            store_port, store_dom, console_port, console_dom = (
+                ports(domid) if ports is not None else (1, 0, 2, 0))
+            argv = restore_argv(helper_path(helper), io_fd, -1, domid, store_port, store_dom,
+                                console_port, console_dom, cbflags, stream_type)
             try:
                 self._spawn(argv, "restore", cbflags, [io_fd], self.backend.helper_env())
             finally:
@@ -686,7 +775,33 @@ class RestoreOperation(Operation):
         except Exception as exc:
             self.logger.error("could not destroy half-restored domain %d: %s", self.domid, exc)
 
+    def _default_checkpoint(self, req: CallbackRequest) -> None:
+        """libxc read a CHECKPOINT: read libxl's records of that checkpoint (the
+        helper waits for our answer, so the fd is ours meanwhile), then go on."""
+        def read(records: List[Tuple[int, bytes]], err: Optional[Exception]) -> None:
+            if err is not None:
+                self.logger.error("checkpoint %d: reading libxl's records failed: %s",
+                                  self.checkpoints + 1, err)
+                req.reply(0)   # XGR_CHECKPOINT_ERROR
+                return
+            self.checkpoints += 1
+            self.checkpoint_records = records
+            req.reply(1)       # XGR_CHECKPOINT_SUCCESS
+
+        if _is_regular(self._fd):
+            try:
+                records = _read_records(self._fd, RecordType.CHECKPOINT_END)
+            except (ValueError, OSError) as exc:
+                read([], exc)
+            else:
+                read(records, None)
+            return
+        self._aux.append(_TrailerReader(self.loop, self._fd, read,
+                                        end=RecordType.CHECKPOINT_END))
+
     def _default_handler(self, name: str) -> Handler:
+        if name == "checkpoint" and self.stream_type == STREAM_REMUS:
+            return self._default_checkpoint
         if name == "static_data_done":
             # missing CPUID/MSR policy (v2 streams) would be rebuilt the legacy
             # way by libxl; the simulated domain keeps its default policy.
@@ -716,6 +831,8 @@ class RestoreOperation(Operation):
     def _trailer_read(self, records: List[Tuple[int, bytes]],
                       err: Optional[Exception]) -> None:
         self._trailer = None
+        if isinstance(err, stream_common.TruncatedStream) and self._failover():
+            records, err = list(self.checkpoint_records), None
         for t in self._aux:
             t.cancel()
         exc: Optional[OperationError] = None
@@ -750,7 +867,14 @@ class RestoreOperation(Operation):
             self._destroy_target()
             self._finish(exc=exc)
             return
+        assert self.helper is not None and self.helper.results is not None
         try:
+            # A real hypervisor's backend finishes the domain now (XenStore
+            # nodes, introduction to xenstored with the restored store page).
+            restored = getattr(self.backend, "restore_done", None)
+            if restored is not None:
+                restored(self.domid, self.helper.results.store_gfn,
+                         self.helper.results.console_gfn)
             if not self.paused:
                 self.backend.unpause(self.domid)
         except Exception as err:
@@ -761,20 +885,26 @@ class RestoreOperation(Operation):
         assert self.helper is not None and self.helper.results is not None
         res = self.helper.results
         self._finish(RestoreResult(self.domid, res.store_gfn, res.console_gfn, self.config,
-                                   time.monotonic() - self.started, emulator_records=records))
+                                   time.monotonic() - self.started, emulator_records=records,
+                                   checkpoints=self.checkpoints))
 
     def _read_trailer(self) -> List[Tuple[int, bytes]]:
         """libxl records after the libxc stream, up to END."""
-        out: List[Tuple[int, bytes]] = []
-        while True:
-            rec = stream_libxl.read_libxl_record(self._fd)
-            if rec.rtype == RecordType.END:
-                return out
-            if rec.rtype in (RecordType.EMULATOR_XENSTORE_DATA, RecordType.EMULATOR_CONTEXT):
-                out.append((rec.rtype, rec.body))
-                continue
-            raise ValueError(f"unexpected libxl record {stream_libxl.record_name(rec.rtype)} "
-                             "after the libxc stream")
+        try:
+            return _read_records(self._fd, RecordType.END)
+        except stream_common.TruncatedStream:
+            if self._failover():
+                return list(self.checkpoint_records)
+            raise
+
+    def _failover(self) -> bool:
+        """A checkpointed stream may end without END (its sender died): libxc
+        then restored the last complete checkpoint, and so do we."""
+        if self.stream_type == STREAM_REMUS and self.checkpoints:
+            self.logger.warning("checkpointed stream ended without END after %d checkpoints: "
+                                "failover to the last one", self.checkpoints)
+            return True
+        return False
 
 
 class _TrailerReader:
@@ -786,8 +916,9 @@ class _TrailerReader:
     """
 
     def __init__(self, loop: Loop, fd: int,
-                 done: Callable[[List[Tuple[int, bytes]], Optional[Exception]], None]) -> None:
-        self.loop, self.fd, self.done = loop, fd, done
+                 done: Callable[[List[Tuple[int, bytes]], Optional[Exception]], None],
+                 end: int = RecordType.END) -> None:
+        self.loop, self.fd, self.done, self.end = loop, fd, done, end
         self.flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, self.flags | os.O_NONBLOCK)
         self.buf = bytearray()
@@ -797,6 +928,16 @@ class _TrailerReader:
         self.records: List[Tuple[int, bytes]] = []
         self.active = True
         loop.add_reader(fd, self._readable)
+
+    def cancel(self) -> None:
+        """Stop quietly (as a loop timer would be cancelled)."""
+        if self.active:
+            self.active = False
+            self.loop.remove_reader(self.fd)
+            try:
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags)
+            except OSError:
+                pass
 
     def stop(self, records: Optional[List[Tuple[int, bytes]]] = None,
              err: Optional[Exception] = None) -> None:
@@ -832,7 +973,7 @@ class _TrailerReader:
         data, self.buf = bytes(self.buf), bytearray()
         if self.rtype is None:
             rtype, length = stream_common.REC_HEADER.unpack(data)
-            if rtype == RecordType.END:
+            if rtype == self.end:
                 self.stop(self.records)
                 return
             if rtype not in (RecordType.EMULATOR_XENSTORE_DATA, RecordType.EMULATOR_CONTEXT):
@@ -850,6 +991,68 @@ class _TrailerReader:
         self.records.append((self.rtype, data[:self.length]))
         self.rtype = None
         self.want = stream_common.REC_HEADER.size
+
+
+def _read_records(fd: int, end: int) -> List[Tuple[int, bytes]]:
+    """Emulator records from ``fd`` (blocking), up to the ``end`` record."""
+    out: List[Tuple[int, bytes]] = []
+    while True:
+        rec = stream_libxl.read_libxl_record(fd)
+        if rec.rtype == end:
+            return out
+        if rec.rtype in (RecordType.EMULATOR_XENSTORE_DATA, RecordType.EMULATOR_CONTEXT):
+            out.append((rec.rtype, rec.body))
+            continue
+        raise ValueError(f"unexpected libxl record {stream_libxl.record_name(rec.rtype)} "
+                         "after the libxc stream")
+
+
+class _FdWriter:
+    """Write ``data`` to ``fd``, then ``done(None)``, or ``done(OSError)``.
+
+    A regular file is written at once.  A pipe or socket is written from the
+    loop, non-blocking meanwhile (flags restored before ``done``) -- only for
+    an fd no helper writes to right now (it waits for a callback's answer).
+    """
+
+    def __init__(self, loop: Loop, fd: int, data: bytes,
+                 done: Callable[[Optional[OSError]], None]) -> None:
+        self.loop, self.fd, self.done = loop, fd, done
+        self.data = memoryview(data)
+        if _is_regular(fd):
+            try:
+                _write_all(fd, data)
+            except OSError as exc:
+                done(exc)
+            else:
+                done(None)
+            return
+        self.flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, self.flags | os.O_NONBLOCK)
+        self.watching = False
+        self._writable()
+
+    def _writable(self) -> None:
+        err: Optional[OSError] = None
+        while self.data:
+            try:
+                n = os.write(self.fd, self.data)
+            except BlockingIOError:
+                if not self.watching:
+                    self.loop.add_writer(self.fd, self._writable)
+                    self.watching = True
+                return
+            except OSError as exc:
+                err = exc
+                break
+            self.data = self.data[n:]
+        if self.watching:
+            self.loop.remove_writer(self.fd)
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags)
+        except OSError:
+            pass
+        self.done(err)
 
 
 def save(domid: int, path_or_fd: PathOrFd, live: bool = False, leave: str = "destroy",
