@@ -99,10 +99,10 @@ class SimBackend:
         sim.unpause(domid, sim_dir=self.sim_dir)
 
 
-def default_backend(sim_dir: Optional[str] = None) -> SimBackend:
+def default_backend(sim_dir: Optional[str] = None) -> Any:
+    """fakexen's SimBackend, unless this is a Xen host (``/dev/xen/privcmd``)
+    and no simulation directory was asked for: then :class:`XenBackend`."""
     if os.path.exists("/dev/xen/privcmd") and sim_dir is None and not os.environ.get("PYXL_SIM_DIR"):
-        # A real hypervisor: its backend (suspend through XenStore, domain
-        # creation through libxenctrl) is not part of this release.
-        raise StartupError("this host runs Xen; pyxl's real-Xen backend is not available yet "
-                           "(use --sim-dir / PYXL_SIM_DIR for simulated domains)")
+        from .xenbackend import XenBackend
+        return XenBackend()
     return SimBackend(sim_dir)

@@ -1,0 +1,256 @@
+"""The real-Xen backend's pieces that run without Xen: the XenStore wire
+protocol against a tiny in-process xenstored (a thread on a socketpair), and
+the suspend's watch-driven wait on pyxl's loop with a fake libxenctrl.  The
+real thing is tested on a hypervisor by xen-e2e/tests-pyxl-in-dom0.sh."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+
+from pyxl import xenstore
+from pyxl.loop import SelectorLoop
+from pyxl.xenbackend import (SHUTDOWN_poweroff, SHUTDOWN_suspend, XEN_DOMINF_shutdown,
+                             XEN_DOMINF_shutdownshift, DomInfo, XenBackend, _Suspend)
+from pyxl.xenstore import XenStore, XenStoreError
+
+H = struct.Struct("=IIII")
+
+
+class FakeXenstored:
+    """Just enough xenstored: a flat dict of nodes, watches that fire on writes
+    under their path and once on registration, as xenstored does."""
+
+    def __init__(self) -> None:
+        self.client, self.server = socket.socketpair()
+        self.nodes: Dict[str, bytes] = {}
+        self.watches: List[Tuple[str, str]] = []
+        self.log: List[Tuple[int, int, List[bytes]]] = []
+        self.lock = threading.Lock()
+        self.t = threading.Thread(target=self._serve, daemon=True)
+        self.t.start()
+
+    def send(self, mtype: int, req: int, tx: int, payload: bytes) -> None:
+        with self.lock:
+            self.server.sendall(H.pack(mtype, req, tx, len(payload)) + payload)
+
+    def fire(self, path: str) -> None:
+        for wpath, token in list(self.watches):
+            if path == wpath or path.startswith(wpath.rstrip("/") + "/"):
+                self.send(xenstore.XS_WATCH_EVENT, 0, 0, path.encode() + b"\0" + token.encode() + b"\0")
+
+    def _recv(self, n: int) -> bytes:
+        b = b""
+        while len(b) < n:
+            c = self.server.recv(n - len(b))
+            if not c:
+                raise EOFError
+            b += c
+        return b
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                mtype, req, tx, ln = H.unpack(self._recv(H.size))
+                body = self._recv(ln) if ln else b""
+                self._handle(mtype, req, tx, body)
+        except (EOFError, OSError):
+            pass
+
+    def _handle(self, mtype: int, req: int, tx: int, body: bytes) -> None:
+        parts = body.split(b"\0")
+        self.log.append((mtype, tx, parts))
+        ok = lambda: self.send(mtype, req, tx, b"OK\0")  # noqa: E731
+        err = lambda name: self.send(xenstore.XS_ERROR, req, tx, name + b"\0")  # noqa: E731
+        path = parts[0].decode()
+        if mtype == xenstore.XS_READ:
+            if path in self.nodes:
+                self.send(mtype, req, tx, self.nodes[path])
+            else:
+                err(b"ENOENT")
+        elif mtype == xenstore.XS_WRITE:
+            self.nodes[path] = body[len(parts[0]) + 1:]
+            ok()
+            self.fire(path)
+        elif mtype == xenstore.XS_RM:
+            gone = [p for p in self.nodes if p == path or p.startswith(path + "/")]
+            if not gone:
+                err(b"ENOENT")
+                return
+            for p in gone:
+                del self.nodes[p]
+            ok()
+        elif mtype == xenstore.XS_DIRECTORY:
+            kids = sorted({p[len(path) + 1:].split("/")[0] for p in self.nodes
+                           if p.startswith(path + "/")})
+            self.send(mtype, req, tx, b"".join(k.encode() + b"\0" for k in kids))
+        elif mtype == xenstore.XS_WATCH:
+            self.watches.append((path, parts[1].decode()))
+            ok()
+            self.fire(path)  # xenstored fires every new watch once
+        elif mtype == xenstore.XS_TRANSACTION_START:
+            self.send(mtype, req, tx, b"7\0")
+        elif mtype in (xenstore.XS_RESUME, xenstore.XS_INTRODUCE, xenstore.XS_TRANSACTION_END,
+                       xenstore.XS_UNWATCH, xenstore.XS_RELEASE):
+            ok()
+        else:
+            err(b"EINVAL")
+
+    def close(self) -> None:
+        self.server.close()
+        self.client.close()
+
+
+@pytest.fixture
+def xsd():
+    f = FakeXenstored()
+    yield f
+    f.close()
+
+
+def test_wire_header_layout():
+    assert xenstore.encode(xenstore.XS_READ, 5, 0, b"a\0") == H.pack(2, 5, 0, 2) + b"a\0"
+    # numbering from xen/io/xs_wire.h
+    assert (xenstore.XS_WATCH, xenstore.XS_WATCH_EVENT, xenstore.XS_ERROR,
+            xenstore.XS_RESUME, xenstore.XS_RESET_WATCHES) == (4, 15, 16, 18, 21)
+    with pytest.raises(ValueError):
+        xenstore.encode(xenstore.XS_WRITE, 1, 0, b"x" * 4097)
+
+
+def test_read_write_rm_directory(xsd):
+    xs = XenStore(sock=xsd.client)
+    xs.write("/local/domain/3/name", "web1")
+    xs.write("/local/domain/3/control/shutdown", b"")
+    assert xs.read("/local/domain/3/name") == b"web1"
+    assert xs.read("/local/domain/3/nope") is None
+    assert xs.directory("/local/domain/3") == ["control", "name"]
+    assert xs.directory("/nowhere") == []
+    xs.rm("/local/domain/3")
+    xs.rm("/local/domain/3")  # ENOENT is not an error for rm
+    assert xs.read("/local/domain/3/name") is None
+    assert xs.transaction_start() == 7
+
+
+def test_error_reply_is_typed(xsd):
+    xs = XenStore(sock=xsd.client)
+    with pytest.raises(XenStoreError) as ei:
+        xs.set_perms("/x", ["n0"])
+    assert ei.value.errno == errno.EINVAL
+
+
+def test_watch_events_interleaved_with_replies_are_queued(xsd):
+    xs = XenStore(sock=xsd.client)
+    xs.watch("@releaseDomain", "tok")
+    xs.write("/local/domain/1/x", "1")         # no watch on it
+    xsd.fire("@releaseDomain")
+    assert xs.read("/local/domain/1/x") == b"1"  # reply after the event: event queued
+    time.sleep(0.05)
+    evs = xs.events()
+    assert evs == [("@releaseDomain", "tok"), ("@releaseDomain", "tok")]
+    assert xs.events() == []
+
+
+def test_reply_split_across_reads():
+    a, b = socket.socketpair()
+    xs = XenStore(sock=a)
+
+    def serve() -> None:
+        hdr = b.recv(16)
+        mtype, req, _tx, ln = H.unpack(hdr)
+        b.recv(ln)
+        msg = H.pack(mtype, req, 0, 5) + b"hello"
+        for i in range(len(msg)):
+            b.send(msg[i:i + 1])
+            time.sleep(0.001)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    assert xs.read("/p") == b"hello"
+    t.join()
+    a.close()
+    b.close()
+
+
+def test_closed_connection_raises():
+    a, b = socket.socketpair()
+    b.close()
+    xs = XenStore(sock=a)
+    with pytest.raises(OSError):
+        xs.read("/p")
+    a.close()
+
+
+def _info(domid: int, flags: int) -> DomInfo:
+    buf = bytearray(1024)
+    struct.pack_into("=HHI", buf, 0, domid, 0, flags)
+    buf[76:92] = bytes(range(16))
+    return DomInfo(bytes(buf))
+
+
+def test_dominfo_decoding():
+    i = _info(4, XEN_DOMINF_shutdown | (SHUTDOWN_suspend << XEN_DOMINF_shutdownshift))
+    assert i.domid == 4 and i.suspended and not i.dying
+    assert i.uuid == "00010203-0405-0607-0809-0a0b0c0d0e0f"
+    j = _info(4, XEN_DOMINF_shutdown | (SHUTDOWN_poweroff << XEN_DOMINF_shutdownshift))
+    assert j.shutdown and not j.suspended
+
+
+class FakeXc:
+    def __init__(self) -> None:
+        self.flags = 0
+        self.calls: List[str] = []
+
+    def getinfo(self, domid: int) -> Optional[DomInfo]:
+        self.calls.append("getinfo")
+        return _info(domid, self.flags)
+
+
+def _suspend_with(xsd: FakeXenstored, monkeypatch, guest, timeout=5.0):
+    be = XenBackend.__new__(XenBackend)
+    be.xc = FakeXc()
+    be._xs = None
+    monkeypatch.setattr("pyxl.xenbackend.open_default", lambda: XenStore(sock=xsd.client))
+    loop = SelectorLoop()
+    out: List[Tuple[bool, str]] = []
+    xsd.on_write = guest
+    t0 = time.monotonic()
+    _Suspend(be, loop, 5, timeout, lambda ok, why: out.append((ok, why)))
+    guest(be.xc)
+    loop.run_until(lambda: bool(out), timeout=timeout + 5)
+    loop.close()
+    return out, be, time.monotonic() - t0
+
+
+def test_suspend_waits_for_release_domain_watch(xsd, monkeypatch):
+    def guest(xc: FakeXc) -> None:
+        def later() -> None:
+            time.sleep(0.2)
+            assert xsd.nodes["/local/domain/5/control/shutdown"] == b"suspend"
+            xc.flags = XEN_DOMINF_shutdown | (SHUTDOWN_suspend << XEN_DOMINF_shutdownshift)
+            xsd.fire("@releaseDomain")
+        threading.Thread(target=later, daemon=True).start()
+
+    out, be, dt = _suspend_with(xsd, monkeypatch, guest)
+    assert out == [(True, "")]
+    assert 0.15 < dt < 3
+    # one look at registration, one on the event: driven by the watch, not polling
+    assert be.xc.calls.count("getinfo") <= 3
+
+
+def test_suspend_times_out_and_withdraws_the_request(xsd, monkeypatch):
+    out, be, dt = _suspend_with(xsd, monkeypatch, lambda xc: None, timeout=0.3)
+    assert out and out[0][0] is False and "did not suspend within 0.3s" in out[0][1]
+    assert xsd.nodes["/local/domain/5/control/shutdown"] == b""
+
+
+def test_suspend_reports_other_shutdown(xsd, monkeypatch):
+    def guest(xc: FakeXc) -> None:
+        xc.flags = XEN_DOMINF_shutdown | (SHUTDOWN_poweroff << XEN_DOMINF_shutdownshift)
+    out, be, dt = _suspend_with(xsd, monkeypatch, guest)
+    assert out[0][0] is False and "reason 0" in out[0][1]
