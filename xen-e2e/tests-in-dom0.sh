@@ -271,7 +271,9 @@ then result dom0-integrity PASS "LZMA round trips with guests running: $(tail -n
 else result dom0-integrity FAIL "dom0 computes wrong results with guests running: $(tail -n 1 "$OUT/integrity.log")"
 fi
 
+ONLY_PYXL=0; [ -f "$E2E/only-pyxl" ] && ONLY_PYXL=1 && say "only-pyxl: skipping the xl tests"
 # 1+2. save/restore of both guests, each helper in turn.
+[ $ONLY_PYXL = 1 ] && ROUNDS=0
 order=$HELPERS
 for r in $(seq 1 "$ROUNDS"); do
     for g in pv1 pvh1; do
@@ -282,7 +284,7 @@ for r in $(seq 1 "$ROUNDS"); do
 done
 
 # 3. Thread count of our helper during a save (xl save -c: the guest keeps running).
-if [ $OURS_OK = 1 ] && [ -n "${GMAX[pv1]:-}" ]; then
+if [ $OURS_OK = 1 ] && [ $ONLY_PYXL = 0 ] && [ -n "${GMAX[pv1]:-}" ]; then
     rm -f "$W/stop-sampler"
     sampler pyxl-save-helpe "$W/threads" &
     spid=$!
@@ -308,6 +310,11 @@ if [ -n "${GMAX[pvh1]:-}" ]; then
         for h in $order; do migrate pvh1 "$h" "$r"; done
         order=$(reverse "$order")
     done
+fi
+
+# 4. pyxl's own toolstack (real-Xen backend): pyxl save, failures, checkpoints.
+if [ -f "$E2E/tests-pyxl-in-dom0.sh" ]; then
+    . "$E2E/tests-pyxl-in-dom0.sh"
 fi
 
 "$XL" list > "$OUT/xl-list.log" 2>&1

@@ -1,0 +1,167 @@
+# pyxl's own toolstack on real Xen (issue 9): sourced by tests-in-dom0.sh once
+# the guests pv1 and pvh1 run; uses its result/begin_op/check_continues/GMAX.
+# pyxl (the CLI, /opt/pyxl/bin/pyxl) picks its real-Xen backend by itself
+# (/dev/xen/privcmd exists): suspend through control/shutdown + @releaseDomain,
+# resume with xc_domain_resume(fast), destroy through libxenctrl + XenStore.
+#
+#   pyxl-save.G / xl-restore-of-pyxl.G      pyxl save G; the domain is gone; xl restore of that file
+#   counter-after-pyxl-save.G               the restored guest counts on (same boot id)
+#   pyxl-save-live.pvh1 (+ xl restore)      live pyxl save of the PVH guest
+#   pyxl-save-c.G                           pyxl save -c: the guest keeps running
+#   pyxl-save-killed.G                      helper SIGKILLed mid-save: pyxl fails (exit 1), the guest
+#                                           is resumed and counts on, no file and no extra domain left
+PYXL=/opt/pyxl/bin/pyxl
+PT=120   # bound for every pyxl command
+
+pyxl_list() { "$XL" list 2>&1 | awk 'NR>1 {print $1}' | sort | tr '\n' ' '; }
+pyxl_timed() {  # LOGNAME pyxl-args...: sets LAST_S, returns pyxl's status
+    local logname=$1 t0 rc; shift
+    sync
+    t0=$(now_us)
+    timeout $PT "$PYXL" -vv "$@" > "$OUT/pyxl-$logname.log" 2>&1
+    rc=$?
+    LAST_S=$(fmt_s $(($(now_us) - t0)))
+    say "pyxl $* : rc $rc, $LAST_S s"
+    return $rc
+}
+pyxl_save_then_xl_restore() {  # GUEST TAG [pyxl save options...]
+    local g=$1 tag=$2 before d f; shift 2
+    f=$W/$g-pyxl-$tag.save
+    begin_op "$g"; before=${GMAX[$g]}
+    d=$("$XL" domid "$g" 2>/dev/null) || { result "pyxl-save-$tag.$g" FAIL "no domain $g"; return 1; }
+    if ! pyxl_timed "save-$tag-$g" save "$@" "$d" "$f"; then
+        result "pyxl-save-$tag.$g" FAIL "$(tail -n 3 "$OUT/pyxl-save-$tag-$g.log" | tr '\n' ' ')"
+        "$XL" list "$g" > /dev/null 2>&1 || return 1
+        return 1
+    fi
+    local dt=$LAST_S
+    if "$XL" list "$d" > /dev/null 2>&1; then
+        result "pyxl-save-$tag.$g" FAIL "$LAST_S s, but domain $d still exists after the save"
+        return 1
+    fi
+    timing "pyxl-save-$tag.$g" pyxl "$dt"
+    result "pyxl-save-$tag.$g" PASS "$dt s, $(stat -c %s "$f") bytes, domain $d destroyed; left: $(pyxl_list)"
+    if ! xl_timed "xl-restore-of-pyxl.$g" debian "restore-pyxl-$tag-$g" restore "$f"; then
+        result "xl-restore-of-pyxl-$tag.$g" FAIL "$(tail -n 3 "$OUT/xl-restore-pyxl-$tag-$g.log" | tr '\n' ' ')"
+        return 1
+    fi
+    result "xl-restore-of-pyxl-$tag.$g" PASS "$LAST_S s"
+    check_continues "counter-after-pyxl-save-$tag.$g" "$g" "$before"
+}
+pyxl_checkpoint() {  # GUEST
+    local g=$1 before d f=$W/$1-pyxl-c.save
+    begin_op "$g"; before=${GMAX[$g]}
+    d=$("$XL" domid "$g" 2>/dev/null) || { result "pyxl-save-c.$g" FAIL "no domain $g"; return 1; }
+    if pyxl_timed "save-c-$g" save -c "$d" "$f"; then
+        timing "pyxl-save-c.$g" pyxl "$LAST_S"
+        result "pyxl-save-c.$g" PASS "$LAST_S s, $(stat -c %s "$f") bytes"
+        check_continues "counter-after-pyxl-save-c.$g" "$g" "$before"
+    else
+        result "pyxl-save-c.$g" FAIL "$(tail -n 3 "$OUT/pyxl-save-c-$g.log" | tr '\n' ' ')"
+    fi
+}
+pyxl_killed() {  # GUEST DELAY: the helper is SIGKILLed DELAY s after it starts
+    local g=$1 delay=$2 before d rc f=$W/$1-pyxl-killed.save listed
+    cat > "$W/helper-killed" <<EOF
+#!/bin/sh
+# exec keeps this pid: the helper itself is killed.
+( sleep $delay; kill -9 \$\$ ) &
+exec $OURS_REAL "\$@"
+EOF
+    chmod +x "$W/helper-killed"
+    begin_op "$g"; before=${GMAX[$g]}
+    d=$("$XL" domid "$g" 2>/dev/null) || { result "pyxl-save-killed.$g" FAIL "no domain $g"; return 1; }
+    listed=$(pyxl_list)
+    rm -f "$f"
+    pyxl_timed "save-killed-$g" save --helper "$W/helper-killed" "$d" "$f"
+    rc=$?
+    if [ $rc -ne 1 ]; then
+        result "pyxl-save-killed.$g" FAIL "pyxl exited $rc, not 1: $(tail -n 2 "$OUT/pyxl-save-killed-$g.log" | tr '\n' ' ')"
+    elif [ -e "$f" ]; then
+        result "pyxl-save-killed.$g" FAIL "the file $f exists after the failed save"
+    elif [ "$(pyxl_list)" != "$listed" ]; then
+        result "pyxl-save-killed.$g" FAIL "domains before: $listed, after: $(pyxl_list)"
+    else
+        result "pyxl-save-killed.$g" PASS "$LAST_S s, exit 1 ($(grep -o -m1 'error: .*' "$OUT/pyxl-save-killed-$g.log" | head -c 160)); domains: $listed"
+    fi
+    "$XL" list -v > "$OUT/xl-list-after-killed-$g.log" 2>&1
+    check_continues "counter-after-pyxl-save-killed.$g" "$g" "$before"
+}
+
+pyxl_restore() {  # TEST GUEST FILE BEFORE [pyxl restore options...]: pyxl restore, counter continues
+    local test=$1 g=$2 f=$3 before=$4 d; shift 4
+    if ! pyxl_timed "$test-$g" restore "$@" "$f"; then
+        result "$test.$g" FAIL "$(tail -n 3 "$OUT/pyxl-$test-$g.log" | tr '\n' ' ')"
+        return 1
+    fi
+    d=$("$XL" domid "$g" 2>/dev/null)
+    timing "$test.$g" pyxl "$LAST_S"
+    result "$test.$g" PASS "$LAST_S s, domid ${d:-?}; xl list: $(pyxl_list)"
+    { xenstore-ls -fp "/local/domain/$d"; xenstore-ls -fp "$(xenstore-read "/local/domain/$d/vm")";
+      xenstore-ls -fp "/libxl/$d"; } > "$OUT/xenstore-$g-after-$test.txt" 2>&1
+    check_continues "counter-after-$test.$g" "$g" "$before"
+}
+xl_save_pyxl_restore() {  # GUEST: xl save (Debian's helper) -> pyxl restore
+    local g=$1 before f=$W/$1-xl-for-pyxl.save
+    begin_op "$g"; before=${GMAX[$g]}
+    if ! xl_timed "xl-save-for-pyxl.$g" debian "save-for-pyxl-$g" save "$g" "$f"; then
+        result "pyxl-restore-of-xl.$g" FAIL "xl save failed: $(tail -n 3 "$OUT/xl-save-for-pyxl-$g.log" | tr '\n' ' ')"
+        return 1
+    fi
+    pyxl_restore pyxl-restore-of-xl "$g" "$f" "$before"
+}
+pyxl_roundtrip() {  # GUEST: pyxl save -> pyxl restore with the helper killed -> pyxl restore
+    local g=$1 before d f=$W/$1-pyxl-roundtrip.save listed rc
+    begin_op "$g"; before=${GMAX[$g]}
+    d=$("$XL" domid "$g" 2>/dev/null) || { result "pyxl-roundtrip-save.$g" FAIL "no domain $g"; return 1; }
+    if ! pyxl_timed "roundtrip-save-$g" save "$d" "$f"; then
+        result "pyxl-roundtrip-save.$g" FAIL "$(tail -n 3 "$OUT/pyxl-roundtrip-save-$g.log" | tr '\n' ' ')"
+        return 1
+    fi
+    result "pyxl-roundtrip-save.$g" PASS "$LAST_S s"
+    cat > "$W/helper-killed-r" <<EOF
+#!/bin/sh
+( sleep 1; kill -9 \$\$ ) &
+exec $OURS_REAL "\$@"
+EOF
+    chmod +x "$W/helper-killed-r"
+    listed=$(pyxl_list)
+    pyxl_timed "restore-killed-$g" restore --helper "$W/helper-killed-r" "$f"
+    rc=$?
+    if [ $rc -eq 1 ] && [ "$(pyxl_list)" = "$listed" ]; then
+        result "pyxl-restore-killed.$g" PASS "$LAST_S s, exit 1, nothing left: $(pyxl_list)"
+    else
+        result "pyxl-restore-killed.$g" FAIL "exit $rc; domains before: $listed, after: $(pyxl_list)"
+        "$XL" list "$g" > /dev/null 2>&1 && { result "pyxl-roundtrip.$g" SKIP "restore-killed left $g"; return 1; }
+    fi
+    pyxl_restore pyxl-roundtrip "$g" "$f" "$before"
+}
+
+if [ ! -x "$PYXL" ]; then
+    result pyxl.installed FAIL "$PYXL missing"
+else
+    for g in pv1 pvh1; do
+        [ -n "${GMAX[$g]:-}" ] || continue
+        "$XL" list "$g" > /dev/null 2>&1 || continue
+        d=$("$XL" domid "$g")
+        { xenstore-ls -fp "/local/domain/$d"; xenstore-ls -fp "$(xenstore-read "/local/domain/$d/vm")";
+          xenstore-ls -fp "/libxl/$d"; xenstore-ls -fp /local/domain/0/backend; } > "$OUT/xenstore-$g-before-pyxl.txt" 2>&1
+        cp /var/lib/xen/userdata-d.$d.*.libxl-json "$OUT/" 2>/dev/null
+        pyxl_killed "$g" 1.5
+        pyxl_save_then_xl_restore "$g" plain
+        pyxl_checkpoint "$g"
+    done
+    if [ -n "${GMAX[pvh1]:-}" ]; then
+        pyxl_save_then_xl_restore pvh1 live --live
+    fi
+    # pyxl restore into a domain pyxl creates (XEN_E2E_PYXL_RESTORE=1 until it passes)
+    if [ -f "$E2E/pyxl-restore" ]; then
+        for g in pv1 pvh1; do
+            "$XL" list "$g" > /dev/null 2>&1 || continue
+            xl_save_pyxl_restore "$g"
+            "$XL" list "$g" > /dev/null 2>&1 || continue
+            pyxl_roundtrip "$g"
+        done
+    fi
+    "$XL" list > "$OUT/xl-list-after-pyxl.log" 2>&1
+fi
