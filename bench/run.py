@@ -67,7 +67,7 @@ MODES: Dict[str, Dict[str, Any]] = {
     "quick": {
         "save_sizes": [256 * MIB],
         "save_reps": {256 * MIB: 9},
-        "file_reps": {256 * MIB: 3},
+        "file_reps": {256 * MIB: 5},
         "placement_reps": 3,
         "restore_reps": {256 * MIB: 7},
         "spawn_reps": 60,
@@ -84,7 +84,7 @@ MODES: Dict[str, Dict[str, Any]] = {
     "full": {
         "save_sizes": [1 * GIB, 4 * GIB],
         "save_reps": {1 * GIB: 9, 4 * GIB: 5},
-        "file_reps": {1 * GIB: 3, 4 * GIB: 3},
+        "file_reps": {1 * GIB: 5, 4 * GIB: 3},
         "placement_reps": 3,
         "restore_reps": {1 * GIB: 7, 4 * GIB: 3},
         "spawn_reps": 100,
@@ -498,6 +498,7 @@ class Bench:
             pl_lag, pl_own, pl_ref = (lag_summary(pool[k]) for k in ("lag", "own", "ref"))
             summary[str(n) if n != "nice5" else f"{max(levels)}@nice5"] = {
                 "aggregate_gib_per_s": med("aggregate_gib_per_s", 4),
+                "aggregate_gib_per_s_best": round(max(r["aggregate_gib_per_s"] for r in rs), 4),
                 "pyxl_cpu_s_per_gib": med("pyxl_cpu_s_per_gib", 5),
                 "pyxl_cpu_s_per_gib_without_ticker": med("pyxl_cpu_s_per_gib_without_ticker", 5),
                 # pooled over the repetitions' firings
@@ -725,8 +726,9 @@ class Bench:
         sp = self.results["spawn"]
         conc = self.results["concurrency"]["levels"]
         levels = self.cfg["conc_levels"]
-        single = conc[str(levels[0])]["aggregate_gib_per_s"]
+        single = conc[str(levels[0])]["aggregate_gib_per_s_best"]
         top = conc[str(levels[-1])]
+        single_med = conc[str(levels[0])]["aggregate_gib_per_s"]
         ncpu = len(self.cpus)
         avail = max(ncpu - top["foreign_cores"], 0.5)
 
@@ -772,8 +774,10 @@ class Bench:
             "spawn_ms_ours": sp["ours"]["median_ms"],
             "spawn_ms_debian": sp["debian"]["median_ms"],
             "spawn_ms_extra_vs_debian": round(sp["ours"]["median_ms"] - sp["debian"]["median_ms"], 3),
-            "concurrency_efficiency": _r(top["aggregate_gib_per_s"] / (single * ncpu)),
-            "concurrency_efficiency_vs_available_cores": _r(top["aggregate_gib_per_s"] / (single * avail)),
+            "concurrency_efficiency": _r(top["aggregate_gib_per_s_best"] / (single * ncpu)),
+            "concurrency_efficiency_medians": _r(top["aggregate_gib_per_s"] / (single_med * ncpu)),
+            "concurrency_efficiency_vs_available_cores": _r(top["aggregate_gib_per_s"]
+                                                            / (single_med * avail)),
             "loop_lag_p99_ms": top["lag_p99_ms"],
             "loop_lag_reference_p99_ms": top["ref_lag_p99_ms"],
             "loop_start_block_ms": top["start_total_ms"],
@@ -802,8 +806,11 @@ class Bench:
                                             "Debian's; not moved by other tenants taking the CPU",
                 "restore_cpu_ratio_vs_debian": "the same for restore",
                 "spawn_ms": "median ms from HelperProcess() (Popen) to the first decoded frame",
-                "concurrency_efficiency": "aggregate GiB/s with 16 saves ÷ (GiB/s with 1 × nproc)",
-                "concurrency_efficiency_vs_available_cores": "the same with nproc replaced by "
+                "concurrency_efficiency": "aggregate GiB/s with 16 saves ÷ (GiB/s with 1 × nproc), "
+                                          "best repetition of each (other tenants only ever slow a "
+                                          "run down, so the best run is the least disturbed one)",
+                "concurrency_efficiency_medians": "the same from the medians of the repetitions",
+                "concurrency_efficiency_vs_available_cores": "medians, with nproc replaced by "
                                                              "nproc − foreign cores during the 16-save runs",
                 "loop_lag_p99_ms": "p99 lateness of a 1 ms timer on pyxl's loop while 16 saves are "
                                    "in flight (armed once all 16 have started), pooled over the "
@@ -939,6 +946,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bench = Bench("smoke" if args.smoke else "quick" if args.quick else "full", args.cpu, args.out)
     res = bench.run()
     stem = os.path.join(args.out, args.name)
+    # Keys other benchmarks merged into the same file (bench/migrate.py adds
+    # "migrate") survive a re-run of this one.
+    try:
+        with open(stem + ".json") as f:
+            old = json.load(f)
+        for key, value in old.items():
+            if key not in res:
+                res[key] = value
+    except (OSError, ValueError, AttributeError):
+        pass
     B.dump_json(stem + ".json", res)
     md = report.markdown(res)
     with open(stem + ".md", "w") as f:
