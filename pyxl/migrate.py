@@ -441,7 +441,8 @@ class MigrateOperation(_Future):
                  helper: Optional[str] = None, timeout: Optional[float] = None,
                  loop: Optional[Loop] = None, sim_dir: Optional[str] = None,
                  backend: Optional[SimBackend] = None, digest: bool = False,
-                 on_progress: Optional[Callable[[ProgressEvent], None]] = None) -> None:
+                 on_progress: Optional[Callable[[ProgressEvent], None]] = None,
+                 handshake_timeout: float = 60.0) -> None:
         if (target is None) == (command is None):
             raise ValueError("give either a target HOST:PORT or a command, not both or neither")
         if downtime_ms is not None and not live:
@@ -481,6 +482,9 @@ class MigrateOperation(_Future):
         self._go_sent = False
         self._reading = False
         self._done_pending: Optional[Tuple[Any, Optional[OperationError]]] = None
+        self._handshake_timer: Optional[Timer] = self.loop.call_later(
+            handshake_timeout, self._no_banner)
+        self._timers.append(self._handshake_timer)
         try:
             if command is not None:
                 self._spawn(command)
@@ -624,7 +628,16 @@ class MigrateOperation(_Future):
 
     # -- the save --
 
+    def _no_banner(self) -> None:
+        self._handshake_timer = None
+        if self.state in ("connecting", "banner"):
+            self._fail(MigrationError("no migration receiver answered within the handshake "
+                                      "timeout"))
+
     def _start_save(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         self.state = "stream"
         r, w = os.pipe2(os.O_CLOEXEC)
         self._pipe_r, self._pipe_w = r, w

@@ -399,6 +399,17 @@ def test_not_a_receiver(hosts):
     source_survived(a, dom)
 
 
+def test_silent_peer_times_out_the_handshake(hosts):
+    a, _ = hosts
+    dom = busy(a, 8)
+    srv = socket.create_server(("127.0.0.1", 0))
+    tx = migrate.migrate(dom, srv.getsockname(), live=True, sim_dir=a, handshake_timeout=0.5)
+    run_both(tx)
+    srv.close()
+    assert "no migration receiver answered" in str(tx.exception())
+    source_survived(a, dom)
+
+
 def test_precopy_abort_during_migration(hosts):
     a, b = hosts
     dom = busy(a, 400)
