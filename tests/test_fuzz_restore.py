@@ -245,6 +245,10 @@ def check_api(sim_dir: str, scratch: str, data: bytes, must_fail: bool,
     path = os.path.join(scratch, "broken.save")
     with open(path, "wb") as f:
         f.write(data)
+    # An OperationError and its operation refer to each other, and its
+    # traceback holds this frame: without this, every 25 MB copy would live
+    # until the cyclic GC happens to run.
+    del data
     fds, kids = open_fds(), children()
     err, took, peak = restore_api(sim_dir, path, HELPERS[helper])
     assert err is None or isinstance(err, pyxl.OperationError), repr(err)
