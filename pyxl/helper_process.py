@@ -71,6 +71,7 @@ class HelperProcess:
         self._eof_timer: Optional[Timer] = None
         self._replies = bytearray()
         self._stdout_open = True
+        self._completed = False
         self._exited = False
         self._reported = False
         self._kill_timer: Optional[Timer] = None
@@ -107,6 +108,16 @@ class HelperProcess:
             except OSError as exc:
                 self._fail_protocol(ProtocolError(f"read error: {exc}", self.conv.decoder.offset))
                 return
+            if self._completed:
+                # After complete, Xen's helper (and ours) still calls
+                # xc_interface_close(), which on real Xen logs (hypercall
+                # buffer statistics).  libxl keeps reading until the helper
+                # exits; closing the pipe here killed the helper with SIGPIPE.
+                # Nothing after complete is interpreted: drained until EOF.
+                if not data:
+                    self._close_stdout()
+                    return
+                continue
             try:
                 msgs = self.conv.receive(data)
             except ProtocolError as exc:
@@ -122,8 +133,8 @@ class HelperProcess:
             for msg in msgs:
                 self._on_message(msg)
                 if isinstance(msg, Complete):
-                    # libxl reads nothing after complete; neither do we.
-                    self._close_stdout()
+                    # Nothing after complete is interpreted (see above).
+                    self._completed = True
                     break
             if not until_eof and len(data) < _READ_SIZE:
                 return
