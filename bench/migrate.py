@@ -192,8 +192,9 @@ def merge_latest(key: str, value: Any) -> str:
     """Set ``key`` in bench/results/latest.json, keeping every other key."""
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, "latest.json")
-    with open(os.path.join(RESULTS, ".latest.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    dfd = os.open(RESULTS, os.O_RDONLY | os.O_DIRECTORY)   # lock the directory: the file is
+    try:                                                    # replaced by rename
+        fcntl.flock(dfd, fcntl.LOCK_EX)
         try:
             with open(path) as f:
                 data = json.load(f)
@@ -201,6 +202,8 @@ def merge_latest(key: str, value: Any) -> str:
             data = {}
         data[key] = value
         benchlib.dump_json(path, data)
+    finally:
+        os.close(dfd)
     return path
 
 
@@ -223,6 +226,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     log(f"migrate bench: {memory // MB} MiB guest, rates {rates} MiB/s, caps "
         f"{[c // MB if c else None for c in caps]}, {reps} rep(s), target {args.target_ms} ms")
     started = time.time()
+    load_before = benchlib.loadavg()
     runs: List[Dict[str, Any]] = []
     for rep in range(reps):
         for cap in caps:
@@ -238,6 +242,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "duration_s": round(time.time() - started, 1), "guest_mib": memory // MB,
         "target_ms": args.target_ms, "max_iterations": args.max_iterations,
         "machine": benchlib.machine_info(), "summary": summary, "runs": runs,
+        # 1/5/15-min load averages: other jobs on the machine skew downtimes.
+        "load_before": load_before, "load_after": benchlib.loadavg(),
         "definitions": {
             "downtime_ms": "source suspended -> receiver reports its copy running",
             "total_s": "migrate() call -> source destroyed",
