@@ -508,14 +508,28 @@ class XenBackend:
                 xs.write(f"{dom}/{k}", str(v), tx)
             if vm:
                 xs.write(f"{vm}/start_time", f"{time.time():.2f}", tx)
-            # the primary console (libxl__device_console_add, xenconsoled backend)
+            # the primary console (libxl__device_console_add, xenconsoled
+            # backend): the nodes and permissions `xl create` leaves
             con = f"{dom}/console"
+            back = f"/local/domain/{console_dom}/backend/console/{domid}/0"
+            ro = ["n0", f"r{domid}"]
             xs.write(con, b"", tx)
-            xs.set_perms(con, [f"n{domid}", f"r{console_dom}"], tx)
-            for k, v in (("backend-id", console_dom), ("limit", LIBXL_XENCONSOLE_LIMIT),
-                         ("type", "xenconsoled"), ("output", "pty"), ("tty", ""),
-                         ("port", console_port), ("ring-ref", console_mfn)):
+            xs.set_perms(con, ro, tx)
+            for k, v in (("backend", back), ("backend-id", console_dom),
+                         ("limit", LIBXL_XENCONSOLE_LIMIT), ("type", "xenconsoled"),
+                         ("output", "pty"), ("tty", ""), ("port", console_port),
+                         ("ring-ref", console_mfn)):
                 xs.write(f"{con}/{k}", str(v), tx)
+                xs.set_perms(f"{con}/{k}", ro, tx)
+            xs.set_perms(f"{con}/backend-id", [f"n{domid}", f"r{console_dom}"], tx)
+            xs.write(back, b"", tx)
+            xs.set_perms(back, ["n0", f"r{domid}"], tx)
+            lx = f"/libxl/{domid}/device/console/0"
+            for k, v in (("frontend", con), ("frontend-id", domid), ("online", 1),
+                         ("state", 1), ("protocol", "vt100")):
+                xs.write(f"{back}/{k}", str(v), tx)
+                xs.write(f"{lx}/{k}", str(v), tx)
+            xs.write(f"{lx}/backend", back, tx)
         except BaseException:
             xs.transaction_end(tx, commit=False)
             raise
