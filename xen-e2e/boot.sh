@@ -23,7 +23,6 @@ cp "$BOOT/vmlinuz" "$BOOT/guest-initrd.gz" "$share/"
 cp "$E2E_DIR/tests-pyxl-in-dom0.sh" "$share/"
 # XEN_E2E_ONLY_PYXL=1: create the guests, then run only tests-pyxl-in-dom0.sh (debugging).
 [ -n "${XEN_E2E_ONLY_PYXL:-}" ] && touch "$share/only-pyxl"
-[ -n "${XEN_E2E_PYXL_RESTORE:-}" ] && touch "$share/pyxl-restore"
 echo "${XEN_E2E_HELPER_ORDER:-debian ours}" > "$share/helper-order"
 
 XEN_CMDLINE="console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=1"
