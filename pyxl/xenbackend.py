@@ -401,6 +401,35 @@ class XenBackend:
                                   "max_memkb": max_memkb, "target_memkb": target_memkb}
         return domid
 
+    def rename(self, domid: int, name: str) -> None:
+        """Rename a domain (XenStore and libxl's stored config), as
+        libxl__domain_rename does; for a migration receiver's
+        ``NAME--incoming`` -> ``NAME`` once the source is gone."""
+        for other in self._domids():
+            raw = self.xs.read(f"/local/domain/{other}/name")
+            if other != domid and raw is not None and raw.decode(errors="replace") == name:
+                raise XenError(errno.EEXIST, f"domain {name!r} already exists (domid {other})")
+        info = self._info(domid)
+        dom = f"/local/domain/{domid}"
+        vm = (self.xs.read(f"{dom}/vm") or b"").decode()
+        tx = self.xs.transaction_start()
+        try:
+            self.xs.write(f"{dom}/name", name, tx)
+            if vm:
+                self.xs.write(f"{vm}/name", name, tx)
+        except BaseException:
+            self.xs.transaction_end(tx, commit=False)
+            raise
+        self.xs.transaction_end(tx)
+        path = os.path.join(USERDATA_DIR, f"userdata-d.{domid}.{info.uuid}.libxl-json")
+        try:
+            with open(path, "rb") as f:
+                cfg = json.loads(f.read().rstrip(b"\0").decode())
+        except (OSError, ValueError):
+            return
+        cfg.setdefault("c_info", {})["name"] = name
+        self._write_userdata(domid, info.uuid, cfg)
+
     def _domids(self) -> list:
         return [int(d) for d in self.xs.directory("/local/domain") if d.isdigit()]
 

@@ -97,7 +97,7 @@ class FakeXenstored:
         elif mtype == xenstore.XS_TRANSACTION_START:
             self.send(mtype, req, tx, b"7\0")
         elif mtype in (xenstore.XS_RESUME, xenstore.XS_INTRODUCE, xenstore.XS_TRANSACTION_END,
-                       xenstore.XS_UNWATCH, xenstore.XS_RELEASE):
+                       xenstore.XS_UNWATCH, xenstore.XS_RELEASE, xenstore.XS_SET_PERMS):
             ok()
         else:
             err(b"EINVAL")
@@ -140,7 +140,7 @@ def test_read_write_rm_directory(xsd):
 def test_error_reply_is_typed(xsd):
     xs = XenStore(sock=xsd.client)
     with pytest.raises(XenStoreError) as ei:
-        xs.set_perms("/x", ["n0"])
+        xs.request(xenstore.XS_GET_PERMS, b"/x\0")
     assert ei.value.errno == errno.EINVAL
 
 
@@ -254,3 +254,91 @@ def test_suspend_reports_other_shutdown(xsd, monkeypatch):
         xc.flags = XEN_DOMINF_shutdown | (SHUTDOWN_poweroff << XEN_DOMINF_shutdownshift)
     out, be, dt = _suspend_with(xsd, monkeypatch, guest)
     assert out[0][0] is False and "reason 0" in out[0][1]
+
+
+class RecordingXc(FakeXc):
+    """libxenctrl stand-in recording what the backend asks of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created: List[tuple] = []
+        self.log: List[tuple] = []
+        self.domains: Dict[int, int] = {}
+        self.next_port = 1
+
+    def create(self, *args, **kw) -> int:
+        self.created.append(args)
+        self.domains[7] = 0
+        return 7
+
+    def call(self, fn: str, *args) -> int:
+        self.log.append((fn,) + args)
+        if fn == "xc_evtchn_alloc_unbound":
+            self.next_port += 1
+            return self.next_port - 1
+        return 0
+
+    def getinfo(self, domid: int) -> Optional[DomInfo]:
+        return _info(domid, 0) if domid in self.domains else None
+
+    def pause(self, domid: int) -> None:
+        self.log.append(("pause", domid))
+
+    def destroy(self, domid: int) -> None:
+        self.log.append(("destroy", domid))
+        self.domains.pop(domid, None)
+
+
+PVH_CONFIG = {"c_info": {"type": "pvh", "name": "g1", "uuid": "00010203-0405-0607-0809-0a0b0c0d0e0f",
+                         "hap": "True"},
+              "b_info": {"max_vcpus": 1, "max_memkb": 131072, "target_memkb": 131072,
+                         "event_channels": 1023, "max_grant_frames": 64,
+                         "max_maptrack_frames": 1024, "max_grant_version": 2,
+                         "tsc_mode": "native", "shadow_memkb": 2048, "video_memkb": 0}}
+
+
+def test_restore_target_pvh(xsd, tmp_path, monkeypatch):
+    from pyxl import xenbackend
+    monkeypatch.setattr(xenbackend, "USERDATA_DIR", str(tmp_path))
+    be = XenBackend.__new__(XenBackend)
+    be.xc = RecordingXc()
+    be._xs = XenStore(sock=xsd.client)
+    be._ports, be._restoring = {}, {}
+    domid = be.create_restore_target(PVH_CONFIG)
+    assert domid == 7
+    (handle, flags, max_vcpus, evtchn, gframes, mframes, gopts, pool, emu, misc, ssid), = \
+        be.xc.created
+    assert handle == bytes(range(16))
+    assert flags == xenbackend.XEN_DOMCTL_CDF_hvm | xenbackend.XEN_DOMCTL_CDF_hap
+    assert (max_vcpus, evtchn, gframes, mframes, gopts, emu) == (1, 1023, 64, 1024, 2,
+                                                                 xenbackend.XEN_X86_EMU_LAPIC)
+    calls = {c[0]: c[1:] for c in be.xc.log}
+    assert calls["xc_domain_setmaxmem"] == (7, 131072 + 1024)
+    assert calls["xc_domain_set_tsc_info"] == (7, 2, 0, 0, 0)
+    assert calls["xc_set_paging_mempool_size"] == (7, 2048 << 10)
+    assert be.restore_ports(7) == (1, 0, 2, 0)
+    n = xsd.nodes
+    assert n["/local/domain/7/name"] == b"g1"
+    assert n["/local/domain/7/vm"] == b"/vm/00010203-0405-0607-0809-0a0b0c0d0e0f"
+    assert "/local/domain/7/control/shutdown" in n
+    perms = [p for (t, _tx, p) in xsd.log if t == xenstore.XS_SET_PERMS
+             and p[0] == b"/local/domain/7/control/shutdown"]
+    assert perms and perms[0][1] == b"n7"
+    assert (tmp_path / "userdata-d.7.00010203-0405-0607-0809-0a0b0c0d0e0f.libxl-json").read_bytes() \
+        .endswith(b"\0")
+    be.restore_done(7, 0xfeffc, 0xfefff)
+    assert n["/local/domain/7/store/ring-ref"] == str(0xfeffc).encode()
+    assert n["/local/domain/7/console/ring-ref"] == str(0xfefff).encode()
+    assert n["/local/domain/7/console/port"] == b"2"
+    intro = [p for (t, _tx, p) in xsd.log if t == xenstore.XS_INTRODUCE]
+    assert intro == [[b"7", str(0xfeffc).encode(), b"1", b""]]
+    # a second restore of the same guest is refused by name
+    with pytest.raises(pyxl_errors.StartupError, match="already exists"):
+        be.create_restore_target(PVH_CONFIG)
+    be.destroy(7)
+    assert ("destroy", 7) in be.xc.log
+    assert not [p for p in n if p.startswith(("/local/domain/7", "/vm/00010203", "/libxl/7"))]
+    assert not list(tmp_path.iterdir())
+
+
+import pyxl.errors as pyxl_errors  # noqa: E402
