@@ -106,6 +106,7 @@ class RestoreResult:
     errnoval: int = 0
     emulator_records: List[Tuple[int, bytes]] = field(default_factory=list)
     checkpoints: int = 0       # Remus: checkpoints received
+    failover: bool = False     # Remus: the stream ended without END (restored at the last one)
 
 
 class CallbackRequest:
@@ -430,8 +431,10 @@ class SaveOperation(Operation):
         records, CHECKPOINT_END) and resumes the guest; the default
         ``checkpoint`` handler waits ``checkpoint_interval`` seconds and asks
         for another checkpoint until ``checkpoints`` were taken (None: until
-        cancelled), then ends the stream gracefully.  The guest runs on
-        afterwards (``leave`` applies)."""
+        cancelled), then ends the stream gracefully.  After the last of
+        ``checkpoints`` the guest is not resumed: the stream ends with the guest
+        as it is, and ``leave`` applies as for a save.  (A ``checkpoint``
+        handler of yours that ends the stream early leaves it running.)"""
         if leave not in ("destroy", "paused", "running"):
             raise ValueError(f"leave must be 'destroy', 'paused' or 'running', not {leave!r}")
         super().__init__(domid, loop, timeout, callbacks, on_progress)
@@ -547,6 +550,11 @@ class SaveOperation(Operation):
                 req.reply(0)
                 return
             self.checkpoints += 1
+            if self.max_checkpoints is not None and self.checkpoints >= self.max_checkpoints:
+                # The last one: the guest stays suspended, so that the stream
+                # ends with the guest as it is (``leave`` applies, as for a save).
+                req.reply(1)
+                return
             try:
                 self.backend.resume(self.domid)
             except Exception as exc:
@@ -704,6 +712,7 @@ class RestoreOperation(Operation):
             raise ValueError(f"stream_type must be 0 (plain) or 1 (Remus), not {stream_type}")
         self.stream_type = stream_type
         self.checkpoints = 0
+        self.failed_over = False
         self.checkpoint_records: List[Tuple[int, bytes]] = []
         self.backend = backend or default_backend(sim_dir)
         self.paused = paused
@@ -886,7 +895,7 @@ class RestoreOperation(Operation):
         res = self.helper.results
         self._finish(RestoreResult(self.domid, res.store_gfn, res.console_gfn, self.config,
                                    time.monotonic() - self.started, emulator_records=records,
-                                   checkpoints=self.checkpoints))
+                                   checkpoints=self.checkpoints, failover=self.failed_over))
 
     def _read_trailer(self) -> List[Tuple[int, bytes]]:
         """libxl records after the libxc stream, up to END."""
@@ -903,6 +912,7 @@ class RestoreOperation(Operation):
         if self.stream_type == STREAM_REMUS and self.checkpoints:
             self.logger.warning("checkpointed stream ended without END after %d checkpoints: "
                                 "failover to the last one", self.checkpoints)
+            self.failed_over = True
             return True
         return False
 
