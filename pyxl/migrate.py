@@ -41,6 +41,16 @@ The receiver's restore helper reads the connection directly, as xl's does;
 pyxl reads the handshake and the libxl records after the libxc stream
 non-blockingly, only while no helper uses the fd.
 
+Checkpointed migration (``remus=True``, ``pyxl migrate --remus``; the
+receiver needs ``remus=True`` / ``--remus`` too): the stream is libxl's Remus
+stream (type 1).  With ``checkpoints=N`` the guest is checkpointed N times
+(``checkpoint_interval`` apart) and then migrated with the handshake above,
+the last checkpoint being the switch-over.  Without, it is replicated until the
+sender stops.  If the stream ends after a complete checkpoint without its END
+(the sender died or was stopped), the receiver fails over: it runs the guest
+from that checkpoint without any handshake, and a sender that is still alive
+pauses its source (:class:`MigrationInDoubt`) -- never two running copies.
+
 ``downtime`` is measured at the sender, from the guest's suspension to the
 receiver's status message (its copy running).  ``iterations`` counts the
 precopy rounds sent while the guest ran (Xen's default policy: at most 5);
@@ -70,8 +80,8 @@ from ._paths import helper_path
 from .backend import SimBackend, default_backend
 from .errors import Cancelled, OperationError, StartupError, Timeout
 from .loop import Loop, Timer, default_loop
-from .operation import (ProgressEvent, RestoreOperation, RestoreResult, SaveOperation,
-                        SaveResult)
+from .operation import (STREAM_PLAIN, STREAM_REMUS, ProgressEvent, RestoreOperation,
+                        RestoreResult, SaveOperation, SaveResult)
 
 __all__ = ["BANNER", "READY", "GO", "REPORT", "FAILED", "MigrateOperation", "MigrateResult",
            "MigrationError", "MigrationInDoubt", "ReceiveOperation", "ReceiveResult",
@@ -429,6 +439,7 @@ class MigrateResult:
     duration: float
     digest: Optional[str]       # sim digest of the source at switch-over (on request)
     save: SaveResult
+    checkpoints: int = 0        # Remus: checkpoints sent before the switch-over
 
 
 class MigrateOperation(_Future):
@@ -442,9 +453,16 @@ class MigrateOperation(_Future):
                  loop: Optional[Loop] = None, sim_dir: Optional[str] = None,
                  backend: Optional[SimBackend] = None, digest: bool = False,
                  on_progress: Optional[Callable[[ProgressEvent], None]] = None,
-                 handshake_timeout: float = 60.0) -> None:
+                 handshake_timeout: float = 60.0, remus: bool = False,
+                 checkpoints: Optional[int] = None, checkpoint_interval: float = 0.1) -> None:
         if (target is None) == (command is None):
             raise ValueError("give either a target HOST:PORT or a command, not both or neither")
+        if remus and not live:
+            raise ValueError("a checkpointed (Remus) migration is live")
+        if checkpoints is not None and (not remus or checkpoints < 1):
+            raise ValueError("checkpoints: a positive number, for a Remus migration")
+        self.remus, self.checkpoints = remus, checkpoints
+        self.checkpoint_interval = checkpoint_interval
         if downtime_ms is not None and not live:
             raise ValueError("a downtime target needs a live migration")
         if max_bandwidth is not None and max_bandwidth <= 0:
@@ -651,7 +669,10 @@ class MigrateOperation(_Future):
             self.save = SaveOperation(self.domid, w, live=self.live, leave="paused",
                                       helper=self.helper, loop=self.loop, backend=self.backend,
                                       helper_env=self.env, write_trailer=self.relay.finish,
-                                      on_progress=self._progress)
+                                      on_progress=self._progress,
+                                      stream_type=STREAM_REMUS if self.remus else STREAM_PLAIN,
+                                      checkpoints=self.checkpoints,
+                                      checkpoint_interval=self.checkpoint_interval)
         except OperationError as exc:
             self._fail(exc)
             return
@@ -726,7 +747,8 @@ class MigrateOperation(_Future):
         downtime = None if save.suspended_at is None else end - save.suspended_at
         assert self.relay is not None
         result = MigrateResult(self.domid, downtime, len(self._rounds), self.relay.sent,
-                               end - self.started, digest, self._save_result)
+                               end - self.started, digest, self._save_result,
+                               self._save_result.checkpoints)
         self._close_transport()
         self._done_pending = (result, None)
         self._maybe_finish()
@@ -766,7 +788,22 @@ class MigrateOperation(_Future):
         exc = self._error
         assert exc is not None
         state = None
-        if self._source_paused and (not self._go_sent or resume):
+        taken = self.save.checkpoints if self.save is not None else 0
+        if self.remus and taken and self._save_result is None:
+            # The stream broke after a complete checkpoint: the receiver fails
+            # over to it and runs the guest.  The source must not run too.
+            try:
+                self.backend.pause(self.domid)
+                state = "paused"
+            except Exception as err:
+                self.logger.error("could not pause domain %d: %s", self.domid, err)
+            doubt = MigrationInDoubt(
+                f"{exc.brief if isinstance(exc, OperationError) else exc}; the stream ended "
+                f"after checkpoint {taken}: the receiver takes over from it (failover); "
+                "the source is left paused", source_state=state)
+            doubt.__cause__ = exc
+            exc = self._error = doubt
+        elif self._source_paused and (not self._go_sent or resume):
             try:
                 self.backend.unpause(self.domid)
                 self._source_paused = False
@@ -838,6 +875,8 @@ class ReceiveResult:
     duration: float
     paused: bool
     restore: RestoreResult
+    checkpoints: int = 0        # Remus: checkpoints received
+    failover: bool = False      # Remus: the sender vanished; took over at the last checkpoint
 
 
 class ReceiveOperation(_Future):
@@ -849,7 +888,9 @@ class ReceiveOperation(_Future):
                  fds: Optional[Tuple[int, int]] = None, paused: bool = False,
                  helper: Optional[str] = None, timeout: Optional[float] = None,
                  loop: Optional[Loop] = None, sim_dir: Optional[str] = None,
-                 backend: Optional[SimBackend] = None, digest: bool = False) -> None:
+                 backend: Optional[SimBackend] = None, digest: bool = False,
+                 remus: bool = False) -> None:
+        self.remus = remus
         if (listen is None) == (fds is None):
             raise ValueError("give either listen (an address or a listening socket) or fds")
         self.backend = backend or default_backend(sim_dir)
@@ -983,7 +1024,9 @@ class ReceiveOperation(_Future):
         os.write(w, head)   # an empty pipe takes it whole
         try:
             self.restore = RestoreOperation(r, paused=True, helper=self.helper,
-                                            loop=self.loop, backend=self.backend)
+                                            loop=self.loop, backend=self.backend,
+                                            stream_type=STREAM_REMUS if self.remus
+                                            else STREAM_PLAIN)
         except OperationError as exc:
             self._fail(exc)
             return
@@ -1024,6 +1067,9 @@ class ReceiveOperation(_Future):
                 self.digest = sim.digest(self.domid, sim_dir=self.backend.sim_dir)
             except sim.SimError as err:
                 self.logger.warning("no digest of domain %d: %s", self.domid, err)
+        if self._restored_result.failover:
+            self._take_over()
+            return
         self.state = "go"
         assert self.outbox is not None
         self.outbox.send(READY)
@@ -1073,9 +1119,28 @@ class ReceiveOperation(_Future):
         if err is None:
             assert self._restored_result is not None
             result = ReceiveResult(self.domid, self.digest, time.monotonic() - self.started,
-                                   self.paused, self._restored_result)
+                                   self.paused, self._restored_result,
+                                   self._restored_result.checkpoints)
         self.outbox.send(REPORT + bytes([status]),
                          then=lambda: self._close_and_finish(result, err))
+
+    def _take_over(self) -> None:
+        """Remus failover: the sender is gone after a complete checkpoint; run
+        the guest from it (no handshake: nobody is left to clear us)."""
+        assert self.domid is not None and self._restored_result is not None
+        self.logger.warning("the sender vanished after checkpoint %d: taking over domain %d",
+                            self._restored_result.checkpoints, self.domid)
+        if not self.paused:
+            try:
+                self.backend.unpause(self.domid)
+            except Exception as exc:
+                self._fail(MigrationError(f"failover domain {self.domid} would not start: {exc}"))
+                return
+        self.state = "reported"
+        result = ReceiveResult(self.domid, self.digest, time.monotonic() - self.started,
+                               self.paused, self._restored_result,
+                               self._restored_result.checkpoints, True)
+        self._close_and_finish(result, None)
 
     def _destroy(self) -> None:
         if self.domid is None:

@@ -1,9 +1,10 @@
 """``pyxl migrate`` and ``pyxl migrate-receive``: host-to-host migration (xl migrate).
 
     pyxl migrate [--live] [--downtime MS [--max-iterations N] [--on-fail abort|stop]]
+                 [--remus [--checkpoints N] [--interval S]]
                  [--max-bandwidth BYTES/S] [--command CMD] [--helper PATH]
                  [--sim-dir DIR] [--timeout S] [--json] DOMID [HOST:PORT]
-    pyxl migrate-receive [--listen ADDR:PORT] [--paused] [--helper PATH]
+    pyxl migrate-receive [--listen ADDR:PORT] [--paused] [--remus] [--helper PATH]
                  [--sim-dir DIR] [--timeout S] [--json]
 
 The sender connects to HOST:PORT, or runs CMD through the shell and talks to
@@ -13,7 +14,8 @@ receiver accepts one connection on ``--listen`` (port 0: any; it says
 stdin/stdout -- then ``--json`` goes to stderr, stdout being the channel.
 
 JSON: sender ``{"domid", "digest", "downtime_ms", "iterations", "bytes_sent",
-"seconds"}``; receiver ``{"domid", "digest", "seconds"}``.  Exit codes as
+"seconds"}`` (+ ``"checkpoints"`` with --remus); receiver ``{"domid", "digest",
+"seconds"}`` (+ ``"checkpoints", "failover"`` with --remus).  Exit codes as
 ``pyxl``'s: 0 migrated, 1 failed (the source runs on; "in doubt": paused),
 2 bad arguments or unusable input, 130 interrupted (SIGINT), 143 terminated
 (SIGTERM, SIGHUP): the migration is cancelled first.
@@ -60,6 +62,16 @@ def _positive_ms(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
     if not 0.001 <= value <= 3600000:
         raise argparse.ArgumentTypeError("must be from 0.001 to 3600000 ms")
+    return value
+
+
+def _positive_s(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError("must be from 0 (excluded) to 3600 seconds")
     return value
 
 
@@ -125,40 +137,50 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise SystemExit(_usage("--max-iterations and --on-fail go with --downtime"))
     if args.downtime is not None and not args.live:
         raise SystemExit(_usage("--downtime needs --live"))
+    if args.remus and not args.live:
+        raise SystemExit(_usage("--remus needs --live"))
+    if not args.remus and (args.checkpoints is not None or args.interval is not None):
+        raise SystemExit(_usage("--checkpoints and --interval go with --remus"))
     bar = ProgressBar(f"migrating domain {args.domid}")
     op = migrate(args.domid, args.target, command=args.command, live=args.live,
                  downtime_ms=args.downtime, max_iterations=args.max_iterations,
                  on_fail=args.on_fail or "abort", max_bandwidth=args.max_bandwidth,
                  helper=args.helper, timeout=args.timeout, sim_dir=args.sim_dir,
-                 digest=args.json, on_progress=bar)
+                 digest=args.json, on_progress=bar, remus=args.remus,
+                 checkpoints=args.checkpoints,
+                 checkpoint_interval=0.1 if args.interval is None else args.interval)
     try:
         res = _run(op)
     finally:
         bar.close()
     if args.json:
-        print(json.dumps({"domid": res.domid, "digest": res.digest,
-                          "downtime_ms": None if res.downtime is None
-                          else round(res.downtime * 1000, 3),
-                          "iterations": res.iterations, "bytes_sent": res.bytes_sent,
-                          "seconds": round(res.duration, 6)}))
+        out = {"domid": res.domid, "digest": res.digest,
+               "downtime_ms": None if res.downtime is None else round(res.downtime * 1000, 3),
+               "iterations": res.iterations, "bytes_sent": res.bytes_sent,
+               "seconds": round(res.duration, 6)}
+        if args.remus:
+            out["checkpoints"] = res.checkpoints
+        print(json.dumps(out))
     return EXIT_OK
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
     if args.listen is not None:
         op = receive(args.listen, paused=args.paused, helper=args.helper, timeout=args.timeout,
-                     sim_dir=args.sim_dir, digest=args.json)
+                     sim_dir=args.sim_dir, digest=args.json, remus=args.remus)
         host, port = op.address or args.listen
         print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
         out = sys.stdout
     else:
         op = receive(fds=(0, 1), paused=args.paused, helper=args.helper, timeout=args.timeout,
-                     sim_dir=args.sim_dir, digest=args.json)
+                     sim_dir=args.sim_dir, digest=args.json, remus=args.remus)
         out = sys.stderr   # stdout is the channel back to the sender
     res = _run(op)
     if args.json:
-        print(json.dumps({"domid": res.domid, "digest": res.digest,
-                          "seconds": round(res.duration, 6)}), file=out, flush=True)
+        got = {"domid": res.domid, "digest": res.digest, "seconds": round(res.duration, 6)}
+        if args.remus:
+            got.update(checkpoints=res.checkpoints, failover=res.failover)
+        print(json.dumps(got), file=out, flush=True)
     return EXIT_OK
 
 
@@ -185,6 +207,14 @@ def add_parser(subparsers: Any) -> None:
                         "migration (default; the guest keeps running) or stop and copy anyway")
     p.add_argument("--max-bandwidth", type=_size, metavar="BYTES/S",
                    help="cap the stream's bandwidth, e.g. 100M")
+    p.add_argument("--remus", action="store_true",
+                   help="checkpointed stream (Remus, stream type 1): with --checkpoints N, "
+                        "migrate after N checkpoints; without, replicate until stopped (the "
+                        "receiver takes over if the stream ends)")
+    p.add_argument("--checkpoints", type=_iterations, metavar="N",
+                   help="with --remus: checkpoints before the switch-over")
+    p.add_argument("--interval", type=_positive_s, metavar="SECONDS",
+                   help="with --remus: time between checkpoints (default 0.1)")
     p.add_argument("--command", metavar="CMD",
                    help="run CMD (through the shell) and send over its stdin/stdout, "
                         "e.g. \"ssh host pyxl migrate-receive\"")
@@ -200,5 +230,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--listen", type=_address(True), metavar="ADDR:PORT",
                    help="accept one connection here (port 0: any); default: stdin/stdout")
     p.add_argument("--paused", action="store_true", help="leave the received domain paused")
+    p.add_argument("--remus", action="store_true",
+                   help="expect a checkpointed stream (pyxl migrate --remus); take over at the "
+                        "last checkpoint if it ends without its end")
     _common(p)
     p.set_defaults(func=cmd_receive)

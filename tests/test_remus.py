@@ -141,3 +141,96 @@ def test_checkpointed_stream_in_a_file(hosts, tmp_path):
     assert sim.digest(got.domid, sim_dir=b) == digests[-1]
     # The file ends with libxc's END (which libxc 4.17 leaves out) and libxl's END.
     assert path.read_bytes()[-16:] == b"\0" * 16
+
+
+# ---------------------------------------------------------------------------
+# Checkpointed migration (pyxl migrate --remus)
+
+import json  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from pyxl import migrate  # noqa: E402
+
+from conftest import ROOT  # noqa: E402
+
+PYXL = [sys.executable, "-m", "pyxl.cli"]
+
+
+def _receiver(b: str, *extra: str) -> "tuple[subprocess.Popen[str], int]":
+    rx = subprocess.Popen(PYXL + ["migrate-receive", "--listen", "127.0.0.1:0", "--sim-dir", b,
+                                  "--remus"] + list(extra), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    assert rx.stderr is not None
+    m = re.search(r":(\d+)$", rx.stderr.readline().strip())
+    assert m
+    return rx, int(m.group(1))
+
+
+@pytest.mark.parametrize("helper", ["ours", "debian"])
+def test_checkpointed_migration(hosts, helper):
+    a, b = hosts
+    dom = sim.create(32 * MB, dirty_rate=8 * MB, sim_dir=a)
+    time.sleep(0.1)
+    rx, port = _receiver(b, "--json", "--helper", HELPERS[helper])
+    tx = subprocess.run(PYXL + ["migrate", "--live", "--remus", "--checkpoints", "3", "--interval",
+                                "0.05", "--json", "--sim-dir", a, "--helper", HELPERS[helper],
+                                str(dom), f"127.0.0.1:{port}"], capture_output=True, text=True,
+                        timeout=120, cwd=ROOT)
+    assert tx.returncode == 0, tx.stderr
+    out, err = rx.communicate(timeout=60)
+    assert rx.returncode == 0, err
+    sent, got = json.loads(tx.stdout), json.loads(out)
+    assert sent["checkpoints"] == 3 and got["checkpoints"] == 3 and not got["failover"]
+    assert sent["digest"] == got["digest"]
+    assert sim.list_domains(sim_dir=a) == []
+    assert [i.state for i in sim.list_domains(sim_dir=b)] == ["running"]
+
+
+def test_receiver_takes_over_when_the_sender_dies(hosts):
+    a, b = hosts
+    dom = sim.create(32 * MB, dirty_rate=8 * MB, sim_dir=a)
+    time.sleep(0.1)
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, remus=True)
+    tx = subprocess.Popen(PYXL + ["migrate", "--live", "--remus", "--interval", "0.05",
+                                  "--sim-dir", a, str(dom), f"127.0.0.1:{rx.address[1]}"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    default_loop().call_later(2.0, lambda: tx.send_signal(signal.SIGKILL))
+    got = pyxl.wait(rx, timeout=120)[0]
+    tx.wait(timeout=30)
+    assert got.failover and got.checkpoints >= 2
+    assert sim.info(got.domid, sim_dir=b).state == "running"
+    sim.pause(got.domid, sim_dir=b)
+    check = sim.check_guest(got.domid, sim_dir=b)
+    assert check.consistent, check
+
+
+def test_stopped_sender_pauses_its_source_and_the_receiver_takes_over(hosts):
+    a, b = hosts
+    dom = sim.create(32 * MB, dirty_rate=8 * MB, sim_dir=a)
+    time.sleep(0.1)
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, remus=True)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, remus=True,
+                         checkpoint_interval=0.05)
+    default_loop().call_later(1.5, tx.cancel)
+    assert default_loop().run_until(lambda: tx.done() and rx.done(), 120)
+    exc = tx.exception()
+    assert isinstance(exc, migrate.MigrationInDoubt) and exc.source_state == "paused", exc
+    assert sim.info(dom, sim_dir=a).state == "paused"
+    got = rx.result()
+    assert got.failover and sim.info(got.domid, sim_dir=b).state == "running"
+
+
+def test_remus_needs_live_and_checkpoints_need_remus(hosts):
+    a, _ = hosts
+    dom = sim.create(4 * MB, sim_dir=a)
+    with pytest.raises(ValueError):
+        migrate.migrate(dom, "127.0.0.1:1", sim_dir=a, remus=True)
+    with pytest.raises(ValueError):
+        migrate.migrate(dom, "127.0.0.1:1", live=True, sim_dir=a, checkpoints=2)
+    done = subprocess.run(PYXL + ["migrate", "--sim-dir", a, "--live", "--checkpoints", "2",
+                                  str(dom), "127.0.0.1:1"], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert done.returncode == 2 and "go with --remus" in done.stderr
