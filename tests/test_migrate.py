@@ -499,3 +499,33 @@ def test_restore_reads_a_late_trailer_without_blocking(hosts, tmp_path):
     assert left.recv(100) == b"handshake"   # nothing read past END
     left.close()
     right.close()
+
+
+def test_migration_under_asyncio(hosts):
+    """Both ends on an asyncio loop, awaited; a coroutine keeps ticking meanwhile."""
+    import asyncio
+
+    a, b = hosts
+    dom = busy(a, 20)
+
+    async def main() -> Tuple[Any, Any, int]:
+        loop = pyxl.AsyncioLoop(asyncio.get_running_loop())
+        rx = migrate.receive("127.0.0.1:0", sim_dir=b, digest=True, loop=loop)
+        tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True, loop=loop,
+                             max_bandwidth=200 * MB)
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        t = asyncio.ensure_future(ticker())
+        sent, got = await asyncio.gather(tx, rx)
+        t.cancel()
+        return sent, got, ticks
+
+    sent, got, ticks = asyncio.run(main())
+    assert sent.digest == got.digest and ticks > 10
+    assert domains(a) == [] and domains(b) == [(got.domid, "running")]
