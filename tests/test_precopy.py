@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import os
 import subprocess
 import time
@@ -222,3 +223,35 @@ def test_pyxl_save_reports_a_bad_environment(sim_dir, tmp_path):
                             helper_env={"PYXL_PRECOPY": "downtime", "PYXL_DOWNTIME_MS": "-5"}))
     assert info.value.status == 2
     assert sim.info(dom, sim_dir=sim_dir).state == "running"
+
+
+@pytest.mark.skipif(not shutil.which("valgrind"), reason="valgrind not installed")
+@pytest.mark.parametrize("on_fail", ["abort", "stop"])
+def test_downtime_policy_under_memcheck(sim_dir, busy_guest, tmp_path, on_fail):
+    """The policy's C paths (clock, /proc/self/io, formatting, both verdicts) are memcheck-clean."""
+    import re
+    import stat
+
+    log = tmp_path / "vg.log"
+    wrapper = tmp_path / "memcheck-helper"
+    wrapper.write_text("#!/bin/sh\nexec %s --tool=memcheck --leak-check=full "
+                       "--show-leak-kinds=definite --errors-for-leak-kinds=definite "
+                       "--error-exitcode=99 --log-file=%s %s \"$@\"\n"
+                       % (shutil.which("valgrind"), log, OUR_HELPER))
+    wrapper.chmod(stat.S_IRWXU)
+    dom = busy_guest(300)
+    env = dict(downtime_env(1, 3, on_fail), PYXL_HELPER_PYTHONMALLOC="malloc0")
+    op = pyxl.save(dom, tmp_path / "g", live=True, leave="paused", helper=str(wrapper),
+                   sim_dir=sim_dir, helper_env=env, timeout=600)
+    try:
+        pyxl.wait(op)
+    except pyxl.OperationError:
+        pass
+    exc = op.exception()
+    if on_fail == "abort":
+        assert isinstance(exc, pyxl.PrecopyAborted), exc
+    else:
+        assert exc is None, exc
+    text = log.read_text()
+    assert re.search(r"ERROR SUMMARY: 0 errors", text), text[-2000:]
+    assert re.search(r"definitely lost: 0 bytes|no leaks are possible", text), text[-2000:]
