@@ -14,8 +14,8 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import os
+import shutil
 import subprocess
 import time
 from typing import Dict, List, Optional, Tuple
