@@ -275,12 +275,33 @@ class XenBackend:
         try:
             with open(path, "rb") as f:
                 # libxl writes the JSON string with its terminating NUL.
-                return json.loads(f.read().rstrip(b"\0").decode())
+                cfg = json.loads(f.read().rstrip(b"\0").decode())
         except FileNotFoundError:
             raise StartupError(f"domain {domid} has no libxl config ({path}): pyxl saves "
                                "domains created by xl/libxl or by pyxl") from None
         except (OSError, ValueError) as exc:
             raise StartupError(f"cannot read domain {domid}'s config {path}: {exc}") from exc
+        # As libxl_retrieve_domain_configuration (what `xl save` writes): the
+        # current name and memory from XenStore, the uuid from Xen.  The
+        # stored name is stale after a rename (xl migrate's NAME--incoming).
+        c_info = cfg.setdefault("c_info", {})
+        b_info = cfg.setdefault("b_info", {})
+        c_info["uuid"] = info.uuid
+        try:
+            name = self.xs.read(f"/local/domain/{domid}/name")
+            if name:
+                c_info["name"] = name.decode()
+            for node, key in (("memory/static-max", "max_memkb"),
+                              ("memory/target", "target_memkb")):
+                raw = self.xs.read(f"/local/domain/{domid}/{node}")
+                if raw and raw.isdigit():
+                    val = int(raw)
+                    if key == "target_memkb":
+                        val += max(0, _int(b_info.get("video_memkb"), 0))
+                    b_info[key] = val
+        except OSError as exc:
+            raise StartupError(f"cannot read domain {domid} from XenStore: {exc}") from exc
+        return cfg
 
     # -- suspend --------------------------------------------------------------
     def start_suspend(self, loop: Loop, domid: int, timeout: float,

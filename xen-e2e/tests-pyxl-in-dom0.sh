@@ -10,6 +10,12 @@
 #   pyxl-save-c.G                           pyxl save -c: the guest keeps running
 #   pyxl-save-killed.G                      helper SIGKILLed mid-save: pyxl fails (exit 1), the guest
 #                                           is resumed and counts on, no file and no extra domain left
+#   pyxl-suspend-timeout.pv1                the guest is paused, so never suspends: pyxl fails after its
+#                                           30 s suspend timeout, the request is withdrawn, the guest counts on
+#   pyxl-restore-of-xl.G                    xl save -> pyxl restore
+#   pyxl-roundtrip(-save).G, pyxl-restore-killed.G
+#                                           pyxl save -> pyxl restore with its helper killed (nothing
+#                                           left) -> pyxl restore; the counter continues
 PYXL=/opt/pyxl/bin/pyxl
 # pyxl runs its default helper (ours); the helper-killed tests run it through a
 # wrapper that SIGKILLs it.  PYXL_E2E_HELPER=debian (set here) runs Debian's.
@@ -140,6 +146,25 @@ EOF
     pyxl_restore pyxl-roundtrip "$g" "$f" "$before"
 }
 
+pyxl_uncooperative() {  # GUEST: a guest that never answers (paused): pyxl save times out
+    local g=$1 before d rc f=$W/$1-pyxl-timeout.save listed
+    begin_op "$g"; before=${GMAX[$g]}
+    d=$("$XL" domid "$g" 2>/dev/null) || { result "pyxl-suspend-timeout.$g" FAIL "no domain $g"; return 1; }
+    listed=$(pyxl_list)
+    "$XL" pause "$d"
+    pyxl_timed "save-timeout-$g" save "$d" "$f"
+    rc=$?
+    local req; req=$(xenstore-read "/local/domain/$d/control/shutdown" 2>&1)
+    "$XL" unpause "$d"
+    if [ $rc -eq 1 ] && grep -q "did not suspend within" "$OUT/pyxl-save-timeout-$g.log" \
+        && [ -z "$req" ] && [ ! -e "$f" ] && [ "$(pyxl_list)" = "$listed" ]; then
+        result "pyxl-suspend-timeout.$g" PASS "$LAST_S s, exit 1 ($(grep -o -m1 'error: .*' "$OUT/pyxl-save-timeout-$g.log" | head -c 160)); request withdrawn"
+    else
+        result "pyxl-suspend-timeout.$g" FAIL "exit $rc, control/shutdown '$req', $(tail -n 1 "$OUT/pyxl-save-timeout-$g.log")"
+    fi
+    check_continues "counter-after-pyxl-suspend-timeout.$g" "$g" "$before"
+}
+
 if [ ! -x "$PYXL" ]; then
     result pyxl.installed FAIL "$PYXL missing"
 else
@@ -157,6 +182,8 @@ else
     if [ -n "${GMAX[pvh1]:-}" ]; then
         pyxl_save_then_xl_restore pvh1 live --live
     fi
+    # a guest that does not cooperate (paused while asked to suspend): 30 s
+    [ -n "${GMAX[pv1]:-}" ] && pyxl_uncooperative pv1
     # pyxl restore into a domain pyxl creates
     for g in pv1 pvh1; do
         "$XL" list "$g" > /dev/null 2>&1 || continue
