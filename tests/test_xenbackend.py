@@ -342,3 +342,24 @@ def test_restore_target_pvh(xsd, tmp_path, monkeypatch):
 
 
 import pyxl.errors as pyxl_errors  # noqa: E402
+
+
+def test_domain_config_takes_current_name_and_memory(xsd, tmp_path, monkeypatch):
+    from pyxl import xenbackend
+    monkeypatch.setattr(xenbackend, "USERDATA_DIR", str(tmp_path))
+    be = XenBackend.__new__(XenBackend)
+    be.xc = RecordingXc()
+    be.xc.domains[3] = 0
+    be._xs = XenStore(sock=xsd.client)
+    uuid = "00010203-0405-0607-0809-0a0b0c0d0e0f"
+    (tmp_path / f"userdata-d.3.{uuid}.libxl-json").write_bytes(
+        b'{"c_info": {"name": "g--incoming"}, "b_info": {"max_memkb": 1, "video_memkb": -1}}\n\0')
+    xsd.nodes["/local/domain/3/name"] = b"g"
+    xsd.nodes["/local/domain/3/memory/static-max"] = b"131072"
+    xsd.nodes["/local/domain/3/memory/target"] = b"65536"
+    cfg = be.domain_config(3)
+    assert cfg["c_info"] == {"name": "g", "uuid": uuid}
+    assert cfg["b_info"]["max_memkb"] == 131072 and cfg["b_info"]["target_memkb"] == 65536
+    with pytest.raises(pyxl_errors.StartupError, match="no libxl config"):
+        be.xc.domains[4] = 0
+        be.domain_config(4)
