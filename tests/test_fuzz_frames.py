@@ -311,7 +311,9 @@ def test_decoder_buffers_at_most_one_frame(frames: List[Tuple[int, bytes]], step
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 2 * MAX_FRAME + len(data) + (1 << 16)
+    # the input itself was allocated before tracing started: what is counted
+    # is the decoder's buffer (with bytearray growth) and one frame's copy
+    assert peak < 6 * MAX_FRAME
 
 
 # ---------------------------------------------------------------------------
