@@ -582,6 +582,7 @@ class SaveOperation(Operation):
             self._suspend_cancel = None
             if not ok:
                 self.logger.error("suspend of domain %d failed: %s", self.domid, why)
+                self._suspend_failed = why
             if self._held is not None:
                 # The helper died while the guest was suspending; the failure
                 # waited for the suspend to land so the guest can be resumed.
@@ -596,6 +597,15 @@ class SaveOperation(Operation):
         # (the guest was asked already) and _conclude waits for it.
         self._suspend_cancel = self.backend.start_suspend(self.loop, self.domid,
                                                           self.suspend_timeout, done)
+
+    def _finish(self, result: Any = None, exc: Optional[OperationError] = None) -> None:
+        why = getattr(self, "_suspend_failed", None)
+        if exc is not None and why and why not in str(exc):
+            # The helper's failure is only the consequence ("Save failed"):
+            # say why first, e.g. a guest that did not answer the request.
+            exc.args = (f"the guest did not suspend: {why}; {exc.args[0] if exc.args else exc}",
+                        ) + tuple(exc.args[1:])
+        super()._finish(result, exc)
 
     def _answered(self, req: CallbackRequest, value: int) -> None:
         if isinstance(req.message, Suspend) and value:
