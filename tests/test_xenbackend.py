@@ -363,3 +363,23 @@ def test_domain_config_takes_current_name_and_memory(xsd, tmp_path, monkeypatch)
     with pytest.raises(pyxl_errors.StartupError, match="no libxl config"):
         be.xc.domains[4] = 0
         be.domain_config(4)
+
+
+def test_suspend_failure_is_named_in_the_save_error(sim_dir, tmp_path):
+    """The default suspend's failure (a guest that never answers, as one
+    without PV drivers) leads the save's error, not libxc's "Save failed"."""
+    import pyxl
+    from pyxl import sim
+    from pyxl.backend import SimBackend
+
+    class Deaf(SimBackend):
+        def start_suspend(self, loop, domid, timeout, done):
+            return loop.call_later(timeout, lambda: done(False, f"guest did not suspend within {timeout:g}s"))
+
+    d = sim.create(16 << 20, sim_dir=sim_dir)
+    op = pyxl.save(d, tmp_path / "g", backend=Deaf(sim_dir), suspend_timeout=0.3)
+    with pytest.raises(pyxl.OperationError) as ei:
+        pyxl.wait(op)
+    assert str(ei.value).startswith("the guest did not suspend: guest did not suspend within 0.3s; ")
+    assert not (tmp_path / "g").exists()
+    assert sim.info(d, sim_dir=sim_dir).state == "running"
