@@ -13,8 +13,10 @@ swapped frames, and a helper that does not wait for its reply.
 
 Properties: only :class:`ProtocolError` (a typed :class:`OperationError` at
 the operation level), never a hang, bounded buffering; and where the outcome
-is determined by the bytes, exactly that outcome.  ``PYXL_SLOW=1`` runs the
-10,000-example lanes.
+is determined by the bytes, exactly that outcome.  ``PYXL_SLOW=1`` runs
+10,000 examples through the codec and conversation, and 1,000 / 300 through
+real helper processes and operations (each example spawns a process, so
+10,000 there would take CI most of an hour).
 """
 
 from __future__ import annotations
@@ -376,7 +378,7 @@ def workdir():
     shutil.rmtree(d, ignore_errors=True)
 
 
-@settings(max_examples=10000 if SLOW else 150, deadline=None,
+@settings(max_examples=1000 if SLOW else 150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(plan=plans())
 def test_helper_process_on_a_pipe(workdir: str, plan: Plan) -> None:
@@ -452,7 +454,7 @@ def restore_source(path: str) -> None:
                 + stream_libxl.libxc_context_record() + stream_libxl.end_record())
 
 
-@settings(max_examples=3000 if SLOW else 80, deadline=None,
+@settings(max_examples=300 if SLOW else 80, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(plan=plans())
 def test_operation_on_a_pipe(workdir: str, plan: Plan) -> None:
