@@ -27,14 +27,13 @@ from .operation import ProgressEvent, RestoreOperation, SaveOperation, restore, 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C: the operation is cancelled and cleaned up
-    (temporary file removed, guest resumed, half-restored domain destroyed)."""
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped an operation, which was cancelled and cleaned
+    up (temporary file removed, guest resumed, half-restored domain destroyed)."""
 
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the clean-up finish
-    raise Terminated()
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class ProgressBar:
@@ -69,14 +68,30 @@ class ProgressBar:
 
 
 def _run(op: Any) -> Any:
-    """Drive one operation on the default loop; Ctrl-C cancels it cleanly."""
+    """Drive one operation on the default loop; Ctrl-C or SIGTERM cancels it.
+
+    The signal handlers only ask the operation to cancel; the loop goes on
+    until the clean-up is done (an exception raised at an arbitrary point of
+    a loop callback could leave the operation half-concluded).
+    """
     loop = default_loop()
+    got: List[int] = []
+
+    def stop(signum: int, frame: Any) -> None:
+        got.append(signum)
+        op.cancel(grace=2.0)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, stop)
     try:
         loop.run_until(op.done)
-    except KeyboardInterrupt:
-        op.cancel(grace=2.0)
-        loop.run_until(op.done)
-        raise
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if got and op.exception() is not None:
+        raise Interrupted(got[0])
     return op.result()
 
 
@@ -176,13 +191,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("-c and -p are mutually exclusive")
     _configure_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if on_main_thread else None
     try:
         return func(args)
-    except Terminated:
-        print("pyxl: terminated", file=sys.stderr)
-        return EXIT_TERMINATED
+    except Interrupted as exc:
+        if exc.signum == signal.SIGTERM:
+            print("pyxl: terminated", file=sys.stderr)
+            return EXIT_TERMINATED
+        print("pyxl: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("pyxl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -195,9 +211,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # still one line: a toolstack parses our stderr
         _fail(exc, internal=True)
         return EXIT_FAILED
-    finally:
-        if on_main_thread and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(exc: BaseException, internal: bool = False) -> None:
