@@ -207,10 +207,14 @@ def test_save_interrupted(sim_dir, tmp_path, signum, code, text):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          cwd=str(ROOT))
     deadline = time.monotonic() + 20
-    while not [n for n in os.listdir(tmp_path) if ".pyxl-" in n]:
+
+    def streaming() -> bool:  # the helper has written pages into the temporary file
+        tmp = [n for n in os.listdir(tmp_path) if ".pyxl-" in n]
+        return bool(tmp) and os.path.getsize(tmp_path / tmp[0]) > 1 * MB
+
+    while not streaming():
         assert time.monotonic() < deadline and p.poll() is None
-        time.sleep(0.01)
-    time.sleep(0.2)
+        time.sleep(0.002)
     p.send_signal(signum)
     out, err = p.communicate(timeout=30)
     if p.returncode == 0:
