@@ -42,9 +42,14 @@ def sim_dir(tmp_path_factory):
 
 
 def open_fds():
+    import gc
+
     import pyxl
 
     pyxl.default_loop()  # its selector is a long-lived fd of its own
+    # Objects of earlier tests (pipes of finished Popens, files) would
+    # otherwise be closed by the cyclic GC in the middle of a comparison.
+    gc.collect()
     return sorted(int(f) for f in os.listdir("/proc/self/fd"))
 
 
