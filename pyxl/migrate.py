@@ -71,7 +71,7 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Generator, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from . import sim, stream_xl
 from .stream_common import REC_HEADER
@@ -79,6 +79,7 @@ from .stream_libxl import LIBXL_HEADER
 from ._paths import helper_path
 from .backend import SimBackend, default_backend
 from .errors import Cancelled, OperationError, StartupError, Timeout
+from .future import LoopFuture
 from .loop import Loop, Timer, default_loop
 from .operation import (STREAM_PLAIN, STREAM_REMUS, ProgressEvent, RestoreOperation,
                         RestoreResult, SaveOperation, SaveResult)
@@ -167,58 +168,19 @@ def _close(fd: int) -> None:
         pass
 
 
-class _Future:
-    """The future-like surface shared with pyxl's operations (``pyxl.wait`` works)."""
+class _Future(LoopFuture):
+    """A migration as a pyxl operation (``pyxl.wait`` works), with its own timers."""
 
     kind = "migration"
 
     def __init__(self, loop: Optional[Loop], timeout: Optional[float]) -> None:
+        super().__init__()
         self.loop: Loop = loop if loop is not None else default_loop()
         self.started = time.monotonic()
-        self._done = False
-        self._result: Any = None
-        self._exception: Optional[OperationError] = None
-        self._done_cbs: List[Callable[[Any], None]] = []
         self._timers: List[Timer] = []
         self._timeout = timeout
         if timeout is not None:
             self._timers.append(self.loop.call_later(timeout, self._timed_out))
-
-    def done(self) -> bool:
-        return self._done
-
-    def result(self) -> Any:
-        if not self._done:
-            raise RuntimeError(f"{self.kind} is still running (use pyxl.wait or await it)")
-        if self._exception is not None:
-            raise self._exception
-        return self._result
-
-    def exception(self) -> Optional[OperationError]:
-        if not self._done:
-            raise RuntimeError(f"{self.kind} still running")
-        return self._exception
-
-    def add_done_callback(self, fn: Callable[[Any], None]) -> None:
-        if self._done:
-            fn(self)
-        else:
-            self._done_cbs.append(fn)
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        import asyncio
-        fut = asyncio.get_running_loop().create_future()
-
-        def transfer(op: "_Future") -> None:
-            if fut.cancelled():
-                return
-            if op._exception is not None:
-                fut.set_exception(op._exception)
-            else:
-                fut.set_result(op._result)
-
-        self.add_done_callback(transfer)
-        return fut.__await__()
 
     def _timed_out(self) -> None:
         self._fail(Timeout(f"{self.kind} timed out after {self._timeout:g}s"))
@@ -235,14 +197,10 @@ class _Future:
     def _finish(self, result: Any = None, exc: Optional[OperationError] = None) -> None:
         if self._done:
             return
-        self._done = True
         for t in self._timers:
             t.cancel()
         self._timers.clear()
-        self._result, self._exception = result, exc
-        cbs, self._done_cbs = self._done_cbs, []
-        for cb in cbs:
-            cb(self)
+        self._set_outcome(result, exc)
 
 
 class _Outbox:

@@ -10,7 +10,6 @@ progress only when its loop dispatches events, so one thread can run many.
 from __future__ import annotations
 
 import collections
-import errno
 import fcntl
 import inspect
 import logging
@@ -19,7 +18,7 @@ import signal
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import (Any, Awaitable, Callable, Deque, Dict, Generator, List, Optional,
+from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional,
                     Sequence, Tuple, Union)
 
 from . import stream_common, stream_libxc, stream_libxl, stream_xl
@@ -28,11 +27,11 @@ from .backend import SimBackend, default_backend
 from .errors import (Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
                      MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
                      StartupError, Timeout)
+from .future import LoopFuture
 from .helper_process import HelperProcess, restore_argv, save_argv
 from .loop import Loop, Timer, default_loop
 from .stream_libxl import LibxlRecordType as RecordType
-from .protocol import (Complete, Log, Message, Progress, RestoreResults, StaticDataDone,
-                       Suspend, SwitchQemuLogdirty, cbflags_for)
+from .protocol import Complete, Log, Message, Progress, RestoreResults, Suspend, cbflags_for
 
 __all__ = ["CallbackRequest", "Operation", "ProgressEvent", "RestoreOperation", "RestoreResult",
            "SaveOperation", "SaveResult", "restore", "save", "wait"]
@@ -132,7 +131,7 @@ class CallbackRequest:
         self.op._answer(self, int(value))
 
 
-class Operation:
+class Operation(LoopFuture):
     """One save or restore in progress."""
 
     kind = "operation"
@@ -140,6 +139,7 @@ class Operation:
     def __init__(self, domid: int, loop: Optional[Loop], timeout: Optional[float],
                  callbacks: Optional[Dict[str, Handler]],
                  on_progress: Optional[Callable[[ProgressEvent], None]]) -> None:
+        super().__init__()
         self.domid = domid
         self.loop: Loop = loop if loop is not None else default_loop()
         self.logger = logging.getLogger(f"pyxl.domain.{domid}")
@@ -151,39 +151,16 @@ class Operation:
         self._progress_cbs: List[Callable[[ProgressEvent], None]] = []
         if on_progress is not None:
             self._progress_cbs.append(on_progress)
-        self._done_cbs: List[Callable[["Operation"], None]] = []
-        self._done = False
-        self._result: Any = None
-        self._exception: Optional[OperationError] = None
         self._failure: Optional[OperationError] = None  # decided before the helper exits
         self._timer: Optional[Timer] = None
         self._timeout = timeout
         self._pending: Optional[CallbackRequest] = None
         self._aux: List[Timer] = []
 
-    # -- future protocol ----------------------------------------------------
+    # -- future protocol (LoopFuture) and progress ------------------------
 
-    def done(self) -> bool:
-        return self._done
-
-    def result(self) -> Any:
-        if not self._done:
-            raise RuntimeError(f"{self.kind} of domain {self.domid} is still running "
-                               "(use pyxl.wait or await it)")
-        if self._exception is not None:
-            raise self._exception
-        return self._result
-
-    def exception(self) -> Optional[OperationError]:
-        if not self._done:
-            raise RuntimeError("operation still running")
-        return self._exception
-
-    def add_done_callback(self, fn: Callable[["Operation"], None]) -> None:
-        if self._done:
-            fn(self)
-        else:
-            self._done_cbs.append(fn)
+    def _what(self) -> str:
+        return f"{self.kind} of domain {self.domid}"
 
     def add_progress_callback(self, fn: Callable[[ProgressEvent], None]) -> None:
         self._progress_cbs.append(fn)
@@ -197,21 +174,6 @@ class Operation:
         if self.helper is not None:
             self.helper.terminate(grace)
         return True
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        import asyncio
-        fut = asyncio.get_running_loop().create_future()
-
-        def transfer(op: "Operation") -> None:
-            if fut.cancelled():
-                return
-            if op._exception is not None:
-                fut.set_exception(op._exception)
-            else:
-                fut.set_result(op._result)
-
-        self.add_done_callback(transfer)
-        return fut.__await__()
 
     # -- machinery shared by save and restore -------------------------------
 
@@ -380,15 +342,9 @@ class Operation:
         raise NotImplementedError
 
     def _finish(self, result: Any = None, exc: Optional[OperationError] = None) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._result, self._exception = result, exc
-        if exc is not None:
+        if not self._done and exc is not None:
             self.logger.error("%s", exc)
-        cbs, self._done_cbs = self._done_cbs, []
-        for cb in cbs:
-            cb(self)
+        self._set_outcome(result, exc)
 
 
 def _is_regular(fd: int) -> bool:
