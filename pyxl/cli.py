@@ -20,15 +20,15 @@ import time
 from typing import Any, Callable, List, Optional
 
 from . import __version__
-from .errors import OperationError, PyxlError, StartupError
+from .errors import PyxlError, StartupError
 from .loop import default_loop
-from .operation import ProgressEvent, RestoreOperation, SaveOperation, restore, save
+from .operation import ProgressEvent, restore, save
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped an operation, which was cancelled and cleaned
+    """Ctrl-C, SIGTERM or SIGHUP stopped an operation, which was cancelled and cleaned
     up (temporary file removed, guest resumed, half-restored domain destroyed)."""
 
     def __init__(self, signum: int) -> None:
@@ -67,31 +67,44 @@ class ProgressBar:
             self._shown = False
 
 
-def _run(op: Any) -> Any:
-    """Drive one operation on the default loop; Ctrl-C or SIGTERM cancels it.
+def run(op: Any) -> Any:
+    """Drive one operation on the default loop; SIGINT, SIGTERM and SIGHUP cancel it.
 
-    The signal handlers only ask the operation to cancel; the loop goes on
-    until the clean-up is done (an exception raised at an arbitrary point of
-    a loop callback could leave the operation half-concluded).
+    The signals only wake the loop (a wakeup fd): the cancel happens from the
+    loop, never in the middle of a callback, and the loop runs on until the
+    clean-up is done (temp file removed, guest resumed, half-made domain
+    destroyed).  Then :class:`Interrupted` carries the signal to ``main``.
     """
     loop = default_loop()
-    got: List[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        loop.run_until(op.done)
+        return op.result()
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    caught: List[int] = []
 
-    def stop(signum: int, frame: Any) -> None:
-        got.append(signum)
-        op.cancel(grace=2.0)
+    def on_signal() -> None:
+        try:
+            caught.extend(os.read(r, 64))
+        except BlockingIOError:
+            pass
+        if caught and not op.done():
+            op.cancel()
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, stop)
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {sig: signal.signal(sig, lambda *_: None) for sig in sigs}
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    loop.add_reader(r, on_signal)
     try:
         loop.run_until(op.done)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-    if got and op.exception() is not None:
-        raise Interrupted(got[0])
+        loop.remove_reader(r)
+        signal.set_wakeup_fd(old_fd)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        os.close(r)
+        os.close(w)
+    if caught and op.exception() is not None:
+        raise Interrupted(caught[0])
     return op.result()
 
 
@@ -101,7 +114,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     op = save(args.domid, args.file, live=args.live, leave=leave, helper=args.helper,
               timeout=args.timeout, on_progress=bar, sim_dir=args.sim_dir, debug=args.debug)
     try:
-        res = _run(op)
+        res = run(op)
     finally:
         bar.close()
     if args.json:
@@ -117,7 +130,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     op = restore(args.file, paused=args.p, helper=args.helper, timeout=args.timeout,
                  on_progress=bar, sim_dir=args.sim_dir)
     try:
-        res = _run(op)
+        res = run(op)
     finally:
         bar.close()
     if args.json:
@@ -194,7 +207,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return func(args)
     except Interrupted as exc:
-        if exc.signum == signal.SIGTERM:
+        if exc.signum != signal.SIGINT:
             print("pyxl: terminated", file=sys.stderr)
             return EXIT_TERMINATED
         print("pyxl: interrupted", file=sys.stderr)
@@ -225,4 +238,7 @@ def _fail(exc: BaseException, internal: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable pyxl.cli, not this __main__ copy: the subcommand
+    # modules import pyxl.cli, and two copies would mean two Interrupted classes.
+    from pyxl.cli import main as _main
+    sys.exit(_main())

@@ -17,7 +17,7 @@ from typing import Any, List
 
 from . import sim
 from ._paths import helper_path
-from .cli import ProgressBar, _run
+from .cli import ProgressBar, run as run_op
 from .operation import restore, save
 
 
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         op = save(domid, image, live=True, leave="paused", helper=args.helper,
                   on_progress=bar, sim_dir=sim_dir)
         try:
-            sres = _run(op)
+            sres = run_op(op)
         finally:
             bar.close()
         src_digest = sim.digest(domid, sim_dir=sim_dir)
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         bar = ProgressBar("restore", out)
         rop = restore(image, paused=True, helper=args.helper, on_progress=bar, sim_dir=sim_dir)
         try:
-            rres = _run(rop)
+            rres = run_op(rop)
         finally:
             bar.close()
         created.append(rres.domid)

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import sys
-from typing import Any, List
+from typing import Any
 
 from . import sim
+from .cli import ProgressBar, run
 from .migrate import migrate, parse_address, receive
 
 EXIT_OK = 0
@@ -85,52 +84,7 @@ def _iterations(text: str) -> int:
     return value
 
 
-def _run(op: Any) -> Any:
-    """Run ``op`` on the default loop.  SIGINT, SIGTERM and SIGHUP cancel it
-    cleanly -- from the loop, through a wakeup fd, never in the middle of a
-    callback -- so the source runs on and the receiver destroys what it got;
-    then the signal goes to the handler that was in place (``pyxl``'s: exit
-    130 for SIGINT, 143 for SIGTERM and SIGHUP)."""
-    from .loop import default_loop
-    loop = default_loop()
-    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    caught: List[int] = []
-
-    def on_signal() -> None:
-        try:
-            caught.extend(os.read(r, 64))
-        except BlockingIOError:
-            pass
-        if caught and not op.done():
-            op.cancel()
-
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {sig: signal.signal(sig, lambda *_: None) for sig in sigs}
-    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    loop.add_reader(r, on_signal)
-    try:
-        loop.run_until(op.done)
-    finally:
-        loop.remove_reader(r)
-        signal.set_wakeup_fd(old_fd)
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-        os.close(r)
-        os.close(w)
-    if caught and op.exception() is not None:
-        # Now that the clean-up is done, let the handler that was in place
-        # (pyxl's: KeyboardInterrupt for SIGINT, cli.Terminated for SIGTERM)
-        # have the signal.
-        signum = signal.SIGINT if signal.SIGINT in caught else signal.SIGTERM
-        handler = old[signum]
-        if callable(handler):
-            handler(signum, None)
-        raise KeyboardInterrupt
-    return op.result()
-
-
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from .cli import ProgressBar
     if (args.target is None) == (args.command is None):
         raise SystemExit(_usage("give HOST:PORT or --command CMD (one of them)"))
     if args.downtime is None and (args.max_iterations is not None or args.on_fail is not None):
@@ -150,7 +104,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                  checkpoints=args.checkpoints,
                  checkpoint_interval=0.1 if args.interval is None else args.interval)
     try:
-        res = _run(op)
+        res = run(op)
     finally:
         bar.close()
     if args.json:
@@ -175,7 +129,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
         op = receive(fds=(0, 1), paused=args.paused, helper=args.helper, timeout=args.timeout,
                      sim_dir=args.sim_dir, digest=args.json, remus=args.remus)
         out = sys.stderr   # stdout is the channel back to the sender
-    res = _run(op)
+    res = run(op)
     if args.json:
         got = {"domid": res.domid, "digest": res.digest, "seconds": round(res.duration, 6)}
         if args.remus:
