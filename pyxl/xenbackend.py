@@ -41,7 +41,7 @@ import json
 import os
 import struct
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .errors import StartupError
 from .loop import Loop, Timer
@@ -136,7 +136,7 @@ class DomInfo:
 
     @property
     def shutdown_reason(self) -> int:
-        return (self.flags >> XEN_DOMINF_shutdownshift) & XEN_DOMINF_shutdownmask
+        return int((self.flags >> XEN_DOMINF_shutdownshift) & XEN_DOMINF_shutdownmask)
 
     @property
     def suspended(self) -> bool:
@@ -223,7 +223,7 @@ class Xc:
         return domid.value
 
     def call(self, fn: str, *args: Any) -> int:
-        rc = getattr(self.ctrl, fn)(self.xch, *args)
+        rc = int(getattr(self.ctrl, fn)(self.xch, *args))
         self._check(f"{fn}{args}", rc)
         return rc
 
@@ -241,7 +241,7 @@ class XenBackend:
     def __init__(self) -> None:
         self.xc = Xc()
         self._xs: Optional[XenStore] = None
-        self._ports: Dict[int, tuple] = {}
+        self._ports: Dict[int, Tuple[int, int, int, int]] = {}
         self._restoring: Dict[int, Dict[str, Any]] = {}
 
     @property
@@ -275,7 +275,7 @@ class XenBackend:
         try:
             with open(path, "rb") as f:
                 # libxl writes the JSON string with its terminating NUL.
-                cfg = json.loads(f.read().rstrip(b"\0").decode())
+                cfg: Dict[str, Any] = json.loads(f.read().rstrip(b"\0").decode())
         except FileNotFoundError:
             raise StartupError(f"domain {domid} has no libxl config ({path}): pyxl saves "
                                "domains created by xl/libxl or by pyxl") from None
@@ -445,13 +445,13 @@ class XenBackend:
         path = os.path.join(USERDATA_DIR, f"userdata-d.{domid}.{info.uuid}.libxl-json")
         try:
             with open(path, "rb") as f:
-                cfg = json.loads(f.read().rstrip(b"\0").decode())
+                cfg: Dict[str, Any] = json.loads(f.read().rstrip(b"\0").decode())
         except (OSError, ValueError):
             return
         cfg.setdefault("c_info", {})["name"] = name
         self._write_userdata(domid, info.uuid, cfg)
 
-    def _domids(self) -> list:
+    def _domids(self) -> List[int]:
         return [int(d) for d in self.xs.directory("/local/domain") if d.isdigit()]
 
     def _build_pre(self, domid: int, dtype: str, c_info: Dict[str, Any],
@@ -491,7 +491,7 @@ class XenBackend:
         ro, rw, no = ["n0", f"r{domid}"], [f"n{domid}"], ["n0"]
         tx = xs.transaction_start()
         try:
-            def mknod(path: str, perms: list) -> None:
+            def mknod(path: str, perms: List[Any]) -> None:
                 xs.write(path, b"", tx)
                 xs.set_perms(path, perms, tx)
             for path, perms in ((dom, ro), (vm, ro), (lx, no)):
@@ -527,7 +527,7 @@ class XenBackend:
             f.write(json.dumps(cfg, indent=4).encode() + b"\n\0")
         os.rename(tmp, path)
 
-    def restore_ports(self, domid: int) -> tuple:
+    def restore_ports(self, domid: int) -> Tuple[int, int, int, int]:
         """(store port, store domain, console port, console domain) for the helper's argv."""
         return self._ports[domid]
 
@@ -606,7 +606,8 @@ class _Suspend:
             self.xs.write(f"/local/domain/{domid}/control/shutdown", "suspend")
         except OSError as exc:
             self._close()
-            self.timer = loop.call_later(0, lambda: self._finish(False, f"XenStore: {exc}"))
+            why = f"XenStore: {exc}"  # exc itself is unbound once the except block ends
+            self.timer = loop.call_later(0, lambda: self._finish(False, why))
             return
         loop.add_reader(self.xs.fileno(), self._readable)
         self.timer = loop.call_later(timeout, self._timed_out)
