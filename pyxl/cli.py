@@ -141,7 +141,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _domid(text: str) -> int:
+def domid_arg(text: str) -> int:
+    """argparse type for a domain id (shared by every subcommand)."""
     try:
         value = int(text, 10)
     except ValueError:
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", action="store_true", help="leave the domain paused after the save")
     p.add_argument("--live", action="store_true", help="pre-copy while the guest runs")
     p.add_argument("--debug", action="store_true", help="resend all pages for verification")
-    p.add_argument("domid", type=_domid, metavar="DOMID")
+    p.add_argument("domid", type=domid_arg, metavar="DOMID")
     p.add_argument("file", metavar="FILE")
     _common(p)
     p.set_defaults(func=cmd_save)

@@ -145,7 +145,7 @@ def _usage(text: str) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``migrate`` and ``migrate-receive``; each sets ``func``."""
-    from .cli import _common, _domid
+    from .cli import _common, domid_arg
 
     p = subparsers.add_parser("migrate", help="migrate a domain to another host (xl migrate)",
                               description="Migrate a domain to a pyxl migrate-receive "
@@ -172,7 +172,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--command", metavar="CMD",
                    help="run CMD (through the shell) and send over its stdin/stdout, "
                         "e.g. \"ssh host pyxl migrate-receive\"")
-    p.add_argument("domid", type=_domid, metavar="DOMID")
+    p.add_argument("domid", type=domid_arg, metavar="DOMID")
     p.add_argument("target", nargs="?", type=_address(False), metavar="HOST:PORT")
     _common(p)
     p.set_defaults(func=cmd_migrate)

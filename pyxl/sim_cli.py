@@ -37,13 +37,8 @@ def _size(text: str) -> int:
 
 
 def _domid(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a domain id: {text!r}") from None
-    if not 0 <= value < 0x7FF0:
-        raise argparse.ArgumentTypeError(f"domain id out of range: {value}")
-    return value
+    from .cli import domid_arg  # one parser for every subcommand; cli imports us
+    return domid_arg(text)
 
 
 def _err(msg: str) -> None:
