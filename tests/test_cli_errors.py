@@ -30,7 +30,6 @@ PYXL = [sys.executable, "-m", "pyxl.cli"]
 #: root, but file modes apply (no CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH)
 NO_DAC = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
           "--inh-caps", "-dac_override,-dac_read_search", "--"]
-NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
 
 
 def pyxl_cli(*args: str, prefix: Optional[List[str]] = None, timeout: float = 60,
@@ -243,14 +242,14 @@ def test_restore_a_directory(sim_dir, tmp_path):
     assert domids(sim_dir) == []
 
 
-@pytest.mark.parametrize("who", ["no-dac-root", "nobody"])
-def test_restore_unreadable_file(sim_dir, tmp_path, saved, who):
+def test_restore_unreadable_file(sim_dir, tmp_path, saved):
+    # Root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH, rather than another
+    # user: that user would also need to reach the checkout's .venv, which a
+    # CI clone under a private directory does not allow.
     saved.chmod(0o000)
-    tmp_path.chmod(0o755)
     before = domids(sim_dir)
     try:
-        r = pyxl_cli("restore", "--sim-dir", sim_dir, str(saved),
-                     prefix=NO_DAC if who == "no-dac-root" else NOBODY)
+        r = pyxl_cli("restore", "--sim-dir", sim_dir, str(saved), prefix=NO_DAC)
     finally:
         saved.chmod(0o600)
     one_line_error(r, 2, "Permission denied")
