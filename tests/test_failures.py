@@ -98,7 +98,9 @@ def test_cancel_sigterm_then_sigkill(sim_dir, tmp_path):
         """)
     op = pyxl.save(d, tmp_path / "x", helper=helper, sim_dir=sim_dir)
     loop = pyxl.default_loop()
-    loop.run_until(lambda: False, timeout=0.3)
+    # Cancel only once the helper ignores SIGTERM (it logs right after),
+    # however slowly it starts on a loaded machine.
+    assert loop.run_until(lambda: op.helper.conv.decoder.offset > 0, timeout=30)
     t0 = time.monotonic()
     op.cancel(grace=0.3)
     with pytest.raises(pyxl.Cancelled):
