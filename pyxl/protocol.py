@@ -74,6 +74,9 @@ class ProtocolError(Exception):
         self.reason = reason
         self.offset = offset
         self.message = message
+        #: Valid messages that came before the fault in the same batch (for
+        #: example the helper's last ERROR logs), so the I/O layer loses nothing.
+        self.before: List[Message] = []
 
 
 def _decode_body(body: bytes, offset: int, mode: Optional[str]) -> Message:
@@ -164,6 +167,7 @@ class Decoder:
                 offsets.append(self._offset + pos)
                 pos += 2 + length
         except ProtocolError as exc:
+            exc.before = out
             self._error = exc
             raise
         finally:
@@ -238,12 +242,26 @@ class Conversation:
         self.results: Optional[RestoreResults] = None
 
     def receive(self, data: bytes) -> List[Message]:
-        msgs = self.decoder.feed(data) if data else []
-        if not data:
-            self.decoder.eof()
-        for msg, offset in zip(msgs, self.decoder.last_offsets):
-            self._check(msg, offset)
-        return msgs
+        try:
+            msgs = self.decoder.feed(data) if data else []
+            if not data:
+                self.decoder.eof()
+        except ProtocolError as exc:
+            # A rule broken earlier in the batch is the first fault to report.
+            exc.before = self._checked(exc.before)
+            raise
+        return self._checked(msgs)
+
+    def _checked(self, msgs: List[Message]) -> List[Message]:
+        good: List[Message] = []
+        try:
+            for msg, offset in zip(msgs, self.decoder.last_offsets):
+                self._check(msg, offset)
+                good.append(msg)
+        except ProtocolError as exc:
+            exc.before = good
+            raise
+        return good
 
     def _check(self, msg: Message, offset: int) -> None:
         if self.completed is not None:

@@ -157,3 +157,15 @@ def test_arbitrary_bytes_only_protocol_error(chunks):
     except ProtocolError:
         pass
     assert d.pending <= 2 + 0xFFFF
+
+
+def test_error_keeps_the_valid_messages_before_it():
+    log = protocol.Log(8, -1, "xc", "Save failed")
+    data = encode(log) + frame(struct.pack("<H", 42))
+    with pytest.raises(ProtocolError) as e:
+        Decoder().feed(data)
+    assert e.value.before == [log] and e.value.offset == len(encode(log))
+    c = Conversation("save", cbflags=136)
+    with pytest.raises(ProtocolError, match="not enabled in CBFLAGS") as e:
+        c.receive(encode(log) + encode(protocol.Checkpoint()) + frame(struct.pack("<H", 42)))
+    assert e.value.before == [log]
