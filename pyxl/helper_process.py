@@ -121,11 +121,6 @@ class HelperProcess:
             try:
                 msgs = self.conv.receive(data)
             except ProtocolError as exc:
-                # Keep what the helper said before the fault (its last ERROR
-                # lines explain it); callbacks are moot, it is being killed.
-                for msg in exc.before:
-                    if not msg.WAITS_FOR_REPLY and not msg.CBFLAG:
-                        self._on_message(msg)
                 if data:
                     self._fail_protocol(exc)
                 else:
