@@ -168,6 +168,13 @@ def _close(fd: int) -> None:
         pass
 
 
+def _expect(buf: bytearray, want: bytes) -> Optional[bool]:
+    """Does ``buf`` start with the handshake text ``want``?  None: not enough bytes yet."""
+    if len(buf) < len(want):
+        return None if want.startswith(bytes(buf)) else False
+    return buf[:len(want)] == want
+
+
 class _Future(LoopFuture):
     """A migration as a pyxl operation (``pyxl.wait`` works), with its own timers."""
 
@@ -562,14 +569,11 @@ class MigrateOperation(_Future):
     def _process(self) -> None:
         while not self._done and self._error is None:
             if self.state == "banner":
-                if len(self._inbuf) < len(BANNER):
-                    if not BANNER.startswith(bytes(self._inbuf)):
+                got = _expect(self._inbuf, BANNER)
+                if got is not True:
+                    if got is False:
                         self._fail(MigrationError(f"not a migration receiver: it said "
-                                                  f"{bytes(self._inbuf)[:80]!r}"))
-                    return
-                if self._inbuf[:len(BANNER)] != BANNER:
-                    self._fail(MigrationError(f"not a migration receiver: it said "
-                                              f"{bytes(self._inbuf[:len(BANNER)])!r}"))
+                                                  f"{bytes(self._inbuf[:len(BANNER)])[:80]!r}"))
                     return
                 del self._inbuf[:len(BANNER)]
                 self._start_save()
@@ -1049,14 +1053,11 @@ class ReceiveOperation(_Future):
             self._fail(MigrationError("the sender went away before clearing the unpause"))
             return
         self._inbuf += data
-        if len(self._inbuf) < len(GO):
-            if not GO.startswith(bytes(self._inbuf)):
+        got = _expect(self._inbuf, GO)
+        if got is not True:
+            if got is False:
                 self._fail(MigrationError(f"unexpected message from the sender: "
-                                          f"{bytes(self._inbuf)[:80]!r}"))
-            return
-        if self._inbuf[:len(GO)] != GO:
-            self._fail(MigrationError(f"unexpected message from the sender: "
-                                      f"{bytes(self._inbuf[:len(GO)])!r}"))
+                                          f"{bytes(self._inbuf[:len(GO)])[:80]!r}"))
             return
         self._watch(None)
         self._go()
