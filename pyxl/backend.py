@@ -98,6 +98,20 @@ class SimBackend:
     def unpause(self, domid: int) -> None:
         sim.unpause(domid, sim_dir=self.sim_dir)
 
+    def rename(self, domid: int, name: str) -> None:
+        sim.rename(domid, name, sim_dir=self.sim_dir)
+
+    def state(self, domid: int) -> Optional[str]:
+        """'running', 'paused', 'suspended', or None when it cannot be told."""
+        try:
+            return sim.state(domid, sim_dir=self.sim_dir)
+        except sim.SimError:
+            return None
+
+    def digest(self, domid: int) -> Optional[str]:
+        """sha256 of the stopped guest's memory and context (:func:`pyxl.sim.digest`)."""
+        return sim.digest(domid, sim_dir=self.sim_dir)
+
 
 def default_backend(sim_dir: Optional[str] = None) -> Any:
     """fakexen's SimBackend, unless this is a Xen host (``/dev/xen/privcmd``)

@@ -7,16 +7,22 @@ migrate-receive``, as xl does), and xl's handshake frames it::
     receiver                                          sender
     "xl migration receiver ready, send binary domain data.\\n"  ->
                                       <-  xl header + libxl stream (live save)
-    restore (paused)
+    restore (paused) as NAME--incoming
     "domain received, ready to unpause\\0"                       ->
+                                      rename the source NAME--migratedaway
                             <-  "domain is yours, you are cleared to unpause\\0"
-    unpause
+    rename NAME--incoming to NAME, unpause
     "my copy unpause results are as follows\\0" + status byte    ->
                                                   status 0: destroy the source
 
 pyxl's one addition: a receiver that fails sends ``"domain receive failed:
 REASON\\0"`` instead of the ready message (xl's receiver just exits; both
 read as failure at either kind of sender).
+
+The names are xl's, so that both copies can exist on one host (a migration
+to localhost): the receiver's copy is ``NAME--incoming`` until it is cleared
+to run, and the sender's is ``NAME--migratedaway`` from then until it is
+destroyed -- or renamed back when the receiver reports a failure.
 
 Who keeps the guest:
 
@@ -55,7 +61,7 @@ pauses its source (:class:`MigrationInDoubt`) -- never two running copies.
 receiver's status message (its copy running).  ``iterations`` counts the
 precopy rounds sent while the guest ran (Xen's default policy: at most 5);
 the stop-and-copy pass comes on top.  ``digest`` (sim domains, on request)
-is :func:`pyxl.sim.digest` of the stopped source at switch-over, resp. of the
+is the backend's digest (:func:`pyxl.sim.digest`; None on a real Xen host) of the stopped source at switch-over, resp. of the
 received domain before it is unpaused -- the latter adds the hashing time to
 the downtime.
 """
@@ -73,7 +79,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
-from . import sim, stream_xl
+from . import stream_xl
 from .stream_common import REC_HEADER
 from .stream_libxl import LIBXL_HEADER
 from ._paths import helper_path
@@ -93,6 +99,8 @@ READY = b"domain received, ready to unpause\0"
 GO = b"domain is yours, you are cleared to unpause\0"
 REPORT = b"my copy unpause results are as follows\0"
 FAILED = b"domain receive failed: "       # pyxl: + reason + NUL, instead of READY
+INCOMING = "--incoming"      # xl's name suffixes while two copies exist
+AWAY = "--migratedaway"
 _MESSAGE_MAX = 4096                       # longest handshake message we accept
 _CHUNK = 1 << 20
 _F_SETPIPE_SZ = 1031
@@ -166,6 +174,21 @@ def _close(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def _digest(backend: Any, logger: logging.Logger, domid: int) -> Optional[str]:
+    try:
+        digest: Optional[str] = backend.digest(domid)
+        return digest
+    except Exception as exc:  # a digest is an extra: report, go on
+        logger.warning("no digest of domain %d: %s", domid, exc)
+        return None
+
+
+def _domain_name(config: Dict[str, Any]) -> Optional[str]:
+    c_info = config.get("c_info") if isinstance(config, dict) else None
+    name = c_info.get("name") if isinstance(c_info, dict) else None
+    return name if isinstance(name, str) and name else None
 
 
 def _expect(buf: bytearray, want: bytes) -> Optional[bool]:
@@ -463,6 +486,7 @@ class MigrateOperation(_Future):
         self._save_result: Optional[SaveResult] = None
         self._source_paused = False   # by us, after a finished save
         self._go_sent = False
+        self._name: Optional[str] = None   # the source's while it is NAME--migratedaway
         self._reading = False
         self._done_pending: Optional[Tuple[Any, Optional[OperationError]]] = None
         self._handshake_timer: Optional[Timer] = self.loop.call_later(
@@ -679,7 +703,17 @@ class MigrateOperation(_Future):
 
     def _send_go(self) -> None:
         self._phase("receiver ready; clearing it to unpause")
-        assert self.outbox is not None
+        assert self.outbox is not None and self.save is not None
+        name = _domain_name(self.save.config)
+        if name is not None:
+            # Free the name for the receiver's copy (both may run on one host).
+            try:
+                self.backend.rename(self.domid, f"{name}{AWAY}")
+            except Exception as exc:
+                self._fail(MigrationError(f"cannot rename domain {self.domid} to "
+                                          f"{name}{AWAY}: {exc}"))
+                return
+            self._name = name
         self.state = "report"
         self._go_sent = True
         self.outbox.send(GO)
@@ -691,15 +725,11 @@ class MigrateOperation(_Future):
         save = self.save
         assert save is not None and self._save_result is not None
         if status != 0:
+            self._restore_name()
             self._fail(MigrationError(f"the receiver could not start its copy (status {status});"
                                       " it destroyed it"), resume=True)
             return
-        digest = None
-        if self.want_digest:
-            try:
-                digest = sim.digest(self.domid, sim_dir=self.backend.sim_dir)
-            except sim.SimError as exc:
-                self.logger.warning("no digest of domain %d: %s", self.domid, exc)
+        digest = _digest(self.backend, self.logger, self.domid) if self.want_digest else None
         try:
             self.backend.destroy(self.domid)
         except Exception as exc:  # the guest runs at the destination: report, go on
@@ -716,6 +746,16 @@ class MigrateOperation(_Future):
         self._maybe_finish()
 
     # -- failures --
+
+    def _restore_name(self) -> None:
+        if self._name is None:
+            return
+        try:
+            self.backend.rename(self.domid, self._name)
+            self._name = None
+        except Exception as exc:
+            self.logger.error("could not rename domain %d back to %s: %s", self.domid,
+                              self._name, exc)
 
     def _write_failed(self, exc: OSError) -> None:
         self._lost(f"writing to the receiver failed: {exc.strerror}")
@@ -776,10 +816,7 @@ class MigrateOperation(_Future):
         elif self._source_paused:
             state = "paused"
         else:
-            try:
-                state = sim.state(self.domid, sim_dir=self.backend.sim_dir)
-            except Exception:
-                state = None
+            state = self.backend.state(self.domid)
         if isinstance(exc, MigrationError):
             exc.source_state = exc.source_state or state
         self._close_transport()
@@ -861,6 +898,7 @@ class ReceiveOperation(_Future):
         self.state = "listening"
         self.restore: Optional[RestoreOperation] = None
         self.domid: Optional[int] = None
+        self.name: Optional[str] = None   # the domain's, once it runs here
         self.digest: Optional[str] = None
         self.outbox: Optional[_Outbox] = None
         self._listener: Optional[socket.socket] = None
@@ -984,11 +1022,20 @@ class ReceiveOperation(_Future):
                                       "this host's pipes"))
             return
         os.write(w, head)   # an empty pipe takes it whole
+        fixed = stream_xl.parse_xl_header(head, max_optional_data=_HEAD_MAX)
+        end = stream_xl.XL_HEADER.size + fixed.optional_data_len
+        try:
+            config = stream_xl.parse_xl_optional_data(fixed, head[stream_xl.XL_HEADER.size:end])
+        except ValueError:
+            config = None   # the restore reports it
+        self.name = _domain_name(config.config or {}) if config is not None else None
         try:
             self.restore = RestoreOperation(r, paused=True, helper=self.helper,
                                             loop=self.loop, backend=self.backend,
                                             stream_type=STREAM_REMUS if self.remus
-                                            else STREAM_PLAIN)
+                                            else STREAM_PLAIN,
+                                            name=None if self.name is None
+                                            else f"{self.name}{INCOMING}")
         except OperationError as exc:
             self._fail(exc)
             return
@@ -1025,10 +1072,7 @@ class ReceiveOperation(_Future):
         self._restored_result = op.result()
         if self.want_digest:
             assert self.domid is not None
-            try:
-                self.digest = sim.digest(self.domid, sim_dir=self.backend.sim_dir)
-            except sim.SimError as err:
-                self.logger.warning("no digest of domain %d: %s", self.domid, err)
+            self.digest = _digest(self.backend, self.logger, self.domid)
         if self._restored_result.failover:
             self._take_over()
             return
@@ -1066,13 +1110,15 @@ class ReceiveOperation(_Future):
         assert self.domid is not None and self.outbox is not None
         status = 0
         err: Optional[OperationError] = None
-        if not self.paused:
-            try:
+        try:
+            if self.name is not None:
+                self.backend.rename(self.domid, self.name)
+            if not self.paused:
                 self.backend.unpause(self.domid)
-            except Exception as exc:
-                status = 1
-                err = MigrationError(f"received domain {self.domid} would not start: {exc}")
-                self._destroy()
+        except Exception as exc:
+            status = 1
+            err = MigrationError(f"received domain {self.domid} would not start: {exc}")
+            self._destroy()
         self.state = "reported"
         result = None
         if err is None:
@@ -1089,6 +1135,12 @@ class ReceiveOperation(_Future):
         assert self.domid is not None and self._restored_result is not None
         self.logger.warning("the sender vanished after checkpoint %d: taking over domain %d",
                             self._restored_result.checkpoints, self.domid)
+        if self.name is not None:
+            try:
+                self.backend.rename(self.domid, self.name)
+            except Exception as exc:   # e.g. the source still holds the name here
+                self.logger.warning("failover domain %d keeps its name %s%s: %s", self.domid,
+                                    self.name, INCOMING, exc)
         if not self.paused:
             try:
                 self.backend.unpause(self.domid)

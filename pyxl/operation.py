@@ -667,8 +667,11 @@ class RestoreOperation(Operation):
                  callbacks: Optional[Dict[str, Handler]] = None,
                  on_progress: Optional[Callable[[ProgressEvent], None]] = None,
                  backend: Optional[SimBackend] = None, sim_dir: Optional[str] = None,
-                 stream_type: int = STREAM_PLAIN) -> None:
-        """``stream_type=STREAM_REMUS`` (1): a checkpointed stream.  At each
+                 stream_type: int = STREAM_PLAIN, name: Optional[str] = None) -> None:
+        """``name``: the new domain's name instead of the saved config's (a
+        migration receiver's ``NAME--incoming``).
+
+        ``stream_type=STREAM_REMUS`` (1): a checkpointed stream.  At each
         checkpoint the default ``checkpoint`` handler reads libxl's records up to
         CHECKPOINT_END (collected in ``emulator_records``) and lets libxc go on;
         libxc applies each checkpoint when the next one is complete.  A stream
@@ -702,6 +705,9 @@ class RestoreOperation(Operation):
                 raise StartupError(f"{self.path or 'stream'}: the xl header carries no domain "
                                    "config to build the new domain from")
             self.config: Dict[str, Any] = header.config
+            if name is not None:
+                c_info = self.config.get("c_info")
+                self.config["c_info"] = dict(c_info if isinstance(c_info, dict) else {}, name=name)
             stream_libxl.read_libxl_header(fd)
             rtype, length = stream_libxl.read_libxl_record_header(fd)
             if rtype != RecordType.LIBXC_CONTEXT or length != 0:

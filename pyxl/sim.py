@@ -47,7 +47,7 @@ __all__ = [
     "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
     "NoSuchDomain", "SimError", "SimTimeout", "check_guest", "config", "counter", "create",
     "create_empty", "destroy", "digest", "format_size", "helper_env", "info",
-    "libfakexen_path", "list_domains", "parse_size", "pause", "request_suspend", "resume",
+    "libfakexen_path", "list_domains", "parse_size", "pause", "rename", "request_suspend", "resume",
     "set_dirty_rate", "sim_dir_path", "state", "suspend", "unpause", "vcpu_path",
 ]
 
@@ -858,8 +858,26 @@ def config(domid: int, sim_dir: Optional[str] = None) -> Dict[str, Any]:
         d.state()
         n = d.get("config_len")
         raw = os.pread(d.fd, n, CONFIG_OFF)
+        name = d.get("name").split(b"\0", 1)[0].decode(errors="replace")
     cfg: Dict[str, Any] = json.loads(raw)
+    # The name lives in the control page (rename() changes it there), as
+    # libxl's current name lives in XenStore rather than in its stored config.
+    # (The page holds 63 bytes: a longer name from the config stays whole.)
+    c_info = cfg.setdefault("c_info", {})
+    if str(c_info.get("name", "")).encode()[:63].decode(errors="replace") != name:
+        c_info["name"] = name
     return cfg
+
+
+def rename(domid: int, name: str, sim_dir: Optional[str] = None) -> None:
+    """Give the domain a new name (kept to 63 bytes of UTF-8, as at creation)."""
+    raw = name.encode()[:63]
+    if not raw or b"\0" in raw:
+        raise ValueError(f"a domain name is not empty and has no NUL: {name!r}")
+    with _Dom(domid, sim_dir) as d:
+        d.state()
+        with d.locked():
+            d.set("name", raw)
 
 
 # ---- run-state control ----------------------------------------------------------------------

@@ -143,6 +143,10 @@ class DomInfo:
         return self.shutdown and self.shutdown_reason == SHUTDOWN_suspend
 
     @property
+    def paused(self) -> bool:
+        return bool(self.flags & XEN_DOMINF_paused)
+
+    @property
     def hvm(self) -> bool:
         return bool(self.flags & XEN_DOMINF_hvm_guest)
 
@@ -319,6 +323,24 @@ class XenBackend:
     def unpause(self, domid: int) -> None:
         self.xc.unpause(domid)
 
+    def state(self, domid: int) -> Optional[str]:
+        """'running', 'paused', 'suspended', 'shutdown', 'dying', or None (no such domain)."""
+        try:
+            info = self.xc.getinfo(domid)
+        except OSError:
+            return None
+        if info is None:
+            return None
+        if info.dying:
+            return "dying"
+        if info.shutdown:
+            return "suspended" if info.suspended else "shutdown"
+        return "paused" if info.paused else "running"
+
+    def digest(self, domid: int) -> Optional[str]:
+        """None: a digest of guest memory is fakexen's (a test aid), not a real host's."""
+        return None
+
     def destroy(self, domid: int) -> None:
         info = self.xc.getinfo(domid)
         dom_path = f"/local/domain/{domid}"
@@ -338,7 +360,11 @@ class XenBackend:
         for btype in xs.directory("/local/domain/0/backend"):
             xs.rm(f"/local/domain/0/backend/{btype}/{domid}")
         xs.rm(dom_path)
-        if vm and vm.startswith("/vm/"):
+        # /vm/UUID is shared with the other copy after a migration on this
+        # host (same uuid): it goes with the last domain that names it.
+        if vm and vm.startswith("/vm/") and not any(
+                (xs.read(f"/local/domain/{other}/vm") or b"").decode(errors="replace") == vm
+                for other in self._domids() if other != domid):
             xs.rm(vm)
         xs.rm(f"/libxl/{domid}")
         uuid = info.uuid if info is not None else "*"

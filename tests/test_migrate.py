@@ -25,6 +25,7 @@ import pytest
 
 import pyxl
 from pyxl import migrate, sim
+from pyxl.backend import SimBackend
 from pyxl.loop import default_loop
 
 from conftest import HELPERS, ROOT
@@ -435,6 +436,7 @@ def test_lost_status_after_go_leaves_source_paused(hosts):
     exc = tx.exception()
     assert isinstance(exc, migrate.MigrationInDoubt), exc
     assert exc.source_state == "paused" and domains(a) == [(dom, "paused")]
+    assert sim.info(dom, sim_dir=a).name.endswith("--migratedaway")   # as xl leaves it
     deadline = time.monotonic() + 30
     while not domains(b) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -529,3 +531,64 @@ def test_migration_under_asyncio(hosts):
     sent, got, ticks = asyncio.run(main())
     assert sent.digest == got.digest and ticks > 10
     assert domains(a) == [] and domains(b) == [(got.domid, "running")]
+
+
+# ---------------------------------------------------------------------------
+# Names: xl's NAME--incoming / NAME--migratedaway, so both copies fit on one host
+
+
+class _Watching(SimBackend):
+    """The receiver's real sim backend, noting both hosts' names as it unpauses
+    (and failing that unpause on request: the receiver then reports status 1)."""
+
+    def __init__(self, sim_dir: str, source_dir: str, fail: bool = False) -> None:
+        super().__init__(sim_dir)
+        self.source_dir, self.fail = source_dir, fail
+        self.seen: List[Tuple[List[str], List[str]]] = []
+
+    def unpause(self, domid: int) -> None:
+        self.seen.append(([i.name for i in sim.list_domains(sim_dir=self.source_dir)],
+                          [i.name for i in sim.list_domains(sim_dir=self.sim_dir)]))
+        if self.fail:
+            raise OSError("injected: the copy would not start")
+        super().unpause(domid)
+
+
+def test_names_during_and_after_a_migration(hosts):
+    a, b = hosts
+    dom = sim.create(32 * MB, dirty_rate=4 * MB, name="web1", sim_dir=a)
+    seen = _Watching(b, a)
+    rx = migrate.receive("127.0.0.1:0", backend=seen)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a)
+    _, got = pyxl.wait(tx, rx, timeout=120)
+    # cleared to run: the source is away, the copy has the name back
+    assert seen.seen == [(["web1--migratedaway"], ["web1"])]
+    assert [(i.name, i.state) for i in sim.list_domains(sim_dir=b)] == [("web1", "running")]
+    assert sim.config(got.domid, sim_dir=b)["c_info"]["name"] == "web1"
+    assert domains(a) == []
+
+
+def test_failed_start_at_the_receiver_gives_the_source_its_name_back(hosts):
+    a, b = hosts
+    dom = sim.create(32 * MB, dirty_rate=4 * MB, name="web2", sim_dir=a)
+    rx = migrate.receive("127.0.0.1:0", backend=_Watching(b, a, fail=True))
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a)
+    run_both(tx, rx)
+    assert isinstance(tx.exception(), migrate.MigrationError), tx.exception()
+    assert "status 1" in str(tx.exception())
+    assert isinstance(rx.exception(), migrate.MigrationError), rx.exception()
+    assert [i.name for i in sim.list_domains(sim_dir=a)] == ["web2"]
+    source_survived(a, dom)
+    assert domains(b) == []
+
+
+def test_migration_within_one_host(hosts):
+    a, _ = hosts
+    dom = sim.create(32 * MB, dirty_rate=4 * MB, name="local1", sim_dir=a)
+    rx = migrate.receive("127.0.0.1:0", sim_dir=a, digest=True)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True)
+    sent, got = pyxl.wait(tx, rx, timeout=120)
+    assert sent.digest == got.digest
+    assert [(i.domid, i.name, i.state) for i in sim.list_domains(sim_dir=a)] == [
+        (got.domid, "local1", "running")]
+    assert_runs_intact(a, got.domid)
