@@ -23,6 +23,9 @@
  *   PYXL_SIM_STATS     append one JSON line of counters to this file at exit
  *   PYXL_SIM_POPULATE  MAP_POPULATE foreign mappings: 0 never, 1 read-only ones
  *                      (save batches; the default), 2 all (restore batches too)
+ *   PYXL_SIM_ROCOPY    read-only foreign mappings: 1 (the default) a read-only copy
+ *                      of the pages made at map time (see do_map_copy), 0 a shared
+ *                      view of the domain's memory file, as writable ones always are
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -114,10 +117,12 @@ static char g_simdir[PATH_MAX];
 static int g_inited;
 static FILE *g_trace;
 static int g_populate = 1;
+static int g_rocopy = 1;
 
 static struct {
     uint64_t hypercalls, domctls, map_calls, mmaps, munmaps, pages_mapped,
-             pfinfo_batches, populate_pages, fallocs, cleans, dirty_returned;
+             pfinfo_batches, populate_pages, fallocs, cleans, dirty_returned,
+             copied_maps, copied_pages;
 } g_stats;
 
 static void fx_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -163,6 +168,9 @@ static void fx_init(void)
         const char *pop = getenv("PYXL_SIM_POPULATE");
         if (pop && *pop)
             g_populate = atoi(pop);
+        const char *roc = getenv("PYXL_SIM_ROCOPY");
+        if (roc && *roc)
+            g_rocopy = atoi(roc);
         __atomic_store_n(&g_inited, 1, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&g_lock);
@@ -180,10 +188,12 @@ __attribute__((destructor)) static void fx_fini(void)
             ", \"map_calls\": %" PRIu64 ", \"mmap_calls\": %" PRIu64 ", \"munmap_calls\": %" PRIu64
             ", \"pages_mapped\": %" PRIu64 ", \"pfinfo_batches\": %" PRIu64
             ", \"populated_pages\": %" PRIu64 ", \"fallocate_calls\": %" PRIu64
-            ", \"cleans\": %" PRIu64 ", \"dirty_returned\": %" PRIu64 ", \"map_populate\": %d}\n",
+            ", \"cleans\": %" PRIu64 ", \"dirty_returned\": %" PRIu64 ", \"map_populate\": %d"
+            ", \"copied_maps\": %" PRIu64 ", \"copied_pages\": %" PRIu64 ", \"map_rocopy\": %d}\n",
             (int)getpid(), g_stats.hypercalls, g_stats.domctls, g_stats.map_calls, g_stats.mmaps,
             g_stats.munmaps, g_stats.pages_mapped, g_stats.pfinfo_batches, g_stats.populate_pages,
-            g_stats.fallocs, g_stats.cleans, g_stats.dirty_returned, g_populate);
+            g_stats.fallocs, g_stats.cleans, g_stats.dirty_returned, g_populate,
+            g_stats.copied_maps, g_stats.copied_pages, g_rocopy);
     fclose(f);
 }
 
@@ -366,6 +376,7 @@ EXPORT void pyxl_fakexen_reset(void)
         fclose(g_trace);
     g_trace = NULL;
     g_populate = 1;
+    g_rocopy = 1;
     __atomic_store_n(&g_inited, 0, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&g_lock);
 }
@@ -1028,11 +1039,197 @@ EXPORT void *xenforeignmemory_open(void *logger, unsigned flags)
 EXPORT int xenforeignmemory_close(void *h) { return handle_close(h, FMEM_MAGIC); }
 
 /*
+ * Read-only foreign mappings as copies (PYXL_SIM_ROCOPY=1, the default).
+ *
+ * Sharing 4 KiB pages of a tmpfs file into a process and tearing them down
+ * again (page-table entries, rmap and memcg accounting, zap) costs about
+ * 400 ns a page: ~100 ms per GiB saved, more than copying the memory into the
+ * pipe, and the whole gap between a save and `cat` of the same memory
+ * (bench/results/mapcost.md).  Xen's own foreign mappings cost what they cost
+ * in Xen; this simulation need not add a kernel's worth of its own.  So a
+ * read-only mapping is filled with pread() of the memory file (the kernel's
+ * copy, as `cat` does) into a reused anonymous buffer, 2 MiB-aligned with
+ * MADV_HUGEPAGE, which is then made read-only: a write through it faults, as
+ * through Xen's PROT_READ mappings.
+ *
+ * For libxc (map, writev, unmap within one write_batch) the contents are what
+ * a shared view could show: the page as of a moment while it is mapped.  A
+ * guest store after the copy is not seen through it; the guest marks the page
+ * dirty after its store, so log-dirty sends the page again, exactly as with a
+ * store that lands after libxc has read a shared view.
+ *
+ * Buffers return to the pool only through xenforeignmemory_unmap().  One that
+ * a caller releases with plain munmap() stays marked busy and is never
+ * touched again; a later mapping that the kernel places at its address
+ * proves it gone (copy_forget).
+ */
+#define COPY_ALIGN (2u << 20)
+#define COPY_POOL  4
+
+static struct copybuf {
+    char *addr;
+    size_t cap;
+    int busy;
+} g_copy[COPY_POOL];
+static pthread_mutex_t g_copy_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* A new anonymous read-write buffer of `cap` bytes (a multiple of COPY_ALIGN), aligned. */
+static char *copy_alloc(size_t cap)
+{
+    char *raw = mmap(NULL, cap + COPY_ALIGN, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    g_stats.mmaps++;
+    if (raw == MAP_FAILED)
+        return NULL;
+    char *p = (char *)(((uintptr_t)raw + COPY_ALIGN - 1) & ~(uintptr_t)(COPY_ALIGN - 1));
+    if (p > raw)
+        munmap(raw, p - raw);
+    if (raw + COPY_ALIGN > p)
+        munmap(p + cap, raw + COPY_ALIGN - p);
+    madvise(p, cap, MADV_HUGEPAGE);   /* fewer faults and TLB entries; advisory */
+    return p;
+}
+
+/* Drop pool entries overlapping [p, p+len): the kernel just mapped something there. */
+static void copy_forget(const char *p, size_t len)
+{
+    pthread_mutex_lock(&g_copy_lock);
+    for (int i = 0; i < COPY_POOL; i++)
+        if (g_copy[i].addr && g_copy[i].addr < p + len && p < g_copy[i].addr + g_copy[i].cap)
+            g_copy[i] = (struct copybuf){0};
+    pthread_mutex_unlock(&g_copy_lock);
+}
+
+/* A read-write buffer for `len` bytes: a free pooled one, or a new one. */
+static char *copy_get(size_t len)
+{
+    size_t cap = (len + COPY_ALIGN - 1) & ~(size_t)(COPY_ALIGN - 1);
+    char *p = NULL;
+    int slot = -1;
+    pthread_mutex_lock(&g_copy_lock);
+    for (int i = 0; i < COPY_POOL; i++) {
+        if (g_copy[i].addr && !g_copy[i].busy && g_copy[i].cap >= len) {
+            g_copy[i].busy = 1;
+            p = g_copy[i].addr;
+            cap = g_copy[i].cap;
+            break;
+        }
+        if (slot < 0 && (!g_copy[i].addr || !g_copy[i].busy))
+            slot = i;
+    }
+    pthread_mutex_unlock(&g_copy_lock);
+    if (p) {
+        if (mprotect(p, cap, PROT_READ | PROT_WRITE) < 0) {
+            copy_forget(p, cap);
+            return NULL;
+        }
+        return p;
+    }
+    p = copy_alloc(cap);
+    if (!p)
+        return NULL;
+    copy_forget(p, cap);
+    pthread_mutex_lock(&g_copy_lock);
+    if (slot >= 0 && g_copy[slot].addr && g_copy[slot].busy)
+        slot = -1;               /* taken meanwhile */
+    if (slot < 0)
+        for (int i = 0; i < COPY_POOL && slot < 0; i++)
+            if (!g_copy[i].addr || !g_copy[i].busy)
+                slot = i;
+    struct copybuf old = {0};
+    if (slot >= 0) {
+        old = g_copy[slot];      /* a free, smaller buffer: replaced */
+        g_copy[slot] = (struct copybuf){p, cap, 1};
+    }
+    pthread_mutex_unlock(&g_copy_lock);
+    if (old.addr)
+        munmap(old.addr, old.cap);
+    if (slot < 0) {
+        /* Pool full of busy buffers: an unpooled one, released by munmap() in unmap. */
+        if (cap > len)
+            munmap(p + ((len + FX_PAGE_SIZE - 1) & ~(size_t)(FX_PAGE_SIZE - 1)),
+                   cap - ((len + FX_PAGE_SIZE - 1) & ~(size_t)(FX_PAGE_SIZE - 1)));
+    }
+    return p;
+}
+
+/* Return a pooled buffer: 1 if `p` was one (now free), 0 if not ours. */
+static int copy_put(void *p)
+{
+    int found = 0;
+    pthread_mutex_lock(&g_copy_lock);
+    for (int i = 0; i < COPY_POOL; i++)
+        if (g_copy[i].addr == p && g_copy[i].busy) {
+            g_copy[i].busy = 0;
+            found = 1;
+            break;
+        }
+    pthread_mutex_unlock(&g_copy_lock);
+    return found;
+}
+
+/* The copy path of do_map: every page is populated (no err entries). NULL with errno. */
+static void *do_map_copy(struct fxdom *d, int prot, size_t num, const uint64_t *arr)
+{
+    size_t len = num * FX_PAGE_SIZE;
+    char *p = copy_get(len);
+    if (!p)
+        return NULL;
+    size_t i = 0;
+    while (i < num) {
+        size_t j = i + 1;
+        while (j < num && arr[j] == arr[j - 1] + 1)
+            j++;
+        size_t want = (j - i) * FX_PAGE_SIZE, got = 0;
+        off_t off = (off_t)(arr[i] * FX_PAGE_SIZE);
+        while (got < want) {
+            ssize_t r = pread(d->memfd, p + i * FX_PAGE_SIZE + got, want - got, off + (off_t)got);
+            if (r < 0 && errno == EINTR)
+                continue;
+            if (r <= 0) {
+                int e = r < 0 ? errno : EIO;
+                fx_log("d%u: copy of %zu pages at pfn %#" PRIx64 ": %s", d->domid, j - i, arr[i],
+                       strerror(e));
+                if (!copy_put(p))
+                    munmap(p, len);
+                errno = e;
+                return NULL;
+            }
+            got += (size_t)r;
+        }
+        i = j;
+    }
+    /* The whole buffer: a partial mprotect would split its huge pages. */
+    size_t cap = (len + COPY_ALIGN - 1) & ~(size_t)(COPY_ALIGN - 1);
+    int pooled = 0;
+    pthread_mutex_lock(&g_copy_lock);
+    for (int k = 0; k < COPY_POOL; k++)
+        if (g_copy[k].addr == p) {
+            pooled = 1;
+            cap = g_copy[k].cap;
+        }
+    pthread_mutex_unlock(&g_copy_lock);
+    if (!pooled)
+        cap = (len + FX_PAGE_SIZE - 1) & ~(size_t)(FX_PAGE_SIZE - 1);
+    if (mprotect(p, cap, prot) < 0) {
+        int e = errno;
+        if (!copy_put(p))
+            munmap(p, len);
+        errno = e;
+        return NULL;
+    }
+    g_stats.copied_maps++;
+    g_stats.copied_pages += num;
+    return p;
+}
+
+/*
  * Map `num` guest pages into one contiguous range.  One mmap of the domain's
  * memory file per run of consecutive populated gfns (a whole batch is
  * usually one run), into a PROT_NONE reservation when there are several;
  * never a syscall per page.  The result is a real shared view, so callers
- * may release it with plain munmap().
+ * may release it with plain munmap().  Read-only mappings are copies instead
+ * (do_map_copy above), unless some page fails or PYXL_SIM_ROCOPY=0.
  */
 static void *do_map(uint32_t dom, void *addr, int prot, int flags, size_t num,
                     const uint64_t *arr, int *err)
@@ -1074,6 +1271,15 @@ static void *do_map(uint32_t dom, void *addr, int prot, int flags, size_t num,
     }
     size_t len = num * FX_PAGE_SIZE;
     int fixed = addr && (flags & MAP_FIXED);
+    if (g_rocopy && prot == PROT_READ && !bad && !fixed) {
+        void *p = do_map_copy(d, prot, num, arr);
+        if (p) {
+            g_stats.pages_mapped += num;
+            TRACE("d%u map %zu pages from %#" PRIx64 " prot %d: %zu runs, copied -> %p", dom, num,
+                  arr[0], prot, runs, p);
+        }
+        return p;
+    }
     /*
      * Save batches are read at once by writev: prefaulting the run in one go
      * replaces ~16 read faults per 64 KiB.  Restore batches are written page by
@@ -1118,6 +1324,7 @@ static void *do_map(uint32_t dom, void *addr, int prot, int flags, size_t num,
             i = j;
         }
     }
+    copy_forget(base, len);
     g_stats.pages_mapped += num - bad;
     TRACE("d%u map %zu pages from %#" PRIx64 " prot %d: %zu runs, %zu failed -> %p", dom, num,
           arr[0], prot, runs, bad, base);
@@ -1144,6 +1351,8 @@ EXPORT int xenforeignmemory_unmap(void *h, void *addr, size_t num)
 {
     (void)h;
     g_stats.munmaps++;
+    if (addr && copy_put(addr))
+        return 0;
     return munmap(addr, num * FX_PAGE_SIZE);
 }
 

@@ -284,6 +284,11 @@ def test_mapping_is_per_run_not_per_page(fxdir):
         assert s["map_calls"] <= pages // 1024 + 8, s
     save_stats = next(s for s in lines if s["pfinfo_batches"])
     assert save_stats["pfinfo_batches"] == 0xFF000 // 1024   # p2m_size floor of the layout
+    # save's read-only maps are copies into reused buffers; restore's writable ones are views
+    assert save_stats["copied_pages"] == save_stats["pages_mapped"], save_stats
+    assert save_stats["mmap_calls"] <= 8, save_stats
+    restore_stats = next(s for s in lines if not s["pfinfo_batches"])
+    assert restore_stats["copied_pages"] == 0, restore_stats
     assert sim.digest(dst, fxdir) == sim.digest(src, fxdir)
 
 

@@ -205,6 +205,92 @@ def test_map_is_a_shared_contiguous_view(fake, fxdir, guest):
         f.seek(0)
 
 
+def _perms(addr):
+    """The permissions of the mapping holding addr in this process, e.g. 'r--p'."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                return line.split()[1]
+    return None
+
+
+def _pfn_at(addr, i=0):
+    """The pfn a simulated guest page carries at offset 8 (sim's page pattern)."""
+    return struct.unpack_from("<Q", ctypes.string_at(addr + i * 4096 + 8, 8))[0]
+
+
+def test_read_only_map_is_a_read_only_copy_in_a_reused_buffer(fake, fxdir, guest):
+    """PYXL_SIM_ROCOPY=1 (default): a PROT_READ map copies the pages at map time."""
+    mem = os.path.join(fxdir, f"d{guest}", "mem")
+    fd = os.open(mem, os.O_RDWR)
+    saved = os.pread(fd, 8, 0xC0 * 4096)
+    try:
+        addr, errs, _ = fake.map(guest, mmap.PROT_READ, [0x9F, 0xC0, 0xC1])
+        assert addr and errs == [0, 0, 0]
+        assert [_pfn_at(addr, i) for i in range(3)] == [0x9F, 0xC0, 0xC1]
+        assert _perms(addr).startswith("r--")        # a store through it faults, as in Xen
+        # a store to guest memory after the map is not seen through the copy ...
+        os.pwrite(fd, b"\xA5" * 8, 0xC0 * 4096)
+        assert ctypes.string_at(addr + 4096, 8) == saved
+        assert fake.lib.xenforeignmemory_unmap(fake.fm, addr, 3) == 0
+        # ... and is in the next one, made in the same (reused) buffer
+        addr2, errs, _ = fake.map(guest, mmap.PROT_READ, [0xC0])
+        assert addr2 == addr and errs == [0]
+        assert ctypes.string_at(addr2, 8) == b"\xA5" * 8
+        assert fake.lib.xenforeignmemory_unmap(fake.fm, addr2, 1) == 0
+    finally:
+        os.pwrite(fd, saved, 0xC0 * 4096)
+        os.close(fd)
+
+
+def test_read_only_copies_outstanding_at_once_and_plain_munmap(fake, guest):
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    # more at once than the pool keeps: each its own buffer, each right
+    maps = [fake.map(guest, mmap.PROT_READ, [0xC0 + i, 0xC8 + i])[0] for i in range(7)]
+    assert all(maps) and len(set(maps)) == 7
+    for i, a in enumerate(maps):
+        assert (_pfn_at(a, 0), _pfn_at(a, 1)) == (0xC0 + i, 0xC8 + i)
+    for a in maps:
+        assert fake.lib.xenforeignmemory_unmap(fake.fm, a, 2) == 0
+    # a copy released by plain munmap is never written again behind the caller's back,
+    # even when the kernel hands its address to a new mapping
+    for _ in range(6):
+        a, _, _ = fake.map(guest, mmap.PROT_READ, [0xC2])
+        assert _pfn_at(a) == 0xC2
+        assert libc.munmap(a, 4096) == 0
+    view, _, _ = fake.map(guest, mmap.PROT_READ | mmap.PROT_WRITE, [0xC3])
+    before = ctypes.string_at(view, 4096)
+    for pfn in (0xC4, 0xC5):
+        a, _, _ = fake.map(guest, mmap.PROT_READ, [pfn])
+        assert _pfn_at(a) == pfn and a != view
+        fake.lib.xenforeignmemory_unmap(fake.fm, a, 1)
+    assert ctypes.string_at(view, 4096) == before and _pfn_at(view) == 0xC3
+    fake.lib.xenforeignmemory_unmap(fake.fm, view, 1)
+
+
+def test_rocopy_0_read_only_map_is_a_shared_view(fxdir, guest):
+    os.environ["PYXL_SIM_ROCOPY"] = "0"
+    try:
+        f0 = Fake(fxdir)
+    finally:
+        del os.environ["PYXL_SIM_ROCOPY"]
+    mem = os.path.join(fxdir, f"d{guest}", "mem")
+    fd = os.open(mem, os.O_RDWR)
+    saved = os.pread(fd, 8, 0xC0 * 4096)
+    try:
+        addr, errs, _ = f0.map(guest, mmap.PROT_READ, [0xC0])
+        assert addr and errs == [0]
+        os.pwrite(fd, b"\x5A" * 8, 0xC0 * 4096)
+        assert ctypes.string_at(addr, 8) == b"\x5A" * 8     # a live view
+        assert f0.lib.xenforeignmemory_unmap(f0.fm, addr, 1) == 0
+    finally:
+        os.pwrite(fd, saved, 0xC0 * 4096)
+        os.close(fd)
+        Fake(fxdir)                                       # the defaults again
+
+
 def test_populate_physmap_and_maximum_gpfn(fake, fxdir):
     dom = sim.create_empty(64, sim_dir=fxdir)            # 16 pages + 256 slack
     domid_buf = ctypes.c_uint16(dom)
