@@ -86,6 +86,7 @@ from ._paths import helper_path
 from .backend import SimBackend, default_backend
 from .errors import Cancelled, OperationError, StartupError, Timeout
 from .future import LoopFuture
+from .resolve import Address, Lookup, numeric
 from .loop import Loop, Timer, default_loop
 from .operation import (STREAM_PLAIN, STREAM_REMUS, ProgressEvent, RestoreOperation,
                         RestoreResult, SaveOperation, SaveResult)
@@ -481,6 +482,7 @@ class MigrateOperation(_Future):
         self._sock: Optional[socket.socket] = None
         self._child: Optional["subprocess.Popen[bytes]"] = None
         self._child_pidfd = -1
+        self._lookup: Optional[Lookup] = None
         self.rfd = self.wfd = -1
         self._stream_sent = False
         self._save_result: Optional[SaveResult] = None
@@ -498,7 +500,11 @@ class MigrateOperation(_Future):
             else:
                 assert target is not None
                 host, port = parse_address(target) if isinstance(target, str) else target
-                self._connect(host, port)
+                addr = numeric(host, port)
+                if addr is not None:
+                    self._connect(*addr)
+                else:   # a name: looked up from the loop
+                    self._lookup = Lookup(self.loop, host, port, self._resolved)
         except OSError as exc:
             self._close_transport()
             for t in self._timers:
@@ -517,10 +523,18 @@ class MigrateOperation(_Future):
         self.loop.add_reader(self._child_pidfd, self._child_exited)
         self._ready_transport()
 
-    def _connect(self, host: str, port: int) -> None:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, stype, proto, _, addr = infos[0]
-        self._sock = socket.socket(family, stype, proto)
+    def _resolved(self, addr: Optional[Address], why: str) -> None:
+        self._lookup = None
+        if addr is None:
+            self._fail(MigrationError(why))
+            return
+        try:
+            self._connect(*addr)
+        except OSError as exc:
+            self._fail(MigrationError(f"cannot connect to the receiver: {exc.strerror or exc}"))
+
+    def _connect(self, family: int, addr: Tuple[Any, ...]) -> None:
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setblocking(False)
         err = self._sock.connect_ex(addr)
         if err not in (0, errno.EINPROGRESS):
@@ -556,6 +570,9 @@ class MigrateOperation(_Future):
             self._really_finish()
 
     def _close_transport(self) -> None:
+        if self._lookup is not None:
+            self._lookup.cancel()
+            self._lookup = None
         if self._reading:
             self.loop.remove_reader(self.rfd)
             self._reading = False

@@ -13,6 +13,10 @@
 #   pyxl-suspend-timeout.pv1                the guest is paused, so never suspends: pyxl fails after its
 #                                           30 s suspend timeout, the request is withdrawn, the guest counts on
 #   pyxl-restore-of-xl.G                    xl save -> pyxl restore
+#   pyxl-migrate.pvh1                       pyxl migrate --live to pyxl migrate-receive (localhost pipe):
+#                                           a new domid, the name back, no --incoming/--migratedaway left
+#   pyxl-migrate-to-xl / xl-migrate-to-pyxl.pvh1   the same with xl migrate-receive / xl migrate
+#   pyxl-migrate-killed.pvh1                the receiver's helper SIGKILLed: exit 1, the source runs on
 #   pyxl-roundtrip(-save).G, pyxl-restore-killed.G
 #                                           pyxl save -> pyxl restore with its helper killed (nothing
 #                                           left) -> pyxl restore; the counter continues
@@ -165,6 +169,54 @@ pyxl_uncooperative() {  # GUEST: a guest that never answers (paused): pyxl save 
     check_continues "counter-after-pyxl-suspend-timeout.$g" "$g" "$before"
 }
 
+pyxl_migrate() {  # TEST GUEST SENDER...: a live localhost migration through a pipe; the
+    # guest must end up once, under its own name, with a new domid, counting on
+    local test=$1 g=$2 before d d2 names; shift 2
+    begin_op "$g"; before=${GMAX[$g]}
+    d=$("$XL" domid "$g" 2>/dev/null) || { result "$test.$g" FAIL "no domain $g"; return 1; }
+    local log=$OUT/pyxl-$test-$g.log t0 rc
+    sync
+    t0=$(now_us)
+    timeout $PT "$@" > "$log" 2>&1
+    rc=$?
+    LAST_S=$(fmt_s $(($(now_us) - t0)))
+    say "$test $g: $* : rc $rc, $LAST_S s"
+    d2=$("$XL" domid "$g" 2>/dev/null)
+    names=$(pyxl_list)
+    if [ $rc -ne 0 ]; then
+        result "$test.$g" FAIL "exit $rc: $(tail -n 3 "$log" | tr '\n' ' ')"
+    elif [ -z "$d2" ] || [ "$d2" = "$d" ]; then
+        result "$test.$g" FAIL "domain $g is ${d2:-gone} (was $d); xl list: $names"
+    elif echo "$names" | grep -q -- '--incoming\|--migratedaway'; then
+        result "$test.$g" FAIL "a migration name is left: $names"
+    else
+        timing "$test.$g" pyxl "$LAST_S"
+        result "$test.$g" PASS "$LAST_S s, domid $d -> $d2; xl list: $names"
+    fi
+    check_continues "counter-after-$test.$g" "$g" "$before"
+}
+pyxl_migrate_killed() {  # GUEST: the receiver's restore helper is SIGKILLed mid-stream
+    local g=$1 before d rc listed log=$OUT/pyxl-migrate-killed-$1.log
+    cat > "$W/helper-killed-m" <<EOF
+#!/bin/sh
+( sleep 2; kill -9 \$\$ ) &
+exec $OURS_REAL "\$@"
+EOF
+    chmod +x "$W/helper-killed-m"
+    begin_op "$g"; before=${GMAX[$g]}
+    d=$("$XL" domid "$g" 2>/dev/null) || { result "pyxl-migrate-killed.$g" FAIL "no domain $g"; return 1; }
+    listed=$(pyxl_list)
+    timeout $PT "$PYXL" -vv migrate --live --command "$PYXL migrate-receive --helper $W/helper-killed-m" \
+        "$d" > "$log" 2>&1
+    rc=$?
+    if [ $rc -eq 1 ] && [ "$(pyxl_list)" = "$listed" ] && [ "$("$XL" domid "$g" 2>/dev/null)" = "$d" ]; then
+        result "pyxl-migrate-killed.$g" PASS "exit 1 ($(grep -o -m1 'error: .*' "$log" | head -c 160)); domains: $listed"
+    else
+        result "pyxl-migrate-killed.$g" FAIL "exit $rc; domains before: $listed, after: $(pyxl_list); $(tail -n 2 "$log" | tr '\n' ' ')"
+    fi
+    check_continues "counter-after-pyxl-migrate-killed.$g" "$g" "$before"
+}
+
 if [ ! -x "$PYXL" ]; then
     result pyxl.installed FAIL "$PYXL missing"
 else
@@ -181,6 +233,16 @@ else
     done
     if [ -n "${GMAX[pvh1]:-}" ]; then
         pyxl_save_then_xl_restore pvh1 live --live
+    fi
+    # pyxl migrate (localhost, live, through a pipe): pyxl to pyxl, pyxl to
+    # xl, xl to pyxl; then a failure at the receiver
+    if "$XL" list pvh1 > /dev/null 2>&1; then
+        pyxl_migrate pyxl-migrate pvh1 "$PYXL" -vv migrate --live --command "$PYXL migrate-receive" \
+            "$("$XL" domid pvh1)"
+        pyxl_migrate pyxl-migrate-to-xl pvh1 "$PYXL" -vv migrate --live --command "$XL migrate-receive" \
+            "$("$XL" domid pvh1)"
+        pyxl_migrate xl-migrate-to-pyxl pvh1 "$XL" -vvv migrate -s "" pvh1 "$PYXL -vv migrate-receive"
+        pyxl_migrate_killed pvh1
     fi
     # a guest that does not cooperate (paused while asked to suspend): 30 s
     [ -n "${GMAX[pv1]:-}" ] && pyxl_uncooperative pv1
