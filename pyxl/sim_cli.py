@@ -8,6 +8,7 @@
     pyxl sim digest DOMID
     pyxl sim check DOMID [--json]
     pyxl sim set-rate DOMID RATE
+    pyxl sim rename DOMID NAME
     pyxl sim env
 
 Every subcommand takes ``--sim-dir DIR`` (default: $PYXL_SIM_DIR, else
@@ -113,33 +114,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-@_guarded
-def cmd_pause(args: argparse.Namespace) -> int:
-    sim.pause(args.domid, sim_dir=args.sim_dir)
-    return EXIT_OK
-
-
-@_guarded
-def cmd_unpause(args: argparse.Namespace) -> int:
-    sim.unpause(args.domid, sim_dir=args.sim_dir)
-    return EXIT_OK
+def _action(fn: Callable[..., None], *extra: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand that calls ``fn(domid, *args.<extra>, sim_dir=...)``, prints nothing."""
+    @_guarded
+    def cmd(args: argparse.Namespace) -> int:
+        fn(args.domid, *(getattr(args, e) for e in extra), sim_dir=args.sim_dir)
+        return EXIT_OK
+    return cmd
 
 
 @_guarded
 def cmd_suspend(args: argparse.Namespace) -> int:
     sim.suspend(args.domid, sim_dir=args.sim_dir, timeout=args.timeout)
-    return EXIT_OK
-
-
-@_guarded
-def cmd_resume(args: argparse.Namespace) -> int:
-    sim.resume(args.domid, sim_dir=args.sim_dir)
-    return EXIT_OK
-
-
-@_guarded
-def cmd_destroy(args: argparse.Namespace) -> int:
-    sim.destroy(args.domid, sim_dir=args.sim_dir)
     return EXIT_OK
 
 
@@ -162,11 +148,6 @@ def cmd_check(args: argparse.Namespace) -> int:
               f"{c.foreign} misplaced, {c.unstamped} blank")
     return EXIT_OK if c.consistent else EXIT_FAILED
 
-
-@_guarded
-def cmd_set_rate(args: argparse.Namespace) -> int:
-    sim.set_dirty_rate(args.domid, args.rate, sim_dir=args.sim_dir)
-    return EXIT_OK
 
 
 @_guarded
@@ -220,17 +201,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     add("list", cmd_list, "list simulated domains", domid=False, json_flag=True)
     add("info", cmd_info, "show one domain", json_flag=True)
-    add("pause", cmd_pause, "stop the guest's vCPU")
-    add("unpause", cmd_unpause, "run the guest (starts a vCPU on restored memory)")
+    add("pause", _action(sim.pause), "stop the guest's vCPU")
+    add("unpause", _action(sim.unpause), "run the guest (starts a vCPU on restored memory)")
     sp = add("suspend", cmd_suspend, "suspend the guest and wait until it has stopped")
     sp.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                     help="give up after this long (default 10)")
-    add("resume", cmd_resume, "bring a suspended guest back to running (after a failed save)")
-    add("destroy", cmd_destroy, "kill the guest and remove the domain")
+    add("resume", _action(sim.resume),
+        "bring a suspended guest back to running (after a failed save)")
+    add("destroy", _action(sim.destroy), "kill the guest and remove the domain")
+    sp = add("rename", _action(sim.rename, "name"), "give the domain a new name")
+    sp.add_argument("name", metavar="NAME")
     add("digest", cmd_digest, "print the sha256 of the domain's memory, HVM context and params")
     add("check", cmd_check, "verify the guest's page pattern (exit 1 if inconsistent)",
         json_flag=True)
-    sp = add("set-rate", cmd_set_rate, "change how fast the guest writes memory")
+    sp = add("set-rate", _action(sim.set_dirty_rate, "rate"), "change how fast the guest writes memory")
     sp.add_argument("rate", type=_size, metavar="RATE", help="bytes/s, e.g. 20M (0: idle)")
     add("env", cmd_env, "print the environment that runs a helper on fakexen", domid=False)
     return p

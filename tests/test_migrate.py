@@ -592,3 +592,20 @@ def test_migration_within_one_host(hosts):
     assert [(i.domid, i.name, i.state) for i in sim.list_domains(sim_dir=a)] == [
         (got.domid, "local1", "running")]
     assert_runs_intact(a, got.domid)
+
+
+def test_sim_rename_api_and_cli(hosts):
+    a, _ = hosts
+    dom = sim.create(16 * MB, name="x" * 63, sim_dir=a, paused=True)
+    sim.rename(dom, "y" * 70, sim_dir=a)             # kept to 63 bytes, as at creation
+    assert sim.info(dom, sim_dir=a).name == "y" * 63
+    with pytest.raises(ValueError):
+        sim.rename(dom, "", sim_dir=a)
+    done = subprocess.run(PYXL + ["sim", "rename", "--sim-dir", a, str(dom), "db2"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert sim.info(dom, sim_dir=a).name == "db2"
+    assert sim.config(dom, sim_dir=a)["c_info"]["name"] == "db2"
+    done = subprocess.run(PYXL + ["sim", "rename", "--sim-dir", a, "999", "z"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2 and "999" in done.stderr

@@ -26,6 +26,15 @@ PYXL=/opt/pyxl/bin/pyxl
 [ "${PYXL_E2E_HELPER:-ours}" = debian ] && export PYXL_SAVE_HELPER=$DEBIAN_REAL
 PT=120   # bound for every pyxl command
 
+killing_helper() {  # NAME DELAY: a wrapper of our helper that SIGKILLs it DELAY s after it starts
+    cat > "$W/$1" <<EOF
+#!/bin/sh
+# exec keeps this pid: the helper itself is killed.
+( sleep $2; kill -9 \$\$ ) &
+exec $OURS_REAL "\$@"
+EOF
+    chmod +x "$W/$1"
+}
 pyxl_list() { "$XL" list 2>&1 | awk 'NR>1 {print $1}' | sort | tr '\n' ' '; }
 pyxl_timed() {  # LOGNAME pyxl-args...: sets LAST_S, returns pyxl's status
     local logname=$1 t0 rc; shift
@@ -75,13 +84,7 @@ pyxl_checkpoint() {  # GUEST
 }
 pyxl_killed() {  # GUEST DELAY: the helper is SIGKILLed DELAY s after it starts
     local g=$1 delay=$2 before d rc f=$W/$1-pyxl-killed.save listed
-    cat > "$W/helper-killed" <<EOF
-#!/bin/sh
-# exec keeps this pid: the helper itself is killed.
-( sleep $delay; kill -9 \$\$ ) &
-exec $OURS_REAL "\$@"
-EOF
-    chmod +x "$W/helper-killed"
+    killing_helper helper-killed $delay
     begin_op "$g"; before=${GMAX[$g]}
     d=$("$XL" domid "$g" 2>/dev/null) || { result "pyxl-save-killed.$g" FAIL "no domain $g"; return 1; }
     listed=$(pyxl_list)
@@ -132,12 +135,7 @@ pyxl_roundtrip() {  # GUEST: pyxl save -> pyxl restore with the helper killed ->
         return 1
     fi
     result "pyxl-roundtrip-save.$g" PASS "$LAST_S s"
-    cat > "$W/helper-killed-r" <<EOF
-#!/bin/sh
-( sleep 1; kill -9 \$\$ ) &
-exec $OURS_REAL "\$@"
-EOF
-    chmod +x "$W/helper-killed-r"
+    killing_helper helper-killed-r 1
     listed=$(pyxl_list)
     pyxl_timed "restore-killed-$g" restore --helper "$W/helper-killed-r" "$f"
     rc=$?
@@ -197,12 +195,7 @@ pyxl_migrate() {  # TEST GUEST SENDER...: a live localhost migration through a p
 }
 pyxl_migrate_killed() {  # GUEST: the receiver's restore helper is SIGKILLed mid-stream
     local g=$1 before d rc listed log=$OUT/pyxl-migrate-killed-$1.log
-    cat > "$W/helper-killed-m" <<EOF
-#!/bin/sh
-( sleep 2; kill -9 \$\$ ) &
-exec $OURS_REAL "\$@"
-EOF
-    chmod +x "$W/helper-killed-m"
+    killing_helper helper-killed-m 2
     begin_op "$g"; before=${GMAX[$g]}
     d=$("$XL" domid "$g" 2>/dev/null) || { result "pyxl-migrate-killed.$g" FAIL "no domain $g"; return 1; }
     listed=$(pyxl_list)
