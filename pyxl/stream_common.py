@@ -59,6 +59,7 @@ __all__ = [
     "read_exact",
     "write_all",
     "Source",
+    "Scanner",
     "note_trailing",
     "RecordInfo",
     "PageStats",
@@ -527,3 +528,17 @@ class StreamReport:
             "warnings": list(self.warnings),
             "error": self.error.to_json() if self.error else None,
         }
+
+
+class Scanner:
+    """What the libxl and libxc scanners share: where they read, what they
+    record into, and what the outer layer told them to expect."""
+
+    def __init__(self, src: Source, report: StreamReport, *, checkpointed: bool = False,
+                 expected_guest_type: Optional[int] = None,
+                 max_vcpus: Optional[int] = None) -> None:
+        self.src = src
+        self.report = report
+        self.checkpointed = checkpointed
+        self.expected_guest_type = expected_guest_type
+        self.max_vcpus = max_vcpus

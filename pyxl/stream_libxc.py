@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from typing import (Any, BinaryIO, Callable, Dict, Iterable, Mapping, Optional,
                     Sequence, Tuple, Union)
 
-from .stream_common import (REC_HEADER, RecordInfo, Source, StreamError,
+from .stream_common import (REC_HEADER, RecordInfo, Scanner, Source, StreamError,
                             StreamReport, TruncatedStream, frame_record, note_trailing, pad_len,
                             roundup8)
 
@@ -424,7 +424,7 @@ class _State:
     seen_msr: bool = False
 
 
-class LibxcScanner:
+class LibxcScanner(Scanner):
     """Walks one libxc stream on a :class:`Source`, recording into a
     :class:`StreamReport`.  Raises :class:`StreamError` at the first broken
     rule; the caller (``scan_*``) stores it in the report.
@@ -435,14 +435,8 @@ class LibxcScanner:
     checkpoint records), so call ``run()`` again to continue.
     """
 
-    def __init__(self, src: Source, report: StreamReport, *, checkpointed: bool = False,
-                 expected_guest_type: Optional[int] = None,
-                 max_vcpus: Optional[int] = None) -> None:
-        self.src = src
-        self.report = report
-        self.checkpointed = checkpointed
-        self.expected_guest_type = expected_guest_type
-        self.max_vcpus = max_vcpus
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
         self.st: Optional[_State] = None
         self._pending_pages: Optional[Tuple[Dict[str, int], int, int]] = None
 

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from typing import (Any, BinaryIO, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple,
                     Union)
 
-from .stream_common import (REC_HEADER, RecordInfo, Source, StreamError, StreamReport,
+from .stream_common import (REC_HEADER, RecordInfo, Scanner, Source, StreamError, StreamReport,
                             TruncatedStream, UnsupportedStream, frame_record, note_trailing,
                             pad_len, read_exact, roundup8)
 from .stream_libxc import DHDR_TYPE_X86_PV, LibxcScanner
@@ -445,17 +445,11 @@ def _check_order(rtype: int, length: int, offset: int, *, guest_type: Optional[i
 # Scanner
 
 
-class LibxlScanner:
+class LibxlScanner(Scanner):
     """Walks a libxl stream, and the libxc stream inside it, on a Source."""
 
-    def __init__(self, src: Source, report: StreamReport, *, checkpointed: bool = False,
-                 expected_guest_type: Optional[int] = None,
-                 max_vcpus: Optional[int] = None) -> None:
-        self.src = src
-        self.report = report
-        self.checkpointed = checkpointed
-        self.expected_guest_type = expected_guest_type
-        self.max_vcpus = max_vcpus
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
         self.libxc: Optional[LibxcScanner] = None
         self.in_checkpoint = False
 
