@@ -743,6 +743,15 @@ class _Dom:
             delay = min(delay * 2, 0.005)
         return True
 
+    def run_from(self, st: int) -> None:
+        """Mark the domain running and start its vCPU; back to ``st`` if that fails."""
+        self.set("state", RUNNING)
+        try:
+            self.start_vcpu()
+        except BaseException:
+            self.set("state", st)
+            raise
+
     def start_vcpu(self) -> None:
         exe = vcpu_path()
         if not os.access(exe, os.X_OK):
@@ -916,12 +925,7 @@ def unpause(domid: int, sim_dir: Optional[str] = None, timeout: float = 10.0) ->
                 d.wait_ack(d.request(REQ_RUN), timeout)
             if d.vcpu_alive():
                 return
-        d.set("state", RUNNING)
-        try:
-            d.start_vcpu()
-        except BaseException:
-            d.set("state", st)
-            raise
+        d.run_from(st)
 
 
 def request_suspend(domid: int, sim_dir: Optional[str] = None) -> None:
@@ -978,12 +982,7 @@ def resume(domid: int, sim_dir: Optional[str] = None) -> None:
             d.set("resume_paused", 0)
             d.set("state", PAUSED)
             return
-        d.set("state", RUNNING)
-        try:
-            d.start_vcpu()
-        except BaseException:
-            d.set("state", st)
-            raise
+        d.run_from(st)
 
 
 def set_dirty_rate(domid: int, rate: int, sim_dir: Optional[str] = None) -> None:
