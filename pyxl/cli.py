@@ -195,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _configure_logging(verbose: int) -> None:
     level = logging.CRITICAL + 1 if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(name)s: %(levelname)s: %(message)s")
+    # -vv: debugging, where the time since the command started tells what was slow.
+    fmt = "%(name)s: %(levelname)s: %(message)s"
+    if verbose >= 2:
+        fmt = "+%(relativeCreated)6.0fms " + fmt
+    logging.basicConfig(level=level, format=fmt)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

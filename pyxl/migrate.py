@@ -72,6 +72,7 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -104,6 +105,7 @@ INCOMING = "--incoming"      # xl's name suffixes while two copies exist
 AWAY = "--migratedaway"
 _MESSAGE_MAX = 4096                       # longest handshake message we accept
 _CHUNK = 1 << 20
+_PUMP_CALLS = 8                           # splices per wake-up of a relay
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
 _HEAD_MAX = 512 << 10                     # xl optional data (config) a receiver takes
@@ -275,13 +277,22 @@ class _Outbox:
 
 
 class _Relay:
-    """Move the save stream from the helper's pipe to the connection, then the
-    libxl trailer; at most ``rate`` bytes/s (token bucket, ~20 ms bursts).
+    """Move the save stream from the helper's pipe to the connection (or from
+    the connection into the restore helper's pipe), then a trailer; at most
+    ``rate`` bytes/s (token bucket, ~20 ms bursts).
 
-    ``on_done()`` once everything is written; ``on_error(exc)`` if the
-    connection broke -- the relay then keeps draining the pipe into nowhere so
-    the helper is never killed by SIGPIPE (the owner cancels the save).
+    The bytes never enter this process: ``splice(2)`` moves them between the
+    kernel's buffers (one end is always a pipe), as much as either end takes
+    per wake-up -- a handful of syscalls per MiB instead of a read, a write and
+    four selector changes per pipe-full, which is what a migration through
+    Python cost before.
+
+    ``on_done()`` once everything is written; ``on_error(exc)`` if an end
+    broke -- the relay then keeps draining ``src`` into nowhere so the helper
+    is never killed by SIGPIPE (the owner cancels the save).
     """
+
+    _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
     def __init__(self, loop: Loop, src: int, dst: int, rate: Optional[int],
                  on_done: Callable[[], None], on_error: Callable[[OSError], None]) -> None:
@@ -290,54 +301,32 @@ class _Relay:
         self.burst = max(64 << 10, (rate or 0) // 50)
         self.tokens = float(self.burst)
         self.stamp = time.monotonic()
-        self.buf = memoryview(b"")
         self.eof = False
-        self.tail: Optional[bytes] = None
+        self.tail: Optional[memoryview] = None
         self.sent = 0
         self.finished = False
         self.discarding = False
         self._timer: Optional[Timer] = None
         self._reading = self._writing = False
+        # which end blocked a splice: a zero-timeout poll of both
+        self._probe = select.poll()
+        self._probe.register(src, select.POLLIN)
+        self._probe.register(dst, select.POLLOUT)
         _set_nonblocking(src, True)
-        self._update()
+        _set_nonblocking(dst, True)
+        self._pump()
 
     # -- registrations --
 
     def _watch(self, read: bool, write: bool) -> None:
         if read != self._reading:
-            (self.loop.add_reader(self.src, self._readable) if read
+            (self.loop.add_reader(self.src, self._pump) if read
              else self.loop.remove_reader(self.src))
             self._reading = read
         if write != self._writing:
-            (self.loop.add_writer(self.dst, self._writable) if write
+            (self.loop.add_writer(self.dst, self._pump) if write
              else self.loop.remove_writer(self.dst))
             self._writing = write
-
-    def _update(self) -> None:
-        if self.finished:
-            self._watch(False, False)
-            return
-        if self.discarding:
-            self._watch(not self.eof, False)
-            return
-        if not self.buf and self.eof and self.tail is not None:
-            self.buf, self.tail = memoryview(self.tail), b""
-        if self.buf:
-            if self.rate and self._refill() < min(len(self.buf), 4096):
-                self._watch(False, False)
-                if self._timer is None:
-                    need = min(len(self.buf), 4096) - self.tokens
-                    self._timer = self.loop.call_later(max(need / self.rate, 0.001), self._tick)
-                return
-            self._watch(False, True)
-        elif not self.eof:
-            self._watch(True, False)
-        elif self.tail is not None:
-            self.finished = True
-            self._watch(False, False)
-            self.on_done()
-        else:
-            self._watch(False, False)   # all relayed; waiting for finish(tail)
 
     def _refill(self) -> float:
         now = time.monotonic()
@@ -348,49 +337,88 @@ class _Relay:
 
     def _tick(self) -> None:
         self._timer = None
-        self._update()
+        self._pump()
 
-    # -- I/O --
+    def _blocked(self) -> None:
+        """A splice would block: wait for the end that blocked it."""
+        ready = dict(self._probe.poll(0))
+        src_ready = ready.get(self.src, 0) & (select.POLLIN | select.POLLHUP | select.POLLERR)
+        self._watch(not src_ready, bool(src_ready))
 
-    def _readable(self) -> None:
-        size = _CHUNK if not self.rate else min(_CHUNK, self.burst)
-        try:
-            data = os.read(self.src, size)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self.eof = True
-            self.fail(exc)
-            return
-        if not data:
-            self.eof = True
-        elif not self.discarding:
-            self.buf = memoryview(data)
-        self._update()
+    # -- moving --
 
-    def _writable(self) -> None:
-        n = len(self.buf)
-        if self.rate:
-            n = min(n, max(1, int(self._refill())))
-        try:
-            written = os.write(self.dst, self.buf[:n])
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self.fail(exc)
-            return
-        self.sent += written
-        if self.rate:
-            self.tokens -= written
-        self.buf = self.buf[written:]
-        self._update()
+    def _pump(self) -> None:
+        budget = _PUMP_CALLS   # then back to the loop, so other work is not starved
+        while not self.finished:
+            if self.discarding:
+                self._discard()
+                return
+            if not self.eof:
+                n = _CHUNK
+                if self.rate:
+                    n = min(n, int(self._refill()))
+                    if n < 4096:
+                        self._watch(False, False)
+                        if self._timer is None:
+                            self._timer = self.loop.call_later(
+                                max((4096 - self.tokens) / self.rate, 0.001), self._tick)
+                        return
+                if budget == 0:
+                    self._watch(True, False)   # level-triggered: comes straight back
+                    return
+                budget -= 1
+                try:
+                    moved = os.splice(self.src, self.dst, n, flags=self._FLAGS)
+                except BlockingIOError:
+                    self._blocked()
+                    return
+                except OSError as exc:
+                    self.fail(exc)
+                    return
+                if moved == 0:
+                    self.eof = True
+                    continue
+                self.sent += moved
+                if self.rate:
+                    self.tokens -= moved
+                continue
+            if self.tail is None:
+                self._watch(False, False)   # all relayed; waiting for finish(tail)
+                return
+            if self.tail:
+                try:
+                    written = os.write(self.dst, self.tail)
+                except BlockingIOError:
+                    self._watch(False, True)
+                    return
+                except OSError as exc:
+                    self.fail(exc)
+                    return
+                self.sent += written
+                self.tail = self.tail[written:]
+                continue
+            self.finished = True
+            self._watch(False, False)
+            self.on_done()
+
+    def _discard(self) -> None:
+        while not self.eof:
+            try:
+                if not os.read(self.src, _CHUNK):
+                    self.eof = True
+            except BlockingIOError:
+                self._watch(True, False)
+                return
+            except OSError:
+                self.eof = True
+        self._watch(False, False)
 
     # -- owner --
 
     def finish(self, tail: bytes) -> None:
         """Queue the bytes that follow the helper's stream (the libxl trailer)."""
-        self.tail = tail
-        self._update()
+        self.tail = memoryview(tail)
+        self._pump()
 
     def fail(self, exc: OSError) -> None:
         if self.discarding or self.finished:
@@ -404,8 +432,8 @@ class _Relay:
             self._timer.cancel()
             self._timer = None
         self.discarding = True
-        self.buf = memoryview(b"")
-        self._update()
+        self._watch(False, False)
+        self._pump()
 
     def close(self) -> None:
         self.finished = True

@@ -230,7 +230,7 @@ else
     # pyxl migrate (localhost, live, through a pipe): pyxl to pyxl, pyxl to
     # xl, xl to pyxl; then a failure at the receiver
     if "$XL" list pvh1 > /dev/null 2>&1; then
-        pyxl_migrate pyxl-migrate pvh1 "$PYXL" -vv migrate --live --command "$PYXL migrate-receive" \
+        pyxl_migrate pyxl-migrate pvh1 "$PYXL" -vv migrate --live --command "$PYXL -vv migrate-receive" \
             "$("$XL" domid pvh1)"
         pyxl_migrate pyxl-migrate-to-xl pvh1 "$PYXL" -vv migrate --live --command "$XL migrate-receive" \
             "$("$XL" domid pvh1)"
