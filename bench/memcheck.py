@@ -130,12 +130,7 @@ def run(helper: Optional[str] = None, keep: Optional[str] = None) -> Dict[str, A
         if not same:
             runs[-1]["ok"] = False
     finally:
-        for info in sim.list_domains(sim_dir=sim_dir):
-            try:
-                sim.destroy(info.domid, sim_dir=sim_dir)
-            except sim.SimError:
-                pass
-        shutil.rmtree(sim_dir, ignore_errors=True)
+        sim.remove_dir(sim_dir)
         shutil.rmtree(workdir, ignore_errors=True)
     return {"helper": helper, "valgrind_options": MEMCHECK_OPTS, "guest_bytes": GUEST,
             "runs": runs, "ok": len(runs) == 3 and all(r["ok"] for r in runs)}

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -116,12 +115,7 @@ def one_run(memory: int, rate: int, cap: Optional[int], policy: str, target_ms: 
             rx.kill()
             rx.wait()
         for d in (a, b):
-            for info in sim.list_domains(sim_dir=d):
-                try:
-                    sim.destroy(info.domid, sim_dir=d)
-                except sim.SimError:
-                    pass
-            shutil.rmtree(d, ignore_errors=True)
+            sim.remove_dir(d)
 
 
 def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

@@ -47,7 +47,7 @@ __all__ = [
     "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
     "NoSuchDomain", "SimError", "SimTimeout", "check_guest", "config", "counter", "create",
     "create_empty", "destroy", "digest", "format_size", "helper_env", "info",
-    "libfakexen_path", "list_domains", "parse_size", "pause", "rename", "request_suspend", "resume",
+    "libfakexen_path", "list_domains", "parse_size", "pause", "remove_dir", "rename", "request_suspend", "resume",
     "set_dirty_rate", "sim_dir_path", "state", "suspend", "unpause", "vcpu_path",
 ]
 
@@ -1023,6 +1023,17 @@ def destroy(domid: int, sim_dir: Optional[str] = None) -> None:
         except FileNotFoundError:
             raise NoSuchDomain(domid, sdir) from None
     shutil.rmtree(grave, ignore_errors=True)
+
+
+def remove_dir(sim_dir: str) -> None:
+    """Destroy every domain in a state directory, then delete the directory
+    (what a test or a throwaway simulated host does when it is done)."""
+    for i in list_domains(sim_dir=sim_dir):
+        try:
+            destroy(i.domid, sim_dir=sim_dir)
+        except SimError:
+            pass   # destroyed meanwhile
+    shutil.rmtree(sim_dir, ignore_errors=True)
 
 
 # ---- memory --------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ HELPERS = {"ours": OUR_HELPER, "debian": DEBIAN_HELPER}
 @pytest.fixture
 def sim_dir(tmp_path_factory):
     """A private fakexen state directory; every domain left in it is destroyed after the test."""
-    import shutil
     import tempfile
 
     from pyxl import sim
@@ -33,12 +32,7 @@ def sim_dir(tmp_path_factory):
     try:
         yield d
     finally:
-        for info in sim.list_domains(sim_dir=d):
-            try:
-                sim.destroy(info.domid, sim_dir=d)
-            except sim.SimError:
-                pass
-        shutil.rmtree(d, ignore_errors=True)
+        sim.remove_dir(d)
 
 
 def open_fds():

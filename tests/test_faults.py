@@ -258,7 +258,6 @@ def test_save_fault(sim_dir, tmp_path, helper, kind, trigger, live):
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
     """A saved 16 MiB guest, and the offset of the middle of its page data."""
-    import shutil
     import tempfile
 
     d = tempfile.mkdtemp(prefix="pyxl-test-", dir="/dev/shm")
@@ -267,9 +266,7 @@ def image(tmp_path_factory):
         dom = sim.create(16 * MB, dirty_rate=4 * MB, sim_dir=d)
         pyxl.wait(pyxl.save(dom, path, sim_dir=d))
     finally:
-        for info in sim.list_domains(sim_dir=d):
-            sim.destroy(info.domid, sim_dir=d)
-        shutil.rmtree(d, ignore_errors=True)
+        sim.remove_dir(d)
     report = stream_xl.scan_path(str(path))
     assert report.ok
     pages = [r for r in report.records if r.name == "PAGE_DATA" and r.length > 1 * MB]

@@ -17,7 +17,6 @@ Quick lane: a representative subset with pyxl's helper (a few with Debian's).
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -130,9 +129,7 @@ def image() -> Image:
         with open(path, "rb") as f:
             return Image(f.read())
     finally:
-        for info in sim.list_domains(sim_dir=d):
-            sim.destroy(info.domid, sim_dir=d)
-        shutil.rmtree(d, ignore_errors=True)
+        sim.remove_dir(d)
 
 
 def set_u32(data: bytes, offset: int, value: int, fmt: str = "<I") -> bytes:

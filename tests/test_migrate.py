@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -42,12 +41,7 @@ def hosts():
         yield tuple(dirs)
     finally:
         for d in dirs:
-            for info in sim.list_domains(sim_dir=d):
-                try:
-                    sim.destroy(info.domid, sim_dir=d)
-                except sim.SimError:
-                    pass
-            shutil.rmtree(d, ignore_errors=True)
+            sim.remove_dir(d)
 
 
 def busy(sim_dir: str, rate_mb: float = 20, memory: int = 64 * MB) -> int:

@@ -30,18 +30,12 @@ MB = 1 << 20
 
 @pytest.fixture
 def hosts(sim_dir):
-    import shutil
     import tempfile
     other = tempfile.mkdtemp(prefix="pyxl-test-b-", dir="/dev/shm")
     try:
         yield sim_dir, other
     finally:
-        for info in sim.list_domains(sim_dir=other):
-            try:
-                sim.destroy(info.domid, sim_dir=other)
-            except sim.SimError:
-                pass
-        shutil.rmtree(other, ignore_errors=True)
+        sim.remove_dir(other)
 
 
 def remus_save(a: str, dom: int, fd: int, helper: str, **kw) -> "tuple[pyxl.SaveOperation, List[str]]":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import tempfile
 import threading
@@ -120,6 +119,4 @@ def test_migration_to_a_host_name():
         assert [i.state for i in sim.list_domains(sim_dir=b)] == ["running"]
     finally:
         for d in dirs:
-            for info in sim.list_domains(sim_dir=d):
-                sim.destroy(info.domid, sim_dir=d)
-            shutil.rmtree(d, ignore_errors=True)
+            sim.remove_dir(d)
