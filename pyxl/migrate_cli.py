@@ -26,13 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from . import sim
 from .cli import ProgressBar, run
 from .migrate import migrate, parse_address, receive
 
 EXIT_OK = 0
+N = TypeVar("N", int, float)
 
 
 def _size(text: str) -> int:
@@ -54,34 +55,26 @@ def _address(listen: bool) -> Any:
     return parse
 
 
-def _positive_ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of milliseconds: {text!r}") from None
-    if not 0.001 <= value <= 3600000:
-        raise argparse.ArgumentTypeError("must be from 0.001 to 3600000 ms")
-    return value
+def _bounded(convert: Callable[[str], N], what: str, ok: Callable[[N], bool],
+             bounds: str) -> Callable[[str], N]:
+    """An argparse type: ``convert`` the text, then check it (``ok``)."""
+    def parse(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {bounds}")
+        return value
+    return parse
 
 
-def _positive_s(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError("must be from 0 (excluded) to 3600 seconds")
-    return value
-
-
-def _iterations(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not 1 <= value <= 1000000:
-        raise argparse.ArgumentTypeError("must be from 1 to 1000000")
-    return value
+_positive_ms = _bounded(float, "a number of milliseconds", lambda v: 0.001 <= v <= 3600000,
+                        "from 0.001 to 3600000 ms")
+_positive_s = _bounded(float, "a number of seconds", lambda v: 0 < v <= 3600,
+                       "from 0 (excluded) to 3600 seconds")
+_iterations = _bounded(lambda t: int(t, 10), "a whole number", lambda v: 1 <= v <= 1000000,
+                       "from 1 to 1000000")
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

@@ -913,25 +913,24 @@ class _TrailerReader:
 
     def cancel(self) -> None:
         """Stop quietly (as a loop timer would be cancelled)."""
-        if self.active:
-            self.active = False
-            self.loop.remove_reader(self.fd)
-            try:
-                fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags)
-            except OSError:
-                pass
+        self._detach()
 
-    def stop(self, records: Optional[List[Tuple[int, bytes]]] = None,
-             err: Optional[Exception] = None) -> None:
+    def _detach(self) -> bool:
+        """Unwatch the fd and give back its flags; False if already done."""
         if not self.active:
-            return
+            return False
         self.active = False
         self.loop.remove_reader(self.fd)
         try:
             fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags)
         except OSError:
             pass
-        self.done(records or [], err)
+        return True
+
+    def stop(self, records: Optional[List[Tuple[int, bytes]]] = None,
+             err: Optional[Exception] = None) -> None:
+        if self._detach():
+            self.done(records or [], err)
 
     def _readable(self) -> None:
         while self.active:
