@@ -470,12 +470,19 @@ class Bench:
         self.results["loop_lag_idle"] = dict(lag_summary(idle.lags),
                                              ticker_cpu_fraction=round(self.ticker_cpu_frac, 4))
         out: List[Dict[str, Any]] = []
+        raw: Dict[int, List[float]] = {n: [] for n in levels}
         try:
+            for d in doms:
+                self.raw_files[d] = os.path.join(self.sim_dir, f"raw-{d}.bin")
+                B.write_raw_copy(self.mem_path(d), sim.populated_runs(d, sim_dir=self.sim_dir),
+                                 self.raw_files[d])
             for rep in range(self.cfg["conc_reps"]):
                 for n in (levels if rep % 2 == 0 else levels[::-1]):
                     r = self.concurrency_once(loop, doms[:n], size, rep)
                     out.append(r)
                     self._log_conc(r)
+                    raw[n].append(self.raw_concurrency_once(doms[:n], size, rep))
+                    self.log(f"concurrency {n:2} raw: {raw[n][-1]:.2f} GiB/s")
                 if rep < self.cfg["nice_reps"]:
                     # Information: the same 16 saves with helpers and readers at nice +5.
                     r = self.concurrency_once(loop, doms[:max(levels)], size, rep, nice=5)
@@ -484,6 +491,8 @@ class Bench:
         finally:
             for d in doms:
                 self.destroy(d)
+                if d in self.raw_files:
+                    os.unlink(self.raw_files.pop(d))
         summary = {}
         for n in levels + ["nice5"]:
             rs = [r for r in out if (r["n"], r["nice"]) == ((max(levels), 5) if n == "nice5" else (n, 0))]
@@ -517,6 +526,9 @@ class Bench:
                 "foreign_cores": med("foreign_cores"),
                 "reps": len(rs),
             }
+            if n in raw:
+                summary[str(n)].update(raw_aggregate_gib_per_s=round(median(raw[n]), 4),
+                                       raw_aggregate_gib_per_s_best=round(max(raw[n]), 4))
         nice_key = f"{max(levels)}@nice5"
         self.results["concurrency"] = {
             "guest_gib": size / GIB,
@@ -533,6 +545,38 @@ class Bench:
                  f"{r['pyxl_cpu_s_per_gib']:.4f} CPU s/GiB, lag p99 {r['lag_p99_ms']:.2f} ms "
                  f"(reference process {r['ref_lag_p99_ms']:.2f} ms), starting took "
                  f"{r['start_total_ms']:.1f} ms (foreign {r['foreign_cores']:.2f} cores)")
+
+    def raw_concurrency_once(self, doms: Sequence[int], size: int, rep: int) -> float:
+        """The same N pipes and readers, placed alike, fed by `cat` of each guest's pages.
+
+        The machine's own scaling of that data path (its memory and caches, the
+        kernel's pipes and page cache), with no helper, fake hypervisor or pyxl.
+        """
+        n = len(doms)
+        ncpu = len(self.cpus)
+        place = [self.cpus[(self.cpus.index(self.cpu) + i) % ncpu] for i in range(n)]
+        pipes = []
+        for i in range(n):
+            with pinned({place[i]}):
+                pipes.append(B.start_reader())
+        probe = B.LoadProbe(B.qemu_pids())
+        t0 = time.perf_counter()
+        cats = []
+        for i, dom in enumerate(doms):
+            with pinned({place[i]}):
+                cats.append(subprocess.Popen(["cat", self.raw_files[dom]], stdout=pipes[i][0]))
+            os.close(pipes[i][0])
+        for c in cats:
+            if c.wait():
+                raise RuntimeError(f"cat failed: {c.returncode}")
+        for _w, rd in pipes:
+            rd.wait()
+        wall = time.perf_counter() - t0
+        rec = self._record(figure="concurrency", who="raw", sink="pipe", size_gib=size / GIB, n=n,
+                           rep=rep, wall_s=round(wall, 5),
+                           aggregate_gib_per_s=round(n * size / GIB / wall, 4),
+                           placement="pairs round-robin", nice=0, **probe.stop())
+        return float(rec["aggregate_gib_per_s"])
 
     def concurrency_once(self, loop: Any, doms: Sequence[int], size: int, rep: int,
                          nice: int = 0) -> Dict[str, Any]:
@@ -728,6 +772,7 @@ class Bench:
         levels = self.cfg["conc_levels"]
         single = conc[str(levels[0])]["aggregate_gib_per_s_best"]
         top = conc[str(levels[-1])]
+        one = conc[str(levels[0])]
         single_med = conc[str(levels[0])]["aggregate_gib_per_s"]
         ncpu = len(self.cpus)
         avail = max(ncpu - top["foreign_cores"], 0.5)
@@ -778,6 +823,9 @@ class Bench:
             "concurrency_efficiency_medians": _r(top["aggregate_gib_per_s"] / (single_med * ncpu)),
             "concurrency_efficiency_vs_available_cores": _r(top["aggregate_gib_per_s"]
                                                             / (single_med * avail)),
+            "concurrency_efficiency_raw": _r(top["raw_aggregate_gib_per_s_best"]
+                                             / (one["raw_aggregate_gib_per_s_best"] * ncpu)),
+            "concurrency_ratio_vs_raw": _r(top["aggregate_gib_per_s"] / top["raw_aggregate_gib_per_s"]),
             "loop_lag_p99_ms": top["lag_p99_ms"],
             "loop_lag_reference_p99_ms": top["ref_lag_p99_ms"],
             "loop_start_block_ms": top["start_total_ms"],
@@ -810,6 +858,10 @@ class Bench:
                                           "best repetition of each (other tenants only ever slow a "
                                           "run down, so the best run is the least disturbed one)",
                 "concurrency_efficiency_medians": "the same from the medians of the repetitions",
+                "concurrency_efficiency_raw": "concurrency_efficiency of `cat` (each guest's pages, "
+                                              "a tmpfs file) into the same pipes and readers, placed "
+                                              "alike, run after each of ours: the machine's own scaling",
+                "concurrency_ratio_vs_raw": "16 saves ÷ 16 such `cat`s, aggregate GiB/s, medians",
                 "concurrency_efficiency_vs_available_cores": "medians, with nproc replaced by "
                                                              "nproc − foreign cores during the 16-save runs",
                 "loop_lag_p99_ms": "p99 lateness of a 1 ms timer on pyxl's loop while 16 saves are "

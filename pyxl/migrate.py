@@ -105,6 +105,9 @@ INCOMING = "--incoming"      # xl's name suffixes while two copies exist
 AWAY = "--migratedaway"
 _MESSAGE_MAX = 4096                       # longest handshake message we accept
 _CHUNK = 1 << 20
+# Under a bandwidth cap the helper should feel it soon: a small pipe (not the
+# kernel's default 64 KiB, which our helper grows to 1 MiB).
+_CAPPED_PIPE = 32 << 10
 _PUMP_CALLS = 8                           # splices per wake-up of a relay
 _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
@@ -691,7 +694,7 @@ class MigrateOperation(_Future):
         r, w = os.pipe2(os.O_CLOEXEC)
         self._pipe_r, self._pipe_w = r, w
         try:
-            fcntl.fcntl(w, _F_SETPIPE_SZ, (64 << 10) if self.max_bandwidth else _CHUNK)
+            fcntl.fcntl(w, _F_SETPIPE_SZ, _CAPPED_PIPE if self.max_bandwidth else _CHUNK)
         except OSError:
             pass
         self.relay = _Relay(self.loop, r, self.wfd, self.max_bandwidth, self._relayed,

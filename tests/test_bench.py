@@ -84,7 +84,8 @@ def test_bench_smoke(tmp_path):
     res = json.loads((tmp_path / "latest.json").read_text())
     for key in ("save_ratio_vs_debian", "save_ratio_vs_raw", "restore_ratio_vs_debian",
                 "spawn_ms_ours", "spawn_ms_debian", "spawn_ms_extra_vs_debian",
-                "concurrency_efficiency", "loop_lag_p99_ms"):
+                "concurrency_efficiency", "concurrency_efficiency_raw", "concurrency_ratio_vs_raw",
+                "loop_lag_p99_ms"):
         assert isinstance(res[key], float) and res[key] == res[key], key
     assert res["spawn_ms_extra_vs_debian"] == pytest.approx(
         res["spawn_ms_ours"] - res["spawn_ms_debian"], abs=1e-3)
