@@ -74,8 +74,9 @@ def markdown(res: Dict[str, Any]) -> str:
     w(f"| concurrency | `concurrency_efficiency_medians` / `_vs_available_cores` | "
       f"{_f(res.get('concurrency_efficiency_medians'), '{:.3f}')} / "
       f"{_f(res['concurrency_efficiency_vs_available_cores'], '{:.3f}')} | (info) | – |")
-    w(f"| concurrency | `concurrency_efficiency_raw` / `concurrency_ratio_vs_raw` (`cat` into the same "
-      f"pipes) | {_f(res.get('concurrency_efficiency_raw'), '{:.3f}')} / "
+    w(f"| concurrency | `concurrency_efficiency_debian` / `_raw` (`cat` into the same pipes) / "
+      f"`concurrency_ratio_vs_raw` | {_f(res.get('concurrency_efficiency_debian'), '{:.3f}')} / "
+      f"{_f(res.get('concurrency_efficiency_raw'), '{:.3f}')} / "
       f"{_f(res.get('concurrency_ratio_vs_raw'), '{:.3f}')} | (info) | – |")
     rss = res["helper_rss_mib"]
     rss_txt = ", ".join(f"{k} GiB: {v:.1f}" for k, v in sorted(rss.items(), key=lambda kv: float(kv[0])))
@@ -154,15 +155,16 @@ def markdown(res: Dict[str, Any]) -> str:
       f"reference = the same timer in a separate idle process over the same window; own CPU = "
       f"pyxl's CPU time between arming and firing (bounds the lag caused by work on the loop); "
       f"start = the pyxl.save() calls, which block the thread:\n")
-    w("| saves at once | aggregate GiB/s median (best) | `cat` instead, median (best) | pyxl CPU s/GiB (without the timer) | loop lag p50 / p99 ms "
+    w("| saves at once | aggregate GiB/s median (best) | Debian's helper instead | `cat` instead | pyxl CPU s/GiB (without the timer) | loop lag p50 / p99 ms "
       "(worst rep p99) | reference p50 / p99 ms | own CPU p99 ms | lag max ms | start ms per save "
       "(median / max), all | foreign cores |")
-    w("|---|---|---|---|---|---|---|---|---|---|")
+    w("|---|---|---|---|---|---|---|---|---|---|---|")
     rows = list(cc["levels"].items())
     if cc.get("niced_helpers"):
         rows.append((f"{rows[-1][0]}, helpers + readers at nice 5", cc["niced_helpers"]))
     for n, c in rows:
         w(f"| {n} | {c['aggregate_gib_per_s']:.2f} ({_f(c.get('aggregate_gib_per_s_best'))}) | "
+          f"{_f(c.get('debian_aggregate_gib_per_s'))} ({_f(c.get('debian_aggregate_gib_per_s_best'))}) | "
           f"{_f(c.get('raw_aggregate_gib_per_s'))} ({_f(c.get('raw_aggregate_gib_per_s_best'))}) | "
           f"{c['pyxl_cpu_s_per_gib']:.4f} "
           f"({_f(c.get('pyxl_cpu_s_per_gib_without_ticker'), '{:.4f}')}) | "
@@ -256,6 +258,8 @@ def plot(res: Dict[str, Any], path: str) -> None:
     if all("raw_aggregate_gib_per_s" in lv[str(n)] for n in ns):
         ax.plot(ns, [lv[str(n)]["raw_aggregate_gib_per_s"] for n in ns], "o-", color=colors["raw"],
                 label="`cat` instead (median)")
+        ax.plot(ns, [lv[str(n)]["debian_aggregate_gib_per_s"] for n in ns], "o-",
+                color=colors["debian"], label="Debian's helper (median)")
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns)
     ax.set_xticklabels([str(n) for n in ns])

@@ -470,7 +470,10 @@ class Bench:
         self.results["loop_lag_idle"] = dict(lag_summary(idle.lags),
                                              ticker_cpu_fraction=round(self.ticker_cpu_frac, 4))
         out: List[Dict[str, Any]] = []
+        # References run after each of ours: Debian's helper on the same fake, and
+        # `cat` into the same pipes (see raw_concurrency_once).
         raw: Dict[int, List[float]] = {n: [] for n in levels}
+        debian: Dict[int, List[float]] = {n: [] for n in levels}
         try:
             for d in doms:
                 self.raw_files[d] = os.path.join(self.sim_dir, f"raw-{d}.bin")
@@ -481,8 +484,11 @@ class Bench:
                     r = self.concurrency_once(loop, doms[:n], size, rep)
                     out.append(r)
                     self._log_conc(r)
+                    r = self.concurrency_once(loop, doms[:n], size, rep, who="debian")
+                    debian[n].append(r["aggregate_gib_per_s"])
                     raw[n].append(self.raw_concurrency_once(doms[:n], size, rep))
-                    self.log(f"concurrency {n:2} raw: {raw[n][-1]:.2f} GiB/s")
+                    self.log(f"concurrency {n:2}: Debian's helper {debian[n][-1]:.2f} GiB/s, "
+                             f"cat {raw[n][-1]:.2f} GiB/s")
                 if rep < self.cfg["nice_reps"]:
                     # Information: the same 16 saves with helpers and readers at nice +5.
                     r = self.concurrency_once(loop, doms[:max(levels)], size, rep, nice=5)
@@ -495,7 +501,8 @@ class Bench:
                     os.unlink(self.raw_files.pop(d))
         summary = {}
         for n in levels + ["nice5"]:
-            rs = [r for r in out if (r["n"], r["nice"]) == ((max(levels), 5) if n == "nice5" else (n, 0))]
+            rs = [r for r in out if (r["n"], r["nice"]) == ((max(levels), 5) if n == "nice5" else (n, 0))
+                  and r["who"] == "ours"]
             if not rs:
                 continue
 
@@ -503,7 +510,7 @@ class Bench:
                 v = median([r[key] for r in rs])
                 return None if v is None else round(v, nd)
 
-            pool = self.lag_pool[(max(levels), 5) if n == "nice5" else (n, 0)]
+            pool = self.lag_pool[(max(levels), 5, "ours") if n == "nice5" else (n, 0, "ours")]
             pl_lag, pl_own, pl_ref = (lag_summary(pool[k]) for k in ("lag", "own", "ref"))
             summary[str(n) if n != "nice5" else f"{max(levels)}@nice5"] = {
                 "aggregate_gib_per_s": med("aggregate_gib_per_s", 4),
@@ -528,7 +535,9 @@ class Bench:
             }
             if n in raw:
                 summary[str(n)].update(raw_aggregate_gib_per_s=round(median(raw[n]), 4),
-                                       raw_aggregate_gib_per_s_best=round(max(raw[n]), 4))
+                                       raw_aggregate_gib_per_s_best=round(max(raw[n]), 4),
+                                       debian_aggregate_gib_per_s=round(median(debian[n]), 4),
+                                       debian_aggregate_gib_per_s_best=round(max(debian[n]), 4))
         nice_key = f"{max(levels)}@nice5"
         self.results["concurrency"] = {
             "guest_gib": size / GIB,
@@ -579,7 +588,7 @@ class Bench:
         return float(rec["aggregate_gib_per_s"])
 
     def concurrency_once(self, loop: Any, doms: Sequence[int], size: int, rep: int,
-                         nice: int = 0) -> Dict[str, Any]:
+                         nice: int = 0, who: str = "ours") -> Dict[str, Any]:
         """N saves started back to back from this thread, then run on pyxl's loop.
 
         The 1 ms timer is armed once every save has started, so the lag figures
@@ -610,7 +619,7 @@ class Bench:
         for i, dom in enumerate(doms):
             ts = time.perf_counter()
             with pinned({place[i]}):
-                op = pyxl.save(dom, pipes[i][0], leave="paused", helper=self.helpers["ours"],
+                op = pyxl.save(dom, pipes[i][0], leave="paused", helper=self.helpers[who],
                                sim_dir=self.sim_dir, timeout=600)
             if nice and op.helper is not None:
                 os.setpriority(os.PRIO_PROCESS, op.helper.pid, nice)
@@ -638,12 +647,12 @@ class Bench:
         lag = lag_summary(ticker.lags)
         own = lag_summary(ticker.own_cpu)
         rl = lag_summary(ref_lags)
-        pool = self.lag_pool.setdefault((n, nice), {"lag": [], "own": [], "ref": []})
+        pool = self.lag_pool.setdefault((n, nice, who), {"lag": [], "own": [], "ref": []})
         pool["lag"] += ticker.lags
         pool["own"] += ticker.own_cpu
         pool["ref"] += ref_lags
         return self._record(
-            figure="concurrency", who="ours", sink="pipe", size_gib=size / GIB, n=n, rep=rep,
+            figure="concurrency", who=who, sink="pipe", size_gib=size / GIB, n=n, rep=rep,
             wall_s=round(wall, 5), aggregate_gib_per_s=round(gibs / wall, 4),
             pyxl_cpu_s=round(cpu, 4), pyxl_cpu_s_per_gib=round(cpu / gibs, 5),
             pyxl_cpu_s_per_gib_without_ticker=round(
@@ -826,6 +835,8 @@ class Bench:
             "concurrency_efficiency_raw": _r(top["raw_aggregate_gib_per_s_best"]
                                              / (one["raw_aggregate_gib_per_s_best"] * ncpu)),
             "concurrency_ratio_vs_raw": _r(top["aggregate_gib_per_s"] / top["raw_aggregate_gib_per_s"]),
+            "concurrency_efficiency_debian": _r(top["debian_aggregate_gib_per_s_best"]
+                                                / (one["debian_aggregate_gib_per_s_best"] * ncpu)),
             "loop_lag_p99_ms": top["lag_p99_ms"],
             "loop_lag_reference_p99_ms": top["ref_lag_p99_ms"],
             "loop_start_block_ms": top["start_total_ms"],
@@ -862,6 +873,8 @@ class Bench:
                                               "a tmpfs file) into the same pipes and readers, placed "
                                               "alike, run after each of ours: the machine's own scaling",
                 "concurrency_ratio_vs_raw": "16 saves ÷ 16 such `cat`s, aggregate GiB/s, medians",
+                "concurrency_efficiency_debian": "concurrency_efficiency of Debian's helper, driven "
+                                                 "alike on the same fake, run after each of ours",
                 "concurrency_efficiency_vs_available_cores": "medians, with nproc replaced by "
                                                              "nproc − foreign cores during the 16-save runs",
                 "loop_lag_p99_ms": "p99 lateness of a 1 ms timer on pyxl's loop while 16 saves are "

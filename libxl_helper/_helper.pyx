@@ -439,17 +439,20 @@ cdef restore_callbacks _restore_cbs
 # The stream pipe.  libxc moves guest memory in batches of up to 4 MiB (one
 # writev per batch when saving).  Through a pipe of the kernel's default
 # 64 KiB that is 64 round trips between writer and reader per batch, each a
-# wake-up and a context switch; at 1 MiB (Linux's default pipe-max-size, so
-# any user may) it is four, and a save into a pipe runs ~7 % faster on one
-# vCPU (bench/results/latest.md).  Only a pipe of the default size is grown:
-# one its creator sized keeps that size (pyxl's bandwidth-capped migration
-# wants a small one, so that the precopy policy feels the cap early).  Not a
-# pipe (a file, a socket), or the kernel refuses (the user's pipe memory is
-# over pipe-user-pages-soft): the stream goes through the fd as it is.
+# wake-up and a context switch.  At 256 KiB it is 16, and a save into a pipe
+# runs 5-10 % faster on one vCPU.  Not more: at 1 MiB it is no faster, and
+# the longer copies inside the kernel (which a preempt=none kernel does not
+# interrupt) make everything else on a busy host wait longer for a CPU (16
+# saves on 2 vCPUs: a 1 ms timer's p99 lateness 3 -> 5.5 ms).  Only a pipe of
+# the default size is grown: one its creator sized keeps that size (pyxl's
+# bandwidth-capped migration wants a small one, so that the precopy policy
+# feels the cap early).  Not a pipe (a file, a socket), or the kernel refuses
+# (the user's pipe memory is over pipe-user-pages-soft): the stream goes
+# through the fd as it is.
 
 cdef enum:
     DEFAULT_PIPE_SIZE = 64 << 10
-    STREAM_PIPE_SIZE = 1 << 20
+    STREAM_PIPE_SIZE = 256 << 10
 
 cdef void _grow_stream_pipe(int fd) noexcept nogil:
     cdef int saved = errno

@@ -106,7 +106,7 @@ AWAY = "--migratedaway"
 _MESSAGE_MAX = 4096                       # longest handshake message we accept
 _CHUNK = 1 << 20
 # Under a bandwidth cap the helper should feel it soon: a small pipe (not the
-# kernel's default 64 KiB, which our helper grows to 1 MiB).
+# kernel's default 64 KiB, which our helper grows to 256 KiB).
 _CAPPED_PIPE = 32 << 10
 _PUMP_CALLS = 8                           # splices per wake-up of a relay
 _F_SETPIPE_SZ = 1031

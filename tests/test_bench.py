@@ -85,6 +85,7 @@ def test_bench_smoke(tmp_path):
     for key in ("save_ratio_vs_debian", "save_ratio_vs_raw", "restore_ratio_vs_debian",
                 "spawn_ms_ours", "spawn_ms_debian", "spawn_ms_extra_vs_debian",
                 "concurrency_efficiency", "concurrency_efficiency_raw", "concurrency_ratio_vs_raw",
+                "concurrency_efficiency_debian",
                 "loop_lag_p99_ms"):
         assert isinstance(res[key], float) and res[key] == res[key], key
     assert res["spawn_ms_extra_vs_debian"] == pytest.approx(
