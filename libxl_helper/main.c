@@ -104,6 +104,16 @@ static int parse_allocator(const char *name, PyMemAllocatorName *out)
     return -1;
 }
 
+/* Complete the interpreter's start (see _init_main below), for tracebacks
+ * (they go to sys.stderr) and for a full Py_FinalizeEx under memcheck. */
+static void finish_python(void)
+{
+    PyStatus status = _Py_InitializeMain();
+    if (PyStatus_Exception(status))
+        fprintf(stderr, "pyxl-save-helper: cannot complete Python's start: %s\n",
+                status.err_msg ? status.err_msg : "unknown error");
+}
+
 /* Report a failed PyStatus on one line; exit code 255 like any start-up failure. */
 static int status_failed(PyStatus status)
 {
@@ -146,6 +156,13 @@ int main(int argc, char **argv)
     config.configure_c_stdio = 0;        /* leave C stdio alone */
     config.write_bytecode = 0;           /* a helper never writes files of its own */
     config.parse_argv = 0;               /* argv is the helper's, not Python's */
+    /* Core initialisation only (PEP 587's two-phase start): builtin types, sys
+     * and the importers of builtin and frozen modules -- all _helper needs.  The
+     * "main" phase would add sys.std* objects, the `encodings` package read from
+     * disk and the path importers; skipping it takes 2 ms off every start (6.8
+     * -> 4.7 ms of CPU here).  finish_python() completes it when a traceback
+     * must be printed. */
+    config._init_main = 0;
     status = PyConfig_SetBytesString(&config, &config.home, PYXL_PYTHON_HOME);
     if (PyStatus_Exception(status))
         goto config_failed;
@@ -168,11 +185,13 @@ int main(int argc, char **argv)
      * cdef public function relies on. */
     PyObject *module = PyImport_ImportModule("_helper");
     if (!module) {
+        finish_python();
         PyErr_Print();
         rc = EXIT_FAIL;
     } else {
         rc = pyxl_helper_main(argc, argv);
         if (rc < 0) {  /* a Python exception: a bug, not a protocol outcome */
+            finish_python();
             PyErr_Print();
             rc = EXIT_FAIL;
         }
@@ -188,6 +207,8 @@ int main(int argc, char **argv)
         fflush(NULL);
         _exit(rc);
     }
+    if (!Py_IsInitialized())
+        finish_python();   /* Py_FinalizeEx skips a half-started interpreter */
     if (Py_FinalizeEx() < 0 && rc == 0)
         rc = EXIT_FAIL;
     return rc;
