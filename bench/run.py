@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import benchlib as B
 from benchlib import GIB, MIB, median, pinned, ratio, rotate
@@ -555,19 +555,26 @@ class Bench:
                  f"(reference process {r['ref_lag_p99_ms']:.2f} ms), starting took "
                  f"{r['start_total_ms']:.1f} ms (foreign {r['foreign_cores']:.2f} cores)")
 
-    def raw_concurrency_once(self, doms: Sequence[int], size: int, rep: int) -> float:
-        """The same N pipes and readers, placed alike, fed by `cat` of each guest's pages.
-
-        The machine's own scaling of that data path (its memory and caches, the
-        kernel's pipes and page cache), with no helper, fake hypervisor or pyxl.
-        """
-        n = len(doms)
+    def _conc_readers(self, n: int, nice: int = 0) -> Tuple[List[int], List[Tuple[int, Any]]]:
+        """The concurrency figure's N pipes to `cat` readers: pair i on cpu[(i + cpu) % nproc]."""
         ncpu = len(self.cpus)
         place = [self.cpus[(self.cpus.index(self.cpu) + i) % ncpu] for i in range(n)]
         pipes = []
         for i in range(n):
             with pinned({place[i]}):
                 pipes.append(B.start_reader())
+            if nice:
+                os.setpriority(os.PRIO_PROCESS, pipes[-1][1].pid, nice)
+        return place, pipes
+
+    def raw_concurrency_once(self, doms: Sequence[int], size: int, rep: int) -> float:
+        """The same N pipes and readers, placed alike, fed by `cat` of each guest's pages.
+
+        The machine's own scaling of that data path (its memory and caches, the
+        kernel's pipes and page cache), with no helper, fake hypervisor or pyxl.
+        """
+        place, pipes = self._conc_readers(len(doms))
+        n = len(doms)
         probe = B.LoadProbe(B.qemu_pids())
         t0 = time.perf_counter()
         cats = []
@@ -597,14 +604,7 @@ class Bench:
         helper's exec) is reported separately as start_*.
         """
         n = len(doms)
-        ncpu = len(self.cpus)
-        place = [self.cpus[(self.cpus.index(self.cpu) + i) % ncpu] for i in range(n)]
-        pipes = []
-        for i in range(n):
-            with pinned({place[i]}):
-                pipes.append(B.start_reader())
-            if nice:
-                os.setpriority(os.PRIO_PROCESS, pipes[-1][1].pid, nice)
+        place, pipes = self._conc_readers(n, nice)
         ref = subprocess.Popen([sys.executable, os.path.join(HERE, "lagprobe.py")],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert ref.stdout is not None and ref.stdin is not None
