@@ -168,6 +168,12 @@ class Bench:
     def mem_path(self, dom: int) -> str:
         return os.path.join(self.sim_dir, f"d{dom}", "mem")
 
+    def write_raw_copy(self, dom: int) -> int:
+        """The guest's pages as one tmpfs file for `cat` (self.raw_files[dom]); its size."""
+        self.raw_files[dom] = os.path.join(self.sim_dir, f"raw-{dom}.bin")
+        return B.write_raw_copy(self.mem_path(dom), sim.populated_runs(dom, sim_dir=self.sim_dir),
+                                self.raw_files[dom])
+
     def cleanup(self) -> None:
         try:
             for info in sim.list_domains(sim_dir=self.sim_dir):
@@ -329,9 +335,7 @@ class Bench:
     def fig_save(self, dom: int, size: int) -> None:
         reps = self.cfg["save_reps"][size]
         freps = self.cfg["file_reps"][size]
-        self.raw_files[dom] = os.path.join(self.sim_dir, f"raw-{dom}.bin")
-        nbytes = B.write_raw_copy(self.mem_path(dom), sim.populated_runs(dom, sim_dir=self.sim_dir),
-                                  self.raw_files[dom])
+        nbytes = self.write_raw_copy(dom)
         try:
             # Warm-up (not recorded): the first run after creation pays for
             # first-touch effects in both the fake's mapping and the page cache.
@@ -476,9 +480,7 @@ class Bench:
         debian: Dict[int, List[float]] = {n: [] for n in levels}
         try:
             for d in doms:
-                self.raw_files[d] = os.path.join(self.sim_dir, f"raw-{d}.bin")
-                B.write_raw_copy(self.mem_path(d), sim.populated_runs(d, sim_dir=self.sim_dir),
-                                 self.raw_files[d])
+                self.write_raw_copy(d)
             for rep in range(self.cfg["conc_reps"]):
                 for n in (levels if rep % 2 == 0 else levels[::-1]):
                     r = self.concurrency_once(loop, doms[:n], size, rep)
@@ -573,8 +575,8 @@ class Bench:
         The machine's own scaling of that data path (its memory and caches, the
         kernel's pipes and page cache), with no helper, fake hypervisor or pyxl.
         """
-        place, pipes = self._conc_readers(len(doms))
         n = len(doms)
+        place, pipes = self._conc_readers(n)
         probe = B.LoadProbe(B.qemu_pids())
         t0 = time.perf_counter()
         cats = []
@@ -779,10 +781,8 @@ class Bench:
         sp = self.results["spawn"]
         conc = self.results["concurrency"]["levels"]
         levels = self.cfg["conc_levels"]
-        single = conc[str(levels[0])]["aggregate_gib_per_s_best"]
-        top = conc[str(levels[-1])]
-        one = conc[str(levels[0])]
-        single_med = conc[str(levels[0])]["aggregate_gib_per_s"]
+        one, top = conc[str(levels[0])], conc[str(levels[-1])]
+        single, single_med = one["aggregate_gib_per_s_best"], one["aggregate_gib_per_s"]
         ncpu = len(self.cpus)
         avail = max(ncpu - top["foreign_cores"], 0.5)
 
