@@ -4,7 +4,7 @@ PY        := $(VENV)/bin/python
 APT_PKGS  := libxen-dev xen-utils-4.17 valgrind
 STAMP     := $(VENV)/.pyxl-installed
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SOURCES   := setup.py pyproject.toml pyxl/_msgtable.py $(wildcard libxl_helper/*.c libxl_helper/*.pyx libxl_helper/*.py fakexen/*.c fakexen/*.h)
+SOURCES   := setup.py pyproject.toml pyxl/wire/table.py $(wildcard libxl_helper/*.c libxl_helper/*.pyx libxl_helper/*.py fakexen/*.c fakexen/*.h)
 PYTEST_ARGS ?=
 
 .PHONY: setup test test-slow demo bench memcheck clean apt xen-e2e

@@ -129,7 +129,7 @@ def generate_pxi(out_dir):
             f.write(pxi)
     # The host tables are generated too; the committed copy must match (tested).
     wire = subprocess.run([sys.executable, gen, "wire"], check=True, capture_output=True, text=True).stdout
-    wire_path = os.path.join(HERE, "pyxl", "_wire.py")
+    wire_path = os.path.join(HERE, "pyxl", "wire", "_generated.py")
     if open(wire_path).read() != wire:
         with open(wire_path, "w") as f:
             f.write(wire)

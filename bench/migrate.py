@@ -6,7 +6,7 @@ pyxl's downtime-target policy, at several guest dirty rates and bandwidth caps.
 Each run migrates a fresh simulated guest (sequential writer at the given
 rate) from one fakexen state dir to another over TCP on localhost: the
 receiver is a separate ``pyxl migrate-receive`` process, the sender
-``pyxl.migrate.migrate`` in this process.  Both helpers are pyxl's.
+``pyxl.migrate.operations.migrate`` in this process.  Both helpers are pyxl's.
 
 * ``downtime_ms``: source suspended -> the receiver reports its copy running
   (MigrateResult.downtime).
@@ -40,7 +40,8 @@ sys.path.insert(0, HERE)
 import benchlib  # noqa: E402  (puts the repo root on sys.path)
 
 import pyxl  # noqa: E402
-from pyxl import migrate, sim  # noqa: E402
+from pyxl.migrate import operations as migrate
+from pyxl.sim import domains as sim  # noqa: E402
 from pyxl.loop import default_loop  # noqa: E402
 
 MB = 1 << 20
@@ -73,7 +74,7 @@ def one_run(memory: int, rate: int, cap: Optional[int], policy: str, target_ms: 
     try:
         dom = sim.create(memory, dirty_rate=rate, sim_dir=a)
         time.sleep(0.2)   # the writer is up to speed
-        rx = subprocess.Popen([sys.executable, "-m", "pyxl.cli", "migrate-receive", "--listen",
+        rx = subprocess.Popen([sys.executable, "-m", "pyxl", "migrate-receive", "--listen",
                                "127.0.0.1:0", "--sim-dir", b], stderr=subprocess.PIPE, text=True,
                               cwd=benchlib.ROOT)
         assert rx.stderr is not None

@@ -37,11 +37,11 @@ import benchlib as B
 from benchlib import GIB, MIB, median, pinned, ratio, rotate
 
 import pyxl
-from pyxl import sim
-from pyxl.helper_process import HelperProcess, save_argv
+from pyxl.sim import domains as sim
+from pyxl.ops.helper_process import HelperProcess, save_argv
 from pyxl.loop import SelectorLoop
-from pyxl.operation import SAVE_CALLBACKS
-from pyxl.protocol import Complete, cbflags_for
+from pyxl.ops.operation import SAVE_CALLBACKS
+from pyxl.wire.codec import Complete, cbflags_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -8,14 +8,14 @@ save/restore helper protocol (ours, ``pyxl-save-helper``, or Debian's own
     pyxl.wait(op)
 """
 
-from ._paths import DEBIAN_HELPER, helper_path
-from .errors import (Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
+from pyxl._paths import DEBIAN_HELPER, helper_path
+from pyxl.errors import (Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
                      MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
                      PyxlError, StartupError, Timeout)
-from .loop import AsyncioLoop, HookLoop, SelectorLoop, default_loop
-from .operation import (CallbackRequest, Operation, ProgressEvent, RestoreOperation,
+from pyxl.loop import AsyncioLoop, HookLoop, SelectorLoop, default_loop
+from pyxl.ops.operation import (CallbackRequest, Operation, ProgressEvent, RestoreOperation,
                         RestoreResult, SaveOperation, SaveResult, restore, save, wait)
-from .protocol import ProtocolError
+from pyxl.wire.codec import ProtocolError
 
 __all__ = [
     "AsyncioLoop", "CallbackRequest", "Cancelled", "DEBIAN_HELPER", "HelperDied",

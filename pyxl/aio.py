@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from . import operation
-from .loop import AsyncioLoop
-from .operation import Operation, RestoreResult, SaveResult
+from pyxl.ops import operation
+from pyxl.loop import AsyncioLoop
+from pyxl.ops.operation import Operation, RestoreResult, SaveResult
 
 __all__ = ["restore", "save", "run"]
 

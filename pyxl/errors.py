@@ -13,10 +13,10 @@ import os
 import signal
 from typing import TYPE_CHECKING, List, Optional
 
-from .protocol import ProtocolError
+from pyxl.wire.codec import ProtocolError
 
 if TYPE_CHECKING:
-    from .operation import Operation
+    from pyxl.ops.operation import Operation
 
 __all__ = [
     "Cancelled", "HelperDied", "HelperFailed", "HelperExited", "HelperProtocolError",

@@ -26,7 +26,7 @@ def sim_dir(tmp_path_factory):
     """A private fakexen state directory; every domain left in it is destroyed after the test."""
     import tempfile
 
-    from pyxl import sim
+    from pyxl.sim import domains as sim
 
     d = tempfile.mkdtemp(prefix="pyxl-test-", dir="/dev/shm")
     try:

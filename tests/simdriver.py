@@ -1,7 +1,7 @@
 """A blocking, test-only stand-in for libxl around one save/restore helper run on fakexen.
 
 It spawns a helper (Debian's ``libxl-save-helper`` or pyxl's ``pyxl-save-helper``)
-with libxl's exact argv and fakexen preloaded (:func:`pyxl.sim.helper_env`),
+with libxl's exact argv and fakexen preloaded (:func:`pyxl.sim.domains.helper_env`),
 answers its callbacks the way libxl does for a plain save or restore, and
 collects what the helper said.  pyxl's real host library, with an event loop,
 lives elsewhere; this exists only to exercise fakexen.
@@ -10,7 +10,7 @@ lives elsewhere; this exists only to exercise fakexen.
     restore: --restore-domain IO_FD -1 DOMID 1 0 2 0 768 0
 
 Callbacks: switch_qemu_logdirty -> 0; suspend -> suspend the simulated guest
-(pyxl.sim.suspend) then 1 (0 if that failed); static_data_done -> 0;
+(pyxl.sim.domains.suspend) then 1 (0 if that failed); static_data_done -> 0;
 complete -> 0.
 """
 
@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from pyxl import sim
+from pyxl.sim import domains as sim
 
 DEBIAN_HELPER = "/usr/lib/xen-4.17/bin/libxl-save-helper"
 OUR_HELPER = os.path.join(os.path.dirname(os.path.abspath(sim.__file__)), "pyxl-save-helper")
@@ -120,12 +120,12 @@ class _LocalDecoder:
 
 
 class _Decoder:
-    """pyxl.protocol.Decoder when present, else a local struct-based one."""
+    """pyxl.wire.codec.Decoder when present, else a local struct-based one."""
 
     def __init__(self, mode: str) -> None:
         self._proto: Any = None
         try:
-            from pyxl import protocol
+            from pyxl.wire import codec as protocol
             self._proto = protocol.Decoder(mode)
         except Exception:
             self._local = _LocalDecoder()

@@ -21,12 +21,12 @@ from typing import Iterator, List, Optional
 import pytest
 
 import pyxl
-from pyxl import sim
+from pyxl.sim import domains as sim
 
 from conftest import HELPERS, ROOT
 
 MB = 1 << 20
-PYXL = [sys.executable, "-m", "pyxl.cli"]
+PYXL = [sys.executable, "-m", "pyxl"]
 #: root, but file modes apply (no CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH)
 NO_DAC = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
           "--inh-caps", "-dac_override,-dac_read_search", "--"]

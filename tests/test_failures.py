@@ -9,7 +9,7 @@ import time
 import pytest
 
 import pyxl
-from pyxl import sim
+from pyxl.sim import domains as sim
 
 from conftest import ROOT, children, open_fds
 
@@ -17,12 +17,12 @@ MB = 1 << 20
 
 
 def script(tmp_path, body):
-    """A misbehaving helper: a real process on real pipes, speaking pyxl.protocol's frames."""
+    """A misbehaving helper: a real process on real pipes, speaking pyxl.wire.codec's frames."""
     path = tmp_path / "helper"
     path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(f"""\
         import os, sys, time, signal
         sys.path.insert(0, {str(ROOT)!r})
-        from pyxl import protocol as p
+        from pyxl.wire import codec as p
         def send(m): os.write(1, p.encode(m))
         def reply(): return int.from_bytes(os.read(0, 4), "little", signed=True)
         """) + textwrap.dedent(body))

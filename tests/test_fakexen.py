@@ -8,7 +8,7 @@ import time
 import pytest
 
 import simdriver as sd
-from pyxl import sim
+from pyxl.sim import domains as sim
 
 MiB = 1 << 20
 SPECIAL_ZEROED = (0xFEFFB, 0xFEFFC, 0xFEFFD, 0xFEFFF)  # bufioreq, store, ioreq, console

@@ -37,8 +37,9 @@ from typing import Callable, Dict, List
 import pytest
 
 import pyxl
-from pyxl import sim, stream_xl
-from pyxl.protocol import Message
+from pyxl.sim import domains as sim
+from pyxl.stream import xl as stream_xl
+from pyxl.wire.codec import Message
 
 from conftest import HELPERS, ROOT, SLOW, children, open_fds
 
@@ -409,12 +410,12 @@ def test_stdout_closed_early(sim_dir, tmp_path, image, helper, mode, redirect, e
 
 
 def script(tmp_path, body: str) -> str:
-    """A scripted helper: a real process speaking pyxl.protocol frames."""
+    """A scripted helper: a real process speaking pyxl.wire.codec frames."""
     path = tmp_path / "helper"
     path.write_text(f"#!{sys.executable}\n" + textwrap.dedent(f"""\
         import os, sys, time, signal
         sys.path.insert(0, {str(ROOT)!r})
-        from pyxl import protocol as p
+        from pyxl.wire import codec as p
         def send(m): os.write(1, p.encode(m))
         def reply(): return int.from_bytes(os.read(0, 4), "little", signed=True)
         """) + textwrap.dedent(body))

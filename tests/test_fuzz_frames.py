@@ -1,6 +1,6 @@
 """Hypothesis over helper frames: structured, mutated, and fed three ways.
 
-1. to the sans-I/O :class:`~pyxl.protocol.Conversation`, in random splits;
+1. to the sans-I/O :class:`~pyxl.wire.codec.Conversation`, in random splits;
 2. through a real pipe from a scripted helper to a :class:`HelperProcess`;
 3. through a real pipe to save and restore *operations* (a stand-in backend,
    so that thousands of examples stay cheap).
@@ -36,10 +36,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyxl
-from pyxl import protocol, stream_libxl, stream_xl
-from pyxl.helper_process import HelperProcess
-from pyxl.operation import RESTORE_CALLBACKS, SAVE_CALLBACKS
-from pyxl.protocol import (BY_NAME, Conversation, Decoder, Message, ProtocolError, cbflags_for,
+from pyxl.wire import codec as protocol
+from pyxl.stream import libxl as stream_libxl
+from pyxl.stream import xl as stream_xl
+from pyxl.ops.helper_process import HelperProcess
+from pyxl.ops.operation import RESTORE_CALLBACKS, SAVE_CALLBACKS
+from pyxl.wire.codec import (BY_NAME, Conversation, Decoder, Message, ProtocolError, cbflags_for,
                            encode)
 
 from conftest import SLOW, children, open_fds
@@ -349,7 +351,7 @@ def check_helper_outcome(plan: Plan, hp: HelperProcess, seen: List[Message]) -> 
     if plan.error is not None and not plan.truncated:
         err = hp.protocol_error
         assert err is not None
-        # Known limitation of pyxl.protocol: when a frame fails to decode, the
+        # Known limitation of pyxl.wire.codec: when a frame fails to decode, the
         # messages decoded before it in the same read are neither delivered
         # nor checked, so a later decode error can be reported instead of an
         # earlier conversation-rule error.

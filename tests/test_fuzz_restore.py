@@ -28,8 +28,10 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 
 import pyxl
-from pyxl import cli, sim, stream_xl
-from pyxl.stream_common import RecordInfo, roundup8
+from pyxl.cli import main as cli
+from pyxl.sim import domains as sim
+from pyxl.stream import xl as stream_xl
+from pyxl.stream.framing import RecordInfo, roundup8
 
 from conftest import HELPERS, ROOT, SLOW, children, open_fds
 
@@ -355,7 +357,7 @@ def test_cli_process_never_prints_a_traceback(sim_dir, tmp_path, muts, name) -> 
     path = tmp_path / "broken.save"
     path.write_bytes(data)
     before = domids(sim_dir)
-    r = subprocess.run([sys.executable, "-m", "pyxl.cli", "restore", "--sim-dir", sim_dir,
+    r = subprocess.run([sys.executable, "-m", "pyxl", "restore", "--sim-dir", sim_dir,
                         str(path)], capture_output=True, text=True, timeout=60,
                        cwd=str(ROOT))
     assert r.returncode in (1, 2), (r.returncode, r.stderr)

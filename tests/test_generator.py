@@ -1,6 +1,6 @@
 """libxl_helper/genmsgs.py: one message table, two generated sides that agree.
 
-* The committed pyxl/_wire.py is exactly what the generator writes today.
+* The committed pyxl/wire/_generated.py is exactly what the generator writes today.
 * The helper's _messages.pxi has, for every table row, a send function with
   the row's arguments and wire types, the right message number, a callback
   stub where the row waits or has a CBFLAGS bit, and installs each stub in the
@@ -23,7 +23,7 @@ import pytest
 from conftest import ROOT
 
 GEN = ROOT / "libxl_helper" / "genmsgs.py"
-TABLE = ROOT / "pyxl" / "_msgtable.py"
+TABLE = ROOT / "pyxl" / "wire" / "table.py"
 C_TYPES = {"uint16": "uint16_t", "uint32": "uint32_t", "int32": "int32_t", "uint64": "uint64_t",
            "string": "const char *"}
 
@@ -107,7 +107,7 @@ def check_wire_against_table(text: str, messages, bits) -> None:
 
 
 def test_committed_wire_is_generated():
-    assert (ROOT / "pyxl" / "_wire.py").read_text() == generate("wire")
+    assert (ROOT / "pyxl" / "wire" / "_generated.py").read_text() == generate("wire")
 
 
 def test_default_table_path_changes_nothing():

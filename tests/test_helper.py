@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 import pytest
 
-from pyxl.protocol import Decoder, Message, encode_reply
+from pyxl.wire.codec import Decoder, Message, encode_reply
 
 from conftest import DEBIAN_HELPER, HELPER_VECTORS, ROOT
 

@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 
-from pyxl.protocol import Log, ProtocolError
+from pyxl.wire.codec import Log, ProtocolError
 
 from test_helper import (DEBIAN_HELPER, EXIT_FAIL, EXIT_REPLY_LOST, HELPERS, RESTORE,
                          RESTORE_COLO, SAVE, SAVE_LIVE, SAVE_REMUS, SYS_READ, SYS_WRITE, HelperRun,

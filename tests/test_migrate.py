@@ -23,14 +23,15 @@ from typing import Any, List, Tuple
 import pytest
 
 import pyxl
-from pyxl import migrate, sim
-from pyxl.backend import SimBackend
+from pyxl.migrate import operations as migrate
+from pyxl.sim import domains as sim
+from pyxl.backends.sim import SimBackend
 from pyxl.loop import default_loop
 
 from conftest import HELPERS, ROOT
 
 MB = 1 << 20
-PYXL = [sys.executable, "-m", "pyxl.cli"]
+PYXL = [sys.executable, "-m", "pyxl"]
 
 
 @pytest.fixture

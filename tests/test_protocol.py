@@ -1,4 +1,4 @@
-"""pyxl.protocol against bytes captured from Debian's helper, and its strictness."""
+"""pyxl.wire.codec against bytes captured from Debian's helper, and its strictness."""
 
 import re
 import struct
@@ -6,8 +6,8 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pyxl import protocol
-from pyxl.protocol import Conversation, Decoder, ProtocolError, encode, encode_reply
+from pyxl.wire import codec as protocol
+from pyxl.wire.codec import Conversation, Decoder, ProtocolError, encode, encode_reply
 
 from conftest import HELPER_VECTORS, SLOW
 

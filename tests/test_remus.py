@@ -19,9 +19,9 @@ from typing import List
 import pytest
 
 import pyxl
-from pyxl import sim
+from pyxl.sim import domains as sim
 from pyxl.loop import default_loop
-from pyxl.operation import STREAM_REMUS
+from pyxl.ops.operation import STREAM_REMUS
 
 from conftest import HELPERS
 
@@ -146,11 +146,11 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from pyxl import migrate  # noqa: E402
+from pyxl.migrate import operations as migrate  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 
-PYXL = [sys.executable, "-m", "pyxl.cli"]
+PYXL = [sys.executable, "-m", "pyxl"]
 
 
 def _receiver(b: str, *extra: str) -> "tuple[subprocess.Popen[str], int]":

@@ -1,4 +1,4 @@
-"""Host-name lookup without blocking the loop and without threads (pyxl.resolve)."""
+"""Host-name lookup without blocking the loop and without threads (pyxl.migrate.resolve)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from typing import Any, List, Optional
 import pytest
 
 import pyxl
-from pyxl import migrate, resolve, sim
+from pyxl.migrate import operations as migrate
+from pyxl.migrate import resolve
+from pyxl.sim import domains as sim
 from pyxl.loop import SelectorLoop
 
 from conftest import children, open_fds

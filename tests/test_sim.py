@@ -1,4 +1,4 @@
-"""pyxl.sim: the simulated domains themselves, without any helper."""
+"""pyxl.sim.domains: the simulated domains themselves, without any helper."""
 
 import json
 import multiprocessing
@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import simdriver
-from pyxl import sim, sim_cli
+from pyxl.sim import domains as sim
+from pyxl.cli.main import sim as sim_cli
 
 MiB = 1 << 20
 

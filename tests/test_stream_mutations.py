@@ -13,13 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyxl import stream_libxc as xc
-from pyxl import stream_libxl as xl2
-from pyxl import stream_xl as xl1
-from pyxl.stream_common import StreamError, StreamReport, TruncatedStream, UnsupportedStream
-from pyxl.stream_libxc import LibxcRecordType as T
-from pyxl.stream_libxc import PageType as P
-from pyxl.stream_libxl import LibxlRecordType as L
+from pyxl.stream import libxc as xc
+from pyxl.stream import libxl as xl2
+from pyxl.stream import xl as xl1
+from pyxl.stream.framing import StreamError, StreamReport, TruncatedStream, UnsupportedStream
+from pyxl.stream.libxc import LibxcRecordType as T
+from pyxl.stream.libxc import PageType as P
+from pyxl.stream.libxl import LibxlRecordType as L
 
 from test_stream_support import (HVM_CONFIG, PV_CONFIG, boundaries, hvm_chunks, hvm_stream,
                                  libxl_chunks, page, pv_chunks, pv_stream, rec, scan, scan_pipe,
@@ -788,8 +788,8 @@ def test_report_caps_the_record_list() -> None:
     report2.records.clear()
     src_report = scan(data)
     assert src_report.records_omitted == 0
-    from pyxl.stream_common import Source
-    from pyxl.stream_libxc import scan_libxc_on
+    from pyxl.stream.framing import Source
+    from pyxl.stream.libxc import scan_libxc_on
     capped = StreamReport(max_records=5, max_warnings=3)
     scan_libxc_on(Source(io.BytesIO(data)), capped)
     assert len(capped.records) == 5 and capped.records_omitted == len(h) - 1 + 50 - 5

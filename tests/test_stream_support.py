@@ -17,11 +17,11 @@ import sys
 import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from pyxl import stream_libxc as xc
-from pyxl import stream_libxl as xl2
-from pyxl import stream_xl as xl1
-from pyxl.stream_common import StreamReport
-from pyxl.stream_libxc import LibxcRecordType as T
+from pyxl.stream import libxc as xc
+from pyxl.stream import libxl as xl2
+from pyxl.stream import xl as xl1
+from pyxl.stream.framing import StreamReport
+from pyxl.stream.libxc import LibxcRecordType as T
 
 HERE = pathlib.Path(__file__).resolve().parent
 STREAMS = HERE / "vectors" / "xen-4.17-streams"

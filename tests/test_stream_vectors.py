@@ -7,8 +7,8 @@ from typing import List
 
 import pytest
 
-from pyxl.stream_common import StreamError, StreamReport, TruncatedStream
-from pyxl.stream_xl import scan_path
+from pyxl.stream.framing import StreamError, StreamReport, TruncatedStream
+from pyxl.stream.xl import scan_path
 
 from test_stream_support import HELPER, STREAMS, run_verifier, scan_pipe, verifier_available
 

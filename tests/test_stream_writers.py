@@ -13,11 +13,11 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
 
-from pyxl import stream_libxc as xc
-from pyxl import stream_libxl as xl2
-from pyxl import stream_xl as xl1
-from pyxl.stream_common import StreamError, TruncatedStream, UnsupportedStream, write_all
-from pyxl.stream_libxl import LibxlRecordType as L
+from pyxl.stream import libxc as xc
+from pyxl.stream import libxl as xl2
+from pyxl.stream import xl as xl1
+from pyxl.stream.framing import StreamError, TruncatedStream, UnsupportedStream, write_all
+from pyxl.stream.libxl import LibxlRecordType as L
 
 from test_stream_support import (HVM_CONFIG, PV_CONFIG, STREAMS, hvm_stream, pv_stream,
                                  run_verifier, scan, verifier_available)

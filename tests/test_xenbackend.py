@@ -14,11 +14,11 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from pyxl import xenstore
+from pyxl.backends import xenstore
 from pyxl.loop import SelectorLoop
-from pyxl.xenbackend import (SHUTDOWN_poweroff, SHUTDOWN_suspend, XEN_DOMINF_shutdown,
+from pyxl.backends.xen import (SHUTDOWN_poweroff, SHUTDOWN_suspend, XEN_DOMINF_shutdown,
                              XEN_DOMINF_shutdownshift, DomInfo, XenBackend, _Suspend)
-from pyxl.xenstore import XenStore, XenStoreError
+from pyxl.backends.xenstore import XenStore, XenStoreError
 
 H = struct.Struct("=IIII")
 
@@ -215,7 +215,7 @@ def _suspend_with(xsd: FakeXenstored, monkeypatch, guest, timeout=5.0):
     be = XenBackend.__new__(XenBackend)
     be.xc = FakeXc()
     be._xs = None
-    monkeypatch.setattr("pyxl.xenbackend.open_default", lambda: XenStore(sock=xsd.client))
+    monkeypatch.setattr("pyxl.backends.xen.open_default", lambda: XenStore(sock=xsd.client))
     loop = SelectorLoop()
     out: List[Tuple[bool, str]] = []
     xsd.on_write = guest
@@ -298,7 +298,7 @@ PVH_CONFIG = {"c_info": {"type": "pvh", "name": "g1", "uuid": "00010203-0405-060
 
 
 def test_restore_target_pvh(xsd, tmp_path, monkeypatch):
-    from pyxl import xenbackend
+    from pyxl.backends import xen as xenbackend
     monkeypatch.setattr(xenbackend, "USERDATA_DIR", str(tmp_path))
     be = XenBackend.__new__(XenBackend)
     be.xc = RecordingXc()
@@ -345,7 +345,7 @@ import pyxl.errors as pyxl_errors  # noqa: E402
 
 
 def test_domain_config_takes_current_name_and_memory(xsd, tmp_path, monkeypatch):
-    from pyxl import xenbackend
+    from pyxl.backends import xen as xenbackend
     monkeypatch.setattr(xenbackend, "USERDATA_DIR", str(tmp_path))
     be = XenBackend.__new__(XenBackend)
     be.xc = RecordingXc()
@@ -369,8 +369,8 @@ def test_suspend_failure_is_named_in_the_save_error(sim_dir, tmp_path):
     """The default suspend's failure (a guest that never answers, as one
     without PV drivers) leads the save's error, not libxc's "Save failed"."""
     import pyxl
-    from pyxl import sim
-    from pyxl.backend import SimBackend
+    from pyxl.sim import domains as sim
+    from pyxl.backends.sim import SimBackend
 
     class Deaf(SimBackend):
         def start_suspend(self, loop, domid, timeout, done):

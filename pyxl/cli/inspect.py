@@ -3,8 +3,8 @@
 Detects the outermost layer (xl save file, libxl stream or bare libxc
 stream), lists the headers, every record (runs of PAGE_DATA are folded into
 one line unless ``--all-records``) and page counts, and checks everything
-Xen 4.17's restore path would check (see ``pyxl.stream_libxc``,
-``pyxl.stream_libxl`` and ``pyxl.stream_xl`` for the rules).
+Xen 4.17's restore path would check (see ``pyxl.stream.libxc``,
+``pyxl.stream.libxl`` and ``pyxl.stream.xl`` for the rules).
 
 Exit codes: 0 the stream passes; 1 Xen would refuse it (the reason is one
 line on stderr, ``pyxl inspect: refused: <where> at <offset>: <rule>``);
@@ -19,8 +19,8 @@ import json
 import sys
 from typing import Any, Dict, List, Optional, Sequence, TextIO
 
-from .stream_common import RecordInfo, StreamReport
-from .stream_xl import scan_path, scan_stream
+from pyxl.stream.framing import RecordInfo, StreamReport
+from pyxl.stream.xl import scan_path, scan_stream
 
 __all__ = ["add_parser", "run", "main", "format_report"]
 
@@ -87,7 +87,7 @@ def _emit(report: StreamReport, args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Stand-alone entry point (``python -m pyxl.inspect_cli FILE``)."""
+    """Stand-alone entry point (``python -m pyxl.cli.inspect FILE``)."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0]
                                      if __doc__ else None)
     _arguments(parser)

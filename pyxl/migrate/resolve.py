@@ -15,7 +15,7 @@ import socket
 import subprocess
 from typing import Any, Callable, List, Optional, Tuple
 
-from .loop import Loop, Timer
+from pyxl.loop import Loop, Timer
 
 Address = Tuple[int, Tuple[Any, ...]]   # (family, sockaddr) for socket.socket(family).connect_ex(sockaddr)
 Done = Callable[[Optional[Address], str], None]

@@ -61,7 +61,7 @@ pauses its source (:class:`MigrationInDoubt`) -- never two running copies.
 receiver's status message (its copy running).  ``iterations`` counts the
 precopy rounds sent while the guest ran (Xen's default policy: at most 5);
 the stop-and-copy pass comes on top.  ``digest`` (sim domains, on request)
-is the backend's digest (:func:`pyxl.sim.digest`; None on a real Xen host) of the stopped source at switch-over, resp. of the
+is the backend's digest (:func:`pyxl.sim.domains.digest`; None on a real Xen host) of the stopped source at switch-over, resp. of the
 received domain before it is unpaused -- the latter adds the hashing time to
 the downtime.
 """
@@ -80,16 +80,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
-from . import stream_xl
-from .stream_common import REC_HEADER
-from .stream_libxl import LIBXL_HEADER
-from ._paths import helper_path
-from .backend import SimBackend, default_backend
-from .errors import Cancelled, OperationError, StartupError, Timeout
-from .future import LoopFuture
-from .resolve import Address, Lookup, numeric
-from .loop import Loop, Timer, default_loop
-from .operation import (STREAM_PLAIN, STREAM_REMUS, ProgressEvent, RestoreOperation,
+from pyxl.stream import xl as stream_xl
+from pyxl.stream.framing import REC_HEADER
+from pyxl.stream.libxl import LIBXL_HEADER
+from pyxl._paths import helper_path
+from pyxl.backends.sim import SimBackend, default_backend
+from pyxl.errors import Cancelled, OperationError, StartupError, Timeout
+from pyxl.ops.future import LoopFuture
+from pyxl.migrate.resolve import Address, Lookup, numeric
+from pyxl.loop import Loop, Timer, default_loop
+from pyxl.ops.operation import (STREAM_PLAIN, STREAM_REMUS, ProgressEvent, RestoreOperation,
                         RestoreResult, SaveOperation, SaveResult)
 
 __all__ = ["BANNER", "READY", "GO", "REPORT", "FAILED", "MigrateOperation", "MigrateResult",

@@ -1,7 +1,7 @@
 """Sans-I/O codec for the Xen 4.17 save/restore helper protocol.
 
 Bytes in, message objects out -- no sockets, selectors or processes here (the
-event loop in :mod:`pyxl.operation` does the I/O), in the spirit of h11.
+event loop in :mod:`pyxl.ops.operation` does the I/O), in the spirit of h11.
 
 Helper -> host (the helper's fd 1) is a stream of frames::
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Dict, List, Optional, Tuple, Type
 
-from ._wire import (
+from pyxl.wire._generated import (
     BY_NAME,
     BY_NUMBER,
     Checkpoint,

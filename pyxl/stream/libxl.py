@@ -17,7 +17,7 @@ Save (writer)
     ``libxl_header()``, ``libxl_record()``, ``emulator_xenstore_record()``,
     ``emulator_context_record()``, and ``libxl_trailer()`` for everything
     after the helper's libxc stream.  All return bytes; write them with
-    :func:`pyxl.stream_common.write_all` (plain ``os.write`` loop, nothing
+    :func:`pyxl.stream.framing.write_all` (plain ``os.write`` loop, nothing
     buffered), because the helper writes the libxc stream to the same fd
     between our header and our trailer.
 
@@ -63,10 +63,10 @@ from dataclasses import dataclass
 from typing import (Any, BinaryIO, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple,
                     Union)
 
-from .stream_common import (REC_HEADER, RecordInfo, Scanner, Source, StreamError, StreamReport,
+from pyxl.stream.framing import (REC_HEADER, RecordInfo, Scanner, Source, StreamError, StreamReport,
                             TruncatedStream, UnsupportedStream, frame_record, note_trailing,
                             pad_len, read_exact, roundup8)
-from .stream_libxc import DHDR_TYPE_X86_PV, LibxcScanner
+from pyxl.stream.libxc import DHDR_TYPE_X86_PV, LibxcScanner
 
 __all__ = [
     "LIBXL_IDENT", "LIBXL_VERSION", "LIBXL_OPT_BIG_ENDIAN", "LIBXL_OPT_LEGACY",

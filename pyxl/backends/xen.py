@@ -1,8 +1,8 @@
 """The real-Xen backend: what libxl does around the helper, in pure Python.
 
 ctypes over Debian's libxenctrl/libxenguest (no compiled extension) for the
-hypervisor, :mod:`pyxl.xenstore` for XenStore.  Chosen by
-:func:`pyxl.backend.default_backend` where ``/dev/xen/privcmd`` exists.
+hypervisor, :mod:`pyxl.backends.xenstore` for XenStore.  Chosen by
+:func:`pyxl.backends.sim.default_backend` where ``/dev/xen/privcmd`` exists.
 
 * suspend: "suspend" is written to ``/local/domain/D/control/shutdown``; a
   XenStore watch on ``@releaseDomain`` (its own xenstored connection, whose fd
@@ -43,9 +43,9 @@ import struct
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from .errors import StartupError
-from .loop import Loop, Timer
-from .xenstore import XenStore, XenStoreError, open_default
+from pyxl.errors import StartupError
+from pyxl.loop import Loop, Timer
+from pyxl.backends.xenstore import XenStore, XenStoreError, open_default
 
 _log = logging.getLogger("pyxl.xen")
 

@@ -21,17 +21,23 @@ from dataclasses import dataclass, field
 from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional,
                     Sequence, Tuple, Union)
 
-from . import stream_common, stream_libxc, stream_libxl, stream_xl
-from ._paths import helper_path
-from .backend import SimBackend, default_backend
-from .errors import (Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
+from pyxl.stream import framing as stream_common
+
+from pyxl.stream import libxc as stream_libxc
+
+from pyxl.stream import libxl as stream_libxl
+
+from pyxl.stream import xl as stream_xl
+from pyxl._paths import helper_path
+from pyxl.backends.sim import SimBackend, default_backend
+from pyxl.errors import (Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
                      MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
                      StartupError, Timeout)
-from .future import LoopFuture
-from .helper_process import HelperProcess, restore_argv, save_argv
-from .loop import Loop, Timer, default_loop
-from .stream_libxl import LibxlRecordType as RecordType
-from .protocol import Complete, Log, Message, Progress, RestoreResults, Suspend, cbflags_for
+from pyxl.ops.future import LoopFuture
+from pyxl.ops.helper_process import HelperProcess, restore_argv, save_argv
+from pyxl.loop import Loop, Timer, default_loop
+from pyxl.stream.libxl import LibxlRecordType as RecordType
+from pyxl.wire.codec import Complete, Log, Message, Progress, RestoreResults, Suspend, cbflags_for
 
 __all__ = ["CallbackRequest", "Operation", "ProgressEvent", "RestoreOperation", "RestoreResult",
            "SaveOperation", "SaveResult", "restore", "save", "wait"]

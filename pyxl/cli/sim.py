@@ -25,7 +25,8 @@ import shlex
 import sys
 from typing import Any, Callable, List, Optional
 
-from . import sim
+from pyxl.cli.args import domid_arg
+from pyxl.sim import domains as sim
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -37,9 +38,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _domid(text: str) -> int:
-    from .cli import domid_arg  # one parser for every subcommand; cli imports us
-    return domid_arg(text)
+_domid = domid_arg
 
 
 def _err(msg: str) -> None:
@@ -221,7 +220,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Standalone entry: ``python -m pyxl.sim_cli create --memory 256M``."""
+    """Standalone entry: ``python -m pyxl.cli.sim create --memory 256M``."""
     parser = argparse.ArgumentParser(prog="pyxl")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["sim"] + (sys.argv[1:] if argv is None else argv))

@@ -28,9 +28,10 @@ import json
 import sys
 from typing import Any, Callable, TypeVar
 
-from . import sim
-from .cli import ProgressBar, run
-from .migrate import migrate, parse_address, receive
+from pyxl.sim import domains as sim
+from pyxl.cli.args import common_options as _common, domid_arg
+from pyxl.cli.runner import ProgressBar, run
+from pyxl.migrate.operations import migrate, parse_address, receive
 
 EXIT_OK = 0
 N = TypeVar("N", int, float)
@@ -138,8 +139,6 @@ def _usage(text: str) -> int:
 
 def add_parser(subparsers: Any) -> None:
     """Register ``migrate`` and ``migrate-receive``; each sets ``func``."""
-    from .cli import _common, domid_arg
-
     p = subparsers.add_parser("migrate", help="migrate a domain to another host (xl migrate)",
                               description="Migrate a domain to a pyxl migrate-receive "
                               "(over TCP, or through --command).")

@@ -43,9 +43,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Dict, List, Optional, Tuple
 
 if TYPE_CHECKING:  # pragma: no cover - typing only, avoids an import cycle
-    from .stream_libxc import DomainHeader, ImageHeader
-    from .stream_libxl import LibxlHeader
-    from .stream_xl import XlHeader
+    from pyxl.stream.libxc import DomainHeader, ImageHeader
+    from pyxl.stream.libxl import LibxlHeader
+    from pyxl.stream.xl import XlHeader
 
 __all__ = [
     "REC_ALIGN",

@@ -15,10 +15,10 @@ import tempfile
 import time
 from typing import Any, List
 
-from . import sim
-from ._paths import helper_path
-from .cli import ProgressBar, run as run_op
-from .operation import restore, save
+from pyxl.sim import domains as sim
+from pyxl._paths import helper_path
+from pyxl.cli.runner import ProgressBar, run as run_op
+from pyxl.ops.operation import restore, save
 
 
 def _size(text: str) -> int:

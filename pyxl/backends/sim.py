@@ -13,9 +13,9 @@ import os
 import time
 from typing import Any, Callable, Dict, Optional
 
-from . import sim
-from .errors import StartupError
-from .loop import Loop, Timer
+from pyxl.sim import domains as sim
+from pyxl.errors import StartupError
+from pyxl.loop import Loop, Timer
 
 # How often to look at a simulated guest's run state while it suspends.  A
 # timer on the loop, not a sleep: the loop keeps serving other operations.
@@ -109,7 +109,7 @@ class SimBackend:
             return None
 
     def digest(self, domid: int) -> Optional[str]:
-        """sha256 of the stopped guest's memory and context (:func:`pyxl.sim.digest`)."""
+        """sha256 of the stopped guest's memory and context (:func:`pyxl.sim.domains.digest`)."""
         return sim.digest(domid, sim_dir=self.sim_dir)
 
 
@@ -117,6 +117,6 @@ def default_backend(sim_dir: Optional[str] = None) -> Any:
     """fakexen's SimBackend, unless this is a Xen host (``/dev/xen/privcmd``)
     and no simulation directory was asked for: then :class:`XenBackend`."""
     if os.path.exists("/dev/xen/privcmd") and sim_dir is None and not os.environ.get("PYXL_SIM_DIR"):
-        from .xenbackend import XenBackend
+        from pyxl.backends.xen import XenBackend
         return XenBackend()
     return SimBackend(sim_dir)

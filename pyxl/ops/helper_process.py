@@ -16,8 +16,8 @@ import signal
 import subprocess
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .loop import Loop, Timer
-from .protocol import Complete, Conversation, Message, ProtocolError, RestoreResults
+from pyxl.loop import Loop, Timer
+from pyxl.wire.codec import Complete, Conversation, Message, ProtocolError, RestoreResults
 
 # Bytes to read per readiness event; a frame is < 64 KiB.
 _READ_SIZE = 1 << 16

@@ -36,10 +36,10 @@ import struct
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Dict, Mapping, Optional, Union
 
-from .stream_common import (Source, StreamError, StreamReport, TruncatedStream,
+from pyxl.stream.framing import (Source, StreamError, StreamReport, TruncatedStream,
                             UnsupportedStream, note_trailing, read_exact)
-from .stream_libxc import DHDR_TYPE_X86_HVM, DHDR_TYPE_X86_PV, IMAGE_HEADER, scan_libxc_on
-from .stream_libxl import (LIBXL_HEADER, libxc_context_record, libxl_header, scan_libxl_on)
+from pyxl.stream.libxc import DHDR_TYPE_X86_HVM, DHDR_TYPE_X86_PV, IMAGE_HEADER, scan_libxc_on
+from pyxl.stream.libxl import (LIBXL_HEADER, libxc_context_record, libxl_header, scan_libxl_on)
 
 __all__ = [
     "XL_MAGIC", "XL_BYTEORDER", "XL_FLAG_JSON", "XL_FLAG_STREAMV2", "XL_FLAGS_KNOWN",

@@ -2,7 +2,7 @@
 
 Everything that marshals helper messages is generated from this table by
 ``libxl_helper/genmsgs.py``: the helper's Cython send/callback stubs (at build
-time) and the host codec's tables in ``pyxl/_wire.py`` (committed; a test
+time) and the host codec's tables in ``pyxl/wire/_generated.py`` (committed; a test
 checks that regenerating changes nothing).  Edit only this file.
 
 Numbers are positional, as in Xen's ``libxl_save_msgs_gen.pl``: Xen 4.14

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Generator, List, Optional
 
-from .errors import OperationError
+from pyxl.errors import OperationError
 
 
 class LoopFuture:

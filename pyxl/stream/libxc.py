@@ -21,7 +21,7 @@ Writers
 
 Scanner
     :class:`LibxcScanner` reads a libxc stream through a
-    :class:`~pyxl.stream_common.Source` and applies the rules of Xen 4.17's
+    :class:`~pyxl.stream.framing.Source` and applies the rules of Xen 4.17's
     ``xc_domain_restore`` (per-record size checks *and* the ordering rules
     that Debian's ``verify-stream-v2`` does not keep state for):
 
@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from typing import (Any, BinaryIO, Callable, Dict, Iterable, Mapping, Optional,
                     Sequence, Tuple, Union)
 
-from .stream_common import (REC_HEADER, RecordInfo, Scanner, Source, StreamError,
+from pyxl.stream.framing import (REC_HEADER, RecordInfo, Scanner, Source, StreamError,
                             StreamReport, TruncatedStream, frame_record, note_trailing, pad_len,
                             roundup8)
 

@@ -1,0 +1,62 @@
+"""``pyxl save`` and ``pyxl restore``: xl's save/restore on pyxl's operations."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from pyxl.cli.args import common_options, domid_arg
+from pyxl.cli.runner import EXIT_OK, ProgressBar, run
+from pyxl.ops.operation import restore, save
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    leave = "running" if args.c else "paused" if args.p else "destroy"
+    bar = ProgressBar(f"saving domain {args.domid}")
+    op = save(args.domid, args.file, live=args.live, leave=leave, helper=args.helper,
+              timeout=args.timeout, on_progress=bar, sim_dir=args.sim_dir, debug=args.debug)
+    try:
+        res = run(op)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps({"domid": res.domid, "file": res.path, "bytes": res.bytes_written,
+                          "seconds": round(res.duration, 6), "iterations": res.iterations,
+                          "downtime_ms": None if res.downtime is None
+                          else round(res.downtime * 1000, 3)}))
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    bar = ProgressBar("restoring")
+    op = restore(args.file, paused=args.p, helper=args.helper, timeout=args.timeout,
+                 on_progress=bar, sim_dir=args.sim_dir)
+    try:
+        res = run(op)
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps({"domid": res.domid, "store_gfn": res.store_gfn,
+                          "console_gfn": res.console_gfn, "seconds": round(res.duration, 6)}))
+    else:
+        print(res.domid)
+    return EXIT_OK
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("save", help="save a domain to a file (xl save)")
+    p.add_argument("-c", action="store_true", help="leave the domain running after the save")
+    p.add_argument("-p", action="store_true", help="leave the domain paused after the save")
+    p.add_argument("--live", action="store_true", help="pre-copy while the guest runs")
+    p.add_argument("--debug", action="store_true", help="resend all pages for verification")
+    p.add_argument("domid", type=domid_arg, metavar="DOMID")
+    p.add_argument("file", metavar="FILE")
+    common_options(p)
+    p.set_defaults(func=cmd_save)
+
+    p = sub.add_parser("restore", help="restore a domain from a save file (xl restore)")
+    p.add_argument("-p", action="store_true", help="leave the restored domain paused")
+    p.add_argument("file", metavar="FILE")
+    common_options(p)
+    p.set_defaults(func=cmd_restore)
