@@ -1,9 +1,25 @@
-"""Typed failures of pyxl operations.
+"""pyxl's exceptions: one tree under :class:`PyxlError`.
 
-Every operation failure is an :class:`OperationError` carrying what a toolstack
-needs to report it: the operation (``op``), the helper's last ERROR-level log
-lines (``helper_errors``), and, when known, the helper's exit status and the
-``complete`` message's retval/errnoval.
+::
+
+    PyxlError
+    +-- ProtocolError            the helper protocol (pyxl.wire)
+    |   +-- RemoteProtocolError      the helper sent bytes that are not Xen's protocol
+    |   +-- LocalProtocolError       pyxl asked the codec for something the protocol forbids
+    +-- StreamError              a save stream breaks a rule (pyxl.stream); also a ValueError
+    |   +-- TruncatedStream, UnsupportedStream
+    +-- BackendError             the place domains live refused or failed (pyxl.backends, pyxl.sim)
+    +-- OperationError           a save, restore or migration did not succeed (pyxl.ops, pyxl.migrate)
+        +-- StartupError, HelperExited, HelperDied, HelperFailed (PrecopyAborted),
+        |   MissingComplete, MissingRestoreResults, HelperProtocolError, Timeout, Cancelled
+        +-- MigrationError (MigrationInDoubt)
+
+Every operation failure carries what a toolstack needs to report it: the
+operation (``op``), the helper's last ERROR-level log lines (``helper_errors``),
+and, when known, the helper's exit status and the ``complete`` message's
+retval/errnoval.  Stream errors carry the byte offset of what broke a rule.
+
+This module is the bottom of the import graph: it imports nothing from pyxl.
 """
 
 from __future__ import annotations
@@ -11,17 +27,14 @@ from __future__ import annotations
 import errno as _errno
 import os
 import signal
-from typing import TYPE_CHECKING, List, Optional
-
-from pyxl.wire.codec import ProtocolError
-
-if TYPE_CHECKING:
-    from pyxl.ops.operation import Operation
+from typing import Any, Dict, List, Optional
 
 __all__ = [
-    "Cancelled", "HelperDied", "HelperFailed", "HelperExited", "HelperProtocolError",
+    "BackendError", "Cancelled", "HelperDied", "HelperFailed", "HelperExited",
+    "HelperProtocolError", "LocalProtocolError", "MigrationError", "MigrationInDoubt",
     "MissingComplete", "MissingRestoreResults", "OperationError", "PrecopyAborted",
-    "PyxlError", "ProtocolError", "StartupError", "Timeout",
+    "ProtocolError", "PyxlError", "RemoteProtocolError", "StartupError", "StreamError",
+    "Timeout", "TruncatedStream", "UnsupportedStream",
 ]
 
 
@@ -29,10 +42,116 @@ class PyxlError(Exception):
     """Base class of pyxl's own exceptions."""
 
 
+# ---- the helper protocol ------------------------------------------------------------------
+
+
+class ProtocolError(PyxlError):
+    """Bytes on the helper's pipes that are not Xen 4.17's helper protocol.
+
+    Raised as :class:`RemoteProtocolError` when the helper sent them (the codec
+    cannot decode a frame) and as :class:`LocalProtocolError` when pyxl itself
+    asked the codec for something the protocol forbids (a reply nobody waits
+    for, an over-long frame).
+
+    ``offset`` is the byte offset in the helper's stdout stream of the frame at
+    fault; ``message`` the message name when the number was known.
+    """
+
+    def __init__(self, reason: str, offset: int, message: Optional[str] = None) -> None:
+        where = f"{message} frame" if message else "frame"
+        super().__init__(f"{where} at offset {offset:#x}: {reason}")
+        self.reason = reason
+        self.offset = offset
+        self.message = message
+        #: Valid messages that came before the fault in the same batch (for
+        #: example the helper's last ERROR logs), so the I/O layer loses nothing.
+        self.before: List[Any] = []
+
+
+class RemoteProtocolError(ProtocolError):
+    """The helper sent a frame that is not a valid Xen 4.17 helper message."""
+
+
+class LocalProtocolError(ProtocolError):
+    """pyxl tried to send something the protocol forbids (a bug in the caller)."""
+
+    def __init__(self, reason: str) -> None:
+        PyxlError.__init__(self, reason)
+        self.reason = reason
+        self.offset = -1
+        self.message = None
+        self.before = []
+
+
+# ---- save streams -------------------------------------------------------------------------
+
+
+class StreamError(PyxlError, ValueError):
+    """The stream breaks a rule that Xen 4.17's restore code (or pyxl, where
+    documented as stricter) enforces.
+
+    ``offset`` is the byte offset of the offending header or record,
+    ``where`` names it ("libxc record", "xl header", ...) and ``reason`` is a
+    one-line statement of the rule that failed.  ``str(err)`` is
+    ``"<where> at 0x<offset>: <reason>"``.
+
+    Raised by every reader and scanner in ``pyxl.stream``; never raised for
+    I/O failures of the underlying file (those stay ``OSError``).
+    """
+
+    def __init__(self, offset: int, reason: str, where: str = "stream") -> None:
+        self.offset = offset
+        self.reason = reason
+        self.where = where
+        super().__init__(offset, reason, where)  # args round-trip through pickle
+
+    def __str__(self) -> str:
+        return f"{self.where} at {self.offset:#x}: {self.reason}"
+
+    @property
+    def layer(self) -> str:
+        """``"xl"``, ``"libxl"``, ``"libxc"`` or ``"stream"``."""
+        return self.where.split(" ", 1)[0]
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "type": type(self).__name__,
+            "layer": self.layer,
+            "where": self.where,
+            "offset": self.offset,
+            "reason": self.reason,
+            "message": str(self),
+        }
+
+
+class TruncatedStream(StreamError):
+    """The stream ended (EOF) before a header, record or body was complete.
+
+    ``offset`` is where the missing bytes should have been.  Also raised
+    *before* reading when a regular file is too short for a declared length.
+    """
+
+
+class UnsupportedStream(StreamError):
+    """A well-formed stream that pyxl cannot handle, although Xen might
+    (e.g. an xl file without the STREAMv2 flag, which xl would pass to the
+    legacy converter)."""
+
+
+# ---- backends -----------------------------------------------------------------------------
+
+
+class BackendError(PyxlError):
+    """The place domains live (fakexen, Xen, a toolstack's own backend) refused or failed."""
+
+
+# ---- operations ---------------------------------------------------------------------------
+
+
 class OperationError(PyxlError):
     """A save, restore or migration did not succeed."""
 
-    def __init__(self, message: str, op: "Optional[Operation]" = None,
+    def __init__(self, message: str, op: Optional[Any] = None,
                  helper_errors: Optional[List[str]] = None) -> None:
         self.op = op
         self.helper_errors = list(helper_errors or [])
@@ -92,7 +211,7 @@ class MissingRestoreResults(OperationError):
 class HelperProtocolError(OperationError):
     """The helper sent something that is not Xen 4.17's protocol; it was killed."""
 
-    def __init__(self, message: str, error: ProtocolError, **kw: "object") -> None:
+    def __init__(self, message: str, error: "ProtocolError", **kw: "object") -> None:
         super().__init__(message, **kw)  # type: ignore[arg-type]
         self.protocol_error = error
 
@@ -103,3 +222,18 @@ class Timeout(OperationError):
 
 class Cancelled(OperationError):
     """``cancel()`` was called; the helper was stopped."""
+
+
+class MigrationError(OperationError):
+    """The migration failed.  Unless it is a :class:`MigrationInDoubt`, the source
+    domain runs (it was never stopped, or was resumed) and the destination kept
+    nothing.  ``source_state`` is the source's state afterwards, when known."""
+
+    def __init__(self, message: str, source_state: Optional[str] = None, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.source_state = source_state
+
+
+class MigrationInDoubt(MigrationError):
+    """The connection was lost after the sender cleared the destination to
+    unpause: the guest may run there.  The source was left paused."""

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from pyxl.wire import codec as protocol
+from pyxl.errors import LocalProtocolError
 from pyxl.wire.codec import Conversation, Decoder, ProtocolError, encode, encode_reply
 
 from conftest import HELPER_VECTORS, SLOW
@@ -128,7 +129,7 @@ def test_conversation_rules():
     c = Conversation("save", cbflags=136)
     c.receive(encode(protocol.Complete(0, 0)))
     assert c.reply(0) == b"\0\0\0\0"
-    with pytest.raises(RuntimeError):
+    with pytest.raises(LocalProtocolError):
         c.reply(0)
     with pytest.raises(ProtocolError, match="after complete"):
         c.receive(encode(protocol.Log(1, 0, "x", "y")))

@@ -16,7 +16,8 @@ import pytest
 from pyxl.stream import libxc as xc
 from pyxl.stream import libxl as xl2
 from pyxl.stream import xl as xl1
-from pyxl.stream.framing import StreamError, TruncatedStream, UnsupportedStream, write_all
+from pyxl.fdio import write_all
+from pyxl.stream.framing import StreamError, TruncatedStream, UnsupportedStream
 from pyxl.stream.libxl import LibxlRecordType as L
 
 from test_stream_support import (HVM_CONFIG, PV_CONFIG, STREAMS, hvm_stream, pv_stream,

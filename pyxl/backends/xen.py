@@ -43,7 +43,7 @@ import struct
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from pyxl.errors import StartupError
+from pyxl.errors import BackendError, StartupError
 from pyxl.loop import Loop, Timer
 from pyxl.backends.xenstore import XenStore, XenStoreError, open_default
 
@@ -102,7 +102,7 @@ def _int(v: Any, default: int) -> int:
         return default
 
 
-class XenError(OSError):
+class XenError(BackendError, OSError):
     pass
 
 

@@ -20,6 +20,8 @@ import socket
 import struct
 from typing import List, Optional, Tuple
 
+from pyxl.errors import BackendError
+
 XS_CONTROL, XS_DIRECTORY, XS_READ, XS_GET_PERMS, XS_WATCH, XS_UNWATCH = range(6)
 XS_TRANSACTION_START, XS_TRANSACTION_END, XS_INTRODUCE, XS_RELEASE = range(6, 10)
 XS_GET_DOMAIN_PATH, XS_WRITE, XS_MKDIR, XS_RM, XS_SET_PERMS = range(10, 15)
@@ -32,7 +34,7 @@ PAYLOAD_MAX = 4096
 SOCKET_PATHS = ("/run/xenstored/socket", "/var/run/xenstored/socket")
 
 
-class XenStoreError(OSError):
+class XenStoreError(BackendError, OSError):
     """xenstored answered XS_ERROR (``errno`` holds the error's number)."""
 
 

@@ -85,9 +85,11 @@ from pyxl.stream.framing import REC_HEADER
 from pyxl.stream.libxl import LIBXL_HEADER
 from pyxl._paths import helper_path
 from pyxl.backends.sim import SimBackend, default_backend
-from pyxl.errors import Cancelled, OperationError, StartupError, Timeout
+from pyxl.errors import (Cancelled, MigrationError, MigrationInDoubt, OperationError,
+                         StartupError, Timeout)
 from pyxl.ops.future import LoopFuture
 from pyxl.migrate.resolve import Address, Lookup, numeric
+from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
 from pyxl.loop import Loop, Timer, default_loop
 from pyxl.ops.operation import (STREAM_PLAIN, STREAM_REMUS, ProgressEvent, RestoreOperation,
                         RestoreResult, SaveOperation, SaveResult)
@@ -114,19 +116,6 @@ _F_GETPIPE_SZ = 1032
 _HEAD_MAX = 512 << 10                     # xl optional data (config) a receiver takes
 
 
-class MigrationError(OperationError):
-    """The migration failed.  Unless it is a :class:`MigrationInDoubt`, the source
-    domain runs (it was never stopped, or was resumed) and the destination kept
-    nothing.  ``source_state`` is the source's state afterwards, when known."""
-
-    def __init__(self, message: str, source_state: Optional[str] = None, **kw: Any) -> None:
-        super().__init__(message, **kw)
-        self.source_state = source_state
-
-
-class MigrationInDoubt(MigrationError):
-    """The connection was lost after the sender cleared the destination to
-    unpause: the guest may run there.  The source was left paused."""
 
 
 def precopy_env(downtime_ms: Optional[float] = None, max_iterations: Optional[int] = None,
@@ -166,20 +155,6 @@ def parse_address(text: str, *, listen: bool = False) -> Tuple[str, int]:
     if not (0 if listen else 1) <= port <= 65535:
         raise ValueError(f"port out of range in {text!r}")
     return host, port
-
-
-def _set_nonblocking(fd: int, on: bool) -> None:
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    want = flags | os.O_NONBLOCK if on else flags & ~os.O_NONBLOCK
-    if want != flags:
-        fcntl.fcntl(fd, fcntl.F_SETFL, want)
-
-
-def _close(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def _digest(backend: Any, logger: logging.Logger, domid: int) -> Optional[str]:
@@ -239,46 +214,6 @@ class _Future(LoopFuture):
         self._set_outcome(result, exc)
 
 
-class _Outbox:
-    """Small control messages written to a non-blocking fd from the loop."""
-
-    def __init__(self, loop: Loop, fd: int, on_error: Callable[[OSError], None]) -> None:
-        self.loop, self.fd, self.on_error = loop, fd, on_error
-        self.data = bytearray()
-        self.flushed: List[Callable[[], None]] = []
-        self.active = True
-
-    def send(self, data: bytes, then: Optional[Callable[[], None]] = None) -> None:
-        self.data += data
-        if then is not None:
-            self.flushed.append(then)
-        self._flush()
-
-    def _flush(self) -> None:
-        while self.active and self.data:
-            try:
-                n = os.write(self.fd, self.data)
-            except BlockingIOError:
-                self.loop.add_writer(self.fd, self._flush)
-                return
-            except OSError as exc:
-                self.close()
-                self.on_error(exc)
-                return
-            del self.data[:n]
-        if not self.active:
-            return
-        self.loop.remove_writer(self.fd)
-        cbs, self.flushed = self.flushed, []
-        for cb in cbs:
-            cb()
-
-    def close(self) -> None:
-        if self.active:
-            self.active = False
-            self.loop.remove_writer(self.fd)
-
-
 class _Relay:
     """Move the save stream from the helper's pipe to the connection (or from
     the connection into the restore helper's pipe), then a trailer; at most
@@ -315,8 +250,8 @@ class _Relay:
         self._probe = select.poll()
         self._probe.register(src, select.POLLIN)
         self._probe.register(dst, select.POLLOUT)
-        _set_nonblocking(src, True)
-        _set_nonblocking(dst, True)
+        set_nonblocking(src, True)
+        set_nonblocking(dst, True)
         self._pump()
 
     # -- registrations --
@@ -504,7 +439,7 @@ class MigrateOperation(_Future):
         self.state = "connecting"
         self.save: Optional[SaveOperation] = None
         self.relay: Optional[_Relay] = None
-        self.outbox: Optional[_Outbox] = None
+        self.outbox: Optional[FdWriter] = None
         self._error: Optional[OperationError] = None
         self._inbuf = bytearray()
         self._rounds: Set[int] = set()
@@ -584,9 +519,9 @@ class MigrateOperation(_Future):
         self._ready_transport()
 
     def _ready_transport(self) -> None:
-        _set_nonblocking(self.rfd, True)
-        _set_nonblocking(self.wfd, True)
-        self.outbox = _Outbox(self.loop, self.wfd, self._write_failed)
+        set_nonblocking(self.rfd, True)
+        set_nonblocking(self.wfd, True)
+        self.outbox = FdWriter(self.loop, self.wfd, self._write_failed)
         self.state = "banner"
         self._reading = True
         self.loop.add_reader(self.rfd, self._readable)
@@ -594,7 +529,7 @@ class MigrateOperation(_Future):
     def _child_exited(self) -> None:
         assert self._child is not None
         self.loop.remove_reader(self._child_pidfd)
-        _close(self._child_pidfd)
+        close_quietly(self._child_pidfd)
         self._child_pidfd = -1
         self._child.wait()
         if self._done_pending is not None:
@@ -727,7 +662,7 @@ class MigrateOperation(_Future):
             self.on_progress(ev)
 
     def _saved(self, op: Any) -> None:
-        _close(self._pipe_w)
+        close_quietly(self._pipe_w)
         self._pipe_w = -1
         exc = op.exception()
         if exc is not None:
@@ -868,7 +803,7 @@ class MigrateOperation(_Future):
         if isinstance(exc, MigrationError):
             exc.source_state = exc.source_state or state
         self._close_transport()
-        _close(self._pipe_r)
+        close_quietly(self._pipe_r)
         self._pipe_r = -1
         self.logger.error("%s", exc)
         self._done_pending = (None, exc)
@@ -891,7 +826,7 @@ class MigrateOperation(_Future):
     def _really_finish(self) -> None:
         if self._done or self._done_pending is None:
             return
-        _close(self._pipe_r)
+        close_quietly(self._pipe_r)
         self._pipe_r = -1
         result, exc = self._done_pending
         self._finish(result, exc)
@@ -948,7 +883,7 @@ class ReceiveOperation(_Future):
         self.domid: Optional[int] = None
         self.name: Optional[str] = None   # the domain's, once it runs here
         self.digest: Optional[str] = None
-        self.outbox: Optional[_Outbox] = None
+        self.outbox: Optional[FdWriter] = None
         self._listener: Optional[socket.socket] = None
         self._conn: Optional[socket.socket] = None
         self._inbuf = bytearray()
@@ -1007,9 +942,9 @@ class ReceiveOperation(_Future):
 
     def _start(self) -> None:
         self.state = "header"
-        _set_nonblocking(self.rfd, True)
-        _set_nonblocking(self.wfd, True)
-        self.outbox = _Outbox(self.loop, self.wfd, self._write_failed)
+        set_nonblocking(self.rfd, True)
+        set_nonblocking(self.wfd, True)
+        self.outbox = FdWriter(self.loop, self.wfd, self._write_failed)
         self.outbox.send(BANNER)
         self._want = stream_xl.XL_HEADER.size
         self._watch(self._header_readable)
@@ -1088,14 +1023,14 @@ class ReceiveOperation(_Future):
             self._fail(exc)
             return
         self.domid = self.restore.domid
-        _set_nonblocking(w, True)
+        set_nonblocking(w, True)
         self.relay = _Relay(self.loop, self.rfd, w, None, self._sender_done, self._relay_failed)
         self.relay.finish(b"")
         self.restore.add_done_callback(self._restored)
 
     def _close_pipe(self, end: int) -> None:
         if self._pipe[end] >= 0:
-            _close(self._pipe[end])
+            close_quietly(self._pipe[end])
             self._pipe[end] = -1
 
     def _sender_done(self) -> None:
@@ -1249,7 +1184,7 @@ class ReceiveOperation(_Future):
                 self._conn.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        _set_nonblocking(self.rfd, True)
+        set_nonblocking(self.rfd, True)
         self._timers.append(self.loop.call_later(2.0, self._closed))
         self._watch(self._readable)
 
@@ -1277,7 +1212,7 @@ class ReceiveOperation(_Future):
         elif self.rfd >= 0:
             for fd in {self.rfd, self.wfd}:
                 try:
-                    _set_nonblocking(fd, False)
+                    set_nonblocking(fd, False)
                 except OSError:
                     pass
         self._finish(result, exc)

@@ -16,8 +16,10 @@ import signal
 import subprocess
 from typing import Callable, Dict, List, Optional, Sequence
 
+from pyxl.fdio import set_nonblocking
 from pyxl.loop import Loop, Timer
-from pyxl.wire.codec import Complete, Conversation, Message, ProtocolError, RestoreResults
+from pyxl.errors import ProtocolError, RemoteProtocolError
+from pyxl.wire.codec import Complete, Conversation, Message, RestoreResults
 
 # Bytes to read per readiness event; a frame is < 64 KiB.
 _READ_SIZE = 1 << 16
@@ -26,11 +28,6 @@ _READ_SIZE = 1 << 16
 #: ``complete``) before it is killed: it can no longer talk to us, and one that
 #: is exiting has long been reaped by then.
 EOF_GRACE = 1.0
-
-
-def _set_nonblocking(fd: int) -> None:
-    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
 
 
 def save_argv(helper: str, io_fd: int, back_fd: int, domid: int, xcflags: int,
@@ -84,8 +81,8 @@ class HelperProcess:
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in = self.proc.stdin.fileno()
         self._out = self.proc.stdout.fileno()
-        _set_nonblocking(self._in)
-        _set_nonblocking(self._out)
+        set_nonblocking(self._in)
+        set_nonblocking(self._out)
         self._pidfd = os.pidfd_open(self.pid)
         loop.add_reader(self._out, self._readable)
         loop.add_reader(self._pidfd, self._child_exited)
@@ -106,7 +103,7 @@ class HelperProcess:
                     self._close_stdout()
                 return
             except OSError as exc:
-                self._fail_protocol(ProtocolError(f"read error: {exc}", self.conv.decoder.offset))
+                self._fail_protocol(RemoteProtocolError(f"read error: {exc}", self.conv.decoder.offset))
                 return
             if self._completed:
                 # After complete, Xen's helper (and ours) still calls
@@ -157,7 +154,7 @@ class HelperProcess:
     def _silent_but_alive(self) -> None:
         self._eof_timer = None
         if not self._exited:
-            self._fail_protocol(self.truncated or ProtocolError(
+            self._fail_protocol(self.truncated or RemoteProtocolError(
                 f"helper closed its stdout but did not exit within {EOF_GRACE:g}s",
                 self.conv.decoder.offset))
 

@@ -35,6 +35,7 @@ from pyxl.errors import (Cancelled, HelperDied, HelperExited, HelperFailed, Help
                      StartupError, Timeout)
 from pyxl.ops.future import LoopFuture
 from pyxl.ops.helper_process import HelperProcess, restore_argv, save_argv
+from pyxl.fdio import is_regular, write_all, write_from_loop
 from pyxl.loop import Loop, Timer, default_loop
 from pyxl.stream.libxl import LibxlRecordType as RecordType
 from pyxl.wire.codec import Complete, Log, Message, Progress, RestoreResults, Suspend, cbflags_for
@@ -353,15 +354,6 @@ class Operation(LoopFuture):
         self._set_outcome(result, exc)
 
 
-def _is_regular(fd: int) -> bool:
-    return stat.S_ISREG(os.fstat(fd).st_mode)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 class SaveOperation(Operation):
@@ -432,7 +424,7 @@ class SaveOperation(Operation):
             self.path = os.fspath(target)
             self._open_temp()
         try:
-            _write_all(self._fd, stream_xl.xl_header(config) + stream_libxl.libxl_header()
+            write_all(self._fd, stream_xl.xl_header(config) + stream_libxl.libxl_header()
                        + stream_libxl.libxc_context_record())
             cbflags = cbflags_for(REMUS_SAVE_CALLBACKS if stream_type else SAVE_CALLBACKS)
             xcflags = (XCFLAGS_LIVE if live else 0) | (XCFLAGS_DEBUG if debug else 0)
@@ -528,7 +520,7 @@ class SaveOperation(Operation):
             req.reply(1)
 
         # The helper waits for this answer, so the fd is ours for the moment.
-        _FdWriter(self.loop, self._fd, records, written)
+        write_from_loop(self.loop, self._fd, records, written)
 
     def _default_checkpoint(self, req: CallbackRequest) -> None:
         """Remus: another checkpoint after the interval, until enough were taken."""
@@ -615,7 +607,7 @@ class SaveOperation(Operation):
             self.write_trailer(trailer)
         else:
             # The helper has exited, so nobody else writes to this description.
-            _write_all(self._fd, trailer)
+            write_all(self._fd, trailer)
         size = None
         if self._own_fd:
             size = os.fstat(self._fd).st_size
@@ -775,7 +767,7 @@ class RestoreOperation(Operation):
             self.checkpoint_records = records
             req.reply(1)       # XGR_CHECKPOINT_SUCCESS
 
-        if _is_regular(self._fd):
+        if is_regular(self._fd):
             try:
                 records = _read_records(self._fd, RecordType.CHECKPOINT_END)
             except (ValueError, OSError) as exc:
@@ -798,7 +790,7 @@ class RestoreOperation(Operation):
     def _conclude(self) -> None:
         exc = self._helper_outcome() if self.helper is not None else self._failure
         records: List[Tuple[int, bytes]] = []
-        if exc is None and not _is_regular(self._fd):
+        if exc is None and not is_regular(self._fd):
             # A pipe or socket (migration): the records after the libxc stream
             # may still be on their way.  Read them as they arrive, not blocking
             # the loop; the helper has exited, so the fd is ours alone.
@@ -992,54 +984,6 @@ def _read_records(fd: int, end: int) -> List[Tuple[int, bytes]]:
             continue
         raise ValueError(f"unexpected libxl record {stream_libxl.record_name(rec.rtype)} "
                          "after the libxc stream")
-
-
-class _FdWriter:
-    """Write ``data`` to ``fd``, then ``done(None)``, or ``done(OSError)``.
-
-    A regular file is written at once.  A pipe or socket is written from the
-    loop, non-blocking meanwhile (flags restored before ``done``) -- only for
-    an fd no helper writes to right now (it waits for a callback's answer).
-    """
-
-    def __init__(self, loop: Loop, fd: int, data: bytes,
-                 done: Callable[[Optional[OSError]], None]) -> None:
-        self.loop, self.fd, self.done = loop, fd, done
-        self.data = memoryview(data)
-        if _is_regular(fd):
-            try:
-                _write_all(fd, data)
-            except OSError as exc:
-                done(exc)
-            else:
-                done(None)
-            return
-        self.flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, self.flags | os.O_NONBLOCK)
-        self.watching = False
-        self._writable()
-
-    def _writable(self) -> None:
-        err: Optional[OSError] = None
-        while self.data:
-            try:
-                n = os.write(self.fd, self.data)
-            except BlockingIOError:
-                if not self.watching:
-                    self.loop.add_writer(self.fd, self._writable)
-                    self.watching = True
-                return
-            except OSError as exc:
-                err = exc
-                break
-            self.data = self.data[n:]
-        if self.watching:
-            self.loop.remove_writer(self.fd)
-        try:
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, self.flags)
-        except OSError:
-            pass
-        self.done(err)
 
 
 def save(domid: int, path_or_fd: PathOrFd, live: bool = False, leave: str = "destroy",

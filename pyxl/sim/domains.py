@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from pyxl._paths import package_file
+from pyxl.errors import BackendError
 
 __all__ = [
     "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
@@ -57,7 +58,7 @@ PAGE_SIZE = 4096
 # ---- errors -------------------------------------------------------------------------------
 
 
-class SimError(Exception):
+class SimError(BackendError):
     """A simulator operation failed; the message says why."""
 
 

@@ -42,6 +42,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Dict, List, Optional, Tuple
 
+from pyxl.errors import StreamError, TruncatedStream, UnsupportedStream
+
 if TYPE_CHECKING:  # pragma: no cover - typing only, avoids an import cycle
     from pyxl.stream.libxc import DomainHeader, ImageHeader
     from pyxl.stream.libxl import LibxlHeader
@@ -56,8 +58,6 @@ __all__ = [
     "roundup8",
     "pad_len",
     "frame_record",
-    "read_exact",
-    "write_all",
     "Source",
     "Scanner",
     "note_trailing",
@@ -79,56 +79,6 @@ CHUNK = 1 << 20
 # Errors
 
 
-class StreamError(ValueError):
-    """The stream breaks a rule that Xen 4.17's restore code (or pyxl, where
-    documented as stricter) enforces.
-
-    ``offset`` is the byte offset of the offending header or record,
-    ``where`` names it ("libxc record", "xl header", ...) and ``reason`` is a
-    one-line statement of the rule that failed.  ``str(err)`` is
-    ``"<where> at 0x<offset>: <reason>"``.
-
-    Raised by every reader and scanner in ``pyxl.stream_*``; never raised for
-    I/O failures of the underlying file (those stay ``OSError``).
-    """
-
-    def __init__(self, offset: int, reason: str, where: str = "stream") -> None:
-        self.offset = offset
-        self.reason = reason
-        self.where = where
-        super().__init__(offset, reason, where)  # args round-trip through pickle
-
-    def __str__(self) -> str:
-        return f"{self.where} at {self.offset:#x}: {self.reason}"
-
-    @property
-    def layer(self) -> str:
-        """``"xl"``, ``"libxl"``, ``"libxc"`` or ``"stream"``."""
-        return self.where.split(" ", 1)[0]
-
-    def to_json(self) -> Dict[str, Any]:
-        return {
-            "type": type(self).__name__,
-            "layer": self.layer,
-            "where": self.where,
-            "offset": self.offset,
-            "reason": self.reason,
-            "message": str(self),
-        }
-
-
-class TruncatedStream(StreamError):
-    """The stream ended (EOF) before a header, record or body was complete.
-
-    ``offset`` is where the missing bytes should have been.  Also raised
-    *before* reading when a regular file is too short for a declared length.
-    """
-
-
-class UnsupportedStream(StreamError):
-    """A well-formed stream that pyxl cannot handle, although Xen might
-    (e.g. an xl file without the STREAMv2 flag, which xl would pass to the
-    legacy converter)."""
 
 
 # ---------------------------------------------------------------------------
@@ -163,50 +113,6 @@ def frame_record(rtype: int, body: bytes = b"") -> bytes:
 # bytes still wanted -- no Python-level buffering, no read-ahead.  The fd
 # may be a regular file, a pipe or a socket (migration).  A non-blocking fd
 # is waited on with select() rather than failing with BlockingIOError.
-
-
-def _wait(fd: int, *, write: bool) -> None:
-    if write:
-        select.select([], [fd], [])
-    else:
-        select.select([fd], [], [])
-
-
-def read_exact(fd: int, n: int, *, offset: int = 0, what: str = "data",
-               where: str = "stream") -> bytes:
-    """Read exactly ``n`` bytes from ``fd`` and never more.
-
-    Raises :class:`TruncatedStream` (offset = ``offset`` + bytes already
-    read) if the fd reaches EOF first.  The caller must have bounded ``n``.
-    """
-    if n < 0:
-        raise ValueError(f"negative read size {n}")
-    parts: List[bytes] = []
-    got = 0
-    while got < n:
-        try:
-            chunk = os.read(fd, min(n - got, CHUNK))
-        except BlockingIOError:
-            _wait(fd, write=False)
-            continue
-        if not chunk:
-            raise TruncatedStream(
-                offset + got, f"end of stream after {got} of {n} bytes of {what}", where)
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
-
-
-def write_all(fd: int, data: bytes) -> None:
-    """Write all of ``data`` to ``fd`` with ``os.write`` (no buffering)."""
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            _wait(fd, write=True)
-            continue
-        view = view[n:]
 
 
 # ---------------------------------------------------------------------------

@@ -65,7 +65,8 @@ from typing import (Any, BinaryIO, Dict, Iterable, List, Mapping, Optional, Sequ
 
 from pyxl.stream.framing import (REC_HEADER, RecordInfo, Scanner, Source, StreamError, StreamReport,
                             TruncatedStream, UnsupportedStream, frame_record, note_trailing,
-                            pad_len, read_exact, roundup8)
+                            pad_len, roundup8)
+from pyxl.fdio import read_exact
 from pyxl.stream.libxc import DHDR_TYPE_X86_PV, LibxcScanner
 
 __all__ = [

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, Dict, Mapping, Optional, Union
 
 from pyxl.stream.framing import (Source, StreamError, StreamReport, TruncatedStream,
-                            UnsupportedStream, note_trailing, read_exact)
+                            UnsupportedStream, note_trailing)
+from pyxl.fdio import read_exact
 from pyxl.stream.libxc import DHDR_TYPE_X86_HVM, DHDR_TYPE_X86_PV, IMAGE_HEADER, scan_libxc_on
 from pyxl.stream.libxl import (LIBXL_HEADER, libxc_context_record, libxl_header, scan_libxl_on)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import struct
 from typing import Any, Dict, List, Optional, Tuple, Type
 
+from pyxl.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from pyxl.wire._generated import (
     BY_NAME,
     BY_NUMBER,
@@ -61,62 +62,46 @@ _REPLY = struct.Struct("<i")
 MAX_BODY = 0xFFFF
 
 
-class ProtocolError(Exception):
-    """The helper sent bytes that are not a valid Xen 4.17 helper message.
-
-    ``offset`` is the byte offset in the helper's stdout stream of the frame at
-    fault; ``message`` the message name when the number was known.
-    """
-
-    def __init__(self, reason: str, offset: int, message: Optional[str] = None) -> None:
-        where = f"{message} frame" if message else "frame"
-        super().__init__(f"{where} at offset {offset:#x}: {reason}")
-        self.reason = reason
-        self.offset = offset
-        self.message = message
-        #: Valid messages that came before the fault in the same batch (for
-        #: example the helper's last ERROR logs), so the I/O layer loses nothing.
-        self.before: List[Message] = []
 
 
 def _decode_body(body: bytes, offset: int, mode: Optional[str]) -> Message:
     if len(body) < 2:
-        raise ProtocolError(f"body of {len(body)} bytes has no message number", offset)
+        raise RemoteProtocolError(f"body of {len(body)} bytes has no message number", offset)
     (number,) = _U16.unpack_from(body, 0)
     cls = BY_NUMBER.get(number)
     if cls is None:
-        raise ProtocolError(f"unknown message number {number}", offset)
+        raise RemoteProtocolError(f"unknown message number {number}", offset)
     name = cls.NAME
     if mode is not None and mode not in cls.SENDERS:
-        raise ProtocolError(f"not sent by a {mode} helper", offset, name)
+        raise RemoteProtocolError(f"not sent by a {mode} helper", offset, name)
     pos = 2
     values: List[Any] = []
     for arg, wtype in cls.ARGS:
         fixed = _FIXED.get(wtype)
         if fixed is not None:
             if pos + fixed.size > len(body):
-                raise ProtocolError(f"argument {arg!r} cut short", offset, name)
+                raise RemoteProtocolError(f"argument {arg!r} cut short", offset, name)
             values.append(fixed.unpack_from(body, pos)[0])
             pos += fixed.size
             continue
         # string: u32 size including NUL, then the bytes
         if pos + 4 > len(body):
-            raise ProtocolError(f"argument {arg!r} length cut short", offset, name)
+            raise RemoteProtocolError(f"argument {arg!r} length cut short", offset, name)
         (size,) = _U32.unpack_from(body, pos)
         pos += 4
         if size == 0:
-            raise ProtocolError(f"string {arg!r} has size 0 (no NUL)", offset, name)
+            raise RemoteProtocolError(f"string {arg!r} has size 0 (no NUL)", offset, name)
         if pos + size > len(body):
-            raise ProtocolError(f"string {arg!r} of size {size} overruns the body", offset, name)
+            raise RemoteProtocolError(f"string {arg!r} of size {size} overruns the body", offset, name)
         raw = body[pos:pos + size]
         if raw[-1] != 0:
-            raise ProtocolError(f"string {arg!r} does not end in NUL", offset, name)
+            raise RemoteProtocolError(f"string {arg!r} does not end in NUL", offset, name)
         # surrogateescape: libxc's texts are not guaranteed UTF-8, and encode()
         # must give back the exact bytes.
         values.append(raw[:-1].decode("utf-8", "surrogateescape"))
         pos += size
     if pos != len(body):
-        raise ProtocolError(f"{len(body) - pos} trailing bytes after the arguments", offset, name)
+        raise RemoteProtocolError(f"{len(body) - pos} trailing bytes after the arguments", offset, name)
     return cls(*values)
 
 
@@ -204,7 +189,7 @@ def encode(msg: Message) -> bytes:
     """Frame a message as the helper would send it (used by tests and fakes)."""
     body = _encode_args(msg)
     if len(body) > MAX_BODY:
-        raise ValueError(f"{msg.NAME} body of {len(body)} bytes exceeds the 64 KiB frame limit")
+        raise LocalProtocolError(f"{msg.NAME} body of {len(body)} bytes exceeds the 64 KiB frame limit")
     return _U16.pack(len(body)) + body
 
 
@@ -286,6 +271,6 @@ class Conversation:
 
     def reply(self, value: int) -> bytes:
         if self.awaiting is None:
-            raise RuntimeError("no helper callback is waiting for a reply")
+            raise LocalProtocolError("no helper callback is waiting for a reply")
         self.awaiting = None
         return encode_reply(value)

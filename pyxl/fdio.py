@@ -1,0 +1,184 @@
+"""Raw file-descriptor I/O shared by the operations: the only place pyxl
+writes bytes to a pipe, socket or file it does not own a codec for.
+
+* :func:`read_exact` / :func:`write_all` -- blocking, exact, unbuffered.  The
+  restore fd is one open file description shared with the helper: libxl's
+  records are read up to the very byte where the helper's libxc stream starts,
+  so never one byte too far (no Python-level buffering, no read-ahead).  Used
+  before a helper starts and after it ended, never from a loop callback on a
+  pipe that could stall.
+* :class:`FdWriter` -- a non-blocking writer driven by the loop: queue bytes,
+  get told when they are out (or that the fd broke).  Handshake messages,
+  libxl's checkpoint records and trailers all go through it.
+* small fd utilities (:func:`set_nonblocking`, :func:`close_quietly`,
+  :func:`is_regular`).
+
+May import: pyxl.errors, pyxl.loop.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import stat
+from typing import Callable, List, Optional
+
+from pyxl.errors import TruncatedStream
+from pyxl.loop import Loop
+
+#: Largest single read: bounded so a forged length never becomes one allocation.
+CHUNK = 1 << 20
+
+
+def set_nonblocking(fd: int, on: bool = True) -> int:
+    """Set or clear O_NONBLOCK on ``fd``; return the flags it had before."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    want = flags | os.O_NONBLOCK if on else flags & ~os.O_NONBLOCK
+    if want != flags:
+        fcntl.fcntl(fd, fcntl.F_SETFL, want)
+    return flags
+
+
+def close_quietly(fd: int) -> None:
+    """Close ``fd``, ignoring errors (clean-up paths, where the fd may be gone)."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def is_regular(fd: int) -> bool:
+    return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+def read_exact(fd: int, n: int, *, offset: int = 0, what: str = "data",
+               where: str = "stream") -> bytes:
+    """Read exactly ``n`` bytes from ``fd`` and never more.
+
+    Raises :class:`TruncatedStream` (offset = ``offset`` + bytes already
+    read) if the fd reaches EOF first.  The caller must have bounded ``n``.
+    A non-blocking fd is waited on with select() instead of failing.
+    """
+    if n < 0:
+        raise ValueError(f"negative read size {n}")
+    parts: List[bytes] = []
+    got = 0
+    while got < n:
+        try:
+            chunk = os.read(fd, min(n - got, CHUNK))
+        except BlockingIOError:
+            select.select([fd], [], [])
+            continue
+        if not chunk:
+            raise TruncatedStream(
+                offset + got, f"end of stream after {got} of {n} bytes of {what}", where)
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` with ``os.write`` (no buffering); a
+    non-blocking fd is waited on with select()."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[n:]
+
+
+class FdWriter:
+    """Bytes written to a non-blocking fd from the loop, in order.
+
+    ``send(data, then)`` queues ``data`` and calls ``then()`` once it is all
+    written; ``on_error(exc)`` is called once if a write fails, after which the
+    writer is closed and drops what it holds.  ``close()`` stops watching the
+    fd (it does not close it).  The fd must already be non-blocking.
+    """
+
+    def __init__(self, loop: Loop, fd: int, on_error: Callable[[OSError], None]) -> None:
+        self.loop, self.fd, self.on_error = loop, fd, on_error
+        self.data = bytearray()
+        self.flushed: List[Callable[[], None]] = []
+        self.active = True
+        self._watching = False
+
+    def send(self, data: bytes, then: Optional[Callable[[], None]] = None) -> None:
+        self.data += data
+        if then is not None:
+            self.flushed.append(then)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.active and self.data:
+            try:
+                n = os.write(self.fd, self.data)
+            except BlockingIOError:
+                if not self._watching:
+                    self.loop.add_writer(self.fd, self._flush)
+                    self._watching = True
+                return
+            except OSError as exc:
+                self.close()
+                self.on_error(exc)
+                return
+            del self.data[:n]
+        if not self.active:
+            return
+        self._unwatch()
+        cbs, self.flushed = self.flushed, []
+        for cb in cbs:
+            cb()
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self.loop.remove_writer(self.fd)
+            self._watching = False
+
+    def close(self) -> None:
+        if self.active:
+            self.active = False
+            self._unwatch()
+            self.data.clear()
+            self.flushed.clear()
+
+
+def write_from_loop(loop: Loop, fd: int, data: bytes,
+                    done: Callable[[Optional[OSError]], None]) -> None:
+    """Write ``data`` to ``fd``, then ``done(None)``, or ``done(OSError)``.
+
+    A regular file is written at once.  A pipe or socket is written from the
+    loop, non-blocking meanwhile (its flags restored before ``done``) -- only
+    for an fd no helper writes to right now (it waits for a callback's answer).
+    """
+    if is_regular(fd):
+        try:
+            write_all(fd, data)
+        except OSError as exc:
+            done(exc)
+        else:
+            done(None)
+        return
+    flags = set_nonblocking(fd, True)
+
+    def restore_flags() -> None:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        except OSError:
+            pass
+
+    def failed(exc: OSError) -> None:
+        restore_flags()
+        done(exc)
+
+    def written() -> None:
+        writer.close()
+        restore_flags()
+        done(None)
+
+    writer = FdWriter(loop, fd, failed)
+    writer.send(data, written)
