@@ -42,10 +42,10 @@ bench: setup
 	$(PY) bench/run.py $(if $(QUICK),--quick)
 
 # valgrind memcheck of our helper: save, live save, restore on fakexen (bench/memcheck.py),
-# then the helper's failure paths (tests/test_helper_memcheck.py).  `make test` runs both too.
+# then the helper's failure paths (tests/integration/test_helper_memcheck.py).  `make test` runs both too.
 memcheck: setup
 	$(PY) bench/memcheck.py
-	$(PY) -m pytest -q tests/test_helper_memcheck.py
+	$(PY) -m pytest -q tests/integration/test_helper_memcheck.py
 
 clean:
 	rm -rf build $(VENV) pyxl/pyxl-save-helper pyxl/pyxl-sim-vcpu pyxl/libfakexen.so *.egg-info

@@ -12,11 +12,11 @@ Each run must report "ERROR SUMMARY: 0 errors" and "definitely lost: 0 bytes"
 (or "All heap blocks were freed").  Memcheck options: ``--leak-check=full
 --show-leak-kinds=definite --errors-for-leak-kinds=definite``: "possibly lost"
 blocks are CPython's static objects still alive after Py_FinalizeEx (see
-tests/test_helper_memcheck.py) and are not counted as errors.  The helper runs
+tests/integration/test_helper_memcheck.py) and are not counted as errors.  The helper runs
 with PYXL_HELPER_PYTHONMALLOC=malloc0 so that memcheck sees every Python
 allocation.  Exit status 0 only if all three runs are clean.
 
-tests/test_helper_memcheck.py covers the helper's other paths (start-up
+tests/integration/test_helper_memcheck.py covers the helper's other paths (start-up
 failure, bad argv, lost reply) against a libxc stand-in; this script covers
 the real data paths.
 """

@@ -46,7 +46,7 @@ from pyxl.wire.codec import Complete, cbflags_for
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 MODES: Dict[str, Dict[str, Any]] = {
-    # A few seconds: for tests/test_bench.py, which checks the machinery, not the numbers.
+    # A few seconds: for tests/integration/test_bench.py, which checks the machinery, not the numbers.
     "smoke": {
         "save_sizes": [32 * MIB],
         "save_reps": {32 * MIB: 1},

@@ -10,7 +10,7 @@ import pytest
 from pyxl.stream.framing import StreamError, StreamReport, TruncatedStream
 from pyxl.stream.xl import scan_path
 
-from test_stream_support import HELPER, STREAMS, run_verifier, scan_pipe, verifier_available
+from stream_support import HELPER, STREAMS, run_verifier, scan_pipe, verifier_available
 
 HVM_LIBXC = ["X86_CPUID_POLICY", "X86_MSR_POLICY", "STATIC_DATA_END", "PAGE_DATA",
              "PAGE_DATA", "X86_TSC_INFO", "HVM_CONTEXT", "HVM_PARAMS", "END"]

@@ -20,7 +20,7 @@ from pyxl.fdio import write_all
 from pyxl.stream.framing import StreamError, TruncatedStream, UnsupportedStream
 from pyxl.stream.libxl import LibxlRecordType as L
 
-from test_stream_support import (HVM_CONFIG, PV_CONFIG, STREAMS, hvm_stream, pv_stream,
+from stream_support import (HVM_CONFIG, PV_CONFIG, STREAMS, hvm_stream, pv_stream,
                                  run_verifier, scan, verifier_available)
 
 HVM_XL = (STREAMS / "hvm.xl").read_bytes()
@@ -147,7 +147,7 @@ def test_written_streams_scan_clean(layer: str, kind: str) -> None:
 
 
 def test_xenstore_data_round_trip_through_scanner() -> None:
-    from test_stream_support import hvm_chunks, libxl_chunks
+    from stream_support import hvm_chunks, libxl_chunks
     chunks = libxl_chunks(hvm_chunks(), xenstore={"physmap/1/start_addr": "f0000000"},
                           emulator_context=b"state")
     report = scan(b"".join(chunks))
@@ -179,7 +179,7 @@ def test_debian_verifier_accepts_our_streams(tmp_path: pathlib.Path, layer: str,
 def test_debian_verifier_blind_spots(tmp_path: pathlib.Path) -> None:
     """Streams Xen refuses that the verifier passes -- and one it refuses
     that libxl accepts.  'verify-stream-v2 accepts' is not 'restorable'."""
-    from test_stream_support import hvm_chunks, libxl_chunks, pv_chunks, rec
+    from stream_support import hvm_chunks, libxl_chunks, pv_chunks, rec
     T = xc.LibxcRecordType
     pv = pv_chunks()
     hvm = hvm_chunks()

@@ -1,4 +1,5 @@
-"""Stream builders shared by the stream/inspect tests (this module has no tests).
+"""Stream builders shared by the stream/inspect tests (a helper module, no tests of its own;
+imported by tests/unit and tests/integration -- pytest's ``pythonpath`` puts tests/ on sys.path).
 
 Streams are built as lists of *chunks* -- one per header or record -- so
 tests can drop, duplicate, reorder or corrupt individual records and know
@@ -23,7 +24,7 @@ from pyxl.stream import xl as xl1
 from pyxl.stream.framing import StreamReport
 from pyxl.stream.libxc import LibxcRecordType as T
 
-HERE = pathlib.Path(__file__).resolve().parent
+HERE = pathlib.Path(__file__).resolve().parent  # tests/
 STREAMS = HERE / "vectors" / "xen-4.17-streams"
 HELPER = HERE / "vectors" / "xen-4.17-helper"
 if not STREAMS.is_dir():  # pragma: no cover - fall back to the shared copy

@@ -14,9 +14,8 @@ import pytest
 
 from pyxl.cli import inspect as inspect_cli
 
-from test_stream_support import HELPER, STREAMS, hvm_chunks, rec
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from conftest import ROOT
+from stream_support import HELPER, STREAMS, hvm_chunks, rec
 
 
 def run_main(argv: List[str], capsys: Any) -> Tuple[int, str, str]:

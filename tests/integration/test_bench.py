@@ -4,7 +4,7 @@ The numbers themselves are not tested (they depend on the machine); what is:
 the statistics helpers, the memcheck log parser, a smoke run of bench/run.py
 end to end (JSON keys, markdown, PNG), and bench/memcheck.py's three valgrind
 runs on fakexen -- so CI (``make test``) runs the memcheck of the real data
-paths as well as tests/test_helper_memcheck.py.
+paths as well as tests/integration/test_helper_memcheck.py.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from pyxl.stream.libxc import LibxcRecordType as T
 from pyxl.stream.libxc import PageType as P
 from pyxl.stream.libxl import LibxlRecordType as L
 
-from test_stream_support import (HVM_CONFIG, PV_CONFIG, boundaries, hvm_chunks, hvm_stream,
+from stream_support import (HVM_CONFIG, PV_CONFIG, boundaries, hvm_chunks, hvm_stream,
                                  libxl_chunks, page, pv_chunks, pv_stream, rec, scan, scan_pipe,
                                  xl_chunks)
 

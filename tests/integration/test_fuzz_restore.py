@@ -1,6 +1,6 @@
 """``pyxl restore`` (API and CLI) of broken save files, on real helpers and fakexen.
 
-tests/test_stream_mutations.py covers what ``pyxl inspect`` says about broken
+tests/unit/test_stream_mutations.py covers what ``pyxl inspect`` says about broken
 streams; this file restores them: a real image of a 16 MiB guest, truncated
 at record boundaries and inside records, with bit flips in every header and
 record header, huge lengths, records reordered, duplicated or dropped, and
