@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pyxl  # noqa: E402
-from pyxl.sim import domains as sim  # noqa: E402
+from pyxl import sim  # noqa: E402
 
 GUEST = 64 << 20
 DIRTY_RATE = 20_000_000

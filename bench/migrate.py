@@ -41,7 +41,7 @@ import benchlib  # noqa: E402  (puts the repo root on sys.path)
 
 import pyxl  # noqa: E402
 from pyxl.migrate import operations as migrate
-from pyxl.sim import domains as sim  # noqa: E402
+from pyxl import sim  # noqa: E402
 from pyxl.loop import default_loop  # noqa: E402
 
 MB = 1 << 20

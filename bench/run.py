@@ -37,7 +37,7 @@ import benchlib as B
 from benchlib import GIB, MIB, median, pinned, ratio, rotate
 
 import pyxl
-from pyxl.sim import domains as sim
+from pyxl import sim
 from pyxl.ops.helper_process import HelperProcess, save_argv
 from pyxl.loop import SelectorLoop
 from pyxl.ops.operation import SAVE_CALLBACKS

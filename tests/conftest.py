@@ -1,5 +1,30 @@
+"""Shared by tests/unit and tests/integration.
+
+pytest's ``pythonpath = ["tests"]`` (pyproject.toml) puts this directory on
+sys.path, so test modules in both folders can ``from conftest import ...`` the
+plain helpers below, and ``import stream_support``.
+
+Paths:      ROOT, VECTORS / HELPER_VECTORS / STREAM_VECTORS, OUR_HELPER,
+            DEBIAN_HELPER, HELPERS ({"ours", "debian"}), SLOW, needs_debian.
+Leaks:      open_fds(), children(cmdline=False).
+fakexen:    new_sim_dir() / fixture ``sim_dir`` (lenient cleanup: destroy, remove),
+            private_sim_dir() / fixture ``fxdir`` (strict: no vCPU process may be left),
+            fixture ``hosts`` (two state dirs: source, destination), domids(),
+            vcpu_processes(), mounted_tmpfs().
+Loops:      fixture ``any_loop``: the same test on SelectorLoop, HookLoop (driven
+            by a poll()-based toolstack loop) and AsyncioLoop (see LoopDriver).
+"""
+
+from __future__ import annotations
+
+import contextlib
 import os
 import pathlib
+import shutil
+import subprocess
+import tempfile
+import time
+from typing import Iterator, List, Tuple, Union
 
 import pytest
 
@@ -9,33 +34,140 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors"
 HELPER_VECTORS = VECTORS / "xen-4.17-helper"
 STREAM_VECTORS = VECTORS / "xen-4.17-streams"
+if not STREAM_VECTORS.is_dir():  # pragma: no cover - fall back to the shared copy
+    HELPER_VECTORS = pathlib.Path("/work/shared/vectors/xen-4.17-helper")
+    STREAM_VECTORS = pathlib.Path("/work/shared/vectors/xen-4.17-streams")
 DEBIAN_HELPER = "/usr/lib/xen-4.17/bin/libxl-save-helper"
 SLOW = bool(os.environ.get("PYXL_SLOW"))
+
+OUR_HELPER = str(ROOT / "pyxl" / "pyxl-save-helper")
+HELPERS = {"ours": OUR_HELPER, "debian": DEBIAN_HELPER}
+
+needs_debian = pytest.mark.skipif(
+    not os.access(DEBIAN_HELPER, os.X_OK),
+    reason=f"Debian's helper not installed ({DEBIAN_HELPER}; apt xen-utils-4.17)")
 
 
 @pytest.fixture
 def vectors() -> pathlib.Path:
     return VECTORS
 
-OUR_HELPER = str(ROOT / "pyxl" / "pyxl-save-helper")
-HELPERS = {"ours": OUR_HELPER, "debian": DEBIAN_HELPER}
+
+# ---- fakexen state directories -------------------------------------------------------------
 
 
-@pytest.fixture
-def sim_dir(tmp_path_factory):
-    """A private fakexen state directory; every domain left in it is destroyed after the test."""
-    import tempfile
+@contextlib.contextmanager
+def new_sim_dir(prefix: str = "pyxl-test-") -> Iterator[str]:
+    """A fresh fakexen state directory under /dev/shm; afterwards every domain left
+    in it is destroyed and the directory removed."""
+    from pyxl import sim
 
-    from pyxl.sim import domains as sim
-
-    d = tempfile.mkdtemp(prefix="pyxl-test-", dir="/dev/shm")
+    d = tempfile.mkdtemp(prefix=prefix, dir="/dev/shm")
     try:
         yield d
     finally:
         sim.remove_dir(d)
 
 
-def open_fds():
+@pytest.fixture
+def sim_dir() -> Iterator[str]:
+    """A private fakexen state directory; every domain left in it is destroyed after the test."""
+    with new_sim_dir() as d:
+        yield d
+
+
+@pytest.fixture
+def hosts() -> Iterator[Tuple[str, str]]:
+    """Two simulated hosts (two fakexen state dirs): (source, destination)."""
+    with new_sim_dir("pyxl-test-a-") as a, new_sim_dir("pyxl-test-b-") as b:
+        yield a, b
+
+
+def vcpu_processes(sim_dir: str) -> List[int]:
+    """pids of pyxl-sim-vcpu processes working in `sim_dir`."""
+    out = []
+    key = os.path.abspath(sim_dir).encode() + b"/"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if not zombie and argv and argv[0].endswith(b"pyxl-sim-vcpu") and \
+                any(a.startswith(key) for a in argv[1:]):
+            out.append(int(pid))
+    return out
+
+
+@contextlib.contextmanager
+def private_sim_dir(prefix: str = "pyxl-fx-") -> Iterator[str]:
+    """A fresh state directory under /dev/shm; afterwards every domain in it is destroyed,
+    no vCPU process may be left, and the directory is removed."""
+    from pyxl import sim
+
+    d = tempfile.mkdtemp(prefix=prefix, dir="/dev/shm")
+    try:
+        yield d
+    finally:
+        for info in sim.list_domains(d):
+            try:
+                sim.destroy(info.domid, d)
+            except sim.SimError:
+                pass
+        deadline = time.monotonic() + 5
+        while vcpu_processes(d) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        left = vcpu_processes(d)
+        shutil.rmtree(d, ignore_errors=True)
+        assert not left, f"vCPU processes left behind in {d}: {left}"
+
+
+@pytest.fixture
+def fxdir() -> Iterator[str]:
+    """A strict private state directory (see private_sim_dir)."""
+    with private_sim_dir() as d:
+        yield d
+
+
+def domids(sim_dir: str) -> List[int]:
+    """The domids living in a state directory, sorted."""
+    from pyxl import sim
+
+    return sorted(i.domid for i in sim.list_domains(sim_dir=sim_dir))
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(size: str, prefix: str = "pyxl-tmpfs-") -> Iterator[str]:
+    """A small tmpfs mounted for the test (root only; skips the test otherwise).
+    Domains left in it are destroyed, then it is unmounted and its mount point removed."""
+    from pyxl import sim
+
+    mnt = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mnt],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        os.rmdir(mnt)
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
+    try:
+        yield mnt
+    finally:
+        for info in sim.list_domains(mnt):
+            try:
+                sim.destroy(info.domid, mnt)
+            except sim.SimError:
+                pass
+        subprocess.run(["umount", "-l", mnt], check=False)
+        os.rmdir(mnt)
+
+
+# ---- leak checks ---------------------------------------------------------------------------
+
+
+def open_fds() -> List[int]:
     import gc
 
     import pyxl
@@ -47,17 +179,27 @@ def open_fds():
     return sorted(int(f) for f in os.listdir("/proc/self/fd"))
 
 
-def children():
-    """Live (or zombie) children of this process."""
-    out = []
+def children(cmdline: bool = False) -> List[Tuple[int, Union[str, bytes]]]:
+    """Live (or zombie) children of this process: (pid, comm), or with
+    ``cmdline=True`` (pid, raw /proc/PID/cmdline -- comm if that is empty)."""
+    out: List[Tuple[int, Union[str, bytes]]] = []
     me = str(os.getpid())
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 with open(f"/proc/{pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()
+                if fields[1] != me:
+                    continue
+                if not cmdline:
+                    out.append((int(pid), fields[0]))
+                    continue
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+                if not cmd:
+                    with open(f"/proc/{pid}/comm", "rb") as f:
+                        cmd = f.read()
             except OSError:
                 continue
-            if fields[1] == me:
-                out.append((int(pid), fields[0]))
+            out.append((int(pid), cmd))
     return out

@@ -1,10 +1,8 @@
-"""Where domains live: what pyxl does around the helper that libxl would do.
+"""The simulated backend: fakexen's domains in a state directory.
 
-libxc never pauses, suspends, resumes, creates or destroys a domain; the
-toolstack does, in the suspend callback and around the helper run.  A backend
-supplies those defaults.  :class:`SimBackend` drives fakexen's simulated
-domains (every machine); a real-Xen backend is chosen where
-``/dev/xen/privcmd`` exists.
+Implements :class:`pyxl.backends.base.Backend` over :mod:`pyxl.sim`.  Its guests
+have no device model (the hooks are :class:`~pyxl.backends.base.NoDeviceModel`'s),
+and the restore helper gets the event channels fakexen's builder allocates.
 """
 
 from __future__ import annotations
@@ -13,7 +11,8 @@ import os
 import time
 from typing import Any, Callable, Dict, Optional
 
-from pyxl.sim import domains as sim
+from pyxl import sim
+from pyxl.backends.base import Cancellable, NoDeviceModel, RestorePorts
 from pyxl.errors import StartupError
 from pyxl.loop import Loop, Timer
 
@@ -22,7 +21,7 @@ from pyxl.loop import Loop, Timer
 _SUSPEND_POLL = 0.001
 
 
-class SimBackend:
+class SimBackend(NoDeviceModel):
     """fakexen domains in a state directory (``PYXL_SIM_DIR`` or /dev/shm)."""
 
     name = "sim"
@@ -45,7 +44,7 @@ class SimBackend:
         return sim.config(domid, sim_dir=self.sim_dir)
 
     def start_suspend(self, loop: Loop, domid: int, timeout: float,
-                      done: Callable[[bool, str], None]) -> Timer:
+                      done: Callable[[bool, str], None]) -> Cancellable:
         """Ask the guest to suspend; call ``done(ok, why)`` from the loop when it has."""
         sim.request_suspend(domid, sim_dir=self.sim_dir)
         deadline = time.monotonic() + timeout
@@ -109,14 +108,13 @@ class SimBackend:
             return None
 
     def digest(self, domid: int) -> Optional[str]:
-        """sha256 of the stopped guest's memory and context (:func:`pyxl.sim.domains.digest`)."""
+        """sha256 of the stopped guest's memory and context (:func:`pyxl.sim.digest`)."""
         return sim.digest(domid, sim_dir=self.sim_dir)
 
+    def restore_ports(self, domid: int) -> RestorePorts:
+        # store 1 and console 2 on backend domain 0, as the simulated domain's
+        # builder allocates them
+        return (1, 0, 2, 0)
 
-def default_backend(sim_dir: Optional[str] = None) -> Any:
-    """fakexen's SimBackend, unless this is a Xen host (``/dev/xen/privcmd``)
-    and no simulation directory was asked for: then :class:`XenBackend`."""
-    if os.path.exists("/dev/xen/privcmd") and sim_dir is None and not os.environ.get("PYXL_SIM_DIR"):
-        from pyxl.backends.xen import XenBackend
-        return XenBackend()
-    return SimBackend(sim_dir)
+    def restore_done(self, domid: int, store_gfn: int, console_gfn: int) -> None:
+        """Nothing to finish: fakexen has no XenStore."""

@@ -2,7 +2,7 @@
 
 ctypes over Debian's libxenctrl/libxenguest (no compiled extension) for the
 hypervisor, :mod:`pyxl.backends.xenstore` for XenStore.  Chosen by
-:func:`pyxl.backends.sim.default_backend` where ``/dev/xen/privcmd`` exists.
+:func:`pyxl.backends.default.default_backend` where ``/dev/xen/privcmd`` exists.
 
 * suspend: "suspend" is written to ``/local/domain/D/control/shutdown``; a
   XenStore watch on ``@releaseDomain`` (its own xenstored connection, whose fd
@@ -43,6 +43,7 @@ import struct
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from pyxl.backends.base import NoDeviceModel, RestorePorts
 from pyxl.errors import BackendError, StartupError
 from pyxl.loop import Loop, Timer
 from pyxl.backends.xenstore import XenStore, XenStoreError, open_default
@@ -236,7 +237,7 @@ class Xc:
                     self.guest.xc_domain_resume(self.xch, domid, 1 if fast else 0))
 
 
-class XenBackend:
+class XenBackend(NoDeviceModel):
     """Domains of the Xen hypervisor this host runs on (dom0)."""
 
     name = "xen"
@@ -553,7 +554,7 @@ class XenBackend:
             f.write(json.dumps(cfg, indent=4).encode() + b"\n\0")
         os.rename(tmp, path)
 
-    def restore_ports(self, domid: int) -> Tuple[int, int, int, int]:
+    def restore_ports(self, domid: int) -> RestorePorts:
         """(store port, store domain, console port, console domain) for the helper's argv."""
         return self._ports[domid]
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from typing import Any, List
 
-from pyxl.sim import domains as sim
+from pyxl import sim
 from pyxl._paths import helper_path
 from pyxl.cli.runner import ProgressBar, run as run_op
 from pyxl.ops.operation import restore, save

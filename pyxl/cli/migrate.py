@@ -28,7 +28,7 @@ import json
 import sys
 from typing import Any, Callable, TypeVar
 
-from pyxl.sim import domains as sim
+from pyxl import sim
 from pyxl.cli.args import common_options as _common, domid_arg
 from pyxl.cli.runner import ProgressBar, run
 from pyxl.migrate.operations import migrate, parse_address, receive

@@ -26,7 +26,7 @@ import sys
 from typing import Any, Callable, List, Optional
 
 from pyxl.cli.args import domid_arg
-from pyxl.sim import domains as sim
+from pyxl import sim
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -61,7 +61,7 @@ pauses its source (:class:`MigrationInDoubt`) -- never two running copies.
 receiver's status message (its copy running).  ``iterations`` counts the
 precopy rounds sent while the guest ran (Xen's default policy: at most 5);
 the stop-and-copy pass comes on top.  ``digest`` (sim domains, on request)
-is the backend's digest (:func:`pyxl.sim.domains.digest`; None on a real Xen host) of the stopped source at switch-over, resp. of the
+is the backend's digest (:func:`pyxl.sim.digest`; None on a real Xen host) of the stopped source at switch-over, resp. of the
 received domain before it is unpaused -- the latter adds the hashing time to
 the downtime.
 """
@@ -84,7 +84,7 @@ from pyxl.stream import xl as stream_xl
 from pyxl.stream.framing import REC_HEADER
 from pyxl.stream.libxl import LIBXL_HEADER
 from pyxl._paths import helper_path
-from pyxl.backends.sim import SimBackend, default_backend
+from pyxl.backends import Backend, SimBackend, default_backend
 from pyxl.errors import (Cancelled, MigrationError, MigrationInDoubt, OperationError,
                          StartupError, Timeout)
 from pyxl.ops.future import LoopFuture
@@ -406,7 +406,7 @@ class MigrateOperation(_Future):
                  on_fail: str = "abort", max_bandwidth: Optional[int] = None,
                  helper: Optional[str] = None, timeout: Optional[float] = None,
                  loop: Optional[Loop] = None, sim_dir: Optional[str] = None,
-                 backend: Optional[SimBackend] = None, digest: bool = False,
+                 backend: Optional[Backend] = None, digest: bool = False,
                  on_progress: Optional[Callable[[ProgressEvent], None]] = None,
                  handshake_timeout: float = 60.0, remus: bool = False,
                  checkpoints: Optional[int] = None, checkpoint_interval: float = 0.1) -> None:
@@ -870,7 +870,7 @@ class ReceiveOperation(_Future):
                  fds: Optional[Tuple[int, int]] = None, paused: bool = False,
                  helper: Optional[str] = None, timeout: Optional[float] = None,
                  loop: Optional[Loop] = None, sim_dir: Optional[str] = None,
-                 backend: Optional[SimBackend] = None, digest: bool = False,
+                 backend: Optional[Backend] = None, digest: bool = False,
                  remus: bool = False) -> None:
         self.remus = remus
         if (listen is None) == (fds is None):

@@ -29,7 +29,7 @@ from pyxl.stream import libxl as stream_libxl
 
 from pyxl.stream import xl as stream_xl
 from pyxl._paths import helper_path
-from pyxl.backends.sim import SimBackend, default_backend
+from pyxl.backends import Backend, SimBackend, default_backend
 from pyxl.errors import (Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
                      MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
                      StartupError, Timeout)
@@ -38,7 +38,8 @@ from pyxl.ops.helper_process import HelperProcess, restore_argv, save_argv
 from pyxl.fdio import is_regular, write_all, write_from_loop
 from pyxl.loop import Loop, Timer, default_loop
 from pyxl.stream.libxl import LibxlRecordType as RecordType
-from pyxl.wire.codec import Complete, Log, Message, Progress, RestoreResults, Suspend, cbflags_for
+from pyxl.wire.codec import (Complete, Log, Message, Progress, RestoreResults, Suspend,
+                             SwitchQemuLogdirty, cbflags_for)
 
 __all__ = ["CallbackRequest", "Operation", "ProgressEvent", "RestoreOperation", "RestoreResult",
            "SaveOperation", "SaveResult", "restore", "save", "wait"]
@@ -365,10 +366,10 @@ class SaveOperation(Operation):
                  callbacks: Optional[Dict[str, Handler]] = None,
                  on_progress: Optional[Callable[[ProgressEvent], None]] = None,
                  on_resume: Optional[Callable[[int], None]] = None,
-                 backend: Optional[SimBackend] = None, sim_dir: Optional[str] = None,
+                 backend: Optional[Backend] = None, sim_dir: Optional[str] = None,
                  suspend_timeout: float = 30.0, debug: bool = False, fsync: bool = True,
                  config: Optional[Dict[str, Any]] = None,
-                 emulator_records: Sequence[Tuple[int, bytes]] = (),
+                 emulator_records: Optional[Sequence[Tuple[int, bytes]]] = None,
                  helper_env: Optional[Dict[str, str]] = None,
                  write_trailer: Optional[Callable[[bytes], None]] = None,
                  stream_type: int = STREAM_PLAIN, checkpoints: Optional[int] = None,
@@ -397,7 +398,9 @@ class SaveOperation(Operation):
         self.on_resume = on_resume
         self.suspend_timeout = suspend_timeout
         self.fsync = fsync
-        self.emulator_records = list(emulator_records)
+        self.emulator_records = list(emulator_records or ())
+        # Without records of the caller's, the backend's device model supplies them.
+        self._dm_from_backend = emulator_records is None
         self.write_trailer = write_trailer
         if stream_type not in (STREAM_PLAIN, STREAM_REMUS):
             raise ValueError(f"stream_type must be 0 (plain) or 1 (Remus), not {stream_type}")
@@ -484,12 +487,27 @@ class SaveOperation(Operation):
         if name == "suspend":
             return self._default_suspend
         if name == "switch_qemu_logdirty":
-            return lambda req: 0  # no device model in a simulated guest
+            return self._default_logdirty
         if name == "postcopy":
             return self._default_postcopy
         if name == "checkpoint":
             return self._default_checkpoint
         return super()._default_handler(name)
+
+    def _default_logdirty(self, req: CallbackRequest) -> None:
+        """libxc asks the device model to track (or stop tracking) the pages it
+        writes; the backend knows the device model.  Answers 0 or -1, as libxl."""
+        assert isinstance(req.message, SwitchQemuLogdirty)
+        enable = bool(req.message.enable)
+
+        def done(ok: bool, why: str) -> None:
+            if not ok:
+                self.logger.error("log-dirty %s for domain %d's device model failed: %s",
+                                  "on" if enable else "off", self.domid, why)
+            if not req.answered:
+                req.reply(0 if ok else -1)
+
+        self._aux.append(self.backend.start_logdirty(self.loop, self.domid, enable, done))
 
     def _default_postcopy(self, req: CallbackRequest) -> None:
         """Remus, after a checkpoint's libxc records: libxl's records for it,
@@ -565,6 +583,14 @@ class SaveOperation(Operation):
         if isinstance(req.message, Suspend) and value:
             self.suspended = True
             self.suspended_at = time.monotonic()
+            if self._dm_from_backend:
+                # The guest is stopped: so is its device model's state (libxl saves
+                # it here too, once per checkpoint for Remus).
+                try:
+                    self.emulator_records = self.backend.save_device_model(self.domid)
+                except Exception as exc:  # a backend is the caller's code (any toolstack's)
+                    self._fail_soon(OperationError(
+                        f"saving domain {self.domid}'s device model failed: {exc}", op=self))
 
     def _answered_late(self, req: CallbackRequest, value: int) -> None:
         if isinstance(req.message, Suspend) and value:
@@ -664,7 +690,7 @@ class RestoreOperation(Operation):
                  timeout: Optional[float] = None, loop: Optional[Loop] = None,
                  callbacks: Optional[Dict[str, Handler]] = None,
                  on_progress: Optional[Callable[[ProgressEvent], None]] = None,
-                 backend: Optional[SimBackend] = None, sim_dir: Optional[str] = None,
+                 backend: Optional[Backend] = None, sim_dir: Optional[str] = None,
                  stream_type: int = STREAM_PLAIN, name: Optional[str] = None) -> None:
         """``name``: the new domain's name instead of the saved config's (a
         migration receiver's ``NAME--incoming``).
@@ -726,11 +752,8 @@ class RestoreOperation(Operation):
             cbflags = cbflags_for(REMUS_RESTORE_CALLBACKS if stream_type else RESTORE_CALLBACKS)
             io_fd = fd if fd > 2 else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
             # Event channels (store port, store domain, console port, console
-            # domain): the backend's, or store 1 and console 2 on backend
-            # domain 0, as the simulated domain's builder would allocate them.
-            ports = getattr(self.backend, "restore_ports", None)
-            store_port, store_dom, console_port, console_dom = (
-                ports(domid) if ports is not None else (1, 0, 2, 0))
+            # domain), as the backend allocated them for the new domain.
+            store_port, store_dom, console_port, console_dom = self.backend.restore_ports(domid)
             argv = restore_argv(helper_path(helper), io_fd, -1, domid, store_port, store_dom,
                                 console_port, console_dom, cbflags, stream_type)
             try:
@@ -848,12 +871,12 @@ class RestoreOperation(Operation):
             return
         assert self.helper is not None and self.helper.results is not None
         try:
-            # A real hypervisor's backend finishes the domain now (XenStore
-            # nodes, introduction to xenstored with the restored store page).
-            restored = getattr(self.backend, "restore_done", None)
-            if restored is not None:
-                restored(self.domid, self.helper.results.store_gfn,
-                         self.helper.results.console_gfn)
+            # The device model takes its saved state, then the backend finishes
+            # the domain (a real host: XenStore nodes, introduction to xenstored
+            # with the restored store page).
+            self.backend.restore_device_model(self.domid, records)
+            self.backend.restore_done(self.domid, self.helper.results.store_gfn,
+                                      self.helper.results.console_gfn)
             if not self.paused:
                 self.backend.unpause(self.domid)
         except Exception as err:

@@ -1,1 +1,46 @@
-"""sim"""
+"""Control of fakexen, pyxl's simulated Xen hypervisor (x86 HVM save/restore).
+
+A simulated domain lives in a state directory (``/dev/shm/pyxl-sim`` unless
+``sim_dir`` or ``$PYXL_SIM_DIR`` says otherwise) as ``d<domid>/`` holding a
+control block and a sparse guest-memory file (layout: ``fakexen/simctl.h``).
+Three parties share it:
+
+* this module (the toolstack's view: create, pause, suspend, destroy, ...);
+* ``libfakexen.so``, preloaded into a save/restore helper (:func:`helper_env`),
+  which answers the hypercalls of Debian's libxenctrl/libxenguest 4.17;
+* ``pyxl-sim-vcpu``, one detached process per running domain, which writes
+  guest memory at ``dirty_rate`` bytes/s and marks the pages it dirties.
+
+Guests are built in the libxl HVM layout: RAM from pfn 0 with the VGA hole
+0xa0-0xbf left out, RAM beyond 3.75 GiB above 4 GiB, and the 16 special
+pages at 0xfeff0-0xfefff.
+
+Modules: ``layout`` (the shared control block, mirroring ``fakexen/simctl.h``;
+sizes; a new guest's default state), ``statedir`` (creating domains), ``control``
+(queries and run state), ``memory`` (digests and checks), ``errors``.  Only the
+standard library and pyxl.errors are used.  Every call is synchronous; the
+non-blocking pair :func:`request_suspend` + :func:`state` lets an event loop
+poll for suspension with a timer.
+"""
+
+from pyxl.sim.control import (DomainInfo, config, destroy, info, list_domains, pause, remove_dir,
+                              rename, request_suspend, resume, set_dirty_rate, state, suspend,
+                              unpause)
+from pyxl.sim.errors import (DomainStateError, InsufficientResources, NoSuchDomain, SimError,
+                             SimTimeout)
+from pyxl.sim.layout import (DEFAULT_SIM_DIR, PAGE_SIZE, SAVED_PARAMS, bit_runs, format_size,
+                             helper_env, libfakexen_path, parse_size, ram_runs, sim_dir_path,
+                             vcpu_path)
+from pyxl.sim.memory import (GuestCheck, check_guest, counter, digest, grant_entries,
+                             hvm_context, hvm_params, populated_runs)
+from pyxl.sim.statedir import create, create_empty
+
+__all__ = [
+    "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
+    "NoSuchDomain", "PAGE_SIZE", "SAVED_PARAMS", "SimError", "SimTimeout", "bit_runs",
+    "check_guest", "config", "counter", "create", "create_empty", "destroy", "digest",
+    "format_size", "grant_entries", "helper_env", "hvm_context", "hvm_params", "info",
+    "libfakexen_path", "list_domains", "parse_size", "pause", "populated_runs", "ram_runs",
+    "remove_dir", "rename", "request_suspend", "resume", "set_dirty_rate", "sim_dir_path",
+    "state", "suspend", "unpause", "vcpu_path",
+]

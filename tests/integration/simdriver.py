@@ -1,7 +1,7 @@
 """A blocking, test-only stand-in for libxl around one save/restore helper run on fakexen.
 
 It spawns a helper (Debian's ``libxl-save-helper`` or pyxl's ``pyxl-save-helper``)
-with libxl's exact argv and fakexen preloaded (:func:`pyxl.sim.domains.helper_env`),
+with libxl's exact argv and fakexen preloaded (:func:`pyxl.sim.helper_env`),
 answers its callbacks the way libxl does for a plain save or restore, and
 collects what the helper said.  pyxl's real host library, with an event loop,
 lives elsewhere; this exists only to exercise fakexen.
@@ -10,7 +10,7 @@ lives elsewhere; this exists only to exercise fakexen.
     restore: --restore-domain IO_FD -1 DOMID 1 0 2 0 768 0
 
 Callbacks: switch_qemu_logdirty -> 0; suspend -> suspend the simulated guest
-(pyxl.sim.domains.suspend) then 1 (0 if that failed); static_data_done -> 0;
+(pyxl.sim.suspend) then 1 (0 if that failed); static_data_done -> 0;
 complete -> 0.
 """
 
@@ -28,10 +28,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-from pyxl.sim import domains as sim
+from pyxl import _paths as pyxl_paths, sim
 
 DEBIAN_HELPER = "/usr/lib/xen-4.17/bin/libxl-save-helper"
-OUR_HELPER = os.path.join(os.path.dirname(os.path.abspath(sim.__file__)), "pyxl-save-helper")
+OUR_HELPER = pyxl_paths.package_file("pyxl-save-helper")
 VERIFY_STREAM = "/usr/lib/xen-4.17/bin/verify-stream-v2"
 XEN_PYTHONPATH = "/usr/lib/xen-4.17/lib/python"
 

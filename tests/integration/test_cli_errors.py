@@ -21,7 +21,7 @@ from typing import Iterator, List, Optional
 import pytest
 
 import pyxl
-from pyxl.sim import domains as sim
+from pyxl import sim
 
 from conftest import HELPERS, ROOT
 

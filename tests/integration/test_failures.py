@@ -9,7 +9,7 @@ import time
 import pytest
 
 import pyxl
-from pyxl.sim import domains as sim
+from pyxl import sim
 
 from conftest import ROOT, children, open_fds
 

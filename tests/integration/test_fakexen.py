@@ -8,7 +8,8 @@ import time
 import pytest
 
 import simdriver as sd
-from pyxl.sim import domains as sim
+from pyxl import sim
+from pyxl.sim import control as sim_control
 
 MiB = 1 << 20
 SPECIAL_ZEROED = (0xFEFFB, 0xFEFFC, 0xFEFFD, 0xFEFFF)  # bufioreq, store, ioreq, console
@@ -157,7 +158,7 @@ def test_live_save_recovers_when_logdirty_was_left_on(fxdir, stream):
     """A previous helper died with log-dirty on: ENABLE fails EINVAL, libxc turns it off
     and on again, as it does on real Xen."""
     src = sim.create(8 * MiB, dirty_rate=4 * MiB, sim_dir=fxdir)
-    with sim._Dom(src, fxdir) as d:
+    with sim_control._Dom(src, fxdir) as d:
         d.set("logdirty", 1)
     run = sd.save_to_file(src, stream, sim_dir=fxdir, live=True,
                           env={"PYXL_SIM_TRACE": "1"})

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import simdriver as sd
-from pyxl.sim import domains as sim
+from pyxl import sim
 
 MiB = 1 << 20
 HC_MEMORY_OP, HC_MULTICALL, HC_XEN_VERSION, HC_HVM_OP, HC_SYSCTL, HC_DOMCTL = 12, 13, 17, 34, 35, 36

@@ -37,7 +37,7 @@ from typing import Callable, Dict, List
 import pytest
 
 import pyxl
-from pyxl.sim import domains as sim
+from pyxl import sim
 from pyxl.stream import xl as stream_xl
 from pyxl.wire.codec import Message
 

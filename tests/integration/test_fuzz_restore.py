@@ -29,7 +29,7 @@ import pytest
 
 import pyxl
 from pyxl.cli import main as cli
-from pyxl.sim import domains as sim
+from pyxl import sim
 from pyxl.stream import xl as stream_xl
 from pyxl.stream.framing import RecordInfo, roundup8
 

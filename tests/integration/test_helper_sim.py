@@ -20,7 +20,7 @@ import subprocess
 
 import pytest
 
-from pyxl.sim import domains as sim
+from pyxl import sim
 from test_helper import (EXIT_REPLY_LOST, HELPERS, SYS_READ, SYS_WRITE, SYS_WRITEV, HelperRun,
                          assert_same, needs_debian)
 

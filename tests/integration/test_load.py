@@ -18,7 +18,7 @@ from typing import Dict, List
 import pytest
 
 import pyxl
-from pyxl.sim import domains as sim
+from pyxl import sim
 
 from conftest import HELPERS, SLOW, children, open_fds
 

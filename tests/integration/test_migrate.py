@@ -24,7 +24,7 @@ import pytest
 
 import pyxl
 from pyxl.migrate import operations as migrate
-from pyxl.sim import domains as sim
+from pyxl import sim
 from pyxl.backends.sim import SimBackend
 from pyxl.loop import default_loop
 

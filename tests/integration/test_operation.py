@@ -10,7 +10,7 @@ import time
 import pytest
 
 import pyxl
-from pyxl.sim import domains as sim
+from pyxl import sim
 from pyxl.loop import HookLoop
 
 from conftest import HELPERS, children, open_fds

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import pytest
 
 import pyxl
-from pyxl.sim import domains as sim
+from pyxl import sim
 
 from conftest import HELPERS, OUR_HELPER
 

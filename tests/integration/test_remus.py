@@ -19,7 +19,7 @@ from typing import List
 import pytest
 
 import pyxl
-from pyxl.sim import domains as sim
+from pyxl import sim
 from pyxl.loop import default_loop
 from pyxl.ops.operation import STREAM_REMUS
 

@@ -13,7 +13,7 @@ import pytest
 import pyxl
 from pyxl.migrate import operations as migrate
 from pyxl.migrate import resolve
-from pyxl.sim import domains as sim
+from pyxl import sim
 from pyxl.loop import SelectorLoop
 
 from conftest import children, open_fds

@@ -1,4 +1,4 @@
-"""pyxl.sim.domains: the simulated domains themselves, without any helper."""
+"""pyxl.sim: the simulated domains themselves, without any helper."""
 
 import json
 import multiprocessing
@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import simdriver
-from pyxl.sim import domains as sim
+from pyxl import sim
+from pyxl.sim import layout as sim_layout, statedir as sim_statedir
 from pyxl.cli.main import sim as sim_cli
 
 MiB = 1 << 20
@@ -37,13 +38,13 @@ pytestmark = pytest.mark.skipif(not native_built(), reason="native artefacts not
 def test_control_block_layout_matches_the_c_header():
     out = subprocess.run([sim.vcpu_path(), "layout"], capture_output=True, text=True, check=True)
     c = json.loads(out.stdout)
-    for name, (off, _fmt) in sim.CTL_FIELDS.items():
+    for name, (off, _fmt) in sim_layout.CTL_FIELDS.items():
         assert c[name] == off, name
     assert c["sizeof_ctl"] <= sim.PAGE_SIZE
     for key in ("GNT_OFF", "LEAVES_OFF", "MSRS_OFF", "CONFIG_OFF", "CONFIG_MAX", "HVMCTX_OFF",
                 "HVMCTX_MAX", "BITMAPS_OFF", "PFN_ALIGN", "CTL_MAGIC", "CTL_VERSION",
                 "GUEST_MAGIC"):
-        assert c[key] == getattr(sim, key), key
+        assert c[key] == getattr(sim_layout, key), key
     assert c["guest_state"] == {"magic": 0, "lap": 8, "cursor": 16, "pages_written": 24,
                                 "boots": 32, "ram_pages": 40}
 
@@ -64,7 +65,7 @@ def test_bit_runs_are_maximal_runs(spans):
     bm = bytearray(1024)
     want = set()
     for start, n in spans:
-        sim._set_bits(bm, start, min(n, 8192 - start))
+        sim_layout._set_bits(bm, start, min(n, 8192 - start))
         want.update(range(start, min(start + n, 8192)))
     runs = sim.bit_runs(bytes(bm))
     got = set()
@@ -195,13 +196,13 @@ def test_full_tmpfs_is_a_clear_error_and_leaves_nothing(tiny_tmpfs):
     assert [n for n in os.listdir(tiny_tmpfs) if n.startswith(("d", ".tmp-"))] == []
     # Past the up-front check (e.g. another writer filled the disk meanwhile), the
     # allocation itself fails cleanly: ENOSPC, never a SIGBUS, nothing half-made.
-    orig = sim._check_capacity
-    sim._check_capacity = lambda *a: None
+    orig = sim_statedir._check_capacity
+    sim_statedir._check_capacity = lambda *a: None
     try:
         with pytest.raises(sim.InsufficientResources, match="no space left"):
             sim.create(64 * MiB, sim_dir=tiny_tmpfs)
     finally:
-        sim._check_capacity = orig
+        sim_statedir._check_capacity = orig
     assert [n for n in os.listdir(tiny_tmpfs) if n.startswith(("d", ".tmp-"))] == []
     # and the directory still works for a guest that fits
     domid = sim.create(4 * MiB, sim_dir=tiny_tmpfs, paused=True)

@@ -369,7 +369,7 @@ def test_suspend_failure_is_named_in_the_save_error(sim_dir, tmp_path):
     """The default suspend's failure (a guest that never answers, as one
     without PV drivers) leads the save's error, not libxc's "Save failed"."""
     import pyxl
-    from pyxl.sim import domains as sim
+    from pyxl import sim
     from pyxl.backends.sim import SimBackend
 
     class Deaf(SimBackend):

@@ -1,0 +1,141 @@
+"""The :class:`Backend` protocol: everything pyxl asks of the place domains live.
+
+libxc never pauses, suspends, resumes, creates or destroys a domain, and never
+touches the device model; the toolstack does, in the helper's callbacks and
+around the helper run.  pyxl's operations do that through a backend:
+
+* :class:`pyxl.backends.sim.SimBackend` -- fakexen's simulated domains;
+* :class:`pyxl.backends.xen.XenBackend` -- the Xen host this runs on (ctypes over
+  libxenctrl, XenStore), doing what libxl would;
+* your toolstack's own: any object with these methods (structural typing; no
+  base class to inherit).  Pass it as ``backend=`` to ``pyxl.save``,
+  ``pyxl.restore``, ``pyxl.migrate.migrate`` and ``pyxl.migrate.receive``.
+
+Calls are made from the operation's event loop, so each must return quickly;
+the one that waits on the guest (:meth:`Backend.start_suspend`) and the device
+model's log-dirty switch are asynchronous: they start the work and report
+through ``done(ok, why)`` from the loop.  A backend reports failure by raising
+(:class:`pyxl.BackendError` preferably, any exception is contained): the
+operation fails cleanly or, after the image is safe, logs and goes on.
+
+May import: pyxl.errors, pyxl.loop (types only).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
+
+from pyxl.loop import Loop
+
+__all__ = ["Backend", "Cancellable", "Done", "EmulatorRecord", "RestorePorts"]
+
+#: ``done(ok, why)``: the outcome of an asynchronous backend step, called from the loop.
+Done = Callable[[bool, str], None]
+#: (store event channel, store's backend domain, console event channel, console's
+#: backend domain): the restore helper's argv, as libxl allocates them.
+RestorePorts = Tuple[int, int, int, int]
+#: A libxl EMULATOR_XENSTORE_DATA or EMULATOR_CONTEXT record: (type, body).
+EmulatorRecord = Tuple[int, bytes]
+
+
+class Cancellable(Protocol):
+    """Something in flight that can be called off (a loop timer, a suspend)."""
+
+    def cancel(self) -> None: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What pyxl's save, restore and migration operations need from a host."""
+
+    #: Short name for logs and errors ("sim", "xen", your toolstack's).
+    name: str
+
+    # -- the helper ---------------------------------------------------------
+
+    def helper_env(self) -> Dict[str, str]:
+        """The environment the helper runs in (fakexen: its LD_PRELOAD)."""
+        ...
+
+    # -- saving a domain ----------------------------------------------------
+
+    def check_domain(self, domid: int) -> None:
+        """Raise (e.g. :class:`pyxl.StartupError`) unless ``domid`` can be saved."""
+        ...
+
+    def domain_config(self, domid: int) -> Dict[str, Any]:
+        """The domain's libxl config (``libxl_domain_config`` as JSON), for the xl header."""
+        ...
+
+    def start_suspend(self, loop: Loop, domid: int, timeout: float, done: Done) -> Cancellable:
+        """Ask the guest to suspend; call ``done(ok, why)`` from ``loop`` once it has
+        (or could not within ``timeout`` seconds).  Returns a handle to call it off."""
+        ...
+
+    def start_logdirty(self, loop: Loop, domid: int, enable: bool, done: Done) -> Cancellable:
+        """The helper's ``switch_qemu_logdirty``: make the device model track (or stop
+        tracking) the pages it writes, then ``done(ok, why)``.  No device model:
+        ``done(True, "")`` at once."""
+        ...
+
+    def save_device_model(self, domid: int) -> List[EmulatorRecord]:
+        """After the guest is suspended: the device model's state as libxl records
+        (EMULATOR_XENSTORE_DATA, EMULATOR_CONTEXT) for the end of the stream.
+        No device model: ``[]``."""
+        ...
+
+    def resume(self, domid: int) -> None:
+        """Let a suspended guest run again (xl's cooperative resume)."""
+        ...
+
+    def pause(self, domid: int) -> None: ...
+
+    def unpause(self, domid: int) -> None: ...
+
+    def destroy(self, domid: int) -> None:
+        """Destroy the domain and everything the toolstack made for it."""
+        ...
+
+    def rename(self, domid: int, name: str) -> None: ...
+
+    def state(self, domid: int) -> Optional[str]:
+        """'running', 'paused', 'suspended', or None when it cannot be told."""
+        ...
+
+    def digest(self, domid: int) -> Optional[str]:
+        """A digest of the stopped guest's memory and context, where the backend can
+        make one (fakexen); None otherwise.  Migration compares both ends' digests."""
+        ...
+
+    # -- restoring a domain -------------------------------------------------
+
+    def create_restore_target(self, config: Dict[str, Any]) -> int:
+        """Build the empty, paused domain the helper restores into; return its domid."""
+        ...
+
+    def restore_ports(self, domid: int) -> RestorePorts:
+        """The event channels the restore helper is given for ``domid``."""
+        ...
+
+    def restore_device_model(self, domid: int, records: List[EmulatorRecord]) -> None:
+        """After the helper: give the device model its saved state (the stream's
+        emulator records).  No device model: nothing to do."""
+        ...
+
+    def restore_done(self, domid: int, store_gfn: int, console_gfn: int) -> None:
+        """After the helper and the device model: finish the domain (XenStore nodes,
+        introduction to xenstored with the restored store page) before it is unpaused."""
+        ...
+
+
+class NoDeviceModel:
+    """The device-model hooks of a backend whose guests have none (PV, PVH, fakexen)."""
+
+    def start_logdirty(self, loop: Loop, domid: int, enable: bool, done: Done) -> Cancellable:
+        return loop.call_later(0, lambda: done(True, ""))
+
+    def save_device_model(self, domid: int) -> List[EmulatorRecord]:
+        return []
+
+    def restore_device_model(self, domid: int, records: List[EmulatorRecord]) -> None:
+        return None

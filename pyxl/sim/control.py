@@ -1,0 +1,420 @@
+"""One domain's control block: queries (:func:`info`, :func:`state`, ...) and its
+run state (pause, unpause, suspend, resume, destroy), woken through futexes."""
+
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import mmap
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import time
+import uuid as uuidlib
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Iterator, List, Optional
+
+from pyxl.sim.layout import (DEFAULT_SIM_DIR, PAGE_SIZE, CONFIG_OFF, CTL_FIELDS, CTL_MAGIC, CTL_VERSION, DYING, MAXMEM_SLACK_PAGES, PAUSED, REQ_EXIT, REQ_PAUSE, REQ_RUN, REQ_SUSPEND, RUNNING, SHUTDOWN_SUSPEND, STATE_NAMES, SUSPENDED, _domdir, _field, _pack_field, sim_dir_path, vcpu_path)
+from pyxl.sim.errors import (DomainStateError, NoSuchDomain, SimError, SimTimeout)
+
+__all__ = [
+    "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
+    "NoSuchDomain", "SimError", "SimTimeout", "check_guest", "config", "counter", "create",
+    "create_empty", "destroy", "digest", "format_size", "helper_env", "info",
+    "libfakexen_path", "list_domains", "parse_size", "pause", "remove_dir", "rename", "request_suspend", "resume",
+    "set_dirty_rate", "sim_dir_path", "state", "suspend", "unpause", "vcpu_path",
+]
+
+
+# ---- one domain ---------------------------------------------------------------------------
+
+
+class _Dom:
+    """An open domain: its directory, and its control page mapped for updates."""
+
+    def __init__(self, domid: int, sim_dir: Optional[str]) -> None:
+        self.sim_dir = sim_dir_path(sim_dir)
+        self.domid = domid
+        self.path = _domdir(self.sim_dir, domid)
+        try:
+            self.fd = os.open(os.path.join(self.path, "ctl"), os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NoSuchDomain(domid, self.sim_dir) from None
+        try:
+            self.page = mmap.mmap(self.fd, PAGE_SIZE)
+        except (OSError, ValueError):
+            os.close(self.fd)
+            raise SimError(f"{self.path}: not a simulated domain") from None
+        if self.get("magic") != CTL_MAGIC or self.get("version") != CTL_VERSION:
+            self.close()
+            raise SimError(f"{self.path}: not a simulated domain (bad magic or version)")
+
+    def close(self) -> None:
+        self.page.close()
+        os.close(self.fd)
+
+    def __enter__(self) -> "_Dom":
+        return self
+
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException],
+                 tb: object) -> None:
+        self.close()
+        if isinstance(exc, FileNotFoundError):
+            # The directory went away under us: destroyed meanwhile.
+            raise NoSuchDomain(self.domid, self.sim_dir) from None
+
+    def get(self, name: str) -> Any:
+        return _field(self.page, name)
+
+    def set(self, name: str, value: Any) -> None:
+        _pack_field(self.page, name, value)
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialise controllers of this domain (the vCPU and libfakexen do not take it)."""
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def state(self) -> int:
+        st: int = self.get("state")
+        if st == DYING:
+            raise NoSuchDomain(self.domid, self.sim_dir)
+        return st
+
+    def vcpu_alive(self) -> bool:
+        try:
+            fd = os.open(os.path.join(self.path, "vcpu.lock"),
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            return False   # directory gone: destroyed
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def request(self, req: int) -> int:
+        """Post a request to the vCPU; return its sequence number."""
+        seq: int = (self.get("req_seq") + 1) & 0xFFFFFFFF
+        self.set("req", req)
+        self.set("req_seq", seq)
+        _futex_wake(self.page, CTL_FIELDS["req_seq"][0])
+        return seq
+
+    def wait_ack(self, seq: int, timeout: float) -> bool:
+        """Wait until the vCPU acknowledged `seq`; False if it is gone instead."""
+        deadline = time.monotonic() + timeout
+        delay = 0.0002
+        while self.get("ack_seq") != seq:
+            if not self.vcpu_alive():
+                return bool(self.get("ack_seq") == seq)
+            if time.monotonic() > deadline:
+                raise SimTimeout(f"domain {self.domid}: the vCPU did not answer within {timeout}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+        return True
+
+    def run_from(self, st: int) -> None:
+        """Mark the domain running and start its vCPU; back to ``st`` if that fails."""
+        self.set("state", RUNNING)
+        try:
+            self.start_vcpu()
+        except BaseException:
+            self.set("state", st)
+            raise
+
+    def start_vcpu(self) -> None:
+        exe = vcpu_path()
+        if not os.access(exe, os.X_OK):
+            raise SimError(f"{exe} is missing: build it with `setup.py build_ext --inplace`")
+        r = subprocess.run([exe, "run", self.path], stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            msg = r.stderr.strip().splitlines()[-1:] or [f"exit status {r.returncode}"]
+            raise SimError(f"domain {self.domid}: cannot start its vCPU: {msg[0]}")
+
+
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
+_libc: Optional[ctypes.CDLL] = None
+
+
+def _futex_wake(page: mmap.mmap, off: int) -> None:
+    """Wake a vCPU sleeping on a control word (it also polls, so this is only latency)."""
+    global _libc
+    if _SYS_FUTEX is None:
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    word = ctypes.c_uint32.from_buffer(page, off)
+    try:
+        _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(ctypes.addressof(word)),
+                      ctypes.c_int(1), ctypes.c_int(0x7FFFFFFF), None, None, ctypes.c_int(0))
+    finally:
+        del word
+
+
+# ---- queries --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    domid: int
+    name: str
+    uuid: str
+    #: running | paused | suspended
+    state: str
+    #: RAM the domain was created with (bytes); for a restore target, its max_memkb
+    memory: int
+    max_memkb: int
+    #: populated pages (RAM + special pages)
+    tot_pages: int
+    max_gpfn: int
+    dirty_rate: int
+    logdirty: bool
+    #: pid of the running vCPU process, None when none runs
+    vcpu_pid: Optional[int]
+    shutdown_reason: Optional[str]
+    created: float
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _info_from(hdr: bytes, vcpu_alive: bool) -> DomainInfo:
+    st = _field(hdr, "state")
+    pid = _field(hdr, "vcpu_pid")
+    max_pages = _field(hdr, "max_pages")
+    return DomainInfo(
+        domid=_field(hdr, "domid"),
+        name=_field(hdr, "name").split(b"\0", 1)[0].decode(errors="replace"),
+        uuid=str(uuidlib.UUID(bytes=_field(hdr, "uuid"))),
+        state=STATE_NAMES.get(st, f"unknown({st})"),
+        memory=_field(hdr, "mem_bytes"),
+        max_memkb=max(0, max_pages - MAXMEM_SLACK_PAGES) * 4,
+        tot_pages=_field(hdr, "tot_pages"),
+        max_gpfn=_field(hdr, "max_gpfn"),
+        dirty_rate=_field(hdr, "dirty_rate"),
+        logdirty=bool(_field(hdr, "logdirty")),
+        vcpu_pid=pid if (vcpu_alive and pid > 0) else None,
+        shutdown_reason="suspend" if st == SUSPENDED else None,
+        created=_field(hdr, "created_ns") / 1e9,
+    )
+
+
+def info(domid: int, sim_dir: Optional[str] = None) -> DomainInfo:
+    with _Dom(domid, sim_dir) as d:
+        d.state()
+        return _info_from(bytes(d.page), d.vcpu_alive())
+
+
+def list_domains(sim_dir: Optional[str] = None) -> List[DomainInfo]:
+    """Every live domain in the state directory, by domid."""
+    sdir = sim_dir_path(sim_dir)
+    try:
+        names = os.listdir(sdir)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        m = re.match(r"^d(\d+)$", name)
+        if not m:
+            continue
+        try:
+            out.append(info(int(m.group(1)), sdir))
+        except (SimError, OSError):
+            continue  # destroyed meanwhile, or not ours
+    return sorted(out, key=lambda i: i.domid)
+
+
+def state(domid: int, sim_dir: Optional[str] = None) -> str:
+    """'running', 'paused' or 'suspended'."""
+    with _Dom(domid, sim_dir) as d:
+        return STATE_NAMES[d.state()]
+
+
+def config(domid: int, sim_dir: Optional[str] = None) -> Dict[str, Any]:
+    """The libxl-style JSON config the domain was created with."""
+    with _Dom(domid, sim_dir) as d:
+        d.state()
+        n = d.get("config_len")
+        raw = os.pread(d.fd, n, CONFIG_OFF)
+        name = d.get("name").split(b"\0", 1)[0].decode(errors="replace")
+    cfg: Dict[str, Any] = json.loads(raw)
+    # The name lives in the control page (rename() changes it there), as
+    # libxl's current name lives in XenStore rather than in its stored config.
+    # (The page holds 63 bytes: a longer name from the config stays whole.)
+    c_info = cfg.setdefault("c_info", {})
+    if str(c_info.get("name", "")).encode()[:63].decode(errors="replace") != name:
+        c_info["name"] = name
+    return cfg
+
+
+def rename(domid: int, name: str, sim_dir: Optional[str] = None) -> None:
+    """Give the domain a new name (kept to 63 bytes of UTF-8, as at creation)."""
+    raw = name.encode()[:63]
+    if not raw or b"\0" in raw:
+        raise ValueError(f"a domain name is not empty and has no NUL: {name!r}")
+    with _Dom(domid, sim_dir) as d:
+        d.state()
+        with d.locked():
+            d.set("name", raw)
+
+
+# ---- run-state control ----------------------------------------------------------------------
+
+
+def pause(domid: int, sim_dir: Optional[str] = None, timeout: float = 10.0) -> None:
+    """Stop the guest's vCPU (between two page writes).  No-op if already paused.
+
+    Pausing a suspended domain (xl save -p: pause, then resume) makes a later
+    :func:`resume` leave it paused instead of running, as Xen's pause count does.
+    """
+    with _Dom(domid, sim_dir) as d, d.locked():
+        st = d.state()
+        if st == SUSPENDED:
+            d.set("resume_paused", 1)
+            return
+        if st == PAUSED:
+            return
+        if d.vcpu_alive() and d.wait_ack(d.request(REQ_PAUSE), timeout):
+            return
+        d.set("state", PAUSED)
+
+
+def unpause(domid: int, sim_dir: Optional[str] = None, timeout: float = 10.0) -> None:
+    """Run the guest: wake its vCPU, or start one on the domain's memory (e.g. after a restore)."""
+    with _Dom(domid, sim_dir) as d, d.locked():
+        st = d.state()
+        if st == SUSPENDED:
+            if d.get("resume_paused"):
+                d.set("resume_paused", 0)   # drops the pause taken while suspended
+                return
+            raise DomainStateError(
+                f"domain {domid} is suspended: resume it (after a failed save) or destroy it")
+        if d.vcpu_alive():
+            if st == PAUSED:
+                d.wait_ack(d.request(REQ_RUN), timeout)
+            if d.vcpu_alive():
+                return
+        d.run_from(st)
+
+
+def request_suspend(domid: int, sim_dir: Optional[str] = None) -> None:
+    """Ask the guest to suspend, without waiting; poll :func:`state` for 'suspended'.
+
+    A running vCPU finishes the page in hand, records shutdown reason suspend
+    and stops.  A domain without a running vCPU is suspended at once.
+    """
+    with _Dom(domid, sim_dir) as d, d.locked():
+        st = d.state()
+        if st == SUSPENDED:
+            return
+        if d.vcpu_alive():
+            d.request(REQ_SUSPEND)
+            return
+        d.set("shutdown_reason", SHUTDOWN_SUSPEND)
+        d.set("state", SUSPENDED)
+
+
+def suspend(domid: int, sim_dir: Optional[str] = None, timeout: float = 10.0) -> None:
+    """Suspend the guest and wait until it has stopped (what libxl's suspend callback does)."""
+    request_suspend(domid, sim_dir)
+    deadline = time.monotonic() + timeout
+    delay = 0.0002
+    with _Dom(domid, sim_dir) as d:
+        while d.state() != SUSPENDED:
+            if not d.vcpu_alive():
+                # The vCPU died without suspending: the domain is stopped anyway.
+                with d.locked():
+                    if d.state() != SUSPENDED:
+                        d.set("shutdown_reason", SHUTDOWN_SUSPEND)
+                        d.set("state", SUSPENDED)
+                break
+            if time.monotonic() > deadline:
+                raise SimTimeout(f"domain {domid} did not suspend within {timeout}s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+
+
+def resume(domid: int, sim_dir: Optional[str] = None) -> None:
+    """Bring a suspended guest back to running (after a failed save, or xl save -c).
+
+    No-op if running.  A suspended domain that was also paused (:func:`pause`)
+    comes back paused; :func:`unpause` then runs it.
+    """
+    with _Dom(domid, sim_dir) as d, d.locked():
+        st = d.state()
+        if st == RUNNING and d.vcpu_alive():
+            return
+        if st == PAUSED:
+            raise DomainStateError(f"domain {domid} is paused, not suspended: unpause it")
+        d.set("shutdown_reason", 0)
+        if st == SUSPENDED and d.get("resume_paused"):
+            d.set("resume_paused", 0)
+            d.set("state", PAUSED)
+            return
+        d.run_from(st)
+
+
+def set_dirty_rate(domid: int, rate: int, sim_dir: Optional[str] = None) -> None:
+    """Change how many bytes/s the guest writes (0: idle); takes effect at once."""
+    if rate < 0:
+        raise ValueError("dirty rate must be >= 0")
+    with _Dom(domid, sim_dir) as d:
+        d.state()
+        d.set("dirty_rate", rate)
+        _futex_wake(d.page, CTL_FIELDS["req_seq"][0])
+
+
+def destroy(domid: int, sim_dir: Optional[str] = None) -> None:
+    """Kill the guest's vCPU and remove the domain.  Helpers using it get ESRCH."""
+    sdir = sim_dir_path(sim_dir)
+    with _Dom(domid, sdir) as d, d.locked():
+        if d.get("state") == DYING and not os.path.exists(d.path):
+            raise NoSuchDomain(domid, sdir)
+        d.set("state", DYING)
+        if d.vcpu_alive():
+            d.request(REQ_EXIT)
+            deadline = time.monotonic() + 2.0
+            while d.vcpu_alive() and time.monotonic() < deadline:
+                time.sleep(0.002)
+            if d.vcpu_alive():
+                pid = d.get("vcpu_pid")
+                if pid > 0:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                deadline = time.monotonic() + 5.0
+                while d.vcpu_alive() and time.monotonic() < deadline:
+                    time.sleep(0.002)
+        grave = os.path.join(sdir, f".dead-{domid}-{os.getpid()}-{uuidlib.uuid4().hex[:8]}")
+        try:
+            os.rename(d.path, grave)
+        except FileNotFoundError:
+            raise NoSuchDomain(domid, sdir) from None
+    shutil.rmtree(grave, ignore_errors=True)
+
+
+def remove_dir(sim_dir: str) -> None:
+    """Destroy every domain in a state directory, then delete the directory
+    (what a test or a throwaway simulated host does when it is done)."""
+    for i in list_domains(sim_dir=sim_dir):
+        try:
+            destroy(i.domid, sim_dir=sim_dir)
+        except SimError:
+            pass   # destroyed meanwhile
+    shutil.rmtree(sim_dir, ignore_errors=True)
+
+
