@@ -5,7 +5,8 @@ sys.path, so test modules in both folders can ``from conftest import ...`` the
 plain helpers below, and ``import stream_support``.
 
 Paths:      ROOT, VECTORS / HELPER_VECTORS / STREAM_VECTORS, OUR_HELPER,
-            DEBIAN_HELPER, HELPERS ({"ours", "debian"}), SLOW, needs_debian.
+            DEBIAN_HELPER, HELPERS ({"ours", "debian"}), VERIFY_STREAM,
+            XEN_PYTHONPATH, SLOW, needs_debian.
 Leaks:      open_fds(), children(cmdline=False).
 fakexen:    new_sim_dir() / fixture ``sim_dir`` (lenient cleanup: destroy, remove),
             private_sim_dir() / fixture ``fxdir`` (strict: no vCPU process may be left),
@@ -38,6 +39,9 @@ if not STREAM_VECTORS.is_dir():  # pragma: no cover - fall back to the shared co
     HELPER_VECTORS = pathlib.Path("/work/shared/vectors/xen-4.17-helper")
     STREAM_VECTORS = pathlib.Path("/work/shared/vectors/xen-4.17-streams")
 DEBIAN_HELPER = "/usr/lib/xen-4.17/bin/libxl-save-helper"
+# Debian's stream verifier (xen-utils-4.17) and the Python path it needs.
+VERIFY_STREAM = "/usr/lib/xen-4.17/bin/verify-stream-v2"
+XEN_PYTHONPATH = "/usr/lib/xen-4.17/lib/python"
 SLOW = bool(os.environ.get("PYXL_SLOW"))
 
 OUR_HELPER = str(ROOT / "pyxl" / "pyxl-save-helper")
@@ -141,9 +145,11 @@ def domids(sim_dir: str) -> List[int]:
 
 
 @contextlib.contextmanager
-def mounted_tmpfs(size: str, prefix: str = "pyxl-tmpfs-") -> Iterator[str]:
+def mounted_tmpfs(size: str, prefix: str = "pyxl-tmpfs-", lazy: bool = True) -> Iterator[str]:
     """A small tmpfs mounted for the test (root only; skips the test otherwise).
-    Domains left in it are destroyed, then it is unmounted and its mount point removed."""
+    Domains left in it are destroyed, then it is unmounted (``lazy=False``: a plain
+    umount that must succeed -- nothing may still hold a file in it) and its mount
+    point removed."""
     from pyxl import sim
 
     mnt = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
@@ -160,7 +166,10 @@ def mounted_tmpfs(size: str, prefix: str = "pyxl-tmpfs-") -> Iterator[str]:
                 sim.destroy(info.domid, mnt)
             except sim.SimError:
                 pass
-        subprocess.run(["umount", "-l", mnt], check=False)
+        if lazy:
+            subprocess.run(["umount", "-l", mnt], check=False)
+        else:
+            subprocess.run(["umount", mnt], check=True)
         os.rmdir(mnt)
 
 
@@ -180,7 +189,7 @@ def open_fds() -> List[int]:
 
 
 def children(cmdline: bool = False) -> List[Tuple[int, Union[str, bytes]]]:
-    """Live (or zombie) children of this process: (pid, comm), or with
+    """Live (or zombie) children of this process: (pid, state letter), or with
     ``cmdline=True`` (pid, raw /proc/PID/cmdline -- comm if that is empty)."""
     out: List[Tuple[int, Union[str, bytes]]] = []
     me = str(os.getpid())

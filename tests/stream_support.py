@@ -24,15 +24,10 @@ from pyxl.stream import xl as xl1
 from pyxl.stream.framing import StreamReport
 from pyxl.stream.libxc import LibxcRecordType as T
 
-HERE = pathlib.Path(__file__).resolve().parent  # tests/
-STREAMS = HERE / "vectors" / "xen-4.17-streams"
-HELPER = HERE / "vectors" / "xen-4.17-helper"
-if not STREAMS.is_dir():  # pragma: no cover - fall back to the shared copy
-    STREAMS = pathlib.Path("/work/shared/vectors/xen-4.17-streams")
-    HELPER = pathlib.Path("/work/shared/vectors/xen-4.17-helper")
-
-VERIFIER = "/usr/lib/xen-4.17/bin/verify-stream-v2"
-VERIFIER_PYTHONPATH = "/usr/lib/xen-4.17/lib/python"
+from conftest import HELPER_VECTORS as HELPER  # noqa: F401  (re-exported to the stream tests)
+from conftest import STREAM_VECTORS as STREAMS  # noqa: F401
+from conftest import VERIFY_STREAM as VERIFIER
+from conftest import XEN_PYTHONPATH as VERIFIER_PYTHONPATH
 
 PAGE = 4096
 HVM_CONFIG: Dict[str, Any] = {

@@ -18,22 +18,17 @@ from __future__ import annotations
 
 import os
 import selectors
-import shutil
 import struct
 import subprocess
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from pyxl import _paths as pyxl_paths, sim
+from pyxl import sim
 
-DEBIAN_HELPER = "/usr/lib/xen-4.17/bin/libxl-save-helper"
-OUR_HELPER = pyxl_paths.package_file("pyxl-save-helper")
-VERIFY_STREAM = "/usr/lib/xen-4.17/bin/verify-stream-v2"
-XEN_PYTHONPATH = "/usr/lib/xen-4.17/lib/python"
+from conftest import (DEBIAN_HELPER, OUR_HELPER, VERIFY_STREAM, XEN_PYTHONPATH,  # noqa: F401
+                      private_sim_dir, vcpu_processes)
 
 XCFLAGS_LIVE = 1
 XCFLAGS_DEBUG = 2
@@ -371,49 +366,6 @@ def verify_stream(path: str, fmt: str = "libxc") -> subprocess.CompletedProcess[
     return subprocess.run(["/usr/bin/python3", VERIFY_STREAM, "-v", "-f", fmt, "-i", path],
                           capture_output=True, text=True, env=env, timeout=600)
 
-
-# ---- test scaffolding -------------------------------------------------------------------
-
-
-def vcpu_processes(sim_dir: str) -> List[int]:
-    """pids of pyxl-sim-vcpu processes working in `sim_dir`."""
-    out = []
-    key = os.path.abspath(sim_dir).encode() + b"/"
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-            with open(f"/proc/{pid}/stat") as f:
-                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except OSError:
-            continue
-        if not zombie and argv and argv[0].endswith(b"pyxl-sim-vcpu") and \
-                any(a.startswith(key) for a in argv[1:]):
-            out.append(int(pid))
-    return out
-
-
-@contextmanager
-def private_sim_dir(prefix: str = "pyxl-fx-") -> Iterator[str]:
-    """A fresh state directory under /dev/shm; afterwards every domain in it is destroyed,
-    no vCPU process may be left, and the directory is removed."""
-    d = tempfile.mkdtemp(prefix=prefix, dir="/dev/shm")
-    try:
-        yield d
-    finally:
-        for info in sim.list_domains(d):
-            try:
-                sim.destroy(info.domid, d)
-            except sim.SimError:
-                pass
-        deadline = time.monotonic() + 5
-        while vcpu_processes(d) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        left = vcpu_processes(d)
-        shutil.rmtree(d, ignore_errors=True)
-        assert not left, f"vCPU processes left behind in {d}: {left}"
 
 
 def stream_pipe_cat(sink: str = "/dev/null") -> Tuple[int, "subprocess.Popen[bytes]"]:

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import DEBIAN_HELPER, ROOT
+from conftest import ROOT, needs_debian
 
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
@@ -25,8 +25,6 @@ sys.path.insert(0, str(BENCH))
 import benchlib  # noqa: E402
 import memcheck  # noqa: E402
 
-needs_debian = pytest.mark.skipif(not os.access(DEBIAN_HELPER, os.X_OK),
-                                  reason="Debian's libxl-save-helper (xen-utils-4.17) not installed")
 needs_valgrind = pytest.mark.skipif(not shutil.which("valgrind"), reason="valgrind not installed")
 
 

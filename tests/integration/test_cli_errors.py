@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Iterator, List, Optional
 
@@ -23,7 +22,7 @@ import pytest
 import pyxl
 from pyxl import sim
 
-from conftest import HELPERS, ROOT
+from conftest import HELPERS, ROOT, domids, mounted_tmpfs
 
 MB = 1 << 20
 PYXL = [sys.executable, "-m", "pyxl"]
@@ -47,10 +46,6 @@ def one_line_error(r: subprocess.CompletedProcess, code: int, *needles: str) -> 
         assert n in lines[0], lines[0]
     assert "internal error" not in lines[0]
     return lines[0]
-
-
-def domids(sim_dir: str) -> List[int]:
-    return sorted(i.domid for i in sim.list_domains(sim_dir=sim_dir))
 
 
 @pytest.fixture
@@ -141,17 +136,8 @@ def test_save_helper_missing_or_not_executable(sim_dir, tmp_path, guest):
 @pytest.fixture
 def tiny_tmpfs() -> Iterator[str]:
     """A 1 MiB tmpfs (root only)."""
-    d = tempfile.mkdtemp(prefix="pyxl-full-")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", d],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        os.rmdir(d)
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
+    with mounted_tmpfs("1m", prefix="pyxl-full-", lazy=False) as d:
         yield d
-    finally:
-        subprocess.run(["umount", d], check=True)
-        os.rmdir(d)
 
 
 @pytest.mark.parametrize("helper", ["ours", "debian"])

@@ -2,34 +2,26 @@
 driven by Debian's libxl-save-helper or pyxl's) on simulated domains."""
 
 import os
-import subprocess
 import time
 
 import pytest
 
 import simdriver as sd
+from conftest import SLOW, mounted_tmpfs, needs_debian
 from pyxl import sim
 from pyxl.sim import control as sim_control
 
 MiB = 1 << 20
 SPECIAL_ZEROED = (0xFEFFB, 0xFEFFC, 0xFEFFD, 0xFEFFF)  # bufioreq, store, ioreq, console
-SLOW = bool(os.environ.get("PYXL_SLOW"))
 
 pytestmark = [
-    pytest.mark.skipif(not os.access(sd.DEBIAN_HELPER, os.X_OK),
-                       reason="Debian's xen-utils-4.17 helper is not installed"),
+    needs_debian,
     pytest.mark.skipif(not os.access(sim.vcpu_path(), os.X_OK), reason="fakexen not built"),
 ]
 
 HELPERS = [pytest.param(sd.DEBIAN_HELPER, id="debian"),
            pytest.param(sd.OUR_HELPER, id="ours", marks=pytest.mark.skipif(
                not sd.our_helper_available(), reason="pyxl-save-helper is not a real build yet"))]
-
-
-@pytest.fixture
-def fxdir():
-    with sd.private_sim_dir() as d:
-        yield d
 
 
 @pytest.fixture
@@ -224,20 +216,8 @@ def test_restore_beyond_max_memory_fails_cleanly(fxdir, stream):
 
 @pytest.fixture
 def small_tmpfs():
-    mnt = "/tmp/pyxl-fx-small-%d" % os.getpid()
-    os.makedirs(mnt, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", mnt],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        os.rmdir(mnt)
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
-    try:
+    with mounted_tmpfs("40m", prefix="pyxl-fx-small-") as mnt:
         yield mnt
-    finally:
-        for info in sim.list_domains(mnt):
-            sim.destroy(info.domid, mnt)
-        subprocess.run(["umount", "-l", mnt], check=False)
-        os.rmdir(mnt)
 
 
 def test_restore_onto_a_full_tmpfs_fails_cleanly(fxdir, stream, small_tmpfs):

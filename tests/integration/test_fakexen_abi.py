@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-import simdriver as sd
+from conftest import private_sim_dir
 from pyxl import sim
 
 MiB = 1 << 20
@@ -84,7 +84,7 @@ class Fake:
 
 @pytest.fixture(scope="module")
 def fxdir():
-    with sd.private_sim_dir(prefix="pyxl-fx-abi-") as d:
+    with private_sim_dir(prefix="pyxl-fx-abi-") as d:
         yield d
 
 

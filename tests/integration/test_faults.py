@@ -41,7 +41,7 @@ from pyxl import sim
 from pyxl.stream import xl as stream_xl
 from pyxl.wire.codec import Message
 
-from conftest import HELPERS, ROOT, SLOW, children, open_fds
+from conftest import HELPERS, ROOT, SLOW, children, domids, open_fds
 
 MB = 1 << 20
 #: How long any failure may take to be reported once the fault happened.
@@ -164,10 +164,6 @@ class Companion:
         new = pyxl.wait(rop)[0].domid
         assert sim.digest(new, sim_dir=self.sim_dir) == self.digest
         sim.destroy(new, sim_dir=self.sim_dir)
-
-
-def domids(sim_dir: str) -> List[int]:
-    return sorted(i.domid for i in sim.list_domains(sim_dir=sim_dir))
 
 
 def run_faulty(op: pyxl.Operation, companion: Companion, kind: str,

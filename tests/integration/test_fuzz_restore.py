@@ -33,7 +33,7 @@ from pyxl import sim
 from pyxl.stream import xl as stream_xl
 from pyxl.stream.framing import RecordInfo, roundup8
 
-from conftest import HELPERS, ROOT, SLOW, children, open_fds
+from conftest import HELPERS, ROOT, SLOW, children, domids, new_sim_dir, open_fds
 
 MB = 1 << 20
 BOUND = 15.0
@@ -123,15 +123,12 @@ class Image:
 
 @pytest.fixture(scope="module")
 def image() -> Image:
-    d = tempfile.mkdtemp(prefix="pyxl-test-", dir="/dev/shm")
-    path = os.path.join(d, "guest.save")
-    try:
+    with new_sim_dir() as d:
+        path = os.path.join(d, "guest.save")
         dom = sim.create(16 * MB, dirty_rate=4 * MB, sim_dir=d)
         pyxl.wait(pyxl.save(dom, path, sim_dir=d))
         with open(path, "rb") as f:
             return Image(f.read())
-    finally:
-        sim.remove_dir(d)
 
 
 def set_u32(data: bytes, offset: int, value: int, fmt: str = "<I") -> bytes:
@@ -192,10 +189,6 @@ def mutations(img: Image) -> Dict[str, Tuple[bytes, bool]]:
     out["random"] = (os.urandom(64 << 10), True)
     out["libxc-stream-twice"] = (d[:end.offset] + libxc_stream + rb(end), False)
     return out
-
-
-def domids(sim_dir: str) -> List[int]:
-    return sorted(i.domid for i in sim.list_domains(sim_dir=sim_dir))
 
 
 def restore_api(sim_dir: str, path: str, helper: str) -> Tuple[Optional[Exception], float, int]:

@@ -24,9 +24,9 @@ import pytest
 
 from pyxl.wire.codec import Decoder, Message, encode_reply
 
-from conftest import DEBIAN_HELPER, HELPER_VECTORS, ROOT
+from conftest import DEBIAN_HELPER, HELPER_VECTORS, OUR_HELPER, needs_debian
 
-HELPER = str(ROOT / "pyxl" / "pyxl-save-helper")
+HELPER = OUR_HELPER
 HELPERS = {"pyxl": HELPER, "debian": DEBIAN_HELPER}
 EXIT_USAGE, EXIT_REPLY_LOST, EXIT_FAIL = 2, 254, 255
 SYS_READ, SYS_WRITE, SYS_WRITEV = 0, 1, 20   # x86-64 syscall numbers, for /proc/PID/syscall
@@ -39,8 +39,6 @@ SAVE_REMUS = ["--save-domain", "{io}", "{back}", "5", "1", "184", "1"]
 RESTORE = ["--restore-domain", "{io}", "-1", "7", "1", "0", "2", "0", "768", "0"]
 RESTORE_COLO = ["--restore-domain", "{io}", "{back}", "7", "1", "0", "2", "0", "888", "2"]
 
-needs_debian = pytest.mark.skipif(not os.access(DEBIAN_HELPER, os.X_OK),
-                                  reason=f"Debian's helper not installed ({DEBIAN_HELPER}; apt xen-utils-4.17)")
 
 
 @pytest.fixture(scope="session", autouse=True)

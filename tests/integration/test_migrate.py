@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, List, Tuple
 
@@ -32,17 +31,6 @@ from conftest import HELPERS, ROOT
 
 MB = 1 << 20
 PYXL = [sys.executable, "-m", "pyxl"]
-
-
-@pytest.fixture
-def hosts():
-    """Two sim state dirs: (source, destination)."""
-    dirs = [tempfile.mkdtemp(prefix=f"pyxl-test-{n}-", dir="/dev/shm") for n in "ab"]
-    try:
-        yield tuple(dirs)
-    finally:
-        for d in dirs:
-            sim.remove_dir(d)
 
 
 def busy(sim_dir: str, rate_mb: float = 20, memory: int = 64 * MB) -> int:

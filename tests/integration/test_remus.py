@@ -28,16 +28,6 @@ from conftest import HELPERS
 MB = 1 << 20
 
 
-@pytest.fixture
-def hosts(sim_dir):
-    import tempfile
-    other = tempfile.mkdtemp(prefix="pyxl-test-b-", dir="/dev/shm")
-    try:
-        yield sim_dir, other
-    finally:
-        sim.remove_dir(other)
-
-
 def remus_save(a: str, dom: int, fd: int, helper: str, **kw) -> "tuple[pyxl.SaveOperation, List[str]]":
     """A checkpointed save that records the source's digest at every checkpoint
     (in postcopy, while the guest is still suspended)."""

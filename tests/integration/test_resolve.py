@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import tempfile
 import threading
 import time
 from typing import Any, List, Optional
@@ -104,21 +103,16 @@ def test_cancel_kills_and_reaps_the_lookup(tmp_path):
     assert open_fds() == fds
 
 
-def test_migration_to_a_host_name():
-    dirs = [tempfile.mkdtemp(prefix=f"pyxl-test-{n}-", dir="/dev/shm") for n in "ab"]
-    a, b = dirs
-    try:
-        dom = sim.create(16 << 20, sim_dir=a)
-        rx = migrate.receive("127.0.0.1:0", sim_dir=b)
-        tx = migrate.migrate(dom, f"localhost:{rx.address[1]}", sim_dir=a)
-        _, got = pyxl.wait(tx, rx, timeout=60)
-        assert [i.domid for i in sim.list_domains(sim_dir=b)] == [got.domid]
-        assert sim.list_domains(sim_dir=a) == []
-        tx = migrate.migrate(got.domid, "no-such-host.invalid:8002", sim_dir=b)
-        with pytest.raises(migrate.MigrationError, match="cannot resolve"):
-            pyxl.wait(tx, timeout=60)
-        assert tx.exception().source_state == "running"
-        assert [i.state for i in sim.list_domains(sim_dir=b)] == ["running"]
-    finally:
-        for d in dirs:
-            sim.remove_dir(d)
+def test_migration_to_a_host_name(hosts):
+    a, b = hosts
+    dom = sim.create(16 << 20, sim_dir=a)
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b)
+    tx = migrate.migrate(dom, f"localhost:{rx.address[1]}", sim_dir=a)
+    _, got = pyxl.wait(tx, rx, timeout=60)
+    assert [i.domid for i in sim.list_domains(sim_dir=b)] == [got.domid]
+    assert sim.list_domains(sim_dir=a) == []
+    tx = migrate.migrate(got.domid, "no-such-host.invalid:8002", sim_dir=b)
+    with pytest.raises(migrate.MigrationError, match="cannot resolve"):
+        pyxl.wait(tx, timeout=60)
+    assert tx.exception().source_state == "running"
+    assert [i.state for i in sim.list_domains(sim_dir=b)] == ["running"]

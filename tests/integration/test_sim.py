@@ -11,18 +11,12 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import simdriver
+from conftest import children, mounted_tmpfs, vcpu_processes
 from pyxl import sim
 from pyxl.sim import layout as sim_layout, statedir as sim_statedir
 from pyxl.cli.main import sim as sim_cli
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def fxdir():
-    with simdriver.private_sim_dir() as d:
-        yield d
 
 
 def native_built():
@@ -175,19 +169,8 @@ def test_guest_larger_than_the_machine_is_refused_up_front(fxdir):
 @pytest.fixture
 def tiny_tmpfs():
     """A 16 MiB tmpfs, mounted for the test (needs root)."""
-    mnt = tempfile.mkdtemp(prefix="pyxl-fx-tiny-", dir="/tmp")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", mnt],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        os.rmdir(mnt)
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip() or r.returncode}")
-    try:
+    with mounted_tmpfs("16m", prefix="pyxl-fx-tiny-") as mnt:
         yield mnt
-    finally:
-        for info in sim.list_domains(mnt):
-            sim.destroy(info.domid, mnt)
-        subprocess.run(["umount", "-l", mnt], check=False)
-        os.rmdir(mnt)
 
 
 def test_full_tmpfs_is_a_clear_error_and_leaves_nothing(tiny_tmpfs):
@@ -212,27 +195,6 @@ def test_full_tmpfs_is_a_clear_error_and_leaves_nothing(tiny_tmpfs):
 # ---- run state ------------------------------------------------------------------------------
 
 
-def _children():
-    """(pid, cmdline) of this process's children, zombies included."""
-    out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read()
-            if not cmd:
-                with open(f"/proc/{pid}/comm", "rb") as f:
-                    cmd = f.read()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid():
-            out.append((int(pid), cmd))
-    return out
-
-
 def test_vcpu_is_detached_and_writes_at_the_rate(fxdir):
     domid = sim.create(8 * MiB, dirty_rate=4 * MiB, sim_dir=fxdir)
     i = sim.info(domid, fxdir)
@@ -241,7 +203,7 @@ def test_vcpu_is_detached_and_writes_at_the_rate(fxdir):
         fields = f.read().rsplit(")", 1)[1].split()
     assert int(fields[1]) != os.getpid()            # not our child
     assert int(fields[3]) != os.getsid(0)           # its own session
-    assert not [pid for pid, cmd in _children() if b"pyxl-sim-vcpu" in cmd]  # nor zombie
+    assert not [pid for pid, cmd in children(cmdline=True) if b"pyxl-sim-vcpu" in cmd]  # nor zombie
     time.sleep(0.5)
     sim.pause(domid, fxdir)
     n = sim.counter(domid, fxdir)
@@ -330,7 +292,7 @@ def test_destroy(fxdir):
     domid = sim.create(4 * MiB, dirty_rate=MiB, sim_dir=fxdir)
     pid = sim.info(domid, fxdir).vcpu_pid
     sim.destroy(domid, fxdir)
-    assert not simdriver.vcpu_processes(fxdir)
+    assert not vcpu_processes(fxdir)
     assert not os.path.exists(f"/proc/{pid}/cmdline") or b"pyxl-sim-vcpu" not in open(
         f"/proc/{pid}/cmdline", "rb").read()
     for op in (sim.info, sim.state, sim.pause, sim.unpause, sim.destroy, sim.digest,
@@ -346,7 +308,7 @@ def test_vcpu_exits_when_its_state_dir_disappears():
     pid = sim.info(domid, d).vcpu_pid
     shutil.rmtree(d)
     deadline = time.monotonic() + 5
-    while simdriver.vcpu_processes(d):
+    while vcpu_processes(d):
         assert time.monotonic() < deadline, f"vCPU {pid} outlived its directory"
         time.sleep(0.05)
 
