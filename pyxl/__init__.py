@@ -9,20 +9,24 @@ save/restore helper protocol (ours, ``pyxl-save-helper``, or Debian's own
 """
 
 from pyxl._paths import DEBIAN_HELPER, helper_path
-from pyxl.errors import (Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
-                     MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
-                     PyxlError, StartupError, Timeout)
+from pyxl.backends import Backend
+from pyxl.errors import (BackendError, Cancelled, HelperDied, HelperExited, HelperFailed,
+                         HelperProtocolError, LocalProtocolError, MigrationError, MigrationInDoubt,
+                         MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
+                         ProtocolError, PyxlError, RemoteProtocolError, StartupError, StreamError,
+                         Timeout, TruncatedStream, UnsupportedStream)
 from pyxl.loop import AsyncioLoop, HookLoop, SelectorLoop, default_loop
-from pyxl.ops.operation import (CallbackRequest, Operation, ProgressEvent, RestoreOperation,
-                        RestoreResult, SaveOperation, SaveResult, restore, save, wait)
-from pyxl.wire.codec import ProtocolError
+from pyxl.ops import (CallbackRequest, Operation, ProgressEvent, RestoreOperation, RestoreOptions,
+                      RestoreResult, SaveOperation, SaveOptions, SaveResult, restore, save, wait)
 
 __all__ = [
-    "AsyncioLoop", "CallbackRequest", "Cancelled", "DEBIAN_HELPER", "HelperDied",
-    "HelperExited", "HelperFailed", "HelperProtocolError", "HookLoop", "MissingComplete",
-    "MissingRestoreResults", "Operation", "OperationError", "PrecopyAborted", "ProgressEvent", "ProtocolError",
-    "PyxlError", "RestoreOperation", "RestoreResult", "SaveOperation", "SaveResult",
-    "SelectorLoop", "StartupError", "Timeout", "default_loop", "helper_path", "restore",
-    "save", "wait",
+    "AsyncioLoop", "Backend", "BackendError", "CallbackRequest", "Cancelled", "DEBIAN_HELPER",
+    "HelperDied", "HelperExited", "HelperFailed", "HelperProtocolError", "HookLoop",
+    "LocalProtocolError", "MigrationError", "MigrationInDoubt", "MissingComplete",
+    "MissingRestoreResults", "Operation", "OperationError", "PrecopyAborted", "ProgressEvent",
+    "ProtocolError", "PyxlError", "RemoteProtocolError", "RestoreOperation", "RestoreOptions",
+    "RestoreResult", "SaveOperation", "SaveOptions", "SaveResult", "SelectorLoop",
+    "StartupError", "StreamError", "Timeout", "TruncatedStream", "UnsupportedStream",
+    "default_loop", "helper_path", "restore", "save", "wait",
 ]
 __version__ = "0.1.0"

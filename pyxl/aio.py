@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from pyxl.ops import operation
+from pyxl.ops import api
 from pyxl.loop import AsyncioLoop
-from pyxl.ops.operation import Operation, RestoreResult, SaveResult
+from pyxl.ops.operation import Operation, PathOrFd
+from pyxl.ops.restore import RestoreResult
+from pyxl.ops.save import SaveResult
 
 __all__ = ["restore", "save", "run"]
 
 
-async def run(op: Operation) -> Any:
+async def run(op: "Operation[Any]") -> Any:
     """Await an operation created with ``loop=AsyncioLoop(...)``."""
     try:
         return await asyncio.shield(_wrap(op))
@@ -26,7 +28,7 @@ async def run(op: Operation) -> Any:
         op.cancel()
         done: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
 
-        def finished(_op: Operation) -> None:
+        def finished(_op: "Operation[Any]") -> None:
             if not done.done():
                 done.set_result(None)
 
@@ -35,17 +37,17 @@ async def run(op: Operation) -> Any:
         raise
 
 
-async def _wrap(op: Operation) -> Any:
+async def _wrap(op: "Operation[Any]") -> Any:
     return await op
 
 
-async def save(domid: int, path_or_fd: operation.PathOrFd, **kw: Any) -> SaveResult:
-    op = operation.save(domid, path_or_fd, loop=AsyncioLoop(asyncio.get_running_loop()), **kw)
+async def save(domid: int, path_or_fd: PathOrFd, **kw: Any) -> SaveResult:
+    op = api.save(domid, path_or_fd, loop=AsyncioLoop(asyncio.get_running_loop()), **kw)
     result: SaveResult = await run(op)
     return result
 
 
-async def restore(path_or_fd: operation.PathOrFd, **kw: Any) -> RestoreResult:
-    op = operation.restore(path_or_fd, loop=AsyncioLoop(asyncio.get_running_loop()), **kw)
+async def restore(path_or_fd: PathOrFd, **kw: Any) -> RestoreResult:
+    op = api.restore(path_or_fd, loop=AsyncioLoop(asyncio.get_running_loop()), **kw)
     result: RestoreResult = await run(op)
     return result

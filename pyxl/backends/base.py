@@ -12,9 +12,8 @@ around the helper run.  pyxl's operations do that through a backend:
   ``pyxl.restore``, ``pyxl.migrate.migrate`` and ``pyxl.migrate.receive``.
 
 Calls are made from the operation's event loop, so each must return quickly;
-the one that waits on the guest (:meth:`Backend.start_suspend`) and the device
-model's log-dirty switch are asynchronous: they start the work and report
-through ``done(ok, why)`` from the loop.  A backend reports failure by raising
+the ones that wait on the guest or its device model (``start_*``) are
+asynchronous: they start the work and report through ``done`` from the loop.  A backend reports failure by raising
 (:class:`pyxl.BackendError` preferably, any exception is contained): the
 operation fails cleanly or, after the image is safe, logs and goes on.
 
@@ -27,7 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple, runtime
 
 from pyxl.loop import Loop
 
-__all__ = ["Backend", "Cancellable", "Done", "EmulatorRecord", "RestorePorts"]
+__all__ = ["Backend", "Cancellable", "Done", "EmulatorRecord", "NoDeviceModel", "RestorePorts",
+           "SavedState"]
 
 #: ``done(ok, why)``: the outcome of an asynchronous backend step, called from the loop.
 Done = Callable[[bool, str], None]
@@ -36,6 +36,8 @@ Done = Callable[[bool, str], None]
 RestorePorts = Tuple[int, int, int, int]
 #: A libxl EMULATOR_XENSTORE_DATA or EMULATOR_CONTEXT record: (type, body).
 EmulatorRecord = Tuple[int, bytes]
+#: ``done(records, why)``: the device model's saved state, or None and why not.
+SavedState = Callable[[Optional[List[EmulatorRecord]], str], None]
 
 
 class Cancellable(Protocol):
@@ -78,10 +80,12 @@ class Backend(Protocol):
         ``done(True, "")`` at once."""
         ...
 
-    def save_device_model(self, domid: int) -> List[EmulatorRecord]:
-        """After the guest is suspended: the device model's state as libxl records
-        (EMULATOR_XENSTORE_DATA, EMULATOR_CONTEXT) for the end of the stream.
-        No device model: ``[]``."""
+    def start_save_device_model(self, loop: Loop, domid: int, live: bool,
+                                done: SavedState) -> Cancellable:
+        """After the guest is suspended: stop the device model and save its state
+        (QMP ``stop``, ``xen-save-devices-state``); then ``done(records, "")`` with
+        the libxl records for the end of the stream (EMULATOR_XENSTORE_DATA,
+        EMULATOR_CONTEXT), or ``done(None, why)``.  No device model: ``done([], "")``."""
         ...
 
     def resume(self, domid: int) -> None:
@@ -117,14 +121,16 @@ class Backend(Protocol):
         """The event channels the restore helper is given for ``domid``."""
         ...
 
-    def restore_device_model(self, domid: int, records: List[EmulatorRecord]) -> None:
-        """After the helper: give the device model its saved state (the stream's
-        emulator records).  No device model: nothing to do."""
+    def start_restore_device_model(self, loop: Loop, domid: int, records: List[EmulatorRecord],
+                                   done: Done) -> Cancellable:
+        """After the helper: start the device model on the saved state (the stream's
+        emulator records) and call ``done(ok, why)`` once it runs.  No device
+        model: ``done(True, "")``."""
         ...
 
     def restore_done(self, domid: int, store_gfn: int, console_gfn: int) -> None:
-        """After the helper and the device model: finish the domain (XenStore nodes,
-        introduction to xenstored with the restored store page) before it is unpaused."""
+        """After the helper, before the device model starts: finish the domain
+        (XenStore nodes, introduction to xenstored with the restored store page)."""
         ...
 
 
@@ -134,8 +140,10 @@ class NoDeviceModel:
     def start_logdirty(self, loop: Loop, domid: int, enable: bool, done: Done) -> Cancellable:
         return loop.call_later(0, lambda: done(True, ""))
 
-    def save_device_model(self, domid: int) -> List[EmulatorRecord]:
-        return []
+    def start_save_device_model(self, loop: Loop, domid: int, live: bool,
+                                done: SavedState) -> Cancellable:
+        return loop.call_later(0, lambda: done([], ""))
 
-    def restore_device_model(self, domid: int, records: List[EmulatorRecord]) -> None:
-        return None
+    def start_restore_device_model(self, loop: Loop, domid: int, records: List[EmulatorRecord],
+                                   done: Done) -> Cancellable:
+        return loop.call_later(0, lambda: done(True, ""))

@@ -18,7 +18,7 @@ from typing import Any, List
 from pyxl import sim
 from pyxl._paths import helper_path
 from pyxl.cli.runner import ProgressBar, run as run_op
-from pyxl.ops.operation import restore, save
+from pyxl.ops.api import restore, save
 
 
 def _size(text: str) -> int:

@@ -8,11 +8,12 @@ from typing import Any
 
 from pyxl.cli.args import common_options, domid_arg
 from pyxl.cli.runner import EXIT_OK, ProgressBar, run
-from pyxl.ops.operation import restore, save
+from pyxl.ops.api import restore, save
+from pyxl.ops.save import Leave
 
 
 def cmd_save(args: argparse.Namespace) -> int:
-    leave = "running" if args.c else "paused" if args.p else "destroy"
+    leave: Leave = "running" if args.c else "paused" if args.p else "destroy"
     bar = ProgressBar(f"saving domain {args.domid}")
     op = save(args.domid, args.file, live=args.live, leave=leave, helper=args.helper,
               timeout=args.timeout, on_progress=bar, sim_dir=args.sim_dir, debug=args.debug)

@@ -10,7 +10,6 @@ watch or a timer on the caller's loop.
 from __future__ import annotations
 
 import errno
-import fcntl
 import os
 import signal
 import subprocess

@@ -1,0 +1,87 @@
+"""The functions most callers need: :func:`save`, :func:`restore`, :func:`wait`.
+
+Each starts an operation and returns it at once; run the loop
+(``pyxl.wait(op)``, asyncio, or your own) to make progress.  Every option is a
+keyword, so a misspelt one is a ``TypeError`` and ``help(pyxl.save)`` lists them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+from pyxl.backends import Backend, default_backend
+from pyxl.backends.base import EmulatorRecord
+from pyxl.loop import Loop, default_loop
+from pyxl.ops.future import LoopFuture
+from pyxl.ops.operation import STREAM_PLAIN, Handler, PathOrFd, ProgressEvent
+from pyxl.ops.restore import RestoreOperation, RestoreOptions
+from pyxl.ops.save import Leave, SaveOperation, SaveOptions
+
+__all__ = ["restore", "save", "wait"]
+
+
+def save(domid: int, path_or_fd: PathOrFd, *, live: bool = False, leave: Leave = "destroy",
+         helper: Optional[str] = None, timeout: Optional[float] = None,
+         callbacks: Optional[Dict[str, Handler]] = None,
+         on_progress: Optional[Callable[[ProgressEvent], None]] = None,
+         on_resume: Optional[Callable[[int], None]] = None, loop: Optional[Loop] = None,
+         backend: Optional[Backend] = None, sim_dir: Optional[str] = None,
+         suspend_timeout: float = 30.0, debug: bool = False, fsync: bool = True,
+         config: Optional[Dict[str, Any]] = None,
+         emulator_records: Optional[Sequence[EmulatorRecord]] = None,
+         helper_env: Optional[Mapping[str, str]] = None,
+         write_trailer: Optional[Callable[[bytes], None]] = None,
+         stream_type: int = STREAM_PLAIN, checkpoints: Optional[int] = None,
+         checkpoint_interval: float = 0.1) -> SaveOperation:
+    """Start saving ``domid`` into a file (written atomically) or an fd.
+
+    ``leave`` says what becomes of the domain after a successful save:
+    "destroy" (xl's default), "paused" or "running".  The options are
+    :class:`~pyxl.ops.save.SaveOptions`'; ``backend`` is where the domain lives
+    (default: fakexen in ``sim_dir``, or the Xen host this runs on).
+    """
+    options = SaveOptions(live=live, leave=leave, helper=helper, timeout=timeout,
+                          suspend_timeout=suspend_timeout, debug=debug, fsync=fsync,
+                          helper_env=dict(helper_env or {}), stream_type=stream_type,
+                          checkpoints=checkpoints, checkpoint_interval=checkpoint_interval)
+    return SaveOperation(domid, path_or_fd, options, backend=backend or default_backend(sim_dir),
+                         loop=loop, callbacks=callbacks, on_progress=on_progress,
+                         on_resume=on_resume, config=config, emulator_records=emulator_records,
+                         write_trailer=write_trailer)
+
+
+def restore(path_or_fd: PathOrFd, *, paused: bool = False, helper: Optional[str] = None,
+            timeout: Optional[float] = None, callbacks: Optional[Dict[str, Handler]] = None,
+            on_progress: Optional[Callable[[ProgressEvent], None]] = None,
+            loop: Optional[Loop] = None, backend: Optional[Backend] = None,
+            sim_dir: Optional[str] = None, name: Optional[str] = None,
+            stream_type: int = STREAM_PLAIN) -> RestoreOperation:
+    """Start restoring an xl save file (or stream on an fd) into a new domain.
+
+    ``name``: the new domain's, instead of the saved config's.  ``paused``: leave
+    it paused.  See :class:`~pyxl.ops.restore.RestoreOptions`.
+    """
+    options = RestoreOptions(paused=paused, helper=helper, timeout=timeout, name=name,
+                             stream_type=stream_type)
+    return RestoreOperation(path_or_fd, options, backend=backend or default_backend(sim_dir),
+                            loop=loop, callbacks=callbacks, on_progress=on_progress)
+
+
+def wait(*ops: "LoopFuture[Any]", timeout: Optional[float] = None) -> List[Any]:
+    """Run the default loop until every op is done; raise the first failure.
+
+    All operations run to completion even when one fails, so that nothing is
+    left half-done.  ``timeout`` bounds the wait (the ops keep running).
+    """
+    loop = default_loop()
+    for op in ops:
+        if op.loop is not loop:
+            raise ValueError("pyxl.wait drives the default loop; this op runs on another loop")
+    first: List["LoopFuture[Any]"] = []
+    for op in ops:
+        op.add_done_callback(lambda o: first.append(o) if o._exception is not None else None)
+    if not loop.run_until(lambda: all(op.done() for op in ops), timeout):
+        raise TimeoutError(f"pyxl.wait: operations still running after {timeout:g}s")
+    if first:
+        first[0].result()
+    return [op.result() for op in ops]

@@ -1,0 +1,313 @@
+"""Restoring a domain: xl's ``restore`` around the helper.
+
+The xl header (with the domain's config) and the start of the libxl stream are
+read first, the backend builds the empty target domain, and the helper reads
+libxc's stream from the very next byte of the same fd.  After the helper, the
+libxl records that end the stream (the device model's, END) are read -- from
+the loop as they arrive when the fd is a pipe or socket -- the device model
+gets its state, the backend finishes the domain, and it is unpaused unless
+asked not to be.  A failed restore destroys the half-made domain.  A
+checkpointed (Remus) stream that ends without END after a complete checkpoint
+is a failover: the domain is restored at that checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from pyxl._paths import helper_path
+from pyxl.backends.base import Backend
+from pyxl.errors import Cancelled, OperationError, StartupError, Timeout, TruncatedStream
+from pyxl.fdio import is_regular
+from pyxl.loop import Loop
+from pyxl.ops.helper_process import restore_argv
+from pyxl.ops.operation import (REMUS_RESTORE_CALLBACKS, RESTORE_CALLBACKS, STREAM_PLAIN,
+                                STREAM_REMUS, CallbackRequest, Handler, Operation, PathOrFd,
+                                ProgressEvent)
+from pyxl import streamio
+from pyxl.ops.trailer import TrailerReader, read_trailer
+from pyxl.stream.libxl import LibxlRecordType as RecordType
+from pyxl.wire.codec import cbflags_for
+
+__all__ = ["RestoreOperation", "RestoreOptions", "RestoreResult"]
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """How to restore.  ``paused``: leave the new domain paused.  ``helper``: the
+    helper to run.  ``timeout``: give up (helper killed, domain destroyed) after
+    this many seconds.  ``name``: the new domain's name instead of the saved
+    config's (a migration receiver's ``NAME--incoming``).
+    ``stream_type=STREAM_REMUS`` (1): a checkpointed stream: at each checkpoint
+    libxl's records up to CHECKPOINT_END are read (``checkpoint_records``) and
+    libxc applies the previous checkpoint."""
+
+    paused: bool = False
+    helper: Optional[str] = None
+    timeout: Optional[float] = None
+    name: Optional[str] = None
+    stream_type: int = STREAM_PLAIN
+
+    def __post_init__(self) -> None:
+        if self.stream_type not in (STREAM_PLAIN, STREAM_REMUS):
+            raise ValueError(f"stream_type must be 0 (plain) or 1 (Remus), not {self.stream_type}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {self.timeout!r}")
+
+
+@dataclass
+class RestoreResult:
+    domid: int
+    store_gfn: int
+    console_gfn: int
+    config: Dict[str, Any]
+    duration: float
+    retval: int = 0
+    errnoval: int = 0
+    emulator_records: List[Tuple[int, bytes]] = field(default_factory=list)
+    checkpoints: int = 0       # Remus: checkpoints received
+    failover: bool = False     # Remus: the stream ended without END (restored at the last one)
+
+
+
+class RestoreOperation(Operation[RestoreResult]):
+    kind = "restore"
+
+    def __init__(self, source: PathOrFd, options: RestoreOptions = RestoreOptions(), *,
+                 backend: Backend, loop: Optional[Loop] = None,
+                 callbacks: Optional[Dict[str, Handler]] = None,
+                 on_progress: Optional[Callable[[ProgressEvent], None]] = None) -> None:
+        """Restore the stream at ``source`` (a path or an fd) into a new domain that
+        ``backend`` builds (:meth:`~pyxl.Backend.create_restore_target`)."""
+        self.options = options
+        self.stream_type = options.stream_type
+        name = options.name
+        self.checkpoints = 0
+        self.failed_over = False
+        self.checkpoint_records: List[Tuple[int, bytes]] = []
+        self.backend = backend
+        self.paused = options.paused
+        self.path: Optional[str] = None
+        own = not isinstance(source, int)
+        if isinstance(source, int):
+            fd = source
+        else:
+            self.path = os.fspath(source)
+            if os.path.isdir(self.path):
+                raise StartupError(f"{self.path}: is a directory")
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise StartupError(f"cannot open {self.path}: {exc.strerror}") from exc
+        self._fd, self._own_fd = fd, own
+        self._trailer: Optional[TrailerReader] = None
+        try:
+            header = streamio.read_xl_header(fd)
+            if header.config is None:
+                raise StartupError(f"{self.path or 'stream'}: the xl header carries no domain "
+                                   "config to build the new domain from")
+            self.config: Dict[str, Any] = header.config
+            if name is not None:
+                c_info = self.config.get("c_info")
+                self.config["c_info"] = dict(c_info if isinstance(c_info, dict) else {}, name=name)
+            streamio.read_libxl_header(fd)
+            rtype, length = streamio.read_libxl_record_header(fd)
+            if rtype != RecordType.LIBXC_CONTEXT or length != 0:
+                raise StartupError(f"libxl stream starts with record {rtype:#x} "
+                                   f"(length {length}), not an empty LIBXC_CONTEXT")
+        except (ValueError, OSError, StartupError) as exc:
+            self._close()
+            if isinstance(exc, StartupError):
+                raise
+            raise StartupError(f"{self.path or 'stream'}: {exc}") from exc
+        try:
+            domid = self.backend.create_restore_target(self.config)
+        except BaseException:
+            self._close()
+            raise
+        super().__init__(domid, loop, options.timeout, callbacks, on_progress)
+        try:
+            cbflags = cbflags_for(REMUS_RESTORE_CALLBACKS if self.stream_type else RESTORE_CALLBACKS)
+            io_fd = fd if fd > 2 else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+            # Event channels (store port, store domain, console port, console
+            # domain), as the backend allocated them for the new domain.
+            store_port, store_dom, console_port, console_dom = self.backend.restore_ports(domid)
+            argv = restore_argv(helper_path(options.helper), io_fd, -1, domid, store_port, store_dom,
+                                console_port, console_dom, cbflags, self.stream_type)
+            try:
+                self._spawn(argv, "restore", cbflags, [io_fd], self.backend.helper_env())
+            finally:
+                if io_fd != fd:
+                    os.close(io_fd)
+        except BaseException:
+            self._close()
+            self._destroy_target()
+            raise
+
+    def _close(self) -> None:
+        if self._own_fd and self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+
+    def _destroy_target(self) -> None:
+        try:
+            self.backend.destroy(self.domid)
+        except Exception as exc:
+            self.logger.error("could not destroy half-restored domain %d: %s", self.domid, exc)
+
+    def _default_checkpoint(self, req: CallbackRequest) -> None:
+        """libxc read a CHECKPOINT: read libxl's records of that checkpoint (the
+        helper waits for our answer, so the fd is ours meanwhile), then go on."""
+        def read(records: List[Tuple[int, bytes]], err: Optional[Exception]) -> None:
+            if err is not None:
+                self.logger.error("checkpoint %d: reading libxl's records failed: %s",
+                                  self.checkpoints + 1, err)
+                req.reply(0)   # XGR_CHECKPOINT_ERROR
+                return
+            self.checkpoints += 1
+            self.checkpoint_records = records
+            req.reply(1)       # XGR_CHECKPOINT_SUCCESS
+
+        if is_regular(self._fd):
+            try:
+                records = read_trailer(self._fd, RecordType.CHECKPOINT_END)
+            except (ValueError, OSError) as exc:
+                read([], exc)
+            else:
+                read(records, None)
+            return
+        self._aux.append(TrailerReader(self.loop, self._fd, read,
+                                        end=RecordType.CHECKPOINT_END))
+
+    def _default_handler(self, name: str) -> Handler:
+        if name == "checkpoint" and self.stream_type == STREAM_REMUS:
+            return self._default_checkpoint
+        if name == "static_data_done":
+            # missing CPUID/MSR policy (v2 streams) would be rebuilt the legacy
+            # way by libxl; the simulated domain keeps its default policy.
+            return lambda req: 0
+        return super()._default_handler(name)
+
+    def _conclude(self) -> None:
+        exc = self._helper_outcome() if self.helper is not None else self._failure
+        records: List[Tuple[int, bytes]] = []
+        if exc is None and not is_regular(self._fd):
+            # A pipe or socket (migration): the records after the libxc stream
+            # may still be on their way.  Read them as they arrive, not blocking
+            # the loop; the helper has exited, so the fd is ours alone.
+            self._trailer = TrailerReader(self.loop, self._fd, self._trailer_read)
+            if self._timeout is not None:
+                left = max(0.0, self._timeout - (time.monotonic() - self.started))
+                self._aux.append(self.loop.call_later(left, self._trailer_timed_out))
+            return
+        if exc is None:
+            try:
+                records = self._read_trailer()
+            except (ValueError, OSError) as err:
+                exc = OperationError(f"{self.path or 'stream'}: after the libxc stream: {err}",
+                                     op=self)
+        self._finish_restore(records, exc)
+
+    def _trailer_read(self, records: List[Tuple[int, bytes]],
+                      err: Optional[Exception]) -> None:
+        self._trailer = None
+        if isinstance(err, TruncatedStream) and self._failover():
+            records, err = list(self.checkpoint_records), None
+        for t in self._aux:
+            t.cancel()
+        exc: Optional[OperationError] = None
+        if self._failure is not None:
+            exc = self._failure
+        elif err is not None:
+            exc = OperationError(f"{self.path or 'stream'}: after the libxc stream: {err}",
+                                 op=self)
+        self._finish_restore(records, exc)
+
+    def _stop_trailer(self, exc: OperationError) -> None:
+        if self._trailer is not None:
+            self._fail_soon(exc)
+            self._trailer.stop()
+
+    def _trailer_timed_out(self) -> None:
+        self._stop_trailer(Timeout(f"{self.kind} of domain {self.domid} timed out after "
+                                   f"{self._timeout:g}s waiting for the end of the stream",
+                                   op=self))
+
+    def cancel(self, grace: float = 5.0) -> bool:
+        if self._trailer is not None and not self._done:
+            self._stop_trailer(Cancelled(f"{self.kind} of domain {self.domid} cancelled",
+                                         op=self))
+            return True
+        return super().cancel(grace)
+
+    def _finish_restore(self, records: List[Tuple[int, bytes]],
+                        exc: Optional[OperationError]) -> None:
+        self._close()
+        if exc is not None:
+            self._destroy_target()
+            self._finish(exc=exc)
+            return
+        assert self.helper is not None and self.helper.results is not None
+        res = self.helper.results
+        try:
+            # As libxl: the domain is finished (a real host: XenStore nodes,
+            # introduction to xenstored with the restored store page) before its
+            # device model starts on the saved state.
+            self.backend.restore_done(self.domid, res.store_gfn, res.console_gfn)
+        except Exception as err:  # a backend is the caller's code (any toolstack's)
+            self._wont_start(err)
+            return
+
+        def running(ok: bool, why: str) -> None:
+            if self._failure is not None:   # cancelled or timed out meanwhile
+                self._destroy_target()
+                self._finish(exc=self._failure)
+                return
+            if not ok:
+                self._wont_start(f"its device model did not start: {why}")
+                return
+            try:
+                if not self.paused:
+                    self.backend.unpause(self.domid)
+            except Exception as err:  # a backend is the caller's code (any toolstack's)
+                self._wont_start(err)
+                return
+            self._finish(RestoreResult(self.domid, res.store_gfn, res.console_gfn, self.config,
+                                       time.monotonic() - self.started, emulator_records=records,
+                                       checkpoints=self.checkpoints, failover=self.failed_over))
+
+        try:
+            self._aux.append(self.backend.start_restore_device_model(self.loop, self.domid,
+                                                                     records, running))
+        except Exception as err:  # a backend is the caller's code (any toolstack's)
+            running(False, str(err))
+
+    def _wont_start(self, why: object) -> None:
+        self._destroy_target()
+        self._finish(exc=OperationError(f"restored domain {self.domid} would not start: {why}",
+                                        op=self))
+
+    def _read_trailer(self) -> List[Tuple[int, bytes]]:
+        """libxl records after the libxc stream, up to END."""
+        try:
+            return read_trailer(self._fd, RecordType.END)
+        except TruncatedStream:
+            if self._failover():
+                return list(self.checkpoint_records)
+            raise
+
+    def _failover(self) -> bool:
+        """A checkpointed stream may end without END (its sender died): libxc
+        then restored the last complete checkpoint, and so do we."""
+        if self.stream_type == STREAM_REMUS and self.checkpoints:
+            self.logger.warning("checkpointed stream ended without END after %d checkpoints: "
+                                "failover to the last one", self.checkpoints)
+            self.failed_over = True
+            return True
+        return False
+
+

@@ -1,0 +1,429 @@
+"""Saving a domain: xl's ``save`` around the helper.
+
+The xl header and the libxl stream's start are written first, then the helper
+writes libxc's stream on the same fd; it calls back to suspend the guest (the
+backend asks it, from the loop) and to switch the device model's log-dirty
+mode.  When the helper has completed, the libxl records that end the stream
+(the device model's, END) are written, a file is fsynced and renamed over the
+target, and the domain is left as asked: destroyed (xl's default), paused or
+running.  A failed save never touches an existing file and lets a suspended
+guest run again.  Checkpointed (Remus) streams repeat the suspend, the libxl
+checkpoint records and the resume per checkpoint.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence
+
+from pyxl._paths import helper_path
+from pyxl.backends.base import Backend, Cancellable, EmulatorRecord
+from pyxl.errors import OperationError, StartupError
+from pyxl.fdio import write_all, write_from_loop
+from pyxl.loop import Loop
+from pyxl.ops.helper_process import save_argv
+from pyxl.ops.operation import (REMUS_SAVE_CALLBACKS, SAVE_CALLBACKS, STREAM_PLAIN,
+                                STREAM_REMUS, XCFLAGS_DEBUG, XCFLAGS_LIVE, CallbackRequest,
+                                Handler, Operation, PathOrFd, ProgressEvent)
+from pyxl.stream import libxc as stream_libxc
+from pyxl.stream import libxl as stream_libxl
+from pyxl.stream import xl as stream_xl
+from pyxl.wire.codec import Suspend, SwitchQemuLogdirty, cbflags_for
+
+__all__ = ["Leave", "SaveOperation", "SaveOptions", "SaveResult"]
+
+#: What becomes of the domain after a successful save.
+Leave = Literal["destroy", "paused", "running"]
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """How to save: the choices a caller makes, checked when made.
+
+    ``live``: pre-copy while the guest runs.  ``leave``: "destroy" (xl's default),
+    "paused" or "running".  ``helper``: the helper to run (default
+    :func:`pyxl.helper_path`).  ``timeout``: give up (helper killed) after this
+    many seconds.  ``suspend_timeout``: how long the guest may take to suspend.
+    ``debug``: libxc's XCFLAGS_DEBUG (resend every page for verification).
+    ``fsync``: flush a file and its directory before the rename.  ``helper_env``:
+    extra environment for the helper (e.g. the precopy policy's ``PYXL_PRECOPY``).
+    ``stream_type=STREAM_REMUS`` (1): a checkpointed stream (libxl's Remus; use
+    it with ``live=True``): after each checkpoint libxl's checkpoint records go
+    out and the guest resumes; another checkpoint is asked for after
+    ``checkpoint_interval`` seconds until ``checkpoints`` were taken (None: until
+    cancelled).  After the last one the guest stays as it is and ``leave``
+    applies as for a save.
+    """
+
+    live: bool = False
+    leave: Leave = "destroy"
+    helper: Optional[str] = None
+    timeout: Optional[float] = None
+    suspend_timeout: float = 30.0
+    debug: bool = False
+    fsync: bool = True
+    helper_env: Mapping[str, str] = field(default_factory=dict)
+    stream_type: int = STREAM_PLAIN
+    checkpoints: Optional[int] = None
+    checkpoint_interval: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.leave not in ("destroy", "paused", "running"):
+            raise ValueError(f"leave must be 'destroy', 'paused' or 'running', not {self.leave!r}")
+        if self.stream_type not in (STREAM_PLAIN, STREAM_REMUS):
+            raise ValueError(f"stream_type must be 0 (plain) or 1 (Remus), not {self.stream_type}")
+        for name in ("timeout", "suspend_timeout", "checkpoint_interval"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        if self.checkpoints is not None and self.checkpoints < 1:
+            raise ValueError(f"checkpoints must be at least 1, not {self.checkpoints}")
+
+
+@dataclass
+class SaveResult:
+    domid: int
+    path: Optional[str]
+    bytes_written: Optional[int]
+    duration: float
+    iterations: int
+    downtime: Optional[float]  # suspend reply -> end of stream (seconds)
+    retval: int = 0
+    errnoval: int = 0
+    checkpoints: int = 0       # Remus: checkpoints sent
+
+
+
+class SaveOperation(Operation[SaveResult]):
+    kind = "save"
+
+    def __init__(self, domid: int, target: PathOrFd, options: SaveOptions = SaveOptions(), *,
+                 backend: Backend, loop: Optional[Loop] = None,
+                 callbacks: Optional[Dict[str, Handler]] = None,
+                 on_progress: Optional[Callable[[ProgressEvent], None]] = None,
+                 on_resume: Optional[Callable[[int], None]] = None,
+                 config: Optional[Dict[str, Any]] = None,
+                 emulator_records: Optional[Sequence[EmulatorRecord]] = None,
+                 write_trailer: Optional[Callable[[bytes], None]] = None) -> None:
+        """Save ``domid`` into ``target`` (a path, written atomically, or an fd).
+
+        ``config``: the xl header's domain config (default: the backend's).
+        ``emulator_records``: the device model's libxl records (default: the
+        backend's :meth:`~pyxl.Backend.save_device_model` once the guest is
+        suspended).  ``write_trailer``: for an fd the caller drains
+        asynchronously (a relay pipe), called with the libxl records that end
+        the stream instead of writing them to the fd, so a full pipe never blocks
+        the loop.  ``on_resume(domid)`` replaces the backend's resume when a
+        failed save must let the guest run again."""
+        super().__init__(domid, loop, options.timeout, callbacks, on_progress)
+        self.options = options
+        self.backend = backend
+        self.live, self.leave = options.live, options.leave
+        self.on_resume = on_resume
+        self.suspend_timeout = options.suspend_timeout
+        self.fsync = options.fsync
+        self.emulator_records = list(emulator_records or ())
+        # Without records of the caller's, the backend's device model supplies them.
+        self._dm_from_backend = emulator_records is None
+        self.write_trailer = write_trailer
+        self.stream_type = options.stream_type
+        self.max_checkpoints = options.checkpoints
+        self.checkpoint_interval = options.checkpoint_interval
+        self.checkpoints = 0
+        self.suspended = False
+        self.suspended_at: Optional[float] = None
+        self._suspend_cancel: Optional[Cancellable] = None
+        self._held: Optional[OperationError] = None  # failure waiting for a suspend in flight
+        self.path: Optional[str] = None
+        self._tmp: Optional[str] = None
+        self._fd = -1
+        self._own_fd = False
+
+        self.backend.check_domain(domid)
+        if config is None:
+            config = self.backend.domain_config(domid)
+        self.config = config
+        if isinstance(target, int):
+            self._fd = target
+        else:
+            self.path = os.fspath(target)
+            self._open_temp()
+        try:
+            write_all(self._fd, stream_xl.xl_header(config) + stream_libxl.libxl_header()
+                       + stream_libxl.libxc_context_record())
+            cbflags = cbflags_for(REMUS_SAVE_CALLBACKS if self.stream_type else SAVE_CALLBACKS)
+            xcflags = (XCFLAGS_LIVE if options.live else 0) | (XCFLAGS_DEBUG if options.debug else 0)
+            io_fd = self._fd if self._fd > 2 else self._dup_high(self._fd)
+            # libxl passes a dup of its own stdin as BACK_FD (zero-initialised
+            # state); it is only read for COLO streams, so we pass -1.
+            argv = save_argv(helper_path(options.helper), io_fd, -1, domid, xcflags, cbflags,
+                             self.stream_type)
+            try:
+                env = self.backend.helper_env()
+                env.update(options.helper_env)
+                self._spawn(argv, "save", cbflags, [io_fd], env)
+            finally:
+                if io_fd != self._fd:
+                    os.close(io_fd)
+        except BaseException as exc:
+            self._discard()
+            if isinstance(exc, OSError):
+                raise StartupError(f"cannot write save stream: {exc.strerror}") from exc
+            raise
+
+    @staticmethod
+    def _dup_high(fd: int) -> int:
+        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+
+    def _open_temp(self) -> None:
+        assert self.path is not None
+        d = os.path.dirname(os.path.abspath(self.path))
+        base = os.path.basename(self.path)
+        if os.path.isdir(self.path):
+            raise StartupError(f"{self.path}: is a directory")
+        for i in range(100):
+            tmp = os.path.join(d, f".{base}.pyxl-{os.getpid()}-{i}.tmp")
+            try:
+                self._fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise StartupError(f"cannot create {tmp}: {exc.strerror}") from exc
+            self._tmp = tmp
+            self._own_fd = True
+            return
+        raise StartupError(f"cannot create a temporary file next to {self.path}")
+
+    def _discard(self) -> None:
+        if self._own_fd and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._tmp is not None:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._tmp = None
+
+    def _default_handler(self, name: str) -> Handler:
+        if name == "suspend":
+            return self._default_suspend
+        if name == "switch_qemu_logdirty":
+            return self._default_logdirty
+        if name == "postcopy":
+            return self._default_postcopy
+        if name == "checkpoint":
+            return self._default_checkpoint
+        return super()._default_handler(name)
+
+    def _default_logdirty(self, req: CallbackRequest) -> None:
+        """libxc asks the device model to track (or stop tracking) the pages it
+        writes; the backend knows the device model.  Answers 0 or -1, as libxl."""
+        assert isinstance(req.message, SwitchQemuLogdirty)
+        enable = bool(req.message.enable)
+
+        def done(ok: bool, why: str) -> None:
+            if not ok:
+                self.logger.error("log-dirty %s for domain %d's device model failed: %s",
+                                  "on" if enable else "off", self.domid, why)
+            if not req.answered:
+                req.reply(0 if ok else -1)
+
+        self._aux.append(self.backend.start_logdirty(self.loop, self.domid, enable, done))
+
+    def _default_postcopy(self, req: CallbackRequest) -> None:
+        """Remus, after a checkpoint's libxc records: libxl's records for it,
+        then the guest runs again until the next checkpoint."""
+        records = b"".join(stream_libxl.libxl_record(rtype, body)
+                           for rtype, body in self.emulator_records)
+        records += stream_libxl.checkpoint_end_record()
+
+        def written(err: Optional[OSError]) -> None:
+            if err is not None:
+                self.logger.error("writing checkpoint records failed: %s", err.strerror)
+                req.reply(0)
+                return
+            self.checkpoints += 1
+            if self.max_checkpoints is not None and self.checkpoints >= self.max_checkpoints:
+                # The last one: the guest stays suspended, so that the stream
+                # ends with the guest as it is (``leave`` applies, as for a save).
+                req.reply(1)
+                return
+            try:
+                self.backend.resume(self.domid)
+            except Exception as exc:
+                self.logger.error("could not resume domain %d after checkpoint %d: %s",
+                                  self.domid, self.checkpoints, exc)
+                req.reply(0)
+                return
+            self.suspended = False
+            req.reply(1)
+
+        # The helper waits for this answer, so the fd is ours for the moment.
+        write_from_loop(self.loop, self._fd, records, written)
+
+    def _default_checkpoint(self, req: CallbackRequest) -> None:
+        """Remus: another checkpoint after the interval, until enough were taken."""
+        more = self.max_checkpoints is None or self.checkpoints < self.max_checkpoints
+        if not more:
+            return req.reply(0)   # a graceful end of the stream
+        self._aux.append(self.loop.call_later(self.checkpoint_interval,
+                                              lambda: req.reply(1) if not req.answered else None))
+        return None
+
+    def _default_suspend(self, req: CallbackRequest) -> None:
+        def done(ok: bool, why: str) -> None:
+            self._suspend_cancel = None
+            if not ok:
+                self.logger.error("suspend of domain %d failed: %s", self.domid, why)
+                self._suspend_failed = why
+            if self._held is not None:
+                # The helper died while the guest was suspending; the failure
+                # waited for the suspend to land so the guest can be resumed.
+                exc, self._held = self._held, None
+                if ok:
+                    self._resume_after_failure()
+                self._finish(exc=exc)
+            elif not req.answered:
+                req.reply(1 if ok else 0)
+
+        # Not in self._aux: if the helper dies meanwhile, the suspend goes on
+        # (the guest was asked already) and _conclude waits for it.
+        self._suspend_cancel = self.backend.start_suspend(self.loop, self.domid,
+                                                          self.suspend_timeout, done)
+
+    def _finish(self, result: Optional[SaveResult] = None,
+                exc: Optional[OperationError] = None) -> None:
+        why = getattr(self, "_suspend_failed", None)
+        if exc is not None and why and why not in str(exc):
+            # The helper's failure is only the consequence ("Save failed"):
+            # say why first, e.g. a guest that did not answer the request.
+            exc.args = (f"the guest did not suspend: {why}; {exc.args[0] if exc.args else exc}",
+                        ) + tuple(exc.args[1:])
+        super()._finish(result, exc)
+
+    def _answer(self, req: CallbackRequest, value: int) -> None:
+        if (isinstance(req.message, Suspend) and value and self._dm_from_backend
+                and req is self._pending):
+            # libxl saves the device model inside the suspend callback, once the
+            # guest is stopped (and again at every Remus checkpoint); the helper
+            # hears "suspended" only after that.
+            self.suspended = True
+            self.suspended_at = time.monotonic()
+
+            def saved(records: Optional[List[EmulatorRecord]], why: str) -> None:
+                if records is None:
+                    self._fail_soon(OperationError(
+                        f"saving domain {self.domid}'s device model failed: {why}", op=self))
+                    super(SaveOperation, self)._answer(req, 0)
+                    return
+                self.emulator_records = list(records)
+                super(SaveOperation, self)._answer(req, value)
+
+            try:
+                self._aux.append(self.backend.start_save_device_model(
+                    self.loop, self.domid, self.live, saved))
+            except Exception as exc:  # a backend is the caller's code (any toolstack's)
+                saved(None, str(exc))
+            return
+        super()._answer(req, value)
+
+    def _answered(self, req: CallbackRequest, value: int) -> None:
+        if isinstance(req.message, Suspend) and value:
+            self.suspended = True
+            self.suspended_at = self.suspended_at or time.monotonic()
+
+    def _answered_late(self, req: CallbackRequest, value: int) -> None:
+        if isinstance(req.message, Suspend) and value:
+            # A toolstack's suspend handler finished after the save had failed:
+            # its guest is suspended now, and nobody else will resume it.
+            self._resume_after_failure()
+
+    def _conclude(self) -> None:
+        exc = self._helper_outcome() if self.helper is not None else self._failure
+        if exc is None:
+            try:
+                result = self._complete_stream()
+            except OSError as err:
+                exc = OperationError(f"writing the end of the save stream failed: {err.strerror}",
+                                     op=self)
+            else:
+                self._finish(result)
+                return
+        self._discard()
+        assert exc is not None
+        if self._suspend_cancel is not None:
+            self._held = exc  # a suspend is on its way: finish once it has landed
+            return
+        if self.suspended:
+            self._resume_after_failure()
+        self._finish(exc=exc)
+
+    def _complete_stream(self) -> SaveResult:
+        end = time.monotonic()
+        if self.stream_type == STREAM_REMUS:
+            # libxc 4.17 ends a checkpointed stream after the last CHECKPOINT
+            # (its emulator records went with each one): add the libxc END it
+            # omits, so the receiver's libxc completes on it, then libxl's END.
+            trailer = stream_libxc.end_record() + stream_libxl.end_record()
+        else:
+            trailer = b"".join(stream_libxl.libxl_record(rtype, body)
+                               for rtype, body in self.emulator_records)
+            trailer += stream_libxl.end_record()
+        if self.write_trailer is not None:
+            self.write_trailer(trailer)
+        else:
+            # The helper has exited, so nobody else writes to this description.
+            write_all(self._fd, trailer)
+        size = None
+        if self._own_fd:
+            size = os.fstat(self._fd).st_size
+            if self.fsync:
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            assert self._tmp is not None and self.path is not None
+            os.rename(self._tmp, self.path)
+            self._tmp = None
+            if self.fsync:
+                dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        self._leave_domain()
+        return SaveResult(self.domid, self.path, size, end - self.started, self.iterations,
+                          None if self.suspended_at is None else end - self.suspended_at,
+                          checkpoints=self.checkpoints)
+
+    def _leave_domain(self) -> None:
+        try:
+            if self.leave == "destroy":
+                self.backend.destroy(self.domid)
+            elif self.leave == "running":
+                self.backend.resume(self.domid)
+            elif not self.suspended:
+                self.backend.pause(self.domid)   # Remus: it ran on after the last checkpoint
+            else:
+                # xl save -p: pause first, so the guest never runs between
+                # the suspend and the pause.
+                self.backend.pause(self.domid)
+                self.backend.resume(self.domid)
+        except Exception as exc:  # the image is safe; report, don't lose it
+            self.logger.error("saved domain %d, but could not leave it %s: %s", self.domid,
+                              self.leave, exc)
+
+    def _resume_after_failure(self) -> None:
+        try:
+            if self.on_resume is not None:
+                self.on_resume(self.domid)
+            else:
+                self.backend.resume(self.domid)
+        except Exception as exc:
+            self.logger.error("could not resume domain %d after the failed save: %s",
+                              self.domid, exc)
+
+
