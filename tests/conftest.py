@@ -212,3 +212,207 @@ def children(cmdline: bool = False) -> List[Tuple[int, Union[str, bytes]]]:
                 continue
             out.append((int(pid), cmd))
     return out
+
+
+# ---- the three loops -----------------------------------------------------------------------
+
+
+class LoopDriver:
+    """Runs pyxl operations on one of its three loop integrations.
+
+    ``loop``: pass it as ``pyxl.save(..., loop=driver.loop)``.
+    ``run_until(op)``: run until the operation is done; its result (or its error, raised).
+    ``run_until(predicate, timeout)``: run until ``predicate()`` is true; False on timeout.
+    ``wait(*ops, timeout=None)``: like :func:`pyxl.wait` -- run until every op is done,
+    raise the first failure, else the results in order.
+    """
+
+    name = ""
+    loop: object
+
+    def _run(self, done, timeout):   # -> bool
+        raise NotImplementedError
+
+    def run_until(self, what, timeout=None):
+        if hasattr(what, "done") and hasattr(what, "result"):
+            return self.wait(what, timeout=timeout)[0]
+        return self._run(what, timeout)
+
+    def wait(self, *ops, timeout=None):
+        first = []
+        for op in ops:
+            op.add_done_callback(lambda o: first.append(o) if o.exception() is not None else None)
+        if not self._run(lambda: all(op.done() for op in ops), timeout):
+            raise TimeoutError(f"{self.name}: operations still running after {timeout:g}s")
+        if first:
+            first[0].result()
+        return [op.result() for op in ops]
+
+    def close(self):
+        pass
+
+
+class SelectorDriver(LoopDriver):
+    """pyxl's own SelectorLoop -- the default loop, as :func:`pyxl.wait` and the CLI use it."""
+
+    name = "selector"
+
+    def __init__(self):
+        import pyxl
+
+        self.loop = pyxl.default_loop()
+
+    def _run(self, done, timeout):
+        return self.loop.run_until(done, timeout)
+
+    def wait(self, *ops, timeout=None):
+        import pyxl
+
+        return pyxl.wait(*ops, timeout=timeout)
+
+
+class PollToolstack:
+    """A xend-style toolstack's main loop over ``select.poll()``: fd watches that call
+    ``ready(events)``, and timers; pyxl plugs into it through :class:`pyxl.HookLoop`'s hooks
+    (README, "Your own event loop")."""
+
+    def __init__(self):
+        import itertools
+        import select
+
+        self.select = select
+        self.poll = select.poll()
+        self.fds = {}                     # fd (the token) -> [selectors mask, ready]
+        self.timers = {}                  # token -> (deadline, fire)
+        self.tokens = itertools.count(1)
+
+    def _mask(self, events):
+        import selectors
+
+        s = self.select
+        return (s.POLLIN if events & selectors.EVENT_READ else 0) | \
+            (s.POLLOUT if events & selectors.EVENT_WRITE else 0)
+
+    # the hooks HookLoop calls
+    def fd_register(self, fd, events, ready):
+        assert fd not in self.fds, f"fd {fd} registered twice"
+        self.fds[fd] = [events, ready]
+        self.poll.register(fd, self._mask(events))
+        return fd
+
+    def fd_modify(self, token, events):
+        self.fds[token][0] = events
+        self.poll.modify(token, self._mask(events))
+
+    def fd_deregister(self, token):
+        del self.fds[token]
+        self.poll.unregister(token)
+
+    def timeout_register(self, delay, fire):
+        token = next(self.tokens)
+        self.timers[token] = (time.monotonic() + delay, fire)
+        return token
+
+    def timeout_cancel(self, token):
+        self.timers.pop(token, None)
+
+    def run_once(self, timeout):
+        import selectors
+
+        s = self.select
+        if self.timers:
+            timeout = min(timeout, max(0.0, min(t for t, _ in self.timers.values()) - time.monotonic()))
+        ready = self.poll.poll(timeout * 1000)
+        # What was registered when poll() answered: a callback may drop (and another
+        # re-register) an fd before its turn.
+        entries = [(fd, revents, self.fds.get(fd)) for fd, revents in ready]
+        for fd, revents, entry in entries:
+            if entry is None or self.fds.get(fd) is not entry:
+                continue
+            if revents & s.POLLNVAL:
+                raise RuntimeError(f"poll: fd {fd} is still watched but was closed")
+            events, ready_cb = entry
+            fired = 0
+            if events & selectors.EVENT_READ and revents & (s.POLLIN | s.POLLPRI | s.POLLHUP | s.POLLERR):
+                fired |= selectors.EVENT_READ
+            if events & selectors.EVENT_WRITE and revents & (s.POLLOUT | s.POLLHUP | s.POLLERR):
+                fired |= selectors.EVENT_WRITE
+            if fired:
+                ready_cb(fired)
+        now = time.monotonic()
+        for token, (deadline, fire) in sorted(self.timers.items(), key=lambda kv: kv[1][0]):
+            if deadline <= now and self.timers.pop(token, None) is not None:
+                fire()
+
+
+class HookDriver(LoopDriver):
+    """:class:`pyxl.HookLoop` on a :class:`PollToolstack`."""
+
+    name = "hook"
+
+    def __init__(self):
+        import pyxl
+
+        self.toolstack = ts = PollToolstack()
+        self.loop = pyxl.HookLoop(ts.fd_register, ts.fd_modify, ts.fd_deregister,
+                                  ts.timeout_register, ts.timeout_cancel)
+
+    def _run(self, done, timeout):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done():
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.toolstack.run_once(min(left, 1.0))
+        return True
+
+    def close(self):
+        # What README's hook example checks too: a finished operation leaves no watch behind.
+        ts = self.toolstack
+        assert not ts.fds, f"HookLoop: fds still watched after the test: {sorted(ts.fds)}"
+        assert not ts.timers, f"HookLoop: timers still pending after the test: {len(ts.timers)}"
+
+
+class AsyncioDriver(LoopDriver):
+    """:class:`pyxl.AsyncioLoop` on a fresh asyncio event loop, run with run_until_complete."""
+
+    name = "asyncio"
+
+    def __init__(self):
+        import asyncio
+
+        import pyxl
+
+        self.asyncio = asyncio
+        self.aloop = asyncio.new_event_loop()
+        self.loop = pyxl.AsyncioLoop(self.aloop)
+
+    def _run(self, done, timeout):
+        asyncio = self.asyncio
+
+        async def until():
+            while not done():
+                await asyncio.sleep(0.001)
+
+        try:
+            self.aloop.run_until_complete(asyncio.wait_for(until(), timeout))
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def close(self):
+        self.aloop.close()
+
+
+LOOP_DRIVERS = {"selector": SelectorDriver, "hook": HookDriver, "asyncio": AsyncioDriver}
+
+
+@pytest.fixture(params=sorted(LOOP_DRIVERS))
+def any_loop(request) -> Iterator[LoopDriver]:
+    """The test once per loop integration: ``any_loop.loop`` for ``pyxl.save(..., loop=)``,
+    ``any_loop.run_until(op_or_predicate)`` and ``any_loop.wait(*ops)`` to run it."""
+    driver = LOOP_DRIVERS[request.param]()
+    try:
+        yield driver
+    finally:
+        driver.close()

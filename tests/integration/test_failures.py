@@ -41,16 +41,17 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_typed_failures_leave_file_and_domain(sim_dir, tmp_path, case):
+def test_typed_failures_leave_file_and_domain(sim_dir, tmp_path, case, any_loop):
     body, exc_type = CASES[case]
     d = sim.create(16 * MB, sim_dir=sim_dir)
     target = tmp_path / "existing.save"
     target.write_bytes(b"precious")
     fds, kids = open_fds(), children()
-    op = pyxl.save(d, target, helper=script(tmp_path, body), sim_dir=sim_dir, timeout=20)
+    op = pyxl.save(d, target, helper=script(tmp_path, body), sim_dir=sim_dir, timeout=20,
+                   loop=any_loop.loop)
     t0 = time.monotonic()
     with pytest.raises(exc_type) as e:
-        pyxl.wait(op)
+        any_loop.run_until(op)
     assert time.monotonic() - t0 < 10
     assert target.read_bytes() == b"precious"
     assert sorted(os.listdir(tmp_path)) == ["existing.save", "helper"]
@@ -77,34 +78,34 @@ def test_failure_after_suspend_resumes_guest(sim_dir, tmp_path):
     assert sim.info(d, sim_dir=sim_dir).state == "running"
 
 
-def test_timeout_kills_stopped_helper(sim_dir, tmp_path):
+def test_timeout_kills_stopped_helper(sim_dir, tmp_path, any_loop):
     d = sim.create(16 * MB, sim_dir=sim_dir)
     kids = children()
     helper = script(tmp_path, "os.kill(os.getpid(), signal.SIGSTOP)")
-    op = pyxl.save(d, tmp_path / "x", helper=helper, sim_dir=sim_dir, timeout=0.5)
+    op = pyxl.save(d, tmp_path / "x", helper=helper, sim_dir=sim_dir, timeout=0.5,
+                   loop=any_loop.loop)
     t0 = time.monotonic()
     with pytest.raises(pyxl.Timeout):
-        pyxl.wait(op)
+        any_loop.run_until(op)
     assert time.monotonic() - t0 < 5
     assert children() == kids
 
 
-def test_cancel_sigterm_then_sigkill(sim_dir, tmp_path):
+def test_cancel_sigterm_then_sigkill(sim_dir, tmp_path, any_loop):
     d = sim.create(16 * MB, sim_dir=sim_dir)
     helper = script(tmp_path, """\
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         send(p.Log(1, 0, 'libxl-save-helper', 'starting save'))
         time.sleep(60)
         """)
-    op = pyxl.save(d, tmp_path / "x", helper=helper, sim_dir=sim_dir)
-    loop = pyxl.default_loop()
+    op = pyxl.save(d, tmp_path / "x", helper=helper, sim_dir=sim_dir, loop=any_loop.loop)
     # Cancel only once the helper ignores SIGTERM (it logs right after),
     # however slowly it starts on a loaded machine.
-    assert loop.run_until(lambda: op.helper.conv.decoder.offset > 0, timeout=30)
+    assert any_loop.run_until(lambda: op.helper.conv.decoder.offset > 0, timeout=30)
     t0 = time.monotonic()
     op.cancel(grace=0.3)
     with pytest.raises(pyxl.Cancelled):
-        pyxl.wait(op)
+        any_loop.run_until(op)
     assert 0.25 < time.monotonic() - t0 < 5
 
 

@@ -20,16 +20,18 @@ MB = 1 << 20
 
 @pytest.mark.parametrize("saver,restorer", [("ours", "ours"), ("debian", "debian"),
                                             ("ours", "debian"), ("debian", "ours")])
-def test_nonlive_save_restore_byte_exact(sim_dir, tmp_path, saver, restorer):
+def test_nonlive_save_restore_byte_exact(sim_dir, tmp_path, saver, restorer, any_loop):
     d = sim.create(64 * MB, dirty_rate=2 * MB, sim_dir=sim_dir)
     sim.pause(d, sim_dir=sim_dir)
     before = sim.digest(d, sim_dir=sim_dir)
     path = tmp_path / "guest.save"
-    res = pyxl.wait(pyxl.save(d, path, helper=HELPERS[saver], sim_dir=sim_dir))[0]
+    res = any_loop.run_until(pyxl.save(d, path, helper=HELPERS[saver], sim_dir=sim_dir,
+                                       loop=any_loop.loop))
     assert res.path == str(path) and res.bytes_written == path.stat().st_size
     assert path.stat().st_mode & 0o777 == 0o600
     assert d not in [i.domid for i in sim.list_domains(sim_dir=sim_dir)], "xl's default: destroyed"
-    rres = pyxl.wait(pyxl.restore(path, paused=True, helper=HELPERS[restorer], sim_dir=sim_dir))[0]
+    rres = any_loop.run_until(pyxl.restore(path, paused=True, helper=HELPERS[restorer],
+                                           sim_dir=sim_dir, loop=any_loop.loop))
     assert rres.domid != d
     assert sim.digest(rres.domid, sim_dir=sim_dir) == before
     assert sim.info(rres.domid, sim_dir=sim_dir).state == "paused"
@@ -72,7 +74,7 @@ def test_leave_running_and_logs(sim_dir, tmp_path, caplog):
     assert any("Saving domain" in t for t in texts)
 
 
-def test_eight_at_once_in_one_thread(sim_dir, tmp_path):
+def test_eight_at_once_in_one_thread(sim_dir, tmp_path, any_loop):
     fds, kids = open_fds(), children()
     doms = []
     for i in range(4):
@@ -91,19 +93,21 @@ def test_eight_at_once_in_one_thread(sim_dir, tmp_path):
     def slow_suspend(req):
         # answer later, from a timer, while the other helpers keep streaming
         answered.append(req.op.domid)
-        pyxl.default_loop().call_later(0.05, lambda: (sim.suspend(req.op.domid, sim_dir=sim_dir),
-                                                      req.reply(1)))
+        any_loop.loop.call_later(0.05, lambda: (sim.suspend(req.op.domid, sim_dir=sim_dir),
+                                                req.reply(1)))
 
     saves = [pyxl.save(d, tmp_path / f"new{d}", live=True, leave="paused", sim_dir=sim_dir,
-                       callbacks={"suspend": slow_suspend}) for d in doms]
-    restores = [pyxl.restore(p, paused=True, sim_dir=sim_dir) for p, _ in images]
-    results = pyxl.wait(*saves, *restores)
+                       callbacks={"suspend": slow_suspend}, loop=any_loop.loop) for d in doms]
+    restores = [pyxl.restore(p, paused=True, sim_dir=sim_dir, loop=any_loop.loop)
+                for p, _ in images]
+    results = any_loop.wait(*saves, *restores)
     assert sorted(answered) == sorted(doms)
     for (path, digest), res in zip(images, results[4:]):
         assert sim.digest(res.domid, sim_dir=sim_dir) == digest
     for d in doms:
         src = sim.digest(d, sim_dir=sim_dir)
-        r = pyxl.wait(pyxl.restore(tmp_path / f"new{d}", paused=True, sim_dir=sim_dir))[0]
+        r = any_loop.run_until(pyxl.restore(tmp_path / f"new{d}", paused=True, sim_dir=sim_dir,
+                                            loop=any_loop.loop))
         assert sim.digest(r.domid, sim_dir=sim_dir) == src
     assert open_fds() == fds
     assert children() == kids
