@@ -16,8 +16,9 @@ import pytest
 
 from pyxl.backends import xenstore
 from pyxl.loop import SelectorLoop
-from pyxl.backends.xen import (SHUTDOWN_poweroff, SHUTDOWN_suspend, XEN_DOMINF_shutdown,
-                             XEN_DOMINF_shutdownshift, DomInfo, XenBackend, _Suspend)
+from pyxl.backends.xen import XenBackend, _Suspend
+from pyxl.backends.xenctrl import (SHUTDOWN_poweroff, SHUTDOWN_suspend, XEN_DOMINF_shutdown,
+                                   XEN_DOMINF_shutdownshift, DomInfo)
 from pyxl.backends.xenstore import XenStore, XenStoreError
 
 H = struct.Struct("=IIII")

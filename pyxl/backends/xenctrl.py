@@ -1,0 +1,174 @@
+"""ctypes over Debian's libxenctrl/libxenguest: the hypercalls the Xen backend makes.
+
+Only what :mod:`pyxl.backends.xen` needs (domain info, pause/unpause/destroy,
+create, resume), with struct layouts of Xen 4.17's domctl interface written out
+where libxenctrl takes or returns them.  Loaded only on a Xen host.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import struct
+from typing import Any, Optional
+
+from pyxl.errors import BackendError, StartupError
+
+SHUTDOWN_poweroff, SHUTDOWN_reboot, SHUTDOWN_suspend, SHUTDOWN_crash = 0, 1, 2, 3
+
+XEN_DOMINF_dying = 1 << 0
+XEN_DOMINF_hvm_guest = 1 << 1
+XEN_DOMINF_shutdown = 1 << 2
+XEN_DOMINF_paused = 1 << 3
+XEN_DOMINF_shutdownshift = 16
+XEN_DOMINF_shutdownmask = 255
+
+# struct xen_domctl_getdomaininfo (xen/domctl.h, 4.17): we read only the
+# fields up to the handle; the buffer is generous and one entry is asked for.
+_INFO_BUF = 1024
+_OFF_DOMAIN, _OFF_FLAGS, _OFF_TOT_PAGES, _OFF_MAX_PAGES = 0, 4, 8, 16
+_OFF_NR_ONLINE_VCPUS, _OFF_MAX_VCPU_ID, _OFF_HANDLE = 64, 68, 76
+
+
+
+# struct xen_domctl_createdomain (4.17): ssidref, handle[16], flags, iommu_opts,
+# max_vcpus, max_evtchn_port, max_grant_frames, max_maptrack_frames,
+# grant_opts, vmtrace_size, cpupool_id, arch.{emulation_flags, misc_flags}.
+_CREATEDOMAIN = struct.Struct("=I16sIIIIiiIIIII")
+assert _CREATEDOMAIN.size == 64
+
+
+class XenError(BackendError, OSError):
+    pass
+
+
+def _load(name: str, soname: str) -> ctypes.CDLL:
+    for cand in (soname, ctypes.util.find_library(name)):
+        if cand:
+            try:
+                return ctypes.CDLL(cand, use_errno=True)
+            except OSError:
+                continue
+    raise StartupError(f"cannot load {soname} (Debian: libxenmisc4.17 / xen-utils-4.17)")
+
+
+class DomInfo:
+    def __init__(self, buf: bytes) -> None:
+        self.domid, = struct.unpack_from("=H", buf, _OFF_DOMAIN)
+        self.flags, = struct.unpack_from("=I", buf, _OFF_FLAGS)
+        self.tot_pages, self.max_pages = struct.unpack_from("=QQ", buf, _OFF_TOT_PAGES)
+        self.nr_online_vcpus, self.max_vcpu_id = struct.unpack_from("=II", buf,
+                                                                    _OFF_NR_ONLINE_VCPUS)
+        h = buf[_OFF_HANDLE:_OFF_HANDLE + 16].hex()
+        self.uuid = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+    @property
+    def dying(self) -> bool:
+        return bool(self.flags & XEN_DOMINF_dying)
+
+    @property
+    def shutdown(self) -> bool:
+        return bool(self.flags & XEN_DOMINF_shutdown)
+
+    @property
+    def shutdown_reason(self) -> int:
+        return int((self.flags >> XEN_DOMINF_shutdownshift) & XEN_DOMINF_shutdownmask)
+
+    @property
+    def suspended(self) -> bool:
+        return self.shutdown and self.shutdown_reason == SHUTDOWN_suspend
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.flags & XEN_DOMINF_paused)
+
+    @property
+    def hvm(self) -> bool:
+        return bool(self.flags & XEN_DOMINF_hvm_guest)
+
+
+class Xc:
+    """The few libxenctrl/libxenguest calls pyxl needs."""
+
+    def __init__(self) -> None:
+        self.ctrl = _load("xenctrl", "libxenctrl.so.4.17")
+        self.guest = _load("xenguest", "libxenguest.so.4.17")
+        self.ctrl.xc_interface_open.restype = ctypes.c_void_p
+        self.ctrl.xc_interface_open.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
+        self.ctrl.xc_interface_close.argtypes = [ctypes.c_void_p]
+        for fn in ("xc_domain_pause", "xc_domain_unpause", "xc_domain_destroy"):
+            getattr(self.ctrl, fn).argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+        self.ctrl.xc_domain_getinfolist.argtypes = [ctypes.c_void_p, ctypes.c_uint32,
+                                                    ctypes.c_uint, ctypes.c_void_p]
+        self.guest.xc_domain_resume.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int]
+        c = self.ctrl
+        c.xc_domain_create.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32),
+                                       ctypes.c_void_p]
+        c.xc_domain_max_vcpus.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint]
+        c.xc_domain_setmaxmem.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64]
+        c.xc_domain_set_memmap_limit.argtypes = [ctypes.c_void_p, ctypes.c_uint32,
+                                                 ctypes.c_ulong]
+        c.xc_domain_set_tsc_info.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32,
+                                             ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32]
+        c.xc_evtchn_alloc_unbound.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32]
+        c.xc_hvm_param_set.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32,
+                                       ctypes.c_uint64]
+        c.xc_set_paging_mempool_size.argtypes = [ctypes.c_void_p, ctypes.c_uint32,
+                                                 ctypes.c_uint64]
+        self.xch = self.ctrl.xc_interface_open(None, None, 0)
+        if not self.xch:
+            e = ctypes.get_errno()
+            raise StartupError(f"xc_interface_open failed: {os.strerror(e) if e else 'unknown'}")
+
+    def close(self) -> None:
+        if self.xch:
+            self.ctrl.xc_interface_close(self.xch)
+            self.xch = None
+
+    def _check(self, what: str, rc: int) -> None:
+        if rc < 0:
+            e = ctypes.get_errno() or errno.EIO
+            raise XenError(e, f"{what}: {os.strerror(e)}")
+
+    def getinfo(self, domid: int) -> Optional[DomInfo]:
+        buf = ctypes.create_string_buffer(_INFO_BUF)
+        n = self.ctrl.xc_domain_getinfolist(self.xch, domid, 1, buf)
+        self._check("xc_domain_getinfolist", n)
+        if n < 1:
+            return None
+        info = DomInfo(buf.raw)
+        return info if info.domid == domid else None
+
+    def pause(self, domid: int) -> None:
+        self._check(f"xc_domain_pause({domid})", self.ctrl.xc_domain_pause(self.xch, domid))
+
+    def unpause(self, domid: int) -> None:
+        self._check(f"xc_domain_unpause({domid})", self.ctrl.xc_domain_unpause(self.xch, domid))
+
+    def destroy(self, domid: int) -> None:
+        self._check(f"xc_domain_destroy({domid})", self.ctrl.xc_domain_destroy(self.xch, domid))
+
+    def create(self, handle: bytes, flags: int, max_vcpus: int, max_evtchn_port: int,
+               max_grant_frames: int, max_maptrack_frames: int, grant_opts: int,
+               cpupool: int, emulation_flags: int, misc_flags: int, ssidref: int = 0) -> int:
+        """xc_domain_create with a struct xen_domctl_createdomain (4.17 layout,
+        xen/domctl.h: 64 bytes) built by hand."""
+        buf = ctypes.create_string_buffer(_CREATEDOMAIN.size)
+        _CREATEDOMAIN.pack_into(buf, 0, ssidref, handle, flags, 0, max_vcpus, max_evtchn_port,
+                                max_grant_frames, max_maptrack_frames, grant_opts, 0, cpupool,
+                                emulation_flags, misc_flags)
+        domid = ctypes.c_uint32(0)  # 0: Xen picks a free domid
+        self._check("xc_domain_create",
+                    self.ctrl.xc_domain_create(self.xch, ctypes.byref(domid), buf))
+        return domid.value
+
+    def call(self, fn: str, *args: Any) -> int:
+        rc = int(getattr(self.ctrl, fn)(self.xch, *args))
+        self._check(f"{fn}{args}", rc)
+        return rc
+
+    def resume(self, domid: int, fast: bool = True) -> None:
+        self._check(f"xc_domain_resume({domid})",
+                    self.guest.xc_domain_resume(self.xch, domid, 1 if fast else 0))
