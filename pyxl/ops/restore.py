@@ -156,7 +156,7 @@ class RestoreOperation(Operation[RestoreResult]):
     def _destroy_target(self) -> None:
         try:
             self.backend.destroy(self.domid)
-        except Exception as exc:
+        except Exception as exc:  # a backend is the caller's code (any toolstack's)
             self.logger.error("could not destroy half-restored domain %d: %s", self.domid, exc)
 
     def _default_checkpoint(self, req: CallbackRequest) -> None:

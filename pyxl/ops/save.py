@@ -254,7 +254,7 @@ class SaveOperation(Operation[SaveResult]):
                 return
             try:
                 self.backend.resume(self.domid)
-            except Exception as exc:
+            except Exception as exc:  # a backend is the caller's code (any toolstack's)
                 self.logger.error("could not resume domain %d after checkpoint %d: %s",
                                   self.domid, self.checkpoints, exc)
                 req.reply(0)
@@ -412,7 +412,7 @@ class SaveOperation(Operation[SaveResult]):
                 # the suspend and the pause.
                 self.backend.pause(self.domid)
                 self.backend.resume(self.domid)
-        except Exception as exc:  # the image is safe; report, don't lose it
+        except Exception as exc:  # a backend is the caller's code; the image is safe: report it
             self.logger.error("saved domain %d, but could not leave it %s: %s", self.domid,
                               self.leave, exc)
 
@@ -422,7 +422,7 @@ class SaveOperation(Operation[SaveResult]):
                 self.on_resume(self.domid)
             else:
                 self.backend.resume(self.domid)
-        except Exception as exc:
+        except Exception as exc:  # the caller's on_resume or backend: report, the failure stands
             self.logger.error("could not resume domain %d after the failed save: %s",
                               self.domid, exc)
 
