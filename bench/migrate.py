@@ -6,7 +6,7 @@ pyxl's downtime-target policy, at several guest dirty rates and bandwidth caps.
 Each run migrates a fresh simulated guest (sequential writer at the given
 rate) from one fakexen state dir to another over TCP on localhost: the
 receiver is a separate ``pyxl migrate-receive`` process, the sender
-``pyxl.migrate.operations.migrate`` in this process.  Both helpers are pyxl's.
+``pyxl.migrate.migrate`` in this process.  Both helpers are pyxl's.
 
 * ``downtime_ms``: source suspended -> the receiver reports its copy running
   (MigrateResult.downtime).
@@ -40,7 +40,7 @@ sys.path.insert(0, HERE)
 import benchlib  # noqa: E402  (puts the repo root on sys.path)
 
 import pyxl  # noqa: E402
-from pyxl.migrate import operations as migrate
+from pyxl import migrate  # noqa: E402
 from pyxl import sim  # noqa: E402
 from pyxl.loop import default_loop  # noqa: E402
 

@@ -12,7 +12,7 @@
     +-- OperationError           a save, restore or migration did not succeed (pyxl.ops, pyxl.migrate)
         +-- StartupError, HelperExited, HelperDied, HelperFailed (PrecopyAborted),
         |   MissingComplete, MissingRestoreResults, HelperProtocolError, Timeout, Cancelled
-        +-- MigrationError (MigrationInDoubt)
+        +-- MigrationError (MigrationInDoubt, MigrationProtocolError)
 
 Every operation failure carries what a toolstack needs to report it: the
 operation (``op``), the helper's last ERROR-level log lines (``helper_errors``),
@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Optional
 __all__ = [
     "BackendError", "Cancelled", "HelperDied", "HelperFailed", "HelperExited",
     "HelperProtocolError", "LocalProtocolError", "MigrationError", "MigrationInDoubt",
+    "MigrationProtocolError",
     "MissingComplete", "MissingRestoreResults", "OperationError", "PrecopyAborted",
     "ProtocolError", "PyxlError", "RemoteProtocolError", "StartupError", "StreamError",
     "Timeout", "TruncatedStream", "UnsupportedStream",
@@ -237,3 +238,12 @@ class MigrationError(OperationError):
 class MigrationInDoubt(MigrationError):
     """The connection was lost after the sender cleared the destination to
     unpause: the guest may run there.  The source was left paused."""
+
+
+class MigrationProtocolError(MigrationError):
+    """The migration peer sent bytes that are not xl's migration handshake (a
+    wrong banner, an unexpected or over-long message, EOF in the middle of one,
+    a stream head that is not an xl save stream).  Raised by
+    ``pyxl.migrate.handshake``, after which that handshake is poisoned; the
+    operation reports it as its failure (as a :class:`MigrationInDoubt` once
+    the sender cleared the receiver to unpause)."""

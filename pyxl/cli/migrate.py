@@ -31,7 +31,7 @@ from typing import Any, Callable, TypeVar
 from pyxl import sim
 from pyxl.cli.args import common_options as _common, domid_arg
 from pyxl.cli.runner import ProgressBar, run
-from pyxl.migrate.operations import migrate, parse_address, receive
+from pyxl.migrate import migrate, parse_address, receive
 
 EXIT_OK = 0
 N = TypeVar("N", int, float)

@@ -1,1 +1,41 @@
-"""migrate"""
+"""Host-to-host migration: ``xl migrate`` / ``xl migrate-receive`` for pyxl.
+
+Theory of operation.  A sender (:func:`migrate`, :mod:`.sender`) reaches a
+receiver (:func:`receive`, :mod:`.receiver`) over TCP or through a command's
+stdin/stdout (``ssh host pyxl migrate-receive``, as xl does; :mod:`.connection`)
+and they speak xl's handshake byte for byte (:mod:`.handshake`, sans-I/O, so
+either end interoperates with xl's): the receiver's banner; the stream ``pyxl
+save`` writes (xl header + libxl v2 stream) from a live save that leaves the
+source paused; "domain received, ready to unpause" once the receiver restored
+it, paused, as ``NAME--incoming``; "domain is yours, you are cleared to
+unpause" once the sender renamed its source ``NAME--migratedaway``; and the
+receiver's unpause status -- or, pyxl's one extension, "domain receive
+failed: REASON" from a receiver that gave up.  Neither end blocks the event
+loop: the save helper writes into a pipe, and :mod:`.relay` splices it to the
+connection from the loop (counting bytes, pacing them for a bandwidth cap, so
+the helper's precopy policy -- :mod:`.precopy` -- sees the capped rate); the
+receiver feeds its restore helper through a pipe the same way, so that its
+death is the sender's reset.  Failure semantics: the source is destroyed only
+after the receiver reported its copy running; any failure before the sender
+cleared the receiver leaves the source running and the receiver destroys what
+it got; a connection lost after "cleared to unpause" leaves the source paused
+(never two running copies) and raises :class:`MigrationInDoubt`; every other
+failure is a :class:`MigrationError` (bad peer bytes: its subclass
+``pyxl.errors.MigrationProtocolError``) whose ``source_state`` says what the
+source is left in.  Remus streams (``remus=True``) checkpoint before the
+switch-over, and a receiver whose sender vanished after a complete checkpoint
+fails over to it.
+
+This package's ``__init__`` only re-exports; loggers are ``pyxl.migrate``,
+``pyxl.migrate.<domid>`` (a sender) and ``pyxl.migrate.receive``.
+"""
+
+from pyxl.errors import MigrationError, MigrationInDoubt
+from pyxl.migrate.address import parse_address
+from pyxl.migrate.precopy import precopy_env
+from pyxl.migrate.receiver import ReceiveOperation, ReceiveResult, receive
+from pyxl.migrate.sender import MigrateOperation, MigrateResult, migrate
+
+__all__ = ["MigrateOperation", "MigrateResult", "MigrationError", "MigrationInDoubt",
+           "ReceiveOperation", "ReceiveResult", "migrate", "parse_address", "precopy_env",
+           "receive"]

@@ -22,7 +22,8 @@ from typing import Any, List, Tuple
 import pytest
 
 import pyxl
-from pyxl.migrate import operations as migrate
+from pyxl import migrate
+from pyxl.migrate.handshake import BANNER, READY
 from pyxl import sim
 from pyxl.backends.sim import SimBackend
 from pyxl.loop import default_loop
@@ -412,7 +413,7 @@ def test_lost_status_after_go_leaves_source_paused(hosts):
     it to unpause, gets no status, and keeps its copy paused (never two running)."""
     a, b = hosts
     dom = busy(a, 8)
-    n = len(migrate.BANNER) + len(migrate.READY)
+    n = len(BANNER) + len(READY)
     receiver = " ".join(PYXL + ["migrate-receive", "--sim-dir", b]) + f" | dd bs=1 count={n} status=none"
     tx = migrate.migrate(dom, command=receiver, live=True, sim_dir=a)
     run_both(tx)

@@ -136,7 +136,7 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from pyxl.migrate import operations as migrate  # noqa: E402
+from pyxl import migrate  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 

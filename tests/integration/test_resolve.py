@@ -10,7 +10,7 @@ from typing import Any, List, Optional
 import pytest
 
 import pyxl
-from pyxl.migrate import operations as migrate
+from pyxl import migrate
 from pyxl.migrate import resolve
 from pyxl import sim
 from pyxl.loop import SelectorLoop

@@ -1,0 +1,167 @@
+"""The sender's channel to a receiver: a TCP connection or a command's pipes.
+
+This module owns :class:`ReceiverChannel`: connecting without blocking the
+loop (a numeric address at once, a host name looked up by
+:mod:`pyxl.migrate.resolve` from the loop, then a non-blocking connect), or
+running a command through the shell (``ssh host pyxl migrate-receive``, as
+xl does) and talking to its stdin/stdout; closing it all; and, for a
+command, waiting for its exit (SIGKILL after a grace period) so that no
+child outlives the migration.  It knows nothing of the handshake or the
+save.  It may import os, errno, signal, socket, subprocess, pyxl.errors,
+pyxl.fdio, pyxl.loop and pyxl.migrate.{address,resolve}.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+from typing import Any, Callable, Optional, Tuple, Union
+
+from pyxl.errors import MigrationError
+from pyxl.fdio import close_quietly
+from pyxl.loop import Loop, Timer
+from pyxl.migrate.address import parse_address
+from pyxl.migrate.resolve import Address, Lookup, numeric
+
+__all__ = ["ReceiverChannel"]
+
+_EXIT_GRACE = 10.0    # seconds a command gets to exit once its pipes are closed
+
+
+class ReceiverChannel:
+    """Bytes to and from a receiver at ``target`` ("HOST:PORT" or (host,
+    port)) or through ``command``'s stdin/stdout.
+
+    ``on_ready(rfd, wfd)`` once they can be used (both are the socket for
+    TCP; maybe before the constructor returns); ``on_failed(exc)`` if the name does not resolve or the connection is
+    refused.  Raises OSError at once if it cannot even start (the caller's
+    StartupError).
+    """
+
+    def __init__(self, loop: Loop, target: Optional[Union[str, Tuple[str, int]]],
+                 command: Optional[str], on_ready: Callable[[int, int], None],
+                 on_failed: Callable[[MigrationError], None]) -> None:
+        self.loop, self.on_ready, self.on_failed = loop, on_ready, on_failed
+        self.rfd = self.wfd = -1
+        self._sock: Optional[socket.socket] = None
+        self._connecting = False
+        self._child: Optional["subprocess.Popen[bytes]"] = None
+        self._child_pidfd = -1
+        self._lookup: Optional[Lookup] = None
+        self._exited: Optional[Callable[[], None]] = None
+        self._kill_timer: Optional[Timer] = None
+        try:
+            if command is not None:
+                self._spawn(command)
+            else:
+                assert target is not None
+                host, port = parse_address(target) if isinstance(target, str) else target
+                addr = numeric(host, port)
+                if addr is not None:
+                    self._connect(*addr)
+                else:   # a name: looked up from the loop
+                    self._lookup = Lookup(self.loop, host, port, self._resolved)
+        except OSError:
+            self.close()
+            raise
+
+    # -- opening --
+
+    def _spawn(self, command: str) -> None:
+        self._child = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, close_fds=True)
+        assert self._child.stdin is not None and self._child.stdout is not None
+        self.wfd = self._child.stdin.fileno()
+        self.rfd = self._child.stdout.fileno()
+        self._child_pidfd = os.pidfd_open(self._child.pid)
+        self.loop.add_reader(self._child_pidfd, self._child_exited)
+        self.on_ready(self.rfd, self.wfd)
+
+    def _resolved(self, addr: Optional[Address], why: str) -> None:
+        self._lookup = None
+        if addr is None:
+            self.on_failed(MigrationError(why))
+            return
+        try:
+            self._connect(*addr)
+        except OSError as exc:
+            self.on_failed(MigrationError(f"cannot connect to the receiver: "
+                                          f"{exc.strerror or exc}"))
+
+    def _connect(self, family: int, addr: Tuple[Any, ...]) -> None:
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setblocking(False)
+        err = self._sock.connect_ex(addr)
+        if err not in (0, errno.EINPROGRESS):
+            raise OSError(err, os.strerror(err))
+        self.rfd = self.wfd = self._sock.fileno()
+        self._connecting = True
+        self.loop.add_writer(self.wfd, self._connected)
+
+    def _connected(self) -> None:
+        self.loop.remove_writer(self.wfd)
+        self._connecting = False
+        assert self._sock is not None
+        err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.on_failed(MigrationError(f"cannot connect to the receiver: "
+                                          f"{os.strerror(err)}"))
+            return
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.on_ready(self.rfd, self.wfd)
+
+    # -- closing --
+
+    def close(self) -> None:
+        """Stop any lookup or connect, close the socket or the command's pipes
+        (the command then sees EOF and should exit)."""
+        if self._lookup is not None:
+            self._lookup.cancel()
+            self._lookup = None
+        if self._connecting:
+            self.loop.remove_writer(self.wfd)
+            self._connecting = False
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._child is not None:
+            for f in (self._child.stdin, self._child.stdout):
+                if f is not None:
+                    try:
+                        f.close()
+                    except OSError:
+                        pass
+
+    def when_gone(self, then: Callable[[], None]) -> None:
+        """``then()`` once no child of ours runs: at once for TCP; for a
+        command once it exited (SIGKILLed if it has not after a grace period)."""
+        if self._child is None or self._child_pidfd < 0:
+            then()
+            return
+        self._exited = then
+        if self._kill_timer is None:
+            self._kill_timer = self.loop.call_later(_EXIT_GRACE, self._kill_child)
+
+    def _kill_child(self) -> None:
+        self._kill_timer = None
+        if self._child is not None and self._child_pidfd >= 0:
+            try:
+                self._child.send_signal(signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _child_exited(self) -> None:
+        assert self._child is not None
+        self.loop.remove_reader(self._child_pidfd)
+        close_quietly(self._child_pidfd)
+        self._child_pidfd = -1
+        self._child.wait()
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+            self._kill_timer = None
+        if self._exited is not None:
+            then, self._exited = self._exited, None
+            then()

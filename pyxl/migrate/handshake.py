@@ -1,0 +1,383 @@
+"""xl's migration handshake as two sans-I/O state machines, one per role.
+
+This module owns the handshake's bytes -- Xen's banner and messages, which
+must stay byte-identical to xl's, and pyxl's one extension (a receiver that
+fails says why) -- their size limits, and the parsing of the stream's head
+that a receiver reads itself.  :class:`SenderHandshake` and
+:class:`ReceiverHandshake` work in the h11 style: feed received bytes with
+``receive_data(data)`` (``b""``: EOF), take ``next_event()`` until it returns
+:data:`NEED_DATA`, and get the bytes of a message to write from
+``send(event)``.  Bad peer bytes raise
+:class:`~pyxl.errors.MigrationProtocolError` and poison the machine; asking
+it to send what the protocol forbids raises
+:class:`~pyxl.errors.LocalProtocolError`.  It may import pyxl.errors and
+pyxl.stream's header codecs (bytes in, values out); never os, select,
+socket, subprocess, the loop or the operations.
+"""
+
+# The exchange (receiver on the left; xl's strings, NULs included):
+#
+#   "xl migration receiver ready, send binary domain data.\n"   ->
+#                              <-  xl header + libxl stream (a live save)
+#   restore (paused)
+#   "domain received, ready to unpause\0"                        ->
+#                              <-  "domain is yours, you are cleared to unpause\0"
+#   unpause
+#   "my copy unpause results are as follows\0" + status byte     ->
+#
+# pyxl's extension: a receiver that fails sends "domain receive failed:
+# REASON\0" instead of its next message (xl's receiver just exits; either
+# reads as failure at either kind of sender).
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NoReturn, Optional, Union
+
+from pyxl.errors import LocalProtocolError, MigrationProtocolError
+from pyxl.stream import xl as stream_xl
+from pyxl.stream.framing import REC_HEADER
+from pyxl.stream.libxl import LIBXL_HEADER
+
+__all__ = [
+    "BANNER", "READY", "GO", "REPORT", "FAILED", "MESSAGE_MAX", "HEAD_MAX",
+    "Banner", "StreamHead", "DomainReceived", "ReceiverFailed", "ClearedToUnpause",
+    "UnpauseResult", "ConnectionClosed", "NEED_DATA", "Event",
+    "SenderHandshake", "ReceiverHandshake",
+]
+
+BANNER = b"xl migration receiver ready, send binary domain data.\n"
+READY = b"domain received, ready to unpause\0"
+GO = b"domain is yours, you are cleared to unpause\0"
+REPORT = b"my copy unpause results are as follows\0"
+FAILED = b"domain receive failed: "       # pyxl: + reason + NUL, instead of READY
+MESSAGE_MAX = 4096          # longest handshake message (NUL included) we accept or send
+HEAD_MAX = 512 << 10        # xl optional data (the config) a receiver takes
+
+
+# ---- events ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Banner:
+    """Receiver -> sender: ready for the stream (:data:`BANNER`)."""
+
+
+@dataclass(frozen=True)
+class StreamHead:
+    """Sender -> receiver: the stream's head -- xl header, its optional data,
+    the libxl header and the first record's header -- which the receiver hands
+    on to its restore.  ``header``: the parsed xl header with its config, None
+    if the config does not parse (the restore says why).  ``rest``: bytes fed
+    after the head, the start of the stream's remainder (empty if the caller
+    read no more than :attr:`ReceiverHandshake.wanted`)."""
+
+    data: bytes
+    header: Optional[stream_xl.XlHeader]
+    rest: bytes = b""
+
+
+@dataclass(frozen=True)
+class DomainReceived:
+    """Receiver -> sender: its copy is restored, paused (:data:`READY`)."""
+
+
+@dataclass(frozen=True)
+class ReceiverFailed:
+    """Receiver -> sender (pyxl only): it failed and kept nothing (:data:`FAILED`)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class ClearedToUnpause:
+    """Sender -> receiver: the guest is the receiver's (:data:`GO`)."""
+
+
+@dataclass(frozen=True)
+class UnpauseResult:
+    """Receiver -> sender: :data:`REPORT` + status (0: its copy runs)."""
+
+    status: int
+
+
+@dataclass(frozen=True)
+class ConnectionClosed:
+    """The peer closed the connection between two messages."""
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+"""``next_event()``: no complete event in what was received so far."""
+
+Event = Union[Banner, StreamHead, DomainReceived, ReceiverFailed, ClearedToUnpause,
+              UnpauseResult, ConnectionClosed]
+
+
+# ---- the machines ---------------------------------------------------------------------------
+
+
+class _Handshake:
+    """What both roles share: the receive buffer, EOF, poisoning."""
+
+    ERROR = "error"          # a protocol error: no more events
+    peer = "the peer"
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+        self._buf = bytearray()
+        self._eof = False
+        self._error: Optional[MigrationProtocolError] = None
+
+    @property
+    def trailing_data(self) -> bytes:
+        """Received bytes no event has consumed yet."""
+        return bytes(self._buf)
+
+    @property
+    def eof(self) -> bool:
+        return self._eof
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes read from the peer; ``b""``: it closed the connection."""
+        if self._eof:
+            if data:
+                raise LocalProtocolError("handshake: data fed after EOF")
+            return
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Union[Event, _NeedData]:
+        """The next event, or :data:`NEED_DATA`.  Raises
+        :class:`MigrationProtocolError` for bytes that break the handshake,
+        and again on every later call."""
+        if self._error is not None:
+            raise MigrationProtocolError(f"the handshake already failed: {self._error.brief}")
+        try:
+            event = self._parse()
+            if event is NEED_DATA and self._eof:
+                if self._buf and self._parsing():
+                    self._bad(f"{self.peer} closed the connection in the middle of a message "
+                              f"({len(self._buf)} bytes: {bytes(self._buf[:80])!r})")
+                return ConnectionClosed()
+            if event is NEED_DATA and len(self._buf) > self._limit():
+                self._bad(f"{self.peer} sent {len(self._buf)} bytes without a complete message")
+            return event
+        except MigrationProtocolError as exc:
+            self._error = exc
+            self.state = self.ERROR
+            raise
+
+    def _bad(self, why: str) -> NoReturn:
+        raise MigrationProtocolError(why)
+
+    def _take(self, n: int) -> bytes:
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    def _expect(self, want: bytes, what: str) -> bool:
+        """Does the buffer start with ``want``?  False: not enough bytes yet."""
+        if len(self._buf) < len(want):
+            if not want.startswith(bytes(self._buf)):
+                self._bad(f"{what} {bytes(self._buf[:len(want)])[:80]!r}")
+            return False
+        if self._buf[:len(want)] != want:
+            self._bad(f"{what} {bytes(self._buf[:len(want)])[:80]!r}")
+        return True
+
+    def _refuse(self, event: object) -> LocalProtocolError:
+        return LocalProtocolError(f"handshake: cannot send {type(event).__name__} in "
+                                  f"state {self.state!r}")
+
+    # -- per role --
+
+    def _parse(self) -> Union[Event, _NeedData]:
+        raise NotImplementedError
+
+    def _parsing(self) -> bool:
+        """Is a message from the peer expected now (so buffered bytes are part of one)?"""
+        raise NotImplementedError
+
+    def _limit(self) -> int:
+        return MESSAGE_MAX
+
+
+class SenderHandshake(_Handshake):
+    """The sender's side.  States, in order:
+
+    ``AWAIT_BANNER`` -(:class:`Banner`)-> ``STREAMING`` -(``stream_sent()``)->
+    ``AWAIT_READY`` -(:class:`DomainReceived`)-> ``MAY_CLEAR``
+    -(``send(ClearedToUnpause())``)-> ``AWAIT_REPORT`` -(:class:`UnpauseResult`)->
+    ``DONE``.  While streaming or awaiting READY the receiver may say
+    :class:`ReceiverFailed` instead (-> ``DONE``).
+    """
+
+    AWAIT_BANNER = "await-banner"
+    STREAMING = "streaming"
+    AWAIT_READY = "await-ready"
+    MAY_CLEAR = "may-clear"
+    AWAIT_REPORT = "await-report"
+    DONE = "done"
+    peer = "the receiver"
+
+    def __init__(self) -> None:
+        super().__init__(self.AWAIT_BANNER)
+
+    def stream_sent(self) -> None:
+        """The whole stream (and its trailer) is written: READY may come now."""
+        if self.state != self.STREAMING:
+            raise LocalProtocolError(f"handshake: stream sent in state {self.state!r}")
+        self.state = self.AWAIT_READY
+
+    def send(self, event: Event) -> bytes:
+        if isinstance(event, ClearedToUnpause) and self.state == self.MAY_CLEAR:
+            self.state = self.AWAIT_REPORT
+            return GO
+        raise self._refuse(event)
+
+    def _parsing(self) -> bool:
+        return self.state in (self.AWAIT_BANNER, self.STREAMING, self.AWAIT_READY,
+                              self.AWAIT_REPORT)
+
+    def _parse(self) -> Union[Event, _NeedData]:
+        if self.state == self.AWAIT_BANNER:
+            if not self._expect(BANNER, "not a migration receiver: it said"):
+                return NEED_DATA
+            self._take(len(BANNER))
+            self.state = self.STREAMING
+            return Banner()
+        if self.state in (self.STREAMING, self.AWAIT_READY):
+            nul = self._buf.find(b"\0", 0, MESSAGE_MAX)
+            if nul < 0:
+                if len(self._buf) >= MESSAGE_MAX:
+                    self._bad(f"the receiver sent garbage (no message end in {MESSAGE_MAX} "
+                              "bytes)")
+                return NEED_DATA
+            msg = self._take(nul + 1)
+            if msg.startswith(FAILED):
+                self.state = self.DONE
+                return ReceiverFailed(msg[len(FAILED):-1].decode("utf-8", "replace"))
+            if msg != READY or self.state != self.AWAIT_READY:
+                self._bad(f"unexpected message from the receiver: {msg[:80]!r}")
+            self.state = self.MAY_CLEAR
+            return DomainReceived()
+        if self.state == self.AWAIT_REPORT:
+            if len(self._buf) < len(REPORT) + 1:
+                if not REPORT.startswith(bytes(self._buf[:len(REPORT)])):
+                    self._bad(f"unexpected reply {bytes(self._buf)[:80]!r}")
+                return NEED_DATA
+            if self._buf[:len(REPORT)] != REPORT:
+                self._bad(f"unexpected reply {bytes(self._buf[:len(REPORT)])!r}")
+            status = self._take(len(REPORT) + 1)[-1]
+            self.state = self.DONE
+            return UnpauseResult(status)
+        return NEED_DATA   # MAY_CLEAR, DONE: the receiver has nothing to say
+
+
+class ReceiverHandshake(_Handshake):
+    """The receiver's side.  States, in order:
+
+    ``SEND_BANNER`` -(``send(Banner())``)-> ``AWAIT_HEAD`` -(:class:`StreamHead`)->
+    ``STREAMING`` (the rest of the stream is not the handshake's: the caller
+    relays it) -(``send(DomainReceived())``)-> ``AWAIT_GO``
+    -(:class:`ClearedToUnpause`)-> ``MAY_REPORT`` -(``send(UnpauseResult(s))``)->
+    ``DONE``.  ``send(ReceiverFailed(reason))`` is allowed once, in any state,
+    even after a protocol error (-> ``FAILED``: nothing more is parsed, received
+    bytes are dropped).
+
+    In ``AWAIT_HEAD`` read at most :attr:`wanted` bytes at a time, so that the
+    stream's remainder stays in the connection for the relay.
+    """
+
+    SEND_BANNER = "send-banner"
+    AWAIT_HEAD = "await-head"
+    STREAMING = "streaming"
+    AWAIT_GO = "await-go"
+    MAY_REPORT = "may-report"
+    DONE = "done"
+    FAILED = "failed"
+    peer = "the sender"
+
+    def __init__(self, head_max: int = HEAD_MAX) -> None:
+        super().__init__(self.SEND_BANNER)
+        self.head_max = head_max
+        self._head_len = stream_xl.XL_HEADER.size   # grows once the xl header is parsed
+
+    @property
+    def wanted(self) -> int:
+        """How many more bytes the stream's head needs (0 outside ``AWAIT_HEAD``)."""
+        if self.state in (self.SEND_BANNER, self.AWAIT_HEAD):
+            return max(self._head_len - len(self._buf), 0)
+        return 0
+
+    def send(self, event: Event) -> bytes:
+        if isinstance(event, ReceiverFailed) and self.state != self.FAILED:
+            self.state = self.FAILED
+            self._buf.clear()
+            limit = MESSAGE_MAX - len(FAILED) - 1
+            reason = event.reason.replace("\0", " ").encode("utf-8", "replace")[:limit]
+            return FAILED + reason.decode("utf-8", "ignore").encode("utf-8") + b"\0"
+        if isinstance(event, Banner) and self.state == self.SEND_BANNER:
+            self.state = self.AWAIT_HEAD
+            return BANNER
+        if isinstance(event, DomainReceived) and self.state == self.STREAMING:
+            self.state = self.AWAIT_GO
+            return READY
+        if isinstance(event, UnpauseResult) and self.state == self.MAY_REPORT:
+            if not 0 <= event.status <= 255:
+                raise LocalProtocolError(f"handshake: status {event.status} is not a byte")
+            self.state = self.DONE
+            return REPORT + bytes([event.status])
+        raise self._refuse(event)
+
+    def receive_data(self, data: bytes) -> None:
+        if data and self.state == self.FAILED:
+            return   # nothing the sender says matters any more
+        super().receive_data(data)
+
+    def _parsing(self) -> bool:
+        return self.state in (self.AWAIT_HEAD, self.AWAIT_GO)
+
+    def _limit(self) -> int:
+        return self._head_len if self.state == self.AWAIT_HEAD else MESSAGE_MAX
+
+    def _parse(self) -> Union[Event, _NeedData]:
+        if self.state == self.AWAIT_HEAD:
+            return self._parse_head()
+        if self.state == self.AWAIT_GO:
+            if not self._expect(GO, "unexpected message from the sender:"):
+                return NEED_DATA
+            self._take(len(GO))
+            self.state = self.MAY_REPORT
+            return ClearedToUnpause()
+        return NEED_DATA
+
+    def _parse_head(self) -> Union[Event, _NeedData]:
+        xl_size = stream_xl.XL_HEADER.size
+        if len(self._buf) < xl_size:
+            return NEED_DATA
+        try:
+            fixed = stream_xl.parse_xl_header(bytes(self._buf[:xl_size]),
+                                              max_optional_data=self.head_max)
+        except ValueError as exc:
+            self._bad(f"not a migration stream: {exc}")
+        self._head_len = (xl_size + fixed.optional_data_len + LIBXL_HEADER.size
+                          + REC_HEADER.size)
+        if len(self._buf) < self._head_len:
+            return NEED_DATA
+        head = self._take(self._head_len)
+        rest = self._take(len(self._buf))
+        try:
+            header: Optional[stream_xl.XlHeader] = stream_xl.parse_xl_optional_data(
+                fixed, head[xl_size:xl_size + fixed.optional_data_len])
+        except ValueError:
+            header = None   # the restore reports it
+        self.state = self.STREAMING
+        return StreamHead(head, header, rest)

@@ -1,0 +1,424 @@
+"""The sending side of a migration: :class:`MigrateOperation` and :func:`migrate`.
+
+This module owns the sender's decisions: when to start the save (the
+receiver's banner), where its stream goes (a pipe that a
+:class:`~pyxl.migrate.relay.SpliceRelay` empties into the connection), when
+to clear the receiver (its READY, after renaming the source
+``NAME--migratedaway``), and what becomes of the source on every outcome --
+destroyed after the receiver's status 0, running after any failure before
+"cleared to unpause", paused when in doubt.  Bytes go through
+:class:`~pyxl.migrate.handshake.SenderHandshake`; the channel is
+:class:`~pyxl.migrate.connection.ReceiverChannel`.  It may import the
+handshake, relay, connection, domain, future and precopy modules of this
+package, pyxl.ops (SaveOperation), pyxl.backends, pyxl.errors, pyxl.fdio
+and pyxl.loop; the receiver's module never.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Set, Tuple, Union
+
+from pyxl._paths import helper_path
+from pyxl.backends import Backend, default_backend
+from pyxl.errors import (MigrationError, MigrationInDoubt, MigrationProtocolError,
+                         OperationError, StartupError)
+from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
+from pyxl.loop import Loop, Timer
+from pyxl.migrate.connection import ReceiverChannel
+from pyxl.migrate.domain import AWAY, digest_or_none, domain_name
+from pyxl.migrate.future import MigrationFuture
+from pyxl.migrate.handshake import (NEED_DATA, Banner, ClearedToUnpause, DomainReceived,
+                                    ReceiverFailed, SenderHandshake, UnpauseResult)
+from pyxl.migrate.precopy import precopy_env
+from pyxl.migrate.relay import CAPPED_PIPE, CHUNK, SpliceRelay, make_pipe
+from pyxl.ops.api import save
+from pyxl.ops.operation import STREAM_PLAIN, STREAM_REMUS, ProgressEvent
+from pyxl.ops.save import SaveOperation, SaveResult
+
+__all__ = ["MigrateOperation", "MigrateResult", "migrate"]
+
+
+@dataclass
+class MigrateResult:
+    domid: int
+    downtime: Optional[float]   # seconds: source suspended -> destination's copy running
+    iterations: int             # precopy rounds sent while the guest ran
+    bytes_sent: int             # stream bytes written to the connection
+    duration: float
+    digest: Optional[str]       # sim digest of the source at switch-over (on request)
+    save: SaveResult
+    checkpoints: int = 0        # Remus: checkpoints sent before the switch-over
+
+
+class MigrateOperation(MigrationFuture):
+    """Migrate one domain to a receiver; see :func:`migrate`.
+
+    Who keeps the guest:
+
+    * The source is destroyed only after the receiver reported that its copy
+      runs (status 0).
+    * Any failure before "cleared to unpause" was sent leaves the source
+      running: libxc's error path during precopy; the save's own resume after
+      the suspend; an explicit unpause when the save had finished (the source
+      is kept paused until the receiver answers).  A status byte != 0 means
+      the receiver destroyed its copy, so the source runs again too.
+    * If the connection is lost after "cleared to unpause" and before the
+      status, the receiver may or may not run the guest: the source is left
+      paused (never two running copies) and :class:`MigrationInDoubt` says so.
+    * Remus: a stream that breaks after a complete checkpoint makes the
+      receiver fail over to it; the source is paused (in doubt) too.
+    """
+
+    def __init__(self, domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
+                 command: Optional[str] = None, live: bool = False,
+                 downtime_ms: Optional[float] = None, max_iterations: Optional[int] = None,
+                 on_fail: str = "abort", max_bandwidth: Optional[int] = None,
+                 helper: Optional[str] = None, timeout: Optional[float] = None,
+                 loop: Optional[Loop] = None, sim_dir: Optional[str] = None,
+                 backend: Optional[Backend] = None, digest: bool = False,
+                 on_progress: Optional[Callable[[ProgressEvent], None]] = None,
+                 handshake_timeout: float = 60.0, remus: bool = False,
+                 checkpoints: Optional[int] = None, checkpoint_interval: float = 0.1) -> None:
+        if (target is None) == (command is None):
+            raise ValueError("give either a target HOST:PORT or a command, not both or neither")
+        if remus and not live:
+            raise ValueError("a checkpointed (Remus) migration is live")
+        if checkpoints is not None and (not remus or checkpoints < 1):
+            raise ValueError("checkpoints: a positive number, for a Remus migration")
+        self.remus, self.checkpoints = remus, checkpoints
+        self.checkpoint_interval = checkpoint_interval
+        if downtime_ms is not None and not live:
+            raise ValueError("a downtime target needs a live migration")
+        if max_bandwidth is not None and max_bandwidth <= 0:
+            raise ValueError("max_bandwidth must be positive")
+        self.env = precopy_env(downtime_ms, max_iterations, on_fail)
+        if self.env and os.path.basename(helper_path(helper)) != "pyxl-save-helper":
+            logging.getLogger("pyxl.migrate").warning(
+                "helper %s may not implement PYXL_PRECOPY: it may use Xen's default policy",
+                helper_path(helper))
+        self.domid = domid
+        self.kind = f"migration of domain {domid}"
+        self.logger = logging.getLogger(f"pyxl.migrate.{domid}")
+        self.backend = backend or default_backend(sim_dir)
+        self.backend.check_domain(domid)
+        self.live, self.helper, self.max_bandwidth = live, helper, max_bandwidth
+        self.want_digest = digest
+        self.on_progress = on_progress
+        super().__init__(loop, timeout)
+        self.handshake = SenderHandshake()
+        self.channel: Optional[ReceiverChannel] = None
+        self.save: Optional[SaveOperation] = None
+        self.relay: Optional[SpliceRelay] = None
+        self.outbox: Optional[FdWriter] = None
+        self._error: Optional[OperationError] = None
+        self._rounds: Set[int] = set()
+        self._pipe_w = -1
+        self._pipe_r = -1
+        self.rfd = self.wfd = -1
+        self._stream_sent = False
+        self._save_result: Optional[SaveResult] = None
+        self._source_paused = False   # by us, after a finished save
+        self._go_sent = False
+        self._name: Optional[str] = None   # the source's while it is NAME--migratedaway
+        self._reading = False
+        self._done_pending: Optional[Tuple[Any, Optional[OperationError]]] = None
+        self._handshake_timer: Optional[Timer] = self.loop.call_later(
+            handshake_timeout, self._no_banner)
+        self._timers.append(self._handshake_timer)
+        try:
+            self.channel = ReceiverChannel(self.loop, target, command, self._ready_transport,
+                                           self._fail)
+        except BaseException as exc:
+            self._close_transport()
+            for t in self._timers:
+                t.cancel()
+            if isinstance(exc, OSError):
+                raise StartupError(f"cannot reach the receiver: "
+                                   f"{exc.strerror or exc}") from exc
+            raise
+
+    # -- transport --
+
+    def _ready_transport(self, rfd: int, wfd: int) -> None:
+        self.rfd, self.wfd = rfd, wfd
+        set_nonblocking(self.rfd, True)
+        set_nonblocking(self.wfd, True)
+        self.outbox = FdWriter(self.loop, self.wfd, self._write_failed)
+        self._reading = True
+        self.loop.add_reader(self.rfd, self._readable)
+
+    def _close_transport(self) -> None:
+        if self._reading:
+            self.loop.remove_reader(self.rfd)
+            self._reading = False
+        if self.outbox is not None:
+            self.outbox.close()
+        if self.relay is not None:
+            self.relay.close()
+        if self.channel is not None:
+            self.channel.close()
+
+    # -- receiver's messages --
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.rfd, 4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._lost(f"reading from the receiver failed: {exc.strerror}")
+            return
+        self.handshake.receive_data(data)
+        self._process()
+
+    def _process(self) -> None:
+        while not self._done and self._error is None:
+            try:
+                event = self.handshake.next_event()
+            except MigrationProtocolError as exc:
+                if self._go_sent:
+                    self._in_doubt(exc.brief, cause=exc)
+                else:
+                    self._fail(exc)
+                return
+            if event is NEED_DATA:
+                return
+            if isinstance(event, Banner):
+                self._start_save()
+            elif isinstance(event, DomainReceived):
+                self._send_go()
+            elif isinstance(event, UnpauseResult):
+                self._reported(event.status)
+                return
+            elif isinstance(event, ReceiverFailed):
+                self._fail(MigrationError(f"the receiver failed: {event.reason}"))
+                return
+            else:   # ConnectionClosed
+                self._lost("the receiver closed the connection")
+                return
+
+    # -- the save --
+
+    def _no_banner(self) -> None:
+        self._handshake_timer = None
+        if self.handshake.state == SenderHandshake.AWAIT_BANNER:
+            self._fail(MigrationError("no migration receiver answered within the handshake "
+                                      "timeout"))
+
+    def _start_save(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        r, w = make_pipe(CAPPED_PIPE if self.max_bandwidth else CHUNK)
+        self._pipe_r, self._pipe_w = r, w
+        self.relay = SpliceRelay(self.loop, r, self.wfd, self.max_bandwidth, self._relayed,
+                                 self._write_failed)
+        try:
+            self.save = save(self.domid, w, live=self.live, leave="paused",
+                             helper=self.helper, loop=self.loop, backend=self.backend,
+                             helper_env=self.env, write_trailer=self.relay.finish,
+                             on_progress=self._progress,
+                             stream_type=STREAM_REMUS if self.remus else STREAM_PLAIN,
+                             checkpoints=self.checkpoints,
+                             checkpoint_interval=self.checkpoint_interval)
+        except OperationError as exc:
+            self._fail(exc)
+            return
+        self.save.add_done_callback(self._saved)
+
+    def _phase(self, what: str) -> None:
+        """Debug timeline of the switch-over (ms since the suspend)."""
+        t = self.save.suspended_at if self.save is not None else None
+        if t is not None:
+            self.logger.debug("+%.1f ms after suspend: %s", (time.monotonic() - t) * 1e3, what)
+        else:
+            self.logger.debug("%s", what)
+
+    def _progress(self, ev: ProgressEvent) -> None:
+        if ev.iteration is not None and self.save is not None and not self.save.suspended:
+            self._rounds.add(ev.iteration)
+        if self.on_progress is not None:
+            self.on_progress(ev)
+
+    def _saved(self, op: Any) -> None:
+        close_quietly(self._pipe_w)
+        self._pipe_w = -1
+        exc = op.exception()
+        if exc is not None:
+            # The save put the source back (libxc's error path, or its resume).
+            if self.relay is not None:
+                self.relay.close()
+            self._fail(self._error or exc)
+            return
+        self._save_result = op.result()
+        self._source_paused = True
+        self._phase("save done (helper exited)")
+        if self._error is not None:
+            self._teardown()
+
+    def _relayed(self) -> None:
+        self._phase(f"stream sent ({self.relay.sent if self.relay else 0} bytes)")
+        self._stream_sent = True
+        if self.handshake.state == SenderHandshake.STREAMING:
+            self.handshake.stream_sent()
+            self._process()
+
+    def _send_go(self) -> None:
+        self._phase("receiver ready; clearing it to unpause")
+        assert self.outbox is not None and self.save is not None
+        name = domain_name(self.save.config)
+        if name is not None:
+            # Free the name for the receiver's copy (both may run on one host).
+            try:
+                self.backend.rename(self.domid, f"{name}{AWAY}")
+            except Exception as exc:
+                self._fail(MigrationError(f"cannot rename domain {self.domid} to "
+                                          f"{name}{AWAY}: {exc}"))
+                return
+            self._name = name
+        go = self.handshake.send(ClearedToUnpause())
+        self._go_sent = True
+        self.outbox.send(go)
+
+    def _reported(self, status: int) -> None:
+        end = time.monotonic()
+        self._phase(f"receiver reports status {status}")
+        save = self.save
+        assert save is not None and self._save_result is not None
+        if status != 0:
+            self._restore_name()
+            self._fail(MigrationError(f"the receiver could not start its copy (status {status});"
+                                      " it destroyed it"), resume=True)
+            return
+        digest = digest_or_none(self.backend, self.logger, self.domid) \
+            if self.want_digest else None
+        try:
+            self.backend.destroy(self.domid)
+        except Exception as exc:  # the guest runs at the destination: report, go on
+            self.logger.error("migrated domain %d, but could not destroy the source: %s",
+                              self.domid, exc)
+        self._source_paused = False
+        downtime = None if save.suspended_at is None else end - save.suspended_at
+        assert self.relay is not None
+        result = MigrateResult(self.domid, downtime, len(self._rounds), self.relay.sent,
+                               end - self.started, digest, self._save_result,
+                               self._save_result.checkpoints)
+        self._close_transport()
+        self._done_pending = (result, None)
+        self._maybe_finish()
+
+    # -- failures --
+
+    def _restore_name(self) -> None:
+        if self._name is None:
+            return
+        try:
+            self.backend.rename(self.domid, self._name)
+            self._name = None
+        except Exception as exc:
+            self.logger.error("could not rename domain %d back to %s: %s", self.domid,
+                              self._name, exc)
+
+    def _write_failed(self, exc: OSError) -> None:
+        self._lost(f"writing to the receiver failed: {exc.strerror}")
+
+    def _lost(self, why: str) -> None:
+        if self._go_sent:
+            self._in_doubt(why)
+        else:
+            self._fail(MigrationError(why))
+
+    def _in_doubt(self, why: str, cause: Optional[BaseException] = None) -> None:
+        doubt = MigrationInDoubt(
+            f"{why} after clearing the receiver to unpause: domain {self.domid} may run "
+            "there; the source is left paused", source_state="paused")
+        doubt.__cause__ = cause
+        self._fail(doubt)
+
+    def _fail(self, exc: OperationError, resume: bool = False) -> None:
+        if self._done or self._done_pending is not None:
+            return
+        if self._error is None:
+            self._error = exc
+        self._teardown(resume=resume)
+
+    def _teardown(self, resume: bool = False) -> None:
+        if self._reading:
+            self.loop.remove_reader(self.rfd)
+            self._reading = False
+        if self.relay is not None and not self.relay.finished:
+            self.relay.abandon()
+        if self.save is not None and not self.save.done():
+            self.save.cancel(grace=5.0)   # _saved() comes back here
+            return
+        exc = self._error
+        assert exc is not None
+        state = None
+        taken = self.save.checkpoints if self.save is not None else 0
+        if self.remus and taken and self._save_result is None:
+            # The stream broke after a complete checkpoint: the receiver fails
+            # over to it and runs the guest.  The source must not run too.
+            try:
+                self.backend.pause(self.domid)
+                state = "paused"
+            except Exception as err:
+                self.logger.error("could not pause domain %d: %s", self.domid, err)
+            doubt = MigrationInDoubt(
+                f"{exc.brief if isinstance(exc, OperationError) else exc}; the stream ended "
+                f"after checkpoint {taken}: the receiver takes over from it (failover); "
+                "the source is left paused", source_state=state)
+            doubt.__cause__ = exc
+            exc = self._error = doubt
+        elif self._source_paused and (not self._go_sent or resume):
+            try:
+                self.backend.unpause(self.domid)
+                self._source_paused = False
+                state = "running"
+            except Exception as err:
+                self.logger.error("could not unpause domain %d after the failed migration: %s",
+                                  self.domid, err)
+        elif self._source_paused:
+            state = "paused"
+        else:
+            state = self.backend.state(self.domid)
+        if isinstance(exc, MigrationError):
+            exc.source_state = exc.source_state or state
+        self._close_transport()
+        close_quietly(self._pipe_r)
+        self._pipe_r = -1
+        self.logger.error("%s", exc)
+        self._done_pending = (None, exc)
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        # A command (ssh ...) exits once its pipes close; wait for it.
+        if self.channel is not None:
+            self.channel.when_gone(self._really_finish)
+        else:
+            self._really_finish()
+
+    def _really_finish(self) -> None:
+        if self._done or self._done_pending is None:
+            return
+        close_quietly(self._pipe_r)
+        self._pipe_r = -1
+        result, exc = self._done_pending
+        self._finish(result, exc)
+
+
+def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
+            command: Optional[str] = None, live: bool = False, **kw: Any) -> MigrateOperation:
+    """Start migrating ``domid`` to a receiver at ``target`` ("HOST:PORT") or
+    through ``command`` (its stdin/stdout; e.g. "ssh host pyxl migrate-receive").
+
+    Options: ``live``, ``downtime_ms`` (the helper's downtime-target precopy
+    policy; with ``max_iterations`` and ``on_fail`` "abort"|"stop"),
+    ``max_bandwidth`` (bytes/s), ``helper``, ``timeout``, ``loop``,
+    ``sim_dir``, ``digest`` (sim digest at switch-over), ``on_progress``.
+    Returns at once; ``pyxl.wait(op)`` or ``await op`` gives a :class:`MigrateResult`.
+    """
+    return MigrateOperation(domid, target, command=command, live=live, **kw)
