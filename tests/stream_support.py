@@ -21,7 +21,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from pyxl.stream import libxc as xc
 from pyxl.stream import libxl as xl2
 from pyxl.stream import xl as xl1
-from pyxl.stream.framing import StreamReport
+from pyxl.stream.report import StreamReport
+from pyxl.streamio import scan_stream
 from pyxl.stream.libxc import LibxcRecordType as T
 
 from conftest import HELPER_VECTORS as HELPER  # noqa: F401  (re-exported to the stream tests)
@@ -130,7 +131,7 @@ def boundaries(chunks: Sequence[bytes]) -> List[int]:
 
 
 def scan(data: bytes, **kw: Any) -> StreamReport:
-    return xl1.scan_stream(io.BytesIO(data), **kw)
+    return scan_stream(io.BytesIO(data), **kw)
 
 
 def scan_pipe(data: bytes, **kw: Any) -> StreamReport:
@@ -152,7 +153,7 @@ def scan_pipe(data: bytes, **kw: Any) -> StreamReport:
     t.start()
     try:
         with open(r, "rb", buffering=0) as f:
-            return xl1.scan_stream(f, **kw)
+            return scan_stream(f, **kw)
     finally:
         t.join(timeout=10)
 

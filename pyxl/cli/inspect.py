@@ -3,7 +3,7 @@
 Detects the outermost layer (xl save file, libxl stream or bare libxc
 stream), lists the headers, every record (runs of PAGE_DATA are folded into
 one line unless ``--all-records``) and page counts, and checks everything
-Xen 4.17's restore path would check (see ``pyxl.stream.libxc``,
+Xen 4.17's restore path would check (see ``pyxl.stream.libxc_scan``,
 ``pyxl.stream.libxl`` and ``pyxl.stream.xl`` for the rules).
 
 Exit codes: 0 the stream passes; 1 Xen would refuse it (the reason is one
@@ -19,8 +19,8 @@ import json
 import sys
 from typing import Any, Dict, List, Optional, Sequence, TextIO
 
-from pyxl.stream.framing import RecordInfo, StreamReport
-from pyxl.stream.xl import scan_path, scan_stream
+from pyxl.stream.report import RecordInfo, StreamReport
+from pyxl.streamio import scan_path, scan_stream
 
 __all__ = ["add_parser", "run", "main", "format_report"]
 

@@ -1,6 +1,8 @@
-"""The libxl migration stream (version 2), Xen 4.17.
+"""The libxl migration stream (version 2), Xen 4.17: constants, header,
+record writers and libxl's rules.
 
-Layout (``../shared/reference/xen-4.17-save-restore.md`` section 4.2)::
+Layout (Xen's ``docs/specs/libxl-migration-stream.pandoc``, sections
+"Header", "Record Overview", "Emulator Records" and "Records")::
 
     header   16 bytes, big endian: "LibxlFmt", version 2, options
     LIBXC_CONTEXT record (empty) -- then the whole libxc stream, inline
@@ -11,26 +13,23 @@ Layout (``../shared/reference/xen-4.17-save-restore.md`` section 4.2)::
 Records use libxc's framing (``u32 type, u32 length``, little endian, body,
 zero padding to 8).  Alignment is relative to the start of the libxl
 stream; because a libxc stream is always a multiple of 8 bytes long (see
-``stream_libxc``), the records after it need no extra padding.
+``pyxl.stream.libxc``), the records after it need no extra padding.
 
 Save (writer)
     ``libxl_header()``, ``libxl_record()``, ``emulator_xenstore_record()``,
     ``emulator_context_record()``, and ``libxl_trailer()`` for everything
     after the helper's libxc stream.  All return bytes; write them with
-    :func:`pyxl.stream.framing.write_all` (plain ``os.write`` loop, nothing
+    :func:`pyxl.fdio.write_all` (plain ``os.write`` loop, nothing
     buffered), because the helper writes the libxc stream to the same fd
     between our header and our trailer.
 
-Restore (exact fd reader)
-    ``read_libxl_header(fd)``, ``read_libxl_record_header(fd)`` and
-    ``read_libxl_record(fd)`` use exact ``os.read`` loops and never read a
-    byte beyond what they return: after the LIBXC_CONTEXT record header the
-    fd is positioned on the first byte of the libxc stream, ready for the
-    helper.  :class:`LibxlRestoreReader` adds libxl's ordering rules.
-
-Scanner
-    :class:`LibxlScanner` walks a whole libxl stream (libxc stream included)
-    for ``pyxl inspect``.
+Restore (rules)
+    :func:`parse_libxl_header`, :func:`check_record_type`,
+    :func:`check_record_order` and :func:`parse_xenstore_data` are libxl's
+    checks on bytes already read.  The exact fd reader that applies them on
+    the restore path (``read_libxl_header(fd)``, ``read_libxl_record(fd)``,
+    ``LibxlRestoreReader``) is :mod:`pyxl.streamio`; the whole-stream
+    scanner is :mod:`pyxl.stream.libxl_scan`.
 
 Rules (what libxl 4.17 checks, plus where pyxl is stricter):
 
@@ -39,10 +38,12 @@ Rules (what libxl 4.17 checks, plus where pyxl is stricter):
 * record types 0-5 only.  **Any other type is an error, optional bit or
   not** -- unlike libxc, libxl skips nothing.
 * CHECKPOINT_END only inside a checkpoint; CHECKPOINT_STATE never in a
-  forward stream (it belongs to the COLO back channel).
+  forward stream (it belongs to the COLO back channel; the spec's
+  "CHECKPOINT_STATE").
 * EMULATOR_* records: body >= 8 (``u32 emulator_id, u32 index``); refused
   for PV guests.  Xenstore data: NUL-terminated, non-empty, relative keys,
-  each followed by a NUL-terminated value.
+  each followed by a NUL-terminated value (the spec's
+  "EMULATOR_XENSTORE_DATA").
 * Padding is not checked (libxl does not; a warning is reported).
 * **Stricter than libxl:** (1) a stream that ends at a record boundary
   without END is refused.  libxl's reader takes EOF as success and decodes
@@ -60,24 +61,19 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import (Any, BinaryIO, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple,
-                    Union)
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from pyxl.stream.framing import (REC_HEADER, RecordInfo, Scanner, Source, StreamError, StreamReport,
-                            TruncatedStream, UnsupportedStream, frame_record, note_trailing,
-                            pad_len, roundup8)
-from pyxl.fdio import read_exact
-from pyxl.stream.libxc import DHDR_TYPE_X86_PV, LibxcScanner
+from pyxl.stream.framing import StreamError, TruncatedStream, frame_record
+from pyxl.stream.libxc import DHDR_TYPE_X86_PV
 
 __all__ = [
     "LIBXL_IDENT", "LIBXL_VERSION", "LIBXL_OPT_BIG_ENDIAN", "LIBXL_OPT_LEGACY",
-    "LIBXL_HEADER", "LIBXL_RECORD_MAX", "XENSTORE_DATA_MAX",
+    "LIBXL_HEADER", "EMULATOR_HEADER", "LIBXL_RECORD_MAX", "XENSTORE_DATA_MAX",
     "LibxlRecordType", "EmulatorId", "LibxlHeader", "LibxlRecord",
     "record_name", "libxl_header", "libxl_record", "libxc_context_record",
     "emulator_xenstore_record", "emulator_context_record", "checkpoint_end_record",
     "end_record", "libxl_trailer", "parse_libxl_header", "parse_xenstore_data",
-    "read_libxl_header", "read_libxl_record_header", "read_libxl_record",
-    "LibxlRestoreReader", "LibxlScanner", "scan_libxl",
+    "check_record_type", "check_record_order",
 ]
 
 WHERE_HDR = "libxl header"
@@ -242,7 +238,7 @@ def libxl_trailer(*, libxc_length: Optional[int] = None,
 
 
 # ---------------------------------------------------------------------------
-# Parsing helpers (shared by the fd reader and the scanner)
+# Rules (shared by the fd reader in pyxl.streamio and the scanner)
 
 
 def parse_libxl_header(data: bytes, offset: int = 0) -> LibxlHeader:
@@ -260,7 +256,8 @@ def parse_libxl_header(data: bytes, offset: int = 0) -> LibxlHeader:
     return LibxlHeader(version, options)
 
 
-def _check_record_type(rtype: int, offset: int) -> None:
+def check_record_type(rtype: int, offset: int) -> None:
+    """Refuse a record type libxl does not know (it skips none)."""
     if rtype not in LibxlRecordType.__members__.values():
         raise StreamError(offset, f"unrecognised libxl record type {rtype:#x} "
                           "(libxl skips no records, optional or not)", WHERE_REC)
@@ -290,130 +287,11 @@ def parse_xenstore_data(payload: bytes, offset: int = 0) -> List[Tuple[str, str]
     return pairs
 
 
-# ---------------------------------------------------------------------------
-# Exact fd reader (restore)
-
-
-def read_libxl_header(fd: int, *, offset: int = 0) -> LibxlHeader:
-    """Read and check the 16-byte libxl header from ``fd`` (exactly 16
-    bytes).  ``offset`` is only used in error messages."""
-    return parse_libxl_header(read_exact(fd, LIBXL_HEADER.size, offset=offset,
-                                         what="libxl header", where=WHERE_HDR), offset)
-
-
-def read_libxl_record_header(fd: int, *, offset: int = 0) -> Tuple[int, int]:
-    """Read one 8-byte record header; returns ``(rtype, length)``.
-
-    Unknown types raise :class:`StreamError` before anything else is read.
-    After a LIBXC_CONTEXT header with length 0 the fd is on the first byte
-    of the libxc stream.
-    """
-    rtype, length = REC_HEADER.unpack(read_exact(fd, REC_HEADER.size, offset=offset,
-                                                 what="libxl record header", where=WHERE_REC))
-    _check_record_type(rtype, offset)
-    return rtype, length
-
-
-def read_libxl_record(fd: int, *, offset: int = 0,
-                      max_length: int = LIBXL_RECORD_MAX) -> LibxlRecord:
-    """Read one whole record: header, body and padding (exactly
-    ``8 + roundup8(length)`` bytes).  Bodies over ``max_length`` raise
-    :class:`UnsupportedStream` without being read."""
-    rtype, length = read_libxl_record_header(fd, offset=offset)
-    if length > max_length:
-        raise UnsupportedStream(offset, f"{record_name(rtype)} length {length:#x} exceeds "
-                                f"pyxl's limit {max_length:#x}", WHERE_REC)
-    data = read_exact(fd, roundup8(length), offset=offset + REC_HEADER.size,
-                      what=f"{record_name(rtype)} body", where=WHERE_REC)
-    return LibxlRecord(rtype, data[:length])
-
-
-class LibxlRestoreReader:
-    """Stateful exact reader of a libxl stream on an fd, for the restore
-    path: enforces libxl's record order and tracks offsets.
-
-    Usage::
-
-        r = LibxlRestoreReader(fd, guest_type=DHDR_TYPE_X86_HVM)
-        r.read_header()
-        rec = r.next_record()          # LIBXC_CONTEXT: run the helper now
-        r.libxc_done(nbytes)           # after the helper (nbytes if known)
-        while (rec := r.next_record()).rtype != LibxlRecordType.END: ...
-
-    ``base_offset`` is the offset of the libxl header in the whole stream
-    (e.g. the xl header's length), used only for messages.
-    """
-
-    def __init__(self, fd: int, *, guest_type: Optional[int] = None, base_offset: int = 0,
-                 checkpointed: bool = False, max_length: int = LIBXL_RECORD_MAX) -> None:
-        self.fd = fd
-        self.guest_type = guest_type
-        self.offset: Optional[int] = base_offset
-        self.checkpointed = checkpointed
-        self.max_length = max_length
-        self.header: Optional[LibxlHeader] = None
-        self.seen_libxc = False
-        self.in_libxc = False
-        self.in_checkpoint = False
-        self.done = False
-
-    def _off(self) -> int:
-        return self.offset if self.offset is not None else 0
-
-    def read_header(self) -> LibxlHeader:
-        self.header = read_libxl_header(self.fd, offset=self._off())
-        if self.offset is not None:
-            self.offset += LIBXL_HEADER.size
-        return self.header
-
-    def libxc_done(self, nbytes: Optional[int] = None) -> None:
-        """The helper has consumed the libxc stream (``nbytes`` long if the
-        caller knows; offsets in later errors are unknown otherwise)."""
-        self.in_libxc = False
-        if self.offset is not None and nbytes is not None:
-            self.offset += nbytes
-        else:
-            self.offset = None
-
-    def checkpoint(self) -> None:
-        """The helper reported a checkpoint: read libxl records up to
-        CHECKPOINT_END next."""
-        if not self.checkpointed:
-            raise StreamError(self._off(), "CHECKPOINT in a non-checkpointed stream", WHERE_REC)
-        self.in_libxc = False
-        self.in_checkpoint = True
-        self.offset = None
-
-    def next_record(self) -> LibxlRecord:
-        if self.header is None:
-            raise RuntimeError("read_header() first")
-        if self.in_libxc:
-            raise RuntimeError("the libxc stream is being read by the helper; "
-                               "call libxc_done() first")
-        if self.done:
-            raise RuntimeError("END already read")
-        off = self._off()
-        rec = read_libxl_record(self.fd, offset=off, max_length=self.max_length)
-        _check_order(rec.rtype, len(rec.body), off, guest_type=self.guest_type,
-                     seen_libxc=self.seen_libxc, in_checkpoint=self.in_checkpoint)
-        if rec.rtype == LibxlRecordType.EMULATOR_XENSTORE_DATA:
-            parse_xenstore_data(rec.payload, off)
-        if self.offset is not None:
-            self.offset += REC_HEADER.size + roundup8(len(rec.body))
-        if rec.rtype == LibxlRecordType.LIBXC_CONTEXT:
-            self.seen_libxc = True
-            self.in_libxc = True
-        elif rec.rtype == LibxlRecordType.CHECKPOINT_END:
-            self.in_checkpoint = False
-            self.in_libxc = True
-        elif rec.rtype == LibxlRecordType.END:
-            self.done = True
-        return rec
-
-
-def _check_order(rtype: int, length: int, offset: int, *, guest_type: Optional[int],
-                 seen_libxc: bool, in_checkpoint: bool) -> None:
-    """libxl's per-record rules (the record type is already known-valid)."""
+def check_record_order(rtype: int, length: int, offset: int, *, guest_type: Optional[int],
+                       seen_libxc: bool, in_checkpoint: bool) -> None:
+    """libxl's per-record rules (the record type is already known-valid):
+    where a record may come, given what came before, and the emulator
+    records' minimum length."""
     T = LibxlRecordType
     name = record_name(rtype)
     if rtype == T.END:
@@ -440,135 +318,3 @@ def _check_order(rtype: int, length: int, offset: int, *, guest_type: Optional[i
     elif rtype == T.CHECKPOINT_STATE:
         raise StreamError(offset, "CHECKPOINT_STATE in a forward stream (it belongs to the "
                           "COLO back channel)", WHERE_REC)
-
-
-# ---------------------------------------------------------------------------
-# Scanner
-
-
-class LibxlScanner(Scanner):
-    """Walks a libxl stream, and the libxc stream inside it, on a Source."""
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self.libxc: Optional[LibxcScanner] = None
-        self.in_checkpoint = False
-
-    @property
-    def guest_type(self) -> Optional[int]:
-        dhdr = self.report.domain_header
-        return dhdr.guest_type if dhdr is not None else self.expected_guest_type
-
-    def run(self) -> None:
-        src, rep = self.src, self.report
-        rep.checkpointed = self.checkpointed
-        off = src.pos
-        rep.libxl_header = parse_libxl_header(src.read(LIBXL_HEADER.size, "libxl header",
-                                                       WHERE_HDR), off)
-        rep.libxl_offset = off
-        resume_libxc = False
-        while True:
-            off = src.pos
-            if resume_libxc:
-                # After CHECKPOINT_END the next round's libxc records follow
-                # (no new libxc header).  EOF here means the sender stopped
-                # after a whole checkpoint: the receiver fails over to it.
-                if src.at_eof():
-                    rep.end_offset = off
-                    return
-                resume_libxc = False
-                self._run_libxc(resume=True)
-                continue
-            if src.at_eof():
-                raise TruncatedStream(off, "stream ends at a record boundary without END "
-                                      "(Xen's libxl would read this as END; pyxl refuses)",
-                                      WHERE_REC)
-            rtype = self._record()
-            if rtype == LibxlRecordType.END:
-                rep.end_offset = src.pos
-                return
-            if rtype == LibxlRecordType.CHECKPOINT_END:
-                resume_libxc = True
-
-    def _run_libxc(self, *, resume: bool) -> None:
-        if not resume:
-            self.libxc = LibxcScanner(self.src, self.report, checkpointed=self.checkpointed,
-                                      expected_guest_type=self.expected_guest_type,
-                                      max_vcpus=self.max_vcpus)
-            self.libxc.read_headers()
-        assert self.libxc is not None
-        if self.libxc.run() == "checkpoint":
-            self.in_checkpoint = True
-
-    def _record(self) -> int:
-        src, rep = self.src, self.report
-        off = src.pos
-        rtype: int
-        length: int
-        rtype, length = REC_HEADER.unpack(src.read(REC_HEADER.size, "libxl record header",
-                                                   WHERE_REC))
-        _check_record_type(rtype, off)
-        name = record_name(rtype)
-        src.need(roundup8(length), f"{name} body", WHERE_REC, off)
-        _check_order(rtype, length, off, guest_type=self.guest_type,
-                     seen_libxc=self.libxc is not None, in_checkpoint=self.in_checkpoint)
-        T = LibxlRecordType
-        detail = ""
-        used = 0
-        if rtype in (T.EMULATOR_XENSTORE_DATA, T.EMULATOR_CONTEXT):
-            eid, index = EMULATOR_HEADER.unpack(src.read(EMULATOR_HEADER.size,
-                                                         f"{name} body", WHERE_REC, off))
-            used = EMULATOR_HEADER.size
-            try:
-                ename = EmulatorId(eid).name
-            except ValueError:
-                ename = f"emulator {eid}"
-                rep.warn(off, f"{name} has unknown emulator_id {eid} (libxl does not check)")
-            detail = f"{ename}, index {index}"
-            if rtype == T.EMULATOR_XENSTORE_DATA:
-                payload_len = length - used
-                if payload_len > XENSTORE_DATA_MAX:
-                    raise UnsupportedStream(off, f"{name} payload of {payload_len} bytes "
-                                            "exceeds pyxl's limit", WHERE_REC)
-                pairs = parse_xenstore_data(src.read(payload_len, f"{name} body", WHERE_REC, off),
-                                            off)
-                used = length
-                detail += f", {len(pairs)} keys"
-            else:
-                detail += f", {length - used} bytes of state"
-        elif length and rtype != T.END:
-            detail = f"{length}-byte body (ignored by libxl)"
-        elif length:
-            rep.warn(off, f"END has a {length}-byte body")
-        if length - used:
-            src.skip(length - used, f"{name} body", WHERE_REC, off)
-        pad = pad_len(length)
-        if pad and any(src.read(pad, f"{name} padding", WHERE_REC, off)):
-            rep.warn(off, f"{name} padding is non-zero (libxl ignores it)")
-        rep.add_record(RecordInfo("libxl", rtype, name, off, length, detail))
-        if rtype == T.LIBXC_CONTEXT:
-            self._run_libxc(resume=False)
-        elif rtype == T.CHECKPOINT_END:
-            self.in_checkpoint = False
-        return rtype
-
-
-def scan_libxl_on(src: Source, report: StreamReport, *, checkpointed: bool = False,
-                  expected_guest_type: Optional[int] = None,
-                  max_vcpus: Optional[int] = None) -> None:
-    LibxlScanner(src, report, checkpointed=checkpointed,
-                 expected_guest_type=expected_guest_type, max_vcpus=max_vcpus).run()
-
-
-def scan_libxl(f: BinaryIO, *, checkpointed: bool = False) -> StreamReport:
-    """Scan a libxl stream (libxl header first).  Never raises StreamError;
-    see ``report.error``."""
-    src = Source(f)
-    report = StreamReport(layer="libxl", size=src.size)
-    try:
-        scan_libxl_on(src, report, checkpointed=checkpointed)
-        note_trailing(src, report)
-    except StreamError as err:
-        report.error = err
-    return report
-

@@ -1,7 +1,11 @@
-"""The xl save-file header, and the whole-stream scanner.
+"""The xl save-file header, Xen 4.17.
 
-xl header (``../shared/reference/xen-4.17-save-restore.md`` section 4.3),
-all integers in the **writer's native byte order**::
+The xl header has no specification document; it is defined by xl itself in
+Xen's ``tools/xl/xl.h`` (``struct save_file_header``, the
+``XL_MANDATORY_FLAG_*`` bits and ``savefileheader_magic``), written by
+``save_domain_core_writeconfig()`` in ``tools/xl/xl_saverestore.c`` and read
+by ``create_domain()`` in ``tools/xl/xl_vmcontrol.c``.  All integers are in
+the **writer's native byte order**::
 
     0   32  magic "Xen saved domain, xl format\\n \\0 \\r"
     32   4  byteorder 0x01020304 (xl refuses any other value)
@@ -25,8 +29,9 @@ the optional data are ignored.  pyxl caps optional data at
 ``XL_OPTDATA_MAX`` (16 MiB; xl has no cap) and does not support streams
 without the STREAMv2 flag (xl would run the legacy converter).
 
-``scan_stream()`` detects the outermost layer (xl, libxl or bare libxc) from
-the first 8 bytes and scans the whole stream; ``scan_path()`` opens a file.
+This module checks bytes already read (:func:`parse_xl_header`,
+:func:`parse_xl_optional_data`); ``read_xl_header(fd)`` is in
+:mod:`pyxl.streamio`, and the whole-stream scan in :mod:`pyxl.stream.scan`.
 """
 
 from __future__ import annotations
@@ -34,19 +39,17 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
-from pyxl.stream.framing import (Source, StreamError, StreamReport, TruncatedStream,
-                            UnsupportedStream, note_trailing)
-from pyxl.fdio import read_exact
-from pyxl.stream.libxc import DHDR_TYPE_X86_HVM, DHDR_TYPE_X86_PV, IMAGE_HEADER, scan_libxc_on
-from pyxl.stream.libxl import (LIBXL_HEADER, libxc_context_record, libxl_header, scan_libxl_on)
+from pyxl.stream.framing import StreamError, TruncatedStream, UnsupportedStream
+from pyxl.stream.libxc import DHDR_TYPE_X86_HVM, DHDR_TYPE_X86_PV
+from pyxl.stream.libxl import libxc_context_record, libxl_header
 
 __all__ = [
     "XL_MAGIC", "XL_BYTEORDER", "XL_FLAG_JSON", "XL_FLAG_STREAMV2", "XL_FLAGS_KNOWN",
     "XL_HEADER", "XL_OPTDATA_MAX", "XlHeader", "config_json", "xl_header", "save_prologue",
-    "parse_xl_header", "parse_xl_optional_data", "read_xl_header", "guest_type_of_config",
-    "detect_layer", "scan_stream", "scan_path",
+    "parse_xl_header", "parse_xl_optional_data", "guest_type_of_config",
+    "max_vcpus_of_config",
 ]
 
 WHERE = "xl header"
@@ -62,9 +65,6 @@ XL_HEADER = struct.Struct("=32sIIII")
 _U32 = struct.Struct("=I")
 #: pyxl's cap on the optional data it reads (xl allocates whatever is declared)
 XL_OPTDATA_MAX = 16 << 20
-
-LIBXC_MAGIC = IMAGE_HEADER.pack(0xFFFFFFFFFFFFFFFF, 0, 0, 0, 0, 0)[:8]
-LIBXL_MAGIC = LIBXL_HEADER.pack(0x4C6962786C466D74, 0, 0)[:8]
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,8 @@ def guest_type_of_config(config: Optional[Mapping[str, Any]]) -> Optional[int]:
             "pvh": DHDR_TYPE_X86_HVM}.get(ctype) if isinstance(ctype, str) else None
 
 
-def _max_vcpus_of_config(config: Optional[Mapping[str, Any]]) -> Optional[int]:
+def max_vcpus_of_config(config: Optional[Mapping[str, Any]]) -> Optional[int]:
+    """``b_info.max_vcpus`` of a libxl config if it is a positive int, else None."""
     if not isinstance(config, Mapping):
         return None
     b_info = config.get("b_info")
@@ -177,7 +178,7 @@ def save_prologue(config: Union[Mapping[str, Any], bytes, str, None], *,
                   indent: int = 4) -> bytes:
     """What the host writes before the save helper starts: the xl header,
     the libxl header and the empty LIBXC_CONTEXT record.  The helper's libxc
-    stream follows; then ``stream_libxl.libxl_trailer()``."""
+    stream follows; then ``pyxl.stream.libxl.libxl_trailer()``."""
     return xl_header(config, indent=indent) + libxl_header() + libxc_context_record()
 
 
@@ -257,86 +258,3 @@ def parse_xl_optional_data(fixed: _Fixed, optdata: bytes) -> XlHeader:
                                 "which xl converts and pyxl does not support", WHERE)
     return XlHeader(fixed.mandatory_flags, fixed.optional_flags, fixed.optional_data_len,
                     config_bytes, config)
-
-
-def read_xl_header(fd: int, *, max_optional_data: int = XL_OPTDATA_MAX) -> XlHeader:
-    """Read and check the xl header and its optional data from ``fd``, with
-    exact ``os.read`` calls: afterwards the fd is on the libxl header."""
-    fixed = parse_xl_header(read_exact(fd, XL_HEADER.size, what="xl header", where=WHERE),
-                            max_optional_data=max_optional_data)
-    optdata = read_exact(fd, fixed.optional_data_len, offset=XL_HEADER.size,
-                         what="xl optional data", where=WHERE)
-    return parse_xl_optional_data(fixed, optdata)
-
-
-# ---------------------------------------------------------------------------
-# Whole-stream scanner
-
-
-def detect_layer(head: bytes) -> Optional[str]:
-    """"xl", "libxl" or "libxc" from a stream's first 8 bytes, else None."""
-    if head[:8] == XL_MAGIC[:8]:
-        return "xl"
-    if head[:8] == LIBXL_MAGIC:
-        return "libxl"
-    if head[:8] == LIBXC_MAGIC:
-        return "libxc"
-    return None
-
-
-def _scan_xl_on(src: Source, report: StreamReport, *, checkpointed: bool) -> None:
-    fixed = parse_xl_header(src.read(XL_HEADER.size, "xl header", WHERE))
-    optdata = src.read(fixed.optional_data_len, "xl optional data", WHERE, 44)
-    hdr = parse_xl_optional_data(fixed, optdata)
-    report.xl_header = hdr
-    if hdr.config_bytes is not None:
-        consumed = 4 + len(hdr.config_bytes)
-        if consumed < len(optdata):
-            report.warn(48 + consumed, f"{len(optdata) - consumed} bytes of optional data "
-                        "after the config (ignored by xl)")
-    scan_libxl_on(src, report, checkpointed=checkpointed,
-                  expected_guest_type=hdr.guest_type,
-                  max_vcpus=_max_vcpus_of_config(hdr.config))
-
-
-def scan_stream(f: BinaryIO, *, layer: Optional[str] = None,
-                checkpointed: bool = False) -> StreamReport:
-    """Scan a whole stream from the current position of ``f``.
-
-    The outermost layer is detected from the first 8 bytes unless ``layer``
-    ("xl", "libxl" or "libxc") is given.  Nothing bulky is held in memory:
-    page data is seeked over in regular files and read and discarded in
-    1 MiB chunks from pipes.  Never raises :class:`StreamError` -- the first
-    one is in ``report.error`` -- but ``OSError`` from ``f`` propagates.
-    """
-    src = Source(f)
-    report = StreamReport(size=src.size, checkpointed=checkpointed)
-    try:
-        head = src.peek(8)
-        detected = detect_layer(head)
-        report.layer = layer or detected or "unknown"
-        if layer is None and detected is None:
-            if len(head) < 8:
-                raise TruncatedStream(len(head), "stream is shorter than any header", "stream")
-            raise StreamError(0, "not a Xen 4.17 stream: no xl, libxl or libxc magic "
-                              f"(starts {head.hex()})", "stream")
-        if report.layer == "xl":
-            _scan_xl_on(src, report, checkpointed=checkpointed)
-        elif report.layer == "libxl":
-            scan_libxl_on(src, report, checkpointed=checkpointed)
-        elif report.layer == "libxc":
-            scan_libxc_on(src, report, checkpointed=checkpointed)
-        else:
-            raise ValueError(f"unknown layer {layer!r}")
-        note_trailing(src, report)
-    except StreamError as err:
-        report.error = err
-    return report
-
-
-def scan_path(path: str, *, layer: Optional[str] = None,
-              checkpointed: bool = False) -> StreamReport:
-    """Open ``path`` and :func:`scan_stream` it (OSError if unreadable)."""
-    with open(path, "rb", buffering=0) as f:
-        return scan_stream(f, layer=layer, checkpointed=checkpointed)
-

@@ -38,7 +38,7 @@ import pytest
 
 import pyxl
 from pyxl import sim
-from pyxl.stream import xl as stream_xl
+from pyxl import streamio
 from pyxl.wire.codec import Message
 
 from conftest import HELPERS, ROOT, SLOW, children, domids, open_fds
@@ -264,7 +264,7 @@ def image(tmp_path_factory):
         pyxl.wait(pyxl.save(dom, path, sim_dir=d))
     finally:
         sim.remove_dir(d)
-    report = stream_xl.scan_path(str(path))
+    report = streamio.scan_path(str(path))
     assert report.ok
     pages = [r for r in report.records if r.name == "PAGE_DATA" and r.length > 1 * MB]
     middle = pages[len(pages) // 2]

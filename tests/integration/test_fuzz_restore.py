@@ -30,8 +30,9 @@ import pytest
 import pyxl
 from pyxl.cli import main as cli
 from pyxl import sim
-from pyxl.stream import xl as stream_xl
-from pyxl.stream.framing import RecordInfo, roundup8
+from pyxl import streamio
+from pyxl.stream.framing import roundup8
+from pyxl.stream.report import RecordInfo
 
 from conftest import HELPERS, ROOT, SLOW, children, domids, new_sim_dir, open_fds
 
@@ -48,7 +49,7 @@ class Image:
         with open(path, "wb") as f:
             f.write(data)
         try:
-            report = stream_xl.scan_path(path)
+            report = streamio.scan_path(path)
         finally:
             os.unlink(path)
         assert report.ok, report.error
@@ -321,7 +322,7 @@ def test_mutated_streams(sim_dir, scratch, muts, helper) -> None:
             err = check_api(sim_dir, scratch, data, must_fail, helper)
             # pyxl inspect refuses exactly what a real restore refuses (for
             # xl save files; restore needs the xl layer, inspect does not)
-            report = stream_xl.scan_path(os.path.join(scratch, "broken.save"))
+            report = streamio.scan_path(os.path.join(scratch, "broken.save"))
             if report.layer == "xl":
                 assert report.ok == (err is None), (report.error, err)
         except AssertionError as exc:

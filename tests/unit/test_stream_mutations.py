@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 from pyxl.stream import libxc as xc
 from pyxl.stream import libxl as xl2
 from pyxl.stream import xl as xl1
-from pyxl.stream.framing import StreamError, StreamReport, TruncatedStream, UnsupportedStream
+from pyxl.stream.framing import StreamError, TruncatedStream, UnsupportedStream
+from pyxl.stream.report import StreamReport
 from pyxl.stream.libxc import LibxcRecordType as T
 from pyxl.stream.libxc import PageType as P
 from pyxl.stream.libxl import LibxlRecordType as L
+from pyxl import streamio
 
 from stream_support import (HVM_CONFIG, PV_CONFIG, boundaries, hvm_chunks, hvm_stream,
                                  libxl_chunks, page, pv_chunks, pv_stream, rec, scan, scan_pipe,
@@ -757,7 +759,7 @@ def test_4gib_sparse_file_scans_in_bounded_memory(tmp_path: object, gib: float) 
         npages = _write_sparse_stream(path, gib)
     except OSError as err:  # pragma: no cover - filesystem without room/holes
         pytest.skip(f"cannot create a sparse {gib} GiB file: {err}")
-    report, peak = peak_alloc(lambda: xl1.scan_path(path))
+    report, peak = peak_alloc(lambda: streamio.scan_path(path))
     assert report.error is None, report.error
     assert report.size is not None and report.size > 4 << 30
     assert report.pages.pfns == npages == report.pages.with_data
@@ -782,14 +784,14 @@ def test_report_caps_the_record_list() -> None:
     h = hvm_chunks()
     many = [rec(0x80000001)] * 50
     data = b"".join(h[:H_TSC] + many + h[H_TSC:])
-    report = xl1.scan_stream(io.BytesIO(data))
+    report = streamio.scan_stream(io.BytesIO(data))
     report2 = StreamReport(max_records=5)
     assert report.ok and len(report.records) == len(h) - 1 + 50
     report2.records.clear()
     src_report = scan(data)
     assert src_report.records_omitted == 0
     from pyxl.stream.framing import Source
-    from pyxl.stream.libxc import scan_libxc_on
+    from pyxl.stream.libxc_scan import scan_libxc_on
     capped = StreamReport(max_records=5, max_warnings=3)
     scan_libxc_on(Source(io.BytesIO(data)), capped)
     assert len(capped.records) == 5 and capped.records_omitted == len(h) - 1 + 50 - 5
@@ -862,7 +864,7 @@ def test_endless_data_after_end_on_a_pipe_does_not_hang() -> None:
     t.start()
     try:
         with open(r, "rb", buffering=0) as f:
-            report = xl1.scan_stream(f)
+            report = streamio.scan_stream(f)
     finally:
         stop.set()
         t.join(timeout=10)

@@ -7,8 +7,9 @@ from typing import List
 
 import pytest
 
-from pyxl.stream.framing import StreamError, StreamReport, TruncatedStream
-from pyxl.stream.xl import scan_path
+from pyxl.stream.framing import StreamError, TruncatedStream
+from pyxl.stream.report import StreamReport
+from pyxl.streamio import scan_path
 
 from stream_support import HELPER, STREAMS, run_verifier, scan_pipe, verifier_available
 

@@ -19,6 +19,7 @@ from pyxl.stream import xl as xl1
 from pyxl.fdio import write_all
 from pyxl.stream.framing import StreamError, TruncatedStream, UnsupportedStream
 from pyxl.stream.libxl import LibxlRecordType as L
+from pyxl import streamio
 
 from stream_support import (HVM_CONFIG, PV_CONFIG, STREAMS, hvm_stream, pv_stream,
                                  run_verifier, scan, verifier_available)
@@ -268,12 +269,12 @@ def read_rest(fd: int) -> bytes:
 
 def test_fd_readers_stop_exactly_after_libxc_context(channel: Callable[[bytes], int]) -> None:
     fd = channel(HVM_XL)
-    hdr = xl1.read_xl_header(fd)
+    hdr = streamio.read_xl_header(fd)
     assert hdr.config is not None and hdr.config["c_info"]["name"] == "tiny-hvm"
     assert hdr.size == 0x13A and hdr.streamv2 and hdr.json
-    lh = xl2.read_libxl_header(fd, offset=hdr.size)
+    lh = streamio.read_libxl_header(fd, offset=hdr.size)
     assert (lh.version, lh.options) == (2, 0)
-    assert xl2.read_libxl_record_header(fd, offset=hdr.size + 16) == (L.LIBXC_CONTEXT, 0)
+    assert streamio.read_libxl_record_header(fd, offset=hdr.size + 16) == (L.LIBXC_CONTEXT, 0)
     # The helper would now read the libxc stream from this very byte.
     rest = read_rest(fd)
     assert rest == HVM_XL[hdr.size + 24:]
@@ -282,8 +283,8 @@ def test_fd_readers_stop_exactly_after_libxc_context(channel: Callable[[bytes], 
 
 def test_restore_reader_full_flow(channel: Callable[[bytes], int]) -> None:
     fd = channel(HVM_XL)
-    hdr = xl1.read_xl_header(fd)
-    reader = xl2.LibxlRestoreReader(fd, guest_type=hdr.guest_type, base_offset=hdr.size)
+    hdr = streamio.read_xl_header(fd)
+    reader = streamio.LibxlRestoreReader(fd, guest_type=hdr.guest_type, base_offset=hdr.size)
     reader.read_header()
     first = reader.next_record()
     assert first.rtype == L.LIBXC_CONTEXT and first.body == b""
@@ -303,7 +304,7 @@ def test_restore_reader_full_flow(channel: Callable[[bytes], int]) -> None:
 def test_restore_reader_refuses_emulator_for_pv(channel: Callable[[bytes], int]) -> None:
     data = xl2.libxl_header() + xl2.libxc_context_record() + xl2.emulator_context_record(b"x")
     fd = channel(data)
-    reader = xl2.LibxlRestoreReader(fd, guest_type=xc.DHDR_TYPE_X86_PV)
+    reader = streamio.LibxlRestoreReader(fd, guest_type=xc.DHDR_TYPE_X86_PV)
     reader.read_header()
     assert reader.next_record().rtype == L.LIBXC_CONTEXT
     reader.libxc_done(0)
@@ -323,7 +324,7 @@ def test_restore_reader_refuses_emulator_for_pv(channel: Callable[[bytes], int])
 ])
 def test_restore_reader_rules(channel: Callable[[bytes], int], body: bytes, match: str) -> None:
     fd = channel(xl2.libxl_header() + xl2.libxc_context_record() + body)
-    reader = xl2.LibxlRestoreReader(fd)
+    reader = streamio.LibxlRestoreReader(fd)
     reader.read_header()
     reader.next_record()
     reader.libxc_done(0)
@@ -334,7 +335,7 @@ def test_restore_reader_rules(channel: Callable[[bytes], int], body: bytes, matc
 
 def test_restore_reader_cut_at_record_boundary(channel: Callable[[bytes], int]) -> None:
     fd = channel(xl2.libxl_header() + xl2.libxc_context_record())
-    reader = xl2.LibxlRestoreReader(fd)
+    reader = streamio.LibxlRestoreReader(fd)
     reader.read_header()
     reader.next_record()
     reader.libxc_done(0)
@@ -348,14 +349,14 @@ def test_read_libxl_record_caps_body_without_reading_it(
     head = struct.pack("<II", L.EMULATOR_CONTEXT, 0x7FFFFFF8)
     fd = channel(head + b"tail")
     with pytest.raises(UnsupportedStream, match="exceeds pyxl's limit"):
-        xl2.read_libxl_record(fd, max_length=1 << 20)
+        streamio.read_libxl_record(fd, max_length=1 << 20)
     assert read_rest(fd) == b"tail"
 
 
 def test_read_libxl_record_truncated_body(channel: Callable[[bytes], int]) -> None:
     fd = channel(xl2.libxl_record(L.EMULATOR_CONTEXT, bytes(100))[:50])
     with pytest.raises(TruncatedStream) as err:
-        xl2.read_libxl_record(fd, offset=1000)
+        streamio.read_libxl_record(fd, offset=1000)
     assert err.value.offset == 1000 + 50
 
 
@@ -371,7 +372,7 @@ def test_read_xl_header_rules(channel: Callable[[bytes], int], mutate: Callable[
                               exc: type, match: str) -> None:
     fd = channel(mutate(HVM_XL))
     with pytest.raises(exc, match=match):
-        xl1.read_xl_header(fd)
+        streamio.read_xl_header(fd)
 
 
 def test_read_xl_header_config_json_is_the_config() -> None:
@@ -380,7 +381,7 @@ def test_read_xl_header_config_json_is_the_config() -> None:
         write_all(w, xl1.xl_header(HVM_CONFIG))
         os.close(w)
         w = -1
-        hdr = xl1.read_xl_header(r)
+        hdr = streamio.read_xl_header(r)
     finally:
         os.close(r)
         if w >= 0:
