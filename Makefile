@@ -4,10 +4,12 @@ PY        := $(VENV)/bin/python
 APT_PKGS  := libxen-dev xen-utils-4.17 valgrind
 STAMP     := $(VENV)/.pyxl-installed
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SOURCES   := setup.py pyproject.toml pyxl/wire/table.py $(wildcard libxl_helper/*.c libxl_helper/*.pyx libxl_helper/*.py fakexen/*.c fakexen/*.h)
+SOURCES   := setup.py pyproject.toml pyxl/wire/table.py pyxl/wire/_generated.py \
+             $(wildcard libxl_helper/*.c libxl_helper/*.pyx libxl_helper/*.pxd libxl_helper/*.pxi \
+                        libxl_helper/*.py fakexen/*.c fakexen/*.h)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow demo bench memcheck clean apt xen-e2e
+.PHONY: setup test test-slow lint regen demo bench memcheck clean apt xen-e2e
 
 setup: $(STAMP)
 
@@ -27,8 +29,17 @@ $(STAMP): $(SOURCES) | apt
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff (pyproject.toml [tool.ruff]); `make test` runs it before pytest.
+lint: setup
+	$(PY) -m ruff check pyxl tests bench libxl_helper/genmsgs.py
+
+# Rewrite the committed pyxl/wire/_generated.py from the message table, pyxl/wire/table.py.
+# The build refuses a stale copy ("stale pyxl/wire/_generated.py: run make regen").
+regen:
+	python3 libxl_helper/genmsgs.py regen
 
 test-slow: setup
 	PYXL_SLOW=1 $(PY) -m pytest -q $(PYTEST_ARGS)

@@ -10,9 +10,9 @@ of those two calls:
 
 * fd 1 carries helper -> libxl messages, fd 0 carries libxl's replies (a bare
   4-byte int for each message that waits for one).  The framing and every
-  message come from the one table, pyxl/_msgtable.py; the marshalling code is
-  generated into ``_messages.pxi`` (see libxl_helper/genmsgs.py) and included
-  below.  This file holds the hand-written frame runtime that code calls.
+  message come from the one table, pyxl/wire/table.py; the marshalling code is
+  generated into ``_messages.pxi`` at build time (libxl_helper/genmsgs.py) and
+  included below, after the hand-written frame runtime it calls.
 * libxc's log lines and progress reports reach libxl through a xentoollog
   logger whose vmessage/progress functions turn them into ``log`` and
   ``progress`` messages.
@@ -69,6 +69,18 @@ input libxl never produces:
 
   A bad value is a usage error (one line on stderr, exit 2), as a bad argv.
 
+Files (all compiled into this one module, ``_helper``, which main.c registers
+as a built-in module):
+
+* ``xen.pxd``        the Xen C API the helper uses (libxentoollog,
+                     libxenctrl, libxenguest): declarations only.
+* ``_frame.pxi``     the frame runtime: building frames, writing them to fd 1,
+                     reading replies on fd 0.
+* ``_messages.pxi``  generated: a send function per message, the callback
+                     stubs libxc calls, install_<mode>_callbacks().
+* ``_precopy.pxi``   the downtime-driven precopy policy and its environment.
+* this file          the logger, signals, the two modes and the command line.
+
 Strategy notes: nothing below ``pyxl_helper_main``'s argv parsing touches a
 Python object.  The logger, the stubs and the SIGTERM handler are
 ``noexcept nogil`` functions, i.e. plain C that libxc can call at any point.
@@ -77,26 +89,22 @@ here), and it links no libxl.
 """
 
 from libc.errno cimport errno, EINTR
-from libc.stdlib cimport exit, abort, getenv, strtoull
-from libc.string cimport memcpy, memset, strlen, strstr
+from libc.stdlib cimport exit, abort
+from libc.string cimport memset
 from libc.stdio cimport perror
-from posix.fcntl cimport open as c_open, fcntl, O_RDONLY, O_CLOEXEC
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
-from posix.unistd cimport read, write, dup2, pread
+from posix.fcntl cimport open as c_open, fcntl, O_RDONLY
+from posix.unistd cimport write, dup2
+
+from xen cimport (
+    uint16_t, uint32_t, int32_t, uint64_t, va_list,
+    xentoollog_level, xentoollog_logger, XTL_DEBUG, XTL_ERROR, xtl_log,
+    xc_interface, xc_interface_open, xc_interface_close,
+    save_callbacks, restore_callbacks, xc_stream_type_t, xc_domain_save, xc_domain_restore,
+)
 
 
 # ---------------------------------------------------------------------------
-# C declarations: only what the helper uses.
-
-cdef extern from "<stdint.h>" nogil:
-    # Declared here rather than cimported from libc.stdint: Cython's copy says
-    # uint64_t is unsigned long long, but on x86-64 glibc it is unsigned long,
-    # the type of libxc's xen_pfn_t, and the generated stubs must match
-    # libxc's callback signatures exactly.
-    ctypedef unsigned short uint16_t
-    ctypedef unsigned int uint32_t
-    ctypedef signed int int32_t
-    ctypedef unsigned long uint64_t
+# C declarations beyond Xen's API (which is in xen.pxd): only what the helper uses.
 
 cdef extern from * nogil:
     """
@@ -108,9 +116,6 @@ cdef extern from * nogil:
 
 cdef extern from "<fcntl.h>" nogil:
     enum: F_GETPIPE_SZ, F_SETPIPE_SZ
-
-cdef extern from "<stdarg.h>" nogil:
-    ctypedef void *va_list "va_list"   # only ever passed through to vsnprintf
 
 cdef extern from "<stdio.h>" nogil:
     int vsnprintf(char *buf, size_t size, const char *fmt, va_list al)
@@ -132,71 +137,6 @@ cdef extern from "<signal.h>" nogil:
     int sigaddset(sigset_t *mask, int signum)
     int sigprocmask(int how, const sigset_t *mask, sigset_t *old)
 
-cdef extern from "xentoollog.h" nogil:
-    ctypedef enum xentoollog_level:
-        XTL_NONE
-        XTL_DEBUG
-        XTL_DETAIL
-        XTL_INFO
-        XTL_WARN
-        XTL_ERROR
-    cdef struct xentoollog_logger:
-        void (*vmessage)(xentoollog_logger *logger, xentoollog_level level, int errnoval,
-                         const char *context, const char *format, va_list al) noexcept nogil
-        void (*progress)(xentoollog_logger *logger, const char *context, const char *doing_what,
-                         int percent, unsigned long done, unsigned long total) noexcept nogil
-        void (*destroy)(xentoollog_logger *logger) noexcept nogil
-    void xtl_log(xentoollog_logger *logger, xentoollog_level level, int errnoval,
-                 const char *context, const char *format, ...)
-
-cdef extern from "xenctrl.h" nogil:
-    ctypedef struct xc_interface:
-        pass
-    ctypedef unsigned long xen_pfn_t
-    xc_interface *xc_interface_open(xentoollog_logger *logger, xentoollog_logger *dombuild_logger,
-                                    unsigned int open_flags)
-    int xc_interface_close(xc_interface *xch)
-
-# xenguest.h does not include xenctrl.h: this block must come second.
-cdef extern from "xenguest.h" nogil:
-    cdef struct precopy_stats:
-        unsigned int iteration
-        unsigned long total_written
-        long dirty_count
-    ctypedef int (*precopy_policy_t)(precopy_stats stats, void *data) noexcept nogil
-    enum:
-        XGS_POLICY_ABORT
-        XGS_POLICY_CONTINUE_PRECOPY
-        XGS_POLICY_STOP_AND_COPY
-    cdef struct save_callbacks:
-        int (*suspend)(void *data) noexcept nogil
-        precopy_policy_t precopy_policy
-        int (*postcopy)(void *data) noexcept nogil
-        int (*checkpoint)(void *data) noexcept nogil
-        int (*wait_checkpoint)(void *data) noexcept nogil
-        int (*switch_qemu_logdirty)(uint32_t domid, unsigned int enable, void *data) noexcept nogil
-        void *data
-    cdef struct restore_callbacks:
-        int (*static_data_done)(unsigned int missing, void *data) noexcept nogil
-        int (*suspend)(void *data) noexcept nogil
-        int (*postcopy)(void *data) noexcept nogil
-        int (*checkpoint)(void *data) noexcept nogil
-        int (*wait_checkpoint)(void *data) noexcept nogil
-        void (*restore_results)(xen_pfn_t store_gfn, xen_pfn_t console_gfn, void *data) noexcept nogil
-        void *data
-    ctypedef enum xc_stream_type_t:
-        XC_STREAM_PLAIN
-        XC_STREAM_REMUS
-        XC_STREAM_COLO
-    int xc_domain_save(xc_interface *xch, int io_fd, uint32_t dom, uint32_t flags,
-                       save_callbacks *callbacks, xc_stream_type_t stream_type, int recv_fd)
-    int xc_domain_restore(xc_interface *xch, int io_fd, uint32_t dom,
-                          unsigned int store_evtchn, unsigned long *store_mfn,
-                          uint32_t store_domid, unsigned int console_evtchn,
-                          unsigned long *console_mfn, uint32_t console_domid,
-                          xc_stream_type_t stream_type, restore_callbacks *callbacks,
-                          int send_back_fd)
-
 
 # ---------------------------------------------------------------------------
 # Constants.
@@ -206,148 +146,17 @@ cdef enum:
     EXIT_USAGE = 2          # ours; Xen's helper aborts (SIGABRT) on a bad argv
     EXIT_REPLY_LOST = 254   # Xen's exit(-2): EOF/error/EINTR reading a reply
     EXIT_FAIL = 255         # Xen's exit(-1): start-up failed, or fd 1 broke
-    FRAME_BODY_MAX = 0xFFFF # u16 length prefix; Xen asserts body < 64 KiB
     LOGBUF_SIZE = 0x10000   # > FRAME_BODY_MAX, so vsnprintf cuts imply frame cuts
 
 # The log context of the helper's own messages: libxl and the vectors expect
 # Xen's program name here, not ours.
 cdef const char *PROGRAM = "libxl-save-helper"
-# Appended to a string shortened to fit the 64 KiB frame.
-cdef const char *TRUNCATED_MARK = "...[truncated]"
 
 
 # ---------------------------------------------------------------------------
-# Frame runtime, called by the generated _messages.pxi.  One static frame
-# buffer: the helper is single-threaded and never nests messages (the signal
-# handler sends nothing).
+# The frame runtime, then the generated messages that use it.
 
-cdef unsigned char _frame[2 + FRAME_BODY_MAX]
-
-
-cdef inline unsigned char *_put_uint16(unsigned char *p, uint16_t v) noexcept nogil:
-    memcpy(p, &v, 2)   # host byte order, as Xen's helper (little-endian on x86)
-    return p + 2
-
-
-cdef inline unsigned char *_put_uint32(unsigned char *p, uint32_t v) noexcept nogil:
-    memcpy(p, &v, 4)
-    return p + 4
-
-
-cdef inline unsigned char *_put_int32(unsigned char *p, int32_t v) noexcept nogil:
-    memcpy(p, &v, 4)
-    return p + 4
-
-
-cdef inline unsigned char *_put_uint64(unsigned char *p, uint64_t v) noexcept nogil:
-    memcpy(p, &v, 8)
-    return p + 8
-
-
-cdef inline size_t _string_len(const char *s) noexcept nogil:
-    return strlen(s) if s != NULL else 0
-
-
-cdef void _fit_strings(size_t *lens, int count, size_t fixed) noexcept nogil:
-    """Shorten string lengths, longest first, until the body fits one frame.
-
-    ``fixed`` counts every other body byte (message number, fixed-size
-    arguments, each string's u32 size and NUL).  Only ever shortens.
-    """
-    cdef size_t budget = FRAME_BODY_MAX - fixed
-    cdef size_t total = 0
-    cdef size_t cut
-    cdef int i, longest
-    for i in range(count):
-        total += lens[i]
-    while total > budget:
-        longest = 0
-        for i in range(1, count):
-            if lens[i] > lens[longest]:
-                longest = i
-        cut = total - budget
-        if cut > lens[longest]:
-            cut = lens[longest]
-        lens[longest] -= cut
-        total -= cut
-
-
-cdef unsigned char *_put_string(unsigned char *p, const char *s, size_t n) noexcept nogil:
-    """Put the first n bytes of s as a wire string: u32 size incl. NUL, bytes, NUL.
-
-    n < strlen(s) means _fit_strings shortened it: then the text is cut at a
-    UTF-8 character boundary and ends in TRUNCATED_MARK, within n bytes.
-    """
-    cdef size_t keep = n
-    cdef size_t mark = 0
-    if s == NULL:
-        keep = 0
-    elif s[n] != 0:
-        mark = strlen(TRUNCATED_MARK)
-        if n < mark:
-            mark = 0
-        keep = n - mark
-        while keep > 0 and (<unsigned char>s[keep] & 0xC0) == 0x80:
-            keep -= 1   # s[keep] continues a multi-byte character: drop it whole
-    p = _put_uint32(p, <uint32_t>(keep + mark + 1))
-    if keep:
-        memcpy(p, s, keep)
-    if mark:
-        memcpy(p + keep, TRUNCATED_MARK, mark)
-    p[keep + mark] = 0
-    return p + keep + mark + 1
-
-
-cdef inline unsigned char *_msg_begin(uint16_t number) noexcept nogil:
-    return _put_uint16(_frame + 2, number)
-
-
-cdef void _write_all(int fd, const unsigned char *buf, size_t len) noexcept nogil:
-    """Write all of buf, retrying short writes and EINTR; exit 255 on error.
-
-    errno is preserved: libxc's progress path does not save it, and the helper's
-    complete() reports errno from the failed save/restore.
-    """
-    cdef int saved = errno
-    cdef ssize_t r
-    while len:
-        r = write(fd, buf, len)
-        if r < 0:
-            if errno == EINTR:
-                continue
-            perror("write")   # Xen's helper: perror("write"); exit(-1)
-            exit(EXIT_FAIL)
-        buf += r
-        len -= <size_t>r
-    set_errno(saved)
-
-
-cdef void _msg_send(unsigned char *end) noexcept nogil:
-    cdef size_t body = <size_t>(end - (_frame + 2))
-    if body > FRAME_BODY_MAX:
-        abort()   # can't happen: the generator and _fit_strings bound every body
-    _put_uint16(_frame, <uint16_t>body)
-    _write_all(1, _frame, body + 2)   # one write: header and body together
-
-
-cdef int _get_reply() noexcept nogil:
-    """Block for the 4-byte reply on fd 0.
-
-    EOF (even mid-reply), a read error or EINTR -- e.g. SIGTERM in save mode --
-    exits 254, as Xen's helper does.  No retry on EINTR: that is how SIGTERM
-    gets a save unstuck while libxl is not answering.
-    """
-    cdef int32_t value = 0
-    cdef size_t got = 0
-    cdef ssize_t r
-    while got < 4:
-        r = read(0, (<char *>&value) + got, 4 - got)
-        if r <= 0:
-            exit(EXIT_REPLY_LOST)
-        got += <size_t>r
-    return value
-
-
+include "_frame.pxi"
 include "_messages.pxi"
 
 
@@ -487,172 +296,9 @@ cdef int _complete(int retval, int saved_errno) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------
-# Precopy policy (live saves).  Unless PYXL_PRECOPY=downtime, the helper hands
-# libxc NULL, i.e. libxc's built-in policy, exactly as Xen's helper does.
-#
-# How libxc 4.17 consults a policy (seen on fakexen): before round 0 with
-# iteration 0 and dirty_count = p2m_size (holes included); then after each
-# round k twice: first with iteration k+1 and dirty_count -1 (the round was
-# sent, nothing was fetched yet), then -- if that said continue -- after the
-# log-dirty CLEAN with the count it returned.  CONTINUE goes on (the CLEAN,
-# or sending the counted pages).  STOP_AND_COPY at a counted call still sends
-# those pages live; at a -1 call it suspends at once.  Either way the pages
-# dirtied since the last CLEAN are then sent with the guest suspended: that
-# is the downtime.  ABORT fails the save ("Abort precopy loop") with the guest
-# still running.  Xen's own policy stops at a count below 50 or at iteration 5.
-#
-# The downtime policy measures with CLOCK_MONOTONIC:
-#   * the send bandwidth B (pages/s), over all rounds so far: bytes this
-#     process wrote (wchar of /proc/self/io, i.e. the stream, whatever the
-#     fd) per second, in pages of PAGE_COST bytes; without /proc, pages sent
-#     per second, round 0 left out (its count includes the p2m holes);
-#   * the dirty rate r (pages/s): each CLEAN's count over the time since the
-#     previous CLEAN (or since round 0 began, for the first).
-# It predicts the downtime of stopping now -- at a -1 call, the r*t pages
-# dirtied in the t seconds since the last CLEAN, sent at B; at a counted
-# call, the r*D/B pages dirtied while the D counted pages go out live -- and
-# stops as soon as that fits the target (or nothing is dirty).  At iteration
-# max_iterations (a -1 call, like Xen's limit) without a fit it aborts, with
-# an ERROR line naming the target, the round and the prediction, or, with
-# on_fail=stop, forces stop-and-copy with a WARN line.  Each decision is
-# logged at DETAIL.  Fixed costs of the switch-over (suspending, device
-# state, the receiver's restore and handshake) are not in the prediction.
+# Precopy policy (live saves): configure_precopy(), _precopy_policy().
 
-cdef enum:
-    POLICY_XEN = 0
-    POLICY_DOWNTIME = 1
-    PAGE_COST = 4096 + 8     # a page and its pfn word in a PAGE_DATA record
-    IOBUF_SIZE = 1024
-
-
-cdef struct _PrecopyState:
-    int kind
-    double target            # seconds
-    unsigned int max_iterations
-    int on_fail              # XGS_POLICY_ABORT or XGS_POLICY_STOP_AND_COPY
-    double clean_time        # when the last counted call came (just after a CLEAN); 0: none yet
-    double round_start       # when the round now being timed began
-    long long round_wchar    # wchar then; -1: /proc/self/io unavailable
-    long round_pages         # pages sent in that round (its counted call's dirty_count)
-    unsigned int round_iteration
-    double rate              # pages/s dirtied, from the last CLEAN; < 0: unknown
-    double sent_pages        # measured so far (for the bandwidth)
-    double sent_time
-    int io_fd                # /proc/self/io, opened at the first call; -2: not yet
-
-
-cdef _PrecopyState _pc
-cdef char _iobuf[IOBUF_SIZE]
-cdef char _predbuf[64]
-
-
-cdef const char *_ms(double seconds) noexcept nogil:
-    """A predicted downtime for the log: "12.3 ms", or "unknown" (negative)."""
-    if seconds < 0:
-        return "unknown"
-    snprintf(_predbuf, sizeof(_predbuf), "%.1f ms", seconds * 1e3)
-    return _predbuf
-
-
-cdef double _now() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
-
-
-cdef long long _wchar() noexcept nogil:
-    """Bytes this process has written so far (any fd), or -1 if unknown."""
-    cdef ssize_t n
-    cdef char *p
-    cdef int saved = errno
-    if _pc.io_fd == -2:
-        _pc.io_fd = c_open("/proc/self/io", O_RDONLY | O_CLOEXEC)
-    if _pc.io_fd < 0:
-        set_errno(saved)
-        return -1
-    n = pread(_pc.io_fd, _iobuf, IOBUF_SIZE - 1, 0)
-    set_errno(saved)
-    if n <= 0:
-        return -1
-    _iobuf[n] = 0
-    p = strstr(_iobuf, "wchar:")
-    if p == NULL:
-        return -1
-    return <long long>strtoull(p + 6, NULL, 10)
-
-
-cdef int _downtime_policy(precopy_stats stats, void *data) noexcept nogil:
-    cdef double now = _now()
-    cdef long long wchar = _wchar()
-    cdef double bw = 0.0, predicted = -1.0, pending = -1.0
-    cdef long dirty = stats.dirty_count
-    cdef int decision = XGS_POLICY_CONTINUE_PRECOPY
-    cdef bint fits, failed = False
-    if dirty < 0:
-        # After a round: time it.
-        if now > _pc.round_start:
-            if wchar >= 0 and _pc.round_wchar >= 0:
-                _pc.sent_pages += <double>(wchar - _pc.round_wchar) / PAGE_COST
-                _pc.sent_time += now - _pc.round_start
-            elif _pc.round_iteration > 0 and _pc.round_pages > 0:
-                _pc.sent_pages += <double>_pc.round_pages
-                _pc.sent_time += now - _pc.round_start
-    else:
-        # Just after a CLEAN (or before round 0): the dirty rate since the last one.
-        if _pc.clean_time > 0 and now > _pc.clean_time:
-            _pc.rate = <double>dirty / (now - _pc.clean_time)
-        _pc.clean_time = now
-    if _pc.sent_time > 0 and _pc.sent_pages > 0:
-        bw = _pc.sent_pages / _pc.sent_time
-    if bw > 0 and _pc.rate >= 0:
-        if dirty < 0:
-            pending = _pc.rate * (now - _pc.clean_time)
-        else:
-            pending = _pc.rate * (<double>dirty / bw)
-        predicted = pending / bw
-    fits = dirty == 0 or (predicted >= 0 and predicted <= _pc.target)
-    if fits:
-        decision = XGS_POLICY_STOP_AND_COPY
-    elif dirty < 0 and stats.iteration >= _pc.max_iterations:
-        decision, failed = _pc.on_fail, True
-    xtl_log(&_logger, XTL_DETAIL, -1, "pyxl-precopy",
-            "iteration %u, %s %ld pages: %.0f pages/s sent, %.0f pages/s dirtied, "
-            "predicted downtime %s (target %.1f ms): %s",
-            stats.iteration, "dirty" if dirty >= 0 else "sent", dirty if dirty >= 0
-            else _pc.round_pages, bw, _pc.rate if _pc.rate > 0 else 0.0, _ms(predicted),
-            _pc.target * 1e3,
-            "target not met" if failed else "stop and copy" if fits else "continue")
-    if failed:
-        xtl_log(&_logger, XTL_ERROR if decision == XGS_POLICY_ABORT else XTL_WARN, -1,
-                "pyxl-precopy", "downtime target %.1f ms not met after %u iterations "
-                "(predicted %s for about %.0f dirty pages): %s", _pc.target * 1e3,
-                stats.iteration, _ms(predicted), pending if pending > 0 else 0.0,
-                "aborting the live save, the guest keeps running"
-                if decision == XGS_POLICY_ABORT else "forcing stop and copy")
-    elif fits:
-        xtl_log(&_logger, XTL_INFO, -1, "pyxl-precopy",
-                "iteration %u: predicted downtime %.1f ms for about %.0f dirty pages is "
-                "within the target %.1f ms: stop and copy", stats.iteration, predicted * 1e3,
-                pending if dirty < 0 else <double>dirty, _pc.target * 1e3)
-    if dirty >= 0 and decision != XGS_POLICY_ABORT:
-        # libxc sends these pages next (even when stopping): time that round.
-        _pc.round_start = _now()    # the policy's own logging is not send time
-        _pc.round_wchar = _wchar()
-        _pc.round_pages = dirty
-        _pc.round_iteration = stats.iteration
-    return decision
-
-
-cdef precopy_policy_t _precopy_policy() noexcept nogil:
-    """The live-migration precopy policy handed to libxc.
-
-    NULL selects libxc's built-in policy (stop-and-copy below 50 dirty pages or
-    after 5 rounds), as Xen's helper does; PYXL_PRECOPY=downtime selects
-    _downtime_policy (configured by _configure_precopy from the environment).
-    """
-    if _pc.kind == POLICY_DOWNTIME:
-        return _downtime_policy
-    return NULL
+include "_precopy.pxi"
 
 
 cdef int _run_save(int io_fd, int back_fd, uint32_t dom, uint32_t xcflags,
@@ -800,68 +446,6 @@ cdef void _say(str line) noexcept:
             return
         p += r
         left -= r
-
-
-# Environment of the precopy policy (save mode only; see the module docstring).
-PRECOPY_POLICIES = {b"xen": POLICY_XEN, b"downtime": POLICY_DOWNTIME}
-PRECOPY_ON_FAIL = {b"abort": XGS_POLICY_ABORT, b"stop": XGS_POLICY_STOP_AND_COPY}
-DEFAULT_DOWNTIME_MS = 300.0
-DEFAULT_MAX_ITERATIONS = 30
-
-
-cdef object _getenv(const char *name):
-    cdef const char *value = getenv(name)
-    return None if value == NULL else <bytes>value
-
-
-def _env_number(name, text, lo, hi, integer):
-    try:
-        if integer:
-            value = _decimal(text)
-            if value is None:
-                raise ValueError
-        else:
-            value = float(text.decode("ascii"))
-    except (ValueError, UnicodeDecodeError):
-        value = None
-    if value is None or not lo <= value <= hi:   # also refuses nan
-        raise UsageError("%s must be %s from %g to %g, got %s" % (
-            name, "a whole number" if integer else "a number", lo, hi, _show(text)))
-    return value
-
-
-def configure_precopy():
-    """Read PYXL_PRECOPY & co. into _pc; UsageError if a value is bad.
-
-    PYXL_PRECOPY unset, empty or "xen" leaves libxc's own policy in place and
-    the other variables unread, so the helper is Xen's.
-    """
-    memset(&_pc, 0, sizeof(_pc))
-    _pc.io_fd = -2
-    _pc.round_wchar = -1
-    _pc.rate = -1.0
-    policy = _getenv(b"PYXL_PRECOPY")
-    if not policy:
-        policy = b"xen"
-    if policy not in PRECOPY_POLICIES:
-        raise UsageError("PYXL_PRECOPY must be 'xen' or 'downtime', got %s" % _show(policy))
-    _pc.kind = PRECOPY_POLICIES[policy]
-    if _pc.kind == POLICY_XEN:
-        return
-    text = _getenv(b"PYXL_DOWNTIME_MS")
-    ms = DEFAULT_DOWNTIME_MS if not text else _env_number(
-        "PYXL_DOWNTIME_MS", text, 0.001, 3600000.0, False)
-    text = _getenv(b"PYXL_MAX_ITERATIONS")
-    iterations = DEFAULT_MAX_ITERATIONS if not text else _env_number(
-        "PYXL_MAX_ITERATIONS", text, 1, 1000000, True)
-    text = _getenv(b"PYXL_PRECOPY_ON_FAIL")
-    if not text:
-        text = b"abort"
-    if text not in PRECOPY_ON_FAIL:
-        raise UsageError("PYXL_PRECOPY_ON_FAIL must be 'abort' or 'stop', got %s" % _show(text))
-    _pc.target = ms / 1000.0
-    _pc.max_iterations = iterations
-    _pc.on_fail = PRECOPY_ON_FAIL[text]
 
 
 cdef public int pyxl_helper_main(int argc, char **argv) except -1:

@@ -1,14 +1,21 @@
 """Generate marshalling code from the one message table, pyxl/wire/table.py.
 
-    python libxl_helper/genmsgs.py wire  > pyxl/wire/_generated.py         (host tables)
-    python libxl_helper/genmsgs.py pxi   > <build>/_messages.pxi  (helper stubs)
+    python libxl_helper/genmsgs.py wire    > pyxl/wire/_generated.py   (host tables, to stdout)
+    python libxl_helper/genmsgs.py pxi     > <build>/_messages.pxi     (helper stubs, to stdout)
+    python libxl_helper/genmsgs.py check [FILE]   is FILE what "wire" generates?
+    python libxl_helper/genmsgs.py regen [FILE]   write FILE from "wire" (``make regen``)
 
-``--table PATH`` (before the kind) reads another copy of the table instead;
-the tests use it to check that a changed table changes both outputs alike.
+FILE defaults to pyxl/wire/_generated.py.  ``check`` exits 1 with one line on
+stderr, "stale FILE: run make regen", if FILE differs from a fresh
+generation.  ``--table PATH`` (before the kind) reads another copy of the
+table instead; the tests use it to check that a changed table changes both
+outputs alike.
 
-setup.py runs both at build time; pyxl/wire/_generated.py is also committed so the pure
-Python package works from a checkout, and tests/test_generator.py checks that
-regenerating it changes nothing.
+setup.py generates _messages.pxi into its build directory and runs ``check``
+(a stale pyxl/wire/_generated.py fails the build); it never writes into the
+source tree.  pyxl/wire/_generated.py is committed so the pure Python package
+works from a checkout; only ``regen`` (``make regen``) rewrites it, and
+tests/unit/test_generator.py checks that regenerating it changes nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ import sys
 from typing import Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TABLE = os.path.join(HERE, os.pardir, "pyxl", "wire", "table.py")
+ROOT = os.path.dirname(HERE)
+TABLE = os.path.join(ROOT, "pyxl", "wire", "table.py")
+WIRE = os.path.join(ROOT, "pyxl", "wire", "_generated.py")
 
 # wire type -> (struct code, size in bytes); None for variable-length.
 FIXED = {"uint16": ("H", 2), "uint32": ("I", 4), "int32": ("i", 4), "uint64": ("Q", 8)}
@@ -107,16 +116,60 @@ def gen_wire(messages) -> str:
     return "\n".join(out)
 
 
+def _shown(path: str) -> str:
+    """path as the messages name it: relative to the repository when inside it."""
+    rel = os.path.relpath(os.path.abspath(path), ROOT)
+    return path if rel.startswith(os.pardir) else rel
+
+
+def check_wire(path: str = WIRE, table: str = TABLE):
+    """None if the file at path is what gen_wire makes of table, else the one-line error."""
+    messages, _ = load_table(table)
+    try:
+        with open(path, encoding="utf-8") as f:
+            current = f.read()
+    except FileNotFoundError:
+        current = None
+    if current != gen_wire(messages):
+        return f"stale {_shown(path)}: run make regen"
+    return None
+
+
+def regen_wire(path: str = WIRE, table: str = TABLE) -> bool:
+    """Write gen_wire's output to path (atomically) unless it is already there; True if written."""
+    if check_wire(path, table) is None:
+        return False
+    messages, _ = load_table(table)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(gen_wire(messages))
+    os.replace(tmp, path)
+    return True
+
+
 def main(argv):
-    """``genmsgs.py [--table PATH] {wire|pxi}``; --table defaults to pyxl/wire/table.py."""
+    """``genmsgs.py [--table PATH] {wire|pxi|check [FILE]|regen [FILE]}``."""
     args = list(argv[1:])
     table = TABLE
-    if len(args) == 3 and args[0] == "--table":
+    if len(args) >= 2 and args[0] == "--table":
         table = args[1]
         args = args[2:]
-    if len(args) != 1 or args[0] not in GENERATORS:
-        sys.stderr.write(f"usage: {argv[0]} [--table PATH] {{{'|'.join(GENERATORS)}}}\n")
+    kinds = "|".join(list(GENERATORS) + ["check [FILE]", "regen [FILE]"])
+    if not (len(args) == 1 and args[0] in GENERATORS
+            or 1 <= len(args) <= 2 and args[0] in ("check", "regen")):
+        sys.stderr.write(f"usage: {argv[0]} [--table PATH] {{{kinds}}}\n")
         return 2
+    if args[0] == "check":
+        error = check_wire(*args[1:], table=table)
+        if error:
+            sys.stderr.write(error + "\n")
+            return 1
+        return 0
+    if args[0] == "regen":
+        path = args[1] if len(args) == 2 else WIRE
+        wrote = regen_wire(path, table=table)
+        sys.stdout.write(f"{'wrote' if wrote else 'up to date:'} {_shown(path)}\n")
+        return 0
     messages, _ = load_table(table)
     sys.stdout.write(GENERATORS[args[0]](messages))
     return 0
@@ -130,11 +183,11 @@ def main(argv):
 # that installs the stubs for the CBFLAGS bits set.  Only the per-message code
 # is generated; the frame runtime it calls (_msg_begin, _put_<wire type>,
 # _string_len, _fit_strings, _msg_send, _get_reply) is written by hand in
-# _helper.pyx, which includes the output.
+# _frame.pxi, which _helper.pyx includes before the output.
 
 # wire type -> C type of the argument in the helper (and in libxc's callbacks:
 # uint32_t is libxc's "unsigned", uint64_t its xen_pfn_t / unsigned long on
-# x86-64; _helper.pyx declares the stdint types so Cython sees them that way).
+# x86-64; xen.pxd declares the stdint types so Cython sees them that way).
 C_TYPES = {"uint16": "uint16_t", "uint32": "uint32_t", "int32": "int32_t",
            "uint64": "uint64_t", "string": "const char *"}
 FRAME_BODY_MAX = 0xFFFF  # u16 length prefix; Xen's helper asserts body < 64 KiB
@@ -214,12 +267,13 @@ def gen_pxi(messages) -> str:
         "# GENERATED by libxl_helper/genmsgs.py from pyxl/wire/table.py -- do not edit.",
         "#",
         "# The helper's half of the Xen 4.14-4.17 helper protocol, included by",
-        "# libxl_helper/_helper.pyx (which provides the frame runtime and the",
-        "# libxc declarations).  Per message send_<name>(args...) frames it and",
-        "# writes it to fd 1.  Per callback stub_<name>(args..., data) has the",
-        "# signature libxc calls: it sends, then (if the message waits) blocks for",
-        "# the 4-byte reply on fd 0 and returns it.  install_<mode>_callbacks()",
-        "# puts the stubs into libxc's struct <mode>_callbacks per CBFLAGS bit.",
+        "# libxl_helper/_helper.pyx after _frame.pxi (the frame runtime it calls);",
+        "# the libxc declarations are in xen.pxd.  Per message send_<name>(args...)",
+        "# frames it and writes it to fd 1.  Per callback stub_<name>(args..., data)",
+        "# has the signature libxc calls: it sends, then (if the message waits)",
+        "# blocks for the 4-byte reply on fd 0 and returns it.",
+        "# install_<mode>_callbacks() puts the stubs into libxc's struct",
+        "# <mode>_callbacks per CBFLAGS bit.",
         "",
         "cdef enum:",
     ]

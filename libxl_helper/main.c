@@ -24,7 +24,7 @@
  * "malloc0" is malloc with Python's memory zero-filled (calloc), which also
  * silences CPython 3.11's uninitialised read in int("0") (gh-119022), so a
  * memcheck run needs no suppressions for it.  This is the only environment
- * variable main() reads; _helper.pyx reads PYXL_PRECOPY and its companions
+ * variable main() reads; _helper (its _precopy.pxi) reads PYXL_PRECOPY and its companions
  * (save mode: the precopy policy).
  */
 

@@ -1,6 +1,8 @@
 """libxl_helper/genmsgs.py: one message table, two generated sides that agree.
 
-* The committed pyxl/wire/_generated.py is exactly what the generator writes today.
+* The committed pyxl/wire/_generated.py is exactly what the generator writes today,
+  and a stale copy is refused: by ``genmsgs.py check`` and by the build (setup.py),
+  which never rewrites it; ``genmsgs.py regen`` (``make regen``) does.
 * The helper's _messages.pxi has, for every table row, a send function with
   the row's arguments and wire types, the right message number, a callback
   stub where the row waits or has a CBFLAGS bit, and installs each stub in the
@@ -106,8 +108,96 @@ def check_wire_against_table(text: str, messages, bits) -> None:
 # The real table
 
 
+WIRE = ROOT / "pyxl" / "wire" / "_generated.py"
+STALE = "stale pyxl/wire/_generated.py: run make regen"
+
+
 def test_committed_wire_is_generated():
-    assert (ROOT / "pyxl" / "wire" / "_generated.py").read_text() == generate("wire")
+    assert WIRE.read_text() == generate("wire"), STALE
+
+
+def check(*args):
+    return subprocess.run([sys.executable, str(GEN), "check", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_check_accepts_the_committed_copy():
+    proc = check()
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+
+@pytest.mark.parametrize("alter", [
+    lambda t: t.replace("WAITS_FOR_REPLY: ClassVar[bool] = True", "WAITS_FOR_REPLY: ClassVar[bool] = False", 1),
+    lambda t: t.replace("    2: Progress,\n", ""),
+    lambda t: t + "\n",
+    lambda t: t[:-1],
+    lambda t: "",
+], ids=["changed-value", "dropped-row", "extra-newline", "missing-newline", "empty"])
+def test_check_refuses_a_stale_copy(tmp_path, alter):
+    stale = tmp_path / "_generated.py"
+    text = alter(WIRE.read_text())
+    assert text != WIRE.read_text()
+    stale.write_text(text)
+    proc = check(stale)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == f"stale {stale}: run make regen\n"
+    assert stale.read_text() == text   # check never writes
+
+
+def test_check_refuses_a_missing_copy(tmp_path):
+    proc = check(tmp_path / "_generated.py")
+    assert proc.returncode == 1 and proc.stderr.endswith(": run make regen\n")
+
+
+def test_regen_rewrites_a_stale_copy_and_leaves_a_fresh_one(tmp_path):
+    stale = tmp_path / "_generated.py"
+    stale.write_text(WIRE.read_text().replace("NUMBER: ClassVar[int] = 10", "NUMBER: ClassVar[int] = 11"))
+    regen = [sys.executable, str(GEN), "regen", str(stale)]
+    proc = subprocess.run(regen, capture_output=True, text=True, check=True)
+    assert proc.stdout == f"wrote {stale}\n"
+    assert stale.read_text() == generate("wire") and check(stale).returncode == 0
+    proc = subprocess.run(regen, capture_output=True, text=True, check=True)
+    assert proc.stdout == f"up to date: {stale}\n"
+
+
+def test_check_follows_the_table(tmp_path):
+    """A table change makes the committed copy stale; regenerating from that table fixes it."""
+    path = changed_table(tmp_path, insert_before_complete(ADDED_MESSAGE))
+    copy = tmp_path / "_generated.py"
+    copy.write_text(WIRE.read_text())
+    args = [sys.executable, str(GEN), "--table", path]
+    assert subprocess.run(args + ["check", str(copy)], capture_output=True).returncode == 1
+    subprocess.run(args + ["regen", str(copy)], capture_output=True, check=True)
+    assert subprocess.run(args + ["check", str(copy)], capture_output=True).returncode == 0
+    assert copy.read_text() == generate("wire", path)
+
+
+def build_tree(tmp_path):
+    """The files setup.py reads before it builds anything, copied into a scratch tree."""
+    tree = tmp_path / "tree"
+    for rel in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "libxl_helper/genmsgs.py",
+                "pyxl/wire/table.py", "pyxl/wire/_generated.py"):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, tree / rel)
+    return tree
+
+
+def test_build_refuses_a_stale_copy_and_leaves_it_alone(tmp_path):
+    """setup.py's build fails with one line ending in "run make regen", and writes no source file.
+
+    (It used to regenerate the committed copy during every build, so the check
+    above could never fail after one.)
+    """
+    tree = build_tree(tmp_path)
+    stale = tree / "pyxl" / "wire" / "_generated.py"
+    text = stale.read_text().replace("NUMBER: ClassVar[int] = 10", "NUMBER: ClassVar[int] = 11")
+    stale.write_text(text)
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_ext"], cwd=tree,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == "error: " + STALE
+    assert stale.read_text() == text
+    assert not (tree / "build").exists()   # refused before compiling anything
 
 
 def test_default_table_path_changes_nothing():
@@ -223,7 +313,11 @@ def test_changed_pxi_still_compiles_into_the_helper(tmp_path):
         pytest.skip("cython not installed")
     path = changed_table(tmp_path, insert_before_complete(ADDED_MESSAGE))
     (tmp_path / "_messages.pxi").write_text(generate("pxi", path))
-    shutil.copy(ROOT / "libxl_helper" / "_helper.pyx", tmp_path / "_helper.pyx")
+    # _helper.pyx and what it includes/cimports (xen.pxd, _frame.pxi, _precopy.pxi).
+    for src in ROOT.joinpath("libxl_helper").iterdir():
+        if src.suffix in (".pyx", ".pxd", ".pxi"):
+            assert src.name != "_messages.pxi"   # never in the source tree
+            shutil.copy(src, tmp_path / src.name)
     subprocess.run([cython, "-3", "-I", str(tmp_path), "-o", str(tmp_path / "_helper.c"),
                     str(tmp_path / "_helper.pyx")], check=True, cwd=tmp_path)
     c = (tmp_path / "_helper.c").read_text()
