@@ -39,7 +39,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import benchlib  # noqa: E402  (puts the repo root on sys.path)
 
-import pyxl  # noqa: E402
 from pyxl import migrate  # noqa: E402
 from pyxl import sim  # noqa: E402
 from pyxl.loop import default_loop  # noqa: E402

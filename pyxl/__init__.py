@@ -12,6 +12,7 @@ from pyxl._paths import DEBIAN_HELPER, helper_path
 from pyxl.backends import Backend
 from pyxl.errors import (BackendError, Cancelled, HelperDied, HelperExited, HelperFailed,
                          HelperProtocolError, LocalProtocolError, MigrationError, MigrationInDoubt,
+                         MigrationProtocolError,
                          MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
                          ProtocolError, PyxlError, RemoteProtocolError, StartupError, StreamError,
                          Timeout, TruncatedStream, UnsupportedStream)
@@ -22,7 +23,8 @@ from pyxl.ops import (CallbackRequest, Operation, ProgressEvent, RestoreOperatio
 __all__ = [
     "AsyncioLoop", "Backend", "BackendError", "CallbackRequest", "Cancelled", "DEBIAN_HELPER",
     "HelperDied", "HelperExited", "HelperFailed", "HelperProtocolError", "HookLoop",
-    "LocalProtocolError", "MigrationError", "MigrationInDoubt", "MissingComplete",
+    "LocalProtocolError", "MigrationError", "MigrationInDoubt", "MigrationProtocolError",
+    "MissingComplete",
     "MissingRestoreResults", "Operation", "OperationError", "PrecopyAborted", "ProgressEvent",
     "ProtocolError", "PyxlError", "RemoteProtocolError", "RestoreOperation", "RestoreOptions",
     "RestoreResult", "SaveOperation", "SaveOptions", "SaveResult", "SelectorLoop",

@@ -66,8 +66,9 @@ class Lookup:
                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                           close_fds=True)
         except OSError as exc:
-            self._timer = loop.call_later(0, lambda: self._finish(
-                None, f"cannot resolve {host!r}: {GETENT}: {exc.strerror or exc}"))
+            # The message now: ``exc`` is unbound once the except block ends.
+            why = f"cannot resolve {host!r}: {GETENT}: {exc.strerror or exc}"
+            self._timer = loop.call_later(0, lambda: self._finish(None, why))
             return
         assert self._proc.stdout is not None
         os.set_blocking(self._proc.stdout.fileno(), False)

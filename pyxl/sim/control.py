@@ -20,16 +20,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, List, Optional
 
-from pyxl.sim.layout import (DEFAULT_SIM_DIR, PAGE_SIZE, CONFIG_OFF, CTL_FIELDS, CTL_MAGIC, CTL_VERSION, DYING, MAXMEM_SLACK_PAGES, PAUSED, REQ_EXIT, REQ_PAUSE, REQ_RUN, REQ_SUSPEND, RUNNING, SHUTDOWN_SUSPEND, STATE_NAMES, SUSPENDED, _domdir, _field, _pack_field, sim_dir_path, vcpu_path)
+from pyxl.sim.layout import (PAGE_SIZE, CONFIG_OFF, CTL_FIELDS, CTL_MAGIC, CTL_VERSION, DYING, MAXMEM_SLACK_PAGES, PAUSED, REQ_EXIT, REQ_PAUSE, REQ_RUN, REQ_SUSPEND, RUNNING, SHUTDOWN_SUSPEND, STATE_NAMES, SUSPENDED, _domdir, _field, _pack_field, sim_dir_path, vcpu_path)
 from pyxl.sim.errors import (DomainStateError, NoSuchDomain, SimError, SimTimeout)
 
-__all__ = [
-    "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
-    "NoSuchDomain", "SimError", "SimTimeout", "check_guest", "config", "counter", "create",
-    "create_empty", "destroy", "digest", "format_size", "helper_env", "info",
-    "libfakexen_path", "list_domains", "parse_size", "pause", "remove_dir", "rename", "request_suspend", "resume",
-    "set_dirty_rate", "sim_dir_path", "state", "suspend", "unpause", "vcpu_path",
-]
 
 
 # ---- one domain ---------------------------------------------------------------------------

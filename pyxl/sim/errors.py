@@ -6,13 +6,6 @@ from __future__ import annotations
 
 from pyxl.errors import BackendError
 
-__all__ = [
-    "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
-    "NoSuchDomain", "SimError", "SimTimeout", "check_guest", "config", "counter", "create",
-    "create_empty", "destroy", "digest", "format_size", "helper_env", "info",
-    "libfakexen_path", "list_domains", "parse_size", "pause", "remove_dir", "rename", "request_suspend", "resume",
-    "set_dirty_rate", "sim_dir_path", "state", "suspend", "unpause", "vcpu_path",
-]
 
 
 # ---- errors -------------------------------------------------------------------------------

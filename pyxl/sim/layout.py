@@ -12,13 +12,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from pyxl._paths import package_file
 
-__all__ = [
-    "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
-    "NoSuchDomain", "SimError", "SimTimeout", "check_guest", "config", "counter", "create",
-    "create_empty", "destroy", "digest", "format_size", "helper_env", "info",
-    "libfakexen_path", "list_domains", "parse_size", "pause", "remove_dir", "rename", "request_suspend", "resume",
-    "set_dirty_rate", "sim_dir_path", "state", "suspend", "unpause", "vcpu_path",
-]
 
 DEFAULT_SIM_DIR = "/dev/shm/pyxl-sim"
 PAGE_SIZE = 4096

@@ -13,17 +13,10 @@ import subprocess
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from pyxl.sim.layout import (DEFAULT_SIM_DIR, PAGE_SIZE, GNT_OFF, GUEST_MAGIC, HVMCTX_MAX, HVMCTX_OFF, NR_PARAMS, SAVED_PARAMS, bit_runs, vcpu_path)
+from pyxl.sim.layout import (PAGE_SIZE, GNT_OFF, GUEST_MAGIC, HVMCTX_MAX, HVMCTX_OFF, NR_PARAMS, SAVED_PARAMS, bit_runs, vcpu_path)
 from pyxl.sim.errors import (SimError)
 from pyxl.sim.control import (_Dom)
 
-__all__ = [
-    "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
-    "NoSuchDomain", "SimError", "SimTimeout", "check_guest", "config", "counter", "create",
-    "create_empty", "destroy", "digest", "format_size", "helper_env", "info",
-    "libfakexen_path", "list_domains", "parse_size", "pause", "remove_dir", "rename", "request_suspend", "resume",
-    "set_dirty_rate", "sim_dir_path", "state", "suspend", "unpause", "vcpu_path",
-]
 
 
 # ---- memory --------------------------------------------------------------------------------

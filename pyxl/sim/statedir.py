@@ -18,17 +18,10 @@ import uuid as uuidlib
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from pyxl.sim.layout import (DEFAULT_SIM_DIR, PAGE_SIZE, BITMAPS_OFF, CONFIG_MAX, CONFIG_OFF, CTL_MAGIC, CTL_VERSION, HVMCTX_OFF, LEAVES_OFF, LIBXL_PARAMS, MAXMEM_SLACK_PAGES, MSRS_OFF, PAUSED, SPECIAL_END, SPECIAL_START, _cpu_policy, _default_config, _domdir, _hvm_context, _pack_field, _set_bits, _space_pfns, format_size, ram_runs, sim_dir_path, vcpu_path)
+from pyxl.sim.layout import (PAGE_SIZE, BITMAPS_OFF, CONFIG_MAX, CONFIG_OFF, CTL_MAGIC, CTL_VERSION, HVMCTX_OFF, LEAVES_OFF, LIBXL_PARAMS, MAXMEM_SLACK_PAGES, MSRS_OFF, PAUSED, SPECIAL_END, SPECIAL_START, _cpu_policy, _default_config, _domdir, _hvm_context, _pack_field, _set_bits, _space_pfns, format_size, ram_runs, sim_dir_path, vcpu_path)
 from pyxl.sim.errors import (InsufficientResources, SimError)
 from pyxl.sim.control import (destroy, unpause)
 
-__all__ = [
-    "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
-    "NoSuchDomain", "SimError", "SimTimeout", "check_guest", "config", "counter", "create",
-    "create_empty", "destroy", "digest", "format_size", "helper_env", "info",
-    "libfakexen_path", "list_domains", "parse_size", "pause", "remove_dir", "rename", "request_suspend", "resume",
-    "set_dirty_rate", "sim_dir_path", "state", "suspend", "unpause", "vcpu_path",
-]
 
 
 # ---- the state directory -------------------------------------------------------------------

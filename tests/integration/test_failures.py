@@ -1,7 +1,6 @@
 """Every way a helper can fail becomes a typed error; nothing leaks, nothing is lost."""
 
 import os
-import signal
 import sys
 import textwrap
 import time

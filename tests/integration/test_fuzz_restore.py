@@ -157,7 +157,6 @@ def mutations(img: Image) -> Dict[str, Tuple[bytes, bool]]:
             d[:end.offset] + struct.pack("<II", 2, value) + struct.pack("<II", 0, 0), True)
     out["huge-xl-optional-data"] = (set_u32(d, 44, 0xFFFFFFF0, "=I"), True)
     # reordered, duplicated, dropped
-    libxc = img.libxc_records
     cpuid, msr, sde = r("X86_CPUID_POLICY"), r("X86_MSR_POLICY"), r("STATIC_DATA_END")
     ctx, params, xend = r("HVM_CONTEXT"), r("HVM_PARAMS"), r("END")
     rb = img.record_bytes

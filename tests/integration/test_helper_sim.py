@@ -201,7 +201,7 @@ def test_sim_sigterm_while_waiting_in_restore_kills_like_debian(guests, tmp_path
         run = HelperRun(exe, restore_argv(target.domid), mode="restore", env=target.env,
                         io=stream, io_mode=os.O_RDONLY, tmp=str(tmp_path))
         run.expect("log")
-        while (msg := run.next()).name != "static_data_done":
+        while run.next().name != "static_data_done":
             pass
         run.wait_blocked(SYS_READ, 0)
         run.kill(signal.SIGTERM)

@@ -27,7 +27,7 @@ PUBLIC = sorted([
     "Backend", "DEBIAN_HELPER", "helper_path",
     # errors (pyxl/errors.py)
     "BackendError", "Cancelled", "HelperDied", "HelperExited", "HelperFailed",
-    "HelperProtocolError", "LocalProtocolError", "MigrationError", "MigrationInDoubt",
+    "HelperProtocolError", "LocalProtocolError", "MigrationError", "MigrationInDoubt", "MigrationProtocolError",
     "MissingComplete", "MissingRestoreResults", "OperationError", "PrecopyAborted",
     "ProtocolError", "PyxlError", "RemoteProtocolError", "StartupError", "StreamError",
     "Timeout", "TruncatedStream", "UnsupportedStream",
