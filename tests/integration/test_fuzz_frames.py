@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyxl
+from pyxl.backends import NoDeviceModel
 from pyxl.wire import codec as protocol
 from pyxl.stream import libxl as stream_libxl
 from pyxl.stream import xl as stream_xl
@@ -409,9 +410,10 @@ def test_helper_process_lane_leaks_nothing(workdir: str) -> None:
 CONFIG = {"c_info": {"name": "fuzz", "type": "hvm"}, "b_info": {"max_memkb": 16384}}
 
 
-class StandInBackend:
+class StandInBackend(NoDeviceModel):
     """What pyxl does around the helper, recorded instead of done (no fakexen:
-    thousands of examples must stay cheap)."""
+    thousands of examples must stay cheap).  A complete pyxl.Backend (mypy checks it
+    where it is passed as one)."""
 
     name = "stand-in"
 
@@ -448,6 +450,21 @@ class StandInBackend:
 
     def unpause(self, domid: int) -> None:
         self.unpaused.append(domid)
+
+    def rename(self, domid: int, name: str) -> None:
+        pass
+
+    def state(self, domid: int) -> Optional[str]:
+        return None
+
+    def digest(self, domid: int) -> Optional[str]:
+        return None
+
+    def restore_ports(self, domid: int) -> Tuple[int, int, int, int]:
+        return (1, 0, 2, 0)
+
+    def restore_done(self, domid: int, store_gfn: int, console_gfn: int) -> None:
+        pass
 
 
 def restore_source(path: str) -> None:
