@@ -307,7 +307,7 @@ class SaveOperation(Operation[SaveResult]):
 
     def _answer(self, req: CallbackRequest, value: int) -> None:
         if (isinstance(req.message, Suspend) and value and self._dm_from_backend
-                and req is self._pending):
+                and req is self._pending and self.helper is not None and self.helper.running):
             # libxl saves the device model inside the suspend callback, once the
             # guest is stopped (and again at every Remus checkpoint); the helper
             # hears "suspended" only after that.
