@@ -1,5 +1,6 @@
 #!/bin/bash
-# Layer 1 of the dom0 root filesystem: Debian bookworm minbase + Xen 4.17 tools +
+# Layer 1 of the dom0 root filesystem: Debian bookworm minbase + Xen 4.17 tools
+# + QEMU for HVM guests (qemu-system-xen) + iproute2/ping/e2fsprogs +
 # the toolchain pyxl's helper builds with (python3-dev, libxen-dev, gcc) + a venv
 # at /opt/pyxl holding Cython >= 3.0 from PyPI (bookworm's cython3 is 0.29) +
 # the dom0 kernel's modules.  Cached in $CACHE/base-<hash>/root, keyed by this
@@ -9,7 +10,14 @@ source "$(dirname "$0")/common.sh"
 KVER=$1 MODDIR=$2
 
 # strace and time: diagnostics for the helper comparison (debug scripts).
-PKGS="xen-utils-4.17 xenstore-utils python3 python3-venv python3-dev libxen-dev gcc libc6-dev kmod strace time"
+# qemu-system-xen: the device model of the HVM guest (libxl starts it).
+# iproute2: the bridge xenbr0 (dom0-init.sh) and Xen's vif-bridge script.
+# iputils-ping: dom0 pings the guests.  e2fsprogs: the guests' disks (mke2fs,
+# debugfs, e2fsck).  Xen's block script needs losetup and flock, which minbase
+# has (mount, util-linux).
+PKGS="xen-utils-4.17 xenstore-utils python3 python3-venv python3-dev libxen-dev gcc libc6-dev kmod strace time
+      qemu-system-xen iproute2 iputils-ping e2fsprogs"
+PKGS=$(echo $PKGS)
 key=$(hash_inputs "$E2E_DIR/build-base.sh" -- "$KVER $(candidate xen-utils-4.17) $PKGS")
 out=$CACHE/base-$key
 if [ -e "$out/ok" ]; then printf '%s\n' "$out/root"; exit 0; fi

@@ -3,7 +3,8 @@
 #   xen              Debian's xen-4.17-amd64.gz, gunzipped (QEMU -kernel boots it as multiboot)
 #   vmlinuz          Debian's 6.1 kernel (dom0 and both guests: it has CONFIG_XEN_PVH)
 #   dom0-initrd.gz   busybox-static + the modules needed to mount the virtio root disk
-#   guest-initrd.gz  busybox-static + guest-init.sh (prints a counter on hvc0 every second)
+#   guest-initrd.gz  busybox-static + guest-init.sh (prints a counter on hvc0 every second,
+#                    writes one to its disk) + xen-blkfront, xen-netfront, ext4 and their deps
 #   modules/         the kernel's /lib/modules/KVER (depmod'ed), copied into the dom0 root
 #   kver             the kernel version string
 # Usage: build-boot.sh   -> prints the directory
@@ -44,9 +45,18 @@ done
 cp "$E2E_DIR/dom0-initramfs-init.sh" "$d/init"; chmod +x "$d/init"
 mkcpio "$d" "$out/dom0-initrd.gz"
 
-# Guest initramfs.
-g=$out/guest-initramfs; mkdir -p "$g"/{bin,proc,sys,dev}
+# Guest initramfs: the PV disk and network frontends (PV, PVH and HVM guests
+# all use them) and ext4, which mounts the guest's ext2 disk.
+g=$out/guest-initramfs; mkdir -p "$g"/{bin,proc,sys,dev,mnt,mods}
 cp "$BB" "$g/bin/busybox"; ln -s busybox "$g/bin/sh"
+: > "$g/mods/order"
+for m in xen-blkfront xen-netfront ext4; do
+    modprobe -d "$out/x" -S "$kver" --show-depends "$m" | sed -n 's/^insmod //p' | while read -r p _; do
+        [ -e "$p" ] || p=$out/x$p
+        b=$(basename "$p")
+        grep -qx "$b" "$g/mods/order" || { cp "$p" "$g/mods/$b"; echo "$b" >> "$g/mods/order"; }
+    done
+done
 cp "$E2E_DIR/guest-init.sh" "$g/init"; chmod +x "$g/init"
 mkcpio "$g" "$out/guest-initrd.gz"
 

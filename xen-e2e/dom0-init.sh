@@ -10,16 +10,31 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
+# devtmpfs has no /dev/fd, /dev/stdin...: udev would make them.  Xen's hotplug
+# scripts need /dev/stdin (locking.sh's claim_lock stats it, and loops until it
+# can: without it `block add` spins until libxl kills it after 40 s).
+ln -sfn /proc/self/fd /dev/fd
+ln -sf /proc/self/fd/0 /dev/stdin; ln -sf /proc/self/fd/1 /dev/stdout; ln -sf /proc/self/fd/2 /dev/stderr
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
 mount -o remount,rw /
 mkdir -p /run/lock /run/xen /run/xenstored /var/log/xen/console /var/lib/xen /tmp
 hostname dom0
-for m in xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd 9pnet_virtio 9p; do
+# The guests' devices: blkback + loop (Xen's block script attaches each disk
+# image to a loop device), netback + bridge, and tun for QEMU's tap of an HVM
+# guest's emulated NIC.
+for m in xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd 9pnet_virtio 9p \
+         xen-blkback loop xen-netback bridge tun; do
     modprobe "$m" || say "modprobe $m failed"
 done
 mount -t xenfs xenfs /proc/xen || say "mount xenfs failed"
+# The guests' network: a bridge with dom0 at 10.0.0.1; each guest's vif joins it
+# (Xen's vif-bridge script, run by libxl).  It exists only inside this emulated
+# host: QEMU runs with -nic none.
+ip link set lo up
+{ ip link add xenbr0 type bridge stp_state 0 forward_delay 0 && ip addr add 10.0.0.1/24 dev xenbr0 && ip link set xenbr0 up; } \
+    || say "bridge xenbr0 failed"
 mkdir -p /mnt/e2e
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 e2e /mnt/e2e || say "mount 9p share failed"
 mkdir -p /mnt/e2e/out
@@ -27,7 +42,8 @@ say "dom0 up after $(cut -d' ' -f1 /proc/uptime) s"
 
 /usr/lib/xen-4.17/bin/xenstored --pid-file=/run/xenstored.pid || say "xenstored failed"
 /usr/lib/xen-4.17/bin/xen-init-dom0 || say "xen-init-dom0 failed"
-/usr/lib/xen-4.17/bin/xenconsoled --pid-file=/run/xenconsoled.pid --log=guest \
+# --timestamp=guest: each line of a guest's console log starts with the time.
+/usr/lib/xen-4.17/bin/xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --timestamp=guest \
     --log-dir=/var/log/xen/console || say "xenconsoled failed"
 say "toolstack up after $(cut -d' ' -f1 /proc/uptime) s"
 
