@@ -1,7 +1,7 @@
 """ctypes over Debian's libxenctrl/libxenguest: the hypercalls the Xen backend makes.
 
 Only what :mod:`pyxl.backends.xen` needs (domain info, pause/unpause/destroy,
-create, resume), with struct layouts of Xen 4.17's domctl interface written out
+create, resume, HVM params, shutdown), with struct layouts of Xen 4.17's domctl interface written out
 where libxenctrl takes or returns them.  Loaded only on a Xen host.
 """
 
@@ -117,6 +117,12 @@ class Xc:
                                        ctypes.c_uint64]
         c.xc_set_paging_mempool_size.argtypes = [ctypes.c_void_p, ctypes.c_uint32,
                                                  ctypes.c_uint64]
+        c.xc_domain_set_time_offset.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int32]
+        c.xc_domain_shutdown.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int]
+        c.xc_domain_get_native_protocol.restype = ctypes.c_char_p
+        c.xc_domain_get_native_protocol.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+        c.xc_hvm_param_get.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32,
+                                       ctypes.POINTER(ctypes.c_uint64)]
         self.xch = self.ctrl.xc_interface_open(None, None, 0)
         if not self.xch:
             e = ctypes.get_errno()
@@ -168,6 +174,21 @@ class Xc:
         rc = int(getattr(self.ctrl, fn)(self.xch, *args))
         self._check(f"{fn}{args}", rc)
         return rc
+
+    def hvm_param_get(self, domid: int, param: int) -> int:
+        value = ctypes.c_uint64(0)
+        self._check(f"xc_hvm_param_get({domid}, {param})",
+                    self.ctrl.xc_hvm_param_get(self.xch, domid, param, ctypes.byref(value)))
+        return int(value.value)
+
+    def native_protocol(self, domid: int) -> Optional[str]:
+        """The guest's ring ABI ("x86_64-abi", "x86_32-abi"), None if Xen cannot say."""
+        raw = self.ctrl.xc_domain_get_native_protocol(self.xch, domid)
+        return raw.decode() if raw else None
+
+    def shutdown(self, domid: int, reason: int) -> None:
+        self._check(f"xc_domain_shutdown({domid}, {reason})",
+                    self.ctrl.xc_domain_shutdown(self.xch, domid, reason))
 
     def resume(self, domid: int, fast: bool = True) -> None:
         self._check(f"xc_domain_resume({domid})",

@@ -1,0 +1,429 @@
+"""A restored domain's disks and NICs on a Xen host, made and removed as libxl 4.17 does.
+
+Adding (libxl_disk.c device_disk_add, libxl_nic.c libxl__set_xenstore_nic,
+libxl_device.c libxl__device_add_async/libxl__wait_device_connection/
+device_hotplug, libxl_linux.c get_hotplug_env): the frontend, backend and
+``/libxl`` nodes in one transaction (:func:`pyxl.backends.xenbuild.device_generic_add`);
+for a dom0 kernel backend (vbd, vif) a wait of up to 10 s for the backend's
+``state`` to reach 2 (InitWait), then Xen's hotplug script with stdin
+/dev/null, libxl's environment (``script``, ``XENBUS_TYPE``, ``XENBUS_PATH``,
+``XENBUS_BASE_PATH``; for a vif ``netdev``, ``vif`` and for an emulated one
+``INTERFACE``), 40 s at most: ``block add``; ``vif-bridge online
+type_if=vif`` and, for a vif_ioemu NIC, ``vif-bridge add type_if=tap`` too.
+A QEMU backend (qdisk) needs neither.  Disks go before the device model,
+NICs after it (domcreate_launch_dm, domcreate_attach_devices).
+
+Everything waits on the loop: XenStore watches (:class:`~pyxl.backends.xswatch.XsWait`),
+the script's output pipe and pidfd, timers.  :class:`DeviceSteps` runs them
+one after the other and stops at the first failure.
+
+Removing (libxl__devices_destroy with force, libxl__initiate_device_generic_remove,
+device_hotplug, libxl__device_destroy): :class:`DevicesRemoval` takes every
+``/libxl/D/device/KIND/N``: the frontend goes, the backend gets ``online=0``
+and ``state=5``; once it says 6 (10 s at most) the script runs with
+``remove``/``offline``; then the nodes are cleaned up with their empty
+parents.  A console, or a QEMU backend whose QEMU is gone, only has its nodes
+removed.
+
+May import: pyxl.backends.libxlcfg, pyxl.backends.xenbuild, pyxl.backends.xenstore,
+pyxl.backends.xswatch, pyxl.loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from pyxl.backends import libxlcfg, xenbuild
+from pyxl.backends.libxlcfg import Disk, Nic
+from pyxl.backends.xenstore import XenStore
+from pyxl.backends.xswatch import Outcome, XsWait
+from pyxl.loop import Loop, Timer
+
+__all__ = ["DeviceSteps", "DevicesRemoval", "Script", "add_disk", "add_nic", "xs_path_cleanup",
+           "HOTPLUG_TIMEOUT", "INIT_TIMEOUT", "DESTROY_TIMEOUT"]
+
+_log = logging.getLogger("pyxl.xen")
+
+#: LIBXL_INIT_TIMEOUT, LIBXL_HOTPLUG_TIMEOUT, LIBXL_DESTROY_TIMEOUT (seconds)
+INIT_TIMEOUT, HOTPLUG_TIMEOUT, DESTROY_TIMEOUT = 10.0, 40.0, 10.0
+XENBUS_INITIALISING, XENBUS_INITWAIT, XENBUS_CLOSING, XENBUS_CLOSED = 1, 2, 5, 6
+#: Device kinds whose backend is QEMU (libxl's QEMU_BACKEND).
+QEMU_KINDS = ("qdisk", "vfb", "qusb", "9pfs", "vkbd")
+
+#: ``step(next)``: start one step; ``next(None)`` when it is done, ``next(why)`` if not.
+Step = Callable[[Callable[[Optional[str]], None]], Any]
+
+
+class Script:
+    """One hotplug script, run from the loop: stdin /dev/null, its output
+    (stdout and stderr) logged line by line, its exit seen through a pidfd,
+    SIGKILLed after ``timeout``.  ``done(why)``: None when it exited 0."""
+
+    def __init__(self, loop: Loop, argv: Sequence[str], env: Dict[str, str], timeout: float,
+                 done: Callable[[Optional[str]], None]) -> None:
+        self.loop, self.argv, self._done = loop, list(argv), done
+        self.what = " ".join(self.argv[:2])
+        self.output: List[str] = []
+        self._buf = b""
+        self.finished = False
+        self.timer: Optional[Timer] = None
+        self.pidfd = self.out = -1
+        try:
+            self.proc: Optional["subprocess.Popen[bytes]"] = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, env=dict(os.environ, **env), close_fds=True,
+                restore_signals=True)
+        except OSError as exc:
+            self.proc = None
+            why = f"cannot run {self.what}: {exc.strerror or exc}"
+            self.timer = loop.call_later(0, lambda: self._finish(why))
+            return
+        assert self.proc.stdout is not None
+        self.out = self.proc.stdout.fileno()
+        os.set_blocking(self.out, False)
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        loop.add_reader(self.out, self._readable)
+        loop.add_reader(self.pidfd, self._exited)
+        self.timer = loop.call_later(timeout, self._timed_out)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self.out, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self.loop.remove_reader(self.out)
+            self.out = -1
+            return
+        self._buf += data
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            text = line.decode(errors="replace").rstrip()
+            self.output.append(text)
+            _log.debug("%s: %s", self.what, text)
+        del self.output[:-20]
+
+    def _exited(self) -> None:
+        assert self.proc is not None
+        status = self.proc.poll()
+        if status is None:
+            return
+        if self.out >= 0:
+            self._readable()
+        if status == 0:
+            self._finish(None)
+        else:
+            tail = "; ".join(self.output[-3:])
+            self._finish(f"{self.what} failed (exit status {status})" + (f": {tail}" if tail else ""))
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self._finish(f"{self.what} did not finish within {HOTPLUG_TIMEOUT:g} s")
+
+    def cancel(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+        for fd in (self.out, self.pidfd):
+            if fd >= 0:
+                self.loop.remove_reader(fd)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+        self.pidfd = self.out = -1
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGKILL)
+                self.proc.wait()
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
+
+    def _finish(self, why: Optional[str]) -> None:
+        if self.finished:
+            return
+        self.cancel()
+        self._done(why)
+
+
+class DeviceSteps:
+    """Steps run one after the other on the loop; ``done(ok, why)`` after the
+    last one, or at the first that fails."""
+
+    def __init__(self, loop: Loop, steps: Sequence[Step], done: Callable[[bool, str], None]) -> None:
+        self.loop, self.steps, self._done = loop, list(steps), done
+        self.current: Any = None
+        self.finished = False
+        self.current = loop.call_later(0, lambda: self._next(None))
+
+    def _next(self, why: Optional[str]) -> None:
+        if self.finished:
+            return
+        if why is not None or not self.steps:
+            self.finished = True
+            self._done(why is None, why or "")
+            return
+        step = self.steps.pop(0)
+        self.current = step(self._next)
+
+    def cancel(self) -> None:
+        self.finished = True
+        if self.current is not None:
+            self.current.cancel()
+
+
+def _backend_state(path: str, wanted: int) -> Callable[[XenStore], Outcome]:
+    def check(xs: XenStore) -> Outcome:
+        raw = xs.read(f"{path}/state")
+        return (True, "") if raw is not None and raw.strip() == str(wanted).encode() else None
+    return check
+
+
+def _hotplug_env(script: str, bkind: str, domid: int, devid: int, back: str, xs: XenStore,
+                 nictype: Optional[str] = None) -> Dict[str, str]:
+    env = {"script": script, "XENBUS_TYPE": bkind,
+           "XENBUS_PATH": f"backend/{bkind}/{domid}/{devid}", "XENBUS_BASE_PATH": "backend"}
+    if bkind == "vif":
+        env["netdev"] = (xs.read(f"{back}/gatewaydev") or b"").decode()
+        if nictype == "vif_ioemu":
+            env["INTERFACE"] = f"vif{domid}.{devid}-emu"
+        env["vif"] = f"vif{domid}.{devid}"
+    return env
+
+
+def _connect(loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: int, bkind: str,
+             devid: int, back: str, scripts: List[List[str]], nictype: Optional[str],
+             what: str) -> List[Step]:
+    """libxl__wait_device_connection + device_hotplug for a dom0 kernel backend."""
+    def wait(next_: Callable[[Optional[str]], None]) -> Any:
+        return XsWait(loop, opener, [f"{back}/state"], _backend_state(back, XENBUS_INITWAIT),
+                      INIT_TIMEOUT, lambda ok, why: next_(None if ok else f"{what}: {why}"),
+                      f"{what}: backend {back} reaching state {XENBUS_INITWAIT}")
+
+    def run(argv: List[str]) -> Step:
+        def step(next_: Callable[[Optional[str]], None]) -> Any:
+            env = _hotplug_env(argv[0], bkind, domid, devid, back, xs, nictype)
+            _log.info("domain %d: %s: %s", domid, what, " ".join(argv))
+
+            def ran(why: Optional[str]) -> None:
+                if why is not None:
+                    err = xs.read(f"{back}/hotplug-error")
+                    if err:
+                        why += f" ({err.decode(errors='replace')})"
+                next_(None if why is None else f"{what}: {why}")
+            return Script(loop, argv, env, HOTPLUG_TIMEOUT, ran)
+        return step
+
+    return [wait] + [run(a) for a in scripts]
+
+
+def add_disk(loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: int, disk: Disk,
+             protocol: Optional[str] = None) -> List[Step]:
+    """The steps adding one disk (``protocol``: a PV guest's native ABI, for old frontends)."""
+    bkind = "qdisk" if disk.backend == "qdisk" else "vbd"
+    back_entries: List[Tuple[str, Any]] = []
+    if bkind == "vbd":
+        script = disk.script or "block"
+        script = script if script.startswith("/") else f"{libxlcfg.XEN_SCRIPT_DIR}/{script}"
+        back_entries += [("params", disk.pdev_path), ("script", script)]
+    else:
+        fmt = {"raw": "aio", "empty": "aio"}.get(disk.format, disk.format)
+        back_entries += [("params", f"{fmt}:{disk.pdev_path}")]
+    dtype = "cdrom" if disk.is_cdrom else "disk"
+    back_entries += [("frontend-id", domid), ("online", 1), ("removable", int(disk.removable)),
+                     ("bootable", 1), ("state", XENBUS_INITIALISING), ("dev", disk.vdev),
+                     ("type", disk.backend), ("mode", "w" if disk.readwrite else "r"),
+                     ("device-type", dtype), ("discard-enable", int(disk.discard_enable)),
+                     ("specification", "xen")]
+    front: List[Tuple[str, Any]] = [("backend-id", disk.backend_domid),
+                                    ("state", XENBUS_INITIALISING),
+                                    ("virtual-device", disk.devid), ("device-type", dtype),
+                                    ("trusted", int(disk.trusted))]
+    if protocol:
+        front.append(("protocol", protocol))
+    back = f"/local/domain/{disk.backend_domid}/backend/{bkind}/{domid}/{disk.devid}"
+    what = f"disk {disk.vdev}"
+
+    def nodes(next_: Callable[[Optional[str]], None]) -> Any:
+        return _write_nodes(loop, xs, domid, "vbd", disk.devid, bkind, disk.backend_domid,
+                            back_entries, front, [], next_, what)
+
+    if bkind == "qdisk":
+        return [nodes]
+    return [nodes] + _connect(loop, opener, xs, domid, "vbd", disk.devid, back,
+                              [[dict(back_entries)["script"], "add"]], None, what)
+
+
+def add_nic(loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: int,
+            nic: Nic) -> List[Step]:
+    """The steps adding one NIC (libxl__set_xenstore_nic's nodes, vif-bridge)."""
+    back_entries: List[Tuple[str, Any]] = [
+        ("frontend-id", domid), ("online", 1), ("state", XENBUS_INITIALISING),
+        ("script", nic.script)]
+    if nic.ifname:
+        back_entries.append(("vifname", nic.ifname))
+    back_entries.append(("mac", nic.mac))
+    for key, val in (("ip", nic.ip), ("gatewaydev", nic.gatewaydev), ("rate", nic.rate)):
+        if val:
+            back_entries.append((key, val))
+    if nic.mtu != 1500:
+        back_entries.append(("mtu", nic.mtu))
+    back_entries += [("bridge", nic.bridge), ("handle", nic.devid), ("type", nic.nictype),
+                     ("hotplug-status", "")]
+    front: List[Tuple[str, Any]] = [("backend-id", nic.backend_domid),
+                                    ("state", XENBUS_INITIALISING), ("handle", nic.devid),
+                                    ("mac", nic.mac), ("trusted", int(nic.trusted))]
+    back = f"/local/domain/{nic.backend_domid}/backend/vif/{domid}/{nic.devid}"
+    what = f"nic {nic.devid}"
+
+    def nodes(next_: Callable[[Optional[str]], None]) -> Any:
+        return _write_nodes(loop, xs, domid, "vif", nic.devid, "vif", nic.backend_domid,
+                            back_entries, front, [("mtu", nic.mtu)], next_, what)
+
+    scripts = [[nic.script, "online", "type_if=vif"]]
+    if nic.nictype == "vif_ioemu":
+        scripts.append([nic.script, "add", "type_if=tap"])
+    return [nodes] + _connect(loop, opener, xs, domid, "vif", nic.devid, back, scripts,
+                              nic.nictype, what)
+
+
+def _write_nodes(loop: Loop, xs: XenStore, domid: int, kind: str, devid: int, bkind: str,
+                 bdom: int, bents: List[Tuple[str, Any]], fents: List[Tuple[str, Any]],
+                 ro: List[Tuple[str, Any]], next_: Callable[[Optional[str]], None],
+                 what: str) -> Timer:
+    why: Optional[str] = None
+    try:
+        front = f"/local/domain/{domid}/device/{kind}/{devid}"
+        back = f"/local/domain/{bdom}/backend/{bkind}/{domid}/{devid}"
+        if xs.read(front) is not None or xs.read(back) is not None:
+            why = f"{what}: already exists in XenStore ({front})"
+        else:
+            tx = xs.transaction_start()
+            try:
+                xenbuild.device_generic_add(xs, tx, domid, kind, devid, bkind, bdom, bents,
+                                            fents, ro)
+            except BaseException:
+                xs.transaction_end(tx, commit=False)
+                raise
+            xs.transaction_end(tx)
+    except OSError as exc:
+        why = f"{what}: XenStore: {exc}"
+    return loop.call_later(0, lambda: next_(why))
+
+
+def xs_path_cleanup(xs: XenStore, path: str) -> None:
+    """libxl__xs_path_cleanup: remove ``path``, then each parent left empty
+    (no value, no children)."""
+    xs.rm(path)
+    parts = path.rstrip("/").split("/")
+    while len(parts) > 2:
+        parts.pop()
+        parent = "/".join(parts)
+        if xs.read(parent) != b"" or xs.directory(parent):
+            break
+        xs.rm(parent)
+
+
+class DevicesRemoval:
+    """Remove every device of ``domid`` libxl would (see the module docstring),
+    all at once on ``loop``; ``done()`` once each is gone (failures are logged:
+    a destroy goes on)."""
+
+    def __init__(self, loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: int,
+                 done: Callable[[], None]) -> None:
+        self.loop, self.opener, self.xs, self.domid, self._done = loop, opener, xs, domid, done
+        self.pending: Dict[str, Any] = {}
+        self.failures: List[str] = []
+        for kind in xs.directory(f"/libxl/{domid}/device"):
+            for devid in xs.directory(f"/libxl/{domid}/device/{kind}"):
+                self._remove(kind, devid)
+        self.timer = loop.call_later(0, self._check_done)
+
+    def _check_done(self) -> None:
+        if not self.pending:
+            self._done()
+
+    def _remove(self, kind: str, devid: str) -> None:
+        xs, domid = self.xs, self.domid
+        lx = f"/libxl/{domid}/device/{kind}/{devid}"
+        back = (xs.read(f"{lx}/backend") or b"").decode()
+        front = (xs.read(f"{lx}/frontend") or b"").decode()
+        bparts = back.split("/")
+        if len(bparts) != 8 or bparts[:3] != ["", "local", "domain"] or bparts[4] != "backend":
+            xs_path_cleanup(xs, lx)
+            return
+        bkind = bparts[5]
+        key = f"{kind}/{devid}"
+
+        def cleanup() -> None:
+            for p in (front, lx, back):
+                if p:
+                    xs_path_cleanup(xs, p)
+
+        if bkind not in ("vbd", "vif"):     # console; QEMU backends (QEMU is gone)
+            cleanup()
+            return
+        if front:
+            xs_path_cleanup(xs, front)      # forced removal: the frontend goes first
+        state = xs.read(f"{back}/state")
+        if state is None:
+            cleanup()
+            return
+        tx = xs.transaction_start()
+        xs.write(f"{back}/online", "0", tx)
+        if state.strip() != str(XENBUS_CLOSED).encode():
+            xs.write(f"{back}/state", str(XENBUS_CLOSING), tx)
+        xs.transaction_end(tx)
+        script = (xs.read(f"{back}/script") or b"").decode()
+        nictype = (xs.read(f"{back}/type") or b"").decode() if bkind == "vif" else None
+        argvs: List[List[str]] = []
+        if script and bkind == "vbd":
+            argvs = [[script, "remove"]]
+        elif script:
+            argvs = [[script, "offline", "type_if=vif"]]
+            if nictype == "vif_ioemu":
+                argvs.append([script, "remove", "type_if=tap"])
+
+        def closed(ok: bool, why: str) -> None:
+            if not ok:      # libxl (forced): no script, the nodes go anyway
+                self._failed(key, why, cleanup)
+                return
+            self.pending[key] = DeviceSteps(self.loop, [self._script(a, bkind, devid, back,
+                                                                     nictype) for a in argvs],
+                                            lambda ok, why: self._failed(key, why, cleanup)
+                                            if not ok else self._gone(key, cleanup))
+
+        self.pending[key] = XsWait(self.loop, self.opener, [f"{back}/state"],
+                                   _backend_state(back, XENBUS_CLOSED), DESTROY_TIMEOUT, closed,
+                                   f"domain {domid}'s {key}: backend {back} closing")
+
+    def _script(self, argv: List[str], bkind: str, devid: str, back: str,
+                nictype: Optional[str]) -> Step:
+        def step(next_: Callable[[Optional[str]], None]) -> Any:
+            env = _hotplug_env(argv[0], bkind, self.domid, int(devid), back, self.xs, nictype)
+            _log.info("domain %d: %s", self.domid, " ".join(argv))
+            return Script(self.loop, argv, env, HOTPLUG_TIMEOUT, next_)
+        return step
+
+    def _failed(self, key: str, why: str, cleanup: Callable[[], None]) -> None:
+        _log.error("domain %d: removing %s: %s", self.domid, key, why)
+        self.failures.append(f"{key}: {why}")
+        self._gone(key, cleanup)
+
+    def _gone(self, key: str, cleanup: Callable[[], None]) -> None:
+        try:
+            cleanup()
+        except OSError as exc:
+            _log.error("domain %d: removing %s from XenStore: %s", self.domid, key, exc)
+        self.pending.pop(key, None)
+        self._check_done()
+
+    def cancel(self) -> None:
+        self.timer.cancel()
+        for p in list(self.pending.values()):
+            p.cancel()
+        self.pending.clear()
