@@ -25,7 +25,7 @@ import pytest
 from conftest import ROOT
 
 PKG = ROOT / "pyxl"
-SANS_IO_PACKAGES = ("pyxl.wire", "pyxl.stream")
+SANS_IO_PACKAGES = ("pyxl.wire", "pyxl.stream", "pyxl.qmp.codec")
 IO_MODULES = {"os", "select", "selectors", "socket", "subprocess", "asyncio", "threading",
               "signal", "fcntl"}
 MAX_LINES = 700
@@ -358,3 +358,43 @@ def test_no_oversized_modules():
                              f"them to OVERSIZE_ALLOWED with a reason): "
                              + ", ".join(f"pyxl/{f} ({n})" for f, n in sorted(unexplained.items())))
     assert all(reason.strip() for reason in OVERSIZE_ALLOWED.values())
+
+
+# ---- lower layers never import higher ones ------------------------------------------------
+
+#: pyxl's layers, bottom first.  A module may import its own layer's modules and
+#: any below; never one above (the README's layer picture).
+LAYERS: Tuple[Tuple[str, ...], ...] = (
+    ("pyxl.errors", "pyxl._paths"),
+    ("pyxl.wire", "pyxl.stream", "pyxl.qmp.codec"),
+    ("pyxl.loop", "pyxl.fdio", "pyxl.streamio", "pyxl.qmp", "pyxl.sim"),
+    ("pyxl.backends",),
+    ("pyxl.ops",),
+    ("pyxl.migrate", "pyxl.aio"),
+    ("pyxl.cli", "pyxl.__main__", "pyxl"),
+)
+
+
+def layer_of(module: str) -> int:
+    """The layer of ``module``: its longest matching prefix in LAYERS."""
+    best, rank = -1, -1
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            if (module == name or module.startswith(name + ".")) and len(name) > best:
+                best, rank = len(name), i
+    return rank
+
+
+def upward_imports(graph: Dict[str, Set[str]]) -> List[str]:
+    return sorted(f"{a} (layer {layer_of(a)}) imports {b} (layer {layer_of(b)})"
+                  for a, deps in graph.items() for b in deps if layer_of(b) > layer_of(a))
+
+
+def test_layer_table_knows_every_module():
+    assert [m for m in import_graph() if layer_of(m) < 0] == []
+    assert layer_of("pyxl.qmp.codec") == 1 and layer_of("pyxl.qmp.client") == 2
+    assert upward_imports({"pyxl.wire.codec": {"pyxl.ops.save"}}) != []
+
+
+def test_lower_layers_never_import_higher_ones():
+    assert upward_imports(import_graph()) == []
