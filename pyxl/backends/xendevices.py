@@ -202,7 +202,7 @@ def _connect(loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: in
     def wait(next_: Callable[[Optional[str]], None]) -> Any:
         return XsWait(loop, opener, [f"{back}/state"], _backend_state(back, XENBUS_INITWAIT),
                       INIT_TIMEOUT, lambda ok, why: next_(None if ok else f"{what}: {why}"),
-                      f"{what}: backend {back} reaching state {XENBUS_INITWAIT}")
+                      f"backend {back} reaching state {XENBUS_INITWAIT}")
 
     def run(argv: List[str]) -> Step:
         def step(next_: Callable[[Optional[str]], None]) -> Any:
@@ -340,7 +340,11 @@ class DevicesRemoval:
         self.failures: List[str] = []
         for kind in xs.directory(f"/libxl/{domid}/device"):
             for devid in xs.directory(f"/libxl/{domid}/device/{kind}"):
-                self._remove(kind, devid)
+                try:
+                    self._remove(kind, devid)
+                except OSError as exc:      # the others go on
+                    self.failures.append(f"{kind}/{devid}: {exc}")
+                    _log.error("domain %d: removing %s/%s: %s", domid, kind, devid, exc)
         self.timer = loop.call_later(0, self._check_done)
 
     def _check_done(self) -> None:
@@ -399,7 +403,7 @@ class DevicesRemoval:
 
         self.pending[key] = XsWait(self.loop, self.opener, [f"{back}/state"],
                                    _backend_state(back, XENBUS_CLOSED), DESTROY_TIMEOUT, closed,
-                                   f"domain {domid}'s {key}: backend {back} closing")
+                                   f"backend {back} closing")
 
     def _script(self, argv: List[str], bkind: str, devid: str, back: str,
                 nictype: Optional[str]) -> Step:
