@@ -9,6 +9,7 @@
     +-- StreamError              a save stream breaks a rule (pyxl.stream); also a ValueError
     |   +-- TruncatedStream, UnsupportedStream
     +-- BackendError             the place domains live refused or failed (pyxl.backends, pyxl.sim)
+    |   +-- DeviceModelError         a guest's device model (QEMU, fakexen's) failed or broke QMP
     +-- OperationError           a save, restore or migration did not succeed (pyxl.ops, pyxl.migrate)
         +-- StartupError, HelperExited, HelperDied, HelperFailed (PrecopyAborted),
         |   MissingComplete, MissingRestoreResults, HelperProtocolError, Timeout, Cancelled
@@ -30,7 +31,7 @@ import signal
 from typing import Any, Dict, List, Optional
 
 __all__ = [
-    "BackendError", "Cancelled", "HelperDied", "HelperFailed", "HelperExited",
+    "BackendError", "Cancelled", "DeviceModelError", "HelperDied", "HelperFailed", "HelperExited",
     "HelperProtocolError", "LocalProtocolError", "MigrationError", "MigrationInDoubt",
     "MigrationProtocolError",
     "MissingComplete", "MissingRestoreResults", "OperationError", "PrecopyAborted",
@@ -144,6 +145,12 @@ class UnsupportedStream(StreamError):
 
 class BackendError(PyxlError):
     """The place domains live (fakexen, Xen, a toolstack's own backend) refused or failed."""
+
+
+class DeviceModelError(BackendError):
+    """A guest's device model (QEMU, or fakexen's simulated one) failed: it could not be
+    reached, broke the QMP protocol, answered a command with an error, did not answer
+    in time, or did not start (``pyxl.qmp``, ``pyxl.backends.devicemodel``)."""
 
 
 # ---- operations ---------------------------------------------------------------------------

@@ -1,33 +1,58 @@
 """The simulated backend: fakexen's domains in a state directory.
 
-Implements :class:`pyxl.backends.base.Backend` over :mod:`pyxl.sim`.  Its guests
-have no device model (the hooks are :class:`~pyxl.backends.base.NoDeviceModel`'s),
-and the restore helper gets the event channels fakexen's builder allocates.
+Implements :class:`pyxl.backends.base.Backend` over :mod:`pyxl.sim`.  The restore
+helper gets the event channels fakexen's builder allocates.
+
+A guest created with a device model (``sim.create(..., device_model=True)``, see
+:mod:`pyxl.sim.devicemodel`) is driven as libxl drives qemu-xen, over QMP with
+:class:`~pyxl.backends.devicemodel.QmpDeviceModel`: log-dirty switching, ``stop``
+and ``xen-save-devices-state`` when the guest is suspended (its state goes into
+the stream's EMULATOR_CONTEXT record), ``cont`` when a suspended guest resumes.
+A stream with an EMULATOR_CONTEXT record is restored with a device model
+started on that state (``--incoming fd:N``), ready when it says it runs.  Guests
+without one get :class:`~pyxl.backends.base.NoDeviceModel`'s hooks, as PV guests.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import subprocess
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from pyxl import sim
-from pyxl.backends.base import Cancellable, NoDeviceModel, RestorePorts
-from pyxl.errors import StartupError
+from pyxl.backends.base import (Cancellable, Done, EmulatorRecord, NoDeviceModel, RestorePorts,
+                                SavedState)
+from pyxl.backends.devicemodel import QmpDeviceModel, emulator_context
+from pyxl.errors import DeviceModelError, StartupError
 from pyxl.loop import Loop, Timer
+from pyxl.sim import dmcontrol
 
 # How often to look at a simulated guest's run state while it suspends.  A
 # timer on the loop, not a sleep: the loop keeps serving other operations.
 _SUSPEND_POLL = 0.001
 
 
-class SimBackend(NoDeviceModel):
-    """fakexen domains in a state directory (``PYXL_SIM_DIR`` or /dev/shm)."""
+class SimBackend:
+    """fakexen domains in a state directory (``PYXL_SIM_DIR`` or /dev/shm).
+
+    ``qmp_timeout``: bound of each QMP exchange with a device model (libxl's 10 s);
+    ``dm_ready_timeout``: how long a device model started on a saved state may
+    take to run (libxl's 60 s); ``dm_command(domid, fd)``: the command line of that
+    device model (default fakexen's, :func:`pyxl.sim.dmcontrol.argv`).
+    """
 
     name = "sim"
 
-    def __init__(self, sim_dir: Optional[str] = None) -> None:
+    def __init__(self, sim_dir: Optional[str] = None, *, qmp_timeout: float = 10.0,
+                 dm_ready_timeout: float = 60.0,
+                 dm_command: Optional[Callable[[int, int], List[str]]] = None) -> None:
         self.sim_dir = sim_dir
+        self.qmp_timeout = qmp_timeout
+        self.dm_ready_timeout = dm_ready_timeout
+        self.dm_command = dm_command
+        self._no_dm = NoDeviceModel()
 
     def helper_env(self) -> Dict[str, str]:
         env = dict(os.environ)
@@ -73,12 +98,23 @@ class SimBackend(NoDeviceModel):
         return _Cancel()
 
     def resume(self, domid: int) -> None:
+        """The guest runs again, and its device model too (QMP ``cont``, as libxl's
+        ``libxl__dm_resume``).  A device model that cannot be told raises
+        DeviceModelError after the guest itself was resumed."""
         sim.resume(domid, sim_dir=self.sim_dir)
+        dm = self._device_model(domid)
+        if dm is not None:
+            try:
+                dm.resume()
+            except DeviceModelError as exc:
+                raise DeviceModelError(f"domain {domid} was resumed, but its device model "
+                                       f"was not: {exc}") from exc
 
     def pause(self, domid: int) -> None:
         sim.pause(domid, sim_dir=self.sim_dir)
 
     def destroy(self, domid: int) -> None:
+        """Destroy the domain; its device model is killed with it (:func:`pyxl.sim.destroy`)."""
         sim.destroy(domid, sim_dir=self.sim_dir)
 
     def create_restore_target(self, config: Dict[str, Any]) -> int:
@@ -118,3 +154,74 @@ class SimBackend(NoDeviceModel):
 
     def restore_done(self, domid: int, store_gfn: int, console_gfn: int) -> None:
         """Nothing to finish: fakexen has no XenStore."""
+
+    # -- the device model ---------------------------------------------------------------------
+
+    def _device_model(self, domid: int) -> Optional[QmpDeviceModel]:
+        """The domain's device model, None for a guest without one."""
+        if not dmcontrol.has_device_model(domid, self.sim_dir):
+            return None
+        return self._qmp_device_model(domid)
+
+    def _qmp_device_model(self, domid: int) -> QmpDeviceModel:
+        domdir = dmcontrol.domain_dir(domid, self.sim_dir)
+        return QmpDeviceModel(
+            domid, dmcontrol.qmp_path(domid, self.sim_dir),
+            os.path.join(domdir, dmcontrol.SAVE_FILE), os.path.join(domdir, dmcontrol.RESTORE_FILE),
+            kill=lambda: dmcontrol.kill(domdir), qmp_timeout=self.qmp_timeout,
+            save_timeout=self.qmp_timeout, ready_timeout=self.dm_ready_timeout,
+            logger=logging.getLogger(f"pyxl.domain.{domid}"))
+
+    def start_logdirty(self, loop: Loop, domid: int, enable: bool, done: Done) -> Cancellable:
+        dm = self._device_model(domid)
+        if dm is None:
+            return self._no_dm.start_logdirty(loop, domid, enable, done)
+        return dm.start_logdirty(loop, enable, lambda err: done(err is None, _why(err)))
+
+    def start_save_device_model(self, loop: Loop, domid: int, live: bool,
+                                done: SavedState) -> Cancellable:
+        dm = self._device_model(domid)
+        if dm is None:
+            return self._no_dm.start_save_device_model(loop, domid, live, done)
+
+        def saved(records: Optional[List[EmulatorRecord]], err: Optional[DeviceModelError]) -> None:
+            done(records, _why(err))
+
+        return dm.start_save(loop, live, saved)
+
+    def start_restore_device_model(self, loop: Loop, domid: int, records: List[EmulatorRecord],
+                                   done: Done) -> Cancellable:
+        """Start a device model on the stream's EMULATOR_CONTEXT, if it has one (a
+        stream without it restores a guest without a device model)."""
+        if emulator_context(records) is None:
+            return self._no_dm.start_restore_device_model(loop, domid, records, done)
+        domdir = dmcontrol.domain_dir(domid, self.sim_dir)
+        launched: List["subprocess.Popen[bytes]"] = []
+
+        def spawn(fd: int) -> "subprocess.Popen[bytes]":
+            argv = (self.dm_command(domid, fd) if self.dm_command is not None
+                    else dmcontrol.argv(domid, self.sim_dir, incoming_fd=fd))
+            log = os.open(os.path.join(domdir, dmcontrol.LOG_FILE),
+                          os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            try:
+                p = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=log, start_new_session=True)
+            finally:
+                os.close(log)
+            launched.append(p)
+            return p
+
+        def ready() -> bool:
+            # Until its launcher has exited, the device model may not hold its lock yet.
+            if launched and launched[0].poll() is None:
+                return dmcontrol.ready(domdir) if dmcontrol.pid(domdir) else False
+            return dmcontrol.ready(domdir)
+
+        dm = self._qmp_device_model(domid)
+        dm.ready = ready
+        return dm.start_restore(loop, records, spawn, lambda err: done(err is None, _why(err)))
+
+
+def _why(err: Optional[DeviceModelError]) -> str:
+    """A device model's failure for ``done(ok, why)``: its type (the typed error) and message."""
+    return "" if err is None else f"{type(err).__name__}: {err}"

@@ -17,7 +17,9 @@ pages at 0xfeff0-0xfefff.
 
 Modules: ``layout`` (the shared control block, mirroring ``fakexen/simctl.h``;
 sizes; a new guest's default state), ``statedir`` (creating domains), ``control``
-(queries and run state), ``memory`` (digests and checks), ``errors``.  Only the
+(queries and run state), ``memory`` (digests and checks), ``errors``,
+``devicemodel`` (the device model process a guest may have: QMP on a UNIX
+socket, as QEMU) and ``dmcontrol`` (starting, checking and killing it).  Only the
 standard library and pyxl.errors are used.  Every call is synchronous; the
 non-blocking pair :func:`request_suspend` + :func:`state` lets an event loop
 poll for suspension with a timer.

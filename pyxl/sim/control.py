@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, Iterator, List, Optional
 
 from pyxl.sim.layout import (PAGE_SIZE, CONFIG_OFF, CTL_FIELDS, CTL_MAGIC, CTL_VERSION, DYING, MAXMEM_SLACK_PAGES, PAUSED, REQ_EXIT, REQ_PAUSE, REQ_RUN, REQ_SUSPEND, RUNNING, SHUTDOWN_SUSPEND, STATE_NAMES, SUSPENDED, _domdir, _field, _pack_field, sim_dir_path, vcpu_path)
+from pyxl.errors import BackendError
 from pyxl.sim.errors import (DomainStateError, NoSuchDomain, SimError, SimTimeout)
+from pyxl.sim import dmcontrol
 
 
 
@@ -392,6 +394,11 @@ def destroy(domid: int, sim_dir: Optional[str] = None) -> None:
                 deadline = time.monotonic() + 5.0
                 while d.vcpu_alive() and time.monotonic() < deadline:
                     time.sleep(0.002)
+        # Its device model goes with it (libxl: SIGHUP to QEMU, its sockets unlinked).
+        try:
+            dmcontrol.kill(d.path)
+        except BackendError:
+            pass     # unkillable: it exits by itself once its domain is gone
         grave = os.path.join(sdir, f".dead-{domid}-{os.getpid()}-{uuidlib.uuid4().hex[:8]}")
         try:
             os.rename(d.path, grave)

@@ -16,6 +16,7 @@ from typing import List, Optional, Tuple
 from pyxl.sim.layout import (PAGE_SIZE, GNT_OFF, GUEST_MAGIC, HVMCTX_MAX, HVMCTX_OFF, NR_PARAMS, SAVED_PARAMS, bit_runs, vcpu_path)
 from pyxl.sim.errors import (SimError)
 from pyxl.sim.control import (_Dom)
+from pyxl.sim import dmcontrol
 
 
 
@@ -24,7 +25,8 @@ from pyxl.sim.control import (_Dom)
 
 def digest(domid: int, sim_dir: Optional[str] = None) -> str:
     """Hex sha256 of the domain: every populated page in pfn order (with its pfn), the HVM
-    context and the HVM params a save transfers.  Stable only while the guest is stopped."""
+    context, the HVM params a save transfers and, for a guest with a device model, its
+    device state.  Stable only while the guest is stopped."""
     with _Dom(domid, sim_dir) as d:
         d.state()
         nr_pfns = d.get("nr_pfns")
@@ -46,6 +48,11 @@ def digest(domid: int, sim_dir: Optional[str] = None) -> str:
         h.update(ctx)
         for idx in SAVED_PARAMS:
             h.update(struct.pack("<IQ", idx, params[idx]))
+        # The device model's state, for a guest that has one (the same bytes its
+        # xen-save-devices-state writes; stable while it or the guest is stopped).
+        dm_state = dmcontrol.read_state(d.path)
+        if dm_state is not None:
+            h.update(b"device-model\0" + struct.pack("<I", len(dm_state)) + dm_state)
         return h.hexdigest()
 
 

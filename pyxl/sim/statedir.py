@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from pyxl.sim.layout import (PAGE_SIZE, BITMAPS_OFF, CONFIG_MAX, CONFIG_OFF, CTL_MAGIC, CTL_VERSION, HVMCTX_OFF, LEAVES_OFF, LIBXL_PARAMS, MAXMEM_SLACK_PAGES, MSRS_OFF, PAUSED, SPECIAL_END, SPECIAL_START, _cpu_policy, _default_config, _domdir, _hvm_context, _pack_field, _set_bits, _space_pfns, format_size, ram_runs, sim_dir_path, vcpu_path)
 from pyxl.sim.errors import (InsufficientResources, SimError)
 from pyxl.sim.control import (destroy, unpause)
+from pyxl.sim import dmcontrol
 
 
 
@@ -267,12 +268,18 @@ def _create(sim_dir: Optional[str], *, ram_pages: int, max_memkb: int, name: Opt
 
 def create(memory_bytes: int, dirty_rate: int = 0, name: Optional[str] = None,
            sim_dir: Optional[str] = None, paused: bool = False,
-           config: Optional[Dict[str, Any]] = None) -> int:
+           config: Optional[Dict[str, Any]] = None,
+           device_model: Optional[bool] = None) -> int:
     """Create a simulated HVM guest with `memory_bytes` of RAM; return its domid.
 
     Every RAM page is stamped (pfn, generation 0).  Unless `paused`, the guest's
-    vCPU starts at once, writing `dirty_rate` bytes/s (0: idle).
+    vCPU starts at once, writing `dirty_rate` bytes/s (0: idle).  With
+    `device_model` (default: ``$PYXL_SIM_DEVICE_MODEL`` is 1) the guest also gets
+    a device model speaking QMP, as an xl HVM guest has its QEMU
+    (:mod:`pyxl.sim.devicemodel`).
     """
+    if device_model is None:
+        device_model = os.environ.get("PYXL_SIM_DEVICE_MODEL", "") in ("1", "yes", "true")
     if memory_bytes < 2 * PAGE_SIZE:
         raise ValueError(f"guest memory must be at least {2 * PAGE_SIZE} bytes")
     if dirty_rate < 0:
@@ -282,12 +289,14 @@ def create(memory_bytes: int, dirty_rate: int = 0, name: Optional[str] = None,
     domid = _create(sim_dir, ram_pages=ram_pages, max_memkb=memkb, name=name, cfg=config,
                     mem_bytes=ram_pages * PAGE_SIZE, state=PAUSED, dirty_rate=dirty_rate,
                     guest=True, what=f"a {format_size(ram_pages * PAGE_SIZE)} guest")
-    if not paused:
-        try:
+    try:
+        if device_model:
+            dmcontrol.start(domid, sim_dir)
+        if not paused:
             unpause(domid, sim_dir)
-        except BaseException:
-            destroy(domid, sim_dir)
-            raise
+    except BaseException:
+        destroy(domid, sim_dir)
+        raise
     return domid
 
 

@@ -1,0 +1,504 @@
+"""A guest's device model driven over QMP, as libxl 4.17 drives qemu-xen.
+
+:class:`QmpDeviceModel` is one domain's device model, for any backend whose
+guests have one: :class:`~pyxl.backends.sim.SimBackend` (fakexen's simulated
+device model) and a real-Xen backend (Debian's ``qemu-system-xen``).  What
+differs between them is given to it: the paths (QMP socket, the save and
+restore files), how to start the process (``spawn``), how to tell it is ready
+(``ready``: fakexen's state file, or XenStore's ``device-model/D/state``), and
+how to kill it (``kill``).
+
+* :meth:`~QmpDeviceModel.start_logdirty`: ``xen-set-global-dirty-log``.
+* :meth:`~QmpDeviceModel.start_save`: ``stop``; a fresh save file (a stale one
+  deleted first) opened ``O_WRONLY|O_CREAT|O_TRUNC`` 0600 and passed with
+  ``add-fd`` (SCM_RIGHTS); ``xen-save-devices-state`` to ``/dev/fdset/N``;
+  ``remove-fd``; the file read back and deleted -> the libxl records
+  ``EMULATOR_XENSTORE_DATA`` (only if there are physmap keys) and
+  ``EMULATOR_CONTEXT`` (u32 id 2 = QEMU upstream, u32 index 0, the file).
+* :meth:`~QmpDeviceModel.start_restore`: the ``EMULATOR_CONTEXT`` blob written
+  to the restore file and opened read-only; the device model spawned on it
+  (``-incoming fd:N``, the fd inherited); its readiness polled on a timer,
+  bounded (libxl: 60 s); its early exit seen through a pidfd.
+* :meth:`~QmpDeviceModel.start_resume` / :meth:`~QmpDeviceModel.resume`: ``cont``.
+* :meth:`~QmpDeviceModel.teardown`: kill it, remove its socket and files.
+
+Each QMP step opens its own connection (as libxl's ``libxl__ev_qmp`` does), so
+steps may run on different loops.  Everything is asynchronous on the loop -- fd
+watches and timers; the only synchronous work is reading and writing small
+regular files, and :meth:`~QmpDeviceModel.resume` for synchronous callers.
+Failures are :class:`pyxl.errors.DeviceModelError`\\ s.
+
+May import: pyxl.errors, pyxl.loop, pyxl.qmp, pyxl.backends.base.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import struct
+import subprocess
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set
+
+from pyxl.backends.base import Cancellable, EmulatorRecord
+from pyxl.errors import DeviceModelError
+from pyxl.loop import Loop, SelectorLoop, Timer
+from pyxl.qmp.client import QmpClient
+from pyxl.qmp.codec import QmpTimeout
+
+__all__ = [
+    "DeviceModelStartError", "DeviceModelTimeout", "DmDone", "DmSaved",
+    "EMULATOR_CONTEXT", "EMULATOR_QEMU_UPSTREAM", "EMULATOR_XENSTORE_DATA", "QmpDeviceModel",
+    "Readiness", "Spawn", "emulator_context", "emulator_records", "emulator_xenstore_data",
+]
+
+#: libxl's record types for the device model (libxl_sr_stream_format.h).
+EMULATOR_XENSTORE_DATA, EMULATOR_CONTEXT = 2, 3
+#: libxl's emulator id for qemu-xen (upstream QEMU).
+EMULATOR_QEMU_UPSTREAM = 2
+_EMU_HDR = struct.Struct("<II")
+#: Largest device-model state accepted (QEMU's for a Xen HVM guest is some KiB).
+MAX_STATE = 256 << 20
+
+#: ``done(err)``: None when the step succeeded.
+DmDone = Callable[[Optional[DeviceModelError]], None]
+#: ``done(records, err)``: the libxl records of the saved state, or None and why not.
+DmSaved = Callable[[Optional[List[EmulatorRecord]], Optional[DeviceModelError]], None]
+#: ``spawn(fd)``: start the device model on the saved state readable at ``fd``
+#: (``-incoming fd:N``; pass it with ``pass_fds``).  The process may stay a child
+#: (QEMU) or exit 0 once it has daemonized (fakexen's).
+Spawn = Callable[[int], "subprocess.Popen[Any]"]
+#: ``ready()``: has the device model reported that it runs?  Raises
+#: DeviceModelError when it can tell it never will.
+Readiness = Callable[[], bool]
+
+
+class DeviceModelStartError(DeviceModelError):
+    """The device model did not start on the saved state (it exited, or its
+    readiness check says it failed)."""
+
+
+class DeviceModelTimeout(DeviceModelStartError):
+    """The device model was not ready within the time allowed."""
+
+
+# ---- libxl's emulator records -----------------------------------------------------------------
+
+
+def emulator_records(blob: bytes, xenstore: Optional[Dict[str, str]] = None
+                     ) -> List[EmulatorRecord]:
+    """The libxl records for a saved device model: EMULATOR_XENSTORE_DATA (only for
+    a non-empty ``xenstore``, keys relative to ``/local/domain/0/device-model/D/``)
+    then EMULATOR_CONTEXT."""
+    hdr = _EMU_HDR.pack(EMULATOR_QEMU_UPSTREAM, 0)
+    out: List[EmulatorRecord] = []
+    if xenstore:
+        kv = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in xenstore.items())
+        out.append((EMULATOR_XENSTORE_DATA, hdr + kv))
+    out.append((EMULATOR_CONTEXT, hdr + blob))
+    return out
+
+
+def _emulator_body(rtype: int, body: bytes) -> bytes:
+    what = "EMULATOR_CONTEXT" if rtype == EMULATOR_CONTEXT else "EMULATOR_XENSTORE_DATA"
+    if len(body) < _EMU_HDR.size:
+        raise DeviceModelError(f"{what} record of {len(body)} bytes has no emulator header")
+    emu, index = _EMU_HDR.unpack_from(body)
+    if emu != EMULATOR_QEMU_UPSTREAM or index != 0:
+        raise DeviceModelError(f"{what} record for emulator {emu} index {index}, not "
+                               f"qemu-xen ({EMULATOR_QEMU_UPSTREAM}) index 0")
+    return body[_EMU_HDR.size:]
+
+
+def _one(records: Sequence[EmulatorRecord], rtype: int) -> Optional[bytes]:
+    found = [body for t, body in records if t == rtype]
+    if len(found) > 1:
+        raise DeviceModelError(f"{len(found)} emulator records of type {rtype}, not one")
+    return _emulator_body(rtype, found[0]) if found else None
+
+
+def emulator_context(records: Sequence[EmulatorRecord]) -> Optional[bytes]:
+    """The device model's saved state in a stream's libxl records (None: there is
+    none).  Raises DeviceModelError for a record that is not qemu-xen's."""
+    return _one(records, EMULATOR_CONTEXT)
+
+
+def emulator_xenstore_data(records: Sequence[EmulatorRecord]) -> Dict[str, str]:
+    """The EMULATOR_XENSTORE_DATA keys (relative to ``device-model/D/``), checked as
+    libxl checks them: NUL-terminated pairs, no empty or absolute key."""
+    body = _one(records, EMULATOR_XENSTORE_DATA)
+    if not body:
+        return {}
+    if not body.endswith(b"\0"):
+        raise DeviceModelError("EMULATOR_XENSTORE_DATA is not NUL-terminated")
+    parts = body[:-1].split(b"\0")
+    if len(parts) % 2:
+        raise DeviceModelError("EMULATOR_XENSTORE_DATA has a key without a value")
+    out: Dict[str, str] = {}
+    for k, v in zip(parts[::2], parts[1::2]):
+        if not k or k.startswith(b"/"):
+            raise DeviceModelError(f"EMULATOR_XENSTORE_DATA key {k!r} is empty or absolute")
+        out[k.decode(errors="replace")] = v.decode(errors="replace")
+    return out
+
+
+# ---- one step in flight -----------------------------------------------------------------------
+
+
+class _Step:
+    """A started step: its QMP client, timers and files, undone by :meth:`cancel`."""
+
+    def __init__(self, owner: "QmpDeviceModel", loop: Loop) -> None:
+        self.owner, self.loop = owner, loop
+        self.client: Optional[QmpClient] = None
+        self.timers: List[Timer] = []
+        self.fd = -1
+        self.files: List[str] = []
+        self.finished = False
+        self.child: "Optional[subprocess.Popen[Any]]" = None
+        self.pidfd = -1
+        owner._steps.add(self)
+
+    def qmp(self, on_lost: Callable[[DeviceModelError], None]) -> QmpClient:
+        o = self.owner
+        self.client = QmpClient(self.loop, o.qmp_path, timeout=o.qmp_timeout, on_lost=on_lost)
+        self.client.connect(lambda err: None)   # a failure reaches the queued commands
+        return self.client
+
+    def later(self, delay: float, fn: Callable[[], None]) -> None:
+        def fire() -> None:
+            self.timers.remove(timer)
+            fn()
+        timer = self.loop.call_later(delay, fire)
+        self.timers.append(timer)
+
+    def release(self) -> None:
+        """Everything but the child: client, timers, fd, files."""
+        self.finished = True
+        self.owner._steps.discard(self)
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        for t in self.timers:
+            t.cancel()
+        self.timers.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for path in self.files:
+            _unlink(path)
+        self.files.clear()
+        self.unwatch_child()
+
+    def unwatch_child(self) -> None:
+        if self.pidfd >= 0:
+            self.loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+    def cancel(self) -> None:
+        if self.finished:
+            return
+        self.release()
+        if self.child is not None and self.child.poll() is None:
+            self.child.kill()
+            self.child.wait(5)      # SIGKILLed: reaped at once
+        self.owner._kill_quietly()
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class QmpDeviceModel:
+    """One domain's device model, over QMP.
+
+    ``qmp_path``: its QMP socket.  ``save_path``/``restore_path``: where its state
+    goes while saved and restored (libxl: ``/var/lib/xen/qemu-save.D``,
+    ``qemu-resume.D``).  ``ready``: the readiness check polled after a restore
+    spawn.  ``kill``: stop the device model however it runs (a daemon's pid file,
+    XenStore's ``image/device-model-pid``); called by :meth:`teardown` and after a
+    failed restore.  ``xenstore_data()``: the physmap keys to save (none: no
+    EMULATOR_XENSTORE_DATA record); ``write_xenstore_data(keys)``: where a
+    restore puts them.  ``qmp_timeout`` bounds connecting and each command (libxl:
+    10 s), ``save_timeout`` ``xen-save-devices-state``, ``ready_timeout`` the
+    start on a saved state (libxl: 60 s).
+    """
+
+    def __init__(self, domid: int, qmp_path: str, save_path: str, restore_path: str, *,
+                 ready: Optional[Readiness] = None, kill: Optional[Callable[[], None]] = None,
+                 xenstore_data: Optional[Callable[[], Dict[str, str]]] = None,
+                 write_xenstore_data: Optional[Callable[[Dict[str, str]], None]] = None,
+                 qmp_timeout: float = 10.0, save_timeout: float = 60.0,
+                 ready_timeout: float = 60.0, logger: Optional[logging.Logger] = None) -> None:
+        self.domid = domid
+        self.qmp_path, self.save_path, self.restore_path = qmp_path, save_path, restore_path
+        self.ready, self.kill = ready, kill
+        self.xenstore_data, self.write_xenstore_data = xenstore_data, write_xenstore_data
+        self.qmp_timeout, self.save_timeout = qmp_timeout, save_timeout
+        self.ready_timeout = ready_timeout
+        self.logger = logger or logging.getLogger(f"pyxl.domain.{domid}")
+        #: The device model process, while it is this object's child (a spawned QEMU).
+        self.child: "Optional[subprocess.Popen[Any]]" = None
+        self._steps: Set[_Step] = set()
+
+    # -- log-dirty ----------------------------------------------------------------------------
+
+    def start_logdirty(self, loop: Loop, enable: bool, done: DmDone) -> Cancellable:
+        """``xen-set-global-dirty-log {"enable": enable}``; then ``done(err)``."""
+        return self._one_command(loop, "xen-set-global-dirty-log", {"enable": bool(enable)}, done)
+
+    def start_resume(self, loop: Loop, done: DmDone) -> Cancellable:
+        """``cont``: the device model runs again (after a failed save, or xl's unpause)."""
+        return self._one_command(loop, "cont", None, done)
+
+    def _one_command(self, loop: Loop, name: str, args: Optional[Dict[str, Any]],
+                     done: DmDone) -> _Step:
+        step = _Step(self, loop)
+
+        def reply(value: Any, err: Optional[DeviceModelError]) -> None:
+            if step.finished:
+                return
+            step.release()
+            done(err)
+
+        step.qmp(lambda err: None).command(name, args, reply)
+        return step
+
+    def resume(self, timeout: Optional[float] = None) -> None:
+        """``cont``, for a synchronous caller (``Backend.resume``): run on a private
+        loop, bounded by ``timeout`` (default ``qmp_timeout``).  Raises DeviceModelError."""
+        loop = SelectorLoop()
+        out: List[Optional[DeviceModelError]] = []
+        try:
+            step = self.start_resume(loop, out.append)
+            limit = self.qmp_timeout if timeout is None else timeout
+            if not loop.run_until(lambda: bool(out), limit + 1.0):
+                step.cancel()
+                raise QmpTimeout(f"domain {self.domid}: QMP cont not answered in {limit:g}s")
+        finally:
+            loop.close()
+        if out[0] is not None:
+            raise out[0]
+
+    # -- save ---------------------------------------------------------------------------------
+
+    def start_save(self, loop: Loop, live: bool, done: DmSaved) -> Cancellable:
+        """Stop the device model and save its state (see the module docstring); then
+        ``done(records, None)`` or ``done(None, err)``.  It stays stopped either way:
+        a failed save is followed by :meth:`resume`, a successful one by the domain's
+        destruction or resumption."""
+        step = _Step(self, loop)
+
+        def fail(err: DeviceModelError) -> None:
+            if step.finished:
+                return
+            step.files.append(self.save_path)
+            step.release()
+            done(None, err)
+
+        client = step.qmp(fail)
+
+        def check(then: Callable[[Any], None]) -> Callable[[Any, Optional[DeviceModelError]], None]:
+            def reply(value: Any, err: Optional[DeviceModelError]) -> None:
+                if step.finished:
+                    return
+                if err is not None:
+                    fail(err)
+                    return
+                try:
+                    then(value)
+                except DeviceModelError as exc:
+                    fail(exc)
+                except OSError as exc:
+                    fail(DeviceModelError(f"domain {self.domid}'s device-model state file "
+                                          f"{self.save_path}: {exc.strerror or exc}"))
+            return reply
+
+        def stopped(_: Any) -> None:
+            _unlink(self.save_path)   # libxl does not truncate: a stale file must go first
+            step.fd = os.open(self.save_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                              | os.O_CLOEXEC, 0o600)
+            client.command("add-fd", {}, check(added), fds=[step.fd])
+
+        def added(value: Any) -> None:
+            os.close(step.fd)
+            step.fd = -1
+            fdset = value.get("fdset-id") if isinstance(value, dict) else None
+            if type(fdset) is not int:
+                raise DeviceModelError(f"QMP add-fd answered {value!r}, without an fdset-id")
+            client.command("xen-save-devices-state",
+                           {"filename": f"/dev/fdset/{fdset}", "live": bool(live)},
+                           check(lambda _: saved(fdset)), timeout=self.save_timeout)
+
+        def saved(fdset: int) -> None:
+            def removed(value: Any, err: Optional[DeviceModelError]) -> None:
+                if step.finished:
+                    return
+                if err is not None:     # the state is in the file whatever this answer
+                    self.logger.warning("domain %d's device model: remove-fd %d: %s",
+                                        self.domid, fdset, err)
+                check(lambda _: finish())(None, None)
+
+            client.command("remove-fd", {"fdset-id": fdset}, removed)
+
+        def finish() -> None:
+            blob = _read_file(self.save_path)
+            xs = self.xenstore_data() if self.xenstore_data is not None else {}
+            step.files.append(self.save_path)
+            step.release()
+            done(emulator_records(blob, xs), None)
+
+        client.command("stop", None, check(stopped))
+        return step
+
+    # -- restore ------------------------------------------------------------------------------
+
+    def start_restore(self, loop: Loop, records: Sequence[EmulatorRecord], spawn: Spawn,
+                      done: DmDone) -> Cancellable:
+        """Start the device model on the state in ``records`` (see the module
+        docstring); ``done(None)`` once it is ready, ``done(err)`` otherwise -- after a
+        failure nothing of it is left (process killed, files removed)."""
+        step = _Step(self, loop)
+        started = time.monotonic()
+        ready = self.ready
+
+        def fail(err: DeviceModelError) -> None:
+            if step.finished:
+                return
+            step.release()
+            child = step.child
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait(5)       # SIGKILLed: reaped at once
+            self._kill_quietly()
+            self._remove(self.qmp_path)
+            done(err)
+
+        def succeed() -> None:
+            step.release()
+            child = step.child
+            if child is not None and child.poll() is None:
+                self.child = child      # it stays our child (QEMU): teardown reaps it
+            self.logger.debug("device model of domain %d ready after %.3fs", self.domid,
+                              time.monotonic() - started)
+            done(None)
+
+        def exited() -> None:
+            assert step.child is not None
+            status = step.child.poll()
+            if status is None:
+                return
+            step.unwatch_child()
+            if status != 0:
+                fail(DeviceModelStartError(f"domain {self.domid}'s device model exited with "
+                                           f"status {status} before it was ready"))
+
+        delay = [0.002]
+
+        def poll() -> None:
+            if step.finished:
+                return
+            try:
+                ok = ready() if ready is not None else True
+            except DeviceModelError as exc:
+                fail(exc if isinstance(exc, DeviceModelStartError) else DeviceModelStartError(
+                    f"domain {self.domid}'s device model did not start: {exc}"))
+                return
+            if ok:
+                succeed()
+                return
+            delay[0] = min(delay[0] * 2, 0.05)
+            step.later(delay[0], poll)
+
+        def timed_out() -> None:
+            fail(DeviceModelTimeout(f"domain {self.domid}'s device model was not ready after "
+                                    f"{self.ready_timeout:g}s"))
+
+        try:
+            blob = emulator_context(records)
+            if blob is None:
+                raise DeviceModelError("the stream has no EMULATOR_CONTEXT record")
+            xs = emulator_xenstore_data(records)
+            if xs and self.write_xenstore_data is not None:
+                self.write_xenstore_data(xs)
+            step.files.append(self.restore_path)
+            _unlink(self.restore_path)
+            wfd = os.open(self.restore_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                          0o600)
+            try:
+                _write_all(wfd, blob)
+            finally:
+                os.close(wfd)
+            step.fd = os.open(self.restore_path, os.O_RDONLY | os.O_CLOEXEC)
+            step.child = spawn(step.fd)
+            os.close(step.fd)
+            step.fd = -1
+            step.pidfd = os.pidfd_open(step.child.pid)
+            loop.add_reader(step.pidfd, exited)
+        except (DeviceModelError, OSError) as exc:
+            err = exc if isinstance(exc, DeviceModelError) else DeviceModelStartError(
+                f"cannot start domain {self.domid}'s device model: {exc.strerror or exc}")
+            step.later(0, lambda: fail(err))
+            return step
+        step.later(self.ready_timeout, timed_out)
+        step.later(0, poll)
+        return step
+
+    # -- teardown -----------------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        """Call off every step in flight, kill the device model, remove its socket and
+        its save and restore files."""
+        for step in list(self._steps):
+            step.cancel()
+        if self.child is not None:
+            if self.child.poll() is None:
+                self.child.send_signal(signal.SIGKILL)
+                self.child.wait(5)
+            self.child = None
+        self._kill_quietly()
+        for path in (self.qmp_path, self.save_path, self.restore_path):
+            self._remove(path)
+
+    def _kill_quietly(self) -> None:
+        if self.kill is not None:
+            try:
+                self.kill()
+            except Exception as exc:   # the backend's code; teardown goes on
+                self.logger.error("could not kill domain %d's device model: %s",
+                                  self.domid, exc)
+
+    def _remove(self, path: str) -> None:
+        try:
+            _unlink(path)
+        except OSError as exc:
+            self.logger.warning("could not remove %s: %s", path, exc.strerror)
+
+
+def _read_file(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_STATE:
+            raise DeviceModelError(f"device-model state of {size} bytes (more than {MAX_STATE})")
+        parts, got = [], 0
+        while got < size:
+            chunk = os.read(fd, size - got)
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]

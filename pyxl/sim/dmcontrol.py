@@ -1,0 +1,164 @@
+"""The toolstack's side of fakexen's device model (:mod:`pyxl.sim.devicemodel`):
+where its files are, starting it (with a guest, or on a saved state for a
+restore), telling whether it runs or is ready, reading its state for the
+digest, and killing it when its domain is destroyed.
+
+A domain has a device model when its directory holds the QMP socket
+(``dD/qmp.sock``); it is ready once ``dD/device-model-state`` says ``running``
+(QEMU's XenStore ``device-model/D/state``), and alive while it holds the flock
+of ``dD/device-model.lock`` (which holds its pid).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import List, Optional
+
+from pyxl.errors import DeviceModelError
+from pyxl.sim import devicemodel as dm
+from pyxl.sim.layout import _domdir, sim_dir_path
+
+__all__ = [
+    "LOG_FILE", "QMP_SOCKET", "REGS_FILE", "RESTORE_FILE", "SAVE_FILE", "STATE_FILE",
+    "argv", "domain_dir", "has_device_model", "kill", "log_tail", "pid", "qmp_path", "ready",
+    "read_state", "start",
+]
+
+QMP_SOCKET, STATE_FILE, REGS_FILE = dm.QMP_SOCKET, dm.STATE_FILE, dm.REGS_FILE
+LOCK_FILE, LOG_FILE = dm.LOCK_FILE, dm.LOG_FILE
+#: Where the device model's state goes while it is saved and restored (libxl's
+#: /var/lib/xen/qemu-save.D and qemu-resume.D).
+SAVE_FILE, RESTORE_FILE = "qemu-save", "qemu-resume"
+
+
+def domain_dir(domid: int, sim_dir: Optional[str] = None) -> str:
+    return _domdir(sim_dir_path(sim_dir), domid)
+
+
+def qmp_path(domid: int, sim_dir: Optional[str] = None) -> str:
+    return os.path.join(domain_dir(domid, sim_dir), QMP_SOCKET)
+
+
+def has_device_model(domid: int, sim_dir: Optional[str] = None) -> bool:
+    """Was the domain given a device model (whether or not it still runs)?"""
+    return os.path.exists(qmp_path(domid, sim_dir))
+
+
+def argv(domid: int, sim_dir: Optional[str] = None, incoming_fd: Optional[int] = None,
+         daemonize: bool = True) -> List[str]:
+    """The command line that runs the device model of ``domid`` (``python -I -S``:
+    it imports nothing of pyxl, so it starts in tens of milliseconds)."""
+    out = [sys.executable, "-I", "-S", os.path.abspath(dm.__file__), "--domid", str(domid),
+           "--sim-dir", sim_dir_path(sim_dir), "--qmp", qmp_path(domid, sim_dir)]
+    if incoming_fd is not None:
+        out += ["--incoming", f"fd:{incoming_fd}"]
+    if daemonize:
+        out.append("--daemonize")
+    return out
+
+
+def start(domid: int, sim_dir: Optional[str] = None, timeout: float = 30.0) -> None:
+    """Start a fresh device model for ``domid`` and return once it runs (its launcher
+    exits then; the device model lives on in a session of its own)."""
+    try:
+        r = subprocess.run(argv(domid, sim_dir), stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill(domain_dir(domid, sim_dir))
+        raise DeviceModelError(f"domain {domid}: its device model did not start within "
+                               f"{timeout:g}s") from None
+    if r.returncode != 0:
+        msg = r.stderr.strip().splitlines()[-1:] or [f"exit status {r.returncode}"]
+        raise DeviceModelError(f"domain {domid}: cannot start its device model: {msg[0]}")
+
+
+def pid(domdir: str) -> Optional[int]:
+    """The pid of the device model running in ``domdir``, None if none runs."""
+    try:
+        fd = os.open(os.path.join(domdir, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raw = os.pread(fd, 32, 0)
+            try:
+                return int(raw.decode().strip())
+            except ValueError:
+                return -1           # between taking the lock and writing its pid
+        return None
+    finally:
+        os.close(fd)
+
+
+def kill(domdir: str, grace: float = 1.0) -> None:
+    """Stop the device model of ``domdir`` (SIGTERM, SIGKILL after ``grace``) and wait,
+    bounded, until it is gone.  Nothing to do if none runs."""
+    deadline = time.monotonic() + grace
+    sig = signal.SIGTERM
+    while True:
+        p = pid(domdir)
+        if p is None:
+            return
+        if p > 0:
+            try:
+                os.kill(p, sig)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            if sig == signal.SIGKILL:
+                raise DeviceModelError(f"{domdir}: the device model [{p}] would not die")
+            sig, deadline = signal.SIGKILL, time.monotonic() + 5.0
+        time.sleep(0.002)
+
+
+def ready(domdir: str) -> bool:
+    """Has the device model of ``domdir`` reported that it runs?  Raises
+    :class:`~pyxl.errors.DeviceModelError` when no device model runs there (it
+    exited, e.g. on a state it could not load), with its log's last line."""
+    try:
+        with open(os.path.join(domdir, STATE_FILE), "rb") as f:
+            if f.read() == b"running":
+                return True
+    except FileNotFoundError:
+        pass
+    if pid(domdir) is None:
+        # It may have become ready just before it exited: look once more.
+        try:
+            with open(os.path.join(domdir, STATE_FILE), "rb") as f:
+                if f.read() == b"running":
+                    return True
+        except FileNotFoundError:
+            pass
+        tail = log_tail(domdir)
+        raise DeviceModelError("the device model is not running"
+                               + (f": {tail}" if tail else ""))
+    return False
+
+
+def log_tail(domdir: str) -> str:
+    """The last line of the device model's log ('' if none)."""
+    try:
+        with open(os.path.join(domdir, LOG_FILE), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def read_state(domdir: str) -> Optional[bytes]:
+    """The device model's current state (what ``xen-save-devices-state`` would write),
+    or None for a domain that never had one."""
+    try:
+        with open(os.path.join(domdir, REGS_FILE), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
