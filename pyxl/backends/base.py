@@ -135,7 +135,7 @@ class Backend(Protocol):
 
 
 class NoDeviceModel:
-    """The device-model hooks of a backend whose guests have none (PV, PVH, fakexen)."""
+    """The device-model hooks of a backend whose guests have none (PV, PVH)."""
 
     def start_logdirty(self, loop: Loop, domid: int, enable: bool, done: Done) -> Cancellable:
         return loop.call_later(0, lambda: done(True, ""))

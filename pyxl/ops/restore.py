@@ -253,6 +253,10 @@ class RestoreOperation(Operation[RestoreResult]):
             return
         assert self.helper is not None and self.helper.results is not None
         res = self.helper.results
+        if not records and self.stream_type == STREAM_REMUS:
+            # A checkpointed stream carries the device model's state with each
+            # checkpoint; the domain stands at the last one.
+            records = list(self.checkpoint_records)
         try:
             # As libxl: the domain is finished (a real host: XenStore nodes,
             # introduction to xenstored with the restored store page) before its

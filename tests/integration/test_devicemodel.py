@@ -718,11 +718,6 @@ def test_checkpoints_save_the_device_model_each_time(hosts):
     assert state.counter == counters[-1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pyxl/ops/restore.py: at a checkpointed stream's END the device model is started on "
-    "the records after the libxc stream (none: a Remus stream's emulator records come with "
-    "each checkpoint), not on the last checkpoint's (RestoreOperation.checkpoint_records), "
-    "so the secondary gets no device model"))
 def test_checkpointed_restore_starts_the_last_checkpoints_device_model(hosts):
     a, b = hosts
     d, got, digests, counters, rest = remus_with_device_model(a, b)
