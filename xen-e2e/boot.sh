@@ -6,7 +6,7 @@
 # Usage: boot.sh BOOT_DIR ROOTFS_IMG RUN_DIR   (exit 0 iff the tests ran to the end)
 source "$(dirname "$0")/common.sh"
 BOOT=$1 IMG=$2 RUN=$3
-TIMEOUT=${XEN_E2E_BOOT_TIMEOUT:-900}
+TIMEOUT=${XEN_E2E_BOOT_TIMEOUT:-1500}
 # -smap: QEMU 7.2's TCG reads far-return/iret stacks as supervisor accesses,
 #        which SMAP blocks: dom0 dies at once.
 # -xsave: with XSAVE exposed, Xen context-switches FPU/SSE/AVX state with
@@ -24,6 +24,10 @@ cp "$E2E_DIR/tests-pyxl-in-dom0.sh" "$share/"
 # XEN_E2E_ONLY_PYXL=1: create the guests, then run only tests-pyxl-in-dom0.sh (debugging).
 [ -n "${XEN_E2E_ONLY_PYXL:-}" ] && touch "$share/only-pyxl"
 echo "${XEN_E2E_HELPER_ORDER:-debian ours}" > "$share/helper-order"
+# XEN_E2E_ROUNDS / XEN_E2E_HVM_ROUNDS: rounds of the xl tests (default 2) and of
+# those of the HVM guest (default 1).
+[ -n "${XEN_E2E_ROUNDS:-}" ] && echo "$XEN_E2E_ROUNDS" > "$share/rounds"
+[ -n "${XEN_E2E_HVM_ROUNDS:-}" ] && echo "$XEN_E2E_HVM_ROUNDS" > "$share/hvm-rounds"
 
 XEN_CMDLINE="console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=1"
 DOM0_CMDLINE="console=hvc0 earlyprintk=xen loglevel=5"

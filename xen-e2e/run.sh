@@ -4,7 +4,7 @@
 #
 # Environment:
 #   XEN_E2E_RUNS=N          boots (each a full test run) in this invocation (default 1)
-#   XEN_E2E_BOOT_TIMEOUT=S  bound on one boot (default 900)
+#   XEN_E2E_BOOT_TIMEOUT=S  bound on one boot (default 1500)
 #   XEN_E2E_CACHE=DIR       cache directory (default xen-e2e/.cache)
 #   XEN_E2E_TESTS=FILE      run FILE in dom0 instead of tests-in-dom0.sh (debugging)
 # Exit status: 0 iff every run finished and no test failed.

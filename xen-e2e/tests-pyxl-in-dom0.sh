@@ -1,5 +1,7 @@
 # pyxl's own toolstack on real Xen (issue 9): sourced by tests-in-dom0.sh once
 # the guests pv1 and pvh1 run; uses its result/begin_op/check_continues/GMAX.
+# They run here WITHOUT a disk or NIC (tests-in-dom0.sh creates them again so):
+# pyxl restores a domain without its vbd/vif devices.
 # pyxl (the CLI, /opt/pyxl/bin/pyxl) picks its real-Xen backend by itself
 # (/dev/xen/privcmd exists): suspend through control/shutdown + @releaseDomain,
 # resume with xc_domain_resume(fast), destroy through libxenctrl + XenStore.
