@@ -1,83 +1,66 @@
 """The real-Xen backend: what libxl does around the helper, in pure Python.
 
-ctypes over Debian's libxenctrl/libxenguest (no compiled extension) for the
-hypervisor, :mod:`pyxl.backends.xenstore` for XenStore.  Chosen by
+ctypes over Debian's libxenctrl/libxenguest (:mod:`~pyxl.backends.xenctrl`) for
+the hypervisor, :mod:`~pyxl.backends.xenstore` for XenStore.  Chosen by
 :func:`pyxl.backends.default.default_backend` where ``/dev/xen/privcmd`` exists.
+PV, PVH and HVM guests; an HVM guest's device model is Debian's QEMU.
 
-* suspend: "suspend" is written to ``/local/domain/D/control/shutdown``; a
-  XenStore watch on ``@releaseDomain`` (its own xenstored connection, whose fd
-  is registered with the operation's loop) wakes us on every domain state
-  change, and ``xc_domain_getinfolist`` tells whether D has shut down with
-  reason suspend (SHUTDOWN_suspend = 2).  A timer bounds the wait; on timeout
-  the request is withdrawn (if the guest never picked it up) and the failure
-  says so.
-* resume: ``xc_domain_resume(fast=1)`` (the cooperative resume: the guest's
-  suspend hypercall returns 1, "cancelled") then XS_RESUME, so xenstored
-  reports the domain's next shutdown again.
-* destroy: ``xc_domain_pause``, ``xc_domain_destroy``, then the XenStore nodes
-  libxl would remove (``/local/domain/D``, its ``vm`` path, ``/libxl/D``,
-  dom0's ``backend/*/D``) and libxl's userdata files for D.  xenstored drops
-  its connection to D by itself once the domain is gone (@releaseDomain).
+* suspend (:mod:`~pyxl.backends.xensuspend`): control/shutdown, or Xen's
+  shutdown for an HVM guest without PV drivers, then a ``@releaseDomain``
+  watch on the operation's loop until D has shut down with reason suspend.
+* resume: an HVM guest's QEMU gets ``cont``; then ``xc_domain_resume(fast=1)``
+  (the cooperative resume) and XS_RESUME.  Unpause: ``cont``, then unpause.
+* the device model of an HVM guest on save (:mod:`~pyxl.backends.hvm` over
+  :class:`~pyxl.backends.devicemodel.QmpDeviceModel`): log-dirty tracking and
+  its saved state through its QMP socket (``/var/run/xen/qmp-libxl-D``:
+  domains of xl and of pyxl alike).
+* destroy: libxl's order (libxl__destroy_domid): pause; the device model
+  (its XenStore directory, SIGHUP, its QMP sockets); the disks and NICs
+  (:mod:`~pyxl.backends.xendevices`: backends closed, ``block remove``,
+  ``vif-bridge offline``; on a private loop, as this call is synchronous);
+  the XenStore nodes
+  (``/vm/UUID`` unless the other copy of a local migration still names it,
+  ``/local/domain/D``, ``/libxl/D``, dom0's ``backend/*/D``); libxl's
+  userdata and the device model's state files; then ``xc_domain_destroy``.
 * domain config (what ``xl save`` puts in the xl header): the JSON libxl
-  stored at creation, ``/var/lib/xen/userdata-d.D.UUID.libxl-json``.
-
-* restore: the empty domain is made as libxl__domain_make/libxl__build_pre
-  make it (xc_domain_create with the config's type, flags and limits,
-  max vCPUs, max memory, the store and console event channels, TSC mode, and
-  for PVH the timer mode, altp2m and paging pool), with libxl's XenStore
-  skeleton and stored config; after the helper, the nodes of
-  libxl__build_post and the primary console are written and the domain is
-  introduced to xenstored with the restored store page (XS_INTRODUCE).
+  stored at creation, ``/var/lib/xen/userdata-d.D.UUID.libxl-json``, with
+  the current name and memory (libxl_retrieve_domain_configuration).
+* restore (:mod:`~pyxl.backends.xenbuild`): the empty domain as
+  libxl__domain_make/libxl__build_pre make it, after checking the saved
+  config asks for nothing pyxl cannot rebuild (:mod:`~pyxl.backends.libxlcfg`);
+  after the helper libxl__build_post, the console (and an HVM guest's vkb),
+  XS_INTRODUCE; then, before the guest may run, its disks with their hotplug
+  scripts, an HVM guest's QEMU (:mod:`~pyxl.backends.hvm`), its NICs
+  (:mod:`~pyxl.backends.xendevices`).  Any failure destroys what was made.
 """
 
 from __future__ import annotations
 
-import logging
 import errno
 import glob
 import json
+import logging
 import os
-import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+import subprocess
+from typing import Any, Callable, Dict, List, Optional
 
-from pyxl.backends.base import NoDeviceModel, RestorePorts
-from pyxl.errors import StartupError
-from pyxl.loop import Loop, Timer
+from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xendevices
+from pyxl.backends.base import Cancellable, EmulatorRecord, NoDeviceModel, RestorePorts, SavedState
+from pyxl.backends.libxlcfg import defbool, to_int  # noqa: F401  (defbool: re-exported)
 from pyxl.backends.xenctrl import DomInfo, Xc, XenError  # noqa: F401  (XenError: re-exported)
+from pyxl.backends.xensuspend import HVM_PARAM_ACPI_S_STATE, HVM_PARAM_CALLBACK_IRQ, Suspend
 from pyxl.backends.xenstore import XenStore, XenStoreError, open_default
+from pyxl.errors import StartupError
+from pyxl.loop import Loop, SelectorLoop
 
 _log = logging.getLogger("pyxl.xen")
 
 USERDATA_DIR = "/var/lib/xen"
 
-
-XEN_DOMCTL_CDF_hvm, XEN_DOMCTL_CDF_hap, XEN_DOMCTL_CDF_oos_off = 1 << 0, 1 << 1, 1 << 3
-XEN_DOMCTL_CDF_nested_virt, XEN_DOMCTL_CDF_vpmu = 1 << 4, 1 << 7
-XEN_X86_EMU_LAPIC = 1 << 0
-XEN_X86_MSR_RELAXED = 1 << 0
-HVM_PARAM_TIMER_MODE, HVM_PARAM_ALTP2M = 10, 35
-LIBXL_MAXMEM_CONSTANT = 1024  # kB, libxl__arch_extra_memory on x86
-LIBXL_XENCONSOLE_LIMIT = 1048576
-TSC_MODES = {"default": 0, "always_emulate": 1, "native": 2}
-TIMER_MODES = {"delay_for_missed_ticks": 0, "no_delay_for_missed_ticks": 1,
-               "no_missed_ticks_pending": 2, "one_missed_tick_pending": 3}
-ALTP2M_MODES = {"disabled": 0, "mixed": 1, "external": 2, "limited": 3}
-
-
-def _defbool(v: Any, default: bool) -> bool:
-    """libxl's JSON for a defbool: true/false, "True"/"False", or "<default>"."""
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    return default
-
-
-def _int(v: Any, default: int) -> int:
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        return default
+# Kept under their old names for callers of this module.
+XEN_DOMCTL_CDF_hvm, XEN_DOMCTL_CDF_hap = xenbuild.XEN_DOMCTL_CDF_hvm, xenbuild.XEN_DOMCTL_CDF_hap
+XEN_X86_EMU_LAPIC = xenbuild.XEN_X86_EMU_LAPIC
+_Suspend = Suspend
 
 
 class XenBackend(NoDeviceModel):
@@ -89,8 +72,10 @@ class XenBackend(NoDeviceModel):
     def __init__(self) -> None:
         self.xc = Xc()
         self._xs: Optional[XenStore] = None
-        self._ports: Dict[int, Tuple[int, int, int, int]] = {}
+        self._ports: Dict[int, xenbuild.Ports] = {}
         self._restoring: Dict[int, Dict[str, Any]] = {}
+        #: QEMU processes this backend started, kept to be reaped
+        self._dm_procs: Dict[int, "subprocess.Popen[bytes]"] = {}
 
     @property
     def xs(self) -> XenStore:
@@ -100,6 +85,10 @@ class XenBackend(NoDeviceModel):
             except OSError as exc:
                 raise StartupError(f"cannot talk to xenstored: {exc}") from exc
         return self._xs
+
+    def _open_xs(self) -> XenStore:
+        """A connection of its own (for a watch on the loop)."""
+        return open_default()
 
     def helper_env(self) -> Dict[str, str]:
         env = dict(os.environ)
@@ -112,6 +101,15 @@ class XenBackend(NoDeviceModel):
             raise StartupError(f"no such domain: {domid}")
         return info
 
+    def _type(self, domid: int) -> str:
+        """"pv", "pvh" or "hvm", as libxl__domain_type: Xen says PV or not, and
+        libxl's ``/libxl/D/type`` tells PVH from HVM."""
+        info = self.xc.getinfo(domid)
+        if info is None or not info.hvm:
+            return "pv"
+        raw = self.xs.read(f"/libxl/{domid}/type")
+        return "pvh" if raw == b"pvh" else "hvm"
+
     def check_domain(self, domid: int) -> None:
         if domid == 0:
             raise StartupError("domain 0 cannot be saved")
@@ -119,16 +117,14 @@ class XenBackend(NoDeviceModel):
 
     def domain_config(self, domid: int) -> Dict[str, Any]:
         info = self._info(domid)
-        path = os.path.join(USERDATA_DIR, f"userdata-d.{domid}.{info.uuid}.libxl-json")
+        path = xenbuild.userdata_path(USERDATA_DIR, domid, info.uuid)
         try:
-            with open(path, "rb") as f:
-                # libxl writes the JSON string with its terminating NUL.
-                cfg: Dict[str, Any] = json.loads(f.read().rstrip(b"\0").decode())
-        except FileNotFoundError:
-            raise StartupError(f"domain {domid} has no libxl config ({path}): pyxl saves "
-                               "domains created by xl/libxl or by pyxl") from None
+            cfg = xenbuild.read_userdata(USERDATA_DIR, domid, info.uuid)
         except (OSError, ValueError) as exc:
             raise StartupError(f"cannot read domain {domid}'s config {path}: {exc}") from exc
+        if cfg is None:
+            raise StartupError(f"domain {domid} has no libxl config ({path}): pyxl saves "
+                               "domains created by xl/libxl or by pyxl")
         # As libxl_retrieve_domain_configuration (what `xl save` writes): the
         # current name and memory from XenStore, the uuid from Xen.  The
         # stored name is stale after a rename (xl migrate's NAME--incoming).
@@ -139,25 +135,39 @@ class XenBackend(NoDeviceModel):
             name = self.xs.read(f"/local/domain/{domid}/name")
             if name:
                 c_info["name"] = name.decode()
-            for node, key in (("memory/static-max", "max_memkb"),
-                              ("memory/target", "target_memkb")):
+            # libxl__get_targetmem_fudge, from the stored config
+            fudge = max(0, to_int(b_info.get("video_memkb"), 0))
+            if c_info.get("type") == "hvm" and \
+                    to_int(b_info.get("max_memkb"), 0) > to_int(b_info.get("target_memkb"), 0):
+                fudge += xenbuild.LIBXL_MAXMEM_CONSTANT
+            for node, key in (("memory/target", "target_memkb"),
+                              ("memory/static-max", "max_memkb")):
                 raw = self.xs.read(f"/local/domain/{domid}/{node}")
                 if raw and raw.isdigit():
-                    val = int(raw)
-                    if key == "target_memkb":
-                        val += max(0, _int(b_info.get("video_memkb"), 0))
-                    b_info[key] = val
+                    b_info[key] = int(raw) + (fudge if key == "target_memkb" else 0)
         except OSError as exc:
             raise StartupError(f"cannot read domain {domid} from XenStore: {exc}") from exc
         return cfg
 
-    # -- suspend --------------------------------------------------------------
+    # -- suspend, resume --------------------------------------------------------
     def start_suspend(self, loop: Loop, domid: int, timeout: float,
-                      done: Callable[[bool, str], None]) -> Timer:
+                      done: Callable[[bool, str], None]) -> Cancellable:
         """Ask the guest to suspend; call ``done(ok, why)`` from the loop once Xen says it has."""
-        return _Suspend(self, loop, domid, timeout, done)
+        via_shutdown = False
+        if self._type(domid) == "hvm":
+            pvdrv = self.xc.hvm_param_get(domid, HVM_PARAM_CALLBACK_IRQ)
+            s_state = self.xc.hvm_param_get(domid, HVM_PARAM_ACPI_S_STATE)
+            via_shutdown = not pvdrv or bool(s_state)
+        return Suspend(self, loop, domid, timeout, done, via_shutdown)
+
+    def _dm_cont(self, domid: int) -> None:
+        """libxl__dm_resume for a qemu-xen device model: QMP ``cont`` (a short
+        exchange on QEMU's local socket, bounded: these calls are synchronous)."""
+        if self._type(domid) == "hvm":
+            hvm.device_model(self.xs, domid).resume()
 
     def resume(self, domid: int) -> None:
+        self._dm_cont(domid)
         self.xc.resume(domid, fast=True)
         self.xs.resume(domid)
 
@@ -165,6 +175,7 @@ class XenBackend(NoDeviceModel):
         self.xc.pause(domid)
 
     def unpause(self, domid: int) -> None:
+        self._dm_cont(domid)
         self.xc.unpause(domid)
 
     def state(self, domid: int) -> Optional[str]:
@@ -185,12 +196,29 @@ class XenBackend(NoDeviceModel):
         """None: a digest of guest memory is fakexen's (a test aid), not a real host's."""
         return None
 
+    # -- the device model on save ----------------------------------------------
+    def start_logdirty(self, loop: Loop, domid: int, enable: bool,
+                       done: Callable[[bool, str], None]) -> Cancellable:
+        if self._type(domid) != "hvm":      # PVH: libxc asks, nobody to tell
+            return super().start_logdirty(loop, domid, enable, done)
+        return hvm.device_model(self.xs, domid).start_logdirty(
+            loop, enable, lambda err: done(err is None, "" if err is None else str(err)))
+
+    def start_save_device_model(self, loop: Loop, domid: int, live: bool,
+                                done: SavedState) -> Cancellable:
+        if self._type(domid) != "hvm":
+            return super().start_save_device_model(loop, domid, live, done)
+        return hvm.device_model(self.xs, domid).start_save(
+            loop, live, lambda records, err: done(records, "" if err is None else str(err)))
+
+    # -- destroy ----------------------------------------------------------------
     def destroy(self, domid: int) -> None:
         info = self.xc.getinfo(domid)
+        xs = self.xs
         dom_path = f"/local/domain/{domid}"
         vm = None
         try:
-            raw = self.xs.read(f"{dom_path}/vm")
+            raw = xs.read(f"{dom_path}/vm")
             vm = raw.decode() if raw else None
         except (OSError, XenStoreError):
             pass
@@ -199,17 +227,17 @@ class XenBackend(NoDeviceModel):
                 self.xc.pause(domid)
             except XenError:
                 pass
-            self.xc.destroy(domid)
-        xs = self.xs
+        hvm.destroy_device_model(xs, domid, self._dm_procs)
+        self._remove_devices(domid)
         for btype in xs.directory("/local/domain/0/backend"):
             xs.rm(f"/local/domain/0/backend/{btype}/{domid}")
-        xs.rm(dom_path)
         # /vm/UUID is shared with the other copy after a migration on this
         # host (same uuid): it goes with the last domain that names it.
         if vm and vm.startswith("/vm/") and not any(
                 (xs.read(f"/local/domain/{other}/vm") or b"").decode(errors="replace") == vm
                 for other in self._domids() if other != domid):
             xs.rm(vm)
+        xs.rm(dom_path)
         xs.rm(f"/libxl/{domid}")
         uuid = info.uuid if info is not None else "*"
         for f in glob.glob(os.path.join(USERDATA_DIR, f"userdata-d.{domid}.{uuid}.*")):
@@ -217,24 +245,61 @@ class XenBackend(NoDeviceModel):
                 os.unlink(f)
             except OSError:
                 pass
+        hvm.remove_state_files(domid)
+        self._restoring.pop(domid, None)
+        self._ports.pop(domid, None)
+        if info is not None:
+            self.xc.destroy(domid)
+
+    def _remove_devices(self, domid: int) -> None:
+        """libxl__devices_destroy (forced).  ``destroy`` is synchronous in pyxl's
+        Backend protocol, so the waits for the backends and the hotplug scripts
+        run on a private loop here, bounded by libxl's timeouts."""
+        loop = SelectorLoop()
+        gone: List[bool] = []
+        removal = None
+        try:
+            removal = xendevices.DevicesRemoval(loop, self._open_xs, self.xs, domid,
+                                                lambda: gone.append(True))
+            loop.run_until(lambda: bool(gone), xendevices.DESTROY_TIMEOUT
+                           + 2 * xendevices.HOTPLUG_TIMEOUT + 5)
+        except OSError as exc:
+            _log.error("domain %d: removing its devices: %s", domid, exc)
+        finally:
+            if removal is not None:
+                removal.cancel()
+            loop.close()
 
     # -- restore ---------------------------------------------------------------
     def create_restore_target(self, config: Dict[str, Any]) -> int:
         """The empty domain a restore goes into, as libxl__domain_make +
-        libxl__build_pre make it for a PV or PVH guest (no devices but the
-        console and XenStore).  Half-made domains are destroyed on failure."""
-        c_info = config.get("c_info") or {}
+        libxl__build_pre make it.  A saved config asking for what pyxl does
+        not rebuild is refused first; half-made domains are destroyed."""
+        config = _copy(config)
+        c_info = config.setdefault("c_info", {})
         b_info = config.get("b_info") or {}
         dtype = c_info.get("type") or "pv"
-        if dtype not in ("pv", "pvh"):
-            raise StartupError(f"pyxl restores PV and PVH guests, not {dtype!r}")
         if not config.get("b_info"):
             raise StartupError("saved config has no b_info")
+        libxlcfg.check_restorable(config)
         try:
             max_memkb = int(b_info["max_memkb"])
-            target_memkb = int(b_info.get("target_memkb", max_memkb))
+            int(b_info.get("target_memkb", max_memkb))
         except (KeyError, TypeError, ValueError) as exc:
             raise StartupError("saved config has no usable b_info.max_memkb") from exc
+        libxlcfg.prepare_nics(config)
+        disks = libxlcfg.disks(config)      # the paths are looked at now, not later
+        if dtype == "hvm":
+            dm = str(b_info.get("device_model") or qemu_args.QEMU_XEN_PATH)
+            if not os.access(dm, os.X_OK):
+                raise StartupError(f"the device model {dm} is not executable (Debian: "
+                                   "qemu-system-xen)")
+            # the argv must build now, not once the domain exists
+            qemu_args.device_model_command(config, 0, 0, dict(os.environ))
+        elif any(d.backend == "qdisk" for d in disks):
+            raise StartupError("pyxl cannot restore this domain on Xen: disk "
+                               f"{[d.vdev for d in disks if d.backend == 'qdisk'][0]} needs "
+                               "QEMU as its backend (qdisk), which pyxl starts for HVM only")
         name = c_info.get("name") or "restored"
         for other in self._domids():
             raw = self.xs.read(f"/local/domain/{other}/name")
@@ -248,49 +313,41 @@ class XenBackend(NoDeviceModel):
             handle = os.urandom(16)
             uuid = handle.hex()
             uuid = f"{uuid[:8]}-{uuid[8:12]}-{uuid[12:16]}-{uuid[16:20]}-{uuid[20:]}"
-        flags = 0
-        emu = 0
-        if dtype == "pvh":
-            flags |= XEN_DOMCTL_CDF_hvm
-            if _defbool(c_info.get("hap"), True):
-                flags |= XEN_DOMCTL_CDF_hap
-            if not _defbool(c_info.get("oos"), True):
-                flags |= XEN_DOMCTL_CDF_oos_off
-            if _defbool(b_info.get("nested_hvm"), False):
-                flags |= XEN_DOMCTL_CDF_nested_virt
-            emu = XEN_X86_EMU_LAPIC
-        if _defbool(b_info.get("vpmu"), False):
-            flags |= XEN_DOMCTL_CDF_vpmu
-        misc = XEN_X86_MSR_RELAXED if _defbool((b_info.get("arch_x86") or {})
-                                               .get("msr_relaxed"), False) else 0
-        max_vcpus = _int(b_info.get("max_vcpus"), 1)
-        grant_version = _int(b_info.get("max_grant_version"), -1)
+        c_info["uuid"] = uuid
+        if dtype == "hvm":
+            b_info["video_memkb"] = libxlcfg.video_memkb(config)   # libxl records it
+        flags, emu, misc = xenbuild.create_flags(config)
+        grant_version = to_int(b_info.get("max_grant_version"), -1)
         if grant_version < 0:
             grant_version = 2
         try:
-            domid = self.xc.create(handle, flags, max_vcpus,
-                                   _int(b_info.get("event_channels"), 1023),
-                                   _int(b_info.get("max_grant_frames"), -1),
-                                   _int(b_info.get("max_maptrack_frames"), -1),
-                                   grant_version & 0xF, _int(c_info.get("poolid"), 0),
-                                   emu, misc, _int(c_info.get("ssidref"), 0))
+            domid = self.xc.create(handle, flags, to_int(b_info.get("max_vcpus"), 1),
+                                   to_int(b_info.get("event_channels"), 1023),
+                                   to_int(b_info.get("max_grant_frames"), -1),
+                                   to_int(b_info.get("max_maptrack_frames"), -1),
+                                   grant_version & 0xF, to_int(c_info.get("poolid"), 0),
+                                   emu, misc, to_int(c_info.get("ssidref"), 0))
         except OSError as exc:
             raise StartupError(f"cannot create the domain to restore into: {exc}") from exc
         try:
-            self._build_pre(domid, dtype, c_info, b_info, max_memkb, target_memkb)
-            self._make_xenstore(domid, dtype, name, uuid)
-            self._write_userdata(domid, uuid, config)
+            self._ports[domid] = xenbuild.build_pre(self.xc, self.xs, domid, config)
+            xenbuild.make_xenstore(self.xs, domid, config, name, uuid)
+            if dtype == "hvm":
+                self.xs.mkdir(hvm.dm_path(domid))
+            xenbuild.write_userdata(USERDATA_DIR, domid, uuid, config)
         except BaseException as exc:
-            try:
-                self.destroy(domid)
-            except Exception:
-                pass
+            self._destroy_quietly(domid)
             if isinstance(exc, OSError):
                 raise StartupError(f"cannot prepare domain {domid} for the restore: {exc}") from exc
             raise
-        self._restoring[domid] = {"type": dtype, "b_info": b_info, "name": name,
-                                  "max_memkb": max_memkb, "target_memkb": target_memkb}
+        self._restoring[domid] = config
         return domid
+
+    def _destroy_quietly(self, domid: int) -> None:
+        try:
+            self.destroy(domid)
+        except Exception as exc:
+            _log.error("could not destroy half-made domain %d: %s", domid, exc)
 
     def rename(self, domid: int, name: str) -> None:
         """Rename a domain (XenStore and libxl's stored config), as
@@ -312,239 +369,57 @@ class XenBackend(NoDeviceModel):
             self.xs.transaction_end(tx, commit=False)
             raise
         self.xs.transaction_end(tx)
-        path = os.path.join(USERDATA_DIR, f"userdata-d.{domid}.{info.uuid}.libxl-json")
         try:
-            with open(path, "rb") as f:
-                cfg: Dict[str, Any] = json.loads(f.read().rstrip(b"\0").decode())
+            cfg = xenbuild.read_userdata(USERDATA_DIR, domid, info.uuid)
         except (OSError, ValueError):
             return
-        cfg.setdefault("c_info", {})["name"] = name
-        self._write_userdata(domid, info.uuid, cfg)
+        if cfg is not None:
+            cfg.setdefault("c_info", {})["name"] = name
+            xenbuild.write_userdata(USERDATA_DIR, domid, info.uuid, cfg)
 
     def _domids(self) -> List[int]:
         return [int(d) for d in self.xs.directory("/local/domain") if d.isdigit()]
-
-    def _build_pre(self, domid: int, dtype: str, c_info: Dict[str, Any],
-                   b_info: Dict[str, Any], max_memkb: int, target_memkb: int) -> None:
-        xc = self.xc
-        xc.call("xc_domain_max_vcpus", domid, _int(b_info.get("max_vcpus"), 1))
-        xc.call("xc_domain_setmaxmem", domid, target_memkb + LIBXL_MAXMEM_CONSTANT)
-        store_dom = _int((self.xs.read("/tool/xenstored/domid") or b"0").decode(), 0)
-        console_dom = _int((self.xs.read("/tool/xenconsoled/domid") or b"0").decode(), 0)
-        store_port = xc.call("xc_evtchn_alloc_unbound", domid, store_dom)
-        console_port = xc.call("xc_evtchn_alloc_unbound", domid, console_dom)
-        self._ports[domid] = (store_port, store_dom, console_port, console_dom)
-        # libxl__arch_domain_create (x86)
-        if dtype == "pvh":
-            xc.call("xc_hvm_param_set", domid, HVM_PARAM_TIMER_MODE,
-                    TIMER_MODES.get(str(b_info.get("timer_mode")), 1))
-            xc.call("xc_hvm_param_set", domid, HVM_PARAM_ALTP2M,
-                    ALTP2M_MODES.get(str(b_info.get("altp2m")), 0))
-        else:
-            pv = (b_info.get("type.pv") or {})
-            xc.call("xc_domain_set_memmap_limit", domid,
-                    max_memkb + _int(pv.get("slack_memkb"), 0))
-        tsc = str(b_info.get("tsc_mode") or "default")
-        if tsc not in TSC_MODES:
-            raise StartupError(f"tsc_mode {tsc!r} is not supported")
-        xc.call("xc_domain_set_tsc_info", domid, TSC_MODES[tsc], 0, 0, 0)
-        if dtype == "pvh":
-            shadow_kb = _int(b_info.get("shadow_memkb"), -1)
-            if shadow_kb <= 0:  # libxl_get_required_shadow_memory
-                shadow_kb = 4 * (256 * _int(b_info.get("max_vcpus"), 1) + 2 * (max_memkb // 1024))
-            xc.call("xc_set_paging_mempool_size", domid, shadow_kb << 10)
-
-    def _make_xenstore(self, domid: int, dtype: str, name: str, uuid: str) -> None:
-        """The nodes libxl__domain_make writes, with its permissions."""
-        xs = self.xs
-        dom, vm, lx = f"/local/domain/{domid}", f"/vm/{uuid}", f"/libxl/{domid}"
-        ro, rw, no = ["n0", f"r{domid}"], [f"n{domid}"], ["n0"]
-        tx = xs.transaction_start()
-        try:
-            def mknod(path: str, perms: List[Any]) -> None:
-                xs.write(path, b"", tx)
-                xs.set_perms(path, perms, tx)
-            for path, perms in ((dom, ro), (vm, ro), (lx, no)):
-                xs.rm(path, tx)
-                mknod(path, perms)
-            mknod(f"{lx}/device", no)
-            xs.write(f"{dom}/vm", vm, tx)
-            xs.write(f"{dom}/name", name, tx)
-            for sub in ("cpu", "memory", "device", "control"):
-                mknod(f"{dom}/{sub}", ro)
-            mknod(f"{dom}/device/suspend/event-channel", rw)
-            for sub in ("control/shutdown", "control/feature-poweroff", "control/feature-reboot",
-                        "control/feature-suspend", "control/sysrq", "data", "drivers",
-                        "feature", "attr", "error"):
-                mknod(f"{dom}/{sub}", rw)
-            xs.write(f"{vm}/uuid", uuid, tx)
-            xs.write(f"{vm}/name", name, tx)
-            xs.write(f"{dom}/control/platform-feature-multiprocessor-suspend", "1", tx)
-            xs.write(f"{dom}/control/platform-feature-xs_reset_watches", "1", tx)
-            xs.write(f"{lx}/type", dtype, tx)
-        except BaseException:
-            xs.transaction_end(tx, commit=False)
-            raise
-        xs.transaction_end(tx)
-
-    def _write_userdata(self, domid: int, uuid: str, config: Dict[str, Any]) -> None:
-        """libxl's stored config, so xl and pyxl can save the domain again."""
-        cfg = json.loads(json.dumps(config))
-        cfg.setdefault("c_info", {})["uuid"] = uuid
-        path = os.path.join(USERDATA_DIR, f"userdata-d.{domid}.{uuid}.libxl-json")
-        tmp = path + ".pyxl-tmp"
-        with open(tmp, "wb") as f:
-            f.write(json.dumps(cfg, indent=4).encode() + b"\n\0")
-        os.rename(tmp, path)
 
     def restore_ports(self, domid: int) -> RestorePorts:
         """(store port, store domain, console port, console domain) for the helper's argv."""
         return self._ports[domid]
 
     def restore_done(self, domid: int, store_mfn: int, console_mfn: int) -> None:
-        """libxl__build_post and the primary console's nodes, then XS_INTRODUCE."""
-        st = self._restoring.pop(domid)
-        store_port, store_dom, console_port, console_dom = self._ports.pop(domid)
-        b_info = st["b_info"]
-        dom = f"/local/domain/{domid}"
-        video = max(0, _int(b_info.get("video_memkb"), 0))
-        ents = {
-            "memory/static-max": st["max_memkb"],
-            "memory/target": st["target_memkb"] - video,
-            "memory/videoram": _int(b_info.get("video_memkb"), -1),
-            "domid": domid,
-            "store/port": store_port,
-            "store/ring-ref": store_mfn,
-        }
-        avail = b_info.get("avail_vcpus")
-        for i in range(_int(b_info.get("max_vcpus"), 1)):
-            online = (avail is None or i in avail) if isinstance(avail, list) else True
-            ents[f"cpu/{i}/availability"] = "online" if online else "offline"
-        xs = self.xs
-        vm = (xs.read(f"{dom}/vm") or b"").decode()
-        tx = xs.transaction_start()
-        try:
-            for k, v in ents.items():
-                xs.write(f"{dom}/{k}", str(v), tx)
-            if vm:
-                xs.write(f"{vm}/start_time", f"{time.time():.2f}", tx)
-            # the primary console (libxl__device_console_add, xenconsoled
-            # backend): the nodes and permissions `xl create` leaves
-            con = f"{dom}/console"
-            back = f"/local/domain/{console_dom}/backend/console/{domid}/0"
-            ro = ["n0", f"r{domid}"]
-            xs.write(con, b"", tx)
-            xs.set_perms(con, ro, tx)
-            for k, v in (("backend", back), ("backend-id", console_dom),
-                         ("limit", LIBXL_XENCONSOLE_LIMIT), ("type", "xenconsoled"),
-                         ("output", "pty"), ("tty", ""), ("port", console_port),
-                         ("ring-ref", console_mfn)):
-                xs.write(f"{con}/{k}", str(v), tx)
-                xs.set_perms(f"{con}/{k}", ro, tx)
-            xs.set_perms(f"{con}/backend-id", [f"n{domid}", f"r{console_dom}"], tx)
-            xs.write(back, b"", tx)
-            xs.set_perms(back, ["n0", f"r{domid}"], tx)
-            lx = f"/libxl/{domid}/device/console/0"
-            for k, v in (("frontend", con), ("frontend-id", domid), ("online", 1),
-                         ("state", 1), ("protocol", "vt100")):
-                xs.write(f"{back}/{k}", str(v), tx)
-                xs.write(f"{lx}/{k}", str(v), tx)
-            xs.write(f"{lx}/backend", back, tx)
-        except BaseException:
-            xs.transaction_end(tx, commit=False)
-            raise
-        xs.transaction_end(tx)
-        xs.introduce(domid, store_mfn, store_port)
+        """libxl__build_post and the devices before the device model, then XS_INTRODUCE."""
+        config = self._restoring[domid]
+        xenbuild.build_post(self.xs, domid, config, self._ports[domid], store_mfn, console_mfn)
+
+    def start_restore_device_model(self, loop: Loop, domid: int, records: List[EmulatorRecord],
+                                   done: Callable[[bool, str], None]) -> Cancellable:
+        """As libxl before the guest may run: the disks (with their hotplug
+        scripts), an HVM guest's QEMU on the stream's saved state, the NICs."""
+        config = self._restoring.pop(domid, None)
+        self._ports.pop(domid, None)
+        if config is None:
+            return super().start_restore_device_model(loop, domid, records, done)
+        xs, opener = self.xs, self._open_xs
+        hvm_guest = (config.get("c_info") or {}).get("type") == "hvm"
+        protocol = None
+        if (config.get("c_info") or {}).get("type") == "pv":
+            protocol = self.xc.native_protocol(domid)
+        steps: List[xendevices.Step] = []
+        for disk in libxlcfg.disks(config):
+            steps += xendevices.add_disk(loop, opener, xs, domid, disk, protocol)
+        if hvm_guest:
+            def start_dm(next_: Callable[[Optional[str]], None]) -> Cancellable:
+                return hvm.DeviceModelStart(
+                    loop, opener, xs, domid, config, records,
+                    lambda ok, why: next_(None if ok else why),
+                    self._dm_procs)
+            steps.append(start_dm)
+            steps.append(lambda next_: hvm.ChardevPostconfig(
+                loop, xs, domid, lambda ok, why: next_(None if ok else why)))
+        for nic in libxlcfg.nics(config):
+            steps += xendevices.add_nic(loop, opener, xs, domid, nic)
+        return xendevices.DeviceSteps(loop, steps, done)
 
 
-class _Suspend:
-    """One suspend in flight: a @releaseDomain watch on its own xenstored connection."""
-
-    def __init__(self, be: XenBackend, loop: Loop, domid: int, timeout: float,
-                 done: Callable[[bool, str], None]) -> None:
-        self.be, self.loop, self.domid, self.timeout = be, loop, domid, timeout
-        self._done_cb = done
-        self.finished = False
-        self.token = f"pyxl-suspend-{os.getpid()}-{domid}-{id(self):x}"
-        self.xs: Optional[XenStore] = None
-        self.timer: Optional[Timer] = None
-        self.started = time.monotonic()
-        self.events = 0
-        try:
-            self.xs = open_default()
-            self.xs.watch("@releaseDomain", self.token)
-            self.xs.write(f"/local/domain/{domid}/control/shutdown", "suspend")
-        except OSError as exc:
-            self._close()
-            why = f"XenStore: {exc}"  # exc itself is unbound once the except block ends
-            self.timer = loop.call_later(0, lambda: self._finish(False, why))
-            return
-        loop.add_reader(self.xs.fileno(), self._readable)
-        self.timer = loop.call_later(timeout, self._timed_out)
-
-    def _close(self) -> None:
-        if self.xs is not None:
-            try:
-                self.loop.remove_reader(self.xs.fileno())
-            except Exception:
-                pass
-            self.xs.close()
-            self.xs = None
-
-    def cancel(self) -> None:
-        self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-        self._close()
-
-    def _finish(self, ok: bool, why: str) -> None:
-        if self.finished:
-            return
-        self.cancel()
-        _log.info("domain %d %s after %.3f s (%d @releaseDomain events)", self.domid,
-                  "suspended" if ok else f"did not suspend ({why})",
-                  time.monotonic() - self.started, self.events)
-        self._done_cb(ok, why)
-
-    def _state(self) -> Optional[str]:
-        """None while the guest is still on its way; "" once suspended; else why not."""
-        info = self.be.xc.getinfo(self.domid)
-        if info is None or info.dying:
-            return f"domain {self.domid} disappeared while suspending"
-        if info.suspended:
-            return ""
-        if info.shutdown:
-            return f"domain {self.domid} shut down with reason {info.shutdown_reason}, not suspend"
-        return None
-
-    def _readable(self) -> None:
-        if self.xs is None:
-            return
-        try:
-            self.events += len(self.xs.events())
-            why = self._state()
-        except OSError as exc:
-            self._finish(False, f"while waiting for the suspend: {exc}")
-            return
-        if why is not None:
-            self._finish(why == "", why)
-
-    def _timed_out(self) -> None:
-        if self.finished:
-            return
-        # Withdraw the request if the guest never picked it up (libxl does the
-        # same), so it cannot suspend later behind our back.
-        try:
-            xs = self.xs
-            if xs is not None:
-                path = f"/local/domain/{self.domid}/control/shutdown"
-                if xs.read(path) == b"suspend":
-                    xs.write(path, "")
-            why = self._state()
-        except OSError:
-            why = None
-        if why == "":
-            self._finish(True, "")
-            return
-        self._finish(False, why or (f"guest did not suspend within {self.timeout:g}s "
-                                    "(no PV drivers answering control/shutdown?)"))
+def _copy(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A deep copy of a JSON config (the caller's stays as it was)."""
+    out: Dict[str, Any] = json.loads(json.dumps(config))
+    return out

@@ -10,7 +10,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import List, Tuple
 
 import pytest
 
@@ -18,94 +18,11 @@ from pyxl.backends import xenstore
 from pyxl.loop import SelectorLoop
 from pyxl.backends.xen import XenBackend, _Suspend
 from pyxl.backends.xenctrl import (SHUTDOWN_poweroff, SHUTDOWN_suspend, XEN_DOMINF_shutdown,
-                                   XEN_DOMINF_shutdownshift, DomInfo)
+                                   XEN_DOMINF_shutdownshift)
 from pyxl.backends.xenstore import XenStore, XenStoreError
+from xenfakes import FakeXc, FakeXenstored, RecordingXc, backend, dominfo
 
 H = struct.Struct("=IIII")
-
-
-class FakeXenstored:
-    """Just enough xenstored: a flat dict of nodes, watches that fire on writes
-    under their path and once on registration, as xenstored does."""
-
-    def __init__(self) -> None:
-        self.client, self.server = socket.socketpair()
-        self.nodes: Dict[str, bytes] = {}
-        self.watches: List[Tuple[str, str]] = []
-        self.log: List[Tuple[int, int, List[bytes]]] = []
-        self.lock = threading.Lock()
-        self.t = threading.Thread(target=self._serve, daemon=True)
-        self.t.start()
-
-    def send(self, mtype: int, req: int, tx: int, payload: bytes) -> None:
-        with self.lock:
-            self.server.sendall(H.pack(mtype, req, tx, len(payload)) + payload)
-
-    def fire(self, path: str) -> None:
-        for wpath, token in list(self.watches):
-            if path == wpath or path.startswith(wpath.rstrip("/") + "/"):
-                self.send(xenstore.XS_WATCH_EVENT, 0, 0, path.encode() + b"\0" + token.encode() + b"\0")
-
-    def _recv(self, n: int) -> bytes:
-        b = b""
-        while len(b) < n:
-            c = self.server.recv(n - len(b))
-            if not c:
-                raise EOFError
-            b += c
-        return b
-
-    def _serve(self) -> None:
-        try:
-            while True:
-                mtype, req, tx, ln = H.unpack(self._recv(H.size))
-                body = self._recv(ln) if ln else b""
-                self._handle(mtype, req, tx, body)
-        except (EOFError, OSError):
-            pass
-
-    def _handle(self, mtype: int, req: int, tx: int, body: bytes) -> None:
-        parts = body.split(b"\0")
-        self.log.append((mtype, tx, parts))
-        ok = lambda: self.send(mtype, req, tx, b"OK\0")  # noqa: E731
-        err = lambda name: self.send(xenstore.XS_ERROR, req, tx, name + b"\0")  # noqa: E731
-        path = parts[0].decode()
-        if mtype == xenstore.XS_READ:
-            if path in self.nodes:
-                self.send(mtype, req, tx, self.nodes[path])
-            else:
-                err(b"ENOENT")
-        elif mtype == xenstore.XS_WRITE:
-            self.nodes[path] = body[len(parts[0]) + 1:]
-            ok()
-            self.fire(path)
-        elif mtype == xenstore.XS_RM:
-            gone = [p for p in self.nodes if p == path or p.startswith(path + "/")]
-            if not gone:
-                err(b"ENOENT")
-                return
-            for p in gone:
-                del self.nodes[p]
-            ok()
-        elif mtype == xenstore.XS_DIRECTORY:
-            kids = sorted({p[len(path) + 1:].split("/")[0] for p in self.nodes
-                           if p.startswith(path + "/")})
-            self.send(mtype, req, tx, b"".join(k.encode() + b"\0" for k in kids))
-        elif mtype == xenstore.XS_WATCH:
-            self.watches.append((path, parts[1].decode()))
-            ok()
-            self.fire(path)  # xenstored fires every new watch once
-        elif mtype == xenstore.XS_TRANSACTION_START:
-            self.send(mtype, req, tx, b"7\0")
-        elif mtype in (xenstore.XS_RESUME, xenstore.XS_INTRODUCE, xenstore.XS_TRANSACTION_END,
-                       xenstore.XS_UNWATCH, xenstore.XS_RELEASE, xenstore.XS_SET_PERMS):
-            ok()
-        else:
-            err(b"EINVAL")
-
-    def close(self) -> None:
-        self.server.close()
-        self.client.close()
 
 
 @pytest.fixture
@@ -187,11 +104,7 @@ def test_closed_connection_raises():
     a.close()
 
 
-def _info(domid: int, flags: int) -> DomInfo:
-    buf = bytearray(1024)
-    struct.pack_into("=HHI", buf, 0, domid, 0, flags)
-    buf[76:92] = bytes(range(16))
-    return DomInfo(bytes(buf))
+_info = dominfo
 
 
 def test_dominfo_decoding():
@@ -200,16 +113,6 @@ def test_dominfo_decoding():
     assert i.uuid == "00010203-0405-0607-0809-0a0b0c0d0e0f"
     j = _info(4, XEN_DOMINF_shutdown | (SHUTDOWN_poweroff << XEN_DOMINF_shutdownshift))
     assert j.shutdown and not j.suspended
-
-
-class FakeXc:
-    def __init__(self) -> None:
-        self.flags = 0
-        self.calls: List[str] = []
-
-    def getinfo(self, domid: int) -> Optional[DomInfo]:
-        self.calls.append("getinfo")
-        return _info(domid, self.flags)
 
 
 def _suspend_with(xsd: FakeXenstored, monkeypatch, guest, timeout=5.0):
@@ -257,39 +160,6 @@ def test_suspend_reports_other_shutdown(xsd, monkeypatch):
     assert out[0][0] is False and "reason 0" in out[0][1]
 
 
-class RecordingXc(FakeXc):
-    """libxenctrl stand-in recording what the backend asks of it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.created: List[tuple] = []
-        self.log: List[tuple] = []
-        self.domains: Dict[int, int] = {}
-        self.next_port = 1
-
-    def create(self, *args, **kw) -> int:
-        self.created.append(args)
-        self.domains[7] = 0
-        return 7
-
-    def call(self, fn: str, *args) -> int:
-        self.log.append((fn,) + args)
-        if fn == "xc_evtchn_alloc_unbound":
-            self.next_port += 1
-            return self.next_port - 1
-        return 0
-
-    def getinfo(self, domid: int) -> Optional[DomInfo]:
-        return _info(domid, 0) if domid in self.domains else None
-
-    def pause(self, domid: int) -> None:
-        self.log.append(("pause", domid))
-
-    def destroy(self, domid: int) -> None:
-        self.log.append(("destroy", domid))
-        self.domains.pop(domid, None)
-
-
 PVH_CONFIG = {"c_info": {"type": "pvh", "name": "g1", "uuid": "00010203-0405-0607-0809-0a0b0c0d0e0f",
                          "hap": "True"},
               "b_info": {"max_vcpus": 1, "max_memkb": 131072, "target_memkb": 131072,
@@ -301,10 +171,8 @@ PVH_CONFIG = {"c_info": {"type": "pvh", "name": "g1", "uuid": "00010203-0405-060
 def test_restore_target_pvh(xsd, tmp_path, monkeypatch):
     from pyxl.backends import xen as xenbackend
     monkeypatch.setattr(xenbackend, "USERDATA_DIR", str(tmp_path))
-    be = XenBackend.__new__(XenBackend)
-    be.xc = RecordingXc()
-    be._xs = XenStore(sock=xsd.client)
-    be._ports, be._restoring = {}, {}
+    monkeypatch.setattr("pyxl.backends.hvm.LIB_DIR", str(tmp_path))
+    be = backend(xsd, RecordingXc())
     domid = be.create_restore_target(PVH_CONFIG)
     assert domid == 7
     (handle, flags, max_vcpus, evtchn, gframes, mframes, gopts, pool, emu, misc, ssid), = \
@@ -348,10 +216,8 @@ import pyxl.errors as pyxl_errors  # noqa: E402
 def test_domain_config_takes_current_name_and_memory(xsd, tmp_path, monkeypatch):
     from pyxl.backends import xen as xenbackend
     monkeypatch.setattr(xenbackend, "USERDATA_DIR", str(tmp_path))
-    be = XenBackend.__new__(XenBackend)
-    be.xc = RecordingXc()
+    be = backend(xsd, RecordingXc())
     be.xc.domains[3] = 0
-    be._xs = XenStore(sock=xsd.client)
     uuid = "00010203-0405-0607-0809-0a0b0c0d0e0f"
     (tmp_path / f"userdata-d.3.{uuid}.libxl-json").write_bytes(
         b'{"c_info": {"name": "g--incoming"}, "b_info": {"max_memkb": 1, "video_memkb": -1}}\n\0')

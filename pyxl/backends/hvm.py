@@ -1,0 +1,306 @@
+"""An HVM guest's device model on a Xen host, as libxl drives Debian's QEMU.
+
+:func:`device_model` makes the domain's QEMU a
+:class:`~pyxl.backends.devicemodel.QmpDeviceModel` (QMP steps: log-dirty,
+save, ``cont``, start on a saved state) with libxl's paths: QMP socket
+``/var/run/xen/qmp-libxl-D``, state files ``/var/lib/xen/qemu-save.D`` and
+``qemu-resume.D``, physmap keys under ``/local/domain/0/device-model/D``, and
+killed with SIGHUP by the pid in ``/local/domain/D/image/device-model-pid``.
+It works for a QEMU xl started as well as for pyxl's.
+
+Restore (libxl_create.c domcreate_launch_dm, libxl_dm.c libxl__spawn_local_dm),
+:class:`DeviceModelStart`:
+
+1. ``hvmloader/bios``, ``hvmloader/allow-memory-relocate`` and the
+   device-model directory are written; the stream's EMULATOR_XENSTORE_DATA
+   keys go under it and its EMULATOR_CONTEXT to ``qemu-resume.D``;
+2. QEMU is started with :func:`pyxl.backends.qemu_args.device_model_command`
+   and ``-incoming fd:N`` on that file, in its own session, stdin /dev/null,
+   output to ``/var/log/xen/qemu-dm-NAME.log`` (rotated as
+   libxl_create_logfile), its pid recorded in XenStore;
+3. it is ready when it writes ``running`` to ``device-model/D/state``
+   (within 60 s): a XenStore watch on the loop; its early exit fails the start
+   at once (a pidfd); the state file is removed either way;
+4. :class:`ChardevPostconfig`: its serial ptys are published in XenStore.
+
+Destroy (libxl__destroy_device_model, libxl__qmp_cleanup):
+:func:`destroy_device_model` removes the device-model directory, sends QEMU
+SIGHUP and unlinks both QMP sockets; :func:`remove_state_files` the
+qemu-save/qemu-resume files.
+
+May import: pyxl.backends.base, pyxl.backends.devicemodel, pyxl.backends.qemu_args,
+pyxl.backends.xenstore, pyxl.backends.xswatch, pyxl.errors, pyxl.loop, pyxl.qmp.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from pyxl.backends import qemu_args
+from pyxl.backends.base import Cancellable
+from pyxl.backends.devicemodel import QmpDeviceModel
+from pyxl.backends.xenstore import XenStore
+from pyxl.backends.xswatch import Outcome, XsWait
+from pyxl.errors import DeviceModelError
+from pyxl.loop import Loop
+from pyxl.qmp import QmpClient
+
+__all__ = ["ChardevPostconfig", "DeviceModelStart", "LIB_DIR", "LOG_DIR", "START_TIMEOUT", "destroy_device_model",
+           "device_model", "dm_path", "physmap", "remove_state_files", "restore_file",
+           "save_file"]
+
+_log = logging.getLogger("pyxl.xen")
+
+LIB_DIR = "/var/lib/xen"
+LOG_DIR = "/var/log/xen"
+#: LIBXL_DEVICE_MODEL_START_TIMEOUT
+START_TIMEOUT = 60.0
+
+
+def dm_path(domid: int) -> str:
+    """The device model's XenStore directory (DEVICE_MODEL_XS_PATH, dom0's QEMU)."""
+    return f"/local/domain/0/device-model/{domid}"
+
+
+def save_file(domid: int) -> str:
+    return os.path.join(LIB_DIR, f"qemu-save.{domid}")
+
+
+def restore_file(domid: int) -> str:
+    return os.path.join(LIB_DIR, f"qemu-resume.{domid}")
+
+
+def _open_log(name: str) -> int:
+    """libxl_create_logfile + libxl__create_qemu_logfile: ``NAME.log`` in
+    LOG_DIR, the old ones rotated to .1 ... .10; opened for appending."""
+    path = os.path.join(LOG_DIR, f"{name}.log")
+    if os.path.exists(path):
+        for i in range(9, 0, -1):
+            try:
+                os.rename(f"{path}.{i}", f"{path}.{i + 1}")
+            except FileNotFoundError:
+                pass
+        os.rename(path, f"{path}.1")
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+
+
+def _log_tail(name: str, lines: int = 5) -> str:
+    try:
+        with open(os.path.join(LOG_DIR, f"{name}.log"), "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            tail = f.read().decode(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "; its log ends: " + " | ".join(tail) if tail else ""
+
+
+Popen = Callable[..., "subprocess.Popen[Any]"]
+
+
+def physmap(xs: XenStore, domid: int) -> Dict[str, str]:
+    """The ``physmap/<id>/{start_addr,size,name}`` keys QEMU keeps under its
+    XenStore directory (only with Xen < 4.10's interface), for the
+    EMULATOR_XENSTORE_DATA record (libxl__save_emulator_xenstore_data); a
+    missing subkey is an error, as in libxl."""
+    base = dm_path(domid)
+    out: Dict[str, str] = {}
+    for ent in xs.directory(f"{base}/physmap"):
+        for sub in ("start_addr", "size", "name"):
+            key = f"physmap/{ent}/{sub}"
+            val = xs.read(f"{base}/{key}")
+            if val is None:
+                raise DeviceModelError(f"{base}/{key} is missing")
+            out[key] = val.decode(errors="replace")
+    return out
+
+
+def _kill_by_pid(xs: XenStore, domid: int) -> None:
+    """libxl__kill_xs_path: SIGHUP to the pid QEMU's spawner recorded."""
+    raw = xs.read(f"/local/domain/{domid}/image/device-model-pid")
+    if raw and raw.strip().isdigit():
+        try:
+            os.kill(int(raw), signal.SIGHUP)
+        except ProcessLookupError:
+            _log.info("domain %d: its device model had exited already", domid)
+
+
+def device_model(xs: XenStore, domid: int, ready: Optional[Callable[[], bool]] = None,
+                 ready_timeout: float = START_TIMEOUT) -> QmpDeviceModel:
+    """The domain's QEMU as a :class:`QmpDeviceModel`: libxl's QMP socket and
+    state files, the physmap keys through XenStore, killed by its recorded pid."""
+    def write_keys(kv: Dict[str, str]) -> None:
+        for k, v in kv.items():
+            xs.write(f"{dm_path(domid)}/{k}", v)
+
+    return QmpDeviceModel(domid, qemu_args.qmp_path(domid), save_file(domid),
+                          restore_file(domid), ready=ready,
+                          kill=lambda: _kill_by_pid(xs, domid),
+                          xenstore_data=lambda: physmap(xs, domid),
+                          write_xenstore_data=write_keys, ready_timeout=ready_timeout,
+                          logger=logging.getLogger(f"pyxl.domain.{domid}"))
+
+
+class DeviceModelStart:
+    """Start QEMU on a restored HVM domain's saved state; ``done(ok, why)`` once
+    it runs (or not), from the loop.
+
+    :meth:`QmpDeviceModel.start_restore` writes the state file, spawns QEMU on
+    it (here: libxl's argv, log and session) and checks readiness; readiness
+    here is a flag set by a XenStore watch on ``device-model/D/state`` (its
+    own connection, on the loop), so the check reads no XenStore itself.
+    ``procs`` keeps the Popen for reaping."""
+
+    def __init__(self, loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: int,
+                 config: Dict[str, Any], records: List[Tuple[int, bytes]],
+                 done: Callable[[bool, str], None], procs: Dict[int, "subprocess.Popen[Any]"],
+                 timeout: float = START_TIMEOUT, popen: Popen = subprocess.Popen) -> None:
+        self.loop, self.xs, self.domid, self.config = loop, xs, domid, config
+        self.done_cb, self.procs, self.popen = done, procs, popen
+        self.name = f"qemu-dm-{(config.get('c_info') or {}).get('name') or domid}"
+        self.running = self.spawned = False
+        self.watch_failed: Optional[str] = None
+        self.finished = False
+        self.wait: Optional[XsWait] = None
+        self.dm = device_model(xs, domid, self._ready, timeout)
+        state = f"{dm_path(domid)}/state"
+
+        def check(wxs: XenStore) -> Outcome:
+            return (True, "") if wxs.read(state) == b"running" else None
+
+        def watched(ok: bool, why: str) -> None:
+            self.running, self.watch_failed = ok, None if ok else why
+
+        # The device model's own timeout ends the start; the watch outlives it a little.
+        self.wait = XsWait(loop, opener, [state], check, timeout + 5, watched,
+                           f"domain {domid}'s device model (waiting for {state} = running)")
+        try:
+            bios = str(((config.get("b_info") or {}).get("type.hvm") or {}).get("bios")
+                       or "seabios")
+            dom = f"/local/domain/{domid}"
+            xs.write(f"{dom}/hvmloader/bios", bios.lower())
+            # qemu-xen: no memory relocation by hvmloader (a larger MMIO hole instead)
+            xs.write(f"{dom}/hvmloader/allow-memory-relocate", "0")
+            xs.mkdir(dm_path(domid))
+        except OSError as exc:
+            why = f"cannot start the device model: {exc}"
+            self.step: Cancellable = loop.call_later(0, lambda: self._finish(DeviceModelError(why)))
+            return
+        self.step = self.dm.start_restore(loop, records, self._spawn, self._finish)
+
+    def _ready(self) -> bool:
+        if self.watch_failed is not None:
+            raise DeviceModelError(self.watch_failed)
+        return self.running
+
+    def _spawn(self, state_fd: int) -> "subprocess.Popen[Any]":
+        domid = self.domid
+        cmd = qemu_args.device_model_command(self.config, domid, state_fd, dict(os.environ))
+        log_fd = _open_log(self.name)
+        try:
+            _log.info("domain %d: starting its device model: %s", domid, " ".join(cmd.argv))
+            proc = self.popen(cmd.argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                              pass_fds=(state_fd,), env=dict(os.environ, **cmd.env),
+                              close_fds=True, start_new_session=True, restore_signals=True)
+        finally:
+            os.close(log_fd)
+        self.procs[domid] = proc
+        self.spawned = True
+        self.xs.write(f"/local/domain/{domid}/image/device-model-pid", str(proc.pid))
+        return proc
+
+    def cancel(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.wait is not None:
+            self.wait.cancel()
+        self.step.cancel()
+
+    def _finish(self, err: Optional[DeviceModelError]) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.wait is not None:
+            self.wait.cancel()
+        if err is None:
+            _log.info("domain %d: device model running", self.domid)
+            self.done_cb(True, "")
+            return
+        self.done_cb(False, f"{err}{_log_tail(self.name) if self.spawned else ''}")
+
+
+class ChardevPostconfig:
+    """libxl's device_model_postconfig_chardev, once QEMU runs: QMP
+    ``query-chardev``, and each ``serialN`` on a pty published as
+    ``/local/domain/D/serial/N/tty`` (for ``xl console -t serial``).
+    ``done(ok, why)`` from the loop."""
+
+    def __init__(self, loop: Loop, xs: XenStore, domid: int,
+                 done: Callable[[bool, str], None], timeout: float = 10.0) -> None:
+        self.xs, self.domid, self._done = xs, domid, done
+        self.finished = False
+        self.client = QmpClient(loop, qemu_args.qmp_path(domid), timeout=timeout)
+        self.client.connect(lambda err: None)      # a failure reaches the command
+        self.client.command("query-chardev", None, self._answered)
+
+    def _answered(self, value: Any, err: Optional[DeviceModelError]) -> None:
+        if self.finished:
+            return
+        self.cancel()
+        if err is not None:
+            self._done(False, f"QMP query-chardev: {err}")
+            return
+        try:
+            for item in value if isinstance(value, list) else []:
+                label, filename = str(item.get("label", "")), str(item.get("filename", ""))
+                port = label[len("serial"):]
+                if not label.startswith("serial"):
+                    continue
+                if not port.isdigit():
+                    self._done(False, f"QMP query-chardev: invalid serial port {label!r}")
+                    return
+                if filename.startswith("pty:"):
+                    self.xs.write(f"/local/domain/{self.domid}/serial/{int(port)}/tty",
+                                  filename[len("pty:"):])
+        except (AttributeError, OSError) as exc:
+            self._done(False, f"QMP query-chardev: {exc}")
+            return
+        self._done(True, "")
+
+    def cancel(self) -> None:
+        self.finished = True
+        self.client.close()
+
+
+def destroy_device_model(xs: XenStore, domid: int,
+                         procs: Optional[Dict[int, "subprocess.Popen[Any]"]] = None) -> None:
+    """libxl__destroy_device_model + libxl__qmp_cleanup for a dom0 QEMU (a
+    domain without one has nothing of this to remove)."""
+    xs.rm(dm_path(domid))
+    _kill_by_pid(xs, domid)
+    for path in qemu_args.qmp_paths(domid):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            _log.error("domain %d: cannot remove QMP socket %s: %s", domid, path, exc.strerror)
+    if procs:
+        for d, proc in list(procs.items()):
+            if proc.poll() is not None:     # reap what has exited (ours were our children)
+                del procs[d]
+
+
+def remove_state_files(domid: int) -> None:
+    """devices_destroy_cb: the device model's save and restore files."""
+    for path in (save_file(domid), restore_file(domid)):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            _log.error("domain %d: cannot remove %s: %s", domid, path, exc.strerror)

@@ -1,0 +1,255 @@
+"""Stand-ins for a Xen host, for the real-Xen backend's tests: a tiny xenstored
+(a thread on a socketpair, speaking xenstored's wire protocol) and a libxenctrl
+that records what it is asked.  Shared by tests/integration/test_xenbackend*.py."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from pyxl.backends import xenstore
+from pyxl.backends.xen import XenBackend
+from pyxl.backends.xenctrl import XEN_DOMINF_hvm_guest, DomInfo
+from pyxl.backends.xenstore import XenStore
+
+H = struct.Struct("=IIII")
+
+
+class FakeXenstored:
+    """Just enough xenstored: a flat dict of nodes (a node's parents exist as
+    empty nodes, as in xenstored), their permissions, watches that fire on
+    writes and removals under their path and once on registration.
+    Transactions are applied at once (nothing here races)."""
+
+    def __init__(self) -> None:
+        self.client, self.server = socket.socketpair()
+        self.nodes: Dict[str, bytes] = {}
+        self.perms: Dict[str, List[str]] = {}
+        self.watches: List[Tuple[str, str]] = []
+        self.log: List[Tuple[int, int, List[bytes]]] = []
+        self.after_write: Optional[Callable[[str, bytes], None]] = None
+        self.lock = threading.Lock()
+        self.conns: List[socket.socket] = [self.server]
+        self.t = threading.Thread(target=self._serve, args=(self.server,), daemon=True)
+        self.t.start()
+
+    def connect(self) -> XenStore:
+        """Another client connection (a watch's own), served by its own thread."""
+        a, b = socket.socketpair()
+        self.conns.append(b)
+        threading.Thread(target=self._serve, args=(b,), daemon=True).start()
+        return XenStore(sock=a)
+
+    def send(self, conn: socket.socket, mtype: int, req: int, tx: int, payload: bytes) -> None:
+        with self.lock:
+            conn.sendall(H.pack(mtype, req, tx, len(payload)) + payload)
+
+    def fire(self, path: str) -> None:
+        for conn, wpath, token in list(self._watches):
+            if path == wpath or path.startswith(wpath.rstrip("/") + "/"):
+                try:
+                    self.send(conn, xenstore.XS_WATCH_EVENT, 0, 0,
+                              path.encode() + b"\0" + token.encode() + b"\0")
+                except OSError:
+                    pass
+
+    @property
+    def _watches(self) -> List[Tuple[socket.socket, str, str]]:
+        return getattr(self, "_w", [])
+
+    def _recv(self, conn: socket.socket, n: int) -> bytes:
+        b = b""
+        while len(b) < n:
+            c = conn.recv(n - len(b))
+            if not c:
+                raise EOFError
+            b += c
+        return b
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            while True:
+                mtype, req, tx, ln = H.unpack(self._recv(conn, H.size))
+                body = self._recv(conn, ln) if ln else b""
+                self._handle(conn, mtype, req, tx, body)
+        except (EOFError, OSError):
+            pass
+
+    def _mkparents(self, path: str) -> None:
+        parts = path.split("/")
+        for i in range(2, len(parts)):
+            self.nodes.setdefault("/".join(parts[:i]), b"")
+
+    def kernel_backends(self) -> None:
+        """Act as dom0's blkback/netback: a backend written in state 1
+        (Initialising) moves to 2 (InitWait, waiting for its hotplug script),
+        one told 5 (Closing) moves to 6 (Closed)."""
+        def driver(path: str, value: bytes) -> None:
+            parts = path.split("/")
+            if len(parts) == 9 and parts[4] == "backend" and parts[5] in ("vbd", "vif") \
+                    and parts[8] == "state":
+                nxt = {b"1": b"2", b"5": b"6"}.get(value.strip())
+                if nxt is not None:
+                    self.write(path, nxt)
+        self.after_write = driver
+
+    def write(self, path: str, value: bytes) -> None:
+        """Write a node as a third party (the guest, QEMU) would."""
+        self._mkparents(path)
+        self.nodes[path] = value
+        self.fire(path)
+
+    def _handle(self, conn: socket.socket, mtype: int, req: int, tx: int, body: bytes) -> None:
+        parts = body.split(b"\0")
+        self.log.append((mtype, tx, parts))
+        ok = lambda: self.send(conn, mtype, req, tx, b"OK\0")  # noqa: E731
+        err = lambda name: self.send(conn, xenstore.XS_ERROR, req, tx, name + b"\0")  # noqa: E731
+        path = parts[0].decode()
+        if mtype == xenstore.XS_READ:
+            if path in self.nodes:
+                self.send(conn, mtype, req, tx, self.nodes[path])
+            else:
+                err(b"ENOENT")
+        elif mtype == xenstore.XS_WRITE:
+            value = body[len(parts[0]) + 1:]
+            self._mkparents(path)
+            self.nodes[path] = value
+            ok()
+            self.fire(path)
+            if self.after_write is not None:
+                self.after_write(path, value)
+        elif mtype == xenstore.XS_MKDIR:
+            self._mkparents(path)
+            self.nodes.setdefault(path, b"")
+            ok()
+        elif mtype == xenstore.XS_RM:
+            gone = [p for p in self.nodes if p == path or p.startswith(path + "/")]
+            if not gone:
+                err(b"ENOENT")
+                return
+            for p in gone:
+                del self.nodes[p]
+                self.perms.pop(p, None)
+            ok()
+            self.fire(path)
+        elif mtype == xenstore.XS_DIRECTORY:
+            if path not in self.nodes and not any(p.startswith(path + "/") for p in self.nodes):
+                err(b"ENOENT")
+                return
+            kids = sorted({p[len(path) + 1:].split("/")[0] for p in self.nodes
+                           if p.startswith(path + "/")})
+            self.send(conn, mtype, req, tx, b"".join(k.encode() + b"\0" for k in kids))
+        elif mtype == xenstore.XS_SET_PERMS:
+            if path not in self.nodes:
+                err(b"ENOENT")
+                return
+            self.perms[path] = [p.decode() for p in parts[1:] if p]
+            ok()
+        elif mtype == xenstore.XS_WATCH:
+            self._w = self._watches + [(conn, path, parts[1].decode())]
+            self.watches.append((path, parts[1].decode()))
+            ok()
+            self.send(conn, xenstore.XS_WATCH_EVENT, 0, 0,
+                      path.encode() + b"\0" + parts[1] + b"\0")   # fired once on registration
+        elif mtype == xenstore.XS_UNWATCH:
+            self._w = [w for w in self._watches if w[0] is not conn or w[1] != path]
+            ok()
+        elif mtype == xenstore.XS_TRANSACTION_START:
+            self.send(conn, mtype, req, tx, b"7\0")
+        elif mtype in (xenstore.XS_RESUME, xenstore.XS_INTRODUCE, xenstore.XS_TRANSACTION_END,
+                       xenstore.XS_RELEASE):
+            ok()
+        else:
+            err(b"EINVAL")
+
+    def subtree(self, prefix: str) -> Dict[str, bytes]:
+        return {p: v for p, v in self.nodes.items() if p == prefix or p.startswith(prefix + "/")}
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.close()
+        self.client.close()
+
+
+def dominfo(domid: int, flags: int, handle: bytes = bytes(range(16))) -> DomInfo:
+    buf = bytearray(1024)
+    struct.pack_into("=HHI", buf, 0, domid, 0, flags)
+    buf[76:92] = handle
+    return DomInfo(bytes(buf))
+
+
+class FakeXc:
+    def __init__(self) -> None:
+        self.flags = 0
+        self.calls: List[str] = []
+
+    def getinfo(self, domid: int) -> Optional[DomInfo]:
+        self.calls.append("getinfo")
+        return dominfo(domid, self.flags)
+
+
+class RecordingXc(FakeXc):
+    """libxenctrl stand-in recording what the backend asks of it."""
+
+    def __init__(self, domid: int = 7) -> None:
+        super().__init__()
+        self.created: List[tuple] = []
+        self.log: List[tuple] = []
+        self.domains: Dict[int, int] = {}
+        self.handles: Dict[int, bytes] = {}
+        self.params: Dict[Tuple[int, int], int] = {}
+        self.next_port = 1
+        self.next_domid = domid
+
+    def create(self, *args: Any, **kw: Any) -> int:
+        self.created.append(args)
+        flags = args[1]
+        self.domains[self.next_domid] = XEN_DOMINF_hvm_guest if flags & 1 else 0
+        self.handles[self.next_domid] = args[0]
+        return self.next_domid
+
+    def call(self, fn: str, *args: Any) -> int:
+        self.log.append((fn,) + args)
+        if fn == "xc_evtchn_alloc_unbound":
+            self.next_port += 1
+            return self.next_port - 1
+        return 0
+
+    def getinfo(self, domid: int) -> Optional[DomInfo]:
+        if domid not in self.domains:
+            return None
+        return dominfo(domid, self.domains[domid], self.handles.get(domid, bytes(range(16))))
+
+    def hvm_param_get(self, domid: int, param: int) -> int:
+        return self.params.get((domid, param), 0)
+
+    def native_protocol(self, domid: int) -> Optional[str]:
+        return "x86_64-abi"
+
+    def shutdown(self, domid: int, reason: int) -> None:
+        self.log.append(("shutdown", domid, reason))
+
+    def pause(self, domid: int) -> None:
+        self.log.append(("pause", domid))
+
+    def unpause(self, domid: int) -> None:
+        self.log.append(("unpause", domid))
+
+    def resume(self, domid: int, fast: bool = True) -> None:
+        self.log.append(("resume", domid, fast))
+
+    def destroy(self, domid: int) -> None:
+        self.log.append(("destroy", domid))
+        self.domains.pop(domid, None)
+
+
+def backend(xsd: FakeXenstored, xc: Any) -> XenBackend:
+    """A XenBackend over the fakes (no libxenctrl loaded)."""
+    be = XenBackend.__new__(XenBackend)
+    be.xc = xc
+    be._xs = XenStore(sock=xsd.client)
+    be._ports, be._restoring, be._dm_procs = {}, {}, {}
+    be._open_xs = xsd.connect      # type: ignore[method-assign]
+    return be
