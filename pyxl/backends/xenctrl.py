@@ -119,8 +119,9 @@ class Xc:
                                                  ctypes.c_uint64]
         c.xc_domain_set_time_offset.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int32]
         c.xc_domain_shutdown.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int]
-        c.xc_domain_get_native_protocol.restype = ctypes.c_char_p
-        c.xc_domain_get_native_protocol.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+        # libxenguest's (xg_dom_x86.c), not libxenctrl's, although xenctrl.h declares it
+        self.guest.xc_domain_get_native_protocol.restype = ctypes.c_char_p
+        self.guest.xc_domain_get_native_protocol.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
         c.xc_hvm_param_get.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32,
                                        ctypes.POINTER(ctypes.c_uint64)]
         self.xch = self.ctrl.xc_interface_open(None, None, 0)
@@ -183,7 +184,7 @@ class Xc:
 
     def native_protocol(self, domid: int) -> Optional[str]:
         """The guest's ring ABI ("x86_64-abi", "x86_32-abi"), None if Xen cannot say."""
-        raw = self.ctrl.xc_domain_get_native_protocol(self.xch, domid)
+        raw = self.guest.xc_domain_get_native_protocol(self.xch, domid)
         return raw.decode() if raw else None
 
     def shutdown(self, domid: int, reason: int) -> None:
