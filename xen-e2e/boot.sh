@@ -20,7 +20,7 @@ share=$RUN/share
 rm -rf "$RUN"; mkdir -p "$share/out"
 cp "${XEN_E2E_TESTS:-$E2E_DIR/tests-in-dom0.sh}" "$share/tests-in-dom0.sh"
 cp "$BOOT/vmlinuz" "$BOOT/guest-initrd.gz" "$share/"
-cp "$E2E_DIR/tests-pyxl-in-dom0.sh" "$share/"
+cp "$E2E_DIR/tests-pyxl-in-dom0.sh" "$E2E_DIR/tests-pyxl-hvm-in-dom0.sh" "$share/"
 # XEN_E2E_ONLY_PYXL=1: create the guests, then run only tests-pyxl-in-dom0.sh (debugging).
 [ -n "${XEN_E2E_ONLY_PYXL:-}" ] && touch "$share/only-pyxl"
 echo "${XEN_E2E_HELPER_ORDER:-debian ours}" > "$share/helper-order"

@@ -1,0 +1,93 @@
+# pyxl's own toolstack on the HVM guest hvm1 (Debian's QEMU as device model, a
+# disk and a NIC): sourced by tests-in-dom0.sh after the PV/PVH pyxl tests; uses
+# its create_guest/begin_op/check_continues/check_disk/check_net/xl_timed and
+# tests-pyxl-in-dom0.sh's pyxl_timed.
+#
+#   pyxl-save.hvm1 / xl-restore-of-pyxl.hvm1   pyxl save (QEMU's state through QMP into the
+#                                              stream's EMULATOR_CONTEXT) -> xl restore
+#   pyxl-inspect.hvm1-emulator                 the file has an EMULATOR_CONTEXT record
+#   pyxl-restore-of-xl.hvm1                    xl save -> pyxl restore: pyxl builds the HVM
+#                                              domain, its disk and NIC, starts QEMU on the
+#                                              saved state, unpauses once QEMU runs
+#   pyxl-roundtrip.hvm1                        pyxl save -> pyxl restore
+#   {counter,disk,net}-after-X.hvm1            the guest counts on, on its console and its
+#                                              disk, and answers ping across xenbr0
+#   (out/pyxl-hvm1-destroy-leftovers.txt: what xl destroy of the pyxl-restored guest left)
+pyxl_hvm_after() {  # TAG BEFORE DISK_BEFORE: the checks after hvm1 came back
+    check_continues "counter-after-$1.hvm1" hvm1 "$2"
+    check_disk "disk-after-$1.hvm1" hvm1 "$3"
+    check_net "net-after-$1.hvm1" hvm1
+}
+pyxl_hvm_phase() {
+    local g=hvm1 d f before dbefore
+    say "== pyxl tests of hvm1"
+    if ! create_guest hvm1; then
+        return 1
+    fi
+    # 1. pyxl save -> xl restore
+    f=$W/hvm1-pyxl.save
+    begin_op $g; before=${GMAX[$g]}; dbefore=$(disk_count $g)
+    d=$("$XL" domid $g)
+    if pyxl_timed save-hvm1 save "$d" "$f"; then
+        timing "pyxl-save.hvm1" pyxl "$LAST_S"
+        result "pyxl-save.hvm1" PASS "$LAST_S s, $(stat -c %s "$f") bytes"
+        if "$PYXL" inspect --json "$f" > "$OUT/pyxl-inspect-hvm1.json" 2>&1 \
+                && grep -q '"EMULATOR_CONTEXT"' "$OUT/pyxl-inspect-hvm1.json"; then
+            result "pyxl-inspect.hvm1-emulator" PASS "the stream carries QEMU's state"
+        else
+            result "pyxl-inspect.hvm1-emulator" FAIL "$(head -c 300 "$OUT/pyxl-inspect-hvm1.json" | tr '\n' ' ')"
+        fi
+        if xl_timed "xl-restore-of-pyxl.hvm1" debian "restore-pyxl-hvm1" restore "$f"; then
+            result "xl-restore-of-pyxl.hvm1" PASS "$LAST_S s"
+            pyxl_hvm_after pyxl-save "$before" "$dbefore"
+        else
+            result "xl-restore-of-pyxl.hvm1" FAIL "$(tail -n 3 "$OUT/xl-restore-pyxl-hvm1.log" | tr '\n' ' ')"
+        fi
+    else
+        result "pyxl-save.hvm1" FAIL "$(tail -n 3 "$OUT/pyxl-save-hvm1.log" | tr '\n' ' ')"
+    fi
+    "$XL" list $g > /dev/null 2>&1 || return 1
+    # 2. xl save -> pyxl restore
+    f=$W/hvm1-xl.save
+    begin_op $g; before=${GMAX[$g]}; dbefore=$(disk_count $g)
+    if ! xl_timed "save.hvm1" debian "save-for-pyxl-hvm1" save $g "$f"; then
+        result "pyxl-restore-of-xl.hvm1" FAIL "xl save failed: $(tail -n 3 "$OUT/xl-save-for-pyxl-hvm1.log" | tr '\n' ' ')"
+        return 1
+    fi
+    if pyxl_timed restore-xl-hvm1 restore "$f"; then
+        timing "pyxl-restore.hvm1" pyxl "$LAST_S"
+        result "pyxl-restore-of-xl.hvm1" PASS "$LAST_S s, domain $(tail -n 1 "$OUT/pyxl-restore-xl-hvm1.log")"
+        pyxl_hvm_after pyxl-restore "$before" "$dbefore"
+    else
+        result "pyxl-restore-of-xl.hvm1" FAIL "$(tail -n 4 "$OUT/pyxl-restore-xl-hvm1.log" | tr '\n' ' ')"
+        "$XL" list > "$OUT/xl-list-after-pyxl-hvm1-restore.log" 2>&1
+        return 1
+    fi
+    # 3. pyxl save -> pyxl restore
+    f=$W/hvm1-pyxl2.save
+    begin_op $g; before=${GMAX[$g]}; dbefore=$(disk_count $g)
+    d=$("$XL" domid $g)
+    if pyxl_timed save2-hvm1 save "$d" "$f" && pyxl_timed restore2-hvm1 restore "$f"; then
+        result "pyxl-roundtrip.hvm1" PASS "save + restore, $LAST_S s for the restore"
+        pyxl_hvm_after pyxl-roundtrip "$before" "$dbefore"
+    else
+        result "pyxl-roundtrip.hvm1" FAIL "$(tail -n 3 "$OUT"/pyxl-save2-hvm1.log "$OUT"/pyxl-restore2-hvm1.log 2>/dev/null | tr '\n' ' ')"
+    fi
+    # 4. Destroy the pyxl-restored guest: nothing of it may be left.
+    d=$("$XL" domid $g 2>/dev/null) || return 1
+    xenstore-ls -fp "/local/domain/0/device-model/$d" > "$OUT/xenstore-hvm1-dm-before-destroy.txt" 2>&1
+    "$XL" destroy $g > "$OUT/xl-destroy-pyxl-hvm1.log" 2>&1
+    local left=""
+    pgrep -f "xen-domid $d " > /dev/null && left="$left QEMU;"
+    [ -n "$(loop_of $g)" ] && left="$left loop $(loop_of $g);"
+    xenstore-exists "/local/domain/0/device-model/$d" 2>/dev/null && left="$left device-model node;"
+    xenstore-exists "/local/domain/0/backend/vbd/$d" 2>/dev/null && left="$left vbd backend;"
+    xenstore-exists "/local/domain/0/backend/vif/$d" 2>/dev/null && left="$left vif backend;"
+    ip link show "vif$d.0-emu" > /dev/null 2>&1 && left="$left tap vif$d.0-emu;"
+    # Known open bug, reported rather than asserted (see README "On a real Xen host"):
+    # pyxl's own destroy (after a pyxl save) times out waiting for the vbd backend to
+    # close, so the block script's loop device of that copy stays attached.
+    say "after xl destroy of the pyxl-restored hvm1: left:${left:- nothing}"
+    echo "left:${left:- nothing}" > "$OUT/pyxl-hvm1-destroy-leftovers.txt"
+}
+pyxl_hvm_phase
