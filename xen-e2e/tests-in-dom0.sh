@@ -243,11 +243,48 @@ sampler() {
 }
 
 # --- operations ---------------------------------------------------------------
+# What dom0 looks like while an xl command hangs: every process (state, kernel
+# wait channel), the kernel stacks of xl and its children, the backends in
+# XenStore, the toolstack's logs.  Written to out/hang-LOGNAME.txt.
+hang_report() {  # LOGNAME PID
+    local name=$1 pid=$2 p
+    {
+        echo "xl (pid $pid) still running after ${XL_LIMIT} s: $(uptime_s) s after boot"
+        ps -eo pid,ppid,stat,wchan:32,etime,time,args
+        for p in $pid $(ps -o pid= --ppid "$pid") $(ps -eo pid=,args= | awk '/xen\/scripts|save-helper/ {print $1}'); do
+            echo "== $p: $(tr '\0' ' ' < /proc/$p/cmdline 2>/dev/null)"
+            grep -E '^(State|Threads)' /proc/$p/status 2>/dev/null
+            cat /proc/$p/stack 2>/dev/null
+            for t in /proc/$p/task/*; do echo "task ${t##*/}: $(cat $t/wchan 2>/dev/null) $(cut -d' ' -f3 $t/stat 2>/dev/null)"; done
+        done
+        echo "== xl list"; "$XL" list
+        echo "== backends"; xenstore-ls -fp /local/domain/0/backend
+        echo "== xen-hotplug.log"; tail -n 50 /var/log/xen/xen-hotplug.log
+        echo "== losetup"; losetup -a
+    } > "$OUT/hang-$name.txt" 2>&1
+    cp -r /var/log/xen "$OUT/var-log-xen-hang-$name" 2>/dev/null
+}
+XL_LIMIT=400   # s: the slowest xl command seen took 142 s
 xl_timed() {  # OP HELPER LOGNAME xl-args...: run xl with LIBXL_SAVE_HELPER, record TIME
-    local op=$1 h=$2 logname=$3 t0 t1 rc; shift 3
+    # An xl that is still running after XL_LIMIT s is reported (hang_report)
+    # and killed: that test fails, the boot goes on.
+    local op=$1 h=$2 logname=$3 t0 t1 rc pid; shift 3
     sync
     t0=$(now_us)
-    LIBXL_SAVE_HELPER=$W/helper-$h "$XL" "$@" > "$OUT/xl-$logname.log" 2>&1
+    LIBXL_SAVE_HELPER=$W/helper-$h "$XL" "$@" > "$OUT/xl-$logname.log" 2>&1 &
+    pid=$!
+    while kill -0 "$pid" 2> /dev/null; do
+        t1=${EPOCHREALTIME/./}     # no subshell: polled with built-ins only
+        if [ $((t1 - t0)) -gt $((XL_LIMIT * 1000000)) ]; then
+            say "xl $* (helper $h) still running after $XL_LIMIT s: out/hang-$logname.txt, then SIGKILL"
+            hang_report "$logname" "$pid"
+            kill -KILL "$pid" 2> /dev/null
+            echo "e2e: killed after $XL_LIMIT s (out/hang-$logname.txt)" >> "$OUT/xl-$logname.log"
+            break
+        fi
+        snooze 0.5
+    done
+    wait "$pid"
     rc=$?
     t1=$(now_us)
     LAST_S=$(fmt_s $((t1 - t0)))
