@@ -348,8 +348,11 @@ def test_killed_sender_leaves_no_domain_at_the_receiver(hosts):
     rx = migrate.receive("127.0.0.1:0", sim_dir=b)
     tx = _cli("migrate", "--live", "--max-bandwidth", "24M", "--sim-dir", a, str(dom),
               f"127.0.0.1:{rx.address[1]}")
-    time.sleep(0.1)
-    default_loop().call_later(1.0, tx.kill)
+    # Kill the sender once its stream is flowing: killed before it even connected
+    # (a slow start on a loaded machine), it would leave a receiver listening with no
+    # deadline, which is another test's matter.
+    assert default_loop().run_until(lambda: rx.state == "stream", 60), rx.state
+    default_loop().call_later(0.5, tx.kill)
     run_both(rx)
     tx.wait(timeout=30)
     assert isinstance(rx.exception(), pyxl.OperationError), rx.exception()
