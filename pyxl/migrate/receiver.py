@@ -153,6 +153,22 @@ class ReceiveOperation(MigrationFuture):
             self.loop.add_reader(self.rfd, fn)
             self._watching = True
 
+    def _feed(self, data: bytes, closed_why: str) -> Optional[object]:
+        """Hand the sender's bytes to the handshake: its next event, or None when
+        there is none yet or the receive failed (already reported)."""
+        self.handshake.receive_data(data)
+        try:
+            event = self.handshake.next_event()
+        except MigrationProtocolError as exc:
+            self._fail(exc)
+            return None
+        if event is NEED_DATA:
+            return None
+        if isinstance(event, ConnectionClosed):
+            self._fail(MigrationError(closed_why))
+            return None
+        return event
+
     def _header_readable(self) -> None:
         """Collect the stream's head -- the xl header, the libxl header and the
         LIBXC_CONTEXT record header -- with exact reads, so that the restore
@@ -164,16 +180,8 @@ class ReceiveOperation(MigrationFuture):
         except OSError as exc:
             self._fail(MigrationError(f"reading from the sender failed: {exc.strerror}"))
             return
-        self.handshake.receive_data(data)
-        try:
-            event = self.handshake.next_event()
-        except MigrationProtocolError as exc:
-            self._fail(exc)
-            return
-        if event is NEED_DATA:
-            return
-        if isinstance(event, ConnectionClosed):
-            self._fail(MigrationError("the sender closed the connection before the stream"))
+        event = self._feed(data, "the sender closed the connection before the stream")
+        if event is None:
             return
         assert isinstance(event, StreamHead)
         self._watch(None)
@@ -259,16 +267,7 @@ class ReceiveOperation(MigrationFuture):
             if not data:
                 self._closed()
             return
-        self.handshake.receive_data(data)
-        try:
-            event = self.handshake.next_event()
-        except MigrationProtocolError as exc:
-            self._fail(exc)
-            return
-        if event is NEED_DATA:
-            return
-        if isinstance(event, ConnectionClosed):
-            self._fail(MigrationError("the sender went away before clearing the unpause"))
+        if self._feed(data, "the sender went away before clearing the unpause") is None:
             return
         self._watch(None)
         self._go()
