@@ -254,3 +254,10 @@ class MigrationProtocolError(MigrationError):
     ``pyxl.migrate.handshake``, after which that handshake is poisoned; the
     operation reports it as its failure (as a :class:`MigrationInDoubt` once
     the sender cleared the receiver to unpause)."""
+
+
+class MigrationAuthError(MigrationError):
+    """A migration peer failed authentication: the TLS handshake failed (no
+    certificate, one from another CA, a wrong name) or its certificate's names
+    are not on the receiver's allow-list.  A listening receiver drops such a
+    connection and keeps listening; a sender fails with it (its source runs on)."""

@@ -24,18 +24,25 @@ failure is a :class:`MigrationError` (bad peer bytes: its subclass
 ``pyxl.errors.MigrationProtocolError``) whose ``source_state`` says what the
 source is left in.  Remus streams (``remus=True``) checkpoint before the
 switch-over, and a receiver whose sender vanished after a complete checkpoint
-fails over to it.
+fails over to it.  Trust: across a network, either ssh (a command) or
+mutual TLS (:mod:`.tls`: both ends verify each other against a CA, the
+receiver may allow-list peer names; the TLS bridge presents the connection
+as a pipe pair, so everything above stays as it is); a listening receiver
+refuses plain TCP off loopback unless told ``insecure``, and drops peers
+that fail TLS, send garbage or stay silent, listening on for the real one
+(:mod:`.listener`).
 
 This package's ``__init__`` only re-exports; loggers are ``pyxl.migrate``,
 ``pyxl.migrate.<domid>`` (a sender) and ``pyxl.migrate.receive``.
 """
 
-from pyxl.errors import MigrationError, MigrationInDoubt
+from pyxl.errors import MigrationAuthError, MigrationError, MigrationInDoubt
 from pyxl.migrate.address import parse_address
 from pyxl.migrate.precopy import precopy_env
 from pyxl.migrate.receiver import ReceiveOperation, ReceiveResult, receive
 from pyxl.migrate.sender import MigrateOperation, MigrateResult, migrate
+from pyxl.migrate.tls import TlsOptions
 
-__all__ = ["MigrateOperation", "MigrateResult", "MigrationError", "MigrationInDoubt",
-           "ReceiveOperation", "ReceiveResult", "migrate", "parse_address", "precopy_env",
-           "receive"]
+__all__ = ["MigrateOperation", "MigrateResult", "MigrationAuthError", "MigrationError",
+           "MigrationInDoubt", "ReceiveOperation", "ReceiveResult", "TlsOptions", "migrate",
+           "parse_address", "precopy_env", "receive"]

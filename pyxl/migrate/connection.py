@@ -7,8 +7,10 @@ running a command through the shell (``ssh host pyxl migrate-receive``, as
 xl does) and talking to its stdin/stdout; closing it all; and, for a
 command, waiting for its exit (SIGKILL after a grace period) so that no
 child outlives the migration.  It knows nothing of the handshake or the
-save.  It may import os, errno, signal, socket, subprocess, pyxl.errors,
-pyxl.fdio, pyxl.loop and pyxl.migrate.{address,resolve}.
+save.  With TLS (:mod:`.tls`) the connection's plaintext is a bridge's
+pipe pair, as for a command.  It may import os, errno, signal, socket,
+subprocess, pyxl.errors, pyxl.fdio, pyxl.loop and
+pyxl.migrate.{address,resolve,tls}.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pyxl.fdio import close_quietly
 from pyxl.loop import Loop, Timer
 from pyxl.migrate.address import parse_address
 from pyxl.migrate.resolve import Address, Lookup, numeric
+from pyxl.migrate.tls import TlsBridge, TlsOptions, make_context
 
 __all__ = ["ReceiverChannel"]
 
@@ -36,15 +39,22 @@ class ReceiverChannel:
     port)) or through ``command``'s stdin/stdout.
 
     ``on_ready(rfd, wfd)`` once they can be used (both are the socket for
-    TCP; maybe before the constructor returns); ``on_failed(exc)`` if the name does not resolve or the connection is
-    refused.  Raises OSError at once if it cannot even start (the caller's
-    StartupError).
+    TCP; a TLS bridge's pipe ends with ``tls``; maybe before the
+    constructor returns); ``on_failed(exc)`` if the name does not resolve,
+    the connection is refused or TLS fails (a MigrationAuthError, at any
+    time).  Raises OSError at once if it cannot even start, StartupError for
+    TLS files that do not load (both the caller's StartupError).
     """
 
     def __init__(self, loop: Loop, target: Optional[Union[str, Tuple[str, int]]],
                  command: Optional[str], on_ready: Callable[[int, int], None],
-                 on_failed: Callable[[MigrationError], None]) -> None:
+                 on_failed: Callable[[MigrationError], None],
+                 tls: Optional[TlsOptions] = None) -> None:
         self.loop, self.on_ready, self.on_failed = loop, on_ready, on_failed
+        self.tls = tls
+        self._ctx = make_context(tls, server=False) if tls is not None else None
+        self._bridge: Optional[TlsBridge] = None
+        self._host = ""
         self.rfd = self.wfd = -1
         self._sock: Optional[socket.socket] = None
         self._connecting = False
@@ -53,12 +63,14 @@ class ReceiverChannel:
         self._lookup: Optional[Lookup] = None
         self._exited: Optional[Callable[[], None]] = None
         self._kill_timer: Optional[Timer] = None
+        self._bridge_closing = False
         try:
             if command is not None:
                 self._spawn(command)
             else:
                 assert target is not None
                 host, port = parse_address(target) if isinstance(target, str) else target
+                self._host = host
                 addr = numeric(host, port)
                 if addr is not None:
                     self._connect(*addr)
@@ -111,7 +123,20 @@ class ReceiverChannel:
                                           f"{os.strerror(err)}"))
             return
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self._ctx is not None:
+            assert self.tls is not None
+            # The socket is the bridge's now; we get its plaintext pipes.
+            sock, self._sock = self._sock, None
+            self.rfd = self.wfd = -1
+            self._bridge = TlsBridge(self.loop, sock, self._ctx, server=False,
+                                     server_name=self.tls.server_name or self._host,
+                                     on_ready=self._secured, on_failed=self.on_failed)
+            return
         self.on_ready(self.rfd, self.wfd)
+
+    def _secured(self, rfd: int, wfd: int) -> None:
+        self.rfd, self.wfd = rfd, wfd
+        self.on_ready(rfd, wfd)
 
     # -- closing --
 
@@ -127,6 +152,16 @@ class ReceiverChannel:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        if self._bridge is not None:
+            # Our pipe ends first: the bridge then sends what is in them and
+            # close_notify (within its grace), and lets go.
+            for fd in {self.rfd, self.wfd}:
+                if fd >= 0:
+                    close_quietly(fd)
+            self.rfd = self.wfd = -1
+            bridge, self._bridge = self._bridge, None
+            self._bridge_closing = True
+            bridge.close(self._bridge_closed)
         if self._child is not None:
             for f in (self._child.stdin, self._child.stdout):
                 if f is not None:
@@ -135,9 +170,20 @@ class ReceiverChannel:
                     except OSError:
                         pass
 
+    def _bridge_closed(self) -> None:
+        self._bridge_closing = False
+        if self._exited is not None:
+            then, self._exited = self._exited, None
+            then()
+
     def when_gone(self, then: Callable[[], None]) -> None:
-        """``then()`` once no child of ours runs: at once for TCP; for a
-        command once it exited (SIGKILLed if it has not after a grace period)."""
+        """``then()`` once no child of ours runs and no TLS bridge flushes: at
+        once for TCP; for a command once it exited (SIGKILLed if it has not
+        after a grace period); for TLS once close_notify went out (or its grace
+        ran out)."""
+        if self._bridge_closing:
+            self._exited = then
+            return
         if self._child is None or self._child_pidfd < 0:
             then()
             return

@@ -215,8 +215,8 @@ class SenderHandshake(_Handshake):
     ``AWAIT_BANNER`` -(:class:`Banner`)-> ``STREAMING`` -(``stream_sent()``)->
     ``AWAIT_READY`` -(:class:`DomainReceived`)-> ``MAY_CLEAR``
     -(``send(ClearedToUnpause())``)-> ``AWAIT_REPORT`` -(:class:`UnpauseResult`)->
-    ``DONE``.  While streaming or awaiting READY the receiver may say
-    :class:`ReceiverFailed` instead (-> ``DONE``).
+    ``DONE``.  Instead of its banner, while streaming or awaiting READY the
+    receiver may say :class:`ReceiverFailed` (-> ``DONE``).
     """
 
     AWAIT_BANNER = "await-banner"
@@ -248,26 +248,19 @@ class SenderHandshake(_Handshake):
 
     def _parse(self) -> Union[Event, _NeedData]:
         if self.state == self.AWAIT_BANNER:
+            # A pyxl receiver that refuses us (e.g. TLS allow-list) says why
+            # instead of its banner.
+            if self._buf[:1] == FAILED[:1] and FAILED.startswith(bytes(self._buf[:len(FAILED)])):
+                if len(self._buf) < len(FAILED):
+                    return NEED_DATA
+                return self._parse_message()
             if not self._expect(BANNER, "not a migration receiver: it said"):
                 return NEED_DATA
             self._take(len(BANNER))
             self.state = self.STREAMING
             return Banner()
         if self.state in (self.STREAMING, self.AWAIT_READY):
-            nul = self._buf.find(b"\0", 0, MESSAGE_MAX)
-            if nul < 0:
-                if len(self._buf) >= MESSAGE_MAX:
-                    self._bad(f"the receiver sent garbage (no message end in {MESSAGE_MAX} "
-                              "bytes)")
-                return NEED_DATA
-            msg = self._take(nul + 1)
-            if msg.startswith(FAILED):
-                self.state = self.DONE
-                return ReceiverFailed(msg[len(FAILED):-1].decode("utf-8", "replace"))
-            if msg != READY or self.state != self.AWAIT_READY:
-                self._bad(f"unexpected message from the receiver: {msg[:80]!r}")
-            self.state = self.MAY_CLEAR
-            return DomainReceived()
+            return self._parse_message()
         if self.state == self.AWAIT_REPORT:
             if len(self._buf) < len(REPORT) + 1:
                 if not REPORT.startswith(bytes(self._buf[:len(REPORT)])):
@@ -279,6 +272,23 @@ class SenderHandshake(_Handshake):
             self.state = self.DONE
             return UnpauseResult(status)
         return NEED_DATA   # MAY_CLEAR, DONE: the receiver has nothing to say
+
+    def _parse_message(self) -> Union[Event, _NeedData]:
+        """READY or FAILED: NUL-terminated."""
+        nul = self._buf.find(b"\0", 0, MESSAGE_MAX)
+        if nul < 0:
+            if len(self._buf) >= MESSAGE_MAX:
+                self._bad(f"the receiver sent garbage (no message end in {MESSAGE_MAX} "
+                          "bytes)")
+            return NEED_DATA
+        msg = self._take(nul + 1)
+        if msg.startswith(FAILED):
+            self.state = self.DONE
+            return ReceiverFailed(msg[len(FAILED):-1].decode("utf-8", "replace"))
+        if msg != READY or self.state != self.AWAIT_READY:
+            self._bad(f"unexpected message from the receiver: {msg[:80]!r}")
+        self.state = self.MAY_CLEAR
+        return DomainReceived()
 
 
 class ReceiverHandshake(_Handshake):

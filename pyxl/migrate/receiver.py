@@ -5,10 +5,14 @@ This module owns the receiver's decisions: listening for one connection
 a pipe that a :class:`~pyxl.migrate.relay.SpliceRelay` feeds, restoring the
 guest paused as ``NAME--incoming``, renaming and unpausing it once cleared,
 failing over at a Remus stream's last checkpoint, and destroying what it
-received on every failure (telling the sender why, then waiting briefly for
-it to hang up).  Bytes go through
+received on every failure (telling the sender why -- never local paths or
+sizes -- then waiting briefly for it to hang up).  Who may send is
+:mod:`.listener`'s matter (TLS, allow-list, banner, head, deadline): a
+listening receiver drops bad peers and keeps listening until one delivers
+a stream head; plain TCP is refused on a non-loopback address unless
+``insecure``.  Bytes go through
 :class:`~pyxl.migrate.handshake.ReceiverHandshake`.  It may import the
-handshake, relay, domain, future and address modules of this package,
+handshake, relay, listener, tls, domain, future and address modules of this package,
 pyxl.ops (RestoreOperation), pyxl.backends, pyxl.errors, pyxl.fdio and
 pyxl.loop; the sender's modules never.
 """
@@ -20,24 +24,30 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Set, Tuple, Union
 
 from pyxl.backends import Backend, default_backend
 from pyxl.errors import MigrationError, MigrationProtocolError, OperationError, StartupError
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
-from pyxl.loop import Loop
+from pyxl.loop import Loop, Timer
 from pyxl.migrate.address import parse_address
 from pyxl.migrate.domain import INCOMING, digest_or_none, domain_name
 from pyxl.migrate.future import MigrationFuture
-from pyxl.migrate.handshake import (NEED_DATA, Banner, ConnectionClosed, DomainReceived,
+from pyxl.migrate.handshake import (NEED_DATA, ConnectionClosed, DomainReceived,
                                     ReceiverFailed, ReceiverHandshake, StreamHead,
                                     UnpauseResult)
+from pyxl.migrate.listener import Admission, Link, is_loopback, peer_reason
 from pyxl.migrate.relay import CHUNK, SpliceRelay, make_pipe, pipe_size
+from pyxl.migrate.tls import TlsOptions, make_context
 from pyxl.ops.api import restore
 from pyxl.ops.operation import STREAM_PLAIN, STREAM_REMUS
 from pyxl.ops.restore import RestoreOperation, RestoreResult
 
-__all__ = ["ReceiveOperation", "ReceiveResult", "receive"]
+__all__ = ["HEADER_TIMEOUT", "IDLE_TIMEOUT", "ReceiveOperation", "ReceiveResult", "receive"]
+
+HEADER_TIMEOUT = 60.0   # s from a connection to its stream head (TLS, banner, head)
+IDLE_TIMEOUT = 60.0     # s without stream bytes, or waiting for "cleared to unpause"
+MAX_PENDING = 8         # connections admitted at once while listening
 
 
 @dataclass
@@ -68,10 +78,27 @@ class ReceiveOperation(MigrationFuture):
                  helper: Optional[str] = None, timeout: Optional[float] = None,
                  loop: Optional[Loop] = None, sim_dir: Optional[str] = None,
                  backend: Optional[Backend] = None, digest: bool = False,
-                 remus: bool = False) -> None:
+                 remus: bool = False, tls: Optional[TlsOptions] = None,
+                 insecure: bool = False, header_timeout: Optional[float] = HEADER_TIMEOUT,
+                 idle_timeout: Optional[float] = IDLE_TIMEOUT,
+                 max_pending: int = MAX_PENDING) -> None:
         self.remus = remus
         if (listen is None) == (fds is None):
             raise ValueError("give either listen (an address or a listening socket) or fds")
+        if tls is not None and not isinstance(tls, TlsOptions):
+            raise TypeError(f"tls: a pyxl.migrate.TlsOptions, not {type(tls).__name__}")
+        if tls is not None and fds is not None:
+            raise ValueError("TLS is for a listening receiver (fds are already a channel: ssh)")
+        for what, value in (("header_timeout", header_timeout), ("idle_timeout", idle_timeout)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{what} must be positive (or None: no deadline)")
+        if max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
+        self.tls, self.insecure = tls, insecure
+        self.header_timeout, self.idle_timeout = header_timeout, idle_timeout
+        self.max_pending = max_pending
+        self._given_fds = fds is not None
+        ctx = make_context(tls, server=True) if tls is not None else None
         self.backend = backend or default_backend(sim_dir)
         self.paused, self.helper, self.want_digest = paused, helper, digest
         self.logger = logging.getLogger("pyxl.migrate.receive")
@@ -84,7 +111,14 @@ class ReceiveOperation(MigrationFuture):
         self.digest: Optional[str] = None
         self.outbox: Optional[FdWriter] = None
         self._listener: Optional[socket.socket] = None
-        self._conn: Optional[socket.socket] = None
+        self.link: Optional[Link] = None
+        self._ctx = ctx
+        self._pending: Set[Admission] = set()     # connections not admitted yet
+        self._closing: Set[Admission] = set()     # refused, still flushing a word
+        self.refused = 0                          # connections dropped while listening
+        self._idle_timer: Optional[Timer] = None
+        self._idle_mark = -1
+        self._finishing = False
         self._watching = False
         self._pipe: List[int] = [-1, -1]
         self.relay: Optional[SpliceRelay] = None
@@ -95,8 +129,10 @@ class ReceiveOperation(MigrationFuture):
         self._error: Optional[OperationError] = None
         super().__init__(loop, timeout)
         if fds is not None:
-            self.rfd, self.wfd = fds
-            self._start()
+            self.state = "header"
+            self._admit(Admission(self.loop, fds=fds, peer="stdio", timeout=header_timeout,
+                                  on_head=self._admitted, on_reject=self._rejected,
+                                  logger=self.logger))
             return
         if isinstance(listen, socket.socket):
             self._listener = listen
@@ -110,7 +146,7 @@ class ReceiveOperation(MigrationFuture):
                 self._listener = socket.socket(family, stype, proto)
                 self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 self._listener.bind(addr)
-                self._listener.listen(1)
+                self._listener.listen(16)
             except OSError as exc:
                 if self._listener is not None:
                     self._listener.close()
@@ -118,32 +154,81 @@ class ReceiveOperation(MigrationFuture):
                     t.cancel()
                 raise StartupError(f"cannot listen on {host}:{port}: "
                                    f"{exc.strerror or exc}") from exc
+        sockname = self._listener.getsockname()
+        if tls is None and not insecure and not is_loopback(sockname):
+            if not isinstance(listen, socket.socket):
+                self._listener.close()
+            self._listener = None
+            for t in self._timers:
+                t.cancel()
+            raise StartupError(
+                f"refusing plain TCP on non-loopback {sockname[0]}:{sockname[1]}: anyone who "
+                "can connect could send a domain; use mutual TLS (--tls-cert/--tls-key/"
+                "--tls-ca), ssh (pyxl migrate --command \"ssh HOST pyxl migrate-receive\"), "
+                "a loopback address, or --insecure on a trusted network")
         self._listener.setblocking(False)
-        self.address = self._listener.getsockname()[:2]
+        self.address = sockname[:2]
         self.loop.add_reader(self._listener.fileno(), self._accept)
 
-    def _accept(self) -> None:
-        assert self._listener is not None
-        try:
-            conn, peer = self._listener.accept()
-        except BlockingIOError:
-            return
-        self.loop.remove_reader(self._listener.fileno())
-        self._listener.close()
-        self._listener = None
-        self.logger.info("migration from %s", peer)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._conn = conn
-        self.rfd = self.wfd = conn.fileno()
-        self._start()
+    # -- admission: who may send (pyxl.migrate.listener) --
 
-    def _start(self) -> None:
-        self.state = "header"
-        set_nonblocking(self.rfd, True)
-        set_nonblocking(self.wfd, True)
-        self.outbox = FdWriter(self.loop, self.wfd, self._write_failed)
-        self.outbox.send(self.handshake.send(Banner()))
-        self._watch(self._header_readable)
+    def _accept(self) -> None:
+        for _ in range(self.max_pending):   # a few per wake-up: others' turn next
+            assert self._listener is not None
+            try:
+                conn, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:   # e.g. EMFILE: keep listening, say so
+                self.logger.warning("accepting a connection failed: %s", exc.strerror)
+                return
+            where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+            if len(self._pending) >= self.max_pending:
+                self.logger.warning("dropped a connection from %s: %d others are pending",
+                                    where, len(self._pending))
+                self.refused += 1
+                conn.close()
+                continue
+            self.logger.info("connection from %s", where)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._admit(Admission(self.loop, sock=conn, peer=where, ctx=self._ctx,
+                                  allow=self.tls.allow if self.tls is not None else (),
+                                  timeout=self.header_timeout, on_head=self._admitted,
+                                  on_reject=self._rejected, logger=self.logger))
+            if self._listener is None:   # that one was admitted at once
+                return
+
+    def _admit(self, adm: Admission) -> None:
+        if not adm.finished:
+            self._pending.add(adm)
+
+    def _rejected(self, adm: Admission, exc: OperationError) -> None:
+        self._pending.discard(adm)
+        if self._given_fds:
+            # Given fds (ssh): this was the one channel; fail on it as before.
+            self._adopt(adm)
+            self._fail(exc)
+            return
+        self.refused += 1
+        self.logger.warning("dropped the connection from %s: %s", adm.peer, exc)
+        self._closing.add(adm)
+        adm.refuse(peer_reason(exc), then=lambda: self._closing.discard(adm))
+
+    def _adopt(self, adm: Admission) -> None:
+        assert adm.link is not None and adm.outbox is not None
+        self.link, self.handshake, self.outbox = adm.link, adm.handshake, adm.outbox
+        self.outbox.on_error = self._write_failed
+        self.rfd, self.wfd = adm.link.rfd, adm.link.wfd
+
+    def _admitted(self, adm: Admission, head: StreamHead) -> None:
+        """The first connection with a stream head: the one migration received."""
+        self._pending.discard(adm)
+        self.logger.info("migration from %s", adm.peer)
+        self._adopt(adm)
+        self._stop_listening()
+        if self._done or self._finishing:
+            return
+        self._begin_restore(head)
 
     def _watch(self, fn: Optional[Callable[[], None]]) -> None:
         if self._watching:
@@ -168,24 +253,6 @@ class ReceiveOperation(MigrationFuture):
             self._fail(MigrationError(closed_why))
             return None
         return event
-
-    def _header_readable(self) -> None:
-        """Collect the stream's head -- the xl header, the libxl header and the
-        LIBXC_CONTEXT record header -- with exact reads, so that the restore
-        can read them without waiting and the rest stays for the relay."""
-        try:
-            data = os.read(self.rfd, self.handshake.wanted)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            self._fail(MigrationError(f"reading from the sender failed: {exc.strerror}"))
-            return
-        event = self._feed(data, "the sender closed the connection before the stream")
-        if event is None:
-            return
-        assert isinstance(event, StreamHead)
-        self._watch(None)
-        self._begin_restore(event)
 
     def _begin_restore(self, head: StreamHead) -> None:
         """Hand the stream to a restore through a pipe fed from the loop.
@@ -218,6 +285,24 @@ class ReceiveOperation(MigrationFuture):
                                  self._relay_failed)
         self.relay.finish(b"")
         self.restore.add_done_callback(self._restored)
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        """Stream inactivity: fail if the sender moves nothing for ``idle_timeout``."""
+        if self.idle_timeout is None:
+            return
+        self._idle_timer = self.loop.call_later(self.idle_timeout, self._idle_check)
+        self._timers.append(self._idle_timer)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self.state != "stream" or self.relay is None or self.relay.finished:
+            return
+        if self.relay.sent == self._idle_mark:
+            self._fail(MigrationError(f"the sender sent nothing for {self.idle_timeout:g}s"))
+            return
+        self._idle_mark = self.relay.sent
+        self._arm_idle()
 
     def _close_pipe(self, end: int) -> None:
         if self._pipe[end] >= 0:
@@ -254,6 +339,13 @@ class ReceiveOperation(MigrationFuture):
         assert self.outbox is not None
         self.outbox.send(self.handshake.send(DomainReceived()))
         self._watch(self._readable)
+        if self.idle_timeout is not None:
+            self._timers.append(self.loop.call_later(self.idle_timeout, self._no_go))
+
+    def _no_go(self) -> None:
+        if self.state == "go":
+            self._fail(MigrationError(f"the sender did not clear the unpause within "
+                                      f"{self.idle_timeout:g}s"))
 
     def _readable(self) -> None:
         try:
@@ -341,7 +433,7 @@ class ReceiveOperation(MigrationFuture):
         self._fail(MigrationError(f"writing to the sender failed: {exc.strerror}"))
 
     def _fail(self, exc: OperationError) -> None:
-        if self._done or self.state in ("failed", "draining"):
+        if self._done or self._finishing or self.state in ("failed", "draining"):
             return
         if self.restore is not None and not self.restore.done():
             self.restore.cancel(grace=2.0)   # it destroys its domain; _restored comes back
@@ -354,17 +446,16 @@ class ReceiveOperation(MigrationFuture):
         if self.outbox is None or not self.outbox.active:
             self._close_and_finish(None, exc)
             return
-        # Tell the sender why, then wait (briefly) for it to hang up, so that
-        # our close does not reset the connection before it read the reason.
-        self.outbox.send(self.handshake.send(ReceiverFailed(str(exc))), then=self._drain)
+        # Tell the sender why (what failed, not our paths or sizes), then wait
+        # (briefly) for it to hang up, so that our close does not reset the
+        # connection before it read the reason.
+        self.outbox.send(self.handshake.send(ReceiverFailed(peer_reason(exc))),
+                         then=self._drain)
 
     def _drain(self) -> None:
         self.state = "draining"
-        try:
-            if self._conn is not None:
-                self._conn.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+        assert self.link is not None
+        self.link.shutdown_write()
         set_nonblocking(self.rfd, True)
         self._timers.append(self.loop.call_later(2.0, self._closed))
         self._watch(self._readable)
@@ -372,9 +463,20 @@ class ReceiveOperation(MigrationFuture):
     def _closed(self) -> None:
         self._close_and_finish(None, self._error)
 
+    def _stop_listening(self) -> None:
+        if self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+        for adm in list(self._pending) + list(self._closing):
+            adm.close(hard=True)   # another peer's, or still flushing a refusal
+        self._pending.clear()
+        self._closing.clear()
+
     def _close_and_finish(self, result: Any, exc: Optional[OperationError]) -> None:
-        if self._done:
+        if self._done or self._finishing:
             return
+        self._finishing = True
         self._watch(None)
         if self.relay is not None:
             self.relay.close()
@@ -383,20 +485,12 @@ class ReceiveOperation(MigrationFuture):
         self._close_pipe(0)
         if self.outbox is not None:
             self.outbox.close()
-        if self._listener is not None:
-            self.loop.remove_reader(self._listener.fileno())
-            self._listener.close()
-            self._listener = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        elif self.rfd >= 0:
-            for fd in {self.rfd, self.wfd}:
-                try:
-                    set_nonblocking(fd, False)
-                except OSError:
-                    pass
-        self._finish(result, exc)
+        self._stop_listening()
+        if self.link is None:
+            self._finish(result, exc)
+            return
+        # A TLS link first sends what we wrote (the status), within its grace.
+        self.link.close(then=lambda: self._finish(result, exc))
 
 
 def receive(listen: Optional[Union[str, Tuple[str, int], socket.socket]] = None, *,
@@ -407,7 +501,15 @@ def receive(listen: Optional[Union[str, Tuple[str, int], socket.socket]] = None,
     connection, or use ``fds=(read_fd, write_fd)`` (e.g. (0, 1) under ssh).
 
     The domain is restored paused and unpaused once the sender clears it
-    (unless ``paused``).  Options: ``helper``, ``timeout``, ``loop``,
-    ``sim_dir``, ``digest``.  ``pyxl.wait(op)`` gives a :class:`ReceiveResult`.
+    (unless ``paused``).  Options: ``helper``, ``timeout`` (overall),
+    ``loop``, ``sim_dir``, ``digest``; ``tls`` (a :class:`TlsOptions`:
+    mutual TLS, ``allow`` names the peers it accepts); ``insecure`` (plain
+    TCP on a non-loopback address, refused otherwise with a
+    :class:`StartupError`); ``header_timeout`` (per connection, to its stream
+    head; default 60 s) and ``idle_timeout`` (stream inactivity and the wait
+    for "cleared to unpause"; default 60 s), None for no deadline.  While
+    listening, connections that fail TLS, are not allowed, send garbage or
+    stay silent are dropped, and it listens on for the real sender.
+    ``pyxl.wait(op)`` gives a :class:`ReceiveResult`.
     """
     return ReceiveOperation(listen, fds=fds, paused=paused, **kw)

@@ -35,6 +35,7 @@ from pyxl.migrate.handshake import (NEED_DATA, Banner, ClearedToUnpause, DomainR
                                     ReceiverFailed, SenderHandshake, UnpauseResult)
 from pyxl.migrate.precopy import precopy_env
 from pyxl.migrate.relay import CAPPED_PIPE, CHUNK, SpliceRelay, make_pipe
+from pyxl.migrate.tls import TlsOptions
 from pyxl.ops.api import save
 from pyxl.ops.operation import STREAM_PLAIN, STREAM_REMUS, ProgressEvent
 from pyxl.ops.save import SaveOperation, SaveResult
@@ -82,9 +83,17 @@ class MigrateOperation(MigrationFuture):
                  backend: Optional[Backend] = None, digest: bool = False,
                  on_progress: Optional[Callable[[ProgressEvent], None]] = None,
                  handshake_timeout: float = 60.0, remus: bool = False,
-                 checkpoints: Optional[int] = None, checkpoint_interval: float = 0.1) -> None:
+                 checkpoints: Optional[int] = None, checkpoint_interval: float = 0.1,
+                 tls: Optional[TlsOptions] = None) -> None:
         if (target is None) == (command is None):
             raise ValueError("give either a target HOST:PORT or a command, not both or neither")
+        if tls is not None and not isinstance(tls, TlsOptions):
+            raise TypeError(f"tls: a pyxl.migrate.TlsOptions, not {type(tls).__name__}")
+        if tls is not None and command is not None:
+            raise ValueError("TLS is for a HOST:PORT target (a command is its own channel: ssh)")
+        if not handshake_timeout > 0:
+            raise ValueError("handshake_timeout must be positive")
+        self.handshake_timeout = handshake_timeout
         if remus and not live:
             raise ValueError("a checkpointed (Remus) migration is live")
         if checkpoints is not None and (not remus or checkpoints < 1):
@@ -131,7 +140,7 @@ class MigrateOperation(MigrationFuture):
         self._timers.append(self._handshake_timer)
         try:
             self.channel = ReceiverChannel(self.loop, target, command, self._ready_transport,
-                                           self._fail)
+                                           self._fail, tls=tls)
         except BaseException as exc:
             self._close_transport()
             for t in self._timers:
@@ -265,7 +274,15 @@ class MigrateOperation(MigrationFuture):
         self._stream_sent = True
         if self.handshake.state == SenderHandshake.STREAMING:
             self.handshake.stream_sent()
+            self._deadline(SenderHandshake.AWAIT_READY, "no \"ready\" from the receiver")
             self._process()
+
+    def _deadline(self, state: str, what: str) -> None:
+        """Fail if the handshake still waits in ``state`` after handshake_timeout."""
+        def check() -> None:
+            if not self._done and self.handshake.state == state:
+                self._lost(f"{what} within {self.handshake_timeout:g}s")
+        self._timers.append(self.loop.call_later(self.handshake_timeout, check))
 
     def _send_go(self) -> None:
         self._phase("receiver ready; clearing it to unpause")
@@ -283,6 +300,7 @@ class MigrateOperation(MigrationFuture):
         go = self.handshake.send(ClearedToUnpause())
         self._go_sent = True
         self.outbox.send(go)
+        self._deadline(SenderHandshake.AWAIT_REPORT, "no unpause status from the receiver")
 
     def _reported(self, status: int) -> None:
         end = time.monotonic()
@@ -418,7 +436,9 @@ def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
     Options: ``live``, ``downtime_ms`` (the helper's downtime-target precopy
     policy; with ``max_iterations`` and ``on_fail`` "abort"|"stop"),
     ``max_bandwidth`` (bytes/s), ``helper``, ``timeout``, ``loop``,
-    ``sim_dir``, ``digest`` (sim digest at switch-over), ``on_progress``.
-    Returns at once; ``pyxl.wait(op)`` or ``await op`` gives a :class:`MigrateResult`.
+    ``sim_dir``, ``digest`` (sim digest at switch-over), ``on_progress``,
+    ``tls`` (a :class:`~pyxl.migrate.tls.TlsOptions`: mutual TLS to the
+    receiver), ``handshake_timeout`` (connect + TLS + banner, then each wait
+    for "ready" and for the status; default 60 s).  Returns at once; ``pyxl.wait(op)`` or ``await op`` gives a :class:`MigrateResult`.
     """
     return MigrateOperation(domid, target, command=command, live=live, **kw)

@@ -1,0 +1,246 @@
+"""The receiver's door: which connection may hand it a migration.
+
+This module owns :class:`Admission` -- one connection from its accept (or
+the given fds) until the stream's head arrived: the TLS handshake and the
+allow-list (:mod:`.tls`), the banner, the head read with exact reads, one
+deadline over all of it -- and :class:`Link`, the admitted connection as
+the receiver then uses it (``rfd``/``wfd``, half-close, close).  A listening
+receiver runs several admissions at once and takes the first that delivers
+a stream head; the others, and every connection that fails TLS, is not
+allowed, sends garbage or stays silent, are dropped while it keeps
+listening.  :func:`peer_reason` says what a failure may tell the peer:
+never a local path or a size.  It may import the handshake and tls modules
+of this package, pyxl.errors, pyxl.fdio and pyxl.loop.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+from typing import Any, Callable, Optional, Tuple
+
+from pyxl.errors import (Cancelled, HelperDied, HelperExited, HelperFailed, MigrationAuthError,
+                         MigrationError, MigrationProtocolError, OperationError, StartupError,
+                         Timeout)
+from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
+from pyxl.loop import Loop, Timer
+from pyxl.migrate.handshake import (NEED_DATA, Banner, ConnectionClosed, ReceiverFailed,
+                                    ReceiverHandshake, StreamHead)
+from pyxl.migrate.tls import TlsBridge
+
+__all__ = ["Admission", "Link", "is_loopback", "peer_reason"]
+
+
+def is_loopback(sockname: Tuple[Any, ...]) -> bool:
+    """Is a bound socket's address a loopback one (127/8, ::1)?"""
+    try:
+        return ipaddress.ip_address(str(sockname[0]).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def peer_reason(exc: BaseException) -> str:
+    """What the sender is told when a receive fails: what failed, by kind --
+    never the local paths, sizes or free memory a full message may hold."""
+    if isinstance(exc, MigrationProtocolError):
+        return exc.brief          # about the peer's own bytes
+    if isinstance(exc, MigrationAuthError):
+        return "not authorized"
+    if isinstance(exc, HelperExited):
+        return f"the restore helper exited with error status {exc.status}"
+    if isinstance(exc, HelperDied):
+        return f"the restore helper died ({exc.signame})"
+    if isinstance(exc, HelperFailed):
+        return f"the restore failed ({exc.errno_name})"
+    if isinstance(exc, StartupError):
+        return "the domain could not be created on the receiving host"
+    if isinstance(exc, Timeout):
+        return "the receiver timed out"
+    if isinstance(exc, Cancelled):
+        return "the receive was cancelled"
+    if isinstance(exc, MigrationError):
+        # The receiver's own messages; what follows a colon may be a local detail.
+        return exc.brief.split(": ", 1)[0]
+    return "the restore failed"
+
+
+class Link:
+    """The connection to an admitted sender: ``rfd``/``wfd`` (one socket,
+    given fds, or a TLS bridge's pipe ends), a half-close and a close."""
+
+    def __init__(self, rfd: int, wfd: int, peer: str, *, sock: Optional[socket.socket] = None,
+                 bridge: Optional[TlsBridge] = None) -> None:
+        self.rfd, self.wfd, self.peer = rfd, wfd, peer
+        self.sock, self.bridge = sock, bridge
+        self.closed = False
+
+    def shutdown_write(self) -> None:
+        """No more bytes for the peer (it sees EOF after what was written)."""
+        if self.bridge is not None:
+            close_quietly(self.wfd)   # the bridge sends close_notify after the pipe's bytes
+            self.wfd = -1
+        elif self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self, then: Optional[Callable[[], None]] = None, hard: bool = False) -> None:
+        """Close it; ``then()`` once nothing of it is left (a TLS bridge first
+        sends what was written, within its grace period, unless ``hard``)."""
+        done = then or (lambda: None)
+        if self.closed:
+            done()
+            return
+        self.closed = True
+        if self.bridge is not None:
+            for fd in {self.rfd, self.wfd}:
+                close_quietly(fd)
+            self.rfd = self.wfd = -1
+            self.bridge.close(done)
+            if hard:
+                self.bridge.abort()
+            return
+        if self.sock is not None:
+            self.sock.close()
+        else:   # given fds (stdio): not ours to close; leave them as we found them
+            for fd in {self.rfd, self.wfd}:
+                try:
+                    set_nonblocking(fd, False)
+                except OSError:
+                    pass
+        done()
+
+
+class Admission:
+    """One connection until its stream head: TLS and the allow-list (with
+    ``ctx``), the banner, the head.  ``on_head(self, head)`` once it came --
+    the caller takes :attr:`link`, :attr:`handshake` and :attr:`outbox`;
+    ``on_reject(self, exc)`` otherwise (a :class:`MigrationError`: bad
+    certificate, not allowed, garbage, EOF, or nothing within ``timeout``).
+    """
+
+    def __init__(self, loop: Loop, *, sock: Optional[socket.socket] = None,
+                 fds: Optional[Tuple[int, int]] = None, peer: str = "",
+                 ctx: Optional[ssl.SSLContext] = None, allow: Tuple[str, ...] = (),
+                 timeout: Optional[float],
+                 on_head: Callable[["Admission", StreamHead], None],
+                 on_reject: Callable[["Admission", OperationError], None],
+                 logger: logging.Logger) -> None:
+        self.loop, self.peer, self.logger = loop, peer, logger
+        self.on_head, self.on_reject = on_head, on_reject
+        self.handshake = ReceiverHandshake()
+        self.link: Optional[Link] = None
+        self.outbox: Optional[FdWriter] = None
+        self.bridge: Optional[TlsBridge] = None
+        self.sock = sock
+        self.finished = False
+        self._watching = False
+        self._timeout = timeout
+        self._timer: Optional[Timer] = (loop.call_later(timeout, self._idle)
+                                        if timeout is not None else None)
+        if ctx is not None:
+            assert sock is not None
+            self.bridge = TlsBridge(loop, sock, ctx, server=True, allow=allow,
+                                    on_ready=self._secured, on_failed=self._reject)
+        elif sock is not None:
+            self.link = Link(sock.fileno(), sock.fileno(), peer, sock=sock)
+            self._open()
+        else:
+            assert fds is not None
+            self.link = Link(fds[0], fds[1], peer)
+            self._open()
+
+    def _secured(self, rfd: int, wfd: int) -> None:
+        assert self.bridge is not None
+        names = ", ".join(self.bridge.peer) or "no name"
+        self.logger.info("TLS peer %s authenticated as %s", self.peer, names)
+        self.link = Link(rfd, wfd, f"{self.peer} ({names})", bridge=self.bridge)
+        self._open()
+
+    def _open(self) -> None:
+        assert self.link is not None
+        set_nonblocking(self.link.rfd, True)
+        set_nonblocking(self.link.wfd, True)
+        self.outbox = FdWriter(self.loop, self.link.wfd, self._write_failed)
+        self.outbox.send(self.handshake.send(Banner()))
+        if self.outbox.active:
+            self.loop.add_reader(self.link.rfd, self._readable)
+            self._watching = True
+
+    def _readable(self) -> None:
+        """Exact reads of the stream's head, so the rest stays for the relay."""
+        assert self.link is not None
+        try:
+            data = os.read(self.link.rfd, self.handshake.wanted)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._reject(MigrationError(f"reading from the sender failed: {exc.strerror}"))
+            return
+        self.handshake.receive_data(data)
+        try:
+            event = self.handshake.next_event()
+        except MigrationProtocolError as exc:
+            self._reject(exc)
+            return
+        if event is NEED_DATA:
+            return
+        if isinstance(event, ConnectionClosed):
+            self._reject(MigrationError("the sender closed the connection before the stream"))
+            return
+        assert isinstance(event, StreamHead)
+        self._stop()
+        self.on_head(self, event)
+
+    def _idle(self) -> None:
+        self._timer = None
+        self._reject(MigrationError(f"no migration stream from {self.peer or 'the sender'} "
+                                    f"within {self._timeout:g}s"))
+
+    def _write_failed(self, exc: OSError) -> None:
+        self._reject(MigrationError(f"writing to the sender failed: {exc.strerror}"))
+
+    def _reject(self, exc: OperationError) -> None:
+        if self.finished:
+            return
+        self._stop()
+        self.on_reject(self, exc)
+
+    def _stop(self) -> None:
+        self.finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._watching:
+            assert self.link is not None
+            self.loop.remove_reader(self.link.rfd)
+            self._watching = False
+
+    def refuse(self, reason: str, then: Optional[Callable[[], None]] = None,
+               hard: bool = False) -> None:
+        """Drop it: tell the peer ``reason`` if a word fits without waiting
+        (a TLS bridge still sends it, within its grace), close, ``then()``."""
+        self._stop()
+        if (self.outbox is not None and self.outbox.active
+                and self.handshake.state != ReceiverHandshake.FAILED):
+            self.outbox.send(self.handshake.send(ReceiverFailed(reason)))
+        self.close(then, hard=hard)
+
+    def close(self, then: Optional[Callable[[], None]] = None, hard: bool = False) -> None:
+        self._stop()
+        if self.outbox is not None:
+            self.outbox.close()
+        if self.link is not None:
+            self.link.close(then, hard=hard)
+        elif self.bridge is not None:   # still in its TLS handshake
+            self.bridge.close(then)
+            self.bridge.abort()
+        else:
+            if self.sock is not None:
+                self.sock.close()
+            if then is not None:
+                then()
