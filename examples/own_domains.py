@@ -22,7 +22,9 @@ from typing import Any, Dict, List, Optional
 
 import pyxl
 from pyxl import sim
-from pyxl.backends import SimBackend
+from pyxl.backends import Cancellable, SimBackend
+from pyxl.backends.base import Done
+from pyxl.loop import Loop
 
 
 class Toolstack(SimBackend):
@@ -64,12 +66,17 @@ class Toolstack(SimBackend):
         super().restore_done(domid, store_gfn, console_gfn)
         self.inventory[domid]["state"] = "restored"
 
-    def destroy(self, domid: int) -> None:
-        super().destroy(domid)
-        entry = self.inventory.get(domid)
-        if entry is not None:
-            self._remove_disks(entry["disks"])
-            entry["state"] = "destroyed"
+    def start_destroy(self, loop: Loop, domid: int, done: Done) -> Cancellable:
+        # pyxl destroys through this (a failed restore, ``leave="destroy"``), and
+        # ``destroy()`` runs it to the end: extending it extends both.
+        def gone(ok: bool, why: str) -> None:
+            entry = self.inventory.get(domid)
+            if entry is not None:
+                self._remove_disks(entry["disks"])
+                entry["state"] = "destroyed"
+            done(ok, why)
+
+        return super().start_destroy(loop, domid, gone)
 
     @staticmethod
     def _remove_disks(paths: List[str]) -> None:

@@ -224,9 +224,9 @@ else
         cp /var/lib/xen/userdata-d.$d.*.libxl-json "$OUT/" 2>/dev/null
         pyxl_killed "$g" 1.5
         pyxl_save_then_xl_restore "$g" plain
-        pyxl_checkpoint "$g"
+        [ "$PROFILE" = quick ] || pyxl_checkpoint "$g"
     done
-    if [ -n "${GMAX[pvh1]:-}" ]; then
+    if [ -n "${GMAX[pvh1]:-}" ] && [ "$PROFILE" != quick ]; then
         pyxl_save_then_xl_restore pvh1 live --live
     fi
     # pyxl migrate (localhost, live, through a pipe): pyxl to pyxl, pyxl to
@@ -234,13 +234,13 @@ else
     if "$XL" list pvh1 > /dev/null 2>&1; then
         pyxl_migrate pyxl-migrate pvh1 "$PYXL" -vv migrate --live --command "$PYXL -vv migrate-receive" \
             "$("$XL" domid pvh1)"
-        pyxl_migrate pyxl-migrate-to-xl pvh1 "$PYXL" -vv migrate --live --command "$XL migrate-receive" \
+        [ "$PROFILE" != quick ] && pyxl_migrate pyxl-migrate-to-xl pvh1 "$PYXL" -vv migrate --live --command "$XL migrate-receive" \
             "$("$XL" domid pvh1)"
         pyxl_migrate xl-migrate-to-pyxl pvh1 "$XL" -vvv migrate -s "" pvh1 "$PYXL -vv migrate-receive"
-        pyxl_migrate_killed pvh1
+        [ "$PROFILE" != quick ] && pyxl_migrate_killed pvh1
     fi
     # a guest that does not cooperate (paused while asked to suspend): 30 s
-    [ -n "${GMAX[pv1]:-}" ] && pyxl_uncooperative pv1
+    [ -n "${GMAX[pv1]:-}" ] && [ "$PROFILE" != quick ] && pyxl_uncooperative pv1
     # pyxl restore into a domain pyxl creates
     for g in pv1 pvh1; do
         "$XL" list "$g" > /dev/null 2>&1 || continue

@@ -17,17 +17,18 @@ asynchronous: they start the work and report through ``done`` from the loop.  A 
 (:class:`pyxl.BackendError` preferably, any exception is contained): the
 operation fails cleanly or, after the image is safe, logs and goes on.
 
-May import: pyxl.errors, pyxl.loop (types only).
+May import: pyxl.errors, pyxl.loop.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
-from pyxl.loop import Loop
+from pyxl.errors import BackendError
+from pyxl.loop import Loop, SelectorLoop
 
 __all__ = ["Backend", "Cancellable", "Done", "EmulatorRecord", "NoDeviceModel", "RestorePorts",
-           "SavedState"]
+           "SavedState", "run_to_end"]
 
 #: ``done(ok, why)``: the outcome of an asynchronous backend step, called from the loop.
 Done = Callable[[bool, str], None]
@@ -96,8 +97,17 @@ class Backend(Protocol):
 
     def unpause(self, domid: int) -> None: ...
 
+    def start_destroy(self, loop: Loop, domid: int, done: Done) -> Cancellable:
+        """Destroy the domain and everything the toolstack made for it (device
+        model, devices, files); ``done(ok, why)`` from ``loop`` once it is gone.
+        What takes time (backends closing, hotplug scripts, freeing memory)
+        runs while the loop goes on: pyxl's operations destroy through this."""
+        ...
+
     def destroy(self, domid: int) -> None:
-        """Destroy the domain and everything the toolstack made for it."""
+        """:meth:`start_destroy`, waited for: for scripts and command lines.
+        (pyxl's backends implement it with :func:`run_to_end`, so a subclass
+        that extends ``start_destroy`` changes both.)"""
         ...
 
     def rename(self, domid: int, name: str) -> None: ...
@@ -147,3 +157,22 @@ class NoDeviceModel:
     def start_restore_device_model(self, loop: Loop, domid: int, records: List[EmulatorRecord],
                                    done: Done) -> Cancellable:
         return loop.call_later(0, lambda: done(True, ""))
+
+
+def run_to_end(start: Callable[[Loop, Done], Cancellable], what: str,
+               timeout: Optional[float] = None) -> None:
+    """Run an asynchronous backend step (``start(loop, done)``) on a private
+    loop until it is done: the blocking form, for scripts and command lines
+    (never from an operation's loop).  Raises BackendError if it failed."""
+    loop = SelectorLoop()
+    outcome: List[Tuple[bool, str]] = []
+    try:
+        handle = start(loop, lambda ok, why: outcome.append((ok, why)))
+        if not loop.run_until(lambda: bool(outcome), timeout):
+            handle.cancel()
+            raise BackendError(f"{what} did not finish within {timeout:g} s")
+    finally:
+        loop.close()
+    ok, why = outcome[0]
+    if not ok:
+        raise BackendError(why or f"{what} failed")

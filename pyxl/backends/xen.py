@@ -45,13 +45,14 @@ import subprocess
 from typing import Any, Callable, Dict, List, Optional
 
 from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xendevices
-from pyxl.backends.base import Cancellable, EmulatorRecord, NoDeviceModel, RestorePorts, SavedState
+from pyxl.backends.base import (Cancellable, Done, EmulatorRecord, NoDeviceModel, RestorePorts,
+                                SavedState, run_to_end)
 from pyxl.backends.libxlcfg import defbool, to_int  # noqa: F401  (defbool: re-exported)
 from pyxl.backends.xenctrl import DomInfo, Xc, XenError  # noqa: F401  (XenError: re-exported)
 from pyxl.backends.xensuspend import HVM_PARAM_ACPI_S_STATE, HVM_PARAM_CALLBACK_IRQ, Suspend
 from pyxl.backends.xenstore import XenStore, XenStoreError, open_default
-from pyxl.errors import StartupError
-from pyxl.loop import Loop, SelectorLoop
+from pyxl.errors import BackendError, StartupError
+from pyxl.loop import Loop, Timer
 
 _log = logging.getLogger("pyxl.xen")
 
@@ -212,13 +213,17 @@ class XenBackend(NoDeviceModel):
             loop, live, lambda records, err: done(records, "" if err is None else str(err)))
 
     # -- destroy ----------------------------------------------------------------
-    def destroy(self, domid: int) -> None:
+    def start_destroy(self, loop: Loop, domid: int, done: Done) -> Cancellable:
+        """libxl__destroy_domid: pause; the device model goes (SIGHUP, its
+        XenStore node and sockets); every device is force-removed, waiting on
+        ``loop`` for the backends to close and the hotplug scripts to run
+        (libxl's timeouts bound it); then XenStore, libxl's files and the
+        domain itself.  ``done(ok, why)`` from ``loop``."""
         info = self.xc.getinfo(domid)
         xs = self.xs
-        dom_path = f"/local/domain/{domid}"
         vm = None
         try:
-            raw = xs.read(f"{dom_path}/vm")
+            raw = xs.read(f"/local/domain/{domid}/vm")
             vm = raw.decode() if raw else None
         except (OSError, XenStoreError):
             pass
@@ -228,7 +233,35 @@ class XenBackend(NoDeviceModel):
             except XenError:
                 pass
         hvm.destroy_device_model(xs, domid, self._dm_procs)
-        self._remove_devices(domid)
+        steps = _DestroySteps(done)
+
+        def remove_rest() -> None:
+            steps.stop()
+            try:
+                self._destroy_rest(domid, info, vm)
+            except (OSError, BackendError) as exc:
+                steps.finish(False, f"destroying domain {domid}: {exc}")
+                return
+            steps.finish(True, "")
+
+        try:
+            steps.removal = xendevices.DevicesRemoval(loop, self._open_xs, xs, domid, remove_rest)
+        except OSError as exc:
+            _log.error("domain %d: removing its devices: %s", domid, exc)
+            steps.timer = loop.call_later(0, remove_rest)
+            return steps
+        # DevicesRemoval bounds each wait by libxl's timeouts; this bounds them all.
+        steps.timer = loop.call_later(xendevices.DESTROY_TIMEOUT + 2 * xendevices.HOTPLUG_TIMEOUT
+                                      + 5, remove_rest)
+        return steps
+
+    def destroy(self, domid: int) -> None:
+        """:meth:`start_destroy`, waited for (a private loop): for scripts and the CLI."""
+        run_to_end(lambda loop, done: self.start_destroy(loop, domid, done),
+                   f"destroy of domain {domid}")
+
+    def _destroy_rest(self, domid: int, info: Optional[DomInfo], vm: Optional[str]) -> None:
+        xs = self.xs
         for btype in xs.directory("/local/domain/0/backend"):
             xs.rm(f"/local/domain/0/backend/{btype}/{domid}")
         # /vm/UUID is shared with the other copy after a migration on this
@@ -237,7 +270,7 @@ class XenBackend(NoDeviceModel):
                 (xs.read(f"/local/domain/{other}/vm") or b"").decode(errors="replace") == vm
                 for other in self._domids() if other != domid):
             xs.rm(vm)
-        xs.rm(dom_path)
+        xs.rm(f"/local/domain/{domid}")
         xs.rm(f"/libxl/{domid}")
         uuid = info.uuid if info is not None else "*"
         for f in glob.glob(os.path.join(USERDATA_DIR, f"userdata-d.{domid}.{uuid}.*")):
@@ -250,25 +283,6 @@ class XenBackend(NoDeviceModel):
         self._ports.pop(domid, None)
         if info is not None:
             self.xc.destroy(domid)
-
-    def _remove_devices(self, domid: int) -> None:
-        """libxl__devices_destroy (forced).  ``destroy`` is synchronous in pyxl's
-        Backend protocol, so the waits for the backends and the hotplug scripts
-        run on a private loop here, bounded by libxl's timeouts."""
-        loop = SelectorLoop()
-        gone: List[bool] = []
-        removal = None
-        try:
-            removal = xendevices.DevicesRemoval(loop, self._open_xs, self.xs, domid,
-                                                lambda: gone.append(True))
-            loop.run_until(lambda: bool(gone), xendevices.DESTROY_TIMEOUT
-                           + 2 * xendevices.HOTPLUG_TIMEOUT + 5)
-        except OSError as exc:
-            _log.error("domain %d: removing its devices: %s", domid, exc)
-        finally:
-            if removal is not None:
-                removal.cancel()
-            loop.close()
 
     # -- restore ---------------------------------------------------------------
     def create_restore_target(self, config: Dict[str, Any]) -> int:
@@ -417,6 +431,33 @@ class XenBackend(NoDeviceModel):
         for nic in libxlcfg.nics(config):
             steps += xendevices.add_nic(loop, opener, xs, domid, nic)
         return xendevices.DeviceSteps(loop, steps, done)
+
+
+class _DestroySteps:
+    """A destroy in flight: the device removal and its overall bound."""
+
+    def __init__(self, done: Done) -> None:
+        self._done: Optional[Done] = done
+        self.removal: Optional[xendevices.DevicesRemoval] = None
+        self.timer: Optional[Timer] = None
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.removal is not None:
+            self.removal.cancel()
+            self.removal = None
+
+    def finish(self, ok: bool, why: str) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done(ok, why)
+
+    def cancel(self) -> None:
+        """No callback; what was started (backends closing, scripts) runs out."""
+        self._done = None
+        self.stop()
 
 
 def _copy(config: Dict[str, Any]) -> Dict[str, Any]:

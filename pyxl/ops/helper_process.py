@@ -20,8 +20,11 @@ from pyxl.loop import Loop, Timer
 from pyxl.errors import ProtocolError, RemoteProtocolError
 from pyxl.wire.codec import Complete, Conversation, Message, RestoreResults
 
-# Bytes to read per readiness event; a frame is < 64 KiB.
-_READ_SIZE = 1 << 16
+# Bytes to read per readiness event, one read per event: a helper that floods
+# its stdout (libxc logs progress per batch) costs the loop a bounded slice
+# (16 KiB: a few hundred messages, about 1 ms) and other fds get their turn.
+# A frame may be longer; the decoder keeps the part it has.
+_READ_SIZE = 1 << 14
 
 #: Seconds a helper may live on after closing its stdout (without sending
 #: ``complete``) before it is killed: it can no longer talk to us, and one that
@@ -132,7 +135,7 @@ class HelperProcess:
                     # Nothing after complete is interpreted (see above).
                     self._completed = True
                     break
-            if not until_eof and len(data) < _READ_SIZE:
+            if not until_eof:
                 return
 
     def _close_stdout(self) -> None:

@@ -154,10 +154,25 @@ class RestoreOperation(Operation[RestoreResult]):
         self._fd = -1
 
     def _destroy_target(self) -> None:
+        """At start-up (the constructor raises): the blocking destroy."""
         try:
             self.backend.destroy(self.domid)
         except Exception as exc:  # a backend is the caller's code (any toolstack's)
             self.logger.error("could not destroy half-restored domain %d: %s", self.domid, exc)
+
+    def _fail_and_destroy(self, exc: OperationError) -> None:
+        """From the loop: destroy what was restored, then report ``exc`` (so
+        that when the failure is seen, nothing of the domain is left)."""
+        def destroyed(ok: bool, why: str) -> None:
+            if not ok:
+                self.logger.error("could not destroy half-restored domain %d: %s",
+                                  self.domid, why)
+            self._finish(exc=exc)
+
+        try:
+            self.backend.start_destroy(self.loop, self.domid, destroyed)
+        except Exception as err:  # a backend is the caller's code (any toolstack's)
+            destroyed(False, str(err))
 
     def _default_checkpoint(self, req: CallbackRequest) -> None:
         """libxc read a CHECKPOINT: read libxl's records of that checkpoint (the
@@ -248,8 +263,7 @@ class RestoreOperation(Operation[RestoreResult]):
                         exc: Optional[OperationError]) -> None:
         self._close()
         if exc is not None:
-            self._destroy_target()
-            self._finish(exc=exc)
+            self._fail_and_destroy(exc)
             return
         assert self.helper is not None and self.helper.results is not None
         res = self.helper.results
@@ -268,8 +282,7 @@ class RestoreOperation(Operation[RestoreResult]):
 
         def running(ok: bool, why: str) -> None:
             if self._failure is not None:   # cancelled or timed out meanwhile
-                self._destroy_target()
-                self._finish(exc=self._failure)
+                self._fail_and_destroy(self._failure)
                 return
             if not ok:
                 self._wont_start(f"its device model did not start: {why}")
@@ -291,9 +304,8 @@ class RestoreOperation(Operation[RestoreResult]):
             running(False, str(err))
 
     def _wont_start(self, why: object) -> None:
-        self._destroy_target()
-        self._finish(exc=OperationError(f"restored domain {self.domid} would not start: {why}",
-                                        op=self))
+        self._fail_and_destroy(OperationError(f"restored domain {self.domid} would not start: {why}",
+                                              op=self))
 
     def _read_trailer(self) -> List[Tuple[int, bytes]]:
         """libxl records after the libxc stream, up to END."""

@@ -5,8 +5,9 @@ writes libxc's stream on the same fd; it calls back to suspend the guest (the
 backend asks it, from the loop) and to switch the device model's log-dirty
 mode.  When the helper has completed, the libxl records that end the stream
 (the device model's, END) are written, a file is fsynced and renamed over the
-target, and the domain is left as asked: destroyed (xl's default), paused or
-running.  A failed save never touches an existing file and lets a suspended
+target by a short child (:mod:`pyxl.childproc`: the loop never waits for the
+disk), and the domain is left as asked: destroyed (xl's default, through the
+backend's ``start_destroy``), paused or running.  A failed save never touches an existing file and lets a suspended
 guest run again.  Checkpointed (Remus) streams repeat the suspend, the libxl
 checkpoint records and the resume per checkpoint.
 """
@@ -21,6 +22,7 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 
 from pyxl._paths import helper_path
 from pyxl.backends.base import Backend, Cancellable, EmulatorRecord
+from pyxl.childproc import finish_file
 from pyxl.errors import OperationError, StartupError
 from pyxl.fdio import write_all, write_from_loop
 from pyxl.loop import Loop
@@ -141,6 +143,7 @@ class SaveOperation(Operation[SaveResult]):
         self._tmp: Optional[str] = None
         self._fd = -1
         self._own_fd = False
+        self._placing: Optional[Cancellable] = None   # the short child putting the file in place
 
         self.backend.check_domain(domid)
         if config is None:
@@ -346,15 +349,16 @@ class SaveOperation(Operation[SaveResult]):
         exc = self._helper_outcome() if self.helper is not None else self._failure
         if exc is None:
             try:
-                result = self._complete_stream()
+                self._complete_stream()
             except OSError as err:
                 exc = OperationError(f"writing the end of the save stream failed: {err.strerror}",
                                      op=self)
             else:
-                self._finish(result)
-                return
+                return    # _committed finishes, once the image is in place
+        self._fail_after_helper(exc)
+
+    def _fail_after_helper(self, exc: OperationError) -> None:
         self._discard()
-        assert exc is not None
         if self._suspend_cancel is not None:
             self._held = exc  # a suspend is on its way: finish once it has landed
             return
@@ -362,7 +366,10 @@ class SaveOperation(Operation[SaveResult]):
             self._resume_after_failure()
         self._finish(exc=exc)
 
-    def _complete_stream(self) -> SaveResult:
+    def _complete_stream(self) -> None:
+        """Write the end of the stream; then put the file in place from a short
+        child (fsync, rename, directory fsync block for as long as the disk
+        takes: never on the loop) and leave the domain."""
         end = time.monotonic()
         if self.stream_type == STREAM_REMUS:
             # libxc 4.17 ends a checkpointed stream after the last CHECKPOINT
@@ -378,32 +385,48 @@ class SaveOperation(Operation[SaveResult]):
         else:
             # The helper has exited, so nobody else writes to this description.
             write_all(self._fd, trailer)
-        size = None
-        if self._own_fd:
-            size = os.fstat(self._fd).st_size
-            if self.fsync:
-                os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-            assert self._tmp is not None and self.path is not None
-            os.rename(self._tmp, self.path)
+        size = os.fstat(self._fd).st_size if self._own_fd else None
+        result = SaveResult(self.domid, self.path, size, end - self.started, self.iterations,
+                            None if self.suspended_at is None else end - self.suspended_at,
+                            checkpoints=self.checkpoints)
+        if not self._own_fd:
+            self._committed(result)
+            return
+        os.close(self._fd)
+        self._fd = -1
+        assert self._tmp is not None and self.path is not None
+
+        def placed(why: Optional[str]) -> None:
+            if why is not None:
+                self._fail_after_helper(OperationError(
+                    f"putting the save file in place failed: {why}", op=self))
+                return
             self._tmp = None
-            if self.fsync:
-                dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-        self._leave_domain()
-        return SaveResult(self.domid, self.path, size, end - self.started, self.iterations,
-                          None if self.suspended_at is None else end - self.suspended_at,
-                          checkpoints=self.checkpoints)
+            self._committed(result)
+
+        self._placing = finish_file(self.loop, self._tmp, self.path, self.fsync, placed)
+
+    def _committed(self, result: SaveResult) -> None:
+        """The image is safe: leave the domain as asked, then finish."""
+        if self.leave != "destroy":
+            self._leave_domain()
+            self._finish(result)
+            return
+
+        def destroyed(ok: bool, why: str) -> None:
+            if not ok:
+                self.logger.error("saved domain %d, but could not destroy it: %s",
+                                  self.domid, why)
+            self._finish(result)
+
+        try:
+            self.backend.start_destroy(self.loop, self.domid, destroyed)
+        except Exception as exc:  # a backend is the caller's code; the image is safe: report it
+            destroyed(False, str(exc))
 
     def _leave_domain(self) -> None:
         try:
-            if self.leave == "destroy":
-                self.backend.destroy(self.domid)
-            elif self.leave == "running":
+            if self.leave == "running":
                 self.backend.resume(self.domid)
             elif not self.suspended:
                 self.backend.pause(self.domid)   # Remus: it ran on after the last checkpoint

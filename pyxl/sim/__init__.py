@@ -25,7 +25,7 @@ non-blocking pair :func:`request_suspend` + :func:`state` lets an event loop
 poll for suspension with a timer.
 """
 
-from pyxl.sim.control import (DomainInfo, config, destroy, info, list_domains, pause, remove_dir,
+from pyxl.sim.control import (DomainInfo, bury, config, destroy, info, list_domains, pause, remove_dir,
                               rename, request_suspend, resume, set_dirty_rate, state, suspend,
                               unpause)
 from pyxl.sim.errors import (DomainStateError, InsufficientResources, NoSuchDomain, SimError,
@@ -40,7 +40,7 @@ from pyxl.sim.statedir import create, create_empty
 __all__ = [
     "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
     "NoSuchDomain", "PAGE_SIZE", "SAVED_PARAMS", "SimError", "SimTimeout", "bit_runs",
-    "check_guest", "config", "counter", "create", "create_empty", "destroy", "digest",
+    "bury", "check_guest", "config", "counter", "create", "create_empty", "destroy", "digest",
     "format_size", "grant_entries", "helper_env", "hvm_context", "hvm_params", "info",
     "libfakexen_path", "list_domains", "parse_size", "pause", "populated_runs", "ram_runs",
     "remove_dir", "rename", "request_suspend", "resume", "set_dirty_rate", "sim_dir_path",

@@ -374,6 +374,14 @@ def set_dirty_rate(domid: int, rate: int, sim_dir: Optional[str] = None) -> None
 
 def destroy(domid: int, sim_dir: Optional[str] = None) -> None:
     """Kill the guest's vCPU and remove the domain.  Helpers using it get ESRCH."""
+    shutil.rmtree(bury(domid, sim_dir), ignore_errors=True)
+
+
+def bury(domid: int, sim_dir: Optional[str] = None) -> str:
+    """The quick part of :func:`destroy`: the vCPU and device model are gone and
+    the domain no longer exists (ESRCH), but its files -- guest memory, the
+    slow part to free -- are left in the returned directory for the caller to
+    remove (``rm -rf``, from a short child while a loop goes on)."""
     sdir = sim_dir_path(sim_dir)
     with _Dom(domid, sdir) as d, d.locked():
         if d.get("state") == DYING and not os.path.exists(d.path):
@@ -404,7 +412,7 @@ def destroy(domid: int, sim_dir: Optional[str] = None) -> None:
             os.rename(d.path, grave)
         except FileNotFoundError:
             raise NoSuchDomain(domid, sdir) from None
-    shutil.rmtree(grave, ignore_errors=True)
+    return grave
 
 
 def remove_dir(sim_dir: str) -> None:

@@ -1,0 +1,155 @@
+"""Nothing slow on the loop at the end of a save or a failed restore (issue 17).
+
+The end of a save used to fsync the file, rename it over the target, fsync the
+directory and free the domain's memory inside one loop callback (250-560 ms
+for 256 MiB here).  Those steps now run in short children
+(:mod:`pyxl.childproc`) and the backend's ``start_destroy``: the test records
+every fsync, rename and tree removal the loop's own process makes while the
+operations run -- there must be none -- and checks that the outcome is still
+the same: the file in place, flushed, the domain gone, nothing left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import pyxl
+from conftest import children, open_fds
+from pyxl import sim
+from pyxl.backends import SimBackend
+from pyxl.childproc import ShortChild, finish_file
+from pyxl.errors import OperationError
+from pyxl.loop import SelectorLoop
+
+
+@pytest.fixture
+def slow_calls(monkeypatch):
+    """Every blocking call of interest made in this process: (name, first argument).
+    (fakexen's own bookkeeping renames small state files in its state directory.)"""
+    calls = []
+    for mod, name in ((os, "fsync"), (os, "fdatasync"), (os, "rename"), (os, "replace"),
+                      (shutil, "rmtree")):
+        real = getattr(mod, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append((_name, str(a[0]) if a else ""))
+            return _real(*a, **k)
+        monkeypatch.setattr(mod, name, spy)
+    return calls
+
+
+def _saves(sim_dir, tmp_path, n, mib, **kw):
+    backend = SimBackend(sim_dir)
+    doms = [sim.create(mib << 20, name=f"g{i}", sim_dir=sim_dir) for i in range(n)]
+    loop = SelectorLoop()
+    paths = [str(tmp_path / f"g{i}.save") for i in range(n)]
+    ops = [pyxl.save(d, p, backend=backend, loop=loop, **kw) for d, p in zip(doms, paths)]
+    assert loop.run_until(lambda: all(o.done() for o in ops), 120)
+    loop.close()
+    return doms, paths, ops
+
+
+def test_save_finishes_off_the_loop(sim_dir, tmp_path, slow_calls):
+    before_fds = open_fds()
+    doms, paths, ops = _saves(sim_dir, tmp_path, 3, 32)
+    results = [o.result() for o in ops]
+    # no fsync, no rename of the image, no tree removal, here
+    assert [c for c in slow_calls if c[0] != "rename" and c[0] != "replace"
+            or str(tmp_path) in c[1]] == []
+    for r, p in zip(results, paths):
+        assert r.path == p and os.path.getsize(p) == r.bytes_written > 32 << 20
+    # the targets are complete streams, the temporaries gone, the domains destroyed
+    assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in paths)
+    assert not [d for d in sim.list_domains(sim_dir=sim_dir) if d.domid in doms]
+    assert not [n for n in os.listdir(sim_dir) if n.startswith(".dead-")]
+    assert open_fds() == before_fds
+    assert children() == []
+    # and they restore to the memory they were saved with
+    restored = pyxl.wait(pyxl.restore(paths[0], backend=SimBackend(sim_dir), paused=True))[0]
+    assert sim.info(restored.domid, sim_dir=sim_dir).name == "g0"
+
+
+def test_failed_placement_keeps_the_guest(sim_dir, tmp_path, monkeypatch):
+    """The finisher fails (its file vanished under it): the save fails with the
+    finisher's reason, the guest runs again, nothing is left."""
+    backend = SimBackend(sim_dir)
+    dom = sim.create(8 << 20, name="g", sim_dir=sim_dir)
+    target = tmp_path / "sub"
+    target.mkdir()
+    loop = SelectorLoop()
+    save_mod = sys.modules["pyxl.ops.save"]   # (pyxl.ops.save the attribute is the function)
+    real = save_mod.finish_file
+
+    def sabotage(loop_, tmp, dest, fsync, done):
+        os.unlink(tmp)                 # the finisher then cannot rename it
+        return real(loop_, tmp, dest, fsync, done)
+    monkeypatch.setattr(save_mod, "finish_file", sabotage)
+    op = pyxl.save(dom, str(target / "g.save"), backend=backend, loop=loop)
+    assert loop.run_until(op.done, 60)
+    with pytest.raises(OperationError, match=r"putting the save file in place failed: fsync "):
+        op.result()
+    assert sim.info(dom, sim_dir=sim_dir).state == "running"
+    assert os.listdir(target) == []
+
+
+def test_finisher_reports_without_an_exit_status(tmp_path):
+    """An application that set SIGCHLD to SIG_IGN: the kernel reaps the child,
+    waitpid fails with ECHILD, and the outcome still comes through."""
+    src = tmp_path / "a"
+    src.write_bytes(b"x" * 4096)
+    old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        loop = SelectorLoop()
+        out = []
+        finish_file(loop, str(src), str(tmp_path / "b"), True, out.append)
+        assert loop.run_until(lambda: bool(out), 30)
+        assert out == [None] and (tmp_path / "b").read_bytes() == b"x" * 4096
+        out.clear()
+        finish_file(loop, str(src), str(tmp_path / "c"), True, out.append)   # src is gone
+        assert loop.run_until(lambda: bool(out), 30)
+        assert out[0] is not None and out[0].startswith("fsync ")
+        loop.close()
+    finally:
+        signal.signal(signal.SIGCHLD, old)
+
+
+def test_short_child_cancel_still_reaps(tmp_path):
+    loop = SelectorLoop()
+    seen = []
+    child = ShortChild(loop, [sys.executable, "-c", "import time; time.sleep(0.2)"],
+                       lambda st, err: seen.append(st))
+    child.cancel()
+    deadline = time.monotonic() + 10
+    while not child.finished and time.monotonic() < deadline:
+        loop.run_once(0.1)
+    assert child.finished and seen == []
+    assert subprocess.run(["ps", "-o", "stat=", "-p", str(child.proc.pid)],
+                          capture_output=True, text=True).stdout.strip() == ""
+    loop.close()
+
+
+def test_failed_restore_destroys_before_it_reports(sim_dir, tmp_path, slow_calls):
+    """A stream cut short: the half-restored domain is destroyed through the
+    backend's start_destroy (its memory freed by a child), and only then does
+    the operation report the failure."""
+    doms, paths, ops = _saves(sim_dir, tmp_path, 1, 16)
+    data = open(paths[0], "rb").read()
+    cut = tmp_path / "cut.save"
+    cut.write_bytes(data[:len(data) // 2])
+    slow_calls.clear()
+    loop = SelectorLoop()
+    op = pyxl.restore(str(cut), backend=SimBackend(sim_dir), loop=loop)
+    assert loop.run_until(op.done, 60)
+    with pytest.raises(OperationError):
+        op.result()
+    assert "rmtree" not in [c[0] for c in slow_calls]
+    assert sim.list_domains(sim_dir=sim_dir) == []
+    assert not [n for n in os.listdir(sim_dir) if n.startswith(".dead-")]
+    loop.close()
