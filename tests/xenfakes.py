@@ -21,7 +21,9 @@ class FakeXenstored:
     """Just enough xenstored: a flat dict of nodes (a node's parents exist as
     empty nodes, as in xenstored), their permissions, watches that fire on
     writes and removals under their path and once on registration.
-    Transactions are applied at once (nothing here races)."""
+    A transaction's writes and removals are applied as they come, but what
+    they make others see -- watch events, the simulated kernel backends --
+    waits for its end: to a watcher it is atomic, as in xenstored."""
 
     def __init__(self) -> None:
         self.client, self.server = socket.socketpair()
@@ -30,6 +32,9 @@ class FakeXenstored:
         self.watches: List[Tuple[str, str]] = []
         self.log: List[Tuple[int, int, List[bytes]]] = []
         self.after_write: Optional[Callable[[str, bytes], None]] = None
+        self.after_rm: Optional[Callable[[str], None]] = None
+        self._tx_events: Dict[int, List[Callable[[], None]]] = {}
+        self._next_tx = 7
         self.lock = threading.Lock()
         self.conns: List[socket.socket] = [self.server]
         self.t = threading.Thread(target=self._serve, args=(self.server,), daemon=True)
@@ -83,17 +88,35 @@ class FakeXenstored:
             self.nodes.setdefault("/".join(parts[:i]), b"")
 
     def kernel_backends(self) -> None:
-        """Act as dom0's blkback/netback: a backend written in state 1
-        (Initialising) moves to 2 (InitWait, waiting for its hotplug script),
-        one told 5 (Closing) moves to 6 (Closed)."""
+        """Act as dom0's blkback/netback (Linux): a backend written in state 1
+        (Initialising) moves to 2 (InitWait, waiting for its hotplug script);
+        a backend whose frontend directory disappears moves to 6 (Closed), as
+        the driver's watch on the other end sees state Unknown.  The driver
+        does not watch its own state node: a toolstack writing 5 (Closing)
+        there changes nothing by itself."""
         def driver(path: str, value: bytes) -> None:
             parts = path.split("/")
             if len(parts) == 9 and parts[4] == "backend" and parts[5] in ("vbd", "vif") \
-                    and parts[8] == "state":
-                nxt = {b"1": b"2", b"5": b"6"}.get(value.strip())
-                if nxt is not None:
-                    self.write(path, nxt)
+                    and parts[8] == "state" and value.strip() == b"1":
+                self.write(path, b"2")
+
+        def frontend_gone(path: str) -> None:
+            for node in list(self.nodes):
+                parts = node.split("/")
+                if len(parts) == 9 and parts[4] == "backend" and parts[5] in ("vbd", "vif") \
+                        and parts[8] == "state" and self.nodes.get(node, b"").strip() != b"6":
+                    front = f"/local/domain/{parts[6]}/device/{parts[5]}/{parts[7]}"
+                    if front == path or front.startswith(path.rstrip("/") + "/"):
+                        self.write(node, b"6")
         self.after_write = driver
+        self.after_rm = frontend_gone
+
+    def _event(self, tx: int, fn: Callable[[], None]) -> None:
+        """Run ``fn`` now, or when transaction ``tx`` ends."""
+        if tx and tx in self._tx_events:
+            self._tx_events[tx].append(fn)
+        else:
+            fn()
 
     def write(self, path: str, value: bytes) -> None:
         """Write a node as a third party (the guest, QEMU) would."""
@@ -117,9 +140,12 @@ class FakeXenstored:
             self._mkparents(path)
             self.nodes[path] = value
             ok()
-            self.fire(path)
-            if self.after_write is not None:
-                self.after_write(path, value)
+
+            def wrote() -> None:
+                self.fire(path)
+                if self.after_write is not None:
+                    self.after_write(path, value)
+            self._event(tx, wrote)
         elif mtype == xenstore.XS_MKDIR:
             self._mkparents(path)
             self.nodes.setdefault(path, b"")
@@ -133,7 +159,12 @@ class FakeXenstored:
                 del self.nodes[p]
                 self.perms.pop(p, None)
             ok()
-            self.fire(path)
+
+            def removed() -> None:
+                self.fire(path)
+                if self.after_rm is not None:
+                    self.after_rm(path)
+            self._event(tx, removed)
         elif mtype == xenstore.XS_DIRECTORY:
             if path not in self.nodes and not any(p.startswith(path + "/") for p in self.nodes):
                 err(b"ENOENT")
@@ -157,9 +188,14 @@ class FakeXenstored:
             self._w = [w for w in self._watches if w[0] is not conn or w[1] != path]
             ok()
         elif mtype == xenstore.XS_TRANSACTION_START:
-            self.send(conn, mtype, req, tx, b"7\0")
-        elif mtype in (xenstore.XS_RESUME, xenstore.XS_INTRODUCE, xenstore.XS_TRANSACTION_END,
-                       xenstore.XS_RELEASE):
+            new_tx, self._next_tx = self._next_tx, self._next_tx + 1
+            self._tx_events[new_tx] = []
+            self.send(conn, mtype, req, tx, f"{new_tx}\0".encode())
+        elif mtype == xenstore.XS_TRANSACTION_END:
+            ok()
+            for fn in self._tx_events.pop(tx, []):
+                fn()
+        elif mtype in (xenstore.XS_RESUME, xenstore.XS_INTRODUCE, xenstore.XS_RELEASE):
             ok()
         else:
             err(b"EINVAL")

@@ -12,7 +12,8 @@
 #   pyxl-roundtrip.hvm1                        pyxl save -> pyxl restore
 #   {counter,disk,net}-after-X.hvm1            the guest counts on, on its console and its
 #                                              disk, and answers ping across xenbr0
-#   (out/pyxl-hvm1-destroy-leftovers.txt: what xl destroy of the pyxl-restored guest left)
+#   nothing-left.hvm1                          after xl destroy of the pyxl-restored guest: no
+#                                              QEMU, loop device (of any copy), backend or tap left
 pyxl_hvm_after() {  # TAG BEFORE DISK_BEFORE: the checks after hvm1 came back
     check_continues "counter-after-$1.hvm1" hvm1 "$2"
     check_disk "disk-after-$1.hvm1" hvm1 "$3"
@@ -84,10 +85,13 @@ pyxl_hvm_phase() {
     xenstore-exists "/local/domain/0/backend/vbd/$d" 2>/dev/null && left="$left vbd backend;"
     xenstore-exists "/local/domain/0/backend/vif/$d" 2>/dev/null && left="$left vif backend;"
     ip link show "vif$d.0-emu" > /dev/null 2>&1 && left="$left tap vif$d.0-emu;"
-    # Known open bug, reported rather than asserted (see README "On a real Xen host"):
-    # pyxl's own destroy (after a pyxl save) times out waiting for the vbd backend to
-    # close, so the block script's loop device of that copy stays attached.
-    say "after xl destroy of the pyxl-restored hvm1: left:${left:- nothing}"
+    # pyxl's own destroys (after each pyxl save) ran the block script's
+    # "remove" too: no loop device of an earlier copy may be left either.
+    if [ -z "$left" ]; then
+        result "nothing-left.hvm1" PASS "after xl destroy of the pyxl-restored hvm1 (QEMU, loop, XenStore, tap)"
+    else
+        result "nothing-left.hvm1" FAIL "left:$left"
+    fi
     echo "left:${left:- nothing}" > "$OUT/pyxl-hvm1-destroy-leftovers.txt"
 }
 pyxl_hvm_phase

@@ -31,6 +31,7 @@ pyxl.backends.xswatch, pyxl.loop.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -39,7 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pyxl.backends import libxlcfg, xenbuild
 from pyxl.backends.libxlcfg import Disk, Nic
-from pyxl.backends.xenstore import XenStore
+from pyxl.backends.xenstore import XenStore, XenStoreError
 from pyxl.backends.xswatch import Outcome, XsWait
 from pyxl.loop import Loop, Timer
 
@@ -315,17 +316,17 @@ def _write_nodes(loop: Loop, xs: XenStore, domid: int, kind: str, devid: int, bk
     return loop.call_later(0, lambda: next_(why))
 
 
-def xs_path_cleanup(xs: XenStore, path: str) -> None:
+def xs_path_cleanup(xs: XenStore, path: str, tx: int = 0) -> None:
     """libxl__xs_path_cleanup: remove ``path``, then each parent left empty
     (no value, no children)."""
-    xs.rm(path)
+    xs.rm(path, tx)
     parts = path.rstrip("/").split("/")
     while len(parts) > 2:
         parts.pop()
         parent = "/".join(parts)
-        if xs.read(parent) != b"" or xs.directory(parent):
+        if xs.read(parent, tx) != b"" or xs.directory(parent, tx):
             break
-        xs.rm(parent)
+        xs.rm(parent, tx)
 
 
 class DevicesRemoval:
@@ -371,17 +372,35 @@ class DevicesRemoval:
         if bkind not in ("vbd", "vif"):     # console; QEMU backends (QEMU is gone)
             cleanup()
             return
-        if front:
-            xs_path_cleanup(xs, front)      # forced removal: the frontend goes first
-        state = xs.read(f"{back}/state")
+        # One transaction, as libxl__initiate_device_generic_remove: the
+        # frontend goes (forced removal), online=0, state=Closing.  Removed on
+        # its own first, the frontend's disappearance let blkback switch to
+        # Closed (staying registered: still online) before our Closing landed
+        # on top of it; then nothing moved it again, the wait for Closed timed
+        # out and the block script never ran (its loop device stayed).
+        state = None
+        for _attempt in range(16):
+            tx = xs.transaction_start()
+            try:
+                if front:
+                    xs_path_cleanup(xs, front, tx)
+                state = xs.read(f"{back}/state", tx)
+                if state is not None:
+                    xs.write(f"{back}/online", "0", tx)
+                    if state.strip() != str(XENBUS_CLOSED).encode():
+                        xs.write(f"{back}/state", str(XENBUS_CLOSING), tx)
+            except BaseException:
+                xs.transaction_end(tx, commit=False)
+                raise
+            try:
+                xs.transaction_end(tx)
+                break
+            except XenStoreError as exc:
+                if exc.errno != errno.EAGAIN:   # EAGAIN: a conflicting write; again
+                    raise
         if state is None:
             cleanup()
             return
-        tx = xs.transaction_start()
-        xs.write(f"{back}/online", "0", tx)
-        if state.strip() != str(XENBUS_CLOSED).encode():
-            xs.write(f"{back}/state", str(XENBUS_CLOSING), tx)
-        xs.transaction_end(tx)
         script = (xs.read(f"{back}/script") or b"").decode()
         nictype = (xs.read(f"{back}/type") or b"").decode() if bkind == "vif" else None
         argvs: List[List[str]] = []

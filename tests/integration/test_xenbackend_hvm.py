@@ -20,7 +20,7 @@ from typing import List, Tuple
 
 import pytest
 
-from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild
+from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xenstore
 from pyxl.backends.xenctrl import SHUTDOWN_suspend
 from pyxl.errors import StartupError
 from pyxl.loop import SelectorLoop
@@ -511,7 +511,24 @@ def test_pv_guest_gets_its_disk_and_nic_without_qemu(xsd, host):
     log = (host / "hotplug.log").read_text().splitlines()
     assert [line.split(" XENBUS")[0] for line in log] == ["block add", "vif-bridge online type_if=vif"]
     assert not (host / "qemu.json").exists()
+    t0 = time.monotonic()
+    xsd.log.clear()
     be.destroy(7)
+    # Each backend closed (no wait for libxl's 10 s timeout) and its script ran.
+    # blkback closes when the frontend goes; the frontend's removal, online=0
+    # and Closing must land together, or its Closed is overwritten by Closing.
+    assert time.monotonic() - t0 < 5
+    for kind, dev in (("vbd", "51712"), ("vif", "0")):
+        front = f"/local/domain/7/device/{kind}/{dev}".encode()
+        back = f"/local/domain/0/backend/{kind}/7/{dev}/".encode()
+        rm_tx = [tx for mtype, tx, parts in xsd.log if mtype == xenstore.XS_RM and parts[0] == front]
+        w_tx = [tx for mtype, tx, parts in xsd.log if mtype == xenstore.XS_WRITE
+                and parts[0] in (back + b"online", back + b"state") and parts[1] in (b"0", b"5")]
+        # (the later removal outside a transaction: the final cleanup, a no-op)
+        assert rm_tx[0] != 0 and w_tx == [rm_tx[0]] * 2, (kind, rm_tx, w_tx)
+    log = (host / "hotplug.log").read_text().splitlines()
+    assert [line.split(" XENBUS")[0] for line in log][2:] == ["block remove",
+                                                             "vif-bridge offline type_if=vif"]
     assert not [p for p in n if "/7" in p and not p.startswith("/tool")]
     cfg = pv1(host)
     cfg["disks"][0]["format"] = "qcow2"
@@ -538,7 +555,7 @@ def test_backend_that_never_comes_or_goes(xsd, host, monkeypatch):
     from pyxl.backends import xendevices
     monkeypatch.setattr(xendevices, "INIT_TIMEOUT", 0.3)
     monkeypatch.setattr(xendevices, "DESTROY_TIMEOUT", 0.3)
-    xsd.after_write = None          # no kernel backends
+    xsd.after_write = xsd.after_rm = None          # no kernel backends
     be = backend(xsd, RecordingXc())
     be.create_restore_target(pv1(host))
     be.restore_done(7, 1, 2)
