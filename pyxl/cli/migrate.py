@@ -2,16 +2,25 @@
 
     pyxl migrate [--live] [--downtime MS [--max-iterations N] [--on-fail abort|stop]]
                  [--remus [--checkpoints N] [--interval S]]
-                 [--max-bandwidth BYTES/S] [--command CMD] [--helper PATH]
+                 [--max-bandwidth BYTES/S] [--command CMD]
+                 [--tls-cert FILE --tls-key FILE --tls-ca FILE [--tls-name NAME]]
+                 [--handshake-timeout S] [--helper PATH]
                  [--sim-dir DIR] [--timeout S] [--json] DOMID [HOST:PORT]
-    pyxl migrate-receive [--listen ADDR:PORT] [--paused] [--remus] [--helper PATH]
-                 [--sim-dir DIR] [--timeout S] [--json]
+    pyxl migrate-receive [--listen ADDR:PORT [--insecure]
+                 [--tls-cert FILE --tls-key FILE --tls-ca FILE [--tls-allow NAME]...]]
+                 [--header-timeout S] [--idle-timeout S] [--paused] [--remus]
+                 [--helper PATH] [--sim-dir DIR] [--timeout S] [--json]
 
 The sender connects to HOST:PORT, or runs CMD through the shell and talks to
 its stdin/stdout (``--command "ssh host pyxl migrate-receive"``).  The
 receiver accepts one connection on ``--listen`` (port 0: any; it says
 "listening on ADDR:PORT" on stderr) or, without ``--listen``, uses its
 stdin/stdout -- then ``--json`` goes to stderr, stdout being the channel.
+With ``--tls-*`` both ends speak mutual TLS; a receiver listening for plain
+TCP on an address that is not loopback is refused (exit 2) unless
+``--insecure``.  A listening receiver drops connections that fail TLS, are
+not on ``--tls-allow``, send garbage or say nothing within
+``--header-timeout`` (default 60 s), and listens on for the real sender.
 
 JSON: sender ``{"domid", "digest", "downtime_ms", "iterations", "bytes_sent",
 "seconds"}`` (+ ``"checkpoints"`` with --remus); receiver ``{"domid", "digest",
@@ -26,12 +35,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Optional, Tuple, TypeVar
 
 from pyxl import sim
 from pyxl.cli.args import common_options as _common, domid_arg
 from pyxl.cli.runner import ProgressBar, run
-from pyxl.migrate import migrate, parse_address, receive
+from pyxl.migrate import TlsOptions, migrate, parse_address, receive
 
 EXIT_OK = 0
 N = TypeVar("N", int, float)
@@ -74,13 +83,33 @@ _positive_ms = _bounded(float, "a number of milliseconds", lambda v: 0.001 <= v 
                         "from 0.001 to 3600000 ms")
 _positive_s = _bounded(float, "a number of seconds", lambda v: 0 < v <= 3600,
                        "from 0 (excluded) to 3600 seconds")
+_deadline_s = _bounded(float, "a number of seconds", lambda v: 0 < v <= 86400,
+                      "from 0 (excluded) to 86400 seconds")
 _iterations = _bounded(lambda t: int(t, 10), "a whole number", lambda v: 1 <= v <= 1000000,
                        "from 1 to 1000000")
+
+
+def _tls(args: argparse.Namespace, allow: Tuple[str, ...] = (),
+         name: Optional[str] = None) -> Optional[TlsOptions]:
+    """TlsOptions from --tls-cert/--tls-key/--tls-ca (all three or none)."""
+    files = (args.tls_cert, args.tls_key, args.tls_ca)
+    if all(f is None for f in files):
+        if allow or name is not None:
+            raise SystemExit(_usage("--tls-allow and --tls-name go with --tls-cert, "
+                                    "--tls-key and --tls-ca"))
+        return None
+    if any(f is None for f in files):
+        raise SystemExit(_usage("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca"))
+    return TlsOptions(args.tls_cert, args.tls_key, args.tls_ca, allow=allow, server_name=name)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     if (args.target is None) == (args.command is None):
         raise SystemExit(_usage("give HOST:PORT or --command CMD (one of them)"))
+    tls = _tls(args, name=args.tls_name)
+    if tls is not None and args.command is not None:
+        raise SystemExit(_usage("--tls-* is for HOST:PORT; --command is its own channel "
+                                "(ssh)"))
     if args.downtime is None and (args.max_iterations is not None or args.on_fail is not None):
         raise SystemExit(_usage("--max-iterations and --on-fail go with --downtime"))
     if args.downtime is not None and not args.live:
@@ -96,7 +125,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                  helper=args.helper, timeout=args.timeout, sim_dir=args.sim_dir,
                  digest=args.json, on_progress=bar, remus=args.remus,
                  checkpoints=args.checkpoints,
-                 checkpoint_interval=0.1 if args.interval is None else args.interval)
+                 checkpoint_interval=0.1 if args.interval is None else args.interval,
+                 tls=tls, handshake_timeout=args.handshake_timeout)
     try:
         res = run(op)
     finally:
@@ -113,15 +143,21 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
+    tls = _tls(args, allow=tuple(args.tls_allow or ()))
+    deadlines = dict(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout)
     if args.listen is not None:
         op = receive(args.listen, paused=args.paused, helper=args.helper, timeout=args.timeout,
-                     sim_dir=args.sim_dir, digest=args.json, remus=args.remus)
+                     sim_dir=args.sim_dir, digest=args.json, remus=args.remus, tls=tls,
+                     insecure=args.insecure, **deadlines)
         host, port = op.address or args.listen
         print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
         out = sys.stdout
     else:
+        if tls is not None or args.insecure:
+            raise SystemExit(_usage("--tls-* and --insecure go with --listen (without it, "
+                                    "stdin/stdout is the channel: ssh)"))
         op = receive(fds=(0, 1), paused=args.paused, helper=args.helper, timeout=args.timeout,
-                     sim_dir=args.sim_dir, digest=args.json, remus=args.remus)
+                     sim_dir=args.sim_dir, digest=args.json, remus=args.remus, **deadlines)
         out = sys.stderr   # stdout is the channel back to the sender
     res = run(op)
     if args.json:
@@ -130,6 +166,14 @@ def cmd_receive(args: argparse.Namespace) -> int:
             got.update(checkpoints=res.checkpoints, failover=res.failover)
         print(json.dumps(got), file=out, flush=True)
     return EXIT_OK
+
+
+def _tls_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", metavar="FILE",
+                   help="mutual TLS: this end's certificate (PEM; with --tls-key, --tls-ca)")
+    p.add_argument("--tls-key", metavar="FILE", help="mutual TLS: this end's private key (PEM)")
+    p.add_argument("--tls-ca", metavar="FILE",
+                   help="mutual TLS: the CA the peer's certificate must chain to (PEM)")
 
 
 def _usage(text: str) -> int:
@@ -164,6 +208,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--command", metavar="CMD",
                    help="run CMD (through the shell) and send over its stdin/stdout, "
                         "e.g. \"ssh host pyxl migrate-receive\"")
+    _tls_options(p)
+    p.add_argument("--tls-name", metavar="NAME",
+                   help="with TLS: the name the receiver's certificate must carry "
+                        "(default: HOST)")
+    p.add_argument("--handshake-timeout", type=_deadline_s, metavar="SECONDS", default=60.0,
+                   help="give up on a receiver that says nothing for this long: its banner "
+                        "(connect and TLS included), its \"ready\", its status (default 60)")
     p.add_argument("domid", type=domid_arg, metavar="DOMID")
     p.add_argument("target", nargs="?", type=_address(False), metavar="HOST:PORT")
     _common(p)
@@ -175,6 +226,19 @@ def add_parser(subparsers: Any) -> None:
                               "stdin/stdout.")
     p.add_argument("--listen", type=_address(True), metavar="ADDR:PORT",
                    help="accept one connection here (port 0: any); default: stdin/stdout")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain TCP on an address that is not loopback: anyone who can "
+                        "connect can send a domain (refused without this)")
+    _tls_options(p)
+    p.add_argument("--tls-allow", action="append", metavar="NAME",
+                   help="with TLS: accept only a peer whose certificate names NAME (subject "
+                        "CN or DNS subjectAltName); repeatable")
+    p.add_argument("--header-timeout", type=_deadline_s, metavar="SECONDS", default=60.0,
+                   help="drop a connection that has not sent its stream's head (TLS "
+                        "included) within this long (default 60)")
+    p.add_argument("--idle-timeout", type=_deadline_s, metavar="SECONDS", default=60.0,
+                   help="fail if the stream stops for this long, or the sender does not "
+                        "clear the unpause (default 60)")
     p.add_argument("--paused", action="store_true", help="leave the received domain paused")
     p.add_argument("--remus", action="store_true",
                    help="expect a checkpointed stream (pyxl migrate --remus); take over at the "

@@ -29,7 +29,7 @@ from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
 from pyxl.loop import Loop, Timer
 from pyxl.migrate.handshake import (NEED_DATA, Banner, ConnectionClosed, ReceiverFailed,
                                     ReceiverHandshake, StreamHead)
-from pyxl.migrate.tls import TlsBridge
+from pyxl.migrate.tls import TlsBridge, allowed
 
 __all__ = ["Admission", "Link", "is_loopback", "peer_reason"]
 
@@ -132,6 +132,7 @@ class Admission:
                  logger: logging.Logger) -> None:
         self.loop, self.peer, self.logger = loop, peer, logger
         self.on_head, self.on_reject = on_head, on_reject
+        self.allow = allow
         self.handshake = ReceiverHandshake()
         self.link: Optional[Link] = None
         self.outbox: Optional[FdWriter] = None
@@ -144,8 +145,8 @@ class Admission:
                                         if timeout is not None else None)
         if ctx is not None:
             assert sock is not None
-            self.bridge = TlsBridge(loop, sock, ctx, server=True, allow=allow,
-                                    on_ready=self._secured, on_failed=self._reject)
+            self.bridge = TlsBridge(loop, sock, ctx, server=True, on_ready=self._secured,
+                                    on_failed=self._reject)
         elif sock is not None:
             self.link = Link(sock.fileno(), sock.fileno(), peer, sock=sock)
             self._open()
@@ -159,6 +160,12 @@ class Admission:
         names = ", ".join(self.bridge.peer) or "no name"
         self.logger.info("TLS peer %s authenticated as %s", self.peer, names)
         self.link = Link(rfd, wfd, f"{self.peer} ({names})", bridge=self.bridge)
+        if not allowed(self.bridge.peer, self.allow):
+            # Authenticated, but not one we take a domain from: say so inside TLS.
+            self.outbox = FdWriter(self.loop, wfd, self._write_failed)
+            self._reject(MigrationAuthError(f"the peer's certificate ({names}) is not on "
+                                            "the allow-list"))
+            return
         self._open()
 
     def _open(self) -> None:

@@ -20,7 +20,6 @@ and pyxl.loop; it knows nothing of the handshake, helpers or domains.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
@@ -32,7 +31,7 @@ from pyxl.errors import MigrationAuthError, StartupError
 from pyxl.fdio import close_quietly
 from pyxl.loop import Loop, Timer
 
-__all__ = ["SLICE", "TlsBridge", "TlsOptions", "make_context", "peer_names"]
+__all__ = ["SLICE", "TlsBridge", "TlsOptions", "allowed", "make_context", "peer_names"]
 
 SLICE = 256 << 10        # most plaintext bytes one callback moves one way
 _PIPE = 1 << 20          # the bridge's pipes: as large as the relay's
@@ -112,10 +111,12 @@ def peer_names(cert: Optional[Dict[str, Any]]) -> List[str]:
         return []
     names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
     names += [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
-    return names
+    return list(dict.fromkeys(names))
 
 
-def _allowed(names: Iterable[str], allow: Tuple[str, ...]) -> bool:
+def allowed(names: Iterable[str], allow: Tuple[str, ...]) -> bool:
+    """Is a peer with these certificate names on the allow-list (empty: anyone
+    the CA vouches for)?"""
     return not allow or any(n in allow for n in names)
 
 
@@ -136,21 +137,20 @@ class TlsBridge:
     owner reads the peer's plaintext from ``rfd`` and writes its own to
     ``wfd`` (both non-blocking pipe ends that the owner now holds and closes);
     EOF on ``rfd`` is the peer's close (close_notify or TCP FIN), and closing
-    ``wfd`` sends close_notify after what was written.  ``on_failed(exc)``
-    (a :class:`MigrationAuthError`) if the handshake fails, the peer's
-    certificate is not allowed, or TLS breaks later; the bridge is then
+    ``wfd`` sends close_notify after what was written; :attr:`peer` has the
+    names of the peer's certificate (an allow-list is the owner's
+    matter: :func:`allowed`).  ``on_failed(exc)`` (a
+    :class:`MigrationAuthError`) if the handshake fails or TLS breaks later; the bridge is then
     closed.  ``close(then)``: stop, flushing what the owner wrote (at most
     :data:`_CLOSE_GRACE` seconds), then ``then()``.
     """
 
     def __init__(self, loop: Loop, sock: socket.socket, ctx: ssl.SSLContext, *,
                  server: bool, server_name: Optional[str] = None,
-                 allow: Tuple[str, ...] = (),
                  on_ready: Callable[[int, int], None],
                  on_failed: Callable[[MigrationAuthError], None]) -> None:
         self.loop, self.sock = loop, sock
         self.on_ready, self.on_failed = on_ready, on_failed
-        self.allow = allow
         self.server = server
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = ctx.wrap_bio(self._in, self._out, server_side=server,
@@ -191,6 +191,13 @@ class TlsBridge:
              else self.loop.remove_writer(fd))
         self._watched[fd] = (read, write)
 
+    def _drop(self, fd: int) -> None:
+        """Stop watching one of our pipe ends, then close it (in that order: a
+        closed fd's number may come back at once for another watch)."""
+        self._watch(fd, False, False)
+        self._watched.pop(fd, None)
+        close_quietly(fd)
+
     def _unwatch_all(self) -> None:
         for fd in list(self._watched):
             self._watch(fd, False, False)
@@ -218,7 +225,7 @@ class TlsBridge:
                 self._from_owner()
             elif fd == self._up_w:
                 self._to_owner()
-        except (ssl.SSLError, OSError, _NotAllowed) as exc:
+        except (ssl.SSLError, OSError) as exc:
             self._failed(exc)
             return
         self._rewatch()
@@ -301,8 +308,7 @@ class TlsBridge:
 
     def _peer_closed(self) -> None:
         self._peer_eof = True
-        close_quietly(self._up_w)
-        self._watched.pop(self._up_w, None)
+        self._drop(self._up_w)
         self._up_w = -1
         self._maybe_done()
 
@@ -310,9 +316,6 @@ class TlsBridge:
 
     def _handshake_done(self) -> None:
         self.peer = peer_names(self.tls.getpeercert())
-        if not _allowed(self.peer, self.allow):
-            raise _NotAllowed(f"the peer's certificate ({', '.join(self.peer) or 'no name'}) "
-                              "is not on the allow-list")
         self.state = "open"
         up_r, self._up_w = _pipe()
         self._down_r, down_w = _pipe()
@@ -341,8 +344,7 @@ class TlsBridge:
         except BlockingIOError:
             return
         if n == 0:
-            close_quietly(self._down_r)
-            self._watched.pop(self._down_r, None)
+            self._drop(self._down_r)
             self._down_r = -1
             self._local_eof = True
             try:
@@ -400,14 +402,17 @@ class TlsBridge:
             then()
 
     def _failed(self, exc: BaseException) -> None:
-        if isinstance(exc, _NotAllowed):
-            why = str(exc)
+        peer = "sender" if self.server else "receiver"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            why = (f"TLS with the {peer} failed: certificate verify failed: "
+                   f"{exc.verify_message}")
         elif isinstance(exc, ssl.SSLError):
-            why = f"TLS failed: {exc.reason or exc.strerror or exc}"
-        elif isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE):
-            why = f"TLS failed: {exc.strerror}"
+            what = (exc.reason or "").lower().replace("_", " ") or exc.strerror or str(exc)
+            why = f"TLS with the {peer} failed: {what}"
+        elif isinstance(exc, OSError):
+            why = f"TLS with the {peer} failed: {exc.strerror or exc}"
         else:
-            why = f"TLS failed: {exc}"
+            why = f"TLS with the {peer} failed: {exc}"
         try:   # our alert, if any, so the peer learns why
             self._flush_out()
         except OSError:
@@ -419,8 +424,4 @@ class TlsBridge:
             closing()
         else:
             self.on_failed(MigrationAuthError(why))
-
-
-class _NotAllowed(Exception):
-    """The peer authenticated, but its names are not on the allow-list."""
 

@@ -272,7 +272,9 @@ def test_migration_between_network_namespaces(hosts, netns):
     a, b = hosts
     ns_a, ns_b, addr = netns
     dom = busy(a, 30)
-    rx = _cli_ns(ns_b, "migrate-receive", "--listen", f"{addr}:0", "--sim-dir", b, "--json")
+    # plain TCP off loopback: --insecure (test_migrate_tls.py covers the refusal)
+    rx = _cli_ns(ns_b, "migrate-receive", "--listen", f"{addr}:0", "--insecure", "--sim-dir", b,
+                 "--json")
     port = _listening(rx)
     tx = subprocess.run(["ip", "netns", "exec", ns_a] + PYXL +
                         ["migrate", "--live", "--json", "--sim-dir", a, str(dom),
@@ -296,7 +298,8 @@ def test_killed_receiver_across_namespaces_leaves_source_running(hosts, netns):
     a, b = hosts
     ns_a, ns_b, addr = netns
     dom = busy(a, 20)
-    rx = _cli_ns(ns_b, "migrate-receive", "--listen", f"{addr}:0", "--sim-dir", b)
+    rx = _cli_ns(ns_b, "migrate-receive", "--listen", f"{addr}:0", "--insecure", "--sim-dir",
+                 b)
     port = _listening(rx)
     tx = subprocess.Popen(["ip", "netns", "exec", ns_a] + PYXL +
                           ["migrate", "--live", "--max-bandwidth", "20M", "--sim-dir", a,

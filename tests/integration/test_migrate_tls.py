@@ -1,0 +1,378 @@
+"""Migration a user can expose to a network: mutual TLS, an allow-list, plain
+TCP refused off loopback, and a receiver that outlives bad peers.
+
+Real sockets, real certificates made by the ``openssl`` command line: a CA, the
+receiver's certificate, two senders' (one not allowed), and a second,
+unrelated CA with a sender certificate of its own.  Every bad peer must leave
+the receiver with no domain, still listening, and the real sender must then
+migrate through it, memory byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+
+import pyxl
+from pyxl import migrate, sim
+from pyxl.errors import MigrationAuthError, StartupError
+from pyxl.loop import default_loop
+from pyxl.migrate import TlsOptions
+
+from conftest import ROOT
+from test_migrate import _cli, _listening, assert_runs_intact, busy, domains, run_both
+from test_migrate import source_survived
+
+MB = 1 << 20
+PYXL = [sys.executable, "-m", "pyxl"]
+SENDER = "sender.test"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    done = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def _ca(d: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2",
+             "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
+
+
+def _leaf(d: Path, ca: str, name: str, sans: str) -> None:
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+    (d / f"{name}.ext").write_text(f"subjectAltName={sans}\n"
+                                   "extendedKeyUsage=serverAuth,clientAuth\n"
+                                   "keyUsage=critical,digitalSignature\n")
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile",
+             f"{name}.ext", cwd=d)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: Any) -> Dict[str, Path]:
+    """CA + receiver + two senders; another CA + a sender it signed."""
+    d = tmp_path_factory.mktemp("pki")
+    _ca(d, "ca")
+    _leaf(d, "ca", "receiver.test", "DNS:receiver.test,DNS:localhost,IP:127.0.0.1")
+    _leaf(d, "ca", SENDER, f"DNS:{SENDER}")
+    _leaf(d, "ca", "intruder.test", "DNS:intruder.test")
+    _ca(d, "rogue-ca")
+    _leaf(d, "rogue-ca", "rogue", f"DNS:{SENDER}")   # the right name, the wrong CA
+    return {"dir": d}
+
+
+def opts(pki: Dict[str, Path], who: str, ca: str = "ca", **kw: Any) -> TlsOptions:
+    d = pki["dir"]
+    return TlsOptions(str(d / f"{who}.pem"), str(d / f"{who}.key"), str(d / f"{ca}.pem"), **kw)
+
+
+def tls_args(pki: Dict[str, Path], who: str) -> List[str]:
+    o = opts(pki, who)
+    return ["--tls-cert", o.cert, "--tls-key", o.key, "--tls-ca", o.ca]
+
+
+def receiver(pki: Dict[str, Path], b: str, **kw: Any) -> migrate.ReceiveOperation:
+    return migrate.receive("127.0.0.1:0", sim_dir=b, digest=True,
+                           tls=opts(pki, "receiver.test", allow=(SENDER,)), **kw)
+
+
+def wait_refused(rx: migrate.ReceiveOperation, n: int, timeout: float = 60) -> None:
+    assert default_loop().run_until(lambda: rx.refused >= n or rx.done(), timeout), rx.refused
+    assert not rx.done(), rx.exception()
+    assert rx.refused == n
+
+
+def real_migration(pki: Dict[str, Path], a: str, b: str, dom: int,
+                   rx: migrate.ReceiveOperation) -> None:
+    """The real sender, after the bad peers: the guest arrives intact."""
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True,
+                         tls=opts(pki, SENDER))
+    sent, got = pyxl.wait(tx, rx, timeout=120)
+    assert sent.digest == got.digest and re.fullmatch(r"[0-9a-f]{64}", sent.digest)
+    assert domains(a) == [] and domains(b) == [(got.domid, "running")]
+    assert_runs_intact(b, got.domid)
+
+
+# ---------------------------------------------------------------------------
+# Success
+
+
+def test_tls_migration_in_process(hosts, pki):
+    a, b = hosts
+    dom = busy(a, 30)
+    gaps: List[float] = []
+    last = [time.monotonic()]
+
+    def tick() -> None:   # the loop keeps turning while TLS moves the stream
+        now = time.monotonic()
+        gaps.append(now - last[0])
+        last[0] = now
+        if not (tx.done() and rx.done()):
+            default_loop().call_later(0.005, tick)
+
+    rx = receiver(pki, b)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True,
+                         tls=opts(pki, SENDER))
+    default_loop().call_later(0, tick)
+    sent, got = pyxl.wait(tx, rx, timeout=120)
+    assert sent.digest == got.digest and re.fullmatch(r"[0-9a-f]{64}", sent.digest)
+    assert 1 <= sent.iterations <= 5 and sent.bytes_sent > 64 * MB
+    assert domains(a) == [] and domains(b) == [(got.domid, "running")]
+    assert max(gaps) < 1.0, max(gaps)
+    assert rx.refused == 0
+    assert_runs_intact(b, got.domid)
+
+
+def test_tls_cli_between_processes(hosts, pki):
+    a, b = hosts
+    dom = busy(a, 20)
+    rx = _cli("migrate-receive", "--listen", "127.0.0.1:0", "--sim-dir", b, "--json",
+              *tls_args(pki, "receiver.test"), "--tls-allow", "nobody.test",
+              "--tls-allow", SENDER)
+    port = _listening(rx)
+    tx = subprocess.run(PYXL + ["migrate", "--live", "--json", "--sim-dir", a,
+                                *tls_args(pki, SENDER), str(dom), f"localhost:{port}"],
+                        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert tx.returncode == 0, tx.stderr
+    out, err = rx.communicate(timeout=60)
+    assert rx.returncode == 0, err
+    sent, got = json.loads(tx.stdout), json.loads(out)
+    assert sent["digest"] == got["digest"]
+    assert domains(a) == [] and domains(b) == [(got["domid"], "running")]
+
+
+# ---------------------------------------------------------------------------
+# Bad peers: dropped, and the receiver listens on
+
+
+def test_raw_save_file_to_tls_receiver_creates_nothing(hosts, pki, tmp_path):
+    """The issue's attack: an ordinary save file over a raw socket."""
+    a, b = hosts
+    evil = sim.create(16 * MB, sim_dir=a, paused=True, name="evil")
+    pyxl.wait(pyxl.save(evil, tmp_path / "evil.save", sim_dir=a))
+    dom = busy(a, 20)
+    rx = receiver(pki, b)
+    client = subprocess.Popen(
+        [sys.executable, "-c", "import socket, sys\n"
+         "s = socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n"
+         "try:\n    s.sendall(open(sys.argv[2], 'rb').read())\n"
+         "except OSError:\n    pass\n"
+         "s.close()\n", str(rx.address[1]), str(tmp_path / "evil.save")])
+    wait_refused(rx, 1)
+    client.wait(timeout=30)
+    assert domains(b) == []
+    real_migration(pki, a, b, dom, rx)
+
+
+def test_client_cert_from_another_ca_is_refused(hosts, pki):
+    a, b = hosts
+    dom = busy(a, 20)
+    rx = receiver(pki, b)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a,
+                         tls=opts(pki, "rogue", ca="ca"))
+    run_both(tx)
+    exc = tx.exception()
+    assert isinstance(exc, MigrationAuthError), exc
+    assert exc.source_state == "running"
+    source_survived(a, dom)
+    wait_refused(rx, 1)
+    assert domains(b) == []
+    real_migration(pki, a, b, dom, rx)
+
+
+def test_receiver_from_another_ca_is_refused_by_the_sender(hosts, pki):
+    a, b = hosts
+    dom = busy(a, 8)
+    rx = receiver(pki, b)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a,
+                         tls=opts(pki, SENDER, ca="rogue-ca"))
+    run_both(tx)
+    assert isinstance(tx.exception(), MigrationAuthError), tx.exception()
+    assert "certificate verify failed" in str(tx.exception()).lower()
+    source_survived(a, dom)
+    wait_refused(rx, 1)
+    rx.cancel()
+    run_both(rx)
+
+
+def test_wrong_receiver_name_is_refused_by_the_sender(hosts, pki):
+    a, b = hosts
+    dom = busy(a, 8)
+    rx = receiver(pki, b)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a,
+                         tls=opts(pki, SENDER, server_name="other.test"))
+    run_both(tx)
+    assert isinstance(tx.exception(), MigrationAuthError), tx.exception()
+    source_survived(a, dom)
+    rx.cancel()
+    run_both(rx)
+
+
+def test_peer_not_on_the_allow_list_is_refused(hosts, pki):
+    a, b = hosts
+    dom = busy(a, 20)
+    rx = receiver(pki, b)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a,
+                         tls=opts(pki, "intruder.test"))
+    run_both(tx)
+    exc = tx.exception()
+    assert isinstance(exc, migrate.MigrationError), exc
+    assert "the receiver failed: not authorized" in str(exc), exc
+    source_survived(a, dom)
+    wait_refused(rx, 1)
+    assert domains(b) == []
+    real_migration(pki, a, b, dom, rx)
+
+
+def test_silent_and_garbage_tls_peers(hosts, pki):
+    """A peer that completes TLS and then says nothing, one that never starts
+    TLS, and one that sends garbage inside TLS: all dropped."""
+    a, b = hosts
+    dom = busy(a, 20)
+    rx = receiver(pki, b, header_timeout=1.0)
+    silent = socket.create_connection(rx.address)            # no ClientHello at all
+    ctx = ssl.create_default_context(cafile=opts(pki, SENDER).ca)
+    o = opts(pki, SENDER)
+    ctx.load_cert_chain(o.cert, o.key)
+    raw = socket.create_connection(rx.address)
+    raw.setblocking(False)
+    inside = ctx.wrap_socket(raw, server_hostname="127.0.0.1", do_handshake_on_connect=False)
+
+    def handshake() -> bool:
+        try:
+            inside.do_handshake()
+            return True
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False
+
+    assert default_loop().run_until(handshake, 30)
+    got = bytearray()
+
+    def banner() -> bool:   # the receiver runs on this loop: never block it
+        try:
+            got.extend(inside.recv(100))
+        except (ssl.SSLWantReadError, BlockingIOError):
+            pass
+        return got.endswith(b"\n")
+
+    assert default_loop().run_until(banner, 30)
+    assert got.startswith(b"xl migration receiver ready")
+    inside.send(b"GET / HTTP/1.1\r\n\r\n" + b"x" * 200)
+    wait_refused(rx, 2, timeout=30)      # the garbage one, then the silent one
+    assert domains(b) == []
+    silent.close()
+    inside.close()
+    real_migration(pki, a, b, dom, rx)
+
+
+def test_probe_does_not_end_a_plain_loopback_receiver(hosts):
+    a, b = hosts
+    dom = busy(a, 20)
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, digest=True, header_timeout=1.0)
+    socket.create_connection(rx.address).close()                       # a probe
+    garbage = socket.create_connection(rx.address)
+    garbage.sendall(b"SSH-2.0-OpenSSH_9.2\r\n" + b"\0" * 4096)
+    idle = socket.create_connection(rx.address)                        # says nothing
+    wait_refused(rx, 3, timeout=30)
+    garbage.close()
+    idle.close()
+    assert domains(b) == []
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True)
+    sent, got = pyxl.wait(tx, rx, timeout=120)
+    assert sent.digest == got.digest
+    assert domains(a) == [] and domains(b) == [(got.domid, "running")]
+
+
+def test_failure_text_to_the_sender_has_no_local_path(hosts):
+    a, b = hosts
+    dom = busy(a, 8)
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, helper="/nonexistent/secret/helper")
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a)
+    run_both(tx, rx)
+    assert "/nonexistent" in str(rx.exception())          # the local log says it all
+    exc = tx.exception()
+    assert isinstance(exc, migrate.MigrationError), exc
+    assert "the receiver failed: " in str(exc) and "/nonexistent" not in str(exc), exc
+    assert not re.search(r"\d+\s*(KiB|MiB|GiB|kB|MB|bytes)", str(exc)), exc
+    source_survived(a, dom)
+    assert domains(b) == []
+
+
+# ---------------------------------------------------------------------------
+# Plain TCP off loopback; options
+
+
+def test_plain_listen_off_loopback_is_refused_unless_insecure(hosts):
+    _, b = hosts
+    done = subprocess.run(PYXL + ["migrate-receive", "--listen", "0.0.0.0:0", "--sim-dir", b],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refusing plain TCP" in lines[0], lines
+    assert "--tls-cert" in lines[0] and "--insecure" in lines[0] and "ssh" in lines[0]
+    rx = _cli("migrate-receive", "--listen", "0.0.0.0:0", "--insecure", "--sim-dir", b,
+              "--timeout", "0.5")
+    _listening(rx)
+    _, err = rx.communicate(timeout=60)
+    assert rx.returncode == 1 and "timed out" in err, err
+    with pytest.raises(StartupError, match="refusing plain TCP"):
+        migrate.receive("0.0.0.0:0", sim_dir=b)
+    op = migrate.receive("0.0.0.0:0", sim_dir=b, insecure=True)
+    op.cancel()
+    run_both(op)
+    with pytest.raises(StartupError, match="refusing plain TCP"):
+        migrate.receive(socket.create_server(("0.0.0.0", 0)), sim_dir=b)
+
+
+def test_tls_listen_off_loopback_is_allowed(hosts, pki):
+    _, b = hosts
+    op = migrate.receive("0.0.0.0:0", sim_dir=b, tls=opts(pki, "receiver.test"))
+    op.cancel()
+    run_both(op)
+    assert isinstance(op.exception(), pyxl.Cancelled)
+
+
+@pytest.mark.parametrize("argv,complaint", [
+    (["migrate-receive", "--listen", "127.0.0.1:0", "--tls-cert", "x"],
+     "needs all of --tls-cert, --tls-key and --tls-ca"),
+    (["migrate-receive", "--listen", "127.0.0.1:0", "--tls-allow", "x"],
+     "--tls-allow and --tls-name go with"),
+    (["migrate-receive", "--tls-cert", "c", "--tls-key", "k", "--tls-ca", "a"],
+     "go with --listen"),
+    (["migrate-receive", "--listen", "127.0.0.1:0", "--tls-cert", "/no/c", "--tls-key",
+      "/no/k", "--tls-ca", "/no/a"], "cannot load the TLS CA file"),
+    (["migrate", "--tls-cert", "c", "--tls-key", "k", "--tls-ca", "a", "--command", "true",
+      "1"], "--command is its own channel"),
+    (["migrate-receive", "--listen", "127.0.0.1:0", "--header-timeout", "0"],
+     "must be from 0 (excluded)"),
+])
+def test_cli_tls_usage_errors(hosts, argv, complaint):
+    done = subprocess.run(PYXL + argv + ["--sim-dir", hosts[1]], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2 and complaint in done.stderr, done.stderr
+
+
+def test_tls_options_are_checked():
+    with pytest.raises(TypeError):
+        TlsOptions("c", "k", "")
+    with pytest.raises(TypeError):
+        TlsOptions("c", "k", "a", allow="one-name")   # type: ignore[arg-type]
+    assert TlsOptions(Path("c"), "k", "a", allow=["x"]).allow == ("x",)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        migrate.receive("127.0.0.1:0", tls={"cert": "c"})   # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        migrate.receive(fds=(0, 1), tls=TlsOptions("c", "k", "a"))
+
