@@ -21,10 +21,10 @@ from pyxl.errors import ProtocolError, RemoteProtocolError
 from pyxl.wire.codec import Complete, Conversation, Message, RestoreResults
 
 # Bytes to read per readiness event, one read per event: a helper that floods
-# its stdout (libxc logs progress per batch) costs the loop a bounded slice
-# (16 KiB: a few hundred messages, about 1 ms) and other fds get their turn.
-# A frame may be longer; the decoder keeps the part it has.
-_READ_SIZE = 1 << 14
+# its stdout (libxc reports progress per batch of 1024 pfns, about 100
+# messages per 4 KiB) costs the loop a bounded slice (about 1 ms) and other
+# fds get their turn.  A longer frame is kept by the decoder until complete.
+_READ_SIZE = 1 << 12
 
 #: Seconds a helper may live on after closing its stdout (without sending
 #: ``complete``) before it is killed: it can no longer talk to us, and one that

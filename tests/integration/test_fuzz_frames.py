@@ -444,6 +444,10 @@ class StandInBackend(NoDeviceModel):
     def destroy(self, domid: int) -> None:
         self.destroyed.append(domid)
 
+    def start_destroy(self, loop: Any, domid: int, done: Any) -> Any:
+        self.destroyed.append(domid)
+        return loop.call_later(0, lambda: done(True, ""))
+
     def create_restore_target(self, config: Dict[str, Any]) -> int:
         self.created.append(100 + len(self.created))
         return self.created[-1]

@@ -1,0 +1,162 @@
+"""Loop stalls: the longest stretch pyxl's loop spends inside one callback.
+
+    python bench/stall.py [--quick] [--n 16] [--mib 64] [--dir /var/tmp]
+
+N simulated guests are saved at once to real files (fsync on, a new file per
+guest in DIR, on disk), then restored at once, all on one SelectorLoop whose
+every callback (fd readiness and timers) is timed, by the wall clock and by
+the thread's CPU clock.  Figures:
+
+* ``loop_stall_max_ms``: the longest callback, wall clock (what an
+  application sharing the loop waits), over the saves and the restores;
+  ``loop_stall_cpu_max_ms`` the same by CPU time (not moved by other tenants
+  taking the CPU in the middle of a callback).
+* ``loop_start_block_ms``: how long the N ``pyxl.save()`` calls (each a
+  spawn that waits for the exec) held the thread.
+* baseline, measured in the same run: ``inloop_finish_ms``, the fsync +
+  rename + directory fsync of one such file done on the calling thread, as
+  the end of a save did inside one callback before the finish moved to a
+  child; ``stall_vs_inloop_finish`` = loop_stall_max_ms / inloop_finish_ms.
+
+Merges key ``stall`` into bench/results/latest.json (other keys are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable, Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import benchlib  # noqa: E402,F401  (puts the repo root on sys.path)
+
+import pyxl  # noqa: E402
+from pyxl import sim  # noqa: E402
+from pyxl.backends import SimBackend  # noqa: E402
+from pyxl.loop import SelectorLoop, _SelectorTimer  # noqa: E402
+
+
+class TimedLoop(SelectorLoop):
+    """A SelectorLoop that times each callback it runs (wall and thread CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wall: List[float] = []
+        self.cpu: List[float] = []
+
+    def _timed(self, cb: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            w, c = time.perf_counter(), time.thread_time()
+            try:
+                cb()
+            finally:
+                self.wall.append(time.perf_counter() - w)
+                self.cpu.append(time.thread_time() - c)
+        return run
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        super().add_reader(fd, self._timed(callback))
+
+    def add_writer(self, fd: int, callback: Callable[[], None]) -> None:
+        super().add_writer(fd, self._timed(callback))
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> _SelectorTimer:
+        return super().call_later(delay, self._timed(callback))
+
+
+def inloop_finish_ms(directory: str, size: int) -> float:
+    """What the end of a save cost on the loop before: write a file of ``size``
+    bytes (untimed), then fsync + rename over an old one + directory fsync."""
+    src, dst = os.path.join(directory, "ref.tmp"), os.path.join(directory, "ref")
+    block = os.urandom(1 << 20)
+    for path in (dst, src):
+        with open(path, "wb") as f:
+            for _ in range(size >> 20):
+                f.write(block)
+    t = time.perf_counter()
+    fd = os.open(src, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    os.rename(src, dst)
+    dfd = os.open(directory, os.O_RDONLY)
+    os.fsync(dfd)
+    os.close(dfd)
+    ms = (time.perf_counter() - t) * 1e3
+    os.unlink(dst)
+    return ms
+
+
+def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
+    work = tempfile.mkdtemp(prefix="pyxl-stall-", dir=directory)
+    sim_dir = tempfile.mkdtemp(prefix="pyxl-stall-sim-", dir="/dev/shm")
+    try:
+        backend = SimBackend(sim_dir)
+        doms = [sim.create(mib << 20, name=f"g{i}", sim_dir=sim_dir) for i in range(n)]
+        paths = [os.path.join(work, f"g{i}.save") for i in range(n)]
+        loop = TimedLoop()
+        t = time.perf_counter()
+        saves = [pyxl.save(d, p, backend=backend, loop=loop) for d, p in zip(doms, paths)]
+        start_block = (time.perf_counter() - t) * 1e3
+        assert loop.run_until(lambda: all(o.done() for o in saves), 600)
+        for o in saves:
+            o.result()
+        save_wall, save_cpu = max(loop.wall), max(loop.cpu)
+        loop.wall.clear()
+        loop.cpu.clear()
+        restores = [pyxl.restore(p, backend=backend, loop=loop) for p in paths]
+        assert loop.run_until(lambda: all(o.done() for o in restores), 600)
+        for o in restores:
+            o.result()
+        restore_wall, restore_cpu = max(loop.wall), max(loop.cpu)
+        calls = len(loop.wall)
+        loop.close()
+        baseline = statistics.median(inloop_finish_ms(work, mib << 20) for _ in range(3))
+        worst = max(save_wall, restore_wall) * 1e3
+        return {
+            "n": n, "mib": mib, "dir": directory,
+            "loop_stall_max_ms": round(worst, 2),
+            "loop_stall_cpu_max_ms": round(max(save_cpu, restore_cpu) * 1e3, 2),
+            "save_stall_max_ms": round(save_wall * 1e3, 2),
+            "restore_stall_max_ms": round(restore_wall * 1e3, 2),
+            "restore_callbacks": calls,
+            "loop_start_block_ms": round(start_block, 1),
+            "inloop_finish_ms": round(baseline, 1),
+            "stall_vs_inloop_finish": round(worst / baseline, 3) if baseline else None,
+        }
+    finally:
+        sim.remove_dir(sim_dir)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="4 guests of 32 MiB")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--mib", type=int, default=64)
+    p.add_argument("--dir", default="/var/tmp", help="where the save files go (a disk)")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
+    args = p.parse_args()
+    n, mib = (4, 32) if args.quick else (args.n, args.mib)
+    res = run(n, mib, args.dir)
+    try:
+        with open(args.out) as f:
+            merged = json.load(f)
+    except (OSError, ValueError):
+        merged = {}
+    merged["stall"] = res
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(merged, f, indent=1)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
