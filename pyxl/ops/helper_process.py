@@ -63,6 +63,8 @@ class HelperProcess:
         self._on_message = on_message
         self._on_exit = on_exit
         self.wait_status: Optional[int] = None
+        #: reaped by someone else: ``wait_status`` 0 stands for "unknown"
+        self.status_unknown = False
         self.protocol_error: Optional[ProtocolError] = None
         #: stdout ended inside a frame; a protocol error only if the helper
         #: then exits 0 (a helper that died or failed explains the cut itself)
@@ -200,7 +202,14 @@ class HelperProcess:
     def _child_exited(self) -> None:
         if self._exited:
             return
-        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            # Reaped already: the application set SIGCHLD to SIG_IGN (the
+            # kernel reaps) or ran waitpid(-1) itself.  The exit status is lost;
+            # what the helper said decides (_helper_outcome): complete, or not.
+            pid, status = self.pid, 0
+            self.status_unknown = True
         if pid == 0:
             return  # spurious wake-up
         self.proc.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from reaping again

@@ -285,6 +285,10 @@ class Operation(LoopFuture[T]):
             return HelperProtocolError(f"{what} broke the protocol: {h.protocol_error}",
                                        h.protocol_error, op=self, helper_errors=errs)
         st = h.wait_status
+        if h.status_unknown and h.complete is None:
+            return HelperExited(f"{what} ended without signaling completion, and its exit "
+                                "status is lost (it was reaped elsewhere: is SIGCHLD ignored?)",
+                                -1, op=self, helper_errors=errs)
         if os.WIFSIGNALED(st):
             sig = os.WTERMSIG(st)
             return HelperDied(f"{what} died due to fatal signal {signal.Signals(sig).name}",
