@@ -25,7 +25,7 @@ import os
 import socket
 import ssl
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, cast
 
 from pyxl.errors import MigrationAuthError, StartupError
 from pyxl.fdio import close_quietly
@@ -159,9 +159,12 @@ class TlsBridge:
         sock.setblocking(False)
         self.state = "handshake"      # handshake, open, closed
         self.peer: List[str] = []
-        self._cipher = bytearray()    # ciphertext for the socket
-        self._plain = memoryview(b"")  # plaintext for the owner's rfd
-        self._buf = bytearray(SLICE)
+        # Ciphertext for the socket: the BIO's chunks as they came (no joining).
+        self._cipher: List[memoryview] = []
+        self._buf = bytearray(SLICE)          # socket reads, owner reads: copied at once
+        self._pview = memoryview(bytearray(SLICE))   # decrypted, for the owner's rfd
+        self._plain = self._pview[:0]         # what of it is still to write
+        self._eof_after = False               # the peer's close, after _plain
         # our pipe ends: plaintext to the owner (up_w), from the owner (down_r)
         self._up_w = self._down_r = -1
         self._local_r = self._local_w = -1   # the owner's, until handed over
@@ -225,6 +228,7 @@ class TlsBridge:
                 self._from_owner()
             elif fd == self._up_w:
                 self._to_owner()
+                self._decrypt()   # more may wait in the TLS object, not the socket
         except (ssl.SSLError, OSError) as exc:
             self._failed(exc)
             return
@@ -250,10 +254,13 @@ class TlsBridge:
     def _send(self) -> None:
         while self._cipher:
             try:
-                n = self.sock.send(self._cipher)
+                n = self.sock.send(self._cipher[0])
             except (BlockingIOError, InterruptedError):
                 return
-            del self._cipher[:n]
+            if n == len(self._cipher[0]):
+                self._cipher.pop(0)
+            else:
+                self._cipher[0] = self._cipher[0][n:]
         if self._local_eof and not self._shut and self.state == "open":
             self._shut = True
             try:
@@ -263,7 +270,7 @@ class TlsBridge:
 
     def _flush_out(self) -> None:
         if self._out.pending:
-            self._cipher += self._out.read()
+            self._cipher.append(memoryview(self._out.read()))
         self._send()
 
     def _step(self) -> None:
@@ -289,22 +296,30 @@ class TlsBridge:
         self._flush_out()
 
     def _decrypt(self) -> None:
-        if self._plain or self._peer_eof:
-            return
-        try:
-            data = self.tls.read(SLICE)
-        except ssl.SSLWantReadError:
-            if self._in.eof:
-                self._peer_closed()   # TCP FIN without close_notify: EOF all the same
-            return
-        except ssl.SSLZeroReturnError:
-            self._peer_closed()
-            return
-        if not data:
-            self._peer_closed()
-            return
-        self._plain = memoryview(data)
-        self._to_owner()
+        """Decrypt what arrived, up to a slice at a time, and pass it on; until
+        the owner's pipe is full or nothing whole is left (what one recv of at
+        most a slice brought in: bounded work per callback)."""
+        while not self._plain and not self._peer_eof:
+            got, eof = 0, False
+            try:
+                while got < SLICE:
+                    # with a buffer, read() gives a count (typeshed says bytes)
+                    n = cast(int, self.tls.read(SLICE - got, self._pview[got:]))
+                    if n == 0:
+                        eof = True
+                        break
+                    got += n
+            except ssl.SSLWantReadError:
+                eof = self._in.eof   # TCP FIN without close_notify: EOF all the same
+            except ssl.SSLZeroReturnError:
+                eof = True
+            if got:
+                self._plain, self._eof_after = self._pview[:got], eof
+                self._to_owner()
+            elif eof:
+                self._peer_closed()
+            else:
+                return
 
     def _peer_closed(self) -> None:
         self._peer_eof = True
@@ -333,10 +348,12 @@ class TlsBridge:
             except BlockingIOError:
                 return
             except BrokenPipeError:   # the owner stopped reading: drop the rest
-                self._plain = memoryview(b"")
-                return
+                self._plain = self._pview[:0]
+                break
             self._plain = self._plain[n:]
-        self._decrypt()   # maybe more already buffered in the TLS object
+        if self._eof_after:
+            self._eof_after = False
+            self._peer_closed()
 
     def _from_owner(self) -> None:
         try:

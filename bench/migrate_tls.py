@@ -1,0 +1,204 @@
+"""Migration over mutual TLS against plain TCP, in the same run: throughput and loop lag.
+
+    python bench/migrate_tls.py [--quick] [--memory 512M] [--reps 3] [--no-write]
+
+Each run migrates a fresh idle simulated guest (non-live: one pass, so the
+figure is the stream's throughput, not the precopy policy's) from one fakexen
+state dir to another over TCP on localhost.  The receiver is a separate
+``pyxl migrate-receive`` process, the sender ``pyxl.migrate.migrate`` in this
+process, on pyxl's default loop, with a 1 ms timer on that loop whose lateness
+is the loop lag.  Plain and TLS runs alternate (ABBA), so that a machine whose
+load drifts skews both alike.  Certificates: a CA and two leaves made by the
+``openssl`` command line in a temporary directory.
+
+* ``mib_s``: guest MiB / wall time (migrate() call -> source destroyed).
+* ``tls_over_plain``: the median over repetitions of TLS ÷ plain throughput of
+  adjacent runs (goal ≥ 0.8).
+* ``lag_p99_ms``: p99 lateness of the 1 ms timer on the sender's loop during
+  the run (goal ≤ 5 ms).
+* ``cpu_s_per_gib``: this process's CPU seconds (user + sys) per GiB of guest.
+
+Merges key ``migrate_tls`` into bench/results/latest.json and writes
+bench/results/migrate_tls.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import benchlib  # noqa: E402  (puts the repo root on sys.path)
+from migrate import merge_latest  # noqa: E402
+
+from pyxl import migrate, sim  # noqa: E402
+from pyxl.loop import default_loop  # noqa: E402
+
+MB = 1 << 20
+RESULTS = os.path.join(HERE, "results")
+
+
+def _openssl(d: str, *args: str) -> None:
+    subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+
+def make_pki(d: str) -> Dict[str, List[str]]:
+    """CA, receiver and sender certificates; the CLI arguments for each end."""
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl(d, "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+             "-subj", "/CN=bench-ca", "-addext", "basicConstraints=critical,CA:TRUE")
+    for name in ("receiver", "sender"):
+        _openssl(d, "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}")
+        with open(os.path.join(d, f"{name}.ext"), "w") as f:
+            f.write(f"subjectAltName=DNS:{name},IP:127.0.0.1\n")
+        _openssl(d, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile",
+                 f"{name}.ext")
+    return {n: ["--tls-cert", os.path.join(d, f"{n}.pem"), "--tls-key",
+                os.path.join(d, f"{n}.key"), "--tls-ca", os.path.join(d, "ca.pem")]
+            for n in ("receiver", "sender")}
+
+
+class Lag:
+    """A 1 ms timer on the loop; its lateness, sample by sample."""
+
+    def __init__(self, period: float = 0.001) -> None:
+        self.period, self.lags = period, []   # type: ignore[var-annotated]
+        self.stopped = False
+        self._arm()
+
+    def _arm(self) -> None:
+        self.due = time.monotonic() + self.period
+        default_loop().call_later(self.period, self._fire)
+
+    def _fire(self) -> None:
+        self.lags.append(max(0.0, time.monotonic() - self.due))
+        if not self.stopped:
+            self._arm()
+
+
+def one_run(memory: int, tls: bool, pki: Dict[str, List[str]], log: benchlib.Log
+            ) -> Dict[str, Any]:
+    a = tempfile.mkdtemp(prefix="pyxl-bench-a-", dir="/dev/shm")
+    b = tempfile.mkdtemp(prefix="pyxl-bench-b-", dir="/dev/shm")
+    rx = None
+    try:
+        dom = sim.create(memory, sim_dir=a)
+        rx = subprocess.Popen([sys.executable, "-m", "pyxl", "migrate-receive", "--listen",
+                               "127.0.0.1:0", "--sim-dir", b]
+                              + (pki["receiver"] + ["--tls-allow", "sender"] if tls else []),
+                              stderr=subprocess.PIPE, text=True, cwd=benchlib.ROOT)
+        assert rx.stderr is not None
+        m = re.search(r":(\d+)$", rx.stderr.readline().strip())
+        assert m, "receiver did not start"
+        kw: Dict[str, Any] = {}
+        if tls:
+            s = pki["sender"]
+            kw["tls"] = migrate.TlsOptions(s[1], s[3], s[5])
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        lag = Lag()
+        t0 = time.monotonic()
+        op = migrate.migrate(dom, ("127.0.0.1", int(m.group(1))), sim_dir=a, timeout=600,
+                             **kw)
+        default_loop().run_until(op.done)
+        total = time.monotonic() - t0
+        lag.stopped = True
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        rx.wait(timeout=60)
+        res = op.result()
+        cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        row = {"transport": "tls" if tls else "plain", "total_s": round(total, 4),
+               "mib_s": round(memory / MB / total, 1), "bytes_sent": res.bytes_sent,
+               "cpu_s_per_gib": round(cpu / (memory / (1 << 30)), 3),
+               "lag_p99_ms": round((benchlib.quantile(lag.lags, 0.99) or 0) * 1000, 3),
+               "lag_max_ms": round(max(lag.lags, default=0) * 1000, 3),
+               "lag_samples": len(lag.lags), "receiver_rc": rx.returncode}
+        log(f"  {row['transport']:5s} {row['mib_s']:8.1f} MiB/s  {total:6.2f} s  "
+            f"lag p99 {row['lag_p99_ms']:.2f} ms (max {row['lag_max_ms']:.1f})  "
+            f"{row['cpu_s_per_gib']:.2f} CPU s/GiB")
+        return row
+    finally:
+        if rx is not None and rx.poll() is None:
+            rx.kill()
+            rx.wait()
+        for d in (a, b):
+            sim.remove_dir(d)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer, smaller runs")
+    p.add_argument("--memory", type=sim.parse_size, help="guest RAM (default 512M; quick 128M)")
+    p.add_argument("--reps", type=int, help="TLS/plain pairs (default 3; quick 2)")
+    p.add_argument("--no-write", action="store_true", help="print only")
+    args = p.parse_args(argv)
+    quick = args.quick or bool(os.environ.get("QUICK"))
+    memory = args.memory or (128 * MB if quick else 512 * MB)
+    reps = args.reps or (2 if quick else 3)
+    log = benchlib.Log()
+    log(f"migrate-tls bench: {memory // MB} MiB idle guest, non-live, {reps} pair(s)")
+    started = time.time()
+    load_before = benchlib.loadavg()
+    runs: List[Dict[str, Any]] = []
+    ratios: List[float] = []
+    with tempfile.TemporaryDirectory(prefix="pyxl-bench-pki-") as d:
+        pki = make_pki(d)
+        for rep in range(reps):
+            pair = {}
+            for tls in ((False, True) if rep % 2 == 0 else (True, False)):
+                row = one_run(memory, tls, pki, log)
+                row["rep"] = rep
+                runs.append(row)
+                pair[row["transport"]] = row["mib_s"]
+            ratios.append(pair["tls"] / pair["plain"])
+
+    def med(transport: str, key: str) -> Optional[float]:
+        return benchlib.median([r[key] for r in runs if r["transport"] == transport])
+
+    summary = {
+        "tls_over_plain": round(benchlib.median(ratios) or 0, 3),
+        "tls_over_plain_each": [round(r, 3) for r in ratios],
+        "plain_mib_s": med("plain", "mib_s"), "tls_mib_s": med("tls", "mib_s"),
+        "plain_lag_p99_ms": med("plain", "lag_p99_ms"),
+        "tls_lag_p99_ms": med("tls", "lag_p99_ms"),
+        "tls_lag_p99_ms_worst": max(r["lag_p99_ms"] for r in runs if r["transport"] == "tls"),
+        "plain_cpu_s_per_gib": med("plain", "cpu_s_per_gib"),
+        "tls_cpu_s_per_gib": med("tls", "cpu_s_per_gib"),
+    }
+    md = "\n".join([
+        f"# Migration over mutual TLS vs plain TCP ({memory // MB} MiB idle guest, non-live, "
+        f"{reps} pairs, {time.strftime('%Y-%m-%d', time.gmtime(started))})", "",
+        "| figure | plain | TLS | goal |", "|---|---:|---:|---|",
+        f"| throughput, guest MiB/s (median) | {summary['plain_mib_s']} | "
+        f"{summary['tls_mib_s']} | |",
+        f"| TLS ÷ plain, paired runs (median; each) | | {summary['tls_over_plain']} "
+        f"({', '.join(map(str, summary['tls_over_plain_each']))}) | ≥ 0.8 |",
+        f"| sender loop lag p99, ms (median; TLS worst {summary['tls_lag_p99_ms_worst']}) | "
+        f"{summary['plain_lag_p99_ms']} | {summary['tls_lag_p99_ms']} | ≤ 5 ms |",
+        f"| sender process CPU s per GiB | {summary['plain_cpu_s_per_gib']} | "
+        f"{summary['tls_cpu_s_per_gib']} | |", "",
+        f"Load average before/after: {load_before} / {benchlib.loadavg()}.", ""])
+    print(md)
+    result = {"schema": 1, "mode": "quick" if quick else "full", "started": started,
+              "duration_s": round(time.time() - started, 1), "guest_mib": memory // MB,
+              "machine": benchlib.machine_info(), "summary": summary, "runs": runs,
+              "load_before": load_before, "load_after": benchlib.loadavg()}
+    if not args.no_write:
+        with open(os.path.join(RESULTS, "migrate_tls.md"), "w") as f:
+            f.write(md)
+        log(f"wrote key 'migrate_tls' of {merge_latest('migrate_tls', result)} and "
+            "bench/results/migrate_tls.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
