@@ -24,7 +24,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from pyxl.backends import Backend, default_backend
 from pyxl.errors import MigrationError, MigrationProtocolError, OperationError, StartupError
@@ -113,7 +113,7 @@ class ReceiveOperation(MigrationFuture):
         self._listener: Optional[socket.socket] = None
         self.link: Optional[Link] = None
         self._ctx = ctx
-        self._pending: Set[Admission] = set()     # connections not admitted yet
+        self._pending: Dict[Admission, None] = {}  # connections not admitted yet, oldest first
         self._closing: Set[Admission] = set()     # refused, still flushing a word
         self.refused = 0                          # connections dropped while listening
         self._idle_timer: Optional[Timer] = None
@@ -184,11 +184,11 @@ class ReceiveOperation(MigrationFuture):
                 return
             where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
             if len(self._pending) >= self.max_pending:
-                self.logger.warning("dropped a connection from %s: %d others are pending",
-                                    where, len(self._pending))
-                self.refused += 1
-                conn.close()
-                continue
+                # Full: the oldest goes (not the newcomer), so that a few silent
+                # peers cannot keep the real sender out for a whole header_timeout.
+                oldest = next(iter(self._pending))
+                self._rejected(oldest, MigrationError(
+                    f"{len(self._pending)} connections pending; dropped the oldest"))
             self.logger.info("connection from %s", where)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._admit(Admission(self.loop, sock=conn, peer=where, ctx=self._ctx,
@@ -200,10 +200,10 @@ class ReceiveOperation(MigrationFuture):
 
     def _admit(self, adm: Admission) -> None:
         if not adm.finished:
-            self._pending.add(adm)
+            self._pending[adm] = None
 
     def _rejected(self, adm: Admission, exc: OperationError) -> None:
-        self._pending.discard(adm)
+        self._pending.pop(adm, None)
         if self._given_fds:
             # Given fds (ssh): this was the one channel; fail on it as before.
             self._adopt(adm)
@@ -222,7 +222,7 @@ class ReceiveOperation(MigrationFuture):
 
     def _admitted(self, adm: Admission, head: StreamHead) -> None:
         """The first connection with a stream head: the one migration received."""
-        self._pending.discard(adm)
+        self._pending.pop(adm, None)
         self.logger.info("migration from %s", adm.peer)
         self._adopt(adm)
         self._stop_listening()

@@ -333,8 +333,9 @@ def test_plain_listen_off_loopback_is_refused_unless_insecure(hosts):
     op = migrate.receive("0.0.0.0:0", sim_dir=b, insecure=True)
     op.cancel()
     run_both(op)
-    with pytest.raises(StartupError, match="refusing plain TCP"):
-        migrate.receive(socket.create_server(("0.0.0.0", 0)), sim_dir=b)
+    with socket.create_server(("0.0.0.0", 0)) as srv, \
+            pytest.raises(StartupError, match="refusing plain TCP"):
+        migrate.receive(srv, sim_dir=b)
 
 
 def test_tls_listen_off_loopback_is_allowed(hosts, pki):
@@ -376,3 +377,54 @@ def test_tls_options_are_checked():
     with pytest.raises(ValueError):
         migrate.receive(fds=(0, 1), tls=TlsOptions("c", "k", "a"))
 
+
+
+# ---------------------------------------------------------------------------
+# Deadlines and bounds
+
+
+def test_silent_peers_cannot_fill_the_door(hosts):
+    """With every slot held by a silent peer, a newcomer evicts the oldest."""
+    a, b = hosts
+    dom = busy(a, 8)
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, digest=True, max_pending=2)
+    idle = [socket.create_connection(rx.address) for _ in range(2)]
+    assert default_loop().run_until(lambda: len(rx._pending) == 2, 30)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True)
+    sent, got = pyxl.wait(tx, rx, timeout=120)
+    assert sent.digest == got.digest and rx.refused >= 1
+    for s in idle:
+        s.close()
+
+
+def test_stalled_stream_times_out_at_the_receiver(hosts, tmp_path):
+    a, b = hosts
+    dom = sim.create(16 * MB, sim_dir=a, paused=True)
+    pyxl.wait(pyxl.save(dom, tmp_path / "g.save", sim_dir=a))
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, idle_timeout=0.5)
+    stalled = socket.create_connection(rx.address)
+    stalled.sendall((tmp_path / "g.save").read_bytes()[:1 << 20])   # then nothing
+    run_both(rx, timeout=60)
+    assert "sent nothing for 0.5s" in str(rx.exception()), rx.exception()
+    assert domains(b) == []
+    stalled.close()
+
+
+def test_silent_receiver_after_the_stream_times_out_the_sender(hosts):
+    """A receiver that takes the stream and never says "ready": the source runs on."""
+    a, _ = hosts
+    dom = busy(a, 8)
+    fake = subprocess.Popen(
+        [sys.executable, "-c", "import socket, sys\n"
+         "srv = socket.create_server(('127.0.0.1', 0))\n"
+         "print(srv.getsockname()[1], flush=True)\n"
+         "c, _ = srv.accept()\n"
+         "c.sendall(b'xl migration receiver ready, send binary domain data.\\n')\n"
+         "while c.recv(1 << 20):\n    pass\n"], stdout=subprocess.PIPE, text=True)
+    assert fake.stdout is not None
+    port = int(fake.stdout.readline())
+    tx = migrate.migrate(dom, ("127.0.0.1", port), live=True, sim_dir=a, handshake_timeout=2)
+    run_both(tx)
+    fake.wait(timeout=30)
+    assert 'no "ready" from the receiver within 2s' in str(tx.exception()), tx.exception()
+    source_survived(a, dom)
