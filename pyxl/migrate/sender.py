@@ -140,7 +140,7 @@ class MigrateOperation(MigrationFuture):
         self._timers.append(self._handshake_timer)
         try:
             self.channel = ReceiverChannel(self.loop, target, command, self._ready_transport,
-                                           self._fail, tls=tls)
+                                           self._channel_failed, tls=tls)
         except BaseException as exc:
             self._close_transport()
             for t in self._timers:
@@ -340,6 +340,14 @@ class MigrateOperation(MigrationFuture):
         except Exception as exc:
             self.logger.error("could not rename domain %d back to %s: %s", self.domid,
                               self._name, exc)
+
+    def _channel_failed(self, exc: MigrationError) -> None:
+        """The channel broke (no connection, TLS refused or broken): once the
+        receiver was cleared, that is a lost status like any other."""
+        if self._go_sent:
+            self._in_doubt(exc.brief, cause=exc)
+        else:
+            self._fail(exc)
 
     def _write_failed(self, exc: OSError) -> None:
         self._lost(f"writing to the receiver failed: {exc.strerror}")

@@ -27,7 +27,7 @@ import ssl
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, cast
 
-from pyxl.errors import MigrationAuthError, StartupError
+from pyxl.errors import MigrationAuthError, MigrationError, StartupError
 from pyxl.fdio import close_quietly
 from pyxl.loop import Loop, Timer
 
@@ -139,8 +139,9 @@ class TlsBridge:
     EOF on ``rfd`` is the peer's close (close_notify or TCP FIN), and closing
     ``wfd`` sends close_notify after what was written; :attr:`peer` has the
     names of the peer's certificate (an allow-list is the owner's
-    matter: :func:`allowed`).  ``on_failed(exc)`` (a
-    :class:`MigrationAuthError`) if the handshake fails or TLS breaks later; the bridge is then
+    matter: :func:`allowed`).  ``on_failed(exc)`` if the handshake fails or
+    the peer refuses us later (an alert: :class:`MigrationAuthError`), or the
+    connection breaks (:class:`MigrationError`); the bridge is then
     closed.  ``close(then)``: stop, flushing what the owner wrote (at most
     :data:`_CLOSE_GRACE` seconds), then ``then()``.
     """
@@ -148,7 +149,7 @@ class TlsBridge:
     def __init__(self, loop: Loop, sock: socket.socket, ctx: ssl.SSLContext, *,
                  server: bool, server_name: Optional[str] = None,
                  on_ready: Callable[[int, int], None],
-                 on_failed: Callable[[MigrationAuthError], None]) -> None:
+                 on_failed: Callable[[MigrationError], None]) -> None:
         self.loop, self.sock = loop, sock
         self.on_ready, self.on_failed = on_ready, on_failed
         self.server = server
@@ -420,16 +421,18 @@ class TlsBridge:
 
     def _failed(self, exc: BaseException) -> None:
         peer = "sender" if self.server else "receiver"
+        auth = self.state == "handshake"   # else: an alert (a refused certificate) or a break
         if isinstance(exc, ssl.SSLCertVerificationError):
             why = (f"TLS with the {peer} failed: certificate verify failed: "
                    f"{exc.verify_message}")
+            auth = True
         elif isinstance(exc, ssl.SSLError):
             what = (exc.reason or "").lower().replace("_", " ") or exc.strerror or str(exc)
             why = f"TLS with the {peer} failed: {what}"
-        elif isinstance(exc, OSError):
-            why = f"TLS with the {peer} failed: {exc.strerror or exc}"
+            auth = auth or "alert" in what or "certificate" in what
         else:
-            why = f"TLS with the {peer} failed: {exc}"
+            why = (f"TLS with the {peer} failed: {exc.strerror or exc}"
+                   if isinstance(exc, OSError) else f"TLS with the {peer} failed: {exc}")
         try:   # our alert, if any, so the peer learns why
             self._flush_out()
         except OSError:
@@ -440,5 +443,5 @@ class TlsBridge:
         if closing is not None:
             closing()
         else:
-            self.on_failed(MigrationAuthError(why))
+            self.on_failed(MigrationAuthError(why) if auth else MigrationError(why))
 

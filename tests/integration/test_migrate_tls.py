@@ -428,3 +428,21 @@ def test_silent_receiver_after_the_stream_times_out_the_sender(hosts):
     fake.wait(timeout=30)
     assert 'no "ready" from the receiver within 2s' in str(tx.exception()), tx.exception()
     source_survived(a, dom)
+
+
+def test_killed_tls_receiver_leaves_source_running(hosts, pki):
+    a, b = hosts
+    dom = busy(a, 20)
+    rx = _cli("migrate-receive", "--listen", "127.0.0.1:0", "--sim-dir", b,
+              *tls_args(pki, "receiver.test"))
+    port = _listening(rx)
+    tx = migrate.migrate(dom, ("127.0.0.1", port), live=True, sim_dir=a, max_bandwidth=24 * MB,
+                         tls=opts(pki, SENDER))
+    default_loop().call_later(1.0, rx.kill)
+    run_both(tx)
+    rx.wait(timeout=30)
+    exc = tx.exception()
+    assert isinstance(exc, migrate.MigrationError), exc
+    assert not isinstance(exc, (MigrationAuthError, migrate.MigrationInDoubt)), exc
+    assert exc.source_state == "running"
+    source_survived(a, dom)
