@@ -31,6 +31,20 @@ echo "${XEN_E2E_HELPER_ORDER:-debian ours}" > "$share/helper-order"
 # XEN_E2E_PROFILE=quick: our helper only, one round, no migration of hvm1 and
 # fewer pyxl failure tests (CI: a boot in about half the time of the full set).
 echo "${XEN_E2E_PROFILE:-full}" > "$share/profile"
+# A CA and two host certificates for the TLS migration test (pyxl migrate
+# between two pyxl ends, mutual TLS): made here with openssl, valid 2 days.
+tls=$share/tls; mkdir -p "$tls"
+(
+    cd "$tls"
+    ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+    openssl req -x509 $ec -keyout ca.key -out ca.pem -days 2 -subj /CN=e2e-ca \
+        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+    for n in receiver sender; do
+        openssl req $ec -keyout $n.key -out $n.csr -subj /CN=$n.e2e
+        printf 'subjectAltName=DNS:%s.e2e\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n' $n > $n.ext
+        openssl x509 -req -in $n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $n.pem -days 2 -extfile $n.ext
+    done
+) > "$RUN/tls.log" 2>&1 || log "openssl failed (see $RUN/tls.log): the TLS migration test will fail"
 
 XEN_CMDLINE="console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M dom0_max_vcpus=1"
 DOM0_CMDLINE="console=hvc0 earlyprintk=xen loglevel=5"

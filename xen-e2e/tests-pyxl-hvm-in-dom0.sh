@@ -83,8 +83,10 @@ pyxl_hvm_phase() {
     #    (same /vm/UUID) until the source is destroyed.
     if "$XL" list $g > /dev/null 2>&1; then
         dbefore=$(disk_count $g)
-        PT=400 pyxl_migrate pyxl-migrate hvm1 "$PYXL" -vv migrate --live \
-            --command "$PYXL -vv migrate-receive" "$("$XL" domid $g)"
+        # Under TCG the receiver's disk and NIC scripts and QEMU's start take
+        # minutes, not the 60 s the deadlines default to.
+        PT=400 pyxl_migrate pyxl-migrate hvm1 "$PYXL" -vv migrate --live --handshake-timeout 300 \
+            --command "$PYXL -vv migrate-receive --idle-timeout 300" "$("$XL" domid $g)"
         check_disk "disk-after-pyxl-migrate.hvm1" hvm1 "$dbefore"
         check_net "net-after-pyxl-migrate.hvm1" hvm1
     fi

@@ -18,6 +18,8 @@
 #   pyxl-migrate.pvh1                       pyxl migrate --live to pyxl migrate-receive (localhost pipe):
 #                                           a new domid, the name back, no --incoming/--migratedaway left
 #   pyxl-migrate-to-xl / xl-migrate-to-pyxl.pvh1   the same with xl migrate-receive / xl migrate
+#   pyxl-migrate-tls(-receiver).pvh1        the same over TCP with mutual TLS (certificates made by
+#                                           boot.sh), after a peer with no certificate was refused
 #   pyxl-migrate-killed.pvh1                the receiver's helper SIGKILLed: exit 1, the source runs on
 #   pyxl-roundtrip(-save).G, pyxl-restore-killed.G
 #                                           pyxl save -> pyxl restore with its helper killed (nothing
@@ -195,6 +197,27 @@ pyxl_migrate() {  # TEST GUEST SENDER...: a live localhost migration through a p
     fi
     check_continues "counter-after-$test.$g" "$g" "$before"
 }
+pyxl_migrate_tls() {  # GUEST: pyxl migrate to a pyxl migrate-receive on 127.0.0.1, mutual TLS
+    local g=$1 tls=$E2E/tls rlog=$OUT/pyxl-migrate-tls-receiver-$1.log rpid port=8102
+    # A receiver that listens for a TLS peer named sender.e2e and no other.
+    timeout $PT "$PYXL" -vv migrate-receive --listen 127.0.0.1:$port --tls-cert "$tls/receiver.pem" \
+        --tls-key "$tls/receiver.key" --tls-ca "$tls/ca.pem" --tls-allow sender.e2e > "$rlog" 2>&1 &
+    rpid=$!
+    # First a peer without a certificate, sending a save file's bytes: refused, the receiver listens on.
+    local i
+    for i in $(seq 1 60); do (exec 3<> /dev/tcp/127.0.0.1/$port) 2> /dev/null && break; snooze 1; done
+    (exec 3<> /dev/tcp/127.0.0.1/$port && head -c 65536 "$W/pvh1-ours.save" >&3) 2> /dev/null
+    pyxl_migrate pyxl-migrate-tls "$g" "$PYXL" -vv migrate --live --tls-cert "$tls/sender.pem" \
+        --tls-key "$tls/sender.key" --tls-ca "$tls/ca.pem" --tls-name receiver.e2e \
+        "$("$XL" domid "$g")" 127.0.0.1:$port
+    wait $rpid
+    local rrc=$?
+    if [ $rrc -eq 0 ] && ! "$XL" list 2>/dev/null | grep -q -- '--incoming'; then
+        result "pyxl-migrate-tls-receiver.$g" PASS "exit 0 after a refused plain peer and the TLS sender"
+    else
+        result "pyxl-migrate-tls-receiver.$g" FAIL "exit $rrc: $(tail -n 2 "$rlog" | tr '\n' ' ')"
+    fi
+}
 pyxl_migrate_killed() {  # GUEST: the receiver's restore helper is SIGKILLed mid-stream
     local g=$1 before d rc listed log=$OUT/pyxl-migrate-killed-$1.log
     killing_helper helper-killed-m 2
@@ -237,6 +260,7 @@ else
         [ "$PROFILE" != quick ] && pyxl_migrate pyxl-migrate-to-xl pvh1 "$PYXL" -vv migrate --live --command "$XL migrate-receive" \
             "$("$XL" domid pvh1)"
         pyxl_migrate xl-migrate-to-pyxl pvh1 "$XL" -vvv migrate -s "" pvh1 "$PYXL -vv migrate-receive"
+        pyxl_migrate_tls pvh1
         [ "$PROFILE" != quick ] && pyxl_migrate_killed pvh1
     fi
     # a guest that does not cooperate (paused while asked to suspend): 30 s
