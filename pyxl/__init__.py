@@ -8,6 +8,8 @@ save/restore helper protocol (ours, ``pyxl-save-helper``, or Debian's own
     pyxl.wait(op)
 """
 
+import logging as _logging
+
 from pyxl._paths import DEBIAN_HELPER, helper_path
 from pyxl.backends import Backend
 from pyxl.errors import (BackendError, Cancelled, HelperDied, HelperExited, HelperFailed,
@@ -32,3 +34,8 @@ __all__ = [
     "default_loop", "helper_path", "restore", "save", "wait",
 ]
 __version__ = "0.1.0"
+
+# A library does not print: operations raise their errors and log through
+# "pyxl.*" loggers, and an application that configured no logging gets no
+# copy of them on stderr (logging's last-resort handler) as well.
+_logging.getLogger("pyxl").addHandler(_logging.NullHandler())

@@ -61,3 +61,26 @@ def test_killed_helper_with_sigchld_ignored(sim_dir, tmp_path, sigchld_ignored):
     assert os.listdir(tmp_path) == []
     assert sim.info(dom, sim_dir=sim_dir).state == "running"
     loop.close()
+
+
+def test_library_prints_nothing_without_logging_configured(tmp_path):
+    """A script that configured no logging sees a failed save as an exception
+    only: pyxl's loggers have a NullHandler, so logging's last-resort handler
+    does not print the error to stderr as well."""
+    import subprocess
+    import sys
+    script = f"""
+import pyxl
+from pyxl import sim
+from pyxl.backends import SimBackend
+d = {str(tmp_path / "sim")!r}
+dom = sim.create(4 << 20, name="g", sim_dir=d)
+try:
+    pyxl.wait(pyxl.save(dom, {str(tmp_path / "g.save")!r}, backend=SimBackend(d), helper="/bin/false"))
+except pyxl.OperationError as exc:
+    print("raised:", type(exc).__name__)
+sim.remove_dir(d)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "raised: HelperExited"
+    assert out.stderr == ""
