@@ -288,8 +288,10 @@ class ReceiveOperation(MigrationFuture):
         self._arm_idle()
 
     def _arm_idle(self) -> None:
-        """Stream inactivity: fail if the sender moves nothing for ``idle_timeout``."""
-        if self.idle_timeout is None:
+        """Stream inactivity: fail if the sender moves nothing for ``idle_timeout``.
+        Not for Remus: a checkpointed stream is quiet between checkpoints, for
+        an interval only the sender knows (and its end is a failover anyway)."""
+        if self.idle_timeout is None or self.remus:
             return
         self._idle_timer = self.loop.call_later(self.idle_timeout, self._idle_check)
         self._timers.append(self._idle_timer)
@@ -506,8 +508,9 @@ def receive(listen: Optional[Union[str, Tuple[str, int], socket.socket]] = None,
     mutual TLS, ``allow`` names the peers it accepts); ``insecure`` (plain
     TCP on a non-loopback address, refused otherwise with a
     :class:`StartupError`); ``header_timeout`` (per connection, to its stream
-    head; default 60 s) and ``idle_timeout`` (stream inactivity and the wait
-    for "cleared to unpause"; default 60 s), None for no deadline.  While
+    head; default 60 s) and ``idle_timeout`` (stream inactivity -- not for
+    Remus -- and the wait for "cleared to unpause"; default 60 s), None for
+    no deadline.  While
     listening, connections that fail TLS, are not allowed, send garbage or
     stay silent are dropped, and it listens on for the real sender.
     ``pyxl.wait(op)`` gives a :class:`ReceiveResult`.
