@@ -446,3 +446,18 @@ def test_killed_tls_receiver_leaves_source_running(hosts, pki):
     assert not isinstance(exc, (MigrationAuthError, migrate.MigrationInDoubt)), exc
     assert exc.source_state == "running"
     source_survived(a, dom)
+
+
+def test_sender_handshake_reads_a_refusal_instead_of_the_banner():
+    """Sans-I/O: a receiver that refuses a peer says why instead of its banner."""
+    from pyxl.migrate.handshake import (FAILED, NEED_DATA, ReceiverFailed, SenderHandshake)
+    tx = SenderHandshake()
+    tx.receive_data(FAILED[:5])
+    assert tx.next_event() is NEED_DATA
+    tx.receive_data(FAILED[5:] + b"not authorized\0")
+    assert tx.next_event() == ReceiverFailed("not authorized")
+    assert tx.state == SenderHandshake.DONE
+    tx = SenderHandshake()
+    tx.receive_data(b"domain received, ready to unpause\0")   # READY is no banner
+    with pytest.raises(pyxl.MigrationError):
+        tx.next_event()
