@@ -4,7 +4,7 @@
                  [--remus [--checkpoints N] [--interval S]]
                  [--max-bandwidth BYTES/S] [--command CMD]
                  [--tls-cert FILE --tls-key FILE --tls-ca FILE [--tls-name NAME]]
-                 [--handshake-timeout S] [--helper PATH]
+                 [--handshake-timeout S] [--idle-timeout S] [--helper PATH]
                  [--sim-dir DIR] [--timeout S] [--json] DOMID [HOST:PORT]
     pyxl migrate-receive [--listen ADDR:PORT [--insecure]
                  [--tls-cert FILE --tls-key FILE --tls-ca FILE [--tls-allow NAME]...]]
@@ -126,7 +126,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                  digest=args.json, on_progress=bar, remus=args.remus,
                  checkpoints=args.checkpoints,
                  checkpoint_interval=0.1 if args.interval is None else args.interval,
-                 tls=tls, handshake_timeout=args.handshake_timeout)
+                 tls=tls, handshake_timeout=args.handshake_timeout,
+                 idle_timeout=args.idle_timeout)
     try:
         res = run(op)
     finally:
@@ -215,6 +216,8 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--handshake-timeout", type=_deadline_s, metavar="SECONDS", default=60.0,
                    help="give up on a receiver that says nothing for this long: its banner "
                         "(connect and TLS included), its \"ready\", its status (default 60)")
+    p.add_argument("--idle-timeout", type=_deadline_s, metavar="SECONDS", default=60.0,
+                   help="fail if the stream does not move for this long (default 60)")
     p.add_argument("domid", type=domid_arg, metavar="DOMID")
     p.add_argument("target", nargs="?", type=_address(False), metavar="HOST:PORT")
     _common(p)

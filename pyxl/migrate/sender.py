@@ -84,7 +84,8 @@ class MigrateOperation(MigrationFuture):
                  on_progress: Optional[Callable[[ProgressEvent], None]] = None,
                  handshake_timeout: float = 60.0, remus: bool = False,
                  checkpoints: Optional[int] = None, checkpoint_interval: float = 0.1,
-                 tls: Optional[TlsOptions] = None) -> None:
+                 tls: Optional[TlsOptions] = None,
+                 idle_timeout: Optional[float] = 60.0) -> None:
         if (target is None) == (command is None):
             raise ValueError("give either a target HOST:PORT or a command, not both or neither")
         if tls is not None and not isinstance(tls, TlsOptions):
@@ -93,7 +94,10 @@ class MigrateOperation(MigrationFuture):
             raise ValueError("TLS is for a HOST:PORT target (a command is its own channel: ssh)")
         if not handshake_timeout > 0:
             raise ValueError("handshake_timeout must be positive")
-        self.handshake_timeout = handshake_timeout
+        if idle_timeout is not None and not idle_timeout > 0:
+            raise ValueError("idle_timeout must be positive (or None: no deadline)")
+        self.handshake_timeout, self.idle_timeout = handshake_timeout, idle_timeout
+        self._idle_mark = -1
         if remus and not live:
             raise ValueError("a checkpointed (Remus) migration is live")
         if checkpoints is not None and (not remus or checkpoints < 1):
@@ -238,6 +242,26 @@ class MigrateOperation(MigrationFuture):
             self._fail(exc)
             return
         self.save.add_done_callback(self._saved)
+        self._arm_idle()
+
+    def _arm_idle(self) -> None:
+        """Stream inactivity: a receiver that takes nothing for ``idle_timeout``
+        (the save helper then blocks, maybe with the source suspended) fails
+        the migration; the source runs on.  Not for Remus, quiet between
+        checkpoints."""
+        if self.idle_timeout is not None and not self.remus:
+            self._timers.append(self.loop.call_later(self.idle_timeout, self._idle_check))
+
+    def _idle_check(self) -> None:
+        relay = self.relay
+        if (self._done or self._error is not None or relay is None or relay.finished
+                or self.handshake.state != SenderHandshake.STREAMING):
+            return
+        if relay.sent == self._idle_mark:
+            self._fail(MigrationError(f"the stream did not move for {self.idle_timeout:g}s"))
+            return
+        self._idle_mark = relay.sent
+        self._arm_idle()
 
     def _phase(self, what: str) -> None:
         """Debug timeline of the switch-over (ms since the suspend)."""
@@ -447,6 +471,7 @@ def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
     ``sim_dir``, ``digest`` (sim digest at switch-over), ``on_progress``,
     ``tls`` (a :class:`~pyxl.migrate.tls.TlsOptions`: mutual TLS to the
     receiver), ``handshake_timeout`` (connect + TLS + banner, then each wait
-    for "ready" and for the status; default 60 s).  Returns at once; ``pyxl.wait(op)`` or ``await op`` gives a :class:`MigrateResult`.
+    for "ready" and for the status; default 60 s), ``idle_timeout`` (a stream
+    that does not move; default 60 s, None: none).  Returns at once; ``pyxl.wait(op)`` or ``await op`` gives a :class:`MigrateResult`.
     """
     return MigrateOperation(domid, target, command=command, live=live, **kw)

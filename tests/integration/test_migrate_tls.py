@@ -461,3 +461,25 @@ def test_sender_handshake_reads_a_refusal_instead_of_the_banner():
     tx.receive_data(b"domain received, ready to unpause\0")   # READY is no banner
     with pytest.raises(pyxl.MigrationError):
         tx.next_event()
+
+
+def test_receiver_that_stops_reading_times_out_the_sender(hosts):
+    a, _ = hosts
+    dom = busy(a, 8)
+    fake = subprocess.Popen(
+        [sys.executable, "-c", "import socket, time\n"
+         "srv = socket.create_server(('127.0.0.1', 0))\n"
+         "print(srv.getsockname()[1], flush=True)\n"
+         "c, _ = srv.accept()\n"
+         "c.sendall(b'xl migration receiver ready, send binary domain data.\\n')\n"
+         "time.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout is not None
+        port = int(fake.stdout.readline())
+        tx = migrate.migrate(dom, ("127.0.0.1", port), live=True, sim_dir=a, idle_timeout=1)
+        run_both(tx, timeout=60)
+        assert "the stream did not move for 1s" in str(tx.exception()), tx.exception()
+        source_survived(a, dom)
+    finally:
+        fake.kill()
+        fake.wait()
