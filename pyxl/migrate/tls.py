@@ -211,7 +211,7 @@ class TlsBridge:
         """Watch what can make progress now (level-triggered)."""
         if self.state == "closed":
             return
-        want_sock_read = (not self._peer_eof and not self._plain
+        want_sock_read = (not self._peer_eof and not self._plain and not self._in.eof
                           and (self.state == "handshake" or self._up_w >= 0
                                or self._closing is not None))
         self._watch(self.fd, want_sock_read, bool(self._cipher))
@@ -420,6 +420,8 @@ class TlsBridge:
             then()
 
     def _failed(self, exc: BaseException) -> None:
+        if self.state == "closed":   # e.g. a deferred failure of a bridge closed since
+            return
         peer = "sender" if self.server else "receiver"
         auth = self.state == "handshake"   # else: an alert (a refused certificate) or a break
         if isinstance(exc, ssl.SSLCertVerificationError):

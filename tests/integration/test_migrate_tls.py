@@ -28,7 +28,7 @@ from pyxl.errors import MigrationAuthError, StartupError
 from pyxl.loop import default_loop
 from pyxl.migrate import TlsOptions
 
-from conftest import ROOT
+from conftest import ROOT, open_fds
 from test_migrate import _cli, _listening, assert_runs_intact, busy, domains, run_both
 from test_migrate import source_survived
 
@@ -106,11 +106,26 @@ def real_migration(pki: Dict[str, Path], a: str, b: str, dom: int,
     assert_runs_intact(b, got.domid)
 
 
+def snapshot() -> Any:
+    """Open fds and the default loop's watched fds, to compare after."""
+    return open_fds(), sorted(default_loop()._sel.get_map())
+
+
+def assert_nothing_left(before: Any) -> None:
+    """No fd and no watch outlives the operations (a refused TLS peer's bridge
+    included)."""
+    deadline = time.monotonic() + 10
+    while snapshot() != before and time.monotonic() < deadline:
+        default_loop().run_once(0.05)
+    assert snapshot() == before
+
+
 # ---------------------------------------------------------------------------
 # Success
 
 
 def test_tls_migration_in_process(hosts, pki):
+    before = snapshot()
     a, b = hosts
     dom = busy(a, 30)
     gaps: List[float] = []
@@ -134,6 +149,7 @@ def test_tls_migration_in_process(hosts, pki):
     assert max(gaps) < 1.0, max(gaps)
     assert rx.refused == 0
     assert_runs_intact(b, got.domid)
+    assert_nothing_left(before)
 
 
 def test_tls_cli_between_processes(hosts, pki):
@@ -160,6 +176,7 @@ def test_tls_cli_between_processes(hosts, pki):
 
 def test_raw_save_file_to_tls_receiver_creates_nothing(hosts, pki, tmp_path):
     """The issue's attack: an ordinary save file over a raw socket."""
+    before = snapshot()
     a, b = hosts
     evil = sim.create(16 * MB, sim_dir=a, paused=True, name="evil")
     pyxl.wait(pyxl.save(evil, tmp_path / "evil.save", sim_dir=a))
@@ -175,9 +192,11 @@ def test_raw_save_file_to_tls_receiver_creates_nothing(hosts, pki, tmp_path):
     client.wait(timeout=30)
     assert domains(b) == []
     real_migration(pki, a, b, dom, rx)
+    assert_nothing_left(before)
 
 
 def test_client_cert_from_another_ca_is_refused(hosts, pki):
+    before = snapshot()
     a, b = hosts
     dom = busy(a, 20)
     rx = receiver(pki, b)
@@ -191,6 +210,7 @@ def test_client_cert_from_another_ca_is_refused(hosts, pki):
     wait_refused(rx, 1)
     assert domains(b) == []
     real_migration(pki, a, b, dom, rx)
+    assert_nothing_left(before)
 
 
 def test_receiver_from_another_ca_is_refused_by_the_sender(hosts, pki):
@@ -222,6 +242,7 @@ def test_wrong_receiver_name_is_refused_by_the_sender(hosts, pki):
 
 
 def test_peer_not_on_the_allow_list_is_refused(hosts, pki):
+    before = snapshot()
     a, b = hosts
     dom = busy(a, 20)
     rx = receiver(pki, b)
@@ -235,11 +256,13 @@ def test_peer_not_on_the_allow_list_is_refused(hosts, pki):
     wait_refused(rx, 1)
     assert domains(b) == []
     real_migration(pki, a, b, dom, rx)
+    assert_nothing_left(before)
 
 
 def test_silent_and_garbage_tls_peers(hosts, pki):
     """A peer that completes TLS and then says nothing, one that never starts
     TLS, and one that sends garbage inside TLS: all dropped."""
+    before = snapshot()
     a, b = hosts
     dom = busy(a, 20)
     rx = receiver(pki, b, header_timeout=1.0)
@@ -276,6 +299,7 @@ def test_silent_and_garbage_tls_peers(hosts, pki):
     silent.close()
     inside.close()
     real_migration(pki, a, b, dom, rx)
+    assert_nothing_left(before)
 
 
 def test_probe_does_not_end_a_plain_loopback_receiver(hosts):
