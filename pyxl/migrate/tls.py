@@ -37,6 +37,11 @@ SLICE = 256 << 10        # most plaintext bytes one callback moves one way
 _PIPE = 1 << 20          # the bridge's pipes: as large as the relay's
 _F_SETPIPE_SZ = 1031
 _CLOSE_GRACE = 5.0       # seconds a closing bridge gets to flush before it is cut
+# Ciphertext queued for the socket: the owner's pipe is read until this much
+# waits, then not again until it has all gone.  A watermark pair, not "read
+# while nothing waits": that toggled two watches per slice whenever the socket
+# was the bottleneck (an epoll_ctl each), a measurable part of the CPU.
+_QUEUE_HIGH = 1 << 20
 
 log = logging.getLogger("pyxl.migrate.tls")
 
@@ -162,6 +167,8 @@ class TlsBridge:
         self.peer: List[str] = []
         # Ciphertext for the socket: the BIO's chunks as they came (no joining).
         self._cipher: List[memoryview] = []
+        self._queued = 0                      # bytes in _cipher
+        self._owner_paused = False            # _queued reached _QUEUE_HIGH
         self._buf = bytearray(SLICE)          # socket reads, owner reads: copied at once
         self._pview = memoryview(bytearray(SLICE))   # decrypted, for the owner's rfd
         self._plain = self._pview[:0]         # what of it is still to write
@@ -216,7 +223,11 @@ class TlsBridge:
                                or self._closing is not None))
         self._watch(self.fd, want_sock_read, bool(self._cipher))
         if self.state == "open":
-            self._watch(self._down_r, self._down_r >= 0 and not self._cipher, False)
+            if self._queued >= _QUEUE_HIGH:
+                self._owner_paused = True
+            elif not self._queued:
+                self._owner_paused = False
+            self._watch(self._down_r, self._down_r >= 0 and not self._owner_paused, False)
             self._watch(self._up_w, False, bool(self._plain))
 
     def _ready(self, fd: int, readable: bool) -> None:
@@ -258,6 +269,7 @@ class TlsBridge:
                 n = self.sock.send(self._cipher[0])
             except (BlockingIOError, InterruptedError):
                 return
+            self._queued -= n
             if n == len(self._cipher[0]):
                 self._cipher.pop(0)
             else:
@@ -271,7 +283,9 @@ class TlsBridge:
 
     def _flush_out(self) -> None:
         if self._out.pending:
-            self._cipher.append(memoryview(self._out.read()))
+            chunk = self._out.read()
+            self._queued += len(chunk)
+            self._cipher.append(memoryview(chunk))
         self._send()
 
     def _step(self) -> None:
