@@ -13,7 +13,7 @@
 
 The sender connects to HOST:PORT, or runs CMD through the shell and talks to
 its stdin/stdout (``--command "ssh host pyxl migrate-receive"``).  The
-receiver accepts one connection on ``--listen`` (port 0: any; it says
+receiver takes one migration on ``--listen`` (port 0: any; it says
 "listening on ADDR:PORT" on stderr) or, without ``--listen``, uses its
 stdin/stdout -- then ``--json`` goes to stderr, stdout being the channel.
 With ``--tls-*`` both ends speak mutual TLS; a receiver listening for plain
@@ -228,7 +228,8 @@ def add_parser(subparsers: Any) -> None:
                               description="Receive one migrating domain, on --listen or on "
                               "stdin/stdout.")
     p.add_argument("--listen", type=_address(True), metavar="ADDR:PORT",
-                   help="accept one connection here (port 0: any); default: stdin/stdout")
+                   help="listen here for one migration (port 0: any; plain TCP only on "
+                        "loopback unless --insecure); default: stdin/stdout")
     p.add_argument("--insecure", action="store_true",
                    help="allow plain TCP on an address that is not loopback: anyone who can "
                         "connect can send a domain (refused without this)")
