@@ -30,7 +30,7 @@ from pyxl.migrate import TlsOptions
 
 from conftest import ROOT, open_fds
 from test_migrate import _cli, _listening, assert_runs_intact, busy, domains, run_both
-from test_migrate import source_survived
+from test_migrate import netns, source_survived  # noqa: F401  (netns: a fixture)
 
 MB = 1 << 20
 PYXL = [sys.executable, "-m", "pyxl"]
@@ -507,3 +507,30 @@ def test_receiver_that_stops_reading_times_out_the_sender(hosts):
     finally:
         fake.kill()
         fake.wait()
+
+
+def test_tls_migration_between_network_namespaces(hosts, pki, netns):  # noqa: F811
+    """Off loopback, no --insecure: TLS, the receiver's name given by --tls-name."""
+    a, b = hosts
+    ns_a, ns_b, addr = netns
+    dom = busy(a, 20)
+    plain = subprocess.run(["ip", "netns", "exec", ns_b] + PYXL +
+                           ["migrate-receive", "--listen", f"{addr}:0", "--sim-dir", b],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert plain.returncode == 2 and "refusing plain TCP" in plain.stderr, plain.stderr
+    rx = subprocess.Popen(["ip", "netns", "exec", ns_b] + PYXL +
+                          ["migrate-receive", "--listen", f"{addr}:0", "--sim-dir", b, "--json",
+                           *tls_args(pki, "receiver.test"), "--tls-allow", SENDER],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    port = _listening(rx)
+    tx = subprocess.run(["ip", "netns", "exec", ns_a] + PYXL +
+                        ["migrate", "--live", "--json", "--sim-dir", a, *tls_args(pki, SENDER),
+                         "--tls-name", "receiver.test", str(dom), f"{addr}:{port}"],
+                        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert tx.returncode == 0, tx.stderr
+    out, err = rx.communicate(timeout=60)
+    assert rx.returncode == 0, err
+    sent, got = json.loads(tx.stdout), json.loads(out)
+    assert sent["digest"] == got["digest"]
+    assert domains(a) == [] and domains(b) == [(got["domid"], "running")]
+    assert_runs_intact(b, got["domid"])
