@@ -14,13 +14,13 @@ untouched.  Each callback moves at most :data:`SLICE` bytes one way, so the
 loop stays responsive; backpressure is the pipes' and the socket's: the
 bridge reads one side only while the other has taken what it had.
 
-It may import os, errno, socket, ssl, dataclasses, pyxl.errors, pyxl.fdio
+It may import os, fcntl, socket, ssl, dataclasses, pyxl.errors, pyxl.fdio
 and pyxl.loop; it knows nothing of the handshake, helpers or domains.
 """
 
 from __future__ import annotations
 
-import logging
+import fcntl
 import os
 import socket
 import ssl
@@ -42,8 +42,6 @@ _CLOSE_GRACE = 5.0       # seconds a closing bridge gets to flush before it is c
 # while nothing waits": that toggled two watches per slice whenever the socket
 # was the bottleneck (an epoll_ctl each), a measurable part of the CPU.
 _QUEUE_HIGH = 1 << 20
-
-log = logging.getLogger("pyxl.migrate.tls")
 
 
 @dataclass(frozen=True)
@@ -128,7 +126,6 @@ def allowed(names: Iterable[str], allow: Tuple[str, ...]) -> bool:
 def _pipe() -> Tuple[int, int]:
     r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        import fcntl
         fcntl.fcntl(w, _F_SETPIPE_SZ, _PIPE)
     except OSError:
         pass
