@@ -41,8 +41,8 @@ class ReceiverChannel:
     ``on_ready(rfd, wfd)`` once they can be used (both are the socket for
     TCP; a TLS bridge's pipe ends with ``tls``; maybe before the
     constructor returns); ``on_failed(exc)`` if the name does not resolve,
-    the connection is refused or TLS fails (a MigrationAuthError, at any
-    time).  Raises OSError at once if it cannot even start, StartupError for
+    the connection is refused, or TLS fails (at any time: a
+    MigrationAuthError when refused, a MigrationError when broken).  Raises OSError at once if it cannot even start, StartupError for
     TLS files that do not load (both the caller's StartupError).
     """
 
