@@ -387,7 +387,7 @@ class ReceiverHandshake(_Handshake):
         try:
             header: Optional[stream_xl.XlHeader] = stream_xl.parse_xl_optional_data(
                 fixed, head[xl_size:xl_size + fixed.optional_data_len])
-        except ValueError:
+        except (ValueError, RecursionError):   # deep JSON nesting: RecursionError
             header = None   # the restore reports it
         self.state = self.STREAMING
         return StreamHead(head, header, rest)

@@ -194,6 +194,10 @@ class Admission:
         except MigrationProtocolError as exc:
             self._reject(exc)
             return
+        except Exception as exc:   # a peer's bytes must not escape the loop
+            self._reject(MigrationProtocolError(f"not a migration stream: "
+                                                f"{type(exc).__name__}"))
+            return
         if event is NEED_DATA:
             return
         if isinstance(event, ConnectionClosed):

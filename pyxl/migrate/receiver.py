@@ -279,6 +279,12 @@ class ReceiveOperation(MigrationFuture):
         except OperationError as exc:
             self._fail(exc)
             return
+        except Exception as exc:   # untrusted input must not escape the loop
+            # A stream whose config the restore did not expect: the receiver
+            # fails like any restore that cannot start; the loop runs on.
+            self._fail(StartupError(f"cannot restore the received stream: "
+                                    f"{type(exc).__name__}: {exc}"))
+            return
         self.domid = self.restore.domid
         set_nonblocking(w, True)
         self.relay = SpliceRelay(self.loop, self.rfd, w, None, self._sender_done,

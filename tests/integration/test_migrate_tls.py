@@ -534,3 +534,42 @@ def test_tls_migration_between_network_namespaces(hosts, pki, netns):  # noqa: F
     assert sent["digest"] == got["digest"]
     assert domains(a) == [] and domains(b) == [(got["domid"], "running")]
     assert_runs_intact(b, got["domid"])
+
+
+@pytest.mark.parametrize("config", [
+    b"[" * 100000 + b"]" * 100000,                     # nesting deeper than Python recurses
+    b'{"c_info": [], "b_info": {"max_memkb": 1e999}}',   # wrong types, overflowing number
+])
+def test_hostile_config_fails_the_receive_and_leaves_the_loop_alone(hosts, config):
+    """A stream head with a hostile config: the receive fails typed, the peer is
+    told, no domain, and nothing escapes the loop (pyxl.wait keeps working)."""
+    import struct
+
+    from pyxl.stream import xl as sxl
+    from pyxl.stream.libxl import libxc_context_record, libxl_header
+    _, b = hosts
+    cfg = config + b"\0"
+    optdata = struct.pack("=I", len(cfg)) + cfg
+    head = (struct.pack("=32sIIII", sxl.XL_MAGIC, sxl.XL_BYTEORDER,
+                        sxl.XL_FLAG_STREAMV2 | sxl.XL_FLAG_JSON, 0, len(optdata))
+            + optdata + libxl_header() + libxc_context_record())
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b)
+    peer = socket.create_connection(rx.address)
+    peer.setblocking(False)
+    peer.sendall(head)
+    run_both(rx, timeout=60)
+    assert isinstance(rx.exception(), pyxl.OperationError), rx.exception()
+    got = bytearray()
+
+    def told() -> bool:
+        try:
+            chunk = peer.recv(4096)
+        except BlockingIOError:
+            return False
+        got.extend(chunk)
+        return not chunk or b"domain receive failed: " in got
+
+    assert default_loop().run_until(told, 10)
+    assert b"domain receive failed: " in got, bytes(got)
+    assert domains(b) == []
+    peer.close()
