@@ -406,10 +406,22 @@ create_guest() {  # GUEST: xl create with its disk and NIC, then both are checke
     # An HVM guest boots through SeaBIOS under TCG: 60-110 s here to its first line.
     [ $g = hvm1 ] && tmo=240
     t0=$(now_us)
-    if "$XL" create "$W/$g.cfg" > "$OUT/xl-create-$g.log" 2>&1; then
+    local created=0 note=""
+    "$XL" create "$W/$g.cfg" > "$OUT/xl-create-$g.log" 2>&1 && created=1
+    # libxl gives QEMU a fixed 60 s to start (LIBXL_DEVICE_MODEL_START_TIMEOUT,
+    # compiled in); under TCG on a loaded host an HVM guest's QEMU has missed
+    # it.  That is the host's speed, not what is tested here: once more, said.
+    if [ $created = 0 ] && grep -q "device model: startup timed out" "$OUT/xl-create-$g.log"; then
+        cp "$OUT/xl-create-$g.log" "$OUT/xl-create-$g.attempt1.log"
+        "$XL" destroy "$g" > /dev/null 2>&1
+        note=" (second attempt: QEMU missed libxl's 60 s start-up bound the first time)"
+        t0=$(now_us)
+        "$XL" create "$W/$g.cfg" > "$OUT/xl-create-$g.log" 2>&1 && created=1
+    fi
+    if [ $created = 1 ]; then
         t1=$(now_us)
         if wait_ticks "$g" 1 $tmo; then
-            result "create.$g" PASS "$(fmt_s $(($(now_us) - t0))) s to the second counter line (xl create $(fmt_s $((t1 - t0))) s)"
+            result "create.$g" PASS "$(fmt_s $(($(now_us) - t0))) s to the second counter line (xl create $(fmt_s $((t1 - t0))) s)$note"
             check_disk "disk-after-create.$g" "$g" -1
             check_net "net-after-create.$g" "$g"
             return 0

@@ -15,6 +15,8 @@
 #                                              disk, and answers ping across xenbr0
 #   nothing-left.hvm1                          after xl destroy of the pyxl-restored guest: no
 #                                              QEMU, loop device (of any copy), backend or tap left
+# QEMU under TCG on a loaded host can take more than libxl's 60 s to start.
+export PYXL_DM_START_TIMEOUT=300
 pyxl_hvm_after() {  # TAG BEFORE DISK_BEFORE: the checks after hvm1 came back
     check_continues "counter-after-$1.hvm1" hvm1 "$2"
     check_disk "disk-after-$1.hvm1" hvm1 "$3"

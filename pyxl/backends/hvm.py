@@ -49,7 +49,7 @@ from pyxl.errors import DeviceModelError
 from pyxl.loop import Loop
 from pyxl.qmp import QmpClient
 
-__all__ = ["ChardevPostconfig", "DeviceModelStart", "LIB_DIR", "LOG_DIR", "START_TIMEOUT", "destroy_device_model",
+__all__ = ["ChardevPostconfig", "DeviceModelStart", "LIB_DIR", "LOG_DIR", "START_TIMEOUT", "start_timeout", "destroy_device_model",
            "device_model", "dm_path", "physmap", "remove_state_files", "restore_file",
            "save_file"]
 
@@ -57,8 +57,19 @@ _log = logging.getLogger("pyxl.xen")
 
 LIB_DIR = "/var/lib/xen"
 LOG_DIR = "/var/log/xen"
-#: LIBXL_DEVICE_MODEL_START_TIMEOUT
+#: LIBXL_DEVICE_MODEL_START_TIMEOUT (libxl's is compiled in; ours can be raised
+#: for slow hosts, e.g. Xen under emulation: $PYXL_DM_START_TIMEOUT seconds)
 START_TIMEOUT = 60.0
+
+
+def start_timeout() -> float:
+    """Seconds QEMU gets to start: $PYXL_DM_START_TIMEOUT, else libxl's 60."""
+    raw = os.environ.get("PYXL_DM_START_TIMEOUT", "")
+    try:
+        value = float(raw) if raw else START_TIMEOUT
+    except ValueError:
+        value = START_TIMEOUT
+    return value if value > 0 else START_TIMEOUT
 
 
 def dm_path(domid: int) -> str:
@@ -129,7 +140,7 @@ def _kill_by_pid(xs: XenStore, domid: int) -> None:
 
 
 def device_model(xs: XenStore, domid: int, ready: Optional[Callable[[], bool]] = None,
-                 ready_timeout: float = START_TIMEOUT) -> QmpDeviceModel:
+                 ready_timeout: Optional[float] = None) -> QmpDeviceModel:
     """The domain's QEMU as a :class:`QmpDeviceModel`: libxl's QMP socket and
     state files, the physmap keys through XenStore, killed by its recorded pid."""
     def write_keys(kv: Dict[str, str]) -> None:
@@ -140,7 +151,8 @@ def device_model(xs: XenStore, domid: int, ready: Optional[Callable[[], bool]] =
                           restore_file(domid), ready=ready,
                           kill=lambda: _kill_by_pid(xs, domid),
                           xenstore_data=lambda: physmap(xs, domid),
-                          write_xenstore_data=write_keys, ready_timeout=ready_timeout,
+                          write_xenstore_data=write_keys,
+                          ready_timeout=start_timeout() if ready_timeout is None else ready_timeout,
                           logger=logging.getLogger(f"pyxl.domain.{domid}"))
 
 
@@ -157,7 +169,7 @@ class DeviceModelStart:
     def __init__(self, loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: int,
                  config: Dict[str, Any], records: List[Tuple[int, bytes]],
                  done: Callable[[bool, str], None], procs: Dict[int, "subprocess.Popen[Any]"],
-                 timeout: float = START_TIMEOUT, popen: Popen = subprocess.Popen) -> None:
+                 timeout: Optional[float] = None, popen: Popen = subprocess.Popen) -> None:
         self.loop, self.xs, self.domid, self.config = loop, xs, domid, config
         self.done_cb, self.procs, self.popen = done, procs, popen
         self.name = f"qemu-dm-{(config.get('c_info') or {}).get('name') or domid}"
@@ -165,6 +177,7 @@ class DeviceModelStart:
         self.watch_failed: Optional[str] = None
         self.finished = False
         self.wait: Optional[XsWait] = None
+        timeout = start_timeout() if timeout is None else timeout
         self.dm = device_model(xs, domid, self._ready, timeout)
         state = f"{dm_path(domid)}/state"
 

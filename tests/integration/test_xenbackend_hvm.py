@@ -294,7 +294,7 @@ def test_device_model_that_exits_fails_at_once_with_its_log(xsd, host, monkeypat
 
 
 def test_device_model_timeout_and_missing_state(xsd, host, monkeypatch):
-    monkeypatch.setattr(hvm, "START_TIMEOUT", 0.3)
+    monkeypatch.setenv("PYXL_DM_START_TIMEOUT", "0.3")    # (libxl: a fixed 60 s)
     be = backend(xsd, RecordingXc())
     be.create_restore_target(hvm1(host))
     be.restore_done(7, 1, 2)
