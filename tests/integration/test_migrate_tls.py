@@ -573,3 +573,19 @@ def test_hostile_config_fails_the_receive_and_leaves_the_loop_alone(hosts, confi
     assert b"domain receive failed: " in got, bytes(got)
     assert domains(b) == []
     peer.close()
+
+
+def test_failed_restore_is_reported_inside_tls(hosts, pki):
+    a, b = hosts
+    dom = busy(a, 8)
+    before = snapshot()
+    rx = receiver(pki, b, helper="/bin/false")
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, tls=opts(pki, SENDER))
+    run_both(tx, rx)
+    assert isinstance(rx.exception(), pyxl.HelperExited), rx.exception()
+    exc = tx.exception()
+    assert isinstance(exc, migrate.MigrationError), exc
+    assert "the receiver failed: the restore helper exited with error status 1" in str(exc), exc
+    assert domains(b) == []
+    source_survived(a, dom)
+    assert_nothing_left(before)
