@@ -1,7 +1,9 @@
 # pyxl's own toolstack on real Xen (issue 9): sourced by tests-in-dom0.sh once
 # the guests pv1 and pvh1 run; uses its result/begin_op/check_continues/GMAX.
-# They run here WITHOUT a disk or NIC (tests-in-dom0.sh creates them again so):
-# pyxl restores a domain without its vbd/vif devices.
+# Both have their disk and NIC: after every pyxl restore and migration, and
+# after every failure the guest survives, its disk counter must continue
+# (disk-after-X.G) and dom0 must ping it (net-after-X.G); after a failure that
+# destroys a half-made domain, nothing of it may be left (leftovers).
 # pyxl (the CLI, /opt/pyxl/bin/pyxl) picks its real-Xen backend by itself
 # (/dev/xen/privcmd exists): suspend through control/shutdown + @releaseDomain,
 # resume with xc_domain_resume(fast), destroy through libxenctrl + XenStore.
@@ -28,7 +30,7 @@ PYXL=/opt/pyxl/bin/pyxl
 # pyxl runs its default helper (ours); the helper-killed tests run it through a
 # wrapper that SIGKILLs it.  PYXL_E2E_HELPER=debian (set here) runs Debian's.
 [ "${PYXL_E2E_HELPER:-ours}" = debian ] && export PYXL_SAVE_HELPER=$DEBIAN_REAL
-PT=120   # bound for every pyxl command
+PT=300   # bound for every pyxl command (with devices: 20-60 s each under TCG, more under load)
 
 killing_helper() {  # NAME DELAY: a wrapper of our helper that SIGKILLs it DELAY s after it starts
     cat > "$W/$1" <<EOF
@@ -50,7 +52,12 @@ pyxl_timed() {  # LOGNAME pyxl-args...: sets LAST_S, returns pyxl's status
     say "pyxl $* : rc $rc, $LAST_S s"
     return $rc
 }
-pyxl_save_then_xl_restore() {  # GUEST TAG [pyxl save options...]
+after_checks() {  # TAG GUEST BEFORE: the guest came back (or stayed): counter, disk, network
+    check_continues "counter-after-$1.$2" "$2" "$3"
+    check_disk "disk-after-$1.$2" "$2" "$DBEFORE"
+    check_net "net-after-$1.$2" "$2"
+}
+pyxl_save_then_xl_restore() {  # GUEST TAG [pyxl save options...]; xl's helper: $XH (Debian's)
     local g=$1 tag=$2 before d f; shift 2
     f=$W/$g-pyxl-$tag.save
     begin_op "$g"; before=${GMAX[$g]}
@@ -67,12 +74,12 @@ pyxl_save_then_xl_restore() {  # GUEST TAG [pyxl save options...]
     fi
     timing "pyxl-save-$tag.$g" pyxl "$dt"
     result "pyxl-save-$tag.$g" PASS "$dt s, $(stat -c %s "$f") bytes, domain $d destroyed; left: $(pyxl_list)"
-    if ! xl_timed "xl-restore-of-pyxl.$g" debian "restore-pyxl-$tag-$g" restore "$f"; then
+    if ! xl_timed "xl-restore-of-pyxl.$g" "${XH:-debian}" "restore-pyxl-$tag-$g" restore "$f"; then
         result "xl-restore-of-pyxl-$tag.$g" FAIL "$(tail -n 3 "$OUT/xl-restore-pyxl-$tag-$g.log" | tr '\n' ' ')"
         return 1
     fi
     result "xl-restore-of-pyxl-$tag.$g" PASS "$LAST_S s"
-    check_continues "counter-after-pyxl-save-$tag.$g" "$g" "$before"
+    after_checks "pyxl-save-$tag" "$g" "$before"
 }
 pyxl_checkpoint() {  # GUEST
     local g=$1 before d f=$W/$1-pyxl-c.save
@@ -81,7 +88,7 @@ pyxl_checkpoint() {  # GUEST
     if pyxl_timed "save-c-$g" save -c "$d" "$f"; then
         timing "pyxl-save-c.$g" pyxl "$LAST_S"
         result "pyxl-save-c.$g" PASS "$LAST_S s, $(stat -c %s "$f") bytes"
-        check_continues "counter-after-pyxl-save-c.$g" "$g" "$before"
+        after_checks pyxl-save-c "$g" "$before"
     else
         result "pyxl-save-c.$g" FAIL "$(tail -n 3 "$OUT/pyxl-save-c-$g.log" | tr '\n' ' ')"
     fi
@@ -105,7 +112,7 @@ pyxl_killed() {  # GUEST DELAY: the helper is SIGKILLed DELAY s after it starts
         result "pyxl-save-killed.$g" PASS "$LAST_S s, exit 1 ($(grep -o -m1 'error: .*' "$OUT/pyxl-save-killed-$g.log" | head -c 160)); domains: $listed"
     fi
     "$XL" list -v > "$OUT/xl-list-after-killed-$g.log" 2>&1
-    check_continues "counter-after-pyxl-save-killed.$g" "$g" "$before"
+    after_checks pyxl-save-killed "$g" "$before"
 }
 
 pyxl_restore() {  # TEST GUEST FILE BEFORE [pyxl restore options...]: pyxl restore, counter continues
@@ -119,7 +126,7 @@ pyxl_restore() {  # TEST GUEST FILE BEFORE [pyxl restore options...]: pyxl resto
     result "$test.$g" PASS "$LAST_S s, domid ${d:-?}; xl list: $(pyxl_list)"
     { xenstore-ls -fp "/local/domain/$d"; xenstore-ls -fp "$(xenstore-read "/local/domain/$d/vm")";
       xenstore-ls -fp "/libxl/$d"; } > "$OUT/xenstore-$g-after-$test.txt" 2>&1
-    check_continues "counter-after-$test.$g" "$g" "$before"
+    after_checks "$test" "$g" "$before"
 }
 xl_save_pyxl_restore() {  # GUEST: xl save (Debian's helper) -> pyxl restore
     local g=$1 before f=$W/$1-xl-for-pyxl.save
@@ -143,10 +150,11 @@ pyxl_roundtrip() {  # GUEST: pyxl save -> pyxl restore with the helper killed ->
     listed=$(pyxl_list)
     pyxl_timed "restore-killed-$g" restore --helper "$W/helper-killed-r" "$f"
     rc=$?
-    if [ $rc -eq 1 ] && [ "$(pyxl_list)" = "$listed" ]; then
-        result "pyxl-restore-killed.$g" PASS "$LAST_S s, exit 1, nothing left: $(pyxl_list)"
+    local left; left=$(leftovers "$g")
+    if [ $rc -eq 1 ] && [ "$(pyxl_list)" = "$listed" ] && [ -z "$left" ]; then
+        result "pyxl-restore-killed.$g" PASS "$LAST_S s, exit 1, nothing left (domains: $(pyxl_list))"
     else
-        result "pyxl-restore-killed.$g" FAIL "exit $rc; domains before: $listed, after: $(pyxl_list)"
+        result "pyxl-restore-killed.$g" FAIL "exit $rc; domains before: $listed, after: $(pyxl_list); left: ${left:-nothing}"
         "$XL" list "$g" > /dev/null 2>&1 && { result "pyxl-roundtrip.$g" SKIP "restore-killed left $g"; return 1; }
     fi
     pyxl_restore pyxl-roundtrip "$g" "$f" "$before"
@@ -168,7 +176,7 @@ pyxl_uncooperative() {  # GUEST: a guest that never answers (paused): pyxl save 
     else
         result "pyxl-suspend-timeout.$g" FAIL "exit $rc, control/shutdown '$req', $(tail -n 1 "$OUT/pyxl-save-timeout-$g.log")"
     fi
-    check_continues "counter-after-pyxl-suspend-timeout.$g" "$g" "$before"
+    after_checks pyxl-suspend-timeout "$g" "$before"
 }
 
 pyxl_migrate() {  # TEST GUEST SENDER...: a live localhost migration through a pipe; the
@@ -195,7 +203,7 @@ pyxl_migrate() {  # TEST GUEST SENDER...: a live localhost migration through a p
         timing "$test.$g" pyxl "$LAST_S"
         result "$test.$g" PASS "$LAST_S s, domid $d -> $d2; xl list: $names"
     fi
-    check_continues "counter-after-$test.$g" "$g" "$before"
+    after_checks "$test" "$g" "$before"
 }
 pyxl_migrate_tls() {  # GUEST: pyxl migrate to a pyxl migrate-receive on 127.0.0.1, mutual TLS
     local g=$1 tls=$E2E/tls rlog=$OUT/pyxl-migrate-tls-receiver-$1.log rpid port=8102
@@ -227,12 +235,14 @@ pyxl_migrate_killed() {  # GUEST: the receiver's restore helper is SIGKILLed mid
     timeout $PT "$PYXL" -vv migrate --live --command "$PYXL migrate-receive --helper $W/helper-killed-m" \
         "$d" > "$log" 2>&1
     rc=$?
-    if [ $rc -eq 1 ] && [ "$(pyxl_list)" = "$listed" ] && [ "$("$XL" domid "$g" 2>/dev/null)" = "$d" ]; then
-        result "pyxl-migrate-killed.$g" PASS "exit 1 ($(grep -o -m1 'error: .*' "$log" | head -c 160)); domains: $listed"
+    local left; left=$(leftovers)
+    if [ $rc -eq 1 ] && [ "$(pyxl_list)" = "$listed" ] && [ "$("$XL" domid "$g" 2>/dev/null)" = "$d" ] \
+            && [ -z "$left" ]; then
+        result "pyxl-migrate-killed.$g" PASS "exit 1 ($(grep -o -m1 'error: .*' "$log" | head -c 160)); domains: $listed; nothing left"
     else
-        result "pyxl-migrate-killed.$g" FAIL "exit $rc; domains before: $listed, after: $(pyxl_list); $(tail -n 2 "$log" | tr '\n' ' ')"
+        result "pyxl-migrate-killed.$g" FAIL "exit $rc; domains before: $listed, after: $(pyxl_list); left: ${left:-nothing}; $(tail -n 2 "$log" | tr '\n' ' ')"
     fi
-    check_continues "counter-after-pyxl-migrate-killed.$g" "$g" "$before"
+    after_checks pyxl-migrate-killed "$g" "$before"
 }
 
 if [ ! -x "$PYXL" ]; then

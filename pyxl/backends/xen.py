@@ -303,6 +303,9 @@ class XenBackend(NoDeviceModel):
             raise StartupError("saved config has no usable b_info.max_memkb") from exc
         libxlcfg.prepare_nics(config)
         disks = libxlcfg.disks(config)      # the paths are looked at now, not later
+        missing = xendevices.check_bridges(libxlcfg.nics(config))
+        if missing:
+            raise StartupError(missing)
         if dtype == "hvm":
             dm = str(b_info.get("device_model") or qemu_args.QEMU_XEN_PATH)
             if not os.access(dm, os.X_OK):

@@ -44,8 +44,8 @@ from pyxl.backends.xenstore import XenStore, XenStoreError
 from pyxl.backends.xswatch import Outcome, XsWait
 from pyxl.loop import Loop, Timer
 
-__all__ = ["DeviceSteps", "DevicesRemoval", "Script", "add_disk", "add_nic", "xs_path_cleanup",
-           "HOTPLUG_TIMEOUT", "INIT_TIMEOUT", "DESTROY_TIMEOUT"]
+__all__ = ["DeviceSteps", "DevicesRemoval", "Script", "add_disk", "add_nic", "check_bridges",
+           "xs_path_cleanup", "HOTPLUG_TIMEOUT", "INIT_TIMEOUT", "DESTROY_TIMEOUT"]
 
 _log = logging.getLogger("pyxl.xen")
 
@@ -54,6 +54,23 @@ INIT_TIMEOUT, HOTPLUG_TIMEOUT, DESTROY_TIMEOUT = 10.0, 40.0, 10.0
 XENBUS_INITIALISING, XENBUS_INITWAIT, XENBUS_CLOSING, XENBUS_CLOSED = 1, 2, 5, 6
 #: Device kinds whose backend is QEMU (libxl's QEMU_BACKEND).
 QEMU_KINDS = ("qdisk", "vfb", "qusb", "9pfs", "vkbd")
+
+#: Where the kernel lists network interfaces (a bridge has a ``bridge/`` directory).
+SYS_CLASS_NET = "/sys/class/net"
+
+
+def check_bridges(nics: Sequence[Nic]) -> Optional[str]:
+    """Why a NIC cannot be attached, or None.  ``vif-bridge`` fails only once
+    the domain, its memory and (HVM) its QEMU exist, after minutes under
+    load, with "Could not find bridge device"; a restore checks first, so that
+    nothing is made for a guest whose bridge is missing."""
+    for nic in nics:
+        if nic.backend_domid != 0 or os.path.basename(nic.script) != "vif-bridge":
+            continue
+        if not os.path.isdir(os.path.join(SYS_CLASS_NET, nic.bridge, "bridge")):
+            return f"NIC {nic.devid} ({nic.mac}): bridge {nic.bridge!r} does not exist on this host"
+    return None
+
 
 #: ``step(next)``: start one step; ``next(None)`` when it is done, ``next(why)`` if not.
 Step = Callable[[Callable[[Optional[str]], None]], Any]

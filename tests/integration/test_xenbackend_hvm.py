@@ -20,7 +20,7 @@ from typing import List, Tuple
 
 import pytest
 
-from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xenstore
+from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xendevices, xenstore
 from pyxl.backends.xenctrl import SHUTDOWN_suspend
 from pyxl.errors import StartupError
 from pyxl.loop import SelectorLoop
@@ -83,6 +83,8 @@ def host(tmp_path, monkeypatch):
         (scripts / name).chmod(0o755)
     monkeypatch.setattr(libxlcfg, "XEN_SCRIPT_DIR", str(scripts))
     monkeypatch.setenv("HOTPLUG_LOG", str(tmp_path / "hotplug.log"))
+    (tmp_path / "net" / "xenbr0" / "bridge").mkdir(parents=True)    # as /sys/class/net
+    monkeypatch.setattr(xendevices, "SYS_CLASS_NET", str(tmp_path / "net"))
     (tmp_path / "hvm1.img").write_bytes(b"\0" * 4096)
     return tmp_path
 
@@ -334,7 +336,15 @@ def test_unsupported_config_refused_before_any_domain(xsd, host):
     cfg["disks"][0]["pdev_path"] = str(host / "gone.img")
     with pytest.raises(StartupError, match="cannot stat"):
         be.create_restore_target(cfg)
-    assert be.xc.created == [] and xsd.nodes == {}
+    cfg = hvm1(host)
+    cfg["nics"][0]["bridge"] = "xenbr9"       # vif-bridge would fail minutes later
+    with pytest.raises(StartupError, match="NIC 0 .*bridge 'xenbr9' does not exist"):
+        be.create_restore_target(cfg)
+    cfg["nics"][0]["script"] = "vif-route"    # a NIC on no bridge: not checked
+    (host / "scripts" / "vif-route").write_text(FAKE_SCRIPT)
+    assert be.create_restore_target(cfg) == 7
+    be.destroy(7)
+    assert be.xc.created[:-1] == [] and not xsd.subtree("/local/domain/7")
 
 
 def test_failed_build_destroys_the_domain(xsd, host):
