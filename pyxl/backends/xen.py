@@ -51,7 +51,7 @@ from pyxl.backends.libxlcfg import defbool, to_int  # noqa: F401  (defbool: re-e
 from pyxl.backends.xenctrl import DomInfo, Xc, XenError  # noqa: F401  (XenError: re-exported)
 from pyxl.backends.xensuspend import HVM_PARAM_ACPI_S_STATE, HVM_PARAM_CALLBACK_IRQ, Suspend
 from pyxl.backends.xenstore import XenStore, XenStoreError, open_default
-from pyxl.errors import BackendError, StartupError
+from pyxl.errors import BackendError, DeviceModelError, StartupError
 from pyxl.loop import Loop, Timer
 
 _log = logging.getLogger("pyxl.xen")
@@ -168,7 +168,17 @@ class XenBackend(NoDeviceModel):
             hvm.device_model(self.xs, domid).resume()
 
     def resume(self, domid: int) -> None:
-        self._dm_cont(domid)
+        """The guest runs again.  If its QEMU cannot be told (killed during the
+        save), the vCPUs are resumed all the same: a guest on PV drivers runs
+        on, and one that is left suspended is lost to its user.  Then
+        DeviceModelError says so (as SimBackend does)."""
+        try:
+            self._dm_cont(domid)
+        except DeviceModelError as exc:
+            self.xc.resume(domid, fast=True)
+            self.xs.resume(domid)
+            raise DeviceModelError(f"domain {domid} was resumed, but its device model "
+                                   f"was not: {exc}") from exc
         self.xc.resume(domid, fast=True)
         self.xs.resume(domid)
 

@@ -22,7 +22,7 @@ import pytest
 
 from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xendevices, xenstore
 from pyxl.backends.xenctrl import SHUTDOWN_suspend
-from pyxl.errors import StartupError
+from pyxl.errors import DeviceModelError, StartupError
 from pyxl.loop import SelectorLoop
 from pyxl.stream.libxl import EMULATOR_HEADER, LibxlRecordType
 from xenfakes import FakeXenstored, RecordingXc, backend
@@ -489,6 +489,14 @@ def test_hvm_save_side_over_qmp(xsd, host):
         assert [p for (t, _tx, p) in xsd.log if t == 18] == [[b"7", b""]]    # XS_RESUME
         be.unpause(8)                        # PVH: no device model to tell
         assert len(qmp.commands) == 7
+        # QEMU killed during the save: the vCPUs run again all the same, and the
+        # error says its device model did not
+        qmp.close()
+        os.unlink(qemu_args.qmp_path(7))
+        with pytest.raises(DeviceModelError, match="domain 7 was resumed, but its device model"):
+            be.resume(7)
+        assert be.xc.log[-1] == ("resume", 7, True)
+        assert [p for (t, _tx, p) in xsd.log if t == 18] == [[b"7", b""]] * 2
     finally:
         loop.close()
         qmp.close()
