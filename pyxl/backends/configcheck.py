@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from pyxl.errors import ConfigError
 
-__all__ = ["MAX_DEPTH", "MAX_MEMKB", "MAX_NAME", "MAX_VCPUS", "check_config", "check_name"]
+__all__ = ["MAX_DEPTH", "MAX_GIVEN_NAME", "MAX_MEMKB", "MAX_NAME", "MAX_VCPUS", "check_config", "check_name"]
 
 #: Deepest nesting of objects and lists accepted (libxl's configs nest ~5 deep).
 MAX_DEPTH = 32
@@ -43,8 +43,10 @@ MAX_DEPTH = 32
 MAX_MEMKB = 16 << 30
 #: Xen's MAX_VIRT_CPUS on x86 (HVM guests stop at 128).
 MAX_VCPUS = 8192
-#: Longest domain name accepted, in characters.
+#: Longest domain name accepted in a config, in characters.
 MAX_NAME = 256
+#: ... and given to a restore: room for a suffix (a migration's "--incoming").
+MAX_GIVEN_NAME = MAX_NAME + 16
 #: libxl's MemKB "unset" value (~0ULL), which a saved config may carry.
 _MEMKB_DEFAULT = (1 << 64) - 1
 _U32 = (1 << 32) - 1
@@ -100,13 +102,13 @@ def check_config(config: Any) -> None:
         _int(hvm, "b_info.type.hvm", "mca_caps", 0, _MEMKB_DEFAULT)
 
 
-def check_name(name: Any, field: str = "c_info.name") -> None:
-    """A domain name as xl takes one: a non-empty string of at most
-    :data:`MAX_NAME` characters, without '/' or control characters."""
+def check_name(name: Any, field: str = "c_info.name", limit: int = MAX_NAME) -> None:
+    """A domain name as xl takes one: a non-empty string of at most ``limit``
+    characters, without '/' or control characters."""
     if not isinstance(name, str) or not name:
         raise ConfigError(field, "must be a non-empty string")
-    if len(name) > MAX_NAME:
-        raise ConfigError(field, f"is longer than {MAX_NAME} characters")
+    if len(name) > limit:
+        raise ConfigError(field, f"is longer than {limit} characters")
     if "/" in name:
         raise ConfigError(field, "must not contain '/'")
     if _CONTROL.search(name):

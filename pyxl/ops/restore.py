@@ -1,10 +1,14 @@
 """Restoring a domain: xl's ``restore`` around the helper.
 
 The xl header (with the domain's config) and the start of the libxl stream are
-read first, the backend builds the empty target domain, and the helper reads
-libxc's stream from the very next byte of the same fd.  After the helper, the
+read first -- at once from a regular file, from the loop as they arrive from a
+pipe, socket or FIFO (under the timeout) -- the config is checked
+(:mod:`pyxl.backends.configcheck`: it is untrusted), the backend builds the
+empty target domain, and the helper reads libxc's stream from the very next
+byte of the same fd.  After the helper, the
 libxl records that end the stream (the device model's, END) are read -- from
-the loop as they arrive when the fd is a pipe or socket -- the device model
+the loop as they arrive when the fd is a pipe or socket, within
+:class:`~pyxl.ops.trailer.TrailerLimits` -- the device model
 gets its state, the backend finishes the domain, and it is unpaused unless
 asked not to be.  A failed restore destroys the half-made domain.  A
 checkpointed (Remus) stream that ends without END after a complete checkpoint
@@ -22,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pyxl._paths import helper_path
 from pyxl.backends.base import Backend
-from pyxl.backends.configcheck import check_config, check_name
+from pyxl.backends.configcheck import MAX_GIVEN_NAME, check_config, check_name
 from pyxl.errors import (Cancelled, OperationError, StartupError, StreamTooLarge, Timeout,
                          TruncatedStream)
 from pyxl.fdio import is_regular, set_nonblocking
@@ -182,7 +186,7 @@ class RestoreOperation(Operation[RestoreResult]):
         config = header.config
         check_config(config)
         if self.options.name is not None:
-            check_name(self.options.name, "name")
+            check_name(self.options.name, "name", MAX_GIVEN_NAME)
             c_info = config.get("c_info")
             config["c_info"] = dict(c_info if isinstance(c_info, dict) else {},
                                     name=self.options.name)
