@@ -17,7 +17,8 @@
  * libxencall convention: >= 0 on success, -1 with errno on failure.
  *
  * Environment:
- *   PYXL_SIM_DIR       state directory (default /dev/shm/pyxl-sim)
+ *   PYXL_SIM_DIR       state directory (default /dev/shm/pyxl-sim-$EUID); its files are
+ *                      opened with O_NOFOLLOW: a symlink planted there is never written through
  *   PYXL_SIM_TRACE     1: trace every hypercall and mapping batch to stderr;
  *                      an absolute path: append the trace to that file
  *   PYXL_SIM_STATS     append one JSON line of counters to this file at exit
@@ -154,7 +155,10 @@ static void fx_init(void)
     pthread_mutex_lock(&g_lock);
     if (!g_inited) {
         const char *dir = getenv("PYXL_SIM_DIR");
-        snprintf(g_simdir, sizeof(g_simdir), "%s", dir && *dir ? dir : "/dev/shm/pyxl-sim");
+        if (dir && *dir)
+            snprintf(g_simdir, sizeof(g_simdir), "%s", dir);
+        else    /* pyxl's default (pyxl/sim/layout.py): per user */
+            snprintf(g_simdir, sizeof(g_simdir), "/dev/shm/pyxl-sim-%u", (unsigned)geteuid());
         const char *tr = getenv("PYXL_SIM_TRACE");
         if (tr && *tr && strcmp(tr, "0") != 0) {
             if (tr[0] == '/') {
@@ -240,7 +244,7 @@ static struct fxdom *dom_open(unsigned domid)
     d->ctlfd = d->memfd = -1;
     d->domid = domid;
     snprintf(path, sizeof(path), "%s/d%u/ctl", g_simdir, domid);
-    d->ctlfd = open(path, O_RDWR | O_CLOEXEC);
+    d->ctlfd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
     if (d->ctlfd < 0)
         goto esrch;
     if (fstat(d->ctlfd, &st) < 0 || st.st_size < (off_t)FX_BITMAPS_OFF)
@@ -263,7 +267,7 @@ static struct fxdom *dom_open(unsigned domid)
     d->populated = (uint64_t *)((char *)c + c->populated_off);
     d->dirty = (uint64_t *)((char *)c + c->dirty_off);
     snprintf(path, sizeof(path), "%s/d%u/mem", g_simdir, domid);
-    d->memfd = open(path, O_RDWR | O_CLOEXEC);
+    d->memfd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
     if (d->memfd < 0)
         goto esrch;
     if (fstat(d->memfd, &st) < 0 || (uint64_t)st.st_size < d->nr_pfns * FX_PAGE_SIZE)

@@ -95,7 +95,7 @@ static void dom_open(struct dom *d, const char *dir)
     memset(d, 0, sizeof(*d));
     snprintf(d->dir, sizeof(d->dir), "%s", dir);
     snprintf(path, sizeof(path), "%s/ctl", dir);
-    d->ctlfd = open(path, O_RDWR | O_CLOEXEC);
+    d->ctlfd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
     if (d->ctlfd < 0)
         die("%s: %s", path, strerror(errno));
     if (fstat(d->ctlfd, &st) < 0 || st.st_size < (off_t)FX_BITMAPS_OFF)
@@ -113,7 +113,7 @@ static void dom_open(struct dom *d, const char *dir)
     d->populated = (uint64_t *)((char *)c + c->populated_off);
     d->dirty = (uint64_t *)((char *)c + c->dirty_off);
     snprintf(path, sizeof(path), "%s/mem", dir);
-    d->memfd = open(path, O_RDWR | O_CLOEXEC);
+    d->memfd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
     if (d->memfd < 0)
         die("%s: %s", path, strerror(errno));
     d->mem = mmap(NULL, d->nr_pfns * FX_PAGE_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED,
@@ -411,7 +411,7 @@ static void detach_stdio(const char *dir)
     char path[PATH_MAX + 16];
     int null = open("/dev/null", O_RDWR);
     snprintf(path, sizeof(path), "%s/vcpu.log", dir);
-    int log = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    int log = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0644);
     if (null >= 0) {
         dup2(null, 0);
         dup2(null, 1);
@@ -432,7 +432,7 @@ static int cmd_run(const char *dir, int foreground)
     signal(SIGHUP, SIG_IGN);
 
     snprintf(path, sizeof(path), "%s/vcpu.lock", dir);
-    int lockfd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    int lockfd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
     if (lockfd < 0)
         die("%s: %s", path, strerror(errno));
     if (flock(lockfd, LOCK_EX | LOCK_NB) < 0)

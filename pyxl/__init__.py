@@ -12,25 +12,28 @@ import logging as _logging
 
 from pyxl._paths import DEBIAN_HELPER, helper_path
 from pyxl.backends import Backend
-from pyxl.errors import (BackendError, Cancelled, HelperDied, HelperExited, HelperFailed,
+from pyxl.errors import (BackendError, Cancelled, ConfigError, HelperDied, HelperExited,
+                         HelperFailed,
                          HelperProtocolError, LocalProtocolError, MigrationError, MigrationInDoubt,
                          MigrationProtocolError,
                          MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
                          ProtocolError, PyxlError, RemoteProtocolError, StartupError, StreamError,
-                         Timeout, TruncatedStream, UnsupportedStream)
+                         StreamTooLarge, Timeout, TruncatedStream, UnsupportedStream)
 from pyxl.loop import AsyncioLoop, HookLoop, SelectorLoop, default_loop
 from pyxl.ops import (CallbackRequest, Operation, ProgressEvent, RestoreOperation, RestoreOptions,
                       RestoreResult, SaveOperation, SaveOptions, SaveResult, restore, save, wait)
 
 __all__ = [
-    "AsyncioLoop", "Backend", "BackendError", "CallbackRequest", "Cancelled", "DEBIAN_HELPER",
+    "AsyncioLoop", "Backend", "BackendError", "CallbackRequest", "Cancelled", "ConfigError",
+    "DEBIAN_HELPER",
     "HelperDied", "HelperExited", "HelperFailed", "HelperProtocolError", "HookLoop",
     "LocalProtocolError", "MigrationError", "MigrationInDoubt", "MigrationProtocolError",
     "MissingComplete",
     "MissingRestoreResults", "Operation", "OperationError", "PrecopyAborted", "ProgressEvent",
     "ProtocolError", "PyxlError", "RemoteProtocolError", "RestoreOperation", "RestoreOptions",
     "RestoreResult", "SaveOperation", "SaveOptions", "SaveResult", "SelectorLoop",
-    "StartupError", "StreamError", "Timeout", "TruncatedStream", "UnsupportedStream",
+    "StartupError", "StreamError", "StreamTooLarge", "Timeout", "TruncatedStream",
+    "UnsupportedStream",
     "default_loop", "helper_path", "restore", "save", "wait",
 ]
 __version__ = "0.1.0"

@@ -11,8 +11,9 @@
     +-- BackendError             the place domains live refused or failed (pyxl.backends, pyxl.sim)
     |   +-- DeviceModelError         a guest's device model (QEMU, fakexen's) failed or broke QMP
     +-- OperationError           a save, restore or migration did not succeed (pyxl.ops, pyxl.migrate)
-        +-- StartupError, HelperExited, HelperDied, HelperFailed (PrecopyAborted),
-        |   MissingComplete, MissingRestoreResults, HelperProtocolError, Timeout, Cancelled
+        +-- StartupError (ConfigError), HelperExited, HelperDied, HelperFailed (PrecopyAborted),
+        |   MissingComplete, MissingRestoreResults, HelperProtocolError, Timeout, Cancelled,
+        |   StreamTooLarge
         +-- MigrationError (MigrationInDoubt, MigrationProtocolError)
 
 Every operation failure carries what a toolstack needs to report it: the
@@ -31,12 +32,12 @@ import signal
 from typing import Any, Dict, List, Optional
 
 __all__ = [
-    "BackendError", "Cancelled", "DeviceModelError", "HelperDied", "HelperFailed", "HelperExited",
+    "BackendError", "Cancelled", "ConfigError", "DeviceModelError", "HelperDied", "HelperFailed", "HelperExited",
     "HelperProtocolError", "LocalProtocolError", "MigrationError", "MigrationInDoubt",
     "MigrationProtocolError",
     "MissingComplete", "MissingRestoreResults", "OperationError", "PrecopyAborted",
     "ProtocolError", "PyxlError", "RemoteProtocolError", "StartupError", "StreamError",
-    "Timeout", "TruncatedStream", "UnsupportedStream",
+    "StreamTooLarge", "Timeout", "TruncatedStream", "UnsupportedStream",
 ]
 
 
@@ -170,6 +171,29 @@ class OperationError(PyxlError):
 
 class StartupError(OperationError):
     """The operation could not start: bad domain, unwritable file, helper not executable..."""
+
+
+class ConfigError(StartupError):
+    """The domain config a stream carries (untrusted: a save file, a migration
+    peer) is not one pyxl builds a domain from: a wrong type, a number out of
+    range, a bad name or uuid, nesting too deep.  Raised before any domain
+    exists; the message names the field (``b_info.max_memkb: ...``)."""
+
+    def __init__(self, field: str, problem: str, op: Optional[Any] = None) -> None:
+        if len(field) > 120:    # a path through a deeply nested hostile config
+            field = field[:117] + "..."
+        super().__init__(f"saved config: {field}: {problem}", op=op)
+        self.field = field
+
+
+class StreamTooLarge(OperationError):
+    """A stream went past one of pyxl's bounds on what it holds in memory (the
+    records after the libxc stream: their count, their bytes); ``bound`` names
+    it.  The half-made domain is destroyed before this is reported."""
+
+    def __init__(self, message: str, bound: str, op: Optional[Any] = None) -> None:
+        super().__init__(message, op=op)
+        self.bound = bound
 
 
 class HelperFailed(OperationError):

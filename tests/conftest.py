@@ -153,7 +153,7 @@ def mounted_tmpfs(size: str, prefix: str = "pyxl-tmpfs-", lazy: bool = True) -> 
     from pyxl import sim
 
     mnt = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", mnt],
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", mnt],
                        capture_output=True, text=True)
     if r.returncode != 0:
         os.rmdir(mnt)

@@ -212,7 +212,7 @@ class SimBackend:
             argv = (self.dm_command(domid, fd) if self.dm_command is not None
                     else dmcontrol.argv(domid, self.sim_dir, incoming_fd=fd))
             log = os.open(os.path.join(domdir, dmcontrol.LOG_FILE),
-                          os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+                          os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             try:
                 p = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL,
                                      stdout=log, stderr=log, start_new_session=True)

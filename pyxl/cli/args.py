@@ -21,6 +21,6 @@ def common_options(p: argparse.ArgumentParser) -> None:
                    help="helper to run (default: $PYXL_SAVE_HELPER, else pyxl's own); "
                         "e.g. /usr/lib/xen-4.17/bin/libxl-save-helper")
     p.add_argument("--sim-dir", metavar="DIR", help="fakexen state directory (default: "
-                   "$PYXL_SIM_DIR, else /dev/shm/pyxl-sim)")
+                   "$PYXL_SIM_DIR, else /dev/shm/pyxl-sim-$UID)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -20,6 +20,7 @@ from pyxl.cli import demo, inspect, migrate, saverestore, sim
 from pyxl.cli.runner import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE,
                              Interrupted, fail)
 from pyxl.errors import PyxlError, StartupError
+from pyxl.sim.errors import UnsafeSimDir
 
 #: Every subcommand module, in ``pyxl --help`` order; each has ``add_parser(sub)``.
 SUBCOMMANDS = (saverestore, inspect, sim, demo, migrate)
@@ -64,7 +65,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("pyxl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (StartupError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (StartupError, UnsafeSimDir, FileNotFoundError, PermissionError,
+            IsADirectoryError) as exc:
         fail(exc)
         return EXIT_USAGE
     except (PyxlError, OSError, ValueError) as exc:

@@ -12,7 +12,7 @@
     pyxl sim env
 
 Every subcommand takes ``--sim-dir DIR`` (default: $PYXL_SIM_DIR, else
-/dev/shm/pyxl-sim).  Sizes take K, M, G suffixes.  Handlers return an exit
+/dev/shm/pyxl-sim-$UID).  Sizes take K, M, G suffixes.  Handlers return an exit
 code: 0 ok, 1 the operation failed, 2 bad arguments or no such domain; errors
 are one line on stderr.
 """
@@ -50,7 +50,7 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except sim.NoSuchDomain as exc:
+        except (sim.NoSuchDomain, sim.UnsafeSimDir) as exc:
             _err(str(exc))
             return EXIT_USAGE
         except (sim.SimError, ValueError, OSError) as exc:

@@ -285,7 +285,6 @@ class ReceiveOperation(MigrationFuture):
             self._fail(StartupError(f"cannot restore the received stream: "
                                     f"{type(exc).__name__}: {exc}"))
             return
-        self.domid = self.restore.domid
         set_nonblocking(w, True)
         self.relay = SpliceRelay(self.loop, self.rfd, w, None, self._sender_done,
                                  self._relay_failed)
@@ -337,6 +336,7 @@ class ReceiveOperation(MigrationFuture):
             self._fail(self._pending_error or exc)
             return
         self._restored_result = op.result()
+        self.domid = self._restored_result.domid
         if self.want_digest:
             assert self.domid is not None
             self.digest = digest_or_none(self.backend, self.logger, self.domid)

@@ -1,10 +1,14 @@
 """Restoring a domain: xl's ``restore`` around the helper.
 
 The xl header (with the domain's config) and the start of the libxl stream are
-read first, the backend builds the empty target domain, and the helper reads
-libxc's stream from the very next byte of the same fd.  After the helper, the
+read first -- at once from a regular file, from the loop as they arrive from a
+pipe, socket or FIFO (under the timeout) -- the config is checked
+(:mod:`pyxl.backends.configcheck`: it is untrusted), the backend builds the
+empty target domain, and the helper reads libxc's stream from the very next
+byte of the same fd.  After the helper, the
 libxl records that end the stream (the device model's, END) are read -- from
-the loop as they arrive when the fd is a pipe or socket -- the device model
+the loop as they arrive when the fd is a pipe or socket, within
+:class:`~pyxl.ops.trailer.TrailerLimits` -- the device model
 gets its state, the backend finishes the domain, and it is unpaused unless
 asked not to be.  A failed restore destroys the half-made domain.  A
 checkpointed (Remus) stream that ends without END after a complete checkpoint
@@ -14,6 +18,7 @@ is a failover: the domain is restored at that checkpoint.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -21,16 +26,19 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pyxl._paths import helper_path
 from pyxl.backends.base import Backend
-from pyxl.errors import Cancelled, OperationError, StartupError, Timeout, TruncatedStream
-from pyxl.fdio import is_regular
+from pyxl.backends.configcheck import MAX_GIVEN_NAME, check_config, check_name
+from pyxl.errors import (Cancelled, OperationError, StartupError, StreamTooLarge, Timeout,
+                         TruncatedStream)
+from pyxl.fdio import is_regular, set_nonblocking
 from pyxl.loop import Loop
 from pyxl.ops.helper_process import restore_argv
 from pyxl.ops.operation import (REMUS_RESTORE_CALLBACKS, RESTORE_CALLBACKS, STREAM_PLAIN,
                                 STREAM_REMUS, CallbackRequest, Handler, Operation, PathOrFd,
                                 ProgressEvent)
-from pyxl import streamio
-from pyxl.ops.trailer import TrailerReader, read_trailer
+from pyxl.ops.streamhead import HeadParser, read_head
+from pyxl.ops.trailer import LoopReader, TrailerLimits, TrailerReader, TrailerTooLarge, read_trailer
 from pyxl.stream.libxl import LibxlRecordType as RecordType
+from pyxl.stream.xl import XlHeader
 from pyxl.wire.codec import cbflags_for
 
 __all__ = ["RestoreOperation", "RestoreOptions", "RestoreResult"]
@@ -82,71 +90,183 @@ class RestoreOperation(Operation[RestoreResult]):
                  callbacks: Optional[Dict[str, Handler]] = None,
                  on_progress: Optional[Callable[[ProgressEvent], None]] = None) -> None:
         """Restore the stream at ``source`` (a path or an fd) into a new domain that
-        ``backend`` builds (:meth:`~pyxl.Backend.create_restore_target`)."""
+        ``backend`` builds (:meth:`~pyxl.Backend.create_restore_target`).
+
+        A regular file's head is read at once: its errors raise here.  Any other
+        source (a pipe, a socket, a FIFO) is read from the loop as its bytes
+        arrive, so nothing here waits for a writer: ``domid`` is -1 until the
+        new domain exists, and the head's errors (a bad stream, a bad config,
+        the timeout) are the operation's outcome."""
         self.options = options
         self.stream_type = options.stream_type
-        name = options.name
         self.checkpoints = 0
         self.failed_over = False
         self.checkpoint_records: List[Tuple[int, bytes]] = []
         self.backend = backend
+        self.limits = TrailerLimits.for_backend(backend)
         self.paused = options.paused
         self.path: Optional[str] = None
-        own = not isinstance(source, int)
-        if isinstance(source, int):
-            fd = source
-        else:
-            self.path = os.fspath(source)
-            if os.path.isdir(self.path):
-                raise StartupError(f"{self.path}: is a directory")
-            try:
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise StartupError(f"cannot open {self.path}: {exc.strerror}") from exc
-        self._fd, self._own_fd = fd, own
+        self.config: Dict[str, Any] = {}
         self._trailer: Optional[TrailerReader] = None
+        self._head: Optional[LoopReader] = None
+        self._timer_armed = False
+        fd, own = self._open(source)
+        self._fd, self._own_fd = fd, own
         try:
-            header = streamio.read_xl_header(fd)
-            if header.config is None:
-                raise StartupError(f"{self.path or 'stream'}: the xl header carries no domain "
-                                   "config to build the new domain from")
-            self.config: Dict[str, Any] = header.config
-            if name is not None:
-                c_info = self.config.get("c_info")
-                self.config["c_info"] = dict(c_info if isinstance(c_info, dict) else {}, name=name)
-            streamio.read_libxl_header(fd)
-            rtype, length = streamio.read_libxl_record_header(fd)
-            if rtype != RecordType.LIBXC_CONTEXT or length != 0:
-                raise StartupError(f"libxl stream starts with record {rtype:#x} "
-                                   f"(length {length}), not an empty LIBXC_CONTEXT")
-        except (ValueError, OSError, StartupError) as exc:
+            regular = is_regular(fd)
+        except OSError as exc:
             self._close()
-            if isinstance(exc, StartupError):
+            raise StartupError(f"{self._where()}: {exc.strerror}") from exc
+        if not regular:
+            # The head comes when its writer writes it: read it from the loop,
+            # under the operation's timeout, and build the domain then.
+            super().__init__(-1, loop, options.timeout, callbacks, on_progress)
+            self.logger = logging.getLogger("pyxl.restore")
+            self._start_timer()
+            parser = HeadParser()
+            try:
+                self._head = LoopReader(self.loop, fd, parser,
+                                        lambda err: self._head_read(parser, err))
+            except BaseException:
+                self._cancel_timer()
+                self._close()
                 raise
-            raise StartupError(f"{self.path or 'stream'}: {exc}") from exc
+            return
         try:
-            domid = self.backend.create_restore_target(self.config)
+            header = read_head(fd)
+        except (ValueError, OSError) as exc:
+            self._close()
+            raise StartupError(f"{self._where()}: {exc}") from exc
+        try:
+            domid = self._create_target(header)
         except BaseException:
             self._close()
             raise
         super().__init__(domid, loop, options.timeout, callbacks, on_progress)
         try:
-            cbflags = cbflags_for(REMUS_RESTORE_CALLBACKS if self.stream_type else RESTORE_CALLBACKS)
-            io_fd = fd if fd > 2 else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-            # Event channels (store port, store domain, console port, console
-            # domain), as the backend allocated them for the new domain.
-            store_port, store_dom, console_port, console_dom = self.backend.restore_ports(domid)
-            argv = restore_argv(helper_path(options.helper), io_fd, -1, domid, store_port, store_dom,
-                                console_port, console_dom, cbflags, self.stream_type)
-            try:
-                self._spawn(argv, "restore", cbflags, [io_fd], self.backend.helper_env())
-            finally:
-                if io_fd != fd:
-                    os.close(io_fd)
+            self._start_helper()
         except BaseException:
             self._close()
             self._destroy_target()
             raise
+
+    def _open(self, source: PathOrFd) -> Tuple[int, bool]:
+        """(fd, whether it is ours to close).  A path is opened non-blocking, so
+        that a FIFO without a writer does not block here (its head is then read
+        from the loop, under the timeout); a regular file is made blocking again."""
+        if isinstance(source, int):
+            return source, False
+        self.path = os.fspath(source)
+        if os.path.isdir(self.path):
+            raise StartupError(f"{self.path}: is a directory")
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as exc:
+            raise StartupError(f"cannot open {self.path}: {exc.strerror}") from exc
+        try:
+            if is_regular(fd):
+                set_nonblocking(fd, False)
+        except OSError as exc:
+            os.close(fd)
+            raise StartupError(f"cannot open {self.path}: {exc.strerror}") from exc
+        return fd, True
+
+    def _where(self) -> str:
+        return self.path or "stream"
+
+    def _what(self) -> str:
+        return super()._what() if self.domid >= 0 else self.kind
+
+    def _create_target(self, header: XlHeader) -> int:
+        """Check the config (untrusted: :mod:`pyxl.backends.configcheck`), then
+        have the backend build the empty domain; its domid."""
+        if header.config is None:
+            raise StartupError(f"{self._where()}: the xl header carries no domain "
+                               "config to build the new domain from")
+        config = header.config
+        check_config(config)
+        if self.options.name is not None:
+            check_name(self.options.name, "name", MAX_GIVEN_NAME)
+            c_info = config.get("c_info")
+            config["c_info"] = dict(c_info if isinstance(c_info, dict) else {},
+                                    name=self.options.name)
+        self.config = config
+        return self.backend.create_restore_target(config)
+
+    def _start_helper(self) -> None:
+        fd = self._fd
+        cbflags = cbflags_for(REMUS_RESTORE_CALLBACKS if self.stream_type else RESTORE_CALLBACKS)
+        io_fd = fd if fd > 2 else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        try:
+            # Event channels (store port, store domain, console port, console
+            # domain), as the backend allocated them for the new domain.
+            store_port, store_dom, console_port, console_dom = self.backend.restore_ports(
+                self.domid)
+            argv = restore_argv(helper_path(self.options.helper), io_fd, -1, self.domid,
+                                store_port, store_dom, console_port, console_dom, cbflags,
+                                self.stream_type)
+            self._spawn(argv, "restore", cbflags, [io_fd], self.backend.helper_env())
+        finally:
+            if io_fd != fd:
+                os.close(io_fd)
+
+    def _head_read(self, parser: HeadParser, err: Optional[Exception]) -> None:
+        """From the loop: the head is in (or could not be read)."""
+        self._head = None
+        if err is not None:
+            self._head_failed(StartupError(f"{self._where()}: {err}", op=self))
+            return
+        assert parser.header is not None
+        try:
+            if self._own_fd:
+                set_nonblocking(self._fd, False)   # the helper reads it with blocking reads
+            domid = self._create_target(parser.header)
+        except OperationError as exc:
+            self._head_failed(exc)
+            return
+        except Exception as exc:  # a backend is the caller's code; untrusted input
+            self._head_failed(StartupError(f"cannot create the domain to restore into: "
+                                           f"{type(exc).__name__}: {exc}", op=self))
+            return
+        self.domid = domid
+        self.logger = logging.getLogger(f"pyxl.domain.{domid}")
+        try:
+            self._start_helper()
+        except Exception as exc:
+            self._close()
+            self._cancel_timer()
+            if not isinstance(exc, OperationError):
+                exc = StartupError(f"cannot start the restore: {type(exc).__name__}: {exc}",
+                                   op=self)
+            self._fail_and_destroy(exc)
+
+    def _head_failed(self, exc: OperationError) -> None:
+        """No domain exists yet: close, stop the clock, report."""
+        if self._head is not None:
+            self._head.cancel()
+            self._head = None
+        self._close()
+        self._cancel_timer()
+        self._finish(exc=exc)
+
+    def _start_timer(self) -> None:
+        """Once: a restore read from the loop starts its clock at the head."""
+        if not self._timer_armed:
+            self._timer_armed = True
+            super()._start_timer()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        if self._head is not None:
+            self._timer = None
+            self._head_failed(Timeout(f"{self.kind} timed out after {self._timeout:g}s waiting "
+                                      f"for the stream's head ({self._where()})", op=self))
+            return
+        super()._timed_out()
 
     def _close(self) -> None:
         if self._own_fd and self._fd >= 0:
@@ -189,14 +309,14 @@ class RestoreOperation(Operation[RestoreResult]):
 
         if is_regular(self._fd):
             try:
-                records = read_trailer(self._fd, RecordType.CHECKPOINT_END)
+                records = read_trailer(self._fd, RecordType.CHECKPOINT_END, limits=self.limits)
             except (ValueError, OSError) as exc:
                 read([], exc)
             else:
                 read(records, None)
             return
         self._aux.append(TrailerReader(self.loop, self._fd, read,
-                                        end=RecordType.CHECKPOINT_END))
+                                       end=RecordType.CHECKPOINT_END, limits=self.limits))
 
     def _default_handler(self, name: str) -> Handler:
         if name == "checkpoint" and self.stream_type == STREAM_REMUS:
@@ -214,7 +334,8 @@ class RestoreOperation(Operation[RestoreResult]):
             # A pipe or socket (migration): the records after the libxc stream
             # may still be on their way.  Read them as they arrive, not blocking
             # the loop; the helper has exited, so the fd is ours alone.
-            self._trailer = TrailerReader(self.loop, self._fd, self._trailer_read)
+            self._trailer = TrailerReader(self.loop, self._fd, self._trailer_read,
+                                          limits=self.limits)
             if self._timeout is not None:
                 left = max(0.0, self._timeout - (time.monotonic() - self.started))
                 self._aux.append(self.loop.call_later(left, self._trailer_timed_out))
@@ -223,8 +344,7 @@ class RestoreOperation(Operation[RestoreResult]):
             try:
                 records = self._read_trailer()
             except (ValueError, OSError) as err:
-                exc = OperationError(f"{self.path or 'stream'}: after the libxc stream: {err}",
-                                     op=self)
+                exc = self._trailer_error(err)
         self._finish_restore(records, exc)
 
     def _trailer_read(self, records: List[Tuple[int, bytes]],
@@ -238,9 +358,14 @@ class RestoreOperation(Operation[RestoreResult]):
         if self._failure is not None:
             exc = self._failure
         elif err is not None:
-            exc = OperationError(f"{self.path or 'stream'}: after the libxc stream: {err}",
-                                 op=self)
+            exc = self._trailer_error(err)
         self._finish_restore(records, exc)
+
+    def _trailer_error(self, err: Exception) -> OperationError:
+        text = f"{self._where()}: after the libxc stream: {err}"
+        if isinstance(err, TrailerTooLarge):
+            return StreamTooLarge(text, err.bound, op=self)
+        return OperationError(text, op=self)
 
     def _stop_trailer(self, exc: OperationError) -> None:
         if self._trailer is not None:
@@ -253,6 +378,10 @@ class RestoreOperation(Operation[RestoreResult]):
                                    op=self))
 
     def cancel(self, grace: float = 5.0) -> bool:
+        if self._head is not None and not self._done:
+            self._head_failed(Cancelled(f"{self.kind} cancelled waiting for the stream's head",
+                                        op=self))
+            return True
         if self._trailer is not None and not self._done:
             self._stop_trailer(Cancelled(f"{self.kind} of domain {self.domid} cancelled",
                                          op=self))
@@ -310,7 +439,7 @@ class RestoreOperation(Operation[RestoreResult]):
     def _read_trailer(self) -> List[Tuple[int, bytes]]:
         """libxl records after the libxc stream, up to END."""
         try:
-            return read_trailer(self._fd, RecordType.END)
+            return read_trailer(self._fd, RecordType.END, limits=self.limits)
         except TruncatedStream:
             if self._failover():
                 return list(self.checkpoint_records)

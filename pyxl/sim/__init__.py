@@ -1,6 +1,6 @@
 """Control of fakexen, pyxl's simulated Xen hypervisor (x86 HVM save/restore).
 
-A simulated domain lives in a state directory (``/dev/shm/pyxl-sim`` unless
+A simulated domain lives in a state directory (``/dev/shm/pyxl-sim-$UID``, mode 0700, unless
 ``sim_dir`` or ``$PYXL_SIM_DIR`` says otherwise) as ``d<domid>/`` holding a
 control block and a sparse guest-memory file (layout: ``fakexen/simctl.h``).
 Three parties share it:
@@ -29,9 +29,9 @@ from pyxl.sim.control import (DomainInfo, bury, config, destroy, info, list_doma
                               rename, request_suspend, resume, set_dirty_rate, state, suspend,
                               unpause)
 from pyxl.sim.errors import (DomainStateError, InsufficientResources, NoSuchDomain, SimError,
-                             SimTimeout)
+                             SimTimeout, UnsafeSimDir)
 from pyxl.sim.layout import (DEFAULT_SIM_DIR, PAGE_SIZE, SAVED_PARAMS, bit_runs, format_size,
-                             helper_env, libfakexen_path, parse_size, ram_runs, sim_dir_path,
+                             check_sim_dir, helper_env, libfakexen_path, parse_size, ram_runs, sim_dir_path,
                              vcpu_path)
 from pyxl.sim.memory import (GuestCheck, check_guest, counter, digest, grant_entries,
                              hvm_context, hvm_params, populated_runs)
@@ -39,8 +39,8 @@ from pyxl.sim.statedir import create, create_empty
 
 __all__ = [
     "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
-    "NoSuchDomain", "PAGE_SIZE", "SAVED_PARAMS", "SimError", "SimTimeout", "bit_runs",
-    "bury", "check_guest", "config", "counter", "create", "create_empty", "destroy", "digest",
+    "NoSuchDomain", "PAGE_SIZE", "SAVED_PARAMS", "SimError", "SimTimeout", "UnsafeSimDir", "bit_runs",
+    "bury", "check_guest", "check_sim_dir", "config", "counter", "create", "create_empty", "destroy", "digest",
     "format_size", "grant_entries", "helper_env", "hvm_context", "hvm_params", "info",
     "libfakexen_path", "list_domains", "parse_size", "pause", "populated_runs", "ram_runs",
     "remove_dir", "rename", "request_suspend", "resume", "set_dirty_rate", "sim_dir_path",

@@ -5,6 +5,7 @@ run state (pause, unpause, suspend, resume, destroy), woken through futexes."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import json
 import mmap
@@ -38,9 +39,13 @@ class _Dom:
         self.domid = domid
         self.path = _domdir(self.sim_dir, domid)
         try:
-            self.fd = os.open(os.path.join(self.path, "ctl"), os.O_RDWR | os.O_CLOEXEC)
+            self.fd = os.open(os.path.join(self.path, "ctl"), os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             raise NoSuchDomain(domid, self.sim_dir) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:   # O_NOFOLLOW: someone planted a symlink
+                raise SimError(f"{self.path}/ctl is a symlink: refusing it") from None
+            raise
         try:
             self.page = mmap.mmap(self.fd, PAGE_SIZE)
         except (OSError, ValueError):
@@ -88,7 +93,7 @@ class _Dom:
     def vcpu_alive(self) -> bool:
         try:
             fd = os.open(os.path.join(self.path, "vcpu.lock"),
-                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except FileNotFoundError:
             return False   # directory gone: destroyed
         try:

@@ -121,7 +121,7 @@ class DeviceState:
 
 def write_atomically(path: str, data: bytes) -> None:
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
         os.write(fd, data)
     finally:
@@ -169,7 +169,7 @@ class DeviceModel:
         self.conns: Dict[int, _Conn] = {}
         self.fdsets: Dict[int, List[int]] = {}
         self.quit = False
-        ctl = os.open(os.path.join(self.domdir, "ctl"), os.O_RDONLY | os.O_CLOEXEC)
+        ctl = os.open(os.path.join(self.domdir, "ctl"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             self.ctl = mmap.mmap(ctl, PAGE_SIZE, prot=mmap.PROT_READ)
             self.ctl_ino = os.fstat(ctl).st_ino
@@ -186,7 +186,7 @@ class DeviceModel:
     # -- start-up --------------------------------------------------------------------------
 
     def lock(self) -> None:
-        fd = os.open(os.path.join(self.domdir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+        fd = os.open(os.path.join(self.domdir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
                      0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -460,7 +460,7 @@ class DeviceModel:
             fd = os.dup(fds[0])
         else:
             try:
-                fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
                              0o660)
             except OSError as exc:
                 return _err("GenericError", f"Could not open '{filename}': {exc.strerror}")
@@ -563,7 +563,7 @@ def main(argv: "Optional[List[str]]" = None) -> "NoReturn":
         dm = DeviceModel(args.domid, os.path.abspath(args.sim_dir), os.path.abspath(args.qmp))
         if word >= 0:
             log = os.open(os.path.join(dm.domdir, LOG_FILE),
-                          os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+                          os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             os.dup2(log, 1)
             os.dup2(log, 2)
             os.close(log)

@@ -21,7 +21,7 @@ from typing import List, Optional
 
 from pyxl.errors import DeviceModelError
 from pyxl.sim import devicemodel as dm
-from pyxl.sim.layout import _domdir, sim_dir_path
+from pyxl.sim.layout import _domdir, nofollow, sim_dir_path
 
 __all__ = [
     "LOG_FILE", "QMP_SOCKET", "REGS_FILE", "RESTORE_FILE", "SAVE_FILE", "STATE_FILE",
@@ -80,7 +80,7 @@ def start(domid: int, sim_dir: Optional[str] = None, timeout: float = 30.0) -> N
 def pid(domdir: str) -> Optional[int]:
     """The pid of the device model running in ``domdir``, None if none runs."""
     try:
-        fd = os.open(os.path.join(domdir, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(os.path.join(domdir, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         return None
     try:
@@ -123,7 +123,7 @@ def ready(domdir: str) -> bool:
     :class:`~pyxl.errors.DeviceModelError` when no device model runs there (it
     exited, e.g. on a state it could not load), with its log's last line."""
     try:
-        with open(os.path.join(domdir, STATE_FILE), "rb") as f:
+        with open(os.path.join(domdir, STATE_FILE), "rb", opener=nofollow) as f:
             if f.read() == b"running":
                 return True
     except FileNotFoundError:
@@ -131,7 +131,7 @@ def ready(domdir: str) -> bool:
     if pid(domdir) is None:
         # It may have become ready just before it exited: look once more.
         try:
-            with open(os.path.join(domdir, STATE_FILE), "rb") as f:
+            with open(os.path.join(domdir, STATE_FILE), "rb", opener=nofollow) as f:
                 if f.read() == b"running":
                     return True
         except FileNotFoundError:
@@ -145,7 +145,7 @@ def ready(domdir: str) -> bool:
 def log_tail(domdir: str) -> str:
     """The last line of the device model's log ('' if none)."""
     try:
-        with open(os.path.join(domdir, LOG_FILE), "rb") as f:
+        with open(os.path.join(domdir, LOG_FILE), "rb", opener=nofollow) as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - 4096))
             lines = f.read().decode(errors="replace").strip().splitlines()
@@ -158,7 +158,7 @@ def read_state(domdir: str) -> Optional[bytes]:
     """The device model's current state (what ``xen-save-devices-state`` would write),
     or None for a domain that never had one."""
     try:
-        with open(os.path.join(domdir, REGS_FILE), "rb") as f:
+        with open(os.path.join(domdir, REGS_FILE), "rb", opener=nofollow) as f:
             return f.read()
     except FileNotFoundError:
         return None

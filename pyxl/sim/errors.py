@@ -15,6 +15,11 @@ class SimError(BackendError):
     """A simulator operation failed; the message says why."""
 
 
+class UnsafeSimDir(SimError):
+    """The state directory is not safe to use: a symlink, not a directory, someone
+    else's, or group- or world-writable (others could plant files in it)."""
+
+
 class NoSuchDomain(SimError, LookupError):
     """The domain does not exist (never created, or destroyed)."""
 

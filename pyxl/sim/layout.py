@@ -7,13 +7,18 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import struct
 from typing import Any, Dict, List, Optional, Tuple
 
 from pyxl._paths import package_file
+from pyxl.sim.errors import UnsafeSimDir
 
 
-DEFAULT_SIM_DIR = "/dev/shm/pyxl-sim"
+#: The state directory unless told otherwise: per user (it used to be one shared,
+#: world-writable /dev/shm/pyxl-sim, where anyone could plant files and
+#: symlinks for root to write through), in memory like the guests it backs.
+DEFAULT_SIM_DIR = f"/dev/shm/pyxl-sim-{os.geteuid()}"
 PAGE_SIZE = 4096
 
 # ---- shared layout (mirrors fakexen/simctl.h; tests compare with `pyxl-sim-vcpu layout`) ---
@@ -134,8 +139,49 @@ def format_size(n: int) -> str:
 
 
 def sim_dir_path(sim_dir: Optional[str] = None) -> str:
-    """The state directory in effect: the argument, else $PYXL_SIM_DIR, else the default."""
-    return os.path.abspath(sim_dir or os.environ.get("PYXL_SIM_DIR") or DEFAULT_SIM_DIR)
+    """The state directory in effect: the argument, else $PYXL_SIM_DIR, else the
+    default; checked (:func:`check_sim_dir`) if it exists."""
+    path = os.path.abspath(sim_dir or os.environ.get("PYXL_SIM_DIR") or DEFAULT_SIM_DIR)
+    check_sim_dir(path)
+    return path
+
+
+def check_sim_dir(path: str) -> None:
+    """Refuse a state directory others could write into: it must be a directory
+    (not a symlink to one), ours, and not group- or world-writable.  A missing
+    one passes (:func:`make_sim_dir` creates it)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeSimDir(f"sim state directory {path} is a symlink: refusing it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafeSimDir(f"sim state directory {path} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise UnsafeSimDir(f"sim state directory {path} belongs to uid {st.st_uid}, not to "
+                           f"you (uid {os.geteuid()}): refusing it")
+    if st.st_mode & 0o022:
+        raise UnsafeSimDir(f"sim state directory {path} is group- or world-writable (mode "
+                           f"{stat.S_IMODE(st.st_mode):04o}): refusing it (chmod go-w it)")
+
+
+def nofollow(path: str, flags: int) -> int:
+    """``open(..., opener=nofollow)``: files in the state directory are opened
+    without following a symlink (ELOOP instead), so one planted there cannot
+    make pyxl read or overwrite another file."""
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+
+
+def make_sim_dir(path: str) -> None:
+    """Create the state directory (mode 0700) if missing, then check it."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(path, 0o700, exist_ok=True)
+    check_sim_dir(path)
 
 
 def libfakexen_path() -> str:

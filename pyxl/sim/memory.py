@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from pyxl.sim.layout import (PAGE_SIZE, GNT_OFF, GUEST_MAGIC, HVMCTX_MAX, HVMCTX_OFF, NR_PARAMS, SAVED_PARAMS, bit_runs, vcpu_path)
+from pyxl.sim.layout import (PAGE_SIZE, GNT_OFF, GUEST_MAGIC, HVMCTX_MAX, HVMCTX_OFF, NR_PARAMS, SAVED_PARAMS, bit_runs, nofollow, vcpu_path)
 from pyxl.sim.errors import (SimError)
 from pyxl.sim.control import (_Dom)
 from pyxl.sim import dmcontrol
@@ -35,7 +35,7 @@ def digest(domid: int, sim_dir: Optional[str] = None) -> str:
         ctx = os.pread(d.fd, ctxlen, HVMCTX_OFF)
         params = d.get("params")
         h = hashlib.sha256(b"pyxl-sim-digest-v1\0")
-        mem_fd = os.open(os.path.join(d.path, "mem"), os.O_RDONLY | os.O_CLOEXEC)
+        mem_fd = os.open(os.path.join(d.path, "mem"), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
             with mmap.mmap(mem_fd, nr_pfns * PAGE_SIZE, prot=mmap.PROT_READ) as mem, \
                     memoryview(mem) as view:
@@ -94,7 +94,7 @@ def counter(domid: int, sim_dir: Optional[str] = None) -> int:
     """
     with _Dom(domid, sim_dir) as d:
         d.state()
-        with open(os.path.join(d.path, "mem"), "rb") as mem:
+        with open(os.path.join(d.path, "mem"), "rb", opener=nofollow) as mem:
             raw = os.pread(mem.fileno(), GUEST_STATE_FMT.size, 0)
     magic, _lap, _cursor, written, _boots, _ram = GUEST_STATE_FMT.unpack(raw)
     return int(written) if magic == GUEST_MAGIC else 0

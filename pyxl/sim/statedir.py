@@ -18,7 +18,7 @@ import uuid as uuidlib
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from pyxl.sim.layout import (PAGE_SIZE, BITMAPS_OFF, CONFIG_MAX, CONFIG_OFF, CTL_MAGIC, CTL_VERSION, HVMCTX_OFF, LEAVES_OFF, LIBXL_PARAMS, MAXMEM_SLACK_PAGES, MSRS_OFF, PAUSED, SPECIAL_END, SPECIAL_START, _cpu_policy, _default_config, _domdir, _hvm_context, _pack_field, _set_bits, _space_pfns, format_size, ram_runs, sim_dir_path, vcpu_path)
+from pyxl.sim.layout import (PAGE_SIZE, BITMAPS_OFF, CONFIG_MAX, CONFIG_OFF, CTL_MAGIC, CTL_VERSION, HVMCTX_OFF, LEAVES_OFF, LIBXL_PARAMS, MAXMEM_SLACK_PAGES, MSRS_OFF, PAUSED, SPECIAL_END, SPECIAL_START, _cpu_policy, _default_config, _domdir, _hvm_context, _pack_field, _set_bits, _space_pfns, format_size, make_sim_dir, nofollow, ram_runs, sim_dir_path, vcpu_path)
 from pyxl.sim.errors import (InsufficientResources, SimError)
 from pyxl.sim.control import (destroy, unpause)
 from pyxl.sim import dmcontrol
@@ -30,7 +30,7 @@ from pyxl.sim import dmcontrol
 
 @contextmanager
 def _flock(path: str, shared: bool = False) -> Iterator[int]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield fd
@@ -71,7 +71,7 @@ def _allocate_domid(sim_dir: str) -> Tuple[int, str]:
                 used.add(int(m.group(1)))
         counter_path = os.path.join(sim_dir, ".next-domid")
         try:
-            with open(counter_path) as f:
+            with open(counter_path, opener=nofollow) as f:
                 nxt = int(f.read().strip() or "1")
         except (FileNotFoundError, ValueError):
             nxt = 1
@@ -82,7 +82,11 @@ def _allocate_domid(sim_dir: str) -> Tuple[int, str]:
                 raise SimError(f"no free domain id in {sim_dir}")
         tmp = os.path.join(sim_dir, f".tmp-{domid}-{os.getpid()}-{uuidlib.uuid4().hex[:8]}")
         os.mkdir(tmp)
-        with open(counter_path + ".new", "w") as f:
+        try:    # a stale one, or a symlink planted there: never written through
+            os.unlink(counter_path + ".new")
+        except FileNotFoundError:
+            pass
+        with open(counter_path + ".new", "x", opener=nofollow) as f:
             f.write(f"{domid + 1}\n")
         os.replace(counter_path + ".new", counter_path)
         return domid, tmp
@@ -155,7 +159,7 @@ def _build(tmp: str, domid: int, *, name: str, uuid: str, nr_pfns: int, max_page
         _set_bits(populated, start, count)
         tot += count
 
-    mem_fd = os.open(os.path.join(tmp, "mem"), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+    mem_fd = os.open(os.path.join(tmp, "mem"), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                      0o600)
     try:
         os.ftruncate(mem_fd, nr_pfns * PAGE_SIZE)
@@ -165,7 +169,7 @@ def _build(tmp: str, domid: int, *, name: str, uuid: str, nr_pfns: int, max_page
     finally:
         os.close(mem_fd)
 
-    fd = os.open(os.path.join(tmp, "ctl"), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+    fd = os.open(os.path.join(tmp, "ctl"), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
                  0o600)
     try:
         os.ftruncate(fd, ctl_size)
@@ -227,7 +231,7 @@ def _create(sim_dir: Optional[str], *, ram_pages: int, max_memkb: int, name: Opt
             cfg: Optional[Dict[str, Any]], mem_bytes: int, state: int, dirty_rate: int,
             guest: bool, what: str) -> int:
     sdir = sim_dir_path(sim_dir)
-    os.makedirs(sdir, exist_ok=True)
+    make_sim_dir(sdir)
     ram = ram_runs(ram_pages) if guest else []
     if guest:
         ram.append((SPECIAL_START, SPECIAL_END - SPECIAL_START))

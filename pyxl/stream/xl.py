@@ -231,6 +231,8 @@ def _parse_config(cfg: bytes) -> Dict[str, Any]:
     except ValueError as err:
         reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err)
         raise StreamError(52, f"config is not valid JSON ({reason})", WHERE) from None
+    except RecursionError:   # json's C scanner recurses per level: a hostile config
+        raise StreamError(52, "config JSON nests too deeply", WHERE) from None
     if not isinstance(obj, dict):
         raise StreamError(52, "config JSON is not an object", WHERE)
     return obj

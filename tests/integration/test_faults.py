@@ -344,8 +344,6 @@ def test_restore_fault(sim_dir, tmp_path, image, helper, kind, trigger):
             fault_action(op, kind)()
         else:
             fired = arm(op, RESTORE_TRIGGERS[trigger], fault_action(op, kind))
-    target = op.domid
-    assert target not in before
     companion.watch(op)
     try:
         run_faulty(op, companion, kind, fired, t0)
@@ -353,6 +351,9 @@ def test_restore_fault(sim_dir, tmp_path, image, helper, kind, trigger):
         if pipe is not None:
             os.close(pipe[0])
             os.close(pipe[1])
+    # From a pipe, the domain is created once its head is in (op.domid is -1 until then).
+    target = op.domid
+    assert target not in before
     assert target not in domids(sim_dir), "the half-restored domain is destroyed"
     companion.check(hpath)
     assert domids(sim_dir) == [x for x in before if x != companion.domid]

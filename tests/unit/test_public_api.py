@@ -26,11 +26,11 @@ PUBLIC = sorted([
     # the host
     "Backend", "DEBIAN_HELPER", "helper_path",
     # errors (pyxl/errors.py)
-    "BackendError", "Cancelled", "HelperDied", "HelperExited", "HelperFailed",
+    "BackendError", "Cancelled", "ConfigError", "HelperDied", "HelperExited", "HelperFailed",
     "HelperProtocolError", "LocalProtocolError", "MigrationError", "MigrationInDoubt", "MigrationProtocolError",
     "MissingComplete", "MissingRestoreResults", "OperationError", "PrecopyAborted",
     "ProtocolError", "PyxlError", "RemoteProtocolError", "StartupError", "StreamError",
-    "Timeout", "TruncatedStream", "UnsupportedStream",
+    "StreamTooLarge", "Timeout", "TruncatedStream", "UnsupportedStream",
 ])
 
 
