@@ -6,7 +6,7 @@
 # Usage: boot.sh BOOT_DIR ROOTFS_IMG RUN_DIR   (exit 0 iff the tests ran to the end)
 source "$(dirname "$0")/common.sh"
 BOOT=$1 IMG=$2 RUN=$3
-TIMEOUT=${XEN_E2E_BOOT_TIMEOUT:-1500}
+TIMEOUT=${XEN_E2E_BOOT_TIMEOUT:-5400}
 # -smap: QEMU 7.2's TCG reads far-return/iret stacks as supervisor accesses,
 #        which SMAP blocks: dom0 dies at once.
 # -xsave: with XSAVE exposed, Xen context-switches FPU/SSE/AVX state with

@@ -11,12 +11,13 @@ KVER=$1 MODDIR=$2
 
 # strace and time: diagnostics for the helper comparison (debug scripts).
 # qemu-system-xen: the device model of the HVM guest (libxl starts it).
+# procps: pgrep/ps, for the tests' QEMU and leftover checks (minbase has neither).
 # iproute2: the bridge xenbr0 (dom0-init.sh) and Xen's vif-bridge script.
 # iputils-ping: dom0 pings the guests.  e2fsprogs: the guests' disks (mke2fs,
 # debugfs, e2fsck).  Xen's block script needs losetup and flock, which minbase
 # has (mount, util-linux).
 PKGS="xen-utils-4.17 xenstore-utils python3 python3-venv python3-dev libxen-dev gcc libc6-dev kmod strace time
-      qemu-system-xen iproute2 iputils-ping e2fsprogs"
+      qemu-system-xen iproute2 iputils-ping e2fsprogs procps"
 PKGS=$(echo $PKGS)
 key=$(hash_inputs "$E2E_DIR/build-base.sh" -- "$KVER $(candidate xen-utils-4.17) $PKGS")
 out=$CACHE/base-$key

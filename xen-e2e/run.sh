@@ -4,7 +4,7 @@
 #
 # Environment:
 #   XEN_E2E_RUNS=N          boots (each a full test run) in this invocation (default 1)
-#   XEN_E2E_BOOT_TIMEOUT=S  bound on one boot (default 1500)
+#   XEN_E2E_BOOT_TIMEOUT=S  bound on one boot (default 5400)
 #   XEN_E2E_CACHE=DIR       cache directory (default xen-e2e/.cache)
 #   XEN_E2E_TESTS=FILE      run FILE in dom0 instead of tests-in-dom0.sh (debugging)
 #   XEN_E2E_PROFILE=quick   the CI subset (see tests-in-dom0.sh); default full
@@ -47,7 +47,7 @@ stamp=$(date +%Y%m%d-%H%M%S)
 BOOTS_T0=$SECONDS
 # One boot's bound: XEN_E2E_BOOT_TIMEOUT, cut to what is left of XEN_E2E_BUDGET.
 boot_timeout() {
-    local t=${XEN_E2E_BOOT_TIMEOUT:-1500}
+    local t=${XEN_E2E_BOOT_TIMEOUT:-5400}
     if [ -n "${XEN_E2E_BUDGET:-}" ]; then
         local left=$((XEN_E2E_BUDGET - (SECONDS - BOOTS_T0)))
         [ "$left" -lt "$t" ] && t=$left

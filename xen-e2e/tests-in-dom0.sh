@@ -224,6 +224,7 @@ leftovers() {  # [GUEST]
     for d in $(xenstore-list /local/domain/0/device-model 2>/dev/null); do
         case $live in *" $d "*) ;; *) out="$out device-model/$d;" ;; esac
     done
+    command -v pgrep > /dev/null || out="$out (no pgrep: QEMU processes not checked);"
     for d in $(pgrep -a qemu-system 2>/dev/null | grep -o -- '-xen-domid [0-9]*' | awk '{print $2}'); do
         case $live in *" $d "*) ;; *) out="$out QEMU of $d;" ;; esac
     done

@@ -154,6 +154,8 @@ pyxl_hvm_phase() {
     # 2c. QEMU dies while it starts on the saved state: the half-made domain,
     #     its disk and NIC, and QEMU's leftovers go (exit 1)
     pyxl_restore_qemu_killed "$f"
+    # (a fault test that failed may have left hvm1 restored: the real restore needs it gone)
+    "$XL" list $g > /dev/null 2>&1 && "$XL" destroy $g
     # 2d. and now for real
     if pyxl_timed restore-xl-hvm1 restore "$f"; then
         timing "pyxl-restore.hvm1" pyxl "$LAST_S"
