@@ -34,6 +34,23 @@ MB = 1 << 20
 PYXL = [sys.executable, "-m", "pyxl"]
 
 
+def assert_peer_told(peer: socket.socket, timeout: float = 10) -> None:
+    """A raw sender (a non-blocking socket) is told that its receive failed,
+    or its connection is closed."""
+    got = bytearray()
+
+    def told() -> bool:
+        try:
+            chunk = peer.recv(4096)
+        except BlockingIOError:
+            return False
+        got.extend(chunk)
+        return not chunk or b"domain receive failed: " in got
+
+    assert default_loop().run_until(told, timeout)
+    assert b"domain receive failed: " in got, bytes(got)
+
+
 def busy(sim_dir: str, rate_mb: float = 20, memory: int = 64 * MB) -> int:
     dom = sim.create(memory, dirty_rate=int(rate_mb * MB), sim_dir=sim_dir)
     time.sleep(0.1)

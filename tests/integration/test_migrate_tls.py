@@ -29,7 +29,8 @@ from pyxl.loop import default_loop
 from pyxl.migrate import TlsOptions
 
 from conftest import ROOT, open_fds
-from test_migrate import _cli, _listening, assert_runs_intact, busy, domains, run_both
+from test_migrate import (_cli, _listening, assert_peer_told, assert_runs_intact, busy, domains,
+                          run_both)
 from test_migrate import netns, source_survived  # noqa: F401  (netns: a fixture)
 
 MB = 1 << 20
@@ -559,18 +560,7 @@ def test_hostile_config_fails_the_receive_and_leaves_the_loop_alone(hosts, confi
     peer.sendall(head)
     run_both(rx, timeout=60)
     assert isinstance(rx.exception(), pyxl.OperationError), rx.exception()
-    got = bytearray()
-
-    def told() -> bool:
-        try:
-            chunk = peer.recv(4096)
-        except BlockingIOError:
-            return False
-        got.extend(chunk)
-        return not chunk or b"domain receive failed: " in got
-
-    assert default_loop().run_until(told, 10)
-    assert b"domain receive failed: " in got, bytes(got)
+    assert_peer_told(peer)
     assert domains(b) == []
     peer.close()
 

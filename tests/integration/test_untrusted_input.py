@@ -27,6 +27,7 @@ from pyxl.stream.libxl import LibxlRecordType, libxl_record
 
 from conftest import ROOT, domids
 from test_cli_errors import PYXL, one_line_error, pyxl_cli
+from test_migrate import assert_peer_told
 
 MB = 1 << 20
 
@@ -170,18 +171,7 @@ def test_receiver_fails_typed_on_a_bad_config(hosts, good, edit, needle):
     assert default_loop().run_until(rx.done, 60)
     assert isinstance(rx.exception(), pyxl.ConfigError), rx.exception()
     assert needle in str(rx.exception())
-    got = bytearray()
-
-    def told() -> bool:
-        try:
-            chunk = peer.recv(4096)
-        except BlockingIOError:
-            return False
-        got.extend(chunk)
-        return not chunk or b"domain receive failed: " in got
-
-    assert default_loop().run_until(told, 10)
-    assert b"domain receive failed: " in got, bytes(got)
+    assert_peer_told(peer)
     peer.close()
     assert domids(b) == []
     r = subprocess.run(PYXL + ["migrate-receive", "--sim-dir", b], input=data,
