@@ -20,8 +20,6 @@
 #   xl-migrate-to-pyxl.hvm1                    xl migrate -> pyxl migrate-receive
 #   {counter,disk,net}-after-X.hvm1            the guest counts on, on its console and its
 #                                              disk, and answers ping across xenbr0
-#   pyxl-save-qemu-killed.hvm1                 QEMU SIGKILLed once pyxl save suspended the guest: exit 1, no file,
-#                                              the guest resumed on its PV drivers and counting on
 #   nothing-left.hvm1                          after xl destroy of the last copy: no QEMU, loop
 #                                              device (of any copy), backend or tap left
 # QEMU under TCG on a loaded host can take more than libxl's 60 s to start,
@@ -68,39 +66,6 @@ pyxl_restore_qemu_killed() {  # FILE: SIGKILL the device model as soon as it is 
     else
         result "pyxl-restore-qemu-killed.hvm1" FAIL "QEMU $qpid killed, exit $rc: $(tail -n 2 "$log" | tr '\n' ' '); left: ${left:-nothing}"
     fi
-}
-pyxl_save_qemu_killed() {  # the guest's QEMU SIGKILLed once a pyxl save has suspended
-    # it: exit 1, no file, and the guest resumed all the same (on its PV drivers)
-    local g=hvm1 d f=$W/hvm1-pyxl-qemu-killed.save before qpid pid rc t0
-    local log=$OUT/pyxl-save-qemu-killed-hvm1.log
-    begin_op $g; before=${GMAX[$g]}
-    d=$("$XL" domid $g 2>/dev/null) || { result pyxl-save-qemu-killed.hvm1 FAIL "no domain hvm1"; return 1; }
-    qpid=$(pgrep -f "qemu-system-i386.*-xen-domid $d " | head -n 1)
-    rm -f "$f"
-    t0=$(now_us)
-    timeout $PT "$PYXL" -vv save "$d" "$f" > "$log" 2>&1 &
-    pid=$!
-    local i st=""
-    for i in $(seq 1 $((PT * 2))); do        # until xl shows it suspended ("s")
-        st=$("$XL" list 2>/dev/null | awk -v d="$d" '$2 == d {print $5}')
-        case $st in *s*) break ;; esac
-        kill -0 $pid 2> /dev/null || break
-        snooze 0.5
-    done
-    [ -n "$qpid" ] && kill -KILL "$qpid" 2> /dev/null
-    wait $pid
-    rc=$?
-    LAST_S=$(fmt_s $(($(now_us) - t0)))
-    local files; files=$(ls -a "$W" | grep qemu-killed | tr '\n' ' ')
-    if [ -z "$qpid" ]; then
-        result "pyxl-save-qemu-killed.hvm1" FAIL "no QEMU of domain $d found; exit $rc"
-    elif [ $rc -eq 1 ] && [ -z "$files" ] && grep -q 'device model' "$log" \
-            && [ "$("$XL" domid $g 2>/dev/null)" = "$d" ]; then
-        result "pyxl-save-qemu-killed.hvm1" PASS "$LAST_S s, QEMU $qpid killed (state ${st:-?}), exit 1: $(grep -o -m1 'error: .*' "$log" | head -c 240); no file"
-    else
-        result "pyxl-save-qemu-killed.hvm1" FAIL "exit $rc, files: ${files:-none}, domid $("$XL" domid $g 2>&1): $(tail -n 2 "$log" | tr '\n' ' ')"
-    fi
-    after_checks pyxl-save-qemu-killed hvm1 "$before"
 }
 pyxl_hvm_phase() {
     local g=hvm1 d f before xh=debian
@@ -194,9 +159,8 @@ pyxl_hvm_phase() {
         pyxl_migrate xl-migrate-to-pyxl hvm1 "$XL" -vvv migrate -s "" hvm1 \
             "$PYXL -vv migrate-receive --idle-timeout 300"
     fi
-    # 5. The last copy (pyxl-received) loses its QEMU during a pyxl save.
-    "$XL" list $g > /dev/null 2>&1 && pyxl_save_qemu_killed
-    # 6. Destroy it: nothing of it, or of any copy before it, may be left.
+    # 5. Destroy the last copy (pyxl-received): nothing of it, or of any copy
+    #    before it, may be left.
     d=$("$XL" domid $g 2>/dev/null) || return 1
     xenstore-ls -fp "/local/domain/0/device-model/$d" > "$OUT/xenstore-hvm1-dm-before-destroy.txt" 2>&1
     "$XL" destroy $g > "$OUT/xl-destroy-pyxl-hvm1.log" 2>&1
