@@ -30,6 +30,7 @@
  */
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <link.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -61,9 +62,26 @@ enum {
     HC_domctl = 36,
 };
 
-#define DOMCTL_INTERFACE_VERSION 0x15
-#define SYSCTL_INTERFACE_VERSION 0x15
-#define XEN_VERSION_4_17         0x00040011
+#define SYSCTL_INTERFACE_VERSION 0x15   /* 4.17 and 4.20 alike */
+
+/*
+ * The Xen releases fakexen can stand in for, told apart by the libxenctrl
+ * loaded in this process (its soname, libxenctrl.so.4.NN): the hypervisor a
+ * library was built for is the one it may talk to.  What differs between them
+ * on the save/restore path: the domctl interface version, and getdomaininfo of
+ * a missing domain (4.17: the next domain up; 4.18 and later: ESRCH).  Every
+ * other domctl fakexen serves has the same layout in both.
+ */
+struct xenrel {
+    unsigned minor;            /* 4.<minor> */
+    uint32_t domctl_version;
+    int getinfo_exact;         /* getdomaininfo: this domid or ESRCH */
+};
+static const struct xenrel g_releases[] = {
+    {17, 0x15, 0},
+    {20, 0x17, 1},
+};
+static const struct xenrel *g_rel = &g_releases[0];   /* no libxenctrl loaded: 4.17 */
 
 enum {
     DOMCTL_getdomaininfo = 5,
@@ -148,6 +166,38 @@ static void fx_log(const char *fmt, ...)
 #define TRACE(...) do { if (g_trace) { fprintf(g_trace, "fakexen: " __VA_ARGS__); \
                                       fputc('\n', g_trace); } } while (0)
 
+/* dl_iterate_phdr callback: the minor version of a loaded libxenctrl.so.4.NN. */
+static int find_xenctrl(struct dl_phdr_info *info, size_t size, void *out)
+{
+    (void)size;
+    const char *name = info->dlpi_name ? strrchr(info->dlpi_name, '/') : NULL;
+    name = name ? name + 1 : info->dlpi_name;
+    unsigned minor;
+    char tail;
+    if (name && sscanf(name, "libxenctrl.so.4.%u%c", &minor, &tail) >= 1) {
+        *(unsigned *)out = minor;
+        return 1;
+    }
+    return 0;
+}
+
+/* Which Xen this process's libxenctrl was built for (see struct xenrel). */
+static void pick_release(void)
+{
+    unsigned minor = 0;
+    dl_iterate_phdr(find_xenctrl, &minor);
+    if (!minor)
+        return;
+    for (size_t i = 0; i < sizeof(g_releases) / sizeof(g_releases[0]); i++)
+        if (g_releases[i].minor == minor) {
+            g_rel = &g_releases[i];
+            return;
+        }
+    fx_log("libxenctrl.so.4.%u loaded: fakexen simulates Xen 4.17 and 4.20 only; "
+           "hypercalls will be refused", minor);
+    g_rel = NULL;
+}
+
 static void fx_init(void)
 {
     if (__atomic_load_n(&g_inited, __ATOMIC_ACQUIRE))
@@ -175,6 +225,7 @@ static void fx_init(void)
         const char *roc = getenv("PYXL_SIM_ROCOPY");
         if (roc && *roc)
             g_rocopy = atoi(roc);
+        pick_release();
         __atomic_store_n(&g_inited, 1, __ATOMIC_RELEASE);
     }
     pthread_mutex_unlock(&g_lock);
@@ -392,7 +443,7 @@ static long domctl_getdomaininfo(void *dc)
     unsigned domid = AT(uint16_t, dc, 8);
     if (domid >= DOMID_FIRST_RESERVED)
         return -EINVAL;
-    struct fxdom *d = dom_first_from(domid);
+    struct fxdom *d = g_rel->getinfo_exact ? dom_get(domid, 1) : dom_first_from(domid);
     if (!d) {
         fx_log("getdomaininfo d%u: no such domain (nor a higher one) in %s", domid, g_simdir);
         return -ESRCH;
@@ -669,9 +720,11 @@ static long do_domctl(void *dc)
         return -EFAULT;
     g_stats.domctls++;
     uint32_t cmd = AT(uint32_t, dc, 0);
-    if (AT(uint32_t, dc, 4) != DOMCTL_INTERFACE_VERSION) {
-        fx_log("domctl %u: interface version %#x, this hypervisor speaks %#x", cmd,
-               AT(uint32_t, dc, 4), DOMCTL_INTERFACE_VERSION);
+    if (!g_rel)
+        return -EACCES;
+    if (AT(uint32_t, dc, 4) != g_rel->domctl_version) {
+        fx_log("domctl %u: interface version %#x, this hypervisor (Xen 4.%u) speaks %#x", cmd,
+               AT(uint32_t, dc, 4), g_rel->minor, g_rel->domctl_version);
         return -EACCES;
     }
     if (cmd == DOMCTL_getdomaininfo)
@@ -897,8 +950,8 @@ static long do_hvm_op(uint64_t op, void *arg)
 
 static long do_xen_version(uint64_t cmd)
 {
-    if (cmd == 0)
-        return XEN_VERSION_4_17;
+    if (cmd == 0)   /* XENVER_version: major << 16 | minor */
+        return g_rel ? (long)(0x40000u | g_rel->minor) : -EACCES;
     fx_log("xen_version %" PRIu64 " not simulated", cmd);
     return -ENOSYS;
 }

@@ -29,6 +29,8 @@ from typing import Iterator, List, Tuple, Union
 
 import pytest
 
+from pyxl._paths import xen_release
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Captured from Debian's real helper and libxenguest (see tests/vectors/*/INDEX.md);
 # kept in the repo so CI on a fresh clone has them.
@@ -38,10 +40,13 @@ STREAM_VECTORS = VECTORS / "xen-4.17-streams"
 if not STREAM_VECTORS.is_dir():  # pragma: no cover - fall back to the shared copy
     HELPER_VECTORS = pathlib.Path("/work/shared/vectors/xen-4.17-helper")
     STREAM_VECTORS = pathlib.Path("/work/shared/vectors/xen-4.17-streams")
-DEBIAN_HELPER = "/usr/lib/xen-4.17/bin/libxl-save-helper"
-# Debian's stream verifier (xen-utils-4.17) and the Python path it needs.
-VERIFY_STREAM = "/usr/lib/xen-4.17/bin/verify-stream-v2"
-XEN_PYTHONPATH = "/usr/lib/xen-4.17/lib/python"
+# Debian's helper, stream verifier and the Python path the verifier needs, from
+# xen-utils-4.NN of this host's Xen release (4.17 on Debian 12, 4.20 on 13).
+XEN_RELEASE = xen_release() or "4.17"
+XEN_LIBEXEC = f"/usr/lib/xen-{XEN_RELEASE}"
+DEBIAN_HELPER = f"{XEN_LIBEXEC}/bin/libxl-save-helper"
+VERIFY_STREAM = f"{XEN_LIBEXEC}/bin/verify-stream-v2"
+XEN_PYTHONPATH = f"{XEN_LIBEXEC}/lib/python"
 SLOW = bool(os.environ.get("PYXL_SLOW"))
 
 OUR_HELPER = str(ROOT / "pyxl" / "pyxl-save-helper")
@@ -49,7 +54,7 @@ HELPERS = {"ours": OUR_HELPER, "debian": DEBIAN_HELPER}
 
 needs_debian = pytest.mark.skipif(
     not os.access(DEBIAN_HELPER, os.X_OK),
-    reason=f"Debian's helper not installed ({DEBIAN_HELPER}; apt xen-utils-4.17)")
+    reason=f"Debian's helper not installed ({DEBIAN_HELPER}; apt xen-utils-{XEN_RELEASE})")
 
 
 @pytest.fixture

@@ -229,9 +229,11 @@ class FakeXc:
 class RecordingXc(FakeXc):
     """libxenctrl stand-in recording what the backend asks of it."""
 
-    def __init__(self, domid: int = 7) -> None:
+    def __init__(self, domid: int = 7, release: str = "4.17") -> None:
         super().__init__()
+        self.release = release
         self.created: List[tuple] = []
+        self.created_kw: List[Dict[str, Any]] = []
         self.log: List[tuple] = []
         self.domains: Dict[int, int] = {}
         self.handles: Dict[int, bytes] = {}
@@ -241,6 +243,7 @@ class RecordingXc(FakeXc):
 
     def create(self, *args: Any, **kw: Any) -> int:
         self.created.append(args)
+        self.created_kw.append(kw)
         flags = args[1]
         self.domains[self.next_domid] = XEN_DOMINF_hvm_guest if flags & 1 else 0
         self.handles[self.next_domid] = args[0]

@@ -353,7 +353,8 @@ class XenBackend(NoDeviceModel):
                                    to_int(b_info.get("max_grant_frames"), -1),
                                    to_int(b_info.get("max_maptrack_frames"), -1),
                                    grant_version & 0xF, to_int(c_info.get("poolid"), 0),
-                                   emu, misc, to_int(c_info.get("ssidref"), 0))
+                                   emu, misc, to_int(c_info.get("ssidref"), 0),
+                                   altp2m=xenbuild.altp2m_mode(config))
         except OSError as exc:
             raise StartupError(f"cannot create the domain to restore into: {exc}") from exc
         try:

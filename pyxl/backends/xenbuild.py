@@ -60,7 +60,20 @@ Ports = Tuple[int, int, int, int]
 class XcCalls(Protocol):
     """What the builders ask of :class:`pyxl.backends.xenctrl.Xc`."""
 
+    #: The Xen release ("4.17", "4.20"): where the altp2m mode goes.
+    release: str
+
     def call(self, fn: str, *args: Any) -> int: ...
+
+
+def altp2m_mode(config: Dict[str, Any]) -> int:
+    """The altp2m mode libxl gives the domain (0: disabled)."""
+    c_info, b_info = config.get("c_info") or {}, config.get("b_info") or {}
+    altp2m = _enum(ALTP2M_MODES, b_info.get("altp2m"), "disabled", "altp2m")
+    if (c_info.get("type") or "pv") == "hvm" and altp2m == 0 and \
+            defbool(b_hvm(config).get("altp2m"), False):
+        altp2m = 1      # the legacy altp2mhvm=1
+    return altp2m
 
 
 def create_flags(config: Dict[str, Any]) -> Tuple[int, int, int]:
@@ -129,10 +142,10 @@ def build_pre(xc: XcCalls, xs: XenStore, domid: int, config: Dict[str, Any]) -> 
         mode = b_info.get("timer_mode") or hvm.get("timer_mode")
         xc.call("xc_hvm_param_set", domid, HVM_PARAM_TIMER_MODE,
                 _enum(TIMER_MODES, mode, "no_delay_for_missed_ticks", "timer_mode"))
-        altp2m = _enum(ALTP2M_MODES, b_info.get("altp2m"), "disabled", "altp2m")
-        if dtype == "hvm" and altp2m == 0 and defbool(hvm.get("altp2m"), False):
-            altp2m = 1      # the legacy altp2mhvm=1
-        xc.call("xc_hvm_param_set", domid, HVM_PARAM_ALTP2M, altp2m)
+        if xc.release == "4.17":
+            # 4.19 and later take the mode at creation (altp2m_opts) and
+            # refuse the param (read-only: EEXIST).
+            xc.call("xc_hvm_param_set", domid, HVM_PARAM_ALTP2M, altp2m_mode(config))
     else:
         pv = b_info.get("type.pv") or {}
         xc.call("xc_domain_set_memmap_limit", domid,

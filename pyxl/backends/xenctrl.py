@@ -1,19 +1,26 @@
 """ctypes over Debian's libxenctrl/libxenguest: the hypercalls the Xen backend makes.
 
 Only what :mod:`pyxl.backends.xen` needs (domain info, pause/unpause/destroy,
-create, resume, HVM params, shutdown), with struct layouts of Xen 4.17's domctl interface written out
-where libxenctrl takes or returns them.  Loaded only on a Xen host.
+create, resume, HVM params, shutdown), with the struct layouts of the domctl
+interface written out where libxenctrl takes or returns them.  Loaded only on
+a Xen host.
+
+Xen 4.17 and 4.20 both: the library is found by its soname
+(``libxenctrl.so.4.NN``, :func:`pyxl._paths.xen_release`), and the one layout
+that differs between them on pyxl's path, ``struct xen_domctl_createdomain``
+(4.19 inserted ``altp2m_opts``), is picked by that release.  Any other release
+is refused with a one-line :class:`~pyxl.StartupError`: its layouts are unknown.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
 from typing import Any, Optional
 
+from pyxl._paths import XEN_RELEASES, xen_release, xenctrl_releases
 from pyxl.errors import BackendError, StartupError
 
 SHUTDOWN_poweroff, SHUTDOWN_reboot, SHUTDOWN_suspend, SHUTDOWN_crash = 0, 1, 2, 3
@@ -33,25 +40,41 @@ _OFF_NR_ONLINE_VCPUS, _OFF_MAX_VCPU_ID, _OFF_HANDLE = 64, 68, 76
 
 
 
-# struct xen_domctl_createdomain (4.17): ssidref, handle[16], flags, iommu_opts,
+# struct xen_domctl_createdomain: ssidref, handle[16], flags, iommu_opts,
 # max_vcpus, max_evtchn_port, max_grant_frames, max_maptrack_frames,
-# grant_opts, vmtrace_size, cpupool_id, arch.{emulation_flags, misc_flags}.
-_CREATEDOMAIN = struct.Struct("=I16sIIIIiiIIIII")
-assert _CREATEDOMAIN.size == 64
+# grant_opts, [altp2m_opts: 4.19 and later], vmtrace_size, cpupool_id,
+# arch.{emulation_flags, misc_flags}.
+CREATEDOMAIN = {"4.17": struct.Struct("=I16sIIIIiiIIIII"),
+                "4.20": struct.Struct("=I16sIIIIiiIIIIII")}
+assert CREATEDOMAIN["4.17"].size == 64 and CREATEDOMAIN["4.20"].size == 68
+assert set(CREATEDOMAIN) == set(XEN_RELEASES)
+
+
+def host_release() -> str:
+    """This host's Xen release, or a StartupError saying why pyxl cannot drive it."""
+    rel = xen_release()
+    if rel is not None:
+        return rel
+    found = xenctrl_releases()
+    if found:
+        return _unsupported(found[0])
+    raise StartupError("cannot find libxenctrl.so.4.NN (Debian: libxenmisc4.17 or libxenmisc4.20)")
+
+
+def _unsupported(rel: str) -> str:
+    raise StartupError(f"this host's libxenctrl is Xen {rel}'s; pyxl drives Xen "
+                       f"{' and '.join(XEN_RELEASES)} (other releases' domctl layouts are unknown)")
 
 
 class XenError(BackendError, OSError):
     pass
 
 
-def _load(name: str, soname: str) -> ctypes.CDLL:
-    for cand in (soname, ctypes.util.find_library(name)):
-        if cand:
-            try:
-                return ctypes.CDLL(cand, use_errno=True)
-            except OSError:
-                continue
-    raise StartupError(f"cannot load {soname} (Debian: libxenmisc4.17 / xen-utils-4.17)")
+def _load(soname: str, release: str) -> ctypes.CDLL:
+    try:
+        return ctypes.CDLL(soname, use_errno=True)
+    except OSError as exc:
+        raise StartupError(f"cannot load {soname} (Debian: libxenmisc{release}): {exc}") from None
 
 
 class DomInfo:
@@ -92,9 +115,13 @@ class DomInfo:
 class Xc:
     """The few libxenctrl/libxenguest calls pyxl needs."""
 
-    def __init__(self) -> None:
-        self.ctrl = _load("xenctrl", "libxenctrl.so.4.17")
-        self.guest = _load("xenguest", "libxenguest.so.4.17")
+    def __init__(self, release: Optional[str] = None) -> None:
+        #: The Xen release whose layouts this instance uses ("4.17", "4.20").
+        self.release = release or host_release()
+        if self.release not in CREATEDOMAIN:
+            _unsupported(self.release)
+        self.ctrl = _load(f"libxenctrl.so.{self.release}", self.release)
+        self.guest = _load(f"libxenguest.so.{self.release}", self.release)
         self.ctrl.xc_interface_open.restype = ctypes.c_void_p
         self.ctrl.xc_interface_open.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
         self.ctrl.xc_interface_close.argtypes = [ctypes.c_void_p]
@@ -159,13 +186,19 @@ class Xc:
 
     def create(self, handle: bytes, flags: int, max_vcpus: int, max_evtchn_port: int,
                max_grant_frames: int, max_maptrack_frames: int, grant_opts: int,
-               cpupool: int, emulation_flags: int, misc_flags: int, ssidref: int = 0) -> int:
-        """xc_domain_create with a struct xen_domctl_createdomain (4.17 layout,
-        xen/domctl.h: 64 bytes) built by hand."""
-        buf = ctypes.create_string_buffer(_CREATEDOMAIN.size)
-        _CREATEDOMAIN.pack_into(buf, 0, ssidref, handle, flags, 0, max_vcpus, max_evtchn_port,
-                                max_grant_frames, max_maptrack_frames, grant_opts, 0, cpupool,
-                                emulation_flags, misc_flags)
+               cpupool: int, emulation_flags: int, misc_flags: int, ssidref: int = 0,
+               altp2m: int = 0) -> int:
+        """xc_domain_create with a struct xen_domctl_createdomain built by hand
+        in this release's layout (xen/domctl.h).  ``altp2m``: the mode, which
+        4.20 takes here; 4.17 takes it as an HVM param after creation (see
+        :func:`pyxl.backends.xenbuild.build_pre`)."""
+        layout = CREATEDOMAIN[self.release]
+        head = (ssidref, handle, flags, 0, max_vcpus, max_evtchn_port, max_grant_frames,
+                max_maptrack_frames, grant_opts)
+        tail = (0, cpupool, emulation_flags, misc_flags)      # vmtrace_size, cpupool, arch
+        fields = head + ((altp2m,) if self.release != "4.17" else ()) + tail
+        buf = ctypes.create_string_buffer(layout.size)
+        layout.pack_into(buf, 0, *fields)
         domid = ctypes.c_uint32(0)  # 0: Xen picks a free domid
         self._check("xc_domain_create",
                     self.ctrl.xc_domain_create(self.xch, ctypes.byref(domid), buf))

@@ -110,9 +110,14 @@ def context_record(blob: bytes) -> Tuple[int, bytes]:
     return LibxlRecordType.EMULATOR_CONTEXT, EMULATOR_HEADER.pack(2, 0) + blob
 
 
-def test_hvm_restore_target_as_libxl_builds_it(xsd, host):
-    be = backend(xsd, RecordingXc())
+@pytest.mark.parametrize("release", ["4.17", "4.20"])
+def test_hvm_restore_target_as_libxl_builds_it(xsd, host, release):
+    be = backend(xsd, RecordingXc(release=release))
     assert be.create_restore_target(hvm1(host)) == 7
+    # the altp2m mode: a createdomain field on 4.20 (the param is read-only
+    # there), an HVM param on 4.17
+    assert be.xc.created_kw == [{"altp2m": 0}]
+    altp2m_param = [(35, 0)] if release == "4.17" else []
     (handle, flags, max_vcpus, evtchn, _gf, _mf, gopts, _pool, emu, misc, _ssid), = be.xc.created
     assert handle == bytes.fromhex(UUID.replace("-", ""))
     assert flags == xenbuild.XEN_DOMCTL_CDF_hvm | xenbuild.XEN_DOMCTL_CDF_hap
@@ -121,10 +126,10 @@ def test_hvm_restore_target_as_libxl_builds_it(xsd, host):
     log = be.xc.log
     params = [c[2:] for c in log if c[0] == "xc_hvm_param_set"]
     # hvm_set_conf_params: HPET_ENABLED, VPT_ALIGN (no MCA_CAP), TIMER_MODE, ALTP2M
-    assert params == [(11, 1), (16, 1), (10, 1), (35, 0)]
+    assert params == [(11, 1), (16, 1), (10, 1)] + altp2m_param
     names = [c[0] for c in log]
     assert names == ["xc_domain_max_vcpus", "xc_domain_setmaxmem", "xc_evtchn_alloc_unbound",
-                     "xc_evtchn_alloc_unbound"] + ["xc_hvm_param_set"] * 4 + \
+                     "xc_evtchn_alloc_unbound"] + ["xc_hvm_param_set"] * len(params) + \
         ["xc_domain_set_tsc_info", "xc_set_paging_mempool_size"]
     calls = {c[0]: c[1:] for c in log}
     assert calls["xc_domain_set_tsc_info"] == (7, 2, 0, 0, 0)

@@ -1,17 +1,25 @@
 """Every libxenctrl/libxenguest function pyxl's ctypes backend binds exists in the
-Debian 4.17 library it binds it from (a wrong library is only found on a real
-Xen host otherwise: xc_domain_get_native_protocol is libxenguest's)."""
+Debian library of this host's Xen release it binds it from (a wrong library is
+only found on a real Xen host otherwise: xc_domain_get_native_protocol is
+libxenguest's), and the createdomain layout the backend packs for that release
+is the one the installed headers (libxen-dev) give."""
 
 from __future__ import annotations
 
 import ctypes
 import pathlib
 import re
+import struct
+import subprocess
 
 import pytest
 
+from pyxl._paths import xen_release
+from pyxl.backends.xenctrl import CREATEDOMAIN
+
 SOURCE = pathlib.Path(__file__).resolve().parents[2] / "pyxl" / "backends" / "xenctrl.py"
-LIBS = {"ctrl": "libxenctrl.so.4.17", "guest": "libxenguest.so.4.17"}
+RELEASE = xen_release() or "none"
+LIBS = {"ctrl": f"libxenctrl.so.{RELEASE}", "guest": f"libxenguest.so.{RELEASE}"}
 
 
 def bindings() -> set[tuple[str, str]]:
@@ -34,3 +42,47 @@ def test_symbol_is_in_the_library_it_is_bound_from(lib, fn):
     except OSError as exc:   # make test installs libxen-dev; without it this is a setup bug
         pytest.fail(f"{LIBS[lib]} not loadable: {exc}")
     assert hasattr(handle, fn), f"{fn} is not exported by {LIBS[lib]}"
+
+
+OFFSETS_C = r"""
+#define __XEN_TOOLS__ 1
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <xen/xen.h>
+#include <xen/domctl.h>
+#define F(m) printf("%s %zu %zu\n", #m, offsetof(struct xen_domctl_createdomain, m), sizeof(((struct xen_domctl_createdomain *)0)->m));
+int main(void)
+{
+    printf("size %zu 0\n", sizeof(struct xen_domctl_createdomain));
+    F(ssidref) F(handle) F(flags) F(iommu_opts) F(max_vcpus) F(max_evtchn_port)
+    F(max_grant_frames) F(max_maptrack_frames) F(grant_opts)
+#ifdef XEN_DOMCTL_ALTP2M_mode_mask
+    F(altp2m_opts)
+#endif
+    F(vmtrace_size) F(cpupool_id) F(arch.emulation_flags) F(arch.misc_flags)
+    return 0;
+}
+"""
+
+
+def test_createdomain_layout_is_the_installed_headers(tmp_path):
+    """The fields pyxl packs, in order, at the offsets and sizes the installed
+    xen/domctl.h gives (compiled here: the headers are those of the libraries)."""
+    assert RELEASE in CREATEDOMAIN, f"libxenctrl of no supported release here ({RELEASE})"
+    src, exe = tmp_path / "offsets.c", tmp_path / "offsets"
+    src.write_text(OFFSETS_C)
+    subprocess.run(["cc", "-o", str(exe), str(src)], check=True)
+    rows = [line.split() for line in subprocess.run([str(exe)], check=True, capture_output=True,
+                                                    text=True).stdout.splitlines()]
+    size = int(rows[0][1])
+    fields = [(int(off), int(n)) for _name, off, n in rows[1:]]
+    layout = CREATEDOMAIN[RELEASE]
+    assert layout.size == size
+    # struct.Struct("=...") packs without padding: walk its codes to offsets
+    ours, at = [], 0
+    for count, letter in re.findall(r"(\d*)([a-zA-Z])", layout.format.lstrip("=")):
+        n = struct.calcsize("=" + count + letter)
+        ours.append((at, n))
+        at += n
+    assert ours == fields
