@@ -23,6 +23,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from typing import Iterator, List, Tuple, Union
@@ -48,6 +49,12 @@ DEBIAN_HELPER = f"{XEN_LIBEXEC}/bin/libxl-save-helper"
 VERIFY_STREAM = f"{XEN_LIBEXEC}/bin/verify-stream-v2"
 XEN_PYTHONPATH = f"{XEN_LIBEXEC}/lib/python"
 SLOW = bool(os.environ.get("PYXL_SLOW"))
+# memcheck's leak check of the helper; CPython 3.12+ leaves its immortal
+# interned strings allocated at exit: suppressed there (see the file).
+MEMCHECK_LEAK_OPTS = ["--leak-check=full", "--show-leak-kinds=definite",
+                      "--errors-for-leak-kinds=definite"] + (
+    [f"--suppressions={ROOT / 'libxl_helper' / 'cpython-immortal.supp'}"]
+    if sys.version_info >= (3, 12) else [])
 
 OUR_HELPER = str(ROOT / "pyxl" / "pyxl-save-helper")
 HELPERS = {"ours": OUR_HELPER, "debian": DEBIAN_HELPER}

@@ -20,7 +20,7 @@ import os
 import signal
 import socket
 import subprocess
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 from pyxl.errors import MigrationError
 from pyxl.fdio import close_quietly
@@ -61,6 +61,7 @@ class ReceiverChannel:
         self._child: Optional["subprocess.Popen[bytes]"] = None
         self._child_pidfd = -1
         self._lookup: Optional[Lookup] = None
+        self._untried: List[Address] = []    # a name's other addresses, tried in turn
         self._exited: Optional[Callable[[], None]] = None
         self._kill_timer: Optional[Timer] = None
         self._bridge_closing = False
@@ -93,15 +94,32 @@ class ReceiverChannel:
         self.on_ready(self.rfd, self.wfd)
 
     def _resolved(self, addr: Optional[Address], why: str) -> None:
-        self._lookup = None
+        lookup, self._lookup = self._lookup, None
         if addr is None:
             self.on_failed(MigrationError(why))
             return
-        try:
-            self._connect(*addr)
-        except OSError as exc:
-            self.on_failed(MigrationError(f"cannot connect to the receiver: "
-                                          f"{exc.strerror or exc}"))
+        self._untried = list(lookup.addresses[1:]) if lookup is not None else []
+        self._try(addr)
+
+    def _try(self, addr: Address) -> None:
+        """Connect to ``addr``; if that fails at once, the next of the name's addresses."""
+        while True:
+            try:
+                self._connect(*addr)
+                return
+            except OSError as exc:
+                self._drop_socket()
+                if not self._untried:
+                    self.on_failed(MigrationError(f"cannot connect to the receiver: "
+                                                  f"{exc.strerror or exc}"))
+                    return
+                addr = self._untried.pop(0)
+
+    def _drop_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self.rfd = self.wfd = -1
 
     def _connect(self, family: int, addr: Tuple[Any, ...]) -> None:
         self._sock = socket.socket(family, socket.SOCK_STREAM)
@@ -118,6 +136,10 @@ class ReceiverChannel:
         self._connecting = False
         assert self._sock is not None
         err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err and self._untried:     # refused here: the name's next address
+            self._drop_socket()
+            self._try(self._untried.pop(0))
+            return
         if err:
             self.on_failed(MigrationError(f"cannot connect to the receiver: "
                                           f"{os.strerror(err)}"))

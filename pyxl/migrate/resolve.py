@@ -6,6 +6,11 @@ process instead -- ``getent ahosts NAME``, which resolves through the same
 NSS configuration as getaddrinfo (/etc/hosts, DNS, ...) -- whose output and
 exit the loop watches like any other fd.  Numeric addresses need no lookup
 and are answered at once.
+
+A name may have several addresses (Debian 13 gives ``localhost`` as ::1
+before 127.0.0.1): :attr:`Lookup.addresses` holds them all, in the resolver's
+order, and the connection tries each in turn, as ``socket.create_connection``
+does.
 """
 
 from __future__ import annotations
@@ -34,18 +39,23 @@ def numeric(host: str, port: int) -> Optional[Address]:
     return infos[0][0], infos[0][4]
 
 
-def parse_ahosts(text: str, port: int) -> Optional[Address]:
-    """The first STREAM address of ``getent ahosts`` output, with ``port``."""
+def parse_ahosts(text: str, port: int) -> List[Address]:
+    """The STREAM addresses of ``getent ahosts`` output, with ``port``, in its
+    order, each once."""
+    found: List[Address] = []
     for line in text.splitlines():
         fields = line.split()
         if len(fields) >= 2 and fields[1] == "STREAM":
-            return numeric(fields[0], port)
-    return None
+            addr = numeric(fields[0], port)
+            if addr is not None and addr not in found:
+                found.append(addr)
+    return found
 
 
 class Lookup:
     """Resolve ``host`` for a TCP connection to ``port``; ``done(address, "")``
-    or ``done(None, why)`` is called once, from the loop (never from here)."""
+    or ``done(None, why)`` is called once, from the loop (never from here).
+    ``address`` is the first of :attr:`addresses`, all the name has."""
 
     def __init__(self, loop: Loop, host: str, port: int, done: Done) -> None:
         self.loop, self.host, self.port, self._done = loop, host, port, done
@@ -56,8 +66,10 @@ class Lookup:
         self._reaping = False
         self.finished = False
         self._timer: Optional[Timer] = None
+        self.addresses: List[Address] = []
         addr = numeric(host, port)
         if addr is not None or not host or host.startswith("-"):
+            self.addresses = [addr] if addr is not None else []
             why = "" if addr is not None else f"cannot resolve {host!r}: not a host name"
             self._timer = loop.call_later(0, lambda: self._finish(addr, why))
             return
@@ -103,9 +115,9 @@ class Lookup:
         self._reaping = False
         status = self._proc.wait()
         self._close()
-        addr = parse_ahosts(b"".join(self._out).decode("ascii", "replace"), self.port)
-        if addr is not None:
-            self._finish(addr, "")
+        self.addresses = parse_ahosts(b"".join(self._out).decode("ascii", "replace"), self.port)
+        if self.addresses:
+            self._finish(self.addresses[0], "")
         elif status == 2:
             self._finish(None, f"cannot resolve {self.host!r}: unknown host")
         else:

@@ -15,6 +15,7 @@ import shutil
 
 import pytest
 
+from conftest import MEMCHECK_LEAK_OPTS
 from test_helper import EXIT_FAIL, EXIT_REPLY_LOST, HELPER, RESTORE, SAVE, STARTUP_FAILURE, HelperRun
 from test_helper_shim import converse, shim  # noqa: F401  (fixture)
 
@@ -26,7 +27,7 @@ MEMCHECK_FAILED = 99
 def memcheck_run(argv, tmp_path, leaks=True, env=None, **kw) -> HelperRun:
     opts = ["--error-exitcode=%d" % MEMCHECK_FAILED, "--quiet"]
     if leaks:
-        opts += ["--leak-check=full", "--show-leak-kinds=definite", "--errors-for-leak-kinds=definite"]
+        opts += MEMCHECK_LEAK_OPTS
     env = dict(env or os.environ, PYXL_HELPER_PYTHONMALLOC="malloc0")
     return HelperRun(VALGRIND, opts + [HELPER] + list(argv), env=env, tmp=str(tmp_path), **kw)
 

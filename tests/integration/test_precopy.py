@@ -25,7 +25,7 @@ import pytest
 import pyxl
 from pyxl import sim
 
-from conftest import HELPERS, OUR_HELPER
+from conftest import HELPERS, MEMCHECK_LEAK_OPTS, OUR_HELPER
 
 MB = 1 << 20
 GUEST = 64 * MB
@@ -234,10 +234,9 @@ def test_downtime_policy_under_memcheck(sim_dir, busy_guest, tmp_path, on_fail):
 
     log = tmp_path / "vg.log"
     wrapper = tmp_path / "memcheck-helper"
-    wrapper.write_text("#!/bin/sh\nexec %s --tool=memcheck --leak-check=full "
-                       "--show-leak-kinds=definite --errors-for-leak-kinds=definite "
+    wrapper.write_text("#!/bin/sh\nexec %s --tool=memcheck %s "
                        "--error-exitcode=99 --log-file=%s %s \"$@\"\n"
-                       % (shutil.which("valgrind"), log, OUR_HELPER))
+                       % (shutil.which("valgrind"), " ".join(MEMCHECK_LEAK_OPTS), log, OUR_HELPER))
     wrapper.chmod(stat.S_IRWXU)
     dom = busy_guest(300)
     env = dict(downtime_env(1, 3, on_fail), PYXL_HELPER_PYTHONMALLOC="malloc0")

@@ -116,3 +116,62 @@ def test_migration_to_a_host_name(hosts):
         pyxl.wait(tx, timeout=60)
     assert tx.exception().source_state == "running"
     assert [i.state for i in sim.list_domains(sim_dir=b)] == ["running"]
+
+
+def test_every_address_of_a_name_is_kept_in_order(tmp_path):
+    two = tmp_path / "getent"
+    two.write_text("#!/bin/sh\necho '::1 STREAM localhost'\necho '::1 DGRAM'\n"
+                   "echo '127.0.0.1 STREAM'\necho '127.0.0.1 RAW'\n")
+    two.chmod(0o755)
+    (addr, why), _, lk = lookup("two.example", 9, slow_getent=str(two))
+    assert addr[1][:2] == ("::1", 9) and why == ""
+    assert [a[1][:2] for a in lk.addresses] == [("::1", 9), ("127.0.0.1", 9)]
+
+
+def _channel_to(name: str, port: int, getent: str) -> Any:
+    """Open a ReceiverChannel to name:port; (ready fds or None, failure or None)."""
+    from pyxl.migrate.connection import ReceiverChannel
+    loop = SelectorLoop()
+    got: List[Any] = []
+    old, resolve.GETENT = resolve.GETENT, getent
+    try:
+        ch = ReceiverChannel(loop, (name, port), None, lambda r, w: got.append(("ready", r)),
+                             lambda exc: got.append(("failed", exc)))
+        assert loop.run_until(lambda: bool(got), 30)
+        ch.close()
+    finally:
+        resolve.GETENT = old
+        loop.close()
+    return got[0]
+
+
+def test_the_connection_tries_the_names_next_address(tmp_path):
+    """Debian 13 resolves localhost as ::1 first: a receiver listening on
+    127.0.0.1 only must still be reached through the name."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(1)
+        port = srv.getsockname()[1]
+        # ::1 first (nothing listens there on this port), then 127.0.0.1
+        getent = tmp_path / "getent"
+        getent.write_text("#!/bin/sh\necho '::1 STREAM'\necho '127.0.0.1 STREAM'\n")
+        getent.chmod(0o755)
+        fds = open_fds()
+        kind, _ = _channel_to("both.example", port, str(getent))
+        assert kind == "ready"
+        assert open_fds() == fds     # the refused socket was closed
+        conn, peer = srv.accept()
+        conn.close()
+        assert peer[0] == "127.0.0.1"
+
+
+def test_every_address_refused_is_one_clear_error(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]      # bound, not listening: refused
+        getent = tmp_path / "getent"
+        getent.write_text("#!/bin/sh\necho '::1 STREAM'\necho '127.0.0.1 STREAM'\n")
+        getent.chmod(0o755)
+        kind, exc = _channel_to("none.example", port, str(getent))
+    assert kind == "failed" and isinstance(exc, migrate.MigrationError)
+    assert str(exc) == "cannot connect to the receiver: Connection refused"
