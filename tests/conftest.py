@@ -69,6 +69,23 @@ def vectors() -> pathlib.Path:
     return VECTORS
 
 
+#: Long-running CLI processes a test started (a migrate-receive): whatever is
+#: still running when the test ends -- it failed before waiting for them -- is
+#: killed and reaped, so one failure does not leave a listener behind for the
+#: rest of the run.
+SPAWNED: List["subprocess.Popen[str]"] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap_spawned() -> Iterator[None]:
+    yield
+    while SPAWNED:
+        proc = SPAWNED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
 # ---- fakexen state directories -------------------------------------------------------------
 
 

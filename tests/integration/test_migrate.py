@@ -28,7 +28,7 @@ from pyxl import sim
 from pyxl.backends.sim import SimBackend
 from pyxl.loop import default_loop
 
-from conftest import HELPERS, ROOT
+from conftest import HELPERS, ROOT, SPAWNED
 
 MB = 1 << 20
 PYXL = [sys.executable, "-m", "pyxl"]
@@ -174,8 +174,10 @@ def test_downtime_policy_migration(hosts):
 
 
 def _cli(*args: str, **kw: Any) -> "subprocess.Popen[str]":
-    return subprocess.Popen(PYXL + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(PYXL + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT, **kw)
+    SPAWNED.append(proc)      # killed after the test if it is still running
+    return proc
 
 
 def _listening(proc: "subprocess.Popen[str]") -> int:
