@@ -56,8 +56,12 @@ cp "$ca" "$root/etc/ssl/host-ca.crt"
 cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
 # The tree under test, fresh (its .venv is kept between runs: make setup
 # rebuilds what changed).
+# Its git metadata too (a clone's: HEAD is this tree's), so that the bench
+# records the commit it measured.
 mkdir -p "$root/src/pyxl"
 find "$root/src/pyxl" -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +
+git clone -q --no-checkout "$tree" "$cache/clone" && mv "$cache/clone/.git" "$root/src/pyxl/.git"
+rm -rf "$cache/clone"
 (cd "$tree" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | tar -C "$root/src/pyxl" -xf -
 log "make test in Debian 13 (Xen $(ls "$root"/usr/lib/x86_64-linux-gnu/libxenctrl.so.4.* | sed -n 's/.*libxenctrl.so.\(4\.[0-9]*\)$/\1/p'), $(chroot "$root" python3 --version))"
 args=$(printf ' %q' "$@")

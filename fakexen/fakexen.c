@@ -415,6 +415,14 @@ static struct fxdom *dom_first_from(unsigned domid)
     return dom_get(best, 1);
 }
 
+/* Test hook (not a Xen interface): the Xen 4.<minor> this process's fakexen
+ * simulates (see struct xenrel); 0 if it refuses hypercalls. */
+EXPORT unsigned pyxl_fakexen_release(void)
+{
+    fx_init();
+    return g_rel ? g_rel->minor : 0;
+}
+
 /*
  * Test hook (not a Xen interface): forget cached domains and re-read the
  * environment, so one process can talk to several state directories in turn.
