@@ -1,5 +1,5 @@
 #!/bin/bash
-# Layer 1 of the dom0 root filesystem: Debian bookworm minbase + Xen 4.17 tools
+# Layer 1 of the dom0 root filesystem: Debian $SUITE minbase + Xen $XEN_REL tools
 # + QEMU for HVM guests (qemu-system-xen) + iproute2/ping/e2fsprogs +
 # the toolchain pyxl's helper builds with (python3-dev, libxen-dev, gcc) + a venv
 # at /opt/pyxl holding Cython >= 3.0 from PyPI (bookworm's cython3 is 0.29) +
@@ -16,11 +16,11 @@ KVER=$1 MODDIR=$2
 # iputils-ping: dom0 pings the guests.  e2fsprogs: the guests' disks (mke2fs,
 # debugfs, e2fsck).  Xen's block script needs losetup and flock, which minbase
 # has (mount, util-linux).
-PKGS="xen-utils-4.17 xenstore-utils python3 python3-venv python3-dev libxen-dev gcc libc6-dev kmod strace time
+PKGS="xen-utils-$XEN_REL xenstore-utils python3 python3-venv python3-dev libxen-dev gcc libc6-dev kmod strace time
       qemu-system-xen iproute2 iputils-ping e2fsprogs procps"
 PKGS=$(echo $PKGS)
-key=$(hash_inputs "$E2E_DIR/build-base.sh" -- "$KVER $(candidate xen-utils-4.17) $PKGS")
-out=$CACHE/base-$key
+key=$(hash_inputs "$E2E_DIR/build-base.sh" -- "$SUITE $KVER $(candidate xen-utils-$XEN_REL) $PKGS")
+out=$CACHE/base-$SUITE-$key
 if [ -e "$out/ok" ]; then printf '%s\n' "$out/root"; exit 0; fi
 
 log "building dom0 base root $out (debootstrap --variant=minbase $SUITE)"
@@ -62,5 +62,5 @@ mkdir -p "$root/lib/modules"
 cp -a "$MODDIR" "$root/lib/modules/$KVER"
 rm -rf "$root/usr/share/doc" "$root/usr/share/man" "$root/usr/share/locale" "$root/var/lib/apt/lists/"*
 touch "$out/ok"
-for old in "$CACHE"/base-*/; do old=${old%/}; [ "$old" = "$out" ] || rm -rf "$old"; done
+for old in "$CACHE"/base-"$SUITE"-*/; do old=${old%/}; [ "$old" = "$out" ] || rm -rf "$old"; done
 printf '%s\n' "$root"

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Boot artefacts, from Debian packages only, cached in $CACHE/boot-<hash>/:
-#   xen              Debian's xen-4.17-amd64.gz, gunzipped (QEMU -kernel boots it as multiboot)
-#   vmlinuz          Debian's 6.1 kernel (dom0 and both guests: it has CONFIG_XEN_PVH)
+#   xen              Debian's xen-$XEN_REL-amd64.gz, gunzipped (QEMU -kernel boots it as multiboot)
+#   vmlinuz          Debian's kernel of $SUITE (6.1; 6.12 on trixie) for dom0 and the guests
+#                    (it has CONFIG_XEN_PVH)
 #   dom0-initrd.gz   busybox-static + the modules needed to mount the virtio root disk
 #   guest-initrd.gz  busybox-static + guest-init.sh (prints a counter on hvc0 every second,
 #                    writes one to its disk) + xen-blkfront, xen-netfront, ext4 and their deps
@@ -22,8 +23,13 @@ log "building boot artefacts $out ($KPKG $KVERS, $XEN_PKG $XVERS)"
 rm -rf "$out"; mkdir -p "$out/x"
 kdeb=$(fetch_deb "$KPKG" "$KVERS"); xdeb=$(fetch_deb "$XEN_PKG" "$XVERS")
 dpkg-deb -x "$kdeb" "$out/x"; dpkg-deb -x "$xdeb" "$out/x"
+# Debian 13's kernel package ships its modules under usr/lib/modules (merged
+# /usr); the host's depmod and modprobe -d look under lib/modules.
+if [ ! -d "$out/x/lib/modules" ] && [ -d "$out/x/usr/lib/modules" ]; then
+    mkdir -p "$out/x/lib"; mv "$out/x/usr/lib/modules" "$out/x/lib/modules"
+fi
 kver=$(ls "$out/x/lib/modules"); echo "$kver" > "$out/kver"
-gunzip -c "$out/x/boot/xen-4.17-amd64.gz" > "$out/xen"
+gunzip -c "$out/x/boot/xen-$XEN_REL-amd64.gz" > "$out/xen"
 cp "$out/x/boot/vmlinuz-$kver" "$out/vmlinuz"
 depmod -b "$out/x" "$kver"
 

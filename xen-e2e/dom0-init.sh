@@ -2,7 +2,9 @@
 # PID 1 of dom0 (installed as /sbin/xen-e2e-init in the dom0 root; no systemd).
 # Brings up the Xen toolstack's daemons, runs the tests the host put on the 9p
 # share (tests-in-dom0.sh), then powers the (emulated) machine off.
-export PATH=/opt/pyxl/bin:/usr/lib/xen-4.17/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# Xen's tools of this root's release: /usr/lib/xen-4.17 (Debian 12), -4.20 (13).
+XEN_BIN=$(ls -d /usr/lib/xen-4.*/bin | tail -n 1)
+export PATH=/opt/pyxl/bin:$XEN_BIN:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root LANG=C.UTF-8
 say() { echo "dom0-init: $*"; }
 
@@ -40,10 +42,10 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 e2e /mnt/e2e || say "m
 mkdir -p /mnt/e2e/out
 say "dom0 up after $(cut -d' ' -f1 /proc/uptime) s"
 
-/usr/lib/xen-4.17/bin/xenstored --pid-file=/run/xenstored.pid || say "xenstored failed"
-/usr/lib/xen-4.17/bin/xen-init-dom0 || say "xen-init-dom0 failed"
+"$XEN_BIN/xenstored" --pid-file=/run/xenstored.pid || say "xenstored failed"
+"$XEN_BIN/xen-init-dom0" || say "xen-init-dom0 failed"
 # --timestamp=guest: each line of a guest's console log starts with the time.
-/usr/lib/xen-4.17/bin/xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --timestamp=guest \
+"$XEN_BIN/xenconsoled" --pid-file=/run/xenconsoled.pid --log=guest --timestamp=guest \
     --log-dir=/var/log/xen/console || say "xenconsoled failed"
 say "toolstack up after $(cut -d' ' -f1 /proc/uptime) s"
 

@@ -1,8 +1,12 @@
 #!/bin/bash
-# `make xen-e2e`: boot Xen 4.17 in QEMU (TCG) and run real libxl (Debian's xl)
-# against OUR save helper and Debian's, on a real hypervisor.  See README.md.
+# `make xen-e2e`: boot Xen in QEMU (TCG) -- 4.17 with a Debian 12 dom0, then 4.20
+# with a Debian 13 dom0 -- and run real libxl (Debian's xl) against OUR save
+# helper and Debian's, and pyxl's own toolstack, on a real hypervisor, the same
+# tests on both.  See README.md.
 #
 # Environment:
+#   XEN_E2E_XEN="4.17 4.20" the Xen releases to boot, in turn (default both); the
+#                           summary has a RESULTS line per release and one overall
 #   XEN_E2E_RUNS=N          boots (each a full test run) in this invocation (default 1)
 #   XEN_E2E_BOOT_TIMEOUT=S  bound on one boot (default 5400)
 #   XEN_E2E_CACHE=DIR       cache directory (default xen-e2e/.cache)
@@ -11,6 +15,26 @@
 #   XEN_E2E_BUDGET=S        bound on all boots together, retries included: a retry
 #                           gets what is left, and none if under 600 s are left
 # Exit status: 0 iff every run finished and no test failed.
+set -euo pipefail
+RELEASES=${XEN_E2E_XEN:-4.17 4.20}
+if [ "$(echo $RELEASES | wc -w)" -gt 1 ]; then
+    # One invocation per release (each builds its own boot artefacts and dom0
+    # root, and prints its own summary), then one summary over all of them.
+    list=$(mktemp); t0=$SECONDS; status=0; per=""
+    for rel in $RELEASES; do
+        s0=$SECONDS
+        XEN_E2E_XEN=$rel XEN_E2E_RESULTS_LIST=$list bash "$0" || status=1
+        per+="  xen-$rel: $((SECONDS - s0)) s"$'\n'
+    done
+    echo
+    echo "================ xen-e2e summary: Xen $(echo $RELEASES | sed 's/ / and /g') ================"
+    python3 "$(dirname "$0")/summarize.py" $(cat "$list") || status=1
+    rm -f "$list"
+    echo
+    printf 'wall time per release:\n%s' "$per"
+    echo "total wall time: $((SECONDS - t0)) s"
+    exit $status
+fi
 source "$(dirname "$0")/common.sh"
 START=$SECONDS
 RUNS=${XEN_E2E_RUNS:-1}
@@ -57,7 +81,7 @@ boot_timeout() {
 RETRIES=0 FAILED_RUNS=0 ALLRES=""
 for i in $(seq 1 "$RUNS"); do
     phase "run $i/$RUNS: boot + tests"
-    run=$CACHE/runs/$stamp-$i
+    run=$CACHE/runs/$stamp-xen$XEN_REL-$i
     # Alternate which helper goes first: odd runs Debian's, even runs ours.
     export XEN_E2E_HELPER_ORDER="debian ours"; [ $((i % 2)) = 0 ] && XEN_E2E_HELPER_ORDER="ours debian"
     if ! XEN_E2E_BOOT_TIMEOUT=$(boot_timeout) "$E2E_DIR/boot.sh" "$BOOT" "$IMG" "$run"; then
@@ -74,14 +98,15 @@ for i in $(seq 1 "$RUNS"); do
         fi
     fi
     endphase
-    ALLRES+=" $run/share/out/results.txt"
+    ALLRES+=" $XEN_REL=$run/share/out/results.txt"
+    [ -n "${XEN_E2E_RESULTS_LIST:-}" ] && echo "$XEN_REL=$run/share/out/results.txt" >> "$XEN_E2E_RESULTS_LIST"
     log "results: $run/share/out/ (serial console: $run/serial.log)"
 done
 # Keep the 8 newest run directories.
 ls -dt "$CACHE"/runs/*/ 2>/dev/null | tail -n +9 | xargs -r rm -rf
 
 echo
-echo "================ xen-e2e summary ================"
+echo "================ xen-e2e summary: Xen $XEN_REL ================"
 echo "Xen: $(basename "$BOOT") kernel $(cat "$BOOT/kver"); dom0 root: $(basename "$IMG")"
 echo "pyxl helper build in dom0 root: $(cat "${IMG%.img}.helper-status" 2>/dev/null)"
 status=0

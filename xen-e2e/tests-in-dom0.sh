@@ -27,11 +27,12 @@ E2E=/mnt/e2e
 OUT=$E2E/out
 RES=$OUT/results.txt
 W=/var/lib/xen-e2e
-XL=/usr/lib/xen-4.17/bin/xl
+XEN_LIB=$(ls -d /usr/lib/xen-4.* | tail -n 1)   # this dom0's Xen: xen-4.17 or xen-4.20
+XL=$XEN_LIB/bin/xl
 OURS_REAL=/opt/pyxl/bin/pyxl-save-helper
-DEBIAN_REAL=/usr/lib/xen-4.17/bin/libxl-save-helper
+DEBIAN_REAL=$XEN_LIB/bin/libxl-save-helper
 CONLOG=/var/log/xen/console
-export PYTHONPATH=/usr/lib/xen-4.17/lib/python   # verify-stream-v2's modules
+export PYTHONPATH=$XEN_LIB/lib/python   # verify-stream-v2's modules
 
 mkdir -p "$W" "$OUT"
 : > "$RES"
@@ -366,7 +367,7 @@ verify_file() {  # TAG FILE
     local tag=$1 f=$2 t0
     [ -f "$f" ] || { result "verify-stream-v2.$tag" SKIP "no file"; result "pyxl-inspect.$tag" SKIP "no file"; return; }
     t0=$(now_us)
-    if /usr/lib/xen-4.17/bin/verify-stream-v2 -f xl -i "$f" > "$OUT/verify-$tag.log" 2>&1; then
+    if "$XEN_LIB/bin/verify-stream-v2" -f xl -i "$f" > "$OUT/verify-$tag.log" 2>&1; then
         result "verify-stream-v2.$tag" PASS "$(fmt_s $(($(now_us) - t0))) s"
     else
         result "verify-stream-v2.$tag" FAIL "rc $?: $(tail -n 2 "$OUT/verify-$tag.log" | tr '\n' ' ')"
@@ -588,7 +589,7 @@ for f in "$W"/*.save; do
 done
 for g in $GUESTS; do
     [ -f "$W/$g-debian.save" ] || continue
-    if /usr/lib/xen-4.17/bin/verify-stream-v2 -f xl -i "$W/$g-debian.save" > "$OUT/verify-$g-debian.log" 2>&1; then
+    if "$XEN_LIB/bin/verify-stream-v2" -f xl -i "$W/$g-debian.save" > "$OUT/verify-$g-debian.log" 2>&1; then
         say "control: verify-stream-v2 accepts Debian's $g file"
     else
         say "control: verify-stream-v2 rejects Debian's $g file too"
