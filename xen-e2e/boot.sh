@@ -1,5 +1,5 @@
 #!/bin/bash
-# One boot of the emulated Xen host: QEMU TCG, one CPU, 2 GiB, Xen 4.17 as the
+# One boot of the emulated Xen host: QEMU TCG, one CPU, 2 GiB, Xen (4.17 or 4.20) as the
 # multiboot kernel, dom0 kernel + initramfs as modules, the dom0 root on a
 # virtio disk (snapshot=on: the cached image stays pristine), and a virtio-9p
 # share carrying the tests in and the results out.  Serial console -> serial.log.
@@ -20,7 +20,12 @@ share=$RUN/share
 rm -rf "$RUN"; mkdir -p "$share/out"
 cp "${XEN_E2E_TESTS:-$E2E_DIR/tests-in-dom0.sh}" "$share/tests-in-dom0.sh"
 cp "$BOOT/vmlinuz" "$BOOT/guest-initrd.gz" "$share/"
-cp "$E2E_DIR/tests-pyxl-in-dom0.sh" "$E2E_DIR/tests-pyxl-hvm-in-dom0.sh" "$share/"
+cp "$E2E_DIR/tests-pyxl-in-dom0.sh" "$E2E_DIR/tests-pyxl-hvm-in-dom0.sh" "$E2E_DIR/tests-cross-in-dom0.sh" \
+    "$share/"
+# Images saved on the previous release's boot (run.sh): restored on this one.
+if [ -n "${XEN_E2E_CROSS_FROM:-}" ] && [ -d "$XEN_E2E_CROSS_FROM" ]; then
+    cp -a "$XEN_E2E_CROSS_FROM" "$share/cross-in"
+fi
 # XEN_E2E_ONLY_PYXL=1: create the guests, then run only tests-pyxl-in-dom0.sh (debugging).
 [ -n "${XEN_E2E_ONLY_PYXL:-}" ] && touch "$share/only-pyxl"
 echo "${XEN_E2E_HELPER_ORDER:-debian ours}" > "$share/helper-order"

@@ -6,7 +6,11 @@
 #
 # Environment:
 #   XEN_E2E_XEN="4.17 4.20" the Xen releases to boot, in turn (default both); the
-#                           summary has a RESULTS line per release and one overall
+#                           summary has a RESULTS line per release and one overall;
+#                           guests saved on one release are restored on the next
+#                           (tests-cross-in-dom0.sh)
+#   XEN_E2E_CROSS_FROM=DIR  (one release) restore the images in DIR (a cross/ of
+#                           an earlier run's out/) on this one
 #   XEN_E2E_RUNS=N          boots (each a full test run) in this invocation (default 1)
 #   XEN_E2E_BOOT_TIMEOUT=S  bound on one boot (default 5400)
 #   XEN_E2E_CACHE=DIR       cache directory (default xen-e2e/.cache)
@@ -21,9 +25,12 @@ if [ "$(echo $RELEASES | wc -w)" -gt 1 ]; then
     # One invocation per release (each builds its own boot artefacts and dom0
     # root, and prints its own summary), then one summary over all of them.
     list=$(mktemp); t0=$SECONDS; status=0; per=""
+    cross=""
     for rel in $RELEASES; do
         s0=$SECONDS
-        XEN_E2E_XEN=$rel XEN_E2E_RESULTS_LIST=$list bash "$0" || status=1
+        # The previous release's saved images go to this one (upgrade direction).
+        XEN_E2E_XEN=$rel XEN_E2E_RESULTS_LIST=$list XEN_E2E_CROSS_FROM=$cross bash "$0" || status=1
+        last=$(tail -n 1 "$list"); cross=$(dirname "${last#*=}")/cross
         per+="  xen-$rel: $((SECONDS - s0)) s"$'\n'
     done
     echo

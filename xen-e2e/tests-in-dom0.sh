@@ -571,6 +571,11 @@ if [ -f "$E2E/tests-pyxl-in-dom0.sh" ]; then
 fi
 
 "$XL" list > "$OUT/xl-list.log" 2>&1
+# Images for the next release's boot (tests-cross-in-dom0.sh): pv1 by pyxl, pvh1 by xl.
+if [ -f "$E2E/tests-cross-in-dom0.sh" ]; then
+    . "$E2E/tests-cross-in-dom0.sh"
+    cross_save
+fi
 "$XL" destroy pv1 2>/dev/null; "$XL" destroy pvh1 2>/dev/null
 
 # 5. pyxl's own toolstack on hvm1 (QEMU as device model, a disk and a NIC), alone.
@@ -580,6 +585,9 @@ if [ -f "$E2E/tests-pyxl-hvm-in-dom0.sh" ]; then
     . "$E2E/tests-pyxl-hvm-in-dom0.sh"
     "$XL" destroy hvm1 2>/dev/null
 fi
+
+# 6. Images saved on the previous release's boot, restored here.
+[ -f "$E2E/tests-cross-in-dom0.sh" ] && cross_restore
 
 # 3. Streams written through our helper (Debian's as a control).
 for f in "$W"/*.save; do

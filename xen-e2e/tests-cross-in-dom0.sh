@@ -1,0 +1,88 @@
+# Images across Xen releases (sourced by tests-in-dom0.sh; needs its helpers and
+# tests-pyxl-in-dom0.sh's pyxl_timed).  The upgrade direction users take: a
+# guest saved on this boot's Xen is restored on the next release's boot.
+#
+# cross_save (every boot, at the end of the pv1/pvh1 tests): pv1 saved by pyxl,
+# pvh1 by xl with Debian's helper, into $OUT/cross/ with each guest's disk
+# image (copied after the save: the guest is gone, its disk quiescent) and its
+# counters (console boot id and count, disk count).  run.sh hands that
+# directory to the next release's boot as $E2E/cross-in.
+#
+# cross_restore (a boot that has $E2E/cross-in): each image restored by the tool
+# that saved it (pyxl restore; xl restore with Debian's helper) on this Xen, then
+#   cross-restore-TOOL.G               the restore succeeded
+#   counter-after-cross-restore-TOOL.G the same boot of the guest counts on
+#   disk-after-cross-restore-TOOL.G    its disk counter continues
+#   net-after-cross-restore-TOOL.G     it answers ping on the bridge
+# RESULT names carry no release: the summary's per-release lines say where.
+X=$OUT/cross
+
+xen_release() { "$XL" info 2>/dev/null | awk '/^xen_version/{print $3}'; }
+
+cross_save() {
+    mkdir -p "$X"
+    xen_release > "$X/from"
+    local g=pv1 d
+    if "$XL" list $g > /dev/null 2>&1; then
+        begin_op $g
+        d=$("$XL" domid $g)
+        if pyxl_timed cross-save-$g save "$d" "$X/$g-pyxl.save"; then
+            scan $g
+            cp "$W/$g.img" "$X/$g-pyxl.img"
+            echo "${GID[$g]} ${GMAX[$g]} $(disk_count $g)" > "$X/$g-pyxl.state"
+            result "cross-save-pyxl.$g" PASS "$LAST_S s, on Xen $(cat "$X/from"): $(cat "$X/$g-pyxl.state")"
+        else
+            result "cross-save-pyxl.$g" FAIL "$(tail -n 3 "$OUT/pyxl-cross-save-$g.log" | tr '\n' ' ')"
+        fi
+    fi
+    g=pvh1
+    if "$XL" list $g > /dev/null 2>&1; then
+        begin_op $g
+        if env -u LIBXL_SAVE_HELPER "$XL" save $g "$X/$g-xl.save" > "$OUT/xl-cross-save-$g.log" 2>&1; then
+            scan $g
+            cp "$W/$g.img" "$X/$g-xl.img"
+            echo "${GID[$g]} ${GMAX[$g]} $(disk_count $g)" > "$X/$g-xl.state"
+            result "cross-save-xl.$g" PASS "on Xen $(cat "$X/from"): $(cat "$X/$g-xl.state")"
+        else
+            result "cross-save-xl.$g" FAIL "$(tail -n 3 "$OUT/xl-cross-save-$g.log" | tr '\n' ' ')"
+        fi
+    fi
+}
+
+cross_restore() {
+    local in=$E2E/cross-in from g tool f id max dn ok d
+    [ -d "$in" ] || return 0
+    from=$(cat "$in/from" 2>/dev/null)
+    say "images saved on Xen $from, restored on Xen $(xen_release)"
+    for pair in "pv1 pyxl" "pvh1 xl"; do
+        set -- $pair; g=$1 tool=$2; f=$in/$g-$tool.save
+        if [ ! -f "$f" ] || [ ! -f "$in/$g-$tool.state" ]; then
+            result "cross-restore-$tool.$g" FAIL "no image of $g saved by $tool on Xen ${from:-?}"
+            continue
+        fi
+        "$XL" destroy $g > /dev/null 2>&1
+        cp "$in/$g-$tool.img" "$W/$g.img"
+        read -r id max dn < "$in/$g-$tool.state"
+        scan $g                               # what this boot's own $g printed: consumed
+        GID[$g]=$id GMAX[$g]=$max RESTARTS=0 REPEATS=0 GAPS=0 DBEFORE=$dn
+        ok=0
+        if [ $tool = pyxl ]; then
+            pyxl_timed cross-restore-$g restore "$f" && ok=1
+            [ $ok = 1 ] && timing "cross-restore-pyxl.$g" pyxl "$LAST_S"
+        else
+            env -u LIBXL_SAVE_HELPER "$XL" restore "$f" > "$OUT/xl-cross-restore-$g.log" 2>&1 && ok=1
+        fi
+        if [ $ok = 1 ]; then
+            result "cross-restore-$tool.$g" PASS "saved by $tool on Xen $from, restored on Xen $(xen_release)"
+            after_checks "cross-restore-$tool" $g "$max"
+        else
+            local log=$OUT/xl-cross-restore-$g.log
+            [ $tool = pyxl ] && log=$OUT/pyxl-cross-restore-$g.log
+            result "cross-restore-$tool.$g" FAIL "$(tail -n 3 "$log" | tr '\n' ' ')"
+        fi
+        "$XL" destroy $g > /dev/null 2>&1
+    done
+    d=$(leftovers)
+    [ -z "$d" ] && result "nothing-left.cross" PASS "after the cross-release restores" \
+        || result "nothing-left.cross" FAIL "$d"
+}
