@@ -119,6 +119,9 @@ enum { HVMOP_set_param = 0, HVMOP_get_param = 1 };
 #define HVM_SAVE_MAGIC   0x54381286u
 #define HVM_SAVE_VERSION 1u
 #define HVM_SAVE_CODE_MAX 20u
+#define HVM_SAVE_LAPIC    5u
+#define LAPIC_SIZE_417    24u   /* struct hvm_hw_lapic up to 4.20.0 */
+#define LAPIC_SIZE_420_1  32u   /* 4.20.1 and later: pending_esr */
 
 #define RESOURCE_grant_table 1u
 
@@ -621,6 +624,13 @@ static int hvmctx_valid(const uint8_t *buf, uint32_t size)
         } else if (type == 0) {
             return 1;
         } else if (type >= HVM_SAVE_CODE_MAX) {
+            return 0;
+        } else if (type == HVM_SAVE_LAPIC && len != LAPIC_SIZE_417 &&
+                   !(g_rel->minor >= 20 && len == LAPIC_SIZE_420_1)) {
+            /* 4.20.1 grew the LAPIC record (pending_esr); 4.20 loads both
+             * sizes, 4.17 checks the exact size and refuses the longer one. */
+            fx_log("sethvmcontext: a %u-byte LAPIC record; Xen 4.%u loads %s", len,
+                   g_rel->minor, g_rel->minor >= 20 ? "24 or 32 bytes" : "24 bytes");
             return 0;
         }
         pos += len;

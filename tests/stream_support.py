@@ -48,7 +48,7 @@ def page(n: int) -> bytes:
 
 
 def hvm_chunks(version: int = 3, *, holes: Sequence[int] = (10, 11),
-               npages: int = 16) -> List[bytes]:
+               npages: int = 16, hvm_context: bytes = bytes(range(40))) -> List[bytes]:
     """A small valid HVM libxc stream, the way the 4.17 saver orders it."""
     out = [xc.image_header(version) + xc.domain_header(xc.DHDR_TYPE_X86_HVM)]
     if version >= 3:
@@ -63,7 +63,7 @@ def hvm_chunks(version: int = 3, *, holes: Sequence[int] = (10, 11),
             out.append(xc.page_data(batch, [page(p) for p, t in batch
                                             if t == xc.PageType.NOTAB]))
     out += [xc.tsc_info(0, 2400000, 123456789, 0),
-            xc.libxc_record(T.HVM_CONTEXT, bytes(range(40))),
+            xc.libxc_record(T.HVM_CONTEXT, hvm_context),
             xc.hvm_params({1: 0xF, 5: 0xD, 6: 0xC, 17: 0xE}),
             xc.end_record()]
     return out

@@ -24,11 +24,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from pyxl._paths import helper_path
+from pyxl._paths import helper_path, xen_release
 from pyxl.backends.base import Backend
 from pyxl.backends.configcheck import MAX_GIVEN_NAME, check_config, check_name
-from pyxl.errors import (Cancelled, OperationError, StartupError, StreamTooLarge, Timeout,
-                         TruncatedStream)
+from pyxl.errors import (Cancelled, HelperFailed, OperationError, StartupError, StreamTooLarge,
+                         Timeout, TruncatedStream)
 from pyxl.fdio import is_regular, set_nonblocking
 from pyxl.loop import Loop
 from pyxl.ops.helper_process import restore_argv
@@ -326,6 +326,19 @@ class RestoreOperation(Operation[RestoreResult]):
             # way by libxl; the simulated domain keeps its default policy.
             return lambda req: 0
         return super()._default_handler(name)
+
+    def _helper_outcome(self) -> Optional[OperationError]:
+        exc = super()._helper_outcome()
+        if isinstance(exc, HelperFailed) and xen_release() == "4.17" and any(
+                "Unable to restore HVM context" in e for e in exc.helper_errors):
+            # The one known way a well-formed stream fails here: Xen 4.20.1
+            # grew the LAPIC save record, and 4.17 refuses the longer one.
+            return HelperFailed(
+                f"{self.kind} of domain {self.domid} failed: Xen 4.17 refused the stream's HVM "
+                "context (a stream written by Xen 4.20.1 or later has a longer LAPIC record "
+                "that 4.17 cannot load; `pyxl inspect` names the Xen that wrote it)",
+                exc.retval, exc.errnoval, op=self, helper_errors=exc.helper_errors)
+        return exc
 
     def _conclude(self) -> None:
         exc = self._helper_outcome() if self.helper is not None else self._failure

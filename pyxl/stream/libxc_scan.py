@@ -76,6 +76,12 @@ _PV_ONLY = frozenset({
     LibxcRecordType.X86_PV_VCPU_XSAVE, LibxcRecordType.X86_PV_VCPU_MSRS,
     LibxcRecordType.SHARED_INFO,
 })
+#: Xen's HVM save-record descriptor inside HVM_CONTEXT (xen/include/public/hvm/save.h).
+HVM_SAVE_DESC = struct.Struct("<HHI")
+HVM_SAVE_LAPIC = 5
+LAPIC_SIZE_417, LAPIC_SIZE_420_1 = 24, 32
+#: HVM_CONTEXT bodies up to this size are walked (real ones: a few KiB per vCPU).
+_HVM_CONTEXT_WALKED = 1 << 20
 _HVM_ONLY = frozenset({LibxcRecordType.HVM_CONTEXT, LibxcRecordType.HVM_PARAMS})
 
 
@@ -392,7 +398,34 @@ class LibxcScanner(Scanner):
         if body.length == 0:
             raise self._fail(body, "HVM_CONTEXT is empty")
         st.seen_hvm_context = True
-        return ""
+        if body.length > _HVM_CONTEXT_WALKED:
+            return ""
+        return self._hvm_save_records(body.offset, body.read(body.length))
+
+    def _hvm_save_records(self, offset: int, blob: bytes) -> str:
+        """Walk Xen's save records inside HVM_CONTEXT (descriptor: u16 type,
+        u16 instance, u32 length) for what they say of the Xen that wrote them:
+        the LAPIC record (type 5) grew from 24 to 32 bytes in Xen 4.20.1
+        (``pending_esr``), which 4.20 loads either way and 4.17 refuses."""
+        pos, records, lapic = 0, 0, set()
+        while pos + HVM_SAVE_DESC.size <= len(blob):
+            code, _inst, length = HVM_SAVE_DESC.unpack_from(blob, pos)
+            pos += HVM_SAVE_DESC.size + length
+            if pos > len(blob):
+                break            # Xen checks the framing; inspect only reports
+            records += 1
+            if code == 0:        # END
+                break
+            if code == HVM_SAVE_LAPIC:
+                lapic.add(length)
+        detail = f"{records} save records"
+        if LAPIC_SIZE_420_1 in lapic:
+            self.report.warn(offset, "written by Xen 4.20.1 or later (its LAPIC save record is "
+                             f"{LAPIC_SIZE_420_1} bytes): Xen 4.17 cannot restore it")
+            return f"{detail}; LAPIC {LAPIC_SIZE_420_1} bytes: Xen 4.20.1 or later"
+        if LAPIC_SIZE_417 in lapic:
+            return f"{detail}; LAPIC {LAPIC_SIZE_417} bytes: Xen 4.17 to 4.20.0"
+        return detail
 
     def _hvm_params(self, st: _State, body: _Body) -> str:
         if body.length < 8:
