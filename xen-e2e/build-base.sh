@@ -52,7 +52,7 @@ t0=$SECONDS
 ca=$(python3 -m pip config get global.cert 2>/dev/null || true)
 [ -f "$ca" ] || ca=/etc/ssl/certs/ca-certificates.crt
 cp "$ca" "$root/tmp/host-ca.crt"
-in_chroot "$root" env PIP_CERT=/tmp/host-ca.crt sh -ec "python3 -m venv /opt/pyxl && /opt/pyxl/bin/pip install -q --disable-pip-version-check 'Cython>=3.0' 'setuptools>=64' wheel" \
+in_chroot "$root" env PIP_CERT=/tmp/host-ca.crt sh -ec "python3 -m venv /opt/pyxl && /opt/pyxl/bin/pip install -q --disable-pip-version-check 'Cython>=3.0' 'setuptools>=77' wheel" \
     > "$out/pip.log" 2>&1 || { tail -20 "$out/pip.log" >&2; die "pip install Cython in chroot failed"; }
 rm -f "$root/tmp/host-ca.crt"
 log "venv + Cython from PyPI: $((SECONDS - t0)) s ($(in_chroot "$root" /opt/pyxl/bin/cython --version 2>&1))"
