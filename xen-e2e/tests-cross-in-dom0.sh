@@ -20,33 +20,31 @@ X=$OUT/cross
 xen_release() { "$XL" info 2>/dev/null | awk '/^xen_version/{print $3}'; }
 
 cross_save() {
+    local g tool log ok
     mkdir -p "$X"
     xen_release > "$X/from"
-    local g=pv1 d
-    if "$XL" list $g > /dev/null 2>&1; then
+    for pair in "pv1 pyxl" "pvh1 xl"; do
+        set -- $pair; g=$1 tool=$2
+        "$XL" list $g > /dev/null 2>&1 || continue
         begin_op $g
-        d=$("$XL" domid $g)
-        if pyxl_timed cross-save-$g save "$d" "$X/$g-pyxl.save"; then
-            scan $g
-            cp "$W/$g.img" "$X/$g-pyxl.img"
-            echo "${GID[$g]} ${GMAX[$g]} $(disk_count $g)" > "$X/$g-pyxl.state"
-            result "cross-save-pyxl.$g" PASS "$LAST_S s, on Xen $(cat "$X/from"): $(cat "$X/$g-pyxl.state")"
+        ok=0
+        if [ $tool = pyxl ]; then
+            log=$OUT/pyxl-cross-save-$g.log
+            pyxl_timed cross-save-$g save "$("$XL" domid $g)" "$X/$g-$tool.save" && ok=1
         else
-            result "cross-save-pyxl.$g" FAIL "$(tail -n 3 "$OUT/pyxl-cross-save-$g.log" | tr '\n' ' ')"
+            log=$OUT/xl-cross-save-$g.log
+            env -u LIBXL_SAVE_HELPER "$XL" save $g "$X/$g-$tool.save" > "$log" 2>&1 && ok=1
         fi
-    fi
-    g=pvh1
-    if "$XL" list $g > /dev/null 2>&1; then
-        begin_op $g
-        if env -u LIBXL_SAVE_HELPER "$XL" save $g "$X/$g-xl.save" > "$OUT/xl-cross-save-$g.log" 2>&1; then
-            scan $g
-            cp "$W/$g.img" "$X/$g-xl.img"
-            echo "${GID[$g]} ${GMAX[$g]} $(disk_count $g)" > "$X/$g-xl.state"
-            result "cross-save-xl.$g" PASS "on Xen $(cat "$X/from"): $(cat "$X/$g-xl.state")"
-        else
-            result "cross-save-xl.$g" FAIL "$(tail -n 3 "$OUT/xl-cross-save-$g.log" | tr '\n' ' ')"
+        if [ $ok = 0 ]; then
+            result "cross-save-$tool.$g" FAIL "$(tail -n 3 "$log" | tr '\n' ' ')"
+            continue
         fi
-    fi
+        # The guest is gone: its disk is quiescent, its counters final.
+        scan $g
+        cp "$W/$g.img" "$X/$g-$tool.img"
+        echo "${GID[$g]} ${GMAX[$g]} $(disk_count $g)" > "$X/$g-$tool.state"
+        result "cross-save-$tool.$g" PASS "on Xen $(cat "$X/from"): $(cat "$X/$g-$tool.state")"
+    done
 }
 
 cross_restore() {
