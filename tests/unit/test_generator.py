@@ -175,7 +175,7 @@ def test_check_follows_the_table(tmp_path):
 def build_tree(tmp_path):
     """The files setup.py reads before it builds anything, copied into a scratch tree."""
     tree = tmp_path / "tree"
-    for rel in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "libxl_helper/genmsgs.py",
+    for rel in ("setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "libxl_helper/genmsgs.py",
                 "pyxl/wire/table.py", "pyxl/wire/_generated.py"):
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, tree / rel)
