@@ -14,6 +14,10 @@
 #   counter-after-cross-restore-TOOL.G the same boot of the guest counts on
 #   disk-after-cross-restore-TOOL.G    its disk counter continues
 #   net-after-cross-restore-TOOL.G     it answers ping on the bridge
+# The downgrade direction (XEN_E2E_XEN="4.17 4.20 4.17"): an image whose HVM
+# context comes from Xen 4.20.1 or later (pyxl inspect says so) cannot load on
+# 4.17; there pyxl restore must fail, say why, and leave nothing:
+#   cross-restore-refused.G
 # RESULT names carry no release: the summary's per-release lines say where.
 X=$OUT/cross
 
@@ -47,10 +51,23 @@ cross_save() {
     done
 }
 
+cross_refused() {  # GUEST FILE: pyxl restore on 4.17 of a stream from 4.20.1 or later
+    local g=$1 f=$2 rc left
+    pyxl_timed cross-refused-$g restore "$f"; rc=$?
+    left=$(leftovers $g)
+    if [ $rc = 1 ] && grep -q "refused the stream's HVM context" "$OUT/pyxl-cross-refused-$g.log" \
+            && ! "$XL" list $g > /dev/null 2>&1 && [ -z "$left" ]; then
+        result "cross-restore-refused.$g" PASS "exit 1: $(grep -o "Xen 4.17 refused[^)]*)" "$OUT/pyxl-cross-refused-$g.log" | head -n 1); nothing left"
+    else
+        result "cross-restore-refused.$g" FAIL "exit $rc; left: ${left:-nothing}; $(tail -n 2 "$OUT/pyxl-cross-refused-$g.log" | tr '\n' ' ')"
+    fi
+}
+
 cross_restore() {
     local in=$E2E/cross-in from g tool f id max dn ok d
     [ -d "$in" ] || return 0
     from=$(cat "$in/from" 2>/dev/null)
+    XEN_RELEASE_HERE=$(xen_release)
     say "images saved on Xen $from, restored on Xen $(xen_release)"
     for pair in "pv1 pyxl" "pvh1 xl"; do
         set -- $pair; g=$1 tool=$2; f=$in/$g-$tool.save
@@ -60,6 +77,13 @@ cross_restore() {
         fi
         "$XL" destroy $g > /dev/null 2>&1
         cp "$in/$g-$tool.img" "$W/$g.img"
+        if [ "${XEN_RELEASE_HERE%.*}" = 4.17 ] && "$PYXL" inspect --json "$f" 2> /dev/null \
+                | grep -q 'written by Xen 4.20.1 or later'; then
+            # The downgrade direction with a 4.20.1+ HVM context: 4.17 cannot
+            # load it.  pyxl must refuse it, say why, and leave nothing.
+            cross_refused $g "$f"
+            continue
+        fi
         read -r id max dn < "$in/$g-$tool.state"
         scan $g                               # what this boot's own $g printed: consumed
         GID[$g]=$id GMAX[$g]=$max RESTARTS=0 REPEATS=0 GAPS=0 DBEFORE=$dn
