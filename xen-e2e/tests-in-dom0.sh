@@ -340,12 +340,26 @@ save_restore() {  # GUEST HELPER ROUND
 }
 migrate() {  # GUEST HELPER ROUND
     local g=$1 h=$2 r=$3 before dbefore t=$1.$2.r$3
+    local note=""
     begin_op "$g"; before=${GMAX[$g]}; dbefore=$(disk_count "$g")
     if ! xl_timed "migrate.$g" "$h" "migrate-$t" migrate -s "" "$g" "$XL migrate-receive"; then
-        result "migrate.$t" FAIL "xl migrate failed: $(tail -n 3 "$OUT/xl-migrate-$t.log" | tr '\n' ' ')"
-        return 1
+        # As for xl create: libxl's fixed 60 s for QEMU to start on the
+        # receiving side, missed on a loaded host after the helper's restore
+        # succeeded (the sender resumes the guest).  The host's speed, not what
+        # is tested: once more, said.
+        if grep -q "device model: startup timed out" "$OUT/xl-migrate-$t.log" && "$XL" list "$g" > /dev/null 2>&1; then
+            cp "$OUT/xl-migrate-$t.log" "$OUT/xl-migrate-$t.attempt1.log"
+            note=" (second attempt: the receiver's QEMU missed libxl's 60 s start-up bound the first time)"
+            begin_op "$g"; before=${GMAX[$g]}; dbefore=$(disk_count "$g")
+            xl_timed "migrate.$g" "$h" "migrate-$t" migrate -s "" "$g" "$XL migrate-receive"
+        else
+            false
+        fi || {
+            result "migrate.$t" FAIL "xl migrate failed: $(tail -n 3 "$OUT/xl-migrate-$t.log" | tr '\n' ' ')"
+            return 1
+        }
     fi
-    result "migrate.$t" PASS "$LAST_S s (live, localhost pipe)"
+    result "migrate.$t" PASS "$LAST_S s (live, localhost pipe)$note"
     check_continues "counter-after-migrate.$t" "$g" "$before"
     check_disk "disk-after-migrate.$t" "$g" "$dbefore"
     check_net "net-after-migrate.$t" "$g"
