@@ -223,3 +223,26 @@ def test_target_policy_rules():
     assert target_policy(20)(s) == CONTINUE                 # no auto-converge: never throttles
     assert target_policy(20, max_rounds=2)(s) == ABORT
     assert target_policy(20, max_rounds=2, on_fail="stop")(s) == STOP
+
+
+def test_cli_auto_converge(hosts):
+    import json
+    import subprocess
+    from conftest import ROOT
+    from test_migrate import PYXL, _cli, _listening
+    a, b = hosts
+    dom = busy(a, 48, memory=64 * MB)
+    rx = _cli("migrate-receive", "--listen", "127.0.0.1:0", "--sim-dir", b, "--json")
+    port = _listening(rx)
+    tx = subprocess.run(PYXL + ["migrate", "--live", "--downtime", "20", "--auto-converge",
+                                "--max-bandwidth", "60M", "--json", "--sim-dir", a, str(dom),
+                                f"127.0.0.1:{port}"], capture_output=True, text=True,
+                        timeout=120, cwd=ROOT)
+    assert tx.returncode == 0, tx.stderr
+    out, err = rx.communicate(timeout=60)
+    sent, got = json.loads(tx.stdout), json.loads(out)
+    assert sent["digest"] == got["digest"] and 5 <= sent["throttle"] < 100
+    bad = subprocess.run(PYXL + ["migrate", "--live", "--auto-converge", "--sim-dir", a, str(dom),
+                                 "127.0.0.1:1"], capture_output=True, text=True, timeout=60,
+                         cwd=ROOT)
+    assert bad.returncode == 2 and "--auto-converge goes with --downtime" in bad.stderr
