@@ -85,11 +85,15 @@ Policy = Callable[[RoundStats], Union[Decision, Awaitable[Decision]]]
 
 
 def target_policy(downtime_ms: float, *, max_rounds: int = 30, on_fail: str = "abort",
-                  auto_converge: bool = False, converge_rounds: int = 3,
-                  min_cap: int = 5) -> Policy:
+                  auto_converge: bool = False, converge_rounds: int = 5,
+                  min_cap: int = 5, headroom: float = 0.5) -> Policy:
     """pyxl's downtime-target policy as a Python policy (see the module docstring).
 
     ``on_fail`` ("abort" | "stop"): what to do at ``max_rounds`` without a fit.
+    With ``auto_converge`` the policy aims at ``headroom`` x the target: the
+    prediction covers the memory copy only, and the switch-over's fixed costs
+    (suspend, device state, the receiver's restore) come on top; a throttled
+    guest gets there in a round or two more.
     """
     if not 0.001 <= downtime_ms <= 3600000:
         raise ValueError(f"downtime must be from 0.001 to 3600000 ms, not {downtime_ms}")
@@ -97,7 +101,9 @@ def target_policy(downtime_ms: float, *, max_rounds: int = 30, on_fail: str = "a
         raise ValueError(f"on_fail must be 'abort' or 'stop', not {on_fail!r}")
     if not 1 <= min_cap <= 100 or converge_rounds < 1 or max_rounds < 1:
         raise ValueError("min_cap must be 1-100, converge_rounds and max_rounds positive")
-    target = downtime_ms / 1e3
+    if not 0 < headroom <= 1:
+        raise ValueError("headroom must be in (0, 1]")
+    target = downtime_ms / 1e3 * (headroom if auto_converge else 1.0)
 
     def policy(s: RoundStats) -> Decision:
         if s.pages_dirty == 0 or (s.predicted_downtime is not None
