@@ -9,7 +9,7 @@ destroyed after the receiver's status 0, running after any failure before
 "cleared to unpause", paused when in doubt.  Bytes go through
 :class:`~pyxl.migrate.handshake.SenderHandshake`; the channel is
 :class:`~pyxl.migrate.connection.ReceiverChannel`.  It may import the
-handshake, relay, connection, domain, future and precopy modules of this
+handshake, relay, connection, domain, future, precopy and converge modules of this
 package, pyxl.ops (SaveOperation), pyxl.backends, pyxl.errors, pyxl.fdio
 and pyxl.loop; the receiver's module never.
 """
