@@ -80,8 +80,10 @@ def one_run(memory: int, rate: int, cap: Optional[int], policy: str, target_ms: 
         m = re.search(r":(\d+)$", rx.stderr.readline().strip())
         assert m, "receiver did not start"
         kw: Dict[str, Any] = {}
-        if policy == "downtime":
+        if policy in ("downtime", "auto"):
             kw = {"downtime_ms": target_ms, "max_iterations": max_iterations, "on_fail": "stop"}
+        if policy == "auto":   # target + auto-converge: pyxl's Python policy (issue 20)
+            kw["auto_converge"] = True
         lines = _PolicyLines()
         domlog = logging.getLogger(f"pyxl.domain.{dom}")
         domlog.setLevel(logging.INFO)   # the verdict is an INFO line
@@ -104,8 +106,9 @@ def one_run(memory: int, rate: int, cap: Optional[int], policy: str, target_ms: 
         else:
             res = op.result()
             row.update(downtime_ms=round(res.downtime * 1000, 2), iterations=res.iterations,
-                       bytes_sent=res.bytes_sent,
-                       outcome=lines.outcome or ("xen" if policy == "xen" else "?"))
+                       bytes_sent=res.bytes_sent, throttle=res.throttle,
+                       outcome=lines.outcome or ("xen" if policy == "xen" else
+                                                 "python" if policy == "auto" else "?"))
         log(f"  rate {rate // MB:4d} MiB/s cap {'-' if cap is None else cap // MB:>4} "
             f"{policy:8s} -> {row.get('downtime_ms', '-'):>8} ms down, {total:6.2f} s, "
             f"{row.get('iterations', '-')} rounds, {row['outcome']}")

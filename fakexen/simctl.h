@@ -125,7 +125,10 @@ struct fx_ctl {
     uint64_t vcpu_starts;      /* 0x2f8 vCPU processes started on this domain */
     uint32_t resume_paused;    /* 0x300 paused by the toolstack while suspended:
                                   resume leaves it paused (Xen's pause count) */
-    uint32_t pad0;             /* 0x304 */
+    uint32_t cpu_cap;          /* 0x304 scheduler cap, percent of one CPU (Xen's credit
+                                  and credit2 `cap`); 0 = uncapped.  The vCPU runs
+                                  only this share of the time, so it dirties at
+                                  dirty_rate * cpu_cap / 100.  Not migrated, as in Xen. */
 };
 
 _Static_assert(offsetof(struct fx_ctl, state) == 0x30, "fx_ctl layout");
@@ -134,6 +137,7 @@ _Static_assert(offsetof(struct fx_ctl, params) == 0x78, "fx_ctl layout");
 _Static_assert(offsetof(struct fx_ctl, hvmctx_len) == 0x278, "fx_ctl layout");
 _Static_assert(offsetof(struct fx_ctl, vcpu_starts) == 0x2f8, "fx_ctl layout");
 _Static_assert(offsetof(struct fx_ctl, resume_paused) == 0x300, "fx_ctl layout");
+_Static_assert(offsetof(struct fx_ctl, cpu_cap) == 0x304, "fx_ctl layout");
 _Static_assert(sizeof(struct fx_ctl) <= 0x1000, "fx_ctl fits its page");
 
 /*

@@ -6,7 +6,8 @@
  *   pyxl-sim-vcpu check DOMDIR                verify the guest pattern, print JSON
  *   pyxl-sim-vcpu layout                      print the control-block layout as JSON
  *
- * The guest writes whole RAM pages at dirty_rate bytes/s, touring RAM in pfn
+ * The guest writes whole RAM pages at dirty_rate bytes/s (scaled by the
+ * scheduler cap, fx_ctl.cpu_cap, when one is set), touring RAM in pfn
  * order.  Each page carries its pfn and a generation (the lap) in its head
  * and tail, and a body derived from both, so a lost, stale, torn or misplaced
  * page shows.  All guest state (lap, cursor, counters) lives in guest memory
@@ -531,7 +532,13 @@ static int cmd_run(const char *dir, int foreground)
             wait_request(&d, seq, ns < 100000000ULL ? ns : 100000000ULL);
             continue;
         }
-        uint64_t interval = (uint64_t)(FX_PAGE_SIZE * 1000000000.0 / (double)rate);
+        /* A capped vCPU runs cap % of the time, so it writes proportionally fewer
+         * pages: the dirty rate falls the way a real capped guest's does. */
+        uint32_t cap = __atomic_load_n(&c->cpu_cap, __ATOMIC_RELAXED);
+        double eff = cap ? (double)rate * (double)cap / 100.0 : (double)rate;
+        if (eff < 1.0)
+            eff = 1.0;
+        uint64_t interval = (uint64_t)(FX_PAGE_SIZE * 1000000000.0 / eff);
         /* A burst of pages, but requests are honoured between any two pages. */
         for (unsigned n = 0; n < 256 && now >= next; n++) {
             uint64_t pfn = gs->cursor;
@@ -577,7 +584,7 @@ static int cmd_layout(void)
     F(state); F(shutdown_reason); F(req); F(req_seq); F(ack_seq); F(vcpu_pid); F(dirty_rate);
     F(logdirty); F(hvm); F(mem_bytes); F(tsc); F(params); F(hvmctx_len); F(nr_leaves);
     F(nr_msrs); F(config_len); F(uuid); F(name); F(created_ns); F(populated_off); F(dirty_off);
-    F(ctl_size); F(vcpu_starts); F(resume_paused);
+    F(ctl_size); F(vcpu_starts); F(resume_paused); F(cpu_cap);
     printf("  \"sizeof_ctl\": %zu,\n", sizeof(struct fx_ctl));
     printf("  \"GNT_OFF\": %lu,\n  \"LEAVES_OFF\": %lu,\n  \"MSRS_OFF\": %lu,\n"
            "  \"CONFIG_OFF\": %lu,\n  \"CONFIG_MAX\": %lu,\n  \"HVMCTX_OFF\": %lu,\n"

@@ -54,9 +54,16 @@ from xen cimport (
 # logged at DETAIL.  Fixed costs of the switch-over (suspending, device
 # state, the receiver's restore and handshake) are not in the prediction.
 
+# PYXL_PRECOPY=host (pyxl's extension of the callback protocol, see
+# pyxl/wire/table.py message 11): the same measurements, but at each counted
+# call (once per round, after the CLEAN) the helper sends them to the host as
+# precopy_round and does what the reply says; at the -1 calls it continues (on
+# to the CLEAN).  A reply that is not a libxc decision aborts, with an ERROR.
+
 cdef enum:
     POLICY_XEN = 0
     POLICY_DOWNTIME = 1
+    POLICY_HOST = 2
     PAGE_COST = 4096 + 8     # a page and its pfn word in a PAGE_DATA record
     IOBUF_SIZE = 1024
 
@@ -75,6 +82,7 @@ cdef struct _PrecopyState:
     double sent_pages        # measured so far (for the bandwidth)
     double sent_time
     int io_fd                # /proc/self/io, opened at the first call; -2: not yet
+    double start             # the first call (host policy: elapsed time)
 
 
 cdef _PrecopyState _pc
@@ -124,6 +132,8 @@ cdef int _downtime_policy(precopy_stats stats, void *data) noexcept nogil:
     cdef long dirty = stats.dirty_count
     cdef int decision = XGS_POLICY_CONTINUE_PRECOPY
     cdef bint fits, failed = False
+    if _pc.start == 0:
+        _pc.start = now
     if dirty < 0:
         # After a round: time it.
         if now > _pc.round_start:
@@ -146,6 +156,8 @@ cdef int _downtime_policy(precopy_stats stats, void *data) noexcept nogil:
         else:
             pending = _pc.rate * (<double>dirty / bw)
         predicted = pending / bw
+    if _pc.kind == POLICY_HOST:
+        return _ask_host(stats.iteration, dirty, bw, predicted, now)
     fits = dirty == 0 or (predicted >= 0 and predicted <= _pc.target)
     if fits:
         decision = XGS_POLICY_STOP_AND_COPY
@@ -179,6 +191,32 @@ cdef int _downtime_policy(precopy_stats stats, void *data) noexcept nogil:
     return decision
 
 
+cdef int _ask_host(unsigned int iteration, long dirty, double bw, double predicted,
+                   double now) noexcept nogil:
+    """POLICY_HOST: the host decides, once per round (see the comment above)."""
+    cdef int reply
+    if dirty < 0:
+        return XGS_POLICY_CONTINUE_PRECOPY
+    reply = stub_precopy_round(iteration, <uint64_t>(_pc.round_pages if iteration > 0 else 0),
+                               <uint64_t>dirty, <uint64_t>(_pc.rate if _pc.rate > 0 else 0.0),
+                               <uint64_t>bw,
+                               <uint64_t>(predicted * 1e6) if predicted >= 0 else <uint64_t>-1,
+                               <uint64_t>((now - _pc.start) * 1e6), NULL)
+    if reply not in (XGS_POLICY_CONTINUE_PRECOPY, XGS_POLICY_STOP_AND_COPY, XGS_POLICY_ABORT):
+        xtl_log(&_logger, XTL_ERROR, -1, "pyxl-precopy",
+                "the host's precopy decision %d is none of libxc's: aborting", reply)
+        return XGS_POLICY_ABORT
+    xtl_log(&_logger, XTL_DETAIL, -1, "pyxl-precopy", "iteration %u, dirty %ld pages: host says %s",
+            iteration, dirty, "stop and copy" if reply == XGS_POLICY_STOP_AND_COPY
+            else "abort" if reply == XGS_POLICY_ABORT else "continue")
+    if reply != XGS_POLICY_ABORT:
+        _pc.round_start = _now()
+        _pc.round_wchar = _wchar()
+        _pc.round_pages = dirty
+        _pc.round_iteration = iteration
+    return reply
+
+
 cdef precopy_policy_t _precopy_policy() noexcept nogil:
     """The live-migration precopy policy handed to libxc.
 
@@ -186,13 +224,13 @@ cdef precopy_policy_t _precopy_policy() noexcept nogil:
     after 5 rounds), as Xen's helper does; PYXL_PRECOPY=downtime selects
     _downtime_policy (configured by configure_precopy from the environment).
     """
-    if _pc.kind == POLICY_DOWNTIME:
+    if _pc.kind == POLICY_DOWNTIME or _pc.kind == POLICY_HOST:
         return _downtime_policy
     return NULL
 
 
 # Environment of the precopy policy (save mode only; see the module docstring).
-PRECOPY_POLICIES = {b"xen": POLICY_XEN, b"downtime": POLICY_DOWNTIME}
+PRECOPY_POLICIES = {b"xen": POLICY_XEN, b"downtime": POLICY_DOWNTIME, b"host": POLICY_HOST}
 PRECOPY_ON_FAIL = {b"abort": XGS_POLICY_ABORT, b"stop": XGS_POLICY_STOP_AND_COPY}
 DEFAULT_DOWNTIME_MS = 300.0
 DEFAULT_MAX_ITERATIONS = 30
@@ -233,9 +271,10 @@ def configure_precopy():
     if not policy:
         policy = b"xen"
     if policy not in PRECOPY_POLICIES:
-        raise UsageError("PYXL_PRECOPY must be 'xen' or 'downtime', got %s" % _show(policy))
+        raise UsageError("PYXL_PRECOPY must be 'xen', 'downtime' or 'host', got %s"
+                         % _show(policy))
     _pc.kind = PRECOPY_POLICIES[policy]
-    if _pc.kind == POLICY_XEN:
+    if _pc.kind != POLICY_DOWNTIME:
         return
     text = _getenv(b"PYXL_DOWNTIME_MS")
     ms = DEFAULT_DOWNTIME_MS if not text else _env_number(

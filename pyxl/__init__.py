@@ -17,6 +17,7 @@ from pyxl.errors import (BackendError, Cancelled, ConfigError, HelperDied, Helpe
                          HelperProtocolError, LocalProtocolError, MigrationError, MigrationInDoubt,
                          MigrationProtocolError,
                          MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
+                         PrecopyPolicyError,
                          ProtocolError, PyxlError, RemoteProtocolError, StartupError, StreamError,
                          StreamTooLarge, Timeout, TruncatedStream, UnsupportedStream)
 from pyxl.loop import AsyncioLoop, HookLoop, SelectorLoop, default_loop
@@ -29,7 +30,8 @@ __all__ = [
     "HelperDied", "HelperExited", "HelperFailed", "HelperProtocolError", "HookLoop",
     "LocalProtocolError", "MigrationError", "MigrationInDoubt", "MigrationProtocolError",
     "MissingComplete",
-    "MissingRestoreResults", "Operation", "OperationError", "PrecopyAborted", "ProgressEvent",
+    "MissingRestoreResults", "Operation", "OperationError", "PrecopyAborted", "PrecopyPolicyError",
+    "ProgressEvent",
     "ProtocolError", "PyxlError", "RemoteProtocolError", "RestoreOperation", "RestoreOptions",
     "RestoreResult", "SaveOperation", "SaveOptions", "SaveResult", "SelectorLoop",
     "StartupError", "StreamError", "StreamTooLarge", "Timeout", "TruncatedStream",

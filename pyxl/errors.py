@@ -14,7 +14,7 @@
         +-- StartupError (ConfigError), HelperExited, HelperDied, HelperFailed (PrecopyAborted),
         |   MissingComplete, MissingRestoreResults, HelperProtocolError, Timeout, Cancelled,
         |   StreamTooLarge
-        +-- MigrationError (MigrationInDoubt, MigrationProtocolError)
+        +-- MigrationError (MigrationInDoubt, MigrationProtocolError, PrecopyPolicyError)
 
 Every operation failure carries what a toolstack needs to report it: the
 operation (``op``), the helper's last ERROR-level log lines (``helper_errors``),
@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional
 __all__ = [
     "BackendError", "Cancelled", "ConfigError", "DeviceModelError", "HelperDied", "HelperFailed", "HelperExited",
     "HelperProtocolError", "LocalProtocolError", "MigrationError", "MigrationInDoubt",
-    "MigrationProtocolError",
+    "MigrationProtocolError", "PrecopyPolicyError",
     "MissingComplete", "MissingRestoreResults", "OperationError", "PrecopyAborted",
     "ProtocolError", "PyxlError", "RemoteProtocolError", "StartupError", "StreamError",
     "StreamTooLarge", "Timeout", "TruncatedStream", "UnsupportedStream",
@@ -264,6 +264,13 @@ class MigrationError(OperationError):
     def __init__(self, message: str, source_state: Optional[str] = None, **kw: Any) -> None:
         super().__init__(message, **kw)
         self.source_state = source_state
+
+
+class PrecopyPolicyError(MigrationError):
+    """The toolstack's switch-over policy raised, did not answer within its deadline,
+    answered something that is no decision, or chose to abort.  The helper was told
+    to abort precopy: the guest was never suspended, runs, and any CPU cap pyxl set
+    was lifted."""
 
 
 class MigrationInDoubt(MigrationError):

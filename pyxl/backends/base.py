@@ -11,6 +11,10 @@ around the helper run.  pyxl's operations do that through a backend:
   base class to inherit).  Pass it as ``backend=`` to ``pyxl.save``,
   ``pyxl.restore``, ``pyxl.migrate.migrate`` and ``pyxl.migrate.receive``.
 
+Optional: ``cpu_cap(domid) -> int`` and ``set_cpu_cap(domid, cap)`` (the scheduler
+cap, percent of one CPU, 0 = uncapped) -- only live migration with auto-converge
+uses them, and refuses to start without them.
+
 Calls are made from the operation's event loop, so each must return quickly;
 the ones that wait on the guest or its device model (``start_*``) are
 asynchronous: they start the work and report through ``done`` from the loop.  A backend reports failure by raising

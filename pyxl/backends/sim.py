@@ -140,6 +140,13 @@ class SimBackend:
         except sim.SimError as exc:
             raise StartupError(f"cannot create the domain to restore into: {exc}") from exc
 
+    def cpu_cap(self, domid: int) -> int:
+        """The scheduler cap, percent of one CPU (0: uncapped): fakexen's vCPU honours it."""
+        return sim.cpu_cap(domid, sim_dir=self.sim_dir)
+
+    def set_cpu_cap(self, domid: int, cap: int) -> None:
+        sim.set_cpu_cap(domid, cap, sim_dir=self.sim_dir)
+
     def unpause(self, domid: int) -> None:
         sim.unpause(domid, sim_dir=self.sim_dir)
 

@@ -185,6 +185,14 @@ class XenBackend(NoDeviceModel):
     def pause(self, domid: int) -> None:
         self.xc.pause(domid)
 
+    def cpu_cap(self, domid: int) -> int:
+        """The scheduler cap of the domain's scheduler (credit2 or credit), percent of one CPU."""
+        return self.xc.sched_cap(domid)[2]
+
+    def set_cpu_cap(self, domid: int, cap: int) -> None:
+        """As ``xl sched-credit2 -d DOM -c CAP`` (or sched-credit): the weight is kept."""
+        self.xc.set_sched_cap(domid, cap)
+
     def unpause(self, domid: int) -> None:
         self._dm_cont(domid)
         self.xc.unpause(domid)

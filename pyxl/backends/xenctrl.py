@@ -18,7 +18,7 @@ import ctypes
 import errno
 import os
 import struct
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from pyxl._paths import XEN_RELEASES, xen_release, xenctrl_releases
 from pyxl.errors import BackendError, StartupError
@@ -44,6 +44,13 @@ _OFF_NR_ONLINE_VCPUS, _OFF_MAX_VCPU_ID, _OFF_HANDLE = 64, 68, 76
 # max_vcpus, max_evtchn_port, max_grant_frames, max_maptrack_frames,
 # grant_opts, [altp2m_opts: 4.19 and later], vmtrace_size, cpupool_id,
 # arch.{emulation_flags, misc_flags}.
+#: struct xen_domctl_sched_credit and xen_domctl_sched_credit2 (xen/domctl.h): both
+#: {uint16 weight; uint16 cap}; cap is percent of one CPU, 0 = uncapped.
+SCHED_PARAMS = struct.Struct("=HH")
+#: the schedulers whose per-domain ``cap`` pyxl sets, credit2 (Xen's default) first
+SCHED_CAP_FUNCS = (("credit2", "xc_sched_credit2_domain_get", "xc_sched_credit2_domain_set"),
+                   ("credit", "xc_sched_credit_domain_get", "xc_sched_credit_domain_set"))
+
 CREATEDOMAIN = {"4.17": struct.Struct("=I16sIIIIiiIIIII"),
                 "4.20": struct.Struct("=I16sIIIIiiIIIIII")}
 assert CREATEDOMAIN["4.17"].size == 64 and CREATEDOMAIN["4.20"].size == 68
@@ -151,6 +158,9 @@ class Xc:
         self.guest.xc_domain_get_native_protocol.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
         c.xc_hvm_param_get.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32,
                                        ctypes.POINTER(ctypes.c_uint64)]
+        for _sched, get, set_ in SCHED_CAP_FUNCS:
+            for fn in (get, set_):
+                getattr(c, fn).argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_char_p]
         self.xch = self.ctrl.xc_interface_open(None, None, 0)
         if not self.xch:
             e = ctypes.get_errno()
@@ -219,6 +229,33 @@ class Xc:
         """The guest's ring ABI ("x86_64-abi", "x86_32-abi"), None if Xen cannot say."""
         raw = self.guest.xc_domain_get_native_protocol(self.xch, domid)
         return raw.decode() if raw else None
+
+    def sched_cap(self, domid: int) -> Tuple[str, int, int]:
+        """(scheduler, weight, cap) of the domain: credit2 is tried first; Xen
+        refuses (EINVAL) the domctl of a scheduler that is not the domain's."""
+        last: Optional[XenError] = None
+        for sched, get, _set in SCHED_CAP_FUNCS:
+            buf = ctypes.create_string_buffer(SCHED_PARAMS.size)
+            try:
+                self._check(f"{get}({domid})", getattr(self.ctrl, get)(self.xch, domid, buf))
+            except XenError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                last = exc
+                continue
+            weight, cap = SCHED_PARAMS.unpack(buf.raw)
+            return sched, weight, cap
+        assert last is not None
+        raise XenError(errno.EINVAL, f"domain {domid}: its scheduler has no cap "
+                                     f"(neither credit2 nor credit): {last}")
+
+    def set_sched_cap(self, domid: int, cap: int) -> None:
+        """Set the cap (percent of one CPU, 0 = uncapped) keeping the weight, through
+        the domain's own scheduler's domctl."""
+        sched, weight, _old = self.sched_cap(domid)
+        set_ = dict((s, st) for s, _g, st in SCHED_CAP_FUNCS)[sched]
+        buf = ctypes.create_string_buffer(SCHED_PARAMS.pack(weight, cap), SCHED_PARAMS.size)
+        self._check(f"{set_}({domid}, cap={cap})", getattr(self.ctrl, set_)(self.xch, domid, buf))
 
     def shutdown(self, domid: int, reason: int) -> None:
         self._check(f"xc_domain_shutdown({domid}, {reason})",

@@ -1,6 +1,7 @@
 """``pyxl migrate`` and ``pyxl migrate-receive``: host-to-host migration (xl migrate).
 
-    pyxl migrate [--live] [--downtime MS [--max-iterations N] [--on-fail abort|stop]]
+    pyxl migrate [--live] [--downtime MS [--max-iterations N] [--on-fail abort|stop]
+                 [--auto-converge]]
                  [--remus [--checkpoints N] [--interval S]]
                  [--max-bandwidth BYTES/S] [--command CMD]
                  [--tls-cert FILE --tls-key FILE --tls-ca FILE [--tls-name NAME]]
@@ -23,7 +24,8 @@ not on ``--tls-allow``, send garbage or say nothing within
 ``--header-timeout`` (default 60 s), and listens on for the real sender.
 
 JSON: sender ``{"domid", "digest", "downtime_ms", "iterations", "bytes_sent",
-"seconds"}`` (+ ``"checkpoints"`` with --remus); receiver ``{"domid", "digest",
+"seconds"}`` (+ ``"checkpoints"`` with --remus, ``"throttle"``, the lowest CPU
+cap in percent, 0 for none, with --auto-converge); receiver ``{"domid", "digest",
 "seconds"}`` (+ ``"checkpoints", "failover"`` with --remus).  Exit codes as
 ``pyxl``'s: 0 migrated, 1 failed (the source runs on; "in doubt": paused),
 2 bad arguments or unusable input, 130 interrupted (SIGINT), 143 terminated
@@ -114,6 +116,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         raise SystemExit(_usage("--max-iterations and --on-fail go with --downtime"))
     if args.downtime is not None and not args.live:
         raise SystemExit(_usage("--downtime needs --live"))
+    if args.auto_converge and args.downtime is None:
+        raise SystemExit(_usage("--auto-converge goes with --downtime"))
     if args.remus and not args.live:
         raise SystemExit(_usage("--remus needs --live"))
     if not args.remus and (args.checkpoints is not None or args.interval is not None):
@@ -127,7 +131,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                  checkpoints=args.checkpoints,
                  checkpoint_interval=0.1 if args.interval is None else args.interval,
                  tls=tls, handshake_timeout=args.handshake_timeout,
-                 idle_timeout=args.idle_timeout)
+                 idle_timeout=args.idle_timeout, auto_converge=args.auto_converge)
     try:
         res = run(op)
     finally:
@@ -139,6 +143,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                "seconds": round(res.duration, 6)}
         if args.remus:
             out["checkpoints"] = res.checkpoints
+        if args.auto_converge:
+            out["throttle"] = res.throttle
         print(json.dumps(out))
     return EXIT_OK
 
@@ -196,6 +202,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--on-fail", choices=("abort", "stop"),
                    help="with --downtime, if the target is not met in time: abort the "
                         "migration (default; the guest keeps running) or stop and copy anyway")
+    p.add_argument("--auto-converge", action="store_true",
+                   help="with --downtime: cap the guest's CPU step by step while it dirties "
+                        "memory too fast to meet the target (needs pyxl's helper; the cap is "
+                        "lifted afterwards, whatever happens)")
     p.add_argument("--max-bandwidth", type=_size, metavar="BYTES/S",
                    help="cap the stream's bandwidth, e.g. 100M")
     p.add_argument("--remus", action="store_true",

@@ -9,7 +9,7 @@ destroyed after the receiver's status 0, running after any failure before
 "cleared to unpause", paused when in doubt.  Bytes go through
 :class:`~pyxl.migrate.handshake.SenderHandshake`; the channel is
 :class:`~pyxl.migrate.connection.ReceiverChannel`.  It may import the
-handshake, relay, connection, domain, future and precopy modules of this
+handshake, relay, connection, domain, future, precopy and converge modules of this
 package, pyxl.ops (SaveOperation), pyxl.backends, pyxl.errors, pyxl.fdio
 and pyxl.loop; the receiver's module never.
 """
@@ -29,6 +29,7 @@ from pyxl.errors import (MigrationError, MigrationInDoubt, MigrationProtocolErro
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
 from pyxl.loop import Loop, Timer
 from pyxl.migrate.connection import ReceiverChannel
+from pyxl.migrate.converge import Policy, PolicyDriver, target_policy
 from pyxl.migrate.domain import AWAY, digest_or_none, domain_name
 from pyxl.migrate.future import MigrationFuture
 from pyxl.migrate.handshake import (NEED_DATA, Banner, ClearedToUnpause, DomainReceived,
@@ -53,6 +54,7 @@ class MigrateResult:
     digest: Optional[str]       # sim digest of the source at switch-over (on request)
     save: SaveResult
     checkpoints: int = 0        # Remus: checkpoints sent before the switch-over
+    throttle: int = 0           # the lowest CPU cap (percent) auto-converge/a policy set; 0: none
 
 
 class MigrateOperation(MigrationFuture):
@@ -85,7 +87,8 @@ class MigrateOperation(MigrationFuture):
                  handshake_timeout: float = 60.0, remus: bool = False,
                  checkpoints: Optional[int] = None, checkpoint_interval: float = 0.1,
                  tls: Optional[TlsOptions] = None,
-                 idle_timeout: Optional[float] = 60.0) -> None:
+                 idle_timeout: Optional[float] = 60.0, auto_converge: bool = False,
+                 policy: Optional[Policy] = None, policy_deadline: float = 5.0) -> None:
         if (target is None) == (command is None):
             raise ValueError("give either a target HOST:PORT or a command, not both or neither")
         if tls is not None and not isinstance(tls, TlsOptions):
@@ -108,7 +111,23 @@ class MigrateOperation(MigrationFuture):
             raise ValueError("a downtime target needs a live migration")
         if max_bandwidth is not None and max_bandwidth <= 0:
             raise ValueError("max_bandwidth must be positive")
+        if auto_converge:
+            if downtime_ms is None or policy is not None:
+                raise ValueError("auto_converge needs a downtime target (and no policy of yours)")
+            policy = target_policy(downtime_ms, max_rounds=max_iterations or 30,
+                                   on_fail=on_fail, auto_converge=True)
+            downtime_ms = max_iterations = None
+        if policy is not None:
+            if not live or remus:
+                raise ValueError("a switch-over policy needs a live, non-Remus migration")
+            if downtime_ms is not None:
+                raise ValueError("give a downtime target or a policy, not both")
+            if os.path.basename(helper_path(helper)) != "pyxl-save-helper":
+                raise ValueError(f"a switch-over policy needs pyxl's helper (the precopy_round "
+                                 f"extension); {helper_path(helper)} speaks Xen's protocol only")
         self.env = precopy_env(downtime_ms, max_iterations, on_fail)
+        if policy is not None:
+            self.env = {"PYXL_PRECOPY": "host"}
         if self.env and os.path.basename(helper_path(helper)) != "pyxl-save-helper":
             logging.getLogger("pyxl.migrate").warning(
                 "helper %s may not implement PYXL_PRECOPY: it may use Xen's default policy",
@@ -121,7 +140,13 @@ class MigrateOperation(MigrationFuture):
         self.live, self.helper, self.max_bandwidth = live, helper, max_bandwidth
         self.want_digest = digest
         self.on_progress = on_progress
+        self.driver: Optional[PolicyDriver] = None
+        if policy is not None:   # checked before anything that needs undoing
+            self.driver = PolicyDriver(loop, self.backend, domid, policy,
+                                       deadline=policy_deadline, fail=self._policy_failed)
         super().__init__(loop, timeout)
+        if self.driver is not None:
+            self.driver.loop = self.loop
         self.handshake = SenderHandshake()
         self.channel: Optional[ReceiverChannel] = None
         self.save: Optional[SaveOperation] = None
@@ -237,7 +262,8 @@ class MigrateOperation(MigrationFuture):
                              on_progress=self._progress,
                              stream_type=STREAM_REMUS if self.remus else STREAM_PLAIN,
                              checkpoints=self.checkpoints,
-                             checkpoint_interval=self.checkpoint_interval)
+                             checkpoint_interval=self.checkpoint_interval,
+                             callbacks={"precopy_round": self.driver} if self.driver else None)
         except OperationError as exc:
             self._fail(exc)
             return
@@ -348,7 +374,8 @@ class MigrateOperation(MigrationFuture):
         assert self.relay is not None
         result = MigrateResult(self.domid, downtime, len(self._rounds), self.relay.sent,
                                end - self.started, digest, self._save_result,
-                               self._save_result.checkpoints)
+                               self._save_result.checkpoints,
+                               min(self.driver.caps, default=0) if self.driver else 0)
         self._close_transport()
         self._done_pending = (result, None)
         self._maybe_finish()
@@ -389,6 +416,12 @@ class MigrateOperation(MigrationFuture):
         doubt.__cause__ = cause
         self._fail(doubt)
 
+    def _policy_failed(self, exc: OperationError) -> None:
+        """The policy misbehaved or aborted: the helper is told to abort, and its
+        failure is reported as this."""
+        if self._error is None:
+            self._error = exc
+
     def _fail(self, exc: OperationError, resume: bool = False) -> None:
         if self._done or self._done_pending is not None:
             return
@@ -405,6 +438,8 @@ class MigrateOperation(MigrationFuture):
         if self.save is not None and not self.save.done():
             self.save.cancel(grace=5.0)   # _saved() comes back here
             return
+        if self.driver is not None:
+            self.driver.restore()        # the guest runs on uncapped
         exc = self._error
         assert exc is not None
         state = None
@@ -457,6 +492,8 @@ class MigrateOperation(MigrationFuture):
         close_quietly(self._pipe_r)
         self._pipe_r = -1
         result, exc = self._done_pending
+        if self.driver is not None:
+            self.driver.restore()
         self._finish(result, exc)
 
 

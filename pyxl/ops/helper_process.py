@@ -59,7 +59,10 @@ class HelperProcess:
                  env: Optional[Dict[str, str]] = None) -> None:
         self.loop = loop
         self.argv = list(argv)
-        self.conv = Conversation(mode, cbflags)
+        # pyxl's extension (precopy_round) only when the host asked for it.
+        host_policy = (env or {}).get("PYXL_PRECOPY") == "host"
+        self.conv = Conversation(mode, cbflags,
+                                 frozenset({"precopy_round"}) if host_policy else frozenset())
         self._on_message = on_message
         self._on_exit = on_exit
         self.wait_status: Optional[int] = None

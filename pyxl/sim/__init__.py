@@ -25,8 +25,8 @@ non-blocking pair :func:`request_suspend` + :func:`state` lets an event loop
 poll for suspension with a timer.
 """
 
-from pyxl.sim.control import (DomainInfo, bury, config, destroy, info, list_domains, pause, remove_dir,
-                              rename, request_suspend, resume, set_dirty_rate, state, suspend,
+from pyxl.sim.control import (DomainInfo, bury, config, cpu_cap, destroy, info, list_domains, pause, remove_dir,
+                              rename, request_suspend, resume, set_cpu_cap, set_dirty_rate, state, suspend,
                               unpause)
 from pyxl.sim.errors import (DomainStateError, InsufficientResources, NoSuchDomain, SimError,
                              SimTimeout, UnsafeSimDir)
@@ -40,9 +40,9 @@ from pyxl.sim.statedir import create, create_empty
 __all__ = [
     "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
     "NoSuchDomain", "PAGE_SIZE", "SAVED_PARAMS", "SimError", "SimTimeout", "UnsafeSimDir", "bit_runs",
-    "bury", "check_guest", "check_sim_dir", "config", "counter", "create", "create_empty", "destroy", "digest",
+    "bury", "check_guest", "check_sim_dir", "config", "counter", "cpu_cap", "create", "create_empty", "destroy", "digest",
     "format_size", "grant_entries", "helper_env", "hvm_context", "hvm_params", "info",
     "libfakexen_path", "list_domains", "parse_size", "pause", "populated_runs", "ram_runs",
-    "remove_dir", "rename", "request_suspend", "resume", "set_dirty_rate", "sim_dir_path",
+    "remove_dir", "rename", "request_suspend", "resume", "set_cpu_cap", "set_dirty_rate", "sim_dir_path",
     "state", "suspend", "unpause", "vcpu_path",
 ]

@@ -186,6 +186,8 @@ class DomainInfo:
     vcpu_pid: Optional[int]
     shutdown_reason: Optional[str]
     created: float
+    #: scheduler cap, percent of one CPU (0: uncapped)
+    cpu_cap: int = 0
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)
@@ -209,6 +211,7 @@ def _info_from(hdr: bytes, vcpu_alive: bool) -> DomainInfo:
         vcpu_pid=pid if (vcpu_alive and pid > 0) else None,
         shutdown_reason="suspend" if st == SUSPENDED else None,
         created=_field(hdr, "created_ns") / 1e9,
+        cpu_cap=_field(hdr, "cpu_cap"),
     )
 
 
@@ -375,6 +378,31 @@ def set_dirty_rate(domid: int, rate: int, sim_dir: Optional[str] = None) -> None
         d.state()
         d.set("dirty_rate", rate)
         _futex_wake(d.page, CTL_FIELDS["req_seq"][0])
+
+
+#: the largest cap: Xen allows up to 100 x the domain's vCPUs; the simulated guest has one
+MAX_CPU_CAP = 100
+
+
+def set_cpu_cap(domid: int, cap: int, sim_dir: Optional[str] = None) -> None:
+    """Set the scheduler cap (percent of one CPU, 0: uncapped), as Xen's credit/credit2 ``cap``.
+
+    The simulated vCPU then runs only ``cap`` % of the time: it dirties memory at
+    ``dirty_rate * cap / 100``.  Takes effect at once; not carried by a migration.
+    """
+    if isinstance(cap, bool) or not isinstance(cap, int) or not 0 <= cap <= MAX_CPU_CAP:
+        raise ValueError(f"cpu cap must be an integer from 0 to {MAX_CPU_CAP}, not {cap!r}")
+    with _Dom(domid, sim_dir) as d:
+        d.state()
+        d.set("cpu_cap", cap)
+        _futex_wake(d.page, CTL_FIELDS["req_seq"][0])
+
+
+def cpu_cap(domid: int, sim_dir: Optional[str] = None) -> int:
+    """The scheduler cap set by :func:`set_cpu_cap` (0: uncapped)."""
+    with _Dom(domid, sim_dir) as d:
+        d.state()
+        return int(d.get("cpu_cap"))
 
 
 def destroy(domid: int, sim_dir: Optional[str] = None) -> None:

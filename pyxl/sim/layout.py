@@ -72,6 +72,7 @@ CTL_FIELDS: Dict[str, Tuple[int, str]] = {
     "ctl_size": (0x2F0, "<Q"),
     "vcpu_starts": (0x2F8, "<Q"),
     "resume_paused": (0x300, "<I"),
+    "cpu_cap": (0x304, "<I"),
 }
 
 # Run states (enum fx_state) and vCPU requests (enum fx_req).

@@ -141,6 +141,24 @@ class Complete(Message):
     errnoval: int
 
 
+@dataclass(frozen=True)
+class PrecopyRound(Message):
+    NUMBER: ClassVar[int] = 11
+    NAME: ClassVar[str] = 'precopy_round'
+    SENDERS: ClassVar[Tuple[str, ...]] = ('save',)
+    WAITS_FOR_REPLY: ClassVar[bool] = True
+    CBFLAG: ClassVar[int] = 0
+    ARGS: ClassVar[Tuple[Tuple[str, str], ...]] = (('iteration', 'uint32'), ('sent_pages', 'uint64'), ('dirty_pages', 'uint64'), ('dirty_rate', 'uint64'), ('bandwidth', 'uint64'), ('predicted_us', 'uint64'), ('elapsed_us', 'uint64'))
+
+    iteration: int
+    sent_pages: int
+    dirty_pages: int
+    dirty_rate: int
+    bandwidth: int
+    predicted_us: int
+    elapsed_us: int
+
+
 BY_NUMBER: Dict[int, Type[Message]] = {
     1: Log,
     2: Progress,
@@ -152,6 +170,7 @@ BY_NUMBER: Dict[int, Type[Message]] = {
     8: StaticDataDone,
     9: RestoreResults,
     10: Complete,
+    11: PrecopyRound,
 }
 
 BY_NAME: Dict[str, Type[Message]] = {
@@ -165,4 +184,5 @@ BY_NAME: Dict[str, Type[Message]] = {
     'static_data_done': StaticDataDone,
     'restore_results': RestoreResults,
     'complete': Complete,
+    'precopy_round': PrecopyRound,
 }

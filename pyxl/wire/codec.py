@@ -33,6 +33,7 @@ from pyxl.wire._generated import (
     Log,
     Message,
     Postcopy,
+    PrecopyRound,
     Progress,
     RestoreResults,
     StaticDataDone,
@@ -42,8 +43,8 @@ from pyxl.wire._generated import (
 )
 
 __all__ = [
-    "BY_NAME", "BY_NUMBER", "Checkpoint", "Complete", "Conversation", "Decoder",
-    "LOG_LEVELS", "Log", "Message", "Postcopy", "Progress", "ProtocolError",
+    "BY_NAME", "BY_NUMBER", "Checkpoint", "Complete", "Conversation", "Decoder", "EXTENSIONS",
+    "LOG_LEVELS", "Log", "Message", "Postcopy", "PrecopyRound", "Progress", "ProtocolError",
     "RestoreResults", "StaticDataDone", "Suspend", "SwitchQemuLogdirty",
     "WaitCheckpoint", "cbflags_for", "encode", "encode_reply",
 ]
@@ -198,6 +199,12 @@ def encode_reply(value: int) -> bytes:
     return _REPLY.pack(value)
 
 
+#: Messages of pyxl's own extension of the protocol (table rows after Xen's):
+#: only pyxl's helper sends them, and only when the host asked for them (the
+#: helper's environment); a :class:`Conversation` refuses them otherwise.
+EXTENSIONS = frozenset({"precopy_round"})
+
+
 def cbflags_for(names: "Tuple[str, ...] | List[str]") -> int:
     """CBFLAGS for the given callback names, e.g. ('suspend', 'switch_qemu_logdirty') -> 136."""
     flags = 0
@@ -218,10 +225,12 @@ class Conversation:
     returns the bytes to write to the helper's fd 0.
     """
 
-    def __init__(self, mode: str, cbflags: Optional[int] = None) -> None:
+    def __init__(self, mode: str, cbflags: Optional[int] = None,
+                 extensions: "frozenset[str]" = frozenset()) -> None:
         self.decoder = Decoder(mode)
         self.mode = mode
         self.cbflags = cbflags
+        self.extensions = extensions   # the EXTENSIONS negotiated for this helper run
         self.awaiting: Optional[Message] = None  # callback waiting for our reply
         self.completed: Optional[Complete] = None
         self.results: Optional[RestoreResults] = None
@@ -257,6 +266,8 @@ class Conversation:
         if (self.cbflags is not None and msg.CBFLAG and msg.WAITS_FOR_REPLY
                 and not self.cbflags & msg.CBFLAG):
             self._fail("callback not enabled in CBFLAGS", offset, msg.NAME)
+        if msg.NAME in EXTENSIONS and msg.NAME not in self.extensions:
+            self._fail("pyxl's protocol extension was not negotiated", offset, msg.NAME)
         if isinstance(msg, RestoreResults):
             self.results = msg
         if isinstance(msg, Complete):

@@ -50,6 +50,16 @@ MESSAGES = (
     # 10
     ("complete", ("save", "restore"), True,
      (("retval", "int32"), ("errnoval", "int32"))),
+    # 11: pyxl's extension, never sent by Xen's helper (so Xen's numbering and
+    # wire format are untouched).  pyxl's helper sends it only when the host
+    # asked for it (PYXL_PRECOPY=host): once per precopy round, after the
+    # log-dirty CLEAN, with its measurements; the reply is libxc's decision
+    # (0 continue, 1 stop and copy, -1 abort).  Rates are pages/s; a predicted
+    # downtime of 2**64-1 is unknown.
+    ("precopy_round", ("save",), True,
+     (("iteration", "uint32"), ("sent_pages", "uint64"), ("dirty_pages", "uint64"),
+      ("dirty_rate", "uint64"), ("bandwidth", "uint64"), ("predicted_us", "uint64"),
+      ("elapsed_us", "uint64"))),
 )
 
 # Messages that are callbacks libxc calls only when the caller installed them,

@@ -176,7 +176,7 @@ def test_infeasible_target_can_force_stop_and_copy(sim_dir, busy_guest, tmp_path
 
 
 @pytest.mark.parametrize("name,value,complaint", [
-    ("PYXL_PRECOPY", "fast", "PYXL_PRECOPY must be 'xen' or 'downtime', got 'fast'"),
+    ("PYXL_PRECOPY", "fast", "PYXL_PRECOPY must be 'xen', 'downtime' or 'host', got 'fast'"),
     ("PYXL_DOWNTIME_MS", "0", "PYXL_DOWNTIME_MS must be a number from 0.001 to 3.6e+06"),
     ("PYXL_DOWNTIME_MS", "nan", "PYXL_DOWNTIME_MS must be a number"),
     ("PYXL_DOWNTIME_MS", "12ms", "PYXL_DOWNTIME_MS must be a number"),

@@ -387,3 +387,31 @@ def test_queries_racing_destroy_see_no_such_domain_or_nothing(fxdir):
     t.join()
     assert not errors
     assert sim.list_domains(fxdir) == []
+
+
+def _rate(domid, fxdir, seconds):
+    """Pages/s the guest writes, measured over ``seconds``."""
+    n0, t0 = sim.counter(domid, fxdir), time.monotonic()
+    time.sleep(seconds)
+    return (sim.counter(domid, fxdir) - n0) / (time.monotonic() - t0)
+
+
+def test_cpu_cap_slows_the_guest_as_xens_scheduler_cap(fxdir):
+    """A capped vCPU runs cap % of the time, so its measured dirty rate falls."""
+    from pyxl.backends.sim import SimBackend
+    be = SimBackend(fxdir)
+    domid = sim.create(16 * MiB, dirty_rate=16 * MiB, sim_dir=fxdir)
+    assert be.cpu_cap(domid) == 0                   # uncapped, as a new Xen domain
+    be.set_cpu_cap(domid, 100)
+    full = _rate(domid, fxdir, 1.0)
+    be.set_cpu_cap(domid, 25)
+    assert be.cpu_cap(domid) == sim.info(domid, fxdir).cpu_cap == 25
+    quarter = _rate(domid, fxdir, 1.0)
+    assert 0.6 * 4096 <= full <= 1.2 * 4096, full   # 16 MiB/s = 4096 pages/s
+    assert 0.12 <= quarter / full <= 0.40, (quarter, full)
+    be.set_cpu_cap(domid, 0)
+    assert _rate(domid, fxdir, 0.5) > 2 * quarter   # uncapped again
+    assert sim.check_guest(domid, fxdir).consistent
+    for bad in (-1, 101, 2.5, True, "50"):
+        with pytest.raises(ValueError, match="cpu cap"):
+            be.set_cpu_cap(domid, bad)

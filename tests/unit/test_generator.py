@@ -215,7 +215,9 @@ def test_pxi_matches_xen_417_helper():
     assert {n: p["number"] for n, p in parsed.items()} == {
         "log": 1, "progress": 2, "suspend": 3, "postcopy": 4, "checkpoint": 5,
         "wait_checkpoint": 6, "switch_qemu_logdirty": 7, "static_data_done": 8,
-        "restore_results": 9, "complete": 10}
+        "restore_results": 9, "complete": 10,
+        "precopy_round": 11}   # pyxl's extension: after Xen's, never sent by Xen's helper
+    assert parsed["precopy_round"]["cbflag"] == 0
     assert installed == {
         "save": {"suspend", "postcopy", "checkpoint", "wait_checkpoint", "switch_qemu_logdirty"},
         "restore": {"suspend", "postcopy", "checkpoint", "wait_checkpoint", "static_data_done",

@@ -74,10 +74,25 @@ def frame(body: bytes) -> bytes:
 
 
 def test_unknown_message_number_names_offset():
-    data = encode(protocol.Suspend()) + frame(struct.pack("<H", 11))
+    data = encode(protocol.Suspend()) + frame(struct.pack("<H", 12))
     with pytest.raises(ProtocolError) as e:
         Decoder().feed(data)
-    assert e.value.offset == 4 and "unknown message number 11" in str(e.value)
+    assert e.value.offset == 4 and "unknown message number 12" in str(e.value)
+
+
+def test_precopy_round_only_when_negotiated():
+    """pyxl's extension message is refused unless the host asked for it: a helper
+    speaking Xen's protocol (Debian's) is held to exactly Xen's messages."""
+    from pyxl.wire.codec import Conversation, PrecopyRound
+    msg = PrecopyRound(iteration=1, sent_pages=10, dirty_pages=5, dirty_rate=100,
+                       bandwidth=1000, predicted_us=500, elapsed_us=20000)
+    with pytest.raises(ProtocolError, match="not negotiated"):
+        Conversation("save").receive(encode(msg))
+    conv = Conversation("save", extensions=frozenset({"precopy_round"}))
+    assert conv.receive(encode(msg)) == [msg]
+    assert conv.reply(1) == struct.pack("<i", 1)
+    with pytest.raises(ProtocolError):     # a save-only message
+        Conversation("restore", extensions=frozenset({"precopy_round"})).receive(encode(msg))
 
 
 @pytest.mark.parametrize("body,reason", [

@@ -28,7 +28,7 @@ PUBLIC = sorted([
     # errors (pyxl/errors.py)
     "BackendError", "Cancelled", "ConfigError", "HelperDied", "HelperExited", "HelperFailed",
     "HelperProtocolError", "LocalProtocolError", "MigrationError", "MigrationInDoubt", "MigrationProtocolError",
-    "MissingComplete", "MissingRestoreResults", "OperationError", "PrecopyAborted",
+    "MissingComplete", "MissingRestoreResults", "OperationError", "PrecopyAborted", "PrecopyPolicyError",
     "ProtocolError", "PyxlError", "RemoteProtocolError", "StartupError", "StreamError",
     "StreamTooLarge", "Timeout", "TruncatedStream", "UnsupportedStream",
 ])

@@ -86,3 +86,40 @@ def test_createdomain_layout_is_the_installed_headers(tmp_path):
         ours.append((at, n))
         at += n
     assert ours == fields
+
+
+SCHED_C = r"""
+#define __XEN_TOOLS__ 1
+#include <stddef.h>
+#include <stdio.h>
+#include <stdint.h>
+#include <xen/xen.h>
+#include <xen/domctl.h>
+#define F(s, m) printf("%s %zu %zu\n", #s "." #m, offsetof(struct s, m), sizeof(((struct s *)0)->m));
+int main(void)
+{
+    printf("credit %zu credit2 %zu\n", sizeof(struct xen_domctl_sched_credit),
+           sizeof(struct xen_domctl_sched_credit2));
+    F(xen_domctl_sched_credit, weight) F(xen_domctl_sched_credit, cap)
+    F(xen_domctl_sched_credit2, weight) F(xen_domctl_sched_credit2, cap)
+    return 0;
+}
+"""
+
+
+def test_sched_cap_functions_and_layout_are_the_installed_ones(tmp_path):
+    """The scheduler-cap domctls pyxl binds by name exist in libxenctrl, and the
+    {weight, cap} struct it packs is the installed headers' for both schedulers."""
+    from pyxl.backends.xenctrl import SCHED_CAP_FUNCS, SCHED_PARAMS
+    handle = ctypes.CDLL(LIBS["ctrl"])
+    for _sched, get, set_ in SCHED_CAP_FUNCS:
+        assert hasattr(handle, get) and hasattr(handle, set_), (get, set_)
+    src, exe = tmp_path / "sched.c", tmp_path / "sched"
+    src.write_text(SCHED_C)
+    subprocess.run(["cc", "-o", str(exe), str(src)], check=True)
+    lines = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split("\n")
+    assert lines[0].split() == ["credit", str(SCHED_PARAMS.size), "credit2", str(SCHED_PARAMS.size)]
+    rows = [line.split() for line in lines[1:] if line]
+    assert [(int(off), int(n)) for _name, off, n in rows] == [(0, 2), (2, 2)] * 2
+    assert SCHED_PARAMS.unpack(SCHED_PARAMS.pack(256, 25)) == (256, 25)
+    assert struct.calcsize("=H") == 2 and SCHED_PARAMS.format.lstrip("=") == "HH"   # weight, cap
