@@ -114,6 +114,11 @@ TARGETS = [
 # The raw reference for file sinks: sh -c _RAW_FILE_SAVE sh RAW TMP DEST DIR.
 _RAW_FILE_SAVE = 'cat "$1" > "$2" && sync "$2" && mv "$2" "$3" && sync "$4"'
 
+FILE_SINK_DEFINITION = (
+    "pyxl.save(path, fsync=True) against `cat` of the guest's pages into a new file in the same "
+    "directory + fsync + rename + directory fsync (coreutils sync, mv); file = tmpfs (/dev/shm), "
+    "file_ext4 = the ext4 disk (/var/tmp); os.sync() before each run (untimed), file unlinked after")
+
 #: Keys a --file-save run recomputes (and merges into an existing result file).
 FILE_SAVE_KEYS = ("save_file_ratio_vs_debian", "save_file_ratio_vs_raw",
                   "save_file_ratio_vs_debian_ext4", "save_file_ratio_vs_raw_ext4")
@@ -930,11 +935,7 @@ class Bench:
                                "the writer starts, read by cat",
                 "helper_rss_mib": "helper VmHWM (peak RSS since exec, incl. mapped guest pages) read "
                                   "from /proc when its `complete` message arrives, keyed by guest GiB",
-                "file sink": "pyxl.save(path, fsync=True) against `cat` of the guest's pages into a new "
-                             "file in the same directory + fsync + rename + directory fsync "
-                             "(coreutils sync, mv); file = tmpfs (/dev/shm), file_ext4 = the ext4 "
-                             "disk (/var/tmp); os.sync() before each run (untimed), file unlinked "
-                             "after",
+                "file sink": FILE_SINK_DEFINITION,
             },
             "runs": runs,
         }
@@ -1068,6 +1069,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (OSError, ValueError):
             old = {}
         old.update(res)
+        # The full run's cells for file sinks: replaced by this run's (the same definition).
+        if isinstance(old.get("save"), dict):
+            old["save"] = {k: v for k, v in old["save"].items() if "/file" not in k}
+            old["save"].update(res["save_file"])
+        old.setdefault("definitions", {})["file sink"] = FILE_SINK_DEFINITION
         B.dump_json(stem + ".json", old)
         sys.stdout.write(json.dumps({k: res[k] for k in FILE_SAVE_KEYS}, indent=1) + "\n")
         for k, c in res["save_file"].items():
