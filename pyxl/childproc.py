@@ -277,6 +277,16 @@ class FileFinisher:
             pass            # it is dying: its exit reports why
         self.child.close_stdin()
 
+    def abandon(self, then: Callable[[], None]) -> None:
+        """The save failed: the child exits without renaming (stdin EOF);
+        ``then()`` from the loop once it is reaped (at once if it was)."""
+        if self.child.finished:
+            then()
+            return
+        self._done = lambda why: then()
+        self.child.close_stdin()
+
     def cancel(self) -> None:
+        """As :meth:`abandon`, without waiting: the child is reaped when it ends."""
         self.child.cancel()
         self.child.close_stdin()

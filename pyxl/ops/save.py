@@ -157,10 +157,6 @@ class SaveOperation(Operation[SaveResult]):
             self.path = os.fspath(target)
             self._open_temp()
         try:
-            if self._tmp is not None and self.fsync:
-                assert self.path is not None
-                self._finisher = FileFinisher(self.loop, self._tmp, self.path,
-                                              self._finisher_failed)
             write_all(self._fd, stream_xl.xl_header(config) + stream_libxl.libxl_header()
                        + stream_libxl.libxc_context_record())
             cbflags = cbflags_for(REMUS_SAVE_CALLBACKS if self.stream_type else SAVE_CALLBACKS)
@@ -177,6 +173,8 @@ class SaveOperation(Operation[SaveResult]):
             finally:
                 if io_fd != self._fd:
                     os.close(io_fd)
+            if self._tmp is not None and self.fsync:
+                self._start_finisher()
         except BaseException as exc:
             self._discard()
             if isinstance(exc, OSError):
@@ -205,6 +203,17 @@ class SaveOperation(Operation[SaveResult]):
             self._own_fd = True
             return
         raise StartupError(f"cannot create a temporary file next to {self.path}")
+
+    def _start_finisher(self) -> None:
+        """The flushing child, started once the helper runs (so a failed start
+        leaves no child to wait for)."""
+        assert self._tmp is not None and self.path is not None and self.helper is not None
+        try:
+            self._finisher = FileFinisher(self.loop, self._tmp, self.path, self._finisher_failed)
+        except OSError as exc:
+            self._fail_soon(OperationError(
+                f"cannot start the file finisher: {exc.strerror}", op=self))
+            self.helper.kill()
 
     def _finisher_failed(self, why: str) -> None:
         """The flushing child failed while the helper wrote (an I/O error, or
@@ -374,6 +383,12 @@ class SaveOperation(Operation[SaveResult]):
         self._fail_after_helper(exc)
 
     def _fail_after_helper(self, exc: OperationError) -> None:
+        if self._finisher is not None:
+            # Report only once the flushing child is gone (it exits at once on
+            # its stdin's EOF, without renaming): no child outlives the save.
+            finisher, self._finisher = self._finisher, None
+            finisher.abandon(lambda: self._fail_after_helper(exc))
+            return
         self._discard()
         if self._suspend_cancel is not None:
             self._held = exc  # a suspend is on its way: finish once it has landed
