@@ -111,14 +111,28 @@ TARGETS = [
 ]
 
 
+# The raw reference for file sinks: sh -c _RAW_FILE_SAVE sh RAW TMP DEST DIR.
+_RAW_FILE_SAVE = 'cat "$1" > "$2" && sync "$2" && mv "$2" "$3" && sync "$4"'
+
+FILE_SINK_DEFINITION = (
+    "pyxl.save(path, fsync=True) against `cat` of the guest's pages into a new file in the same "
+    "directory + fsync + rename + directory fsync (coreutils sync, mv); file = tmpfs (/dev/shm), "
+    "file_ext4 = the ext4 disk (/var/tmp); os.sync() before each run (untimed), file unlinked after")
+
+#: Keys a --file-save run recomputes (and merges into an existing result file).
+FILE_SAVE_KEYS = ("save_file_ratio_vs_debian", "save_file_ratio_vs_raw",
+                  "save_file_ratio_vs_debian_ext4", "save_file_ratio_vs_raw_ext4")
+
+
 def gib(n: int) -> str:
     """Guest size as a key: '1', '4', '0.25'."""
     return f"{n / GIB:g}"
 
 
 class Bench:
-    def __init__(self, mode: str, cpu: int, out: str) -> None:
+    def __init__(self, mode: str, cpu: int, out: str, file_only: bool = False) -> None:
         self.mode = mode
+        self.file_only = file_only
         self.cfg = MODES[mode]
         self.out = out
         self.log = B.Log()
@@ -213,8 +227,11 @@ class Bench:
         qemu = B.qemu_pids()
         nbytes = None
         pl = self.placement(placement)
-        path = os.path.join(self.work, "sink.bin")
-        if sink == "file":
+        filesink = sink.startswith("file")
+        # file: tmpfs (/dev/shm); file_ext4: the ext4 disk.  A new file each run.
+        fdir = self.work if sink == "file_ext4" else self.sim_dir
+        path = os.path.join(fdir, "sink.bin")
+        if filesink:
             os.sync()  # not timed: start every file run with no dirty pages
         w = -1
         reader = None
@@ -227,9 +244,11 @@ class Bench:
         if who == "raw":
             raw = self.raw_files[dom]
             with pinned({pl["writer"]}):
-                if sink == "file":
-                    with open(path, "wb") as f:
-                        cat = subprocess.Popen(["cat", raw], stdout=f)
+                if filesink:
+                    # Like for like with pyxl.save(fsync=True): the same bytes into a
+                    # new file in the same directory, fsync, rename, directory fsync.
+                    cat = subprocess.Popen(["sh", "-c", _RAW_FILE_SAVE, "sh", raw,
+                                            path + ".tmp", path, fdir])
                 else:
                     cat = subprocess.Popen(["cat", raw], stdout=w)
                     os.close(w)
@@ -238,17 +257,17 @@ class Bench:
             if cat.returncode:
                 raise RuntimeError(f"cat {raw} failed: {cat.returncode}")
         else:
-            target = w if sink != "file" else path
+            target = w if not filesink else path
             try:
                 with pinned({pl["writer"]}):  # the helper inherits this at spawn
                     op = pyxl.save(dom, target, live=live, leave="paused",
-                                   helper=self.helpers[who], sim_dir=self.sim_dir, fsync=False,
-                                   timeout=600)
+                                   helper=self.helpers[who], sim_dir=self.sim_dir,
+                                   fsync=filesink, timeout=600)
                 spy_helper(op, mem, marks)
                 with pinned({pl["driver"]}):
                     result = pyxl.wait(op)[0]
             finally:
-                if sink != "file":
+                if not filesink:
                     os.close(w)
         if reader is not None:
             out, _ = reader.communicate()
@@ -256,7 +275,7 @@ class Bench:
                 nbytes = int(out.split()[0])
         t1 = time.perf_counter()
         load = probe.stop()
-        if sink == "file":
+        if filesink:
             os.unlink(path)
         wall = t1 - t0
         rec = self._record(figure=figure, who=who, sink=sink, size_gib=size / GIB, rep=rep,
@@ -341,14 +360,15 @@ class Bench:
             # first-touch effects in both the fake's mapping and the page cache.
             self.save_once("warmup", dom, size, "ours", "pipe", -1)
             self.runs.pop()
-            for rep in range(max(reps, freps)):
-                sinks = (["pipe", "pipe1m"] if rep < reps else []) + (["file"] if rep < freps else [])
+            for rep in range(freps if self.file_only else max(reps, freps)):
+                sinks = ((["pipe", "pipe1m"] if rep < reps and not self.file_only else [])
+                         + (["file", "file_ext4"] if rep < freps else []))
                 for sink in rotate(sinks, rep):
                     for who in rotate(["ours", "debian", "raw"], rep):
                         r = self.save_once("save", dom, size, who, sink, rep)
                         self.log(f"save {gib(size)} GiB {sink:6} {who:6} rep {rep}: "
                                  f"{r['gib_per_s']:.2f} GiB/s (foreign {r['foreign_cores']:.2f} cores)")
-            if size == min(self.cfg["save_sizes"]):
+            if size == min(self.cfg["save_sizes"]) and not self.file_only:
                 # The same pipe save under the two other placements (see placement()).
                 for rep in range(self.cfg["placement_reps"]):
                     for plc in rotate(["same", "split"], rep):
@@ -681,6 +701,14 @@ class Bench:
                  f"same-vCPU placement on cpu{self.cpu}, guest vCPU on cpu{self.guest_cpu}, "
                  f"load {load_start}")
         try:
+            if self.file_only:
+                for size in self.cfg["save_sizes"]:
+                    dom = self.create(size)
+                    try:
+                        self.timed("save", self.fig_save, dom, size)
+                    finally:
+                        self.destroy(dom)
+                return self.summarise(started, time.monotonic() - t_start, load_start)
             self.timed("spawn", self.fig_spawn)
             sizes = self.cfg["save_sizes"]
             rss_sizes = self.cfg["rss_sizes"]
@@ -754,8 +782,23 @@ class Bench:
 
         save: Dict[str, Any] = {}
         for size in sizes:
-            for sink in ("pipe", "pipe1m", "file"):
+            for sink in ("pipe", "pipe1m", "file", "file_ext4"):
                 save[f"{gib(size)}/{sink}"] = cell_of("save", sink, size)
+        if self.file_only:
+            keys = {"file_save_run": {
+                "mode": self.mode, "started": started.isoformat(timespec="seconds"),
+                "duration_s": round(duration, 1), "load_start": load_start,
+                "load_end": B.loadavg(), "machine": B.machine_info(),
+                "foreign_cores": {k: c["foreign_cores"] for k, c in save.items()
+                                  if k.split("/")[1].startswith("file")}}}
+            for key, sink in (("save_file_ratio_vs_debian", "file"), ("save_file_ratio_vs_raw", "file"),
+                              ("save_file_ratio_vs_debian_ext4", "file_ext4"),
+                              ("save_file_ratio_vs_raw_ext4", "file_ext4")):
+                field = "paired_vs_debian" if "debian" in key else "paired_vs_raw"
+                keys[key] = _r(B.geomean([save[f"{gib(s)}/{sink}"][field] for s in sizes]))
+            keys["save_file"] = {k: c for k, c in save.items() if k.split("/")[1].startswith("file")}
+            keys["file_save_runs"] = runs
+            return keys
         placements: Dict[str, Any] = {"pair": save[f"{gib(min(sizes))}/pipe"]}
         for plc in ("same", "split"):
             placements[plc] = cell_of("placement", "pipe", min(sizes), plc)
@@ -822,6 +865,10 @@ class Bench:
             "save_pipe1m_ratio_vs_raw": _r(B.geomean([save[f"{gib(s)}/pipe1m"]["paired_vs_raw"] for s in sizes])),
             "save_file_ratio_vs_debian": _r(B.geomean([save[f"{gib(s)}/file"]["paired_vs_debian"] for s in sizes])),
             "save_file_ratio_vs_raw": _r(B.geomean([save[f"{gib(s)}/file"]["paired_vs_raw"] for s in sizes])),
+            "save_file_ratio_vs_debian_ext4": _r(B.geomean([save[f"{gib(s)}/file_ext4"]["paired_vs_debian"]
+                                                            for s in sizes])),
+            "save_file_ratio_vs_raw_ext4": _r(B.geomean([save[f"{gib(s)}/file_ext4"]["paired_vs_raw"]
+                                                         for s in sizes])),
             "restore_ratio_vs_debian": _r(B.geomean([restore[gib(s)]["paired_vs_debian"] for s in sizes])),
             "save_cpu_ratio_vs_debian": _r(B.geomean([save[f"{gib(s)}/pipe"]["cpu_ratio_vs_debian"] for s in sizes])),
             "restore_cpu_ratio_vs_debian": _r(B.geomean([restore[gib(s)]["cpu_ratio_vs_debian"] for s in sizes])),
@@ -888,8 +935,7 @@ class Bench:
                                "the writer starts, read by cat",
                 "helper_rss_mib": "helper VmHWM (peak RSS since exec, incl. mapped guest pages) read "
                                   "from /proc when its `complete` message arrives, keyed by guest GiB",
-                "file sink": "pyxl.save(fsync=False) / cat > file on ext4, os.sync() before each run "
-                             "(untimed), file unlinked after; measures buffered writes into page cache",
+                "file sink": FILE_SINK_DEFINITION,
             },
             "runs": runs,
         }
@@ -1005,12 +1051,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="vCPU for the same-vCPU placement (default: the last allowed CPU)")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="output directory")
     p.add_argument("--name", default="latest", help="output file stem (default latest)")
+    p.add_argument("--file-save", action="store_true",
+                   help="only the file-sink saves (tmpfs and ext4); merge their keys "
+                        f"({', '.join(FILE_SAVE_KEYS)}, save_file, file_save_run) into "
+                        "the existing STEM.json and print them")
     args = p.parse_args(argv)
     import report
     os.makedirs(args.out, exist_ok=True)
-    bench = Bench("smoke" if args.smoke else "quick" if args.quick else "full", args.cpu, args.out)
+    bench = Bench("smoke" if args.smoke else "quick" if args.quick else "full", args.cpu, args.out,
+                  file_only=args.file_save)
     res = bench.run()
     stem = os.path.join(args.out, args.name)
+    if args.file_save:
+        try:
+            with open(stem + ".json") as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = {}
+        old.update(res)
+        # The full run's cells for file sinks: replaced by this run's (the same definition).
+        if isinstance(old.get("save"), dict):
+            old["save"] = {k: v for k, v in old["save"].items() if "/file" not in k}
+            old["save"].update(res["save_file"])
+        old.setdefault("definitions", {})["file sink"] = FILE_SINK_DEFINITION
+        B.dump_json(stem + ".json", old)
+        sys.stdout.write(json.dumps({k: res[k] for k in FILE_SAVE_KEYS}, indent=1) + "\n")
+        for k, c in res["save_file"].items():
+            sys.stdout.write(f"{k}: ours {c['ours'].get('median')} debian {c['debian'].get('median')} "
+                             f"raw {c['raw'].get('median')} GiB/s, paired vs raw {c['paired_vs_raw']}\n")
+        sys.stdout.write(f"merged into {stem}.json in {res['file_save_run']['duration_s']:.0f}s\n")
+        return 0
     # Keys other benchmarks merged into the same file (bench/migrate.py adds
     # "migrate") survive a re-run of this one.
     try:

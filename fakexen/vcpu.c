@@ -2,7 +2,8 @@
  * pyxl-sim-vcpu -- the vCPU of a simulated guest (one process, one thread).
  *
  *   pyxl-sim-vcpu run DOMDIR [--foreground]   run the guest (detached by default)
- *   pyxl-sim-vcpu init DOMDIR                 stamp every RAM page, generation 0
+ *   pyxl-sim-vcpu init DOMDIR [PROFILE SEED]  stamp every RAM page, generation 0,
+ *                                             or fill it from a content profile
  *   pyxl-sim-vcpu check DOMDIR                verify the guest pattern, print JSON
  *   pyxl-sim-vcpu layout                      print the control-block layout as JSON
  *
@@ -207,15 +208,103 @@ static void prefault_ram(struct dom *d)
     }
 }
 
-static int cmd_init(const char *dir)
+/*
+ * Content profiles: realistic guest memory for measuring compression.  Every
+ * page's content is a function of (seed, pfn) alone, so two guests created
+ * with the same seed hold the same bytes and digests are reproducible.
+ *   zero     every page zero;
+ *   text     words of a 512-word pseudo-vocabulary, spaces and newlines:
+ *            about 3x compressible with zlib level 6 (measured 3.06);
+ *   random   splitmix64 output: incompressible;
+ *   typical  per page: 50 % zero, 30 % text, 20 % random.
+ * The stamped pattern (the default, no profile) is what `check` verifies;
+ * profile pages are not stamped, so `check` counts them as torn/unstamped
+ * until the vCPU has rewritten them.
+ */
+enum { PROF_STAMP, PROF_ZERO, PROF_TEXT, PROF_RANDOM, PROF_TYPICAL };
+
+static inline uint64_t splitmix64(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9e3779b97f4a7c15ULL);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    return z ^ (z >> 31);
+}
+
+#define VOCAB 512
+static char g_vocab[VOCAB][10];
+static unsigned char g_vocab_len[VOCAB];
+
+static void make_vocab(void)
+{
+    uint64_t s = 12345;
+    for (unsigned i = 0; i < VOCAB; i++) {
+        uint64_t r = splitmix64(&s);
+        unsigned n = 2 + r % 8;
+        for (unsigned k = 0; k < n; k++)
+            g_vocab[i][k] = (char)('a' + (r >> (8 + 5 * k)) % 26);
+        g_vocab_len[i] = (unsigned char)n;
+    }
+}
+
+static void fill_text(unsigned char *pg, uint64_t s)
+{
+    size_t pos = 0;
+    while (pos < FX_PAGE_SIZE) {
+        uint64_t r = splitmix64(&s);
+        for (unsigned k = 0; k < 4 && pos < FX_PAGE_SIZE; k++) {
+            unsigned x = (unsigned)(r >> (16 * k)) & 0xffff;
+            const char *w = g_vocab[x % VOCAB];
+            for (unsigned c = 0; c < g_vocab_len[x % VOCAB] && pos < FX_PAGE_SIZE; c++)
+                pg[pos++] = (unsigned char)w[c];
+            if (pos < FX_PAGE_SIZE)
+                pg[pos++] = (x >> 12) == 0 ? '\n' : ' ';
+        }
+    }
+}
+
+static void fill_page(struct dom *d, uint64_t pfn, int profile, uint64_t seed)
+{
+    unsigned char *pg = (unsigned char *)(d->mem + pfn * FX_WORDS_PER_PAGE);
+    uint64_t s = seed ^ (pfn * 0xd1b54a32d192ed03ULL);
+    if (profile == PROF_TYPICAL) {
+        uint64_t pick = splitmix64(&s) % 100;
+        profile = pick < 50 ? PROF_ZERO : pick < 80 ? PROF_TEXT : PROF_RANDOM;
+    }
+    if (profile == PROF_ZERO) {
+        memset(pg, 0, FX_PAGE_SIZE);
+    } else if (profile == PROF_TEXT) {
+        fill_text(pg, splitmix64(&s));
+    } else {
+        uint64_t *w = (uint64_t *)pg;
+        for (unsigned i = 0; i < FX_WORDS_PER_PAGE; i++)
+            w[i] = splitmix64(&s);
+    }
+}
+
+static int parse_profile(const char *name)
+{
+    static const char *const names[] = {"stamp", "zero", "text", "random", "typical"};
+    for (int i = 0; i < 5; i++)
+        if (!strcmp(name, names[i]))
+            return i;
+    die("unknown content profile %s (stamp, zero, text, random, typical)", name);
+}
+
+static int cmd_init(const char *dir, int profile, uint64_t seed)
 {
     struct dom d;
     dom_open(&d, dir);
     struct fx_guest_state *gs = guest_state(&d);
     prefault_ram(&d);
+    if (profile == PROF_TEXT || profile == PROF_TYPICAL)
+        make_vocab();
     uint64_t n = 0, first = next_ram(&d, 0);
     for (uint64_t p = first; p != UINT64_MAX; p = next_ram(&d, p + 1)) {
-        write_page(&d, p, 0);
+        if (profile == PROF_STAMP)
+            write_page(&d, p, 0);
+        else
+            fill_page(&d, p, profile, seed);
         n++;
     }
     memset(gs, 0, FX_PAGE_SIZE);
@@ -605,7 +694,7 @@ static int cmd_layout(void)
 static void usage(void)
 {
     fprintf(stderr, "usage: pyxl-sim-vcpu run DOMDIR [--foreground]\n"
-                    "       pyxl-sim-vcpu init DOMDIR\n"
+                    "       pyxl-sim-vcpu init DOMDIR [PROFILE SEED]\n"
                     "       pyxl-sim-vcpu check DOMDIR\n"
                     "       pyxl-sim-vcpu layout\n");
     exit(2);
@@ -620,7 +709,9 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "run") && (argc == 3 || (argc == 4 && !strcmp(argv[3], "--foreground"))))
         return cmd_run(argv[2], argc == 4);
     if (argc == 3 && !strcmp(argv[1], "init"))
-        return cmd_init(argv[2]);
+        return cmd_init(argv[2], PROF_STAMP, 0);
+    if (argc == 5 && !strcmp(argv[1], "init"))
+        return cmd_init(argv[2], parse_profile(argv[3]), strtoull(argv[4], NULL, 0));
     if (argc == 3 && !strcmp(argv[1], "check"))
         return cmd_check(argv[2]);
     usage();

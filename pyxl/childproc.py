@@ -13,8 +13,13 @@ is readable, and an application that set SIGCHLD to SIG_IGN (the kernel then
 reaps for it, and ``waitpid`` fails with ECHILD) still gets an outcome: the
 child's last words on its stderr pipe decide it.
 
-:func:`finish_file` is the one user today: fsync a saved image, rename it
-into place and fsync its directory.
+:func:`finish_file` puts a saved image in place without flushing it (rename;
+with ``fsync``, fsync before and the directory's after).  :class:`FileFinisher`
+is the flushing one, started together with a save: it follows the growing file
+and starts its writeback every 8 MiB (``sync_file_range``), so the disk writes
+while the helper does, and at :meth:`FileFinisher.commit` it fsyncs what is
+left, renames the file into place and fsyncs the directory.  Measured on ext4
+(1 GiB): the fsync started after the helper had finished was 30-40 % of the save.
 
 May import: pyxl.loop, pyxl.fdio.
 """
@@ -29,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from pyxl.fdio import close_quietly
 from pyxl.loop import Loop
 
-__all__ = ["ShortChild", "finish_file"]
+__all__ = ["FileFinisher", "ShortChild", "finish_file"]
 
 #: ``done(exit_status, stderr_text)``: called once, from the loop.  A status of
 #: -N is death by signal N (as ``subprocess``); stderr is the child's, trimmed.
@@ -45,16 +50,23 @@ class ShortChild:
     """Run ``argv`` without waiting for it; ``done(status, stderr)`` from ``loop``."""
 
     def __init__(self, loop: Loop, argv: Sequence[str], done: ChildDone, *,
-                 env: Optional[Dict[str, str]] = None) -> None:
+                 env: Optional[Dict[str, str]] = None, stdin: bool = False) -> None:
+        """``stdin``: give the child a pipe on its stdin (``stdin_fd``, non-blocking,
+        closed when the child is reaped or by :meth:`close_stdin`)."""
         self.loop, self._done = loop, done
         self.finished = False
         self._err: List[bytes] = []
         self._err_open = True
         # close_fds: the child holds nothing of ours (an fd it kept open
         # would keep a pipe or a socket of some operation alive).
-        self.proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(list(argv),
+                                     stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      close_fds=True, env=env)
+        self.stdin_fd = -1
+        if self.proc.stdin is not None:
+            self.stdin_fd = self.proc.stdin.fileno()
+            os.set_blocking(self.stdin_fd, False)
         assert self.proc.stderr is not None
         self._errfd = self.proc.stderr.fileno()
         os.set_blocking(self._errfd, False)
@@ -96,6 +108,7 @@ class ShortChild:
         self._pidfd = -1
         self._read_err()  # what it wrote just before it exited
         self._close_err()
+        self.close_stdin()
         text = b"".join(self._err)
         if status == -1:
             code = 0 if text.endswith(_OK) else 1
@@ -106,6 +119,12 @@ class ShortChild:
             text = text[:-len(_OK)]
         self.finished = True
         self._done(code, text.decode("utf-8", "replace").strip()[-1000:])
+
+    def close_stdin(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()   # closes stdin_fd
+            self.proc.stdin = None
+            self.stdin_fd = -1
 
     def cancel(self) -> None:
         """No callback.  The child is left to finish its step (a half-done
@@ -160,3 +179,114 @@ def finish_file(loop: Loop, tmp: str, dest: str, fsync: bool,
 
     return ShortChild(loop, [sys.executable or "python3", "-I", "-S", "-c", _FINISH_FILE,
                              tmp, dest, directory, "1" if fsync else "0"], exited)
+
+
+# The flushing finisher's program (run with -I -S; ctypes because os has no
+# sync_file_range).  argv: TMP DEST DIR.  It polls the file's size every 10 ms
+# (or wakes on stdin): each new 8 MiB chunk gets its writeback started, and the
+# chunk before it is waited for, so the dirty pages stay bounded and the disk
+# is busy while the save runs.  stdin "commit" -> flush the rest, fsync, rename,
+# fsync the directory; stdin EOF without it -> the save was abandoned: exit
+# without touching anything (the parent removes the file).
+_FOLLOW_FILE = r"""
+import ctypes, os, select, sys
+tmp, dest, d = sys.argv[1:4]
+CHUNK = 8 << 20
+WAIT_BEFORE, WRITE, WAIT_AFTER = 1, 2, 4
+libc = ctypes.CDLL(None, use_errno=True)
+sfr = libc.sync_file_range
+sfr.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+
+def sync_range(fd, off, n, flags):
+    if sfr(fd, off, n, flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+step = "open " + tmp
+try:
+    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+    started = waited = 0
+    commit = False
+    step = "writeback of " + tmp
+    while not commit:
+        if select.select([0], [], [], 0.01)[0]:
+            if os.read(0, 64) != b"commit\n":
+                sys.exit(0)            # abandoned
+            commit = True
+        size = os.fstat(fd).st_size
+        while size - started >= CHUNK:
+            sync_range(fd, started, CHUNK, WRITE)
+            if waited < started:
+                sync_range(fd, waited, started - waited, WAIT_BEFORE | WRITE | WAIT_AFTER)
+                waited = started
+            started += CHUNK
+    step = "fsync " + tmp
+    os.fsync(fd)
+    os.close(fd)
+    step = "rename to " + dest
+    os.rename(tmp, dest)
+    step = "fsync of directory " + d
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+except OSError as exc:
+    sys.stderr.write(step + ": " + (exc.strerror or str(exc)) + "\n")
+    sys.exit(1)
+sys.stderr.write("\nok\n")
+"""
+
+
+class FileFinisher:
+    """Flush ``tmp`` while it is written, then put it in place as ``dest``.
+
+    Started when the save starts (a short child; the loop only watches it).
+    ``failed(why)`` from the loop if the child fails or ends before
+    :meth:`commit`; after :meth:`commit`, ``done(None)`` or ``done(why)``.
+    :meth:`cancel` abandons the file: the child exits without renaming it and
+    the caller removes it."""
+
+    def __init__(self, loop: Loop, tmp: str, dest: str,
+                 failed: Callable[[str], None]) -> None:
+        self._failed = failed
+        self._done: Optional[Callable[[Optional[str]], None]] = None
+        self._why: Optional[str] = None
+        directory = os.path.dirname(os.path.abspath(dest))
+        self.child = ShortChild(loop, [sys.executable or "python3", "-I", "-S", "-c",
+                                       _FOLLOW_FILE, tmp, dest, directory],
+                                self._exited, stdin=True)
+
+    def _exited(self, status: int, err: str) -> None:
+        why = None if status == 0 else (err or f"the file finisher exited with status {status}")
+        if self._done is None:
+            self._why = why or "the file finisher ended before the save did"
+            self._failed(self._why)
+        else:
+            self._done(why)
+
+    def commit(self, done: Callable[[Optional[str]], None]) -> None:
+        """The file is complete: fsync it, rename it into place, fsync the directory."""
+        self._done = done
+        if self.child.finished:
+            done(self._why)     # it failed already
+            return
+        try:
+            os.write(self.child.stdin_fd, b"commit\n")   # 7 bytes into an empty pipe
+        except OSError:
+            pass            # it is dying: its exit reports why
+        self.child.close_stdin()
+
+    def abandon(self, then: Callable[[], None]) -> None:
+        """The save failed: the child exits without renaming (stdin EOF);
+        ``then()`` from the loop once it is reaped (at once if it was)."""
+        if self.child.finished:
+            then()
+            return
+        self._done = lambda why: then()
+        self.child.close_stdin()
+
+    def cancel(self) -> None:
+        """As :meth:`abandon`, without waiting: the child is reaped when it ends."""
+        self.child.cancel()
+        self.child.close_stdin()

@@ -1,6 +1,7 @@
 """``pyxl sim``: create and control simulated Xen domains (fakexen).
 
-    pyxl sim create --memory 1G [--dirty-rate 50M] [--name N] [--paused] [--json]
+    pyxl sim create --memory 1G [--dirty-rate 50M] [--content PROFILE [--seed N]] [--name N]
+                    [--paused] [--json]
     pyxl sim create-empty --max-mem 1G [--name N] [--json]
     pyxl sim list [--json]
     pyxl sim info DOMID [--json]
@@ -71,7 +72,8 @@ def _print_info(i: sim.DomainInfo) -> None:
 @_guarded
 def cmd_create(args: argparse.Namespace) -> int:
     domid = sim.create(args.memory, dirty_rate=args.dirty_rate, name=args.name,
-                       sim_dir=args.sim_dir, paused=args.paused)
+                       sim_dir=args.sim_dir, paused=args.paused, content=args.content,
+                       seed=args.seed)
     if args.json:
         print(json.dumps(sim.info(domid, sim_dir=args.sim_dir).to_json()))
     else:
@@ -190,6 +192,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     help="bytes/s the guest writes, e.g. 50M (default 0: idle)")
     sp.add_argument("--name", metavar="NAME", help="domain name (default simN)")
     sp.add_argument("--paused", action="store_true", help="do not start the guest's vCPU")
+    sp.add_argument("--content", choices=sim.CONTENT_PROFILES, metavar="PROFILE",
+                    help="fill memory from a profile: zero, text (about 3x compressible), "
+                         "random, typical (50%% zero, 30%% text, 20%% random pages); "
+                         "default: the stamped test pattern")
+    sp.add_argument("--seed", type=int, default=0, metavar="N",
+                    help="the content profile's seed (default 0): same seed, same bytes")
 
     sp = add("create-empty", cmd_create_empty,
              "create an empty paused domain to restore into; prints its domid",

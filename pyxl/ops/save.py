@@ -6,7 +6,8 @@ backend asks it, from the loop) and to switch the device model's log-dirty
 mode.  When the helper has completed, the libxl records that end the stream
 (the device model's, END) are written, a file is fsynced and renamed over the
 target by a short child (:mod:`pyxl.childproc`: the loop never waits for the
-disk), and the domain is left as asked: destroyed (xl's default, through the
+disk; with ``fsync``, that child starts with the save and flushes the file
+while it grows, so the disk writes in parallel with the helper), and the domain is left as asked: destroyed (xl's default, through the
 backend's ``start_destroy``), paused or running.  A failed save never touches an existing file and lets a suspended
 guest run again.  Checkpointed (Remus) streams repeat the suspend, the libxl
 checkpoint records and the resume per checkpoint.
@@ -22,7 +23,7 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 
 from pyxl._paths import helper_path
 from pyxl.backends.base import Backend, Cancellable, EmulatorRecord
-from pyxl.childproc import finish_file
+from pyxl.childproc import FileFinisher, finish_file
 from pyxl.errors import OperationError, StartupError
 from pyxl.fdio import write_all, write_from_loop
 from pyxl.loop import Loop
@@ -144,6 +145,7 @@ class SaveOperation(Operation[SaveResult]):
         self._fd = -1
         self._own_fd = False
         self._placing: Optional[Cancellable] = None   # the short child putting the file in place
+        self._finisher: Optional[FileFinisher] = None   # fsync: flushes the file as it grows
 
         self.backend.check_domain(domid)
         if config is None:
@@ -171,6 +173,8 @@ class SaveOperation(Operation[SaveResult]):
             finally:
                 if io_fd != self._fd:
                     os.close(io_fd)
+            if self._tmp is not None and self.fsync:
+                self._start_finisher()
         except BaseException as exc:
             self._discard()
             if isinstance(exc, OSError):
@@ -200,7 +204,28 @@ class SaveOperation(Operation[SaveResult]):
             return
         raise StartupError(f"cannot create a temporary file next to {self.path}")
 
+    def _start_finisher(self) -> None:
+        """The flushing child, started once the helper runs (so a failed start
+        leaves no child to wait for)."""
+        assert self._tmp is not None and self.path is not None and self.helper is not None
+        try:
+            self._finisher = FileFinisher(self.loop, self._tmp, self.path, self._finisher_failed)
+        except OSError as exc:
+            self._fail_soon(OperationError(
+                f"cannot start the file finisher: {exc.strerror}", op=self))
+            self.helper.kill()
+
+    def _finisher_failed(self, why: str) -> None:
+        """The flushing child failed while the helper wrote (an I/O error, or
+        it was killed): the save cannot be made durable, so stop it now."""
+        self._fail_soon(OperationError(f"flushing the save file failed: {why}", op=self))
+        if self.helper is not None and self.helper.running:
+            self.helper.kill()
+
     def _discard(self) -> None:
+        if self._finisher is not None:
+            self._finisher.cancel()     # it exits without renaming; the file goes below
+            self._finisher = None
         if self._own_fd and self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -358,6 +383,12 @@ class SaveOperation(Operation[SaveResult]):
         self._fail_after_helper(exc)
 
     def _fail_after_helper(self, exc: OperationError) -> None:
+        if self._finisher is not None:
+            # Report only once the flushing child is gone (it exits at once on
+            # its stdin's EOF, without renaming): no child outlives the save.
+            finisher, self._finisher = self._finisher, None
+            finisher.abandon(lambda: self._fail_after_helper(exc))
+            return
         self._discard()
         if self._suspend_cancel is not None:
             self._held = exc  # a suspend is on its way: finish once it has landed
@@ -404,7 +435,10 @@ class SaveOperation(Operation[SaveResult]):
             self._tmp = None
             self._committed(result)
 
-        self._placing = finish_file(self.loop, self._tmp, self.path, self.fsync, placed)
+        if self._finisher is not None:
+            self._finisher.commit(placed)
+        else:
+            self._placing = finish_file(self.loop, self._tmp, self.path, self.fsync, placed)
 
     def _committed(self, result: SaveResult) -> None:
         """The image is safe: leave the domain as asked, then finish."""

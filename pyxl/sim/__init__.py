@@ -35,9 +35,10 @@ from pyxl.sim.layout import (DEFAULT_SIM_DIR, PAGE_SIZE, SAVED_PARAMS, bit_runs,
                              vcpu_path)
 from pyxl.sim.memory import (GuestCheck, check_guest, counter, digest, grant_entries,
                              hvm_context, hvm_params, populated_runs)
-from pyxl.sim.statedir import create, create_empty
+from pyxl.sim.statedir import CONTENT_PROFILES, create, create_empty
 
 __all__ = [
+    "CONTENT_PROFILES",
     "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
     "NoSuchDomain", "PAGE_SIZE", "SAVED_PARAMS", "SimError", "SimTimeout", "UnsafeSimDir", "bit_runs",
     "bury", "check_guest", "check_sim_dir", "config", "counter", "cpu_cap", "create", "create_empty", "destroy", "digest",

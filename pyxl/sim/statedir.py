@@ -48,6 +48,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: What :func:`create`'s ``content`` may be (fakexen/vcpu.c fills the pages).
+CONTENT_PROFILES = ("zero", "text", "random", "typical")
+
 _TMP_RE = re.compile(r"^\.tmp-(\d+)-(\d+)-")
 
 
@@ -147,7 +150,8 @@ def _nospace(exc: OSError, sim_dir: str, what: str) -> SimError:
 
 def _build(tmp: str, domid: int, *, name: str, uuid: str, nr_pfns: int, max_pages: int,
            mem_bytes: int, state: int, dirty_rate: int, cfg: Dict[str, Any],
-           ram: List[Tuple[int, int]], guest: bool) -> None:
+           ram: List[Tuple[int, int]], guest: bool,
+           content: Optional[str] = None, seed: int = 0) -> None:
     """Write a domain's control block and memory file into its build directory."""
     cfg_bytes = json.dumps(cfg, sort_keys=True).encode()
     if len(cfg_bytes) > CONFIG_MAX:
@@ -221,15 +225,15 @@ def _build(tmp: str, domid: int, *, name: str, uuid: str, nr_pfns: int, max_page
         exe = vcpu_path()
         if not os.access(exe, os.X_OK):
             raise SimError(f"{exe} is missing: build it with `setup.py build_ext --inplace`")
-        r = subprocess.run([exe, "init", tmp], stdin=subprocess.DEVNULL, capture_output=True,
-                           text=True)
+        argv = [exe, "init", tmp] + ([content, str(seed)] if content else [])
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if r.returncode != 0:
             raise SimError(f"initialising guest memory failed: {r.stderr.strip()}")
 
 
 def _create(sim_dir: Optional[str], *, ram_pages: int, max_memkb: int, name: Optional[str],
             cfg: Optional[Dict[str, Any]], mem_bytes: int, state: int, dirty_rate: int,
-            guest: bool, what: str) -> int:
+            guest: bool, what: str, content: Optional[str] = None, seed: int = 0) -> int:
     sdir = sim_dir_path(sim_dir)
     make_sim_dir(sdir)
     ram = ram_runs(ram_pages) if guest else []
@@ -259,7 +263,8 @@ def _create(sim_dir: Optional[str], *, ram_pages: int, max_memkb: int, name: Opt
             c_info["uuid"] = uuid
         _build(tmp, domid, name=name, uuid=uuid, nr_pfns=nr_pfns,
                max_pages=max_memkb // 4 + MAXMEM_SLACK_PAGES, mem_bytes=mem_bytes,
-               state=state, dirty_rate=dirty_rate, cfg=cfg, ram=ram, guest=guest)
+               state=state, dirty_rate=dirty_rate, cfg=cfg, ram=ram, guest=guest,
+               content=content, seed=seed)
         os.rename(tmp, _domdir(sdir, domid))
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -273,10 +278,15 @@ def _create(sim_dir: Optional[str], *, ram_pages: int, max_memkb: int, name: Opt
 def create(memory_bytes: int, dirty_rate: int = 0, name: Optional[str] = None,
            sim_dir: Optional[str] = None, paused: bool = False,
            config: Optional[Dict[str, Any]] = None,
-           device_model: Optional[bool] = None) -> int:
+           device_model: Optional[bool] = None, content: Optional[str] = None,
+           seed: int = 0) -> int:
     """Create a simulated HVM guest with `memory_bytes` of RAM; return its domid.
 
-    Every RAM page is stamped (pfn, generation 0).  Unless `paused`, the guest's
+    Every RAM page is stamped (pfn, generation 0), or with `content` filled from
+    a profile (:data:`CONTENT_PROFILES`), deterministically from `seed`: "zero",
+    "text" (words; about 3x compressible), "random" (incompressible) or
+    "typical" (per page 50 % zero, 30 % text, 20 % random).  The vCPU dirties
+    pages with its stamped pattern either way.  Unless `paused`, the guest's
     vCPU starts at once, writing `dirty_rate` bytes/s (0: idle).  With
     `device_model` (default: ``$PYXL_SIM_DEVICE_MODEL`` is 1) the guest also gets
     a device model speaking QMP, as an xl HVM guest has its QEMU
@@ -288,11 +298,17 @@ def create(memory_bytes: int, dirty_rate: int = 0, name: Optional[str] = None,
         raise ValueError(f"guest memory must be at least {2 * PAGE_SIZE} bytes")
     if dirty_rate < 0:
         raise ValueError("dirty_rate must be >= 0")
+    if content is not None and content not in CONTENT_PROFILES:
+        raise ValueError(f"unknown content profile {content!r} "
+                         f"(one of {', '.join(CONTENT_PROFILES)})")
+    if not 0 <= seed < 1 << 64:
+        raise ValueError("seed must be in [0, 2**64)")
     ram_pages = -(-memory_bytes // PAGE_SIZE)
     memkb = ram_pages * 4
     domid = _create(sim_dir, ram_pages=ram_pages, max_memkb=memkb, name=name, cfg=config,
                     mem_bytes=ram_pages * PAGE_SIZE, state=PAUSED, dirty_rate=dirty_rate,
-                    guest=True, what=f"a {format_size(ram_pages * PAGE_SIZE)} guest")
+                    guest=True, what=f"a {format_size(ram_pages * PAGE_SIZE)} guest",
+                    content=content, seed=seed)
     try:
         if device_model:
             dmcontrol.start(domid, sim_dir)

@@ -1,0 +1,118 @@
+"""Saving to a file with ``fsync`` (issue 19): the flushing finisher.
+
+A :class:`pyxl.childproc.FileFinisher` starts with the save, follows the
+growing temporary file and starts its writeback every 8 MiB, and at the end
+fsyncs it, renames it into place and fsyncs the directory.  These tests check
+that the image is whole (it restores to byte-identical memory), that the
+loop's own process never fsyncs or renames, and the failure paths: the
+finisher killed while the helper writes, and a rename that fails at the end.
+Either way the save fails with the reason, the guest runs again, and neither
+a temporary file nor a child is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+import pyxl
+from conftest import children, open_fds
+from pyxl import sim
+from pyxl.backends import SimBackend
+from pyxl.errors import OperationError
+from pyxl.loop import SelectorLoop
+
+
+@pytest.fixture
+def slow_calls(monkeypatch):
+    calls = []
+    for name in ("fsync", "fdatasync", "rename", "replace"):
+        real = getattr(os, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append((_name, str(a[0]) if a else ""))
+            return _real(*a, **k)
+        monkeypatch.setattr(os, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("where", ["disk", "tmpfs"])
+def test_flushed_save_restores_byte_identical(sim_dir, tmp_path, slow_calls, where):
+    """64 MiB (8 finisher chunks) to ext4 and to tmpfs: in place, flushed, whole."""
+    base = tmp_path if where == "disk" else None
+    with _dir(base) as d:
+        before_fds = open_fds()
+        dom = sim.create(64 << 20, name="g", sim_dir=sim_dir)
+        want = sim.digest(dom, sim_dir=sim_dir)
+        loop = SelectorLoop()
+        target = os.path.join(d, "g.save")
+        op = pyxl.save(dom, target, backend=SimBackend(sim_dir), loop=loop, leave="destroy")
+        assert loop.run_until(op.done, 120)
+        res = op.result()
+        loop.close()
+        assert [c for c in slow_calls if d in c[1]] == []        # none on the loop's process
+        assert os.listdir(d) == ["g.save"] and os.path.getsize(target) == res.bytes_written
+        assert res.bytes_written > 64 << 20
+        assert children() == [] and open_fds() == before_fds
+        back = pyxl.wait(pyxl.restore(target, backend=SimBackend(sim_dir), paused=True))[0]
+        assert sim.digest(back.domid, sim_dir=sim_dir) == want
+
+
+def test_finisher_killed_mid_save_fails_the_save(sim_dir, tmp_path):
+    """The flushing child dies while the helper writes: the save stops with
+    that reason, the guest runs again, the temporary file is gone."""
+    before_fds = open_fds()
+    dom = sim.create(256 << 20, name="g", sim_dir=sim_dir, dirty_rate=20_000_000)
+    loop = SelectorLoop()
+    op = pyxl.save(dom, str(tmp_path / "g.save"), backend=SimBackend(sim_dir), loop=loop,
+                   live=True)
+    finisher = op._finisher
+    assert finisher is not None
+    loop.call_later(0.05, lambda: os.kill(finisher.child.proc.pid, signal.SIGKILL))
+    assert loop.run_until(op.done, 120)
+    with pytest.raises(OperationError, match=r"flushing the save file failed: .*status -9"):
+        op.result()
+    loop.close()
+    assert sim.info(dom, sim_dir=sim_dir).state == "running"
+    assert os.listdir(tmp_path) == []
+    assert children() == [] and open_fds() == before_fds
+
+
+def test_failed_rename_keeps_the_guest_and_the_old_path(sim_dir, tmp_path):
+    """The target became a non-empty directory while the save ran: the
+    finisher's rename fails, and the save says so; nothing is left."""
+    dom = sim.create(16 << 20, name="g", sim_dir=sim_dir)
+    target = tmp_path / "g.save"
+    loop = SelectorLoop()
+    op = pyxl.save(dom, str(target), backend=SimBackend(sim_dir), loop=loop)
+    target.mkdir()
+    (target / "keep").write_bytes(b"k")
+    assert loop.run_until(op.done, 60)
+    with pytest.raises(OperationError,
+                       match=r"putting the save file in place failed: rename to .*g\.save: "):
+        op.result()
+    loop.close()
+    assert sim.info(dom, sim_dir=sim_dir).state == "running"
+    assert sorted(os.listdir(tmp_path)) == ["g.save"] and (target / "keep").read_bytes() == b"k"
+    assert children() == []
+
+
+class _dir:
+    """``base`` itself, or a fresh directory on tmpfs (/dev/shm), removed after."""
+
+    def __init__(self, base):
+        self.base, self.made = base, None
+
+    def __enter__(self):
+        if self.base is not None:
+            return str(self.base)
+        import tempfile
+        self.made = tempfile.mkdtemp(prefix="pyxl-test-", dir="/dev/shm")
+        return self.made
+
+    def __exit__(self, *exc):
+        if self.made:
+            import shutil
+            shutil.rmtree(self.made)
