@@ -32,13 +32,17 @@ cross_save() {
         "$XL" list $g > /dev/null 2>&1 || continue
         begin_op $g
         ok=0
+        # Saved to dom0's disk, then copied to the 9p share: libxc writes guest
+        # pages straight from their foreign mappings, which 9p's zero-copy path
+        # cannot take (EFAULT, "Bad address", measured).
         if [ $tool = pyxl ]; then
             log=$OUT/pyxl-cross-save-$g.log
-            pyxl_timed cross-save-$g save "$("$XL" domid $g)" "$X/$g-$tool.save" && ok=1
+            pyxl_timed cross-save-$g save "$("$XL" domid $g)" "$W/$g-$tool-cross.save" && ok=1
         else
             log=$OUT/xl-cross-save-$g.log
-            env -u LIBXL_SAVE_HELPER "$XL" save $g "$X/$g-$tool.save" > "$log" 2>&1 && ok=1
+            env -u LIBXL_SAVE_HELPER "$XL" save $g "$W/$g-$tool-cross.save" > "$log" 2>&1 && ok=1
         fi
+        [ $ok = 1 ] && { mv "$W/$g-$tool-cross.save" "$X/$g-$tool.save" || ok=0; }
         if [ $ok = 0 ]; then
             result "cross-save-$tool.$g" FAIL "$(tail -n 3 "$log" | tr '\n' ' ')"
             continue

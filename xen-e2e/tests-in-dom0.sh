@@ -233,7 +233,12 @@ leftovers() {  # [GUEST]
         case $live in *" $d "*) ;; *) out="$out vif$d.*;" ;; esac
     done
     if [ -n "${1:-}" ] && ! "$XL" list "$1" > /dev/null 2>&1 && [ -n "$(loop_of "$1")" ]; then
-        out="$out loop $(loop_of "$1");"
+        # Xen's block script detaches with losetup -d, which on a device still
+        # open (blkback closing it) only marks it autoclear: the kernel frees it
+        # when its last user lets go.  Up to 10 s for that, then it is a leftover.
+        local i
+        for i in $(seq 1 20); do [ -z "$(loop_of "$1")" ] && break; snooze 0.5; done
+        [ -n "$(loop_of "$1")" ] && out="$out loop $(loop_of "$1");"
     fi
     echo "${out# }"
 }
