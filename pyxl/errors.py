@@ -29,7 +29,10 @@ from __future__ import annotations
 import errno as _errno
 import os
 import signal
-from typing import Any, Dict, List, Optional
+
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
+if TYPE_CHECKING:       # type checkers take this branch
+    from typing import Any, Dict, List, Optional
 
 __all__ = [
     "BackendError", "Cancelled", "ConfigError", "DeviceModelError", "HelperDied", "HelperFailed", "HelperExited",

@@ -15,12 +15,13 @@ be ``-`` for standard input; nothing bulky is read into memory.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import Any, Dict, List, Optional, Sequence, TextIO
 
-from pyxl.stream.report import RecordInfo, StreamReport
-from pyxl.streamio import scan_path, scan_stream
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
+if TYPE_CHECKING:       # type checkers take this branch
+    from typing import Any, Dict, List, Optional, Sequence, TextIO
+
+    from pyxl.stream.report import RecordInfo, StreamReport
 
 __all__ = ["add_parser", "run", "main", "format_report"]
 
@@ -52,6 +53,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler for ``pyxl inspect``; returns the exit code."""
+    from pyxl.streamio import scan_path, scan_stream
     layer = None if args.layer == "auto" else args.layer
     try:
         if args.file == "-":
@@ -76,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _emit(report: StreamReport, args: argparse.Namespace) -> None:
+    import json
     if args.json:
         out = report.to_json()
         out["file"] = args.file
@@ -116,6 +119,7 @@ def _fold(records: List[RecordInfo], all_records: bool) -> List[RecordInfo]:
             first = run[0]
             pfns = sum(r.pfns for r in run)
             data = sum(r.with_data for r in run)
+            from pyxl.stream.report import RecordInfo
             out.append(RecordInfo(first.layer, first.rtype, f"PAGE_DATA x{len(run)}",
                                   first.offset, sum(r.length for r in run),
                                   f"{pfns} pfns, {data} with data (folded)", pfns, data))

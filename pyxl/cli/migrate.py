@@ -33,22 +33,25 @@ JSON: sender ``{"domid", "digest", "downtime_ms", "iterations", "bytes_sent",
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import Any, Callable, Optional, Tuple, TypeVar
 
-from pyxl import sim
+from pyxl._units import parse_size
 from pyxl.cli.args import common_options as _common, domid_arg
 from pyxl.cli.runner import ProgressBar, run
-from pyxl.migrate import TlsOptions, migrate, parse_address, receive
+
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
+if TYPE_CHECKING:       # type checkers take this branch
+    from typing import Any, Callable, Optional, Tuple, TypeVar
+    N = TypeVar("N", int, float)
+
+    from pyxl.migrate import TlsOptions
 
 EXIT_OK = 0
-N = TypeVar("N", int, float)
 
 
 def _size(text: str) -> int:
     try:
-        value = sim.parse_size(text)
+        value = parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if value <= 0:
@@ -58,6 +61,7 @@ def _size(text: str) -> int:
 
 def _address(listen: bool) -> Any:
     def parse(text: str) -> Any:
+        from pyxl.migrate.address import parse_address
         try:
             return parse_address(text, listen=listen)
         except ValueError as exc:
@@ -92,6 +96,7 @@ _iterations = _bounded(lambda t: int(t, 10), "a whole number", lambda v: 1 <= v 
 def _tls(args: argparse.Namespace, allow: Tuple[str, ...] = (),
          name: Optional[str] = None) -> Optional[TlsOptions]:
     """TlsOptions from --tls-cert/--tls-key/--tls-ca (all three or none)."""
+    from pyxl.migrate import TlsOptions
     files = (args.tls_cert, args.tls_key, args.tls_ca)
     if all(f is None for f in files):
         if allow or name is not None:
@@ -104,6 +109,8 @@ def _tls(args: argparse.Namespace, allow: Tuple[str, ...] = (),
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    import json
+    from pyxl.migrate import migrate
     if (args.target is None) == (args.command is None):
         raise SystemExit(_usage("give HOST:PORT or --command CMD (one of them)"))
     tls = _tls(args, name=args.tls_name)
@@ -144,6 +151,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
+    import json
+    from pyxl.migrate import receive
     tls = _tls(args, allow=tuple(args.tls_allow or ()))
     deadlines = dict(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout)
     if args.listen is not None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 import time
-from typing import Any, List
 
-from pyxl.loop import default_loop
-from pyxl.ops.operation import ProgressEvent
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
+if TYPE_CHECKING:       # type checkers take this branch
+    from typing import Any, List
+
+    from pyxl.ops.operation import ProgressEvent
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -68,6 +69,9 @@ def run(op: Any) -> Any:
     clean-up is done (temp file removed, guest resumed, half-made domain
     destroyed).  Then :class:`Interrupted` carries the signal to ``main``.
     """
+    import threading
+
+    from pyxl.loop import default_loop
     loop = default_loop()
     if threading.current_thread() is not threading.main_thread():
         loop.run_until(op.done)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
-from typing import Any
 
 from pyxl.cli.args import common_options, domid_arg
 from pyxl.cli.runner import EXIT_OK, ProgressBar, run
-from pyxl.ops.api import restore, save
-from pyxl.ops.save import Leave
+
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
+if TYPE_CHECKING:       # type checkers take this branch
+    from typing import Any
+
+    from pyxl.ops.save import Leave
 
 
 def cmd_save(args: argparse.Namespace) -> int:
+    import json
+    from pyxl.ops.api import save
     leave: Leave = "running" if args.c else "paused" if args.p else "destroy"
     bar = ProgressBar(f"saving domain {args.domid}")
     op = save(args.domid, args.file, live=args.live, leave=leave, helper=args.helper,
@@ -30,6 +34,8 @@ def cmd_save(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    import json
+    from pyxl.ops.api import restore
     bar = ProgressBar("restoring")
     op = restore(args.file, paused=args.p, helper=args.helper, timeout=args.timeout,
                  on_progress=bar, sim_dir=args.sim_dir)

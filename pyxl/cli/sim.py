@@ -20,20 +20,26 @@ are one line on stderr.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
-from typing import Any, Callable, List, Optional
 
+from pyxl._units import parse_size
 from pyxl.cli.args import domid_arg
-from pyxl import sim
+
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
+if TYPE_CHECKING:       # type checkers take this branch
+    from typing import Any, Callable, List, Optional
+
+    from pyxl import sim
+
+# pyxl.sim is imported by each command, not here: building the parser stays cheap
+# (``pyxl --version`` and every other subcommand parse these definitions too).
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _size(text: str) -> int:
     try:
-        return sim.parse_size(text)
+        return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -48,6 +54,7 @@ def _err(msg: str) -> None:
 def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn simulator errors into one-line messages and exit codes."""
     def run(args: argparse.Namespace) -> int:
+        from pyxl import sim
         try:
             return fn(args)
         except (sim.NoSuchDomain, sim.UnsafeSimDir) as exc:
@@ -62,6 +69,7 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 
 def _print_info(i: sim.DomainInfo) -> None:
+    from pyxl import sim
     rate = f", writing {sim.format_size(i.dirty_rate)}/s" if i.dirty_rate else ""
     pid = f", vcpu pid {i.vcpu_pid}" if i.vcpu_pid else ""
     print(f"domain {i.domid} {i.name!r}: {i.state}, {sim.format_size(i.memory)}, "
@@ -70,6 +78,8 @@ def _print_info(i: sim.DomainInfo) -> None:
 
 @_guarded
 def cmd_create(args: argparse.Namespace) -> int:
+    import json
+    from pyxl import sim
     domid = sim.create(args.memory, dirty_rate=args.dirty_rate, name=args.name,
                        sim_dir=args.sim_dir, paused=args.paused)
     if args.json:
@@ -81,6 +91,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 @_guarded
 def cmd_create_empty(args: argparse.Namespace) -> int:
+    import json
+    from pyxl import sim
     domid = sim.create_empty(args.max_mem // 1024, args.name, sim_dir=args.sim_dir)
     if args.json:
         print(json.dumps(sim.info(domid, sim_dir=args.sim_dir).to_json()))
@@ -91,6 +103,8 @@ def cmd_create_empty(args: argparse.Namespace) -> int:
 
 @_guarded
 def cmd_list(args: argparse.Namespace) -> int:
+    import json
+    from pyxl import sim
     doms = sim.list_domains(args.sim_dir)
     if args.json:
         print(json.dumps([d.to_json() for d in doms]))
@@ -105,6 +119,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 @_guarded
 def cmd_info(args: argparse.Namespace) -> int:
+    import json
+    from pyxl import sim
     i = sim.info(args.domid, sim_dir=args.sim_dir)
     if args.json:
         print(json.dumps(i.to_json()))
@@ -113,10 +129,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _action(fn: Callable[..., None], *extra: str) -> Callable[[argparse.Namespace], int]:
-    """A subcommand that calls ``fn(domid, *args.<extra>, sim_dir=...)``, prints nothing."""
+def _action(name: str, *extra: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand that calls ``pyxl.sim.<name>(domid, *args.<extra>, sim_dir=...)``,
+    prints nothing."""
     @_guarded
     def cmd(args: argparse.Namespace) -> int:
+        from pyxl import sim
+        fn: Callable[..., None] = getattr(sim, name)
         fn(args.domid, *(getattr(args, e) for e in extra), sim_dir=args.sim_dir)
         return EXIT_OK
     return cmd
@@ -124,18 +143,22 @@ def _action(fn: Callable[..., None], *extra: str) -> Callable[[argparse.Namespac
 
 @_guarded
 def cmd_suspend(args: argparse.Namespace) -> int:
+    from pyxl import sim
     sim.suspend(args.domid, sim_dir=args.sim_dir, timeout=args.timeout)
     return EXIT_OK
 
 
 @_guarded
 def cmd_digest(args: argparse.Namespace) -> int:
+    from pyxl import sim
     print(sim.digest(args.domid, sim_dir=args.sim_dir))
     return EXIT_OK
 
 
 @_guarded
 def cmd_check(args: argparse.Namespace) -> int:
+    import json
+    from pyxl import sim
     c = sim.check_guest(args.domid, sim_dir=args.sim_dir)
     if args.json:
         d: Any = dict(c.__dict__, consistent=c.consistent)
@@ -151,6 +174,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 @_guarded
 def cmd_env(args: argparse.Namespace) -> int:
+    import shlex
+    from pyxl import sim
     for key, val in sim.helper_env(args.sim_dir).items():
         print(f"{key}={shlex.quote(val)}")
     return EXIT_OK
@@ -167,7 +192,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--sim-dir", metavar="DIR",
                         help="fakexen state directory (default: $PYXL_SIM_DIR, "
-                             f"else {sim.DEFAULT_SIM_DIR})")
+                             "else /dev/shm/pyxl-sim-$UID)")
     sub = p.add_subparsers(dest="sim_command", metavar="COMMAND")
     sub.required = True
 
@@ -200,20 +225,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     add("list", cmd_list, "list simulated domains", domid=False, json_flag=True)
     add("info", cmd_info, "show one domain", json_flag=True)
-    add("pause", _action(sim.pause), "stop the guest's vCPU")
-    add("unpause", _action(sim.unpause), "run the guest (starts a vCPU on restored memory)")
+    add("pause", _action("pause"), "stop the guest's vCPU")
+    add("unpause", _action("unpause"), "run the guest (starts a vCPU on restored memory)")
     sp = add("suspend", cmd_suspend, "suspend the guest and wait until it has stopped")
     sp.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                     help="give up after this long (default 10)")
-    add("resume", _action(sim.resume),
+    add("resume", _action("resume"),
         "bring a suspended guest back to running (after a failed save)")
-    add("destroy", _action(sim.destroy), "kill the guest and remove the domain")
-    sp = add("rename", _action(sim.rename, "name"), "give the domain a new name")
+    add("destroy", _action("destroy"), "kill the guest and remove the domain")
+    sp = add("rename", _action("rename", "name"), "give the domain a new name")
     sp.add_argument("name", metavar="NAME")
     add("digest", cmd_digest, "print the sha256 of the domain's memory, HVM context and params")
     add("check", cmd_check, "verify the guest's page pattern (exit 1 if inconsistent)",
         json_flag=True)
-    sp = add("set-rate", _action(sim.set_dirty_rate, "rate"), "change how fast the guest writes memory")
+    sp = add("set-rate", _action("set_dirty_rate", "rate"), "change how fast the guest writes memory")
     sp.add_argument("rate", type=_size, metavar="RATE", help="bytes/s, e.g. 20M (0: idle)")
     add("env", cmd_env, "print the environment that runs a helper on fakexen", domid=False)
     return p

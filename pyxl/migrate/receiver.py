@@ -19,13 +19,13 @@ pyxl.loop; the sender's modules never.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
+from pyxl._log import get_logger
 from pyxl.backends import Backend, default_backend
 from pyxl.errors import MigrationError, MigrationProtocolError, OperationError, StartupError
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
@@ -101,7 +101,7 @@ class ReceiveOperation(MigrationFuture):
         ctx = make_context(tls, server=True) if tls is not None else None
         self.backend = backend or default_backend(sim_dir)
         self.paused, self.helper, self.want_digest = paused, helper, digest
-        self.logger = logging.getLogger("pyxl.migrate.receive")
+        self.logger = get_logger("pyxl.migrate.receive")
         # listening, header, stream, go, reported; failed, draining
         self.state = "listening"
         self.handshake = ReceiverHandshake()

@@ -16,12 +16,12 @@ and pyxl.loop; the receiver's module never.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Set, Tuple, Union
 
+from pyxl._log import get_logger
 from pyxl._paths import helper_path
 from pyxl.backends import Backend, default_backend
 from pyxl.errors import (MigrationError, MigrationInDoubt, MigrationProtocolError,
@@ -110,12 +110,12 @@ class MigrateOperation(MigrationFuture):
             raise ValueError("max_bandwidth must be positive")
         self.env = precopy_env(downtime_ms, max_iterations, on_fail)
         if self.env and os.path.basename(helper_path(helper)) != "pyxl-save-helper":
-            logging.getLogger("pyxl.migrate").warning(
+            get_logger("pyxl.migrate").warning(
                 "helper %s may not implement PYXL_PRECOPY: it may use Xen's default policy",
                 helper_path(helper))
         self.domid = domid
         self.kind = f"migration of domain {domid}"
-        self.logger = logging.getLogger(f"pyxl.migrate.{domid}")
+        self.logger = get_logger(f"pyxl.migrate.{domid}")
         self.backend = backend or default_backend(sim_dir)
         self.backend.check_domain(domid)
         self.live, self.helper, self.max_bandwidth = live, helper, max_bandwidth

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, TypeVar,
                     Union)
 
+from pyxl._log import get_logger
 from pyxl.backends.base import Cancellable
 from pyxl.errors import (Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
                          MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
@@ -115,7 +116,7 @@ class Operation(LoopFuture[T]):
         super().__init__()
         self.domid = domid
         self.loop: Loop = loop if loop is not None else default_loop()
-        self.logger = logging.getLogger(f"pyxl.domain.{domid}")
+        self.logger = get_logger(f"pyxl.domain.{domid}")
         self.callbacks: Dict[str, Handler] = dict(callbacks or {})
         self.helper: Optional[HelperProcess] = None
         self.helper_errors: Deque[str] = collections.deque(maxlen=8)

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import children, mounted_tmpfs, vcpu_processes
 from pyxl import sim
 from pyxl.sim import layout as sim_layout, statedir as sim_statedir
-from pyxl.cli.main import sim as sim_cli
+from pyxl.cli import sim as sim_cli
 
 MiB = 1 << 20
 
