@@ -66,6 +66,9 @@ class SimBackend:
         except sim.NoSuchDomain as exc:
             raise StartupError(f"no such domain: {domid}") from exc
 
+    def domain_names(self) -> Dict[int, str]:
+        return {d.domid: d.name for d in sim.list_domains(self.sim_dir)}
+
     def domain_config(self, domid: int) -> Dict[str, Any]:
         return sim.config(domid, sim_dir=self.sim_dir)
 

@@ -405,6 +405,15 @@ class XenBackend(NoDeviceModel):
             cfg.setdefault("c_info", {})["name"] = name
             xenbuild.write_userdata(USERDATA_DIR, domid, info.uuid, cfg)
 
+    def domain_names(self) -> Dict[int, str]:
+        """Each domain's /local/domain/D/name, as libxl_name_to_domid reads it."""
+        out = {}
+        for domid in self._domids():
+            raw = self.xs.read(f"/local/domain/{domid}/name")
+            if raw is not None:
+                out[domid] = raw.decode(errors="replace")
+        return out
+
     def _domids(self) -> List[int]:
         return [int(d) for d in self.xs.directory("/local/domain") if d.isdigit()]
 

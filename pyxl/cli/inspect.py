@@ -7,7 +7,7 @@ Xen 4.17's restore path would check (see ``pyxl.stream.libxc_scan``,
 ``pyxl.stream.libxl`` and ``pyxl.stream.xl`` for the rules).
 
 Exit codes: 0 the stream passes; 1 Xen would refuse it (the reason is one
-line on stderr, ``pyxl inspect: refused: <where> at <offset>: <rule>``);
+line on stderr, ``pyxl: error: refused: <where> at <offset>: <rule>``);
 2 usage or I/O errors (missing or unreadable file, a directory).  FILE may
 be ``-`` for standard input; nothing bulky is read into memory.
 """
@@ -62,17 +62,17 @@ def run(args: argparse.Namespace) -> int:
             report = scan_path(args.file, layer=layer, checkpointed=args.checkpointed)
     except OSError as exc:
         text = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
-        print(f"{PROG}: error: {text}", file=sys.stderr)
+        print(f"pyxl: error: {text}", file=sys.stderr)
         return EXIT_USAGE
     try:
         _emit(report, args)
     except BrokenPipeError:
         return EXIT_USAGE
     except Exception as exc:  # a bug in pyxl: still one line, no traceback
-        print(f"{PROG}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"pyxl: error: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     if report.error is not None:
-        print(f"{PROG}: refused: {report.error}", file=sys.stderr)
+        print(f"pyxl: error: refused: {report.error}", file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_OK
 

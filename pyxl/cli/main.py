@@ -15,6 +15,7 @@ import signal
 import sys
 
 from pyxl import __version__
+from pyxl.cli.args import Parser
 from pyxl.cli.runner import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE,
                              Interrupted, fail)
 from pyxl.errors import BackendError, PyxlError, StartupError
@@ -48,7 +49,7 @@ def _command_in(argv: "Sequence[str]") -> "Optional[str]":
 def build_parser(argv: "Optional[Sequence[str]]" = None) -> argparse.ArgumentParser:
     """pyxl's parser: every command in full if ``argv`` is None, else only the one
     ``argv`` runs (the others by name and help line, enough for ``pyxl --help``)."""
-    parser = argparse.ArgumentParser(prog="pyxl", description=(__doc__ or "").split("\n")[0])
+    parser = Parser(prog="pyxl", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--version", action="version", version=f"pyxl {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="show helper logs (-v info, -vv debug)")
@@ -82,8 +83,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    if getattr(args, "p", False) and getattr(args, "c", False):
-        parser.error("-c and -p are mutually exclusive")
     _configure_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pyxl.cli.args import common_options, domid_arg
+from pyxl.cli.args import common_options, domain_arg, resolve_domain
 from pyxl.cli.runner import EXIT_OK, ProgressBar, run
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
@@ -16,11 +16,14 @@ if TYPE_CHECKING:       # type checkers take this branch
 
 def cmd_save(args: argparse.Namespace) -> int:
     import json
+    from pyxl.backends import default_backend
     from pyxl.ops.api import save
     leave: Leave = "running" if args.c else "paused" if args.p else "destroy"
+    backend = default_backend(args.sim_dir)
+    domid = resolve_domain(backend, args.domid)
     bar = ProgressBar(f"saving domain {args.domid}")
-    op = save(args.domid, args.file, live=args.live, leave=leave, helper=args.helper,
-              timeout=args.timeout, on_progress=bar, sim_dir=args.sim_dir, debug=args.debug)
+    op = save(domid, args.file, live=args.live, leave=leave, helper=args.helper,
+              timeout=args.timeout, on_progress=bar, backend=backend, debug=args.debug)
     try:
         res = run(op)
     finally:
@@ -53,11 +56,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("save", help="save a domain to a file (xl save)")
-    p.add_argument("-c", action="store_true", help="leave the domain running after the save")
-    p.add_argument("-p", action="store_true", help="leave the domain paused after the save")
+    after = p.add_mutually_exclusive_group()
+    after.add_argument("-c", action="store_true", help="leave the domain running after the save")
+    after.add_argument("-p", action="store_true", help="leave the domain paused after the save")
     p.add_argument("--live", action="store_true", help="pre-copy while the guest runs")
     p.add_argument("--debug", action="store_true", help="resend all pages for verification")
-    p.add_argument("domid", type=domid_arg, metavar="DOMID")
+    p.add_argument("domid", type=domain_arg, metavar="DOMAIN", help="domain id or name")
     p.add_argument("file", metavar="FILE")
     common_options(p)
     p.set_defaults(func=cmd_save)

@@ -23,7 +23,7 @@ import argparse
 import sys
 
 from pyxl._units import parse_size
-from pyxl.cli.args import domid_arg
+from pyxl.cli.args import domain_arg, resolve_domain
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
 if TYPE_CHECKING:       # type checkers take this branch
@@ -44,17 +44,19 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-_domid = domid_arg
+_domid = domain_arg
 
 
 def _err(msg: str) -> None:
-    print(f"pyxl sim: error: {msg}", file=sys.stderr)
+    print(f"pyxl: error: {msg}", file=sys.stderr)
 
 
 def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn simulator errors into one-line messages and exit codes."""
     def run(args: argparse.Namespace) -> int:
         from pyxl import sim
+        if isinstance(getattr(args, "domid", None), str):
+            args.domid = _domid_of(args)
         try:
             return fn(args)
         except (sim.NoSuchDomain, sim.UnsafeSimDir) as exc:
@@ -66,6 +68,15 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     run.__name__ = fn.__name__
     run.__doc__ = fn.__doc__
     return run
+
+
+def _domid_of(args: argparse.Namespace) -> int:
+    """DOMAIN as an id: digits are one; a name is looked up through fakexen's backend
+    (an unknown name: pyxl.StartupError, exit 2)."""
+    if args.domid.isdigit():
+        return int(args.domid, 10)
+    from pyxl.backends.sim import SimBackend
+    return resolve_domain(SimBackend(args.sim_dir), args.domid)
 
 
 def _print_info(i: sim.DomainInfo) -> None:
@@ -201,7 +212,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         sp: argparse.ArgumentParser = sub.add_parser(name, parents=[common], help=helptext,
                                                      description=helptext)
         if domid:
-            sp.add_argument("domid", type=_domid, metavar="DOMID")
+            sp.add_argument("domid", type=_domid, metavar="DOMAIN", help="domain id or name")
         if json_flag:
             sp.add_argument("--json", action="store_true", help="machine-readable output")
         sp.set_defaults(func=fn)

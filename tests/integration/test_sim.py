@@ -347,7 +347,7 @@ def test_cli(fxdir, capsys):
     rc, out, err = run_cli(capsys, "destroy", str(domid), "--sim-dir", fxdir)
     assert rc == 2 and err.count("\n") == 1 and "does not exist" in err
     rc, out, err = run_cli(capsys, "create", "--memory", "100T", "--sim-dir", fxdir)
-    assert rc == 1 and err.startswith("pyxl sim: error:") and err.count("\n") == 1
+    assert rc == 1 and err.startswith("pyxl: error:") and err.count("\n") == 1
     rc, out, _ = run_cli(capsys, "list", "--sim-dir", fxdir)
     assert rc == 0 and "DOMID" in out
     rc, out, _ = run_cli(capsys, "env", "--sim-dir", fxdir)
