@@ -54,7 +54,8 @@ class ShortChild:
         # would keep a pipe or a socket of some operation alive).
         self.proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     close_fds=True, env=env)
+                                     close_fds=True, env=env,
+                                     process_group=0)   # Ctrl-C is pyxl's to handle
         assert self.proc.stderr is not None
         self._errfd = self.proc.stderr.fileno()
         os.set_blocking(self._errfd, False)

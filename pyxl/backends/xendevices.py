@@ -94,7 +94,7 @@ class Script:
             self.proc: Optional["subprocess.Popen[bytes]"] = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, env=dict(os.environ, **env), close_fds=True,
-                restore_signals=True)
+                restore_signals=True, process_group=0)   # Ctrl-C is pyxl's to handle
         except OSError as exc:
             self.proc = None
             why = f"cannot run {self.what}: {exc.strerror or exc}"
