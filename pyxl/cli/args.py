@@ -83,4 +83,7 @@ def common_options(p: argparse.ArgumentParser) -> None:
                    "$PYXL_SIM_DIR, else /dev/shm/pyxl-sim-$UID)")
     p.add_argument("--timeout", type=seconds_arg, metavar="SECONDS",
                    help=f"give up after this long (more than 0, at most {MAX_SECONDS})")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no summary line on success")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output: the summary's numbers as one JSON object")

@@ -37,7 +37,7 @@ import sys
 
 from pyxl._units import parse_size
 from pyxl.cli.args import bounded, common_options as _common, domain_arg, resolve_domain, seconds_arg
-from pyxl.cli.runner import ProgressBar, run
+from pyxl.cli.runner import ProgressBar, run, size_text, summarize
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
 if TYPE_CHECKING:       # type checkers take this branch
@@ -94,7 +94,6 @@ def _tls(args: argparse.Namespace, allow: Tuple[str, ...] = (),
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    import json
     from pyxl.migrate import migrate
     if (args.target is None) == (args.command is None):
         args.usage_error("give HOST:PORT or --command CMD (one of them)")
@@ -113,6 +112,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from pyxl.backends import default_backend
     backend = default_backend(args.sim_dir)
     domid = resolve_domain(backend, args.domid)
+    backend.check_domain(domid)               # "no such domain: 7", exit 2
+    config = backend.domain_config(domid)     # for the summary: the source is gone after
     bar = ProgressBar(f"migrating domain {args.domid}")
     op = migrate(domid, args.target, backend=backend, command=args.command, live=args.live,
                  downtime_ms=args.downtime, max_iterations=args.max_iterations,
@@ -127,19 +128,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         res = run(op)
     finally:
         bar.close()
-    if args.json:
-        out = {"domid": res.domid, "digest": res.digest,
+    numbers = {"domid": res.domid, "digest": res.digest,
                "downtime_ms": None if res.downtime is None else round(res.downtime * 1000, 3),
-               "iterations": res.iterations, "bytes_sent": res.bytes_sent,
-               "seconds": round(res.duration, 6)}
-        if args.remus:
-            out["checkpoints"] = res.checkpoints
-        print(json.dumps(out))
+               "iterations": res.iterations, "bytes_sent": res.bytes_sent}
+    if args.remus:
+        numbers["checkpoints"] = res.checkpoints
+    to = args.command if args.command is not None else "{}:{}".format(*args.target)
+    downtime = "" if res.downtime is None else f", downtime {res.downtime * 1000:.0f} ms"
+    summarize(args, "migrated", config, res.domid, f"to {to}", res.duration, numbers,
+              extra=f" ({size_text(res.bytes_sent)} sent{downtime})")
     return EXIT_OK
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
-    import json
     from pyxl.migrate import receive
     tls = _tls(args, allow=tuple(args.tls_allow or ()))
     deadlines = dict(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout)
@@ -158,11 +159,17 @@ def cmd_receive(args: argparse.Namespace) -> int:
                      sim_dir=args.sim_dir, digest=args.json, remus=args.remus, **deadlines)
         out = sys.stderr   # stdout is the channel back to the sender
     res = run(op)
-    if args.json:
-        got = {"domid": res.domid, "digest": res.digest, "seconds": round(res.duration, 6)}
-        if args.remus:
-            got.update(checkpoints=res.checkpoints, failover=res.failover)
-        print(json.dumps(got), file=out, flush=True)
+    got = {"domid": res.domid, "digest": res.digest}
+    if args.remus:
+        got.update(checkpoints=res.checkpoints, failover=res.failover)
+    from pyxl.migrate.domain import INCOMING
+    # the config restored is NAME--incoming; the domain has its own name back by now
+    config = dict(res.restore.config)
+    c_info = config.get("c_info")
+    if isinstance(c_info, dict) and isinstance(c_info.get("name"), str):
+        config["c_info"] = dict(c_info, name=c_info["name"].removesuffix(INCOMING))
+    summarize(args, "received", config, res.domid, f"as domain {res.domid}",
+              res.duration, got, out=out)
     return EXIT_OK
 
 

@@ -14,7 +14,7 @@ import time
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
 if TYPE_CHECKING:       # type checkers take this branch
-    from typing import Any, List
+    from typing import Any, Dict, List, Optional, Tuple
 
     from pyxl.ops.operation import ProgressEvent
 
@@ -104,6 +104,44 @@ def run(op: Any) -> Any:
         raise Interrupted(caught[0])
     return op.result()
 
+
+
+def domain_of(config: "Optional[Dict[str, Any]]") -> "Tuple[Optional[str], Optional[int]]":
+    """(name, memory in bytes) of a libxl domain config, each None if it does not say."""
+    c_info = config.get("c_info") if isinstance(config, dict) else None
+    b_info = config.get("b_info") if isinstance(config, dict) else None
+    name = c_info.get("name") if isinstance(c_info, dict) else None
+    kb = b_info.get("max_memkb") if isinstance(b_info, dict) else None
+    return (name if isinstance(name, str) and name else None,
+            kb * 1024 if isinstance(kb, int) and kb > 0 else None)
+
+
+def size_text(n: int) -> str:
+    """512 MiB, 1 GiB, 1.5 GiB: whole units without a decimal."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} B"
+
+
+def summarize(args: Any, verb: str, config: "Optional[Dict[str, Any]]", domid: int,
+              where: str, seconds: float, numbers: "Dict[str, Any]",
+              extra: str = "", out: Any = None) -> None:
+    """The line a successful command ends with, on stderr (stdout may be a result or a
+    channel): ``saved web1 (512 MiB) to web1.save in 1.6 s``; ``-q``: none.  With
+    ``--json``, the same numbers as one JSON object on ``out`` (stdout) instead."""
+    name, memory = domain_of(config)
+    if args.json:
+        import json
+        print(json.dumps({"name": name, "memory": memory, **numbers,
+                          "seconds": round(seconds, 6)}), file=out or sys.stdout, flush=True)
+        return
+    if getattr(args, "quiet", False):
+        return
+    who = name or f"domain {domid}"
+    size = f" ({size_text(memory)})" if memory else ""
+    print(f"{verb} {who}{size} {where} in {seconds:.1f} s{extra}", file=sys.stderr, flush=True)
 
 
 def fail(exc: BaseException, internal: bool = False) -> None:

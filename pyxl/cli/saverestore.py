@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pyxl.cli.args import common_options, domain_arg, resolve_domain
-from pyxl.cli.runner import EXIT_OK, ProgressBar, run
+from pyxl.cli.runner import EXIT_OK, ProgressBar, run, summarize
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
 if TYPE_CHECKING:       # type checkers take this branch
@@ -15,7 +15,6 @@ if TYPE_CHECKING:       # type checkers take this branch
 
 
 def cmd_save(args: argparse.Namespace) -> int:
-    import json
     from pyxl.backends import default_backend
     from pyxl.ops.api import save
     leave: Leave = "running" if args.c else "paused" if args.p else "destroy"
@@ -28,16 +27,14 @@ def cmd_save(args: argparse.Namespace) -> int:
         res = run(op)
     finally:
         bar.close()
-    if args.json:
-        print(json.dumps({"domid": res.domid, "file": res.path, "bytes": res.bytes_written,
-                          "seconds": round(res.duration, 6), "iterations": res.iterations,
-                          "downtime_ms": None if res.downtime is None
-                          else round(res.downtime * 1000, 3)}))
+    summarize(args, "saved", op.config, res.domid, f"to {args.file}", res.duration,
+              {"domid": res.domid, "file": res.path, "bytes": res.bytes_written,
+               "iterations": res.iterations,
+               "downtime_ms": None if res.downtime is None else round(res.downtime * 1000, 3)})
     return EXIT_OK
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    import json
     from pyxl.ops.api import restore
     bar = ProgressBar("restoring")
     op = restore(args.file, paused=args.p, helper=args.helper, timeout=args.timeout,
@@ -46,11 +43,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
         res = run(op)
     finally:
         bar.close()
-    if args.json:
-        print(json.dumps({"domid": res.domid, "store_gfn": res.store_gfn,
-                          "console_gfn": res.console_gfn, "seconds": round(res.duration, 6)}))
-    else:
-        print(res.domid)
+    if not args.json:
+        print(res.domid, flush=True)      # the result, for scripts: DOMID=$(pyxl restore ...)
+    summarize(args, "restored", res.config, res.domid,
+              f"from {args.file} as domain {res.domid}", res.duration,
+              {"domid": res.domid, "file": args.file, "store_gfn": res.store_gfn,
+               "console_gfn": res.console_gfn})
     return EXIT_OK
 
 

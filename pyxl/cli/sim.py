@@ -55,11 +55,12 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     """Turn simulator errors into one-line messages and exit codes."""
     def run(args: argparse.Namespace) -> int:
         from pyxl import sim
-        if isinstance(getattr(args, "domid", None), str):
-            args.domid = _domid_of(args)
+        from pyxl.errors import StartupError
         try:
+            if isinstance(getattr(args, "domid", None), str):
+                args.domid = _domid_of(args)
             return fn(args)
-        except (sim.NoSuchDomain, sim.UnsafeSimDir) as exc:
+        except (sim.NoSuchDomain, sim.UnsafeSimDir, StartupError) as exc:
             _err(str(exc))
             return EXIT_USAGE
         except (sim.SimError, ValueError, OSError) as exc:

@@ -55,7 +55,8 @@ def heavy_in(mods: List[str]) -> List[str]:
 def test_version_imports_no_subcommand_and_no_library(sim_dir):
     mods = modules_after(["--version"], sim_dir)
     assert heavy_in(mods) == []
-    assert [m for m in mods if m.startswith("pyxl.cli.")] == ["pyxl.cli.main", "pyxl.cli.runner"]
+    assert [m for m in mods if m.startswith("pyxl.cli.")] == ["pyxl.cli.args", "pyxl.cli.main",
+                                                             "pyxl.cli.runner"]
     assert "pyxl.sim" not in mods
 
 
@@ -88,7 +89,7 @@ def test_help_lists_every_command_and_a_subcommand_gets_its_own_usage():
     r = subprocess.run([sys.executable, "-m", "pyxl", "-v", "restore"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2
-    assert r.stderr.splitlines()[-1] == ("pyxl restore: error: the following arguments are "
+    assert r.stderr.splitlines()[-1] == ("pyxl: error: restore: the following arguments are "
                                          "required: FILE")
 
 

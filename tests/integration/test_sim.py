@@ -354,12 +354,14 @@ def test_cli(fxdir, capsys):
     assert f"PYXL_SIM_DIR={fxdir}" in out and "libfakexen.so" in out
 
 
-def test_cli_usage_errors(capsys):
+def test_cli_usage_errors(capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         sim_cli.main(["create", "--memory", "lots"])
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
-        sim_cli.main(["pause", "x"])
+        sim_cli.main(["pause", "-x"])
+    assert sim_cli.main(["pause", "no-such-name", "--sim-dir", str(tmp_path / "sim")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "pyxl: error: no such domain: 'no-such-name'"
 
 
 def test_queries_racing_destroy_see_no_such_domain_or_nothing(fxdir):
