@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         bar = ProgressBar(f"live save of {domid}", out)
         op = save(domid, image, live=True, leave="paused", helper=args.helper,
                   on_progress=bar, sim_dir=sim_dir)
+        bar.op = op
         try:
             sres = run_op(op)
         finally:
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
                   f"pre-copy iterations, downtime {sres.downtime * 1000 if sres.downtime else 0:.0f} ms\n")
         bar = ProgressBar("restore", out)
         rop = restore(image, paused=True, helper=args.helper, on_progress=bar, sim_dir=sim_dir)
+        bar.op = rop
         try:
             rres = run_op(rop)
         finally:

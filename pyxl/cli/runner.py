@@ -39,6 +39,8 @@ class ProgressBar:
         self.label = label
         self._last = 0.0
         self._shown = False
+        #: the operation, once started: its ``stats()`` give bytes, rate and ETA
+        self.op: Any = None
 
     def __call__(self, ev: ProgressEvent) -> None:
         if not self.enabled or not ev.total:
@@ -47,10 +49,22 @@ class ProgressBar:
         if now - self._last < 0.1 and ev.done != ev.total:
             return
         self._last = now
-        frac = min(1.0, ev.done / ev.total)
-        width = 30
-        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        self.stream.write(f"\r{self.label} {ev.phase:<22.22} [{bar}] {frac * 100:5.1f}%")
+        st = self.op.stats() if hasattr(self.op, "stats") else None
+        if st is not None and st.bytes is not None:
+            # bytes of the stream, not libxc's fraction of the whole pfn space
+            text = f"{self.label} {ev.phase:<22.22} {size_text(st.bytes):>10}"
+            if st.memory:
+                text += f" of ~{size_text(st.memory)}"
+            if st.rate:
+                text += f", {size_text(int(st.rate))}/s"
+            if st.eta is not None:
+                text += f", ETA {st.eta:.0f} s"
+            self.stream.write(f"\r{text:<79}")
+        else:
+            frac = min(1.0, ev.done / ev.total)
+            width = 30
+            bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+            self.stream.write(f"\r{self.label} {ev.phase:<22.22} [{bar}] {frac * 100:5.1f}%")
         self.stream.flush()
         self._shown = True
 

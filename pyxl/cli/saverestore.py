@@ -23,6 +23,7 @@ def cmd_save(args: argparse.Namespace) -> int:
     bar = ProgressBar(f"saving domain {args.domid}")
     op = save(domid, args.file, live=args.live, leave=leave, helper=args.helper,
               timeout=args.timeout, on_progress=bar, backend=backend, debug=args.debug)
+    bar.op = op
     try:
         res = run(op)
     finally:
@@ -39,6 +40,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     bar = ProgressBar("restoring")
     op = restore(args.file, paused=args.p, helper=args.helper, timeout=args.timeout,
                  on_progress=bar, sim_dir=args.sim_dir)
+    bar.op = op
     try:
         res = run(op)
     finally:
