@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import signal
 import sys
 
 from pyxl import __version__
@@ -88,6 +87,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return func(args)
     except Interrupted as exc:
+        import signal
         if exc.signum != signal.SIGINT:
             print("pyxl: terminated", file=sys.stderr)
             return EXIT_TERMINATED

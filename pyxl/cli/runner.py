@@ -8,7 +8,6 @@ May import: the library (pyxl.loop, pyxl.ops); imported by every cli module.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 
@@ -83,6 +82,7 @@ def run(op: Any) -> Any:
     clean-up is done (temp file removed, guest resumed, half-made domain
     destroyed).  Then :class:`Interrupted` carries the signal to ``main``.
     """
+    import signal
     import threading
 
     from pyxl.loop import default_loop

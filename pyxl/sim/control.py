@@ -10,7 +10,6 @@ import json
 import mmap
 import os
 import re
-import signal
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -394,6 +393,7 @@ def bury(domid: int, sim_dir: Optional[str] = None) -> str:
     the domain no longer exists (ESRCH), but its files -- guest memory, the
     slow part to free -- are left in the returned directory for the caller to
     remove (``rm -rf``, from a short child while a loop goes on)."""
+    import signal   # here, not at the top: `pyxl sim list` starts faster
     sdir = sim_dir_path(sim_dir)
     with _Dom(domid, sdir) as d, d.locked():
         if d.get("state") == DYING and not os.path.exists(d.path):

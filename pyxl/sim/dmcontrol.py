@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import sys
 import time
 from typing import List, Optional
@@ -105,6 +104,7 @@ def pid(domdir: str) -> Optional[int]:
 def kill(domdir: str, grace: float = 1.0) -> None:
     """Stop the device model of ``domdir`` (SIGTERM, SIGKILL after ``grace``) and wait,
     bounded, until it is gone.  Nothing to do if none runs."""
+    import signal   # here, not at the top: `pyxl sim list` starts faster
     deadline = time.monotonic() + grace
     sig = signal.SIGTERM
     while True:

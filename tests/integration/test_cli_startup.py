@@ -26,7 +26,7 @@ from conftest import ROOT
 #: Never imported by `pyxl --version` or `pyxl sim list`.
 HEAVY = ["pyxl.ops", "pyxl.loop", "pyxl.backends", "pyxl.migrate", "pyxl.stream", "pyxl.wire",
          "pyxl.qmp", "pyxl.streamio", "pyxl.sim.devicemodel", "logging", "selectors", "socket",
-         "ssl", "asyncio", "ctypes", "subprocess", "hashlib", "json"]
+         "ssl", "asyncio", "ctypes", "subprocess", "hashlib", "json", "signal"]
 
 
 def modules_after(argv: List[str], sim_dir: str) -> List[str]:
