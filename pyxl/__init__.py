@@ -6,12 +6,16 @@ save/restore helper protocol (ours, ``pyxl-save-helper``, or Debian's own
 
     op = pyxl.save(domid, "guest.save", live=True)
     pyxl.wait(op)
+
+Only the errors are imported by ``import pyxl`` (not even :mod:`logging`: the
+library's loggers come from ``pyxl._log``, which gives them their NullHandler); every other
+public name is imported on first use (module ``__getattr__``), so that the
+command line (``pyxl --version``, ``pyxl sim list``) starts without loading the
+whole library.  The ``TYPE_CHECKING`` block gives type checkers the same names.
 """
 
-import logging as _logging
+import importlib as _importlib
 
-from pyxl._paths import DEBIAN_HELPER, helper_path
-from pyxl.backends import Backend
 from pyxl.errors import (BackendError, Cancelled, ConfigError, HelperDied, HelperExited,
                          HelperFailed,
                          HelperProtocolError, LocalProtocolError, MigrationError, MigrationInDoubt,
@@ -20,9 +24,17 @@ from pyxl.errors import (BackendError, Cancelled, ConfigError, HelperDied, Helpe
                          PrecopyPolicyError,
                          ProtocolError, PyxlError, RemoteProtocolError, StartupError, StreamError,
                          StreamTooLarge, Timeout, TruncatedStream, UnsupportedStream)
-from pyxl.loop import AsyncioLoop, HookLoop, SelectorLoop, default_loop
-from pyxl.ops import (CallbackRequest, Operation, ProgressEvent, RestoreOperation, RestoreOptions,
-                      RestoreResult, SaveOperation, SaveOptions, SaveResult, restore, save, wait)
+
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start)
+if TYPE_CHECKING:
+    from typing import Any
+
+    from pyxl._paths import DEBIAN_HELPER, helper_path
+    from pyxl.backends import Backend
+    from pyxl.loop import AsyncioLoop, HookLoop, SelectorLoop, default_loop
+    from pyxl.ops import (CallbackRequest, Operation, ProgressEvent, RestoreOperation,
+                          RestoreOptions, RestoreResult, SaveOperation, SaveOptions, SaveResult)
+    from pyxl.ops.api import restore, save, wait
 
 __all__ = [
     "AsyncioLoop", "Backend", "BackendError", "CallbackRequest", "Cancelled", "ConfigError",
@@ -40,7 +52,28 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-# A library does not print: operations raise their errors and log through
-# "pyxl.*" loggers, and an application that configured no logging gets no
-# copy of them on stderr (logging's last-resort handler) as well.
-_logging.getLogger("pyxl").addHandler(_logging.NullHandler())
+#: name -> the module that defines it, imported on first access.
+_LAZY = {
+    "DEBIAN_HELPER": "pyxl._paths", "helper_path": "pyxl._paths",
+    "Backend": "pyxl.backends",
+    "AsyncioLoop": "pyxl.loop", "HookLoop": "pyxl.loop", "SelectorLoop": "pyxl.loop",
+    "default_loop": "pyxl.loop",
+    **{name: "pyxl.ops" for name in (
+        "CallbackRequest", "Operation", "ProgressEvent", "RestoreOperation", "RestoreOptions",
+        "RestoreResult", "SaveOperation", "SaveOptions", "SaveResult", "restore", "save",
+        "wait")},
+}
+
+
+def __getattr__(name: str) -> "Any":
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyxl' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value          # the next access skips __getattr__
+    return value
+
+
+def __dir__() -> "list[str]":
+    return sorted(set(globals()) | set(__all__))
+

@@ -1,53 +1,76 @@
-"""asyncio front end: ``await pyxl.aio.save(...)`` / ``await pyxl.aio.restore(...)``.
+"""asyncio front end: ``await pyxl.aio.save(...)``, ``restore``, ``migrate``, ``receive``.
 
-The operations run on the running asyncio loop (``add_reader``/``call_later``);
-callback handlers may be coroutines.  Cancelling the awaiting task cancels the
-operation and waits for its clean-up (helper reaped, temp file removed, domain
-resumed or destroyed) before the cancellation propagates.
+Each takes exactly the keywords of its synchronous twin (``pyxl.save``,
+``pyxl.restore``, ``pyxl.migrate.migrate``, ``pyxl.migrate.receive``; type
+checkers and ``help()`` see them), except ``loop``: the operation runs on the
+running asyncio loop (``add_reader``/``call_later``), and callback handlers may be
+coroutines.  Cancelling the awaiting task (``task.cancel()``,
+``asyncio.wait_for``) cancels the operation and waits for its clean-up (helper
+reaped, temp file removed, guest resumed or half-made domain destroyed) before the
+``CancelledError`` propagates; the operation's own ``Cancelled`` outcome is
+consumed, so asyncio never reports "Task exception was never retrieved".  An
+operation that completed before the cancel could stop it returns its result.
+
+May import: pyxl.loop, pyxl.ops, pyxl.migrate.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import functools
+from typing import Any, Callable, Coroutine, ParamSpec, TypeVar
 
-from pyxl.ops import api
 from pyxl.loop import AsyncioLoop
-from pyxl.ops.operation import Operation, PathOrFd
-from pyxl.ops.restore import RestoreResult
-from pyxl.ops.save import SaveResult
+from pyxl.migrate import receiver as _receiver, sender as _sender
+from pyxl.ops import api
+from pyxl.ops.future import LoopFuture
 
-__all__ = ["restore", "save", "run"]
+__all__ = ["migrate", "receive", "restore", "run", "save"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-async def run(op: "Operation[Any]") -> Any:
-    """Await an operation created with ``loop=AsyncioLoop(...)``."""
+async def run(op: "LoopFuture[R]") -> R:
+    """Await an operation started on this asyncio loop (``loop=AsyncioLoop(...)``);
+    cancelling the awaiting task cancels it and waits for its clean-up."""
+    done: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
+
+    def finished(_op: Any) -> None:
+        if not done.done():
+            done.set_result(None)
+
+    op.add_done_callback(finished)
     try:
-        return await asyncio.shield(_wrap(op))
+        # shield: a cancel of this task must not cancel ``done``, still needed below
+        await asyncio.shield(done)
     except asyncio.CancelledError:
         op.cancel()
-        done: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
-
-        def finished(_op: "Operation[Any]") -> None:
-            if not done.done():
-                done.set_result(None)
-
-        op.add_done_callback(finished)
-        await done
-        raise
+        await done          # the clean-up; its Cancelled outcome stays on ``op``
+        if op.exception() is not None:
+            raise
+        # It finished before the cancel could stop it: the save is on disk, the
+        # domain gone.  Hiding that would be a lie; asyncio.wait_for returns it.
+    return op.result()
 
 
-async def _wrap(op: "Operation[Any]") -> Any:
-    return await op
+def _on_the_running_loop(start: "Callable[P, LoopFuture[R]]") -> "Callable[P, Coroutine[Any, Any, R]]":
+    """``start``'s signature (and docs), as a coroutine function on the running loop."""
+    @functools.wraps(start)
+    async def on_asyncio(*args: P.args, **kwargs: P.kwargs) -> R:
+        if kwargs.get("loop") is not None:
+            raise TypeError(f"pyxl.aio.{start.__name__} runs on the running asyncio loop; "
+                            "loop= is for the synchronous API")
+        kwargs["loop"] = AsyncioLoop(asyncio.get_running_loop())
+        return await run(start(*args, **kwargs))
+    return on_asyncio
 
 
-async def save(domid: int, path_or_fd: PathOrFd, **kw: Any) -> SaveResult:
-    op = api.save(domid, path_or_fd, loop=AsyncioLoop(asyncio.get_running_loop()), **kw)
-    result: SaveResult = await run(op)
-    return result
-
-
-async def restore(path_or_fd: PathOrFd, **kw: Any) -> RestoreResult:
-    op = api.restore(path_or_fd, loop=AsyncioLoop(asyncio.get_running_loop()), **kw)
-    result: RestoreResult = await run(op)
-    return result
+#: ``await pyxl.aio.save(domid, path, live=..., leave=...)`` -> :class:`pyxl.SaveResult`
+save = _on_the_running_loop(api.save)
+#: ``await pyxl.aio.restore(path, paused=...)`` -> :class:`pyxl.RestoreResult`
+restore = _on_the_running_loop(api.restore)
+#: ``await pyxl.aio.migrate(domid, "HOST:PORT", live=...)`` -> ``MigrateResult``
+migrate = _on_the_running_loop(_sender.migrate)
+#: ``await pyxl.aio.receive(listen_socket_or_address, ...)`` -> ``ReceiveResult``
+receive = _on_the_running_loop(_receiver.receive)

@@ -62,7 +62,8 @@ class ShortChild:
         self.proc = subprocess.Popen(list(argv),
                                      stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     close_fds=True, env=env)
+                                     close_fds=True, env=env,
+                                     process_group=0)   # Ctrl-C is pyxl's to handle
         self.stdin_fd = -1
         if self.proc.stdin is not None:
             self.stdin_fd = self.proc.stdin.fileno()

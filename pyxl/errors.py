@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-import signal
-from typing import Any, Dict, List, Optional
+
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
+if TYPE_CHECKING:       # type checkers take this branch
+    from typing import Any, Dict, List, Optional
 
 __all__ = [
     "BackendError", "Cancelled", "ConfigError", "DeviceModelError", "HelperDied", "HelperFailed", "HelperExited",
@@ -227,6 +229,7 @@ class HelperDied(OperationError):
         super().__init__(message, **kw)  # type: ignore[arg-type]
         self.signum = signum
         try:
+            import signal   # here: `import pyxl` stays light (signal builds enums)
             self.signame = signal.Signals(signum).name
         except ValueError:
             self.signame = str(signum)

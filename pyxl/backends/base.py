@@ -28,11 +28,14 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
-from pyxl.errors import BackendError
+from pyxl.errors import BackendError, StartupError
 from pyxl.loop import Loop, SelectorLoop
 
 __all__ = ["Backend", "Cancellable", "Done", "EmulatorRecord", "NoDeviceModel", "RestorePorts",
-           "SavedState", "run_to_end"]
+           "SavedState", "domid_of", "run_to_end"]
+
+#: Xen's domain ids for guests: 0 is dom0, DOMID_FIRST_RESERVED (0x7FF0) and up are special.
+DOMID_LIMIT = 0x7FF0
 
 #: ``done(ok, why)``: the outcome of an asynchronous backend step, called from the loop.
 Done = Callable[[bool, str], None]
@@ -68,6 +71,10 @@ class Backend(Protocol):
 
     def check_domain(self, domid: int) -> None:
         """Raise (e.g. :class:`pyxl.StartupError`) unless ``domid`` can be saved."""
+        ...
+
+    def domain_names(self) -> Dict[int, str]:
+        """Every domain's id and name (``xl list``); for :func:`domid_of`."""
         ...
 
     def domain_config(self, domid: int) -> Dict[str, Any]:
@@ -180,3 +187,27 @@ def run_to_end(start: Callable[[Loop, Done], Cancellable], what: str,
     ok, why = outcome[0]
     if not ok:
         raise BackendError(why or f"{what} failed")
+
+
+def domid_of(backend: Backend, name_or_id: "str | int") -> int:
+    """A domain's id from what a user typed, as xl takes it: an id (digits) or a name.
+
+    An id is only range-checked (the operation says "no such domain" if it does not
+    exist); a name is looked up through ``backend.domain_names()`` and must name
+    exactly one domain.  Raises :class:`pyxl.StartupError` (one line) otherwise.
+    """
+    text = str(name_or_id).strip()
+    if text.isdigit():
+        domid = int(text, 10)
+        if domid >= DOMID_LIMIT:
+            raise StartupError(f"domain id out of range: {domid}")
+        return domid
+    if not text:
+        raise StartupError("empty domain name")
+    found = sorted(d for d, n in backend.domain_names().items() if n == text)
+    if not found:
+        raise StartupError(f"no such domain: {text!r}")
+    if len(found) > 1:
+        raise StartupError(f"domain name {text!r} is ambiguous: domids "
+                           + ", ".join(map(str, found)))
+    return found[0]

@@ -41,6 +41,7 @@ import subprocess
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
+from pyxl._log import get_logger
 from pyxl.backends.base import Cancellable, EmulatorRecord
 from pyxl.errors import DeviceModelError
 from pyxl.loop import Loop, SelectorLoop, Timer
@@ -241,7 +242,7 @@ class QmpDeviceModel:
         self.xenstore_data, self.write_xenstore_data = xenstore_data, write_xenstore_data
         self.qmp_timeout, self.save_timeout = qmp_timeout, save_timeout
         self.ready_timeout = ready_timeout
-        self.logger = logger or logging.getLogger(f"pyxl.domain.{domid}")
+        self.logger = logger or get_logger(f"pyxl.domain.{domid}")
         #: The device model process, while it is this object's child (a spawned QEMU).
         self.child: "Optional[subprocess.Popen[Any]]" = None
         self._steps: Set[_Step] = set()

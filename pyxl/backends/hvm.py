@@ -34,12 +34,12 @@ pyxl.backends.xenstore, pyxl.backends.xswatch, pyxl.errors, pyxl.loop, pyxl.qmp.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import subprocess
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from pyxl._log import get_logger
 from pyxl.backends import qemu_args
 from pyxl.backends.base import Cancellable
 from pyxl.backends.devicemodel import QmpDeviceModel
@@ -53,7 +53,7 @@ __all__ = ["ChardevPostconfig", "DeviceModelStart", "LIB_DIR", "LOG_DIR", "START
            "device_model", "dm_path", "physmap", "remove_state_files", "restore_file",
            "save_file"]
 
-_log = logging.getLogger("pyxl.xen")
+_log = get_logger("pyxl.xen")
 
 LIB_DIR = "/var/lib/xen"
 LOG_DIR = "/var/log/xen"
@@ -153,7 +153,7 @@ def device_model(xs: XenStore, domid: int, ready: Optional[Callable[[], bool]] =
                           xenstore_data=lambda: physmap(xs, domid),
                           write_xenstore_data=write_keys,
                           ready_timeout=start_timeout() if ready_timeout is None else ready_timeout,
-                          logger=logging.getLogger(f"pyxl.domain.{domid}"))
+                          logger=get_logger(f"pyxl.domain.{domid}"))
 
 
 class DeviceModelStart:

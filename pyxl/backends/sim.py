@@ -15,12 +15,12 @@ without one get :class:`~pyxl.backends.base.NoDeviceModel`'s hooks, as PV guests
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+from pyxl._log import get_logger
 from pyxl import sim
 from pyxl.backends.base import (Cancellable, Done, EmulatorRecord, NoDeviceModel, RestorePorts,
                                 SavedState, run_to_end)
@@ -65,6 +65,9 @@ class SimBackend:
             sim.info(domid, sim_dir=self.sim_dir)
         except sim.NoSuchDomain as exc:
             raise StartupError(f"no such domain: {domid}") from exc
+
+    def domain_names(self) -> Dict[int, str]:
+        return {d.domid: d.name for d in sim.list_domains(self.sim_dir)}
 
     def domain_config(self, domid: int) -> Dict[str, Any]:
         return sim.config(domid, sim_dir=self.sim_dir)
@@ -187,7 +190,7 @@ class SimBackend:
             os.path.join(domdir, dmcontrol.SAVE_FILE), os.path.join(domdir, dmcontrol.RESTORE_FILE),
             kill=lambda: dmcontrol.kill(domdir), qmp_timeout=self.qmp_timeout,
             save_timeout=self.qmp_timeout, ready_timeout=self.dm_ready_timeout,
-            logger=logging.getLogger(f"pyxl.domain.{domid}"))
+            logger=get_logger(f"pyxl.domain.{domid}"))
 
     def start_logdirty(self, loop: Loop, domid: int, enable: bool, done: Done) -> Cancellable:
         dm = self._device_model(domid)

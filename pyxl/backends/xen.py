@@ -39,11 +39,11 @@ from __future__ import annotations
 import errno
 import glob
 import json
-import logging
 import os
 import subprocess
 from typing import Any, Callable, Dict, List, Optional
 
+from pyxl._log import get_logger
 from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xendevices
 from pyxl.backends.base import (Cancellable, Done, EmulatorRecord, NoDeviceModel, RestorePorts,
                                 SavedState, run_to_end)
@@ -54,7 +54,7 @@ from pyxl.backends.xenstore import XenStore, XenStoreError, open_default
 from pyxl.errors import BackendError, DeviceModelError, StartupError
 from pyxl.loop import Loop, Timer
 
-_log = logging.getLogger("pyxl.xen")
+_log = get_logger("pyxl.xen")
 
 USERDATA_DIR = "/var/lib/xen"
 
@@ -412,6 +412,15 @@ class XenBackend(NoDeviceModel):
         if cfg is not None:
             cfg.setdefault("c_info", {})["name"] = name
             xenbuild.write_userdata(USERDATA_DIR, domid, info.uuid, cfg)
+
+    def domain_names(self) -> Dict[int, str]:
+        """Each domain's /local/domain/D/name, as libxl_name_to_domid reads it."""
+        out = {}
+        for domid in self._domids():
+            raw = self.xs.read(f"/local/domain/{domid}/name")
+            if raw is not None:
+                out[domid] = raw.decode(errors="replace")
+        return out
 
     def _domids(self) -> List[int]:
         return [int(d) for d in self.xs.directory("/local/domain") if d.isdigit()]

@@ -32,12 +32,12 @@ pyxl.backends.xswatch, pyxl.loop.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
 import subprocess
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from pyxl._log import get_logger
 from pyxl.backends import libxlcfg, xenbuild
 from pyxl.backends.libxlcfg import Disk, Nic
 from pyxl.backends.xenstore import XenStore, XenStoreError
@@ -47,7 +47,7 @@ from pyxl.loop import Loop, Timer
 __all__ = ["DeviceSteps", "DevicesRemoval", "Script", "add_disk", "add_nic", "check_bridges",
            "xs_path_cleanup", "HOTPLUG_TIMEOUT", "INIT_TIMEOUT", "DESTROY_TIMEOUT"]
 
-_log = logging.getLogger("pyxl.xen")
+_log = get_logger("pyxl.xen")
 
 #: LIBXL_INIT_TIMEOUT, LIBXL_HOTPLUG_TIMEOUT, LIBXL_DESTROY_TIMEOUT (seconds)
 INIT_TIMEOUT, HOTPLUG_TIMEOUT, DESTROY_TIMEOUT = 10.0, 40.0, 10.0
@@ -94,7 +94,7 @@ class Script:
             self.proc: Optional["subprocess.Popen[bytes]"] = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, env=dict(os.environ, **env), close_fds=True,
-                restore_signals=True)
+                restore_signals=True, process_group=0)   # Ctrl-C is pyxl's to handle
         except OSError as exc:
             self.proc = None
             why = f"cannot run {self.what}: {exc.strerror or exc}"

@@ -14,10 +14,10 @@ May import: pyxl.backends.xenctrl, pyxl.backends.xenstore, pyxl.backends.xswatch
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any, Callable, Optional
 
+from pyxl._log import get_logger
 from pyxl.backends.xenctrl import SHUTDOWN_suspend
 from pyxl.backends.xenstore import XenStore
 from pyxl.backends.xswatch import Outcome, XsWait
@@ -25,7 +25,7 @@ from pyxl.loop import Loop, Timer
 
 __all__ = ["Suspend", "HVM_PARAM_ACPI_S_STATE", "HVM_PARAM_CALLBACK_IRQ"]
 
-_log = logging.getLogger("pyxl.xen")
+_log = get_logger("pyxl.xen")
 
 HVM_PARAM_CALLBACK_IRQ, HVM_PARAM_ACPI_S_STATE = 0, 14
 

@@ -1,19 +1,78 @@
-"""argparse types and options shared by the subcommands (one parser each)."""
+"""argparse types and options shared by the subcommands (one parser each).
+
+May import: pyxl._units, pyxl.errors; the library only inside functions (the
+parser is built on every start, so it stays light).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start)
+if TYPE_CHECKING:
+    from typing import Callable, NoReturn, TypeVar
+
+    from pyxl.backends.base import Backend
+    N = TypeVar("N", int, float)
+
+class Parser(argparse.ArgumentParser):
+    """argparse with pyxl's one error style: the (sub)command's usage, then
+    ``pyxl: error: [COMMAND: ]MESSAGE``, exit 2.  Subparsers are of this class too."""
+
+    def error(self, message: str) -> "NoReturn":
+        self.print_usage(sys.stderr)
+        words = self.prog.split()[1:]           # "pyxl sim info" -> "sim info"
+        where = f"{' '.join(words)}: " if words else ""
+        self.exit(2, f"pyxl: error: {where}{message}\n")
 
 
-def domid_arg(text: str) -> int:
-    """argparse type for a domain id (shared by every subcommand)."""
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a domain id: {text!r}") from None
-    if not 0 <= value < 0x7FF0:
-        raise argparse.ArgumentTypeError(f"domain id out of range: {value}")
-    return value
+#: Xen's guest domain ids stop below DOMID_FIRST_RESERVED (pyxl.backends.base.DOMID_LIMIT).
+_DOMID_LIMIT = 0x7FF0
+#: The longest --timeout and other deadlines: a day.
+MAX_SECONDS = 86400
+
+
+def domain_arg(text: str) -> str:
+    """argparse type for DOMAIN: a domain id or a domain name, as xl takes it.  The
+    name is looked up when the command runs (:func:`resolve_domain`)."""
+    if text.isdigit():
+        if int(text, 10) >= _DOMID_LIMIT:
+            raise argparse.ArgumentTypeError(f"domain id out of range: {int(text, 10)}")
+        return text
+    if not text.strip() or text.startswith("-") or "/" in text:
+        raise argparse.ArgumentTypeError(f"not a domain id or name: {text!r}")
+    return text
+
+
+#: The old name: every DOMID argument now takes a name too.
+domid_arg = domain_arg
+
+
+def resolve_domain(backend: "Backend", name_or_id: str) -> int:
+    """The domid of what the user typed, through the backend (``pyxl.StartupError``,
+    exit 2, for an unknown or ambiguous name)."""
+    from pyxl.backends.base import domid_of
+    return domid_of(backend, name_or_id)
+
+
+def bounded(convert: "Callable[[str], N]", what: str, ok: "Callable[[N], bool]",
+            bounds: str) -> "Callable[[str], N]":
+    """An argparse type: ``convert`` the text, then check it (``ok``)."""
+    def parse(text: str) -> "N":
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if value != value or not ok(value):      # NaN is no number of seconds
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {text}")
+        return value
+    return parse
+
+
+#: --timeout, --header-timeout, ...: more than 0, at most a day.
+seconds_arg = bounded(float, "a number of seconds", lambda v: 0 < v <= MAX_SECONDS,
+                      f"more than 0 and at most {MAX_SECONDS} seconds")
 
 
 def common_options(p: argparse.ArgumentParser) -> None:
@@ -22,5 +81,9 @@ def common_options(p: argparse.ArgumentParser) -> None:
                         "e.g. /usr/lib/xen-4.17/bin/libxl-save-helper")
     p.add_argument("--sim-dir", metavar="DIR", help="fakexen state directory (default: "
                    "$PYXL_SIM_DIR, else /dev/shm/pyxl-sim-$UID)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=seconds_arg, metavar="SECONDS",
+                   help=f"give up after this long (more than 0, at most {MAX_SECONDS})")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no summary line on success")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output: the summary's numbers as one JSON object")

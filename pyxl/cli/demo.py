@@ -11,18 +11,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
-from typing import Any, List
 
-from pyxl import sim
-from pyxl._paths import helper_path
+from pyxl._units import parse_size
 from pyxl.cli.runner import ProgressBar, run as run_op
-from pyxl.ops.api import restore, save
+
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
+if TYPE_CHECKING:       # type checkers take this branch
+    from typing import Any, List
 
 
 def _size(text: str) -> int:
-    return sim.parse_size(text)
+    return parse_size(text)
 
 
 def add_parser(sub: Any) -> None:
@@ -36,6 +36,10 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import tempfile
+    from pyxl import sim
+    from pyxl._paths import helper_path
+    from pyxl.ops.api import restore, save
     out = sys.stdout
     created: List[int] = []
     sim_dir = args.sim_dir
@@ -52,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         bar = ProgressBar(f"live save of {domid}", out)
         op = save(domid, image, live=True, leave="paused", helper=args.helper,
                   on_progress=bar, sim_dir=sim_dir)
+        bar.op = op
         try:
             sres = run_op(op)
         finally:
@@ -63,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
                   f"pre-copy iterations, downtime {sres.downtime * 1000 if sres.downtime else 0:.0f} ms\n")
         bar = ProgressBar("restore", out)
         rop = restore(image, paused=True, helper=args.helper, on_progress=bar, sim_dir=sim_dir)
+        bar.op = rop
         try:
             rres = run_op(rop)
         finally:

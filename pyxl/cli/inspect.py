@@ -7,7 +7,7 @@ Xen 4.17's restore path would check (see ``pyxl.stream.libxc_scan``,
 ``pyxl.stream.libxl`` and ``pyxl.stream.xl`` for the rules).
 
 Exit codes: 0 the stream passes; 1 Xen would refuse it (the reason is one
-line on stderr, ``pyxl inspect: refused: <where> at <offset>: <rule>``);
+line on stderr, ``pyxl: error: refused: <where> at <offset>: <rule>``);
 2 usage or I/O errors (missing or unreadable file, a directory).  FILE may
 be ``-`` for standard input; nothing bulky is read into memory.
 """
@@ -15,12 +15,13 @@ be ``-`` for standard input; nothing bulky is read into memory.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import Any, Dict, List, Optional, Sequence, TextIO
 
-from pyxl.stream.report import RecordInfo, StreamReport
-from pyxl.streamio import scan_path, scan_stream
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
+if TYPE_CHECKING:       # type checkers take this branch
+    from typing import Any, Dict, List, Optional, Sequence, TextIO
+
+    from pyxl.stream.report import RecordInfo, StreamReport
 
 __all__ = ["add_parser", "run", "main", "format_report"]
 
@@ -52,6 +53,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler for ``pyxl inspect``; returns the exit code."""
+    from pyxl.streamio import scan_path, scan_stream
     layer = None if args.layer == "auto" else args.layer
     try:
         if args.file == "-":
@@ -60,22 +62,23 @@ def run(args: argparse.Namespace) -> int:
             report = scan_path(args.file, layer=layer, checkpointed=args.checkpointed)
     except OSError as exc:
         text = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
-        print(f"{PROG}: error: {text}", file=sys.stderr)
+        print(f"pyxl: error: {text}", file=sys.stderr)
         return EXIT_USAGE
     try:
         _emit(report, args)
     except BrokenPipeError:
         return EXIT_USAGE
     except Exception as exc:  # a bug in pyxl: still one line, no traceback
-        print(f"{PROG}: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"pyxl: error: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     if report.error is not None:
-        print(f"{PROG}: refused: {report.error}", file=sys.stderr)
+        print(f"pyxl: error: refused: {report.error}", file=sys.stderr)
         return EXIT_REFUSED
     return EXIT_OK
 
 
 def _emit(report: StreamReport, args: argparse.Namespace) -> None:
+    import json
     if args.json:
         out = report.to_json()
         out["file"] = args.file
@@ -116,6 +119,7 @@ def _fold(records: List[RecordInfo], all_records: bool) -> List[RecordInfo]:
             first = run[0]
             pfns = sum(r.pfns for r in run)
             data = sum(r.with_data for r in run)
+            from pyxl.stream.report import RecordInfo
             out.append(RecordInfo(first.layer, first.rtype, f"PAGE_DATA x{len(run)}",
                                   first.offset, sum(r.length for r in run),
                                   f"{pfns} pfns, {data} with data (folded)", pfns, data))

@@ -10,35 +10,66 @@ are one line on stderr, never a traceback (``PYXL_DEBUG=1`` shows one).
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
+import importlib
 import sys
-from typing import Callable, List, Optional
 
 from pyxl import __version__
-from pyxl.cli import demo, inspect, migrate, saverestore, sim
+from pyxl.cli.args import Parser
 from pyxl.cli.runner import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE,
                              Interrupted, fail)
-from pyxl.errors import PyxlError, StartupError
-from pyxl.sim.errors import UnsafeSimDir
+from pyxl.errors import BackendError, PyxlError, StartupError
 
-#: Every subcommand module, in ``pyxl --help`` order; each has ``add_parser(sub)``.
-SUBCOMMANDS = (saverestore, inspect, sim, demo, migrate)
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
+if TYPE_CHECKING:       # type checkers take this branch
+    from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+#: The static dispatch table: command -> (its module in pyxl.cli, its help line), in
+#: ``pyxl --help`` order.  A module's ``add_parser(sub)`` registers its commands.  Only
+#: the module of the command being run is imported: ``pyxl --version`` imports none,
+#: ``pyxl sim list`` only pyxl.cli.sim, and the others appear by name and help line
+#: (tests/integration/test_cli_startup.py checks these lines are the modules' own).
+COMMANDS: "Dict[str, Tuple[str, str]]" = {
+    "save": ("saverestore", "save a domain to a file (xl save)"),
+    "restore": ("saverestore", "restore a domain from a save file (xl restore)"),
+    "inspect": ("inspect", "show and check a save file or migration stream"),
+    "sim": ("sim", "create and control simulated Xen domains (fakexen)"),
+    "demo": ("demo", "live-save and restore a busy simulated guest, end to end"),
+    "migrate": ("migrate", "migrate a domain to another host (xl migrate)"),
+    "migrate-receive": ("migrate", "receive a migrating domain (xl migrate-receive)"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyxl", description=(__doc__ or "").split("\n")[0])
+def _command_in(argv: "Sequence[str]") -> "Optional[str]":
+    """The subcommand argv names: its first word that is not an option (pyxl's own
+    options, -v/--verbose/--version/-h, take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def build_parser(argv: "Optional[Sequence[str]]" = None) -> argparse.ArgumentParser:
+    """pyxl's parser: every command in full if ``argv`` is None, else only the one
+    ``argv`` runs (the others by name and help line, enough for ``pyxl --help``)."""
+    parser = Parser(prog="pyxl", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--version", action="version", version=f"pyxl {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="show helper logs (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in SUBCOMMANDS:
-        module.add_parser(sub)
+    wanted = None if argv is None else _command_in(argv)
+    loaded = set()
+    for name, (module, helptext) in COMMANDS.items():
+        if argv is None or COMMANDS.get(wanted or "", ("",))[0] == module:
+            if module not in loaded:
+                loaded.add(module)
+                importlib.import_module(f"pyxl.cli.{module}").add_parser(sub)
+        else:
+            sub.add_parser(name, help=helptext, add_help=False)
     return parser
 
 
 def _configure_logging(verbose: int) -> None:
+    if verbose == 0:   # pyxl's loggers have a NullHandler: silent, and logging not imported
+        return
+    import logging
     level = logging.CRITICAL + 1 if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     # -vv: debugging, where the time since the command started tells what was slow.
     fmt = "%(name)s: %(levelname)s: %(message)s"
@@ -48,15 +79,15 @@ def _configure_logging(verbose: int) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
-    if getattr(args, "p", False) and getattr(args, "c", False):
-        parser.error("-c and -p are mutually exclusive")
     _configure_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except Interrupted as exc:
+        import signal
         if exc.signum != signal.SIGINT:
             print("pyxl: terminated", file=sys.stderr)
             return EXIT_TERMINATED
@@ -65,10 +96,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("pyxl: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (StartupError, UnsafeSimDir, FileNotFoundError, PermissionError,
-            IsADirectoryError) as exc:
+    except (StartupError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         fail(exc)
         return EXIT_USAGE
+    except BackendError as exc:
+        from pyxl.sim.errors import UnsafeSimDir   # only now: pyxl.sim is not light
+        fail(exc)
+        return EXIT_USAGE if isinstance(exc, UnsafeSimDir) else EXIT_FAILED
     except (PyxlError, OSError, ValueError) as exc:
         fail(exc)
         return EXIT_FAILED

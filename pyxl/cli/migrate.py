@@ -35,22 +35,25 @@ cap in percent, 0 for none, with --auto-converge); receiver ``{"domid", "digest"
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from typing import Any, Callable, Optional, Tuple, TypeVar
 
-from pyxl import sim
-from pyxl.cli.args import common_options as _common, domid_arg
-from pyxl.cli.runner import ProgressBar, run
-from pyxl.migrate import TlsOptions, migrate, parse_address, receive
+from pyxl._units import parse_size
+from pyxl.cli.args import bounded, common_options as _common, domain_arg, resolve_domain, seconds_arg
+from pyxl.cli.runner import ProgressBar, run, size_text, summarize
+
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
+if TYPE_CHECKING:       # type checkers take this branch
+    from typing import Any, Optional, Tuple, TypeVar
+    N = TypeVar("N", int, float)
+
+    from pyxl.migrate import TlsOptions
 
 EXIT_OK = 0
-N = TypeVar("N", int, float)
 
 
 def _size(text: str) -> int:
     try:
-        value = sim.parse_size(text)
+        value = parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     if value <= 0:
@@ -60,6 +63,7 @@ def _size(text: str) -> int:
 
 def _address(listen: bool) -> Any:
     def parse(text: str) -> Any:
+        from pyxl.migrate.address import parse_address
         try:
             return parse_address(text, listen=listen)
         except ValueError as exc:
@@ -67,66 +71,58 @@ def _address(listen: bool) -> Any:
     return parse
 
 
-def _bounded(convert: Callable[[str], N], what: str, ok: Callable[[N], bool],
-             bounds: str) -> Callable[[str], N]:
-    """An argparse type: ``convert`` the text, then check it (``ok``)."""
-    def parse(text: str) -> N:
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {bounds}")
-        return value
-    return parse
-
-
-_positive_ms = _bounded(float, "a number of milliseconds", lambda v: 0.001 <= v <= 3600000,
+_positive_ms = bounded(float, "a number of milliseconds", lambda v: 0.001 <= v <= 3600000,
                         "from 0.001 to 3600000 ms")
-_positive_s = _bounded(float, "a number of seconds", lambda v: 0 < v <= 3600,
+_positive_s = bounded(float, "a number of seconds", lambda v: 0 < v <= 3600,
                        "from 0 (excluded) to 3600 seconds")
-_deadline_s = _bounded(float, "a number of seconds", lambda v: 0 < v <= 86400,
-                      "from 0 (excluded) to 86400 seconds")
-_iterations = _bounded(lambda t: int(t, 10), "a whole number", lambda v: 1 <= v <= 1000000,
+_deadline_s = seconds_arg
+_iterations = bounded(lambda t: int(t, 10), "a whole number", lambda v: 1 <= v <= 1000000,
                        "from 1 to 1000000")
 
 
 def _tls(args: argparse.Namespace, allow: Tuple[str, ...] = (),
          name: Optional[str] = None) -> Optional[TlsOptions]:
     """TlsOptions from --tls-cert/--tls-key/--tls-ca (all three or none)."""
+    from pyxl.migrate import TlsOptions
     files = (args.tls_cert, args.tls_key, args.tls_ca)
     if all(f is None for f in files):
         if allow or name is not None:
-            raise SystemExit(_usage("--tls-allow and --tls-name go with --tls-cert, "
-                                    "--tls-key and --tls-ca"))
+            args.usage_error("--tls-allow and --tls-name go with --tls-cert, "
+                                    "--tls-key and --tls-ca")
         return None
     if any(f is None for f in files):
-        raise SystemExit(_usage("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca"))
+        args.usage_error("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca")
     return TlsOptions(args.tls_cert, args.tls_key, args.tls_ca, allow=allow, server_name=name)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    from pyxl.migrate import migrate
     if (args.target is None) == (args.command is None):
-        raise SystemExit(_usage("give HOST:PORT or --command CMD (one of them)"))
+        args.usage_error("give HOST:PORT or --command CMD (one of them)")
     tls = _tls(args, name=args.tls_name)
     if tls is not None and args.command is not None:
-        raise SystemExit(_usage("--tls-* is for HOST:PORT; --command is its own channel "
-                                "(ssh)"))
+        args.usage_error("--tls-* is for HOST:PORT; --command is its own channel "
+                                "(ssh)")
     if args.downtime is None and (args.max_iterations is not None or args.on_fail is not None):
-        raise SystemExit(_usage("--max-iterations and --on-fail go with --downtime"))
+        args.usage_error("--max-iterations and --on-fail go with --downtime")
     if args.downtime is not None and not args.live:
-        raise SystemExit(_usage("--downtime needs --live"))
+        args.usage_error("--downtime needs --live")
     if args.auto_converge and args.downtime is None:
-        raise SystemExit(_usage("--auto-converge goes with --downtime"))
+        args.usage_error("--auto-converge goes with --downtime")
     if args.remus and not args.live:
-        raise SystemExit(_usage("--remus needs --live"))
+        args.usage_error("--remus needs --live")
     if not args.remus and (args.checkpoints is not None or args.interval is not None):
-        raise SystemExit(_usage("--checkpoints and --interval go with --remus"))
+        args.usage_error("--checkpoints and --interval go with --remus")
+    from pyxl.backends import default_backend
+    backend = default_backend(args.sim_dir)
+    domid = resolve_domain(backend, args.domid)
+    backend.check_domain(domid)               # "no such domain: 7", exit 2
+    config = backend.domain_config(domid)     # for the summary: the source is gone after
     bar = ProgressBar(f"migrating domain {args.domid}")
-    op = migrate(args.domid, args.target, command=args.command, live=args.live,
+    op = migrate(domid, args.target, backend=backend, command=args.command, live=args.live,
                  downtime_ms=args.downtime, max_iterations=args.max_iterations,
                  on_fail=args.on_fail or "abort", max_bandwidth=args.max_bandwidth,
-                 helper=args.helper, timeout=args.timeout, sim_dir=args.sim_dir,
+                 helper=args.helper, timeout=args.timeout,
                  digest=args.json, on_progress=bar, remus=args.remus,
                  checkpoints=args.checkpoints,
                  checkpoint_interval=0.1 if args.interval is None else args.interval,
@@ -136,20 +132,22 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         res = run(op)
     finally:
         bar.close()
-    if args.json:
-        out = {"domid": res.domid, "digest": res.digest,
+    numbers = {"domid": res.domid, "digest": res.digest,
                "downtime_ms": None if res.downtime is None else round(res.downtime * 1000, 3),
-               "iterations": res.iterations, "bytes_sent": res.bytes_sent,
-               "seconds": round(res.duration, 6)}
-        if args.remus:
-            out["checkpoints"] = res.checkpoints
-        if args.auto_converge:
-            out["throttle"] = res.throttle
-        print(json.dumps(out))
+               "iterations": res.iterations, "bytes_sent": res.bytes_sent}
+    if args.remus:
+        numbers["checkpoints"] = res.checkpoints
+    if args.auto_converge:
+        numbers["throttle"] = res.throttle
+    to = args.command if args.command is not None else "{}:{}".format(*args.target)
+    downtime = "" if res.downtime is None else f", downtime {res.downtime * 1000:.0f} ms"
+    summarize(args, "migrated", config, res.domid, f"to {to}", res.duration, numbers,
+              extra=f" ({size_text(res.bytes_sent)} sent{downtime})")
     return EXIT_OK
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
+    from pyxl.migrate import receive
     tls = _tls(args, allow=tuple(args.tls_allow or ()))
     deadlines = dict(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout)
     if args.listen is not None:
@@ -161,17 +159,23 @@ def cmd_receive(args: argparse.Namespace) -> int:
         out = sys.stdout
     else:
         if tls is not None or args.insecure:
-            raise SystemExit(_usage("--tls-* and --insecure go with --listen (without it, "
-                                    "stdin/stdout is the channel: ssh)"))
+            args.usage_error("--tls-* and --insecure go with --listen (without it, "
+                                    "stdin/stdout is the channel: ssh)")
         op = receive(fds=(0, 1), paused=args.paused, helper=args.helper, timeout=args.timeout,
                      sim_dir=args.sim_dir, digest=args.json, remus=args.remus, **deadlines)
         out = sys.stderr   # stdout is the channel back to the sender
     res = run(op)
-    if args.json:
-        got = {"domid": res.domid, "digest": res.digest, "seconds": round(res.duration, 6)}
-        if args.remus:
-            got.update(checkpoints=res.checkpoints, failover=res.failover)
-        print(json.dumps(got), file=out, flush=True)
+    got = {"domid": res.domid, "digest": res.digest}
+    if args.remus:
+        got.update(checkpoints=res.checkpoints, failover=res.failover)
+    from pyxl.migrate.domain import INCOMING
+    # the config restored is NAME--incoming; the domain has its own name back by now
+    config = dict(res.restore.config)
+    c_info = config.get("c_info")
+    if isinstance(c_info, dict) and isinstance(c_info.get("name"), str):
+        config["c_info"] = dict(c_info, name=c_info["name"].removesuffix(INCOMING))
+    summarize(args, "received", config, res.domid, f"as domain {res.domid}",
+              res.duration, got, out=out)
     return EXIT_OK
 
 
@@ -181,11 +185,6 @@ def _tls_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", metavar="FILE", help="mutual TLS: this end's private key (PEM)")
     p.add_argument("--tls-ca", metavar="FILE",
                    help="mutual TLS: the CA the peer's certificate must chain to (PEM)")
-
-
-def _usage(text: str) -> int:
-    print(f"pyxl: error: {text}", file=sys.stderr)
-    return 2
 
 
 def add_parser(subparsers: Any) -> None:
@@ -228,10 +227,10 @@ def add_parser(subparsers: Any) -> None:
                         "(connect and TLS included), its \"ready\", its status (default 60)")
     p.add_argument("--idle-timeout", type=_deadline_s, metavar="SECONDS", default=60.0,
                    help="fail if the stream does not move for this long (default 60)")
-    p.add_argument("domid", type=domid_arg, metavar="DOMID")
+    p.add_argument("domid", type=domain_arg, metavar="DOMAIN", help="domain id or name")
     p.add_argument("target", nargs="?", type=_address(False), metavar="HOST:PORT")
     _common(p)
-    p.set_defaults(func=cmd_migrate)
+    p.set_defaults(func=cmd_migrate, usage_error=p.error)
 
     p = subparsers.add_parser("migrate-receive",
                               help="receive a migrating domain (xl migrate-receive)",
@@ -258,4 +257,4 @@ def add_parser(subparsers: Any) -> None:
                    help="expect a checkpointed stream (pyxl migrate --remus); take over at the "
                         "last checkpoint if it ends without its end")
     _common(p)
-    p.set_defaults(func=cmd_receive)
+    p.set_defaults(func=cmd_receive, usage_error=p.error)

@@ -8,14 +8,14 @@ May import: the library (pyxl.loop, pyxl.ops); imported by every cli module.
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import time
-from typing import Any, List
 
-from pyxl.loop import default_loop
-from pyxl.ops.operation import ProgressEvent
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
+if TYPE_CHECKING:       # type checkers take this branch
+    from typing import Any, Dict, List, Optional, Tuple
+
+    from pyxl.ops.operation import ProgressEvent
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 
@@ -38,6 +38,8 @@ class ProgressBar:
         self.label = label
         self._last = 0.0
         self._shown = False
+        #: the operation, once started: its ``stats()`` give bytes, rate and ETA
+        self.op: Any = None
 
     def __call__(self, ev: ProgressEvent) -> None:
         if not self.enabled or not ev.total:
@@ -46,10 +48,22 @@ class ProgressBar:
         if now - self._last < 0.1 and ev.done != ev.total:
             return
         self._last = now
-        frac = min(1.0, ev.done / ev.total)
-        width = 30
-        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
-        self.stream.write(f"\r{self.label} {ev.phase:<22.22} [{bar}] {frac * 100:5.1f}%")
+        st = self.op.stats() if hasattr(self.op, "stats") else None
+        if st is not None and st.bytes is not None:
+            # bytes of the stream, not libxc's fraction of the whole pfn space
+            text = f"{self.label} {ev.phase:<22.22} {size_text(st.bytes):>10}"
+            if st.memory:
+                text += f" of ~{size_text(st.memory)}"
+            if st.rate:
+                text += f", {size_text(int(st.rate))}/s"
+            if st.eta is not None:
+                text += f", ETA {st.eta:.0f} s"
+            self.stream.write(f"\r{text:<79}")
+        else:
+            frac = min(1.0, ev.done / ev.total)
+            width = 30
+            bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+            self.stream.write(f"\r{self.label} {ev.phase:<22.22} [{bar}] {frac * 100:5.1f}%")
         self.stream.flush()
         self._shown = True
 
@@ -68,6 +82,10 @@ def run(op: Any) -> Any:
     clean-up is done (temp file removed, guest resumed, half-made domain
     destroyed).  Then :class:`Interrupted` carries the signal to ``main``.
     """
+    import signal
+    import threading
+
+    from pyxl.loop import default_loop
     loop = default_loop()
     if threading.current_thread() is not threading.main_thread():
         loop.run_until(op.done)
@@ -100,6 +118,44 @@ def run(op: Any) -> Any:
         raise Interrupted(caught[0])
     return op.result()
 
+
+
+def domain_of(config: "Optional[Dict[str, Any]]") -> "Tuple[Optional[str], Optional[int]]":
+    """(name, memory in bytes) of a libxl domain config, each None if it does not say."""
+    c_info = config.get("c_info") if isinstance(config, dict) else None
+    b_info = config.get("b_info") if isinstance(config, dict) else None
+    name = c_info.get("name") if isinstance(c_info, dict) else None
+    kb = b_info.get("max_memkb") if isinstance(b_info, dict) else None
+    return (name if isinstance(name, str) and name else None,
+            kb * 1024 if isinstance(kb, int) and kb > 0 else None)
+
+
+def size_text(n: int) -> str:
+    """512 MiB, 1 GiB, 1.5 GiB: whole units without a decimal."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} B"
+
+
+def summarize(args: Any, verb: str, config: "Optional[Dict[str, Any]]", domid: int,
+              where: str, seconds: float, numbers: "Dict[str, Any]",
+              extra: str = "", out: Any = None) -> None:
+    """The line a successful command ends with, on stderr (stdout may be a result or a
+    channel): ``saved web1 (512 MiB) to web1.save in 1.6 s``; ``-q``: none.  With
+    ``--json``, the same numbers as one JSON object on ``out`` (stdout) instead."""
+    name, memory = domain_of(config)
+    if args.json:
+        import json
+        print(json.dumps({"name": name, "memory": memory, **numbers,
+                          "seconds": round(seconds, 6)}), file=out or sys.stdout, flush=True)
+        return
+    if getattr(args, "quiet", False):
+        return
+    who = name or f"domain {domid}"
+    size = f" ({size_text(memory)})" if memory else ""
+    print(f"{verb} {who}{size} {where} in {seconds:.1f} s{extra}", file=sys.stderr, flush=True)
 
 
 def fail(exc: BaseException, internal: bool = False) -> None:

@@ -3,55 +3,65 @@
 from __future__ import annotations
 
 import argparse
-import json
-from typing import Any
 
-from pyxl.cli.args import common_options, domid_arg
-from pyxl.cli.runner import EXIT_OK, ProgressBar, run
-from pyxl.ops.api import restore, save
-from pyxl.ops.save import Leave
+from pyxl.cli.args import common_options, domain_arg, resolve_domain
+from pyxl.cli.runner import EXIT_OK, ProgressBar, run, summarize
+
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
+if TYPE_CHECKING:       # type checkers take this branch
+    from typing import Any
+
+    from pyxl.ops.save import Leave
 
 
 def cmd_save(args: argparse.Namespace) -> int:
+    from pyxl.backends import default_backend
+    from pyxl.ops.api import save
     leave: Leave = "running" if args.c else "paused" if args.p else "destroy"
+    backend = default_backend(args.sim_dir)
+    domid = resolve_domain(backend, args.domid)
     bar = ProgressBar(f"saving domain {args.domid}")
-    op = save(args.domid, args.file, live=args.live, leave=leave, helper=args.helper,
-              timeout=args.timeout, on_progress=bar, sim_dir=args.sim_dir, debug=args.debug)
+    op = save(domid, args.file, live=args.live, leave=leave, helper=args.helper,
+              timeout=args.timeout, on_progress=bar, backend=backend, debug=args.debug)
+    bar.op = op
     try:
         res = run(op)
     finally:
         bar.close()
-    if args.json:
-        print(json.dumps({"domid": res.domid, "file": res.path, "bytes": res.bytes_written,
-                          "seconds": round(res.duration, 6), "iterations": res.iterations,
-                          "downtime_ms": None if res.downtime is None
-                          else round(res.downtime * 1000, 3)}))
+    summarize(args, "saved", op.config, res.domid, f"to {args.file}", res.duration,
+              {"domid": res.domid, "file": res.path, "bytes": res.bytes_written,
+               "iterations": res.iterations,
+               "downtime_ms": None if res.downtime is None else round(res.downtime * 1000, 3)})
     return EXIT_OK
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from pyxl.ops.api import restore
     bar = ProgressBar("restoring")
     op = restore(args.file, paused=args.p, helper=args.helper, timeout=args.timeout,
                  on_progress=bar, sim_dir=args.sim_dir)
+    bar.op = op
     try:
         res = run(op)
     finally:
         bar.close()
-    if args.json:
-        print(json.dumps({"domid": res.domid, "store_gfn": res.store_gfn,
-                          "console_gfn": res.console_gfn, "seconds": round(res.duration, 6)}))
-    else:
-        print(res.domid)
+    if not args.json:
+        print(res.domid, flush=True)      # the result, for scripts: DOMID=$(pyxl restore ...)
+    summarize(args, "restored", res.config, res.domid,
+              f"from {args.file} as domain {res.domid}", res.duration,
+              {"domid": res.domid, "file": args.file, "store_gfn": res.store_gfn,
+               "console_gfn": res.console_gfn})
     return EXIT_OK
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("save", help="save a domain to a file (xl save)")
-    p.add_argument("-c", action="store_true", help="leave the domain running after the save")
-    p.add_argument("-p", action="store_true", help="leave the domain paused after the save")
+    after = p.add_mutually_exclusive_group()
+    after.add_argument("-c", action="store_true", help="leave the domain running after the save")
+    after.add_argument("-p", action="store_true", help="leave the domain paused after the save")
     p.add_argument("--live", action="store_true", help="pre-copy while the guest runs")
     p.add_argument("--debug", action="store_true", help="resend all pages for verification")
-    p.add_argument("domid", type=domid_arg, metavar="DOMID")
+    p.add_argument("domid", type=domain_arg, metavar="DOMAIN", help="domain id or name")
     p.add_argument("file", metavar="FILE")
     common_options(p)
     p.set_defaults(func=cmd_save)

@@ -21,37 +21,47 @@ are one line on stderr.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import sys
-from typing import Any, Callable, List, Optional
 
-from pyxl.cli.args import domid_arg
-from pyxl import sim
+from pyxl._units import parse_size
+from pyxl.cli.args import domain_arg, resolve_domain
+
+TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
+if TYPE_CHECKING:       # type checkers take this branch
+    from typing import Any, Callable, List, Optional
+
+    from pyxl import sim
+
+# pyxl.sim is imported by each command, not here: building the parser stays cheap
+# (``pyxl --version`` and every other subcommand parse these definitions too).
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _size(text: str) -> int:
     try:
-        return sim.parse_size(text)
+        return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-_domid = domid_arg
+_domid = domain_arg
 
 
 def _err(msg: str) -> None:
-    print(f"pyxl sim: error: {msg}", file=sys.stderr)
+    print(f"pyxl: error: {msg}", file=sys.stderr)
 
 
 def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn simulator errors into one-line messages and exit codes."""
     def run(args: argparse.Namespace) -> int:
+        from pyxl import sim
+        from pyxl.errors import StartupError
         try:
+            if isinstance(getattr(args, "domid", None), str):
+                args.domid = _domid_of(args)
             return fn(args)
-        except (sim.NoSuchDomain, sim.UnsafeSimDir) as exc:
+        except (sim.NoSuchDomain, sim.UnsafeSimDir, StartupError) as exc:
             _err(str(exc))
             return EXIT_USAGE
         except (sim.SimError, ValueError, OSError) as exc:
@@ -62,7 +72,17 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
     return run
 
 
+def _domid_of(args: argparse.Namespace) -> int:
+    """DOMAIN as an id: digits are one; a name is looked up through fakexen's backend
+    (an unknown name: pyxl.StartupError, exit 2)."""
+    if args.domid.isdigit():
+        return int(args.domid, 10)
+    from pyxl.backends.sim import SimBackend
+    return resolve_domain(SimBackend(args.sim_dir), args.domid)
+
+
 def _print_info(i: sim.DomainInfo) -> None:
+    from pyxl import sim
     rate = f", writing {sim.format_size(i.dirty_rate)}/s" if i.dirty_rate else ""
     pid = f", vcpu pid {i.vcpu_pid}" if i.vcpu_pid else ""
     print(f"domain {i.domid} {i.name!r}: {i.state}, {sim.format_size(i.memory)}, "
@@ -71,6 +91,8 @@ def _print_info(i: sim.DomainInfo) -> None:
 
 @_guarded
 def cmd_create(args: argparse.Namespace) -> int:
+    import json
+    from pyxl import sim
     domid = sim.create(args.memory, dirty_rate=args.dirty_rate, name=args.name,
                        sim_dir=args.sim_dir, paused=args.paused, content=args.content,
                        seed=args.seed)
@@ -83,6 +105,8 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 @_guarded
 def cmd_create_empty(args: argparse.Namespace) -> int:
+    import json
+    from pyxl import sim
     domid = sim.create_empty(args.max_mem // 1024, args.name, sim_dir=args.sim_dir)
     if args.json:
         print(json.dumps(sim.info(domid, sim_dir=args.sim_dir).to_json()))
@@ -93,6 +117,8 @@ def cmd_create_empty(args: argparse.Namespace) -> int:
 
 @_guarded
 def cmd_list(args: argparse.Namespace) -> int:
+    import json
+    from pyxl import sim
     doms = sim.list_domains(args.sim_dir)
     if args.json:
         print(json.dumps([d.to_json() for d in doms]))
@@ -107,6 +133,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 @_guarded
 def cmd_info(args: argparse.Namespace) -> int:
+    import json
+    from pyxl import sim
     i = sim.info(args.domid, sim_dir=args.sim_dir)
     if args.json:
         print(json.dumps(i.to_json()))
@@ -115,10 +143,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _action(fn: Callable[..., None], *extra: str) -> Callable[[argparse.Namespace], int]:
-    """A subcommand that calls ``fn(domid, *args.<extra>, sim_dir=...)``, prints nothing."""
+def _action(name: str, *extra: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand that calls ``pyxl.sim.<name>(domid, *args.<extra>, sim_dir=...)``,
+    prints nothing."""
     @_guarded
     def cmd(args: argparse.Namespace) -> int:
+        from pyxl import sim
+        fn: Callable[..., None] = getattr(sim, name)
         fn(args.domid, *(getattr(args, e) for e in extra), sim_dir=args.sim_dir)
         return EXIT_OK
     return cmd
@@ -126,18 +157,22 @@ def _action(fn: Callable[..., None], *extra: str) -> Callable[[argparse.Namespac
 
 @_guarded
 def cmd_suspend(args: argparse.Namespace) -> int:
+    from pyxl import sim
     sim.suspend(args.domid, sim_dir=args.sim_dir, timeout=args.timeout)
     return EXIT_OK
 
 
 @_guarded
 def cmd_digest(args: argparse.Namespace) -> int:
+    from pyxl import sim
     print(sim.digest(args.domid, sim_dir=args.sim_dir))
     return EXIT_OK
 
 
 @_guarded
 def cmd_check(args: argparse.Namespace) -> int:
+    import json
+    from pyxl import sim
     c = sim.check_guest(args.domid, sim_dir=args.sim_dir)
     if args.json:
         d: Any = dict(c.__dict__, consistent=c.consistent)
@@ -153,6 +188,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 @_guarded
 def cmd_env(args: argparse.Namespace) -> int:
+    import shlex
+    from pyxl import sim
     for key, val in sim.helper_env(args.sim_dir).items():
         print(f"{key}={shlex.quote(val)}")
     return EXIT_OK
@@ -169,7 +206,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--sim-dir", metavar="DIR",
                         help="fakexen state directory (default: $PYXL_SIM_DIR, "
-                             f"else {sim.DEFAULT_SIM_DIR})")
+                             "else /dev/shm/pyxl-sim-$UID)")
     sub = p.add_subparsers(dest="sim_command", metavar="COMMAND")
     sub.required = True
 
@@ -178,7 +215,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         sp: argparse.ArgumentParser = sub.add_parser(name, parents=[common], help=helptext,
                                                      description=helptext)
         if domid:
-            sp.add_argument("domid", type=_domid, metavar="DOMID")
+            sp.add_argument("domid", type=_domid, metavar="DOMAIN", help="domain id or name")
         if json_flag:
             sp.add_argument("--json", action="store_true", help="machine-readable output")
         sp.set_defaults(func=fn)
@@ -208,20 +245,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     add("list", cmd_list, "list simulated domains", domid=False, json_flag=True)
     add("info", cmd_info, "show one domain", json_flag=True)
-    add("pause", _action(sim.pause), "stop the guest's vCPU")
-    add("unpause", _action(sim.unpause), "run the guest (starts a vCPU on restored memory)")
+    add("pause", _action("pause"), "stop the guest's vCPU")
+    add("unpause", _action("unpause"), "run the guest (starts a vCPU on restored memory)")
     sp = add("suspend", cmd_suspend, "suspend the guest and wait until it has stopped")
     sp.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                     help="give up after this long (default 10)")
-    add("resume", _action(sim.resume),
+    add("resume", _action("resume"),
         "bring a suspended guest back to running (after a failed save)")
-    add("destroy", _action(sim.destroy), "kill the guest and remove the domain")
-    sp = add("rename", _action(sim.rename, "name"), "give the domain a new name")
+    add("destroy", _action("destroy"), "kill the guest and remove the domain")
+    sp = add("rename", _action("rename", "name"), "give the domain a new name")
     sp.add_argument("name", metavar="NAME")
     add("digest", cmd_digest, "print the sha256 of the domain's memory, HVM context and params")
     add("check", cmd_check, "verify the guest's page pattern (exit 1 if inconsistent)",
         json_flag=True)
-    sp = add("set-rate", _action(sim.set_dirty_rate, "rate"), "change how fast the guest writes memory")
+    sp = add("set-rate", _action("set_dirty_rate", "rate"), "change how fast the guest writes memory")
     sp.add_argument("rate", type=_size, metavar="RATE", help="bytes/s, e.g. 20M (0: idle)")
     add("env", cmd_env, "print the environment that runs a helper on fakexen", domid=False)
     return p

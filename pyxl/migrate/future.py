@@ -12,7 +12,7 @@ handshake, the relay or the transports.
 from __future__ import annotations
 
 import time
-from typing import Any, List, Optional
+from typing import List, Optional, TypeVar
 
 from pyxl.errors import Cancelled, OperationError, Timeout
 from pyxl.loop import Loop, Timer, default_loop
@@ -20,8 +20,10 @@ from pyxl.ops.future import LoopFuture
 
 __all__ = ["MigrationFuture"]
 
+R = TypeVar("R")
 
-class MigrationFuture(LoopFuture[Any]):
+
+class MigrationFuture(LoopFuture[R]):
     """A migration as a pyxl operation (``pyxl.wait`` works), with its own timers."""
 
     kind = "migration"
@@ -47,7 +49,7 @@ class MigrationFuture(LoopFuture[Any]):
     def _fail(self, exc: OperationError) -> None:
         raise NotImplementedError
 
-    def _finish(self, result: Any = None, exc: Optional[OperationError] = None) -> None:
+    def _finish(self, result: Optional[R] = None, exc: Optional[OperationError] = None) -> None:
         if self._done:
             return
         for t in self._timers:

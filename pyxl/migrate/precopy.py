@@ -8,13 +8,16 @@ Xen's own policy).  It imports nothing but typing.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Literal, Optional
 
-__all__ = ["precopy_env"]
+__all__ = ["OnFail", "precopy_env"]
+
+#: What a downtime-target migration does when the target is not met in time.
+OnFail = Literal["abort", "stop"]
 
 
 def precopy_env(downtime_ms: Optional[float] = None, max_iterations: Optional[int] = None,
-                on_fail: str = "abort") -> Dict[str, str]:
+                on_fail: OnFail = "abort") -> Dict[str, str]:
     """The helper environment selecting a precopy policy (see pyxl-save-helper).
 
     ``downtime_ms`` None: Xen's default policy (an empty environment).

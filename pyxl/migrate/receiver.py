@@ -19,13 +19,13 @@ pyxl.loop; the sender's modules never.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
+from pyxl._log import get_logger
 from pyxl.backends import Backend, default_backend
 from pyxl.errors import MigrationError, MigrationProtocolError, OperationError, StartupError
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
@@ -61,7 +61,7 @@ class ReceiveResult:
     failover: bool = False      # Remus: the sender vanished; took over at the last checkpoint
 
 
-class ReceiveOperation(MigrationFuture):
+class ReceiveOperation(MigrationFuture[ReceiveResult]):
     """Receive one migrating domain; see :func:`receive`.
 
     The receiver destroys its domain on every failure (restore, lost sender,
@@ -101,7 +101,7 @@ class ReceiveOperation(MigrationFuture):
         ctx = make_context(tls, server=True) if tls is not None else None
         self.backend = backend or default_backend(sim_dir)
         self.paused, self.helper, self.want_digest = paused, helper, digest
-        self.logger = logging.getLogger("pyxl.migrate.receive")
+        self.logger = get_logger("pyxl.migrate.receive")
         # listening, header, stream, go, reported; failed, draining
         self.state = "listening"
         self.handshake = ReceiverHandshake()
@@ -503,7 +503,13 @@ class ReceiveOperation(MigrationFuture):
 
 def receive(listen: Optional[Union[str, Tuple[str, int], socket.socket]] = None, *,
             fds: Optional[Tuple[int, int]] = None, paused: bool = False,
-            **kw: Any) -> ReceiveOperation:
+            helper: Optional[str] = None, timeout: Optional[float] = None,
+            loop: Optional[Loop] = None, sim_dir: Optional[str] = None,
+            backend: Optional[Backend] = None, digest: bool = False,
+            remus: bool = False, tls: Optional[TlsOptions] = None,
+            insecure: bool = False, header_timeout: Optional[float] = HEADER_TIMEOUT,
+            idle_timeout: Optional[float] = IDLE_TIMEOUT,
+            max_pending: int = MAX_PENDING) -> ReceiveOperation:
     """Start receiving one migration: listen on ``listen`` ("ADDR:PORT", a tuple,
     or a listening socket; port 0 picks one, see ``op.address``) for one
     connection, or use ``fds=(read_fd, write_fd)`` (e.g. (0, 1) under ssh).
@@ -521,4 +527,8 @@ def receive(listen: Optional[Union[str, Tuple[str, int], socket.socket]] = None,
     stay silent are dropped, and it listens on for the real sender.
     ``pyxl.wait(op)`` gives a :class:`ReceiveResult`.
     """
-    return ReceiveOperation(listen, fds=fds, paused=paused, **kw)
+    return ReceiveOperation(listen, fds=fds, paused=paused, helper=helper, timeout=timeout,
+                            loop=loop, sim_dir=sim_dir, backend=backend, digest=digest,
+                            remus=remus, tls=tls, insecure=insecure,
+                            header_timeout=header_timeout, idle_timeout=idle_timeout,
+                            max_pending=max_pending)

@@ -76,7 +76,7 @@ class Lookup:
         try:
             self._proc = subprocess.Popen([GETENT, "ahosts", host], stdin=subprocess.DEVNULL,
                                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                          close_fds=True)
+                                          close_fds=True, process_group=0)  # Ctrl-C: pyxl's
         except OSError as exc:
             # The message now: ``exc`` is unbound once the except block ends.
             why = f"cannot resolve {host!r}: {GETENT}: {exc.strerror or exc}"

@@ -16,12 +16,12 @@ and pyxl.loop; the receiver's module never.
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Set, Tuple, Union
 
+from pyxl._log import get_logger
 from pyxl._paths import helper_path
 from pyxl.backends import Backend, default_backend
 from pyxl.errors import (MigrationError, MigrationInDoubt, MigrationProtocolError,
@@ -34,7 +34,7 @@ from pyxl.migrate.domain import AWAY, digest_or_none, domain_name
 from pyxl.migrate.future import MigrationFuture
 from pyxl.migrate.handshake import (NEED_DATA, Banner, ClearedToUnpause, DomainReceived,
                                     ReceiverFailed, SenderHandshake, UnpauseResult)
-from pyxl.migrate.precopy import precopy_env
+from pyxl.migrate.precopy import OnFail, precopy_env
 from pyxl.migrate.relay import CAPPED_PIPE, CHUNK, SpliceRelay, make_pipe
 from pyxl.migrate.tls import TlsOptions
 from pyxl.ops.api import save
@@ -57,7 +57,7 @@ class MigrateResult:
     throttle: int = 0           # the lowest CPU cap (percent) auto-converge/a policy set; 0: none
 
 
-class MigrateOperation(MigrationFuture):
+class MigrateOperation(MigrationFuture[MigrateResult]):
     """Migrate one domain to a receiver; see :func:`migrate`.
 
     Who keeps the guest:
@@ -79,7 +79,7 @@ class MigrateOperation(MigrationFuture):
     def __init__(self, domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
                  command: Optional[str] = None, live: bool = False,
                  downtime_ms: Optional[float] = None, max_iterations: Optional[int] = None,
-                 on_fail: str = "abort", max_bandwidth: Optional[int] = None,
+                 on_fail: OnFail = "abort", max_bandwidth: Optional[int] = None,
                  helper: Optional[str] = None, timeout: Optional[float] = None,
                  loop: Optional[Loop] = None, sim_dir: Optional[str] = None,
                  backend: Optional[Backend] = None, digest: bool = False,
@@ -129,12 +129,12 @@ class MigrateOperation(MigrationFuture):
         if policy is not None:
             self.env = {"PYXL_PRECOPY": "host"}
         if self.env and os.path.basename(helper_path(helper)) != "pyxl-save-helper":
-            logging.getLogger("pyxl.migrate").warning(
+            get_logger("pyxl.migrate").warning(
                 "helper %s may not implement PYXL_PRECOPY: it may use Xen's default policy",
                 helper_path(helper))
         self.domid = domid
         self.kind = f"migration of domain {domid}"
-        self.logger = logging.getLogger(f"pyxl.migrate.{domid}")
+        self.logger = get_logger(f"pyxl.migrate.{domid}")
         self.backend = backend or default_backend(sim_dir)
         self.backend.check_domain(domid)
         self.live, self.helper, self.max_bandwidth = live, helper, max_bandwidth
@@ -498,17 +498,39 @@ class MigrateOperation(MigrationFuture):
 
 
 def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
-            command: Optional[str] = None, live: bool = False, **kw: Any) -> MigrateOperation:
+            command: Optional[str] = None, live: bool = False,
+            downtime_ms: Optional[float] = None, max_iterations: Optional[int] = None,
+            on_fail: OnFail = "abort", max_bandwidth: Optional[int] = None,
+            helper: Optional[str] = None, timeout: Optional[float] = None,
+            loop: Optional[Loop] = None, sim_dir: Optional[str] = None,
+            backend: Optional[Backend] = None, digest: bool = False,
+            on_progress: Optional[Callable[[ProgressEvent], None]] = None,
+            handshake_timeout: float = 60.0, remus: bool = False,
+            checkpoints: Optional[int] = None, checkpoint_interval: float = 0.1,
+            tls: Optional[TlsOptions] = None,
+            idle_timeout: Optional[float] = 60.0) -> MigrateOperation:
     """Start migrating ``domid`` to a receiver at ``target`` ("HOST:PORT") or
     through ``command`` (its stdin/stdout; e.g. "ssh host pyxl migrate-receive").
 
-    Options: ``live``, ``downtime_ms`` (the helper's downtime-target precopy
-    policy; with ``max_iterations`` and ``on_fail`` "abort"|"stop"),
-    ``max_bandwidth`` (bytes/s), ``helper``, ``timeout``, ``loop``,
-    ``sim_dir``, ``digest`` (sim digest at switch-over), ``on_progress``,
-    ``tls`` (a :class:`~pyxl.migrate.tls.TlsOptions`: mutual TLS to the
-    receiver), ``handshake_timeout`` (connect + TLS + banner, then each wait
-    for "ready" and for the status; default 60 s), ``idle_timeout`` (a stream
-    that does not move; default 60 s, None: none).  Returns at once; ``pyxl.wait(op)`` or ``await op`` gives a :class:`MigrateResult`.
+    ``live``: precopy while the guest runs.  ``downtime_ms``: the helper's
+    downtime-target precopy policy, with ``max_iterations`` and ``on_fail``
+    ("abort": the guest runs on; "stop": stop and copy anyway).
+    ``max_bandwidth``: bytes/s.  ``helper``, ``timeout`` (overall), ``loop``,
+    ``sim_dir``/``backend`` (where the domain lives), ``digest`` (sim digest at
+    switch-over), ``on_progress``.  ``remus``: a checkpointed stream, switching
+    over after ``checkpoints`` (None: replicate until stopped) every
+    ``checkpoint_interval`` seconds.  ``tls``: a
+    :class:`~pyxl.migrate.tls.TlsOptions` (mutual TLS to the receiver).
+    ``handshake_timeout``: connect + TLS + banner, then each wait for "ready"
+    and for the status (default 60 s); ``idle_timeout``: a stream that does not
+    move (default 60 s, None: none).  Returns at once; ``pyxl.wait(op)`` or
+    ``await op`` gives a :class:`MigrateResult`.
     """
-    return MigrateOperation(domid, target, command=command, live=live, **kw)
+    return MigrateOperation(domid, target, command=command, live=live, downtime_ms=downtime_ms,
+                            max_iterations=max_iterations, on_fail=on_fail,
+                            max_bandwidth=max_bandwidth, helper=helper, timeout=timeout,
+                            loop=loop, sim_dir=sim_dir, backend=backend, digest=digest,
+                            on_progress=on_progress, handshake_timeout=handshake_timeout,
+                            remus=remus, checkpoints=checkpoints,
+                            checkpoint_interval=checkpoint_interval, tls=tls,
+                            idle_timeout=idle_timeout)

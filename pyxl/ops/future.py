@@ -43,6 +43,10 @@ class LoopFuture(Generic[T]):
             raise RuntimeError(f"{self._what()} is still running")
         return self._exception
 
+    def cancel(self) -> bool:
+        """Stop the operation and clean up; False if it is already done."""
+        raise NotImplementedError
+
     def add_done_callback(self, fn: Callable[[Any], None]) -> None:
         if self._done:
             fn(self)

@@ -81,9 +81,12 @@ class HelperProcess:
         self._kill_timer: Optional[Timer] = None
         # close_fds (the default) leaves the child only 0/1/2 and pass_fds, as
         # libxl's CLOEXEC discipline does; restore_signals resets SIGPIPE.
+        # process_group=0: the helper leads its own process group, so a terminal's
+        # Ctrl-C (SIGINT to the foreground group) reaches pyxl only, which cancels
+        # once and cleanly; the helper never dies of the SIGINT itself.
         self.proc = subprocess.Popen(
             self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=tuple(pass_fds),
-            env=env, close_fds=True, restore_signals=True)
+            env=env, close_fds=True, restore_signals=True, process_group=0)
         self.pid = self.proc.pid
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in = self.proc.stdin.fileno()

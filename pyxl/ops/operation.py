@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, TypeVar,
                     Union)
 
+from pyxl._log import get_logger
 from pyxl.backends.base import Cancellable
 from pyxl.errors import (Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
                          MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
@@ -30,6 +31,7 @@ from pyxl.errors import (Cancelled, HelperDied, HelperExited, HelperFailed, Help
 from pyxl.loop import Loop, default_loop
 from pyxl.ops.future import LoopFuture
 from pyxl.ops.helper_process import HelperProcess
+from pyxl.ops.jobstats import JobStats, memory_of, snapshot, stream_offset
 from pyxl.wire.codec import Complete, Log, Message, Progress, RestoreResults
 
 __all__ = ["CallbackRequest", "Handler", "Operation", "PathOrFd", "ProgressEvent"]
@@ -115,7 +117,7 @@ class Operation(LoopFuture[T]):
         super().__init__()
         self.domid = domid
         self.loop: Loop = loop if loop is not None else default_loop()
-        self.logger = logging.getLogger(f"pyxl.domain.{domid}")
+        self.logger = get_logger(f"pyxl.domain.{domid}")
         self.callbacks: Dict[str, Handler] = dict(callbacks or {})
         self.helper: Optional[HelperProcess] = None
         self.helper_errors: Deque[str] = collections.deque(maxlen=8)
@@ -129,11 +131,23 @@ class Operation(LoopFuture[T]):
         self._timeout = timeout
         self._pending: Optional[CallbackRequest] = None
         self._aux: List[Cancellable] = []
+        self._last: Optional[ProgressEvent] = None
 
     # -- future protocol (LoopFuture) and progress ------------------------
 
     def _what(self) -> str:
         return f"{self.kind} of domain {self.domid}"
+
+    def stats(self) -> JobStats:
+        """A live snapshot (virsh domjobinfo): phase, round, pages as libxc counts them,
+        stream bytes so far, rate and time left (see :mod:`pyxl.ops.jobstats`)."""
+        ev = self._last
+        fd = getattr(self, "_fd", -1)    # the stream: save's target, restore's source
+        return snapshot(ev.phase if ev else "", ev.iteration if ev else None,
+                        ev.done if ev else 0, ev.total if ev else 0,
+                        time.monotonic() - self.started,
+                        None if self._done else stream_offset(fd),
+                        memory_of(getattr(self, "config", None)))
 
     def add_progress_callback(self, fn: Callable[[ProgressEvent], None]) -> None:
         self._progress_cbs.append(fn)
@@ -208,6 +222,7 @@ class Operation(LoopFuture[T]):
                 self.iterations = max(self.iterations, iteration + 1)
         event = ProgressEvent(self.domid, msg.context, msg.doing_what, msg.done, msg.total,
                               iteration)
+        self._last = event
         for cb in self._progress_cbs:
             cb(event)
 

@@ -18,12 +18,12 @@ is a failover: the domain is restored at that checkpoint.
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from pyxl._log import get_logger
 from pyxl._paths import helper_path, xen_release
 from pyxl.backends.base import Backend
 from pyxl.backends.configcheck import MAX_GIVEN_NAME, check_config, check_name
@@ -121,7 +121,7 @@ class RestoreOperation(Operation[RestoreResult]):
             # The head comes when its writer writes it: read it from the loop,
             # under the operation's timeout, and build the domain then.
             super().__init__(-1, loop, options.timeout, callbacks, on_progress)
-            self.logger = logging.getLogger("pyxl.restore")
+            self.logger = get_logger("pyxl.restore")
             self._start_timer()
             parser = HeadParser()
             try:
@@ -229,7 +229,7 @@ class RestoreOperation(Operation[RestoreResult]):
                                            f"{type(exc).__name__}: {exc}", op=self))
             return
         self.domid = domid
-        self.logger = logging.getLogger(f"pyxl.domain.{domid}")
+        self.logger = get_logger(f"pyxl.domain.{domid}")
         try:
             self._start_helper()
         except Exception as exc:

@@ -198,7 +198,8 @@ class SaveOperation(Operation[SaveResult]):
             except FileExistsError:
                 continue
             except OSError as exc:
-                raise StartupError(f"cannot create {tmp}: {exc.strerror}") from exc
+                # the user's path, not the hidden temporary file they never named
+                raise StartupError(f"cannot create {self.path}: {exc.strerror}") from exc
             self._tmp = tmp
             self._own_fd = True
             return

@@ -4,27 +4,24 @@ run state (pause, unpause, suspend, resume, destroy), woken through futexes."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import json
 import mmap
 import os
-import platform
 import re
-import shutil
-import signal
-import subprocess
 import time
-import uuid as uuidlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional
 
 from pyxl.sim.layout import (PAGE_SIZE, CONFIG_OFF, CTL_FIELDS, CTL_MAGIC, CTL_VERSION, DYING, MAXMEM_SLACK_PAGES, PAUSED, REQ_EXIT, REQ_PAUSE, REQ_RUN, REQ_SUSPEND, RUNNING, SHUTDOWN_SUSPEND, STATE_NAMES, SUSPENDED, _domdir, _field, _pack_field, sim_dir_path, vcpu_path)
 from pyxl.errors import BackendError
 from pyxl.sim.errors import (DomainStateError, NoSuchDomain, SimError, SimTimeout)
 from pyxl.sim import dmcontrol
+
+if TYPE_CHECKING:
+    import ctypes
 
 
 
@@ -135,6 +132,7 @@ class _Dom:
             raise
 
     def start_vcpu(self) -> None:
+        import subprocess
         exe = vcpu_path()
         if not os.access(exe, os.X_OK):
             raise SimError(f"{exe} is missing: build it with `setup.py build_ext --inplace`")
@@ -145,13 +143,14 @@ class _Dom:
             raise SimError(f"domain {self.domid}: cannot start its vCPU: {msg[0]}")
 
 
-_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(platform.machine())
-_libc: Optional[ctypes.CDLL] = None
+_SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine)
+_libc: "Optional[ctypes.CDLL]" = None
 
 
 def _futex_wake(page: mmap.mmap, off: int) -> None:
     """Wake a vCPU sleeping on a control word (it also polls, so this is only latency)."""
     global _libc
+    import ctypes   # here, not at the top: `pyxl sim list` and `import pyxl.sim` start faster
     if _SYS_FUTEX is None:
         return
     if _libc is None:
@@ -165,6 +164,12 @@ def _futex_wake(page: mmap.mmap, off: int) -> None:
 
 
 # ---- queries --------------------------------------------------------------------------------
+
+
+def _uuid_text(raw: bytes) -> str:
+    """The 8-4-4-4-12 form of 16 bytes (uuid.UUID's str(), without importing uuid)."""
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True)
@@ -200,7 +205,7 @@ def _info_from(hdr: bytes, vcpu_alive: bool) -> DomainInfo:
     return DomainInfo(
         domid=_field(hdr, "domid"),
         name=_field(hdr, "name").split(b"\0", 1)[0].decode(errors="replace"),
-        uuid=str(uuidlib.UUID(bytes=_field(hdr, "uuid"))),
+        uuid=_uuid_text(_field(hdr, "uuid")),
         state=STATE_NAMES.get(st, f"unknown({st})"),
         memory=_field(hdr, "mem_bytes"),
         max_memkb=max(0, max_pages - MAXMEM_SLACK_PAGES) * 4,
@@ -407,6 +412,7 @@ def cpu_cap(domid: int, sim_dir: Optional[str] = None) -> int:
 
 def destroy(domid: int, sim_dir: Optional[str] = None) -> None:
     """Kill the guest's vCPU and remove the domain.  Helpers using it get ESRCH."""
+    import shutil
     shutil.rmtree(bury(domid, sim_dir), ignore_errors=True)
 
 
@@ -415,6 +421,7 @@ def bury(domid: int, sim_dir: Optional[str] = None) -> str:
     the domain no longer exists (ESRCH), but its files -- guest memory, the
     slow part to free -- are left in the returned directory for the caller to
     remove (``rm -rf``, from a short child while a loop goes on)."""
+    import signal   # here, not at the top: `pyxl sim list` starts faster
     sdir = sim_dir_path(sim_dir)
     with _Dom(domid, sdir) as d, d.locked():
         if d.get("state") == DYING and not os.path.exists(d.path):
@@ -440,7 +447,7 @@ def bury(domid: int, sim_dir: Optional[str] = None) -> str:
             dmcontrol.kill(d.path)
         except BackendError:
             pass     # unkillable: it exits by itself once its domain is gone
-        grave = os.path.join(sdir, f".dead-{domid}-{os.getpid()}-{uuidlib.uuid4().hex[:8]}")
+        grave = os.path.join(sdir, f".dead-{domid}-{os.getpid()}-{os.urandom(4).hex()}")
         try:
             os.rename(d.path, grave)
         except FileNotFoundError:
@@ -451,6 +458,7 @@ def bury(domid: int, sim_dir: Optional[str] = None) -> str:
 def remove_dir(sim_dir: str) -> None:
     """Destroy every domain in a state directory, then delete the directory
     (what a test or a throwaway simulated host does when it is done)."""
+    import shutil
     for i in list_domains(sim_dir=sim_dir):
         try:
             destroy(i.domid, sim_dir=sim_dir)

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
-import subprocess
 import sys
 import time
 from typing import List, Optional
 
 from pyxl.errors import DeviceModelError
-from pyxl.sim import devicemodel as dm
 from pyxl.sim.layout import _domdir, nofollow, sim_dir_path
 
 __all__ = [
@@ -29,8 +26,14 @@ __all__ = [
     "read_state", "start",
 ]
 
-QMP_SOCKET, STATE_FILE, REGS_FILE = dm.QMP_SOCKET, dm.STATE_FILE, dm.REGS_FILE
-LOCK_FILE, LOG_FILE = dm.LOCK_FILE, dm.LOG_FILE
+#: The device model's files in its domain's directory: the names
+#: pyxl/sim/devicemodel.py uses (tests/integration/test_devicemodel.py checks
+#: they agree).  Not imported from there: it is a 600-line program that
+#: `pyxl sim list` has no need to load.
+QMP_SOCKET, STATE_FILE, REGS_FILE = "qmp.sock", "device-model-state", "device-model-regs"
+LOCK_FILE, LOG_FILE = "device-model.lock", "device-model.log"
+#: The device model program, run as a script (``python -I -S``).
+PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "devicemodel.py")
 #: Where the device model's state goes while it is saved and restored (libxl's
 #: /var/lib/xen/qemu-save.D and qemu-resume.D).
 SAVE_FILE, RESTORE_FILE = "qemu-save", "qemu-resume"
@@ -53,7 +56,7 @@ def argv(domid: int, sim_dir: Optional[str] = None, incoming_fd: Optional[int] =
          daemonize: bool = True) -> List[str]:
     """The command line that runs the device model of ``domid`` (``python -I -S``:
     it imports nothing of pyxl, so it starts in tens of milliseconds)."""
-    out = [sys.executable, "-I", "-S", os.path.abspath(dm.__file__), "--domid", str(domid),
+    out = [sys.executable, "-I", "-S", PROGRAM, "--domid", str(domid),
            "--sim-dir", sim_dir_path(sim_dir), "--qmp", qmp_path(domid, sim_dir)]
     if incoming_fd is not None:
         out += ["--incoming", f"fd:{incoming_fd}"]
@@ -65,6 +68,7 @@ def argv(domid: int, sim_dir: Optional[str] = None, incoming_fd: Optional[int] =
 def start(domid: int, sim_dir: Optional[str] = None, timeout: float = 30.0) -> None:
     """Start a fresh device model for ``domid`` and return once it runs (its launcher
     exits then; the device model lives on in a session of its own)."""
+    import subprocess
     try:
         r = subprocess.run(argv(domid, sim_dir), stdin=subprocess.DEVNULL, capture_output=True,
                            text=True, timeout=timeout)
@@ -100,6 +104,7 @@ def pid(domdir: str) -> Optional[int]:
 def kill(domdir: str, grace: float = 1.0) -> None:
     """Stop the device model of ``domdir`` (SIGTERM, SIGKILL after ``grace``) and wait,
     bounded, until it is gone.  Nothing to do if none runs."""
+    import signal   # here, not at the top: `pyxl sim list` starts faster
     deadline = time.monotonic() + grace
     sig = signal.SIGTERM
     while True:

@@ -12,6 +12,7 @@ import struct
 from typing import Any, Dict, List, Optional, Tuple
 
 from pyxl._paths import package_file
+from pyxl._units import format_size as format_size, parse_size as parse_size  # pyxl.sim.parse_size
 from pyxl.sim.errors import UnsafeSimDir
 
 
@@ -119,25 +120,6 @@ _HDR = struct.Struct("<HHI")  # HVM save descriptor: typecode, instance, length
 
 
 # ---- small helpers -------------------------------------------------------------------------
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'1G' -> 1073741824.  Suffixes K, M, G, T are binary; no suffix means bytes."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"not a size: {text!r} (expected e.g. 512M, 1G, 65536)")
-    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[m.group(2).upper()]
-    return int(float(m.group(1)) * scale)
-
-
-def format_size(n: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
-
 
 def sim_dir_path(sim_dir: Optional[str] = None) -> str:
     """The state directory in effect: the argument, else $PYXL_SIM_DIR, else the

@@ -4,12 +4,10 @@ HVM parameters and context, grant entries, the guest's page-pattern check."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
 import struct
-import subprocess
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -27,6 +25,7 @@ def digest(domid: int, sim_dir: Optional[str] = None) -> str:
     """Hex sha256 of the domain: every populated page in pfn order (with its pfn), the HVM
     context, the HVM params a save transfers and, for a guest with a device model, its
     device state.  Stable only while the guest is stopped."""
+    import hashlib
     with _Dom(domid, sim_dir) as d:
         d.state()
         nr_pfns = d.get("nr_pfns")
@@ -131,6 +130,7 @@ class GuestCheck:
 
 def check_guest(domid: int, sim_dir: Optional[str] = None) -> GuestCheck:
     """Verify the guest's page pattern (meaningful while it is paused or suspended)."""
+    import subprocess
     with _Dom(domid, sim_dir) as d:
         d.state()
         path = d.path

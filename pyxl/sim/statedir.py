@@ -10,11 +10,8 @@ import json
 import mmap
 import os
 import re
-import shutil
 import struct
-import subprocess
 import time
-import uuid as uuidlib
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
@@ -56,6 +53,7 @@ _TMP_RE = re.compile(r"^\.tmp-(\d+)-(\d+)-")
 
 def _collect_garbage(sim_dir: str) -> None:
     """Remove what crashed creators and destroyers left behind (under the creation lock)."""
+    import shutil
     for name in os.listdir(sim_dir):
         path = os.path.join(sim_dir, name)
         m = _TMP_RE.match(name)
@@ -65,6 +63,7 @@ def _collect_garbage(sim_dir: str) -> None:
 
 def _allocate_domid(sim_dir: str) -> Tuple[int, str]:
     """A fresh domid and its private build directory, under the creation lock."""
+    import uuid as uuidlib
     with _flock(os.path.join(sim_dir, ".lock")):
         _collect_garbage(sim_dir)
         used = set()
@@ -153,6 +152,8 @@ def _build(tmp: str, domid: int, *, name: str, uuid: str, nr_pfns: int, max_page
            ram: List[Tuple[int, int]], guest: bool,
            content: Optional[str] = None, seed: int = 0) -> None:
     """Write a domain's control block and memory file into its build directory."""
+    import subprocess
+    import uuid as uuidlib
     cfg_bytes = json.dumps(cfg, sort_keys=True).encode()
     if len(cfg_bytes) > CONFIG_MAX:
         raise SimError(f"config JSON of {len(cfg_bytes)} bytes exceeds {CONFIG_MAX}")
@@ -234,6 +235,8 @@ def _build(tmp: str, domid: int, *, name: str, uuid: str, nr_pfns: int, max_page
 def _create(sim_dir: Optional[str], *, ram_pages: int, max_memkb: int, name: Optional[str],
             cfg: Optional[Dict[str, Any]], mem_bytes: int, state: int, dirty_rate: int,
             guest: bool, what: str, content: Optional[str] = None, seed: int = 0) -> int:
+    import shutil
+    import uuid as uuidlib
     sdir = sim_dir_path(sim_dir)
     make_sim_dir(sdir)
     ram = ram_runs(ram_pages) if guest else []

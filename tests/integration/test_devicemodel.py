@@ -190,6 +190,14 @@ def test_its_control_block_constants_are_fakexens():
     assert CTL_FIELDS["uuid"] == (simdm.CTL_UUID_OFF, "16s")
 
 
+def test_dmcontrol_names_the_device_models_files():
+    """dmcontrol keeps its own copy of the file names (so that `pyxl sim list` need not
+    load the device model program): the same names, and the program it runs is this one."""
+    for name in ("QMP_SOCKET", "STATE_FILE", "REGS_FILE", "LOCK_FILE", "LOG_FILE"):
+        assert getattr(dmcontrol, name) == getattr(simdm, name), name
+    assert os.path.samefile(dmcontrol.PROGRAM, simdm.__file__)
+
+
 def test_a_guest_with_a_device_model(sim_dir, no_leaks):
     d = sim.create(16 * MB, sim_dir=sim_dir, device_model=True, paused=True)
     domdir = dmcontrol.domain_dir(d, sim_dir)

@@ -255,7 +255,7 @@ def check_api(sim_dir: str, scratch: str, data: bytes, must_fail: bool,
 def check_cli(sim_dir: str, path: str, must_fail: bool, capsys, helper: str = "ours") -> None:
     """The CLI in-process: exit status and exactly one stderr line."""
     before = domids(sim_dir)
-    code = cli.main(["restore", "-p", "--helper", HELPERS[helper], "--sim-dir", sim_dir,
+    code = cli.main(["restore", "-p", "-q", "--helper", HELPERS[helper], "--sim-dir", sim_dir,
                      "--timeout", "60", path])
     out, err = capsys.readouterr()
     if code == 0:

@@ -74,7 +74,7 @@ def test_inspect_refused_stream(tmp_path: pathlib.Path, capsys: Any) -> None:
     code, out, err = run_main([str(path)], capsys)
     assert code == 1
     assert err.count("\n") == 1
-    assert err.startswith("pyxl inspect: refused: libxc record at 0x")
+    assert err.startswith("pyxl: error: refused: libxc record at 0x")
     assert "HVM_CONTEXT is empty" in err
     assert "result: REFUSED" in out
 
@@ -158,7 +158,7 @@ def test_inspect_never_tracebacks(tmp_path: pathlib.Path, data: bytes) -> None:
     proc = _python("-m", "pyxl.cli.inspect", str(path))
     assert proc.returncode == 1
     assert b"Traceback" not in proc.stderr
-    assert proc.stderr.startswith(b"pyxl inspect: refused: ")
+    assert proc.stderr.startswith(b"pyxl: error: refused: ")
     assert proc.stderr.count(b"\n") == 1
 
 

@@ -200,8 +200,9 @@ def test_cli_over_tcp(hosts):
     out, err = rx.communicate(timeout=60)
     assert rx.returncode == 0, err
     sent, got = json.loads(tx.stdout), json.loads(out)
-    assert set(sent) == {"domid", "digest", "downtime_ms", "iterations", "bytes_sent", "seconds"}
-    assert set(got) == {"domid", "digest", "seconds"}
+    assert set(sent) == {"name", "memory", "domid", "digest", "downtime_ms", "iterations",
+                         "bytes_sent", "seconds"}
+    assert set(got) == {"name", "memory", "domid", "digest", "seconds"}
     assert sent["digest"] == got["digest"] and sent["domid"] == dom
     assert sent["downtime_ms"] > 0 and 1 <= sent["iterations"] <= 5
     assert domains(a) == [] and domains(b) == [(got["domid"], "running")]

@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import children, mounted_tmpfs, vcpu_processes
 from pyxl import sim
 from pyxl.sim import layout as sim_layout, statedir as sim_statedir
-from pyxl.cli.main import sim as sim_cli
+from pyxl.cli import sim as sim_cli
 
 MiB = 1 << 20
 
@@ -347,19 +347,21 @@ def test_cli(fxdir, capsys):
     rc, out, err = run_cli(capsys, "destroy", str(domid), "--sim-dir", fxdir)
     assert rc == 2 and err.count("\n") == 1 and "does not exist" in err
     rc, out, err = run_cli(capsys, "create", "--memory", "100T", "--sim-dir", fxdir)
-    assert rc == 1 and err.startswith("pyxl sim: error:") and err.count("\n") == 1
+    assert rc == 1 and err.startswith("pyxl: error:") and err.count("\n") == 1
     rc, out, _ = run_cli(capsys, "list", "--sim-dir", fxdir)
     assert rc == 0 and "DOMID" in out
     rc, out, _ = run_cli(capsys, "env", "--sim-dir", fxdir)
     assert f"PYXL_SIM_DIR={fxdir}" in out and "libfakexen.so" in out
 
 
-def test_cli_usage_errors(capsys):
+def test_cli_usage_errors(capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         sim_cli.main(["create", "--memory", "lots"])
     assert exc.value.code == 2
     with pytest.raises(SystemExit):
-        sim_cli.main(["pause", "x"])
+        sim_cli.main(["pause", "-x"])
+    assert sim_cli.main(["pause", "no-such-name", "--sim-dir", str(tmp_path / "sim")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "pyxl: error: no such domain: 'no-such-name'"
 
 
 def test_queries_racing_destroy_see_no_such_domain_or_nothing(fxdir):
