@@ -23,18 +23,18 @@ deadline, applies throttles through the backend (``cpu_cap``/``set_cpu_cap``)
 and puts the original cap back (:meth:`PolicyDriver.restore`), which the
 migration calls on every way out.
 
-May import: pyxl.errors, pyxl.loop, pyxl.wire.
+May import: pyxl._log, pyxl.errors, pyxl.loop, pyxl.wire.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, List, Optional, Union
 
+from pyxl._log import get_logger
 from pyxl.errors import PrecopyPolicyError
 from pyxl.loop import Loop, Timer
 from pyxl.wire.codec import PrecopyRound
@@ -146,7 +146,7 @@ class PolicyDriver:
                              "domain's CPU (no set_cpu_cap), which a switch-over policy needs")
         self.loop, self.backend, self.domid = loop, backend, domid
         self.policy, self.deadline, self._fail = policy, deadline, fail
-        self.logger = logging.getLogger(f"pyxl.migrate.{domid}")
+        self.logger = get_logger(f"pyxl.migrate.{domid}")
         self.original_cap: Optional[int] = None    # before our first throttle
         self.cap = 0                               # in force now (0: uncapped)
         #: every cap set, in order (the throttle used: the result reports it)
