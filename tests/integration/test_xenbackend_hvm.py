@@ -602,3 +602,31 @@ def test_hotplug_script_timeout(xsd, host, monkeypatch):
     assert not ok and "block add did not finish within 0.3 s" in why
     assert time.monotonic() - t0 < 5
     be.destroy(7)
+
+
+def test_backend_that_does_not_close_still_gets_its_remove_script(xsd, host, monkeypatch,
+                                                                   caplog):
+    """A disk whose add script ran (hotplug-status, as Xen's block script
+    writes) and whose blkback does not close within the 10 s (here 0.3 s):
+    libxl's forced removal would skip the script and leave the loop device
+    attached for good (seen in the lane: QEMU killed during a restore on a
+    loaded host).  pyxl runs ``block remove`` all the same and reports the
+    removal as failed; the nodes go."""
+    from pyxl.backends import xendevices
+    monkeypatch.setattr(xendevices, "DESTROY_TIMEOUT", 0.3)
+    be = backend(xsd, RecordingXc())
+    be.create_restore_target(pv1(host))
+    be.restore_done(7, 1, 2)
+    assert _restore_devices(be, 7, []) == [(True, "")]
+    (back,) = [p for p in xsd.nodes if p.startswith("/local/domain/0/backend/vbd/7/")
+               and p.count("/") == 7]
+    xsd.write(f"{back}/hotplug-status", b"connected")
+    xsd.after_rm = None                       # blkback never notices the frontend go
+    with caplog.at_level("ERROR", logger="pyxl"):
+        be.destroy(7)
+    assert f"removing vbd/51712: backend {back} closing timed out after 0.3 s" in caplog.text
+    ran = [line.split(" XENBUS")[0] for line in (host / "hotplug.log").read_text().splitlines()]
+    # the disk's script undoes its add; the NIC, whose script marked nothing, gets none
+    assert ran.count("block add") == 1 and ran[-1] == "block remove"
+    assert not any(r.startswith("vif-bridge offline") for r in ran)
+    assert not xsd.subtree("/local/domain/0/backend/vbd")
