@@ -508,7 +508,9 @@ def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
             handshake_timeout: float = 60.0, remus: bool = False,
             checkpoints: Optional[int] = None, checkpoint_interval: float = 0.1,
             tls: Optional[TlsOptions] = None,
-            idle_timeout: Optional[float] = 60.0) -> MigrateOperation:
+            idle_timeout: Optional[float] = 60.0, auto_converge: bool = False,
+            policy: Optional[Policy] = None,
+            policy_deadline: float = 5.0) -> MigrateOperation:
     """Start migrating ``domid`` to a receiver at ``target`` ("HOST:PORT") or
     through ``command`` (its stdin/stdout; e.g. "ssh host pyxl migrate-receive").
 
@@ -523,8 +525,11 @@ def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
     :class:`~pyxl.migrate.tls.TlsOptions` (mutual TLS to the receiver).
     ``handshake_timeout``: connect + TLS + banner, then each wait for "ready"
     and for the status (default 60 s); ``idle_timeout``: a stream that does not
-    move (default 60 s, None: none).  Returns at once; ``pyxl.wait(op)`` or
-    ``await op`` gives a :class:`MigrateResult`.
+    move (default 60 s, None: none).  ``auto_converge`` (with ``downtime_ms``):
+    cap the guest's CPU while the target cannot be met, and lift it after.
+    ``policy``: your switch-over policy (:mod:`pyxl.migrate.converge`), asked
+    after every round, answering within ``policy_deadline`` seconds.  Returns
+    at once; ``pyxl.wait(op)`` or ``await op`` gives a :class:`MigrateResult`.
     """
     return MigrateOperation(domid, target, command=command, live=live, downtime_ms=downtime_ms,
                             max_iterations=max_iterations, on_fail=on_fail,
@@ -533,4 +538,5 @@ def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
                             on_progress=on_progress, handshake_timeout=handshake_timeout,
                             remus=remus, checkpoints=checkpoints,
                             checkpoint_interval=checkpoint_interval, tls=tls,
-                            idle_timeout=idle_timeout)
+                            idle_timeout=idle_timeout, auto_converge=auto_converge,
+                            policy=policy, policy_deadline=policy_deadline)
