@@ -133,20 +133,9 @@ class ShortChild:
         self._done = lambda status, err: None
 
 
-# The child's program: small, with no imports beyond os and sys, run with -I -S
-# (about 10 ms to start).  argv: TMP DEST DIR FSYNC(0|1).  Errors say what failed
-# in one line; success ends with _OK.
-_FINISH_FILE = r"""
-import os, sys
-tmp, dest, d, sync = sys.argv[1:5]
-step = "fsync " + tmp
-try:
-    if sync == "1":
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+# The end both children's programs share (inside their try): the rename into
+# place, the directory's fsync (if SYNC is "1"), errors in one line, _OK.
+_PLACE = r"""
     step = "rename to " + dest
     os.rename(tmp, dest)
     if sync == "1":
@@ -161,6 +150,22 @@ except OSError as exc:
     sys.exit(1)
 sys.stderr.write("\nok\n")
 """
+
+# The child's program: small, with no imports beyond os and sys, run with -I -S
+# (about 10 ms to start).  argv: TMP DEST DIR FSYNC(0|1).  Errors say what failed
+# in one line; success ends with _OK.
+_FINISH_FILE = r"""
+import os, sys
+tmp, dest, d, sync = sys.argv[1:5]
+step = "fsync " + tmp
+try:
+    if sync == "1":
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+""" + _PLACE
 
 
 def finish_file(loop: Loop, tmp: str, dest: str, fsync: bool,
@@ -224,19 +229,8 @@ try:
     step = "fsync " + tmp
     os.fsync(fd)
     os.close(fd)
-    step = "rename to " + dest
-    os.rename(tmp, dest)
-    step = "fsync of directory " + d
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-except OSError as exc:
-    sys.stderr.write(step + ": " + (exc.strerror or str(exc)) + "\n")
-    sys.exit(1)
-sys.stderr.write("\nok\n")
-"""
+    sync = "1"
+""" + _PLACE
 
 
 class FileFinisher:
