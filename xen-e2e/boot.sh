@@ -21,7 +21,7 @@ rm -rf "$RUN"; mkdir -p "$share/out"
 cp "${XEN_E2E_TESTS:-$E2E_DIR/tests-in-dom0.sh}" "$share/tests-in-dom0.sh"
 cp "$BOOT/vmlinuz" "$BOOT/guest-initrd.gz" "$share/"
 cp "$E2E_DIR/tests-pyxl-in-dom0.sh" "$E2E_DIR/tests-pyxl-hvm-in-dom0.sh" "$E2E_DIR/tests-cross-in-dom0.sh" \
-    "$share/"
+    "$E2E_DIR/tests-converge-in-dom0.sh" "$share/"
 # Images saved on the previous release's boot (run.sh): restored on this one.
 if [ -n "${XEN_E2E_CROSS_FROM:-}" ] && [ -d "$XEN_E2E_CROSS_FROM" ]; then
     cp -a "$XEN_E2E_CROSS_FROM" "$share/cross-in"

@@ -26,7 +26,10 @@ exec > /dev/hvc0 2>&1
 read -r id < /proc/sys/kernel/random/boot_id
 read -r cmdline < /proc/cmdline
 ip=
-for a in $cmdline; do case $a in e2e_ip=*) ip=${a#e2e_ip=} ;; esac; done
+dirty=
+for a in $cmdline; do
+    case $a in e2e_ip=*) ip=${a#e2e_ip=} ;; e2e_dirty=*) dirty=${a#e2e_dirty=} ;; esac
+done
 # xen-blkfront, xen-netfront, ext4 (which also serves ext2) and their
 # dependencies, in modprobe's order (build-boot.sh).
 while read -r m; do busybox insmod "/mods/$m" 2> /dev/null || echo "e2e-info insmod $m failed"; done < /mods/order
@@ -63,6 +66,17 @@ else
     echo "e2e-info no network (eth0 ${ip:-without e2e_ip=})"
 fi
 
+# e2e_dirty=MIB: a CPU-bound writer rewrites a MIB-sized tmpfs file over and
+# over, so the guest dirties its memory as fast as its vCPU lets it: a CPU cap
+# on the domain slows it down (the auto-converge test).  Its own process: the
+# counter below keeps its pace.
+if [ -n "$dirty" ] && busybox mkdir -p /dirty \
+    && busybox mount -t tmpfs -o size=$((dirty + 1))m tmpfs /dirty; then
+    ( while :; do
+        busybox dd if=/dev/zero of=/dirty/f bs=1M count="$dirty" conv=notrunc 2> /dev/null
+      done ) &
+    echo "e2e-info dirtying $dirty MiB of memory without pause"
+fi
 n=0
 while :; do
     echo "e2e-tick $id $n"

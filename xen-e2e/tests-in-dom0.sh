@@ -597,6 +597,12 @@ if [ -f "$E2E/tests-cross-in-dom0.sh" ]; then
 fi
 "$XL" destroy pv1 2>/dev/null; "$XL" destroy pvh1 2>/dev/null
 
+# 4b. pyxl migrate --auto-converge on a guest that dirties memory (conv1), alone.
+if [ -f "$E2E/tests-converge-in-dom0.sh" ] && [ -x "${PYXL:-}" ]; then
+    . "$E2E/tests-converge-in-dom0.sh"
+    converge_phase
+fi
+
 # 5. pyxl's own toolstack on hvm1 (QEMU as device model, a disk and a NIC), alone.
 if [ -f "$E2E/tests-pyxl-hvm-in-dom0.sh" ]; then
     "$XL" destroy hvm1 2>/dev/null
