@@ -13,8 +13,8 @@ a stream head; plain TCP is refused on a non-loopback address unless
 ``insecure``.  Bytes go through
 :class:`~pyxl.migrate.handshake.ReceiverHandshake`.  It may import the
 handshake, relay, listener, tls, domain, future and address modules of this package,
-pyxl.ops (RestoreOperation), pyxl.backends, pyxl.errors, pyxl.fdio and
-pyxl.loop; the sender's modules never.
+pyxl.ops (RestoreOperation), pyxl.backends, pyxl.errors, pyxl.fdio, pyxl.loop
+and pyxl._units; the sender's modules never.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from pyxl._log import get_logger
+from pyxl._units import format_size
 from pyxl.backends import Backend, default_backend
 from pyxl.errors import MigrationError, MigrationProtocolError, OperationError, StartupError
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
@@ -126,6 +127,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self.rfd = self.wfd = -1
         self.address: Optional[Tuple[str, int]] = None
         self._pending_error: Optional[OperationError] = None
+        self._sender_eof_at: Optional[int] = None   # bytes relayed when the sender hung up
         self._error: Optional[OperationError] = None
         super().__init__(loop, timeout)
         if fds is not None:
@@ -318,6 +320,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
 
     def _sender_done(self) -> None:
         """EOF from the sender before the restore finished: pass it on to the helper."""
+        assert self.relay is not None
+        self._sender_eof_at = self.relay.sent
         self._close_pipe(1)
 
     def _relay_failed(self, exc: OSError) -> None:
@@ -333,7 +337,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         exc = op.exception()
         if exc is not None:
             self.domid = None   # the restore destroyed it
-            self._fail(self._pending_error or exc)
+            self._fail(self._pending_error or self._blame_sender(exc))
             return
         self._restored_result = op.result()
         self.domid = self._restored_result.domid
@@ -349,6 +353,19 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._watch(self._readable)
         if self.idle_timeout is not None:
             self._timers.append(self.loop.call_later(self.idle_timeout, self._no_go))
+
+    def _blame_sender(self, exc: OperationError) -> OperationError:
+        """A restore that failed after the sender hung up mid-stream failed because
+        of that (a pyxl or xl sender waits for our answer once its stream is
+        whole; a Remus stream's end is a failover, not a failure): say so, not
+        what libxc makes of a truncated stream ("Restore failed (0 = Success)")."""
+        if self._sender_eof_at is None or self.remus:
+            return exc
+        self.logger.debug("the restore's own error: %s", exc)
+        return MigrationError(f"the sender closed the stream after "
+                              f"{format_size(self._sender_eof_at)}, before its end (the "
+                              f"migration stopped on the sending side: its log says why); "
+                              f"the half-received domain was destroyed")
 
     def _no_go(self) -> None:
         if self.state == "go":
