@@ -289,6 +289,31 @@ class Log:
         sys.stderr.flush()
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib
+    is not installed (a bench then writes its tables without the plot)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(plt: Any, fig: Any, path: str) -> str:
+    """Lay out, write (PNG at the size the README shows) and free one figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def cell(x: Any, fmt: str) -> str:
+    """A table cell: ``x`` formatted, or "-" for a missing figure."""
+    return "-" if x is None else format(x, fmt)
+
+
 def dump_json(path: str, obj: Any) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

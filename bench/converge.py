@@ -79,9 +79,7 @@ def goals(summary: List[Dict[str, Any]], target_ms: float) -> Dict[str, Any]:
 def table(summary: List[Dict[str, Any]]) -> str:
     lines = ["| dirty % of link | policy | downtime ms (median / worst) | total s | rounds | "
              "lowest CPU cap % | outcome |", "|---:|---|---:|---:|---:|---:|---|"]
-
-    def f(x: Any, fmt: str) -> str:
-        return "-" if x is None else format(x, fmt)
+    f = benchlib.cell
     for s in summary:
         lines.append(f"| {s['link_pct']} | {s['policy']} | {f(s['downtime_ms'], '.1f')} / "
                      f"{f(s['downtime_ms_max'], '.1f')} | {f(s['total_s'], '.2f')} | "
@@ -91,11 +89,8 @@ def table(summary: List[Dict[str, Any]]) -> str:
 
 
 def plot(summary: List[Dict[str, Any]], path: str, target_ms: float) -> Optional[str]:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = benchlib.pyplot()
+    if plt is None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     labels = {"xen": "Xen's policy", "downtime": f"target {target_ms:g} ms",
@@ -113,10 +108,7 @@ def plot(summary: List[Dict[str, Any]], path: str, target_ms: float) -> Optional
         ax.set_xlabel("guest dirty rate (% of the 100 MiB/s link)")
     axes[0].legend(fontsize=8)
     fig.suptitle("pyxl live migration on fakexen: convergence with auto-converge")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return benchlib.save_figure(plt, fig, path)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -142,9 +142,8 @@ def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 def table(summary: List[Dict[str, Any]]) -> str:
     lines = ["| dirty MiB/s | cap MiB/s | policy | downtime ms | total s | rounds | outcome |",
              "|---:|---:|---|---:|---:|---:|---|"]
+    f = benchlib.cell
     for s in summary:
-        def f(x: Any, fmt: str) -> str:
-            return "-" if x is None else format(x, fmt)
         lines.append(f"| {s['rate_mib_s']:g} | {f(s['cap_mib_s'], 'g')} | {s['policy']} | "
                      f"{f(s['downtime_ms'], '.1f')} | {f(s['total_s'], '.2f')} | "
                      f"{f(s['iterations'], 'g')} | {','.join(s['outcomes'])} |")
@@ -152,13 +151,10 @@ def table(summary: List[Dict[str, Any]]) -> str:
 
 
 def plot(summary: List[Dict[str, Any]], path: str, target_ms: float) -> Optional[str]:
-    try:
-        import matplotlib
-        import matplotlib.ticker
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = benchlib.pyplot()
+    if plt is None:
         return None
+    import matplotlib.ticker
     caps = sorted({s["cap_mib_s"] for s in summary}, key=lambda c: (c is not None, -(c or 0)))
     fig, axes = plt.subplots(2, len(caps), figsize=(4.2 * len(caps), 7), squeeze=False,
                              sharex=True)
@@ -179,10 +175,7 @@ def plot(summary: List[Dict[str, Any]], path: str, target_ms: float) -> Optional
     axes[1][0].set_ylabel("total migration time (s)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle("pyxl live migration on fakexen: Xen's precopy policy vs downtime target")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return benchlib.save_figure(plt, fig, path)
 
 
 def merge_latest(key: str, value: Any) -> str:

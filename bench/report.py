@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
+import benchlib
+
 
 def _f(x: Optional[float], fmt: str = "{:.2f}") -> str:
     return "–" if x is None else fmt.format(x)
@@ -202,10 +204,9 @@ def markdown(res: Dict[str, Any]) -> str:
 
 
 def plot(res: Dict[str, Any], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = benchlib.pyplot()
+    if plt is None:
+        raise ImportError("No module named 'matplotlib'")
     fig, axes = plt.subplots(2, 3, figsize=(16, 9))
     colors = {"ours": "tab:blue", "debian": "tab:orange", "raw": "tab:gray"}
     names = {"ours": "pyxl-save-helper", "debian": "Debian libxl-save-helper", "raw": "cat (raw)"}
@@ -311,9 +312,7 @@ def plot(res: Dict[str, Any], path: str) -> None:
     fig.suptitle(f"pyxl bench ({res['mode']}) {res['started']} — {m['nproc']} × {m['cpu_model']}, "
                  f"kernel {m['kernel']}, commit {m['git_commit'][:10]}; median foreign load "
                  f"{_f(res['load']['foreign_cores_median'])} cores", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    benchlib.save_figure(plt, fig, path)
 
 
 def main(argv: List[str]) -> int:
