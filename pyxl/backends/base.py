@@ -32,7 +32,7 @@ from pyxl.errors import BackendError, StartupError
 from pyxl.loop import Loop, SelectorLoop
 
 __all__ = ["Backend", "Cancellable", "Done", "EmulatorRecord", "NoDeviceModel", "RestorePorts",
-           "SavedState", "domid_of", "run_to_end"]
+           "SavedState", "domid_of", "name_owner", "run_to_end"]
 
 #: Xen's domain ids for guests: 0 is dom0, DOMID_FIRST_RESERVED (0x7FF0) and up are special.
 DOMID_LIMIT = 0x7FF0
@@ -211,3 +211,15 @@ def domid_of(backend: Backend, name_or_id: "str | int") -> int:
         raise StartupError(f"domain name {text!r} is ambiguous: domids "
                            + ", ".join(map(str, found)))
     return found[0]
+
+
+def name_owner(backend: Backend, name: str, but: Optional[int] = None) -> Optional[int]:
+    """The domain, other than ``but``, that is already called ``name``, or None.
+
+    Names are unique on a host as libxl keeps them: it refuses to create or
+    rename a domain into a name in use.  A backend checks this before it
+    creates a restore target and before a rename (a migration receiver's
+    ``NAME--incoming`` -> ``NAME``).
+    """
+    return next((d for d, n in sorted(backend.domain_names().items())
+                 if n == name and d != but), None)

@@ -23,10 +23,10 @@ from typing import Any, Callable, Dict, List, Optional
 from pyxl._log import get_logger
 from pyxl import sim
 from pyxl.backends.base import (Cancellable, Done, EmulatorRecord, NoDeviceModel, RestorePorts,
-                                SavedState, run_to_end)
+                                SavedState, name_owner, run_to_end)
 from pyxl.backends.devicemodel import QmpDeviceModel, emulator_context
 from pyxl.childproc import ShortChild
-from pyxl.errors import DeviceModelError, StartupError
+from pyxl.errors import BackendError, DeviceModelError, StartupError
 from pyxl.loop import Loop, Timer
 from pyxl.sim import dmcontrol
 
@@ -137,9 +137,12 @@ class SimBackend:
             max_memkb = int(b_info["max_memkb"])
         except (KeyError, TypeError, ValueError) as exc:
             raise StartupError("saved config has no usable b_info.max_memkb") from exc
+        name = c_info.get("name") or "restored"
+        other = name_owner(self, name)
+        if other is not None:   # as libxl (and XenBackend) refuse it
+            raise StartupError(f"domain {name!r} already exists (domid {other})")
         try:
-            return sim.create_empty(max_memkb, c_info.get("name") or "restored", config,
-                                    sim_dir=self.sim_dir)
+            return sim.create_empty(max_memkb, name, config, sim_dir=self.sim_dir)
         except sim.SimError as exc:
             raise StartupError(f"cannot create the domain to restore into: {exc}") from exc
 
@@ -154,6 +157,9 @@ class SimBackend:
         sim.unpause(domid, sim_dir=self.sim_dir)
 
     def rename(self, domid: int, name: str) -> None:
+        other = name_owner(self, name, but=domid)
+        if other is not None:
+            raise BackendError(f"domain {name!r} already exists (domid {other})")
         sim.rename(domid, name, sim_dir=self.sim_dir)
 
     def state(self, domid: int) -> Optional[str]:

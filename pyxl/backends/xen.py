@@ -46,7 +46,7 @@ from typing import Any, Callable, Dict, List, Optional
 from pyxl._log import get_logger
 from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xendevices
 from pyxl.backends.base import (Cancellable, Done, EmulatorRecord, NoDeviceModel, RestorePorts,
-                                SavedState, run_to_end)
+                                SavedState, name_owner, run_to_end)
 from pyxl.backends.libxlcfg import defbool, to_int  # noqa: F401  (defbool: re-exported)
 from pyxl.backends.xenctrl import DomInfo, Xc, XenError  # noqa: F401  (XenError: re-exported)
 from pyxl.backends.xensuspend import HVM_PARAM_ACPI_S_STATE, HVM_PARAM_CALLBACK_IRQ, Suspend
@@ -336,10 +336,9 @@ class XenBackend(NoDeviceModel):
                                f"{[d.vdev for d in disks if d.backend == 'qdisk'][0]} needs "
                                "QEMU as its backend (qdisk), which pyxl starts for HVM only")
         name = c_info.get("name") or "restored"
-        for other in self._domids():
-            raw = self.xs.read(f"/local/domain/{other}/name")
-            if raw is not None and raw.decode(errors="replace") == name:
-                raise StartupError(f"domain {name!r} already exists (domid {other})")
+        other = name_owner(self, name)
+        if other is not None:
+            raise StartupError(f"domain {name!r} already exists (domid {other})")
         uuid = c_info.get("uuid") or ""
         try:
             handle = bytes.fromhex(uuid.replace("-", ""))
@@ -389,10 +388,9 @@ class XenBackend(NoDeviceModel):
         """Rename a domain (XenStore and libxl's stored config), as
         libxl__domain_rename does; for a migration receiver's
         ``NAME--incoming`` -> ``NAME`` once the source is gone."""
-        for other in self._domids():
-            raw = self.xs.read(f"/local/domain/{other}/name")
-            if other != domid and raw is not None and raw.decode(errors="replace") == name:
-                raise XenError(errno.EEXIST, f"domain {name!r} already exists (domid {other})")
+        other = name_owner(self, name, but=domid)
+        if other is not None:
+            raise XenError(errno.EEXIST, f"domain {name!r} already exists (domid {other})")
         info = self._info(domid)
         dom = f"/local/domain/{domid}"
         vm = (self.xs.read(f"{dom}/vm") or b"").decode()

@@ -28,7 +28,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 from pyxl._log import get_logger
 from pyxl._units import format_size
 from pyxl.backends import Backend, default_backend
-from pyxl.errors import MigrationError, MigrationProtocolError, OperationError, StartupError
+from pyxl.errors import (HelperFailed, MigrationError, MigrationProtocolError, OperationError,
+                         StartupError)
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
 from pyxl.loop import Loop, Timer
 from pyxl.migrate.address import parse_address
@@ -359,8 +360,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         of that (a pyxl or xl sender waits for our answer once its stream is
         whole; a Remus stream's end is a failover, not a failure): say so, not
         what libxc makes of a truncated stream ("Restore failed (0 = Success)")."""
-        if self._sender_eof_at is None or self.remus:
-            return exc
+        if self._sender_eof_at is None or self.remus or not isinstance(exc, HelperFailed):
+            return exc   # e.g. a config refused (ConfigError): that is the reason
         self.logger.debug("the restore's own error: %s", exc)
         return MigrationError(f"the sender closed the stream after "
                               f"{format_size(self._sender_eof_at)}, before its end (the "

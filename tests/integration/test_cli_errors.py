@@ -222,6 +222,35 @@ def test_restore_missing_file(sim_dir, tmp_path):
     assert domids(sim_dir) == before
 
 
+def test_restore_into_a_name_in_use(sim_dir, tmp_path):
+    """Names are unique, as libxl keeps them: restoring a save file while a
+    domain of its name runs is refused before anything is created (exit 2),
+    and the restore goes through once the name is free."""
+    d = sim.create(16 * MB, name="web1", sim_dir=sim_dir)
+    path = tmp_path / "web1.save"
+    pyxl.wait(pyxl.save(d, path, sim_dir=sim_dir, leave="running"))
+    before = domids(sim_dir)
+    r = pyxl_cli("restore", "--sim-dir", sim_dir, str(path))
+    one_line_error(r, 2, "domain 'web1' already exists", f"(domid {d})")
+    assert domids(sim_dir) == before
+    sim.destroy(d, sim_dir=sim_dir)
+    r = pyxl_cli("restore", "--sim-dir", sim_dir, str(path))
+    assert r.returncode == 0, r.stderr
+    assert sim.info(int(r.stdout), sim_dir=sim_dir).name == "web1"
+
+
+def test_rename_into_a_name_in_use(sim_dir):
+    """A rename (a migration receiver's NAME--incoming -> NAME) into a taken name fails."""
+    from pyxl.backends.sim import SimBackend
+    a = sim.create(16 * MB, name="web1", sim_dir=sim_dir)
+    b = sim.create(16 * MB, name="web1--incoming", sim_dir=sim_dir)
+    backend = SimBackend(sim_dir)
+    with pytest.raises(pyxl.BackendError, match=f"domain 'web1' already exists \\(domid {a}\\)"):
+        backend.rename(b, "web1")
+    backend.rename(a, "web1")          # its own name: fine
+    assert sim.info(b, sim_dir=sim_dir).name == "web1--incoming"
+
+
 def test_restore_a_directory(sim_dir, tmp_path):
     r = pyxl_cli("restore", "--sim-dir", sim_dir, str(tmp_path))
     one_line_error(r, 2, "is a directory")

@@ -52,6 +52,7 @@ def test_exit_0_save_by_name_and_restore(sim_dir, tmp_path):
     r = pyxl_cli("save", "-c", "--sim-dir", sim_dir, "web1", str(tmp_path / "web1.save"))
     assert r.returncode == 0, r.stderr
     assert sim.info(d, sim_dir=sim_dir).state == "running"
+    sim.destroy(d, sim_dir=sim_dir)     # its name is free again (names are unique)
     r = pyxl_cli("restore", "-p", "--sim-dir", sim_dir, str(tmp_path / "web1.save"))
     assert r.returncode == 0, r.stderr
     assert int(r.stdout.split()[-1]) != d
