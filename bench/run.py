@@ -391,7 +391,8 @@ class Bench:
         try:
             # Warm-up (not recorded): the first restore after the stream was
             # written runs up to 2x slower, whichever helper does it.
-            self.destroy(pyxl.wait(pyxl.restore(stream, paused=True, sim_dir=self.sim_dir))[0].domid)
+            self.destroy(pyxl.wait(pyxl.restore(stream, paused=True, sim_dir=self.sim_dir,
+                                                  name="restored"))[0].domid)
             for rep in range(reps):
                 for who in rotate(["ours", "debian", "raw"], rep):
                     qemu = B.qemu_pids()
@@ -407,7 +408,8 @@ class Bench:
                     else:
                         with pinned({pl["writer"]}):
                             op = pyxl.restore(stream, paused=True, helper=self.helpers[who],
-                                              sim_dir=self.sim_dir, timeout=600)
+                                              sim_dir=self.sim_dir, timeout=600,
+                                              name="restored")   # the source stays
                         spy_helper(op, mem, marks)
                         with pinned({pl["driver"]}):
                             newdom = pyxl.wait(op)[0].domid

@@ -67,7 +67,9 @@ def run(args: argparse.Namespace) -> int:
                   f"({size / 2**20 / sres.duration:.0f} MiB/s), {sres.iterations} "
                   f"pre-copy iterations, downtime {sres.downtime * 1000 if sres.downtime else 0:.0f} ms\n")
         bar = ProgressBar("restore", out)
-        rop = restore(image, paused=True, helper=args.helper, on_progress=bar, sim_dir=sim_dir)
+        # The source stays (paused, for the digest): the copy needs a name of its own.
+        rop = restore(image, paused=True, helper=args.helper, on_progress=bar, sim_dir=sim_dir,
+                      name="demo-restored")
         bar.op = rop
         try:
             rres = run_op(rop)

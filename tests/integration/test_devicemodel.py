@@ -456,7 +456,7 @@ def test_save_restore_goes_through_qmp(sim_dir, tmp_path, helper, no_leaks):
     recs = inspect_records(res.path)
     assert [r["name"] for r in recs] == ["LIBXC_CONTEXT", "EMULATOR_CONTEXT", "END"]
     assert recs[1]["length"] == 8 + simdm.STATE_SIZE
-    rres = pyxl.wait(pyxl.restore(res.path, paused=True, sim_dir=sim_dir,
+    rres = pyxl.wait(pyxl.restore(res.path, paused=True, sim_dir=sim_dir, name="copy",
                                   helper=HELPERS[helper]))[0]
     assert rres.emulator_records == [(EMULATOR_CONTEXT, struct.pack("<II", 2, 0) + state)]
     n = rres.domid
@@ -485,7 +485,7 @@ def test_live_save_of_a_running_guest(sim_dir, tmp_path, no_leaks):
     src = sim.digest(d, sim_dir=sim_dir)
     saved = dm_state(d, sim_dir)
     assert saved.counter > 0, "it ran while the guest did"
-    rres = pyxl.wait(pyxl.restore(tmp_path / "g", paused=True, sim_dir=sim_dir))[0]
+    rres = pyxl.wait(pyxl.restore(tmp_path / "g", paused=True, sim_dir=sim_dir, name="copy"))[0]
     assert sim.digest(rres.domid, sim_dir=sim_dir) == src
     assert dm_state(rres.domid, sim_dir).encode() == saved.encode()
     assert sim.check_guest(rres.domid, sim_dir=sim_dir).consistent
@@ -679,7 +679,7 @@ def test_roundtrip_on_every_loop(sim_dir, tmp_path, any_loop, no_leaks):
                                        sim_dir=sim_dir, loop=any_loop.loop))
     want = sim.digest(d, sim_dir=sim_dir)
     rres = any_loop.run_until(pyxl.restore(res.path, paused=True, sim_dir=sim_dir,
-                                           loop=any_loop.loop))
+                                           name="copy", loop=any_loop.loop))
     assert sim.digest(rres.domid, sim_dir=sim_dir) == want
 
 

@@ -37,7 +37,7 @@ def test_save_completes_with_sigchld_ignored(sim_dir, tmp_path, sigchld_ignored)
     assert res.bytes_written == os.path.getsize(tmp_path / "g.save")
     assert op.helper is not None and op.helper.status_unknown
     restored = pyxl.wait(pyxl.restore(str(tmp_path / "g.save"), backend=SimBackend(sim_dir),
-                                      paused=True))[0]
+                                      paused=True, name="copy"))[0]
     assert sim.digest(restored.domid, sim_dir=sim_dir) == sim.digest(dom, sim_dir=sim_dir)
     loop.close()
 

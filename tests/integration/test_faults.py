@@ -390,7 +390,7 @@ def test_stdout_closed_early(sim_dir, tmp_path, image, helper, mode, redirect, e
     if mode == "save":
         op = pyxl.save(d, target, helper=hpath, sim_dir=sim_dir)
     else:
-        op = pyxl.restore(image[0], helper=hpath, sim_dir=sim_dir)
+        op = pyxl.restore(image[0], helper=hpath, sim_dir=sim_dir, name="copy")
     with pytest.raises(exc_type) as e:
         pyxl.wait(op, timeout=30)
     assert time.monotonic() - t0 < BOUND

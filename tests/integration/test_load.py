@@ -57,7 +57,8 @@ def plan_load(sim_dir: str, tmp_path, size: int, helpers: List[str], **kw):
             digest = sim.digest(d, sim_dir=sim_dir)
         saves.append(dict(domid=d, path=out / f"dom{d}.save", live=live, digest=digest,
                           helper=HELPERS[helpers[i % len(helpers)]]))
-    restores = [dict(path=images[i % 4][0], digest=images[i % 4][1],
+    # each copy a name of its own: names are unique (as libxl keeps them)
+    restores = [dict(path=images[i % 4][0], digest=images[i % 4][1], name=f"copy{i}",
                      helper=HELPERS[helpers[i % len(helpers)]]) for i in range(32)]
     return saves, restores, out
 
@@ -92,7 +93,7 @@ def test_64_operations_at_once(sim_dir, tmp_path):
         pyxl.save(s["domid"], s["path"], live=s["live"], helper=s["helper"], sim_dir=sim_dir,
                   timeout=300, fsync=False) for s in saves]
     ops += [pyxl.restore(r["path"], paused=True, helper=r["helper"], sim_dir=sim_dir,
-                         timeout=300) for r in restores]
+                         timeout=300, name=r["name"]) for r in restores]
     assert sum(op.helper is not None and op.helper.running for op in ops) == 64
     results = pyxl.wait(*ops, timeout=300)
     took = time.monotonic() - t0
@@ -120,7 +121,8 @@ def test_64_operations_at_once_asyncio_both_helpers(sim_dir, tmp_path):
         coros = [pyxl.aio.save(s["domid"], s["path"], live=s["live"], helper=s["helper"],
                                sim_dir=sim_dir, timeout=600, fsync=False) for s in saves]
         coros += [pyxl.aio.restore(r["path"], paused=True, helper=r["helper"],
-                                   sim_dir=sim_dir, timeout=600) for r in restores]
+                                   sim_dir=sim_dir, timeout=600, name=r["name"])
+                  for r in restores]
         return await asyncio.gather(*coros)
 
     results = asyncio.run(main())

@@ -51,7 +51,7 @@ def test_live_save_of_dirtying_guest(sim_dir, tmp_path, helper):
     assert res.iterations >= 2 and res.downtime is not None
     assert sim.info(d, sim_dir=sim_dir).state == "paused"
     src = sim.digest(d, sim_dir=sim_dir)
-    rres = pyxl.wait(pyxl.restore(tmp_path / "g", paused=True, sim_dir=sim_dir))[0]
+    rres = pyxl.wait(pyxl.restore(tmp_path / "g", paused=True, sim_dir=sim_dir, name="copy"))[0]
     assert sim.digest(rres.domid, sim_dir=sim_dir) == src
     check = sim.check_guest(rres.domid, sim_dir=sim_dir)
     assert check.consistent, check
@@ -98,8 +98,8 @@ def test_eight_at_once_in_one_thread(sim_dir, tmp_path, any_loop):
 
     saves = [pyxl.save(d, tmp_path / f"new{d}", live=True, leave="paused", sim_dir=sim_dir,
                        callbacks={"suspend": slow_suspend}, loop=any_loop.loop) for d in doms]
-    restores = [pyxl.restore(p, paused=True, sim_dir=sim_dir, loop=any_loop.loop)
-                for p, _ in images]
+    restores = [pyxl.restore(p, paused=True, sim_dir=sim_dir, loop=any_loop.loop,
+                             name=f"copy{i}") for i, (p, _) in enumerate(images)]
     results = any_loop.wait(*saves, *restores)
     assert sorted(answered) == sorted(doms)
     for (path, digest), res in zip(images, results[4:]):
@@ -107,7 +107,7 @@ def test_eight_at_once_in_one_thread(sim_dir, tmp_path, any_loop):
     for d in doms:
         src = sim.digest(d, sim_dir=sim_dir)
         r = any_loop.run_until(pyxl.restore(tmp_path / f"new{d}", paused=True, sim_dir=sim_dir,
-                                            loop=any_loop.loop))
+                                            loop=any_loop.loop, name=f"new{d}"))
         assert sim.digest(r.domid, sim_dir=sim_dir) == src
     assert open_fds() == fds
     assert children() == kids
@@ -179,7 +179,7 @@ def test_asyncio_example(sim_dir, tmp_path):
         res = await pyxl.aio.save(d, tmp_path / "g", live=True, leave="paused", sim_dir=sim_dir,
                                   callbacks={"suspend": suspend})
         src = sim.digest(d, sim_dir=sim_dir)
-        rres = await pyxl.aio.restore(tmp_path / "g", paused=True, sim_dir=sim_dir)
+        rres = await pyxl.aio.restore(tmp_path / "g", paused=True, sim_dir=sim_dir, name="copy")
         t.cancel()
         return res, src, sim.digest(rres.domid, sim_dir=sim_dir), ticks
 

@@ -67,7 +67,7 @@ def live_rounds(phases: List[str]) -> List[int]:
 def restore_matches(sim_dir: str, src: int, path) -> None:
     """The saved (paused) source and its restored copy are identical, and intact."""
     want = sim.digest(src, sim_dir=sim_dir)
-    res = pyxl.wait(pyxl.restore(path, paused=True, sim_dir=sim_dir))[0]
+    res = pyxl.wait(pyxl.restore(path, paused=True, sim_dir=sim_dir, name="copy"))[0]
     assert sim.digest(res.domid, sim_dir=sim_dir) == want
     check = sim.check_guest(res.domid, sim_dir=sim_dir)
     assert check.consistent, check

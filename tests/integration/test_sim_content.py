@@ -99,5 +99,6 @@ def test_save_restore_keeps_the_digest(sim_dir, tmp_path, profile):
     path = str(tmp_path / "g.save")
     pyxl.wait(pyxl.save(dom, path, backend=SimBackend(sim_dir), live=True, leave="paused"))
     want = sim.digest(dom, sim_dir=sim_dir)
-    back = pyxl.wait(pyxl.restore(path, backend=SimBackend(sim_dir), paused=True))[0]
+    back = pyxl.wait(pyxl.restore(path, backend=SimBackend(sim_dir), paused=True,
+                                  name="copy"))[0]
     assert sim.digest(back.domid, sim_dir=sim_dir) == want
