@@ -298,6 +298,16 @@ class RestoreOperation(Operation[RestoreResult]):
         """libxc read a CHECKPOINT: read libxl's records of that checkpoint (the
         helper waits for our answer, so the fd is ours meanwhile), then go on."""
         def read(records: List[Tuple[int, bytes]], err: Optional[Exception]) -> None:
+            if isinstance(err, TruncatedStream):
+                # The sender died while we buffered this checkpoint: as libxl
+                # (a failure in its buffering phase), answer failover; libxc then
+                # runs the domain from the last complete checkpoint, if it has
+                # one, and fails the restore if not.
+                self.logger.warning("checkpoint %d: the stream ended in its libxl records: "
+                                    "failover to checkpoint %d", self.checkpoints + 1,
+                                    self.checkpoints)
+                req.reply(2)   # XGR_CHECKPOINT_FAILOVER
+                return
             if err is not None:
                 self.logger.error("checkpoint %d: reading libxl's records failed: %s",
                                   self.checkpoints + 1, err)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 import time
 from typing import List
 
@@ -109,6 +110,41 @@ def test_broken_stream_before_any_checkpoint_is_no_failover(hosts):
     assert sim.info(dom, sim_dir=a).state == "running"
 
 
+@pytest.mark.parametrize("source", ["file", "pipe"])
+def test_stream_cut_in_a_checkpoints_libxl_records_fails_over(hosts, tmp_path, source, caplog):
+    """The sender dies after libxc's CHECKPOINT record, inside libxl's records of
+    that checkpoint: as libxl (a failure while it buffers them), the restore
+    answers failover, and libxc runs the domain from the last complete checkpoint."""
+    from pyxl.streamio import scan_path
+    a, b = hosts
+    dom = sim.create(16 * MB, dirty_rate=4 * MB, sim_dir=a)
+    time.sleep(0.1)
+    path = tmp_path / "remus.stream"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    save, digests = remus_save(a, dom, fd, "ours", checkpoints=3)
+    pyxl.wait(save, timeout=120)
+    os.close(fd)
+    third = [r.offset for r in scan_path(str(path), checkpointed=True).records
+             if r.name == "CHECKPOINT"][2]
+    with open(path, "r+b") as f:
+        f.truncate(third + 8 + 4)       # half of the CHECKPOINT_END record's header
+    if source == "file":
+        rest = pyxl.restore(path, paused=True, sim_dir=b, stream_type=STREAM_REMUS)
+    else:
+        r, w = os.pipe()
+        rest = pyxl.restore(r, paused=True, sim_dir=b, stream_type=STREAM_REMUS)
+        feeder = subprocess.Popen(["cat", str(path)], stdout=w)
+        os.close(w)
+    got = pyxl.wait(rest, timeout=120)[0]
+    if source == "pipe":
+        feeder.wait(30)
+        os.close(r)
+    assert got.failover and got.checkpoints == 2
+    assert sim.digest(got.domid, sim_dir=b) == digests[1]
+    assert sim.check_guest(got.domid, sim_dir=b).consistent
+    assert any("failover to checkpoint 2" in r.getMessage() for r in caplog.records)
+
+
 def test_checkpointed_stream_in_a_file(hosts, tmp_path):
     a, b = hosts
     dom = sim.create(16 * MB, dirty_rate=4 * MB, sim_dir=a)
@@ -133,7 +169,6 @@ def test_checkpointed_stream_in_a_file(hosts, tmp_path):
 import json  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from pyxl import migrate  # noqa: E402
