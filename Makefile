@@ -3,7 +3,7 @@ VENV      := .venv
 PY        := $(VENV)/bin/python
 # Xen's tools of this Debian release: 4.17 on Debian 12, 4.20 on Debian 13.
 XEN_REL   := $(shell . /etc/os-release 2>/dev/null; [ "$${VERSION_ID%%.*}" = 13 ] && echo 4.20 || echo 4.17)
-APT_PKGS  := libxen-dev xen-utils-$(XEN_REL) valgrind
+APT_PKGS  := libxen-dev xen-utils-$(XEN_REL) valgrind groff-base
 STAMP     := $(VENV)/.pyxl-installed
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SOURCES   := setup.py pyproject.toml pyxl/wire/table.py pyxl/wire/_generated.py \
@@ -11,7 +11,7 @@ SOURCES   := setup.py pyproject.toml pyxl/wire/table.py pyxl/wire/_generated.py 
                         libxl_helper/*.py fakexen/*.c fakexen/*.h)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow lint regen demo bench memcheck clean apt xen-e2e test-debian13
+.PHONY: setup test test-slow lint regen demo bench memcheck clean apt xen-e2e test-debian13 man
 
 setup: $(STAMP)
 
@@ -48,6 +48,12 @@ test-slow: setup
 
 demo: setup
 	$(VENV)/bin/pyxl demo
+
+# The man page, generated from the CLI's parser (as `pyxl completion bash` is): build/pyxl.1.
+man: setup
+	@mkdir -p build
+	$(PY) -m pyxl.cli.docgen man > build/pyxl.1
+	@echo "build/pyxl.1 (man -l build/pyxl.1)"
 
 # Full run < 10 min on 2 cores, QUICK=1 < 3 min: bench/results/latest.{json,md,png}.
 bench: setup

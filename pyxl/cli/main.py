@@ -36,6 +36,7 @@ COMMANDS: "Dict[str, Tuple[str, str]]" = {
     "demo": ("demo", "live-save and restore a busy simulated guest, end to end"),
     "migrate": ("migrate", "migrate a domain to another host (xl migrate)"),
     "migrate-receive": ("migrate", "receive a migrating domain (xl migrate-receive)"),
+    "completion": ("completion", "print a shell completion script (bash)"),
 }
 
 
