@@ -54,10 +54,16 @@ def bash_completion(parser: "argparse.ArgumentParser | None" = None) -> str:
     (choices, files, directories) and domain names (``xl list`` on a Xen host,
     else ``pyxl sim list``)."""
     parser = parser or _full_parser()
-    subs, opts, valued, kinds, positional = [], [], [], [], []
+    Rows = List[Tuple[str, str]]
+    subs: Rows = []
+    opts: Rows = []
+    valued: Rows = []
+    kinds: Rows = []
+    positional: Rows = []
     for path, p in walk(parser):
         subs.append((path, " ".join(_subparsers(p))))
-        names, takes = [], []
+        names: List[str] = []
+        takes: List[str] = []
         for a in p._actions:
             if a.option_strings:
                 names += [o for o in a.option_strings if o.startswith("--") or len(o) == 2]
