@@ -2,12 +2,13 @@
 # after tests-pyxl-in-dom0.sh (uses its PYXL, PT, pyxl_list, and result,
 # wait_ticks, check_continues, GMAX).
 #
-# conv1 is a PVH guest without devices whose init rewrites 48 MiB of tmpfs
-# without pause (guest-init.sh, e2e_dirty=48): at a 16 MiB/s bandwidth cap its
+# conv1 is a 256 MiB PVH guest without devices whose init rewrites 16 MiB of tmpfs
+# without pause (guest-init.sh, e2e_dirty=16): at a 16 MiB/s bandwidth cap its
 # memory cannot be copied within a 20 ms downtime, so pyxl migrate
 # --auto-converge caps its CPU through the scheduler (credit2's cap, as
 # `xl sched-credit2 -d DOM -c CAP`).  A sampler reads the cap with xl while
-# the migration runs.
+# the migration runs.  (With 48 MiB of tmpfs a 128 MiB guest ran out of
+# memory at boot: tmpfs pages cannot be reclaimed.)
 #
 #   converge.conv1            pyxl migrate --live --auto-converge succeeded; the
 #                             report's throttle is a cap below 100 that xl saw on
@@ -57,14 +58,14 @@ name = "conv1"
 type = "pvh"
 kernel = "$W/vmlinuz"
 ramdisk = "$W/guest-initrd.gz"
-memory = 128
+memory = 256
 vcpus = 1
 tsc_mode = "native"
 on_crash = "preserve"
-extra = "console=hvc0 loglevel=4 e2e_dirty=48"
+extra = "console=hvc0 loglevel=4 e2e_dirty=16"
 EOF
     scan conv1; GID[conv1]="" GMAX[conv1]=""
-    if ! "$XL" create "$W/conv1.cfg" > "$OUT/xl-create-conv1.log" 2>&1 || ! wait_ticks conv1 2 60; then
+    if ! "$XL" create "$W/conv1.cfg" > "$OUT/xl-create-conv1.log" 2>&1 || ! wait_ticks conv1 2 90; then
         result converge.conv1 FAIL "conv1 did not start: $(tail -n 2 "$OUT/xl-create-conv1.log" | tr '\n' ' ') count ${GMAX[conv1]:-none}"
         "$XL" destroy conv1 2> /dev/null
         return
