@@ -128,6 +128,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                  checkpoint_interval=0.1 if args.interval is None else args.interval,
                  tls=tls, handshake_timeout=args.handshake_timeout,
                  idle_timeout=args.idle_timeout, auto_converge=args.auto_converge)
+    bar.op = op    # the bar shows the bytes sent, the rate and the time left (op.stats())
     try:
         res = run(op)
     finally:

@@ -58,6 +58,8 @@ class ProgressBar:
                 text += f", {size_text(int(st.rate))}/s"
             if st.eta is not None:
                 text += f", ETA {st.eta:.0f} s"
+            if st.dirty_rate:
+                text += f", dirtying {size_text(int(st.dirty_rate))}/s"
             self.stream.write(f"\r{text:<79}")
         else:
             frac = min(1.0, ev.done / ev.total)

@@ -42,6 +42,7 @@ from pyxl.migrate.listener import Admission, Link, is_loopback, peer_reason
 from pyxl.migrate.relay import CHUNK, SpliceRelay, make_pipe, pipe_size
 from pyxl.migrate.tls import TlsOptions, make_context
 from pyxl.ops.api import restore
+from pyxl.ops.jobstats import JobStats
 from pyxl.ops.operation import STREAM_PLAIN, STREAM_REMUS
 from pyxl.ops.restore import RestoreOperation, RestoreResult
 
@@ -129,6 +130,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self.address: Optional[Tuple[str, int]] = None
         self._pending_error: Optional[OperationError] = None
         self._sender_eof_at: Optional[int] = None   # bytes relayed when the sender hung up
+        self._received = 0                          # stream bytes, once the relay is gone
+        self._head_bytes = 0                        # the stream's head, written before it
         self._error: Optional[OperationError] = None
         super().__init__(loop, timeout)
         if fds is not None:
@@ -273,6 +276,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
                                       "this host's pipes"))
             return
         os.write(w, data)   # an empty pipe takes it whole
+        self._head_bytes = len(data)
         self.name = domain_name(head.header.config or {}) if head.header is not None else None
         try:
             self.restore = restore(r, paused=True, helper=self.helper, loop=self.loop,
@@ -294,6 +298,12 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self.relay.finish(b"")
         self.restore.add_done_callback(self._restored)
         self._arm_idle()
+
+    def stats(self) -> JobStats:
+        """A live snapshot: the restore's phase and pages, the stream bytes received
+        so far (0 until a sender's stream head was admitted), rate and time left."""
+        relayed = self.relay.sent if self.relay is not None else self._received
+        return self._job_stats(self.restore, self._head_bytes + relayed)
 
     def _arm_idle(self) -> None:
         """Stream inactivity: fail if the sender moves nothing for ``idle_timeout``.
@@ -331,6 +341,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
 
     def _restored(self, op: Any) -> None:
         if self.relay is not None:
+            self._received = self.relay.sent
             self.relay.close()
             self.relay = None
         self._close_pipe(1)

@@ -29,7 +29,7 @@ from pyxl.errors import (MigrationError, MigrationInDoubt, MigrationProtocolErro
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
 from pyxl.loop import Loop, Timer
 from pyxl.migrate.connection import ReceiverChannel
-from pyxl.migrate.converge import Policy, PolicyDriver, target_policy
+from pyxl.migrate.converge import PAGE, Policy, PolicyDriver, target_policy
 from pyxl.migrate.domain import AWAY, digest_or_none, domain_name
 from pyxl.migrate.future import MigrationFuture
 from pyxl.migrate.handshake import (NEED_DATA, Banner, ClearedToUnpause, DomainReceived,
@@ -39,6 +39,7 @@ from pyxl.migrate.relay import CAPPED_PIPE, CHUNK, SpliceRelay, make_pipe
 from pyxl.migrate.tls import TlsOptions
 from pyxl.ops.api import save
 from pyxl.ops.operation import STREAM_PLAIN, STREAM_REMUS, ProgressEvent
+from pyxl.ops.jobstats import JobStats
 from pyxl.ops.save import SaveOperation, SaveResult
 
 __all__ = ["MigrateOperation", "MigrateResult", "migrate"]
@@ -288,6 +289,18 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
             return
         self._idle_mark = relay.sent
         self._arm_idle()
+
+    def stats(self) -> JobStats:
+        """A live snapshot (``virsh domjobinfo``): the save's phase, precopy round and
+        pages, the stream bytes sent to the receiver so far, rate and time left for
+        a first pass over the guest's memory; with a switch-over policy (or
+        ``auto_converge``) also the dirty rate and predicted downtime of the last
+        round."""
+        last = self.driver.rounds[-1] if self.driver is not None and self.driver.rounds else None
+        return self._job_stats(
+            self.save, self.relay.sent if self.relay is not None else 0,
+            dirty_rate=None if last is None else last.dirty_rate * PAGE,
+            predicted_downtime=None if last is None else last.predicted_downtime)
 
     def _phase(self, what: str) -> None:
         """Debug timeline of the switch-over (ms since the suspend)."""

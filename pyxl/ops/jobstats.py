@@ -32,6 +32,11 @@ class JobStats:
     memory: Optional[int]         # the guest's memory: what a first pass moves, about
     rate: Optional[float]         # bytes per second, since the start
     eta: Optional[float]          # seconds until ``memory`` bytes have moved, at ``rate``
+    #: live migration with a switch-over policy (pyxl's helper reports each precopy
+    #: round): the guest's dirty rate, bytes per second, and the downtime of
+    #: stopping now, seconds, as of the last round; None otherwise
+    dirty_rate: Optional[float] = None
+    predicted_downtime: Optional[float] = None
 
     def to_json(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -58,11 +63,15 @@ def memory_of(config: Optional[Dict[str, Any]]) -> Optional[int]:
 
 
 def snapshot(phase: str, iteration: Optional[int], done: int, total: int, elapsed: float,
-             nbytes: Optional[int], memory: Optional[int]) -> JobStats:
-    """The figures derived from what the operation knows (``nbytes``: the offset)."""
+             nbytes: Optional[int], memory: Optional[int], *,
+             dirty_rate: Optional[float] = None,
+             predicted_downtime: Optional[float] = None) -> JobStats:
+    """The figures derived from what the operation knows (``nbytes``: the offset, or
+    a migration's bytes on the connection)."""
     moved = nbytes
     rate = moved / elapsed if moved is not None and elapsed > 0 else None
     eta = None
     if rate and memory is not None and moved is not None and moved < memory:
         eta = (memory - moved) / rate
-    return JobStats(phase, iteration, done, total, elapsed, moved, memory, rate, eta)
+    return JobStats(phase, iteration, done, total, elapsed, moved, memory, rate, eta,
+                    dirty_rate, predicted_downtime)

@@ -73,3 +73,67 @@ def test_the_tty_progress_shows_bytes_rate_and_eta(sim_dir, tmp_path):
     shown = out.getvalue()
     assert "of ~96 MiB" in shown and "/s" in shown, shown
     assert "%" not in shown
+
+
+# ---- migration (issue 17: job statistics for migrate and migrate-receive) ----------------------
+
+
+def test_stats_while_a_migration_runs(tmp_path):
+    """The sender's and the receiver's snapshots: bytes on the connection, growing,
+    the guest's memory, a rate and a time left; at the end the sender's bytes are
+    the result's bytes_sent.  With auto-converge, each round's dirty rate and
+    predicted downtime too."""
+    from pyxl import migrate
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    os.mkdir(a, 0o700)
+    os.mkdir(b, 0o700)
+    try:
+        d = sim.create(64 * MB, dirty_rate=40 * MB, sim_dir=a)
+        rx = migrate.receive("127.0.0.1:0", sim_dir=b)
+        sent: List[JobStats] = []
+        got: List[JobStats] = []
+
+        def sample(ev: pyxl.ProgressEvent) -> None:
+            sent.append(tx.stats())
+            got.append(rx.stats())
+
+        tx = migrate.migrate(d, rx.address, live=True, sim_dir=a, downtime_ms=1,
+                             max_iterations=6, on_fail="stop", auto_converge=True,
+                             max_bandwidth=64 * MB, on_progress=sample)
+        res, _ = pyxl.wait(tx, rx, timeout=120)
+        moving = [s for s in sent if s.bytes]
+        assert moving and all(s.memory == 64 * MB for s in moving), sent[:3]
+        assert [s.bytes for s in moving] == sorted(s.bytes for s in moving)
+        assert any(s.rate and s.eta is not None for s in moving)
+        rounds = [s for s in moving if s.dirty_rate is not None]
+        assert rounds and any(s.dirty_rate > 0 for s in rounds)   # 0: not measured yet
+        assert any(s.predicted_downtime is not None for s in rounds)
+        assert tx.stats().bytes == res.bytes_sent
+        incoming = [s for s in got if s.bytes]
+        assert incoming and [s.bytes for s in incoming] == sorted(s.bytes for s in incoming)
+        assert rx.stats().bytes == res.bytes_sent          # all of it arrived
+    finally:
+        sim.remove_dir(a)
+        sim.remove_dir(b)
+
+
+def test_the_tty_progress_of_a_migration(tmp_path):
+    from pyxl import migrate
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    os.mkdir(a, 0o700)
+    os.mkdir(b, 0o700)
+    try:
+        d = sim.create(64 * MB, sim_dir=a)
+        out = Tty()
+        bar = ProgressBar("migrating", out)
+        rx = migrate.receive("127.0.0.1:0", sim_dir=b)
+        tx = migrate.migrate(d, rx.address, live=True, sim_dir=a, max_bandwidth=128 * MB,
+                             on_progress=bar)
+        bar.op = tx
+        pyxl.wait(tx, rx, timeout=120)
+        bar.close()
+        shown = out.getvalue()
+        assert "of ~64 MiB" in shown and "/s" in shown, shown
+    finally:
+        sim.remove_dir(a)
+        sim.remove_dir(b)
