@@ -76,6 +76,11 @@ def markdown(res: Dict[str, Any]) -> str:
     w(f"| concurrency | `loop_lag_reference_p99_ms` / `loop_start_block_ms` | "
       f"{_f(res.get('loop_lag_reference_p99_ms'))} / {_f(res.get('loop_start_block_ms'), '{:.1f}')} ms "
       f"| (info) | – |")
+    stall = res.get("stall") or {}
+    w(f"| loop stalls (bench/stall.py) | `loop_stall_max_ms` / `loop_stall_cpu_max_ms` / "
+      f"its `loop_start_block_ms` | {_f(stall.get('loop_stall_max_ms'))} / "
+      f"{_f(stall.get('loop_stall_cpu_max_ms'))} / {_f(stall.get('loop_start_block_ms'))} ms "
+      f"| ≤ 5 / – / ≤ 5 | – |")
     w(f"| concurrency | `concurrency_efficiency_medians` / `_vs_available_cores` | "
       f"{_f(res.get('concurrency_efficiency_medians'), '{:.3f}')} / "
       f"{_f(res['concurrency_efficiency_vs_available_cores'], '{:.3f}')} | (info) | – |")

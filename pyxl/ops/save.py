@@ -24,9 +24,9 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 from pyxl._paths import helper_path
 from pyxl.backends.base import Backend, Cancellable, EmulatorRecord
 from pyxl.childproc import FileFinisher, finish_file
-from pyxl.errors import OperationError, StartupError
+from pyxl.errors import Cancelled, OperationError, StartupError
 from pyxl.fdio import write_all, write_from_loop
-from pyxl.loop import Loop
+from pyxl.loop import Loop, Timer
 from pyxl.ops.helper_process import save_argv
 from pyxl.ops.operation import (REMUS_SAVE_CALLBACKS, SAVE_CALLBACKS, STREAM_PLAIN,
                                 STREAM_REMUS, XCFLAGS_DEBUG, XCFLAGS_LIVE, CallbackRequest,
@@ -146,6 +146,8 @@ class SaveOperation(Operation[SaveResult]):
         self._own_fd = False
         self._placing: Optional[Cancellable] = None   # the short child putting the file in place
         self._finisher: Optional[FileFinisher] = None   # fsync: flushes the file as it grows
+        self._launch: Optional[Timer] = None            # the helper's start, due on the loop
+        self._launch_fd = -1                            # its stream fd, while it is due
 
         self.backend.check_domain(domid)
         if config is None:
@@ -166,20 +168,53 @@ class SaveOperation(Operation[SaveResult]):
             # state); it is only read for COLO streams, so we pass -1.
             argv = save_argv(helper_path(options.helper), io_fd, -1, domid, xcflags, cbflags,
                              self.stream_type)
-            try:
-                env = self.backend.helper_env()
-                env.update(options.helper_env)
-                self._spawn(argv, "save", cbflags, [io_fd], env)
-            finally:
-                if io_fd != self._fd:
-                    os.close(io_fd)
-            if self._tmp is not None and self.fsync:
-                self._start_finisher()
+            if io_fd != self._fd:
+                self._launch_fd = io_fd
+            env = self.backend.helper_env()
+            env.update(options.helper_env)
+            # The helper (and the file's flushing child) start from the loop, not
+            # here: a fork+exec waits for the child's exec, 2-4 ms each, and a
+            # toolstack starting 16 saves would be blocked for all of them.  One
+            # start per loop callback keeps both the caller and the loop free.
+            self._launch = self.loop.call_later(0, lambda: self._start(argv, cbflags, io_fd,
+                                                                       env))
         except BaseException as exc:
+            self._close_launch_fd()
             self._discard()
             if isinstance(exc, OSError):
                 raise StartupError(f"cannot write save stream: {exc.strerror}") from exc
             raise
+
+    def _start(self, argv: List[str], cbflags: int, io_fd: int, env: Dict[str, str]) -> None:
+        """From the loop: run the helper, then the flushing child."""
+        self._launch = None
+        try:
+            self._spawn(argv, "save", cbflags, [io_fd], env)
+        except StartupError as exc:   # e.g. the helper is gone, or no fds left
+            self._close_launch_fd()
+            self._discard()
+            self._finish(exc=exc)
+            return
+        self._close_launch_fd()
+        if self._tmp is not None and self.fsync:
+            self._start_finisher()
+
+    def _close_launch_fd(self) -> None:
+        if self._launch_fd >= 0:
+            os.close(self._launch_fd)
+            self._launch_fd = -1
+
+    def cancel(self, grace: float = 5.0) -> bool:
+        if self._launch is not None and not self._done:
+            # Not started yet: nothing ran and the domain was not touched.
+            self._launch.cancel()
+            self._launch = None
+            self._close_launch_fd()
+            self._discard()
+            self._finish(exc=Cancelled(f"{self.kind} of domain {self.domid} cancelled",
+                                       op=self))
+            return True
+        return super().cancel(grace)
 
     @staticmethod
     def _dup_high(fd: int) -> int:

@@ -100,7 +100,8 @@ def test_cancel_sigterm_then_sigkill(sim_dir, tmp_path, any_loop):
     op = pyxl.save(d, tmp_path / "x", helper=helper, sim_dir=sim_dir, loop=any_loop.loop)
     # Cancel only once the helper ignores SIGTERM (it logs right after),
     # however slowly it starts on a loaded machine.
-    assert any_loop.run_until(lambda: op.helper.conv.decoder.offset > 0, timeout=30)
+    assert any_loop.run_until(lambda: op.helper is not None
+                              and op.helper.conv.decoder.offset > 0, timeout=30)
     t0 = time.monotonic()
     op.cancel(grace=0.3)
     with pytest.raises(pyxl.Cancelled):

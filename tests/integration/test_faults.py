@@ -95,6 +95,8 @@ def arm(op: pyxl.Operation, pred: Pred, action: Callable[[], None]) -> List[floa
     """Run ``action`` when ``op``'s helper sends the first message matching
     ``pred``, before pyxl acts on that message.  Returns a list that receives
     the time the fault fired."""
+    if op.helper is None:     # a save's helper starts from the loop
+        op.loop.run_until(lambda: op.helper is not None or op.done(), 30)
     helper = op.helper
     assert helper is not None
     deliver = helper._on_message
@@ -112,13 +114,14 @@ def arm(op: pyxl.Operation, pred: Pred, action: Callable[[], None]) -> List[floa
 
 def fault_action(op: pyxl.Operation, kind: str) -> Callable[[], None]:
     def act() -> None:
+        if kind == "cancel":      # before the helper started too (a save's starts from the loop)
+            op.cancel(grace=1.0)
+            return
         assert op.helper is not None
         if kind == "kill":
             os.kill(op.helper.pid, signal.SIGKILL)
         elif kind == "stop":
             os.kill(op.helper.pid, signal.SIGSTOP)
-        elif kind == "cancel":
-            op.cancel(grace=1.0)
         else:
             raise AssertionError(kind)
     return act
@@ -231,6 +234,8 @@ def test_save_fault(sim_dir, tmp_path, helper, kind, trigger, live):
                    timeout=STOP_TIMEOUT if kind == "stop" else 60)
     companion.watch(op)
     if trigger == "start":
+        if kind != "cancel":   # the helper starts from the loop: kill or stop it once it runs
+            op.loop.run_until(lambda: op.helper is not None or op.done(), 30)
         fired = [time.monotonic()]
         fault_action(op, kind)()
     else:

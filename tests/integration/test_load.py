@@ -18,6 +18,7 @@ from typing import Dict, List
 import pytest
 
 import pyxl
+from pyxl.loop import default_loop
 from pyxl import sim
 
 from conftest import HELPERS, SLOW, children, open_fds
@@ -94,6 +95,8 @@ def test_64_operations_at_once(sim_dir, tmp_path):
                   timeout=300, fsync=False) for s in saves]
     ops += [pyxl.restore(r["path"], paused=True, helper=r["helper"], sim_dir=sim_dir,
                          timeout=300, name=r["name"]) for r in restores]
+    # the saves' helpers start from the loop (one per callback), the restores' at once
+    default_loop().run_until(lambda: all(op.helper is not None or op.done() for op in ops), 60)
     assert sum(op.helper is not None and op.helper.running for op in ops) == 64
     results = pyxl.wait(*ops, timeout=300)
     took = time.monotonic() - t0

@@ -154,3 +154,26 @@ def test_failed_restore_destroys_before_it_reports(sim_dir, tmp_path, slow_calls
     assert sim.list_domains(sim_dir=sim_dir) == []
     assert not [n for n in os.listdir(sim_dir) if n.startswith(".dead-")]
     loop.close()
+
+
+def test_starting_saves_forks_nothing_on_the_caller(sim_dir, tmp_path):
+    """pyxl.save() returns before its helper runs: the call forks no process (a
+    fork+exec waits for the child's exec, 2-4 ms each), the loop starts each
+    helper and its file's flushing child in a callback of its own; a cancel
+    before that start leaves nothing (no temporary file, the guest untouched)."""
+    doms = [sim.create(16 << 20, name=f"g{i}", sim_dir=sim_dir) for i in range(4)]
+    kids = children()
+    loop = SelectorLoop()
+    backend = SimBackend(sim_dir)
+    ops = [pyxl.save(d, str(tmp_path / f"g{i}.save"), backend=backend, loop=loop)
+           for i, d in enumerate(doms)]
+    assert children() == kids and all(op.helper is None for op in ops)
+    assert ops[3].cancel()
+    assert isinstance(ops[3].exception(), pyxl.Cancelled)
+    assert loop.run_until(lambda: all(op.done() for op in ops), 120)
+    for op in ops[:3]:
+        op.result()
+    assert sorted(os.listdir(tmp_path)) == ["g0.save", "g1.save", "g2.save"]
+    assert sim.info(doms[3], sim_dir=sim_dir).state == "running"
+    loop.close()
+    assert children() == kids

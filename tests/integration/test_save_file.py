@@ -68,6 +68,7 @@ def test_finisher_killed_mid_save_fails_the_save(sim_dir, tmp_path):
     loop = SelectorLoop()
     op = pyxl.save(dom, str(tmp_path / "g.save"), backend=SimBackend(sim_dir), loop=loop,
                    live=True)
+    loop.run_until(lambda: op._finisher is not None or op.done(), 30)   # started from the loop
     finisher = op._finisher
     assert finisher is not None
     loop.call_later(0.05, lambda: os.kill(finisher.child.proc.pid, signal.SIGKILL))
