@@ -24,7 +24,7 @@ import argparse
 import sys
 
 from pyxl._units import parse_size
-from pyxl.cli.args import domain_arg, resolve_domain
+from pyxl.cli.args import Parser, domain_arg, resolve_domain
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
 if TYPE_CHECKING:       # type checkers take this branch
@@ -206,7 +206,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "sim", help="create and control simulated Xen domains (fakexen)",
         description=__doc__.split("\n")[0] if __doc__ else None)
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)   # pyxl's formatter: no shutil import
     common.add_argument("--sim-dir", metavar="DIR",
                         help="fakexen state directory (default: $PYXL_SIM_DIR, "
                              "else /dev/shm/pyxl-sim-$UID)")

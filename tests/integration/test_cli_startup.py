@@ -26,7 +26,8 @@ from conftest import ROOT
 #: Never imported by `pyxl --version` or `pyxl sim list`.
 HEAVY = ["pyxl.ops", "pyxl.loop", "pyxl.backends", "pyxl.migrate", "pyxl.stream", "pyxl.wire",
          "pyxl.qmp", "pyxl.streamio", "pyxl.sim.devicemodel", "logging", "selectors", "socket",
-         "ssl", "asyncio", "ctypes", "subprocess", "hashlib", "json", "signal"]
+         "ssl", "asyncio", "ctypes", "subprocess", "hashlib", "json", "signal",
+         "shutil"]   # argparse's terminal sizing: pyxl's formatter does without (2 ms)
 
 
 def modules_after(argv: List[str], sim_dir: str) -> List[str]:
