@@ -110,6 +110,20 @@ def test_broken_stream_before_any_checkpoint_is_no_failover(hosts):
     assert sim.info(dom, sim_dir=a).state == "running"
 
 
+def remus_file(a: str, path, checkpoints: int) -> "tuple[pyxl.SaveResult, List[str]]":
+    """A running 16 MiB guest's checkpointed stream, written to ``path``: the
+    result and the source's digest at each checkpoint."""
+    dom = sim.create(16 * MB, dirty_rate=4 * MB, sim_dir=a)
+    time.sleep(0.1)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        save, digests = remus_save(a, dom, fd, "ours", checkpoints=checkpoints)
+        sent = pyxl.wait(save, timeout=120)[0]
+    finally:
+        os.close(fd)
+    return sent, digests
+
+
 @pytest.mark.parametrize("source", ["file", "pipe"])
 def test_stream_cut_in_a_checkpoints_libxl_records_fails_over(hosts, tmp_path, source, caplog):
     """The sender dies after libxc's CHECKPOINT record, inside libxl's records of
@@ -117,13 +131,8 @@ def test_stream_cut_in_a_checkpoints_libxl_records_fails_over(hosts, tmp_path, s
     answers failover, and libxc runs the domain from the last complete checkpoint."""
     from pyxl.streamio import scan_path
     a, b = hosts
-    dom = sim.create(16 * MB, dirty_rate=4 * MB, sim_dir=a)
-    time.sleep(0.1)
     path = tmp_path / "remus.stream"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    save, digests = remus_save(a, dom, fd, "ours", checkpoints=3)
-    pyxl.wait(save, timeout=120)
-    os.close(fd)
+    _, digests = remus_file(a, path, 3)
     third = [r.offset for r in scan_path(str(path), checkpointed=True).records
              if r.name == "CHECKPOINT"][2]
     with open(path, "r+b") as f:
@@ -147,13 +156,8 @@ def test_stream_cut_in_a_checkpoints_libxl_records_fails_over(hosts, tmp_path, s
 
 def test_checkpointed_stream_in_a_file(hosts, tmp_path):
     a, b = hosts
-    dom = sim.create(16 * MB, dirty_rate=4 * MB, sim_dir=a)
-    time.sleep(0.1)
     path = tmp_path / "remus.stream"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    save, digests = remus_save(a, dom, fd, "ours", checkpoints=2)
-    sent = pyxl.wait(save, timeout=120)[0]
-    os.close(fd)
+    sent, digests = remus_file(a, path, 2)
     assert sent.checkpoints == 2
     got = pyxl.wait(pyxl.restore(path, paused=True, sim_dir=b, stream_type=STREAM_REMUS),
                     timeout=120)[0]
