@@ -16,7 +16,8 @@ whole library.  The ``TYPE_CHECKING`` block gives type checkers the same names.
 
 import importlib as _importlib
 
-from pyxl.errors import (BackendError, Cancelled, ConfigError, HelperDied, HelperExited,
+from pyxl.errors import (BackendError, Cancelled, CompressedImage, ConfigError, CorruptImage,
+                         HelperDied, HelperExited,
                          HelperFailed,
                          HelperProtocolError, LocalProtocolError, MigrationError, MigrationInDoubt,
                          MigrationProtocolError,
@@ -37,7 +38,8 @@ if TYPE_CHECKING:
     from pyxl.ops.api import restore, save, wait
 
 __all__ = [
-    "AsyncioLoop", "Backend", "BackendError", "CallbackRequest", "Cancelled", "ConfigError",
+    "AsyncioLoop", "Backend", "BackendError", "CallbackRequest", "Cancelled", "CompressedImage",
+    "ConfigError", "CorruptImage",
     "DEBIAN_HELPER",
     "HelperDied", "HelperExited", "HelperFailed", "HelperProtocolError", "HookLoop",
     "LocalProtocolError", "MigrationError", "MigrationInDoubt", "MigrationProtocolError",

@@ -50,18 +50,23 @@ class ShortChild:
     """Run ``argv`` without waiting for it; ``done(status, stderr)`` from ``loop``."""
 
     def __init__(self, loop: Loop, argv: Sequence[str], done: ChildDone, *,
-                 env: Optional[Dict[str, str]] = None, stdin: bool = False) -> None:
+                 env: Optional[Dict[str, str]] = None, stdin: bool = False,
+                 stdin_from: int = -1, stdout_to: int = -1) -> None:
         """``stdin``: give the child a pipe on its stdin (``stdin_fd``, non-blocking,
-        closed when the child is reaped or by :meth:`close_stdin`)."""
+        closed when the child is reaped or by :meth:`close_stdin`).
+        ``stdin_from``/``stdout_to``: an fd of ours as its stdin/stdout instead
+        (a stage of a stream: :mod:`pyxl.zstdstage`)."""
         self.loop, self._done = loop, done
         self.finished = False
         self._err: List[bytes] = []
         self._err_open = True
         # close_fds: the child holds nothing of ours (an fd it kept open
         # would keep a pipe or a socket of some operation alive).
-        self.proc = subprocess.Popen(list(argv),
-                                     stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        child_in = stdin_from if stdin_from >= 0 else (subprocess.PIPE if stdin
+                                                         else subprocess.DEVNULL)
+        self.proc = subprocess.Popen(list(argv), stdin=child_in,
+                                     stdout=stdout_to if stdout_to >= 0 else subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE,
                                      close_fds=True, env=env,
                                      process_group=0)   # Ctrl-C is pyxl's to handle
         self.stdin_fd = -1
@@ -126,6 +131,18 @@ class ShortChild:
             self.proc.stdin.close()   # closes stdin_fd
             self.proc.stdin = None
             self.stdin_fd = -1
+
+    def kill(self) -> None:
+        """SIGKILL, unless it was reaped (its pid is ours until then); ``done``
+        still comes, from the loop."""
+        if not self.finished and self._pidfd >= 0:
+            import signal   # here: only a failed stage is killed
+            try:
+                # Through the pidfd: Popen.kill() would poll, and so reap the
+                # child behind the pidfd watch's back.
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def cancel(self) -> None:
         """No callback.  The child is left to finish its step (a half-done

@@ -7,13 +7,13 @@
     |   +-- RemoteProtocolError      the helper sent bytes that are not Xen's protocol
     |   +-- LocalProtocolError       pyxl asked the codec for something the protocol forbids
     +-- StreamError              a save stream breaks a rule (pyxl.stream); also a ValueError
-    |   +-- TruncatedStream, UnsupportedStream
+    |   +-- TruncatedStream, UnsupportedStream (CompressedImage)
     +-- BackendError             the place domains live refused or failed (pyxl.backends, pyxl.sim)
     |   +-- DeviceModelError         a guest's device model (QEMU, fakexen's) failed or broke QMP
     +-- OperationError           a save, restore or migration did not succeed (pyxl.ops, pyxl.migrate)
         +-- StartupError (ConfigError), HelperExited, HelperDied, HelperFailed (PrecopyAborted),
         |   MissingComplete, MissingRestoreResults, HelperProtocolError, Timeout, Cancelled,
-        |   StreamTooLarge
+        |   StreamTooLarge, CorruptImage
         +-- MigrationError (MigrationInDoubt, MigrationProtocolError, PrecopyPolicyError)
 
 Every operation failure carries what a toolstack needs to report it: the
@@ -34,7 +34,7 @@ if TYPE_CHECKING:       # type checkers take this branch
     from typing import Any, Dict, List, Optional
 
 __all__ = [
-    "BackendError", "Cancelled", "ConfigError", "DeviceModelError", "HelperDied", "HelperFailed", "HelperExited",
+    "BackendError", "Cancelled", "CompressedImage", "ConfigError", "CorruptImage", "DeviceModelError", "HelperDied", "HelperFailed", "HelperExited",
     "HelperProtocolError", "LocalProtocolError", "MigrationError", "MigrationInDoubt",
     "MigrationProtocolError", "PrecopyPolicyError",
     "MissingComplete", "MissingRestoreResults", "OperationError", "PrecopyAborted",
@@ -143,6 +143,12 @@ class UnsupportedStream(StreamError):
     legacy converter)."""
 
 
+class CompressedImage(UnsupportedStream):
+    """A zstd-compressed pyxl image where a plain xl stream was read (from a
+    pipe, or by a reader of plain streams): ``pyxl restore FILE`` and ``pyxl
+    inspect FILE`` take it; ``zstd -d`` gives the plain image back."""
+
+
 # ---- backends -----------------------------------------------------------------------------
 
 
@@ -249,6 +255,13 @@ class HelperProtocolError(OperationError):
     def __init__(self, message: str, error: "ProtocolError", **kw: "object") -> None:
         super().__init__(message, **kw)  # type: ignore[arg-type]
         self.protocol_error = error
+
+
+class CorruptImage(OperationError):
+    """A compressed image failed its check while it was restored: truncated,
+    corrupt, a content checksum that does not match, no checksum at all, or
+    more bytes than its stream (after END, or after the zstd frame).  The
+    restored domain never ran and was destroyed before this is reported."""
 
 
 class Timeout(OperationError):

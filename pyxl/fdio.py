@@ -11,7 +11,7 @@ writes bytes to a pipe, socket or file it does not own a codec for.
   get told when they are out (or that the fd broke).  Handshake messages,
   libxl's checkpoint records and trailers all go through it.
 * small fd utilities (:func:`set_nonblocking`, :func:`close_quietly`,
-  :func:`is_regular`).
+  :func:`is_regular`, :func:`make_pipe`, :func:`pipe_size`).
 
 May import: pyxl.errors, pyxl.loop.
 """
@@ -22,13 +22,31 @@ import fcntl
 import os
 import select
 import stat
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from pyxl.errors import TruncatedStream
 from pyxl.loop import Loop
 
 #: Largest single read: bounded so a forged length never becomes one allocation.
 CHUNK = 1 << 20
+_F_SETPIPE_SZ = 1031
+_F_GETPIPE_SZ = 1032
+
+
+def make_pipe(size: int) -> Tuple[int, int]:
+    """A close-on-exec pipe (read end, write end), grown or shrunk to ``size``
+    bytes if the kernel lets us (it may refuse: then its default)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(w, _F_SETPIPE_SZ, size)
+    except OSError:
+        pass
+    return r, w
+
+
+def pipe_size(fd: int) -> int:
+    """The capacity of the pipe ``fd`` in bytes."""
+    return fcntl.fcntl(fd, _F_GETPIPE_SZ)
 
 
 def set_nonblocking(fd: int, on: bool = True) -> int:

@@ -55,17 +55,26 @@ def run(args: argparse.Namespace) -> int:
     """Handler for ``pyxl inspect``; returns the exit code."""
     from pyxl.streamio import scan_path, scan_stream
     layer = None if args.layer == "auto" else args.layer
+    compressed: Optional[Dict[str, Any]] = None
     try:
         if args.file == "-":
             report = scan_stream(sys.stdin.buffer, layer=layer, checkpointed=args.checkpointed)
         else:
-            report = scan_path(args.file, layer=layer, checkpointed=args.checkpointed)
+            compressed = _compressed(args.file)
+            if compressed is not None:
+                report = _scan_compressed(args.file, compressed, layer, args.checkpointed)
+            else:
+                report = scan_path(args.file, layer=layer, checkpointed=args.checkpointed)
     except OSError as exc:
         text = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
         print(f"pyxl: error: {text}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        _emit(report, args)
+        if compressed is not None and not args.json:
+            print(f"{args.file}: zstd-compressed pyxl image, {compressed['bytes']} bytes, "
+                  f"checksum {compressed['checksum']}; xl restores it only after "
+                  f"`zstd -d {args.file}`; the stream inside:")
+        _emit(report, args, compressed)
     except BrokenPipeError:
         return EXIT_USAGE
     except Exception as exc:  # a bug in pyxl: still one line, no traceback
@@ -77,11 +86,50 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _emit(report: StreamReport, args: argparse.Namespace) -> None:
+def _compressed(path: str) -> Optional[Dict[str, Any]]:
+    """A zstd image's facts (magic, size), or None for any other file."""
+    import os
+    from pyxl.zstdstage import is_zstd
+    with open(path, "rb") as f:
+        if not is_zstd(f.read(4)):
+            return None
+        return {"format": "zstd", "bytes": os.fstat(f.fileno()).st_size, "checksum": "?"}
+
+
+def _scan_compressed(path: str, facts: Dict[str, Any], layer: Optional[str],
+                     checkpointed: bool) -> StreamReport:
+    """Scan what the image decompresses to, through pyxl's own zstd child
+    (which checks the frame and its checksum, as a restore does)."""
+    import subprocess
+    from pyxl.streamio import scan_stream
+    from pyxl.zstdstage import stage_argv
+    with open(path, "rb") as f:
+        proc = subprocess.Popen(stage_argv("decompress-file"), stdin=f, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    report = scan_stream(proc.stdout, layer=layer, checkpointed=checkpointed)
+    proc.stdout.close()          # what the scan left unread: the child ends on EPIPE
+    err = proc.stderr.read().decode("utf-8", "replace").strip()
+    status = proc.wait()
+    if status == 0:
+        facts["checksum"] = "OK"
+    elif status in (1, 3) or report.error is None:
+        facts["checksum"] = "not verified"
+        why = err.splitlines()[-1] if err else f"zstd exited with status {status}"
+        if report.error is None or status in (1, 3):
+            from pyxl.errors import StreamError
+            report.error = StreamError(0, why, "zstd frame")
+    return report
+
+
+def _emit(report: StreamReport, args: argparse.Namespace,
+          compressed: Optional[Dict[str, Any]] = None) -> None:
     import json
     if args.json:
         out = report.to_json()
         out["file"] = args.file
+        if compressed is not None:
+            out["compressed"] = compressed
         json.dump(out, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:

@@ -22,7 +22,8 @@ def cmd_save(args: argparse.Namespace) -> int:
     domid = resolve_domain(backend, args.domid)
     bar = ProgressBar(f"saving domain {args.domid}")
     op = save(domid, args.file, live=args.live, leave=leave, helper=args.helper,
-              timeout=args.timeout, on_progress=bar, backend=backend, debug=args.debug)
+              timeout=args.timeout, on_progress=bar, backend=backend, debug=args.debug,
+              compress=args.compress)
     bar.op = op
     try:
         res = run(op)
@@ -30,6 +31,7 @@ def cmd_save(args: argparse.Namespace) -> int:
         bar.close()
     summarize(args, "saved", op.config, res.domid, f"to {args.file}", res.duration,
               {"domid": res.domid, "file": res.path, "bytes": res.bytes_written,
+               "compressed": res.compressed,
                "iterations": res.iterations,
                "downtime_ms": None if res.downtime is None else round(res.downtime * 1000, 3)})
     return EXIT_OK
@@ -61,6 +63,9 @@ def add_parser(sub: Any) -> None:
     after.add_argument("-p", action="store_true", help="leave the domain paused after the save")
     p.add_argument("--live", action="store_true", help="pre-copy while the guest runs")
     p.add_argument("--debug", action="store_true", help="resend all pages for verification")
+    p.add_argument("--compress", action="store_true",
+                   help="write a zstd-compressed image with a checksum (pyxl restores it; "
+                        "xl needs `zstd -d` first)")
     p.add_argument("domid", type=domain_arg, metavar="DOMAIN", help="domain id or name")
     p.add_argument("file", metavar="FILE")
     common_options(p)

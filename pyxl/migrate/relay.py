@@ -4,21 +4,20 @@ pipe, from the event loop, never through Python.
 This module owns :class:`SpliceRelay` (``splice(2)`` between kernel buffers,
 a few calls per wake-up, a token bucket on loop timers for a bandwidth cap,
 the trailer written after the pipe's EOF, draining into nowhere once the far
-end broke) and the pipes it reads or feeds (:func:`make_pipe`: sized so that
+end broke) and the pipes it reads or feeds (:func:`make_pipe` of pyxl.fdio: sized so that
 a capped sender's helper feels the cap).  It knows nothing of the handshake,
-of helpers or of domains.  It may import os, fcntl, select, time,
+of helpers or of domains.  It may import os, select, time,
 pyxl.fdio and pyxl.loop.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import select
 import time
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
-from pyxl.fdio import set_nonblocking
+from pyxl.fdio import make_pipe, pipe_size, set_nonblocking
 from pyxl.loop import Loop, Timer
 
 __all__ = ["CHUNK", "CAPPED_PIPE", "SpliceRelay", "make_pipe", "pipe_size"]
@@ -28,24 +27,6 @@ CHUNK = 1 << 20             # most bytes one splice moves; the uncapped pipes' s
 # kernel's default 64 KiB, which our helper grows to 256 KiB).
 CAPPED_PIPE = 32 << 10
 _PUMP_CALLS = 8                           # splices per wake-up of a relay
-_F_SETPIPE_SZ = 1031
-_F_GETPIPE_SZ = 1032
-
-
-def make_pipe(size: int) -> Tuple[int, int]:
-    """A close-on-exec pipe (read end, write end), grown or shrunk to ``size``
-    bytes if the kernel lets us (it may refuse: then its default)."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    try:
-        fcntl.fcntl(w, _F_SETPIPE_SZ, size)
-    except OSError:
-        pass
-    return r, w
-
-
-def pipe_size(fd: int) -> int:
-    """The capacity of the pipe ``fd`` in bytes."""
-    return fcntl.fcntl(fd, _F_GETPIPE_SZ)
 
 
 class SpliceRelay:

@@ -16,6 +16,7 @@ from pyxl.ops.future import LoopFuture
 from pyxl.ops.operation import STREAM_PLAIN, Handler, PathOrFd, ProgressEvent
 from pyxl.ops.restore import RestoreOperation, RestoreOptions
 from pyxl.ops.save import Leave, SaveOperation, SaveOptions
+from pyxl.zstdstage import DEFAULT_LEVEL
 
 __all__ = ["restore", "save", "wait"]
 
@@ -32,18 +33,21 @@ def save(domid: int, path_or_fd: PathOrFd, *, live: bool = False, leave: Leave =
          helper_env: Optional[Mapping[str, str]] = None,
          write_trailer: Optional[Callable[[bytes], None]] = None,
          stream_type: int = STREAM_PLAIN, checkpoints: Optional[int] = None,
-         checkpoint_interval: float = 0.1) -> SaveOperation:
+         checkpoint_interval: float = 0.1, compress: bool = False,
+         compress_level: int = DEFAULT_LEVEL) -> SaveOperation:
     """Start saving ``domid`` into a file (written atomically) or an fd.
 
     ``leave`` says what becomes of the domain after a successful save:
-    "destroy" (xl's default), "paused" or "running".  The options are
+    "destroy" (xl's default), "paused" or "running".  ``compress``: a zstd
+    image (``restore`` and ``inspect`` recognise it).  The options are
     :class:`~pyxl.ops.save.SaveOptions`'; ``backend`` is where the domain lives
     (default: fakexen in ``sim_dir``, or the Xen host this runs on).
     """
     options = SaveOptions(live=live, leave=leave, helper=helper, timeout=timeout,
                           suspend_timeout=suspend_timeout, debug=debug, fsync=fsync,
                           helper_env=dict(helper_env or {}), stream_type=stream_type,
-                          checkpoints=checkpoints, checkpoint_interval=checkpoint_interval)
+                          checkpoints=checkpoints, checkpoint_interval=checkpoint_interval,
+                          compress=compress, compress_level=compress_level)
     return SaveOperation(domid, path_or_fd, options, backend=backend or default_backend(sim_dir),
                          loop=loop, callbacks=callbacks, on_progress=on_progress,
                          on_resume=on_resume, config=config, emulator_records=emulator_records,

@@ -27,10 +27,10 @@ from pyxl._log import get_logger
 from pyxl._paths import helper_path, xen_release
 from pyxl.backends.base import Backend
 from pyxl.backends.configcheck import MAX_GIVEN_NAME, check_config, check_name
-from pyxl.errors import (Cancelled, HelperFailed, OperationError, StartupError, StreamTooLarge,
-                         Timeout, TruncatedStream)
-from pyxl.fdio import is_regular, set_nonblocking
-from pyxl.loop import Loop
+from pyxl.errors import (Cancelled, CorruptImage, HelperFailed, OperationError, StartupError,
+                         StreamTooLarge, Timeout, TruncatedStream)
+from pyxl.fdio import CHUNK, is_regular, make_pipe, set_nonblocking
+from pyxl.loop import Loop, default_loop
 from pyxl.ops.helper_process import restore_argv
 from pyxl.ops.operation import (REMUS_RESTORE_CALLBACKS, RESTORE_CALLBACKS, STREAM_PLAIN,
                                 STREAM_REMUS, CallbackRequest, Handler, Operation, PathOrFd,
@@ -40,6 +40,7 @@ from pyxl.ops.trailer import LoopReader, TrailerLimits, TrailerReader, TrailerTo
 from pyxl.stream.libxl import LibxlRecordType as RecordType
 from pyxl.stream.xl import XlHeader
 from pyxl.wire.codec import cbflags_for
+from pyxl.zstdstage import ZstdStage, is_zstd
 
 __all__ = ["RestoreOperation", "RestoreOptions", "RestoreResult"]
 
@@ -110,10 +111,17 @@ class RestoreOperation(Operation[RestoreResult]):
         self._trailer: Optional[TrailerReader] = None
         self._head: Optional[LoopReader] = None
         self._timer_armed = False
+        self._unzstd: Optional[ZstdStage] = None
         fd, own = self._open(source)
         self._fd, self._own_fd = fd, own
         try:
             regular = is_regular(fd)
+            if regular and is_zstd(os.pread(fd, 4, os.lseek(fd, 0, os.SEEK_CUR))):
+                # A compressed image: restored from the decompressor's pipe,
+                # read from the loop like any pipe.
+                loop = loop if loop is not None else default_loop()
+                fd = self._decompress(loop, fd)
+                regular = False
         except OSError as exc:
             self._close()
             raise StartupError(f"{self._where()}: {exc.strerror}") from exc
@@ -170,6 +178,20 @@ class RestoreOperation(Operation[RestoreResult]):
             os.close(fd)
             raise StartupError(f"cannot open {self.path}: {exc.strerror}") from exc
         return fd, True
+
+    def _decompress(self, loop: Loop, fd: int) -> int:
+        """Start a zstd child reading the image at ``fd``; the read end of its pipe."""
+        r, w = make_pipe(CHUNK)
+        try:
+            self._unzstd = ZstdStage(loop, "decompress-file", fd, w, lambda why: None)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        self._close()          # the child has the image now
+        self._fd, self._own_fd = r, True
+        return r
 
     def _where(self) -> str:
         return self.path or "stream"
@@ -413,6 +435,15 @@ class RestoreOperation(Operation[RestoreResult]):
 
     def _finish_restore(self, records: List[Tuple[int, bytes]],
                         exc: Optional[OperationError]) -> None:
+        if exc is None and self._unzstd is not None and self._fd >= 0:
+            # A compressed image is checked to its end (no more bytes, the
+            # checksum) before anything of it runs.
+            def checked(why: Optional[str]) -> None:
+                self._close()
+                self._finish_restore(records, None if why is None else CorruptImage(
+                    f"{self._where()}: {why}", op=self))
+            self._unzstd.finish_reading(self.loop, self._fd, checked)
+            return
         self._close()
         if exc is not None:
             self._fail_and_destroy(exc)
@@ -454,6 +485,25 @@ class RestoreOperation(Operation[RestoreResult]):
                                                                      records, running))
         except Exception as err:  # a backend is the caller's code (any toolstack's)
             running(False, str(err))
+
+    def _finish(self, result: Optional[RestoreResult] = None,
+                exc: Optional[OperationError] = None) -> None:
+        stage = self._unzstd
+        if stage is None or (exc is None and stage.finished):
+            super()._finish(result, exc)
+            return
+        # A failure (the domain is gone already): the decompressor is reaped
+        # first, and if the image was what failed, it says why.
+        self._unzstd = None
+        self._close()
+
+        def settled() -> None:
+            err = exc
+            if stage.refused and not isinstance(exc, CorruptImage):
+                err = CorruptImage(f"{self._where()}: {stage.why}", op=self)
+            super(RestoreOperation, self)._finish(result, err)
+
+        stage.settle(self.loop, 2.0, settled)
 
     def _wont_start(self, why: object) -> None:
         self._fail_and_destroy(OperationError(f"restored domain {self.domid} would not start: {why}",

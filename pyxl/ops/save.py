@@ -25,7 +25,7 @@ from pyxl._paths import helper_path
 from pyxl.backends.base import Backend, Cancellable, EmulatorRecord
 from pyxl.childproc import FileFinisher, finish_file
 from pyxl.errors import Cancelled, OperationError, StartupError
-from pyxl.fdio import write_all, write_from_loop
+from pyxl.fdio import make_pipe, pipe_size, write_all, write_from_loop
 from pyxl.loop import Loop, Timer
 from pyxl.ops.helper_process import save_argv
 from pyxl.ops.operation import (REMUS_SAVE_CALLBACKS, SAVE_CALLBACKS, STREAM_PLAIN,
@@ -35,11 +35,14 @@ from pyxl.stream import libxc as stream_libxc
 from pyxl.stream import libxl as stream_libxl
 from pyxl.stream import xl as stream_xl
 from pyxl.wire.codec import Suspend, SwitchQemuLogdirty, cbflags_for
+from pyxl.zstdstage import DEFAULT_LEVEL, ZstdStage
 
 __all__ = ["Leave", "SaveOperation", "SaveOptions", "SaveResult"]
 
 #: What becomes of the domain after a successful save.
 Leave = Literal["destroy", "paused", "running"]
+#: The compressor's input pipe: the stream's head goes in before anyone reads it.
+HEAD_ROOM = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,10 @@ class SaveOptions:
     out and the guest resumes; another checkpoint is asked for after
     ``checkpoint_interval`` seconds until ``checkpoints`` were taken (None: until
     cancelled).  After the last one the guest stays as it is and ``leave``
-    applies as for a save.
+    applies as for a save.  ``compress``: the image is one zstd frame (level
+    ``compress_level``, with zstd's content checksum) of the xl image, made by
+    a child between the helper and the target (:mod:`pyxl.zstdstage`);
+    ``zstd -d`` gives back what xl restores.
     """
 
     live: bool = False
@@ -72,6 +78,8 @@ class SaveOptions:
     stream_type: int = STREAM_PLAIN
     checkpoints: Optional[int] = None
     checkpoint_interval: float = 0.1
+    compress: bool = False
+    compress_level: int = DEFAULT_LEVEL
 
     def __post_init__(self) -> None:
         if self.leave not in ("destroy", "paused", "running"):
@@ -84,6 +92,9 @@ class SaveOptions:
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
         if self.checkpoints is not None and self.checkpoints < 1:
             raise ValueError(f"checkpoints must be at least 1, not {self.checkpoints}")
+        if not -7 <= self.compress_level <= 19:
+            raise ValueError(f"compress_level must be a zstd level from -7 to 19, "
+                             f"not {self.compress_level}")
 
 
 @dataclass
@@ -97,6 +108,7 @@ class SaveResult:
     retval: int = 0
     errnoval: int = 0
     checkpoints: int = 0       # Remus: checkpoints sent
+    compressed: bool = False   # bytes_written are zstd's
 
 
 
@@ -148,6 +160,11 @@ class SaveOperation(Operation[SaveResult]):
         self._finisher: Optional[FileFinisher] = None   # fsync: flushes the file as it grows
         self._launch: Optional[Timer] = None            # the helper's start, due on the loop
         self._launch_fd = -1                            # its stream fd, while it is due
+        # compress: the stream goes into a pipe (_wfd) that a zstd child
+        # (_zstd) reads from _zin and writes to the target (_fd).
+        self._wfd = -1
+        self._zin = -1
+        self._zstd: Optional[ZstdStage] = None
 
         self.backend.check_domain(domid)
         if config is None:
@@ -159,16 +176,23 @@ class SaveOperation(Operation[SaveResult]):
             self.path = os.fspath(target)
             self._open_temp()
         try:
-            write_all(self._fd, stream_xl.xl_header(config) + stream_libxl.libxl_header()
-                       + stream_libxl.libxc_context_record())
+            self._wfd = self._fd
+            if options.compress:
+                self._zin, self._wfd = make_pipe(HEAD_ROOM)
+            head = (stream_xl.xl_header(config) + stream_libxl.libxl_header()
+                    + stream_libxl.libxc_context_record())
+            if options.compress and len(head) > pipe_size(self._wfd):
+                raise StartupError(f"the domain's config is too large to compress a save of "
+                                   f"it ({len(head)} bytes)")
+            write_all(self._wfd, head)    # into an empty pipe of HEAD_ROOM: never blocks
             cbflags = cbflags_for(REMUS_SAVE_CALLBACKS if self.stream_type else SAVE_CALLBACKS)
             xcflags = (XCFLAGS_LIVE if options.live else 0) | (XCFLAGS_DEBUG if options.debug else 0)
-            io_fd = self._fd if self._fd > 2 else self._dup_high(self._fd)
+            io_fd = self._wfd if self._wfd > 2 else self._dup_high(self._wfd)
             # libxl passes a dup of its own stdin as BACK_FD (zero-initialised
             # state); it is only read for COLO streams, so we pass -1.
             argv = save_argv(helper_path(options.helper), io_fd, -1, domid, xcflags, cbflags,
                              self.stream_type)
-            if io_fd != self._fd:
+            if io_fd != self._wfd:
                 self._launch_fd = io_fd
             env = self.backend.helper_env()
             env.update(options.helper_env)
@@ -186,14 +210,22 @@ class SaveOperation(Operation[SaveResult]):
             raise
 
     def _start(self, argv: List[str], cbflags: int, io_fd: int, env: Dict[str, str]) -> None:
-        """From the loop: run the helper, then the flushing child."""
+        """From the loop: run the compressor, the helper, then the flushing child."""
         self._launch = None
         try:
+            if self._zin >= 0:
+                try:
+                    self._zstd = ZstdStage(self.loop, "compress", self._zin, self._fd,
+                                           self._zstd_failed, self.options.compress_level)
+                except OSError as exc:
+                    raise StartupError(f"cannot start the zstd compressor: {exc.strerror}",
+                                       op=self) from exc
+                os.close(self._zin)
+                self._zin = -1
             self._spawn(argv, "save", cbflags, [io_fd], env)
         except StartupError as exc:   # e.g. the helper is gone, or no fds left
             self._close_launch_fd()
-            self._discard()
-            self._finish(exc=exc)
+            self._fail_after_helper(exc)
             return
         self._close_launch_fd()
         if self._tmp is not None and self.fsync:
@@ -251,6 +283,13 @@ class SaveOperation(Operation[SaveResult]):
                 f"cannot start the file finisher: {exc.strerror}", op=self))
             self.helper.kill()
 
+    def _zstd_failed(self, why: str) -> None:
+        """The compressor failed while the helper wrote (its target broke, or
+        it was killed): stop the save now."""
+        self._fail_soon(OperationError(f"compressing the save stream failed: {why}", op=self))
+        if self.helper is not None and self.helper.running:
+            self.helper.kill()
+
     def _finisher_failed(self, why: str) -> None:
         """The flushing child failed while the helper wrote (an I/O error, or
         it was killed): the save cannot be made durable, so stop it now."""
@@ -259,6 +298,11 @@ class SaveOperation(Operation[SaveResult]):
             self.helper.kill()
 
     def _discard(self) -> None:
+        for name in ("_wfd", "_zin"):
+            fd = getattr(self, name)
+            if fd >= 0 and fd != self._fd:
+                os.close(fd)
+            setattr(self, name, -1)
         if self._finisher is not None:
             self._finisher.cancel()     # it exits without renaming; the file goes below
             self._finisher = None
@@ -327,7 +371,7 @@ class SaveOperation(Operation[SaveResult]):
             req.reply(1)
 
         # The helper waits for this answer, so the fd is ours for the moment.
-        write_from_loop(self.loop, self._fd, records, written)
+        write_from_loop(self.loop, self._wfd, records, written)
 
     def _default_checkpoint(self, req: CallbackRequest) -> None:
         """Remus: another checkpoint after the interval, until enough were taken."""
@@ -419,6 +463,12 @@ class SaveOperation(Operation[SaveResult]):
         self._fail_after_helper(exc)
 
     def _fail_after_helper(self, exc: OperationError) -> None:
+        if self._zstd is not None:
+            # The compressor is killed (no well-formed end for a failed
+            # stream) and reaped before the failure is reported.
+            zstd, self._zstd = self._zstd, None
+            zstd.stop(lambda: self._fail_after_helper(exc))
+            return
         if self._finisher is not None:
             # Report only once the flushing child is gone (it exits at once on
             # its stdin's EOF, without renaming): no child outlives the save.
@@ -447,15 +497,42 @@ class SaveOperation(Operation[SaveResult]):
             trailer = b"".join(stream_libxl.libxl_record(rtype, body)
                                for rtype, body in self.emulator_records)
             trailer += stream_libxl.end_record()
+        if self._zstd is not None:
+            # Into the compressor's pipe, from the loop (it may be full);
+            # then its EOF, and the compressed stream ends when zstd exits.
+            def written(err: Optional[OSError]) -> None:
+                os.close(self._wfd)
+                self._wfd = -1
+                if err is not None:
+                    self._fail_after_helper(OperationError(
+                        f"writing the end of the save stream failed: {err.strerror}", op=self))
+                    return
+                assert self._zstd is not None
+                self._zstd.wait(compressed)
+
+            def compressed(why: Optional[str]) -> None:
+                if why is not None:
+                    self._fail_after_helper(OperationError(
+                        f"compressing the save stream failed: {why}", op=self))
+                    return
+                self._zstd = None
+                self._stream_written(time.monotonic())
+
+            write_from_loop(self.loop, self._wfd, trailer, written)
+            return
         if self.write_trailer is not None:
             self.write_trailer(trailer)
         else:
             # The helper has exited, so nobody else writes to this description.
             write_all(self._fd, trailer)
+        self._stream_written(end)
+
+    def _stream_written(self, end: float) -> None:
+        """The whole stream is in the target: put a file in place, then commit."""
         size = os.fstat(self._fd).st_size if self._own_fd else None
         result = SaveResult(self.domid, self.path, size, end - self.started, self.iterations,
                             None if self.suspended_at is None else end - self.suspended_at,
-                            checkpoints=self.checkpoints)
+                            checkpoints=self.checkpoints, compressed=self.options.compress)
         if not self._own_fd:
             self._committed(result)
             return

@@ -41,12 +41,13 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Union
 
+from pyxl.errors import CompressedImage
 from pyxl.stream.framing import StreamError, TruncatedStream, UnsupportedStream
 from pyxl.stream.libxc import DHDR_TYPE_X86_HVM, DHDR_TYPE_X86_PV
 from pyxl.stream.libxl import libxc_context_record, libxl_header
 
 __all__ = [
-    "XL_MAGIC", "XL_BYTEORDER", "XL_FLAG_JSON", "XL_FLAG_STREAMV2", "XL_FLAGS_KNOWN",
+    "XL_MAGIC", "ZSTD_MAGIC", "XL_BYTEORDER", "XL_FLAG_JSON", "XL_FLAG_STREAMV2", "XL_FLAGS_KNOWN",
     "XL_HEADER", "XL_OPTDATA_MAX", "XlHeader", "config_json", "xl_header", "save_prologue",
     "parse_xl_header", "parse_xl_optional_data", "guest_type_of_config",
     "max_vcpus_of_config",
@@ -56,6 +57,8 @@ WHERE = "xl header"
 
 XL_MAGIC = b"Xen saved domain, xl format\n \0 \r"
 assert len(XL_MAGIC) == 32
+#: A zstd frame's first bytes (RFC 8878): a compressed pyxl image starts so.
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 XL_BYTEORDER = 0x01020304
 XL_FLAG_JSON = 1 << 0
 XL_FLAG_STREAMV2 = 1 << 1
@@ -199,6 +202,10 @@ def parse_xl_header(data: bytes, *, max_optional_data: int = XL_OPTDATA_MAX) -> 
         raise TruncatedStream(len(data), "xl header is 48 bytes", WHERE)
     magic, byteorder, mandatory, optional, optlen = XL_HEADER.unpack_from(data)
     if magic != XL_MAGIC:
+        if data[:4] == ZSTD_MAGIC:
+            raise CompressedImage(0, "a zstd-compressed image, not an xl stream: pyxl restores "
+                                  "it from a file; decompress it first (zstd -d) for xl or a "
+                                  "pipe", WHERE)
         raise StreamError(0, "wrong magic (not an xl save file)", WHERE)
     if byteorder != XL_BYTEORDER:
         raise StreamError(32, f"byteorder {byteorder:#010x} != 0x01020304 in this host's "

@@ -1,0 +1,235 @@
+"""zstd stages: a child process between the helper and the sink, or between
+the source and the restore.
+
+A compressed pyxl image is one zstd frame, with zstd's content checksum, of
+the plain xl image: ``zstd -d`` turns it back into exactly what ``xl
+restore`` reads.  The helper stays Xen's (it writes and reads a plain libxc
+stream on a pipe) and the loop never compresses: a short child of
+:mod:`pyxl.childproc` does, reading a pipe and writing the file or the
+connection (``compress``), or reading the file or the connection and writing
+a pipe that the restore reads (``decompress``).  The child is Python with the
+``zstandard`` package (libzstd; as fast as Debian's ``zstd`` CLI here, see
+bench/README.md), because a decompressor for a migration must stop at the end
+of its frame by itself: the connection stays open for the handshake after the
+stream, so no EOF ever comes.
+
+A decompressor refuses a frame without a checksum, a truncated or corrupt
+frame, a checksum that does not match, and bytes after the frame; it exits 0
+only when the whole frame was checked, so a restore unpauses only after
+that (:meth:`ZstdStage.wait`).  Errors are one line, from the child.
+
+May import: pyxl.childproc, pyxl.fdio, pyxl.loop, pyxl.stream.xl (the magic).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, List, Optional
+
+from pyxl.childproc import ShortChild
+from pyxl.fdio import set_nonblocking
+from pyxl.loop import Loop
+from pyxl.stream.xl import ZSTD_MAGIC as MAGIC
+
+__all__ = ["MAGIC", "DEFAULT_LEVEL", "ZstdStage", "is_zstd", "checksum_flag", "stage_argv"]
+
+#: zstd level of ``--compress``: 1 is measured (bench/README.md) to save
+#: ``typical`` guest memory at the helper's pace; higher levels are slower.
+DEFAULT_LEVEL = 1
+
+
+def is_zstd(prefix: bytes) -> bool:
+    return prefix[:4] == MAGIC
+
+
+def checksum_flag(frame_head: bytes) -> bool:
+    """Does a frame whose first five bytes are ``frame_head`` carry a content
+    checksum?  (Bit 2 of the frame header descriptor.)"""
+    return len(frame_head) >= 5 and bool(frame_head[4] & 0x04)
+
+
+# The child's program, run with -I (no user site, no environment; the venv's
+# site-packages, where zstandard is).  argv: MODE [LEVEL].  MODE: compress,
+# decompress (stop at the frame's end: a connection stays open after it) or
+# decompress-file (then nothing may follow the frame).  Non-blocking fds
+# (a description shared with the loop) are waited for with select.  Errors
+# are one line on stderr; success ends with the _OK of pyxl.childproc.
+_PROGRAM = r"""
+import os, select, sys
+mode = sys.argv[1]
+CHUNK = 1 << 17
+def fail(why, status=1):
+    sys.stderr.write(why + "\n")
+    sys.exit(status)
+try:
+    import zstandard
+except ImportError:
+    fail("zstd needs Python's zstandard package in pyxl's environment (pip install zstandard)", 3)
+def read():
+    while True:
+        try:
+            return os.read(0, CHUNK)
+        except BlockingIOError:
+            select.select([0], [], [])
+def write_all(data):
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(1, view):]
+        except BlockingIOError:
+            select.select([], [1], [])
+try:
+    if mode == "compress":
+        c = zstandard.ZstdCompressor(level=int(sys.argv[2]), write_checksum=True).compressobj()
+        while True:
+            data = read()
+            if not data:
+                break
+            out = c.compress(data)
+            if out:
+                write_all(out)
+        write_all(c.flush())
+    else:
+        d = zstandard.ZstdDecompressor().decompressobj()
+        got = 0
+        head = b""
+        while not d.eof:
+            data = read()
+            if not data:
+                fail("the compressed image is truncated: it ends inside its zstd frame, "
+                     "after %d bytes" % got)
+            if len(head) < 5:
+                head += data[:5 - len(head)]
+                if head[:4] != b"\x28\xb5\x2f\xfd"[:len(head[:4])]:
+                    fail("not a zstd frame: the image starts with %s" % head[:4].hex())
+                if len(head) == 5 and not head[4] & 4:
+                    fail("the compressed image carries no content checksum: pyxl restores "
+                         "only checked images (zstd --check)")
+            got += len(data)
+            write_all(d.decompress(data))
+        extra = len(d.unused_data)
+        if mode == "decompress-file" and not extra:
+            extra = len(read())
+        if extra:
+            fail("bytes follow the compressed image's zstd frame (at offset %d)"
+                 % (got - len(d.unused_data)))
+except zstandard.ZstdError as exc:
+    fail("the compressed image is corrupt: %s" % str(exc).replace("zstd decompressor error: ", ""))
+except BrokenPipeError:
+    fail("its reader went away", 4)
+except OSError as exc:
+    fail("%s: %s" % ("writing" if mode == "compress" else "reading", exc.strerror or exc))
+sys.stderr.write("\nok\n")
+"""
+
+def stage_argv(mode: str, level: int = DEFAULT_LEVEL) -> List[str]:
+    """The child's command line (stdin to stdout); its stderr's last line says
+    why it failed, its exit status 0 that the whole frame passed."""
+    argv = [sys.executable or "python3", "-I", "-c", _PROGRAM, mode]
+    if mode == "compress":
+        argv.append(str(level))
+    return argv
+
+
+#: ``done(why)``: None once the stage exited 0, else its one-line reason.
+StageDone = Callable[[Optional[str]], None]
+
+
+class ZstdStage:
+    """One zstd child: ``mode`` "compress" (``level``), "decompress" or
+    "decompress-file", reading ``stdin_fd`` and writing ``stdout_fd`` (the
+    caller closes its own copies of the ends it gave away).
+
+    ``failed(why)`` from the loop if it fails before :meth:`wait` was
+    called (the caller stops the operation); after :meth:`wait`,
+    ``done(why)``.  :meth:`stop` kills it (the stream is abandoned)."""
+
+    def __init__(self, loop: Loop, mode: str, stdin_fd: int, stdout_fd: int,
+                 failed: Callable[[str], None], level: int = DEFAULT_LEVEL) -> None:
+        self.mode = mode
+        self.why: Optional[str] = None
+        self.status: Optional[int] = None
+        self.killed = False
+        self._failed = failed
+        self._done: Optional[StageDone] = None
+        self.child = ShortChild(loop, stage_argv(mode, level), self._exited, stdin_from=stdin_fd,
+                                stdout_to=stdout_fd)
+
+    @property
+    def finished(self) -> bool:
+        return self.child.finished
+
+    def _exited(self, status: int, err: str) -> None:
+        self.status = status
+        if status != 0:
+            self.why = ("killed" if self.killed else
+                        err.splitlines()[-1] if err else f"zstd exited with status {status}")
+        if self._done is not None:
+            done, self._done = self._done, None
+            done(self.why)
+        elif status != 0 and not self.killed:
+            self._failed(self.why or "")
+        elif status == 0 and self.mode == "compress":
+            pass     # its input ended: wait() collects it
+        # a decompressor that ended is collected by wait() as well
+
+    def wait(self, done: StageDone) -> None:
+        """``done(why)`` once the child has exited (at once if it has)."""
+        if self.child.finished:
+            done(self.why)
+            return
+        self._done = done
+
+    @property
+    def refused(self) -> bool:
+        """Did it exit because of the image (not killed, not its reader gone)?"""
+        return self.status in (1, 3) and not self.killed
+
+    def finish_reading(self, loop: Loop, fd: int, done: StageDone) -> None:
+        """A decompressor's reader has read its whole stream from ``fd`` (the
+        pipe's read end, non-blocking): nothing more may come out -- bytes
+        after END are a frame that holds more than its stream -- then the
+        child's verdict (the checksum is checked at the frame's end)."""
+        def readable() -> None:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                data, why = b"", exc.strerror
+            else:
+                why = None
+            loop.remove_reader(fd)
+            if data:
+                self.stop(lambda: done("the compressed image decompresses to more than its "
+                                       "stream: bytes follow the stream's END record"))
+            elif why is not None:
+                self.stop(lambda: done(f"reading the decompressed stream: {why}"))
+            else:
+                self.wait(done)
+
+        set_nonblocking(fd)
+        loop.add_reader(fd, readable)
+
+    def settle(self, loop: Loop, grace: float, then: Callable[[], None]) -> None:
+        """The stream failed: let the child end (it may be saying why), kill
+        it after ``grace`` seconds; ``then()`` once it is reaped."""
+        if self.child.finished:
+            then()
+            return
+        timer = loop.call_later(grace, lambda: self.stop(then))
+
+        def ended(why: Optional[str]) -> None:
+            timer.cancel()
+            then()
+        self._done = ended
+
+    def stop(self, then: Callable[[], None]) -> None:
+        """Kill it (unless it has exited); ``then()`` once it is reaped."""
+        if self.child.finished:
+            then()
+            return
+        self.killed = True
+        self._done = lambda why: then()
+        self.child.kill()
