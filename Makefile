@@ -3,7 +3,7 @@ VENV      := .venv
 PY        := $(VENV)/bin/python
 # Xen's tools of this Debian release: 4.17 on Debian 12, 4.20 on Debian 13.
 XEN_REL   := $(shell . /etc/os-release 2>/dev/null; [ "$${VERSION_ID%%.*}" = 13 ] && echo 4.20 || echo 4.17)
-APT_PKGS  := libxen-dev xen-utils-$(XEN_REL) valgrind groff-base
+APT_PKGS  := libxen-dev xen-utils-$(XEN_REL) valgrind groff-base zstd
 STAMP     := $(VENV)/.pyxl-installed
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SOURCES   := setup.py pyproject.toml pyxl/wire/table.py pyxl/wire/_generated.py \

@@ -107,7 +107,8 @@ def _scan_compressed(path: str, facts: Dict[str, Any], layer: Optional[str],
         proc = subprocess.Popen(stage_argv("decompress-file"), stdin=f, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
-    report = scan_stream(proc.stdout, layer=layer, checkpointed=checkpointed)
+    report = scan_stream(proc.stdout, layer=layer,  # type: ignore[arg-type]
+                         checkpointed=checkpointed)
     proc.stdout.close()          # what the scan left unread: the child ends on EPIPE
     err = proc.stderr.read().decode("utf-8", "replace").strip()
     status = proc.wait()

@@ -367,7 +367,8 @@ def test_no_oversized_modules():
 LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("pyxl.errors", "pyxl._paths", "pyxl._log", "pyxl._units"),
     ("pyxl.wire", "pyxl.stream", "pyxl.qmp.codec"),
-    ("pyxl.loop", "pyxl.fdio", "pyxl.streamio", "pyxl.childproc", "pyxl.qmp", "pyxl.sim"),
+    ("pyxl.loop", "pyxl.fdio", "pyxl.streamio", "pyxl.childproc", "pyxl.zstdstage", "pyxl.qmp",
+     "pyxl.sim"),
     ("pyxl.backends",),
     ("pyxl.ops",),
     ("pyxl.migrate", "pyxl.aio"),

@@ -26,7 +26,8 @@ PUBLIC = sorted([
     # the host
     "Backend", "DEBIAN_HELPER", "helper_path",
     # errors (pyxl/errors.py)
-    "BackendError", "Cancelled", "ConfigError", "HelperDied", "HelperExited", "HelperFailed",
+    "BackendError", "Cancelled", "CompressedImage", "ConfigError", "CorruptImage", "HelperDied",
+    "HelperExited", "HelperFailed",
     "HelperProtocolError", "LocalProtocolError", "MigrationError", "MigrationInDoubt", "MigrationProtocolError",
     "MissingComplete", "MissingRestoreResults", "OperationError", "PrecopyAborted", "PrecopyPolicyError",
     "ProtocolError", "PyxlError", "RemoteProtocolError", "StartupError", "StreamError",

@@ -1,0 +1,204 @@
+"""zstd-compressed images (issue 19): ``save(compress=True)``, ``pyxl save --compress``.
+
+A compressed image is one zstd frame, with its content checksum, of the plain
+xl image: Debian's ``zstd -d`` gives back a stream ``pyxl inspect`` passes, and
+pyxl restores the compressed file itself to byte-identical memory.  A restore
+checks the whole frame -- no truncation, no corruption, the checksum, nothing
+after the frame and nothing after the stream's END inside it -- before the
+domain may run: every bad image is a :class:`pyxl.CorruptImage`, with no
+domain, child or fd left behind.  A compressed image on a pipe is refused with
+the fix (:class:`pyxl.CompressedImage`).  A compressor that dies fails the
+save: the guest runs again and no file is left.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import zstandard
+
+import pyxl
+from conftest import ROOT, children, domids, open_fds
+from pyxl import sim
+from pyxl.backends import SimBackend
+from pyxl.errors import CompressedImage, CorruptImage, OperationError, StartupError
+from pyxl.loop import SelectorLoop
+from pyxl.stream.xl import XL_MAGIC, ZSTD_MAGIC
+
+PYXL = [sys.executable, "-m", "pyxl"]
+
+
+def _save(sim_dir, dom, target, **kw):
+    target = target if isinstance(target, int) else str(target)
+    return pyxl.wait(pyxl.save(dom, target, backend=SimBackend(sim_dir), **kw))[0]
+
+
+def _compressed_image(sim_dir, tmp_path, content="typical", size=32 << 20):
+    """A compressed image of a fresh guest (destroyed by the save); its digest."""
+    dom = sim.create(size, name="g", sim_dir=sim_dir, content=content)
+    want = sim.digest(dom, sim_dir=sim_dir)
+    path = tmp_path / "g.zsave"
+    res = _save(sim_dir, dom, path, compress=True)
+    assert res.compressed and res.bytes_written == path.stat().st_size
+    return path, want
+
+
+@pytest.mark.parametrize("content", ["zero", "text", "random", "typical"])
+def test_compressed_image_restores_byte_identical(sim_dir, tmp_path, content):
+    """Every content profile: a zstd frame with a checksum, restored whole;
+    its size against the plain image's says what compression bought."""
+    before_fds = open_fds()
+    path, want = _compressed_image(sim_dir, tmp_path, content)
+    head = path.read_bytes()[:5]
+    assert head[:4] == ZSTD_MAGIC and head[4] & 0x04        # content checksum flag
+    plain = zstandard.ZstdDecompressor().decompressobj().decompress(path.read_bytes())
+    assert plain.startswith(XL_MAGIC)
+    ratio = path.stat().st_size / len(plain)
+    assert ratio < {"zero": 0.05, "text": 0.5, "random": 1.01, "typical": 0.5}[content]
+    if content == "random":     # incompressible RAM (the rest: zero pages of the HVM layout)
+        assert ratio > 0.75
+    back = pyxl.wait(pyxl.restore(str(path), backend=SimBackend(sim_dir), paused=True))[0]
+    assert sim.digest(back.domid, sim_dir=sim_dir) == want
+    assert children() == [] and open_fds() == before_fds
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="Debian's zstd is installed by make setup")
+def test_debian_zstd_gives_back_the_xl_image(sim_dir, tmp_path):
+    """`zstd -d` (Debian's CLI, which checks the checksum) gives a plain xl
+    image that inspect passes and restores like any other."""
+    path, want = _compressed_image(sim_dir, tmp_path)
+    plain = tmp_path / "g.save"
+    subprocess.run(["zstd", "-q", "-d", str(path), "-o", str(plain)], check=True)
+    assert plain.read_bytes().startswith(XL_MAGIC)
+    r = subprocess.run(PYXL + ["inspect", str(plain)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    back = pyxl.wait(pyxl.restore(str(plain), backend=SimBackend(sim_dir), paused=True))[0]
+    assert sim.digest(back.domid, sim_dir=sim_dir) == want
+
+
+def _bad_images(path, tmp_path):
+    data = path.read_bytes()
+    plain = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+
+    def write(name, content):
+        p = tmp_path / name
+        p.write_bytes(content)
+        return p
+
+    flip = bytearray(data)
+    flip[len(data) // 2] ^= 0x40
+    last = bytearray(data)
+    last[-1] ^= 0x01                      # the checksum's last byte
+    zc = zstandard.ZstdCompressor(level=1, write_checksum=True)
+    return {
+        "truncated": (write("t", data[: len(data) * 2 // 3]), r"truncated"),
+        "corrupt": (write("c", bytes(flip)), r"corrupt"),
+        "checksum": (write("k", bytes(last)), r"checksum"),
+        "after-frame": (write("a", data + b"\0" * 8), r"bytes follow the compressed image's"),
+        "no-checksum": (write("n", zstandard.ZstdCompressor(level=1).compress(plain)),
+                        r"no content checksum"),
+        "after-END": (write("e", zc.compress(plain + b"\0" * 4096)),
+                      r"decompresses to more than its stream"),
+    }
+
+
+def test_bad_compressed_images_are_refused(sim_dir, tmp_path):
+    """Each bad image: CorruptImage naming the fault, no domain, child or fd left."""
+    path, _ = _compressed_image(sim_dir, tmp_path)
+    before_fds = open_fds()
+    for name, (bad, why) in _bad_images(path, tmp_path).items():
+        op = pyxl.restore(str(bad), backend=SimBackend(sim_dir))
+        with pytest.raises(CorruptImage, match=why):
+            pyxl.wait(op)
+        assert domids(sim_dir) == [], name
+        assert children() == [] and open_fds() == before_fds, name
+
+
+def test_cli_restore_and_inspect_of_bad_images(sim_dir, tmp_path):
+    """`pyxl restore` exits 1 with one line; `pyxl inspect` refuses (exit 1) and says why."""
+    path, _ = _compressed_image(sim_dir, tmp_path)
+    env = dict(os.environ, PYXL_SIM_DIR=sim_dir)
+    r = subprocess.run(PYXL + ["inspect", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0 and "zstd-compressed pyxl image" in r.stdout
+    assert "checksum OK" in r.stdout and "zstd -d" in r.stdout
+    for name, (bad, why) in _bad_images(path, tmp_path).items():
+        r = subprocess.run(PYXL + ["restore", str(bad)], capture_output=True, text=True, env=env)
+        assert r.returncode == 1 and len(r.stderr.splitlines()) == 1, (name, r.stderr)
+        assert "pyxl: error:" in r.stderr
+        if name != "after-END":     # inspect reads the stream, not past END
+            r = subprocess.run(PYXL + ["inspect", str(bad)], capture_output=True, text=True)
+            assert r.returncode == 1, (name, r.stdout)
+    assert domids(sim_dir) == []
+
+
+def test_compressed_image_on_a_pipe_is_refused_with_the_fix(sim_dir, tmp_path):
+    path, _ = _compressed_image(sim_dir, tmp_path)
+    r, w = os.pipe()
+    with open(path, "rb") as f:
+        os.write(w, f.read(65536))
+    os.close(w)
+    op = pyxl.restore(r, backend=SimBackend(sim_dir))
+    with pytest.raises(StartupError, match=r"zstd-compressed image.*zstd -d"):
+        pyxl.wait(op)
+    os.close(r)
+    assert isinstance(op.exception().__cause__, CompressedImage) or \
+        "zstd-compressed" in str(op.exception())
+    assert domids(sim_dir) == []
+
+
+def test_compressed_save_to_an_fd(sim_dir, tmp_path):
+    """An fd target (the caller's) gets the compressed stream; restorable from a file."""
+    dom = sim.create(16 << 20, name="g", sim_dir=sim_dir, content="text")
+    want = sim.digest(dom, sim_dir=sim_dir)
+    path = tmp_path / "fd.zsave"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        res = _save(sim_dir, dom, fd, compress=True, leave="paused")
+    finally:
+        os.close(fd)
+    assert res.bytes_written is None and res.compressed
+    sim.destroy(dom, sim_dir=sim_dir)
+    back = pyxl.wait(pyxl.restore(str(path), backend=SimBackend(sim_dir), paused=True))[0]
+    assert sim.digest(back.domid, sim_dir=sim_dir) == want
+
+
+def test_compressor_killed_mid_save_fails_the_save(sim_dir, tmp_path):
+    """The zstd child dies while the helper writes: the save fails with that
+    reason, the guest runs again, no file and no child is left."""
+    before_fds = open_fds()
+    dom = sim.create(256 << 20, name="g", sim_dir=sim_dir, dirty_rate=20_000_000,
+                     content="random")
+    loop = SelectorLoop()
+    op = pyxl.save(dom, str(tmp_path / "g.zsave"), backend=SimBackend(sim_dir), loop=loop,
+                   live=True, compress=True)
+    loop.run_until(lambda: op._zstd is not None or op.done(), 30)
+    stage = op._zstd
+    assert stage is not None
+    loop.call_later(0.05, lambda: os.kill(stage.child.proc.pid, signal.SIGKILL))
+    assert loop.run_until(op.done, 120)
+    with pytest.raises(OperationError, match=r"compressing the save stream failed"):
+        op.result()
+    loop.close()
+    assert sim.info(dom, sim_dir=sim_dir).state == "running"
+    assert os.listdir(tmp_path) == []
+    assert children() == [] and open_fds() == before_fds
+
+
+def test_cli_save_compress(sim_dir, tmp_path):
+    env = dict(os.environ, PYXL_SIM_DIR=sim_dir)
+    dom = sim.create(16 << 20, name="g", sim_dir=sim_dir, content="typical")
+    want = sim.digest(dom, sim_dir=sim_dir)
+    path = tmp_path / "g.zsave"
+    r = subprocess.run(PYXL + ["save", "--compress", "--json", "g", str(path)],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert '"compressed": true' in r.stdout
+    r = subprocess.run(PYXL + ["restore", "-p", str(path)], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 0, r.stderr
+    assert sim.digest(int(r.stdout.split()[0]), sim_dir=sim_dir) == want
