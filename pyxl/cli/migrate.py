@@ -25,8 +25,10 @@ not on ``--tls-allow``, send garbage or say nothing within
 
 JSON: sender ``{"domid", "digest", "downtime_ms", "iterations", "bytes_sent",
 "seconds"}`` (+ ``"checkpoints"`` with --remus, ``"throttle"``, the lowest CPU
-cap in percent, 0 for none, with --auto-converge); receiver ``{"domid", "digest",
-"seconds"}`` (+ ``"checkpoints", "failover"`` with --remus).  Exit codes as
+cap in percent, 0 for none, with --auto-converge, ``"compressed"`` with
+--compress: whether the receiver took it); receiver ``{"domid", "digest",
+"seconds"}`` (+ ``"checkpoints", "failover"`` with --remus, ``"compressed":
+true`` for a zstd stream).  Exit codes as
 ``pyxl``'s: 0 migrated, 1 failed (the source runs on; "in doubt": paused),
 2 bad arguments or unusable input, 130 interrupted (SIGINT), 143 terminated
 (SIGTERM, SIGHUP): the migration is cancelled first.
@@ -111,6 +113,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         args.usage_error("--auto-converge goes with --downtime")
     if args.remus and not args.live:
         args.usage_error("--remus needs --live")
+    if args.remus and args.compress:
+        args.usage_error("--compress is for a plain migration, not --remus")
     if not args.remus and (args.checkpoints is not None or args.interval is not None):
         args.usage_error("--checkpoints and --interval go with --remus")
     from pyxl.backends import default_backend
@@ -127,7 +131,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                  checkpoints=args.checkpoints,
                  checkpoint_interval=0.1 if args.interval is None else args.interval,
                  tls=tls, handshake_timeout=args.handshake_timeout,
-                 idle_timeout=args.idle_timeout, auto_converge=args.auto_converge)
+                 idle_timeout=args.idle_timeout, auto_converge=args.auto_converge,
+                 compress=args.compress)
     bar.op = op    # the bar shows the bytes sent, the rate and the time left (op.stats())
     try:
         res = run(op)
@@ -140,11 +145,19 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         numbers["checkpoints"] = res.checkpoints
     if args.auto_converge:
         numbers["throttle"] = res.throttle
+    if args.compress:
+        numbers["compressed"] = res.compressed
     to = args.command if args.command is not None else "{}:{}".format(*args.target)
     downtime = "" if res.downtime is None else f", downtime {res.downtime * 1000:.0f} ms"
     summarize(args, "migrated", config, res.domid, f"to {to}", res.duration, numbers,
-              extra=f" ({size_text(res.bytes_sent)} sent{downtime})")
+              extra=f" ({size_text(res.bytes_sent)} sent{_how(args, res)}{downtime})")
     return EXIT_OK
+
+
+def _how(args: argparse.Namespace, res: Any) -> str:
+    if res.compressed:
+        return ", zstd"
+    return ", plain: the receiver did not take --compress" if args.compress else ""
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
@@ -154,7 +167,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
     if args.listen is not None:
         op = receive(args.listen, paused=args.paused, helper=args.helper, timeout=args.timeout,
                      sim_dir=args.sim_dir, digest=args.json, remus=args.remus, tls=tls,
-                     insecure=args.insecure, **deadlines)
+                     insecure=args.insecure, compress=not args.no_compress, **deadlines)
         host, port = op.address or args.listen
         print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
         out = sys.stdout
@@ -163,12 +176,15 @@ def cmd_receive(args: argparse.Namespace) -> int:
             args.usage_error("--tls-* and --insecure go with --listen (without it, "
                                     "stdin/stdout is the channel: ssh)")
         op = receive(fds=(0, 1), paused=args.paused, helper=args.helper, timeout=args.timeout,
-                     sim_dir=args.sim_dir, digest=args.json, remus=args.remus, **deadlines)
+                     sim_dir=args.sim_dir, digest=args.json, remus=args.remus,
+                     compress=not args.no_compress, **deadlines)
         out = sys.stderr   # stdout is the channel back to the sender
     res = run(op)
     got = {"domid": res.domid, "digest": res.digest}
     if args.remus:
         got.update(checkpoints=res.checkpoints, failover=res.failover)
+    if op.compressed:
+        got["compressed"] = True
     from pyxl.migrate.domain import INCOMING
     # the config restored is NAME--incoming; the domain has its own name back by now
     config = dict(res.restore.config)
@@ -216,6 +232,9 @@ def add_parser(subparsers: Any) -> None:
                    help="with --remus: checkpoints before the switch-over")
     p.add_argument("--interval", type=_positive_s, metavar="SECONDS",
                    help="with --remus: time between checkpoints (default 0.1)")
+    p.add_argument("--compress", action="store_true",
+                   help="offer the receiver a zstd-compressed stream: a pyxl receiver takes "
+                        "it, an xl one (which never answers) gets it plain after 2 s")
     p.add_argument("--command", metavar="CMD",
                    help="run CMD (through the shell) and send over its stdin/stdout, "
                         "e.g. \"ssh host pyxl migrate-receive\"")
@@ -254,6 +273,9 @@ def add_parser(subparsers: Any) -> None:
                    help="fail if the stream stops for this long, or the sender does not "
                         "clear the unpause (default 60)")
     p.add_argument("--paused", action="store_true", help="leave the received domain paused")
+    p.add_argument("--no-compress", action="store_true",
+                   help="answer a pyxl sender's compression offer with 'none' (its stream "
+                        "comes plain)")
     p.add_argument("--remus", action="store_true",
                    help="expect a checkpointed stream (pyxl migrate --remus); take over at the "
                         "last checkpoint if it ends without its end")

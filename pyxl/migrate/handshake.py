@@ -28,6 +28,17 @@ socket, subprocess, the loop or the operations.
 # pyxl's extension: a receiver that fails sends "domain receive failed:
 # REASON\0" instead of its next message (xl's receiver just exits; either
 # reads as failure at either kind of sender).
+#
+# pyxl's compression offer (neither end can know the other is pyxl: xl's
+# banner and xl's header are fixed, and xl reads exactly them): a sender that
+# would compress sends its xl header alone, with the optional flag
+# XL_OPTIONAL_PYXL_ZSTD (xl ignores optional flags), and waits a moment.  A
+# pyxl receiver answers at once "pyxl compression: zstd\0" (or "none\0");
+# the sender then sends the whole image as one zstd frame (xl header again
+# included: the format of a compressed save file), or the plain rest of the
+# stream.  An xl receiver says nothing: after OFFER_WAIT the sender sends the
+# plain rest.  The receiver tells the two apart by the next four bytes (the
+# zstd magic or libxl's "Libx"), so an answer that comes late is harmless.
 
 from __future__ import annotations
 
@@ -38,10 +49,13 @@ from pyxl.errors import LocalProtocolError, MigrationProtocolError
 from pyxl.stream import xl as stream_xl
 from pyxl.stream.framing import REC_HEADER
 from pyxl.stream.libxl import LIBXL_HEADER
+from pyxl.stream.xl import XL_OPTIONAL_PYXL_ZSTD, ZSTD_MAGIC
+
+LIBXL_MAGIC_START = b"Libx"    # a plain libxl stream's first bytes (its ident, "LibxlFmt")
 
 __all__ = [
-    "BANNER", "READY", "GO", "REPORT", "FAILED", "MESSAGE_MAX", "HEAD_MAX",
-    "Banner", "StreamHead", "DomainReceived", "ReceiverFailed", "ClearedToUnpause",
+    "BANNER", "READY", "GO", "REPORT", "FAILED", "CHOSEN", "COMPRESSIONS", "OFFER_WAIT",
+    "MESSAGE_MAX", "HEAD_MAX", "Banner", "StreamHead", "CompressionChosen", "StreamStart", "DomainReceived", "ReceiverFailed", "ClearedToUnpause",
     "UnpauseResult", "ConnectionClosed", "NEED_DATA", "Event",
     "SenderHandshake", "ReceiverHandshake",
 ]
@@ -51,6 +65,9 @@ READY = b"domain received, ready to unpause\0"
 GO = b"domain is yours, you are cleared to unpause\0"
 REPORT = b"my copy unpause results are as follows\0"
 FAILED = b"domain receive failed: "       # pyxl: + reason + NUL, instead of READY
+CHOSEN = b"pyxl compression: "           # pyxl: + name + NUL, the answer to an offer
+COMPRESSIONS = ("zstd", "none")
+OFFER_WAIT = 2.0            # s a sender waits for the answer to its offer (xl never answers)
 MESSAGE_MAX = 4096          # longest handshake message (NUL included) we accept or send
 HEAD_MAX = 512 << 10        # xl optional data (the config) a receiver takes
 
@@ -70,11 +87,32 @@ class StreamHead:
     on to its restore.  ``header``: the parsed xl header with its config, None
     if the config does not parse (the restore says why).  ``rest``: bytes fed
     after the head, the start of the stream's remainder (empty if the caller
-    read no more than :attr:`ReceiverHandshake.wanted`)."""
+    read no more than :attr:`ReceiverHandshake.wanted`).  ``offered``: the
+    sender offers compression: the head is its xl header alone; answer with
+    :class:`CompressionChosen`, then :class:`StreamStart` follows."""
 
     data: bytes
     header: Optional[stream_xl.XlHeader]
     rest: bytes = b""
+    offered: bool = False
+
+
+@dataclass(frozen=True)
+class CompressionChosen:
+    """Receiver -> sender (pyxl only): the answer to an offer, one of
+    :data:`COMPRESSIONS` (:data:`CHOSEN`)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """Sender -> receiver, after an offer: the stream's first four bytes --
+    ``compressed``: a zstd frame of the whole image follows (these bytes are
+    its start), else the plain stream's rest (libxl's header starts here)."""
+
+    data: bytes
+    compressed: bool
 
 
 @dataclass(frozen=True)
@@ -115,7 +153,7 @@ NEED_DATA = _NeedData()
 """``next_event()``: no complete event in what was received so far."""
 
 Event = Union[Banner, StreamHead, DomainReceived, ReceiverFailed, ClearedToUnpause,
-              UnpauseResult, ConnectionClosed]
+              UnpauseResult, ConnectionClosed, CompressionChosen, StreamStart]
 
 
 # ---- the machines ---------------------------------------------------------------------------
@@ -229,6 +267,14 @@ class SenderHandshake(_Handshake):
 
     def __init__(self) -> None:
         super().__init__(self.AWAIT_BANNER)
+        self.offered = False     # our xl header offered compression
+        self.answered = False
+
+    def offer_sent(self) -> None:
+        """Our xl header offered compression: the receiver may answer it."""
+        if self.state != self.STREAMING:
+            raise LocalProtocolError(f"handshake: offer sent in state {self.state!r}")
+        self.offered = True
 
     def stream_sent(self) -> None:
         """The whole stream (and its trailer) is written: READY may come now."""
@@ -281,10 +327,20 @@ class SenderHandshake(_Handshake):
                 self._bad(f"the receiver sent garbage (no message end in {MESSAGE_MAX} "
                           "bytes)")
             return NEED_DATA
+        if self.state == self.STREAMING and bytes(self._buf[:nul + 1]) == READY:
+            # A compressed stream's end (END) can reach the receiver before our
+            # relay has seen its pipe's EOF: READY waits until stream_sent().
+            return NEED_DATA
         msg = self._take(nul + 1)
         if msg.startswith(FAILED):
             self.state = self.DONE
             return ReceiverFailed(msg[len(FAILED):-1].decode("utf-8", "replace"))
+        if msg.startswith(CHOSEN) and self.offered and not self.answered:
+            name = msg[len(CHOSEN):-1].decode("ascii", "replace")
+            if name not in COMPRESSIONS:
+                self._bad(f"the receiver chose an unknown compression {name[:40]!r}")
+            self.answered = True
+            return CompressionChosen(name)
         if msg != READY or self.state != self.AWAIT_READY:
             self._bad(f"unexpected message from the receiver: {msg[:80]!r}")
         self.state = self.MAY_CLEAR
@@ -298,7 +354,10 @@ class ReceiverHandshake(_Handshake):
     ``STREAMING`` (the rest of the stream is not the handshake's: the caller
     relays it) -(``send(DomainReceived())``)-> ``AWAIT_GO``
     -(:class:`ClearedToUnpause`)-> ``MAY_REPORT`` -(``send(UnpauseResult(s))``)->
-    ``DONE``.  ``send(ReceiverFailed(reason))`` is allowed once, in any state,
+    ``DONE``.  A head that offers compression goes ``AWAIT_HEAD``
+    -(:class:`StreamHead`, ``offered``)-> ``CHOOSING`` -(``send(CompressionChosen(n))``)->
+    ``AWAIT_START`` -(:class:`StreamStart`)-> ``STREAMING``.
+    ``send(ReceiverFailed(reason))`` is allowed once, in any state,
     even after a protocol error (-> ``FAILED``: nothing more is parsed, received
     bytes are dropped).
 
@@ -308,6 +367,8 @@ class ReceiverHandshake(_Handshake):
 
     SEND_BANNER = "send-banner"
     AWAIT_HEAD = "await-head"
+    CHOOSING = "choosing"          # an offer came: send(CompressionChosen(...))
+    AWAIT_START = "await-start"    # then the stream's first four bytes
     STREAMING = "streaming"
     AWAIT_GO = "await-go"
     MAY_REPORT = "may-report"
@@ -325,6 +386,8 @@ class ReceiverHandshake(_Handshake):
         """How many more bytes the stream's head needs (0 outside ``AWAIT_HEAD``)."""
         if self.state in (self.SEND_BANNER, self.AWAIT_HEAD):
             return max(self._head_len - len(self._buf), 0)
+        if self.state == self.AWAIT_START:
+            return max(len(ZSTD_MAGIC) - len(self._buf), 0)
         return 0
 
     def send(self, event: Event) -> bytes:
@@ -337,6 +400,11 @@ class ReceiverHandshake(_Handshake):
         if isinstance(event, Banner) and self.state == self.SEND_BANNER:
             self.state = self.AWAIT_HEAD
             return BANNER
+        if isinstance(event, CompressionChosen) and self.state == self.CHOOSING:
+            if event.name not in COMPRESSIONS:
+                raise LocalProtocolError(f"handshake: unknown compression {event.name!r}")
+            self.state = self.AWAIT_START
+            return CHOSEN + event.name.encode("ascii") + b"\0"
         if isinstance(event, DomainReceived) and self.state == self.STREAMING:
             self.state = self.AWAIT_GO
             return READY
@@ -353,7 +421,7 @@ class ReceiverHandshake(_Handshake):
         super().receive_data(data)
 
     def _parsing(self) -> bool:
-        return self.state in (self.AWAIT_HEAD, self.AWAIT_GO)
+        return self.state in (self.AWAIT_HEAD, self.AWAIT_START, self.AWAIT_GO)
 
     def _limit(self) -> int:
         return self._head_len if self.state == self.AWAIT_HEAD else MESSAGE_MAX
@@ -361,6 +429,15 @@ class ReceiverHandshake(_Handshake):
     def _parse(self) -> Union[Event, _NeedData]:
         if self.state == self.AWAIT_HEAD:
             return self._parse_head()
+        if self.state == self.AWAIT_START:
+            if len(self._buf) < len(ZSTD_MAGIC):
+                return NEED_DATA
+            start = self._take(len(ZSTD_MAGIC))
+            if start != ZSTD_MAGIC and start != LIBXL_MAGIC_START:
+                self._bad(f"after the compression answer the sender sent {start!r}: neither a "
+                          "zstd frame nor a libxl stream")
+            self.state = self.STREAMING
+            return StreamStart(start, start == ZSTD_MAGIC)
         if self.state == self.AWAIT_GO:
             if not self._expect(GO, "unexpected message from the sender:"):
                 return NEED_DATA
@@ -378,8 +455,10 @@ class ReceiverHandshake(_Handshake):
                                               max_optional_data=self.head_max)
         except ValueError as exc:
             self._bad(f"not a migration stream: {exc}")
-        self._head_len = (xl_size + fixed.optional_data_len + LIBXL_HEADER.size
-                          + REC_HEADER.size)
+        offered = bool(fixed.optional_flags & XL_OPTIONAL_PYXL_ZSTD)
+        # An offer: the xl header alone (what follows waits for our answer).
+        self._head_len = xl_size + fixed.optional_data_len + (
+            0 if offered else LIBXL_HEADER.size + REC_HEADER.size)
         if len(self._buf) < self._head_len:
             return NEED_DATA
         head = self._take(self._head_len)
@@ -389,5 +468,5 @@ class ReceiverHandshake(_Handshake):
                 fixed, head[xl_size:xl_size + fixed.optional_data_len])
         except (ValueError, RecursionError):   # deep JSON nesting: RecursionError
             header = None   # the restore reports it
-        self.state = self.STREAMING
-        return StreamHead(head, header, rest)
+        self.state = self.CHOOSING if offered else self.STREAMING
+        return StreamHead(head, header, rest, offered)

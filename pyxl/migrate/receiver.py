@@ -28,16 +28,16 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 from pyxl._log import get_logger
 from pyxl._units import format_size
 from pyxl.backends import Backend, default_backend
-from pyxl.errors import (HelperFailed, MigrationError, MigrationProtocolError, OperationError,
-                         StartupError)
+from pyxl.errors import (CorruptImage, HelperFailed, MigrationError, MigrationProtocolError,
+                         OperationError, StartupError)
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
 from pyxl.loop import Loop, Timer
 from pyxl.migrate.address import parse_address
 from pyxl.migrate.domain import INCOMING, digest_or_none, domain_name
 from pyxl.migrate.future import MigrationFuture
-from pyxl.migrate.handshake import (NEED_DATA, ConnectionClosed, DomainReceived,
-                                    ReceiverFailed, ReceiverHandshake, StreamHead,
-                                    UnpauseResult)
+from pyxl.migrate.handshake import (NEED_DATA, CompressionChosen, ConnectionClosed,
+                                    DomainReceived, ReceiverFailed, ReceiverHandshake,
+                                    StreamHead, StreamStart, UnpauseResult)
 from pyxl.migrate.listener import Admission, Link, is_loopback, peer_reason
 from pyxl.migrate.relay import CHUNK, SpliceRelay, make_pipe, pipe_size
 from pyxl.migrate.tls import TlsOptions, make_context
@@ -84,8 +84,10 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
                  remus: bool = False, tls: Optional[TlsOptions] = None,
                  insecure: bool = False, header_timeout: Optional[float] = HEADER_TIMEOUT,
                  idle_timeout: Optional[float] = IDLE_TIMEOUT,
-                 max_pending: int = MAX_PENDING) -> None:
+                 max_pending: int = MAX_PENDING, compress: bool = True) -> None:
         self.remus = remus
+        self.compress = compress and not remus   # take a sender's compression offer
+        self.compressed = False
         if (listen is None) == (fds is None):
             raise ValueError("give either listen (an address or a listening socket) or fds")
         if tls is not None and not isinstance(tls, TlsOptions):
@@ -234,7 +236,41 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._stop_listening()
         if self._done or self._finishing:
             return
+        if head.offered:
+            self._choose(head)
+            return
         self._begin_restore(head)
+
+    def _choose(self, head: StreamHead) -> None:
+        """The sender offers compression (its xl header alone came): answer,
+        then read the stream's first bytes, which say what it sent."""
+        assert self.outbox is not None
+        name = "zstd" if self.compress else "none"
+        self.outbox.send(self.handshake.send(CompressionChosen(name)))
+
+        def readable() -> None:
+            try:
+                data = os.read(self.rfd, self.handshake.wanted)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._fail(MigrationError(f"reading from the sender failed: {exc.strerror}"))
+                return
+            event = self._feed(data, "the sender went away after the compression answer")
+            if event is None:
+                return
+            self._watch(None)
+            assert isinstance(event, StreamStart)
+            self._begin_restore(head, event)
+
+        def no_start() -> None:
+            if self.state == "header" and self.restore is None and not self._done:
+                self._fail(MigrationError(f"the sender sent no stream within "
+                                          f"{self.header_timeout:g}s of the compression answer"))
+
+        self._watch(readable)
+        if self.header_timeout is not None:
+            self._timers.append(self.loop.call_later(self.header_timeout, no_start))
 
     def _watch(self, fn: Optional[Callable[[], None]]) -> None:
         if self._watching:
@@ -260,7 +296,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             return None
         return event
 
-    def _begin_restore(self, head: StreamHead) -> None:
+    def _begin_restore(self, head: StreamHead, start: Optional[StreamStart] = None) -> None:
         """Hand the stream to a restore through a pipe fed from the loop.
 
         Not the connection itself: a helper holding it would keep it open if
@@ -270,7 +306,13 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self.state = "stream"
         r, w = make_pipe(CHUNK)
         self._pipe = [r, w]
-        data = head.data + head.rest
+        # A compressed stream is a whole image in one zstd frame (xl header
+        # again included): the restore decompresses what the relay brings.
+        self.compressed = start is not None and start.compressed
+        data = head.data + head.rest + (start.data if start is not None else b"")
+        if self.compressed:
+            assert start is not None
+            data = start.data
         if len(data) > pipe_size(w):
             self._fail(MigrationError(f"the stream's header ({len(data)} bytes) does not fit "
                                       "this host's pipes"))
@@ -280,7 +322,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self.name = domain_name(head.header.config or {}) if head.header is not None else None
         try:
             self.restore = restore(r, paused=True, helper=self.helper, loop=self.loop,
-                                   backend=self.backend,
+                                   backend=self.backend, compressed=self.compressed,
                                    stream_type=STREAM_REMUS if self.remus else STREAM_PLAIN,
                                    name=None if self.name is None else f"{self.name}{INCOMING}")
         except OperationError as exc:
@@ -371,7 +413,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         of that (a pyxl or xl sender waits for our answer once its stream is
         whole; a Remus stream's end is a failover, not a failure): say so, not
         what libxc makes of a truncated stream ("Restore failed (0 = Success)")."""
-        if self._sender_eof_at is None or self.remus or not isinstance(exc, HelperFailed):
+        if (self._sender_eof_at is None or self.remus
+                or not isinstance(exc, (HelperFailed, CorruptImage))):
             return exc   # e.g. a config refused (ConfigError): that is the reason
         self.logger.debug("the restore's own error: %s", exc)
         return MigrationError(f"the sender closed the stream after "
@@ -538,7 +581,7 @@ def receive(listen: Optional[Union[str, Tuple[str, int], socket.socket]] = None,
             remus: bool = False, tls: Optional[TlsOptions] = None,
             insecure: bool = False, header_timeout: Optional[float] = HEADER_TIMEOUT,
             idle_timeout: Optional[float] = IDLE_TIMEOUT,
-            max_pending: int = MAX_PENDING) -> ReceiveOperation:
+            max_pending: int = MAX_PENDING, compress: bool = True) -> ReceiveOperation:
     """Start receiving one migration: listen on ``listen`` ("ADDR:PORT", a tuple,
     or a listening socket; port 0 picks one, see ``op.address``) for one
     connection, or use ``fds=(read_fd, write_fd)`` (e.g. (0, 1) under ssh).
@@ -554,10 +597,12 @@ def receive(listen: Optional[Union[str, Tuple[str, int], socket.socket]] = None,
     no deadline.  While
     listening, connections that fail TLS, are not allowed, send garbage or
     stay silent are dropped, and it listens on for the real sender.
+    ``compress``: take a pyxl sender's offer of a zstd stream (default; its
+    frame and checksum are checked before the domain may run).
     ``pyxl.wait(op)`` gives a :class:`ReceiveResult`.
     """
     return ReceiveOperation(listen, fds=fds, paused=paused, helper=helper, timeout=timeout,
                             loop=loop, sim_dir=sim_dir, backend=backend, digest=digest,
                             remus=remus, tls=tls, insecure=insecure,
                             header_timeout=header_timeout, idle_timeout=idle_timeout,
-                            max_pending=max_pending)
+                            max_pending=max_pending, compress=compress)

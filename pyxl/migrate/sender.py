@@ -19,21 +19,22 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
 from pyxl._log import get_logger
 from pyxl._paths import helper_path
 from pyxl.backends import Backend, default_backend
 from pyxl.errors import (MigrationError, MigrationInDoubt, MigrationProtocolError,
                          OperationError, StartupError)
-from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
+from pyxl.fdio import FdWriter, close_quietly, set_nonblocking, write_from_loop
 from pyxl.loop import Loop, Timer
 from pyxl.migrate.connection import ReceiverChannel
 from pyxl.migrate.converge import PAGE, Policy, PolicyDriver, target_policy
 from pyxl.migrate.domain import AWAY, digest_or_none, domain_name
 from pyxl.migrate.future import MigrationFuture
-from pyxl.migrate.handshake import (NEED_DATA, Banner, ClearedToUnpause, DomainReceived,
-                                    ReceiverFailed, SenderHandshake, UnpauseResult)
+from pyxl.migrate.handshake import (NEED_DATA, OFFER_WAIT, Banner, ClearedToUnpause,
+                                    CompressionChosen, DomainReceived, ReceiverFailed,
+                                    SenderHandshake, UnpauseResult)
 from pyxl.migrate.precopy import OnFail, precopy_env
 from pyxl.migrate.relay import CAPPED_PIPE, CHUNK, SpliceRelay, make_pipe
 from pyxl.migrate.tls import TlsOptions
@@ -41,6 +42,8 @@ from pyxl.ops.api import save
 from pyxl.ops.operation import STREAM_PLAIN, STREAM_REMUS, ProgressEvent
 from pyxl.ops.jobstats import JobStats
 from pyxl.ops.save import SaveOperation, SaveResult
+from pyxl.stream import xl as stream_xl
+from pyxl.stream.xl import XL_OPTIONAL_PYXL_ZSTD
 
 __all__ = ["MigrateOperation", "MigrateResult", "migrate"]
 
@@ -56,6 +59,7 @@ class MigrateResult:
     save: SaveResult
     checkpoints: int = 0        # Remus: checkpoints sent before the switch-over
     throttle: int = 0           # the lowest CPU cap (percent) auto-converge/a policy set; 0: none
+    compressed: bool = False    # the receiver took the offer: bytes_sent are zstd's
 
 
 class MigrateOperation(MigrationFuture[MigrateResult]):
@@ -89,7 +93,8 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
                  checkpoints: Optional[int] = None, checkpoint_interval: float = 0.1,
                  tls: Optional[TlsOptions] = None,
                  idle_timeout: Optional[float] = 60.0, auto_converge: bool = False,
-                 policy: Optional[Policy] = None, policy_deadline: float = 5.0) -> None:
+                 policy: Optional[Policy] = None, policy_deadline: float = 5.0,
+                 compress: bool = False) -> None:
         if (target is None) == (command is None):
             raise ValueError("give either a target HOST:PORT or a command, not both or neither")
         if tls is not None and not isinstance(tls, TlsOptions):
@@ -104,6 +109,16 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         self._idle_mark = -1
         if remus and not live:
             raise ValueError("a checkpointed (Remus) migration is live")
+        if remus and compress:
+            raise ValueError("compression is for a plain migration, not a checkpointed one "
+                             "(a Remus stream's end is a failover, not a whole frame)")
+        self.compress = compress
+        self.compressed = False           # the receiver took the offer
+        self._config: Optional[Dict[str, Any]] = None
+        # The offer: "" (none made), "writing" the xl header that makes it,
+        # "waiting" for the answer, "answered" (the save may start once written).
+        self._offer = ""
+        self._offer_written = False
         if checkpoints is not None and (not remus or checkpoints < 1):
             raise ValueError("checkpoints: a positive number, for a Remus migration")
         self.remus, self.checkpoints = remus, checkpoints
@@ -227,7 +242,9 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
             if event is NEED_DATA:
                 return
             if isinstance(event, Banner):
-                self._start_save()
+                self._start_stream()
+            elif isinstance(event, CompressionChosen):
+                self._offer_answered(event.name)
             elif isinstance(event, DomainReceived):
                 self._send_go()
             elif isinstance(event, UnpauseResult):
@@ -248,7 +265,9 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
             self._fail(MigrationError("no migration receiver answered within the handshake "
                                       "timeout"))
 
-    def _start_save(self) -> None:
+    def _start_stream(self) -> None:
+        """The banner came: the relay, then the save -- or first, with
+        ``compress``, the offer (:mod:`.handshake`) and its answer."""
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
@@ -256,10 +275,52 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         self._pipe_r, self._pipe_w = r, w
         self.relay = SpliceRelay(self.loop, r, self.wfd, self.max_bandwidth, self._relayed,
                                  self._write_failed)
+        if not self.compress:
+            self._start_save()
+            return
         try:
-            self.save = save(self.domid, w, live=self.live, leave="paused",
+            self._config = self.backend.domain_config(self.domid)
+            head = stream_xl.xl_header(self._config, optional_flags=XL_OPTIONAL_PYXL_ZSTD)
+        except Exception as exc:  # a backend is the caller's code
+            self._fail(StartupError(f"cannot read domain {self.domid}'s config: {exc}"))
+            return
+        self._offer = "waiting"
+        self.handshake.offer_sent()
+        self._timers.append(self.loop.call_later(OFFER_WAIT, lambda: self._offer_answered(None)))
+
+        def written(err: Optional[OSError]) -> None:
+            if err is not None:
+                self._write_failed(err)
+                return
+            self._offer_written = True
+            if self._offer == "answered" and self.save is None:
+                self._start_save()            # the answer came while it was written
+
+        write_from_loop(self.loop, w, head, written)
+
+    def _offer_answered(self, name: Optional[str]) -> None:
+        """The receiver's answer (None: none within OFFER_WAIT, an xl receiver)."""
+        if self._offer != "waiting" or self._done or self._error is not None:
+            if name is not None:
+                self.logger.debug("the receiver answered %r after the stream had started", name)
+            return
+        if name is None:
+            self.logger.warning("no answer to the compression offer within %gs (an xl receiver?): "
+                             "sending the stream uncompressed", OFFER_WAIT)
+        self.compressed = name == "zstd"
+        self._offer = "answered"
+        if self._offer_written:
+            self._start_save()
+
+    def _start_save(self) -> None:
+        try:
+            offered = self.compress
+            self.save = save(self.domid, self._pipe_w, live=self.live, leave="paused",
+                             compress=self.compressed, xl_header=not offered or self.compressed,
+                             config=self._config,
                              helper=self.helper, loop=self.loop, backend=self.backend,
-                             helper_env=self.env, write_trailer=self.relay.finish,
+                             helper_env=self.env,
+                             write_trailer=self.relay.finish if self.relay else None,
                              on_progress=self._progress,
                              stream_type=STREAM_REMUS if self.remus else STREAM_PLAIN,
                              checkpoints=self.checkpoints,
@@ -388,7 +449,8 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         result = MigrateResult(self.domid, downtime, len(self._rounds), self.relay.sent,
                                end - self.started, digest, self._save_result,
                                self._save_result.checkpoints,
-                               min(self.driver.caps, default=0) if self.driver else 0)
+                               min(self.driver.caps, default=0) if self.driver else 0,
+                               self.compressed)
         self._close_transport()
         self._done_pending = (result, None)
         self._maybe_finish()
@@ -523,7 +585,7 @@ def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
             tls: Optional[TlsOptions] = None,
             idle_timeout: Optional[float] = 60.0, auto_converge: bool = False,
             policy: Optional[Policy] = None,
-            policy_deadline: float = 5.0) -> MigrateOperation:
+            policy_deadline: float = 5.0, compress: bool = False) -> MigrateOperation:
     """Start migrating ``domid`` to a receiver at ``target`` ("HOST:PORT") or
     through ``command`` (its stdin/stdout; e.g. "ssh host pyxl migrate-receive").
 
@@ -541,7 +603,9 @@ def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
     move (default 60 s, None: none).  ``auto_converge`` (with ``downtime_ms``):
     cap the guest's CPU while the target cannot be met, and lift it after.
     ``policy``: your switch-over policy (:mod:`pyxl.migrate.converge`), asked
-    after every round, answering within ``policy_deadline`` seconds.  Returns
+    after every round, answering within ``policy_deadline`` seconds.
+    ``compress``: offer the receiver a zstd-compressed stream (a pyxl receiver
+    takes it; an xl one, which never answers, gets it plain after 2 s).  Returns
     at once; ``pyxl.wait(op)`` or ``await op`` gives a :class:`MigrateResult`.
     """
     return MigrateOperation(domid, target, command=command, live=live, downtime_ms=downtime_ms,
@@ -552,4 +616,4 @@ def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
                             remus=remus, checkpoints=checkpoints,
                             checkpoint_interval=checkpoint_interval, tls=tls,
                             idle_timeout=idle_timeout, auto_converge=auto_converge,
-                            policy=policy, policy_deadline=policy_deadline)
+                            policy=policy, policy_deadline=policy_deadline, compress=compress)

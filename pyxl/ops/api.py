@@ -34,7 +34,7 @@ def save(domid: int, path_or_fd: PathOrFd, *, live: bool = False, leave: Leave =
          write_trailer: Optional[Callable[[bytes], None]] = None,
          stream_type: int = STREAM_PLAIN, checkpoints: Optional[int] = None,
          checkpoint_interval: float = 0.1, compress: bool = False,
-         compress_level: int = DEFAULT_LEVEL) -> SaveOperation:
+         compress_level: int = DEFAULT_LEVEL, xl_header: bool = True) -> SaveOperation:
     """Start saving ``domid`` into a file (written atomically) or an fd.
 
     ``leave`` says what becomes of the domain after a successful save:
@@ -51,7 +51,7 @@ def save(domid: int, path_or_fd: PathOrFd, *, live: bool = False, leave: Leave =
     return SaveOperation(domid, path_or_fd, options, backend=backend or default_backend(sim_dir),
                          loop=loop, callbacks=callbacks, on_progress=on_progress,
                          on_resume=on_resume, config=config, emulator_records=emulator_records,
-                         write_trailer=write_trailer)
+                         write_trailer=write_trailer, xl_header=xl_header)
 
 
 def restore(path_or_fd: PathOrFd, *, paused: bool = False, helper: Optional[str] = None,
@@ -59,14 +59,15 @@ def restore(path_or_fd: PathOrFd, *, paused: bool = False, helper: Optional[str]
             on_progress: Optional[Callable[[ProgressEvent], None]] = None,
             loop: Optional[Loop] = None, backend: Optional[Backend] = None,
             sim_dir: Optional[str] = None, name: Optional[str] = None,
-            stream_type: int = STREAM_PLAIN) -> RestoreOperation:
+            stream_type: int = STREAM_PLAIN, compressed: bool = False) -> RestoreOperation:
     """Start restoring an xl save file (or stream on an fd) into a new domain.
 
     ``name``: the new domain's, instead of the saved config's.  ``paused``: leave
-    it paused.  See :class:`~pyxl.ops.restore.RestoreOptions`.
+    it paused.  ``compressed``: an fd that carries a zstd image (a file's is
+    recognised by its magic).  See :class:`~pyxl.ops.restore.RestoreOptions`.
     """
     options = RestoreOptions(paused=paused, helper=helper, timeout=timeout, name=name,
-                             stream_type=stream_type)
+                             stream_type=stream_type, compressed=compressed)
     return RestoreOperation(path_or_fd, options, backend=backend or default_backend(sim_dir),
                             loop=loop, callbacks=callbacks, on_progress=on_progress)
 

@@ -53,15 +53,21 @@ class RestoreOptions:
     config's (a migration receiver's ``NAME--incoming``).
     ``stream_type=STREAM_REMUS`` (1): a checkpointed stream: at each checkpoint
     libxl's records up to CHECKPOINT_END are read (``checkpoint_records``) and
-    libxc applies the previous checkpoint."""
+    libxc applies the previous checkpoint.  ``compressed``: the source (a pipe or
+    socket) carries a zstd-compressed image (a regular file's is recognised by
+    its magic): it is decompressed as it arrives, and the frame's checksum is
+    checked before the domain may run."""
 
     paused: bool = False
     helper: Optional[str] = None
     timeout: Optional[float] = None
     name: Optional[str] = None
     stream_type: int = STREAM_PLAIN
+    compressed: bool = False
 
     def __post_init__(self) -> None:
+        if self.compressed and self.stream_type != STREAM_PLAIN:
+            raise ValueError("a compressed stream is a plain one (not checkpointed)")
         if self.stream_type not in (STREAM_PLAIN, STREAM_REMUS):
             raise ValueError(f"stream_type must be 0 (plain) or 1 (Remus), not {self.stream_type}")
         if self.timeout is not None and not self.timeout > 0:
@@ -116,11 +122,12 @@ class RestoreOperation(Operation[RestoreResult]):
         self._fd, self._own_fd = fd, own
         try:
             regular = is_regular(fd)
-            if regular and is_zstd(os.pread(fd, 4, os.lseek(fd, 0, os.SEEK_CUR))):
+            if options.compressed or (regular and is_zstd(
+                    os.pread(fd, 4, os.lseek(fd, 0, os.SEEK_CUR)))):
                 # A compressed image: restored from the decompressor's pipe,
                 # read from the loop like any pipe.
                 loop = loop if loop is not None else default_loop()
-                fd = self._decompress(loop, fd)
+                fd = self._decompress(loop, fd, "decompress-file" if regular else "decompress")
                 regular = False
         except OSError as exc:
             self._close()
@@ -179,11 +186,13 @@ class RestoreOperation(Operation[RestoreResult]):
             raise StartupError(f"cannot open {self.path}: {exc.strerror}") from exc
         return fd, True
 
-    def _decompress(self, loop: Loop, fd: int) -> int:
-        """Start a zstd child reading the image at ``fd``; the read end of its pipe."""
+    def _decompress(self, loop: Loop, fd: int, mode: str) -> int:
+        """Start a zstd child reading the image at ``fd``; the read end of its pipe.
+        (A stream that is not a file ends at its frame's end: what follows on a
+        connection is the migration handshake.)"""
         r, w = make_pipe(CHUNK)
         try:
-            self._unzstd = ZstdStage(loop, "decompress-file", fd, w, lambda why: None)
+            self._unzstd = ZstdStage(loop, mode, fd, w, lambda why: None)
         except BaseException:
             os.close(r)
             raise

@@ -122,7 +122,8 @@ class SaveOperation(Operation[SaveResult]):
                  on_resume: Optional[Callable[[int], None]] = None,
                  config: Optional[Dict[str, Any]] = None,
                  emulator_records: Optional[Sequence[EmulatorRecord]] = None,
-                 write_trailer: Optional[Callable[[bytes], None]] = None) -> None:
+                 write_trailer: Optional[Callable[[bytes], None]] = None,
+                 xl_header: bool = True) -> None:
         """Save ``domid`` into ``target`` (a path, written atomically, or an fd).
 
         ``config``: the xl header's domain config (default: the backend's).
@@ -131,8 +132,11 @@ class SaveOperation(Operation[SaveResult]):
         suspended).  ``write_trailer``: for an fd the caller drains
         asynchronously (a relay pipe), called with the libxl records that end
         the stream instead of writing them to the fd, so a full pipe never blocks
-        the loop.  ``on_resume(domid)`` replaces the backend's resume when a
-        failed save must let the guest run again."""
+        the loop (with ``compress``, they go to the compressor, and
+        ``write_trailer(b"")`` says that the compressed stream has ended).
+        ``on_resume(domid)`` replaces the backend's resume when a failed save
+        must let the guest run again.  ``xl_header=False``: the stream starts
+        at libxl's header (a migration sender wrote the xl header itself)."""
         super().__init__(domid, loop, options.timeout, callbacks, on_progress)
         self.options = options
         self.backend = backend
@@ -179,8 +183,8 @@ class SaveOperation(Operation[SaveResult]):
             self._wfd = self._fd
             if options.compress:
                 self._zin, self._wfd = make_pipe(HEAD_ROOM)
-            head = (stream_xl.xl_header(config) + stream_libxl.libxl_header()
-                    + stream_libxl.libxc_context_record())
+            head = ((stream_xl.xl_header(config) if xl_header else b"")
+                    + stream_libxl.libxl_header() + stream_libxl.libxc_context_record())
             if options.compress and len(head) > pipe_size(self._wfd):
                 raise StartupError(f"the domain's config is too large to compress a save of "
                                    f"it ({len(head)} bytes)")
@@ -516,6 +520,8 @@ class SaveOperation(Operation[SaveResult]):
                         f"compressing the save stream failed: {why}", op=self))
                     return
                 self._zstd = None
+                if self.write_trailer is not None:
+                    self.write_trailer(b"")    # the relay: the stream has ended
                 self._stream_written(time.monotonic())
 
             write_from_loop(self.loop, self._wfd, trailer, written)

@@ -47,7 +47,7 @@ from pyxl.stream.libxc import DHDR_TYPE_X86_HVM, DHDR_TYPE_X86_PV
 from pyxl.stream.libxl import libxc_context_record, libxl_header
 
 __all__ = [
-    "XL_MAGIC", "ZSTD_MAGIC", "XL_BYTEORDER", "XL_FLAG_JSON", "XL_FLAG_STREAMV2", "XL_FLAGS_KNOWN",
+    "XL_MAGIC", "ZSTD_MAGIC", "XL_OPTIONAL_PYXL_ZSTD", "XL_BYTEORDER", "XL_FLAG_JSON", "XL_FLAG_STREAMV2", "XL_FLAGS_KNOWN",
     "XL_HEADER", "XL_OPTDATA_MAX", "XlHeader", "config_json", "xl_header", "save_prologue",
     "parse_xl_header", "parse_xl_optional_data", "guest_type_of_config",
     "max_vcpus_of_config",
@@ -59,6 +59,9 @@ XL_MAGIC = b"Xen saved domain, xl format\n \0 \r"
 assert len(XL_MAGIC) == 32
 #: A zstd frame's first bytes (RFC 8878): a compressed pyxl image starts so.
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+#: pyxl's optional flag (xl ignores optional flags): a migration sender that
+#: can send the rest compressed, if the receiver says so (pyxl.migrate.handshake).
+XL_OPTIONAL_PYXL_ZSTD = 1 << 31
 XL_BYTEORDER = 0x01020304
 XL_FLAG_JSON = 1 << 0
 XL_FLAG_STREAMV2 = 1 << 1
@@ -148,7 +151,7 @@ def config_json(config: Mapping[str, Any], *, indent: int = 4) -> bytes:
 
 
 def xl_header(config: Union[Mapping[str, Any], bytes, str, None], *,
-              indent: int = 4) -> bytes:
+              indent: int = 4, optional_flags: int = 0) -> bytes:
     """The xl save-file header with its optional data.
 
     ``config`` is a libxl-style config dict (serialised by
@@ -156,6 +159,8 @@ def xl_header(config: Union[Mapping[str, Any], bytes, str, None], *,
     a NUL appended if missing), or None for a file without a config (xl
     then writes config_len 0 and leaves the JSON flag clear).  The result is
     checked with our own reader, so we never write what we would refuse.
+    ``optional_flags``: 0 as xl writes it (readers ignore them; pyxl's
+    migration offers compression with one, :data:`XL_OPTIONAL_PYXL_ZSTD`).
     """
     if config is None:
         cfg = b""
@@ -169,7 +174,7 @@ def xl_header(config: Union[Mapping[str, Any], bytes, str, None], *,
     optdata = _U32.pack(len(cfg)) + cfg
     if len(optdata) > XL_OPTDATA_MAX:
         raise ValueError(f"config of {len(cfg)} bytes is too large")
-    out = XL_HEADER.pack(XL_MAGIC, XL_BYTEORDER, flags, 0, len(optdata)) + optdata
+    out = XL_HEADER.pack(XL_MAGIC, XL_BYTEORDER, flags, optional_flags, len(optdata)) + optdata
     try:
         parse_xl_optional_data(parse_xl_header(out), out[XL_HEADER.size:])
     except StreamError as err:

@@ -12,10 +12,12 @@ import pytest
 
 from pyxl.errors import LocalProtocolError, MigrationError, MigrationProtocolError
 from pyxl.migrate import handshake as hs
-from pyxl.migrate.handshake import (NEED_DATA, Banner, ClearedToUnpause, ConnectionClosed,
-                                    DomainReceived, ReceiverFailed, ReceiverHandshake,
-                                    SenderHandshake, StreamHead, UnpauseResult)
+from pyxl.migrate.handshake import (CHOSEN, NEED_DATA, Banner, ClearedToUnpause,
+                                    CompressionChosen, ConnectionClosed, DomainReceived,
+                                    ReceiverFailed, ReceiverHandshake, SenderHandshake,
+                                    StreamHead, StreamStart, UnpauseResult)
 from pyxl.stream import xl as stream_xl
+from pyxl.stream.xl import XL_OPTIONAL_PYXL_ZSTD, xl_header
 
 # Xen 4.17, tools/xl/xl_migrate.c: the banner is written without its NUL
 # (sizeof - 1), the other three with it (sizeof); the status is one byte.
@@ -274,11 +276,61 @@ def test_sender_eof_mid_message(state):
     poisoned(tx)
 
 
-def test_sender_ready_before_stream_sent():
+def test_sender_ready_before_stream_sent_waits_for_it():
+    """A compressed stream's END can reach the receiver before the sender's
+    relay saw its pipe's EOF: READY is held until stream_sent(), not lost."""
     tx = SenderHandshake()
-    with pytest.raises(MigrationProtocolError,
-                       match="unexpected message from the receiver: b'domain received"):
-        feed(tx, XL_BANNER + XL_READY)
+    assert feed(tx, XL_BANNER) == [Banner()]
+    tx.receive_data(XL_READY)
+    assert tx.next_event() is NEED_DATA and tx.state == SenderHandshake.STREAMING
+    tx.stream_sent()
+    assert isinstance(tx.next_event(), DomainReceived)
+
+
+def test_sender_compression_answer():
+    tx = SenderHandshake()
+    feed(tx, XL_BANNER)
+    tx.offer_sent()
+    tx.receive_data(CHOSEN + b"zstd\0")
+    assert tx.next_event() == CompressionChosen("zstd")
+    bad = SenderHandshake()
+    feed(bad, XL_BANNER)
+    bad.offer_sent()
+    with pytest.raises(MigrationProtocolError, match="unknown compression 'lz4'"):
+        feed(bad, CHOSEN + b"lz4\0")
+    unasked = SenderHandshake()
+    feed(unasked, XL_BANNER)
+    with pytest.raises(MigrationProtocolError, match="unexpected message"):
+        feed(unasked, CHOSEN + b"zstd\0")
+
+
+def test_receiver_offer_answer_and_start():
+    rx = ReceiverHandshake()
+    rx.send(Banner())
+    head = xl_header({"c_info": {"name": "g"}}, optional_flags=XL_OPTIONAL_PYXL_ZSTD)
+    rx.receive_data(head)
+    ev = rx.next_event()
+    assert isinstance(ev, StreamHead) and ev.offered and ev.data == head
+    assert rx.wanted == 0 and rx.state == ReceiverHandshake.CHOOSING
+    assert rx.send(CompressionChosen("zstd")) == CHOSEN + b"zstd\0"
+    assert rx.wanted == 4
+    rx.receive_data(b"\x28\xb5\x2f\xfd")
+    assert rx.next_event() == StreamStart(b"\x28\xb5\x2f\xfd", True)
+    plain = ReceiverHandshake()
+    plain.send(Banner())
+    plain.receive_data(head)
+    plain.next_event()
+    plain.send(CompressionChosen("none"))
+    plain.receive_data(b"Libx")
+    assert plain.next_event() == StreamStart(b"Libx", False)
+    junk = ReceiverHandshake()
+    junk.send(Banner())
+    junk.receive_data(head)
+    junk.next_event()
+    junk.send(CompressionChosen("zstd"))
+    junk.receive_data(b"XXXX")
+    with pytest.raises(MigrationProtocolError, match="neither a zstd frame nor a libxl"):
+        junk.next_event()
 
 
 def test_sender_unexpected_message():
