@@ -15,7 +15,6 @@ and nothing left at the destination.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
