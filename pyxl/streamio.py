@@ -217,7 +217,7 @@ def open_source(f: BinaryIO) -> Source:
 
 
 def scan_stream(f: BinaryIO, *, layer: Optional[str] = None,
-                checkpointed: bool = False) -> StreamReport:
+                checkpointed: bool = False, strict: bool = False) -> StreamReport:
     """Scan a whole stream from the current position of ``f``.
 
     The outermost layer is detected from the first 8 bytes unless ``layer``
@@ -226,14 +226,14 @@ def scan_stream(f: BinaryIO, *, layer: Optional[str] = None,
     1 MiB chunks from pipes.  Never raises :class:`StreamError` -- the first
     one is in ``report.error`` -- but ``OSError`` from ``f`` propagates.
     """
-    return scan_source(open_source(f), layer=layer, checkpointed=checkpointed)
+    return scan_source(open_source(f), layer=layer, checkpointed=checkpointed, strict=strict)
 
 
 def scan_path(path: str, *, layer: Optional[str] = None,
-              checkpointed: bool = False) -> StreamReport:
+              checkpointed: bool = False, strict: bool = False) -> StreamReport:
     """Open ``path`` and :func:`scan_stream` it (OSError if unreadable)."""
     with open(path, "rb", buffering=0) as f:
-        return scan_stream(f, layer=layer, checkpointed=checkpointed)
+        return scan_stream(f, layer=layer, checkpointed=checkpointed, strict=strict)
 
 
 def scan_libxl(f: BinaryIO, *, checkpointed: bool = False) -> StreamReport:

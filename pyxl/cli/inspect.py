@@ -6,6 +6,12 @@ one line unless ``--all-records``) and page counts, and checks everything
 Xen 4.17's restore path would check (see ``pyxl.stream.libxc_scan``,
 ``pyxl.stream.libxl`` and ``pyxl.stream.xl`` for the rules).
 
+``--verify`` also refuses what Xen tolerates but neither xl nor pyxl ever
+writes (non-zero reserved bits and padding, bytes after END ...): in an image
+on disk each is a sign of corruption, reported with its offset.  A
+zstd-compressed pyxl image is decompressed (its frame and content checksum
+checked) and the stream inside is inspected.
+
 Exit codes: 0 the stream passes; 1 Xen would refuse it (the reason is one
 line on stderr, ``pyxl: error: refused: <where> at <offset>: <rule>``);
 2 usage or I/O errors (missing or unreadable file, a directory).  FILE may
@@ -49,6 +55,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="the stream is a Remus/COLO checkpointed stream")
     p.add_argument("--all-records", action="store_true",
                    help="list every PAGE_DATA record instead of folding runs")
+    p.add_argument("--verify", action="store_true",
+                   help="also refuse what Xen tolerates but xl and pyxl never write (reserved "
+                        "bits, padding, bytes after END): signs of corruption, by offset")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,13 +67,16 @@ def run(args: argparse.Namespace) -> int:
     compressed: Optional[Dict[str, Any]] = None
     try:
         if args.file == "-":
-            report = scan_stream(sys.stdin.buffer, layer=layer, checkpointed=args.checkpointed)
+            report = scan_stream(sys.stdin.buffer, layer=layer, checkpointed=args.checkpointed,
+                                 strict=args.verify)
         else:
             compressed = _compressed(args.file)
             if compressed is not None:
-                report = _scan_compressed(args.file, compressed, layer, args.checkpointed)
+                report = _scan_compressed(args.file, compressed, layer, args.checkpointed,
+                                          args.verify)
             else:
-                report = scan_path(args.file, layer=layer, checkpointed=args.checkpointed)
+                report = scan_path(args.file, layer=layer, checkpointed=args.checkpointed,
+                                   strict=args.verify)
     except OSError as exc:
         text = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
         print(f"pyxl: error: {text}", file=sys.stderr)
@@ -97,7 +109,7 @@ def _compressed(path: str) -> Optional[Dict[str, Any]]:
 
 
 def _scan_compressed(path: str, facts: Dict[str, Any], layer: Optional[str],
-                     checkpointed: bool) -> StreamReport:
+                     checkpointed: bool, strict: bool) -> StreamReport:
     """Scan what the image decompresses to, through pyxl's own zstd child
     (which checks the frame and its checksum, as a restore does)."""
     import subprocess
@@ -108,7 +120,7 @@ def _scan_compressed(path: str, facts: Dict[str, Any], layer: Optional[str],
                                 stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     report = scan_stream(proc.stdout, layer=layer,  # type: ignore[arg-type]
-                         checkpointed=checkpointed)
+                         checkpointed=checkpointed, strict=strict)
     proc.stdout.close()          # what the scan left unread: the child ends on EPIPE
     err = proc.stderr.read().decode("utf-8", "replace").strip()
     status = proc.wait()

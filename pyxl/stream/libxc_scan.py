@@ -260,7 +260,7 @@ class LibxcScanner(Scanner):
                              "(Xen refuses an empty HVM context)")
         if not st.seen_static_data_end:
             self.report.warn(body.offset, "stream ended without STATIC_DATA_END "
-                             "(the CPUID/MSR policy is never applied)")
+                             "(the CPUID/MSR policy is never applied)", suspect=False)
         return ""
 
     def _infer_static_data_end(self, st: _State, body: _Body, what: str) -> None:
@@ -421,7 +421,8 @@ class LibxcScanner(Scanner):
         detail = f"{records} save records"
         if LAPIC_SIZE_420_1 in lapic:
             self.report.warn(offset, "written by Xen 4.20.1 or later (its LAPIC save record is "
-                             f"{LAPIC_SIZE_420_1} bytes): Xen 4.17 cannot restore it")
+                             f"{LAPIC_SIZE_420_1} bytes): Xen 4.17 cannot restore it",
+                             suspect=False)
             return f"{detail}; LAPIC {LAPIC_SIZE_420_1} bytes: Xen 4.20.1 or later"
         if LAPIC_SIZE_417 in lapic:
             return f"{detail}; LAPIC {LAPIC_SIZE_417} bytes: Xen 4.17 to 4.20.0"

@@ -193,6 +193,10 @@ class StreamReport:
     #: bytes after the outermost END (ignored by Xen)
     trailing_bytes: int = 0
     error: Optional[StreamError] = None
+    #: ``inspect --verify``: what Xen tolerates but neither xl nor pyxl ever
+    #: writes (reserved bits, padding, bytes after END, ...) is refused: in an
+    #: image on disk it is a sign of corruption, reported at its offset
+    strict: bool = False
 
     @property
     def ok(self) -> bool:
@@ -209,7 +213,12 @@ class StreamReport:
         else:
             self.records_omitted += 1
 
-    def warn(self, offset: int, text: str) -> None:
+    def warn(self, offset: int, text: str, suspect: bool = True) -> None:
+        """Note what Xen accepts anyway; ``suspect``: never written by a
+        writer of these streams (``strict`` refuses it)."""
+        if self.strict and suspect:
+            raise StreamError(offset, f"{text}: refused by --verify (never written by xl or "
+                              "pyxl: a sign of corruption)", "verify")
         if len(self.warnings) < self.max_warnings:
             self.warnings.append(f"{offset:#x}: {text}")
 

@@ -85,7 +85,7 @@ def scan_xl_on(src: Source, report: StreamReport, *, checkpointed: bool = False)
 
 
 def scan_source(src: Source, *, layer: Optional[str] = None,
-                checkpointed: bool = False) -> StreamReport:
+                checkpointed: bool = False, strict: bool = False) -> StreamReport:
     """Scan a whole stream from ``src``.
 
     The outermost layer is detected from the first 8 bytes unless ``layer``
@@ -94,8 +94,9 @@ def scan_source(src: Source, *, layer: Optional[str] = None,
     discarded in 1 MiB chunks otherwise).  Never raises :class:`StreamError`
     -- the first one is in ``report.error`` -- but ``OSError`` from the
     underlying file propagates, and an unknown ``layer`` is a ``ValueError``.
+    ``strict``: refuse what Xen tolerates but no writer writes (``--verify``).
     """
-    report = StreamReport(size=src.size, checkpointed=checkpointed)
+    report = StreamReport(size=src.size, checkpointed=checkpointed, strict=strict)
     try:
         head = src.peek(8)
         detected = detect_layer(head)
