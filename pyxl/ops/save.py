@@ -542,6 +542,8 @@ class SaveOperation(Operation[SaveResult]):
         if not self._own_fd:
             self._committed(result)
             return
+        if self._wfd == self._fd:
+            self._wfd = -1          # the same fd (no compressor): closed here
         os.close(self._fd)
         self._fd = -1
         assert self._tmp is not None and self.path is not None
