@@ -320,3 +320,16 @@ def dump_json(path: str, obj: Any) -> None:
         json.dump(obj, f, indent=1, sort_keys=False)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def merge_json(path: str, keys: Dict[str, Any]) -> None:
+    """Set ``keys`` in the JSON object at ``path`` (created if missing or
+    unreadable), keeping every other key: each bench script owns its keys."""
+    try:
+        with open(path) as f:
+            merged = json.load(f)
+    except (OSError, ValueError):
+        merged = {}
+    merged.update(keys)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    dump_json(path, merged)

@@ -149,15 +149,9 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
     args = p.parse_args()
     res = run("smoke" if args.smoke else "quick" if args.quick else "full")
-    try:
-        with open(args.out) as f:
-            merged = json.load(f)
-    except (OSError, ValueError):
-        merged = {}
-    merged["compress"] = res
-    for key in ("compress_size_ratio_typical", "compress_migrate_time_ratio_typical"):
-        merged[key] = res[key]
-    B.dump_json(args.out, merged)
+    B.merge_json(args.out, {"compress": res, **{
+        key: res[key] for key in ("compress_size_ratio_typical",
+                                  "compress_migrate_time_ratio_typical")}})
     for name, cell in res["profiles"].items():
         f, m = cell["file"], cell["migrate"]
         sys.stdout.write(

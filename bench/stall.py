@@ -149,15 +149,7 @@ def main() -> int:
     args = p.parse_args()
     n, mib = (4, 32) if args.quick else (args.n, args.mib)
     res = run(n, mib, args.dir)
-    try:
-        with open(args.out) as f:
-            merged = json.load(f)
-    except (OSError, ValueError):
-        merged = {}
-    merged["stall"] = res
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(merged, f, indent=1)
+    benchlib.merge_json(args.out, {"stall": res})
     print(json.dumps(res, indent=1))
     return 0
 

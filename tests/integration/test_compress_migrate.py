@@ -100,31 +100,31 @@ def test_xl_like_receiver_falls_back_to_plain(hosts, tmp_path):
     dom = busy(a, 8)
     filt = tmp_path / "xl_like.py"
     filt.write_text(XL_LIKE)
-    receiver = " ".join([sys.executable, str(filt)] + PYXL
-                        + ["migrate-receive", "--sim-dir", b, "--json"])
     t0 = time.monotonic()
-    tx = subprocess.run(PYXL + ["migrate", "--live", "--compress", "--json", "--sim-dir", a,
-                                "--command", receiver, str(dom)],
-                        capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert tx.returncode == 0, tx.stderr
-    sent = json.loads(tx.stdout)
-    got = json.loads([ln for ln in tx.stderr.splitlines() if ln.startswith("{")][-1])
+    sent, got = _cli_migrate(a, b, dom, [sys.executable, str(filt)])
     assert sent["compressed"] is False and "compressed" not in got
     assert sent["digest"] == got["digest"]
     assert time.monotonic() - t0 >= OFFER_WAIT
     assert domains(a) == [] and domains(b) == [(got["domid"], "running")]
 
 
-def test_cli_compressed_migration_through_a_command(hosts):
-    a, b = hosts
-    dom = busy(a, 8)
-    receiver = " ".join(PYXL + ["migrate-receive", "--sim-dir", b, "--json"])
+def _cli_migrate(a, b, dom, wrapper=()):
+    """`pyxl migrate --compress --command "[WRAPPER] pyxl migrate-receive"`:
+    the sender's and the receiver's JSON."""
+    receiver = " ".join(list(wrapper) + PYXL + ["migrate-receive", "--sim-dir", b, "--json"])
     tx = subprocess.run(PYXL + ["migrate", "--live", "--compress", "--json", "--sim-dir", a,
                                 "--command", receiver, str(dom)],
                         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert tx.returncode == 0, tx.stderr
-    sent = json.loads(tx.stdout)
+    # The receiver's JSON went to its stderr (its stdout is the channel), i.e. ours.
     got = json.loads([ln for ln in tx.stderr.splitlines() if ln.startswith("{")][-1])
+    return json.loads(tx.stdout), got
+
+
+def test_cli_compressed_migration_through_a_command(hosts):
+    a, b = hosts
+    dom = busy(a, 8)
+    sent, got = _cli_migrate(a, b, dom)
     assert sent["compressed"] is True and got["compressed"] is True
     assert sent["digest"] == got["digest"]
 

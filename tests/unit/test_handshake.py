@@ -304,33 +304,29 @@ def test_sender_compression_answer():
         feed(unasked, CHOSEN + b"zstd\0")
 
 
-def test_receiver_offer_answer_and_start():
+OFFER_HEAD = xl_header({"c_info": {"name": "g"}}, optional_flags=XL_OPTIONAL_PYXL_ZSTD)
+
+
+def _answered(name: str, start: bytes) -> ReceiverHandshake:
+    """A receiver that got an offer, answered ``name`` and was fed ``start``."""
     rx = ReceiverHandshake()
     rx.send(Banner())
-    head = xl_header({"c_info": {"name": "g"}}, optional_flags=XL_OPTIONAL_PYXL_ZSTD)
-    rx.receive_data(head)
+    rx.receive_data(OFFER_HEAD)
     ev = rx.next_event()
-    assert isinstance(ev, StreamHead) and ev.offered and ev.data == head
+    assert isinstance(ev, StreamHead) and ev.offered and ev.data == OFFER_HEAD
     assert rx.wanted == 0 and rx.state == ReceiverHandshake.CHOOSING
-    assert rx.send(CompressionChosen("zstd")) == CHOSEN + b"zstd\0"
+    assert rx.send(CompressionChosen(name)) == CHOSEN + name.encode() + b"\0"
     assert rx.wanted == 4
-    rx.receive_data(b"\x28\xb5\x2f\xfd")
-    assert rx.next_event() == StreamStart(b"\x28\xb5\x2f\xfd", True)
-    plain = ReceiverHandshake()
-    plain.send(Banner())
-    plain.receive_data(head)
-    plain.next_event()
-    plain.send(CompressionChosen("none"))
-    plain.receive_data(b"Libx")
-    assert plain.next_event() == StreamStart(b"Libx", False)
-    junk = ReceiverHandshake()
-    junk.send(Banner())
-    junk.receive_data(head)
-    junk.next_event()
-    junk.send(CompressionChosen("zstd"))
-    junk.receive_data(b"XXXX")
+    rx.receive_data(start)
+    return rx
+
+
+def test_receiver_offer_answer_and_start():
+    zstd = b"\x28\xb5\x2f\xfd"
+    assert _answered("zstd", zstd).next_event() == StreamStart(zstd, True)
+    assert _answered("none", b"Libx").next_event() == StreamStart(b"Libx", False)
     with pytest.raises(MigrationProtocolError, match="neither a zstd frame nor a libxl"):
-        junk.next_event()
+        _answered("zstd", b"XXXX").next_event()
 
 
 def test_sender_unexpected_message():
