@@ -60,6 +60,7 @@ bench: setup
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q matplotlib
 	$(PY) bench/run.py $(if $(QUICK),--quick)
 	$(PY) bench/stall.py $(if $(QUICK),--quick --out bench/results/quick.json)
+	$(PY) bench/compress.py $(if $(QUICK),--quick --out bench/results/quick.json)
 
 # valgrind memcheck of our helper: save, live save, restore on fakexen (bench/memcheck.py),
 # then the helper's failure paths (tests/integration/test_helper_memcheck.py).  `make test` runs both too.

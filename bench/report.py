@@ -81,6 +81,16 @@ def markdown(res: Dict[str, Any]) -> str:
       f"its `loop_start_block_ms` | {_f(stall.get('loop_stall_max_ms'))} / "
       f"{_f(stall.get('loop_stall_cpu_max_ms'))} / {_f(stall.get('loop_start_block_ms'))} ms "
       f"| ≤ 5 / – / ≤ 5 | – |")
+    comp = (res.get("compress") or {}).get("profiles") or {}
+    typ = comp.get("typical") or {}
+    w(f"| zstd (bench/compress.py), `typical` | `compress_size_ratio_typical` / "
+      f"`compress_migrate_time_ratio_typical` (100 MiB/s cap) | "
+      f"{_f(res.get('compress_size_ratio_typical'), '{:.3f}')} / "
+      f"{_f(res.get('compress_migrate_time_ratio_typical'), '{:.3f}')} | – / ≤ 0.5 | – |")
+    if typ:
+        w(f"| zstd, `typical` file save | compressed ÷ plain time, tmpfs / ext4 | "
+          f"{_f(typ['file']['tmpfs']['time_ratio'], '{:.2f}')} / "
+          f"{_f(typ['file']['ext4']['time_ratio'], '{:.2f}')} | ≤ 1.0 | – |")
     w(f"| concurrency | `concurrency_efficiency_medians` / `_vs_available_cores` | "
       f"{_f(res.get('concurrency_efficiency_medians'), '{:.3f}')} / "
       f"{_f(res['concurrency_efficiency_vs_available_cores'], '{:.3f}')} | (info) | – |")
