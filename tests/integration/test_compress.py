@@ -255,3 +255,41 @@ def test_inspect_verify_checks_a_compressed_image(sim_dir, tmp_path):
     out = json.loads(r.stdout)
     assert out["compressed"] == {"format": "zstd", "bytes": path.stat().st_size,
                                  "checksum": "OK"}
+
+
+def test_decompressor_memory_is_bounded_whatever_the_ratio(tmp_path):
+    """A frame of 1 GiB of zeros is 33 KB (RLE blocks): the decompressor
+    hands zstd whole blocks, at most 1 MiB of output per call, so its
+    memory stays small while it streams the GiB out."""
+    from pyxl.zstdstage import stage_argv
+    bomb = tmp_path / "bomb.zst"
+    c = zstandard.ZstdCompressor(level=-1, write_checksum=True).compressobj()
+    zeros = bytes(1 << 20)    # fed a MiB at a time: this process stays small (the child's
+    bomb.write_bytes(b"".join(c.compress(zeros) for _ in range(1024)) + c.flush())  # fork)
+    assert bomb.stat().st_size < 100_000
+    # Measured from a small parent: a child's peak RSS counts its parent's
+    # pages from before its exec, and pytest's are many.
+    probe = ("import os, resource, subprocess, sys\n"
+             "p = subprocess.Popen(sys.argv[1:], stdin=open(os.environ['BOMB'], 'rb'),\n"
+             "                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)\n"
+             "n = sum(len(b) for b in iter(lambda: p.stdout.read(1 << 20), b''))\n"
+             "print(p.wait(), n, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+    r = subprocess.run([sys.executable, "-c", probe] + stage_argv("decompress-file"),
+                       capture_output=True, text=True, env=dict(os.environ, BOMB=str(bomb)))
+    status, n, maxrss_kib = map(int, r.stdout.split())
+    assert status == 0 and n == 1 << 30
+    assert maxrss_kib < 100 << 10          # under 100 MiB while it streams the GiB out
+
+
+def test_bad_block_header_is_refused_by_offset(tmp_path):
+    from pyxl.zstdstage import stage_argv
+    frame = bytearray(zstandard.ZstdCompressor(level=1, write_checksum=True)
+                      .compress(b"pyxl" * 10000))
+    head = zstandard.frame_header_size(bytes(frame))     # the first block header is here
+    frame[head] |= 0x06                          # block type 3: reserved
+    bad = tmp_path / "bad.zst"
+    bad.write_bytes(bytes(frame))
+    with open(bad, "rb") as f:
+        r = subprocess.run(stage_argv("decompress-file"), stdin=f, capture_output=True)
+    assert r.returncode == 1
+    assert r.stderr.decode().strip().endswith(f"a bad block header at offset {head}")
