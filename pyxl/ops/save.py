@@ -92,6 +92,9 @@ class SaveOptions:
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
         if self.checkpoints is not None and self.checkpoints < 1:
             raise ValueError(f"checkpoints must be at least 1, not {self.checkpoints}")
+        if self.compress and self.stream_type != STREAM_PLAIN:
+            raise ValueError("compress is for a plain stream, not a checkpointed one (a Remus "
+                             "stream's end is a failover, not a whole zstd frame)")
         if not -7 <= self.compress_level <= 19:
             raise ValueError(f"compress_level must be a zstd level from -7 to 19, "
                              f"not {self.compress_level}")

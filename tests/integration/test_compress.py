@@ -293,3 +293,13 @@ def test_bad_block_header_is_refused_by_offset(tmp_path):
         r = subprocess.run(stage_argv("decompress-file"), stdin=f, capture_output=True)
     assert r.returncode == 1
     assert r.stderr.decode().strip().endswith(f"a bad block header at offset {head}")
+
+
+def test_compress_options_are_checked():
+    from pyxl.ops.operation import STREAM_REMUS
+    with pytest.raises(ValueError, match="not a checkpointed one"):
+        pyxl.SaveOptions(compress=True, stream_type=STREAM_REMUS, live=True)
+    with pytest.raises(ValueError, match="zstd level from -7 to 19"):
+        pyxl.SaveOptions(compress=True, compress_level=42)
+    with pytest.raises(ValueError, match="a compressed stream is a plain one"):
+        pyxl.RestoreOptions(compressed=True, stream_type=STREAM_REMUS)

@@ -153,6 +153,23 @@ def test_tls_migration_in_process(hosts, pki):
     assert_nothing_left(before)
 
 
+def test_tls_compressed_migration(hosts, pki):
+    """--compress through TLS: the offer and the zstd frame ride the bridge;
+    nothing is left behind."""
+    before = snapshot()
+    a, b = hosts
+    dom = sim.create(64 * MB, dirty_rate=8 * MB, sim_dir=a, content="typical")
+    rx = receiver(pki, b)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True,
+                         tls=opts(pki, SENDER), compress=True)
+    sent, got = pyxl.wait(tx, rx, timeout=120)
+    assert sent.compressed and rx.compressed and sent.digest == got.digest
+    assert sent.bytes_sent < 0.6 * 64 * MB
+    assert domains(a) == [] and domains(b) == [(got.domid, "running")]
+    sim.destroy(got.domid, sim_dir=b)
+    assert_nothing_left(before)
+
+
 def test_tls_cli_between_processes(hosts, pki):
     a, b = hosts
     dom = busy(a, 20)
