@@ -51,11 +51,12 @@ class ShortChild:
 
     def __init__(self, loop: Loop, argv: Sequence[str], done: ChildDone, *,
                  env: Optional[Dict[str, str]] = None, stdin: bool = False,
-                 stdin_from: int = -1, stdout_to: int = -1) -> None:
+                 stdin_from: int = -1, stdout_to: int = -1, pass_fds: Sequence[int] = ()) -> None:
         """``stdin``: give the child a pipe on its stdin (``stdin_fd``, non-blocking,
         closed when the child is reaped or by :meth:`close_stdin`).
         ``stdin_from``/``stdout_to``: an fd of ours as its stdin/stdout instead
-        (a stage of a stream: :mod:`pyxl.zstdstage`)."""
+        (a stage of a stream: :mod:`pyxl.zstdstage`); ``pass_fds``: fds it
+        inherits under the same numbers (e.g. a progress pipe)."""
         self.loop, self._done = loop, done
         self.finished = False
         self._err: List[bytes] = []
@@ -66,7 +67,7 @@ class ShortChild:
                                                          else subprocess.DEVNULL)
         self.proc = subprocess.Popen(list(argv), stdin=child_in,
                                      stdout=stdout_to if stdout_to >= 0 else subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, pass_fds=tuple(pass_fds),
                                      close_fds=True, env=env,
                                      process_group=0)   # Ctrl-C is pyxl's to handle
         self.stdin_fd = -1

@@ -44,6 +44,14 @@ def make_pipe(size: int) -> Tuple[int, int]:
     return r, w
 
 
+def pending_bytes(fd: int) -> int:
+    """Bytes waiting to be read from the pipe or socket ``fd`` (FIONREAD)."""
+    import array
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, 0x541B, buf)     # FIONREAD (termios is not imported for one constant)
+    return buf[0]
+
+
 def pipe_size(fd: int) -> int:
     """The capacity of the pipe ``fd`` in bytes."""
     return fcntl.fcntl(fd, _F_GETPIPE_SZ)

@@ -58,15 +58,27 @@ def checksum_flag(frame_head: bytes) -> bool:
 
 
 # The child's program, run with -I (no user site, no environment; the venv's
-# site-packages, where zstandard is).  argv: MODE [LEVEL THREADS].  MODE: compress,
+# site-packages, where zstandard is).  argv: MODE PROGRESS_FD [LEVEL THREADS].  MODE: compress,
 # decompress (stop at the frame's end: a connection stays open after it) or
 # decompress-file (then nothing may follow the frame).  Non-blocking fds
 # (a description shared with the loop) are waited for with select.  Errors
 # are one line on stderr; success ends with the _OK of pyxl.childproc.
 _PROGRAM = r"""
 import os, select, sys
-mode = sys.argv[1]
+mode, pfd = sys.argv[1], int(sys.argv[2])
 CHUNK = 1 << 20
+IDLE = 0.02      # s without input after which a compressor flushes what it holds
+raw = said = 0
+def report(final=False):
+    # raw (uncompressed) bytes so far, a line per MiB on the progress fd:
+    # advisory (a full pipe skips a line)
+    global said
+    if pfd >= 0 and (raw - said >= 1 << 20 or final and raw != said):
+        said = raw
+        try:
+            os.write(pfd, b"%d\n" % raw)
+        except OSError:
+            pass
 def fail(why, status=1):
     sys.stderr.write(why + "\n")
     sys.exit(status)
@@ -89,16 +101,30 @@ def write_all(data):
             select.select([], [1], [])
 try:
     if mode == "compress":
-        c = zstandard.ZstdCompressor(level=int(sys.argv[2]), threads=int(sys.argv[3]),
+        c = zstandard.ZstdCompressor(level=int(sys.argv[3]), threads=int(sys.argv[4]),
                                      write_checksum=True).compressobj()
+        held = False     # input taken that zstd (its worker threads) may still hold
         while True:
+            if held and not select.select([0], [], [], IDLE)[0]:
+                # The writer paused (a precopy round ended, the helper waits
+                # for the suspend): flush what zstd holds, so that everything
+                # taken so far reaches the receiver and the downtime is not
+                # spent in a compressor's buffer.
+                write_all(c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+                held = False
+                report(True)
+                continue
             data = read()
             if not data:
                 break
             out = c.compress(data)
             if out:
                 write_all(out)
+            raw += len(data)
+            held = True
+            report()
         write_all(c.flush())
+        report(True)
     else:
         # Whole blocks at a time (RFC 8878's framing, parsed here), at most
         # BATCH of output per call (1 MiB: measured fastest): zstd's
@@ -147,10 +173,14 @@ try:
                 pos += 3 + (1 if kind == 1 else size)
                 bound += 128 << 10 if kind == 2 else size
                 have(pos)
-            write_all(feed(0, pos))
+            out = feed(0, pos)
+            write_all(out)
+            raw += len(out)
+            report()
         have(pos + 4)
         feed(pos, pos + 4)             # the checksum: zstd compares it
         pos += 4
+        report(True)
         if not d.eof:
             fail("the compressed image is corrupt: its frame does not end after its last block")
         extra = len(buf) - pos
@@ -167,10 +197,12 @@ except OSError as exc:
 sys.stderr.write("\nok\n")
 """
 
-def stage_argv(mode: str, level: int = DEFAULT_LEVEL) -> List[str]:
+def stage_argv(mode: str, level: int = DEFAULT_LEVEL, progress_fd: int = -1) -> List[str]:
     """The child's command line (stdin to stdout); its stderr's last line says
-    why it failed, its exit status 0 that the whole frame passed."""
-    argv = [sys.executable or "python3", "-I", "-c", _PROGRAM, mode]
+    why it failed, its exit status 0 that the whole frame passed.  With
+    ``progress_fd``, it writes there a line per MiB: the raw (uncompressed)
+    bytes it has read (compress) or written (decompress) so far."""
+    argv = [sys.executable or "python3", "-I", "-c", _PROGRAM, mode, str(progress_fd)]
     if mode == "compress":
         argv += [str(level), str(THREADS)]
     return argv
@@ -187,18 +219,53 @@ class ZstdStage:
 
     ``failed(why)`` from the loop if it fails before :meth:`wait` was
     called (the caller stops the operation); after :meth:`wait`,
-    ``done(why)``.  :meth:`stop` kills it (the stream is abandoned)."""
+    ``done(why)``.  :meth:`stop` kills it (the stream is abandoned).
+    :attr:`raw` follows the uncompressed bytes it has handled (to the MiB),
+    ``on_raw(raw)`` is called when it moves."""
 
     def __init__(self, loop: Loop, mode: str, stdin_fd: int, stdout_fd: int,
-                 failed: Callable[[str], None], level: int = DEFAULT_LEVEL) -> None:
+                 failed: Callable[[str], None], level: int = DEFAULT_LEVEL,
+                 on_raw: Optional[Callable[[int], None]] = None) -> None:
         self.mode = mode
+        self.loop = loop
         self.why: Optional[str] = None
         self.status: Optional[int] = None
         self.killed = False
+        self.raw = 0
+        self.on_raw = on_raw
         self._failed = failed
         self._done: Optional[StageDone] = None
-        self.child = ShortChild(loop, stage_argv(mode, level), self._exited, stdin_from=stdin_fd,
-                                stdout_to=stdout_fd)
+        self._partial = b""
+        self._progress, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            self.child = ShortChild(loop, stage_argv(mode, level, w), self._exited,
+                                    stdin_from=stdin_fd, stdout_to=stdout_fd, pass_fds=(w,))
+        except BaseException:
+            os.close(self._progress)
+            raise
+        finally:
+            os.close(w)
+        loop.add_reader(self._progress, self._read_progress)
+
+    def _read_progress(self) -> None:
+        while self._progress >= 0:
+            try:
+                data = os.read(self._progress, 4096)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.loop.remove_reader(self._progress)
+                os.close(self._progress)
+                self._progress = -1
+                return
+            lines = (self._partial + data).split(b"\n")
+            self._partial = lines.pop()
+            if lines and lines[-1].isdigit():
+                self.raw = int(lines[-1])
+                if self.on_raw is not None:
+                    self.on_raw(self.raw)
 
     @property
     def finished(self) -> bool:
@@ -206,6 +273,7 @@ class ZstdStage:
 
     def _exited(self, status: int, err: str) -> None:
         self.status = status
+        self._read_progress()      # its last words, then EOF: closed
         if status != 0:
             self.why = ("killed" if self.killed else
                         err.splitlines()[-1] if err else f"zstd exited with status {status}")

@@ -39,6 +39,12 @@ socket, subprocess, the loop or the operations.
 # stream.  An xl receiver says nothing: after OFFER_WAIT the sender sends the
 # plain rest.  The receiver tells the two apart by the next four bytes (the
 # zstd magic or libxl's "Libx"), so an answer that comes late is harmless.
+#
+# While a compressed stream flows, a pyxl receiver reports "pyxl restored
+# N\0" now and then: N raw stream bytes its restore has taken.  Memory that
+# compresses a hundredfold arrives faster than any restore takes it, and a
+# second of it can sit in socket buffers; the sender waits for the receiver
+# to catch up before it suspends the guest, so the downtime stays its own.
 
 from __future__ import annotations
 
@@ -54,7 +60,8 @@ from pyxl.stream.xl import XL_OPTIONAL_PYXL_ZSTD, ZSTD_MAGIC
 LIBXL_MAGIC_START = b"Libx"    # a plain libxl stream's first bytes (its ident, "LibxlFmt")
 
 __all__ = [
-    "BANNER", "READY", "GO", "REPORT", "FAILED", "CHOSEN", "COMPRESSIONS", "OFFER_WAIT",
+    "BANNER", "READY", "GO", "REPORT", "FAILED", "CHOSEN", "RESTORED", "COMPRESSIONS",
+    "OFFER_WAIT", "ReceiverProgress",
     "MESSAGE_MAX", "HEAD_MAX", "Banner", "StreamHead", "CompressionChosen", "StreamStart", "DomainReceived", "ReceiverFailed", "ClearedToUnpause",
     "UnpauseResult", "ConnectionClosed", "NEED_DATA", "Event",
     "SenderHandshake", "ReceiverHandshake",
@@ -66,6 +73,7 @@ GO = b"domain is yours, you are cleared to unpause\0"
 REPORT = b"my copy unpause results are as follows\0"
 FAILED = b"domain receive failed: "       # pyxl: + reason + NUL, instead of READY
 CHOSEN = b"pyxl compression: "           # pyxl: + name + NUL, the answer to an offer
+RESTORED = b"pyxl restored "             # pyxl: + decimal bytes + NUL, a compressed stream's progress
 COMPRESSIONS = ("zstd", "none")
 OFFER_WAIT = 2.0            # s a sender waits for the answer to its offer (xl never answers)
 MESSAGE_MAX = 4096          # longest handshake message (NUL included) we accept or send
@@ -103,6 +111,14 @@ class CompressionChosen:
     :data:`COMPRESSIONS` (:data:`CHOSEN`)."""
 
     name: str
+
+
+@dataclass(frozen=True)
+class ReceiverProgress:
+    """Receiver -> sender (pyxl only, a compressed stream): its restore has
+    taken ``restored`` raw stream bytes (:data:`RESTORED`)."""
+
+    restored: int
 
 
 @dataclass(frozen=True)
@@ -153,7 +169,7 @@ NEED_DATA = _NeedData()
 """``next_event()``: no complete event in what was received so far."""
 
 Event = Union[Banner, StreamHead, DomainReceived, ReceiverFailed, ClearedToUnpause,
-              UnpauseResult, ConnectionClosed, CompressionChosen, StreamStart]
+              UnpauseResult, ConnectionClosed, CompressionChosen, StreamStart, ReceiverProgress]
 
 
 # ---- the machines ---------------------------------------------------------------------------
@@ -335,6 +351,12 @@ class SenderHandshake(_Handshake):
         if msg.startswith(FAILED):
             self.state = self.DONE
             return ReceiverFailed(msg[len(FAILED):-1].decode("utf-8", "replace"))
+        if msg.startswith(RESTORED) and self.answered and self.state in (self.STREAMING,
+                                                                          self.AWAIT_READY):
+            digits = msg[len(RESTORED):-1]
+            if not digits.isdigit() or len(digits) > 20:
+                self._bad(f"bad progress from the receiver: {msg[:80]!r}")
+            return ReceiverProgress(int(digits))
         if msg.startswith(CHOSEN) and self.offered and not self.answered:
             name = msg[len(CHOSEN):-1].decode("ascii", "replace")
             if name not in COMPRESSIONS:
@@ -379,6 +401,7 @@ class ReceiverHandshake(_Handshake):
     def __init__(self, head_max: int = HEAD_MAX) -> None:
         super().__init__(self.SEND_BANNER)
         self.head_max = head_max
+        self.compressed = False     # the stream is a zstd frame (progress may be sent)
         self._head_len = stream_xl.XL_HEADER.size   # grows once the xl header is parsed
 
     @property
@@ -405,6 +428,9 @@ class ReceiverHandshake(_Handshake):
                 raise LocalProtocolError(f"handshake: unknown compression {event.name!r}")
             self.state = self.AWAIT_START
             return CHOSEN + event.name.encode("ascii") + b"\0"
+        if (isinstance(event, ReceiverProgress) and self.state == self.STREAMING
+                and self.compressed):
+            return RESTORED + b"%d\0" % max(0, event.restored)
         if isinstance(event, DomainReceived) and self.state == self.STREAMING:
             self.state = self.AWAIT_GO
             return READY
@@ -437,7 +463,8 @@ class ReceiverHandshake(_Handshake):
                 self._bad(f"after the compression answer the sender sent {start!r}: neither a "
                           "zstd frame nor a libxl stream")
             self.state = self.STREAMING
-            return StreamStart(start, start == ZSTD_MAGIC)
+            self.compressed = start == ZSTD_MAGIC
+            return StreamStart(start, self.compressed)
         if self.state == self.AWAIT_GO:
             if not self._expect(GO, "unexpected message from the sender:"):
                 return NEED_DATA

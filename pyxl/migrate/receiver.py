@@ -37,7 +37,7 @@ from pyxl.migrate.domain import INCOMING, digest_or_none, domain_name
 from pyxl.migrate.future import MigrationFuture
 from pyxl.migrate.handshake import (NEED_DATA, CompressionChosen, ConnectionClosed,
                                     DomainReceived, ReceiverFailed, ReceiverHandshake,
-                                    StreamHead, StreamStart, UnpauseResult)
+                                    ReceiverProgress, StreamHead, StreamStart, UnpauseResult)
 from pyxl.migrate.listener import Admission, Link, is_loopback, peer_reason
 from pyxl.migrate.relay import CHUNK, SpliceRelay, make_pipe, pipe_size
 from pyxl.migrate.tls import TlsOptions, make_context
@@ -48,6 +48,7 @@ from pyxl.ops.restore import RestoreOperation, RestoreResult
 
 __all__ = ["HEADER_TIMEOUT", "IDLE_TIMEOUT", "ReceiveOperation", "ReceiveResult", "receive"]
 
+PROGRESS_EVERY = 0.05   # s between a compressed stream's progress reports to the sender
 HEADER_TIMEOUT = 60.0   # s from a connection to its stream head (TLS, banner, head)
 IDLE_TIMEOUT = 60.0     # s without stream bytes, or waiting for "cleared to unpause"
 MAX_PENDING = 8         # connections admitted at once while listening
@@ -122,6 +123,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._closing: Set[Admission] = set()     # refused, still flushing a word
         self.refused = 0                          # connections dropped while listening
         self._idle_timer: Optional[Timer] = None
+        self._progress_timer: Optional[Timer] = None
         self._idle_mark = -1
         self._finishing = False
         self._watching = False
@@ -340,6 +342,20 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self.relay.finish(b"")
         self.restore.add_done_callback(self._restored)
         self._arm_idle()
+        if self.compressed:
+            self._report_progress(-1)
+
+    def _report_progress(self, last: int) -> None:
+        """A compressed stream: tell the sender, every PROGRESS_EVERY, how far
+        the restore has got (it holds the switch-over until we catch up)."""
+        if self.state != "stream" or self.restore is None or self.restore.done():
+            return
+        taken = self.restore.raw_taken
+        if taken is not None and taken != last and self.outbox is not None:
+            self.outbox.send(self.handshake.send(ReceiverProgress(taken)))
+            last = taken
+        self._progress_timer = self.loop.call_later(PROGRESS_EVERY,
+                                                    lambda: self._report_progress(last))
 
     def stats(self) -> JobStats:
         """A live snapshot: the restore's phase and pages, the stream bytes received
@@ -382,6 +398,9 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._close_pipe(1)
 
     def _restored(self, op: Any) -> None:
+        if self._progress_timer is not None:
+            self._progress_timer.cancel()
+            self._progress_timer = None
         if self.relay is not None:
             self._received = self.relay.sent
             self.relay.close()

@@ -34,7 +34,7 @@ from pyxl.migrate.domain import AWAY, digest_or_none, domain_name
 from pyxl.migrate.future import MigrationFuture
 from pyxl.migrate.handshake import (NEED_DATA, OFFER_WAIT, Banner, ClearedToUnpause,
                                     CompressionChosen, DomainReceived, ReceiverFailed,
-                                    SenderHandshake, UnpauseResult)
+                                    ReceiverProgress, SenderHandshake, UnpauseResult)
 from pyxl.migrate.precopy import OnFail, precopy_env
 from pyxl.migrate.relay import CAPPED_PIPE, CHUNK, SpliceRelay, make_pipe
 from pyxl.migrate.tls import TlsOptions
@@ -46,6 +46,9 @@ from pyxl.stream import xl as stream_xl
 from pyxl.stream.xl import XL_OPTIONAL_PYXL_ZSTD
 
 __all__ = ["MigrateOperation", "MigrateResult", "migrate"]
+
+CATCH_UP = 8 << 20    # raw bytes a compressed stream's receiver may be behind at the switch-over
+HOLD_MAX = 30.0       # s the switch-over waits for it at most
 
 
 @dataclass
@@ -119,6 +122,10 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         # "waiting" for the answer, "answered" (the save may start once written).
         self._offer = ""
         self._offer_written = False
+        # A compressed stream: the receiver's restore progress (raw bytes), and
+        # the suspend that waits for it to catch up.
+        self._restored: Optional[int] = None
+        self._held_suspend: Optional[Callable[[], None]] = None
         if checkpoints is not None and (not remus or checkpoints < 1):
             raise ValueError("checkpoints: a positive number, for a Remus migration")
         self.remus, self.checkpoints = remus, checkpoints
@@ -245,6 +252,8 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
                 self._start_stream()
             elif isinstance(event, CompressionChosen):
                 self._offer_answered(event.name)
+            elif isinstance(event, ReceiverProgress):
+                self._receiver_caught_up(event.restored)
             elif isinstance(event, DomainReceived):
                 self._send_go()
             elif isinstance(event, UnpauseResult):
@@ -312,12 +321,42 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         if self._offer_written:
             self._start_save()
 
+    def _hold_suspend(self, go: Callable[[], None]) -> None:
+        """Compressed: suspend only once the receiver's restore is within
+        CATCH_UP of what we have compressed (memory that compresses a
+        hundredfold outruns any restore, and what waits in buffers at the
+        switch-over would be downtime).  Not without a word from it yet, and
+        never longer than HOLD_MAX."""
+        if self._restored is None:
+            go()
+            return
+        self._held_suspend = go
+        self.logger.debug("suspend held: the receiver is %d bytes behind", self._behind())
+        self._timers.append(self.loop.call_later(HOLD_MAX, self._release_suspend))
+        self._receiver_caught_up(self._restored)
+
+    def _behind(self) -> int:
+        sent = self.save.raw_streamed if self.save is not None else None
+        return 0 if sent is None or self._restored is None else sent - self._restored
+
+    def _receiver_caught_up(self, restored: int) -> None:
+        self._restored = restored
+        if self._held_suspend is not None and self._behind() <= CATCH_UP:
+            self._release_suspend()
+
+    def _release_suspend(self) -> None:
+        go, self._held_suspend = self._held_suspend, None
+        if go is not None:
+            self._phase(f"suspend released ({self._behind()} bytes behind)")
+            go()
+
     def _start_save(self) -> None:
         try:
             offered = self.compress
             self.save = save(self.domid, self._pipe_w, live=self.live, leave="paused",
                              compress=self.compressed, xl_header=not offered or self.compressed,
                              config=self._config,
+                             before_suspend=self._hold_suspend if self.compressed else None,
                              helper=self.helper, loop=self.loop, backend=self.backend,
                              helper_env=self.env,
                              write_trailer=self.relay.finish if self.relay else None,

@@ -34,7 +34,8 @@ def save(domid: int, path_or_fd: PathOrFd, *, live: bool = False, leave: Leave =
          write_trailer: Optional[Callable[[bytes], None]] = None,
          stream_type: int = STREAM_PLAIN, checkpoints: Optional[int] = None,
          checkpoint_interval: float = 0.1, compress: bool = False,
-         compress_level: int = DEFAULT_LEVEL, xl_header: bool = True) -> SaveOperation:
+         compress_level: int = DEFAULT_LEVEL, xl_header: bool = True,
+         before_suspend: Optional[Callable[[Callable[[], None]], None]] = None) -> SaveOperation:
     """Start saving ``domid`` into a file (written atomically) or an fd.
 
     ``leave`` says what becomes of the domain after a successful save:
@@ -51,7 +52,8 @@ def save(domid: int, path_or_fd: PathOrFd, *, live: bool = False, leave: Leave =
     return SaveOperation(domid, path_or_fd, options, backend=backend or default_backend(sim_dir),
                          loop=loop, callbacks=callbacks, on_progress=on_progress,
                          on_resume=on_resume, config=config, emulator_records=emulator_records,
-                         write_trailer=write_trailer, xl_header=xl_header)
+                         write_trailer=write_trailer, xl_header=xl_header,
+                         before_suspend=before_suspend)
 
 
 def restore(path_or_fd: PathOrFd, *, paused: bool = False, helper: Optional[str] = None,

@@ -29,7 +29,7 @@ from pyxl.backends.base import Backend
 from pyxl.backends.configcheck import MAX_GIVEN_NAME, check_config, check_name
 from pyxl.errors import (Cancelled, CorruptImage, HelperFailed, OperationError, StartupError,
                          StreamTooLarge, Timeout, TruncatedStream)
-from pyxl.fdio import CHUNK, is_regular, make_pipe, set_nonblocking
+from pyxl.fdio import CHUNK, is_regular, make_pipe, pending_bytes, set_nonblocking
 from pyxl.loop import Loop, default_loop
 from pyxl.ops.helper_process import restore_argv
 from pyxl.ops.operation import (REMUS_RESTORE_CALLBACKS, RESTORE_CALLBACKS, STREAM_PLAIN,
@@ -201,6 +201,17 @@ class RestoreOperation(Operation[RestoreResult]):
         self._close()          # the child has the image now
         self._fd, self._own_fd = r, True
         return r
+
+    @property
+    def raw_taken(self) -> Optional[int]:
+        """A compressed source: the raw stream bytes the helper has read so far
+        (the decompressor's output less what waits in its pipe); else None."""
+        if self._unzstd is None or self._fd < 0:
+            return None
+        try:
+            return max(0, self._unzstd.raw - pending_bytes(self._fd))
+        except OSError:
+            return None
 
     def _where(self) -> str:
         return self.path or "stream"

@@ -126,7 +126,8 @@ class SaveOperation(Operation[SaveResult]):
                  config: Optional[Dict[str, Any]] = None,
                  emulator_records: Optional[Sequence[EmulatorRecord]] = None,
                  write_trailer: Optional[Callable[[bytes], None]] = None,
-                 xl_header: bool = True) -> None:
+                 xl_header: bool = True,
+                 before_suspend: Optional[Callable[[Callable[[], None]], None]] = None) -> None:
         """Save ``domid`` into ``target`` (a path, written atomically, or an fd).
 
         ``config``: the xl header's domain config (default: the backend's).
@@ -139,12 +140,15 @@ class SaveOperation(Operation[SaveResult]):
         ``write_trailer(b"")`` says that the compressed stream has ended).
         ``on_resume(domid)`` replaces the backend's resume when a failed save
         must let the guest run again.  ``xl_header=False``: the stream starts
-        at libxl's header (a migration sender wrote the xl header itself)."""
+        at libxl's header (a migration sender wrote the xl header itself).
+        ``before_suspend(go)``: the default suspend starts when it calls
+        ``go()`` (a compressed migration waits for its receiver to catch up)."""
         super().__init__(domid, loop, options.timeout, callbacks, on_progress)
         self.options = options
         self.backend = backend
         self.live, self.leave = options.live, options.leave
         self.on_resume = on_resume
+        self.before_suspend = before_suspend
         self.suspend_timeout = options.suspend_timeout
         self.fsync = options.fsync
         self.emulator_records = list(emulator_records or ())
@@ -389,7 +393,21 @@ class SaveOperation(Operation[SaveResult]):
                                               lambda: req.reply(1) if not req.answered else None))
         return None
 
+    @property
+    def raw_streamed(self) -> Optional[int]:
+        """With ``compress``: the raw stream bytes the compressor has taken so far."""
+        return self._zstd.raw if self._zstd is not None else None
+
     def _default_suspend(self, req: CallbackRequest) -> None:
+        if self.before_suspend is not None:
+            def go() -> None:
+                if not self._done and not req.answered:
+                    self._suspend_now(req)
+            self.before_suspend(go)
+            return
+        self._suspend_now(req)
+
+    def _suspend_now(self, req: CallbackRequest) -> None:
         def done(ok: bool, why: str) -> None:
             self._suspend_cancel = None
             if not ok:

@@ -12,10 +12,10 @@ import pytest
 
 from pyxl.errors import LocalProtocolError, MigrationError, MigrationProtocolError
 from pyxl.migrate import handshake as hs
-from pyxl.migrate.handshake import (CHOSEN, NEED_DATA, Banner, ClearedToUnpause,
+from pyxl.migrate.handshake import (CHOSEN, NEED_DATA, RESTORED, Banner, ClearedToUnpause,
                                     CompressionChosen, ConnectionClosed, DomainReceived,
-                                    ReceiverFailed, ReceiverHandshake, SenderHandshake,
-                                    StreamHead, StreamStart, UnpauseResult)
+                                    ReceiverFailed, ReceiverHandshake, ReceiverProgress,
+                                    SenderHandshake, StreamHead, StreamStart, UnpauseResult)
 from pyxl.stream import xl as stream_xl
 from pyxl.stream.xl import XL_OPTIONAL_PYXL_ZSTD, xl_header
 
@@ -319,6 +319,27 @@ def _answered(name: str, start: bytes) -> ReceiverHandshake:
     assert rx.wanted == 4
     rx.receive_data(start)
     return rx
+
+
+def test_progress_of_a_compressed_stream():
+    rx = _answered("zstd", b"\x28\xb5\x2f\xfd")
+    rx.next_event()
+    assert rx.send(ReceiverProgress(123456)) == RESTORED + b"123456\0"
+    plain = _answered("none", b"Libx")
+    plain.next_event()
+    with pytest.raises(LocalProtocolError):
+        plain.send(ReceiverProgress(1))          # only a compressed stream reports
+    tx = SenderHandshake()
+    feed(tx, XL_BANNER)
+    tx.offer_sent()
+    assert feed(tx, CHOSEN + b"zstd\0" + RESTORED + b"42\0") == [CompressionChosen("zstd"),
+                                                                  ReceiverProgress(42)]
+    with pytest.raises(MigrationProtocolError, match="bad progress"):
+        feed(tx, RESTORED + b"-1\0")
+    unasked = SenderHandshake()
+    feed(unasked, XL_BANNER)
+    with pytest.raises(MigrationProtocolError, match="unexpected message"):
+        feed(unasked, RESTORED + b"42\0")
 
 
 def test_receiver_offer_answer_and_start():
