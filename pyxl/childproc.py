@@ -31,7 +31,7 @@ import subprocess
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
-from pyxl.fdio import close_quietly
+from pyxl.fdio import close_quietly, read_ready
 from pyxl.loop import Loop
 
 __all__ = ["FileFinisher", "ShortChild", "finish_file"]
@@ -82,18 +82,13 @@ class ShortChild:
         loop.add_reader(self._pidfd, self._exited)
 
     def _read_err(self) -> None:
-        while self._err_open:
-            try:
-                data = os.read(self._errfd, 4096)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self._close_err()
-                return
-            if sum(map(len, self._err)) < _MAX_STDERR:
-                self._err.append(data)
+        if not self._err_open:
+            return
+        data, eof = read_ready(self._errfd)
+        if data and sum(map(len, self._err)) < _MAX_STDERR:
+            self._err.append(data)
+        if eof:
+            self._close_err()
 
     def _close_err(self) -> None:
         if self._err_open:

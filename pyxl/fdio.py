@@ -44,6 +44,22 @@ def make_pipe(size: int) -> Tuple[int, int]:
     return r, w
 
 
+def read_ready(fd: int) -> Tuple[bytes, bool]:
+    """What a non-blocking ``fd`` has now: (bytes, whether it reached EOF; a
+    read error counts as EOF).  For a loop's reader of a child's small pipes."""
+    chunks: List[bytes] = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return b"".join(chunks), False
+        except OSError:
+            return b"".join(chunks), True
+        if not data:
+            return b"".join(chunks), True
+        chunks.append(data)
+
+
 def pending_bytes(fd: int) -> int:
     """Bytes waiting to be read from the pipe or socket ``fd`` (FIONREAD)."""
     import array

@@ -31,7 +31,7 @@ import sys
 from typing import Callable, List, Optional
 
 from pyxl.childproc import ShortChild
-from pyxl.fdio import set_nonblocking
+from pyxl.fdio import read_ready, set_nonblocking
 from pyxl.loop import Loop
 from pyxl.stream.xl import ZSTD_MAGIC as MAGIC
 
@@ -248,24 +248,19 @@ class ZstdStage:
         loop.add_reader(self._progress, self._read_progress)
 
     def _read_progress(self) -> None:
-        while self._progress >= 0:
-            try:
-                data = os.read(self._progress, 4096)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self.loop.remove_reader(self._progress)
-                os.close(self._progress)
-                self._progress = -1
-                return
-            lines = (self._partial + data).split(b"\n")
-            self._partial = lines.pop()
-            if lines and lines[-1].isdigit():
-                self.raw = int(lines[-1])
-                if self.on_raw is not None:
-                    self.on_raw(self.raw)
+        if self._progress < 0:
+            return
+        data, eof = read_ready(self._progress)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        if lines and lines[-1].isdigit():
+            self.raw = int(lines[-1])
+            if self.on_raw is not None:
+                self.on_raw(self.raw)
+        if eof:
+            self.loop.remove_reader(self._progress)
+            os.close(self._progress)
+            self._progress = -1
 
     @property
     def finished(self) -> bool:

@@ -288,20 +288,26 @@ def test_sender_ready_before_stream_sent_waits_for_it():
 
 
 def test_sender_compression_answer():
-    tx = SenderHandshake()
-    feed(tx, XL_BANNER)
-    tx.offer_sent()
+    tx = _streaming(offered=True)
     tx.receive_data(CHOSEN + b"zstd\0")
     assert tx.next_event() == CompressionChosen("zstd")
-    bad = SenderHandshake()
-    feed(bad, XL_BANNER)
-    bad.offer_sent()
     with pytest.raises(MigrationProtocolError, match="unknown compression 'lz4'"):
-        feed(bad, CHOSEN + b"lz4\0")
-    unasked = SenderHandshake()
-    feed(unasked, XL_BANNER)
+        feed(_streaming(offered=True), CHOSEN + b"lz4\0")
+    _refused_unasked(CHOSEN + b"zstd\0")
+
+
+def _streaming(offered: bool) -> SenderHandshake:
+    """A sender past the banner (that offered compression, or not)."""
+    tx = SenderHandshake()
+    feed(tx, XL_BANNER)
+    if offered:
+        tx.offer_sent()
+    return tx
+
+
+def _refused_unasked(message: bytes) -> None:
     with pytest.raises(MigrationProtocolError, match="unexpected message"):
-        feed(unasked, CHOSEN + b"zstd\0")
+        feed(_streaming(offered=False), message)
 
 
 OFFER_HEAD = xl_header({"c_info": {"name": "g"}}, optional_flags=XL_OPTIONAL_PYXL_ZSTD)
@@ -329,17 +335,12 @@ def test_progress_of_a_compressed_stream():
     plain.next_event()
     with pytest.raises(LocalProtocolError):
         plain.send(ReceiverProgress(1))          # only a compressed stream reports
-    tx = SenderHandshake()
-    feed(tx, XL_BANNER)
-    tx.offer_sent()
+    tx = _streaming(offered=True)
     assert feed(tx, CHOSEN + b"zstd\0" + RESTORED + b"42\0") == [CompressionChosen("zstd"),
                                                                   ReceiverProgress(42)]
     with pytest.raises(MigrationProtocolError, match="bad progress"):
         feed(tx, RESTORED + b"-1\0")
-    unasked = SenderHandshake()
-    feed(unasked, XL_BANNER)
-    with pytest.raises(MigrationProtocolError, match="unexpected message"):
-        feed(unasked, RESTORED + b"42\0")
+    _refused_unasked(RESTORED + b"42\0")
 
 
 def test_receiver_offer_answer_and_start():
