@@ -1,7 +1,7 @@
 #!/bin/bash
 # Layer 1 of the dom0 root filesystem: Debian $SUITE minbase + Xen $XEN_REL tools
 # + QEMU for HVM guests (qemu-system-xen) + iproute2/ping/e2fsprogs +
-# the toolchain pyxl's helper builds with (python3-dev, libxen-dev, gcc) + a venv
+# the toolchain pyxl's helper builds with (python3-dev, libxen-dev, gcc) + a venv (with zstandard)
 # at /opt/pyxl holding Cython >= 3.0 from PyPI (bookworm's cython3 is 0.29) +
 # the dom0 kernel's modules.  Cached in $CACHE/base-<hash>/root, keyed by this
 # script, the Xen tools version and the kernel version.
@@ -52,10 +52,10 @@ t0=$SECONDS
 ca=$(python3 -m pip config get global.cert 2>/dev/null || true)
 [ -f "$ca" ] || ca=/etc/ssl/certs/ca-certificates.crt
 cp "$ca" "$root/tmp/host-ca.crt"
-in_chroot "$root" env PIP_CERT=/tmp/host-ca.crt sh -ec "python3 -m venv /opt/pyxl && /opt/pyxl/bin/pip install -q --disable-pip-version-check 'Cython>=3.0' 'setuptools>=77' wheel" \
+in_chroot "$root" env PIP_CERT=/tmp/host-ca.crt sh -ec "python3 -m venv /opt/pyxl && /opt/pyxl/bin/pip install -q --disable-pip-version-check 'Cython>=3.0' 'setuptools>=77' wheel 'zstandard>=0.19'" \
     > "$out/pip.log" 2>&1 || { tail -20 "$out/pip.log" >&2; die "pip install Cython in chroot failed"; }
 rm -f "$root/tmp/host-ca.crt"
-log "venv + Cython from PyPI: $((SECONDS - t0)) s ($(in_chroot "$root" /opt/pyxl/bin/cython --version 2>&1))"
+log "venv + Cython, zstandard (--compress) from PyPI: $((SECONDS - t0)) s ($(in_chroot "$root" /opt/pyxl/bin/cython --version 2>&1))"
 
 # dom0 kernel modules (xenfs, privcmd, evtchn, gntdev, 9p, virtio, ext4, ...).
 mkdir -p "$root/lib/modules"

@@ -17,6 +17,9 @@
 #   pyxl-suspend-timeout.pv1                the guest is paused, so never suspends: pyxl fails after its
 #                                           30 s suspend timeout, the request is withdrawn, the guest counts on
 #   pyxl-restore-of-xl.G                    xl save -> pyxl restore
+#   pyxl-save-compressed.pvh1 / pyxl-restore-compressed.pvh1
+#                                           pyxl save --compress; inspect checks it; pyxl restore
+#   pyxl-migrate-compressed[-to-xl].pvh1    pyxl migrate --compress to pyxl (zstd) and to xl (plain)
 #   pyxl-migrate.pvh1                       pyxl migrate --live to pyxl migrate-receive (localhost pipe):
 #                                           a new domid, the name back, no --incoming/--migratedaway left
 #   pyxl-migrate-to-xl / xl-migrate-to-pyxl.pvh1   the same with xl migrate-receive / xl migrate
@@ -169,6 +172,30 @@ pyxl_roundtrip() {  # GUEST: pyxl save -> pyxl restore with the helper killed ->
     pyxl_restore pyxl-roundtrip "$g" "$f" "$before"
 }
 
+pyxl_compressed() {  # GUEST: pyxl save --compress -> inspect (checksum OK) -> pyxl restore
+    local g=$1 before d f=$W/$1-pyxl.zsave
+    begin_op "$g"; before=${GMAX[$g]}
+    d=$("$XL" domid "$g" 2>/dev/null) || { result "pyxl-save-compressed.$g" FAIL "no domain $g"; return 1; }
+    if ! pyxl_timed "save-compressed-$g" save --compress "$d" "$f"; then
+        result "pyxl-save-compressed.$g" FAIL "$(tail -n 3 "$OUT/pyxl-save-compressed-$g.log" | tr '\n' ' ')"
+        return 1
+    fi
+    if ! "$PYXL" inspect "$f" > "$OUT/inspect-compressed-$g.txt" 2>&1 \
+            || ! grep -q "checksum OK" "$OUT/inspect-compressed-$g.txt"; then
+        result "pyxl-save-compressed.$g" FAIL "inspect: $(tail -n 2 "$OUT/inspect-compressed-$g.txt" | tr '\n' ' ')"
+        return 1
+    fi
+    result "pyxl-save-compressed.$g" PASS "$LAST_S s, $(stat -c %s "$f") bytes (zstd, checksum OK)"
+    pyxl_restore pyxl-restore-compressed "$g" "$f" "$before"
+}
+compressed_as_said() {  # TEST GUEST TEXT: the migration log's summary says TEXT
+    if grep -q -- "$3" "$OUT/pyxl-$1-$2.log"; then
+        result "$1-summary.$2" PASS "'$3'"
+    else
+        result "$1-summary.$2" FAIL "no '$3' in: $(grep -m1 'migrated' "$OUT/pyxl-$1-$2.log")"
+    fi
+}
+
 pyxl_uncooperative() {  # GUEST: a guest that never answers (paused): pyxl save times out
     local g=$1 before d rc f=$W/$1-pyxl-timeout.save listed
     begin_op "$g"; before=${GMAX[$g]}
@@ -281,7 +308,16 @@ else
         pyxl_migrate xl-migrate-to-pyxl pvh1 "$XL" -vvv migrate -s "" pvh1 "$PYXL -vv migrate-receive"
         pyxl_migrate_tls pvh1
         [ "$PROFILE" != quick ] && pyxl_migrate_killed pvh1
+        # --compress: taken by pyxl's receiver; xl's ignores the offer (its
+        # optional flag) and gets the plain rest after 2 s
+        pyxl_migrate pyxl-migrate-compressed pvh1 "$PYXL" -vv migrate --live --compress \
+            --command "$PYXL -vv migrate-receive" "$("$XL" domid pvh1)"
+        compressed_as_said pyxl-migrate-compressed pvh1 "sent, zstd"
+        pyxl_migrate pyxl-migrate-compressed-to-xl pvh1 "$PYXL" -vv migrate --live --compress \
+            --command "$XL migrate-receive" "$("$XL" domid pvh1)"
+        compressed_as_said pyxl-migrate-compressed-to-xl pvh1 "plain: the receiver did not take --compress"
     fi
+    "$XL" list pvh1 > /dev/null 2>&1 && pyxl_compressed pvh1
     # a guest that does not cooperate (paused while asked to suspend): 30 s
     [ -n "${GMAX[pv1]:-}" ] && [ "$PROFILE" != quick ] && pyxl_uncooperative pv1
     # pyxl restore into a domain pyxl creates
