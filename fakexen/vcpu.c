@@ -525,8 +525,15 @@ static int cmd_run(const char *dir, int foreground)
     int lockfd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
     if (lockfd < 0)
         die("%s: %s", path, strerror(errno));
-    if (flock(lockfd, LOCK_EX | LOCK_NB) < 0)
-        die("%s: a vCPU is already running for this domain", dir);
+    /* A vCPU that acknowledged a suspend or pause exits right after, but on a
+     * loaded host its exit (and so the lock's release) can trail a resume
+     * that follows at once (a Remus checkpoint): wait for it, briefly. */
+    int tries = 0;
+    while (flock(lockfd, LOCK_EX | LOCK_NB) < 0) {
+        if (errno != EWOULDBLOCK || ++tries > 3000)
+            die("%s: a vCPU is already running for this domain", dir);
+        usleep(1000);
+    }
 
     struct dom d;
     dom_open(&d, dir);
