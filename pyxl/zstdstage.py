@@ -277,9 +277,7 @@ class ZstdStage:
             done(self.why)
         elif status != 0 and not self.killed:
             self._failed(self.why or "")
-        elif status == 0 and self.mode == "compress":
-            pass     # its input ended: wait() collects it
-        # a decompressor that ended is collected by wait() as well
+        # else: it ended well before anyone waited: wait() reports it at once
 
     def wait(self, done: StageDone) -> None:
         """``done(why)`` once the child has exited (at once if it has)."""
