@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 from pyxl._paths import helper_path
 from pyxl.backends.base import Backend, Cancellable, EmulatorRecord
 from pyxl.childproc import FileFinisher, finish_file
-from pyxl.errors import Cancelled, OperationError, StartupError
+from pyxl.errors import Cancelled, HelperDied, OperationError, StartupError
 from pyxl.fdio import make_pipe, pipe_size, write_all, write_from_loop
 from pyxl.loop import Loop, Timer
 from pyxl.ops.helper_process import save_argv
@@ -492,7 +492,16 @@ class SaveOperation(Operation[SaveResult]):
             # The compressor is killed (no well-formed end for a failed
             # stream) and reaped before the failure is reported.
             zstd, self._zstd = self._zstd, None
-            zstd.stop(lambda: self._fail_after_helper(exc))
+
+            def reaped() -> None:
+                err = exc
+                if isinstance(exc, HelperDied) and exc.signum == 13:   # SIGPIPE
+                    # The compressor went first; the helper only wrote into its
+                    # closed pipe: say what failed.
+                    err = OperationError("compressing the save stream failed: the compressor "
+                                         f"ended first ({zstd.why or zstd.status})", op=self)
+                self._fail_after_helper(err)
+            zstd.stop(reaped)
             return
         if self._finisher is not None:
             # Report only once the flushing child is gone (it exits at once on

