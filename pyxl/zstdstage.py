@@ -35,7 +35,7 @@ from pyxl.fdio import read_ready, set_nonblocking
 from pyxl.loop import Loop
 from pyxl.stream.xl import ZSTD_MAGIC as MAGIC
 
-__all__ = ["MAGIC", "DEFAULT_LEVEL", "ZstdStage", "is_zstd", "checksum_flag", "stage_argv"]
+__all__ = ["MAGIC", "DEFAULT_LEVEL", "ZstdStage", "is_zstd", "stage_argv"]
 
 #: zstd level of ``--compress``.  Measured on 1 GiB of ``typical`` guest
 #: memory (bench/README.md): -1 compresses as well as 1 (0.332 of the size
@@ -49,12 +49,6 @@ THREADS = 2
 
 def is_zstd(prefix: bytes) -> bool:
     return prefix[:4] == MAGIC
-
-
-def checksum_flag(frame_head: bytes) -> bool:
-    """Does a frame whose first five bytes are ``frame_head`` carry a content
-    checksum?  (Bit 2 of the frame header descriptor.)"""
-    return len(frame_head) >= 5 and bool(frame_head[4] & 0x04)
 
 
 # The child's program, run with -I (no user site, no environment; the venv's
@@ -220,19 +214,16 @@ class ZstdStage:
     ``failed(why)`` from the loop if it fails before :meth:`wait` was
     called (the caller stops the operation); after :meth:`wait`,
     ``done(why)``.  :meth:`stop` kills it (the stream is abandoned).
-    :attr:`raw` follows the uncompressed bytes it has handled (to the MiB),
-    ``on_raw(raw)`` is called when it moves."""
+    :attr:`raw` follows the uncompressed bytes it has handled (to the MiB)."""
 
     def __init__(self, loop: Loop, mode: str, stdin_fd: int, stdout_fd: int,
-                 failed: Callable[[str], None], level: int = DEFAULT_LEVEL,
-                 on_raw: Optional[Callable[[int], None]] = None) -> None:
+                 failed: Callable[[str], None], level: int = DEFAULT_LEVEL) -> None:
         self.mode = mode
         self.loop = loop
         self.why: Optional[str] = None
         self.status: Optional[int] = None
         self.killed = False
         self.raw = 0
-        self.on_raw = on_raw
         self._failed = failed
         self._done: Optional[StageDone] = None
         self._partial = b""
@@ -255,8 +246,6 @@ class ZstdStage:
         self._partial = lines.pop()
         if lines and lines[-1].isdigit():
             self.raw = int(lines[-1])
-            if self.on_raw is not None:
-                self.on_raw(self.raw)
         if eof:
             self.loop.remove_reader(self._progress)
             os.close(self._progress)
