@@ -1,4 +1,4 @@
-"""Build pyxl: the pure-Python package plus three native artefacts.
+"""Build pyxl: the pure-Python package plus four native artefacts.
 
 setuptools links no programs, so the programs are ``Extension`` subclasses that a
 ``build_ext`` subclass knows how to link:
@@ -8,6 +8,8 @@ setuptools links no programs, so the programs are ``Extension`` subclasses that 
   (never libxl).
 * ``pyxl/libfakexen.so``     the simulated hypervisor, LD_PRELOADed under libxenctrl.
 * ``pyxl/pyxl-sim-vcpu``     the simulated guest's vCPU process.
+* ``pyxl/pyxl-spawner``      starts pyxl's child processes, so the loop never
+  waits for an exec (pyxl/spawn.py).
 
 The helper is also installed on PATH as ``pyxl-save-helper`` (build_scripts).
 
@@ -196,6 +198,7 @@ setup(
         SharedLib("pyxl.libfakexen", ["fakexen/fakexen.c"], libraries=["pthread"],
                   depends=["fakexen/simctl.h"]),
         Program("pyxl.pyxl-sim-vcpu", ["fakexen/vcpu.c"], depends=["fakexen/simctl.h"]),
+        Program("pyxl.pyxl-spawner", ["spawner/spawner.c"]),
     ],
     scripts=[HELPER],
     cmdclass={"build_ext": BuildNative, "build_scripts": BuildScripts},

@@ -264,7 +264,7 @@ class Bench:
                                    helper=self.helpers[who], sim_dir=self.sim_dir,
                                    fsync=filesink, timeout=600)
                     # a save's helper starts from the loop: let it start here
-                    pyxl.default_loop().run_until(lambda: op.helper is not None or op.done(),
+                    pyxl.default_loop().run_until(lambda: (op.helper is not None and op.helper.pid > 0) or op.done(),
                                                   60)
                 spy_helper(op, mem, marks)
                 with pinned({pl["driver"]}):
@@ -651,7 +651,7 @@ class Bench:
                 # what the caller is blocked for: the call (the helper starts from the loop)
                 starts.append(time.perf_counter() - ts)
                 # the helper inherits this placement: let it start here (not timed)
-                pyxl.default_loop().run_until(lambda: op.helper is not None or op.done(), 60)
+                pyxl.default_loop().run_until(lambda: (op.helper is not None and op.helper.pid > 0) or op.done(), 60)
             if nice and op.helper is not None:
                 os.setpriority(os.PRIO_PROCESS, op.helper.pid, nice)
             op.add_done_callback(lambda _op, w=pipes[i][0]: os.close(w))

@@ -10,11 +10,15 @@ the thread's CPU clock.  Figures:
 * ``loop_stall_max_ms``: the longest callback, wall clock (what an
   application sharing the loop waits), over the saves and the restores;
   ``loop_stall_cpu_max_ms`` the same by CPU time (not moved by other tenants
-  taking the CPU in the middle of a callback).
+  taking the CPU in the middle of a callback); ``loop_stall_slept_max_ms``
+  the longest time a callback slept (blocked in the kernel: a fork+exec, a
+  disk) -- wall less CPU less run-queue wait, from /proc/thread-self/schedstat.
+  ``worst_*_callback`` splits the longest callback of each phase so.
 * ``loop_start_block_ms``: how long the N ``pyxl.save()`` calls held the
-  thread (their helpers start from the loop, one per callback, so each
-  helper's spawn is one of the callbacks above; pyxl's first-use imports
-  are done before).
+  thread (their helpers start from the loop, through pyxl-spawner, so each
+  helper's start is one of the callbacks above; pyxl's first-use imports
+  and its spawner's start are done before); ``restore_start_block_ms`` the
+  same for the N ``pyxl.restore()`` calls.
 * baseline, measured in the same run: ``inloop_finish_ms``, the fsync +
   rename + directory fsync of one such file done on the calling thread, as
   the end of a save did inside one callback before the finish moved to a
@@ -33,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -43,24 +47,46 @@ import pyxl  # noqa: E402
 from pyxl import sim  # noqa: E402
 from pyxl.backends import SimBackend  # noqa: E402
 from pyxl.loop import SelectorLoop, _SelectorTimer  # noqa: E402
+from pyxl.spawn import start_spawner  # noqa: E402
+
+
+def _schedstat() -> Tuple[float, float]:
+    """This thread's time on a CPU and waiting for one (run queue), seconds."""
+    with open("/proc/thread-self/schedstat") as f:
+        on_cpu, queued = f.read().split()[:2]
+    return int(on_cpu) / 1e9, int(queued) / 1e9
 
 
 class TimedLoop(SelectorLoop):
-    """A SelectorLoop that times each callback it runs (wall and thread CPU)."""
+    """A SelectorLoop that times each callback it runs: wall clock, and how that
+    wall time split between running, waiting for a CPU (preempted: the
+    machine's doing) and sleeping (blocked in a syscall: pyxl's doing)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.wall: List[float] = []
         self.cpu: List[float] = []
+        self.slept: List[float] = []
+        self.worst: Dict[str, Any] = {}
 
     def _timed(self, cb: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
-            w, c = time.perf_counter(), time.thread_time()
+            w, (c, q) = time.perf_counter(), _schedstat()
             try:
                 cb()
             finally:
-                self.wall.append(time.perf_counter() - w)
-                self.cpu.append(time.thread_time() - c)
+                wall = time.perf_counter() - w
+                c1, q1 = _schedstat()
+                slept = max(0.0, wall - (c1 - c) - (q1 - q))
+                self.wall.append(wall)
+                self.cpu.append(c1 - c)
+                self.slept.append(slept)
+                if wall * 1e3 > self.worst.get("wall_ms", -1):
+                    self.worst = {"wall_ms": round(wall * 1e3, 2),
+                                  "cpu_ms": round((c1 - c) * 1e3, 2),
+                                  "queued_ms": round((q1 - q) * 1e3, 2),
+                                  "slept_ms": round(slept * 1e3, 2),
+                                  "callback": getattr(cb, "__qualname__", repr(cb))}
         return run
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
@@ -103,34 +129,44 @@ def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
         doms = [sim.create(mib << 20, name=f"g{i}", sim_dir=sim_dir) for i in range(n)]
         paths = [os.path.join(work, f"g{i}.save") for i in range(n)]
         loop = TimedLoop()
-        # pyxl imports its operations on first use: a one-time cost, not a start's
+        # pyxl imports its operations, and starts its spawner, on first use: a
+        # one-time cost, not a start's
         assert callable(pyxl.save) and callable(pyxl.restore)
+        start_spawner()
         t = time.perf_counter()
         saves = [pyxl.save(d, p, backend=backend, loop=loop) for d, p in zip(doms, paths)]
         start_block = (time.perf_counter() - t) * 1e3
         assert loop.run_until(lambda: all(o.done() for o in saves), 600)
         for o in saves:
             o.result()
-        save_wall, save_cpu = max(loop.wall), max(loop.cpu)
+        save = (max(loop.wall), max(loop.cpu), max(loop.slept), loop.worst)
         loop.wall.clear()
         loop.cpu.clear()
+        loop.slept.clear()
+        loop.worst = {}
+        t = time.perf_counter()
         restores = [pyxl.restore(p, backend=backend, loop=loop) for p in paths]
+        restore_block = (time.perf_counter() - t) * 1e3
         assert loop.run_until(lambda: all(o.done() for o in restores), 600)
         for o in restores:
             o.result()
-        restore_wall, restore_cpu = max(loop.wall), max(loop.cpu)
+        restore = (max(loop.wall), max(loop.cpu), max(loop.slept), loop.worst)
         calls = len(loop.wall)
         loop.close()
         baseline = statistics.median(inloop_finish_ms(work, mib << 20) for _ in range(3))
-        worst = max(save_wall, restore_wall) * 1e3
+        worst = max(save[0], restore[0]) * 1e3
         return {
             "n": n, "mib": mib, "dir": directory,
             "loop_stall_max_ms": round(worst, 2),
-            "loop_stall_cpu_max_ms": round(max(save_cpu, restore_cpu) * 1e3, 2),
-            "save_stall_max_ms": round(save_wall * 1e3, 2),
-            "restore_stall_max_ms": round(restore_wall * 1e3, 2),
+            "loop_stall_cpu_max_ms": round(max(save[1], restore[1]) * 1e3, 2),
+            "loop_stall_slept_max_ms": round(max(save[2], restore[2]) * 1e3, 2),
+            "save_stall_max_ms": round(save[0] * 1e3, 2),
+            "restore_stall_max_ms": round(restore[0] * 1e3, 2),
+            "worst_save_callback": save[3],
+            "worst_restore_callback": restore[3],
             "restore_callbacks": calls,
             "loop_start_block_ms": round(start_block, 1),
+            "restore_start_block_ms": round(restore_block, 1),
             "inloop_finish_ms": round(baseline, 1),
             "stall_vs_inloop_finish": round(worst / baseline, 3) if baseline else None,
         }

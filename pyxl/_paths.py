@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional, Tuple
+
+# typing is for mypy only (3 ms of `pyxl sim list`).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Optional, Tuple
 
 _PKG = os.path.dirname(os.path.abspath(__file__))
 

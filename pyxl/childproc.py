@@ -5,8 +5,8 @@ page allocator takes: ``fsync`` of a file just written, renaming it over an
 old image (whose pages the rename frees), removing a domain's memory files.
 Measured on a 285 MB save, those were 85 + 57 + 57 ms inside one loop
 callback.  pyxl runs such a step in a short child process instead (threads
-are not used; ``subprocess`` spawns with vfork semantics, so the parent is
-not copied and waits only until the exec), watches the child's exit through
+are not used; :mod:`pyxl.spawn` starts it, so the loop does not even wait
+for its exec), watches the child's exit through
 a pidfd like any other fd, and reports ``done(status, error_text)`` from the
 loop.  No SIGCHLD handler: the child is reaped with ``WNOHANG`` once its pidfd
 is readable, and an application that set SIGCHLD to SIG_IGN (the kernel then
@@ -21,18 +21,18 @@ while the helper does, and at :meth:`FileFinisher.commit` it fsyncs what is
 left, renames the file into place and fsyncs the directory.  Measured on ext4
 (1 GiB): the fsync started after the helper had finished was 30-40 % of the save.
 
-May import: pyxl.loop, pyxl.fdio.
+May import: pyxl.loop, pyxl.fdio, pyxl.spawn.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
 from pyxl.fdio import close_quietly, read_ready
 from pyxl.loop import Loop
+from pyxl.spawn import Child
 
 __all__ = ["FileFinisher", "ShortChild", "finish_file"]
 
@@ -56,30 +56,47 @@ class ShortChild:
         closed when the child is reaped or by :meth:`close_stdin`).
         ``stdin_from``/``stdout_to``: an fd of ours as its stdin/stdout instead
         (a stage of a stream: :mod:`pyxl.zstdstage`); ``pass_fds``: fds it
-        inherits under the same numbers (e.g. a progress pipe)."""
+        inherits under the same numbers (e.g. a progress pipe).  The child
+        holds nothing else of ours (an fd it kept would keep a pipe or a
+        socket of some operation alive); it is started by the spawner
+        (:mod:`pyxl.spawn`), so this call does not wait for it."""
         self.loop, self._done = loop, done
         self.finished = False
         self._err: List[bytes] = []
         self._err_open = True
-        # close_fds: the child holds nothing of ours (an fd it kept open
-        # would keep a pipe or a socket of some operation alive).
-        child_in = stdin_from if stdin_from >= 0 else (subprocess.PIPE if stdin
-                                                         else subprocess.DEVNULL)
-        self.proc = subprocess.Popen(list(argv), stdin=child_in,
-                                     stdout=stdout_to if stdout_to >= 0 else subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, pass_fds=tuple(pass_fds),
-                                     close_fds=True, env=env,
-                                     process_group=0)   # Ctrl-C is pyxl's to handle
         self.stdin_fd = -1
-        if self.proc.stdin is not None:
-            self.stdin_fd = self.proc.stdin.fileno()
+        fds: Dict[int, int] = {fd: fd for fd in pass_fds}
+        theirs: List[int] = []      # the child's ends of its pipes: closed here
+        self._errfd = -1
+        try:
+            if stdin_from >= 0:
+                fds[0] = stdin_from
+            elif stdin:
+                r, self.stdin_fd = os.pipe2(os.O_CLOEXEC)
+                theirs.append(r)
+                fds[0] = r
+            if stdout_to >= 0:
+                fds[1] = stdout_to
+            self._errfd, w = os.pipe2(os.O_CLOEXEC)
+            theirs.append(w)
+            fds[2] = w
+            self.child = Child(loop, argv, self._exited, fds=fds, env=env)
+        except BaseException:
+            close_quietly(self.stdin_fd)
+            close_quietly(self._errfd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        if self.stdin_fd >= 0:
             os.set_blocking(self.stdin_fd, False)
-        assert self.proc.stderr is not None
-        self._errfd = self.proc.stderr.fileno()
         os.set_blocking(self._errfd, False)
-        self._pidfd = os.pidfd_open(self.proc.pid)
         loop.add_reader(self._errfd, self._read_err)
-        loop.add_reader(self._pidfd, self._exited)
+
+    @property
+    def pid(self) -> int:
+        """-1 until the spawner has started it."""
+        return self.child.pid
 
     def _read_err(self) -> None:
         if not self._err_open:
@@ -94,51 +111,35 @@ class ShortChild:
         if self._err_open:
             self._err_open = False
             self.loop.remove_reader(self._errfd)
-            assert self.proc.stderr is not None
-            self.proc.stderr.close()
+            os.close(self._errfd)
 
-    def _exited(self) -> None:
-        try:
-            pid, status = os.waitpid(self.proc.pid, os.WNOHANG)
-        except ChildProcessError:
-            # Reaped by the kernel (SIGCHLD ignored) or by someone else.
-            pid, status = self.proc.pid, -1
-        if pid == 0:
-            return        # a spurious wake-up: not gone yet
-        self.loop.remove_reader(self._pidfd)
-        close_quietly(self._pidfd)
-        self._pidfd = -1
+    def _exited(self, code: Optional[int]) -> None:
         self._read_err()  # what it wrote just before it exited
         self._close_err()
         self.close_stdin()
         text = b"".join(self._err)
-        if status == -1:
+        start_error = self.child.start_error
+        if start_error is not None:
+            code, text = 127, f"cannot run {self.child.argv[0]}: {start_error.strerror}".encode()
+        elif code is None:
+            # Reaped elsewhere (SIGCHLD ignored): its last words decide.
             code = 0 if text.endswith(_OK) else 1
-        else:
-            code = os.waitstatus_to_exitcode(status)
-        self.proc.returncode = code   # keep Popen from reaping again
         if text.endswith(_OK):
             text = text[:-len(_OK)]
         self.finished = True
         self._done(code, text.decode("utf-8", "replace").strip()[-1000:])
 
     def close_stdin(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()   # closes stdin_fd
-            self.proc.stdin = None
+        if self.stdin_fd >= 0:
+            os.close(self.stdin_fd)
             self.stdin_fd = -1
 
     def kill(self) -> None:
-        """SIGKILL, unless it was reaped (its pid is ours until then); ``done``
-        still comes, from the loop."""
-        if not self.finished and self._pidfd >= 0:
+        """SIGKILL (through its pidfd, never a reused pid); ``done`` still
+        comes, from the loop."""
+        if not self.finished:
             import signal   # here: only a failed stage is killed
-            try:
-                # Through the pidfd: Popen.kill() would poll, and so reap the
-                # child behind the pidfd watch's back.
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self.child.signal(signal.SIGKILL)
 
     def cancel(self) -> None:
         """No callback.  The child is left to finish its step (a half-done

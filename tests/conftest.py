@@ -31,6 +31,7 @@ from typing import Iterator, List, Tuple, Union
 import pytest
 
 from pyxl._paths import xen_release
+from pyxl.spawn import spawner_pid, start_spawner
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Captured from Debian's real helper and libxenguest (see tests/vectors/*/INDEX.md);
@@ -211,6 +212,7 @@ def open_fds() -> List[int]:
     import pyxl
 
     pyxl.default_loop()  # its selector is a long-lived fd of its own
+    start_spawner()      # and so is the spawner's socket
     # Objects of earlier tests (pipes of finished Popens, files) would
     # otherwise be closed by the cyclic GC in the middle of a comparison.
     gc.collect()
@@ -222,8 +224,9 @@ def children(cmdline: bool = False) -> List[Tuple[int, Union[str, bytes]]]:
     ``cmdline=True`` (pid, raw /proc/PID/cmdline -- comm if that is empty)."""
     out: List[Tuple[int, Union[str, bytes]]] = []
     me = str(os.getpid())
+    spawner = str(spawner_pid())     # pyxl's own, for the life of the process
     for pid in os.listdir("/proc"):
-        if pid.isdigit():
+        if pid.isdigit() and pid != spawner:
             try:
                 with open(f"/proc/{pid}/stat") as f:
                     fields = f.read().rsplit(")", 1)[1].split()

@@ -120,10 +120,10 @@ def cmd_create_empty(args: argparse.Namespace) -> int:
 
 @_guarded
 def cmd_list(args: argparse.Namespace) -> int:
-    import json
     from pyxl import sim
     doms = sim.list_domains(args.sim_dir)
     if args.json:
+        import json   # here: the table needs none of it
         print(json.dumps([d.to_json() for d in doms]))
         return EXIT_OK
     print(f"{'DOMID':>5}  {'NAME':<20} {'STATE':<10} {'MEMORY':>10} {'DIRTY/S':>10}  VCPU")

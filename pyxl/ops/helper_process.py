@@ -12,12 +12,12 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import subprocess
 from typing import Callable, Dict, List, Optional, Sequence
 
-from pyxl.fdio import set_nonblocking
+from pyxl.fdio import close_quietly, set_nonblocking
 from pyxl.loop import Loop, Timer
 from pyxl.errors import ProtocolError, RemoteProtocolError
+from pyxl.spawn import Child, inherited_stderr
 from pyxl.wire.codec import Complete, Conversation, Message, RestoreResults
 
 # Bytes to read per readiness event, one read per event: a helper that floods
@@ -79,23 +79,40 @@ class HelperProcess:
         self._exited = False
         self._reported = False
         self._kill_timer: Optional[Timer] = None
-        # close_fds (the default) leaves the child only 0/1/2 and pass_fds, as
-        # libxl's CLOEXEC discipline does; restore_signals resets SIGPIPE.
-        # process_group=0: the helper leads its own process group, so a terminal's
-        # Ctrl-C (SIGINT to the foreground group) reaches pyxl only, which cancels
-        # once and cleanly; the helper never dies of the SIGINT itself.
-        self.proc = subprocess.Popen(
-            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=tuple(pass_fds),
-            env=env, close_fds=True, restore_signals=True, process_group=0)
-        self.pid = self.proc.pid
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self._in = self.proc.stdin.fileno()
-        self._out = self.proc.stdout.fileno()
+        #: the helper never ran (its program missing, no fds): why
+        self.start_error: Optional[OSError] = None
+        # The child gets only its stdin/stdout pipes, pass_fds and our stderr,
+        # as libxl's CLOEXEC discipline leaves it.  It leads its own process
+        # group, so a terminal's Ctrl-C (SIGINT to the foreground group) reaches
+        # pyxl only, which cancels once and cleanly.  Started by the spawner
+        # (pyxl.spawn): this call only sends the request, it never waits.
+        in_r, self._in = os.pipe2(os.O_CLOEXEC)
+        self._out, out_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            fds = {0: in_r, 1: out_w, **inherited_stderr()}
+            fds.update((fd, fd) for fd in pass_fds)
+            self.child = Child(loop, self.argv, self._child_exited, fds=fds, env=env,
+                               started=self._started)
+        except BaseException:
+            os.close(self._in)
+            os.close(self._out)
+            raise
+        finally:
+            os.close(in_r)
+            os.close(out_w)
         set_nonblocking(self._in)
         set_nonblocking(self._out)
-        self._pidfd = os.pidfd_open(self.pid)
-        loop.add_reader(self._out, self._readable)
-        loop.add_reader(self._pidfd, self._child_exited)
+
+    def _started(self) -> None:
+        # Its messages are read once its pid is known: a callback that acts on
+        # one (or a test that signals the helper then) always has the pid.
+        if self._stdout_open:
+            self.loop.add_reader(self._out, self._readable)
+
+    @property
+    def pid(self) -> int:
+        """The helper's pid (-1 until the spawner has started it)."""
+        return self.child.pid
 
     # -- stdout -----------------------------------------------------------
 
@@ -150,8 +167,7 @@ class HelperProcess:
         if self._stdout_open:
             self._stdout_open = False
             self.loop.remove_reader(self._out)
-            assert self.proc.stdout is not None
-            self.proc.stdout.close()
+            os.close(self._out)
             self._maybe_report()
 
     def _stdout_ended(self) -> None:
@@ -205,24 +221,19 @@ class HelperProcess:
 
     # -- exit -------------------------------------------------------------
 
-    def _child_exited(self) -> None:
-        if self._exited:
-            return
-        try:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-        except ChildProcessError:
+    def _child_exited(self, code: Optional[int]) -> None:
+        if self.child.start_error is not None:
+            self.start_error = self.child.start_error
+            self.wait_status = 127 << 8
+        elif self.child.wait_status is None:
             # Reaped already: the application set SIGCHLD to SIG_IGN (the
             # kernel reaps) or ran waitpid(-1) itself.  The exit status is lost;
             # what the helper said decides (_helper_outcome): complete, or not.
-            pid, status = self.pid, 0
+            self.wait_status = 0
             self.status_unknown = True
-        if pid == 0:
-            return  # spurious wake-up
-        self.proc.returncode = os.waitstatus_to_exitcode(status)  # keep Popen from reaping again
+        else:
+            self.wait_status = self.child.wait_status
         self._exited = True
-        self.wait_status = status
-        self.loop.remove_reader(self._pidfd)
-        os.close(self._pidfd)
         if self._kill_timer is not None:
             self._kill_timer.cancel()
         if self._eof_timer is not None:
@@ -238,11 +249,7 @@ class HelperProcess:
             if self.truncated is not None and self.protocol_error is None and self.wait_status == 0:
                 self.protocol_error = self.truncated
             self.loop.remove_writer(self._in)
-            assert self.proc.stdin is not None
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
+            close_quietly(self._in)
             self._on_exit(self)
 
     @property
@@ -251,10 +258,7 @@ class HelperProcess:
 
     def signal(self, signum: int) -> None:
         if not self._exited:
-            try:
-                os.kill(self.pid, signum)
-            except ProcessLookupError:
-                pass
+            self.child.signal(signum)
 
     def kill(self) -> None:
         self.signal(signal.SIGKILL)

@@ -192,7 +192,7 @@ class Operation(LoopFuture[T]):
                                         self._on_message, self._on_helper_exit, env=env)
         except OSError as exc:
             raise StartupError(f"cannot run helper {argv[0]}: {exc.strerror}") from exc
-        self.logger.debug("helper [%d] started: %s", self.helper.pid, " ".join(argv))
+        self.logger.debug("helper starting: %s", " ".join(argv))
         self._start_timer()
 
     def _on_message(self, msg: Message) -> None:
@@ -296,6 +296,9 @@ class Operation(LoopFuture[T]):
         what = f"{self.kind} helper for domain {self.domid} [{h.pid}]"
         if self._failure is not None:
             return self._failure
+        if h.start_error is not None:
+            return StartupError(f"cannot run helper {h.argv[0]}: {h.start_error.strerror}",
+                                op=self)
         if h.protocol_error is not None:
             return HelperProtocolError(f"{what} broke the protocol: {h.protocol_error}",
                                        h.protocol_error, op=self, helper_errors=errs)

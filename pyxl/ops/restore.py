@@ -30,7 +30,7 @@ from pyxl.backends.configcheck import MAX_GIVEN_NAME, check_config, check_name
 from pyxl.errors import (Cancelled, CorruptImage, HelperFailed, OperationError, StartupError,
                          StreamTooLarge, Timeout, TruncatedStream)
 from pyxl.fdio import CHUNK, is_regular, make_pipe, pending_bytes, set_nonblocking
-from pyxl.loop import Loop, default_loop
+from pyxl.loop import Loop, Timer, default_loop
 from pyxl.ops.helper_process import restore_argv
 from pyxl.ops.operation import (REMUS_RESTORE_CALLBACKS, RESTORE_CALLBACKS, STREAM_PLAIN,
                                 STREAM_REMUS, CallbackRequest, Handler, Operation, PathOrFd,
@@ -99,11 +99,13 @@ class RestoreOperation(Operation[RestoreResult]):
         """Restore the stream at ``source`` (a path or an fd) into a new domain that
         ``backend`` builds (:meth:`~pyxl.Backend.create_restore_target`).
 
-        A regular file's head is read at once: its errors raise here.  Any other
-        source (a pipe, a socket, a FIFO) is read from the loop as its bytes
-        arrive, so nothing here waits for a writer: ``domid`` is -1 until the
-        new domain exists, and the head's errors (a bad stream, a bad config,
-        the timeout) are the operation's outcome."""
+        A regular file's head is read and its config checked at once: their
+        errors raise here.  Any other source (a pipe, a socket, a FIFO) is read
+        from the loop as its bytes arrive, so nothing here waits for a writer,
+        and the head's errors (a bad stream, a bad config, the timeout) are the
+        operation's outcome.  Either way the backend builds the domain and the
+        helper starts from the loop: ``domid`` is -1 until the new domain
+        exists, and the build's errors are the operation's outcome."""
         self.options = options
         self.stream_type = options.stream_type
         self.checkpoints = 0
@@ -116,6 +118,7 @@ class RestoreOperation(Operation[RestoreResult]):
         self.config: Dict[str, Any] = {}
         self._trailer: Optional[TrailerReader] = None
         self._head: Optional[LoopReader] = None
+        self._launch: Optional[Timer] = None      # a file's domain build, due on the loop
         self._timer_armed = False
         self._unzstd: Optional[ZstdStage] = None
         fd, own = self._open(source)
@@ -149,21 +152,20 @@ class RestoreOperation(Operation[RestoreResult]):
             return
         try:
             header = read_head(fd)
+            config = self._checked_config(header)
         except (ValueError, OSError) as exc:
             self._close()
             raise StartupError(f"{self._where()}: {exc}") from exc
-        try:
-            domid = self._create_target(header)
         except BaseException:
             self._close()
             raise
-        super().__init__(domid, loop, options.timeout, callbacks, on_progress)
-        try:
-            self._start_helper()
-        except BaseException:
-            self._close()
-            self._destroy_target()
-            raise
+        # The stream and its config are good: the backend builds the domain and
+        # the helper starts from the loop, not here (a backend's domain build
+        # may take a while; the caller may be starting many restores).
+        super().__init__(-1, loop, options.timeout, callbacks, on_progress)
+        self.logger = get_logger("pyxl.restore")
+        self._start_timer()
+        self._launch = self.loop.call_later(0, lambda: self._build(config))
 
     def _open(self, source: PathOrFd) -> Tuple[int, bool]:
         """(fd, whether it is ours to close).  A path is opened non-blocking, so
@@ -219,9 +221,9 @@ class RestoreOperation(Operation[RestoreResult]):
     def _what(self) -> str:
         return super()._what() if self.domid >= 0 else self.kind
 
-    def _create_target(self, header: XlHeader) -> int:
-        """Check the config (untrusted: :mod:`pyxl.backends.configcheck`), then
-        have the backend build the empty domain; its domid."""
+    def _checked_config(self, header: XlHeader) -> Dict[str, Any]:
+        """The config to build the new domain from, checked (it is untrusted:
+        :mod:`pyxl.backends.configcheck`) and renamed if asked."""
         if header.config is None:
             raise StartupError(f"{self._where()}: the xl header carries no domain "
                                "config to build the new domain from")
@@ -233,7 +235,31 @@ class RestoreOperation(Operation[RestoreResult]):
             config["c_info"] = dict(c_info if isinstance(c_info, dict) else {},
                                     name=self.options.name)
         self.config = config
-        return self.backend.create_restore_target(config)
+        return config
+
+    def _build(self, config: Dict[str, Any]) -> None:
+        """From the loop: the backend builds the empty domain, the helper starts."""
+        self._launch = None
+        try:
+            domid = self.backend.create_restore_target(config)
+        except OperationError as exc:
+            self._head_failed(exc)
+            return
+        except Exception as exc:  # a backend is the caller's code
+            self._head_failed(StartupError(f"cannot create the domain to restore into: "
+                                           f"{type(exc).__name__}: {exc}", op=self))
+            return
+        self.domid = domid
+        self.logger = get_logger(f"pyxl.domain.{domid}")
+        try:
+            self._start_helper()
+        except Exception as exc:
+            self._close()
+            self._cancel_timer()
+            if not isinstance(exc, OperationError):
+                exc = StartupError(f"cannot start the restore: {type(exc).__name__}: {exc}",
+                                   op=self)
+            self._fail_and_destroy(exc)
 
     def _start_helper(self) -> None:
         fd = self._fd
@@ -262,31 +288,24 @@ class RestoreOperation(Operation[RestoreResult]):
         try:
             if self._own_fd:
                 set_nonblocking(self._fd, False)   # the helper reads it with blocking reads
-            domid = self._create_target(parser.header)
+            config = self._checked_config(parser.header)
         except OperationError as exc:
             self._head_failed(exc)
             return
-        except Exception as exc:  # a backend is the caller's code; untrusted input
-            self._head_failed(StartupError(f"cannot create the domain to restore into: "
+        except Exception as exc:  # untrusted input
+            self._head_failed(StartupError(f"cannot restore from {self._where()}: "
                                            f"{type(exc).__name__}: {exc}", op=self))
             return
-        self.domid = domid
-        self.logger = get_logger(f"pyxl.domain.{domid}")
-        try:
-            self._start_helper()
-        except Exception as exc:
-            self._close()
-            self._cancel_timer()
-            if not isinstance(exc, OperationError):
-                exc = StartupError(f"cannot start the restore: {type(exc).__name__}: {exc}",
-                                   op=self)
-            self._fail_and_destroy(exc)
+        self._build(config)
 
     def _head_failed(self, exc: OperationError) -> None:
         """No domain exists yet: close, stop the clock, report."""
         if self._head is not None:
             self._head.cancel()
             self._head = None
+        if self._launch is not None:
+            self._launch.cancel()
+            self._launch = None
         self._close()
         self._cancel_timer()
         self._finish(exc=exc)
@@ -303,7 +322,7 @@ class RestoreOperation(Operation[RestoreResult]):
             self._timer = None
 
     def _timed_out(self) -> None:
-        if self._head is not None:
+        if self._head is not None or self._launch is not None:
             self._timer = None
             self._head_failed(Timeout(f"{self.kind} timed out after {self._timeout:g}s waiting "
                                       f"for the stream's head ({self._where()})", op=self))
@@ -314,13 +333,6 @@ class RestoreOperation(Operation[RestoreResult]):
         if self._own_fd and self._fd >= 0:
             os.close(self._fd)
         self._fd = -1
-
-    def _destroy_target(self) -> None:
-        """At start-up (the constructor raises): the blocking destroy."""
-        try:
-            self.backend.destroy(self.domid)
-        except Exception as exc:  # a backend is the caller's code (any toolstack's)
-            self.logger.error("could not destroy half-restored domain %d: %s", self.domid, exc)
 
     def _fail_and_destroy(self, exc: OperationError) -> None:
         """From the loop: destroy what was restored, then report ``exc`` (so
@@ -443,7 +455,7 @@ class RestoreOperation(Operation[RestoreResult]):
                                    op=self))
 
     def cancel(self, grace: float = 5.0) -> bool:
-        if self._head is not None and not self._done:
+        if (self._head is not None or self._launch is not None) and not self._done:
             self._head_failed(Cancelled(f"{self.kind} cancelled waiting for the stream's head",
                                         op=self))
             return True

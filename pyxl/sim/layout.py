@@ -9,11 +9,15 @@ import os
 import re
 import stat
 import struct
-from typing import Any, Dict, List, Optional, Tuple
 
 from pyxl._paths import package_file
 from pyxl._units import format_size as format_size, parse_size as parse_size  # pyxl.sim.parse_size
 from pyxl.sim.errors import UnsafeSimDir
+
+# typing is for mypy only (3 ms of `pyxl sim list`).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, List, Optional, Tuple
 
 
 #: The state directory unless told otherwise: per user (it used to be one shared,

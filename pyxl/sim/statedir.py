@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import mmap
 import os
 import re
 import struct
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from pyxl.sim.layout import (PAGE_SIZE, BITMAPS_OFF, CONFIG_MAX, CONFIG_OFF, CTL_MAGIC, CTL_VERSION, HVMCTX_OFF, LEAVES_OFF, LIBXL_PARAMS, MAXMEM_SLACK_PAGES, MSRS_OFF, PAUSED, SPECIAL_END, SPECIAL_START, _cpu_policy, _default_config, _domdir, _hvm_context, _pack_field, _set_bits, _space_pfns, format_size, make_sim_dir, nofollow, ram_runs, sim_dir_path, vcpu_path)
 from pyxl.sim.errors import (InsufficientResources, SimError)
 from pyxl.sim.control import (destroy, unpause)
 from pyxl.sim import dmcontrol
+
+# typing is for mypy only (3 ms of `pyxl sim list`).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 
 
@@ -152,6 +155,7 @@ def _build(tmp: str, domid: int, *, name: str, uuid: str, nr_pfns: int, max_page
            ram: List[Tuple[int, int]], guest: bool,
            content: Optional[str] = None, seed: int = 0) -> None:
     """Write a domain's control block and memory file into its build directory."""
+    import json
     import subprocess
     import uuid as uuidlib
     cfg_bytes = json.dumps(cfg, sort_keys=True).encode()
@@ -246,6 +250,7 @@ def _create(sim_dir: Optional[str], *, ram_pages: int, max_memkb: int, name: Opt
     need = (ram_pages if guest else max_memkb // 4) * PAGE_SIZE + BITMAPS_OFF + nr_pfns // 4
     _check_capacity(sdir, need, what)
 
+    import json   # here, not at the top: `pyxl sim list` never writes a config
     domid, tmp = _allocate_domid(sdir)
     try:
         cfg = json.loads(json.dumps(cfg)) if cfg is not None else {}

@@ -64,7 +64,9 @@ def test_version_imports_no_subcommand_and_no_library(sim_dir):
 def test_sim_list_imports_the_simulator_only(sim_dir):
     mods = modules_after(["sim", "list"], sim_dir)
     assert "pyxl.sim" in mods and "pyxl.cli.sim" in mods
-    assert [m for m in heavy_in(mods) if not m.startswith("json")] == []   # the sim reads JSON
+    assert heavy_in(mods) == []
+    # dataclasses (with inspect) and typing: 10 ms of a 30 ms budget
+    assert not {"dataclasses", "inspect", "typing"} & set(mods)
     assert not {"pyxl.cli.saverestore", "pyxl.cli.migrate", "pyxl.cli.inspect",
                 "pyxl.cli.demo"} & set(mods)
 
@@ -110,11 +112,13 @@ def _cpu_ms(argv: List[str], env: dict, runs: int = 7) -> float:
 
 @pytest.mark.parametrize("argv", [["--version"], ["sim", "list"]])
 def test_startup_cpu_is_a_small_multiple_of_a_bare_interpreter(argv, sim_dir):
-    """Measured (2 cores, loaded): python -c pass 9-12 ms, --version 27 ms, sim list ~55 ms
-    (the whole library: 170 ms).  The bound is generous: 8x a bare interpreter."""
+    """Measured (2 cores, best of 21, cached bytecode): python -c pass 9 ms, --version
+    18 ms, sim list 24 ms (the whole library: 170 ms).  The bound, 3x a bare
+    interpreter + 10 ms, leaves room for a loaded machine's noise, not for a
+    heavy import."""
     env = dict(os.environ, PYXL_SIM_DIR=sim_dir)
     pyxl = [sys.executable, "-m", "pyxl"]
     subprocess.run(pyxl + argv, capture_output=True, env=env, check=True)   # bytecode cached
     bare = _cpu_ms([sys.executable, "-c", "pass"], env)
     took = _cpu_ms(pyxl + argv, env)
-    assert took <= 8 * bare + 10, f"pyxl {' '.join(argv)}: {took:.1f} ms CPU, bare {bare:.1f}"
+    assert took <= 3 * bare + 10, f"pyxl {' '.join(argv)}: {took:.1f} ms CPU, bare {bare:.1f}"

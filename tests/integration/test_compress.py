@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -179,7 +178,7 @@ def test_compressor_killed_mid_save_fails_the_save(sim_dir, tmp_path):
     loop.run_until(lambda: op._zstd is not None or op.done(), 30)
     stage = op._zstd
     assert stage is not None
-    loop.call_later(0.05, lambda: os.kill(stage.child.proc.pid, signal.SIGKILL))
+    loop.call_later(0.05, lambda: stage.child.kill())
     assert loop.run_until(op.done, 120)
     with pytest.raises(OperationError, match=r"compressing the save stream failed"):
         op.result()

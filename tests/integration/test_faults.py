@@ -96,7 +96,7 @@ def arm(op: pyxl.Operation, pred: Pred, action: Callable[[], None]) -> List[floa
     ``pred``, before pyxl acts on that message.  Returns a list that receives
     the time the fault fired."""
     if op.helper is None:     # a save's helper starts from the loop
-        op.loop.run_until(lambda: op.helper is not None or op.done(), 30)
+        op.loop.run_until(lambda: (op.helper is not None and op.helper.pid > 0) or op.done(), 30)
     helper = op.helper
     assert helper is not None
     deliver = helper._on_message
@@ -235,7 +235,7 @@ def test_save_fault(sim_dir, tmp_path, helper, kind, trigger, live):
     companion.watch(op)
     if trigger == "start":
         if kind != "cancel":   # the helper starts from the loop: kill or stop it once it runs
-            op.loop.run_until(lambda: op.helper is not None or op.done(), 30)
+            op.loop.run_until(lambda: (op.helper is not None and op.helper.pid > 0) or op.done(), 30)
         fired = [time.monotonic()]
         fault_action(op, kind)()
     else:

@@ -95,9 +95,12 @@ def test_64_operations_at_once(sim_dir, tmp_path):
                   timeout=300, fsync=False) for s in saves]
     ops += [pyxl.restore(r["path"], paused=True, helper=r["helper"], sim_dir=sim_dir,
                          timeout=300, name=r["name"]) for r in restores]
-    # the saves' helpers start from the loop (one per callback), the restores' at once
-    default_loop().run_until(lambda: all(op.helper is not None or op.done() for op in ops), 60)
-    assert sum(op.helper is not None and op.helper.running for op in ops) == 64
+    # every helper starts from the loop, through the spawner: once all have, most
+    # still run (a small non-live save may be done already on a loaded host)
+    default_loop().run_until(
+        lambda: all((op.helper is not None and op.helper.pid > 0) or op.done() for op in ops), 60)
+    assert sum(op.helper is not None and op.helper.pid > 0 for op in ops) == 64
+    assert sum(op.helper is not None and op.helper.running for op in ops) >= 48
     results = pyxl.wait(*ops, timeout=300)
     took = time.monotonic() - t0
     check_results(sim_dir, saves, restores, results[:32], results[32:])

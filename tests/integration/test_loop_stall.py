@@ -131,7 +131,7 @@ def test_short_child_cancel_still_reaps(tmp_path):
     while not child.finished and time.monotonic() < deadline:
         loop.run_once(0.1)
     assert child.finished and seen == []
-    assert subprocess.run(["ps", "-o", "stat=", "-p", str(child.proc.pid)],
+    assert subprocess.run(["ps", "-o", "stat=", "-p", str(child.pid)],
                           capture_output=True, text=True).stdout.strip() == ""
     loop.close()
 

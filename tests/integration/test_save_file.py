@@ -13,7 +13,6 @@ a temporary file nor a child is left behind.
 from __future__ import annotations
 
 import os
-import signal
 
 import pytest
 
@@ -71,7 +70,7 @@ def test_finisher_killed_mid_save_fails_the_save(sim_dir, tmp_path):
     loop.run_until(lambda: op._finisher is not None or op.done(), 30)   # started from the loop
     finisher = op._finisher
     assert finisher is not None
-    loop.call_later(0.05, lambda: os.kill(finisher.child.proc.pid, signal.SIGKILL))
+    loop.call_later(0.05, lambda: finisher.child.kill())
     assert loop.run_until(op.done, 120)
     with pytest.raises(OperationError, match=r"flushing the save file failed: .*status -9"):
         op.result()

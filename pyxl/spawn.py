@@ -1,0 +1,276 @@
+"""Starting child processes without the loop ever waiting for one.
+
+``subprocess`` and ``posix_spawn`` return only once the child has exec'd
+(vfork semantics: the parent sleeps meanwhile).  Quiet, that is 1-3 ms; with
+the CPUs busy -- 16 helpers on 2 CPUs -- the child first waits for a CPU, and
+the parent, once woken, waits again: 20-150 ms measured inside one loop
+callback.  So pyxl does not start its children itself.  A small native
+process, ``pyxl-spawner`` (``spawner/spawner.c``, one per pyxl process,
+started on first use), does it: the loop sends a request (argv, env, the fds
+the child gets) on a socket, and the answer -- the pid and a pidfd, or why
+the exec failed -- comes back on a socket of its own, read from the loop.
+
+The children are still pyxl's own: the spawner clones them with
+``CLONE_PARENT``, so pyxl reaps them and gets their exit status as if it had
+forked them.  :class:`Child` is such a child, watched through its pidfd (no
+SIGCHLD handler).  An application that set SIGCHLD to SIG_IGN (the kernel
+then reaps, and ``waitpid`` fails with ECHILD) gets ``status`` None.
+
+May import: pyxl.loop, pyxl.fdio, pyxl._paths.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import os
+import signal
+import socket
+import struct
+import subprocess
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+from pyxl._paths import package_file
+from pyxl.fdio import close_quietly
+from pyxl.loop import Loop
+
+__all__ = ["Child", "SPAWNER_NAME", "inherited_stderr", "spawner_pid",
+           "start_spawner"]
+
+SPAWNER_NAME = "pyxl-spawner"
+_REPLY = struct.Struct("=iiI")          # pid, errno, stage
+_STAGES = {1: "the spawner refused the request", 2: "clone", 3: "its fds", 4: "chdir",
+           5: "exec"}
+
+
+class _Spawner:
+    """The running spawner of this process (a new one after a fork, or if it died)."""
+
+    def __init__(self) -> None:
+        exe = package_file(SPAWNER_NAME)
+        if not os.access(exe, os.X_OK):
+            raise OSError(errno.ENOENT, f"{exe} is missing: build pyxl (`make build`)")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            # Its own process group: a terminal's Ctrl-C is pyxl's to handle.
+            self.proc: "subprocess.Popen[bytes]" = subprocess.Popen(
+                [exe], stdin=theirs.fileno(), stdout=subprocess.DEVNULL, close_fds=True,
+                process_group=0)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.pid = os.getpid()
+
+    def send(self, payload: bytes, fds: Sequence[int]) -> None:
+        # A request is a few KiB and the spawner takes them in order, at once:
+        # the socket's buffer (over 200 KiB) does not fill in practice.
+        self.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                       array.array("i", fds))])
+
+
+_spawner: Optional[_Spawner] = None
+
+
+def start_spawner() -> None:
+    """Start this process's spawner now, if it does not run.  Optional: the first
+    :class:`Child` does it otherwise (a fork+exec, waited for, once).  It holds
+    one socket of ours until the process exits."""
+    global _spawner
+    if _spawner is None or _spawner.pid != os.getpid():
+        # After a fork the parent's spawner is not ours (its children would
+        # be the parent's): ours is a new one; the inherited socket is left
+        # alone (closing it here is harmless, but it is not ours to manage).
+        _spawner = _Spawner()
+
+
+def spawner_pid() -> Optional[int]:
+    """The pid of this process's spawner, if it runs (a child of ours, like the
+    processes it starts)."""
+    if _spawner is None or _spawner.pid != os.getpid():
+        return None
+    return _spawner.proc.pid
+
+
+def _send(payload: bytes, fds: Sequence[int]) -> None:
+    """To this process's spawner, starting one if there is none (or it died)."""
+    global _spawner
+    for attempt in (1, 2):
+        start_spawner()
+        assert _spawner is not None
+        try:
+            _spawner.send(payload, fds)
+            return
+        except (BrokenPipeError, ConnectionResetError):
+            if attempt == 2:
+                raise
+            _spawner.sock.close()
+            _spawner.proc.poll()        # reap it if it is gone
+            _spawner = None
+
+
+def _which(name: str, env: Mapping[str, str]) -> str:
+    if "/" in name:
+        return name
+    for d in env.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(d or ".", name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(errno.ENOENT, f"{name}: not found on PATH", name)
+
+
+def _cpu_mask() -> bytes:
+    """This thread's CPU affinity as a kernel cpumask (bytes, CPU 0 first)."""
+    bits = 0
+    for cpu in os.sched_getaffinity(0):
+        bits |= 1 << cpu
+    return bits.to_bytes((bits.bit_length() + 63) // 64 * 8, "little")
+
+
+def _request(path: str, argv: Sequence[str], env: Mapping[str, str], targets: Sequence[int],
+             new_group: bool) -> bytes:
+    """What a fork here would give the child: our cwd, nice and CPU affinity."""
+    strings = [path, os.getcwd(), *argv, *(f"{k}={v}" for k, v in env.items())]
+    mask = _cpu_mask()
+    return (b"PXS1" + struct.pack(f"=II{len(targets)}iiI", 1 if new_group else 0, len(targets),
+                                  *targets, os.getpriority(os.PRIO_PROCESS, 0), len(mask))
+            + mask + struct.pack("=II", len(argv), len(env))
+            + b"".join(os.fsencode(s) + b"\0" for s in strings))
+
+
+def inherited_stderr() -> Dict[int, int]:
+    """``fds`` entry giving a child our stderr (none if ours is closed)."""
+    try:
+        os.fstat(2)
+    except OSError:
+        return {}
+    return {2: 2}
+
+
+class Child:
+    """A child process running ``argv``, started through the spawner.
+
+    ``fds`` maps the child's fd numbers to ours (the child gets copies; 0-2
+    not given are /dev/null, nothing else is inherited).  ``exited(status)``
+    comes once, from ``loop``: the exit code as :mod:`subprocess` reports it
+    (-N: killed by signal N), or None if its status was lost (reaped
+    elsewhere).  If the program never ran, ``start_error`` says why (an
+    OSError, e.g. FileNotFoundError) and ``exited(None)`` follows.  ``pid`` is
+    -1 until the spawner has answered (then ``started()``, if given, runs);
+    a signal sent before that is delivered then.  Errors in the request itself (no such program on PATH, no fds)
+    raise OSError here."""
+
+    def __init__(self, loop: Loop, argv: Sequence[str], exited: Callable[[Optional[int]], None],
+                 *, fds: Optional[Mapping[int, int]] = None,
+                 env: Optional[Mapping[str, str]] = None, new_group: bool = True,
+                 started: Optional[Callable[[], None]] = None) -> None:
+        self.loop = loop
+        self.argv = list(argv)
+        self._exited_cb = exited
+        self._started_cb = started
+        self.pid = -1
+        self.start_error: Optional[OSError] = None
+        self.finished = False
+        self.wait_status: Optional[int] = None   # os.waitpid's, when known
+        self._pidfd = -1
+        self._pending: List[int] = []
+        env = dict(os.environ if env is None else env)
+        fds = dict(fds or {})
+        payload = _request(_which(self.argv[0], env), self.argv, env, list(fds), new_group)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            _send(payload, [theirs.fileno(), *fds.values()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        self._reply: Optional[socket.socket] = ours
+        loop.add_reader(ours.fileno(), self._answered)
+
+    @property
+    def running(self) -> bool:
+        return not self.finished
+
+    def _answered(self) -> None:
+        sock = self._reply
+        assert sock is not None
+        try:
+            data, anc, _flags, _addr = sock.recvmsg(_REPLY.size, socket.CMSG_SPACE(4))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            data, anc = b"", []
+            self.start_error = exc
+        self.loop.remove_reader(sock.fileno())
+        sock.close()
+        self._reply = None
+        for level, kind, body in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(body) >= 4:
+                self._pidfd = array.array("i", body[:4])[0]
+        if len(data) != _REPLY.size:
+            # The spawner died before answering: whatever it started (if
+            # anything) cannot be told apart here.
+            self.start_error = self.start_error or OSError(
+                errno.ECHILD, "pyxl-spawner ended before it answered")
+            self._end(None)
+            return
+        pid, err, stage = _REPLY.unpack(data)
+        self.pid = pid
+        if err:
+            why = os.strerror(err) if stage == 5 else (
+                f"{os.strerror(err)} ({_STAGES.get(stage, stage)})")
+            self.start_error = OSError(err, why, self.argv[0])
+        if self._pidfd < 0:
+            self._end(None)
+            return
+        self.loop.add_reader(self._pidfd, self._gone)
+        for signum in self._pending:
+            self.signal(signum)
+        self._pending.clear()
+        if self.start_error is None and self._started_cb is not None:
+            self._started_cb()
+
+    def _gone(self) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, -1       # reaped by the kernel (SIGCHLD ignored) or someone
+        if pid == 0:
+            return                           # a spurious wake-up: not gone yet
+        self.loop.remove_reader(self._pidfd)
+        close_quietly(self._pidfd)
+        self._pidfd = -1
+        if status == -1:
+            self._end(None)
+        else:
+            self.wait_status = status
+            self._end(os.waitstatus_to_exitcode(status))
+
+    def _end(self, code: Optional[int]) -> None:
+        if not self.finished:
+            self.finished = True
+            self._exited_cb(None if self.start_error is not None else code)
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` (through the pidfd: never to a reused pid)."""
+        if self.finished:
+            return
+        if self._pidfd < 0:
+            self._pending.append(signum)
+            return
+        try:
+            signal.pidfd_send_signal(self._pidfd, signum)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+    def forget(self) -> None:
+        """No callback; it is still reaped when it ends."""
+        self._exited_cb = lambda status: None
+

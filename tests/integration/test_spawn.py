@@ -1,0 +1,189 @@
+"""pyxl.spawn: children started by pyxl-spawner, without the loop waiting for them."""
+
+from __future__ import annotations
+
+import array
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Dict, List, Optional
+
+import pytest
+
+from conftest import children, open_fds
+from pyxl import spawn
+from pyxl.loop import SelectorLoop
+from pyxl.spawn import Child, spawner_pid, start_spawner
+
+
+def run_child(argv: List[str], timeout: float = 10.0, **kw: object) -> Dict[str, object]:
+    loop = SelectorLoop()
+    seen: Dict[str, object] = {}
+    child = Child(loop, argv, lambda code: seen.setdefault("code", code), **kw)  # type: ignore[arg-type]
+    assert loop.run_until(lambda: "code" in seen, timeout)
+    loop.close()
+    seen["child"] = child
+    return seen
+
+
+def output_of(argv: List[str], **kw: object) -> str:
+    r, w = os.pipe()
+    try:
+        fds = dict(kw.pop("fds", {}))  # type: ignore[call-overload]
+        fds[1] = w
+        seen = run_child(argv, fds=fds, **kw)
+    finally:
+        os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    assert seen["code"] == 0, out
+    return out
+
+
+PROBE = ("import os; print(os.getppid(), os.getpgid(0) == os.getpid(), "
+         "sorted(int(f) for f in os.listdir('/proc/self/fd')), os.readlink('/proc/self/fd/0'), "
+         "os.environ.get('PROBE'), os.getcwd(), sep='|')")
+
+
+def test_child_is_ours_in_its_own_group_with_only_its_fds(tmp_path):
+    extra_r, extra_w = os.pipe()       # an fd of ours the child must not get...
+    passed_r, passed_w = os.pipe()     # ...and one it gets, as fd 7
+    try:
+        out = output_of([sys.executable, "-I", "-S", "-c", PROBE], fds={7: passed_r},
+                        env={"PROBE": "yes", "PATH": os.environ["PATH"]})
+    finally:
+        for fd in (extra_r, extra_w, passed_r, passed_w):
+            os.close(fd)
+    ppid, own_group, fds, stdin, env, cwd = out.split("|")
+    assert int(ppid) == os.getpid()            # CLONE_PARENT: ours, not the spawner's
+    assert own_group == "True"
+    # 0 and 2 (/dev/null), 1 (our pipe), 7; 3 is listdir's own fd.  Nothing else.
+    assert fds == "[0, 1, 2, 3, 7]" and stdin == "/dev/null"
+    assert env == "yes" and cwd.strip() == os.getcwd()
+
+
+def test_exit_codes_signals_and_a_missing_program():
+    assert run_child(["sh", "-c", "exit 3"])["code"] == 3
+    loop = SelectorLoop()
+    seen: List[Optional[int]] = []
+    child = Child(loop, ["sleep", "30"], seen.append)
+    child.kill()                       # before the spawner answered: delivered at the start
+    assert loop.run_until(lambda: seen, 10)
+    assert seen == [-signal.SIGKILL] and child.wait_status is not None
+    missing = run_child(["/nonexistent/program"])
+    child = missing["child"]
+    assert missing["code"] is None
+    assert isinstance(child.start_error, FileNotFoundError)      # type: ignore[attr-defined]
+    assert child.pid > 0                                          # type: ignore[attr-defined]
+    assert not [p for p, _ in children() if p == child.pid]       # type: ignore[attr-defined]
+    with pytest.raises(FileNotFoundError):
+        Child(loop, ["no-such-program-on-path"], seen.append)
+    loop.close()
+
+
+def test_the_call_never_waits_for_the_spawner():
+    """With the spawner stopped, a start returns at once; the child runs when
+    the spawner does."""
+    start_spawner()
+    pid = spawner_pid()
+    assert pid is not None
+    loop = SelectorLoop()
+    seen: List[Optional[int]] = []
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        t = time.perf_counter()
+        kids = [Child(loop, ["true"], seen.append) for _ in range(16)]
+        took = time.perf_counter() - t
+        loop.run_until(lambda: False, 0.3)
+        assert seen == [] and all(k.pid == -1 for k in kids)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert took < 0.1, took
+    assert loop.run_until(lambda: len(seen) == 16, 20)
+    assert seen == [0] * 16
+    loop.close()
+
+
+def test_a_dead_spawner_is_replaced_and_its_pending_start_fails():
+    start_spawner()
+    pid = spawner_pid()
+    assert pid is not None
+    loop = SelectorLoop()
+    seen: List[Optional[int]] = []
+    os.kill(pid, signal.SIGSTOP)
+    pending = Child(loop, ["true"], seen.append)
+    os.kill(pid, signal.SIGKILL)
+    assert loop.run_until(lambda: seen, 10)
+    assert seen == [None] and pending.start_error is not None
+    assert "spawner" in str(pending.start_error)
+    os.waitpid(pid, 0)
+    assert run_child(["true"])["code"] == 0       # a new spawner
+    assert spawner_pid() not in (None, pid)
+    loop.close()
+
+
+def test_malformed_requests_are_answered_and_the_spawner_lives_on():
+    start_spawner()
+    assert spawn._spawner is not None
+    for payload in (b"junk", b"PXS1" + b"\xff" * 40, b"PXS1" + bytes(12)):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        spawn._spawner.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                 array.array("i", [theirs.fileno()]))])
+        theirs.close()
+        ours.settimeout(10)
+        pid, err, stage = spawn._REPLY.unpack(ours.recv(64))
+        ours.close()
+        assert (pid, stage) == (-1, 1) and err != 0
+    assert run_child(["true"])["code"] == 0
+
+
+def test_after_a_fork_the_child_process_gets_its_own_spawner():
+    start_spawner()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # pragma: no cover - the forked test process
+        code = 1
+        try:
+            seen = run_child([sys.executable, "-I", "-S", "-c", "import os; os.write(1, "
+                              "str(os.getppid()).encode())"], fds={1: w})
+            code = 0 if seen["code"] == 0 and spawner_pid() not in (None,) else 2
+        finally:
+            os._exit(code)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(r) as f:
+        assert f.read() == str(pid)          # the forked process's child, not ours
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_sigchld_ignored_still_ends():
+    old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        seen = run_child(["sh", "-c", "exit 5"])
+    finally:
+        signal.signal(signal.SIGCHLD, old)
+    assert seen["code"] is None and seen["child"].wait_status is None  # type: ignore[attr-defined]
+
+
+def test_no_fd_left_behind():
+    before = open_fds()
+    for _ in range(5):
+        assert run_child(["true"])["code"] == 0
+    run_child(["/nonexistent/program"])
+    assert open_fds() == before
+
+
+def test_child_gets_the_callers_cpu_affinity():
+    """As a fork from the calling thread would (the bench places helpers so)."""
+    start_spawner()
+    old = os.sched_getaffinity(0)
+    cpu = max(old)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        out = output_of([sys.executable, "-I", "-S", "-c",
+                         "import os; print(sorted(os.sched_getaffinity(0)))"])
+    finally:
+        os.sched_setaffinity(0, old)
+    assert out.strip() == f"[{cpu}]"
