@@ -264,8 +264,8 @@ class Bench:
                                    helper=self.helpers[who], sim_dir=self.sim_dir,
                                    fsync=filesink, timeout=600)
                     # a save's helper starts from the loop: let it start here
-                    pyxl.default_loop().run_until(lambda: (op.helper is not None and op.helper.pid > 0) or op.done(),
-                                                  60)
+                    pyxl.default_loop().run_until(
+                        lambda: (op.helper is not None and op.helper.pid > 0) or op.done(), 60)
                 spy_helper(op, mem, marks)
                 with pinned({pl["driver"]}):
                     result = pyxl.wait(op)[0]
@@ -413,6 +413,10 @@ class Bench:
                             op = pyxl.restore(stream, paused=True, helper=self.helpers[who],
                                               sim_dir=self.sim_dir, timeout=600,
                                               name="restored")   # the source stays
+                            # its helper starts from the loop: let it start here
+                            pyxl.default_loop().run_until(
+                                lambda: (op.helper is not None and op.helper.pid > 0)
+                                or op.done(), 60)
                         spy_helper(op, mem, marks)
                         with pinned({pl["driver"]}):
                             newdom = pyxl.wait(op)[0].domid
