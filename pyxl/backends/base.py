@@ -13,7 +13,10 @@ around the helper run.  pyxl's operations do that through a backend:
 
 Optional: ``cpu_cap(domid) -> int`` and ``set_cpu_cap(domid, cap)`` (the scheduler
 cap, percent of one CPU, 0 = uncapped) -- only live migration with auto-converge
-uses them, and refuses to start without them.
+uses them, and refuses to start without them.  ``start_unpause(loop, domid,
+done)``: :meth:`Backend.unpause` for a backend whose unpause may take a while
+(fakexen starts a vCPU process); without it, ``unpause`` is called
+(:func:`start_unpause`).
 
 Calls are made from the operation's event loop, so each must return quickly;
 the ones that wait on the guest or its device model (``start_*``) are
@@ -32,7 +35,7 @@ from pyxl.errors import BackendError, StartupError
 from pyxl.loop import Loop, SelectorLoop
 
 __all__ = ["Backend", "Cancellable", "Done", "EmulatorRecord", "NoDeviceModel", "RestorePorts",
-           "SavedState", "domid_of", "name_owner", "run_to_end"]
+           "SavedState", "domid_of", "name_owner", "run_to_end", "start_unpause"]
 
 #: Xen's domain ids for guests: 0 is dom0, DOMID_FIRST_RESERVED (0x7FF0) and up are special.
 DOMID_LIMIT = 0x7FF0
@@ -168,6 +171,23 @@ class NoDeviceModel:
     def start_restore_device_model(self, loop: Loop, domid: int, records: List[EmulatorRecord],
                                    done: Done) -> Cancellable:
         return loop.call_later(0, lambda: done(True, ""))
+
+
+def start_unpause(backend: Backend, loop: Loop, domid: int, done: Done) -> Optional[Cancellable]:
+    """Unpause ``domid`` from ``loop``: through the backend's optional
+    ``start_unpause`` (``done`` later, from the loop), else its ``unpause``
+    (``done`` before this returns; None).  A backend's exception is ``done(False, why)``."""
+    start = getattr(backend, "start_unpause", None)
+    try:
+        if start is not None:
+            handle: Cancellable = start(loop, domid, done)
+            return handle
+        backend.unpause(domid)
+    except Exception as exc:  # a backend is the caller's code (any toolstack's)
+        done(False, str(exc) or type(exc).__name__)
+        return None
+    done(True, "")
+    return None
 
 
 def run_to_end(start: Callable[[Loop, Done], Cancellable], what: str,

@@ -156,6 +156,25 @@ class SimBackend:
     def unpause(self, domid: int) -> None:
         sim.unpause(domid, sim_dir=self.sim_dir)
 
+    def start_unpause(self, loop: Loop, domid: int, done: Done) -> Cancellable:
+        """:meth:`unpause`, without waiting for a new vCPU process to start
+        (a restored guest's): its launcher runs as a short child."""
+        argv = sim.start_unpause(domid, sim_dir=self.sim_dir)
+        if argv is None:
+            return loop.call_later(0, lambda: done(True, ""))
+
+        def started(status: int, err: str) -> None:
+            if status == 0:
+                done(True, "")
+                return
+            try:
+                sim.unpause_failed(domid, sim_dir=self.sim_dir)
+            except sim.SimError:
+                pass                    # destroyed meanwhile
+            done(False, err or f"its vCPU did not start (status {status})")
+
+        return ShortChild(loop, argv, started)
+
     def rename(self, domid: int, name: str) -> None:
         other = name_owner(self, name, but=domid)
         if other is not None:

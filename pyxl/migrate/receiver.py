@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 from pyxl._log import get_logger
 from pyxl._units import format_size
 from pyxl.backends import Backend, default_backend
+from pyxl.backends.base import start_unpause
 from pyxl.errors import (CorruptImage, HelperFailed, MigrationError, MigrationProtocolError,
                          OperationError, StartupError)
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
@@ -464,17 +465,31 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._go()
 
     def _go(self) -> None:
-        assert self.domid is not None and self.outbox is not None
-        status = 0
-        err: Optional[OperationError] = None
+        assert self.domid is not None
+        self.state = "starting"
         try:
             if self.name is not None:
                 self.backend.rename(self.domid, self.name)
-            if not self.paused:
-                self.backend.unpause(self.domid)
         except Exception as exc:
+            self._started(False, str(exc))
+            return
+        if self.paused:
+            self._started(True, "")
+            return
+        handle = start_unpause(self.backend, self.loop, self.domid, self._started)
+        if handle is not None:
+            self._timers.append(handle)
+
+    def _started(self, ok: bool, why: str) -> None:
+        """The received domain runs (or would not start): tell the sender."""
+        if self._done or self._finishing or self.state != "starting":
+            return          # failed meanwhile (the sender went away): already reported
+        assert self.domid is not None and self.outbox is not None
+        status = 0
+        err: Optional[OperationError] = None
+        if not ok:
             status = 1
-            err = MigrationError(f"received domain {self.domid} would not start: {exc}")
+            err = MigrationError(f"received domain {self.domid} would not start: {why}")
             self._destroy()
         self.state = "reported"
         result = None

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pyxl._log import get_logger
 from pyxl._paths import helper_path, xen_release
-from pyxl.backends.base import Backend
+from pyxl.backends.base import Backend, start_unpause
 from pyxl.backends.configcheck import MAX_GIVEN_NAME, check_config, check_name
 from pyxl.errors import (Cancelled, CorruptImage, HelperFailed, OperationError, StartupError,
                          StreamTooLarge, Timeout, TruncatedStream)
@@ -502,11 +502,19 @@ class RestoreOperation(Operation[RestoreResult]):
             if not ok:
                 self._wont_start(f"its device model did not start: {why}")
                 return
-            try:
-                if not self.paused:
-                    self.backend.unpause(self.domid)
-            except Exception as err:  # a backend is the caller's code (any toolstack's)
-                self._wont_start(err)
+            if self.paused:
+                unpaused(True, "")
+                return
+            handle = start_unpause(self.backend, self.loop, self.domid, unpaused)
+            if handle is not None:
+                self._aux.append(handle)
+
+        def unpaused(ok: bool, why: str) -> None:
+            if self._failure is not None:   # cancelled or timed out meanwhile
+                self._fail_and_destroy(self._failure)
+                return
+            if not ok:
+                self._wont_start(why)
                 return
             self._finish(RestoreResult(self.domid, res.store_gfn, res.console_gfn, self.config,
                                        time.monotonic() - self.started, emulator_records=records,

@@ -26,8 +26,8 @@ poll for suspension with a timer.
 """
 
 from pyxl.sim.control import (DomainInfo, bury, config, cpu_cap, destroy, info, list_domains, pause, remove_dir,
-                              rename, request_suspend, resume, set_cpu_cap, set_dirty_rate, state, suspend,
-                              unpause)
+                              rename, request_suspend, resume, set_cpu_cap, set_dirty_rate, start_unpause,
+                              state, suspend, unpause, unpause_failed)
 from pyxl.sim.errors import (DomainStateError, InsufficientResources, NoSuchDomain, SimError,
                              SimTimeout, UnsafeSimDir)
 from pyxl.sim.layout import (DEFAULT_SIM_DIR, PAGE_SIZE, SAVED_PARAMS, bit_runs, format_size,
@@ -45,5 +45,5 @@ __all__ = [
     "format_size", "grant_entries", "helper_env", "hvm_context", "hvm_params", "info",
     "libfakexen_path", "list_domains", "parse_size", "pause", "populated_runs", "ram_runs",
     "remove_dir", "rename", "request_suspend", "resume", "set_cpu_cap", "set_dirty_rate", "sim_dir_path",
-    "state", "suspend", "unpause", "vcpu_path",
+    "start_unpause", "state", "suspend", "unpause", "unpause_failed", "vcpu_path",
 ]

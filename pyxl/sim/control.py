@@ -132,12 +132,33 @@ class _Dom:
             self.set("state", st)
             raise
 
-    def start_vcpu(self) -> None:
-        import subprocess
+    def needs_vcpu(self, timeout: float) -> bool:
+        """Unpause what can be without a new vCPU (under :meth:`locked`): True if
+        the guest needs one started."""
+        st = self.state()
+        if st == SUSPENDED:
+            if self.get("resume_paused"):
+                self.set("resume_paused", 0)   # drops the pause taken while suspended
+                return False
+            raise DomainStateError(
+                f"domain {self.domid} is suspended: resume it (after a failed save) or destroy it")
+        if self.vcpu_alive():
+            if st == PAUSED:
+                self.wait_ack(self.request(REQ_RUN), timeout)
+            if self.vcpu_alive():
+                return False
+        return True
+
+    def vcpu_argv(self) -> List[str]:
+        """The command that starts this domain's vCPU (detached; exit 0 once it runs)."""
         exe = vcpu_path()
         if not os.access(exe, os.X_OK):
             raise SimError(f"{exe} is missing: build it with `setup.py build_ext --inplace`")
-        r = subprocess.run([exe, "run", self.path], stdin=subprocess.DEVNULL,
+        return [exe, "run", self.path]
+
+    def start_vcpu(self) -> None:
+        import subprocess
+        r = subprocess.run(self.vcpu_argv(), stdin=subprocess.DEVNULL,
                            capture_output=True, text=True, timeout=30)
         if r.returncode != 0:
             msg = r.stderr.strip().splitlines()[-1:] or [f"exit status {r.returncode}"]
@@ -301,19 +322,29 @@ def pause(domid: int, sim_dir: Optional[str] = None, timeout: float = 10.0) -> N
 def unpause(domid: int, sim_dir: Optional[str] = None, timeout: float = 10.0) -> None:
     """Run the guest: wake its vCPU, or start one on the domain's memory (e.g. after a restore)."""
     with _Dom(domid, sim_dir) as d, d.locked():
-        st = d.state()
-        if st == SUSPENDED:
-            if d.get("resume_paused"):
-                d.set("resume_paused", 0)   # drops the pause taken while suspended
-                return
-            raise DomainStateError(
-                f"domain {domid} is suspended: resume it (after a failed save) or destroy it")
-        if d.vcpu_alive():
-            if st == PAUSED:
-                d.wait_ack(d.request(REQ_RUN), timeout)
-            if d.vcpu_alive():
-                return
-        d.run_from(st)
+        if d.needs_vcpu(timeout):
+            d.run_from(d.state())
+
+
+def start_unpause(domid: int, sim_dir: Optional[str] = None,
+                  timeout: float = 10.0) -> Optional[List[str]]:
+    """:func:`unpause` for a caller that must not wait for a new vCPU (pyxl's
+    SimBackend, on an event loop): the domain is marked running and the
+    command that starts its vCPU is returned, for the caller to run (it exits
+    0 once the vCPU runs).  If it fails, call :func:`unpause_failed`.  None:
+    the guest runs already (a paused vCPU was woken)."""
+    with _Dom(domid, sim_dir) as d, d.locked():
+        if not d.needs_vcpu(timeout):
+            return None
+        d.set("state", RUNNING)
+        return d.vcpu_argv()
+
+
+def unpause_failed(domid: int, sim_dir: Optional[str] = None) -> None:
+    """The vCPU :func:`start_unpause` was to start did not: the domain is paused again."""
+    with _Dom(domid, sim_dir) as d, d.locked():
+        if d.state() == RUNNING and not d.vcpu_alive():
+            d.set("state", PAUSED)
 
 
 def request_suspend(domid: int, sim_dir: Optional[str] = None) -> None:

@@ -177,3 +177,43 @@ def test_starting_saves_forks_nothing_on_the_caller(sim_dir, tmp_path):
     assert sim.info(doms[3], sim_dir=sim_dir).state == "running"
     loop.close()
     assert children() == kids
+
+
+def test_restores_start_from_the_loop_and_nothing_forks_here(sim_dir, tmp_path, monkeypatch):
+    """pyxl.restore(file) reads and checks the head in the call, and nothing
+    else: the domain is built from the loop, and no process of the whole run
+    -- helpers, finishers, fakexen's vCPUs and clean-up -- is forked by this
+    process (pyxl-spawner starts them: the loop never waits for an exec).  A
+    cancel before the build leaves nothing."""
+    from pyxl.spawn import start_spawner
+    doms, paths, ops = _saves(sim_dir, tmp_path, 4, 16, leave="paused")
+    for op in ops:
+        op.result()
+    for d in doms:
+        sim.destroy(d, sim_dir=sim_dir)
+    start_spawner()
+    forks = []
+    real_init = subprocess.Popen.__init__
+
+    def spy(self, *a, **k):
+        forks.append(a[0] if a else k.get("args"))
+        real_init(self, *a, **k)
+    monkeypatch.setattr(subprocess.Popen, "__init__", spy)
+    monkeypatch.setattr(os, "fork", lambda: forks.append("fork") or -1)
+    before, kids = sorted(d.domid for d in sim.list_domains(sim_dir=sim_dir)), children()
+    loop = SelectorLoop()
+    backend = SimBackend(sim_dir)
+    rops = [pyxl.restore(p, backend=backend, loop=loop) for p in paths]
+    assert all(op.domid == -1 and op.helper is None for op in rops)
+    assert sorted(d.domid for d in sim.list_domains(sim_dir=sim_dir)) == before
+    assert children() == kids
+    assert rops[3].cancel()
+    assert isinstance(rops[3].exception(), pyxl.Cancelled)
+    assert loop.run_until(lambda: all(op.done() for op in rops), 120)
+    results = [op.result() for op in rops[:3]]
+    assert forks == []
+    for res in results:
+        info = sim.info(res.domid, sim_dir=sim_dir)
+        assert info.state == "running" and info.vcpu_pid is not None
+    assert len(sim.list_domains(sim_dir=sim_dir)) == len(before) + 3
+    loop.close()

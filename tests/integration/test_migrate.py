@@ -559,12 +559,12 @@ class _Watching(SimBackend):
         self.source_dir, self.fail = source_dir, fail
         self.seen: List[Tuple[List[str], List[str]]] = []
 
-    def unpause(self, domid: int) -> None:
+    def start_unpause(self, loop: Any, domid: int, done: Any) -> Any:
         self.seen.append(([i.name for i in sim.list_domains(sim_dir=self.source_dir)],
                           [i.name for i in sim.list_domains(sim_dir=self.sim_dir)]))
         if self.fail:
             raise OSError("injected: the copy would not start")
-        super().unpause(domid)
+        return super().start_unpause(loop, domid, done)
 
 
 def test_names_during_and_after_a_migration(hosts):
