@@ -8,8 +8,8 @@ xl does) and talking to its stdin/stdout; closing it all; and, for a
 command, waiting for its exit (SIGKILL after a grace period) so that no
 child outlives the migration.  It knows nothing of the handshake or the
 save.  With TLS (:mod:`.tls`) the connection's plaintext is a bridge's
-pipe pair, as for a command.  It may import os, errno, signal, socket,
-subprocess, pyxl.errors, pyxl.fdio, pyxl.loop and
+pipe pair, as for a command.  It may import os, errno, socket,
+pyxl.errors, pyxl.fdio, pyxl.loop, pyxl.spawn and
 pyxl.migrate.{address,resolve,tls}.
 """
 
@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import socket
-import subprocess
 from typing import Any, Callable, List, Optional, Tuple, Union
 
 from pyxl.errors import MigrationError
@@ -28,6 +26,7 @@ from pyxl.loop import Loop, Timer
 from pyxl.migrate.address import parse_address
 from pyxl.migrate.resolve import Address, Lookup, numeric
 from pyxl.migrate.tls import TlsBridge, TlsOptions, make_context
+from pyxl.spawn import Child, inherited_stderr
 
 __all__ = ["ReceiverChannel"]
 
@@ -58,8 +57,7 @@ class ReceiverChannel:
         self.rfd = self.wfd = -1
         self._sock: Optional[socket.socket] = None
         self._connecting = False
-        self._child: Optional["subprocess.Popen[bytes]"] = None
-        self._child_pidfd = -1
+        self._child: Optional[Child] = None
         self._lookup: Optional[Lookup] = None
         self._untried: List[Address] = []    # a name's other addresses, tried in turn
         self._exited: Optional[Callable[[], None]] = None
@@ -84,13 +82,20 @@ class ReceiverChannel:
     # -- opening --
 
     def _spawn(self, command: str) -> None:
-        self._child = subprocess.Popen(command, shell=True, stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, close_fds=True)
-        assert self._child.stdin is not None and self._child.stdout is not None
-        self.wfd = self._child.stdin.fileno()
-        self.rfd = self._child.stdout.fileno()
-        self._child_pidfd = os.pidfd_open(self._child.pid)
-        self.loop.add_reader(self._child_pidfd, self._child_exited)
+        # Started by pyxl-spawner: the caller does not wait for its exec.  It
+        # stays in our process group (a terminal's Ctrl-C reaches ssh too).
+        in_r, self.wfd = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.rfd, out_w = os.pipe2(os.O_CLOEXEC)
+        except OSError:
+            os.close(in_r)
+            raise
+        try:
+            self._child = Child(self.loop, ["/bin/sh", "-c", command], self._child_exited,
+                                fds={0: in_r, 1: out_w, **inherited_stderr()}, new_group=False)
+        finally:
+            os.close(in_r)
+            os.close(out_w)
         self.on_ready(self.rfd, self.wfd)
 
     def _resolved(self, addr: Optional[Address], why: str) -> None:
@@ -185,12 +190,10 @@ class ReceiverChannel:
             self._bridge_closing = True
             bridge.close(self._bridge_closed)
         if self._child is not None:
-            for f in (self._child.stdin, self._child.stdout):
-                if f is not None:
-                    try:
-                        f.close()
-                    except OSError:
-                        pass
+            for fd in {self.rfd, self.wfd}:
+                if fd >= 0:
+                    close_quietly(fd)
+            self.rfd = self.wfd = -1
 
     def _bridge_closed(self) -> None:
         self._bridge_closing = False
@@ -206,7 +209,7 @@ class ReceiverChannel:
         if self._bridge_closing:
             self._exited = then
             return
-        if self._child is None or self._child_pidfd < 0:
+        if self._child is None or self._child.finished:
             then()
             return
         self._exited = then
@@ -215,18 +218,10 @@ class ReceiverChannel:
 
     def _kill_child(self) -> None:
         self._kill_timer = None
-        if self._child is not None and self._child_pidfd >= 0:
-            try:
-                self._child.send_signal(signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if self._child is not None:
+            self._child.kill()
 
-    def _child_exited(self) -> None:
-        assert self._child is not None
-        self.loop.remove_reader(self._child_pidfd)
-        close_quietly(self._child_pidfd)
-        self._child_pidfd = -1
-        self._child.wait()
+    def _child_exited(self, status: Optional[int]) -> None:
         if self._kill_timer is not None:
             self._kill_timer.cancel()
             self._kill_timer = None

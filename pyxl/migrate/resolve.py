@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from typing import Any, Callable, List, Optional, Tuple
 
+from pyxl.fdio import close_quietly
 from pyxl.loop import Loop, Timer
+from pyxl.spawn import Child
 
 Address = Tuple[int, Tuple[Any, ...]]   # (family, sockaddr) for socket.socket(family).connect_ex(sockaddr)
 Done = Callable[[Optional[Address], str], None]
@@ -60,10 +61,9 @@ class Lookup:
     def __init__(self, loop: Loop, host: str, port: int, done: Done) -> None:
         self.loop, self.host, self.port, self._done = loop, host, port, done
         self._out: List[bytes] = []
-        self._proc: Optional["subprocess.Popen[bytes]"] = None
-        self._pidfd = -1
-        self._reading = False
-        self._reaping = False
+        self._child: Optional[Child] = None
+        self._rfd = -1
+        self._status: Optional[int] = None
         self.finished = False
         self._timer: Optional[Timer] = None
         self.addresses: List[Address] = []
@@ -74,24 +74,25 @@ class Lookup:
             self._timer = loop.call_later(0, lambda: self._finish(addr, why))
             return
         try:
-            self._proc = subprocess.Popen([GETENT, "ahosts", host], stdin=subprocess.DEVNULL,
-                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                          close_fds=True, process_group=0)  # Ctrl-C: pyxl's
+            self._rfd, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                # Started by pyxl-spawner (never waited for); its own process
+                # group: Ctrl-C is pyxl's.
+                self._child = Child(loop, [GETENT, "ahosts", host], self._exited, fds={1: w})
+            finally:
+                os.close(w)
         except OSError as exc:
+            close_quietly(self._rfd)
+            self._rfd = -1
             # The message now: ``exc`` is unbound once the except block ends.
             why = f"cannot resolve {host!r}: {GETENT}: {exc.strerror or exc}"
             self._timer = loop.call_later(0, lambda: self._finish(None, why))
             return
-        assert self._proc.stdout is not None
-        os.set_blocking(self._proc.stdout.fileno(), False)
-        self._pidfd = os.pidfd_open(self._proc.pid)
-        loop.add_reader(self._proc.stdout.fileno(), self._readable)
-        self._reading = True
+        loop.add_reader(self._rfd, self._readable)
 
     def _readable(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
         try:
-            data = os.read(self._proc.stdout.fileno(), 4096)
+            data = os.read(self._rfd, 4096)
         except BlockingIOError:
             return
         except OSError:
@@ -99,36 +100,34 @@ class Lookup:
         if data and sum(map(len, self._out)) < _MAX_OUTPUT:
             self._out.append(data)
             return
-        # EOF: reap the child when it has exited (it is about to).
+        # EOF (or too much): done reading; the outcome once it has exited too.
         self._stop_reading()
-        self.loop.add_reader(self._pidfd, self._exited)
-        self._reaping = True
+        self._conclude()
 
     def _stop_reading(self) -> None:
-        if self._reading and self._proc is not None and self._proc.stdout is not None:
-            self.loop.remove_reader(self._proc.stdout.fileno())
-            self._reading = False
+        if self._rfd >= 0:
+            self.loop.remove_reader(self._rfd)
+            os.close(self._rfd)
+            self._rfd = -1
 
-    def _exited(self) -> None:
-        assert self._proc is not None
-        self.loop.remove_reader(self._pidfd)
-        self._reaping = False
-        status = self._proc.wait()
-        self._close()
+    def _exited(self, status: Optional[int]) -> None:
+        self._status = -1 if status is None else status
+        self._conclude()
+
+    def _conclude(self) -> None:
+        if self._rfd >= 0 or self._status is None:
+            return       # still reading, or not reaped yet
+        status = self._status
         self.addresses = parse_ahosts(b"".join(self._out).decode("ascii", "replace"), self.port)
         if self.addresses:
             self._finish(self.addresses[0], "")
+        elif self._child is not None and self._child.start_error is not None:
+            self._finish(None, f"cannot resolve {self.host!r}: {GETENT}: "
+                               f"{self._child.start_error.strerror}")
         elif status == 2:
             self._finish(None, f"cannot resolve {self.host!r}: unknown host")
         else:
             self._finish(None, f"cannot resolve {self.host!r} ({GETENT} ahosts exit {status})")
-
-    def _close(self) -> None:
-        if self._pidfd >= 0:
-            os.close(self._pidfd)
-            self._pidfd = -1
-        if self._proc is not None and self._proc.stdout is not None:
-            self._proc.stdout.close()
 
     def _finish(self, addr: Optional[Address], why: str) -> None:
         if self.finished:
@@ -137,18 +136,13 @@ class Lookup:
         self._done(addr, why)
 
     def cancel(self) -> None:
-        """Stop: no callback; the lookup process is killed and reaped."""
+        """Stop: no callback; the lookup process is killed (and reaped from the loop)."""
         if self.finished:
             return
         self.finished = True
         if self._timer is not None:
             self._timer.cancel()
         self._stop_reading()
-        if self._proc is not None:
-            if self._reaping:
-                self.loop.remove_reader(self._pidfd)
-                self._reaping = False
-            if self._proc.returncode is None:
-                self._proc.kill()
-                self._proc.wait()   # SIGKILLed: returns at once
-            self._close()
+        if self._child is not None:
+            self._child.forget()
+            self._child.kill()
