@@ -132,7 +132,11 @@ def _cpu_mask() -> bytes:
 def _request(path: str, argv: Sequence[str], env: Mapping[str, str], targets: Sequence[int],
              new_group: bool) -> bytes:
     """What a fork here would give the child: our cwd, nice and CPU affinity."""
-    strings = [path, os.getcwd(), *argv, *(f"{k}={v}" for k, v in env.items())]
+    try:
+        cwd = os.getcwd()
+    except OSError:     # removed under us: the child starts in the spawner's
+        cwd = ""
+    strings = [path, cwd, *argv, *(f"{k}={v}" for k, v in env.items())]
     mask = _cpu_mask()
     return (b"PXS1" + struct.pack(f"=II{len(targets)}iiI", 1 if new_group else 0, len(targets),
                                   *targets, os.getpriority(os.PRIO_PROCESS, 0), len(mask))
