@@ -8,7 +8,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -83,15 +83,19 @@ def test_exit_codes_signals_and_a_missing_program():
     loop.close()
 
 
-def test_the_call_never_waits_for_the_spawner():
-    """With the spawner stopped, a start returns at once; the child runs when
-    the spawner does."""
+def stopped_spawner() -> Tuple[int, SelectorLoop, List[Optional[int]]]:
+    """The spawner's pid, stopped (SIGSTOP); a loop; a list for exit codes."""
     start_spawner()
     pid = spawner_pid()
     assert pid is not None
-    loop = SelectorLoop()
-    seen: List[Optional[int]] = []
     os.kill(pid, signal.SIGSTOP)
+    return pid, SelectorLoop(), []
+
+
+def test_the_call_never_waits_for_the_spawner():
+    """With the spawner stopped, a start returns at once; the child runs when
+    the spawner does."""
+    pid, loop, seen = stopped_spawner()
     try:
         t = time.perf_counter()
         kids = [Child(loop, ["true"], seen.append) for _ in range(16)]
@@ -107,12 +111,7 @@ def test_the_call_never_waits_for_the_spawner():
 
 
 def test_a_dead_spawner_is_replaced_and_its_pending_start_fails():
-    start_spawner()
-    pid = spawner_pid()
-    assert pid is not None
-    loop = SelectorLoop()
-    seen: List[Optional[int]] = []
-    os.kill(pid, signal.SIGSTOP)
+    pid, loop, seen = stopped_spawner()
     pending = Child(loop, ["true"], seen.append)
     os.kill(pid, signal.SIGKILL)
     assert loop.run_until(lambda: seen, 10)
