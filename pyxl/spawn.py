@@ -22,17 +22,18 @@ May import: pyxl.loop, pyxl.fdio, pyxl._paths.
 from __future__ import annotations
 
 import array
+import collections
 import errno
 import os
 import signal
 import socket
 import struct
 import subprocess
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from pyxl._paths import package_file
 from pyxl.fdio import close_quietly
-from pyxl.loop import Loop
+from pyxl.loop import Loop, Timer
 
 __all__ = ["Child", "SPAWNER_NAME", "inherited_stderr", "spawner_pid",
            "start_spawner"]
@@ -61,14 +62,38 @@ class _Spawner:
             raise
         finally:
             theirs.close()
+        # Never blocks: the kernel queues only a few messages on it
+        # (net.unix.max_dgram_qlen, 10 by default), so with many starts at once
+        # the rest wait in ``pending`` (below), not in sendmsg.
+        ours.setblocking(False)
         self.sock = ours
         self.pid = os.getpid()
+        #: requests that found the socket full: (payload, our copies of their fds)
+        self.pending: Deque[Tuple[bytes, List[int]]] = collections.deque()
 
     def send(self, payload: bytes, fds: Sequence[int]) -> None:
-        # A request is a few KiB and the spawner takes them in order, at once:
-        # the socket's buffer (over 200 KiB) does not fill in practice.
         self.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                        array.array("i", fds))])
+
+    def queue(self, payload: bytes, fds: Sequence[int]) -> None:
+        """Keep a request (and copies of its fds: the caller closes its own) for
+        :func:`_flush`."""
+        copies: List[int] = []
+        try:
+            for fd in fds:
+                copies.append(os.dup(fd))
+        except OSError:
+            for fd in copies:
+                os.close(fd)
+            raise
+        self.pending.append((payload, copies))
+
+    def close(self) -> None:
+        self.sock.close()
+        while self.pending:
+            for fd in self.pending.popleft()[1]:
+                os.close(fd)
+        self.proc.poll()        # reap it if it is gone
 
 
 _spawner: Optional[_Spawner] = None
@@ -94,21 +119,67 @@ def spawner_pid() -> Optional[int]:
     return _spawner.proc.pid
 
 
-def _send(payload: bytes, fds: Sequence[int]) -> None:
-    """To this process's spawner, starting one if there is none (or it died)."""
+def _restart() -> _Spawner:
+    """The spawner died (its socket broke): a new one takes the pending requests.
+    Requests it had taken and not answered fail (their reply sockets see EOF)."""
     global _spawner
+    assert _spawner is not None
+    old = _spawner
+    pending, old.pending = old.pending, collections.deque()
+    old.close()
+    _spawner = None
+    start_spawner()
+    assert _spawner is not None
+    _spawner.pending = pending
+    return _spawner
+
+
+def _send(payload: bytes, fds: Sequence[int]) -> bool:
+    """To this process's spawner (starting one if there is none), now (True) or,
+    if its socket is full, at a later :func:`_flush` (False).  Never waits."""
+    start_spawner()
+    assert _spawner is not None
+    if _spawner.pending:
+        _spawner.queue(payload, fds)      # in order
+        _flush()
+        return not _still_pending()
     for attempt in (1, 2):
-        start_spawner()
-        assert _spawner is not None
         try:
             _spawner.send(payload, fds)
-            return
+            return True
+        except BlockingIOError:
+            _spawner.queue(payload, fds)
+            return False
         except (BrokenPipeError, ConnectionResetError):
             if attempt == 2:
                 raise
-            _spawner.sock.close()
-            _spawner.proc.poll()        # reap it if it is gone
-            _spawner = None
+            _restart()
+    return True     # not reached: the second attempt returns or raises
+
+
+def _still_pending() -> bool:
+    return _spawner is not None and bool(_spawner.pending)
+
+
+def _flush() -> None:
+    """Send what waits for room on the spawner's socket, in order, as far as it
+    goes.  Called at each answer: an answer means the spawner took a request,
+    so while requests wait, answers keep coming."""
+    spawner = _spawner
+    if spawner is None or spawner.pid != os.getpid():
+        return
+    while spawner.pending:
+        payload, fds = spawner.pending[0]
+        try:
+            spawner.send(payload, fds)
+        except BlockingIOError:
+            return
+        except (BrokenPipeError, ConnectionResetError):
+            spawner = _restart()
+            continue
+        spawner.pending.popleft()
+        for fd in fds:
+            os.close(fd)
 
 
 def _which(name: str, env: Mapping[str, str]) -> str:
@@ -185,7 +256,7 @@ class Child:
         payload = _request(_which(self.argv[0], env), self.argv, env, list(fds), new_group)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            _send(payload, [theirs.fileno(), *fds.values()])
+            sent = _send(payload, [theirs.fileno(), *fds.values()])
         except BaseException:
             ours.close()
             raise
@@ -194,6 +265,16 @@ class Child:
         ours.setblocking(False)
         self._reply: Optional[socket.socket] = ours
         loop.add_reader(ours.fileno(), self._answered)
+        # Queued (the spawner's socket was full): the answers to earlier
+        # requests send it; this loop also tries, in case those answers are
+        # read by a loop that is not running.
+        self._retry: Optional[Timer] = None if sent else loop.call_later(0.005, self._resend)
+
+    def _resend(self) -> None:
+        self._retry = None
+        _flush()
+        if self._reply is not None and _still_pending():
+            self._retry = self.loop.call_later(0.005, self._resend)
 
     @property
     def running(self) -> bool:
@@ -212,6 +293,10 @@ class Child:
         self.loop.remove_reader(sock.fileno())
         sock.close()
         self._reply = None
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        _flush()
         for level, kind, body in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and len(body) >= 4:
                 self._pidfd = array.array("i", body[:4])[0]
