@@ -37,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -50,11 +50,13 @@ from pyxl.loop import SelectorLoop, _SelectorTimer  # noqa: E402
 from pyxl.spawn import start_spawner  # noqa: E402
 
 
-def _schedstat() -> Tuple[float, float]:
-    """This thread's time on a CPU and waiting for one (run queue), seconds."""
+def _queued() -> float:
+    """Seconds this thread has waited for a CPU (run queue), from schedstat:
+    updated each time it gets a CPU back, so exact across a callback that was
+    preempted.  (Its CPU-time field is updated only at scheduler events, so
+    CPU time comes from the thread's clock instead.)"""
     with open("/proc/thread-self/schedstat") as f:
-        on_cpu, queued = f.read().split()[:2]
-    return int(on_cpu) / 1e9, int(queued) / 1e9
+        return int(f.read().split()[1]) / 1e9
 
 
 class TimedLoop(SelectorLoop):
@@ -71,20 +73,21 @@ class TimedLoop(SelectorLoop):
 
     def _timed(self, cb: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
-            w, (c, q) = time.perf_counter(), _schedstat()
+            w, c, q = time.perf_counter(), time.thread_time(), _queued()
             try:
                 cb()
             finally:
                 wall = time.perf_counter() - w
-                c1, q1 = _schedstat()
-                slept = max(0.0, wall - (c1 - c) - (q1 - q))
+                cpu = time.thread_time() - c
+                queued = _queued() - q
+                slept = max(0.0, wall - cpu - queued)
                 self.wall.append(wall)
-                self.cpu.append(c1 - c)
+                self.cpu.append(cpu)
                 self.slept.append(slept)
                 if wall * 1e3 > self.worst.get("wall_ms", -1):
                     self.worst = {"wall_ms": round(wall * 1e3, 2),
-                                  "cpu_ms": round((c1 - c) * 1e3, 2),
-                                  "queued_ms": round((q1 - q) * 1e3, 2),
+                                  "cpu_ms": round(cpu * 1e3, 2),
+                                  "queued_ms": round(queued * 1e3, 2),
                                   "slept_ms": round(slept * 1e3, 2),
                                   "callback": getattr(cb, "__qualname__", repr(cb))}
         return run
