@@ -27,12 +27,15 @@
  * stage says which step failed: 1 the request, 2 clone, 3 fds, 4 chdir, 5 exec.
  * A child whose exec failed has exited with status 127 (the caller reaps it).
  * Every fd of the child that is not a target is closed; 0-2 default to
- * /dev/null.  EOF on fd 0 (the caller closed it or died): we exit.
+ * /dev/null.  Requests are taken while earlier children have yet to exec;
+ * each is answered once its child has.  EOF on fd 0 (the caller closed it
+ * or died): we answer what is in flight and exit.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <stdint.h>
@@ -246,6 +249,15 @@ static void reply(int sock, int32_t pid, int32_t err, uint32_t stage, int pidfd)
         ;
 }
 
+/* Children started and not yet exec'd: their reply is sent once their exec
+ * report pipe says how it went, while further requests are taken meanwhile
+ * (with the CPUs busy, a child may wait a while for one to exec on). */
+#define MAX_INFLIGHT 64
+struct inflight { int status, sock, pidfd; int32_t pid; };
+static struct inflight inflight[MAX_INFLIGHT];
+static int ninflight;
+
+/* Start the request's child; its reply socket is kept in `inflight`. */
 static void serve(struct request *rq, int malformed, ssize_t len)
 {
     int sock = rq->nrecv > 0 ? rq->fds[0] : -1;
@@ -273,17 +285,30 @@ static void serve(struct request *rq, int malformed, ssize_t len)
         reply(sock, -1, err, ST_CLONE, -1);
         return;
     }
-    /* EOF: exec'd (the pipe was CLOEXEC) or exited after reporting. */
+    struct inflight *f = &inflight[ninflight++];
+    f->status = pipefd[0];
+    f->sock = dup(sock);        /* the request's own copy is closed by the caller */
+    f->pidfd = pidfd;
+    f->pid = (int32_t)pid;
+}
+
+/* A child's exec report pipe is readable: EOF (exec'd: the pipe was CLOEXEC)
+ * or its errno; answer, and forget it. */
+static void settle(int i)
+{
+    struct inflight *f = &inflight[i];
     int32_t v[2] = { 0, ST_OK };
     ssize_t n;
     do
-        n = read(pipefd[0], v, sizeof(v));
+        n = read(f->status, v, sizeof(v));
     while (n < 0 && errno == EINTR);
-    close(pipefd[0]);
     if (n != (ssize_t)sizeof(v))
         v[0] = 0, v[1] = ST_OK;
-    reply(sock, (int32_t)pid, v[0], (uint32_t)v[1], pidfd);
-    close(pidfd);
+    reply(f->sock, f->pid, v[0], (uint32_t)v[1], f->pidfd);
+    close(f->status);
+    close(f->sock);
+    close(f->pidfd);
+    inflight[i] = inflight[--ninflight];
 }
 
 int main(void)
@@ -291,17 +316,40 @@ int main(void)
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
-    for (;;) {
-        struct request rq;
-        ssize_t len = 0;
-        memset(&rq, 0, sizeof(rq));
-        int r = recv_request(&rq, &len);
-        if (r < 0 && rq.nrecv == 0)
-            return 0;           /* EOF or an error on our socket: the caller is gone */
-        serve(&rq, r != 0, len);
-        for (int i = 0; i < rq.nrecv; i++)
-            close(rq.fds[i]);
-        free(rq.argv);
-        free(rq.envp);
+    int open_for_requests = 1;
+    while (open_for_requests || ninflight) {
+        struct pollfd pfd[MAX_INFLIGHT + 1];
+        int n = 0, first = 0;
+        if (open_for_requests && ninflight < MAX_INFLIGHT) {
+            pfd[n++] = (struct pollfd){ .fd = 0, .events = POLLIN };
+            first = 1;
+        }
+        for (int i = 0; i < ninflight; i++)
+            pfd[n++] = (struct pollfd){ .fd = inflight[i].status, .events = POLLIN };
+        if (poll(pfd, n, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return 1;
+        }
+        /* Settle from the last: settle() moves the last entry into the hole. */
+        for (int i = n - 1; i >= first; i--)
+            if (pfd[i].revents)
+                settle(i - first);
+        if (first && pfd[0].revents) {
+            struct request rq;
+            ssize_t len = 0;
+            memset(&rq, 0, sizeof(rq));
+            int r = recv_request(&rq, &len);
+            if (r < 0 && rq.nrecv == 0) {
+                open_for_requests = 0;  /* EOF: the caller is gone or done */
+                continue;
+            }
+            serve(&rq, r != 0, len);
+            for (int i = 0; i < rq.nrecv; i++)
+                close(rq.fds[i]);
+            free(rq.argv);
+            free(rq.envp);
+        }
     }
+    return 0;
 }
