@@ -53,8 +53,6 @@
 #define MAX_MSG   (256 * 1024)
 #define MAX_FDS   16           /* the reply socket + 15 targets */
 #define MAX_TARGET 1000         /* targets are small fd numbers */
-#define HIGH_FD   1024          /* where fds are parked before dup2 */
-#define STATUS_FD 2000          /* the child's exec report pipe */
 #define MAX_MASK  1024          /* bytes of CPU mask: 8192 CPUs */
 
 enum { ST_OK, ST_REQUEST, ST_CLONE, ST_FDS, ST_CHDIR, ST_EXEC };
@@ -163,10 +161,11 @@ static void report(int fd, int stage)
     _exit(127);
 }
 
-/* In the child (a copy of us, sharing nothing): install the fds, exec. */
+/* In the child (a copy of us, sharing nothing): install the fds, exec.
+ * Nothing here uses a fixed high fd number: RLIMIT_NOFILE may be 1024. */
 static void child(struct request *rq, int status)
 {
-    int keep[MAX_FDS + 1], nkeep = 0, null = -1;
+    int keep[MAX_FDS + 2], nkeep = 0, null = -1, top = 2;
     if (rq->flags & 1)
         setpgid(0, 0);
     /* Best effort, as a fork would have them: a lower nice than ours needs
@@ -179,13 +178,16 @@ static void child(struct request *rq, int status)
     }
     if (getpriority(PRIO_PROCESS, 0) != rq->nice)
         setpriority(PRIO_PROCESS, 0, rq->nice);
-    status = fcntl(status, F_DUPFD_CLOEXEC, STATUS_FD);
+    for (uint32_t i = 0; i < rq->nfds; i++)
+        if (rq->target[i] > top)
+            top = rq->target[i];
+    /* The report pipe and every source go above the highest target first,
+     * then each source is put in place (dup2 clears CLOEXEC on the target). */
+    status = fcntl(status, F_DUPFD_CLOEXEC, top + 1);
     if (status < 0)
         _exit(127);
-    /* Park every source above the targets, then put each in place (dup2
-     * clears CLOEXEC on the target). */
     for (uint32_t i = 0; i < rq->nfds; i++) {
-        int hi = fcntl(rq->fds[i + 1], F_DUPFD, HIGH_FD);
+        int hi = fcntl(rq->fds[i + 1], F_DUPFD_CLOEXEC, top + 1);
         if (hi < 0)
             report(status, ST_FDS);
         rq->fds[i + 1] = hi;
@@ -204,22 +206,23 @@ static void child(struct request *rq, int status)
         if (dup2(null, t) < 0)
             report(status, ST_FDS);
     }
-    /* Close everything else (the keep list is sorted; 0-2 always kept). */
+    /* Close everything else: keep 0-2, the targets and the report pipe
+     * (CLOEXEC: it closes at the exec).  The keep list is sorted first. */
     keep[nkeep++] = 2;
     for (uint32_t i = 0; i < rq->nfds; i++)
         if (rq->target[i] > 2)
             keep[nkeep++] = rq->target[i];
+    keep[nkeep++] = status;
     for (int i = 1; i < nkeep; i++)
         for (int j = i; j > 0 && keep[j - 1] > keep[j]; j--) {
             int t = keep[j]; keep[j] = keep[j - 1]; keep[j - 1] = t;
         }
     for (int i = 0; i < nkeep; i++) {
         unsigned lo = keep[i] + 1;
-        unsigned hi = i + 1 < nkeep ? (unsigned)keep[i + 1] - 1 : STATUS_FD - 1;
+        unsigned hi = i + 1 < nkeep ? (unsigned)keep[i + 1] - 1 : ~0U;
         if (lo <= hi)
             syscall(SYS_close_range, lo, hi, 0);
     }
-    syscall(SYS_close_range, STATUS_FD + 1, ~0U, 0);
     if (rq->cwd[0] && chdir(rq->cwd) < 0)
         report(status, ST_CHDIR);
     execve(rq->path, rq->argv, rq->envp);

@@ -6,6 +6,7 @@ import array
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Tuple
@@ -187,3 +188,22 @@ def test_child_gets_the_callers_cpu_affinity():
     finally:
         os.sched_setaffinity(0, old)
     assert out.strip() == f"[{cpu}]"
+
+
+def test_children_start_under_a_low_open_files_limit():
+    """Debian's default soft RLIMIT_NOFILE is 1024 (the lane's dom0): the
+    spawner's children must not need fd numbers above their own targets."""
+    code = ("import os, resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit("
+            "resource.RLIMIT_NOFILE)[1]))\n"
+            "from pyxl.loop import SelectorLoop\n"
+            "from pyxl.spawn import Child\n"
+            "loop = SelectorLoop(); seen = []\n"
+            "r, w = os.pipe()\n"
+            "c = Child(loop, ['sh', '-c', 'echo ok >&9'], seen.append, fds={9: w})\n"
+            "os.close(w)\n"
+            "assert loop.run_until(lambda: seen, 20)\n"
+            "print(seen[0], c.start_error, os.read(r, 10).decode().strip())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "None", "ok"]
