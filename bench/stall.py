@@ -11,8 +11,10 @@ the thread's CPU clock.  Figures:
   application sharing the loop waits), over the saves and the restores;
   ``loop_stall_cpu_max_ms`` the same by CPU time (not moved by other tenants
   taking the CPU in the middle of a callback); ``loop_stall_slept_max_ms``
-  the longest time a callback slept (blocked in the kernel: a fork+exec, a
-  disk) -- wall less CPU less run-queue wait, from /proc/thread-self/schedstat.
+  the longest wall time of a callback that was neither CPU nor waiting in the
+  run queue (/proc/thread-self/schedstat): blocked in the kernel (a fork+exec,
+  a disk) -- or, in a virtual machine, the host's steal time, which the guest
+  kernel counts as neither.
   ``worst_*_callback`` splits the longest callback of each phase so.
 * ``loop_start_block_ms``: how long the N ``pyxl.save()`` calls held the
   thread (their helpers start from the loop, through pyxl-spawner, so each
