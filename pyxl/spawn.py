@@ -29,7 +29,7 @@ import signal
 import socket
 import struct
 import subprocess
-from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 from pyxl._paths import package_file
 from pyxl.fdio import close_quietly
@@ -44,6 +44,24 @@ _STAGES = {1: "the spawner refused the request", 2: "clone", 3: "its fds", 4: "c
            5: "exec"}
 
 
+T = TypeVar("T")
+
+
+def _paired(hand_over: Callable[[int], T]) -> Tuple[socket.socket, T]:
+    """A SOCK_SEQPACKET pair: ``hand_over(fd)`` gives the far end away (to a
+    child, or in a request); ours comes back, non-blocking, with its result."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        result = hand_over(theirs.fileno())
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    ours.setblocking(False)
+    return ours, result
+
+
 class _Spawner:
     """The running spawner of this process (a new one after a fork, or if it died)."""
 
@@ -51,22 +69,12 @@ class _Spawner:
         exe = package_file(SPAWNER_NAME)
         if not os.access(exe, os.X_OK):
             raise OSError(errno.ENOENT, f"{exe} is missing: build pyxl (`make build`)")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            # Its own process group: a terminal's Ctrl-C is pyxl's to handle.
-            self.proc: "subprocess.Popen[bytes]" = subprocess.Popen(
-                [exe], stdin=theirs.fileno(), stdout=subprocess.DEVNULL, close_fds=True,
-                process_group=0)
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        # Never blocks: the kernel queues only a few messages on it
+        # Its own process group: a terminal's Ctrl-C is pyxl's to handle.
+        # Our end never blocks: the kernel queues only a few messages on it
         # (net.unix.max_dgram_qlen, 10 by default), so with many starts at once
         # the rest wait in ``pending`` (below), not in sendmsg.
-        ours.setblocking(False)
-        self.sock = ours
+        self.sock, self.proc = _paired(lambda fd: subprocess.Popen(
+            [exe], stdin=fd, stdout=subprocess.DEVNULL, close_fds=True, process_group=0))
         self.pid = os.getpid()
         #: requests that found the socket full: (payload, our copies of their fds)
         self.pending: Deque[Tuple[bytes, List[int]]] = collections.deque()
@@ -254,15 +262,7 @@ class Child:
         env = dict(os.environ if env is None else env)
         fds = dict(fds or {})
         payload = _request(_which(self.argv[0], env), self.argv, env, list(fds), new_group)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            sent = _send(payload, [theirs.fileno(), *fds.values()])
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        ours.setblocking(False)
+        ours, sent = _paired(lambda fd: _send(payload, [fd, *fds.values()]))
         self._reply: Optional[socket.socket] = ours
         loop.add_reader(ours.fileno(), self._answered)
         # Queued (the spawner's socket was full): the answers to earlier
