@@ -91,13 +91,18 @@ def test_cancel_kills_and_reaps_the_lookup(tmp_path):
     old, resolve.GETENT = resolve.GETENT, str(slow)
     try:
         got: List[Any] = []
+        lk: Any = None
         lk = resolve.Lookup(loop, "slow.example", 9, lambda *a: got.append(a))
-        assert len(children()) == 1
+        # The spawner answers from the loop: the child exists once it has.
+        assert loop.run_until(lambda: len(children()) == 1, 10)
         loop.run_until(lambda: False, 0.1)
         lk.cancel()
+        assert loop.run_until(lambda: children() == [], 10)     # killed and reaped
         loop.run_until(lambda: False, 0.05)
-        assert got == [] and children() == []
+        assert got == []
     finally:
+        if lk is not None:
+            lk.cancel()              # never leave ``sleep 60`` to the next test
         resolve.GETENT = old
         loop.close()
     assert open_fds() == fds
