@@ -5,24 +5,31 @@
 N simulated guests are saved at once to real files (fsync on, a new file per
 guest in DIR, on disk), then restored at once, all on one SelectorLoop whose
 every callback (fd readiness and timers) is timed, by the wall clock and by
-the thread's CPU clock.  Figures:
+the thread's CPU clock, and its context switches counted
+(``getrusage(RUSAGE_THREAD)``).  The whole run is done twice: first with
+pyxl's children at the caller's priority (``set_child_nice(0)``, what a fork
+gives: the baseline), then as pyxl runs them (nice +10).  Figures, of the
+second run:
 
 * ``loop_stall_max_ms``: the longest callback, wall clock (what an
   application sharing the loop waits), over the saves and the restores;
   ``loop_stall_cpu_max_ms`` the same by CPU time (not moved by other tenants
-  taking the CPU in the middle of a callback); ``loop_stall_slept_max_ms``
-  the longest wall time of a callback that was neither CPU nor waiting in the
-  run queue (/proc/thread-self/schedstat): blocked in the kernel (a fork+exec,
-  a disk) -- or, in a virtual machine, the host's steal time, which the guest
-  kernel counts as neither.
-  ``worst_*_callback`` splits the longest callback of each phase so.
+  taking the CPU in the middle of a callback -- but it does include the
+  interrupts the CPU served meanwhile); ``loop_stall_blocked_max_ms`` the
+  longest callback that slept in the kernel (a voluntary context switch: a
+  blocking syscall, pyxl's doing; 0 if none did); ``preempted_callbacks``
+  how many callbacks lost the CPU (an involuntary switch: the machine's
+  doing).  ``worst_*_callback`` splits the longest callback of each phase
+  into CPU, run-queue wait (/proc/thread-self/schedstat) and switches.
 * ``loop_start_block_ms``: how long the N ``pyxl.save()`` calls held the
   thread (their helpers start from the loop, through pyxl-spawner, so each
   helper's start is one of the callbacks above; pyxl's first-use imports
   and its spawner's start are done before); ``restore_start_block_ms`` the
   same for the N ``pyxl.restore()`` calls.
-* baseline, measured in the same run: ``inloop_finish_ms``, the fsync +
-  rename + directory fsync of one such file done on the calling thread, as
+* baselines, measured in the same run: ``caller_priority`` holds the first
+  run's figures, and ``stall_vs_caller_priority`` =
+  loop_stall_max_ms / its loop_stall_max_ms; ``inloop_finish_ms``, the fsync
+  + rename + directory fsync of one such file done on the calling thread, as
   the end of a save did inside one callback before the finish moved to a
   child; ``stall_vs_inloop_finish`` = loop_stall_max_ms / inloop_finish_ms.
 
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -49,7 +57,7 @@ import pyxl  # noqa: E402
 from pyxl import sim  # noqa: E402
 from pyxl.backends import SimBackend  # noqa: E402
 from pyxl.loop import SelectorLoop, _SelectorTimer  # noqa: E402
-from pyxl.spawn import start_spawner  # noqa: E402
+from pyxl.spawn import child_nice, set_child_nice, start_spawner  # noqa: E402
 
 
 def _queued() -> float:
@@ -62,19 +70,24 @@ def _queued() -> float:
 
 
 class TimedLoop(SelectorLoop):
-    """A SelectorLoop that times each callback it runs: wall clock, and how that
-    wall time split between running, waiting for a CPU (preempted: the
-    machine's doing) and sleeping (blocked in a syscall: pyxl's doing)."""
+    """A SelectorLoop that times each callback it runs: wall clock, CPU, time
+    waiting for a CPU, and its context switches -- voluntary (it slept in a
+    syscall: pyxl's doing) and involuntary (preempted: the machine's)."""
 
     def __init__(self) -> None:
         super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
         self.wall: List[float] = []
         self.cpu: List[float] = []
-        self.slept: List[float] = []
+        self.blocked: List[float] = []   # wall of each callback that slept
+        self.preempted = 0
         self.worst: Dict[str, Any] = {}
 
     def _timed(self, cb: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
+            ru = resource.getrusage(resource.RUSAGE_THREAD)
             w, c, q = time.perf_counter(), time.thread_time(), _queued()
             try:
                 cb()
@@ -82,15 +95,20 @@ class TimedLoop(SelectorLoop):
                 wall = time.perf_counter() - w
                 cpu = time.thread_time() - c
                 queued = _queued() - q
-                slept = max(0.0, wall - cpu - queued)
+                after = resource.getrusage(resource.RUSAGE_THREAD)
+                slept = after.ru_nvcsw - ru.ru_nvcsw
+                lost = after.ru_nivcsw - ru.ru_nivcsw
                 self.wall.append(wall)
                 self.cpu.append(cpu)
-                self.slept.append(slept)
+                if slept:
+                    self.blocked.append(wall)
+                if lost:
+                    self.preempted += 1
                 if wall * 1e3 > self.worst.get("wall_ms", -1):
                     self.worst = {"wall_ms": round(wall * 1e3, 2),
                                   "cpu_ms": round(cpu * 1e3, 2),
                                   "queued_ms": round(queued * 1e3, 2),
-                                  "slept_ms": round(slept * 1e3, 2),
+                                  "slept": slept, "preempted": lost,
                                   "callback": getattr(cb, "__qualname__", repr(cb))}
         return run
 
@@ -126,7 +144,17 @@ def inloop_finish_ms(directory: str, size: int) -> float:
     return ms
 
 
+def _phase(loop: TimedLoop) -> Dict[str, Any]:
+    out = {"max_ms": max(loop.wall) * 1e3, "cpu_max_ms": max(loop.cpu) * 1e3,
+           "blocked_max_ms": max(loop.blocked, default=0.0) * 1e3,
+           "preempted": loop.preempted, "callbacks": len(loop.wall), "worst": loop.worst}
+    loop.reset()
+    return out
+
+
 def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
+    """One round: N saves at once, then N restores, with the children at the
+    current :func:`set_child_nice`."""
     work = tempfile.mkdtemp(prefix="pyxl-stall-", dir=directory)
     sim_dir = tempfile.mkdtemp(prefix="pyxl-stall-sim-", dir="/dev/shm")
     try:
@@ -144,40 +172,54 @@ def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
         assert loop.run_until(lambda: all(o.done() for o in saves), 600)
         for o in saves:
             o.result()
-        save = (max(loop.wall), max(loop.cpu), max(loop.slept), loop.worst)
-        loop.wall.clear()
-        loop.cpu.clear()
-        loop.slept.clear()
-        loop.worst = {}
+        save = _phase(loop)
         t = time.perf_counter()
         restores = [pyxl.restore(p, backend=backend, loop=loop) for p in paths]
         restore_block = (time.perf_counter() - t) * 1e3
         assert loop.run_until(lambda: all(o.done() for o in restores), 600)
         for o in restores:
             o.result()
-        restore = (max(loop.wall), max(loop.cpu), max(loop.slept), loop.worst)
-        calls = len(loop.wall)
+        restore = _phase(loop)
         loop.close()
-        baseline = statistics.median(inloop_finish_ms(work, mib << 20) for _ in range(3))
-        worst = max(save[0], restore[0]) * 1e3
+        both = (save, restore)
         return {
-            "n": n, "mib": mib, "dir": directory,
-            "loop_stall_max_ms": round(worst, 2),
-            "loop_stall_cpu_max_ms": round(max(save[1], restore[1]) * 1e3, 2),
-            "loop_stall_slept_max_ms": round(max(save[2], restore[2]) * 1e3, 2),
-            "save_stall_max_ms": round(save[0] * 1e3, 2),
-            "restore_stall_max_ms": round(restore[0] * 1e3, 2),
-            "worst_save_callback": save[3],
-            "worst_restore_callback": restore[3],
-            "restore_callbacks": calls,
+            "child_nice": child_nice(),
+            "loop_stall_max_ms": round(max(p["max_ms"] for p in both), 2),
+            "loop_stall_cpu_max_ms": round(max(p["cpu_max_ms"] for p in both), 2),
+            "loop_stall_blocked_max_ms": round(max(p["blocked_max_ms"] for p in both), 2),
+            "save_stall_max_ms": round(save["max_ms"], 2),
+            "restore_stall_max_ms": round(restore["max_ms"], 2),
+            "preempted_callbacks": save["preempted"] + restore["preempted"],
+            "callbacks": save["callbacks"] + restore["callbacks"],
+            "worst_save_callback": save["worst"],
+            "worst_restore_callback": restore["worst"],
             "loop_start_block_ms": round(start_block, 1),
             "restore_start_block_ms": round(restore_block, 1),
-            "inloop_finish_ms": round(baseline, 1),
-            "stall_vs_inloop_finish": round(worst / baseline, 3) if baseline else None,
         }
     finally:
         sim.remove_dir(sim_dir)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(n: int, mib: int, directory: str) -> Dict[str, Any]:
+    """The baseline round (children at the caller's priority), then pyxl's."""
+    ours = child_nice()
+    set_child_nice(0)
+    try:
+        base = run(n, mib, directory)
+    finally:
+        set_child_nice(ours)
+    res = {"n": n, "mib": mib, "dir": directory, **run(n, mib, directory)}
+    res["caller_priority"] = base
+    res["stall_vs_caller_priority"] = round(res["loop_stall_max_ms"] / base["loop_stall_max_ms"], 3)
+    work = tempfile.mkdtemp(prefix="pyxl-stall-", dir=directory)
+    try:
+        finish = statistics.median(inloop_finish_ms(work, mib << 20) for _ in range(3))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["inloop_finish_ms"] = round(finish, 1)
+    res["stall_vs_inloop_finish"] = round(res["loop_stall_max_ms"] / finish, 3) if finish else None
+    return res
 
 
 def main() -> int:
@@ -189,7 +231,7 @@ def main() -> int:
     p.add_argument("--out", default=os.path.join(HERE, "results", "latest.json"))
     args = p.parse_args()
     n, mib = (4, 32) if args.quick else (args.n, args.mib)
-    res = run(n, mib, args.dir)
+    res = measure(n, mib, args.dir)
     benchlib.merge_json(args.out, {"stall": res})
     print(json.dumps(res, indent=1))
     return 0
