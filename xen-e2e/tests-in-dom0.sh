@@ -278,7 +278,7 @@ sampler() {
 # wait channel), the kernel stacks of xl and its children, the backends in
 # XenStore, the toolstack's logs.  Written to out/hang-LOGNAME.txt.
 hang_report() {  # LOGNAME PID
-    local name=$1 pid=$2 p
+    local name=$1 pid=$2 p t   # t: the callers (migrate, save) keep their own
     {
         echo "xl (pid $pid) still running after ${XL_LIMIT} s: $(uptime_s) s after boot"
         ps -eo pid,ppid,stat,wchan:32,etime,time,args
