@@ -13,6 +13,7 @@ second run:
 
 * ``loop_stall_max_ms``: the longest callback, wall clock (what an
   application sharing the loop waits), over the saves and the restores;
+  ``loop_stall_p99_ms`` and ``callbacks_over_5ms`` say how the rest were;
   ``loop_stall_cpu_max_ms`` the same by CPU time (not moved by other tenants
   taking the CPU in the middle of a callback -- but it does include the
   interrupts the CPU served meanwhile); ``loop_stall_blocked_max_ms`` the
@@ -84,6 +85,7 @@ class TimedLoop(SelectorLoop):
         self.blocked: List[float] = []   # wall of each callback that slept
         self.preempted = 0
         self.worst: Dict[str, Any] = {}
+        self.worst_blocked = ""
 
     def _timed(self, cb: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -102,6 +104,8 @@ class TimedLoop(SelectorLoop):
                 self.cpu.append(cpu)
                 if slept:
                     self.blocked.append(wall)
+                    if wall >= max(self.blocked):
+                        self.worst_blocked = getattr(cb, "__qualname__", repr(cb))
                 if lost:
                     self.preempted += 1
                 if wall * 1e3 > self.worst.get("wall_ms", -1):
@@ -146,8 +150,10 @@ def inloop_finish_ms(directory: str, size: int) -> float:
 
 def _phase(loop: TimedLoop) -> Dict[str, Any]:
     out = {"max_ms": max(loop.wall) * 1e3, "cpu_max_ms": max(loop.cpu) * 1e3,
+           "walls": list(loop.wall),
            "blocked_max_ms": max(loop.blocked, default=0.0) * 1e3,
-           "preempted": loop.preempted, "callbacks": len(loop.wall), "worst": loop.worst}
+           "preempted": loop.preempted, "callbacks": len(loop.wall), "worst": loop.worst,
+           "worst_blocked": loop.worst_blocked}
     loop.reset()
     return out
 
@@ -182,15 +188,20 @@ def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
         restore = _phase(loop)
         loop.close()
         both = (save, restore)
+        walls = sorted(save["walls"] + restore["walls"])
         return {
             "child_nice": child_nice(),
             "loop_stall_max_ms": round(max(p["max_ms"] for p in both), 2),
             "loop_stall_cpu_max_ms": round(max(p["cpu_max_ms"] for p in both), 2),
             "loop_stall_blocked_max_ms": round(max(p["blocked_max_ms"] for p in both), 2),
+            "longest_blocked_callback": max(both, key=lambda p: p["blocked_max_ms"])[
+                "worst_blocked"],
             "save_stall_max_ms": round(save["max_ms"], 2),
             "restore_stall_max_ms": round(restore["max_ms"], 2),
+            "loop_stall_p99_ms": round(walls[int(0.99 * (len(walls) - 1))] * 1e3, 2),
+            "callbacks_over_5ms": sum(1 for w in walls if w > 0.005),
             "preempted_callbacks": save["preempted"] + restore["preempted"],
-            "callbacks": save["callbacks"] + restore["callbacks"],
+            "callbacks": len(walls),
             "worst_save_callback": save["worst"],
             "worst_restore_callback": restore["worst"],
             "loop_start_block_ms": round(start_block, 1),

@@ -103,6 +103,30 @@ def test_bench_smoke(tmp_path):
     assert {d for d in os.listdir("/dev/shm") if d.startswith("pyxl-bench-")} <= before
 
 
+def test_stall_smoke(tmp_path):
+    """bench/stall.py on 2 tiny guests: both rounds, every figure, merged into --out."""
+    out = tmp_path / "latest.json"
+    out.write_text(json.dumps({"kept": 1}))
+    r = subprocess.run([sys.executable, str(BENCH / "stall.py"), "--n", "2", "--mib", "8",
+                        "--dir", str(tmp_path), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["kept"] == 1
+    st = res["stall"]
+    assert st["child_nice"] == 10 and st["caller_priority"]["child_nice"] == 0
+    for fig in (st, st["caller_priority"]):
+        assert 0 < fig["loop_stall_p99_ms"] <= fig["loop_stall_max_ms"]
+        assert fig["loop_stall_cpu_max_ms"] > 0 and fig["loop_stall_blocked_max_ms"] >= 0
+        assert fig["callbacks"] > 20 and 0 <= fig["callbacks_over_5ms"] <= fig["callbacks"]
+        for phase in ("worst_save_callback", "worst_restore_callback"):
+            assert fig[phase]["wall_ms"] >= fig[phase]["cpu_ms"] >= 0 and fig[phase]["callback"]
+    assert st["stall_vs_caller_priority"] == pytest.approx(
+        st["loop_stall_max_ms"] / st["caller_priority"]["loop_stall_max_ms"], rel=1e-2)
+    assert st["inloop_finish_ms"] > 0
+    assert [p for p in os.listdir(tmp_path) if p != "latest.json"] == []
+
+
 @needs_valgrind
 def test_memcheck_on_fakexen(tmp_path):
     """make memcheck's data-path half: non-live save, live save of a dirtying guest, restore."""
