@@ -16,6 +16,10 @@ forked them.  :class:`Child` is such a child, watched through its pidfd (no
 SIGCHLD handler).  An application that set SIGCHLD to SIG_IGN (the kernel
 then reaps, and ``waitpid`` fails with ECHILD) gets ``status`` None.
 
+They run :func:`set_child_nice` (10 by default) nicer than the thread that
+asked for them: they do the bulk work, and must not keep the loop that
+steers them from a CPU.
+
 May import: pyxl.loop, pyxl.fdio, pyxl._paths.
 """
 
