@@ -62,7 +62,7 @@ class SimBackend:
 
     def check_domain(self, domid: int) -> None:
         try:
-            sim.info(domid, sim_dir=self.sim_dir)
+            sim.state(domid, sim_dir=self.sim_dir)     # exists (info() also reads the rest)
         except sim.NoSuchDomain as exc:
             raise StartupError(f"no such domain: {domid}") from exc
 

@@ -205,14 +205,12 @@ class SaveOperation(Operation[SaveResult]):
                              self.stream_type)
             if io_fd != self._wfd:
                 self._launch_fd = io_fd
-            env = self.backend.helper_env()
-            env.update(options.helper_env)
             # The helper (and the file's flushing child) start from the loop, not
             # here: a fork+exec waits for the child's exec, 2-4 ms each, and a
             # toolstack starting 16 saves would be blocked for all of them.  One
             # start per loop callback keeps both the caller and the loop free.
-            self._launch = self.loop.call_later(0, lambda: self._start(argv, cbflags, io_fd,
-                                                                       env))
+            # (Its environment is built there too: a copy of os.environ.)
+            self._launch = self.loop.call_later(0, lambda: self._start(argv, cbflags, io_fd))
         except BaseException as exc:
             self._close_launch_fd()
             self._discard()
@@ -220,10 +218,16 @@ class SaveOperation(Operation[SaveResult]):
                 raise StartupError(f"cannot write save stream: {exc.strerror}") from exc
             raise
 
-    def _start(self, argv: List[str], cbflags: int, io_fd: int, env: Dict[str, str]) -> None:
+    def _start(self, argv: List[str], cbflags: int, io_fd: int) -> None:
         """From the loop: run the compressor, the helper, then the flushing child."""
         self._launch = None
         try:
+            try:
+                env = self.backend.helper_env()
+                env.update(self.options.helper_env)
+            except Exception as exc:   # a backend is the caller's code (any toolstack's)
+                raise StartupError(f"the backend gave no helper environment: {exc}",
+                                   op=self) from exc
             if self._zin >= 0:
                 try:
                     self._zstd = ZstdStage(self.loop, "compress", self._zin, self._fd,

@@ -116,3 +116,26 @@ class _dir:
         if self.made:
             import shutil
             shutil.rmtree(self.made)
+
+
+def test_a_backend_without_a_helper_environment_fails_the_save_cleanly(sim_dir, tmp_path):
+    """The helper's environment is built from the loop, where the helper
+    starts: a backend that raises there fails the save with a StartupError
+    that says so; the guest was never touched and no file is left."""
+
+    class Broken(SimBackend):
+        def helper_env(self):
+            raise RuntimeError("no LD_PRELOAD today")
+
+    before_fds = open_fds()
+    dom = sim.create(16 << 20, name="g", sim_dir=sim_dir)
+    loop = SelectorLoop()
+    op = pyxl.save(dom, str(tmp_path / "g.save"), backend=Broken(sim_dir), loop=loop)
+    assert loop.run_until(op.done, 30)
+    with pytest.raises(pyxl.StartupError,
+                       match="the backend gave no helper environment: no LD_PRELOAD today"):
+        op.result()
+    loop.close()
+    assert sim.info(dom, sim_dir=sim_dir).state == "running"
+    assert os.listdir(tmp_path) == []
+    assert children() == [] and open_fds() == before_fds
