@@ -81,12 +81,12 @@ def markdown(res: Dict[str, Any]) -> str:
       f"its `loop_start_block_ms` | {_f(stall.get('loop_stall_max_ms'))} / "
       f"{_f(stall.get('loop_stall_cpu_max_ms'))} / {_f(stall.get('loop_start_block_ms'))} ms "
       f"| ≤ 5 / – / ≤ 5 | – |")
-    base = stall.get("caller_priority") or {}
-    if base:
-        w(f"| loop stalls, children at the caller's priority (same run) | its `loop_stall_max_ms` / "
-          f"`stall_vs_caller_priority` / `loop_stall_p99_ms` (ours) | "
-          f"{_f(base.get('loop_stall_max_ms'))} ms / "
-          f"{_f(stall.get('stall_vs_caller_priority'), '{:.3f}')} / "
+    niced = stall.get("child_nice_10") or {}
+    if niced:
+        w(f"| loop stalls, children at nice +10 (`set_child_nice(10)`, same run) | its "
+          f"`loop_stall_max_ms` / `nice10_vs_default` / `loop_stall_p99_ms` (default) | "
+          f"{_f(niced.get('loop_stall_max_ms'))} ms / "
+          f"{_f(stall.get('nice10_vs_default'), '{:.3f}')} / "
           f"{_f(stall.get('loop_stall_p99_ms'))} ms | (info) | – |")
     comp = (res.get("compress") or {}).get("profiles") or {}
     typ = comp.get("typical") or {}

@@ -16,9 +16,9 @@ forked them.  :class:`Child` is such a child, watched through its pidfd (no
 SIGCHLD handler).  An application that set SIGCHLD to SIG_IGN (the kernel
 then reaps, and ``waitpid`` fails with ECHILD) gets ``status`` None.
 
-They run :func:`set_child_nice` (10 by default) nicer than the thread that
-asked for them: they do the bulk work, and must not keep the loop that
-steers them from a CPU.
+They run at the priority of the thread that asked for them, as after a
+fork, or :func:`set_child_nice` nicer (the application's trade-off: a loop
+that keeps its CPU against bulk work that yields it to everyone).
 
 May import: pyxl.loop, pyxl.fdio, pyxl._paths.
 """
@@ -51,20 +51,22 @@ _STAGES = {1: "the spawner refused the request", 2: "clone", 3: "its fds", 4: "c
 T = TypeVar("T")
 
 # How much nicer than the caller pyxl's children run (see set_child_nice).
-_child_nice = 10
+_child_nice = 0
 
 
 def set_child_nice(increment: int) -> None:
     """Run the children started from now on (helpers, compressors, file
-    finishers, ...) ``increment`` (0-19) nicer than the calling thread; 10 by
-    default.
+    finishers, ...) ``increment`` (0-19) nicer than the calling thread.  0,
+    the default, is what a fork gives: the caller's priority, as libxl runs
+    its helper.
 
-    They do the bulk work; the loop only steers them.  At the loop's own
-    priority, 16 saves on 2 CPUs preempt it in the middle of its callbacks:
-    30-70 ms waits for a CPU inside callbacks that need under 1 ms of it.
-    With the children at +10, the loop wins the CPU back within a few
-    milliseconds, and the children still have every CPU cycle the rest of the
-    host leaves.  0 gives them the caller's priority, as a fork would."""
+    A trade-off, so the application's to make.  With 16 saves on 2 CPUs at
+    the loop's own priority, the loop is preempted inside its callbacks and
+    its longest one took 25-40 ms of wall time (``bench/stall.py``); at +10,
+    8-17 ms.  But at +10 the children get a tenth of a CPU against any busy
+    process at the caller's priority: on the real-Xen lane's 1-vCPU dom0, an
+    auto-converging migration beside a polling ``xl`` did not finish in its
+    time limit."""
     global _child_nice
     if isinstance(increment, bool) or not isinstance(increment, int) or not 0 <= increment <= 19:
         raise ValueError(f"child nice increment must be an integer in 0..19, not {increment!r}")
