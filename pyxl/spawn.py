@@ -62,7 +62,7 @@ def set_child_nice(increment: int) -> None:
 
     A trade-off, so the application's to make.  With 16 saves on 2 CPUs at
     the loop's own priority, the loop is preempted inside its callbacks and
-    its longest one took 25-40 ms of wall time (``bench/stall.py``); at +10,
+    its longest one took 25-250 ms of wall time (``bench/stall.py``); at +10,
     8-17 ms.  But at +10 the children get a tenth of a CPU against any busy
     process at the caller's priority: on the real-Xen lane's 1-vCPU dom0, an
     auto-converging migration beside a polling ``xl`` did not finish in its
