@@ -64,9 +64,8 @@ def set_child_nice(increment: int) -> None:
     the loop's own priority, the loop is preempted inside its callbacks and
     its longest one took 25-250 ms of wall time (``bench/stall.py``); at +10,
     8-17 ms.  But at +10 the children get a tenth of a CPU against any busy
-    process at the caller's priority: on the real-Xen lane's 1-vCPU dom0, an
-    auto-converging migration beside a polling ``xl`` did not finish in its
-    time limit."""
+    process at the caller's priority: on a busy dom0, a live migration that
+    must outpace its guest's dirtying could then never converge."""
     global _child_nice
     if isinstance(increment, bool) or not isinstance(increment, int) or not 0 <= increment <= 19:
         raise ValueError(f"child nice increment must be an integer in 0..19, not {increment!r}")
