@@ -120,7 +120,9 @@ def test_stall_smoke(tmp_path):
         assert fig["loop_stall_cpu_max_ms"] > 0 and fig["loop_stall_blocked_max_ms"] >= 0
         assert fig["callbacks"] > 20 and 0 <= fig["callbacks_over_5ms"] <= fig["callbacks"]
         for phase in ("worst_save_callback", "worst_restore_callback"):
-            assert fig[phase]["wall_ms"] >= fig[phase]["cpu_ms"] >= 0 and fig[phase]["callback"]
+            # the two clocks tick apart: CPU may read a hair over wall
+            assert fig[phase]["wall_ms"] + 1 >= fig[phase]["cpu_ms"] >= 0
+            assert fig[phase]["callback"]
     assert st["nice10_vs_default"] == pytest.approx(
         st["child_nice_10"]["loop_stall_max_ms"] / st["loop_stall_max_ms"], rel=1e-2)
     assert st["inloop_finish_ms"] > 0
