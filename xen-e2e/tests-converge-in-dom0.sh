@@ -23,9 +23,17 @@ sched_cap() {  # DOMAIN
     { "$XL" sched-credit2 -d "$1" 2> /dev/null || "$XL" sched-credit -d "$1" 2> /dev/null; } \
         | awk 'NR == 2 {print $NF}'
 }
-cap_sampler() {  # DOMID FILE: the caps xl reports, one line per sample, until $W/stop-cap-sampler
+# It starts sampling once precopy has reached iteration 1 (LOG says so): no cap
+# can be set before, and an xl call costs dom0 most of a second of its one
+# emulated CPU, which conv1's dirtier already halves.  Sampling from the start
+# (lane runs 5 and 6: ~0.7 s per call, back to back) left pyxl so little CPU that
+# iteration 0 took 140-225 s and the 4.20 runs overran the 300 s bound.
+cap_sampler() {  # DOMID FILE LOG: the caps xl reports, one line per sample, until $W/stop-cap-sampler
     local c
     : > "$2"
+    until [ -f "$W/stop-cap-sampler" ] || grep -q "iteration 1," "$3" 2> /dev/null; do
+        snooze 1
+    done
     while [ ! -f "$W/stop-cap-sampler" ]; do
         c=$(sched_cap "$1")
         [ -n "$c" ] && echo "$c" >> "$2"
@@ -41,7 +49,8 @@ converge_migrate() {  # TEST ON_FAIL DOWNTIME_MS ROUNDS: pyxl migrate --auto-con
     local test=$1 onfail=$2 downtime=$3 rounds=$4 spid
     D=$("$XL" domid conv1 2>/dev/null) || { RC=-1; return; }
     rm -f "$W/stop-cap-sampler"
-    cap_sampler "$D" "$W/caps-$test" &
+    : > "$OUT/pyxl-$test.log"
+    cap_sampler "$D" "$W/caps-$test" "$OUT/pyxl-$test.log" &
     spid=$!
     timeout $PT "$PYXL" -vv migrate --live --auto-converge --downtime "$downtime" --max-iterations "$rounds" \
         --on-fail "$onfail" --max-bandwidth 16M --json \
