@@ -51,7 +51,8 @@ class ReceiverChannel:
                  tls: Optional[TlsOptions] = None) -> None:
         self.loop, self.on_ready, self.on_failed = loop, on_ready, on_failed
         self.tls = tls
-        self._ctx = make_context(tls, server=False) if tls is not None else None
+        if tls is not None:
+            make_context(tls, server=False)   # its files load, or StartupError now
         self._bridge: Optional[TlsBridge] = None
         self._host = ""
         self.rfd = self.wfd = -1
@@ -150,12 +151,11 @@ class ReceiverChannel:
                                           f"{os.strerror(err)}"))
             return
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self._ctx is not None:
-            assert self.tls is not None
+        if self.tls is not None:
             # The socket is the bridge's now; we get its plaintext pipes.
             sock, self._sock = self._sock, None
             self.rfd = self.wfd = -1
-            self._bridge = TlsBridge(self.loop, sock, self._ctx, server=False,
+            self._bridge = TlsBridge(self.loop, sock, self.tls, server=False,
                                      server_name=self.tls.server_name or self._host,
                                      on_ready=self._secured, on_failed=self.on_failed)
             return

@@ -19,7 +19,6 @@ import ipaddress
 import logging
 import os
 import socket
-import ssl
 from typing import Any, Callable, Optional, Tuple
 
 from pyxl.errors import (Cancelled, HelperDied, HelperExited, HelperFailed, MigrationAuthError,
@@ -29,7 +28,7 @@ from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
 from pyxl.loop import Loop, Timer
 from pyxl.migrate.handshake import (NEED_DATA, Banner, ConnectionClosed, ReceiverFailed,
                                     ReceiverHandshake, StreamHead)
-from pyxl.migrate.tls import TlsBridge, allowed
+from pyxl.migrate.tls import TlsBridge, TlsOptions, allowed
 
 __all__ = ["Admission", "Link", "is_loopback", "peer_reason"]
 
@@ -117,7 +116,7 @@ class Link:
 
 class Admission:
     """One connection until its stream head: TLS and the allow-list (with
-    ``ctx``), the banner, the head.  ``on_head(self, head)`` once it came --
+    ``tls``), the banner, the head.  ``on_head(self, head)`` once it came --
     the caller takes :attr:`link`, :attr:`handshake` and :attr:`outbox`;
     ``on_reject(self, exc)`` otherwise (a :class:`MigrationError`: bad
     certificate, not allowed, garbage, EOF, or nothing within ``timeout``).
@@ -125,14 +124,14 @@ class Admission:
 
     def __init__(self, loop: Loop, *, sock: Optional[socket.socket] = None,
                  fds: Optional[Tuple[int, int]] = None, peer: str = "",
-                 ctx: Optional[ssl.SSLContext] = None, allow: Tuple[str, ...] = (),
+                 tls: Optional[TlsOptions] = None,
                  timeout: Optional[float],
                  on_head: Callable[["Admission", StreamHead], None],
                  on_reject: Callable[["Admission", OperationError], None],
                  logger: logging.Logger) -> None:
         self.loop, self.peer, self.logger = loop, peer, logger
         self.on_head, self.on_reject = on_head, on_reject
-        self.allow = allow
+        self.allow = tls.allow if tls is not None else ()
         self.handshake = ReceiverHandshake()
         self.link: Optional[Link] = None
         self.outbox: Optional[FdWriter] = None
@@ -143,9 +142,9 @@ class Admission:
         self._timeout = timeout
         self._timer: Optional[Timer] = (loop.call_later(timeout, self._idle)
                                         if timeout is not None else None)
-        if ctx is not None:
+        if tls is not None:
             assert sock is not None
-            self.bridge = TlsBridge(loop, sock, ctx, server=True, on_ready=self._secured,
+            self.bridge = TlsBridge(loop, sock, tls, server=True, on_ready=self._secured,
                                     on_failed=self._reject)
         elif sock is not None:
             self.link = Link(sock.fileno(), sock.fileno(), peer, sock=sock)

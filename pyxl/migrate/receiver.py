@@ -105,7 +105,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self.header_timeout, self.idle_timeout = header_timeout, idle_timeout
         self.max_pending = max_pending
         self._given_fds = fds is not None
-        ctx = make_context(tls, server=True) if tls is not None else None
+        if tls is not None:
+            make_context(tls, server=True)   # its files load, or StartupError now
         self.backend = backend or default_backend(sim_dir)
         self.paused, self.helper, self.want_digest = paused, helper, digest
         self.logger = get_logger("pyxl.migrate.receive")
@@ -119,7 +120,6 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self.outbox: Optional[FdWriter] = None
         self._listener: Optional[socket.socket] = None
         self.link: Optional[Link] = None
-        self._ctx = ctx
         self._pending: Dict[Admission, None] = {}  # connections not admitted yet, oldest first
         self._closing: Set[Admission] = set()     # refused, still flushing a word
         self.refused = 0                          # connections dropped while listening
@@ -202,8 +202,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
                     f"{len(self._pending)} connections pending; dropped the oldest"))
             self.logger.info("connection from %s", where)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._admit(Admission(self.loop, sock=conn, peer=where, ctx=self._ctx,
-                                  allow=self.tls.allow if self.tls is not None else (),
+            self._admit(Admission(self.loop, sock=conn, peer=where, tls=self.tls,
                                   timeout=self.header_timeout, on_head=self._admitted,
                                   on_reject=self._rejected, logger=self.logger))
             if self._listener is None:   # that one was admitted at once
