@@ -174,16 +174,16 @@ def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
         t = time.perf_counter()
         saves = [pyxl.save(d, p, backend=backend, loop=loop) for d, p in zip(doms, paths)]
         start_block = (time.perf_counter() - t) * 1e3
-        assert loop.run_until(lambda: all(o.done() for o in saves), 600)
-        for o in saves:
-            o.result()
+        assert loop.run_until(lambda: all(s.done() for s in saves), 600)
+        for s in saves:
+            s.result()
         save = _phase(loop)
         t = time.perf_counter()
         restores = [pyxl.restore(p, backend=backend, loop=loop) for p in paths]
         restore_block = (time.perf_counter() - t) * 1e3
-        assert loop.run_until(lambda: all(o.done() for o in restores), 600)
-        for o in restores:
-            o.result()
+        assert loop.run_until(lambda: all(r.done() for r in restores), 600)
+        for r in restores:
+            r.result()
         restore = _phase(loop)
         loop.close()
         both = (save, restore)
