@@ -142,10 +142,15 @@ class Admission:
         self._timeout = timeout
         self._timer: Optional[Timer] = (loop.call_later(timeout, self._idle)
                                         if timeout is not None else None)
+        self._tls = tls
+        self._hello_watch = False
         if tls is not None:
+            # The TLS stage (a child process, ~25 ms of CPU to start) only once
+            # the peer has sent something: a port scan or a silent peer costs
+            # nothing but its socket.
             assert sock is not None
-            self.bridge = TlsBridge(loop, sock, tls, server=True, on_ready=self._secured,
-                                    on_failed=self._reject)
+            loop.add_reader(sock.fileno(), self._hello)
+            self._hello_watch = True
         elif sock is not None:
             self.link = Link(sock.fileno(), sock.fileno(), peer, sock=sock)
             self._open()
@@ -153,6 +158,29 @@ class Admission:
             assert fds is not None
             self.link = Link(fds[0], fds[1], peer)
             self._open()
+
+    def _hello(self) -> None:
+        assert self.sock is not None and self._tls is not None
+        try:
+            first = self.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._reject(MigrationError(f"the connection failed before TLS: {exc.strerror}"))
+            return
+        self._unwatch_hello()
+        if not first:
+            self._reject(MigrationError("the peer closed the connection before TLS"))
+            return
+        self.bridge = TlsBridge(self.loop, self.sock, self._tls, server=True,
+                                on_ready=self._secured, on_failed=self._reject)
+        self.sock = None          # the bridge's (its stage's) now
+
+    def _unwatch_hello(self) -> None:
+        if self._hello_watch:
+            assert self.sock is not None
+            self.loop.remove_reader(self.sock.fileno())
+            self._hello_watch = False
 
     def _secured(self, rfd: int, wfd: int) -> None:
         assert self.bridge is not None
@@ -222,6 +250,7 @@ class Admission:
 
     def _stop(self) -> None:
         self.finished = True
+        self._unwatch_hello()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

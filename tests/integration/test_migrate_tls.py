@@ -703,3 +703,23 @@ def test_key_gone_before_the_connection_is_a_typed_failure(hosts, pki, tmp_path)
     wait_refused(rx, 1)
     rx.cancel()
     run_both(rx)
+
+
+def test_silent_or_closed_connections_start_no_stage(hosts, pki):
+    """A TLS stage starts only once a peer has sent something: silent peers
+    and port scans cost the receiver a socket, not a process."""
+    before = snapshot()
+    a, b = hosts
+    dom = busy(a, 20)
+    rx = receiver(pki, b)
+    silent = [socket.create_connection(rx.address) for _ in range(3)]
+    scan = socket.create_connection(rx.address)
+    scan.close()
+    wait_refused(rx, 1)                      # the scan: closed before TLS
+    default_loop().run_until(lambda: False, 0.5)
+    assert _stages() == []
+    for s in silent:
+        s.close()
+    wait_refused(rx, 4)
+    real_migration(pki, a, b, dom, rx)
+    assert_nothing_left(before)
