@@ -181,11 +181,71 @@ def one_run(memory: int, tls: bool, pki: Dict[str, List[str]], log: benchlib.Log
             sim.remove_dir(d)
 
 
+def many_run(memory: int, n: int, tls: bool, pki: Dict[str, List[str]],
+             log: benchlib.Log) -> Dict[str, Any]:
+    """``n`` migrations at once from this process (one loop, as a toolstack
+    that manages many domains runs them), each to its own receiver process:
+    the aggregate throughput and this loop's lag while they run."""
+    a = tempfile.mkdtemp(prefix="pyxl-bench-a-", dir="/dev/shm")
+    bs = [tempfile.mkdtemp(prefix="pyxl-bench-b-", dir="/dev/shm") for _ in range(n)]
+    peers: List[subprocess.Popen[str]] = []
+    try:
+        doms = [sim.create(memory, sim_dir=a) for _ in range(n)]
+        ports = []
+        for b in bs:
+            peer = subprocess.Popen([sys.executable, "-m", "pyxl", "migrate-receive",
+                                     "--listen", "127.0.0.1:0", "--sim-dir", b]
+                                    + (pki["receiver"] + ["--tls-allow", "sender"]
+                                       if tls else []),
+                                    stderr=subprocess.PIPE, text=True, cwd=benchlib.ROOT)
+            peers.append(peer)
+            assert peer.stderr is not None
+            m = re.search(r":(\d+)$", peer.stderr.readline().strip())
+            assert m, "receiver did not start"
+            ports.append(int(m.group(1)))
+        kw: Dict[str, Any] = {}
+        if tls:
+            s = pki["sender"]
+            kw["tls"] = migrate.TlsOptions(s[1], s[3], s[5])
+        ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        lag = Lag()
+        t0 = time.monotonic()
+        ops = [migrate.migrate(d, ("127.0.0.1", port), sim_dir=a, timeout=600, **kw)
+               for d, port in zip(doms, ports)]
+        default_loop().run_until(lambda: all(o.done() for o in ops))
+        total = time.monotonic() - t0
+        lag.stopped = True
+        ru1 = resource.getrusage(resource.RUSAGE_SELF)
+        for o in ops:
+            o.result()
+        for peer in peers:
+            peer.wait(timeout=60)
+        cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        row = {"transport": "tls" if tls else "plain", "migrations": n,
+               "seconds": round(total, 4), "mib_s": round(n * memory / MB / total, 1),
+               "cpu_s_per_gib": round(cpu / (n * memory / (1 << 30)), 3),
+               "lag_p99_ms": round((benchlib.quantile(lag.lags, 0.99) or 0) * 1000, 3),
+               "lag_max_ms": round(max(lag.lags, default=0) * 1000, 3)}
+        log(f"  {n} at once {row['transport']:5s} {row['mib_s']:8.1f} MiB/s in all  "
+            f"lag p99 {row['lag_p99_ms']:.2f} ms (max {row['lag_max_ms']:.1f})  "
+            f"{row['cpu_s_per_gib']:.2f} CPU s/GiB in this process")
+        return row
+    finally:
+        for peer in peers:
+            if peer.poll() is None:
+                peer.kill()
+                peer.wait()
+        for d in (a, *bs):
+            sim.remove_dir(d)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer, smaller runs")
     p.add_argument("--memory", type=sim.parse_size, help="guest RAM (default 512M; quick 128M)")
     p.add_argument("--reps", type=int, help="TLS/plain pairs (default 3; quick 2)")
+    p.add_argument("--concurrent", type=int,
+                   help="migrations at once in the concurrent round (default 4; quick 2)")
     p.add_argument("--no-write", action="store_true", help="print only")
     args = p.parse_args(argv)
     quick = args.quick or bool(os.environ.get("QUICK"))
@@ -209,6 +269,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                     runs.append(row)
                     pair[row["transport"]] = row["mib_s"]
                 (ratios if side == "sender" else rx_ratios).append(pair["tls"] / pair["plain"])
+        n = args.concurrent or (2 if quick else 4)
+        log(f"concurrent round: {n} migrations of {memory // 2 // MB} MiB at once, one loop")
+        many = [many_run(memory // 2, n, tls, pki, log) for tls in (False, True, True, False)]
 
     def med(transport: str, key: str, side: str = "sender") -> Optional[float]:
         m = benchlib.median([r[key] for r in runs
@@ -237,7 +300,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         "receiver_plain_own_cpu_p99_ms": med("plain", "lag_own_cpu_p99_ms", "receiver"),
         "receiver_tls_own_cpu_p99_ms": med("tls", "lag_own_cpu_p99_ms", "receiver"),
         "tls_lag_p99_ms_worst": max(r["lag_p99_ms"] for r in runs if r["transport"] == "tls"),
+        "concurrent": n,
     }
+    for t in ("plain", "tls"):
+        for key in ("mib_s", "lag_p99_ms", "cpu_s_per_gib"):
+            summary[f"concurrent_{t}_{key}"] = round(benchlib.median(
+                [r[key] for r in many if r["transport"] == t]) or 0, 3)
     S = summary
     md = "\n".join([
         f"# Migration over mutual TLS vs plain TCP ({memory // MB} MiB idle guest, non-live, "
@@ -267,6 +335,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{S['end_plain_cpu_s_per_gib']} | {S['end_tls_cpu_s_per_gib']} | |",
         f"| receiver end (process + helper + TLS stage) CPU s per GiB | "
         f"{S['receiver_end_plain_cpu_s_per_gib']} | {S['receiver_end_tls_cpu_s_per_gib']} | |",
+        f"| {n} migrations at once from one loop: guest MiB/s in all (median of 2) | "
+        f"{S['concurrent_plain_mib_s']} | {S['concurrent_tls_mib_s']} | |",
+        f"| {n} at once: the loop's lag p99, ms | {S['concurrent_plain_lag_p99_ms']} | "
+        f"{S['concurrent_tls_lag_p99_ms']} | ≤ 5 ms |",
+        f"| {n} at once: the loop process's CPU s per GiB | "
+        f"{S['concurrent_plain_cpu_s_per_gib']} | {S['concurrent_tls_cpu_s_per_gib']} | |",
         "",
         f"Load average before/after: {load_before} / {benchlib.loadavg()}; "
         f"{os.cpu_count()} CPUs; kernel TLS (the `tls` ULP) "
@@ -288,6 +362,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = {"schema": 1, "mode": "quick" if quick else "full", "started": started,
               "duration_s": round(time.time() - started, 1), "guest_mib": memory // MB,
               "machine": benchlib.machine_info(), "summary": summary, "runs": runs,
+              "concurrent_runs": many,
               "ktls_available": ktls_available(),
               "load_before": load_before, "load_after": benchlib.loadavg()}
     if not args.no_write:
