@@ -26,8 +26,9 @@ source is left in.  Remus streams (``remus=True``) checkpoint before the
 switch-over, and a receiver whose sender vanished after a complete checkpoint
 fails over to it.  Trust: across a network, either ssh (a command) or
 mutual TLS (:mod:`.tls`: both ends verify each other against a CA, the
-receiver may allow-list peer names; the TLS bridge presents the connection
-as a pipe pair, so everything above stays as it is); a listening receiver
+receiver may allow-list peer names; a TLS stage child process per connection,
+:mod:`.tlsstage`, runs it and presents it as a pipe pair, so everything above
+stays as it is and the loop never encrypts); a listening receiver
 refuses plain TCP off loopback unless told ``insecure``, and drops peers
 that fail TLS, send garbage or stay silent, listening on for the real one
 (:mod:`.listener`).
