@@ -33,10 +33,11 @@ _F_SETPIPE_SZ = 1031
 _F_GETPIPE_SZ = 1032
 
 
-def make_pipe(size: int) -> Tuple[int, int]:
+def make_pipe(size: int, nonblocking: bool = False) -> Tuple[int, int]:
     """A close-on-exec pipe (read end, write end), grown or shrunk to ``size``
-    bytes if the kernel lets us (it may refuse: then its default)."""
-    r, w = os.pipe2(os.O_CLOEXEC)
+    bytes if the kernel lets us (it may refuse: then its default); both ends
+    O_NONBLOCK if ``nonblocking``."""
+    r, w = os.pipe2(os.O_CLOEXEC | (os.O_NONBLOCK if nonblocking else 0))
     try:
         fcntl.fcntl(w, _F_SETPIPE_SZ, size)
     except OSError:

@@ -269,6 +269,13 @@ class Admission:
             self.outbox.send(self.handshake.send(ReceiverFailed(reason)))
         self.close(then, hard=hard)
 
+    def abort(self) -> None:
+        """Cut a closing connection short (its TLS stage is killed; the
+        ``then`` given to :meth:`close` or :meth:`refuse` still comes)."""
+        bridge = self.link.bridge if self.link is not None else self.bridge
+        if bridge is not None:
+            bridge.abort()
+
     def close(self, then: Optional[Callable[[], None]] = None, hard: bool = False) -> None:
         self._stop()
         if self.outbox is not None:

@@ -19,6 +19,7 @@ and pyxl._units; the sender's modules never.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -121,7 +122,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._listener: Optional[socket.socket] = None
         self.link: Optional[Link] = None
         self._pending: Dict[Admission, None] = {}  # connections not admitted yet, oldest first
-        self._closing: Set[Admission] = set()     # refused, still flushing a word
+        self._closing: Set[Admission] = set()     # dropped, their TLS stage not gone yet
+        self._quiet: Optional[Callable[[], None]] = None   # once _closing is empty
         self.refused = 0                          # connections dropped while listening
         self._idle_timer: Optional[Timer] = None
         self._progress_timer: Optional[Timer] = None
@@ -222,7 +224,13 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self.refused += 1
         self.logger.warning("dropped the connection from %s: %s", adm.peer, exc)
         self._closing.add(adm)
-        adm.refuse(peer_reason(exc), then=lambda: self._closing.discard(adm))
+        adm.refuse(peer_reason(exc), then=lambda: self._gone(adm))
+
+    def _gone(self, adm: Admission) -> None:
+        self._closing.discard(adm)
+        if not self._closing and self._quiet is not None:
+            then, self._quiet = self._quiet, None
+            then()
 
     def _adopt(self, adm: Admission) -> None:
         assert adm.link is not None and adm.outbox is not None
@@ -581,10 +589,14 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             self.loop.remove_reader(self._listener.fileno())
             self._listener.close()
             self._listener = None
-        for adm in list(self._pending) + list(self._closing):
-            adm.close(hard=True)   # another peer's, or still flushing a refusal
+        # Other peers' connections go at once; the operation finishes only once
+        # their TLS stages are gone too (a hard close kills them: milliseconds).
+        for adm in list(self._closing):
+            adm.abort()   # still flushing a refusal: its own then() reports it gone
+        for adm in list(self._pending):
+            self._closing.add(adm)
+            adm.close(then=functools.partial(self._gone, adm), hard=True)
         self._pending.clear()
-        self._closing.clear()
 
     def _close_and_finish(self, result: Any, exc: Optional[OperationError]) -> None:
         if self._done or self._finishing:
@@ -599,11 +611,18 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         if self.outbox is not None:
             self.outbox.close()
         self._stop_listening()
+
+        def finish() -> None:
+            if self._closing:   # a dropped peer's TLS stage is still exiting
+                self._quiet = lambda: self._finish(result, exc)
+            else:
+                self._finish(result, exc)
+
         if self.link is None:
-            self._finish(result, exc)
+            finish()
             return
         # A TLS link first sends what we wrote (the status), within its grace.
-        self.link.close(then=lambda: self._finish(result, exc))
+        self.link.close(then=finish)
 
 
 def receive(listen: Optional[Union[str, Tuple[str, int], socket.socket]] = None, *,

@@ -12,14 +12,13 @@ handshake code, the splice relay and the restore feeding stay what they are,
 the plain path is untouched, and the loop never encrypts: it reads one line
 from the stage (the peer's certificate names) and sees its exit.
 
-It may import os, fcntl, json, signal, socket, ssl, sys, dataclasses, pyxl.childproc,
+It may import os, json, signal, socket, ssl, sys, dataclasses, pyxl.childproc,
 pyxl.errors, pyxl.fdio, pyxl.loop and pyxl.migrate.tlsstage; it knows nothing
 of the handshake, helpers or domains.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -31,7 +30,7 @@ from typing import Callable, Iterable, List, Optional, Tuple
 
 from pyxl.childproc import ShortChild
 from pyxl.errors import MigrationAuthError, MigrationError, StartupError
-from pyxl.fdio import close_quietly
+from pyxl.fdio import close_quietly, make_pipe
 from pyxl.loop import Loop, Timer
 from pyxl.migrate import tlsstage
 from pyxl.migrate.tlsstage import context, peer_names
@@ -39,7 +38,6 @@ from pyxl.migrate.tlsstage import context, peer_names
 __all__ = ["TlsBridge", "TlsOptions", "allowed", "make_context", "peer_names"]
 
 _PIPE = 1 << 20          # the bridge's pipes: as large as the relay's
-_F_SETPIPE_SZ = 1031
 _CLOSE_GRACE = 5.0       # seconds a closing bridge gets to flush before it is cut
 
 
@@ -97,15 +95,6 @@ def allowed(names: Iterable[str], allow: Tuple[str, ...]) -> bool:
     return not allow or any(n in allow for n in names)
 
 
-def _pipe() -> Tuple[int, int]:
-    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-    try:
-        fcntl.fcntl(w, _F_SETPIPE_SZ, _PIPE)
-    except OSError:
-        pass
-    return r, w
-
-
 class TlsBridge:
     """One TLS connection on ``sock``, run by a TLS stage child process
     (:mod:`pyxl.migrate.tlsstage`); the socket is the child's from now on.
@@ -135,8 +124,8 @@ class TlsBridge:
         self._closing: Optional[Callable[[], None]] = None
         self._grace: Optional[Timer] = None
         self._said = b""
-        up_r, up_w = _pipe()          # the peer's plaintext: stage -> owner
-        down_r, down_w = _pipe()      # the owner's plaintext: owner -> stage
+        up_r, up_w = make_pipe(_PIPE, True)   # the peer's plaintext: stage -> owner
+        down_r, down_w = make_pipe(_PIPE, True)   # the owner's plaintext: owner -> stage
         self._control, theirs = socket.socketpair()
         self._local_r, self._local_w = up_r, down_w   # the owner's, once ready
         argv = [sys.executable or "python3", "-I", "-S", tlsstage.__file__,

@@ -113,12 +113,13 @@ def snapshot() -> Any:
     return open_fds(), sorted(default_loop()._sel.get_map())
 
 
-def assert_nothing_left(before: Any) -> None:
-    """No fd and no watch outlives the operations (a refused TLS peer's bridge
-    included)."""
-    deadline = time.monotonic() + 10
-    while snapshot() != before and time.monotonic() < deadline:
-        default_loop().run_once(0.05)
+@pytest.fixture(autouse=True)
+def nothing_left() -> Any:
+    """Every test: once its operations are done, no fd and no loop watch of
+    theirs is left (a dropped TLS peer's stage included) -- at once, not after
+    a wait: an operation is done only when all of it is gone."""
+    before = snapshot()
+    yield
     assert snapshot() == before
 
 
@@ -127,7 +128,6 @@ def assert_nothing_left(before: Any) -> None:
 
 
 def test_tls_migration_in_process(hosts, pki):
-    before = snapshot()
     a, b = hosts
     dom = busy(a, 30)
     gaps: List[float] = []
@@ -151,13 +151,11 @@ def test_tls_migration_in_process(hosts, pki):
     assert max(gaps) < 1.0, max(gaps)
     assert rx.refused == 0
     assert_runs_intact(b, got.domid)
-    assert_nothing_left(before)
 
 
 def test_tls_compressed_migration(hosts, pki):
     """--compress through TLS: the offer and the zstd frame ride the bridge;
     nothing is left behind."""
-    before = snapshot()
     a, b = hosts
     dom = sim.create(64 * MB, dirty_rate=8 * MB, sim_dir=a, content="typical")
     rx = receiver(pki, b)
@@ -168,7 +166,6 @@ def test_tls_compressed_migration(hosts, pki):
     assert sent.bytes_sent < 0.6 * 64 * MB
     assert domains(a) == [] and domains(b) == [(got.domid, "running")]
     sim.destroy(got.domid, sim_dir=b)
-    assert_nothing_left(before)
 
 
 def test_tls_cli_between_processes(hosts, pki):
@@ -195,7 +192,6 @@ def test_tls_cli_between_processes(hosts, pki):
 
 def test_raw_save_file_to_tls_receiver_creates_nothing(hosts, pki, tmp_path):
     """The issue's attack: an ordinary save file over a raw socket."""
-    before = snapshot()
     a, b = hosts
     evil = sim.create(16 * MB, sim_dir=a, paused=True, name="evil")
     pyxl.wait(pyxl.save(evil, tmp_path / "evil.save", sim_dir=a))
@@ -211,11 +207,9 @@ def test_raw_save_file_to_tls_receiver_creates_nothing(hosts, pki, tmp_path):
     client.wait(timeout=30)
     assert domains(b) == []
     real_migration(pki, a, b, dom, rx)
-    assert_nothing_left(before)
 
 
 def test_client_cert_from_another_ca_is_refused(hosts, pki):
-    before = snapshot()
     a, b = hosts
     dom = busy(a, 20)
     rx = receiver(pki, b)
@@ -229,7 +223,6 @@ def test_client_cert_from_another_ca_is_refused(hosts, pki):
     wait_refused(rx, 1)
     assert domains(b) == []
     real_migration(pki, a, b, dom, rx)
-    assert_nothing_left(before)
 
 
 def test_receiver_from_another_ca_is_refused_by_the_sender(hosts, pki):
@@ -261,7 +254,6 @@ def test_wrong_receiver_name_is_refused_by_the_sender(hosts, pki):
 
 
 def test_peer_not_on_the_allow_list_is_refused(hosts, pki):
-    before = snapshot()
     a, b = hosts
     dom = busy(a, 20)
     rx = receiver(pki, b)
@@ -275,13 +267,11 @@ def test_peer_not_on_the_allow_list_is_refused(hosts, pki):
     wait_refused(rx, 1)
     assert domains(b) == []
     real_migration(pki, a, b, dom, rx)
-    assert_nothing_left(before)
 
 
 def test_silent_and_garbage_tls_peers(hosts, pki):
     """A peer that completes TLS and then says nothing, one that never starts
     TLS, and one that sends garbage inside TLS: all dropped."""
-    before = snapshot()
     a, b = hosts
     dom = busy(a, 20)
     rx = receiver(pki, b, header_timeout=1.0)
@@ -324,7 +314,6 @@ def test_silent_and_garbage_tls_peers(hosts, pki):
     silent.close()
     inside.close()
     real_migration(pki, a, b, dom, rx)
-    assert_nothing_left(before)
 
 
 def test_probe_does_not_end_a_plain_loopback_receiver(hosts):
@@ -489,7 +478,7 @@ def test_killed_tls_receiver_leaves_source_running(hosts, pki):
                          tls=opts(pki, SENDER))
     default_loop().call_later(1.0, rx.kill)
     run_both(tx)
-    rx.wait(timeout=30)
+    rx.communicate(timeout=30)
     exc = tx.exception()
     assert isinstance(exc, migrate.MigrationError), exc
     assert not isinstance(exc, (MigrationAuthError, migrate.MigrationInDoubt)), exc
@@ -592,7 +581,6 @@ def test_hostile_config_fails_the_receive_and_leaves_the_loop_alone(hosts, confi
 def test_failed_restore_is_reported_inside_tls(hosts, pki):
     a, b = hosts
     dom = busy(a, 8)
-    before = snapshot()
     rx = receiver(pki, b, helper="/bin/false")
     tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, tls=opts(pki, SENDER))
     run_both(tx, rx)
@@ -602,7 +590,6 @@ def test_failed_restore_is_reported_inside_tls(hosts, pki):
     assert "the receiver failed: the restore helper exited with error status 1" in str(exc), exc
     assert domains(b) == []
     source_survived(a, dom)
-    assert_nothing_left(before)
 
 
 # ---------------------------------------------------------------------------
@@ -656,7 +643,6 @@ def test_tls_runs_in_stage_children_that_end_with_the_migration(hosts, pki):
 
 def test_killed_tls_stage_fails_the_migration_and_the_source_runs_on(hosts, pki):
     import signal
-    before = snapshot()
     a, b = hosts
     dom = busy(a, 20)
     rx = receiver(pki, b)
@@ -678,7 +664,6 @@ def test_killed_tls_stage_fails_the_migration_and_the_source_runs_on(hosts, pki)
     rx.cancel()
     run_both(rx)
     assert domains(b) == []
-    assert_nothing_left(before)
 
 
 def test_key_gone_before_the_connection_is_a_typed_failure(hosts, pki, tmp_path):
@@ -708,7 +693,6 @@ def test_key_gone_before_the_connection_is_a_typed_failure(hosts, pki, tmp_path)
 def test_silent_or_closed_connections_start_no_stage(hosts, pki):
     """A TLS stage starts only once a peer has sent something: silent peers
     and port scans cost the receiver a socket, not a process."""
-    before = snapshot()
     a, b = hosts
     dom = busy(a, 20)
     rx = receiver(pki, b)
@@ -722,4 +706,3 @@ def test_silent_or_closed_connections_start_no_stage(hosts, pki):
         s.close()
     wait_refused(rx, 4)
     real_migration(pki, a, b, dom, rx)
-    assert_nothing_left(before)
