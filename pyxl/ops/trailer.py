@@ -26,10 +26,15 @@ before its body is read, so a stream past a bound costs nothing to refuse
 * EMULATOR_XENSTORE_DATA bytes up to :data:`MAX_XENSTORE_DATA` (real ones,
   the physmap keys, are under 1 KiB);
 * EMULATOR_CONTEXT bytes up to the backend's ``max_emulator_context``
-  attribute if it has one, else :data:`DEFAULT_MAX_EMULATOR_CONTEXT` (32 MiB:
-  QEMU's device state for an HVM guest is a few hundred KiB -- guest RAM,
-  VRAM included, travels in the libxc stream -- so this leaves room for large
-  device sets without letting a stream claim the host's memory).
+  attribute if it has one, else :data:`DEFAULT_MAX_EMULATOR_CONTEXT` (4 MiB:
+  QEMU's device state for the lane's HVM guest is 6.6 KB on Xen 4.17 and
+  4.20 -- guest RAM, VRAM included, travels in the libxc stream -- so this
+  leaves room for large device sets without letting a stream claim the
+  host's memory).
+
+The device model can start only once the stream has ended (as with libxl,
+which writes the record to a file and starts QEMU after the libxc restore),
+so the records are held until then: at most these bounds, per receiver.
 
 Past a bound, the parser raises :class:`TrailerTooLarge` (naming the bound).
 
@@ -60,7 +65,7 @@ MAX_RECORDS = 8
 #: EMULATOR_XENSTORE_DATA bytes in one trailer, at most.
 MAX_XENSTORE_DATA = 1 << 20
 #: EMULATOR_CONTEXT bytes in one trailer, unless the backend says otherwise.
-DEFAULT_MAX_EMULATOR_CONTEXT = 32 << 20
+DEFAULT_MAX_EMULATOR_CONTEXT = 4 << 20
 
 Records = List[Tuple[int, bytes]]
 

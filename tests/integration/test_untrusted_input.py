@@ -254,7 +254,7 @@ def flood_receiver(b: str, stream: bytes, n: int, size: int, max_context: int = 
 
 def test_flood_of_emulator_records_keeps_the_receiver_small(hosts, good):
     """6 x 64 MiB EMULATOR_CONTEXT records: refused at the first one's header
-    (pyxl's 32 MiB bound), the receiver's peak RSS stays far below one record,
+    (pyxl's 4 MiB bound), the receiver's peak RSS stays far below one record,
     the error names the bound, and nothing is left."""
     a, b = hosts
     _, stream = good

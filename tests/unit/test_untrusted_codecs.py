@@ -126,10 +126,15 @@ def test_trailer_bounds_are_checked_on_the_record_header(records, limits, bound)
     assert f"bound on {bound}" in str(info.value) and "\n" not in str(info.value)
 
 
-def test_a_64_mib_record_is_refused_by_default():
-    header = struct.pack("<II", T.EMULATOR_CONTEXT, 64 << 20)
+def test_a_few_mib_of_device_state_by_default():
+    """The default bound is a few MiB (QEMU's real state: a few KiB): 4 MiB is
+    taken, a byte more is refused from the header."""
+    header = struct.pack("<II", T.EMULATOR_CONTEXT, (4 << 20) + 1)
     with pytest.raises(TrailerTooLarge, match="EMULATOR_CONTEXT"):
         TrailerParser().feed(header)
+    parser = TrailerParser()
+    parser.feed(struct.pack("<II", T.EMULATOR_CONTEXT, 4 << 20))
+    assert parser.need() == 4 << 20
 
 
 class Declares:
