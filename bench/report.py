@@ -81,6 +81,10 @@ def markdown(res: Dict[str, Any]) -> str:
       f"its `loop_start_block_ms` | {_f(stall.get('loop_stall_max_ms'))} / "
       f"{_f(stall.get('loop_stall_cpu_max_ms'))} / {_f(stall.get('loop_start_block_ms'))} ms "
       f"| ≤ 5 / – / ≤ 5 | – |")
+    if stall.get("loop_stall_unqueued_max_ms") is not None:
+        w(f"| loop stalls less run-queue wait (same run) | `loop_stall_unqueued_max_ms` / "
+          f"its worst callback's `queued_ms` | {_f(stall.get('loop_stall_unqueued_max_ms'))} / "
+          f"{_f((stall.get('worst_save_callback') or {}).get('queued_ms'))} ms | (info) | – |")
     niced = stall.get("child_nice_10") or {}
     if niced:
         w(f"| loop stalls, children at nice +10 (`set_child_nice(10)`, same run) | its "

@@ -465,3 +465,43 @@ def _gc_frozen_before_each_module() -> Iterator[None]:
         yield
     finally:
         gc.unfreeze()
+
+
+
+#: Children that outlive tests by design: multiprocessing's resource tracker
+#: (started by the first test that uses multiprocessing, for the whole run).
+_LONG_LIVED = (b"multiprocessing.resource_tracker",)
+
+
+def _leftovers() -> Tuple[List[Tuple[int, Union[str, bytes]]], List[int]]:
+    import pyxl.loop
+    kids = [(pid, cmd) for pid, cmd in children(cmdline=True)
+            if not any(name in cmd for name in _LONG_LIVED)]
+    loop = pyxl.loop._default
+    return kids, sorted(loop._sel.get_map()) if loop is not None else []
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_running() -> Iterator[None]:
+    """Every test: no child process of ours (pyxl's helpers, stages, device
+    models, vCPUs; the test's own) and no watch on the default loop outlives it,
+    so a leak fails the test that made it, not a later one.  A child still
+    exiting gets a few seconds (the default loop runs meanwhile, to reap it);
+    one still there is killed, reaped, and named in the failure."""
+    yield
+    kids, watches = _leftovers()
+    deadline = time.monotonic() + 5
+    while (kids or watches) and time.monotonic() < deadline:
+        import pyxl.loop
+        if pyxl.loop._default is not None:
+            pyxl.loop._default.run_once(0.05)
+        else:
+            time.sleep(0.05)
+        kids, watches = _leftovers()
+    for pid, _ in kids:
+        try:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        except (ChildProcessError, ProcessLookupError):
+            pass
+    assert not kids and not watches, f"left running: children {kids}, loop watches {watches}"

@@ -118,11 +118,15 @@ def test_stall_smoke(tmp_path):
     for fig in (st, st["child_nice_10"]):
         assert 0 < fig["loop_stall_p99_ms"] <= fig["loop_stall_max_ms"]
         assert fig["loop_stall_cpu_max_ms"] > 0 and fig["loop_stall_blocked_max_ms"] >= 0
+        # less the run-queue wait, a callback is never longer than by the wall clock
+        assert 0 < fig["loop_stall_unqueued_max_ms"] <= fig["loop_stall_max_ms"]
+        assert fig["most_cpu_callback"]["cpu_ms"] == fig["loop_stall_cpu_max_ms"]
         assert fig["callbacks"] > 20 and 0 <= fig["callbacks_over_5ms"] <= fig["callbacks"]
         for phase in ("worst_save_callback", "worst_restore_callback"):
             # the two clocks tick apart: CPU may read a hair over wall
             assert fig[phase]["wall_ms"] + 1 >= fig[phase]["cpu_ms"] >= 0
             assert fig[phase]["callback"]
+            assert fig[phase]["queued_ms"] >= 0 and fig[phase]["stolen_ms"] >= 0
     assert st["nice10_vs_default"] == pytest.approx(
         st["child_nice_10"]["loop_stall_max_ms"] / st["loop_stall_max_ms"], rel=1e-2)
     assert st["inloop_finish_ms"] > 0
