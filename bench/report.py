@@ -92,6 +92,13 @@ def markdown(res: Dict[str, Any]) -> str:
           f"{_f(niced.get('loop_stall_max_ms'))} ms / "
           f"{_f(stall.get('nice10_vs_default'), '{:.3f}')} / "
           f"{_f(stall.get('loop_stall_p99_ms'))} ms | (info) | – |")
+    fifo = stall.get("loop_fifo") or {}
+    if "loop_stall_max_ms" in fifo:
+        w(f"| loop stalls, the loop's thread at SCHED_FIFO 1 (same run; children stay "
+          f"SCHED_OTHER) | its `loop_stall_max_ms` / its `loop_stall_p99_ms` / "
+          f"`loop_fifo_saves_vs_default` | {_f(fifo.get('loop_stall_max_ms'))} / "
+          f"{_f(fifo.get('loop_stall_p99_ms'))} ms / "
+          f"{_f(stall.get('loop_fifo_saves_vs_default'), '{:.3f}')} | ≤ 5 / – / – | – |")
     comp = (res.get("compress") or {}).get("profiles") or {}
     typ = comp.get("typical") or {}
     w(f"| zstd (bench/compress.py), `typical` | `compress_size_ratio_typical` / "

@@ -6,10 +6,11 @@ N simulated guests are saved at once to real files (fsync on, a new file per
 guest in DIR, on disk), then restored at once, all on one SelectorLoop whose
 every callback (fd readiness and timers) is timed, by the wall clock and by
 the thread's CPU clock, and its context switches counted
-(``getrusage(RUSAGE_THREAD)``).  The whole run is done twice: first as pyxl
-runs its children by default (at the caller's priority, as a fork gives),
-then with ``set_child_nice(10)``, the opt-in that lets the loop go first.
-Figures, of the first run:
+(``getrusage(RUSAGE_THREAD)``).  The whole run is done three times: first as
+pyxl runs its children by default (at the caller's priority, as a fork
+gives), then with ``set_child_nice(10)``, the opt-in that lets the loop go
+first, then with the loop's thread at a real-time priority.  Figures, of the
+first run:
 
 * ``loop_stall_max_ms``: the longest callback, wall clock (what an
   application sharing the loop waits), over the saves and the restores;
@@ -33,6 +34,13 @@ Figures, of the first run:
   same for the N ``pyxl.restore()`` calls.
 * ``child_nice_10`` holds the second run's figures, and
   ``nice10_vs_default`` = its loop_stall_max_ms / loop_stall_max_ms.
+* ``loop_fifo`` holds the third run's: the loop's thread at SCHED_FIFO 1
+  (with SCHED_RESET_ON_FORK; pyxl's children stay SCHED_OTHER), the way an
+  application that must never wait for a CPU can run its loop (root or
+  CAP_SYS_NICE; otherwise ``error`` says why); ``loop_fifo_vs_default`` its
+  loop_stall_max_ms / loop_stall_max_ms, ``loop_fifo_saves_vs_default`` the
+  N saves' time over the default round's (what the helpers paid for it).
+  Each round also gives ``saves_s`` and ``restores_s``.
 * baseline, measured in the same run: ``inloop_finish_ms``, the fsync
   + rename + directory fsync of one such file done on the calling thread, as
   the end of a save did inside one callback before the finish moved to a
@@ -201,6 +209,7 @@ def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
         saves = [pyxl.save(d, p, backend=backend, loop=loop) for d, p in zip(doms, paths)]
         start_block = (time.perf_counter() - t) * 1e3
         assert loop.run_until(lambda: all(s.done() for s in saves), 600)
+        saves_s = time.perf_counter() - t
         for s in saves:
             s.result()
         save = _phase(loop)
@@ -208,6 +217,7 @@ def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
         restores = [pyxl.restore(p, backend=backend, loop=loop) for p in paths]
         restore_block = (time.perf_counter() - t) * 1e3
         assert loop.run_until(lambda: all(r.done() for r in restores), 600)
+        restores_s = time.perf_counter() - t
         for r in restores:
             r.result()
         restore = _phase(loop)
@@ -234,14 +244,34 @@ def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
                                      key=lambda w: w.get("cpu_ms", -1)),
             "loop_start_block_ms": round(start_block, 1),
             "restore_start_block_ms": round(restore_block, 1),
+            "saves_s": round(saves_s, 2),          # all N saves, from the first call
+            "restores_s": round(restores_s, 2),
         }
     finally:
         sim.remove_dir(sim_dir)
         shutil.rmtree(work, ignore_errors=True)
 
 
+def run_loop_fifo(n: int, mib: int, directory: str) -> Dict[str, Any]:
+    """The round with the loop's thread at SCHED_FIFO 1 (with
+    SCHED_RESET_ON_FORK), as an application that must not wait may run it;
+    pyxl's children stay SCHED_OTHER (the spawner sees to that).  Needs
+    CAP_SYS_NICE: without it, says so instead."""
+    before = os.sched_getscheduler(0)
+    param = os.sched_getparam(0)
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(1))
+    except PermissionError as exc:
+        return {"error": f"cannot set SCHED_FIFO: {exc.strerror}"}
+    try:
+        return run(n, mib, directory)
+    finally:
+        os.sched_setscheduler(0, before, param)
+
+
 def measure(n: int, mib: int, directory: str) -> Dict[str, Any]:
-    """pyxl's default round, then the round with the children at nice +10."""
+    """pyxl's default round, then the round with the children at nice +10,
+    then the round with the loop at a real-time priority."""
     res = {"n": n, "mib": mib, "dir": directory, **run(n, mib, directory)}
     ours = child_nice()
     set_child_nice(10)
@@ -251,6 +281,11 @@ def measure(n: int, mib: int, directory: str) -> Dict[str, Any]:
         set_child_nice(ours)
     res["child_nice_10"] = niced
     res["nice10_vs_default"] = round(niced["loop_stall_max_ms"] / res["loop_stall_max_ms"], 3)
+    rt = run_loop_fifo(n, mib, directory)
+    res["loop_fifo"] = rt
+    if "loop_stall_max_ms" in rt:
+        res["loop_fifo_vs_default"] = round(rt["loop_stall_max_ms"] / res["loop_stall_max_ms"], 3)
+        res["loop_fifo_saves_vs_default"] = round(rt["saves_s"] / res["saves_s"], 3)
     work = tempfile.mkdtemp(prefix="pyxl-stall-", dir=directory)
     try:
         finish = statistics.median(inloop_finish_ms(work, mib << 20) for _ in range(3))

@@ -20,7 +20,8 @@
  *               then NUL-terminated: path, cwd ("" = stay), argv[argc], env[envc]
  *   flags:      1 = the child leads a new process group (Ctrl-C is the caller's)
  *   nice, cpumask: the caller's, at the request (a child of a fork would
- *               inherit them; ours would inherit this process's instead)
+ *               inherit them; ours would inherit this process's instead);
+ *               the policy is never a real-time one (see child())
  * The reply (on the reply socket, which is then closed):
  *   bytes:      i32 pid (-1: none), i32 errno (0: exec'd), u32 stage
  *   SCM_RIGHTS: [pidfd of the child] when pid >= 0
@@ -178,6 +179,17 @@ static void child(struct request *rq, int status)
     }
     if (getpriority(PRIO_PROCESS, 0) != rq->nice)
         setpriority(PRIO_PROCESS, 0, rq->nice);
+    /* Never a real-time policy, unlike a fork: an application may give its
+     * loop thread SCHED_FIFO so that nothing preempts it (and so this process
+     * may have it too), but a helper is bulk, CPU-bound work that would then
+     * starve the host.  Leaving a real-time policy needs no privilege. */
+    int policy = sched_getscheduler(0);
+    if (policy >= 0 && (policy & ~SCHED_RESET_ON_FORK) != SCHED_OTHER &&
+        (policy & ~SCHED_RESET_ON_FORK) != SCHED_BATCH &&
+        (policy & ~SCHED_RESET_ON_FORK) != SCHED_IDLE) {
+        struct sched_param normal = { .sched_priority = 0 };
+        sched_setscheduler(0, SCHED_OTHER, &normal);
+    }
     for (uint32_t i = 0; i < rq->nfds; i++)
         if (rq->target[i] > top)
             top = rq->target[i];

@@ -130,6 +130,14 @@ def test_stall_smoke(tmp_path):
     assert st["nice10_vs_default"] == pytest.approx(
         st["child_nice_10"]["loop_stall_max_ms"] / st["loop_stall_max_ms"], rel=1e-2)
     assert st["inloop_finish_ms"] > 0
+    rt = st["loop_fifo"]
+    if os.geteuid() != 0:   # no CAP_SYS_NICE (CI runs as root): the round says why
+        assert rt["error"].startswith("cannot set SCHED_FIFO"), rt
+        return
+    assert rt["callbacks"] > 20 and rt["saves_s"] > 0 and rt["restores_s"] > 0, rt
+    assert 0 < rt["loop_stall_unqueued_max_ms"] <= rt["loop_stall_max_ms"]
+    assert st["loop_fifo_vs_default"] == pytest.approx(
+        rt["loop_stall_max_ms"] / st["loop_stall_max_ms"], rel=1e-2)
     assert [p for p in os.listdir(tmp_path) if p != "latest.json"] == []
 
 

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from conftest import children, open_fds
+from conftest import ROOT, children, open_fds
 from pyxl import spawn
 from pyxl.loop import SelectorLoop
 from pyxl.spawn import Child, spawner_pid, start_spawner
@@ -207,6 +207,44 @@ def test_children_run_at_the_callers_priority_or_the_set_increment_nicer():
         assert int(output_of(NICE_OF_CHILD)) == min(19, ours + 3)
     finally:
         spawn.set_child_nice(0)
+
+
+RT_PROBE = r"""
+import os, sys
+sys.path.insert(0, sys.argv[1])
+# An application that gives its loop thread a real-time policy, without
+# SCHED_RESET_ON_FORK: its spawner (a fork) is real-time too ...
+os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+from pyxl.loop import SelectorLoop
+from pyxl.spawn import Child, spawner_pid, start_spawner
+start_spawner()
+loop = SelectorLoop()
+r, w = os.pipe()
+code = []
+Child(loop, [sys.executable, "-I", "-S", "-c",
+             "import os; os.write(1, str(os.sched_getscheduler(0)).encode())"],
+      code.append, fds={1: w})
+os.close(w)
+loop.run_until(lambda: code, 30)
+print(os.sched_getscheduler(spawner_pid()), os.read(r, 100).decode(), code[0])
+"""
+
+
+def test_children_never_inherit_a_real_time_policy():
+    """A loop thread at SCHED_FIFO (the way to keep a busy host from
+    preempting it) must not make pyxl's CPU-bound helpers real-time: the
+    spawner's children run SCHED_OTHER whatever the caller's policy."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    except PermissionError:
+        pytest.skip("needs CAP_SYS_NICE to set a real-time policy")   # CI runs as root
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    out = subprocess.run([sys.executable, "-c", RT_PROBE, str(ROOT)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    spawner_policy, child_policy, code = out.stdout.split()
+    assert int(spawner_policy) == os.SCHED_FIFO       # the probe is meaningful ...
+    assert int(child_policy) == os.SCHED_OTHER and code == "0"   # ... and the child is not RT
 
 
 @pytest.mark.parametrize("bad", [-1, 20, 1.5, "5", True])
