@@ -252,7 +252,24 @@ check_net() {  # TESTNAME NAME
             return 0
         fi
     done
-    result "$test" FAIL "${GIP[$name]} did not answer 30 pings in $(fmt_s $(($(now_us) - t0))) s; bridge: $(ip -br link show master xenbr0 2>&1 | tr '\n' ' ')"
+    # Failed.  To tell a slow reconnect from a stuck one next time: the vif's
+    # XenStore states (frontend, backend, hotplug) now, and whether it answers
+    # within another 60 s (the test fails either way).
+    local fail_s later="still silent 60 s later" domid fe be hp
+    fail_s=$(fmt_s $(($(now_us) - t0)))
+    domid=$(xl domid "$name" 2>/dev/null)
+    fe=$(xenstore-read "/local/domain/$domid/device/vif/0/state" 2>&1)
+    be=$(xenstore-read "/local/domain/0/backend/vif/$domid/0/state" 2>&1)
+    hp=$(xenstore-read "/local/domain/0/backend/vif/$domid/0/hotplug-status" 2>&1)
+    { xenstore-ls -f "/local/domain/$domid/device/vif" 2>&1
+      xenstore-ls -f "/local/domain/0/backend/vif/$domid" 2>&1; } > "$OUT/net-diag-$test.txt"
+    for i in $(seq 1 60); do
+        if ping -n -q -c 1 -W 1 "${GIP[$name]}" > /dev/null 2>&1; then
+            later="then answered $(fmt_s $(($(now_us) - t0))) s after the start"
+            break
+        fi
+    done
+    result "$test" FAIL "${GIP[$name]} did not answer 30 pings in $fail_s s ($later); vif states: frontend $fe, backend $be, hotplug $hp; bridge: $(ip -br link show master xenbr0 2>&1 | tr '\n' ' ')"
     return 1
 }
 
