@@ -127,24 +127,24 @@ class TimedLoop(SelectorLoop):
                 after = resource.getrusage(resource.RUSAGE_THREAD)
                 slept = after.ru_nvcsw - ru.ru_nvcsw
                 lost = after.ru_nivcsw - ru.ru_nivcsw
+                name = getattr(cb, "__qualname__", repr(cb))
                 self.wall.append(wall)
                 self.cpu.append(cpu)
                 self.ran.append(max(0.0, wall - queued))
                 if slept and wall >= self.blocked_max:
                     self.blocked_max = wall
-                    self.worst_blocked = getattr(cb, "__qualname__", repr(cb))
+                    self.worst_blocked = name
                 if lost:
                     self.preempted += 1
                 if cpu * 1e3 > self.worst_cpu.get("cpu_ms", -1):
-                    self.worst_cpu = {"cpu_ms": round(cpu * 1e3, 2),
-                                      "callback": getattr(cb, "__qualname__", repr(cb))}
+                    self.worst_cpu = {"cpu_ms": round(cpu * 1e3, 2), "callback": name}
                 if wall * 1e3 > self.worst.get("wall_ms", -1):
                     self.worst = {"wall_ms": round(wall * 1e3, 2),
                                   "cpu_ms": round(cpu * 1e3, 2),
                                   "queued_ms": round(queued * 1e3, 2),
                                   "stolen_ms": round(stolen * 1e3),
                                   "slept": slept, "preempted": lost,
-                                  "callback": getattr(cb, "__qualname__", repr(cb))}
+                                  "callback": name}
         return run
 
     def add_reader(self, fd: int, callback: Callable[[], None]) -> None:

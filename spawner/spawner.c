@@ -183,10 +183,8 @@ static void child(struct request *rq, int status)
      * loop thread SCHED_FIFO so that nothing preempts it (and so this process
      * may have it too), but a helper is bulk, CPU-bound work that would then
      * starve the host.  Leaving a real-time policy needs no privilege. */
-    int policy = sched_getscheduler(0);
-    if (policy >= 0 && (policy & ~SCHED_RESET_ON_FORK) != SCHED_OTHER &&
-        (policy & ~SCHED_RESET_ON_FORK) != SCHED_BATCH &&
-        (policy & ~SCHED_RESET_ON_FORK) != SCHED_IDLE) {
+    int policy = sched_getscheduler(0) & ~SCHED_RESET_ON_FORK;
+    if (policy == SCHED_FIFO || policy == SCHED_RR) {
         struct sched_param normal = { .sched_priority = 0 };
         sched_setscheduler(0, SCHED_OTHER, &normal);
     }

@@ -467,7 +467,6 @@ def _gc_frozen_before_each_module() -> Iterator[None]:
         gc.unfreeze()
 
 
-
 #: Children that outlive tests by design: multiprocessing's resource tracker
 #: (started by the first test that uses multiprocessing, for the whole run).
 _LONG_LIVED = (b"multiprocessing.resource_tracker",)
@@ -488,11 +487,13 @@ def _nothing_left_running() -> Iterator[None]:
     so a leak fails the test that made it, not a later one.  A child still
     exiting gets a few seconds (the default loop runs meanwhile, to reap it);
     one still there is killed, reaped, and named in the failure."""
+    import signal
+
+    import pyxl.loop
     yield
     kids, watches = _leftovers()
     deadline = time.monotonic() + 5
     while (kids or watches) and time.monotonic() < deadline:
-        import pyxl.loop
         if pyxl.loop._default is not None:
             pyxl.loop._default.run_once(0.05)
         else:
@@ -500,7 +501,7 @@ def _nothing_left_running() -> Iterator[None]:
         kids, watches = _leftovers()
     for pid, _ in kids:
         try:
-            os.kill(pid, 9)
+            os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         except (ChildProcessError, ProcessLookupError):
             pass

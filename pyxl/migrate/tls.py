@@ -124,8 +124,9 @@ class TlsBridge:
         self._closing: Optional[Callable[[], None]] = None
         self._grace: Optional[Timer] = None
         self._said = b""
-        up_r, up_w = make_pipe(_PIPE, True)   # the peer's plaintext: stage -> owner
-        down_r, down_w = make_pipe(_PIPE, True)   # the owner's plaintext: owner -> stage
+        # The peer's plaintext (stage -> owner), and the owner's (owner -> stage).
+        up_r, up_w = make_pipe(_PIPE, nonblocking=True)
+        down_r, down_w = make_pipe(_PIPE, nonblocking=True)
         self._control, theirs = socket.socketpair()
         self._local_r, self._local_w = up_r, down_w   # the owner's, once ready
         argv = [sys.executable or "python3", "-I", "-S", tlsstage.__file__,
