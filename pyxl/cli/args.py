@@ -16,6 +16,18 @@ if TYPE_CHECKING:
     from pyxl.backends.base import Backend
     N = TypeVar("N", int, float)
 
+def _as_written(message: str) -> str:
+    return message
+
+
+# argparse passes each of its own words ("usage: ", "show this help message and exit",
+# ...) through gettext on every use, and each call looks the catalog up again: the
+# locale variables, locale.normalize (whose first use imports locale) and a stat per
+# candidate file, 2.5 ms of every start.  Python ships no catalog for argparse and
+# pyxl's own messages are English, so argparse's words are used as written.
+argparse._ = _as_written  # type: ignore[attr-defined]
+
+
 class _Formatter(argparse.HelpFormatter):
     """argparse's formatter, sized without ``shutil``: argparse imports it to size
     the terminal whenever a parser gets an argument (2 ms of every start).  The

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, Optional, Sequence
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any, argv: "Optional[Sequence[str]]" = None) -> argparse.ArgumentParser:
     p: argparse.ArgumentParser = subparsers.add_parser(
         "completion", help="print a shell completion script (bash)",
         description="Print a bash completion script for pyxl, generated from its parser: "

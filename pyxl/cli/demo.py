@@ -18,14 +18,14 @@ from pyxl.cli.runner import ProgressBar, run as run_op
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
 if TYPE_CHECKING:       # type checkers take this branch
-    from typing import Any, List
+    from typing import Any, List, Optional, Sequence
 
 
 def _size(text: str) -> int:
     return parse_size(text)
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Any, argv: "Optional[Sequence[str]]" = None) -> None:
     p = sub.add_parser("demo", help="live-save and restore a busy simulated guest, end to end")
     p.add_argument("--memory", type=_size, default=512 << 20, help="guest size (default 512M)")
     p.add_argument("--dirty-rate", type=_size, default=20 << 20,

@@ -35,7 +35,7 @@ EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 PROG = "pyxl inspect"
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any, argv: "Optional[Sequence[str]]" = None) -> argparse.ArgumentParser:
     """Register ``inspect`` on an ``add_subparsers()`` object; the handler
     is ``args.func(args) -> int``."""
     p: argparse.ArgumentParser = subparsers.add_parser(

@@ -27,6 +27,7 @@ if TYPE_CHECKING:       # type checkers take this branch
 #: ``pyxl --help`` order.  A module's ``add_parser(sub)`` registers its commands.  Only
 #: the module of the command being run is imported: ``pyxl --version`` imports none,
 #: ``pyxl sim list`` only pyxl.cli.sim, and the others appear by name and help line
+#: (``add_parser(sub, rest)`` gets the words after the command, or None for everything)
 #: (tests/integration/test_cli_startup.py checks these lines are the modules' own).
 COMMANDS: "Dict[str, Tuple[str, str]]" = {
     "save": ("saverestore", "save a domain to a file (xl save)"),
@@ -57,11 +58,13 @@ def build_parser(argv: "Optional[Sequence[str]]" = None) -> argparse.ArgumentPar
     sub.required = True
     wanted = None if argv is None else _command_in(argv)
     loaded = set()
+    # What follows the command, for a module with subcommands to build only the one named.
+    rest = None if argv is None or wanted is None else list(argv[list(argv).index(wanted) + 1:])
     for name, (module, helptext) in COMMANDS.items():
         if argv is None or COMMANDS.get(wanted or "", ("",))[0] == module:
             if module not in loaded:
                 loaded.add(module)
-                importlib.import_module(f"pyxl.cli.{module}").add_parser(sub)
+                importlib.import_module(f"pyxl.cli.{module}").add_parser(sub, rest)
         else:
             sub.add_parser(name, help=helptext, add_help=False)
     return parser

@@ -45,7 +45,7 @@ from pyxl.cli.runner import ProgressBar, run, size_text, summarize
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
 if TYPE_CHECKING:       # type checkers take this branch
-    from typing import Any, Optional, Tuple, TypeVar
+    from typing import Any, Optional, Sequence, Tuple, TypeVar
     N = TypeVar("N", int, float)
 
     from pyxl.migrate import TlsOptions
@@ -204,7 +204,7 @@ def _tls_options(p: argparse.ArgumentParser) -> None:
                    help="mutual TLS: the CA the peer's certificate must chain to (PEM)")
 
 
-def add_parser(subparsers: Any) -> None:
+def add_parser(subparsers: Any, argv: "Optional[Sequence[str]]" = None) -> None:
     """Register ``migrate`` and ``migrate-receive``; each sets ``func``."""
     p = subparsers.add_parser("migrate", help="migrate a domain to another host (xl migrate)",
                               description="Migrate a domain to a pyxl migrate-receive "

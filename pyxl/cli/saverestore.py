@@ -9,7 +9,7 @@ from pyxl.cli.runner import EXIT_OK, ProgressBar, run, summarize
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
 if TYPE_CHECKING:       # type checkers take this branch
-    from typing import Any
+    from typing import Any, Optional, Sequence
 
     from pyxl.ops.save import Leave
 
@@ -56,7 +56,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: Any, argv: "Optional[Sequence[str]]" = None) -> None:
     p = sub.add_parser("save", help="save a domain to a file (xl save)")
     after = p.add_mutually_exclusive_group()
     after.add_argument("-c", action="store_true", help="leave the domain running after the save")

@@ -28,9 +28,12 @@ from pyxl.cli.args import Parser, domain_arg, resolve_domain
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
 if TYPE_CHECKING:       # type checkers take this branch
-    from typing import Any, Callable, List, Optional
+    from typing import Any, Callable, List, Optional, Sequence, Tuple
 
     from pyxl import sim
+
+    Subcommand = Tuple[str, Callable[[argparse.Namespace], int], str, bool, bool,
+                       Callable[[argparse.ArgumentParser], None]]
 
 # pyxl.sim is imported by each command, not here: building the parser stays cheap
 # (``pyxl --version`` and every other subcommand parse these definitions too).
@@ -198,34 +201,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``sim`` and its subcommands on an argparse subparsers object.
-
-    Each subcommand parser sets ``func``: call ``args.func(args)`` for the exit code.
-    """
-    p: argparse.ArgumentParser = subparsers.add_parser(
-        "sim", help="create and control simulated Xen domains (fakexen)",
-        description=__doc__.split("\n")[0] if __doc__ else None)
-    common = Parser(add_help=False)   # pyxl's formatter: no shutil import
-    common.add_argument("--sim-dir", metavar="DIR",
-                        help="fakexen state directory (default: $PYXL_SIM_DIR, "
-                             "else /dev/shm/pyxl-sim-$UID)")
-    sub = p.add_subparsers(dest="sim_command", metavar="COMMAND")
-    sub.required = True
-
-    def add(name: str, fn: Callable[[argparse.Namespace], int], helptext: str,
-            domid: bool = True, json_flag: bool = False) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = sub.add_parser(name, parents=[common], help=helptext,
-                                                     description=helptext)
-        if domid:
-            sp.add_argument("domid", type=_domid, metavar="DOMAIN", help="domain id or name")
-        if json_flag:
-            sp.add_argument("--json", action="store_true", help="machine-readable output")
-        sp.set_defaults(func=fn, usage_error=sp.error)
-        return sp
-
-    sp = add("create", cmd_create, "create a simulated HVM guest; prints its domid",
-             domid=False, json_flag=True)
+def _create_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--memory", type=_size, required=True, metavar="SIZE",
                     help="guest RAM, e.g. 256M or 1G")
     sp.add_argument("--dirty-rate", type=_size, default=0, metavar="RATE",
@@ -239,31 +215,95 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0, metavar="N",
                     help="the content profile's seed (default 0): same seed, same bytes")
 
-    sp = add("create-empty", cmd_create_empty,
-             "create an empty paused domain to restore into; prints its domid",
-             domid=False, json_flag=True)
+
+def _create_empty_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--max-mem", type=_size, required=True, metavar="SIZE",
                     help="the most memory a restore may populate")
     sp.add_argument("--name", metavar="NAME", help="domain name")
 
-    add("list", cmd_list, "list simulated domains", domid=False, json_flag=True)
-    add("info", cmd_info, "show one domain", json_flag=True)
-    add("pause", _action("pause"), "stop the guest's vCPU")
-    add("unpause", _action("unpause"), "run the guest (starts a vCPU on restored memory)")
-    sp = add("suspend", cmd_suspend, "suspend the guest and wait until it has stopped")
+
+def _suspend_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                     help="give up after this long (default 10)")
-    add("resume", _action("resume"),
-        "bring a suspended guest back to running (after a failed save)")
-    add("destroy", _action("destroy"), "kill the guest and remove the domain")
-    sp = add("rename", _action("rename", "name"), "give the domain a new name")
+
+
+def _rename_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("name", metavar="NAME")
-    add("digest", cmd_digest, "print the sha256 of the domain's memory, HVM context and params")
-    add("check", cmd_check, "verify the guest's page pattern (exit 1 if inconsistent)",
-        json_flag=True)
-    sp = add("set-rate", _action("set_dirty_rate", "rate"), "change how fast the guest writes memory")
+
+
+def _set_rate_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("rate", type=_size, metavar="RATE", help="bytes/s, e.g. 20M (0: idle)")
-    add("env", cmd_env, "print the environment that runs a helper on fakexen", domid=False)
+
+
+def _no_arguments(sp: argparse.ArgumentParser) -> None:
+    pass
+
+
+#: The subcommands, in ``pyxl sim --help`` order: name, handler, help line, whether
+#: it takes DOMAIN, whether it has --json, and its own further arguments.
+SUBCOMMANDS: "List[Subcommand]" = [
+    ("create", cmd_create, "create a simulated HVM guest; prints its domid",
+     False, True, _create_arguments),
+    ("create-empty", cmd_create_empty,
+     "create an empty paused domain to restore into; prints its domid",
+     False, True, _create_empty_arguments),
+    ("list", cmd_list, "list simulated domains", False, True, _no_arguments),
+    ("info", cmd_info, "show one domain", True, True, _no_arguments),
+    ("pause", _action("pause"), "stop the guest's vCPU", True, False, _no_arguments),
+    ("unpause", _action("unpause"), "run the guest (starts a vCPU on restored memory)",
+     True, False, _no_arguments),
+    ("suspend", cmd_suspend, "suspend the guest and wait until it has stopped",
+     True, False, _suspend_arguments),
+    ("resume", _action("resume"),
+     "bring a suspended guest back to running (after a failed save)", True, False, _no_arguments),
+    ("destroy", _action("destroy"), "kill the guest and remove the domain",
+     True, False, _no_arguments),
+    ("rename", _action("rename", "name"), "give the domain a new name",
+     True, False, _rename_arguments),
+    ("digest", cmd_digest, "print the sha256 of the domain's memory, HVM context and params",
+     True, False, _no_arguments),
+    ("check", cmd_check, "verify the guest's page pattern (exit 1 if inconsistent)",
+     True, True, _no_arguments),
+    ("set-rate", _action("set_dirty_rate", "rate"), "change how fast the guest writes memory",
+     True, False, _set_rate_arguments),
+    ("env", cmd_env, "print the environment that runs a helper on fakexen",
+     False, False, _no_arguments),
+]
+
+
+def add_parser(subparsers: Any, argv: "Optional[Sequence[str]]" = None) -> argparse.ArgumentParser:
+    """Register ``sim`` and its subcommands on an argparse subparsers object: all of
+    them in full, or, given ``argv`` (the words after ``sim``) naming one, that one
+    in full and the others by name and help line (a faster start; ``pyxl sim --help``
+    still lists them all).
+
+    Each subcommand parser sets ``func``: call ``args.func(args)`` for the exit code.
+    """
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "sim", help="create and control simulated Xen domains (fakexen)",
+        description=__doc__.split("\n")[0] if __doc__ else None)
+    common = Parser(add_help=False)   # pyxl's formatter: no shutil import
+    common.add_argument("--sim-dir", metavar="DIR",
+                        help="fakexen state directory (default: $PYXL_SIM_DIR, "
+                             "else /dev/shm/pyxl-sim-$UID)")
+    sub = p.add_subparsers(dest="sim_command", metavar="COMMAND")
+    sub.required = True
+    # `sim` itself takes no option but -h: the first word that is not one is the subcommand.
+    wanted = None if argv is None else next((a for a in argv if not a.startswith("-")), None)
+    if wanted not in {name for name, *_ in SUBCOMMANDS}:
+        wanted = None   # --help, or a mistake that argparse's full parser will name
+    for name, fn, helptext, domid, json_flag, more in SUBCOMMANDS:
+        if wanted is not None and name != wanted:
+            sub.add_parser(name, help=helptext, add_help=False)
+            continue
+        sp: argparse.ArgumentParser = sub.add_parser(name, parents=[common], help=helptext,
+                                                     description=helptext)
+        if domid:
+            sp.add_argument("domid", type=_domid, metavar="DOMAIN", help="domain id or name")
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+        more(sp)
+        sp.set_defaults(func=fn, usage_error=sp.error)
     return p
 
 
