@@ -123,7 +123,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self.link: Optional[Link] = None
         self._pending: Dict[Admission, None] = {}  # connections not admitted yet, oldest first
         self._closing: Set[Admission] = set()     # dropped, their TLS stage not gone yet
-        self._quiet: Optional[Callable[[], None]] = None   # once _closing is empty
+        self._destroying = 0   # domains of ours still being destroyed
+        self._quiet: Optional[Callable[[], None]] = None   # once those and _closing are gone
         self.refused = 0                          # connections dropped while listening
         self._idle_timer: Optional[Timer] = None
         self._progress_timer: Optional[Timer] = None
@@ -228,7 +229,11 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
 
     def _gone(self, adm: Admission) -> None:
         self._closing.discard(adm)
-        if not self._closing and self._quiet is not None:
+        self._settled()
+
+    def _settled(self) -> None:
+        """Run what waits for the dropped peers' stages and the destroys to end."""
+        if not self._closing and not self._destroying and self._quiet is not None:
             then, self._quiet = self._quiet, None
             then()
 
@@ -533,14 +538,24 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._close_and_finish(result, None)
 
     def _destroy(self) -> None:
+        """The half-received domain goes, on the loop's terms (its devices'
+        hotplug scripts, its memory); the operation finishes once it is gone."""
         if self.domid is None:
             return
+        domid, self.domid = self.domid, None
+        self._destroying += 1
+
+        def destroyed(ok: bool, why: str) -> None:
+            if not ok:
+                self.logger.error("could not destroy the half-received domain %d: %s",
+                                  domid, why)
+            self._destroying -= 1
+            self._settled()
+
         try:
-            self.backend.destroy(self.domid)
-        except Exception as exc:
-            self.logger.error("could not destroy the half-received domain %d: %s",
-                              self.domid, exc)
-        self.domid = None
+            self.backend.start_destroy(self.loop, domid, destroyed)
+        except Exception as exc:  # a backend is the caller's code
+            destroyed(False, f"{type(exc).__name__}: {exc}")
 
     def _write_failed(self, exc: OSError) -> None:
         if self.state in ("failed", "draining"):
@@ -613,10 +628,9 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._stop_listening()
 
         def finish() -> None:
-            if self._closing:   # a dropped peer's TLS stage is still exiting
-                self._quiet = lambda: self._finish(result, exc)
-            else:
-                self._finish(result, exc)
+            # A dropped peer's TLS stage may still be exiting, a domain still going.
+            self._quiet = lambda: self._finish(result, exc)
+            self._settled()
 
         if self.link is None:
             finish()

@@ -477,11 +477,6 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
             return
         digest = digest_or_none(self.backend, self.logger, self.domid) \
             if self.want_digest else None
-        try:
-            self.backend.destroy(self.domid)
-        except Exception as exc:  # the guest runs at the destination: report, go on
-            self.logger.error("migrated domain %d, but could not destroy the source: %s",
-                              self.domid, exc)
         self._source_paused = False
         downtime = None if save.suspended_at is None else end - save.suspended_at
         assert self.relay is not None
@@ -492,7 +487,19 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
                                self.compressed)
         self._close_transport()
         self._done_pending = (result, None)
-        self._maybe_finish()
+
+        def destroyed(ok: bool, why: str) -> None:
+            if not ok:   # the guest runs at the destination: report, go on
+                self.logger.error("migrated domain %d, but could not destroy the source: %s",
+                                  self.domid, why)
+            self._maybe_finish()
+
+        # The source goes on the loop's terms (its devices' hotplug scripts, a
+        # large domain's memory): the migration is done once it is gone.
+        try:   # not called off by a timeout: a destroy, once begun, goes to its end
+            self.backend.start_destroy(self.loop, self.domid, destroyed)
+        except Exception as exc:  # a backend is the caller's code
+            destroyed(False, f"{type(exc).__name__}: {exc}")
 
     # -- failures --
 

@@ -595,6 +595,64 @@ def test_failed_start_at_the_receiver_gives_the_source_its_name_back(hosts):
     assert domains(b) == []
 
 
+class _SlowDestroy(_Watching):
+    """A backend whose destroys take 0.4 s of the loop's time (a child's sleep,
+    as a domain's hotplug scripts would), and whose waited-for ``destroy`` must
+    not be called: from a loop callback it would block the loop that long."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.destroyed: List[int] = []
+
+    def destroy(self, domid: int) -> None:
+        raise AssertionError(f"destroy({domid}) waited for, on the loop")
+
+    def start_destroy(self, loop: Any, domid: int, done: Any) -> Any:
+        from pyxl.childproc import ShortChild
+
+        def slept(status: int, err: str) -> None:
+            self.destroyed.append(domid)
+            super(_SlowDestroy, self).start_destroy(loop, domid, done)
+        return ShortChild(loop, ["sleep", "0.4"], slept)
+
+
+def _ticking(loop: Any, period: float = 0.02) -> List[float]:
+    """Timestamps of a timer that asks to run every ``period`` on ``loop``."""
+    ticks: List[float] = []
+
+    def tick() -> None:
+        ticks.append(time.monotonic())
+        loop.call_later(period, tick)
+    loop.call_later(0, tick)
+    return ticks
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["migrated", "copy-would-not-start"])
+def test_a_migration_destroys_its_domain_without_blocking_the_loop(hosts, fail):
+    """The source after a migration, the receiver's copy when it would not start:
+    each goes through ``start_destroy``, and the operation is done only once the
+    domain is gone.  A timer on the loop runs on meanwhile."""
+    a, b = hosts
+    dom = sim.create(32 * MB, name="web3", sim_dir=a)
+    source, target = _SlowDestroy(a, a), _SlowDestroy(b, a, fail=fail)
+    rx = migrate.receive("127.0.0.1:0", backend=target)
+    tx = migrate.migrate(dom, rx.address, backend=source)
+    ticks = _ticking(default_loop())
+    run_both(tx, rx)
+    gaps = [t1 - t0 for t0, t1 in zip(ticks, ticks[1:])]
+    assert max(gaps) < 0.3, f"the loop was held for {max(gaps):.3f} s"
+    if fail:
+        assert isinstance(rx.exception(), migrate.MigrationError), rx.exception()
+        assert len(target.destroyed) == 1 and source.destroyed == []
+        assert domains(b) == []        # gone when the receiver said it was done
+        source_survived(a, dom)
+    else:
+        assert tx.exception() is None and rx.exception() is None
+        assert source.destroyed == [dom] and target.destroyed == []
+        assert domains(a) == []        # gone when the sender said it was done
+        assert [state for _, state in domains(b)] == ["running"]
+
+
 def test_migration_within_one_host(hosts):
     a, _ = hosts
     dom = sim.create(32 * MB, dirty_rate=4 * MB, name="local1", sim_dir=a)
