@@ -283,6 +283,11 @@ class RecordingXc(FakeXc):
         self.log.append(("destroy", domid))
         self.domains.pop(domid, None)
 
+    def destroy_command(self, domid: int) -> List[str]:
+        """The backend runs this child where Xen's hypercall would run (noted as made)."""
+        self.destroy(domid)
+        return ["true"]
+
 
 def backend(xsd: FakeXenstored, xc: Any) -> XenBackend:
     """A XenBackend over the fakes (no libxenctrl loaded)."""

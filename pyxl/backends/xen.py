@@ -21,7 +21,8 @@ PV, PVH and HVM guests; an HVM guest's device model is Debian's QEMU.
   the XenStore nodes
   (``/vm/UUID`` unless the other copy of a local migration still names it,
   ``/local/domain/D``, ``/libxl/D``, dom0's ``backend/*/D``); libxl's
-  userdata and the device model's state files; then ``xc_domain_destroy``.
+  userdata and the device model's state files; then ``xc_domain_destroy``, in a short
+  child (Xen frees the domain's memory inside that call: seconds for a large guest).
 * domain config (what ``xl save`` puts in the xl header): the JSON libxl
   stored at creation, ``/var/lib/xen/userdata-d.D.UUID.libxl-json``, with
   the current name and memory (libxl_retrieve_domain_configuration).
@@ -51,6 +52,7 @@ from pyxl.backends.libxlcfg import defbool, to_int  # noqa: F401  (defbool: re-e
 from pyxl.backends.xenctrl import DomInfo, Xc, XenError  # noqa: F401  (XenError: re-exported)
 from pyxl.backends.xensuspend import HVM_PARAM_ACPI_S_STATE, HVM_PARAM_CALLBACK_IRQ, Suspend
 from pyxl.backends.xenstore import XenStore, XenStoreError, open_default
+from pyxl.childproc import ShortChild
 from pyxl.errors import BackendError, DeviceModelError, StartupError
 from pyxl.loop import Loop, Timer
 
@@ -253,14 +255,20 @@ class XenBackend(NoDeviceModel):
         hvm.destroy_device_model(xs, domid, self._dm_procs)
         steps = _DestroySteps(done)
 
+        def destroyed(status: int, err: str) -> None:
+            why = err.splitlines()[-1] if err else f"exit status {status}"
+            steps.finish(status == 0, "" if status == 0 else f"destroying domain {domid}: {why}")
+
         def remove_rest() -> None:
             steps.stop()
             try:
                 self._destroy_rest(domid, info, vm)
+                if info is None:
+                    steps.finish(True, "")
+                else:   # the hypercall that frees its memory, off the loop
+                    steps.child = ShortChild(loop, self.xc.destroy_command(domid), destroyed)
             except (OSError, BackendError) as exc:
                 steps.finish(False, f"destroying domain {domid}: {exc}")
-                return
-            steps.finish(True, "")
 
         try:
             steps.removal = xendevices.DevicesRemoval(loop, self._open_xs, xs, domid, remove_rest)
@@ -299,8 +307,6 @@ class XenBackend(NoDeviceModel):
         hvm.remove_state_files(domid)
         self._restoring.pop(domid, None)
         self._ports.pop(domid, None)
-        if info is not None:
-            self.xc.destroy(domid)
 
     # -- restore ---------------------------------------------------------------
     def create_restore_target(self, config: Dict[str, Any]) -> int:
@@ -469,6 +475,7 @@ class _DestroySteps:
         self._done: Optional[Done] = done
         self.removal: Optional[xendevices.DevicesRemoval] = None
         self.timer: Optional[Timer] = None
+        self.child: Optional[ShortChild] = None    # xc_domain_destroy, once it runs
 
     def stop(self) -> None:
         if self.timer is not None:
@@ -484,9 +491,12 @@ class _DestroySteps:
             done(ok, why)
 
     def cancel(self) -> None:
-        """No callback; what was started (backends closing, scripts) runs out."""
+        """No callback; what was started (backends closing, scripts, the
+        hypercall) runs out."""
         self._done = None
         self.stop()
+        if self.child is not None:
+            self.child.cancel()
 
 
 def _copy(config: Dict[str, Any]) -> Dict[str, Any]:

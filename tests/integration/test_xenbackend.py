@@ -213,6 +213,43 @@ def test_restore_target_pvh(xsd, tmp_path, monkeypatch):
 import pyxl.errors as pyxl_errors  # noqa: E402
 
 
+def test_destroy_makes_its_hypercall_in_a_child_and_reports_its_failure(xsd, tmp_path,
+                                                                       monkeypatch):
+    """xc_domain_destroy (Xen frees the memory inside it) runs in a short child:
+    here the real one, on a machine without Xen, where it cannot open the
+    hypervisor interface.  The loop runs on meanwhile, the XenStore nodes are
+    gone first (libxl's order), and the failure comes back in one line."""
+    import sys
+    import types
+
+    from pyxl.backends.xenctrl import Xc
+    monkeypatch.setattr("pyxl.backends.xen.USERDATA_DIR", str(tmp_path))
+    monkeypatch.setattr("pyxl.backends.hvm.LIB_DIR", str(tmp_path))
+    xc = RecordingXc()
+    be = backend(xsd, xc)
+    be.create_restore_target(PVH_CONFIG)
+    argv = Xc.destroy_command(types.SimpleNamespace(release="4.17"), 7)   # type: ignore
+    assert argv[:4] == [sys.executable, "-I", "-S", "-c"] and argv[-2:] == ["libxenctrl.so.4.17", "7"]
+    monkeypatch.setattr(xc, "destroy_command", lambda domid: argv)
+    loop = SelectorLoop()
+    out: List[Tuple[bool, str]] = []
+    ticks: List[float] = []
+
+    def tick() -> None:
+        ticks.append(time.monotonic())
+        if not out:
+            loop.call_later(0.005, tick)
+    loop.call_later(0, tick)
+    be.start_destroy(loop, 7, lambda ok, why: out.append((ok, why)))
+    assert not out                     # not waited for on the caller
+    assert loop.run_until(lambda: bool(out), 30)
+    loop.close()
+    (ok, why), = out
+    assert not ok and why.startswith("destroying domain 7: xc_interface_open: "), why
+    assert "\n" not in why and len(ticks) > 1
+    assert not [p for p in xsd.nodes if p.startswith(("/local/domain/7", "/libxl/7"))]
+
+
 def test_domain_config_takes_current_name_and_memory(xsd, tmp_path, monkeypatch):
     from pyxl.backends import xen as xenbackend
     monkeypatch.setattr(xenbackend, "USERDATA_DIR", str(tmp_path))
