@@ -99,6 +99,12 @@ def markdown(res: Dict[str, Any]) -> str:
           f"`loop_fifo_saves_vs_default` | {_f(fifo.get('loop_stall_max_ms'))} / "
           f"{_f(fifo.get('loop_stall_p99_ms'))} ms / "
           f"{_f(stall.get('loop_fifo_saves_vs_default'), '{:.3f}')} | ≤ 5 / – / – | – |")
+    mig = stall.get("migrate") or {}
+    if mig:
+        w(f"| loop stalls, one {mig['mib']} MiB migration (bench/stall.py, same run) | "
+          f"`migrate_stall_max_ms` / `inloop_destroy_ms` (the waited-for destroy its end "
+          f"made before) | {_f(mig.get('migrate_stall_max_ms'))} / "
+          f"{_f(mig.get('inloop_destroy_ms'))} ms | ≤ 5 / – | – |")
     comp = (res.get("compress") or {}).get("profiles") or {}
     typ = comp.get("typical") or {}
     w(f"| zstd (bench/compress.py), `typical` | `compress_size_ratio_typical` / "

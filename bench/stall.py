@@ -41,6 +41,12 @@ first run:
   loop_stall_max_ms / loop_stall_max_ms, ``loop_fifo_saves_vs_default`` the
   N saves' time over the default round's (what the helpers paid for it).
   Each round also gives ``saves_s`` and ``restores_s``.
+* ``migrate``: one migration of a guest 16 times as large (sender and
+  receiver on one timed loop, two simulated hosts): its longest callback
+  ``migrate_stall_max_ms`` (and less run-queue wait), against
+  ``inloop_destroy_ms``, a waited-for destroy of an identical guest, which is
+  what the end of a migration did inside one callback before;
+  ``migrate_stall_vs_inloop_destroy`` is their ratio.
 * baseline, measured in the same run: ``inloop_finish_ms``, the fsync
   + rename + directory fsync of one such file done on the calling thread, as
   the end of a save did inside one callback before the finish moved to a
@@ -269,6 +275,42 @@ def run_loop_fifo(n: int, mib: int, directory: str) -> Dict[str, Any]:
         os.sched_setscheduler(0, before, param)
 
 
+def migrate_round(mib: int) -> Dict[str, Any]:
+    """One migration of a ``mib`` MiB guest between two simulated hosts, sender
+    and receiver on one timed loop: its longest callback (the end of a
+    migration destroys the source).  Baseline, same run: a waited-for destroy
+    of an identical guest, as the sender's end did inside one callback before
+    it went through ``start_destroy``."""
+    from pyxl import migrate
+    dirs = [tempfile.mkdtemp(prefix="pyxl-stall-sim-", dir="/dev/shm") for _ in range(3)]
+    try:
+        a, b, c = dirs
+        dom = sim.create(mib << 20, sim_dir=a, content="typical")
+        loop = TimedLoop()
+        t = time.perf_counter()
+        rx = migrate.receive("127.0.0.1:0", sim_dir=b, loop=loop)
+        tx = migrate.migrate(dom, rx.address, sim_dir=a, loop=loop)
+        assert loop.run_until(lambda: tx.done() and rx.done(), 600)
+        took = time.perf_counter() - t
+        tx.result()
+        rx.result()
+        phase = _phase(loop)
+        loop.close()
+        other = sim.create(mib << 20, sim_dir=c, content="typical")
+        t = time.perf_counter()
+        SimBackend(c).destroy(other)
+        inloop = (time.perf_counter() - t) * 1e3
+        return {"mib": mib, "migrate_s": round(took, 2),
+                "migrate_stall_max_ms": round(phase["max_ms"], 2),
+                "migrate_stall_unqueued_max_ms": round(phase["ran_max_ms"], 2),
+                "worst_migrate_callback": phase["worst"],
+                "inloop_destroy_ms": round(inloop, 1),
+                "migrate_stall_vs_inloop_destroy": round(phase["max_ms"] / inloop, 3)}
+    finally:
+        for d in dirs:
+            sim.remove_dir(d)
+
+
 def measure(n: int, mib: int, directory: str) -> Dict[str, Any]:
     """pyxl's default round, then the round with the children at nice +10,
     then the round with the loop at a real-time priority."""
@@ -293,6 +335,7 @@ def measure(n: int, mib: int, directory: str) -> Dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
     res["inloop_finish_ms"] = round(finish, 1)
     res["stall_vs_inloop_finish"] = round(res["loop_stall_max_ms"] / finish, 3) if finish else None
+    res["migrate"] = migrate_round(16 * mib)
     return res
 
 

@@ -130,6 +130,12 @@ def test_stall_smoke(tmp_path):
     assert st["nice10_vs_default"] == pytest.approx(
         st["child_nice_10"]["loop_stall_max_ms"] / st["loop_stall_max_ms"], rel=1e-2)
     assert st["inloop_finish_ms"] > 0
+    mig = st["migrate"]
+    assert mig["mib"] == 16 * 8 and mig["migrate_s"] > 0 and mig["inloop_destroy_ms"] > 0
+    assert 0 < mig["migrate_stall_unqueued_max_ms"] <= mig["migrate_stall_max_ms"]
+    assert mig["worst_migrate_callback"]["callback"]
+    assert mig["migrate_stall_vs_inloop_destroy"] == pytest.approx(
+        mig["migrate_stall_max_ms"] / mig["inloop_destroy_ms"], rel=2e-2)
     rt = st["loop_fifo"]
     if os.geteuid() != 0:   # no CAP_SYS_NICE (CI runs as root): the round says why
         assert rt["error"].startswith("cannot set SCHED_FIFO"), rt
