@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -38,18 +38,38 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # ---- statistics ------------------------------------------------------------------------------
 
 
-def median(xs: Sequence[float]) -> Optional[float]:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
+def median(xs: Sequence[Optional[float]]) -> Optional[float]:
+    """The median of the figures that are there (None: missing), or None if none are."""
+    got = [x for x in xs if x is not None]
+    return statistics.median(got) if got else None
 
 
-def quantile(xs: Sequence[float], q: float) -> Optional[float]:
+def median_of(xs: Sequence[Optional[float]]) -> float:
+    """:func:`median` for a sample that is never empty (e.g. one figure per repetition).
+
+    An empty one is a bug in the bench: ValueError, rather than None in arithmetic.
+    """
+    m = median(xs)
+    if m is None:
+        raise ValueError("median of an empty sample")
+    return m
+
+
+def quantile(xs: Sequence[Optional[float]], q: float) -> Optional[float]:
     """Nearest-rank quantile (q in [0, 1]); exact for the small samples used here."""
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
+    got = sorted(x for x in xs if x is not None)
+    if not got:
         return None
-    k = max(0, min(len(xs) - 1, int(-(-q * len(xs) // 1)) - 1))
-    return xs[k]
+    k = max(0, min(len(got) - 1, int(-(-q * len(got) // 1)) - 1))
+    return got[k]
+
+
+def quantile_of(xs: Sequence[Optional[float]], q: float) -> float:
+    """:func:`quantile` for a sample that is never empty (ValueError if it is)."""
+    v = quantile(xs, q)
+    if v is None:
+        raise ValueError("quantile of an empty sample")
+    return v
 
 
 def spread(xs: Sequence[float]) -> Dict[str, Any]:
@@ -70,7 +90,10 @@ def geomean(xs: Sequence[Optional[float]]) -> Optional[float]:
     p = 1.0
     for x in xs2:
         p *= x
-    return p ** (1.0 / len(xs2))
+    # float ** float is typed Any (a negative base gives a complex); these are
+    # ratios, so p > 0 and the root is a float
+    root: float = p ** (1.0 / len(xs2))
+    return root
 
 
 def rotate(seq: Sequence[Any], k: int) -> List[Any]:
@@ -217,7 +240,8 @@ class LoadProbe:
 # ---- sinks and raw copies --------------------------------------------------------------------
 
 
-def start_reader(argv: Sequence[str] = ("cat",), count: bool = False, pipe_size: int = 0):
+def start_reader(argv: Sequence[str] = ("cat",), count: bool = False,
+                 pipe_size: int = 0) -> Tuple[int, subprocess.Popen[bytes]]:
     """A pipe whose read end feeds ``argv`` (discarding): returns (write_fd, process).
 
     The reader is started in the caller's placement.  With ``count`` the reader

@@ -76,7 +76,7 @@ def file_saves(sim_dir: str, dom: int, reps: int) -> Dict[str, Any]:
             "size_ratio": round(comp[0]["bytes"] / plain[0]["bytes"], 4),
             "time_ratio": round(statistics.median(pairs), 4),
             "plain_gib_s": round(plain[0]["bytes"] / (1 << 30)
-                                 / B.median([r["seconds"] for r in plain]), 3),
+                                 / B.median_of([r["seconds"] for r in plain]), 3),
         }
     return out
 

@@ -62,10 +62,9 @@ def summarize(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 def goals(summary: List[Dict[str, Any]], target_ms: float) -> Dict[str, Any]:
     cell = {(s["link_pct"], s["policy"]): s for s in summary}
-    at80 = cell.get((80, "auto")), cell.get((80, "xen"))
+    auto, xen = cell.get((80, "auto")), cell.get((80, "xen"))
     g: Dict[str, Any] = {}
-    if all(at80) and at80[0]["downtime_ms"] is not None and at80[1]["total_s"]:
-        auto, xen = at80
+    if auto and xen and auto["downtime_ms"] is not None and xen["total_s"]:
         g["auto_80pct_downtime_ms"] = auto["downtime_ms"]
         g["auto_80pct_downtime_ms_worst"] = auto["downtime_ms_max"]
         g["auto_80pct_target_met"] = auto["downtime_ms_max"] <= target_ms * 1.5

@@ -32,7 +32,7 @@ def main() -> int:
     size = int(sys.argv[1] if len(sys.argv) > 1 else 1024) << 20
     reps = int(sys.argv[2] if len(sys.argv) > 2 else 5)
     save_mod = sys.modules["pyxl.ops.save"]
-    real = save_mod.FileFinisher  # type: ignore[attr-defined]
+    real = save_mod.FileFinisher
     simd = tempfile.mkdtemp(prefix="pyxl-ab-", dir="/dev/shm")
     ext = tempfile.mkdtemp(prefix="pyxl-ab-", dir="/var/tmp")
     dom = sim.create(size, sim_dir=simd, device_model=False)

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from typing import Any, Dict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,7 +24,7 @@ from pyxl.loop import SelectorLoop  # noqa: E402
 def main() -> int:
     loop = SelectorLoop()
     lags = []
-    state = {"stop": False, "due": 0.0}
+    state: Dict[str, Any] = {"stop": False, "due": 0.0}   # "stop" a bool, "due" a float
 
     def fire() -> None:
         if state["stop"]:

@@ -109,6 +109,7 @@ def run(helper: Optional[str] = None, keep: Optional[str] = None) -> Dict[str, A
         # 1. non-live save of an idle guest
         idle = sim.create(GUEST, sim_dir=sim_dir, paused=True)
         t0 = time.monotonic()
+        op: pyxl.Operation[Any]   # a save, then a restore
         op = pyxl.save(idle, os.path.join(workdir, "idle.save"), leave="paused", helper=wrapper,
                        sim_dir=sim_dir, timeout=600)
         res = pyxl.wait(op)[0]

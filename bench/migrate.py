@@ -105,6 +105,8 @@ def one_run(memory: int, rate: int, cap: Optional[int], policy: str, target_ms: 
             row.update(outcome="failed", error=str(exc))
         else:
             res = op.result()
+            # None only if the source was never suspended: a completed migration was
+            assert res.downtime is not None
             row.update(downtime_ms=round(res.downtime * 1000, 2), iterations=res.iterations,
                        bytes_sent=res.bytes_sent, throttle=res.throttle,
                        outcome=lines.outcome or ("xen" if policy == "xen" else

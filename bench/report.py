@@ -204,10 +204,10 @@ def markdown(res: Dict[str, Any]) -> str:
       "(worst rep p99) | reference p50 / p99 ms | own CPU p99 ms | lag max ms | start ms per save "
       "(median / max), all | foreign cores |")
     w("|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = list(cc["levels"].items())
+    levels = list(cc["levels"].items())
     if cc.get("niced_helpers"):
-        rows.append((f"{rows[-1][0]}, helpers + readers at nice 5", cc["niced_helpers"]))
-    for n, c in rows:
+        levels.append((f"{levels[-1][0]}, helpers + readers at nice 5", cc["niced_helpers"]))
+    for n, c in levels:
         w(f"| {n} | {c['aggregate_gib_per_s']:.2f} ({_f(c.get('aggregate_gib_per_s_best'))}) | "
           f"{_f(c.get('debian_aggregate_gib_per_s'))} ({_f(c.get('debian_aggregate_gib_per_s_best'))}) | "
           f"{_f(c.get('raw_aggregate_gib_per_s'))} ({_f(c.get('raw_aggregate_gib_per_s_best'))}) | "

@@ -34,7 +34,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import benchlib as B
-from benchlib import GIB, MIB, median, pinned, ratio, rotate
+from benchlib import GIB, MIB, median, median_of, pinned, ratio, rotate
 
 import pyxl
 from pyxl import sim
@@ -317,7 +317,7 @@ class Bench:
                 for i in range(n):
                     for who in rotate(["ours", "debian"], i):
                         first: List[float] = []
-                        oncpu: List[float] = []
+                        oncpu: List[Optional[float]] = []
                         gone: List[bool] = []
                         holder: List[HelperProcess] = []
 
@@ -344,8 +344,8 @@ class Bench:
             os.close(devnull)
             loop.close()
             self.destroy(dom)
-        res = {who: {"median_ms": round(median(v), 3), "p10_ms": round(B.quantile(v, 0.1), 3),
-                     "p90_ms": round(B.quantile(v, 0.9), 3), "n": len(v),
+        res = {who: {"median_ms": round(median_of(v), 3), "p10_ms": round(B.quantile_of(v, 0.1), 3),
+                     "p90_ms": round(B.quantile_of(v, 0.9), 3), "n": len(v),
                      "helper_cpu_ms_median": _r(median(cpu_ms[who]))}
                for who, v in times.items()}
         self.results["spawn"] = dict(res, placement=f"same:cpu{self.cpu}",
@@ -471,11 +471,11 @@ class Bench:
                     "dirty_rate_achieved_mbps": median([r["dirty_rate_achieved_mbps"] for r in rs]),
                     "rounds": median([r["iterations"] for r in rs]),
                     "bytes_sent": median([r["bytes"] for r in rs]),
-                    "bytes_vs_guest": round(median([r["bytes"] for r in rs]) / size, 3),
-                    "downtime_ms": round(median([r["downtime_s"] for r in rs]) * 1000, 2),
+                    "bytes_vs_guest": round(median_of([r["bytes"] for r in rs]) / size, 3),
+                    "downtime_ms": round(median_of([r["downtime_s"] for r in rs]) * 1000, 2),
                     # part of the downtime spent after `complete`: the helper's exit
                     "exit_ms": _r(median([r.get("exit_ms") for r in rs])),
-                    "wall_s": round(median([r["wall_s"] for r in rs]), 3),
+                    "wall_s": round(median_of([r["wall_s"] for r in rs]), 3),
                     "n": len(rs),
                 })
         self.results["live"] = live
@@ -565,9 +565,9 @@ class Bench:
                 "reps": len(rs),
             }
             if n in raw:
-                summary[str(n)].update(raw_aggregate_gib_per_s=round(median(raw[n]), 4),
+                summary[str(n)].update(raw_aggregate_gib_per_s=round(median_of(raw[n]), 4),
                                        raw_aggregate_gib_per_s_best=round(max(raw[n]), 4),
-                                       debian_aggregate_gib_per_s=round(median(debian[n]), 4),
+                                       debian_aggregate_gib_per_s=round(median_of(debian[n]), 4),
                                        debian_aggregate_gib_per_s_best=round(max(debian[n]), 4))
         nice_key = f"{max(levels)}@nice5"
         self.results["concurrency"] = {
@@ -658,7 +658,11 @@ class Bench:
                 pyxl.default_loop().run_until(lambda: (op.helper is not None and op.helper.pid > 0) or op.done(), 60)
             if nice and op.helper is not None:
                 os.setpriority(os.PRIO_PROCESS, op.helper.pid, nice)
-            op.add_done_callback(lambda _op, w=pipes[i][0]: os.close(w))
+
+            def close_writer(_op: Any, w: int = pipes[i][0]) -> None:
+                os.close(w)   # a def: mypy cannot infer a lambda with a default argument
+
+            op.add_done_callback(close_writer)
             ops.append(op)
         started = time.perf_counter()
         win0 = time.monotonic()
@@ -694,7 +698,8 @@ class Bench:
             lag_p99_ms=lag["p99_ms"], lag_max_ms=lag["max_ms"], lag_samples=lag["n"],
             lag_own_cpu_p99_ms=own["p99_ms"],
             ref_lag_p99_ms=rl["p99_ms"], ref_lag_samples=rl["n"],
-            start_ms_median=round(median(starts) * 1000, 3), start_ms_max=round(max(starts) * 1000, 3),
+            start_ms_median=round(median_of(starts) * 1000, 3),
+            start_ms_max=round(max(starts) * 1000, 3),
             start_total_ms=round(sum(starts) * 1000, 3), placement="pairs round-robin",
             nice=nice, **load)
 
@@ -797,7 +802,7 @@ class Bench:
             for sink in ("pipe", "pipe1m", "file", "file_ext4"):
                 save[f"{gib(size)}/{sink}"] = cell_of("save", sink, size)
         if self.file_only:
-            keys = {"file_save_run": {
+            keys: Dict[str, Any] = {"file_save_run": {
                 "mode": self.mode, "started": started.isoformat(timespec="seconds"),
                 "duration_s": round(duration, 1), "load_start": load_start,
                 "load_end": B.loadavg(), "machine": B.machine_info(),
@@ -816,7 +821,8 @@ class Bench:
             placements[plc] = cell_of("placement", "pipe", min(sizes), plc)
         restore: Dict[str, Any] = {}
         for size in sizes:
-            cell = {who: B.spread(thr("restore", who, "file", size)) for who in ("ours", "debian", "raw")}
+            cell: Dict[str, Any] = {who: B.spread(thr("restore", who, "file", size))
+                                    for who in ("ours", "debian", "raw")}
             cell["ratio_vs_debian"] = ratio(cell["ours"].get("median"), cell["debian"].get("median"))
             cell["ratio_vs_raw"] = ratio(cell["ours"].get("median"), cell["raw"].get("median"))
             cell["paired_vs_debian"] = paired("restore", "ours", "debian", "file", size)
@@ -976,7 +982,7 @@ def _rss_growth(d: Dict[str, float]) -> Optional[float]:
     return round((d[ks[-1]] - d[ks[0]]) / d[ks[0]], 4)
 
 
-def spy_helper(op: "pyxl.Operation", store: Dict[str, int], marks: Dict[str, float]) -> None:
+def spy_helper(op: "pyxl.Operation[Any]", store: Dict[str, int], marks: Dict[str, float]) -> None:
     """Watch the helper: /proc memory lines at ``complete``, and when things happened.
 
     ``marks`` gets perf_counter() times of the first message ("first"), of
@@ -1045,15 +1051,15 @@ class Ticker:
         self.timer.cancel()
 
 
-def _cpu(ru0: Any, ru1: Any) -> float:
+def _cpu(ru0: resource.struct_rusage, ru1: resource.struct_rusage) -> float:
     return (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
 
 
 def lag_summary(lags: Sequence[float]) -> Dict[str, Any]:
     if not lags:
         return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
-    return {"n": len(lags), "p50_ms": round(B.quantile(lags, 0.5) * 1000, 3),
-            "p99_ms": round(B.quantile(lags, 0.99) * 1000, 3),
+    return {"n": len(lags), "p50_ms": round(B.quantile_of(lags, 0.5) * 1000, 3),
+            "p99_ms": round(B.quantile_of(lags, 0.99) * 1000, 3),
             "max_ms": round(max(lags) * 1000, 3)}
 
 

@@ -29,6 +29,13 @@ def test_mypy_strict_clean():
     assert (ROOT / "pyxl" / "py.typed").exists()
 
 
+def test_the_benches_are_typed_too():
+    """bench/ (its figures feed the README) passes mypy --strict as pyxl does."""
+    r = subprocess.run([sys.executable, "-m", "mypy", "--strict", "bench"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-1000:]
+
+
 GOOD = '''
 import asyncio
 from typing import Optional, Tuple
