@@ -42,6 +42,7 @@ import glob
 import json
 import os
 import subprocess
+import time
 from typing import Any, Callable, Dict, List, Optional
 
 from pyxl._log import get_logger
@@ -255,12 +256,18 @@ class XenBackend(NoDeviceModel):
         hvm.destroy_device_model(xs, domid, self._dm_procs)
         steps = _DestroySteps(done)
 
+        begun = time.monotonic()   # the phases' times, for -vv: a slow destroy says where
+
         def destroyed(status: int, err: str) -> None:
+            _log.debug("domain %d: xc_domain_destroy's child ended (status %d), %.2f s after "
+                       "the destroy began", domid, status, time.monotonic() - begun)
             why = err.splitlines()[-1] if err else f"exit status {status}"
             steps.finish(status == 0, "" if status == 0 else f"destroying domain {domid}: {why}")
 
         def remove_rest() -> None:
             steps.stop()
+            _log.debug("domain %d: devices removed, %.2f s after the destroy began", domid,
+                       time.monotonic() - begun)
             try:
                 self._destroy_rest(domid, info, vm)
                 if info is None:
