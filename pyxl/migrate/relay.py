@@ -27,6 +27,10 @@ CHUNK = 1 << 20             # most bytes one splice moves; the uncapped pipes' s
 # kernel's default 64 KiB, which our helper grows to 256 KiB).
 CAPPED_PIPE = 32 << 10
 _PUMP_CALLS = 8                           # splices per wake-up of a relay
+# ...and at most this long: a splice can sleep on the pipe's lock while the
+# helper, holding it mid-write, waits for a CPU (1-17 ms each, seen on 2 vCPUs),
+# and eight such in a row held the loop for 50-90 ms.
+_PUMP_SECONDS = 0.002
 
 
 class SpliceRelay:
@@ -102,6 +106,7 @@ class SpliceRelay:
 
     def _pump(self) -> None:
         budget = _PUMP_CALLS   # then back to the loop, so other work is not starved
+        until = time.monotonic() + _PUMP_SECONDS
         while not self.finished:
             if self.discarding:
                 self._discard()
@@ -116,7 +121,7 @@ class SpliceRelay:
                             self._timer = self.loop.call_later(
                                 max((4096 - self.tokens) / self.rate, 0.001), self._tick)
                         return
-                if budget == 0:
+                if budget == 0 or time.monotonic() > until:
                     self._watch(True, False)   # level-triggered: comes straight back
                     return
                 budget -= 1
