@@ -126,7 +126,10 @@ class DomInfo:
 # library only (ctypes), so the child starts in milliseconds.
 _DESTROY = r"""
 import ctypes, os, sys
-lib = ctypes.CDLL(sys.argv[1], use_errno=True)
+try:
+    lib = ctypes.CDLL(sys.argv[1], use_errno=True)
+except OSError as exc:
+    sys.exit("cannot load %s" % exc)
 lib.xc_interface_open.restype = ctypes.c_void_p
 lib.xc_interface_open.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
 lib.xc_domain_destroy.argtypes = [ctypes.c_void_p, ctypes.c_uint32]

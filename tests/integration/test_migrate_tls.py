@@ -635,10 +635,12 @@ def test_tls_runs_in_stage_children_that_end_with_the_migration(hosts, pki):
     assert sent.digest == got.digest
     assert max(seen) == 2, seen          # the sender's stage and the receiver's
     assert _stages() == []
-    # Both ends ran on this loop: 256 MiB each way through TLS would be about
-    # 0.25-0.5 CPU s in user space; the loop's own share must stay well below.
+    # Both ends ran on this loop, and both digests (sha256 of 2 x 256 MiB, about
+    # 1.2 s) were made here: 1.9-2.9 s in all on 2 quiet vCPUs, 3.15 s once
+    # beside the lane.  A bound for a gross regression; the stages seen above
+    # are what says the TLS ran in them.
     own = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-    assert own < 3.0, own
+    assert own < 4.5, own
 
 
 def test_killed_tls_stage_fails_the_migration_and_the_source_runs_on(hosts, pki):

@@ -222,14 +222,16 @@ def test_destroy_makes_its_hypercall_in_a_child_and_reports_its_failure(xsd, tmp
     import sys
     import types
 
-    from pyxl.backends.xenctrl import Xc
+    from pyxl.backends.xenctrl import Xc, host_release
     monkeypatch.setattr("pyxl.backends.xen.USERDATA_DIR", str(tmp_path))
     monkeypatch.setattr("pyxl.backends.hvm.LIB_DIR", str(tmp_path))
     xc = RecordingXc()
     be = backend(xsd, xc)
     be.create_restore_target(PVH_CONFIG)
-    argv = Xc.destroy_command(types.SimpleNamespace(release="4.17"), 7)   # type: ignore
-    assert argv[:4] == [sys.executable, "-I", "-S", "-c"] and argv[-2:] == ["libxenctrl.so.4.17", "7"]
+    release = host_release()   # 4.17 on Debian 12, 4.20 on Debian 13
+    argv = Xc.destroy_command(types.SimpleNamespace(release=release), 7)   # type: ignore
+    assert argv[:4] == [sys.executable, "-I", "-S", "-c"]
+    assert argv[-2:] == [f"libxenctrl.so.{release}", "7"]
     monkeypatch.setattr(xc, "destroy_command", lambda domid: argv)
     loop = SelectorLoop()
     out: List[Tuple[bool, str]] = []
