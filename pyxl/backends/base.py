@@ -35,7 +35,7 @@ from pyxl.errors import BackendError, StartupError
 from pyxl.loop import Loop, SelectorLoop
 
 __all__ = ["Backend", "Cancellable", "Done", "EmulatorRecord", "NoDeviceModel", "RestorePorts",
-           "SavedState", "domid_of", "name_owner", "run_to_end", "start_unpause"]
+           "SavedState", "domid_of", "name_owner", "run_to_end", "start_destroy", "start_unpause"]
 
 #: Xen's domain ids for guests: 0 is dom0, DOMID_FIRST_RESERVED (0x7FF0) and up are special.
 DOMID_LIMIT = 0x7FF0
@@ -188,6 +188,18 @@ def start_unpause(backend: Backend, loop: Loop, domid: int, done: Done) -> Optio
         return None
     done(True, "")
     return None
+
+
+def start_destroy(backend: Backend, loop: Loop, domid: int, done: Done) -> Optional[Cancellable]:
+    """:meth:`Backend.start_destroy` from an operation: a backend's exception
+    becomes ``done(False, why)`` (before this returns; None), so the operation
+    always hears how its destroy ended."""
+    try:
+        handle: Cancellable = backend.start_destroy(loop, domid, done)
+        return handle
+    except Exception as exc:  # a backend is the caller's code (any toolstack's)
+        done(False, f"{type(exc).__name__}: {exc}")
+        return None
 
 
 def run_to_end(start: Callable[[Loop, Done], Cancellable], what: str,

@@ -20,12 +20,22 @@ def _as_written(message: str) -> str:
     return message
 
 
-# argparse passes each of its own words ("usage: ", "show this help message and exit",
-# ...) through gettext on every use, and each call looks the catalog up again: the
-# locale variables, locale.normalize (whose first use imports locale) and a stat per
-# candidate file, 2.5 ms of every start.  Python ships no catalog for argparse and
-# pyxl's own messages are English, so argparse's words are used as written.
-argparse._ = _as_written  # type: ignore[attr-defined]
+def words_as_written() -> "Callable[[], None]":
+    """Have argparse use its own words as written until the returned function
+    is called (pyxl's ``main`` does, around one command; the rest of a process
+    that imports pyxl keeps gettext).
+
+    argparse passes each of its words ("usage: ", "show this help message and
+    exit", ...) through gettext on every use, and each call looks the catalog up
+    again: the locale variables, locale.normalize (whose first use imports
+    locale) and a stat per candidate file, 2.5 ms of every start.  Python ships
+    no catalog for argparse, and pyxl's own messages are English."""
+    saved = argparse._  # type: ignore[attr-defined]
+    argparse._ = _as_written  # type: ignore[attr-defined]
+
+    def restore() -> None:
+        argparse._ = saved  # type: ignore[attr-defined]
+    return restore
 
 
 class _Formatter(argparse.HelpFormatter):

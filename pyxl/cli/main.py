@@ -14,7 +14,7 @@ import importlib
 import sys
 
 from pyxl import __version__
-from pyxl.cli.args import Parser
+from pyxl.cli.args import Parser, words_as_written
 from pyxl.cli.runner import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE,
                              Interrupted, fail)
 from pyxl.errors import BackendError, PyxlError, StartupError
@@ -83,7 +83,15 @@ def _configure_logging(verbose: int) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one pyxl command (``argv``, else the process's); its exit status."""
+    restore = words_as_written()
+    try:
+        return _run(sys.argv[1:] if argv is None else argv)
+    finally:
+        restore()
+
+
+def _run(argv: List[str]) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)

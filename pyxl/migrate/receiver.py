@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 from pyxl._log import get_logger
 from pyxl._units import format_size
 from pyxl.backends import Backend, default_backend
-from pyxl.backends.base import start_unpause
+from pyxl.backends.base import start_destroy, start_unpause
 from pyxl.errors import (CorruptImage, HelperFailed, MigrationError, MigrationProtocolError,
                          OperationError, StartupError)
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
@@ -552,10 +552,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             self._destroying -= 1
             self._settled()
 
-        try:
-            self.backend.start_destroy(self.loop, domid, destroyed)
-        except Exception as exc:  # a backend is the caller's code
-            destroyed(False, f"{type(exc).__name__}: {exc}")
+        start_destroy(self.backend, self.loop, domid, destroyed)
 
     def _write_failed(self, exc: OSError) -> None:
         if self.state in ("failed", "draining"):

@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 from pyxl._log import get_logger
 from pyxl._paths import helper_path
 from pyxl.backends import Backend, default_backend
+from pyxl.backends.base import start_destroy
 from pyxl.errors import (MigrationError, MigrationInDoubt, MigrationProtocolError,
                          OperationError, StartupError)
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking, write_from_loop
@@ -496,10 +497,8 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
 
         # The source goes on the loop's terms (its devices' hotplug scripts, a
         # large domain's memory): the migration is done once it is gone.
-        try:   # not called off by a timeout: a destroy, once begun, goes to its end
-            self.backend.start_destroy(self.loop, self.domid, destroyed)
-        except Exception as exc:  # a backend is the caller's code
-            destroyed(False, f"{type(exc).__name__}: {exc}")
+        # Not called off by a timeout: a destroy, once begun, goes to its end.
+        start_destroy(self.backend, self.loop, self.domid, destroyed)
 
     # -- failures --
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pyxl._log import get_logger
 from pyxl._paths import helper_path, xen_release
-from pyxl.backends.base import Backend, start_unpause
+from pyxl.backends.base import Backend, start_destroy, start_unpause
 from pyxl.backends.configcheck import MAX_GIVEN_NAME, check_config, check_name
 from pyxl.errors import (Cancelled, CorruptImage, HelperFailed, OperationError, StartupError,
                          StreamTooLarge, Timeout, TruncatedStream)
@@ -343,10 +343,7 @@ class RestoreOperation(Operation[RestoreResult]):
                                   self.domid, why)
             self._finish(exc=exc)
 
-        try:
-            self.backend.start_destroy(self.loop, self.domid, destroyed)
-        except Exception as err:  # a backend is the caller's code (any toolstack's)
-            destroyed(False, str(err))
+        start_destroy(self.backend, self.loop, self.domid, destroyed)
 
     def _default_checkpoint(self, req: CallbackRequest) -> None:
         """libxc read a CHECKPOINT: read libxl's records of that checkpoint (the

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence
 
 from pyxl._paths import helper_path
-from pyxl.backends.base import Backend, Cancellable, EmulatorRecord
+from pyxl.backends.base import Backend, Cancellable, EmulatorRecord, start_destroy
 from pyxl.childproc import FileFinisher, finish_file
 from pyxl.errors import Cancelled, HelperDied, OperationError, StartupError
 from pyxl.fdio import make_pipe, pipe_size, write_all, write_from_loop
@@ -608,10 +608,7 @@ class SaveOperation(Operation[SaveResult]):
                                   self.domid, why)
             self._finish(result)
 
-        try:
-            self.backend.start_destroy(self.loop, self.domid, destroyed)
-        except Exception as exc:  # a backend is the caller's code; the image is safe: report it
-            destroyed(False, str(exc))
+        start_destroy(self.backend, self.loop, self.domid, destroyed)
 
     def _leave_domain(self) -> None:
         try:

@@ -147,3 +147,29 @@ def test_startup_cpu_is_a_small_multiple_of_a_bare_interpreter(argv, sim_dir, tm
     bare = _cpu_ms([sys.executable, "-c", "pass"], env)
     took = _cpu_ms(pyxl + argv, env)
     assert took <= 3 * bare + 10, f"pyxl {' '.join(argv)}: {took:.1f} ms CPU, bare {bare:.1f}"
+
+
+def test_main_gives_argparse_its_gettext_back(capsys):
+    """pyxl's main skips gettext for argparse's own words while it runs (a faster
+    start), and only then: an application that calls it keeps its translations."""
+    import argparse
+
+    before = argparse._   # type: ignore[attr-defined]
+    seen = []
+
+    def translate(message: str) -> str:
+        seen.append(message)
+        return message
+
+    argparse._ = translate   # type: ignore[attr-defined]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            climain.main(["no-such-command"])
+        assert exit_.value.code == 2
+        assert seen == []                                   # main used the words as written
+        assert argparse._ is translate                      # type: ignore[attr-defined]
+        argparse.ArgumentParser(prog="app").format_usage()
+        assert "usage: " in seen                            # and gave gettext back
+    finally:
+        argparse._ = before   # type: ignore[attr-defined]
+    assert "invalid choice: 'no-such-command'" in capsys.readouterr().err
