@@ -16,7 +16,11 @@ cap, percent of one CPU, 0 = uncapped) -- only live migration with auto-converge
 uses them, and refuses to start without them.  ``start_unpause(loop, domid,
 done)``: :meth:`Backend.unpause` for a backend whose unpause may take a while
 (fakexen starts a vCPU process); without it, ``unpause`` is called
-(:func:`start_unpause`).
+(:func:`start_unpause`).  ``start_create_restore_target(loop, config, done)``:
+:meth:`Backend.create_restore_target` as steps on the loop, ``done(domid,
+None)`` or ``done(None, exc)`` once the domain is ready or gone again
+(:func:`start_create_restore_target`); XenBackend's runs each hypercall batch
+and XenStore transaction in a callback of its own (:func:`run_steps`).
 
 Calls are made from the operation's event loop, so each must return quickly;
 the ones that wait on the guest or its device model (``start_*``) are
@@ -34,8 +38,9 @@ from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple, runtime
 from pyxl.errors import BackendError, StartupError
 from pyxl.loop import Loop, SelectorLoop
 
-__all__ = ["Backend", "Cancellable", "Done", "EmulatorRecord", "NoDeviceModel", "RestorePorts",
-           "SavedState", "domid_of", "name_owner", "run_to_end", "start_destroy", "start_unpause"]
+__all__ = ["Backend", "Cancellable", "Created", "Done", "EmulatorRecord", "NoDeviceModel",
+           "RestorePorts", "SavedState", "domid_of", "name_owner", "run_steps", "run_to_end",
+           "start_create_restore_target", "start_destroy", "start_unpause"]
 
 #: Xen's domain ids for guests: 0 is dom0, DOMID_FIRST_RESERVED (0x7FF0) and up are special.
 DOMID_LIMIT = 0x7FF0
@@ -49,6 +54,9 @@ RestorePorts = Tuple[int, int, int, int]
 EmulatorRecord = Tuple[int, bytes]
 #: ``done(records, why)``: the device model's saved state, or None and why not.
 SavedState = Callable[[Optional[List[EmulatorRecord]], str], None]
+#: ``done(domid, None)``: the restore target is ready; ``done(None, exc)``: it
+#: could not be made (and nothing of it is left).
+Created = Callable[[Optional[int], Optional[Exception]], None]
 
 
 class Cancellable(Protocol):
@@ -188,6 +196,67 @@ def start_unpause(backend: Backend, loop: Loop, domid: int, done: Done) -> Optio
         return None
     done(True, "")
     return None
+
+
+def start_create_restore_target(backend: Backend, loop: Loop, config: Dict[str, Any],
+                                done: Created) -> None:
+    """:meth:`Backend.create_restore_target` from an operation's loop: through the
+    backend's optional ``start_create_restore_target`` (``done`` later, from the
+    loop), else the waited-for call (``done`` before this returns).  Not called
+    off once begun: a half-made domain is destroyed before ``done`` says so.
+    A backend's exception is ``done(None, exc)``."""
+    start = getattr(backend, "start_create_restore_target", None)
+    try:
+        if start is not None:
+            start(loop, config, done)
+            return
+        domid = backend.create_restore_target(config)
+    except Exception as exc:  # a backend is the caller's code (any toolstack's)
+        done(None, exc)
+        return
+    done(domid, None)
+
+
+def run_steps(loop: Loop, steps: List[Callable[[], None]],
+              done: Callable[[Optional[Exception]], None]) -> Cancellable:
+    """Run ``steps`` one per loop callback, in order, so that the loop's longest
+    stretch is the longest step, not their sum; then ``done(None)``, or
+    ``done(exc)`` after the first step that raised (the rest do not run).
+    Cancelling runs no further step and calls nothing."""
+    return _Steps(loop, steps, done)
+
+
+class _Steps:
+    def __init__(self, loop: Loop, steps: List[Callable[[], None]],
+                 done: Callable[[Optional[Exception]], None]) -> None:
+        self._loop, self._done = loop, done
+        self._pending = list(reversed(steps))
+        self._timer: Optional[Cancellable] = loop.call_later(0, self._next)
+
+    def _next(self) -> None:
+        self._timer = None
+        if not self._pending:
+            self._done(None)
+            return
+        try:
+            self._pending.pop()()
+        except Exception as exc:  # the step's failure is the sequence's outcome
+            self._pending.clear()
+            self._done(exc)
+            return
+        if self._done is not _cancelled:    # the step may have cancelled the rest
+            self._timer = self._loop.call_later(0, self._next)
+
+    def cancel(self) -> None:
+        self._done = _cancelled
+        self._pending.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _cancelled(exc: Optional[Exception]) -> None:
+    pass
 
 
 def start_destroy(backend: Backend, loop: Loop, domid: int, done: Done) -> Optional[Cancellable]:

@@ -43,19 +43,20 @@ import json
 import os
 import subprocess
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pyxl._log import get_logger
 from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xendevices
-from pyxl.backends.base import (Cancellable, Done, EmulatorRecord, NoDeviceModel, RestorePorts,
-                                SavedState, name_owner, run_to_end)
+from pyxl.backends.base import (Cancellable, Created, Done, EmulatorRecord, NoDeviceModel,
+                                RestorePorts, SavedState, name_owner, run_steps, run_to_end,
+                                start_destroy)
 from pyxl.backends.libxlcfg import defbool, to_int  # noqa: F401  (defbool: re-exported)
 from pyxl.backends.xenctrl import DomInfo, Xc, XenError  # noqa: F401  (XenError: re-exported)
 from pyxl.backends.xensuspend import HVM_PARAM_ACPI_S_STATE, HVM_PARAM_CALLBACK_IRQ, Suspend
 from pyxl.backends.xenstore import XenStore, XenStoreError, open_default
 from pyxl.childproc import ShortChild
 from pyxl.errors import BackendError, DeviceModelError, StartupError
-from pyxl.loop import Loop, Timer
+from pyxl.loop import Loop, SelectorLoop, Timer
 
 _log = get_logger("pyxl.xen")
 
@@ -268,14 +269,19 @@ class XenBackend(NoDeviceModel):
             steps.stop()
             _log.debug("domain %d: devices removed, %.2f s after the destroy began", domid,
                        time.monotonic() - begun)
+            # Not called off by a cancel: once begun, the domain's nodes all go.
+            run_steps(loop, self._destroy_rest(domid, info, vm), rest_removed)
+
+        def rest_removed(exc: Optional[Exception]) -> None:
             try:
-                self._destroy_rest(domid, info, vm)
+                if exc is not None:
+                    raise exc
                 if info is None:
                     steps.finish(True, "")
                 else:   # the hypercall that frees its memory, off the loop
                     steps.child = ShortChild(loop, self.xc.destroy_command(domid), destroyed)
-            except (OSError, BackendError) as exc:
-                steps.finish(False, f"destroying domain {domid}: {exc}")
+            except (OSError, BackendError) as err:
+                steps.finish(False, f"destroying domain {domid}: {err}")
 
         try:
             steps.removal = xendevices.DevicesRemoval(loop, self._open_xs, xs, domid, remove_rest)
@@ -293,33 +299,66 @@ class XenBackend(NoDeviceModel):
         run_to_end(lambda loop, done: self.start_destroy(loop, domid, done),
                    f"destroy of domain {domid}")
 
-    def _destroy_rest(self, domid: int, info: Optional[DomInfo], vm: Optional[str]) -> None:
+    def _destroy_rest(self, domid: int, info: Optional[DomInfo],
+                      vm: Optional[str]) -> List[Callable[[], None]]:
+        """What is left of a domain once its devices are gone, as steps (one
+        loop callback each: XenStore round trips add up on a busy host)."""
         xs = self.xs
-        for btype in xs.directory("/local/domain/0/backend"):
-            xs.rm(f"/local/domain/0/backend/{btype}/{domid}")
-        # /vm/UUID is shared with the other copy after a migration on this
-        # host (same uuid): it goes with the last domain that names it.
-        if vm and vm.startswith("/vm/") and not any(
-                (xs.read(f"/local/domain/{other}/vm") or b"").decode(errors="replace") == vm
-                for other in self._domids() if other != domid):
-            xs.rm(vm)
-        xs.rm(f"/local/domain/{domid}")
-        xs.rm(f"/libxl/{domid}")
-        uuid = info.uuid if info is not None else "*"
-        for f in glob.glob(os.path.join(USERDATA_DIR, f"userdata-d.{domid}.{uuid}.*")):
-            try:
-                os.unlink(f)
-            except OSError:
-                pass
-        hvm.remove_state_files(domid)
-        self._restoring.pop(domid, None)
-        self._ports.pop(domid, None)
+
+        def backends() -> None:
+            for btype in xs.directory("/local/domain/0/backend"):
+                xs.rm(f"/local/domain/0/backend/{btype}/{domid}")
+
+        def vm_node() -> None:
+            # /vm/UUID is shared with the other copy after a migration on this
+            # host (same uuid): it goes with the last domain that names it.
+            if vm and vm.startswith("/vm/") and not any(
+                    (xs.read(f"/local/domain/{other}/vm") or b"").decode(errors="replace") == vm
+                    for other in self._domids() if other != domid):
+                xs.rm(vm)
+
+        def domain_nodes() -> None:
+            xs.rm(f"/local/domain/{domid}")
+            xs.rm(f"/libxl/{domid}")
+
+        def files() -> None:
+            uuid = info.uuid if info is not None else "*"
+            for f in glob.glob(os.path.join(USERDATA_DIR, f"userdata-d.{domid}.{uuid}.*")):
+                try:
+                    os.unlink(f)
+                except OSError:
+                    pass
+            hvm.remove_state_files(domid)
+            self._restoring.pop(domid, None)
+            self._ports.pop(domid, None)
+
+        return [backends, vm_node, domain_nodes, files]
 
     # -- restore ---------------------------------------------------------------
     def create_restore_target(self, config: Dict[str, Any]) -> int:
+        """:meth:`start_create_restore_target`, waited for (a private loop)."""
+        loop = SelectorLoop()
+        out: List[Tuple[Optional[int], Optional[Exception]]] = []
+        try:
+            self.start_create_restore_target(loop, config, lambda d, e: out.append((d, e)))
+            loop.run_until(lambda: bool(out))
+        finally:
+            loop.close()
+        domid, exc = out[0]
+        if exc is not None:
+            raise exc
+        assert domid is not None
+        return domid
+
+    def start_create_restore_target(self, loop: Loop, config: Dict[str, Any],
+                                    done: Created) -> None:
         """The empty domain a restore goes into, as libxl__domain_make +
         libxl__build_pre make it.  A saved config asking for what pyxl does
-        not rebuild is refused first; half-made domains are destroyed."""
+        not rebuild is refused first (raised here); then the domain is made
+        in steps, one loop callback each -- the create hypercall, the build's
+        hypercalls, the XenStore transaction, libxl's stored config -- and
+        ``done(domid, None)``.  A half-made domain is destroyed (on the loop)
+        before ``done(None, exc)``."""
         config = _copy(config)
         c_info = config.setdefault("c_info", {})
         b_info = config.get("b_info") or {}
@@ -367,35 +406,53 @@ class XenBackend(NoDeviceModel):
         grant_version = to_int(b_info.get("max_grant_version"), -1)
         if grant_version < 0:
             grant_version = 2
-        try:
-            domid = self.xc.create(handle, flags, to_int(b_info.get("max_vcpus"), 1),
-                                   to_int(b_info.get("event_channels"), 1023),
-                                   to_int(b_info.get("max_grant_frames"), -1),
-                                   to_int(b_info.get("max_maptrack_frames"), -1),
-                                   grant_version & 0xF, to_int(c_info.get("poolid"), 0),
-                                   emu, misc, to_int(c_info.get("ssidref"), 0),
-                                   altp2m=xenbuild.altp2m_mode(config))
-        except OSError as exc:
-            raise StartupError(f"cannot create the domain to restore into: {exc}") from exc
-        try:
-            self._ports[domid] = xenbuild.build_pre(self.xc, self.xs, domid, config)
-            xenbuild.make_xenstore(self.xs, domid, config, name, uuid)
-            if dtype == "hvm":
-                self.xs.mkdir(hvm.dm_path(domid))
-            xenbuild.write_userdata(USERDATA_DIR, domid, uuid, config)
-        except BaseException as exc:
-            self._destroy_quietly(domid)
-            if isinstance(exc, OSError):
-                raise StartupError(f"cannot prepare domain {domid} for the restore: {exc}") from exc
-            raise
-        self._restoring[domid] = config
-        return domid
+        made: List[int] = []
+        begun = time.monotonic()
 
-    def _destroy_quietly(self, domid: int) -> None:
-        try:
-            self.destroy(domid)
-        except Exception as exc:
-            _log.error("could not destroy half-made domain %d: %s", domid, exc)
+        def create() -> None:
+            try:
+                made.append(self.xc.create(
+                    handle, flags, to_int(b_info.get("max_vcpus"), 1),
+                    to_int(b_info.get("event_channels"), 1023),
+                    to_int(b_info.get("max_grant_frames"), -1),
+                    to_int(b_info.get("max_maptrack_frames"), -1), grant_version & 0xF,
+                    to_int(c_info.get("poolid"), 0), emu, misc, to_int(c_info.get("ssidref"), 0),
+                    altp2m=xenbuild.altp2m_mode(config)))
+            except OSError as exc:
+                raise StartupError(f"cannot create the domain to restore into: {exc}") from exc
+
+        def build() -> None:
+            self._ports[made[0]] = xenbuild.build_pre(self.xc, self.xs, made[0], config)
+
+        def store() -> None:
+            xenbuild.make_xenstore(self.xs, made[0], config, name, uuid)
+            if dtype == "hvm":
+                self.xs.mkdir(hvm.dm_path(made[0]))
+
+        def userdata() -> None:
+            xenbuild.write_userdata(USERDATA_DIR, made[0], uuid, config)
+
+        def finished(exc: Optional[Exception]) -> None:
+            if exc is None:
+                _log.debug("domain %d: built for the restore in %.3f s", made[0],
+                           time.monotonic() - begun)
+                self._restoring[made[0]] = config
+                done(made[0], None)
+                return
+            if not made:
+                done(None, exc)
+                return
+            domid = made[0]
+            if isinstance(exc, OSError):
+                exc = StartupError(f"cannot prepare domain {domid} for the restore: {exc}")
+
+            def destroyed(ok: bool, why: str) -> None:
+                if not ok:
+                    _log.error("could not destroy half-made domain %d: %s", domid, why)
+                done(None, exc)
+            start_destroy(self, loop, domid, destroyed)
+
+        run_steps(loop, [create, build, store, userdata], finished)
 
     def rename(self, domid: int, name: str) -> None:
         """Rename a domain (XenStore and libxl's stored config), as

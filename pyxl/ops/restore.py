@@ -25,7 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pyxl._log import get_logger
 from pyxl._paths import helper_path, xen_release
-from pyxl.backends.base import Backend, start_destroy, start_unpause
+from pyxl.backends.base import (Backend, start_create_restore_target, start_destroy,
+                                start_unpause)
 from pyxl.backends.configcheck import MAX_GIVEN_NAME, check_config, check_name
 from pyxl.errors import (Cancelled, CorruptImage, HelperFailed, OperationError, StartupError,
                          StreamTooLarge, Timeout, TruncatedStream)
@@ -119,6 +120,7 @@ class RestoreOperation(Operation[RestoreResult]):
         self._trailer: Optional[TrailerReader] = None
         self._head: Optional[LoopReader] = None
         self._launch: Optional[Timer] = None      # a file's domain build, due on the loop
+        self._creating = False                    # the backend is building the domain
         self._timer_armed = False
         self._unzstd: Optional[ZstdStage] = None
         fd, own = self._open(source)
@@ -238,28 +240,33 @@ class RestoreOperation(Operation[RestoreResult]):
         return config
 
     def _build(self, config: Dict[str, Any]) -> None:
-        """From the loop: the backend builds the empty domain, the helper starts."""
+        """From the loop: the backend builds the empty domain (in steps of its
+        own, on the loop), then the helper starts."""
         self._launch = None
-        try:
-            domid = self.backend.create_restore_target(config)
-        except OperationError as exc:
-            self._head_failed(exc)
-            return
-        except Exception as exc:  # a backend is the caller's code
-            self._head_failed(StartupError(f"cannot create the domain to restore into: "
-                                           f"{type(exc).__name__}: {exc}", op=self))
+        self._creating = True
+        start_create_restore_target(self.backend, self.loop, config, self._built)
+
+    def _built(self, domid: Optional[int], exc: Optional[Exception]) -> None:
+        self._creating = False
+        if exc is not None or domid is None:
+            if not isinstance(exc, OperationError):
+                exc = StartupError(f"cannot create the domain to restore into: "
+                                   f"{type(exc).__name__}: {exc}", op=self)
+            self._head_failed(self._failure or exc)
             return
         self.domid = domid
         self.logger = get_logger(f"pyxl.domain.{domid}")
         try:
+            if self._failure is not None:   # timed out or cancelled while it was built
+                raise self._failure
             self._start_helper()
-        except Exception as exc:
+        except Exception as err:
             self._close()
             self._cancel_timer()
-            if not isinstance(exc, OperationError):
-                exc = StartupError(f"cannot start the restore: {type(exc).__name__}: {exc}",
+            if not isinstance(err, OperationError):
+                err = StartupError(f"cannot start the restore: {type(err).__name__}: {err}",
                                    op=self)
-            self._fail_and_destroy(exc)
+            self._fail_and_destroy(err)
 
     def _start_helper(self) -> None:
         fd = self._fd
@@ -322,6 +329,11 @@ class RestoreOperation(Operation[RestoreResult]):
             self._timer = None
 
     def _timed_out(self) -> None:
+        if self._creating:   # a domain build is not called off: it fails once built
+            self._timer = None
+            self._fail_soon(Timeout(f"{self.kind} timed out after {self._timeout:g}s while "
+                                    "its domain was being built", op=self))
+            return
         if self._head is not None or self._launch is not None:
             self._timer = None
             self._head_failed(Timeout(f"{self.kind} timed out after {self._timeout:g}s waiting "
@@ -452,6 +464,10 @@ class RestoreOperation(Operation[RestoreResult]):
                                    op=self))
 
     def cancel(self, grace: float = 5.0) -> bool:
+        if self._creating and not self._done:
+            self._fail_soon(Cancelled(f"{self.kind} cancelled while its domain was being built",
+                                      op=self))
+            return True
         if (self._head is not None or self._launch is not None) and not self._done:
             self._head_failed(Cancelled(f"{self.kind} cancelled waiting for the stream's head",
                                         op=self))

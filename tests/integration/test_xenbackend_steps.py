@@ -1,0 +1,218 @@
+"""XenBackend builds a restore target, and removes a destroyed domain's nodes, in
+steps: one loop callback each, so the application's loop runs between the
+create hypercall, the build's hypercalls, the XenStore transaction and libxl's
+stored config.  A half-made domain is destroyed on the same loop.  The
+operation's side: a restore that times out or is cancelled while its domain
+is being built fails once it is built, with the domain destroyed.
+
+Fakes of libxenctrl and xenstored (tests/xenfakes.py); real pyxl loop, real
+fakexen for the operation."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+
+import pyxl
+from pyxl import sim
+from pyxl.backends import base, xenbuild
+from pyxl.backends.sim import SimBackend
+from pyxl.errors import StartupError
+from pyxl.loop import Loop, SelectorLoop, default_loop
+from xenfakes import FakeXenstored, RecordingXc, backend
+
+from conftest import domids
+
+UUID = "00010203-0405-0607-0809-0a0b0c0d0e0f"
+CONFIG = {"c_info": {"type": "pvh", "name": "g1", "uuid": UUID},
+          "b_info": {"max_vcpus": 1, "max_memkb": 131072, "target_memkb": 131072,
+                     "tsc_mode": "native", "shadow_memkb": 2048}}
+MB = 1 << 20
+
+
+@pytest.fixture
+def xsd():
+    f = FakeXenstored()
+    f.kernel_backends()
+    yield f
+    f.close()
+
+
+@pytest.fixture
+def host(tmp_path, monkeypatch):
+    monkeypatch.setattr("pyxl.backends.xen.USERDATA_DIR", str(tmp_path))
+    monkeypatch.setattr("pyxl.backends.hvm.LIB_DIR", str(tmp_path))
+    return tmp_path
+
+
+class Timeline:
+    """What happened, in order: the fakes' calls and a ticker's ticks (a
+    callback of the application's, due at every loop iteration)."""
+
+    def __init__(self, loop: Loop) -> None:
+        self.events: List[str] = []
+        self.loop = loop
+        self.running = True
+        self._tick()
+
+    def _tick(self) -> None:
+        if self.running:
+            self.events.append("tick")
+            self.loop.call_later(0, self._tick)
+
+    def steps(self) -> List[str]:
+        """The events with runs of the same one made one."""
+        out: List[str] = []
+        for e in self.events:
+            if not out or out[-1] != e:
+                out.append(e)
+        return out
+
+
+def traced(monkeypatch, line: Timeline, xc_class: Any = RecordingXc) -> RecordingXc:
+    class Xc(xc_class):   # type: ignore[misc,valid-type]
+        def create(self, *args: Any, **kw: Any) -> int:
+            line.events.append("create")
+            return super().create(*args, **kw)
+
+        def call(self, fn: str, *args: Any) -> int:
+            line.events.append("build")
+            return super().call(fn, *args)
+
+    for name, label in (("make_xenstore", "store"), ("write_userdata", "userdata")):
+        real = getattr(xenbuild, name)
+        monkeypatch.setattr(xenbuild, name,
+                            lambda *a, _r=real, _l=label: (line.events.append(_l), _r(*a))[1])
+    return Xc()
+
+
+def test_a_restore_target_is_built_one_step_per_loop_callback(xsd, host, monkeypatch):
+    loop = SelectorLoop()
+    line = Timeline(loop)
+    be = backend(xsd, traced(monkeypatch, line))
+    out: List[Tuple[Optional[int], Optional[Exception]]] = []
+    base.start_create_restore_target(be, loop, CONFIG, lambda d, e: out.append((d, e)))
+    assert loop.run_until(lambda: bool(out), 10)
+    line.running = False
+    assert out == [(7, None)]
+    steps = line.steps()
+    # each step is its own callback: the application's ticker runs between them
+    assert [e for e in steps if e != "tick"] == ["create", "build", "store", "userdata"]
+    for a, b in zip(["create", "build", "store"], ["build", "store", "userdata"]):
+        assert steps.index(b) - steps.index(a) == 2 and steps[steps.index(a) + 1] == "tick", steps
+    assert (host / f"userdata-d.7.{UUID}.libxl-json").exists()
+    assert xsd.nodes["/local/domain/7/name"] == b"g1"
+    loop.close()
+
+
+def test_a_half_made_domain_is_destroyed_on_the_loop_before_the_failure_is_told(
+        xsd, host, monkeypatch):
+    """The build fails after the domain exists: its destroy (XenStore, then
+    xc_domain_destroy in a child that here takes 0.3 s) runs on the caller's
+    loop, which ticks meanwhile; the failure comes once the domain is gone."""
+    class Failing(RecordingXc):
+        def call(self, fn: str, *args: Any) -> int:
+            if fn == "xc_set_paging_mempool_size":
+                raise OSError(12, "Cannot allocate memory")
+            return super().call(fn, *args)
+
+        def destroy_command(self, domid: int) -> List[str]:
+            super().destroy_command(domid)
+            return ["sleep", "0.3"]
+
+    loop = SelectorLoop()
+    line = Timeline(loop)
+    be = backend(xsd, traced(monkeypatch, line, Failing))
+    out: List[Tuple[Optional[int], Optional[Exception]]] = []
+    t0 = time.monotonic()
+    base.start_create_restore_target(be, loop, CONFIG, lambda d, e: out.append((d, e)))
+    assert loop.run_until(lambda: bool(out), 10)
+    took = time.monotonic() - t0
+    line.running = False
+    (domid, exc), = out
+    assert domid is None and isinstance(exc, StartupError)
+    assert str(exc) == ("cannot prepare domain 7 for the restore: [Errno 12] Cannot allocate "
+                        "memory")
+    assert took >= 0.3 and ("destroy", 7) in be.xc.log
+    assert line.events.count("tick") > 20, "the loop ran while the child destroyed it"
+    assert not xsd.subtree("/local/domain/7") and list(host.iterdir()) == []
+    loop.close()
+
+
+def test_a_destroyed_domains_nodes_go_in_steps(xsd, host):
+    """After the devices: backends, /vm, the domain's nodes, the files -- each
+    in a callback of its own -- then the hypercall."""
+    be = backend(xsd, RecordingXc())
+    be.create_restore_target(CONFIG)
+    loop = SelectorLoop()
+    line = Timeline(loop)
+    real_rm = be.xs.rm
+
+    def rm(path: str, *a: Any) -> None:
+        line.events.append("rm " + path.split("/")[1])
+        real_rm(path, *a)
+    be.xs.rm = rm   # type: ignore[method-assign]
+    out: List[Tuple[bool, str]] = []
+    be.start_destroy(loop, 7, lambda ok, why: out.append((ok, why)))
+    assert loop.run_until(lambda: bool(out), 30)
+    line.running = False
+    assert out == [(True, "")]
+    rms = [e for e in line.steps() if e.startswith("rm ")]
+    assert rms[-3:] == ["rm vm", "rm local", "rm libxl"]
+    steps = line.steps()
+    # /vm and /local/domain/7 go in different callbacks, the ticker between them
+    vm = steps.index("rm vm")
+    assert steps[vm + 1] == "tick" and "rm local" in steps[vm + 2:]
+    assert not [p for p in xsd.nodes if p.startswith(("/local/domain/7", "/vm/0001", "/libxl/7"))]
+    loop.close()
+
+
+class SlowBuild(SimBackend):
+    """A toolstack's backend whose domain build takes 0.6 s of loop time."""
+
+    def start_create_restore_target(self, loop: Loop, config: Dict[str, Any],
+                                    done: base.Created) -> None:
+        domid = self.create_restore_target(config)
+        loop.call_later(0.6, lambda: done(domid, None))
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+def test_a_restore_ended_while_its_domain_is_built_destroys_it(sim_dir, tmp_path, how):
+    dom = sim.create(16 * MB, sim_dir=sim_dir)
+    saved = tmp_path / "g.save"
+    pyxl.wait(pyxl.save(dom, saved, sim_dir=sim_dir, leave="destroy"))
+    assert domids(sim_dir) == []
+    op = pyxl.restore(saved, backend=SlowBuild(sim_dir), timeout=0.3 if how == "timeout" else 30)
+    loop = default_loop()
+    if how == "cancel":
+        loop.call_later(0.2, op.cancel)
+    loop.run_until(lambda: domids(sim_dir) != [], 10)   # being built
+    assert not op.done()
+    assert loop.run_until(op.done, 30)
+    exc = op.exception()
+    assert isinstance(exc, pyxl.Timeout if how == "timeout" else pyxl.Cancelled), exc
+    assert "while its domain was being built" in str(exc)
+    assert domids(sim_dir) == [], "the domain it was building is gone when it says so"
+
+
+def test_run_steps_stops_at_the_first_failure_and_a_cancel_stops_it_quietly():
+    loop = SelectorLoop()
+    ran: List[str] = []
+    out: List[Optional[Exception]] = []
+
+    def fail() -> None:
+        ran.append("b")
+        raise ValueError("no")
+
+    base.run_steps(loop, [lambda: ran.append("a"), fail, lambda: ran.append("c")], out.append)
+    assert ran == [] and loop.run_until(lambda: bool(out), 5)
+    assert ran == ["a", "b"] and isinstance(out[0], ValueError)
+    ran.clear()
+    out.clear()
+    handle = base.run_steps(loop, [lambda: ran.append("a"), lambda: handle.cancel(),
+                                   lambda: ran.append("c")], out.append)
+    loop.run_until(lambda: False, 0.2)
+    assert ran == ["a"] and out == []
+    loop.close()
