@@ -16,7 +16,8 @@ cap, percent of one CPU, 0 = uncapped) -- only live migration with auto-converge
 uses them, and refuses to start without them.  ``start_unpause(loop, domid,
 done)``: :meth:`Backend.unpause` for a backend whose unpause may take a while
 (fakexen starts a vCPU process); without it, ``unpause`` is called
-(:func:`start_unpause`).  ``start_create_restore_target(loop, config, done)``:
+(:func:`start_unpause`); ``start_resume(loop, domid, done)`` likewise for
+``resume`` (:func:`start_resume`).  ``start_create_restore_target(loop, config, done)``:
 :meth:`Backend.create_restore_target` as steps on the loop, ``done(domid,
 None)`` or ``done(None, exc)`` once the domain is ready or gone again
 (:func:`start_create_restore_target`); XenBackend's runs each hypercall batch
@@ -40,7 +41,7 @@ from pyxl.loop import Loop, SelectorLoop
 
 __all__ = ["Backend", "Cancellable", "Created", "Done", "EmulatorRecord", "NoDeviceModel",
            "RestorePorts", "SavedState", "domid_of", "name_owner", "run_steps", "run_to_end",
-           "start_create_restore_target", "start_destroy", "start_unpause"]
+           "start_create_restore_target", "start_destroy", "start_resume", "start_unpause"]
 
 #: Xen's domain ids for guests: 0 is dom0, DOMID_FIRST_RESERVED (0x7FF0) and up are special.
 DOMID_LIMIT = 0x7FF0
@@ -185,12 +186,25 @@ def start_unpause(backend: Backend, loop: Loop, domid: int, done: Done) -> Optio
     """Unpause ``domid`` from ``loop``: through the backend's optional
     ``start_unpause`` (``done`` later, from the loop), else its ``unpause``
     (``done`` before this returns; None).  A backend's exception is ``done(False, why)``."""
-    start = getattr(backend, "start_unpause", None)
+    return _start_or_call(getattr(backend, "start_unpause", None), backend.unpause,
+                          loop, domid, done)
+
+
+def start_resume(backend: Backend, loop: Loop, domid: int, done: Done) -> Optional[Cancellable]:
+    """:meth:`Backend.resume` from ``loop``, as :func:`start_unpause` does it:
+    the optional ``start_resume`` (an HVM guest's QMP ``cont`` is an exchange
+    with its QEMU), else ``resume``."""
+    return _start_or_call(getattr(backend, "start_resume", None), backend.resume,
+                          loop, domid, done)
+
+
+def _start_or_call(start: Optional[Callable[[Loop, int, Done], Cancellable]],
+                   call: Callable[[int], None], loop: Loop, domid: int,
+                   done: Done) -> Optional[Cancellable]:
     try:
         if start is not None:
-            handle: Cancellable = start(loop, domid, done)
-            return handle
-        backend.unpause(domid)
+            return start(loop, domid, done)
+        call(domid)
     except Exception as exc:  # a backend is the caller's code (any toolstack's)
         done(False, str(exc) or type(exc).__name__)
         return None

@@ -114,6 +114,17 @@ class SimBackend:
                 raise DeviceModelError(f"domain {domid} was resumed, but its device model "
                                        f"was not: {exc}") from exc
 
+    def start_resume(self, loop: Loop, domid: int, done: Done) -> Cancellable:
+        """:meth:`resume` from the loop: the device model's ``cont`` is an
+        exchange on the loop."""
+        sim.resume(domid, sim_dir=self.sim_dir)
+        dm = self._device_model(domid)
+        if dm is None:
+            return loop.call_later(0, lambda: done(True, ""))
+        return dm.start_resume(loop, lambda err: done(
+            err is None, "" if err is None else
+            f"domain {domid} was resumed, but its device model was not: {err}"))
+
     def pause(self, domid: int) -> None:
         sim.pause(domid, sim_dir=self.sim_dir)
 

@@ -186,6 +186,39 @@ class XenBackend(NoDeviceModel):
         self.xc.resume(domid, fast=True)
         self.xs.resume(domid)
 
+    def start_resume(self, loop: Loop, domid: int, done: Done) -> Cancellable:
+        """:meth:`resume` from the loop: QMP ``cont`` is an exchange on the loop."""
+        def cont(err: Optional[Exception]) -> None:
+            try:
+                self.xc.resume(domid, fast=True)
+                self.xs.resume(domid)
+            except OSError as exc:
+                done(False, f"resuming domain {domid}: {exc}")
+                return
+            done(err is None, "" if err is None else
+                 f"domain {domid} was resumed, but its device model was not: {err}")
+        return self._start_dm_cont(loop, domid, cont)
+
+    def start_unpause(self, loop: Loop, domid: int, done: Done) -> Cancellable:
+        """:meth:`unpause` from the loop: QMP ``cont`` is an exchange on the loop."""
+        def cont(err: Optional[Exception]) -> None:
+            if err is not None:   # as unpause: the vCPUs do not run without their QEMU
+                done(False, f"domain {domid}'s device model would not run: {err}")
+                return
+            try:
+                self.xc.unpause(domid)
+            except OSError as exc:
+                done(False, f"unpausing domain {domid}: {exc}")
+                return
+            done(True, "")
+        return self._start_dm_cont(loop, domid, cont)
+
+    def _start_dm_cont(self, loop: Loop, domid: int,
+                       then: Callable[[Optional[Exception]], None]) -> Cancellable:
+        if self._type(domid) != "hvm":
+            return loop.call_later(0, lambda: then(None))
+        return hvm.device_model(self.xs, domid).start_resume(loop, then)
+
     def pause(self, domid: int) -> None:
         self.xc.pause(domid)
 

@@ -525,12 +525,16 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             except Exception as exc:   # e.g. the source still holds the name here
                 self.logger.warning("failover domain %d keeps its name %s%s: %s", self.domid,
                                     self.name, INCOMING, exc)
-        if not self.paused:
-            try:
-                self.backend.unpause(self.domid)
-            except Exception as exc:
-                self._fail(MigrationError(f"failover domain {self.domid} would not start: {exc}"))
-                return
+        if self.paused:
+            self._taken_over(True, "")
+        else:
+            start_unpause(self.backend, self.loop, self.domid, self._taken_over)
+
+    def _taken_over(self, ok: bool, why: str) -> None:
+        assert self.domid is not None and self._restored_result is not None
+        if not ok:
+            self._fail(MigrationError(f"failover domain {self.domid} would not start: {why}"))
+            return
         self.state = "reported"
         result = ReceiveResult(self.domid, self.digest, time.monotonic() - self.started,
                                self.paused, self._restored_result,

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 from pyxl._log import get_logger
 from pyxl._paths import helper_path
 from pyxl.backends import Backend, default_backend
-from pyxl.backends.base import start_destroy
+from pyxl.backends.base import start_destroy, start_unpause
 from pyxl.errors import (MigrationError, MigrationInDoubt, MigrationProtocolError,
                          OperationError, StartupError)
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking, write_from_loop
@@ -579,17 +579,25 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
             doubt.__cause__ = exc
             exc = self._error = doubt
         elif self._source_paused and (not self._go_sent or resume):
-            try:
-                self.backend.unpause(self.domid)
-                self._source_paused = False
-                state = "running"
-            except Exception as err:
-                self.logger.error("could not unpause domain %d after the failed migration: %s",
-                                  self.domid, err)
+            self._done_pending = (None, exc)   # a failure meanwhile is not torn down again
+
+            def unpaused(ok: bool, why: str) -> None:
+                if ok:
+                    self._source_paused = False
+                else:
+                    self.logger.error("could not unpause domain %d after the failed migration: "
+                                      "%s", self.domid, why)
+                self._failed(exc, "running" if ok else None)
+            start_unpause(self.backend, self.loop, self.domid, unpaused)
+            return
         elif self._source_paused:
             state = "paused"
         else:
             state = self.backend.state(self.domid)
+        self._failed(exc, state)
+
+    def _failed(self, exc: OperationError, state: Optional[str]) -> None:
+        """The end of a failure: the source is left in ``state``; report ``exc``."""
         if isinstance(exc, MigrationError):
             exc.source_state = exc.source_state or state
         self._close_transport()

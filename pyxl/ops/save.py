@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence
 
 from pyxl._paths import helper_path
-from pyxl.backends.base import Backend, Cancellable, EmulatorRecord, start_destroy
+from pyxl.backends.base import (Backend, Cancellable, EmulatorRecord, start_destroy,
+                                start_resume)
 from pyxl.childproc import FileFinisher, finish_file
 from pyxl.errors import Cancelled, HelperDied, OperationError, StartupError
 from pyxl.fdio import make_pipe, pipe_size, write_all, write_from_loop
@@ -375,14 +376,16 @@ class SaveOperation(Operation[SaveResult]):
                 # ends with the guest as it is (``leave`` applies, as for a save).
                 req.reply(1)
                 return
-            try:
-                self.backend.resume(self.domid)
-            except Exception as exc:  # a backend is the caller's code (any toolstack's)
+            self.suspended = False   # being resumed: a failure meanwhile does not do it twice
+            start_resume(self.backend, self.loop, self.domid, resumed)
+
+        def resumed(ok: bool, why: str) -> None:
+            if not ok:
+                self.suspended = True
                 self.logger.error("could not resume domain %d after checkpoint %d: %s",
-                                  self.domid, self.checkpoints, exc)
+                                  self.domid, self.checkpoints, why)
                 req.reply(0)
                 return
-            self.suspended = False
             req.reply(1)
 
         # The helper waits for this answer, so the fd is ours for the moment.
@@ -422,8 +425,9 @@ class SaveOperation(Operation[SaveResult]):
                 # waited for the suspend to land so the guest can be resumed.
                 exc, self._held = self._held, None
                 if ok:
-                    self._resume_after_failure()
-                self._finish(exc=exc)
+                    self._resume_after_failure(lambda: self._finish(exc=exc))
+                else:
+                    self._finish(exc=exc)
             elif not req.answered:
                 req.reply(1 if ok else 0)
 
@@ -477,7 +481,7 @@ class SaveOperation(Operation[SaveResult]):
         if isinstance(req.message, Suspend) and value:
             # A toolstack's suspend handler finished after the save had failed:
             # its guest is suspended now, and nobody else will resume it.
-            self._resume_after_failure()
+            self._resume_after_failure(lambda: None)
 
     def _conclude(self) -> None:
         exc = self._helper_outcome() if self.helper is not None else self._failure
@@ -517,8 +521,9 @@ class SaveOperation(Operation[SaveResult]):
         if self._suspend_cancel is not None:
             self._held = exc  # a suspend is on its way: finish once it has landed
             return
-        if self.suspended:
-            self._resume_after_failure()
+        if self.suspended:   # reported once the guest runs again (or could not)
+            self._resume_after_failure(lambda: self._finish(exc=exc))
+            return
         self._finish(exc=exc)
 
     def _complete_stream(self) -> None:
@@ -598,8 +603,7 @@ class SaveOperation(Operation[SaveResult]):
     def _committed(self, result: SaveResult) -> None:
         """The image is safe: leave the domain as asked, then finish."""
         if self.leave != "destroy":
-            self._leave_domain()
-            self._finish(result)
+            self._leave_domain(lambda: self._finish(result))
             return
 
         def destroyed(ok: bool, why: str) -> None:
@@ -610,29 +614,46 @@ class SaveOperation(Operation[SaveResult]):
 
         start_destroy(self.backend, self.loop, self.domid, destroyed)
 
-    def _leave_domain(self) -> None:
+    def _leave_domain(self, then: Callable[[], None]) -> None:
+        """Leave the saved domain as asked (its resume from the loop), then ``then()``."""
+        def left(ok: bool, why: str) -> None:
+            if not ok:  # the image is safe: report it, and go on
+                self.logger.error("saved domain %d, but could not leave it %s: %s", self.domid,
+                                  self.leave, why)
+            then()
+
         try:
             if self.leave == "running":
-                self.backend.resume(self.domid)
-            elif not self.suspended:
-                self.backend.pause(self.domid)   # Remus: it ran on after the last checkpoint
-            else:
-                # xl save -p: pause first, so the guest never runs between
-                # the suspend and the pause.
-                self.backend.pause(self.domid)
-                self.backend.resume(self.domid)
-        except Exception as exc:  # a backend is the caller's code; the image is safe: report it
-            self.logger.error("saved domain %d, but could not leave it %s: %s", self.domid,
-                              self.leave, exc)
+                start_resume(self.backend, self.loop, self.domid, left)
+                return
+            # Remus: it ran on after the last checkpoint.  xl save -p: paused
+            # first, so the guest never runs between the suspend and the pause.
+            self.backend.pause(self.domid)
+        except Exception as exc:  # a backend is the caller's code
+            left(False, str(exc))
+            return
+        if self.suspended:
+            start_resume(self.backend, self.loop, self.domid, left)
+        else:
+            left(True, "")
 
-    def _resume_after_failure(self) -> None:
+    def _resume_after_failure(self, then: Callable[[], None]) -> None:
+        """The guest runs again after a failed save (the caller's ``on_resume``,
+        else the backend's resume, from the loop); then ``then()``."""
+        def resumed(ok: bool, why: str) -> None:
+            if not ok:  # report it: the failure stands
+                self.logger.error("could not resume domain %d after the failed save: %s",
+                                  self.domid, why)
+            then()
+
+        if self.on_resume is None:
+            start_resume(self.backend, self.loop, self.domid, resumed)
+            return
         try:
-            if self.on_resume is not None:
-                self.on_resume(self.domid)
-            else:
-                self.backend.resume(self.domid)
-        except Exception as exc:  # the caller's on_resume or backend: report, the failure stands
-            self.logger.error("could not resume domain %d after the failed save: %s",
-                              self.domid, exc)
+            self.on_resume(self.domid)
+        except Exception as exc:  # the caller's on_resume
+            resumed(False, str(exc))
+            return
+        resumed(True, "")
 
 

@@ -22,7 +22,7 @@ from pyxl import sim
 from pyxl.backends.devicemodel import EMULATOR_CONTEXT, QmpDeviceModel
 from pyxl.backends.sim import SimBackend
 from pyxl.errors import DeviceModelError
-from pyxl.loop import SelectorLoop
+from pyxl.loop import SelectorLoop, default_loop
 from pyxl.qmp import (QmpClient, QmpCommandError, QmpConnectionError, QmpRemoteProtocolError,
                       QmpTimeout)
 from pyxl.sim import devicemodel as simdm
@@ -731,3 +731,33 @@ def test_checkpointed_restore_starts_the_last_checkpoints_device_model(hosts):
     d, got, digests, counters, rest = remus_with_device_model(a, b)
     assert dmcontrol.has_device_model(got.domid, b)
     assert sim.digest(got.domid, sim_dir=b) == digests[-1]
+
+
+def test_a_device_model_slow_to_cont_does_not_hold_the_loop(sim_dir, tmp_path, monkeypatch,
+                                                             no_leaks, caplog):
+    """``save -c``: the guest is resumed from the loop (QMP ``cont`` on it, not on
+    a private loop inside a callback).  A device model that never answers
+    ``cont`` costs the QMP timeout, while the caller's timer keeps ticking; the
+    image is safe and the save succeeds, saying it could not leave the guest
+    running."""
+    monkeypatch.setenv("PYXL_SIM_DM_FAULT", "hang:cont")
+    d = sim.create(16 * MB, sim_dir=sim_dir, device_model=True)
+    backend = SimBackend(sim_dir, qmp_timeout=0.8)
+    loop = default_loop()
+    ticks: List[float] = []
+
+    def tick() -> None:
+        ticks.append(time.monotonic())
+        if not op.done():
+            loop.call_later(0.02, tick)
+
+    with caplog.at_level(logging.ERROR):
+        op = pyxl.save(d, tmp_path / "g", leave="running", backend=backend, timeout=30)
+        tick()
+        (res,) = pyxl.wait(op)
+    took = ticks[-1] - ticks[0]
+    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+    assert took >= 0.8 and max(gaps) < 0.4, (took, max(gaps))
+    assert res.path == str(tmp_path / "g") and os.path.getsize(res.path) > 16 * MB
+    assert f"saved domain {d}, but could not leave it running" in caplog.text
+    assert "QMP cont: no answer from" in caplog.text

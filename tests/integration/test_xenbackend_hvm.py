@@ -497,6 +497,18 @@ def test_hvm_save_side_over_qmp(xsd, host):
         assert [p for (t, _tx, p) in xsd.log if t == 18] == [[b"7", b""]]    # XS_RESUME
         be.unpause(8)                        # PVH: no device model to tell
         assert len(qmp.commands) == 7
+        # the same from an operation's loop: QMP cont is an exchange on it
+        out.clear()
+        be.start_unpause(loop, 7, lambda ok, why: out.append(("unpause", ok, why)))
+        be.start_resume(loop, 7, lambda ok, why: out.append(("resume", ok, why)))
+        be.start_unpause(loop, 8, lambda ok, why: out.append(("pvh", ok, why)))
+        assert out == [] and loop.run_until(lambda: len(out) == 3, timeout=10)
+        assert sorted(out) == [("pvh", True, ""), ("resume", True, ""), ("unpause", True, "")]
+        assert [c[0] for c in qmp.commands[7:]] == ["cont", "cont"]
+        assert sorted([c for c in be.xc.log if c[0] in ("unpause", "resume")][-3:]) == \
+            [("resume", 7, True), ("unpause", 7), ("unpause", 8)]
+        resumes = [[b"7", b""]] * 2                                           # XS_RESUME
+        assert [p for (t, _tx, p) in xsd.log if t == 18] == resumes
         # QEMU killed during the save: the vCPUs run again all the same, and the
         # error says its device model did not
         qmp.close()
@@ -504,7 +516,18 @@ def test_hvm_save_side_over_qmp(xsd, host):
         with pytest.raises(DeviceModelError, match="domain 7 was resumed, but its device model"):
             be.resume(7)
         assert be.xc.log[-1] == ("resume", 7, True)
-        assert [p for (t, _tx, p) in xsd.log if t == 18] == [[b"7", b""]] * 2
+        out.clear()
+        be.start_resume(loop, 7, lambda ok, why: out.append((ok, why)))
+        assert loop.run_until(lambda: bool(out), timeout=10)
+        assert out[0][0] is False and "domain 7 was resumed, but its device model" in out[0][1]
+        assert be.xc.log[-1] == ("resume", 7, True)
+        assert [p for (t, _tx, p) in xsd.log if t == 18] == resumes + [[b"7", b""]] * 2
+        # unpause does not run the vCPUs without their QEMU (as unpause)
+        out.clear()
+        be.start_unpause(loop, 7, lambda ok, why: out.append((ok, why)))
+        assert loop.run_until(lambda: bool(out), timeout=10)
+        assert out[0][0] is False and "domain 7's device model would not run" in out[0][1]
+        assert be.xc.log[-1] == ("resume", 7, True)
     finally:
         loop.close()
         qmp.close()
