@@ -306,6 +306,8 @@ class XenBackend(NoDeviceModel):
             run_steps(loop, self._destroy_rest(domid, info, vm), rest_removed)
 
         def rest_removed(exc: Optional[Exception]) -> None:
+            _log.debug("domain %d: its XenStore nodes and files removed, %.2f s after the "
+                       "destroy began", domid, time.monotonic() - begun)
             try:
                 if exc is not None:
                     raise exc
@@ -465,10 +467,21 @@ class XenBackend(NoDeviceModel):
         def userdata() -> None:
             xenbuild.write_userdata(USERDATA_DIR, made[0], uuid, config)
 
+        took: List[str] = []     # each step's time, for -vv (the loop's longest stretch)
+
+        def timed(step: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                t0 = time.monotonic()
+                try:
+                    step()
+                finally:
+                    took.append(f"{step.__name__} {(time.monotonic() - t0) * 1e3:.1f} ms")
+            return run
+
         def finished(exc: Optional[Exception]) -> None:
             if exc is None:
-                _log.debug("domain %d: built for the restore in %.3f s", made[0],
-                           time.monotonic() - begun)
+                _log.debug("domain %d: built for the restore in %.3f s (%s)", made[0],
+                           time.monotonic() - begun, ", ".join(took))
                 self._restoring[made[0]] = config
                 done(made[0], None)
                 return
@@ -485,7 +498,7 @@ class XenBackend(NoDeviceModel):
                 done(None, exc)
             start_destroy(self, loop, domid, destroyed)
 
-        run_steps(loop, [create, build, store, userdata], finished)
+        run_steps(loop, [timed(create), timed(build), timed(store), timed(userdata)], finished)
 
     def rename(self, domid: int, name: str) -> None:
         """Rename a domain (XenStore and libxl's stored config), as
