@@ -55,7 +55,7 @@ from pyxl.backends.xenctrl import DomInfo, Xc, XenError  # noqa: F401  (XenError
 from pyxl.backends.xensuspend import HVM_PARAM_ACPI_S_STATE, HVM_PARAM_CALLBACK_IRQ, Suspend
 from pyxl.backends.xenstore import XenStore, XenStoreError, open_default
 from pyxl.childproc import ShortChild
-from pyxl.errors import BackendError, DeviceModelError, StartupError
+from pyxl.errors import DeviceModelError, StartupError
 from pyxl.loop import Loop, SelectorLoop, Timer
 
 _log = get_logger("pyxl.xen")
@@ -315,7 +315,7 @@ class XenBackend(NoDeviceModel):
                     steps.finish(True, "")
                 else:   # the hypercall that frees its memory, off the loop
                     steps.child = ShortChild(loop, self.xc.destroy_command(domid), destroyed)
-            except (OSError, BackendError) as err:
+            except Exception as err:  # a loop callback: the destroy's outcome, not the loop's
                 steps.finish(False, f"destroying domain {domid}: {err}")
 
         try:
