@@ -34,7 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HELPER = "pyxl-save-helper"
 GENMSGS = os.path.join(HERE, "libxl_helper", "genmsgs.py")
 # The helper's hand-written Cython besides _helper.pyx (see its docstring).
-HELPER_CYTHON = ["libxl_helper/xen.pxd", "libxl_helper/_frame.pxi", "libxl_helper/_precopy.pxi"]
+HELPER_CYTHON = ["libxl_helper/xen.pxd", "libxl_helper/_frame.pxi", "libxl_helper/_precopy.pxi",
+                 "libxl_helper/_progress.pxi"]
 
 
 class Program(Extension):

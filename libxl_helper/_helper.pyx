@@ -49,6 +49,10 @@ input libxl never produces:
 * **Environment.**  Xen's helper reads none; main.c reads
   PYXL_HELPER_PYTHONMALLOC (CPython's allocator, for valgrind).  CPython
   itself runs isolated and ignores PYTHON* variables.
+* **Progress rate.**  Xen's helper sends every progress report libxc makes
+  (some 1,000 per save, one per batch of pfns).  So does ours unless
+  PYXL_PROGRESS_INTERVAL_MS asks for at most one per interval, plus the first
+  and last of each phase (``_progress.pxi``); pyxl's host library asks for 50 ms.
 * **Precopy policy** (save mode).  Xen's helper leaves libxc's
   ``precopy_policy`` NULL: stop-and-copy below 50 dirty pages or at round 5.
   So does ours unless PYXL_PRECOPY says otherwise:
@@ -183,7 +187,8 @@ cdef void _logger_progress(xentoollog_logger *logger, const char *context,
                            const char *doing_what, int percent,
                            unsigned long done, unsigned long total) noexcept nogil:
     # percent is not sent: libxl recomputes it from done/total.
-    send_progress(context, doing_what, done, total)
+    if _progress_due(doing_what, done, total):
+        send_progress(context, doing_what, done, total)
 
 
 cdef void _logger_destroy(xentoollog_logger *logger) noexcept nogil:
@@ -299,6 +304,11 @@ cdef int _complete(int retval, int saved_errno) noexcept nogil:
 # Precopy policy (live saves): configure_precopy(), _precopy_policy().
 
 include "_precopy.pxi"
+
+# ---------------------------------------------------------------------------
+# How often progress reports go out: configure_progress(), _progress_due().
+
+include "_progress.pxi"
 
 
 cdef int _run_save(int io_fd, int back_fd, uint32_t dom, uint32_t xcflags,
@@ -458,6 +468,7 @@ cdef public int pyxl_helper_main(int argc, char **argv) except -1:
     """
     try:
         mode, v = parse_argv([argv[i] for i in range(1, argc)])
+        configure_progress()
         if mode == "save":
             configure_precopy()
     except UsageError as exc:

@@ -475,3 +475,16 @@ def test_helper_links_xen_libraries_but_not_libxl():
 def test_helper_links_the_same_xen_libraries_as_debian():
     ours = {lib for lib in _needed(HELPER) if lib.startswith("libxen")}
     assert ours == {lib for lib in _needed(DEBIAN_HELPER) if lib.startswith("libxen")}
+
+
+@pytest.mark.parametrize("argv", [SAVE, RESTORE], ids=["save", "restore"])
+@pytest.mark.parametrize("value", ["-1", "abc", "60001", "nan"])
+def test_helper_refuses_a_bad_progress_interval(argv, value, tmp_path):
+    """PYXL_PROGRESS_INTERVAL_MS (pyxl's host sets it; libxl never does) is read
+    in both modes: a bad value is a usage error, one line, nothing on stdout."""
+    done = run_helper(HELPER, argv, tmp_path,
+                      env=dict(os.environ, PYXL_PROGRESS_INTERVAL_MS=value))
+    assert done.returncode == EXIT_USAGE and done.stdout == b""
+    err = done.stderr.decode()
+    assert err.count("\n") == 1 and "PYXL_PROGRESS_INTERVAL_MS must be a number from 0 to " \
+        "60000, got" in err, err

@@ -247,3 +247,33 @@ def test_sim_sigterm_while_libxc_writes_the_stream_like_debian(guests, tmp_path)
         ("log", "complete r=-1"),
         ("complete", None)]
     assert (ours[-1].retval, ours[-1].errnoval) == (-1, 9)   # EBADF: the /dev/null dup2
+
+
+@pytest.mark.parametrize("xcflags", [0, 1], ids=["nonlive", "live"])
+def test_sim_progress_interval_keeps_each_phases_first_and_last_report(guests, tmp_path,
+                                                                       xcflags):
+    """With PYXL_PROGRESS_INTERVAL_MS, pyxl's helper drops progress reports that
+    come within the interval of the last one sent, except a phase's first (a
+    new doing_what) and its end (done == total).  With a minute's interval
+    those are exactly what is left of the full run's reports; every other
+    message is the same."""
+    runs = {}
+    for interval in ("", "60000"):
+        g = guests(f"g{interval or 'all'}", memory=8 << 20)
+        env = dict(g.env, PYXL_PROGRESS_INTERVAL_MS=interval)
+        run = HelperRun(HELPERS["pyxl"], save_argv(g.domid, xcflags), mode="save", env=env,
+                        io=str(tmp_path / f"s{interval}"), tmp=str(tmp_path))
+        runs[interval] = play_libxl(run, g)
+        assert runs[interval].returncode == 0, runs[interval].stderr
+    every, some = runs[""].messages, runs["60000"].messages
+    kept, last_what = [], None
+    for m in every:
+        if m.name != "progress":
+            kept.append(m)
+            continue
+        if m.doing_what != last_what or m.done == m.total:
+            kept.append(m)
+        last_what = m.doing_what
+    progress = sum(1 for m in every if m.name == "progress")
+    assert some == kept
+    assert sum(1 for m in some if m.name == "progress") * 4 < progress, progress
