@@ -85,6 +85,13 @@ def markdown(res: Dict[str, Any]) -> str:
         w(f"| loop stalls less run-queue wait (same run) | `loop_stall_unqueued_max_ms` / "
           f"its worst callback's `queued_ms` | {_f(stall.get('loop_stall_unqueued_max_ms'))} / "
           f"{_f((stall.get('worst_save_callback') or {}).get('queued_ms'))} ms | (info) | – |")
+    every = stall.get("every_progress") or {}
+    if every.get("loop_cpu_per_save_ms") is not None:
+        w(f"| the loop's CPU per save / per restore, and per save with every progress report "
+          f"(as Xen's helper; same run) | `loop_cpu_per_save_ms` / `loop_cpu_per_restore_ms` / "
+          f"`loop_cpu_per_save_vs_every_progress` | {_f(stall.get('loop_cpu_per_save_ms'))} / "
+          f"{_f(stall.get('loop_cpu_per_restore_ms'))} ms / "
+          f"{_f(stall.get('loop_cpu_per_save_vs_every_progress'), '{:.3f}')} | (info) | – |")
     niced = stall.get("child_nice_10") or {}
     if niced:
         w(f"| loop stalls, children at nice +10 (`set_child_nice(10)`, same run) | its "

@@ -32,6 +32,13 @@ first run:
   helper's start is one of the callbacks above; pyxl's first-use imports
   and its spawner's start are done before); ``restore_start_block_ms`` the
   same for the N ``pyxl.restore()`` calls.
+* ``loop_cpu_per_save_ms`` and ``loop_cpu_per_restore_ms``: the loop thread's
+  CPU time per operation (the scheduler lets a thread that takes more than
+  its share of the CPUs wait, callbacks and all).  Baseline, in the same run:
+  ``every_progress``, the default round again with every progress report
+  of libxc's sent (``PYXL_PROGRESS_INTERVAL_MS=0``, what Xen's helper does;
+  pyxl asks its helper for one per 50 ms); ``loop_cpu_per_save_vs_every_progress``
+  is the ratio of the two rounds' loop CPU per save.
 * ``child_nice_10`` holds the second run's figures, and
   ``nice10_vs_default`` = its loop_stall_max_ms / loop_stall_max_ms.
 * ``loop_fifo`` holds the third run's: the loop's thread at SCHED_FIFO 1
@@ -212,18 +219,22 @@ def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
         assert callable(pyxl.save) and callable(pyxl.restore)
         start_spawner()
         t = time.perf_counter()
+        c = time.thread_time()
         saves = [pyxl.save(d, p, backend=backend, loop=loop) for d, p in zip(doms, paths)]
         start_block = (time.perf_counter() - t) * 1e3
         assert loop.run_until(lambda: all(s.done() for s in saves), 600)
         saves_s = time.perf_counter() - t
+        saves_cpu = time.thread_time() - c
         for s in saves:
             s.result()
         save = _phase(loop)
         t = time.perf_counter()
+        c = time.thread_time()
         restores = [pyxl.restore(p, backend=backend, loop=loop) for p in paths]
         restore_block = (time.perf_counter() - t) * 1e3
         assert loop.run_until(lambda: all(r.done() for r in restores), 600)
         restores_s = time.perf_counter() - t
+        restores_cpu = time.thread_time() - c
         for r in restores:
             r.result()
         restore = _phase(loop)
@@ -252,6 +263,10 @@ def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
             "restore_start_block_ms": round(restore_block, 1),
             "saves_s": round(saves_s, 2),          # all N saves, from the first call
             "restores_s": round(restores_s, 2),
+            # the loop thread's CPU per operation (its share of the CPUs decides
+            # how long the scheduler lets it wait)
+            "loop_cpu_per_save_ms": round(saves_cpu * 1e3 / n, 2),
+            "loop_cpu_per_restore_ms": round(restores_cpu * 1e3 / n, 2),
         }
     finally:
         sim.remove_dir(sim_dir)
@@ -323,6 +338,16 @@ def measure(n: int, mib: int, directory: str) -> Dict[str, Any]:
         set_child_nice(ours)
     res["child_nice_10"] = niced
     res["nice10_vs_default"] = round(niced["loop_stall_max_ms"] / res["loop_stall_max_ms"], 3)
+    # Baseline: every progress report of libxc's sent and decoded, as with
+    # Xen's helper (pyxl asks its helper for one per 50 ms).
+    os.environ["PYXL_PROGRESS_INTERVAL_MS"] = "0"
+    try:
+        every = run(n, mib, directory)
+    finally:
+        del os.environ["PYXL_PROGRESS_INTERVAL_MS"]
+    res["every_progress"] = every
+    res["loop_cpu_per_save_vs_every_progress"] = round(
+        res["loop_cpu_per_save_ms"] / every["loop_cpu_per_save_ms"], 3)
     rt = run_loop_fifo(n, mib, directory)
     res["loop_fifo"] = rt
     if "loop_stall_max_ms" in rt:

@@ -130,6 +130,14 @@ def test_stall_smoke(tmp_path):
     assert st["nice10_vs_default"] == pytest.approx(
         st["child_nice_10"]["loop_stall_max_ms"] / st["loop_stall_max_ms"], rel=1e-2)
     assert st["inloop_finish_ms"] > 0
+    every = st["every_progress"]
+    assert st["loop_cpu_per_restore_ms"] > 0 and every["loop_cpu_per_restore_ms"] > 0
+    assert st["loop_cpu_per_save_vs_every_progress"] == pytest.approx(
+        st["loop_cpu_per_save_ms"] / every["loop_cpu_per_save_ms"], rel=2e-2)
+    # ~1,000 progress frames a save (the guests' 4 GiB pfn space) cost the loop
+    # more than one per 50 ms
+    assert st["loop_cpu_per_save_vs_every_progress"] < 0.8, (st["loop_cpu_per_save_ms"],
+                                                             every["loop_cpu_per_save_ms"])
     mig = st["migrate"]
     assert mig["mib"] == 16 * 8 and mig["migrate_s"] > 0 and mig["inloop_destroy_ms"] > 0
     assert 0 < mig["migrate_stall_unqueued_max_ms"] <= mig["migrate_stall_max_ms"]
