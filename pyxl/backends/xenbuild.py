@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from pyxl.backends import libxlcfg
 from pyxl.backends.libxlcfg import b_hvm, defbool, to_int
-from pyxl.backends.xenstore import XenStore
+from pyxl.backends.xenstore import Batch, XenStore
 from pyxl.errors import StartupError
 
 __all__ = ["Ports", "build_post", "build_pre", "create_flags", "device_generic_add",
@@ -170,16 +170,17 @@ def make_xenstore(xs: XenStore, domid: int, config: Dict[str, Any], name: str,
     dom, vm, lx = f"/local/domain/{domid}", f"/vm/{uuid}", f"/libxl/{domid}"
     ro, rw, no = ["n0", f"r{domid}"], [f"n{domid}"], ["n0"]
     tx = xs.transaction_start()
+    b = xs.batch()   # sent at once: one wait on xenstored, not ~60
     try:
         def mknod(path: str, perms: List[str]) -> None:
-            xs.write(path, b"", tx)
-            xs.set_perms(path, perms, tx)
+            b.write(path, b"", tx)
+            b.set_perms(path, perms, tx)
         for path, perms in ((dom, ro), (vm, ro), (lx, no)):
-            xs.rm(path, tx)
+            b.rm(path, tx)
             mknod(path, perms)
         mknod(f"{lx}/device", no)
-        xs.write(f"{dom}/vm", vm, tx)
-        xs.write(f"{dom}/name", name, tx)
+        b.write(f"{dom}/vm", vm, tx)
+        b.write(f"{dom}/name", name, tx)
         for sub in ("cpu", "memory", "device", "control"):
             mknod(f"{dom}/{sub}", ro)
         mknod(f"{dom}/device/suspend/event-channel", rw)
@@ -189,24 +190,25 @@ def make_xenstore(xs: XenStore, domid: int, config: Dict[str, Any], name: str,
         for sub in (["control/shutdown"] + [f"control/feature-{f}" for f in features]
                     + ["control/sysrq", "data", "drivers", "feature", "attr", "error"]):
             mknod(f"{dom}/{sub}", rw)
-        xs.write(f"{vm}/uuid", uuid, tx)
-        xs.write(f"{vm}/name", name, tx)
+        b.write(f"{vm}/uuid", uuid, tx)
+        b.write(f"{vm}/name", name, tx)
         for base, kvs in ((dom, c_info.get("xsdata")), (f"{dom}/platform",
                                                          c_info.get("platformdata"))):
             if isinstance(kvs, dict):
                 for k, v in kvs.items():
-                    xs.write(f"{base}/{k}", str(v), tx)
-        xs.write(f"{dom}/control/platform-feature-multiprocessor-suspend", "1", tx)
-        xs.write(f"{dom}/control/platform-feature-xs_reset_watches", "1", tx)
-        xs.write(f"{lx}/type", dtype, tx)
-        xs.write(f"{lx}/dm-version", "qemu_xen", tx)
+                    b.write(f"{base}/{k}", str(v), tx)
+        b.write(f"{dom}/control/platform-feature-multiprocessor-suspend", "1", tx)
+        b.write(f"{dom}/control/platform-feature-xs_reset_watches", "1", tx)
+        b.write(f"{lx}/type", dtype, tx)
+        b.write(f"{lx}/dm-version", "qemu_xen", tx)
+        b.send()
     except BaseException:
         xs.transaction_end(tx, commit=False)
         raise
     xs.transaction_end(tx)
 
 
-def device_generic_add(xs: XenStore, tx: int, domid: int, kind: str, devid: int,
+def device_generic_add(xs: "XenStore | Batch", tx: int, domid: int, kind: str, devid: int,
                        backend_kind: str, backend_domid: int,
                        bents: Sequence[Tuple[str, Any]], fents: Sequence[Tuple[str, Any]],
                        ro_fents: Sequence[Tuple[str, Any]] = ()) -> Tuple[str, str]:
@@ -279,15 +281,16 @@ def build_post(xs: XenStore, domid: int, config: Dict[str, Any], ports: Ports,
     vments.append(("start_time", f"{time.time():.2f}"))
     vm = (xs.read(f"{dom}/vm") or b"").decode()
     tx = xs.transaction_start()
+    b = xs.batch()   # sent at once: one wait on xenstored, not one per node
     try:
         for k, v in ents.items():
-            xs.write(f"{dom}/{k}", str(v), tx)
+            b.write(f"{dom}/{k}", str(v), tx)
         if vm:
             for k, v in vments:
-                xs.write(f"{vm}/{k}", v, tx)
+                b.write(f"{vm}/{k}", v, tx)
         # the primary console: xenconsoled's, the nodes `xl create` leaves
         device_generic_add(
-            xs, tx, domid, "console", 0, "console", console_dom,
+            b, tx, domid, "console", 0, "console", console_dom,
             bents=[("frontend-id", domid), ("online", 1), ("state", XENBUS_INITIALISING),
                    ("protocol", "vt100")],
             fents=[("backend-id", console_dom)],
@@ -297,9 +300,10 @@ def build_post(xs: XenStore, domid: int, config: Dict[str, Any], ports: Ports,
         if dtype == "hvm" and defbool(b_hvm(config).get("vkb_device"), True):
             # libxl__device_add(vkb): QEMU's backend, in dom0
             device_generic_add(
-                xs, tx, domid, "vkbd", 0, "vkbd", 0,
+                b, tx, domid, "vkbd", 0, "vkbd", 0,
                 bents=[("frontend-id", domid), ("online", 1), ("state", XENBUS_INITIALISING)],
                 fents=[("backend-id", 0), ("state", XENBUS_INITIALISING)])
+        b.send()
     except BaseException:
         xs.transaction_end(tx, commit=False)
         raise

@@ -323,8 +323,10 @@ def _write_nodes(loop: Loop, xs: XenStore, domid: int, kind: str, devid: int, bk
         else:
             tx = xs.transaction_start()
             try:
-                xenbuild.device_generic_add(xs, tx, domid, kind, devid, bkind, bdom, bents,
+                batch = xs.batch()     # one wait on xenstored for the device's nodes
+                xenbuild.device_generic_add(batch, tx, domid, kind, devid, bkind, bdom, bents,
                                             fents, ro)
+                batch.send()
             except BaseException:
                 xs.transaction_end(tx, commit=False)
                 raise

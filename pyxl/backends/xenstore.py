@@ -18,7 +18,7 @@ import errno
 import os
 import socket
 import struct
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 from pyxl.errors import BackendError
 
@@ -121,6 +121,40 @@ class XenStore:
         self._req = (self._req + 1) & 0xFFFFFFFF
         req_id = self._req
         self.sock.sendall(encode(mtype, req_id, tx_id, payload))
+        return self._reply(mtype, req_id)
+
+    def pipeline(self, requests: Sequence[Tuple[int, bytes, int]]
+                 ) -> List[Union[bytes, XenStoreError]]:
+        """Send ``requests`` [(type, payload, tx_id)] before reading any reply,
+        then read the replies, in order: one wait on xenstored for them all,
+        not one per request (a domain's build writes some 60 nodes).  Each
+        entry is the reply's payload or, for XS_ERROR, the XenStoreError (not
+        raised: every reply is read, so the connection stays in step)."""
+        sent: List[Tuple[int, int]] = []
+        frames = []
+        for mtype, payload, tx_id in requests:
+            self._req = (self._req + 1) & 0xFFFFFFFF
+            sent.append((mtype, self._req))
+            frames.append(encode(mtype, self._req, tx_id, payload))
+        if isinstance(self.sock, socket.socket):
+            self.sock.sendall(b"".join(frames))
+        else:   # the xenbus device takes one message per write
+            for frame in frames:
+                self.sock.sendall(frame)
+        out: List[Union[bytes, XenStoreError]] = []
+        for mtype, req_id in sent:
+            try:
+                out.append(self._reply(mtype, req_id))
+            except XenStoreError as exc:
+                out.append(exc)
+        return out
+
+    def batch(self) -> "Batch":
+        """Writes, mkdirs, rms and set_perms queued, and sent with :meth:`pipeline`
+        by :meth:`Batch.send`."""
+        return Batch(self)
+
+    def _reply(self, mtype: int, req_id: int) -> bytes:
         while True:
             msg = self._take()
             if msg is None:
@@ -219,6 +253,42 @@ class XenStore:
 
     def is_domain_introduced(self, domid: int) -> bool:
         return self.request(XS_IS_DOMAIN_INTRODUCED, self._z(str(domid))).rstrip(b"\0") == b"T"
+
+
+class Batch:
+    """XenStore changes (usually of one transaction) queued, then sent at once.
+
+    ``write``, ``mkdir``, ``rm`` (a missing node is fine, as
+    :meth:`XenStore.rm`) and ``set_perms`` take the same arguments as
+    XenStore's; nothing is sent until :meth:`send`, which raises the first
+    request's error, if any (the rest were sent and answered all the same,
+    so end the transaction without committing, as after any failure)."""
+
+    def __init__(self, xs: XenStore) -> None:
+        self.xs = xs
+        self._requests: List[Tuple[int, bytes, int]] = []
+
+    def write(self, path: str, value: "bytes | str", tx: int = 0) -> None:
+        if isinstance(value, str):
+            value = value.encode()
+        self._requests.append((XS_WRITE, path.encode() + b"\0" + value, tx))
+
+    def mkdir(self, path: str, tx: int = 0) -> None:
+        self._requests.append((XS_MKDIR, XenStore._z(path), tx))
+
+    def rm(self, path: str, tx: int = 0) -> None:
+        self._requests.append((XS_RM, XenStore._z(path), tx))
+
+    def set_perms(self, path: str, perms: List[str], tx: int = 0) -> None:
+        self._requests.append((XS_SET_PERMS, XenStore._z(path, *perms), tx))
+
+    def send(self) -> None:
+        requests, self._requests = self._requests, []
+        for (mtype, payload, _tx), reply in zip(requests, self.xs.pipeline(requests)):
+            if isinstance(reply, XenStoreError) and not (
+                    mtype == XS_RM and reply.errno == errno.ENOENT):
+                path = payload.split(b"\0", 1)[0].decode(errors="replace")
+                raise XenStoreError(reply.errno, f"{reply.strerror}: {path}")
 
 
 def open_default() -> XenStore:

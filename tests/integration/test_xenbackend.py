@@ -95,6 +95,55 @@ def test_reply_split_across_reads():
     b.close()
 
 
+def test_a_batch_is_sent_before_any_reply_is_read():
+    """Batch.send pipelines: this xenstored answers only once it holds all four
+    requests (one sent at a time would wait here forever).  A failed request
+    does not put the replies out of step: rm's ENOENT is fine, the write's
+    EACCES is raised naming its path, and the connection goes on."""
+    a, b = socket.socketpair()
+    a.settimeout(10)
+    xs = XenStore(sock=a)
+    got: List[Tuple[int, int, int, bytes]] = []
+
+    def serve() -> None:
+        buf = b""
+        while len(got) < 4:
+            buf += b.recv(4096)
+            while len(buf) >= 16 and len(buf) >= 16 + H.unpack_from(buf)[3]:
+                mtype, req, tx, ln = H.unpack_from(buf)
+                got.append((mtype, req, tx, buf[16:16 + ln]))
+                buf = buf[16 + ln:]
+        for mtype, req, tx, body in got:
+            if mtype == xenstore.XS_RM:
+                b.sendall(H.pack(xenstore.XS_ERROR, req, tx, 7) + b"ENOENT\0")
+            elif body.startswith(b"/denied\0"):
+                b.sendall(H.pack(xenstore.XS_ERROR, req, tx, 7) + b"EACCES\0")
+            else:
+                b.sendall(H.pack(mtype, req, tx, 3) + b"OK\0")
+        mtype, req, tx, ln = H.unpack(b.recv(16))      # then a plain request
+        b.recv(ln)
+        b.sendall(H.pack(mtype, req, tx, 5) + b"value")
+
+    t = threading.Thread(target=serve)
+    t.start()
+    batch = xs.batch()
+    batch.rm("/gone", 9)
+    batch.write("/a", "1", 9)
+    batch.write("/denied", "2", 9)
+    batch.set_perms("/a", ["n0", "r7"], 9)
+    with pytest.raises(XenStoreError) as exc:
+        batch.send()
+    assert exc.value.errno == errno.EACCES and str(exc.value).endswith(": /denied")
+    assert [(m, tx) for m, _r, tx, _b in got] == [
+        (xenstore.XS_RM, 9), (xenstore.XS_WRITE, 9), (xenstore.XS_WRITE, 9),
+        (xenstore.XS_SET_PERMS, 9)]
+    assert got[3][3] == b"/a\0n0\0r7\0"
+    assert xs.read("/p") == b"value"      # in step
+    t.join(10)
+    a.close()
+    b.close()
+
+
 def test_closed_connection_raises():
     a, b = socket.socketpair()
     b.close()
