@@ -21,7 +21,8 @@ from pyxl.backends import base, xenbuild
 from pyxl.backends.sim import SimBackend
 from pyxl.errors import StartupError
 from pyxl.loop import Loop, SelectorLoop, default_loop
-from xenfakes import FakeXenstored, RecordingXc, backend
+import test_xenbackend_hvm
+from xenfakes import RecordingXc, backend
 
 from conftest import domids
 
@@ -31,13 +32,7 @@ CONFIG = {"c_info": {"type": "pvh", "name": "g1", "uuid": UUID},
                      "tsc_mode": "native", "shadow_memkb": 2048}}
 MB = 1 << 20
 
-
-@pytest.fixture
-def xsd():
-    f = FakeXenstored()
-    f.kernel_backends()
-    yield f
-    f.close()
+xsd = test_xenbackend_hvm.xsd    # the fake xenstored, with dom0's backend directories
 
 
 @pytest.fixture
