@@ -347,9 +347,10 @@ class XenBackend(NoDeviceModel):
         def vm_node() -> None:
             # /vm/UUID is shared with the other copy after a migration on this
             # host (same uuid): it goes with the last domain that names it.
-            if vm and vm.startswith("/vm/") and not any(
-                    (xs.read(f"/local/domain/{other}/vm") or b"").decode(errors="replace") == vm
-                    for other in self._domids() if other != domid):
+            if not (vm and vm.startswith("/vm/")):
+                return
+            others = [d for d in self._domids() if d != domid]
+            if vm.encode() not in xs.read_many([f"/local/domain/{d}/vm" for d in others]):
                 xs.rm(vm)
 
         def domain_nodes() -> None:
@@ -529,12 +530,10 @@ class XenBackend(NoDeviceModel):
 
     def domain_names(self) -> Dict[int, str]:
         """Each domain's /local/domain/D/name, as libxl_name_to_domid reads it."""
-        out = {}
-        for domid in self._domids():
-            raw = self.xs.read(f"/local/domain/{domid}/name")
-            if raw is not None:
-                out[domid] = raw.decode(errors="replace")
-        return out
+        domids = self._domids()
+        names = self.xs.read_many([f"/local/domain/{d}/name" for d in domids])
+        return {d: raw.decode(errors="replace") for d, raw in zip(domids, names)
+                if raw is not None}
 
     def _domids(self) -> List[int]:
         return [int(d) for d in self.xs.directory("/local/domain") if d.isdigit()]

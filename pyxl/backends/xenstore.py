@@ -149,6 +149,18 @@ class XenStore:
                 out.append(exc)
         return out
 
+    def read_many(self, paths: Sequence[str], tx: int = 0) -> List[Optional[bytes]]:
+        """:meth:`read` of each path, pipelined (None for a missing node)."""
+        out: List[Optional[bytes]] = []
+        for reply in self.pipeline([(XS_READ, self._z(p), tx) for p in paths]):
+            if isinstance(reply, XenStoreError):
+                if reply.errno != errno.ENOENT:
+                    raise reply
+                out.append(None)
+            else:
+                out.append(reply)
+        return out
+
     def batch(self) -> "Batch":
         """Writes, mkdirs, rms and set_perms queued, and sent with :meth:`pipeline`
         by :meth:`Batch.send`."""

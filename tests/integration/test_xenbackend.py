@@ -49,6 +49,9 @@ def test_read_write_rm_directory(xsd):
     assert xs.read("/local/domain/3/nope") is None
     assert xs.directory("/local/domain/3") == ["control", "name"]
     assert xs.directory("/nowhere") == []
+    assert xs.read_many(["/local/domain/3/name", "/local/domain/3/nope",
+                         "/local/domain/3/control/shutdown"]) == [b"web1", None, b""]
+    assert xs.read_many([]) == []
     xs.rm("/local/domain/3")
     xs.rm("/local/domain/3")  # ENOENT is not an error for rm
     assert xs.read("/local/domain/3/name") is None

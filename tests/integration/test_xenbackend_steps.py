@@ -211,3 +211,17 @@ def test_run_steps_stops_at_the_first_failure_and_a_cancel_stops_it_quietly():
     loop.run_until(lambda: False, 0.2)
     assert ran == ["a"] and out == []
     loop.close()
+
+
+def test_a_vm_node_shared_with_another_domain_stays(xsd, host):
+    """After a migration on one host both copies name /vm/UUID: a destroy
+    removes it only with the last domain that names it (their /vm nodes read
+    in one pipelined round)."""
+    be = backend(xsd, RecordingXc())
+    be.create_restore_target(CONFIG)
+    xsd.nodes["/local/domain/9/vm"] = f"/vm/{UUID}".encode()
+    xsd.nodes["/local/domain/9/name"] = b"g1--incoming"
+    assert be.domain_names() == {7: "g1", 9: "g1--incoming"}
+    be.destroy(7)
+    assert xsd.nodes[f"/vm/{UUID}/uuid"] == UUID.encode()
+    assert not [p for p in xsd.nodes if p.startswith("/local/domain/7")]
