@@ -252,6 +252,8 @@ class RestoreOperation(Operation[RestoreResult]):
             if not isinstance(exc, OperationError):
                 exc = StartupError(f"cannot create the domain to restore into: "
                                    f"{type(exc).__name__}: {exc}", op=self)
+            if self._failure is not None:   # timed out or cancelled meanwhile: that is told
+                self.logger.warning("%s", exc)
             self._head_failed(self._failure or exc)
             return
         self.domid = domid
