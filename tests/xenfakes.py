@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pyxl.backends import xenstore
@@ -35,7 +36,13 @@ class FakeXenstored:
         self.after_rm: Optional[Callable[[str], None]] = None
         self._tx_events: Dict[int, List[Callable[[], None]]] = {}
         self._next_tx = 7
+        #: seconds to sleep before answering a request of a type (a busy xenstored)
+        self.delay: Dict[int, float] = {}
+        #: transaction ends answered EAGAIN (a conflict) before one is committed
+        self.conflicts = 0
         self.lock = threading.Lock()
+        #: xenstored is one thread: one request (and what it sets off) at a time
+        self.serial = threading.RLock()
         self.conns: List[socket.socket] = [self.server]
         self.t = threading.Thread(target=self._serve, args=(self.server,), daemon=True)
         self.t.start()
@@ -78,7 +85,8 @@ class FakeXenstored:
             while True:
                 mtype, req, tx, ln = H.unpack(self._recv(conn, H.size))
                 body = self._recv(conn, ln) if ln else b""
-                self._handle(conn, mtype, req, tx, body)
+                with self.serial:
+                    self._handle(conn, mtype, req, tx, body)
         except (EOFError, OSError):
             pass
 
@@ -120,13 +128,16 @@ class FakeXenstored:
 
     def write(self, path: str, value: bytes) -> None:
         """Write a node as a third party (the guest, QEMU) would."""
-        self._mkparents(path)
-        self.nodes[path] = value
-        self.fire(path)
+        with self.serial:
+            self._mkparents(path)
+            self.nodes[path] = value
+            self.fire(path)
 
     def _handle(self, conn: socket.socket, mtype: int, req: int, tx: int, body: bytes) -> None:
         parts = body.split(b"\0")
         self.log.append((mtype, tx, parts))
+        if self.delay.get(mtype):
+            time.sleep(self.delay[mtype])
         ok = lambda: self.send(conn, mtype, req, tx, b"OK\0")  # noqa: E731
         err = lambda name: self.send(conn, xenstore.XS_ERROR, req, tx, name + b"\0")  # noqa: E731
         path = parts[0].decode()
@@ -192,6 +203,11 @@ class FakeXenstored:
             self._tx_events[new_tx] = []
             self.send(conn, mtype, req, tx, f"{new_tx}\0".encode())
         elif mtype == xenstore.XS_TRANSACTION_END:
+            if self.conflicts and parts[0] == b"T":
+                self.conflicts -= 1
+                self._tx_events.pop(tx, None)
+                err(b"EAGAIN")
+                return
             ok()
             for fn in self._tx_events.pop(tx, []):
                 fn()

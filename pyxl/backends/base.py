@@ -34,14 +34,16 @@ May import: pyxl.errors, pyxl.loop.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
+from typing import (Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union,
+                    runtime_checkable)
 
 from pyxl.errors import BackendError, StartupError
 from pyxl.loop import Loop, SelectorLoop
 
-__all__ = ["Backend", "Cancellable", "Created", "Done", "EmulatorRecord", "NoDeviceModel",
-           "RestorePorts", "SavedState", "domid_of", "name_owner", "run_steps", "run_to_end",
-           "start_create_restore_target", "start_destroy", "start_resume", "start_unpause"]
+__all__ = ["Backend", "Cancellable", "Created", "Done", "EmulatorRecord", "Finished",
+           "NoDeviceModel", "RestorePorts", "SavedState", "Step", "Waits", "domid_of",
+           "name_owner", "run_steps", "run_to_end", "start_create_restore_target",
+           "start_destroy", "start_restore_done", "start_resume", "start_unpause"]
 
 #: Xen's domain ids for guests: 0 is dom0, DOMID_FIRST_RESERVED (0x7FF0) and up are special.
 DOMID_LIMIT = 0x7FF0
@@ -212,6 +214,17 @@ def _start_or_call(start: Optional[Callable[[Loop, int, Done], Cancellable]],
     return None
 
 
+def start_restore_done(backend: Backend, loop: Loop, domid: int, store_gfn: int,
+                       console_gfn: int, done: Done) -> Optional[Cancellable]:
+    """:meth:`Backend.restore_done` from ``loop``, as :func:`start_unpause`
+    does it: the optional ``start_restore_done`` (a real host's XenStore
+    rounds, read on the loop), else ``restore_done``."""
+    start = getattr(backend, "start_restore_done", None)
+    return _start_or_call(
+        None if start is None else lambda lp, d, dn: start(lp, d, store_gfn, console_gfn, dn),
+        lambda d: backend.restore_done(d, store_gfn, console_gfn), loop, domid, done)
+
+
 def start_create_restore_target(backend: Backend, loop: Loop, config: Dict[str, Any],
                                 done: Created) -> None:
     """:meth:`Backend.create_restore_target` from an operation's loop: through the
@@ -231,18 +244,33 @@ def start_create_restore_target(backend: Backend, loop: Loop, config: Dict[str, 
     done(domid, None)
 
 
-def run_steps(loop: Loop, steps: List[Callable[[], None]],
-              done: Callable[[Optional[Exception]], None]) -> Cancellable:
+Finished = Callable[[Optional[Exception]], None]
+
+
+class Waits:
+    """A step of :func:`run_steps` that waits for something (a XenStore
+    exchange, a child): ``start(done)`` begins it from the loop and returns
+    its Cancellable; it ends with ``done(None)`` or ``done(exc)``."""
+
+    def __init__(self, start: Callable[[Finished], Cancellable]) -> None:
+        self.start = start
+        self.__name__ = getattr(start, "__name__", "wait")
+
+
+Step = Union[Callable[[], None], Waits]
+
+
+def run_steps(loop: Loop, steps: Sequence[Step], done: Finished) -> Cancellable:
     """Run ``steps`` one per loop callback, in order, so that the loop's longest
-    stretch is the longest step, not their sum; then ``done(None)``, or
-    ``done(exc)`` after the first step that raised (the rest do not run).
-    Cancelling runs no further step and calls nothing."""
+    stretch is the longest step, not their sum (a :class:`Waits` step takes
+    no callback of its own while it waits); then ``done(None)``, or
+    ``done(exc)`` after the first step that raised or failed (the rest do not
+    run).  Cancelling runs no further step and calls nothing."""
     return _Steps(loop, steps, done)
 
 
 class _Steps:
-    def __init__(self, loop: Loop, steps: List[Callable[[], None]],
-                 done: Callable[[Optional[Exception]], None]) -> None:
+    def __init__(self, loop: Loop, steps: Sequence[Step], done: Finished) -> None:
         self._loop, self._done = loop, done
         self._pending = list(reversed(steps))
         self._timer: Optional[Cancellable] = loop.call_later(0, self._next)
@@ -252,13 +280,26 @@ class _Steps:
         if not self._pending:
             self._done(None)
             return
+        step = self._pending.pop()
         try:
-            self._pending.pop()()
+            if isinstance(step, Waits):
+                self._timer = step.start(self._waited)
+                return
+            step()
         except Exception as exc:  # the step's failure is the sequence's outcome
             self._pending.clear()
             self._done(exc)
             return
         if self._done is not _cancelled:    # the step may have cancelled the rest
+            self._timer = self._loop.call_later(0, self._next)
+
+    def _waited(self, exc: Optional[Exception]) -> None:
+        if exc is not None:
+            self._timer = None
+            self._pending.clear()
+            self._done(exc)
+            return
+        if self._done is not _cancelled:
             self._timer = self._loop.call_later(0, self._next)
 
     def cancel(self) -> None:

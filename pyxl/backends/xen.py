@@ -28,7 +28,8 @@ PV, PVH and HVM guests; an HVM guest's device model is Debian's QEMU.
   the current name and memory (libxl_retrieve_domain_configuration).
 * restore (:mod:`~pyxl.backends.xenbuild`): the empty domain as
   libxl__domain_make/libxl__build_pre make it, after checking the saved
-  config asks for nothing pyxl cannot rebuild (:mod:`~pyxl.backends.libxlcfg`);
+  config asks for nothing pyxl cannot rebuild (:mod:`~pyxl.backends.libxlcfg`),
+  its XenStore transactions run on the loop (:mod:`~pyxl.backends.xsasync`);
   after the helper libxl__build_post, the console (and an HVM guest's vkb),
   XS_INTRODUCE; then, before the guest may run, its disks with their hotplug
   scripts, an HVM guest's QEMU (:mod:`~pyxl.backends.hvm`), its NICs
@@ -46,14 +47,14 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pyxl._log import get_logger
-from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xendevices
-from pyxl.backends.base import (Cancellable, Created, Done, EmulatorRecord, NoDeviceModel,
-                                RestorePorts, SavedState, name_owner, run_steps, run_to_end,
-                                start_destroy)
+from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xendevices, xsasync
+from pyxl.backends.base import (Cancellable, Created, Done, EmulatorRecord, Finished,
+                                NoDeviceModel, RestorePorts, SavedState, Waits, name_owner,
+                                run_steps, run_to_end, start_destroy)
 from pyxl.backends.libxlcfg import defbool, to_int  # noqa: F401  (defbool: re-exported)
 from pyxl.backends.xenctrl import DomInfo, Xc, XenError  # noqa: F401  (XenError: re-exported)
 from pyxl.backends.xensuspend import HVM_PARAM_ACPI_S_STATE, HVM_PARAM_CALLBACK_IRQ, Suspend
-from pyxl.backends.xenstore import XenStore, XenStoreError, open_default
+from pyxl.backends.xenstore import XS_MKDIR, XenStore, XenStoreError, open_default
 from pyxl.childproc import ShortChild
 from pyxl.errors import DeviceModelError, StartupError
 from pyxl.loop import Loop, SelectorLoop, Timer
@@ -460,10 +461,15 @@ class XenBackend(NoDeviceModel):
         def build() -> None:
             self._ports[made[0]] = xenbuild.build_pre(self.xc, self.xs, made[0], config)
 
-        def store() -> None:
-            xenbuild.make_xenstore(self.xs, made[0], config, name, uuid)
+        def nodes() -> xsasync.XsScript[None]:
+            yield from xenbuild.make_xenstore(made[0], config, name, uuid)
             if dtype == "hvm":
-                self.xs.mkdir(hvm.dm_path(made[0]))
+                [reply] = yield [(XS_MKDIR, f"{hvm.dm_path(made[0])}\0".encode(), 0)]
+                xsasync.ok(reply)
+
+        def store(finished: Finished) -> Cancellable:
+            return xsasync.XsTask(loop, self._open_xs, nodes(), finished,
+                                  f"domain {made[0]}'s XenStore nodes")
 
         def userdata() -> None:
             xenbuild.write_userdata(USERDATA_DIR, made[0], uuid, config)
@@ -478,6 +484,18 @@ class XenBackend(NoDeviceModel):
                 finally:
                     took.append(f"{step.__name__} {(time.monotonic() - t0) * 1e3:.1f} ms")
             return run
+
+        def waited(start: Callable[[Finished], Cancellable]) -> Waits:
+            def begin(finished: Finished) -> Cancellable:
+                t0 = time.monotonic()
+
+                def end(exc: Optional[Exception]) -> None:
+                    took.append(f"{start.__name__} {(time.monotonic() - t0) * 1e3:.1f} ms "
+                                "waited")
+                    finished(exc)
+                return start(end)
+            begin.__name__ = start.__name__
+            return Waits(begin)
 
         def finished(exc: Optional[Exception]) -> None:
             if exc is None:
@@ -499,7 +517,7 @@ class XenBackend(NoDeviceModel):
                 done(None, exc)
             start_destroy(self, loop, domid, destroyed)
 
-        run_steps(loop, [timed(create), timed(build), timed(store), timed(userdata)], finished)
+        run_steps(loop, [timed(create), timed(build), waited(store), timed(userdata)], finished)
 
     def rename(self, domid: int, name: str) -> None:
         """Rename a domain (XenStore and libxl's stored config), as
@@ -543,9 +561,23 @@ class XenBackend(NoDeviceModel):
         return self._ports[domid]
 
     def restore_done(self, domid: int, store_mfn: int, console_mfn: int) -> None:
-        """libxl__build_post and the devices before the device model, then XS_INTRODUCE."""
+        """libxl__build_post and the devices before the device model, then
+        XS_INTRODUCE (waited for: :meth:`start_restore_done` is the loop's form)."""
         config = self._restoring[domid]
-        xenbuild.build_post(self.xs, domid, config, self._ports[domid], store_mfn, console_mfn)
+        xsasync.run(self.xs, xenbuild.build_post(domid, config, self._ports[domid], store_mfn,
+                                                 console_mfn))
+
+    def start_restore_done(self, loop: Loop, domid: int, store_mfn: int, console_mfn: int,
+                           done: Done) -> Cancellable:
+        """:meth:`restore_done` on ``loop``: its XenStore rounds on a
+        connection of their own, read as xenstored answers."""
+        script = xenbuild.build_post(domid, self._restoring[domid], self._ports[domid],
+                                     store_mfn, console_mfn)
+
+        def finished(exc: Optional[Exception]) -> None:
+            done(exc is None, "" if exc is None else f"XenStore: {exc}")
+        return xsasync.XsTask(loop, self._open_xs, script, finished,
+                              f"domain {domid}'s build_post")
 
     def start_restore_device_model(self, loop: Loop, domid: int, records: List[EmulatorRecord],
                                    done: Callable[[bool, str], None]) -> Cancellable:

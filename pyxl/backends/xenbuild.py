@@ -19,11 +19,16 @@
 Functions of an ``Xc`` and a ``XenStore``; they raise OSError (XenError,
 XenStoreError) or StartupError.
 
-May import: pyxl.backends.libxlcfg, pyxl.backends.xenstore, pyxl.errors.
+:func:`make_xenstore` and :func:`build_post` are XenStore scripts
+(:mod:`pyxl.backends.xsasync`): run on the loop, or waited for with ``run``.
+
+May import: pyxl.backends.libxlcfg, pyxl.backends.xenstore, pyxl.backends.xsasync,
+pyxl.errors.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -31,7 +36,8 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from pyxl.backends import libxlcfg
 from pyxl.backends.libxlcfg import b_hvm, defbool, to_int
-from pyxl.backends.xenstore import Batch, XenStore
+from pyxl.backends.xenstore import XS_INTRODUCE, XS_READ, Batch, XenStore, XenStoreError
+from pyxl.backends.xsasync import Reply, XsScript, ok, transaction
 from pyxl.errors import StartupError
 
 __all__ = ["Ports", "build_post", "build_pre", "create_flags", "device_generic_add",
@@ -160,18 +166,16 @@ def build_pre(xc: XcCalls, xs: XenStore, domid: int, config: Dict[str, Any]) -> 
     return store_port, store_dom, console_port, console_dom
 
 
-def make_xenstore(xs: XenStore, domid: int, config: Dict[str, Any], name: str,
-                  uuid: str) -> None:
+def make_xenstore(domid: int, config: Dict[str, Any], name: str, uuid: str) -> XsScript[None]:
     """The nodes libxl__domain_make writes, with its permissions, and
     ``/libxl/D/dm-version`` (store_libxl_entry: qemu_xen, libxl's default for
-    every type)."""
+    every type): one transaction, as a script (:mod:`xsasync`)."""
     dtype = (config.get("c_info") or {}).get("type") or "pv"
     c_info = config.get("c_info") or {}
     dom, vm, lx = f"/local/domain/{domid}", f"/vm/{uuid}", f"/libxl/{domid}"
     ro, rw, no = ["n0", f"r{domid}"], [f"n{domid}"], ["n0"]
-    tx = xs.transaction_start()
-    b = xs.batch()   # sent at once: one wait on xenstored, not ~60
-    try:
+
+    def fill(b: Batch, tx: int) -> None:
         def mknod(path: str, perms: List[str]) -> None:
             b.write(path, b"", tx)
             b.set_perms(path, perms, tx)
@@ -201,11 +205,7 @@ def make_xenstore(xs: XenStore, domid: int, config: Dict[str, Any], name: str,
         b.write(f"{dom}/control/platform-feature-xs_reset_watches", "1", tx)
         b.write(f"{lx}/type", dtype, tx)
         b.write(f"{lx}/dm-version", "qemu_xen", tx)
-        b.send()
-    except BaseException:
-        xs.transaction_end(tx, commit=False)
-        raise
-    xs.transaction_end(tx)
+    yield from transaction(fill)
 
 
 def device_generic_add(xs: "XenStore | Batch", tx: int, domid: int, kind: str, devid: int,
@@ -245,10 +245,12 @@ def device_generic_add(xs: "XenStore | Batch", tx: int, domid: int, kind: str, d
     return front, back
 
 
-def build_post(xs: XenStore, domid: int, config: Dict[str, Any], ports: Ports,
-               store_mfn: int, console_mfn: int) -> None:
+def build_post(domid: int, config: Dict[str, Any], ports: Ports, store_mfn: int,
+               console_mfn: int) -> XsScript[None]:
     """libxl__build_post and the devices libxl adds before the device model
-    (the primary console; for HVM the vkb), then XS_INTRODUCE."""
+    (the primary console; for HVM the vkb), then XS_INTRODUCE: a script
+    (:mod:`xsasync`) of four rounds (the ``/vm`` path, the transaction's
+    three)."""
     c_info, b_info = config.get("c_info") or {}, config.get("b_info") or {}
     dtype = c_info.get("type") or "pv"
     store_port, _store_dom, console_port, console_dom = ports
@@ -279,15 +281,15 @@ def build_post(xs: XenStore, domid: int, config: Dict[str, Any], ports: Ports,
         vments = [("rtc/timeoffset", str(b_hvm(config).get("timeoffset") or "")),
                   ("image/ostype", "hvm")]
     vments.append(("start_time", f"{time.time():.2f}"))
-    vm = (xs.read(f"{dom}/vm") or b"").decode()
-    tx = xs.transaction_start()
-    b = xs.batch()   # sent at once: one wait on xenstored, not one per node
-    try:
+    [vm_reply] = yield [(XS_READ, f"{dom}/vm\0".encode(), 0)]
+    vm = b"" if _missing(vm_reply) else ok(vm_reply)
+
+    def fill(b: Batch, tx: int) -> None:
         for k, v in ents.items():
             b.write(f"{dom}/{k}", str(v), tx)
         if vm:
             for k, v in vments:
-                b.write(f"{vm}/{k}", v, tx)
+                b.write(f"{vm.decode()}/{k}", v, tx)
         # the primary console: xenconsoled's, the nodes `xl create` leaves
         device_generic_add(
             b, tx, domid, "console", 0, "console", console_dom,
@@ -303,12 +305,13 @@ def build_post(xs: XenStore, domid: int, config: Dict[str, Any], ports: Ports,
                 b, tx, domid, "vkbd", 0, "vkbd", 0,
                 bents=[("frontend-id", domid), ("online", 1), ("state", XENBUS_INITIALISING)],
                 fents=[("backend-id", 0), ("state", XENBUS_INITIALISING)])
-        b.send()
-    except BaseException:
-        xs.transaction_end(tx, commit=False)
-        raise
-    xs.transaction_end(tx)
-    xs.introduce(domid, store_mfn, store_port)
+    yield from transaction(fill)
+    [introduced] = yield [(XS_INTRODUCE, f"{domid}\0{store_mfn}\0{store_port}\0".encode(), 0)]
+    ok(introduced)
+
+
+def _missing(reply: Reply) -> bool:
+    return isinstance(reply, XenStoreError) and reply.errno == errno.ENOENT
 
 
 def userdata_path(userdata_dir: str, domid: int, uuid: str) -> str:

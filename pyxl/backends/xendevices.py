@@ -27,7 +27,7 @@ empty parents.  A console, or a QEMU backend whose QEMU is gone, only has its no
 removed.
 
 May import: pyxl.backends.libxlcfg, pyxl.backends.xenbuild, pyxl.backends.xenstore,
-pyxl.backends.xswatch, pyxl.loop.
+pyxl.backends.xsasync, pyxl.backends.xswatch, pyxl.loop.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from pyxl._log import get_logger
 from pyxl.backends import libxlcfg, xenbuild
 from pyxl.backends.libxlcfg import Disk, Nic
-from pyxl.backends.xenstore import XenStore, XenStoreError
+from pyxl.backends.xenstore import XS_READ, Batch, XenStore, XenStoreError
+from pyxl.backends.xsasync import XsScript, XsTask, ok, transaction
 from pyxl.backends.xswatch import Outcome, XsWait
 from pyxl.loop import Loop, Timer
 
@@ -268,7 +269,7 @@ def add_disk(loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: in
     what = f"disk {disk.vdev}"
 
     def nodes(next_: Callable[[Optional[str]], None]) -> Any:
-        return _write_nodes(loop, xs, domid, "vbd", disk.devid, bkind, disk.backend_domid,
+        return _write_nodes(loop, opener, domid, "vbd", disk.devid, bkind, disk.backend_domid,
                             back_entries, front, [], next_, what)
 
     if bkind == "qdisk":
@@ -300,7 +301,7 @@ def add_nic(loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: int
     what = f"nic {nic.devid}"
 
     def nodes(next_: Callable[[Optional[str]], None]) -> Any:
-        return _write_nodes(loop, xs, domid, "vif", nic.devid, "vif", nic.backend_domid,
+        return _write_nodes(loop, opener, domid, "vif", nic.devid, "vif", nic.backend_domid,
                             back_entries, front, [("mtu", nic.mtu)], next_, what)
 
     scripts = [[nic.script, "online", "type_if=vif"]]
@@ -310,30 +311,36 @@ def add_nic(loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: int
                               nic.nictype, what)
 
 
-def _write_nodes(loop: Loop, xs: XenStore, domid: int, kind: str, devid: int, bkind: str,
-                 bdom: int, bents: List[Tuple[str, Any]], fents: List[Tuple[str, Any]],
-                 ro: List[Tuple[str, Any]], next_: Callable[[Optional[str]], None],
-                 what: str) -> Timer:
-    why: Optional[str] = None
-    try:
-        front = f"/local/domain/{domid}/device/{kind}/{devid}"
-        back = f"/local/domain/{bdom}/backend/{bkind}/{domid}/{devid}"
-        if xs.read(front) is not None or xs.read(back) is not None:
-            why = f"{what}: already exists in XenStore ({front})"
+def _write_nodes(loop: Loop, opener: Callable[[], XenStore], domid: int, kind: str, devid: int,
+                 bkind: str, bdom: int, bents: List[Tuple[str, Any]],
+                 fents: List[Tuple[str, Any]], ro: List[Tuple[str, Any]],
+                 next_: Callable[[Optional[str]], None], what: str) -> XsTask:
+    """The device's nodes (refused if either end exists already), in one
+    transaction, on the loop (:mod:`~pyxl.backends.xsasync`)."""
+    front = f"/local/domain/{domid}/device/{kind}/{devid}"
+    back = f"/local/domain/{bdom}/backend/{bkind}/{domid}/{devid}"
+
+    def fill(b: Batch, tx: int) -> None:
+        xenbuild.device_generic_add(b, tx, domid, kind, devid, bkind, bdom, bents, fents, ro)
+
+    def script() -> XsScript[bool]:
+        replies = yield [(XS_READ, f"{front}\0".encode(), 0), (XS_READ, f"{back}\0".encode(), 0)]
+        for reply in replies:
+            if not (isinstance(reply, XenStoreError) and reply.errno == errno.ENOENT):
+                ok(reply)
+                return False
+        yield from transaction(fill)
+        return True
+
+    def finished(exc: Optional[Exception]) -> None:
+        if exc is not None:
+            next_(f"{what}: XenStore: {exc}")
+        elif not task.result:
+            next_(f"{what}: already exists in XenStore ({front})")
         else:
-            tx = xs.transaction_start()
-            try:
-                batch = xs.batch()     # one wait on xenstored for the device's nodes
-                xenbuild.device_generic_add(batch, tx, domid, kind, devid, bkind, bdom, bents,
-                                            fents, ro)
-                batch.send()
-            except BaseException:
-                xs.transaction_end(tx, commit=False)
-                raise
-            xs.transaction_end(tx)
-    except OSError as exc:
-        why = f"{what}: XenStore: {exc}"
-    return loop.call_later(0, lambda: next_(why))
+            next_(None)
+    task = XsTask(loop, opener, script(), finished, what)
+    return task
 
 
 def xs_path_cleanup(xs: XenStore, path: str, tx: int = 0) -> None:

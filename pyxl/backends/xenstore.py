@@ -48,6 +48,20 @@ def encode(mtype: int, req_id: int, tx_id: int, payload: bytes) -> bytes:
     return HEADER.pack(mtype, req_id, tx_id, len(payload)) + payload
 
 
+def check_reply(mtype: int, req_id: int, rtype: int, rid: int, body: bytes) -> bytes:
+    """The payload of the reply (``rtype``, ``rid``, ``body``) to request
+    (``mtype``, ``req_id``); XenStoreError for XS_ERROR, OSError(EPROTO) for
+    a reply that is not this request's."""
+    if rid != req_id:
+        raise OSError(errno.EPROTO, f"XenStore reply for request {rid}, expected {req_id}")
+    if rtype == XS_ERROR:
+        name = body.rstrip(b"\0").decode(errors="replace")
+        raise XenStoreError(_errno_of(name), f"xenstored: {name}")
+    if rtype != mtype:
+        raise OSError(errno.EPROTO, f"XenStore reply of type {rtype} to request {mtype}")
+    return body
+
+
 class XenStore:
     """One connection to xenstored (a Unix socket, or any connected stream socket)."""
 
@@ -130,12 +144,7 @@ class XenStore:
         not one per request (a domain's build writes some 60 nodes).  Each
         entry is the reply's payload or, for XS_ERROR, the XenStoreError (not
         raised: every reply is read, so the connection stays in step)."""
-        sent: List[Tuple[int, int]] = []
-        frames = []
-        for mtype, payload, tx_id in requests:
-            self._req = (self._req + 1) & 0xFFFFFFFF
-            sent.append((mtype, self._req))
-            frames.append(encode(mtype, self._req, tx_id, payload))
+        frames, sent = self.next_frames(requests)
         if isinstance(self.sock, socket.socket):
             self.sock.sendall(b"".join(frames))
         else:   # the xenbus device takes one message per write
@@ -176,14 +185,38 @@ class XenStore:
             if rtype == XS_WATCH_EVENT:
                 self._queue_event(body)
                 continue
-            if rid != req_id:
-                raise OSError(errno.EPROTO, f"XenStore reply for request {rid}, expected {req_id}")
-            if rtype == XS_ERROR:
-                name = body.rstrip(b"\0").decode(errors="replace")
-                raise XenStoreError(_errno_of(name), f"xenstored: {name}")
-            if rtype != mtype:
-                raise OSError(errno.EPROTO, f"XenStore reply of type {rtype} to request {mtype}")
-            return body
+            return check_reply(mtype, req_id, rtype, rid, body)
+
+    def next_frames(self, requests: Sequence[Tuple[int, bytes, int]]
+                    ) -> Tuple[List[bytes], List[Tuple[int, int]]]:
+        """``requests`` [(type, payload, tx_id)] as frames with this
+        connection's next request ids, and the (type, req_id) each reply
+        must carry: for a caller that sends and reads itself (on a loop)."""
+        sent: List[Tuple[int, int]] = []
+        frames = []
+        for mtype, payload, tx_id in requests:
+            self._req = (self._req + 1) & 0xFFFFFFFF
+            sent.append((mtype, self._req))
+            frames.append(encode(mtype, self._req, tx_id, payload))
+        return frames, sent
+
+    def replies_ready(self) -> List[Tuple[int, int, bytes]]:
+        """The replies the socket holds now, without blocking: [(type,
+        req_id, payload)] (watch events are kept for :meth:`events`).
+        Raises OSError if xenstored closed the connection."""
+        out: List[Tuple[int, int, bytes]] = []
+        more = True
+        while True:
+            msg = self._take()
+            if msg is None:
+                if not more:
+                    return out
+                more = self._fill(block=False)
+                continue
+            if msg[0] == XS_WATCH_EVENT:
+                self._queue_event(msg[3])
+            else:
+                out.append((msg[0], msg[1], msg[3]))
 
     def events(self) -> List[Tuple[str, str]]:
         """Watch events received so far, without blocking: [(path, token)]."""
@@ -276,31 +309,41 @@ class Batch:
     request's error, if any (the rest were sent and answered all the same,
     so end the transaction without committing, as after any failure)."""
 
-    def __init__(self, xs: XenStore) -> None:
+    def __init__(self, xs: Optional[XenStore] = None) -> None:
         self.xs = xs
-        self._requests: List[Tuple[int, bytes, int]] = []
+        #: what is queued: [(type, payload, tx_id)]
+        self.requests: List[Tuple[int, bytes, int]] = []
 
     def write(self, path: str, value: "bytes | str", tx: int = 0) -> None:
         if isinstance(value, str):
             value = value.encode()
-        self._requests.append((XS_WRITE, path.encode() + b"\0" + value, tx))
+        self.requests.append((XS_WRITE, path.encode() + b"\0" + value, tx))
 
     def mkdir(self, path: str, tx: int = 0) -> None:
-        self._requests.append((XS_MKDIR, XenStore._z(path), tx))
+        self.requests.append((XS_MKDIR, XenStore._z(path), tx))
 
     def rm(self, path: str, tx: int = 0) -> None:
-        self._requests.append((XS_RM, XenStore._z(path), tx))
+        self.requests.append((XS_RM, XenStore._z(path), tx))
 
     def set_perms(self, path: str, perms: List[str], tx: int = 0) -> None:
-        self._requests.append((XS_SET_PERMS, XenStore._z(path, *perms), tx))
+        self.requests.append((XS_SET_PERMS, XenStore._z(path, *perms), tx))
 
     def send(self) -> None:
-        requests, self._requests = self._requests, []
-        for (mtype, payload, _tx), reply in zip(requests, self.xs.pipeline(requests)):
-            if isinstance(reply, XenStoreError) and not (
-                    mtype == XS_RM and reply.errno == errno.ENOENT):
-                path = payload.split(b"\0", 1)[0].decode(errors="replace")
-                raise XenStoreError(reply.errno, f"{reply.strerror}: {path}")
+        """Send what is queued on the batch's connection, and :meth:`check` the replies."""
+        assert self.xs is not None, "a Batch without a connection is sent by its caller"
+        requests, self.requests = self.requests, []
+        check_batch(requests, self.xs.pipeline(requests))
+
+
+def check_batch(requests: Sequence[Tuple[int, bytes, int]],
+                replies: Sequence[Union[bytes, XenStoreError]]) -> None:
+    """Raise the first of ``replies`` that is an error (not a missing node's
+    XS_RM), as XenStoreError naming the request's path."""
+    for (mtype, payload, _tx), reply in zip(requests, replies):
+        if isinstance(reply, XenStoreError) and not (
+                mtype == XS_RM and reply.errno == errno.ENOENT):
+            path = payload.split(b"\0", 1)[0].decode(errors="replace")
+            raise XenStoreError(reply.errno, f"{reply.strerror}: {path}")
 
 
 def open_default() -> XenStore:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from pyxl._log import get_logger
 from pyxl._paths import helper_path, xen_release
 from pyxl.backends.base import (Backend, start_create_restore_target, start_destroy,
-                                start_unpause)
+                                start_restore_done, start_unpause)
 from pyxl.backends.configcheck import MAX_GIVEN_NAME, check_config, check_name
 from pyxl.errors import (Cancelled, CorruptImage, HelperFailed, OperationError, StartupError,
                          StreamTooLarge, Timeout, TruncatedStream)
@@ -501,14 +501,19 @@ class RestoreOperation(Operation[RestoreResult]):
             # A checkpointed stream carries the device model's state with each
             # checkpoint; the domain stands at the last one.
             records = list(self.checkpoint_records)
-        try:
-            # As libxl: the domain is finished (a real host: XenStore nodes,
-            # introduction to xenstored with the restored store page) before its
-            # device model starts on the saved state.
-            self.backend.restore_done(self.domid, res.store_gfn, res.console_gfn)
-        except Exception as err:  # a backend is the caller's code (any toolstack's)
-            self._wont_start(err)
-            return
+
+        def finished(ok: bool, why: str) -> None:
+            if self._failure is not None:   # cancelled or timed out meanwhile
+                self._fail_and_destroy(self._failure)
+                return
+            if not ok:
+                self._wont_start(why)
+                return
+            try:
+                self._aux.append(self.backend.start_restore_device_model(self.loop, self.domid,
+                                                                         records, running))
+            except Exception as err:  # a backend is the caller's code (any toolstack's)
+                running(False, str(err))
 
         def running(ok: bool, why: str) -> None:
             if self._failure is not None:   # cancelled or timed out meanwhile
@@ -535,11 +540,13 @@ class RestoreOperation(Operation[RestoreResult]):
                                        time.monotonic() - self.started, emulator_records=records,
                                        checkpoints=self.checkpoints, failover=self.failed_over))
 
-        try:
-            self._aux.append(self.backend.start_restore_device_model(self.loop, self.domid,
-                                                                     records, running))
-        except Exception as err:  # a backend is the caller's code (any toolstack's)
-            running(False, str(err))
+        # As libxl: the domain is finished (a real host: XenStore nodes,
+        # introduction to xenstored with the restored store page) before its
+        # device model starts on the saved state.
+        handle = start_restore_done(self.backend, self.loop, self.domid, res.store_gfn,
+                                    res.console_gfn, finished)
+        if handle is not None:
+            self._aux.append(handle)
 
     def _finish(self, result: Optional[RestoreResult] = None,
                 exc: Optional[OperationError] = None) -> None:
