@@ -22,7 +22,7 @@ import heapq
 import itertools
 import selectors
 import time
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple, TypeVar
 
 Callback = Callable[[], None]
 
@@ -247,6 +247,29 @@ class AsyncioLoop:
     def call_later(self, delay: float, callback: Callback) -> Timer:
         handle: Timer = self.loop.call_later(delay, callback)
         return handle
+
+
+T = TypeVar("T")
+
+
+def run_private(start: Callable[[Loop, Callable[[T], None]], Optional[Timer]],
+                timeout: Optional[float] = None) -> T:
+    """The waited-for form of an asynchronous step, for scripts and command
+    lines (never from a loop's callback): ``start(loop, done)`` on a private
+    :class:`SelectorLoop`, run until ``done(value)``; returns ``value``.  If
+    ``timeout`` runs out first, what ``start`` returned is cancelled and
+    TimeoutError is raised."""
+    loop = SelectorLoop()
+    out: List[T] = []
+    try:
+        handle = start(loop, out.append)
+        if not loop.run_until(lambda: bool(out), timeout):
+            if handle is not None:
+                handle.cancel()
+            raise TimeoutError(f"not done within {timeout:g} s")
+    finally:
+        loop.close()
+    return out[0]
 
 
 _default: Optional[SelectorLoop] = None

@@ -38,12 +38,13 @@ from typing import (Any, Callable, Dict, List, Optional, Protocol, Sequence, Tup
                     runtime_checkable)
 
 from pyxl.errors import BackendError, StartupError
-from pyxl.loop import Loop, SelectorLoop
+from pyxl.loop import Loop, run_private
 
 __all__ = ["Backend", "Cancellable", "Created", "Done", "EmulatorRecord", "Finished",
            "NoDeviceModel", "RestorePorts", "SavedState", "Step", "Waits", "domid_of",
-           "name_owner", "run_steps", "run_to_end", "start_create_restore_target",
-           "start_destroy", "start_restore_done", "start_resume", "start_unpause"]
+           "name_owner", "owner_of", "run_steps", "run_to_end", "start_create_restore_target",
+           "start_destroy", "start_rename", "start_restore_done", "start_resume",
+           "start_unpause"]
 
 #: Xen's domain ids for guests: 0 is dom0, DOMID_FIRST_RESERVED (0x7FF0) and up are special.
 DOMID_LIMIT = 0x7FF0
@@ -225,6 +226,17 @@ def start_restore_done(backend: Backend, loop: Loop, domid: int, store_gfn: int,
         lambda d: backend.restore_done(d, store_gfn, console_gfn), loop, domid, done)
 
 
+def start_rename(backend: Backend, loop: Loop, domid: int, name: str,
+                 done: Done) -> Optional[Cancellable]:
+    """:meth:`Backend.rename` from ``loop``, as :func:`start_unpause` does it:
+    the optional ``start_rename`` (a real host's XenStore rounds, read on the
+    loop), else ``rename``."""
+    start = getattr(backend, "start_rename", None)
+    return _start_or_call(
+        None if start is None else lambda lp, d, dn: start(lp, d, name, dn),
+        lambda d: backend.rename(d, name), loop, domid, done)
+
+
 def start_create_restore_target(backend: Backend, loop: Loop, config: Dict[str, Any],
                                 done: Created) -> None:
     """:meth:`Backend.create_restore_target` from an operation's loop: through the
@@ -329,18 +341,15 @@ def start_destroy(backend: Backend, loop: Loop, domid: int, done: Done) -> Optio
 def run_to_end(start: Callable[[Loop, Done], Cancellable], what: str,
                timeout: Optional[float] = None) -> None:
     """Run an asynchronous backend step (``start(loop, done)``) on a private
-    loop until it is done: the blocking form, for scripts and command lines
-    (never from an operation's loop).  Raises BackendError if it failed."""
-    loop = SelectorLoop()
-    outcome: List[Tuple[bool, str]] = []
+    loop until it is done (:func:`pyxl.loop.run_private`): the blocking form,
+    for scripts and command lines (never from an operation's loop).  Raises
+    BackendError if it failed or did not finish within ``timeout``."""
+    def begin(loop: Loop, done: Callable[[Tuple[bool, str]], None]) -> Cancellable:
+        return start(loop, lambda ok, why: done((ok, why)))
     try:
-        handle = start(loop, lambda ok, why: outcome.append((ok, why)))
-        if not loop.run_until(lambda: bool(outcome), timeout):
-            handle.cancel()
-            raise BackendError(f"{what} did not finish within {timeout:g} s")
-    finally:
-        loop.close()
-    ok, why = outcome[0]
+        ok, why = run_private(begin, timeout)
+    except TimeoutError:
+        raise BackendError(f"{what} did not finish within {timeout:g} s") from None
     if not ok:
         raise BackendError(why or f"{what} failed")
 
@@ -377,5 +386,9 @@ def name_owner(backend: Backend, name: str, but: Optional[int] = None) -> Option
     creates a restore target and before a rename (a migration receiver's
     ``NAME--incoming`` -> ``NAME``).
     """
-    return next((d for d, n in sorted(backend.domain_names().items())
-                 if n == name and d != but), None)
+    return owner_of(backend.domain_names(), name, but)
+
+
+def owner_of(names: Dict[int, str], name: str, but: Optional[int] = None) -> Optional[int]:
+    """The lowest domid, other than ``but``, that ``names`` (domid -> name) calls ``name``."""
+    return next((d for d, n in sorted(names.items()) if n == name and d != but), None)

@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 from pyxl._log import get_logger
 from pyxl.backends.base import Cancellable, EmulatorRecord
 from pyxl.errors import DeviceModelError
-from pyxl.loop import Loop, SelectorLoop, Timer
+from pyxl.loop import Loop, Timer, run_private
 from pyxl.qmp.client import QmpClient
 from pyxl.qmp.codec import QmpTimeout
 
@@ -273,18 +273,14 @@ class QmpDeviceModel:
     def resume(self, timeout: Optional[float] = None) -> None:
         """``cont``, for a synchronous caller (``Backend.resume``): run on a private
         loop, bounded by ``timeout`` (default ``qmp_timeout``).  Raises DeviceModelError."""
-        loop = SelectorLoop()
-        out: List[Optional[DeviceModelError]] = []
+        limit = self.qmp_timeout if timeout is None else timeout
         try:
-            step = self.start_resume(loop, out.append)
-            limit = self.qmp_timeout if timeout is None else timeout
-            if not loop.run_until(lambda: bool(out), limit + 1.0):
-                step.cancel()
-                raise QmpTimeout(f"domain {self.domid}: QMP cont not answered in {limit:g}s")
-        finally:
-            loop.close()
-        if out[0] is not None:
-            raise out[0]
+            err: Optional[DeviceModelError] = run_private(self.start_resume, limit + 1.0)
+        except TimeoutError:
+            raise QmpTimeout(f"domain {self.domid}: QMP cont not answered in {limit:g}s") \
+                from None
+        if err is not None:
+            raise err
 
     # -- save ---------------------------------------------------------------------------------
 

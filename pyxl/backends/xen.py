@@ -49,15 +49,16 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from pyxl._log import get_logger
 from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xendevices, xsasync
 from pyxl.backends.base import (Cancellable, Created, Done, EmulatorRecord, Finished,
-                                NoDeviceModel, RestorePorts, SavedState, Waits, name_owner,
+                                NoDeviceModel, RestorePorts, SavedState, Waits, owner_of,
                                 run_steps, run_to_end, start_destroy)
 from pyxl.backends.libxlcfg import defbool, to_int  # noqa: F401  (defbool: re-exported)
 from pyxl.backends.xenctrl import DomInfo, Xc, XenError  # noqa: F401  (XenError: re-exported)
 from pyxl.backends.xensuspend import HVM_PARAM_ACPI_S_STATE, HVM_PARAM_CALLBACK_IRQ, Suspend
-from pyxl.backends.xenstore import XS_MKDIR, XenStore, XenStoreError, open_default
+from pyxl.backends.xenstore import (XS_DIRECTORY, XS_MKDIR, XS_READ, Batch, XenStore,
+                                    XenStoreError, open_default)
 from pyxl.childproc import ShortChild
 from pyxl.errors import DeviceModelError, StartupError
-from pyxl.loop import Loop, SelectorLoop, Timer
+from pyxl.loop import Loop, Timer, run_private
 
 _log = get_logger("pyxl.xen")
 
@@ -374,14 +375,10 @@ class XenBackend(NoDeviceModel):
     # -- restore ---------------------------------------------------------------
     def create_restore_target(self, config: Dict[str, Any]) -> int:
         """:meth:`start_create_restore_target`, waited for (a private loop)."""
-        loop = SelectorLoop()
-        out: List[Tuple[Optional[int], Optional[Exception]]] = []
-        try:
-            self.start_create_restore_target(loop, config, lambda d, e: out.append((d, e)))
-            loop.run_until(lambda: bool(out))
-        finally:
-            loop.close()
-        domid, exc = out[0]
+        def begin(loop: Loop, done: Callable[[Tuple[Optional[int], Optional[Exception]]], None]
+                  ) -> None:
+            self.start_create_restore_target(loop, config, lambda d, e: done((d, e)))
+        domid, exc = run_private(begin)
         if exc is not None:
             raise exc
         assert domid is not None
@@ -425,9 +422,6 @@ class XenBackend(NoDeviceModel):
                                f"{[d.vdev for d in disks if d.backend == 'qdisk'][0]} needs "
                                "QEMU as its backend (qdisk), which pyxl starts for HVM only")
         name = c_info.get("name") or "restored"
-        other = name_owner(self, name)
-        if other is not None:
-            raise StartupError(f"domain {name!r} already exists (domid {other})")
         uuid = c_info.get("uuid") or ""
         try:
             handle = bytes.fromhex(uuid.replace("-", ""))
@@ -445,6 +439,16 @@ class XenBackend(NoDeviceModel):
             grant_version = 2
         made: List[int] = []
         begun = time.monotonic()
+
+        def name_free(finished: Finished) -> Cancellable:
+            """Names are unique on a host (libxl refuses a name in use)."""
+            def looked(exc: Optional[Exception]) -> None:
+                other = owner_of(task.result or {}, name)
+                if exc is None and other is not None:
+                    exc = StartupError(f"domain {name!r} already exists (domid {other})")
+                finished(exc)
+            task = xsasync.XsTask(loop, self._open_xs, self._names(), looked, "the domains' names")
+            return task
 
         def create() -> None:
             try:
@@ -517,27 +521,51 @@ class XenBackend(NoDeviceModel):
                 done(None, exc)
             start_destroy(self, loop, domid, destroyed)
 
-        run_steps(loop, [timed(create), timed(build), waited(store), timed(userdata)], finished)
+        run_steps(loop, [waited(name_free), timed(create), timed(build), waited(store),
+                         timed(userdata)], finished)
 
     def rename(self, domid: int, name: str) -> None:
         """Rename a domain (XenStore and libxl's stored config), as
         libxl__domain_rename does; for a migration receiver's
-        ``NAME--incoming`` -> ``NAME`` once the source is gone."""
-        other = name_owner(self, name, but=domid)
+        ``NAME--incoming`` -> ``NAME`` once the source is gone.  Waited for:
+        :meth:`start_rename` is the loop's form."""
+        info = self._info(domid)
+        xsasync.run(self.xs, self._rename(domid, name))
+        self._rename_userdata(domid, info, name)
+
+    def start_rename(self, loop: Loop, domid: int, name: str, done: Done) -> Cancellable:
+        """:meth:`rename` on ``loop``: the name check, the ``/vm`` look-up and
+        the transaction as XenStore rounds on a connection of their own."""
+        info = self._info(domid)
+
+        def finished(exc: Optional[Exception]) -> None:
+            if exc is None:
+                try:
+                    self._rename_userdata(domid, info, name)
+                except OSError as err:
+                    exc = err
+            done(exc is None, "" if exc is None else xsasync.reason(exc))
+        return xsasync.XsTask(loop, self._open_xs, self._rename(domid, name), finished,
+                              f"rename of domain {domid}")
+
+    def _rename(self, domid: int, name: str) -> xsasync.XsScript[None]:
+        dom = f"/local/domain/{domid}"
+        names = yield from self._names()
+        other = owner_of(names, name, but=domid)
         if other is not None:
             raise XenError(errno.EEXIST, f"domain {name!r} already exists (domid {other})")
-        info = self._info(domid)
-        dom = f"/local/domain/{domid}"
-        vm = (self.xs.read(f"{dom}/vm") or b"").decode()
-        tx = self.xs.transaction_start()
-        try:
-            self.xs.write(f"{dom}/name", name, tx)
+        [vm_reply] = yield [(XS_READ, f"{dom}/vm\0".encode(), 0)]
+        vm = "" if isinstance(vm_reply, XenStoreError) and vm_reply.errno == errno.ENOENT \
+            else xsasync.ok(vm_reply).decode()
+
+        def fill(b: Batch, tx: int) -> None:
+            b.write(f"{dom}/name", name, tx)
             if vm:
-                self.xs.write(f"{vm}/name", name, tx)
-        except BaseException:
-            self.xs.transaction_end(tx, commit=False)
-            raise
-        self.xs.transaction_end(tx)
+                b.write(f"{vm}/name", name, tx)
+        yield from xsasync.transaction(fill)
+
+    @staticmethod
+    def _rename_userdata(domid: int, info: DomInfo, name: str) -> None:
         try:
             cfg = xenbuild.read_userdata(USERDATA_DIR, domid, info.uuid)
         except (OSError, ValueError):
@@ -548,10 +576,21 @@ class XenBackend(NoDeviceModel):
 
     def domain_names(self) -> Dict[int, str]:
         """Each domain's /local/domain/D/name, as libxl_name_to_domid reads it."""
-        domids = self._domids()
-        names = self.xs.read_many([f"/local/domain/{d}/name" for d in domids])
-        return {d: raw.decode(errors="replace") for d, raw in zip(domids, names)
-                if raw is not None}
+        return xsasync.run(self.xs, self._names())
+
+    @staticmethod
+    def _names() -> xsasync.XsScript[Dict[int, str]]:
+        """Every domain's name: its list, then each name, in one round."""
+        [listing] = yield [(XS_DIRECTORY, b"/local/domain\0", 0)]
+        domids = [] if isinstance(listing, XenStoreError) and listing.errno == errno.ENOENT \
+            else [int(d) for d in xsasync.ok(listing).decode().split("\0") if d.isdigit()]
+        names = yield [(XS_READ, f"/local/domain/{d}/name\0".encode(), 0) for d in domids]
+        out: Dict[int, str] = {}
+        for d, raw in zip(domids, names):
+            if isinstance(raw, XenStoreError) and raw.errno == errno.ENOENT:
+                continue        # a domain without a name (going, or not made by a toolstack)
+            out[d] = xsasync.ok(raw).decode(errors="replace")
+        return out
 
     def _domids(self) -> List[int]:
         return [int(d) for d in self.xs.directory("/local/domain") if d.isdigit()]
@@ -575,7 +614,7 @@ class XenBackend(NoDeviceModel):
                                      store_mfn, console_mfn)
 
         def finished(exc: Optional[Exception]) -> None:
-            done(exc is None, "" if exc is None else f"XenStore: {exc}")
+            done(exc is None, "" if exc is None else f"XenStore: {xsasync.reason(exc)}")
         return xsasync.XsTask(loop, self._open_xs, script, finished,
                               f"domain {domid}'s build_post")
 

@@ -314,7 +314,7 @@ def add_nic(loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: int
 def _write_nodes(loop: Loop, opener: Callable[[], XenStore], domid: int, kind: str, devid: int,
                  bkind: str, bdom: int, bents: List[Tuple[str, Any]],
                  fents: List[Tuple[str, Any]], ro: List[Tuple[str, Any]],
-                 next_: Callable[[Optional[str]], None], what: str) -> XsTask:
+                 next_: Callable[[Optional[str]], None], what: str) -> XsTask[bool]:
     """The device's nodes (refused if either end exists already), in one
     transaction, on the loop (:mod:`~pyxl.backends.xsasync`)."""
     front = f"/local/domain/{domid}/device/{kind}/{devid}"

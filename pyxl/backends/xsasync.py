@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Callable, Generator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Callable, Generator, Generic, List, Optional, Sequence, Tuple, TypeVar, Union
 
 from pyxl.backends.xenstore import (XS_TRANSACTION_END, XS_TRANSACTION_START, Batch,
                                     XenStore, XenStoreError, check_batch, check_reply)
 from pyxl.loop import Loop, Timer
 
-__all__ = ["Request", "Reply", "XsScript", "run", "transaction", "ok", "XsTask"]
+__all__ = ["Request", "Reply", "XsScript", "run", "transaction", "ok", "reason", "XsTask"]
 
 T = TypeVar("T")
 Request = Tuple[int, bytes, int]
@@ -48,6 +48,13 @@ def ok(reply: Reply) -> bytes:
     if isinstance(reply, XenStoreError):
         raise reply
     return reply
+
+
+def reason(exc: Exception) -> str:
+    """An exchange's failure in one line, without errno's number."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return str(exc.strerror)
+    return str(exc) or type(exc).__name__
 
 
 def transaction(fill: Callable[[Batch, int], None]) -> XsScript[None]:
@@ -83,7 +90,7 @@ def run(xs: XenStore, script: XsScript[T]) -> T:
         return value
 
 
-class XsTask:
+class XsTask(Generic[T]):
     """``script`` run on ``loop`` over a connection ``opener()`` makes for it;
     ``done(exc)`` once, from the loop: None when the script returned (its
     value is :attr:`result`), else what failed (the script's exception, the
@@ -91,12 +98,12 @@ class XsTask:
     the end, closes the connection, and xenstored forgets a transaction left
     open on it."""
 
-    def __init__(self, loop: Loop, opener: Callable[[], XenStore], script: XsScript[object],
+    def __init__(self, loop: Loop, opener: Callable[[], XenStore], script: XsScript[T],
                  done: Callable[[Optional[Exception]], None], what: str = "XenStore",
                  timeout: float = XS_TIMEOUT) -> None:
         self.loop, self.what, self._opener = loop, what, opener
-        self.result: object = None
-        self._script: Optional[XsScript[object]] = script
+        self.result: Optional[T] = None
+        self._script: Optional[XsScript[T]] = script
         self._done: Optional[Callable[[Optional[Exception]], None]] = done
         self._xs: Optional[XenStore] = None
         self._expect: List[Tuple[int, int]] = []
@@ -179,7 +186,7 @@ class XsTask:
             self._fail(exc)
 
     # -- the end ---------------------------------------------------------------
-    def _finish(self, value: object) -> None:
+    def _finish(self, value: T) -> None:
         self.result = value
         self._end(None)
 

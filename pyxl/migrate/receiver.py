@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 from pyxl._log import get_logger
 from pyxl._units import format_size
 from pyxl.backends import Backend, default_backend
-from pyxl.backends.base import start_destroy, start_unpause
+from pyxl.backends.base import start_destroy, start_rename, start_unpause
 from pyxl.errors import (CorruptImage, HelperFailed, MigrationError, MigrationProtocolError,
                          OperationError, StartupError)
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
@@ -479,11 +479,19 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
     def _go(self) -> None:
         assert self.domid is not None
         self.state = "starting"
-        try:
-            if self.name is not None:
-                self.backend.rename(self.domid, self.name)
-        except Exception as exc:
-            self._started(False, str(exc))
+        if self.name is None:
+            self._renamed(True, "")
+            return
+        handle = start_rename(self.backend, self.loop, self.domid, self.name, self._renamed)
+        if handle is not None:
+            self._timers.append(handle)
+
+    def _renamed(self, ok: bool, why: str) -> None:
+        assert self.domid is not None
+        if self._done or self._finishing or self.state != "starting":
+            return          # failed meanwhile (the sender went away): already reported
+        if not ok:
+            self._started(False, why)
             return
         if self.paused:
             self._started(True, "")

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 from pyxl._log import get_logger
 from pyxl._paths import helper_path
 from pyxl.backends import Backend, default_backend
-from pyxl.backends.base import start_destroy, start_unpause
+from pyxl.backends.base import start_destroy, start_rename, start_unpause
 from pyxl.errors import (MigrationError, MigrationInDoubt, MigrationProtocolError,
                          OperationError, StartupError)
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking, write_from_loop
@@ -186,6 +186,8 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         self._source_paused = False   # by us, after a finished save
         self._go_sent = False
         self._name: Optional[str] = None   # the source's while it is NAME--migratedaway
+        self._renaming = False             # to NAME--migratedaway, on the loop
+        self._teardown_waits: Optional[bool] = None   # for the rename: its resume argument
         self._reading = False
         self._done_pending: Optional[Tuple[Any, Optional[OperationError]]] = None
         self._handshake_timer: Optional[Timer] = self.loop.call_later(
@@ -452,15 +454,33 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         self._phase("receiver ready; clearing it to unpause")
         assert self.outbox is not None and self.save is not None
         name = domain_name(self.save.config)
-        if name is not None:
-            # Free the name for the receiver's copy (both may run on one host).
-            try:
-                self.backend.rename(self.domid, f"{name}{AWAY}")
-            except Exception as exc:
+        if name is None:
+            self._clear_to_unpause()
+            return
+
+        def renamed(ok: bool, why: str) -> None:
+            self._renaming = False
+            if ok:
+                self._name = name
+            if self._teardown_waits is not None:
+                # Failed meanwhile: the teardown waited for this rename.
+                resume, self._teardown_waits = self._teardown_waits, None
+                self._restore_name()
+                self._teardown(resume)
+            elif self._done or self._done_pending is not None:
+                self._restore_name()        # ended meanwhile, without a teardown to wait
+            elif not ok:
                 self._fail(MigrationError(f"cannot rename domain {self.domid} to "
-                                          f"{name}{AWAY}: {exc}"))
-                return
-            self._name = name
+                                          f"{name}{AWAY}: {why}"))
+            else:
+                self._clear_to_unpause()
+
+        # Free the name for the receiver's copy (both may run on one host).
+        self._renaming = True
+        start_rename(self.backend, self.loop, self.domid, f"{name}{AWAY}", renamed)
+
+    def _clear_to_unpause(self) -> None:
+        assert self.outbox is not None
         go = self.handshake.send(ClearedToUnpause())
         self._go_sent = True
         self.outbox.send(go)
@@ -557,6 +577,9 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
             self.relay.abandon()
         if self.save is not None and not self.save.done():
             self.save.cancel(grace=5.0)   # _saved() comes back here
+            return
+        if self._renaming:
+            self._teardown_waits = resume   # the rename's end comes back here
             return
         if self.driver is not None:
             self.driver.restore()        # the guest runs on uncapped

@@ -653,6 +653,71 @@ def test_a_migration_destroys_its_domain_without_blocking_the_loop(hosts, fail):
         assert [state for _, state in domains(b)] == ["running"]
 
 
+class _SlowRename(_Watching):
+    """A backend whose renames take 0.4 s (a child's sleep, as a busy
+    xenstored's answers would) and are told from the loop; its waited-for
+    ``rename`` is only for a failure's way back (``waited_ok``)."""
+
+    def __init__(self, *a: Any, waited_ok: bool = False, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.waited_ok = waited_ok
+        self.renamed: List[str] = []
+        self.on_start: Any = None
+
+    def rename(self, domid: int, name: str) -> None:
+        if not self.waited_ok:
+            raise AssertionError(f"rename({domid}, {name!r}) waited for, on the loop")
+        self.renamed.append(f"waited {name}")
+        super().rename(domid, name)
+
+    def start_rename(self, loop: Any, domid: int, name: str, done: Any) -> Any:
+        from pyxl.childproc import ShortChild
+
+        def slept(status: int, err: str) -> None:
+            self.renamed.append(name)
+            super(_SlowRename, self).rename(domid, name)
+            done(True, "")
+        if self.on_start is not None:
+            loop.call_later(0, self.on_start)
+        return ShortChild(loop, ["sleep", "0.4"], slept)
+
+
+def test_a_migrations_renames_run_on_the_loop(hosts):
+    """The source's NAME--migratedaway and the copy's NAME go through
+    ``start_rename``; the application's timer runs on meanwhile."""
+    a, b = hosts
+    dom = sim.create(32 * MB, name="web4", sim_dir=a)
+    source, target = _SlowRename(a, a), _SlowRename(b, a)
+    rx = migrate.receive("127.0.0.1:0", backend=target)
+    tx = migrate.migrate(dom, rx.address, backend=source)
+    ticks = _ticking(default_loop())
+    run_both(tx, rx)
+    assert tx.exception() is None and rx.exception() is None
+    gaps = [t1 - t0 for t0, t1 in zip(ticks, ticks[1:])]
+    assert max(gaps) < 0.3, f"the loop was held for {max(gaps):.3f} s"
+    assert source.renamed == ["web4--migratedaway"] and target.renamed == ["web4"]
+    assert [(i.name, i.state) for i in sim.list_domains(sim_dir=b)] == [("web4", "running")]
+    assert domains(a) == []
+
+
+def test_a_migration_cancelled_while_its_source_is_renamed_gives_the_name_back(hosts):
+    """Cancelled while the rename to NAME--migratedaway is under way: the
+    teardown waits for the rename to end, renames the source back, and it runs
+    on with its name; the receiver has nothing."""
+    a, b = hosts
+    dom = sim.create(32 * MB, name="web5", sim_dir=a)
+    source = _SlowRename(a, a, waited_ok=True)
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b)
+    tx = migrate.migrate(dom, rx.address, backend=source)
+    source.on_start = tx.cancel
+    run_both(tx, rx)
+    assert isinstance(tx.exception(), pyxl.Cancelled), tx.exception()
+    assert source.renamed == ["web5--migratedaway", "waited web5"]
+    assert [(i.name, i.state) for i in sim.list_domains(sim_dir=a)] == [("web5", "running")]
+    source_survived(a, dom)
+    assert rx.exception() is not None and domains(b) == []
+
+
 def test_migration_within_one_host(hosts):
     a, _ = hosts
     dom = sim.create(32 * MB, dirty_rate=4 * MB, name="local1", sim_dir=a)

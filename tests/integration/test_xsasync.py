@@ -205,7 +205,7 @@ def test_build_post_refused_by_xenstored_is_one_line(xsd, host):
     assert loop.run_until(lambda: bool(done), 10)
     ok, why = done[0]
     assert not ok and "\n" not in why
-    assert why == (f"XenStore: [Errno {errno.EAGAIN}] xenstored: the transaction conflicted "
+    assert why == (f"XenStore: xenstored: the transaction conflicted "
                    f"{xsasync.TRANSACTION_ATTEMPTS} times")
     # nothing introduced: the domain is not finished
     assert not [p for m, _tx, p in xsd.log if m == XS_INTRODUCE]
@@ -237,3 +237,38 @@ def test_xenbuild_scripts_are_generators_not_calls():
     script = xenbuild.make_xenstore(7, CONFIG, "g1", UUID)
     assert next(script) == [(XS_TRANSACTION_START, b"\0", 0)]
     script.close()
+
+
+def test_a_rename_on_the_loop_renames_both_nodes_and_the_stored_config(xsd, host):
+    loop = SelectorLoop()
+    be = backend(xsd, RecordingXc())
+    domid = be.create_restore_target(CONFIG)
+    xsd.delay = {XS_TRANSACTION_START: 0.2, XS_TRANSACTION_END: 0.2}
+    gaps = Gaps(loop)
+    done: List[Tuple[bool, str]] = []
+    base.start_rename(be, loop, domid, "g1--incoming", lambda ok, why: done.append((ok, why)))
+    assert loop.run_until(lambda: bool(done), 10) and done == [(True, "")]
+    gaps.running = False
+    assert gaps.longest < 0.15, gaps.longest
+    assert xsd.nodes[f"/local/domain/{domid}/name"] == b"g1--incoming"
+    assert xsd.nodes[f"/vm/{UUID}/name"] == b"g1--incoming"
+    stored = xenbuild.read_userdata(str(host), domid, UUID)
+    assert stored is not None and stored["c_info"]["name"] == "g1--incoming"
+    assert be.domain_names()[domid] == "g1--incoming"
+    loop.close()
+
+
+def test_a_rename_into_a_name_in_use_is_refused_and_changes_nothing(xsd, host):
+    be = backend(xsd, RecordingXc())
+    domid = be.create_restore_target(CONFIG)
+    xsd.nodes["/local/domain/9/name"] = b"other"
+    loop = SelectorLoop()
+    done: List[Tuple[bool, str]] = []
+    base.start_rename(be, loop, domid, "other", lambda ok, why: done.append((ok, why)))
+    assert loop.run_until(lambda: bool(done), 10)
+    assert done == [(False, "domain 'other' already exists (domid 9)")]
+    with pytest.raises(OSError, match=r"domain 'other' already exists \(domid 9\)"):
+        be.rename(domid, "other")
+    assert xsd.nodes[f"/local/domain/{domid}/name"] == b"g1"
+    assert not [p for m, _tx, p in xsd.log if m == XS_TRANSACTION_START][1:]   # only the build's
+    loop.close()
