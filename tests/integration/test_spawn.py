@@ -65,6 +65,18 @@ def test_child_is_ours_in_its_own_group_with_only_its_fds(tmp_path):
     assert env == "yes" and cwd.strip() == os.getcwd()
 
 
+def test_children_share_a_session_that_is_not_the_callers():
+    """Every child runs in the spawner's session, not the caller's: where the
+    kernel schedules by session (autogroup), pyxl's children share one
+    group's weight against the caller's session, however many there are."""
+    probe = "import os; print(os.getsid(0))"
+    sids = {int(output_of([sys.executable, "-I", "-S", "-c", probe])) for _ in range(3)}
+    start_spawner()
+    pid = spawner_pid()
+    assert pid is not None
+    assert sids == {os.getsid(pid)} and os.getsid(pid) == pid != os.getsid(0)
+
+
 def test_exit_codes_signals_and_a_missing_program():
     assert run_child(["sh", "-c", "exit 3"])["code"] == 3
     loop = SelectorLoop()
