@@ -92,6 +92,15 @@ def markdown(res: Dict[str, Any]) -> str:
           f"`loop_cpu_per_save_vs_every_progress` | {_f(stall.get('loop_cpu_per_save_ms'))} / "
           f"{_f(stall.get('loop_cpu_per_restore_ms'))} ms / "
           f"{_f(stall.get('loop_cpu_per_save_vs_every_progress'), '{:.3f}')} | (info) | – |")
+    shared = stall.get("callers_session") or {}
+    if "loop_stall_max_ms" in shared:
+        w(f"| loop stalls, baseline: the children in the caller's session (as a fork's; same "
+          f"run, autogroup {'on' if stall.get('autogroup') else 'off'}) | its "
+          f"`loop_stall_max_ms` / `loop_stall_p99_ms` / `own_session_vs_callers_session` "
+          f"(max, p99) | {_f(shared.get('loop_stall_max_ms'))} / "
+          f"{_f(shared.get('loop_stall_p99_ms'))} ms / "
+          f"{_f(stall.get('own_session_vs_callers_session'), '{:.3f}')}, "
+          f"{_f(stall.get('own_session_p99_vs_callers_session'), '{:.3f}')} | (info) | – |")
     niced = stall.get("child_nice_10") or {}
     if niced:
         w(f"| loop stalls, children at nice +10 (`set_child_nice(10)`, same run) | its "

@@ -6,11 +6,12 @@ N simulated guests are saved at once to real files (fsync on, a new file per
 guest in DIR, on disk), then restored at once, all on one SelectorLoop whose
 every callback (fd readiness and timers) is timed, by the wall clock and by
 the thread's CPU clock, and its context switches counted
-(``getrusage(RUSAGE_THREAD)``).  The whole run is done three times: first as
+(``getrusage(RUSAGE_THREAD)``).  The whole run is done five times: first as
 pyxl runs its children by default (at the caller's priority, as a fork
-gives), then with ``set_child_nice(10)``, the opt-in that lets the loop go
-first, then with the loop's thread at a real-time priority.  Figures, of the
-first run:
+gives, in a session of their own), then with ``set_child_nice(10)``, then
+with the children in the caller's session, then with every progress report,
+then with the loop's thread at a real-time priority.  Figures, of the first
+run:
 
 * ``loop_stall_max_ms``: the longest callback, wall clock (what an
   application sharing the loop waits), over the saves and the restores;
@@ -39,6 +40,13 @@ first run:
   of libxc's sent (``PYXL_PROGRESS_INTERVAL_MS=0``, what Xen's helper does;
   pyxl asks its helper for one per 50 ms); ``loop_cpu_per_save_vs_every_progress``
   is the ratio of the two rounds' loop CPU per save.
+* ``callers_session``, a baseline: the default round with pyxl's children
+  in the caller's session, as a fork's are (``set_own_session(False)``; pyxl
+  ran them so before).  Under the kernel's autogroup scheduling (``autogroup``
+  says if it is on) each busy child then weighs as much as the loop's whole
+  session; in their own session they share one group's weight.
+  ``own_session_vs_callers_session`` and ``own_session_p99_vs_callers_session``
+  are the default round's loop_stall_max_ms and loop_stall_p99_ms over its.
 * ``child_nice_10`` holds the second run's figures, and
   ``nice10_vs_default`` = its loop_stall_max_ms / loop_stall_max_ms.
 * ``loop_fifo`` holds the third run's: the loop's thread at SCHED_FIFO 1
@@ -83,7 +91,7 @@ import pyxl  # noqa: E402
 from pyxl import sim  # noqa: E402
 from pyxl.backends import SimBackend  # noqa: E402
 from pyxl.loop import SelectorLoop, _SelectorTimer  # noqa: E402
-from pyxl.spawn import child_nice, set_child_nice, start_spawner  # noqa: E402
+from pyxl.spawn import child_nice, set_child_nice, set_own_session, start_spawner  # noqa: E402
 
 
 def _queued() -> float:
@@ -273,6 +281,15 @@ def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _autogroup() -> bool:
+    """Whether the kernel schedules by session (autogroup)."""
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def run_loop_fifo(n: int, mib: int, directory: str) -> Dict[str, Any]:
     """The round with the loop's thread at SCHED_FIFO 1 (with
     SCHED_RESET_ON_FORK), as an application that must not wait may run it;
@@ -338,6 +355,21 @@ def measure(n: int, mib: int, directory: str) -> Dict[str, Any]:
         set_child_nice(ours)
     res["child_nice_10"] = niced
     res["nice10_vs_default"] = round(niced["loop_stall_max_ms"] / res["loop_stall_max_ms"], 3)
+    # Baseline: the children in the caller's session, as a fork's are (and
+    # as pyxl ran them before): under autogroup each one then weighs as much
+    # as the loop.
+    set_own_session(False)
+    try:
+        shared = run(n, mib, directory)
+    finally:
+        set_own_session(True)
+    res["callers_session"] = shared
+    res["autogroup"] = _autogroup()
+    res["own_session_vs_callers_session"] = round(
+        res["loop_stall_max_ms"] / shared["loop_stall_max_ms"], 3)
+    res["own_session_p99_vs_callers_session"] = round(
+        res["loop_stall_p99_ms"] / shared["loop_stall_p99_ms"], 3) \
+        if shared["loop_stall_p99_ms"] else None
     # Baseline: every progress report of libxc's sent and decoded, as with
     # Xen's helper (pyxl asks its helper for one per 50 ms).
     os.environ["PYXL_PROGRESS_INTERVAL_MS"] = "0"

@@ -51,7 +51,7 @@ from pyxl.fdio import close_quietly
 from pyxl.loop import Loop, Timer
 
 __all__ = ["Child", "SPAWNER_NAME", "child_nice", "inherited_stderr", "set_child_nice",
-           "spawner_pid", "start_spawner"]
+           "set_own_session", "spawner_pid", "start_spawner"]
 
 SPAWNER_NAME = "pyxl-spawner"
 _REPLY = struct.Struct("=iiI")          # pid, errno, stage
@@ -81,6 +81,24 @@ def set_child_nice(increment: int) -> None:
     if isinstance(increment, bool) or not isinstance(increment, int) or not 0 <= increment <= 19:
         raise ValueError(f"child nice increment must be an integer in 0..19, not {increment!r}")
     _child_nice = increment
+
+
+# Whether the spawner, and so every child, runs in a session of its own.
+_own_session = True
+
+
+def set_own_session(own: bool) -> None:
+    """Run pyxl's children in a session of their own (True, the default: see
+    the module's docstring) or in the caller's (False: on an autogroup kernel
+    they then compete with the application's loop one by one, as a fork's
+    children do).  Takes effect at the next start: a running spawner of the
+    other kind is let go (it answers what it was asked, then exits)."""
+    global _own_session, _spawner
+    _own_session = bool(own)
+    if _spawner is not None and _spawner.pid == os.getpid() and \
+            _spawner.own_session != _own_session and not _spawner.pending:
+        _spawner.close()
+        _spawner = None
 
 
 def child_nice() -> int:
@@ -117,7 +135,8 @@ class _Spawner:
         # the rest wait in ``pending`` (below), not in sendmsg.
         self.sock, self.proc = _paired(lambda fd: subprocess.Popen(
             [exe], stdin=fd, stdout=subprocess.DEVNULL, close_fds=True,
-            start_new_session=True))
+            **({"start_new_session": True} if _own_session else {"process_group": 0})))
+        self.own_session = _own_session
         self.pid = os.getpid()
         #: requests that found the socket full: (payload, our copies of their fds)
         self.pending: Deque[Tuple[bytes, List[int]]] = collections.deque()

@@ -127,6 +127,11 @@ def test_stall_smoke(tmp_path):
             assert fig[phase]["wall_ms"] + 1 >= fig[phase]["cpu_ms"] >= 0
             assert fig[phase]["callback"]
             assert fig[phase]["queued_ms"] >= 0 and fig[phase]["stolen_ms"] >= 0
+    shared = st["callers_session"]
+    assert shared["callbacks"] > 20 and 0 < shared["loop_stall_p99_ms"] <= shared["loop_stall_max_ms"]
+    assert st["own_session_vs_callers_session"] == pytest.approx(
+        st["loop_stall_max_ms"] / shared["loop_stall_max_ms"], rel=1e-2)
+    assert isinstance(st["autogroup"], bool)
     assert st["nice10_vs_default"] == pytest.approx(
         st["child_nice_10"]["loop_stall_max_ms"] / st["loop_stall_max_ms"], rel=1e-2)
     assert st["inloop_finish_ms"] > 0

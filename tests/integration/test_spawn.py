@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, children, open_fds
 from pyxl import spawn
 from pyxl.loop import SelectorLoop
-from pyxl.spawn import Child, spawner_pid, start_spawner
+from pyxl.spawn import Child, set_own_session, spawner_pid, start_spawner
 
 
 def run_child(argv: List[str], timeout: float = 10.0, **kw: object) -> Dict[str, object]:
@@ -75,6 +75,15 @@ def test_children_share_a_session_that_is_not_the_callers():
     pid = spawner_pid()
     assert pid is not None
     assert sids == {os.getsid(pid)} and os.getsid(pid) == pid != os.getsid(0)
+    # ... unless asked for the caller's (a fork's children's) session
+    set_own_session(False)
+    try:
+        assert int(output_of([sys.executable, "-I", "-S", "-c", probe])) == os.getsid(0)
+        assert spawner_pid() != pid
+    finally:
+        set_own_session(True)
+    assert int(output_of([sys.executable, "-I", "-S", "-c", probe])) == os.getsid(spawner_pid())
+    assert os.getsid(spawner_pid()) != os.getsid(0)
 
 
 def test_exit_codes_signals_and_a_missing_program():
