@@ -49,12 +49,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from pyxl._log import get_logger
 from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xendevices, xsasync
 from pyxl.backends.base import (Cancellable, Created, Done, EmulatorRecord, Finished,
-                                NoDeviceModel, RestorePorts, SavedState, Waits, owner_of,
+                                NoDeviceModel, RestorePorts, SavedState, Step, Waits, owner_of,
                                 run_steps, run_to_end, start_destroy)
 from pyxl.backends.libxlcfg import defbool, to_int  # noqa: F401  (defbool: re-exported)
 from pyxl.backends.xenctrl import DomInfo, Xc, XenError  # noqa: F401  (XenError: re-exported)
 from pyxl.backends.xensuspend import HVM_PARAM_ACPI_S_STATE, HVM_PARAM_CALLBACK_IRQ, Suspend
-from pyxl.backends.xenstore import (XS_DIRECTORY, XS_MKDIR, XS_READ, Batch, XenStore,
+from pyxl.backends.xenstore import (XS_DIRECTORY, XS_MKDIR, XS_READ, XS_RM, Batch, XenStore,
                                     XenStoreError, open_default)
 from pyxl.childproc import ShortChild
 from pyxl.errors import DeviceModelError, StartupError
@@ -305,7 +305,7 @@ class XenBackend(NoDeviceModel):
             _log.debug("domain %d: devices removed, %.2f s after the destroy began", domid,
                        time.monotonic() - begun)
             # Not called off by a cancel: once begun, the domain's nodes all go.
-            run_steps(loop, self._destroy_rest(domid, info, vm), rest_removed)
+            run_steps(loop, self._destroy_rest(loop, domid, info, vm), rest_removed)
 
         def rest_removed(exc: Optional[Exception]) -> None:
             _log.debug("domain %d: its XenStore nodes and files removed, %.2f s after the "
@@ -336,28 +336,31 @@ class XenBackend(NoDeviceModel):
         run_to_end(lambda loop, done: self.start_destroy(loop, domid, done),
                    f"destroy of domain {domid}")
 
-    def _destroy_rest(self, domid: int, info: Optional[DomInfo],
-                      vm: Optional[str]) -> List[Callable[[], None]]:
-        """What is left of a domain once its devices are gone, as steps (one
-        loop callback each: XenStore round trips add up on a busy host)."""
-        xs = self.xs
-
-        def backends() -> None:
-            for btype in xs.directory("/local/domain/0/backend"):
-                xs.rm(f"/local/domain/0/backend/{btype}/{domid}")
-
-        def vm_node() -> None:
+    def _destroy_rest(self, loop: Loop, domid: int, info: Optional[DomInfo],
+                      vm: Optional[str]) -> List[Step]:
+        """What is left of a domain once its devices are gone: its XenStore
+        nodes (a script on the loop, :mod:`~pyxl.backends.xsasync`), then its files."""
+        def nodes() -> xsasync.XsScript[None]:
+            [listing] = yield [(XS_DIRECTORY, b"/local/domain/0/backend\0", 0)]
+            btypes = [] if xsasync.missing(listing) else xsasync.entries(xsasync.ok(listing))
+            names = yield from self._names()
+            removals = [f"/local/domain/0/backend/{btype}/{domid}" for btype in btypes]
             # /vm/UUID is shared with the other copy after a migration on this
             # host (same uuid): it goes with the last domain that names it.
-            if not (vm and vm.startswith("/vm/")):
-                return
-            others = [d for d in self._domids() if d != domid]
-            if vm.encode() not in xs.read_many([f"/local/domain/{d}/vm" for d in others]):
-                xs.rm(vm)
+            if vm and vm.startswith("/vm/"):
+                others = [d for d in names if d != domid]
+                paths = yield [(XS_READ, f"/local/domain/{d}/vm\0".encode(), 0) for d in others]
+                if vm.encode() not in paths:
+                    removals.append(vm)
+            removals += [f"/local/domain/{domid}", f"/libxl/{domid}"]
+            replies = yield [(XS_RM, f"{path}\0".encode(), 0) for path in removals]
+            for reply in replies:
+                if not xsasync.missing(reply):
+                    xsasync.ok(reply)
 
-        def domain_nodes() -> None:
-            xs.rm(f"/local/domain/{domid}")
-            xs.rm(f"/libxl/{domid}")
+        def store(finished: Finished) -> Cancellable:
+            return xsasync.XsTask(loop, self._open_xs, nodes(), finished,
+                                  f"domain {domid}'s XenStore nodes")
 
         def files() -> None:
             uuid = info.uuid if info is not None else "*"
@@ -370,7 +373,7 @@ class XenBackend(NoDeviceModel):
             self._restoring.pop(domid, None)
             self._ports.pop(domid, None)
 
-        return [backends, vm_node, domain_nodes, files]
+        return [Waits(store), files]
 
     # -- restore ---------------------------------------------------------------
     def create_restore_target(self, config: Dict[str, Any]) -> int:
@@ -555,8 +558,7 @@ class XenBackend(NoDeviceModel):
         if other is not None:
             raise XenError(errno.EEXIST, f"domain {name!r} already exists (domid {other})")
         [vm_reply] = yield [(XS_READ, f"{dom}/vm\0".encode(), 0)]
-        vm = "" if isinstance(vm_reply, XenStoreError) and vm_reply.errno == errno.ENOENT \
-            else xsasync.ok(vm_reply).decode()
+        vm = "" if xsasync.missing(vm_reply) else xsasync.ok(vm_reply).decode()
 
         def fill(b: Batch, tx: int) -> None:
             b.write(f"{dom}/name", name, tx)
@@ -582,18 +584,15 @@ class XenBackend(NoDeviceModel):
     def _names() -> xsasync.XsScript[Dict[int, str]]:
         """Every domain's name: its list, then each name, in one round."""
         [listing] = yield [(XS_DIRECTORY, b"/local/domain\0", 0)]
-        domids = [] if isinstance(listing, XenStoreError) and listing.errno == errno.ENOENT \
-            else [int(d) for d in xsasync.ok(listing).decode().split("\0") if d.isdigit()]
+        domids = [] if xsasync.missing(listing) else \
+            [int(d) for d in xsasync.entries(xsasync.ok(listing)) if d.isdigit()]
         names = yield [(XS_READ, f"/local/domain/{d}/name\0".encode(), 0) for d in domids]
         out: Dict[int, str] = {}
         for d, raw in zip(domids, names):
-            if isinstance(raw, XenStoreError) and raw.errno == errno.ENOENT:
+            if xsasync.missing(raw):
                 continue        # a domain without a name (going, or not made by a toolstack)
             out[d] = xsasync.ok(raw).decode(errors="replace")
         return out
-
-    def _domids(self) -> List[int]:
-        return [int(d) for d in self.xs.directory("/local/domain") if d.isdigit()]
 
     def restore_ports(self, domid: int) -> RestorePorts:
         """(store port, store domain, console port, console domain) for the helper's argv."""

@@ -28,7 +28,6 @@ pyxl.errors.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import time
@@ -36,8 +35,8 @@ from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from pyxl.backends import libxlcfg
 from pyxl.backends.libxlcfg import b_hvm, defbool, to_int
-from pyxl.backends.xenstore import XS_INTRODUCE, XS_READ, Batch, XenStore, XenStoreError
-from pyxl.backends.xsasync import Reply, XsScript, ok, transaction
+from pyxl.backends.xenstore import XS_INTRODUCE, XS_READ, Batch, XenStore
+from pyxl.backends.xsasync import XsScript, missing, ok, transaction
 from pyxl.errors import StartupError
 
 __all__ = ["Ports", "build_post", "build_pre", "create_flags", "device_generic_add",
@@ -282,7 +281,7 @@ def build_post(domid: int, config: Dict[str, Any], ports: Ports, store_mfn: int,
                   ("image/ostype", "hvm")]
     vments.append(("start_time", f"{time.time():.2f}"))
     [vm_reply] = yield [(XS_READ, f"{dom}/vm\0".encode(), 0)]
-    vm = b"" if _missing(vm_reply) else ok(vm_reply)
+    vm = b"" if missing(vm_reply) else ok(vm_reply)
 
     def fill(b: Batch, tx: int) -> None:
         for k, v in ents.items():
@@ -308,10 +307,6 @@ def build_post(domid: int, config: Dict[str, Any], ports: Ports, store_mfn: int,
     yield from transaction(fill)
     [introduced] = yield [(XS_INTRODUCE, f"{domid}\0{store_mfn}\0{store_port}\0".encode(), 0)]
     ok(introduced)
-
-
-def _missing(reply: Reply) -> bool:
-    return isinstance(reply, XenStoreError) and reply.errno == errno.ENOENT
 
 
 def userdata_path(userdata_dir: str, domid: int, uuid: str) -> str:

@@ -42,7 +42,7 @@ from pyxl._log import get_logger
 from pyxl.backends import libxlcfg, xenbuild
 from pyxl.backends.libxlcfg import Disk, Nic
 from pyxl.backends.xenstore import XS_READ, Batch, XenStore, XenStoreError
-from pyxl.backends.xsasync import XsScript, XsTask, ok, transaction
+from pyxl.backends.xsasync import XsScript, XsTask, missing, ok, transaction
 from pyxl.backends.xswatch import Outcome, XsWait
 from pyxl.loop import Loop, Timer
 
@@ -326,7 +326,7 @@ def _write_nodes(loop: Loop, opener: Callable[[], XenStore], domid: int, kind: s
     def script() -> XsScript[bool]:
         replies = yield [(XS_READ, f"{front}\0".encode(), 0), (XS_READ, f"{back}\0".encode(), 0)]
         for reply in replies:
-            if not (isinstance(reply, XenStoreError) and reply.errno == errno.ENOENT):
+            if not missing(reply):
                 ok(reply)
                 return False
         yield from transaction(fill)

@@ -27,7 +27,7 @@ from pyxl.backends.xenstore import (XS_TRANSACTION_END, XS_TRANSACTION_START, Ba
                                     XenStore, XenStoreError, check_batch, check_reply)
 from pyxl.loop import Loop, Timer
 
-__all__ = ["Request", "Reply", "XsScript", "run", "transaction", "ok", "reason", "XsTask"]
+__all__ = ["Request", "Reply", "XsScript", "run", "transaction", "ok", "missing", "entries", "reason", "XsTask"]
 
 T = TypeVar("T")
 Request = Tuple[int, bytes, int]
@@ -48,6 +48,16 @@ def ok(reply: Reply) -> bytes:
     if isinstance(reply, XenStoreError):
         raise reply
     return reply
+
+
+def missing(reply: Reply) -> bool:
+    """Whether a reply says the node does not exist (ENOENT)."""
+    return isinstance(reply, XenStoreError) and reply.errno == errno.ENOENT
+
+
+def entries(payload: bytes) -> List[str]:
+    """An XS_DIRECTORY reply's names."""
+    return [p.decode() for p in payload.split(b"\0") if p]
 
 
 def reason(exc: Exception) -> str:

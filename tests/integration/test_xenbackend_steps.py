@@ -17,7 +17,7 @@ import pytest
 
 import pyxl
 from pyxl import sim
-from pyxl.backends import base, xenbuild
+from pyxl.backends import base, xenbuild, xenstore
 from pyxl.backends.sim import SimBackend
 from pyxl.errors import StartupError
 from pyxl.loop import Loop, SelectorLoop, default_loop
@@ -136,31 +136,35 @@ def test_a_half_made_domain_is_destroyed_on_the_loop_before_the_failure_is_told(
     loop.close()
 
 
-def test_a_destroyed_domains_nodes_go_in_steps(xsd, host):
-    """After the devices: backends, /vm, the domain's nodes, the files -- each
-    in a callback of its own -- then the hypercall."""
+def test_a_destroyed_domains_nodes_go_without_holding_the_loop(xsd, host):
+    """After the devices: the domain's XenStore nodes, in libxl's order
+    (backends, /vm, /local/domain/D, /libxl/D), as one round on the loop,
+    which ticks on while xenstored takes 0.1 s per removal; then the
+    files, then the hypercall."""
     be = backend(xsd, RecordingXc())
     be.create_restore_target(CONFIG)
+    xsd.nodes["/local/domain/0/backend/vbd/7/51712/state"] = b"6"
     loop = SelectorLoop()
-    line = Timeline(loop)
-    real_rm = be.xs.rm
+    ticks: List[float] = []
 
-    def rm(path: str, *a: Any) -> None:
-        line.events.append("rm " + path.split("/")[1])
-        real_rm(path, *a)
-    be.xs.rm = rm   # type: ignore[method-assign]
+    def tick() -> None:
+        ticks.append(time.monotonic())
+        if not out:
+            loop.call_later(0.005, tick)
     out: List[Tuple[bool, str]] = []
+    xsd.delay = {xenstore.XS_RM: 0.1}
     be.start_destroy(loop, 7, lambda ok, why: out.append((ok, why)))
+    loop.call_later(0, tick)
     assert loop.run_until(lambda: bool(out), 30)
-    line.running = False
     assert out == [(True, "")]
-    rms = [e for e in line.steps() if e.startswith("rm ")]
-    assert rms[-3:] == ["rm vm", "rm local", "rm libxl"]
-    steps = line.steps()
-    # /vm and /local/domain/7 go in different callbacks, the ticker between them
-    vm = steps.index("rm vm")
-    assert steps[vm + 1] == "tick" and "rm local" in steps[vm + 2:]
-    assert not [p for p in xsd.nodes if p.startswith(("/local/domain/7", "/vm/0001", "/libxl/7"))]
+    rms = [p[0].decode() for m, _tx, p in xsd.log if m == xenstore.XS_RM]
+    assert rms[-4:] == ["/local/domain/0/backend/vbd/7", f"/vm/{UUID}", "/local/domain/7",
+                        "/libxl/7"], rms
+    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+    assert max(gaps) < 0.08, max(gaps)
+    assert not [p for p in xsd.nodes if p.startswith(("/local/domain/7", "/vm/0001", "/libxl/7",
+                                                      "/local/domain/0/backend/vbd/7"))]
+    assert not list(host.glob("userdata-d.7.*"))
     loop.close()
 
 
