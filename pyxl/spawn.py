@@ -39,12 +39,13 @@ from __future__ import annotations
 import array
 import collections
 import errno
+import fcntl
 import os
 import signal
 import socket
 import struct
 import subprocess
-from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 from pyxl._paths import package_file
 from pyxl.fdio import close_quietly
@@ -287,6 +288,18 @@ def _request(path: str, argv: Sequence[str], env: Mapping[str, str], targets: Se
             + b"".join(os.fsencode(s) + b"\0" for s in strings))
 
 
+def _inheritable_fds() -> List[int]:
+    """Our fds that an exec would pass on (not close-on-exec)."""
+    out = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.get_inheritable(int(name)):
+                out.append(int(name))
+        except OSError:     # listdir's own fd, closed by now
+            pass
+    return out
+
+
 def inherited_stderr() -> Dict[int, int]:
     """``fds`` entry giving a child our stderr (none if ours is closed)."""
     try:
@@ -297,7 +310,8 @@ def inherited_stderr() -> Dict[int, int]:
 
 
 class Child:
-    """A child process running ``argv``, started through the spawner.
+    """A child process running ``argv``, started through the spawner (or, with
+    ``new_group=False``, by this thread: see :meth:`_start_here`).
 
     ``fds`` maps the child's fd numbers to ours (the child gets copies; 0-2
     not given are /dev/null, nothing else is inherited).  ``exited(status)``
@@ -325,14 +339,53 @@ class Child:
         self._pending: List[int] = []
         env = dict(os.environ if env is None else env)
         fds = dict(fds or {})
+        self._reply: Optional[socket.socket] = None
+        self._retry: Optional[Timer] = None
+        if not new_group:
+            self._start_here(_which(self.argv[0], env), fds, env)
+            return
         payload = _request(_which(self.argv[0], env), self.argv, env, list(fds), new_group)
         ours, sent = _paired(lambda fd: _send(payload, [fd, *fds.values()]))
-        self._reply: Optional[socket.socket] = ours
+        self._reply = ours
         loop.add_reader(ours.fileno(), self._answered)
         # Queued (the spawner's socket was full): the answers to earlier
         # requests send it; this loop also tries, in case those answers are
         # read by a loop that is not running.
-        self._retry: Optional[Timer] = None if sent else loop.call_later(0.005, self._resend)
+        self._retry = None if sent else loop.call_later(0.005, self._resend)
+
+    def _start_here(self, path: str, fds: Dict[int, int], env: Mapping[str, str]) -> None:
+        """``new_group=False``: posix_spawn from this thread, so that the child
+        is in our process group and session, with our terminal (a migration's
+        ssh may ask for a password).  Waited for until its exec: once, at a
+        migration's start, before any helper runs."""
+        top = max([2, *fds])
+        copies: Dict[int, int] = {}
+        try:
+            # Each source above every target first: no dup2 clobbers a source.
+            for target, src in fds.items():
+                copies[target] = fcntl.fcntl(src, fcntl.F_DUPFD_CLOEXEC, top + 1)
+            actions: List[Tuple[Any, ...]] = [
+                (os.POSIX_SPAWN_OPEN, t, os.devnull, os.O_RDWR, 0) for t in (0, 1, 2)
+                if t not in copies]
+            actions += [(os.POSIX_SPAWN_DUP2, copy, t) for t, copy in copies.items()]
+            # and nothing else of ours (an application's fds may be inheritable)
+            actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds()
+                        if fd > 2 and fd not in copies]
+            policy = os.sched_getscheduler(0) & ~getattr(os, "SCHED_RESET_ON_FORK", 0)
+            if policy in (os.SCHED_FIFO, os.SCHED_RR):   # never real-time, as the spawner's
+                self.pid = os.posix_spawn(path, self.argv, env, file_actions=actions,
+                                          scheduler=(os.SCHED_OTHER, os.sched_param(0)))
+            else:
+                self.pid = os.posix_spawn(path, self.argv, env, file_actions=actions)
+        finally:
+            for copy in copies.values():
+                os.close(copy)
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:     # already reaped (SIGCHLD ignored): status unknown
+            self.loop.call_later(0, lambda: self._end(None))
+            return
+        self.loop.call_later(0, self._began)
 
     def _resend(self) -> None:
         self._retry = None
@@ -380,6 +433,9 @@ class Child:
         if self._pidfd < 0:
             self._end(None)
             return
+        self._began()
+
+    def _began(self) -> None:
         self.loop.add_reader(self._pidfd, self._gone)
         for signum in self._pending:
             self.signal(signum)

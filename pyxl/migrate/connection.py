@@ -83,8 +83,10 @@ class ReceiverChannel:
     # -- opening --
 
     def _spawn(self, command: str) -> None:
-        # Started by pyxl-spawner: the caller does not wait for its exec.  It
-        # stays in our process group (a terminal's Ctrl-C reaches ssh too).
+        # Started here, not by pyxl-spawner: it stays in our process group and
+        # session, with our terminal (ssh may ask for a password or a host
+        # key, and a terminal's Ctrl-C reaches it too).  One wait for its
+        # exec, at the start, before any helper runs.
         in_r, self.wfd = os.pipe2(os.O_CLOEXEC)
         try:
             self.rfd, out_w = os.pipe2(os.O_CLOEXEC)

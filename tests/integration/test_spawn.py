@@ -86,6 +86,33 @@ def test_children_share_a_session_that_is_not_the_callers():
     assert os.getsid(spawner_pid()) != os.getsid(0)
 
 
+def test_a_child_that_may_need_the_terminal_stays_in_our_group_and_session():
+    """``new_group=False`` (a migration's ``--command``, e.g. ssh asking for a
+    password): started by this thread, in our process group and session;
+    still only the fds it is given (an inheritable fd of ours is not), its
+    exit seen through a pidfd, a signal delivered."""
+    probe = ("import os; print(os.getpgid(0), os.getsid(0), "
+             "sorted(int(f) for f in os.listdir('/proc/self/fd')), sep='|')")
+    leak_r, leak_w = os.pipe()
+    os.set_inheritable(leak_r, True)
+    try:
+        out = output_of([sys.executable, "-I", "-S", "-c", probe], new_group=False)
+    finally:
+        os.close(leak_r)
+        os.close(leak_w)
+    pgid, sid, fds = out.strip().split("|")
+    assert (int(pgid), int(sid)) == (os.getpgid(0), os.getsid(0))
+    assert fds == "[0, 1, 2, 3]"
+    loop = SelectorLoop()
+    seen: List[Optional[int]] = []
+    child = Child(loop, ["sleep", "30"], seen.append, new_group=False)
+    child.kill()
+    assert loop.run_until(lambda: seen, 10) and seen == [-signal.SIGKILL]
+    with pytest.raises(FileNotFoundError):
+        Child(loop, ["no-such-program-on-path"], seen.append, new_group=False)
+    loop.close()
+
+
 def test_exit_codes_signals_and_a_missing_program():
     assert run_child(["sh", "-c", "exit 3"])["code"] == 3
     loop = SelectorLoop()
