@@ -189,7 +189,7 @@ def start_unpause(backend: Backend, loop: Loop, domid: int, done: Done) -> Optio
     """Unpause ``domid`` from ``loop``: through the backend's optional
     ``start_unpause`` (``done`` later, from the loop), else its ``unpause``
     (``done`` before this returns; None).  A backend's exception is ``done(False, why)``."""
-    return _start_or_call(getattr(backend, "start_unpause", None), backend.unpause,
+    return _start_or_call(_start_form(backend, "unpause"), backend.unpause,
                           loop, domid, done)
 
 
@@ -197,8 +197,27 @@ def start_resume(backend: Backend, loop: Loop, domid: int, done: Done) -> Option
     """:meth:`Backend.resume` from ``loop``, as :func:`start_unpause` does it:
     the optional ``start_resume`` (an HVM guest's QMP ``cont`` is an exchange
     with its QEMU), else ``resume``."""
-    return _start_or_call(getattr(backend, "start_resume", None), backend.resume,
+    return _start_or_call(_start_form(backend, "resume"), backend.resume,
                           loop, domid, done)
+
+
+def _start_form(backend: Backend, name: str) -> Any:
+    """The backend's optional ``start_<name>``, unless the waited-for
+    ``<name>`` is overridden below it: a toolstack that extends a backend's
+    ``restore_done`` (say) must not be bypassed by the loop form it inherits."""
+    start = getattr(backend, f"start_{name}", None)
+    if start is None:
+        return None
+    mine = vars(backend)
+    if name in mine and f"start_{name}" not in mine:
+        return None         # set on the instance itself
+    mro = type(backend).__mro__
+    waited = next((k for k in mro if name in vars(k)), None)
+    started = next((k for k in mro if f"start_{name}" in vars(k)), None)
+    if waited is not None and started is not None and waited is not started \
+            and issubclass(waited, started):
+        return None
+    return start
 
 
 def _start_or_call(start: Optional[Callable[[Loop, int, Done], Cancellable]],
@@ -220,7 +239,7 @@ def start_restore_done(backend: Backend, loop: Loop, domid: int, store_gfn: int,
     """:meth:`Backend.restore_done` from ``loop``, as :func:`start_unpause`
     does it: the optional ``start_restore_done`` (a real host's XenStore
     rounds, read on the loop), else ``restore_done``."""
-    start = getattr(backend, "start_restore_done", None)
+    start = _start_form(backend, "restore_done")
     return _start_or_call(
         None if start is None else lambda lp, d, dn: start(lp, d, store_gfn, console_gfn, dn),
         lambda d: backend.restore_done(d, store_gfn, console_gfn), loop, domid, done)
@@ -231,7 +250,7 @@ def start_rename(backend: Backend, loop: Loop, domid: int, name: str,
     """:meth:`Backend.rename` from ``loop``, as :func:`start_unpause` does it:
     the optional ``start_rename`` (a real host's XenStore rounds, read on the
     loop), else ``rename``."""
-    start = getattr(backend, "start_rename", None)
+    start = _start_form(backend, "rename")
     return _start_or_call(
         None if start is None else lambda lp, d, dn: start(lp, d, name, dn),
         lambda d: backend.rename(d, name), loop, domid, done)
@@ -244,7 +263,7 @@ def start_create_restore_target(backend: Backend, loop: Loop, config: Dict[str, 
     loop), else the waited-for call (``done`` before this returns).  Not called
     off once begun: a half-made domain is destroyed before ``done`` says so.
     A backend's exception is ``done(None, exc)``."""
-    start = getattr(backend, "start_create_restore_target", None)
+    start = _start_form(backend, "create_restore_target")
     try:
         if start is not None:
             start(loop, config, done)

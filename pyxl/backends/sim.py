@@ -18,12 +18,13 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pyxl._log import get_logger
 from pyxl import sim
-from pyxl.backends.base import (Cancellable, Done, EmulatorRecord, NoDeviceModel, RestorePorts,
-                                SavedState, name_owner, run_to_end)
+from pyxl.backends.base import (Cancellable, Created, Done, EmulatorRecord, NoDeviceModel,
+                                RestorePorts, SavedState, name_owner, owner_of, run_steps,
+                                run_to_end)
 from pyxl.backends.devicemodel import QmpDeviceModel, emulator_context
 from pyxl.childproc import ShortChild
 from pyxl.errors import BackendError, DeviceModelError, StartupError
@@ -33,6 +34,17 @@ from pyxl.sim import dmcontrol
 # How often to look at a simulated guest's run state while it suspends.  A
 # timer on the loop, not a sleep: the loop keeps serving other operations.
 _SUSPEND_POLL = 0.001
+
+
+def _target_of(config: Dict[str, Any]) -> Tuple[str, int]:
+    """A restore target's name and max_memkb, from its saved config."""
+    b_info = config.get("b_info", {})
+    c_info = config.get("c_info", {})
+    try:
+        max_memkb = int(b_info["max_memkb"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StartupError("saved config has no usable b_info.max_memkb") from exc
+    return c_info.get("name") or "restored", max_memkb
 
 
 class SimBackend:
@@ -67,7 +79,7 @@ class SimBackend:
             raise StartupError(f"no such domain: {domid}") from exc
 
     def domain_names(self) -> Dict[int, str]:
-        return {d.domid: d.name for d in sim.list_domains(self.sim_dir)}
+        return sim.names(self.sim_dir)
 
     def domain_config(self, domid: int) -> Dict[str, Any]:
         return sim.config(domid, sim_dir=self.sim_dir)
@@ -142,16 +154,32 @@ class SimBackend:
                    f"destroy of domain {domid}")
 
     def create_restore_target(self, config: Dict[str, Any]) -> int:
-        b_info = config.get("b_info", {})
-        c_info = config.get("c_info", {})
-        try:
-            max_memkb = int(b_info["max_memkb"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StartupError("saved config has no usable b_info.max_memkb") from exc
-        name = c_info.get("name") or "restored"
-        other = name_owner(self, name)
+        name, max_memkb = _target_of(config)
+        self._name_free(name)
+        return self._create_empty(max_memkb, name, config)
+
+    def start_create_restore_target(self, loop: Loop, config: Dict[str, Any],
+                                    done: Created) -> None:
+        """:meth:`create_restore_target` in two loop callbacks: the name check
+        (every domain's control page), then the domain."""
+        name, max_memkb = _target_of(config)
+        made: List[int] = []
+
+        def finished(exc: Optional[Exception]) -> None:
+            if exc is None:
+                done(made[0], None)
+            else:
+                done(None, exc)
+        run_steps(loop, [lambda: self._name_free(name),
+                         lambda: made.append(self._create_empty(max_memkb, name, config))],
+                  finished)
+
+    def _name_free(self, name: str) -> None:
+        other = owner_of(self.domain_names(), name)
         if other is not None:   # as libxl (and XenBackend) refuse it
             raise StartupError(f"domain {name!r} already exists (domid {other})")
+
+    def _create_empty(self, max_memkb: int, name: str, config: Dict[str, Any]) -> int:
         try:
             return sim.create_empty(max_memkb, name, config, sim_dir=self.sim_dir)
         except sim.SimError as exc:

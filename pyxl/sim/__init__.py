@@ -25,7 +25,7 @@ non-blocking pair :func:`request_suspend` + :func:`state` lets an event loop
 poll for suspension with a timer.
 """
 
-from pyxl.sim.control import (DomainInfo, bury, config, cpu_cap, destroy, info, list_domains, pause, remove_dir,
+from pyxl.sim.control import (DomainInfo, bury, config, cpu_cap, destroy, info, list_domains, names, pause, remove_dir,
                               rename, request_suspend, resume, set_cpu_cap, set_dirty_rate, start_unpause,
                               state, suspend, unpause, unpause_failed)
 from pyxl.sim.errors import (DomainStateError, InsufficientResources, NoSuchDomain, SimError,
@@ -43,7 +43,7 @@ __all__ = [
     "NoSuchDomain", "PAGE_SIZE", "SAVED_PARAMS", "SimError", "SimTimeout", "UnsafeSimDir", "bit_runs",
     "bury", "check_guest", "check_sim_dir", "config", "counter", "cpu_cap", "create", "create_empty", "destroy", "digest",
     "format_size", "grant_entries", "helper_env", "hvm_context", "hvm_params", "info",
-    "libfakexen_path", "list_domains", "parse_size", "pause", "populated_runs", "ram_runs",
+    "libfakexen_path", "list_domains", "names", "parse_size", "pause", "populated_runs", "ram_runs",
     "remove_dir", "rename", "request_suspend", "resume", "set_cpu_cap", "set_dirty_rate", "sim_dir_path",
     "start_unpause", "state", "suspend", "unpause", "unpause_failed", "vcpu_path",
 ]

@@ -244,6 +244,36 @@ def info(domid: int, sim_dir: Optional[str] = None) -> DomainInfo:
         return _info_from(bytes(d.page), d.vcpu_alive())
 
 
+def names(sim_dir: Optional[str] = None) -> Dict[int, str]:
+    """Every live domain's name, by domid: the control page's head, read
+    (not mapped) -- a name check before each restore reads them all."""
+    sdir = sim_dir_path(sim_dir)
+    try:
+        entries = os.listdir(sdir)
+    except FileNotFoundError:
+        return {}
+    out: Dict[int, str] = {}
+    for entry in entries:
+        m = re.match(r"^d(\d+)$", entry)
+        if not m:
+            continue
+        try:
+            fd = os.open(os.path.join(sdir, entry, "ctl"),
+                         os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue            # going, or not a domain
+        try:
+            head = os.pread(fd, PAGE_SIZE, 0)
+        finally:
+            os.close(fd)
+        if len(head) < PAGE_SIZE or _field(head, "magic") != CTL_MAGIC \
+                or _field(head, "version") != CTL_VERSION or _field(head, "state") == DYING:
+            continue
+        out[int(m.group(1))] = _field(head, "name").split(b"\0", 1)[0].decode(
+            errors="replace")
+    return out
+
+
 def list_domains(sim_dir: Optional[str] = None) -> List[DomainInfo]:
     """Every live domain in the state directory, by domid."""
     sdir = sim_dir_path(sim_dir)

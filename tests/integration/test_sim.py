@@ -122,6 +122,20 @@ def test_create_empty_restore_target(fxdir):
     assert sim.hvm_context(domid, fxdir) == b""
 
 
+def test_names_are_list_domains_names_read_cheaply(fxdir):
+    """sim.names: every live domain's name (what a restore's name check reads),
+    the same as list_domains gives; a destroyed one, and a stray entry, are not
+    in it."""
+    a = sim.create(1 * MiB, name="web1", sim_dir=fxdir, paused=True)
+    b = sim.create_empty(1024, "web2--incoming", sim_dir=fxdir)
+    c = sim.create(1 * MiB, name="gone", sim_dir=fxdir, paused=True)
+    sim.destroy(c, fxdir)
+    os.mkdir(os.path.join(fxdir, "d999"))          # no control page
+    assert sim.names(fxdir) == {a: "web1", b: "web2--incoming"}
+    assert sim.names(fxdir) == {i.domid: i.name for i in sim.list_domains(fxdir)}
+    assert sim.names(os.path.join(fxdir, "nowhere")) == {}
+
+
 def test_domids_are_unique_and_never_reused(fxdir):
     a = sim.create(1 * MiB, sim_dir=fxdir, paused=True)
     b = sim.create_empty(1024, sim_dir=fxdir)

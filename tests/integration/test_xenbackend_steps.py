@@ -229,3 +229,38 @@ def test_a_vm_node_shared_with_another_domain_stays(xsd, host):
     be.destroy(7)
     assert xsd.nodes[f"/vm/{UUID}/uuid"] == UUID.encode()
     assert not [p for p in xsd.nodes if p.startswith("/local/domain/7")]
+
+
+def test_a_toolstacks_override_of_a_waited_for_form_is_not_bypassed(xsd, host):
+    """The loop forms (start_restore_done, start_rename, start_create_restore_target,
+    ...) are used unless the toolstack overrode the waited-for form below them:
+    its restore_done runs; a class that overrides both gets its start_ form."""
+    calls: List[str] = []
+
+    class Mine(type(backend(xsd, RecordingXc()))):   # type: ignore[misc]
+        def restore_done(self, domid: int, store_gfn: int, console_gfn: int) -> None:
+            calls.append("restore_done")
+            super().restore_done(domid, store_gfn, console_gfn)
+
+    class Both(Mine):
+        def start_restore_done(self, loop: Loop, domid: int, s: int, c: int, done: Any) -> Any:
+            calls.append("start_restore_done")
+            return super().start_restore_done(loop, domid, s, c, done)
+
+    for cls, expected in ((Mine, ["restore_done"]), (Both, ["start_restore_done"])):
+        be = backend(xsd, RecordingXc())
+        be.__class__ = cls
+        domid = be.create_restore_target(dict(CONFIG, c_info=dict(CONFIG["c_info"],
+                                                                   name=cls.__name__)))
+        loop = SelectorLoop()
+        out: List[Tuple[bool, str]] = []
+        base.start_restore_done(be, loop, domid, 1, 2, lambda ok, why: out.append((ok, why)))
+        assert loop.run_until(lambda: bool(out), 10) and out == [(True, "")]
+        assert calls == expected
+        calls.clear()
+        loop.close()
+    # set on the instance: the instance's
+    be = backend(xsd, RecordingXc())
+    be.rename = lambda domid, name: calls.append(f"rename {name}")  # type: ignore[method-assign]
+    base.start_rename(be, SelectorLoop(), 7, "x", lambda ok, why: None)
+    assert calls == ["rename x"]
