@@ -503,11 +503,7 @@ class RestoreOperation(Operation[RestoreResult]):
             records = list(self.checkpoint_records)
 
         def finished(ok: bool, why: str) -> None:
-            if self._failure is not None:   # cancelled or timed out meanwhile
-                self._fail_and_destroy(self._failure)
-                return
-            if not ok:
-                self._wont_start(why)
+            if not self._went_on(ok, why):
                 return
             try:
                 self._aux.append(self.backend.start_restore_device_model(self.loop, self.domid,
@@ -516,11 +512,7 @@ class RestoreOperation(Operation[RestoreResult]):
                 running(False, str(err))
 
         def running(ok: bool, why: str) -> None:
-            if self._failure is not None:   # cancelled or timed out meanwhile
-                self._fail_and_destroy(self._failure)
-                return
-            if not ok:
-                self._wont_start(f"its device model did not start: {why}")
+            if not self._went_on(ok, f"its device model did not start: {why}"):
                 return
             if self.paused:
                 unpaused(True, "")
@@ -530,11 +522,7 @@ class RestoreOperation(Operation[RestoreResult]):
                 self._aux.append(handle)
 
         def unpaused(ok: bool, why: str) -> None:
-            if self._failure is not None:   # cancelled or timed out meanwhile
-                self._fail_and_destroy(self._failure)
-                return
-            if not ok:
-                self._wont_start(why)
+            if not self._went_on(ok, why):
                 return
             self._finish(RestoreResult(self.domid, res.store_gfn, res.console_gfn, self.config,
                                        time.monotonic() - self.started, emulator_records=records,
@@ -566,6 +554,18 @@ class RestoreOperation(Operation[RestoreResult]):
             super(RestoreOperation, self)._finish(result, err)
 
         stage.settle(self.loop, 2.0, settled)
+
+    def _went_on(self, ok: bool, why: str) -> bool:
+        """After one of the steps that start a restored domain: whether the
+        next may run.  If not, the restore has failed -- cancelled or timed out
+        meanwhile, or the step failed (``why``) -- and its domain goes."""
+        if self._failure is not None:
+            self._fail_and_destroy(self._failure)
+            return False
+        if not ok:
+            self._wont_start(why)
+            return False
+        return True
 
     def _wont_start(self, why: object) -> None:
         self._fail_and_destroy(OperationError(f"restored domain {self.domid} would not start: {why}",

@@ -21,17 +21,12 @@ from pyxl.backends.xenstore import (XS_INTRODUCE, XS_READ, XS_TRANSACTION_END,
                                     XenStoreError)
 from pyxl.loop import SelectorLoop
 import test_xenbackend_hvm
+import test_xenbackend_steps
 from test_xenbackend_steps import CONFIG, UUID
 from xenfakes import FakeXenstored, RecordingXc, backend
 
 xsd = test_xenbackend_hvm.xsd    # the fake xenstored, with dom0's backend directories
-
-
-@pytest.fixture
-def host(tmp_path, monkeypatch):
-    monkeypatch.setattr("pyxl.backends.xen.USERDATA_DIR", str(tmp_path))
-    monkeypatch.setattr("pyxl.backends.hvm.LIB_DIR", str(tmp_path))
-    return tmp_path
+host = test_xenbackend_steps.host    # libxl's userdata and QEMU's state files in tmp_path
 
 
 def writes(values: List[Tuple[str, str]]) -> xsasync.XsScript[Optional[bytes]]:
