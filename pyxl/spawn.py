@@ -73,15 +73,31 @@ def set_child_nice(increment: int) -> None:
     its helper.
 
     A trade-off, so the application's to make.  With 16 saves on 2 CPUs at
-    the loop's own priority, the loop is preempted inside its callbacks and
-    its longest one took 25-250 ms of wall time (``bench/stall.py``); at +10,
-    8-17 ms.  But at +10 the children get a tenth of a CPU against any busy
+    the loop's own priority, in the caller's session, the loop is preempted
+    inside its callbacks and its longest one took 25-250 ms of wall time
+    (``bench/stall.py``); at +10, 8-17 ms.  In their own session (the
+    default, see above) the children's scheduling group gets the increment
+    too.  But at +10 the children get a tenth of a CPU against any busy
     process at the caller's priority: on a busy dom0, a live migration that
     must outpace its guest's dirtying could then never converge."""
     global _child_nice
     if isinstance(increment, bool) or not isinstance(increment, int) or not 0 <= increment <= 19:
         raise ValueError(f"child nice increment must be an integer in 0..19, not {increment!r}")
     _child_nice = increment
+    _group_nice()
+
+
+def _group_nice() -> None:
+    """Under autogroup the children's session is one scheduling group, which
+    their own nice only orders within: the group itself gets the increment
+    (``/proc/PID/autogroup``; raising it needs no privilege)."""
+    if _spawner is None or _spawner.pid != os.getpid() or not _spawner.own_session:
+        return
+    try:
+        with open(f"/proc/{_spawner.proc.pid}/autogroup", "w") as f:
+            f.write(str(_child_nice))
+    except OSError:
+        pass        # no autogroup in this kernel: the children's nice is all there is
 
 
 # Whether the spawner, and so every child, runs in a session of its own.
@@ -180,6 +196,8 @@ def start_spawner() -> None:
         # be the parent's): ours is a new one; the inherited socket is left
         # alone (closing it here is harmless, but it is not ours to manage).
         _spawner = _Spawner()
+        if _child_nice:
+            _group_nice()
 
 
 def spawner_pid() -> Optional[int]:

@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, children, open_fds
 from pyxl import spawn
 from pyxl.loop import SelectorLoop
-from pyxl.spawn import Child, set_own_session, spawner_pid, start_spawner
+from pyxl.spawn import Child, set_child_nice, set_own_session, spawner_pid, start_spawner
 
 
 def run_child(argv: List[str], timeout: float = 10.0, **kw: object) -> Dict[str, object]:
@@ -111,6 +111,27 @@ def test_a_child_that_may_need_the_terminal_stays_in_our_group_and_session():
     with pytest.raises(FileNotFoundError):
         Child(loop, ["no-such-program-on-path"], seen.append, new_group=False)
     loop.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup"), reason="no autogroup kernel")
+def test_the_childrens_group_gets_the_nice_increment():
+    """Under autogroup a child's own nice only orders it within its session's
+    group: set_child_nice sets the group's too (and back)."""
+    start_spawner()
+    pid = spawner_pid()
+
+    def group_nice() -> int:
+        with open(f"/proc/{pid}/autogroup") as f:
+            return int(f.read().split()[-1])
+    try:
+        set_child_nice(7)
+        assert group_nice() == 7
+        assert int(output_of([sys.executable, "-I", "-S", "-c",
+                              "import os; print(os.getpriority(os.PRIO_PROCESS, 0))"])) == \
+            os.getpriority(os.PRIO_PROCESS, 0) + 7
+    finally:
+        set_child_nice(0)
+    assert group_nice() == 0
 
 
 def test_exit_codes_signals_and_a_missing_program():
