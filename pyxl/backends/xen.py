@@ -341,14 +341,15 @@ class XenBackend(NoDeviceModel):
         """What is left of a domain once its devices are gone: its XenStore
         nodes (a script on the loop, :mod:`~pyxl.backends.xsasync`), then its files."""
         def nodes() -> xsasync.XsScript[None]:
-            [listing] = yield [(XS_DIRECTORY, b"/local/domain/0/backend\0", 0)]
-            btypes = [] if xsasync.missing(listing) else xsasync.entries(xsasync.ok(listing))
-            names = yield from self._names()
+            listings = yield [(XS_DIRECTORY, b"/local/domain/0/backend\0", 0),
+                              (XS_DIRECTORY, b"/local/domain\0", 0)]
+            btypes, domains = ([] if xsasync.missing(r) else xsasync.entries(xsasync.ok(r))
+                               for r in listings)
             removals = [f"/local/domain/0/backend/{btype}/{domid}" for btype in btypes]
             # /vm/UUID is shared with the other copy after a migration on this
             # host (same uuid): it goes with the last domain that names it.
             if vm and vm.startswith("/vm/"):
-                others = [d for d in names if d != domid]
+                others = [int(d) for d in domains if d.isdigit() and int(d) != domid]
                 paths = yield [(XS_READ, f"/local/domain/{d}/vm\0".encode(), 0) for d in others]
                 if vm.encode() not in paths:
                     removals.append(vm)
