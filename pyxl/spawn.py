@@ -109,13 +109,18 @@ def set_own_session(own: bool) -> None:
     the module's docstring) or in the caller's (False: on an autogroup kernel
     they then compete with the application's loop one by one, as a fork's
     children do).  Takes effect at the next start: a running spawner of the
-    other kind is let go (it answers what it was asked, then exits)."""
+    other kind is let go (it answers what it was asked, then exits; this call
+    waits for that, briefly: not for a loop's callback)."""
     global _own_session, _spawner
     _own_session = bool(own)
     if _spawner is not None and _spawner.pid == os.getpid() and \
             _spawner.own_session != _own_session and not _spawner.pending:
-        _spawner.close()
-        _spawner = None
+        old, _spawner = _spawner, None
+        old.close()
+        try:
+            old.proc.wait(timeout=5)     # reaped: no zombie of ours is left behind
+        except subprocess.TimeoutExpired:
+            pass                         # answering what is in flight; reaped later
 
 
 def child_nice() -> int:
