@@ -202,6 +202,7 @@ def inloop_finish_ms(directory: str, size: int) -> float:
 
 def _phase(loop: TimedLoop) -> Dict[str, Any]:
     out = {"max_ms": max(loop.wall) * 1e3, "cpu_max_ms": max(loop.cpu) * 1e3,
+           "cpu_total_s": sum(loop.cpu),
            "ran_max_ms": max(loop.ran) * 1e3,
            "walls": list(loop.wall),
            "blocked_max_ms": loop.blocked_max * 1e3,
@@ -336,6 +337,7 @@ def migrate_round(mib: int) -> Dict[str, Any]:
                 "migrate_stall_max_ms": round(phase["max_ms"], 2),
                 "migrate_stall_unqueued_max_ms": round(phase["ran_max_ms"], 2),
                 "worst_migrate_callback": phase["worst"],
+                "migrate_loop_cpu_s": round(phase["cpu_total_s"], 3),
                 "inloop_destroy_ms": round(inloop, 1),
                 "migrate_stall_vs_inloop_destroy": round(phase["max_ms"] / inloop, 3)}
     finally:

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from pyxl.backends import xenstore
+from pyxl.backends import xenmake, xenstore
 from pyxl.backends.xen import XenBackend
 from pyxl.backends.xenctrl import XEN_DOMINF_hvm_guest, DomInfo
 from pyxl.backends.xenstore import XenStore
@@ -298,6 +298,17 @@ class RecordingXc(FakeXc):
     def destroy(self, domid: int) -> None:
         self.log.append(("destroy", domid))
         self.domains.pop(domid, None)
+
+    def make_command(self, spec: Dict[str, Any]) -> List[str]:
+        """The backend runs this child where Xen's hypercalls would run: they
+        are made here, now (recorded), and the child tells what they gave."""
+        lines: List[str] = []
+        try:
+            xenmake.make_domain(self, spec, lines.append)
+        except Exception as exc:
+            return ["sh", "-c", 'printf "$1"; echo "$2" >&2; exit 1', "sh",
+                    "".join(f"{line}\n" for line in lines), str(exc)]
+        return ["sh", "-c", 'printf "$1"', "sh", "".join(f"{line}\n" for line in lines)]
 
     def destroy_command(self, domid: int) -> List[str]:
         """The backend runs this child where Xen's hypercall would run (noted as made)."""

@@ -47,7 +47,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pyxl._log import get_logger
-from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xendevices, xsasync
+from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xendevices, xenmake, xsasync
 from pyxl.backends.base import (Cancellable, Created, Done, EmulatorRecord, Finished,
                                 NoDeviceModel, RestorePorts, SavedState, Step, Waits, owner_of,
                                 run_steps, run_to_end, start_destroy)
@@ -437,12 +437,14 @@ class XenBackend(NoDeviceModel):
         c_info["uuid"] = uuid
         if dtype == "hvm":
             b_info["video_memkb"] = libxlcfg.video_memkb(config)   # libxl records it
-        flags, emu, misc = xenbuild.create_flags(config)
-        grant_version = to_int(b_info.get("max_grant_version"), -1)
-        if grant_version < 0:
-            grant_version = 2
         made: List[int] = []
         begun = time.monotonic()
+        services: List[Tuple[int, int]] = []     # xenstored's and xenconsoled's domains
+
+        def look() -> xsasync.XsScript[Dict[int, str]]:
+            names = yield from self._names()
+            services.append((yield from xenbuild.service_domains()))
+            return names
 
         def name_free(finished: Finished) -> Cancellable:
             """Names are unique on a host (libxl refuses a name in use)."""
@@ -451,23 +453,26 @@ class XenBackend(NoDeviceModel):
                 if exc is None and other is not None:
                     exc = StartupError(f"domain {name!r} already exists (domid {other})")
                 finished(exc)
-            task = xsasync.XsTask(loop, self._open_xs, self._names(), looked, "the domains' names")
+            task = xsasync.XsTask(loop, self._open_xs, look(), looked, "the domains' names")
             return task
 
-        def create() -> None:
-            try:
-                made.append(self.xc.create(
-                    handle, flags, to_int(b_info.get("max_vcpus"), 1),
-                    to_int(b_info.get("event_channels"), 1023),
-                    to_int(b_info.get("max_grant_frames"), -1),
-                    to_int(b_info.get("max_maptrack_frames"), -1), grant_version & 0xF,
-                    to_int(c_info.get("poolid"), 0), emu, misc, to_int(c_info.get("ssidref"), 0),
-                    altp2m=xenbuild.altp2m_mode(config)))
-            except OSError as exc:
-                raise StartupError(f"cannot create the domain to restore into: {exc}") from exc
+        def make(finished: Finished) -> Cancellable:
+            """xc_domain_create and build_pre's hypercalls, in a child."""
+            def made_it(domid: Optional[int], ports: Optional[xenbuild.Ports],
+                        exc: Optional[Exception]) -> None:
+                if domid is not None:
+                    made.append(domid)
+                    if ports is not None:
+                        self._ports[domid] = ports
+                finished(exc)
 
-        def build() -> None:
-            self._ports[made[0]] = xenbuild.build_pre(self.xc, self.xs, made[0], config)
+            def orphan(domid: int) -> None:
+                _log.error("domain %d: made after its restore was called off; destroying it",
+                           domid)
+                start_destroy(self, loop, domid, lambda ok, why: None if ok else _log.error(
+                    "could not destroy domain %d: %s", domid, why))
+            spec = xenmake.spec(config, handle, *services[0])
+            return xenmake.MakeChild(loop, self.xc.make_command(spec), made_it, orphan)
 
         def nodes() -> xsasync.XsScript[None]:
             yield from xenbuild.make_xenstore(made[0], config, name, uuid)
@@ -525,8 +530,8 @@ class XenBackend(NoDeviceModel):
                 done(None, exc)
             start_destroy(self, loop, domid, destroyed)
 
-        run_steps(loop, [waited(name_free), timed(create), timed(build), waited(store),
-                         timed(userdata)], finished)
+        run_steps(loop, [waited(name_free), waited(make), waited(store), timed(userdata)],
+                  finished)
 
     def rename(self, domid: int, name: str) -> None:
         """Rename a domain (XenStore and libxl's stored config), as

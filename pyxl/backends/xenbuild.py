@@ -5,8 +5,10 @@
   but vPCI, PVH only the local APIC);
 * :func:`build_pre`: libxl__build_pre + libxl__arch_domain_create (max vCPUs,
   max memory, the store and console event channels, HVM params, TSC mode, RTC
-  offset, paging pool); viridian and CPUID are not set on restore, they come
-  with the stream;
+  offset, paging pool) -- hypercalls only, run in a child by
+  :mod:`pyxl.backends.xenmake`, with the store's and console's domains
+  :func:`service_domains` read; viridian and CPUID are not set on restore,
+  they come with the stream;
 * :func:`make_xenstore`: libxl__domain_make's XenStore skeleton with its
   permissions, plus store_libxl_entry's ``/libxl/D/dm-version``;
 * :func:`build_post`: libxl__build_post after the stream (memory, store nodes,
@@ -20,7 +22,7 @@ Functions of an ``Xc`` and a ``XenStore``; they raise OSError (XenError,
 XenStoreError) or StartupError.
 
 :func:`make_xenstore` and :func:`build_post` are XenStore scripts
-(:mod:`pyxl.backends.xsasync`): run on the loop, or waited for with ``run``.
+(:mod:`pyxl.backends.xsasync`), as is :func:`service_domains`: run on the loop, or waited for with ``run``.
 
 May import: pyxl.backends.libxlcfg, pyxl.backends.xenstore, pyxl.backends.xsasync,
 pyxl.errors.
@@ -40,7 +42,7 @@ from pyxl.backends.xsasync import XsScript, missing, ok, transaction
 from pyxl.errors import StartupError
 
 __all__ = ["Ports", "build_post", "build_pre", "create_flags", "device_generic_add",
-           "make_xenstore", "userdata_path", "write_userdata"]
+           "make_xenstore", "service_domains", "userdata_path", "write_userdata"]
 
 XEN_DOMCTL_CDF_hvm, XEN_DOMCTL_CDF_hap, XEN_DOMCTL_CDF_oos_off = 1 << 0, 1 << 1, 1 << 3
 XEN_DOMCTL_CDF_nested_virt, XEN_DOMCTL_CDF_vpmu = 1 << 4, 1 << 7
@@ -69,6 +71,11 @@ class XcCalls(Protocol):
     release: str
 
     def call(self, fn: str, *args: Any) -> int: ...
+
+    def create(self, handle: bytes, flags: int, max_vcpus: int, max_evtchn_port: int,
+               max_grant_frames: int, max_maptrack_frames: int, grant_opts: int,
+               cpupool: int, emulation_flags: int, misc_flags: int, ssidref: int = 0,
+               altp2m: int = 0) -> int: ...
 
 
 def altp2m_mode(config: Dict[str, Any]) -> int:
@@ -121,8 +128,18 @@ def _rtc_offset(b_info: Dict[str, Any]) -> int:
     return offset
 
 
-def build_pre(xc: XcCalls, xs: XenStore, domid: int, config: Dict[str, Any]) -> Ports:
-    """libxl__build_pre for a restore; returns the event channels it allocated."""
+def service_domains() -> XsScript[Tuple[int, int]]:
+    """(xenstored's domain, xenconsoled's domain): 0 unless a stub domain runs them."""
+    replies = yield [(XS_READ, b"/tool/xenstored/domid\0", 0),
+                     (XS_READ, b"/tool/xenconsoled/domid\0", 0)]
+    return tuple(0 if missing(r) else to_int(ok(r).rstrip(b"\0").decode(errors="replace"), 0)
+                 for r in replies)   # type: ignore[return-value]
+
+
+def build_pre(xc: XcCalls, domid: int, config: Dict[str, Any], store_dom: int,
+              console_dom: int) -> Ports:
+    """libxl__build_pre for a restore; returns the event channels it allocated.
+    Hypercalls only: it runs in a child (:mod:`pyxl.backends.xenmake`)."""
     c_info, b_info = config.get("c_info") or {}, config.get("b_info") or {}
     dtype = c_info.get("type") or "pv"
     hvm = b_hvm(config)
@@ -130,8 +147,6 @@ def build_pre(xc: XcCalls, xs: XenStore, domid: int, config: Dict[str, Any]) -> 
     target_memkb = to_int(b_info.get("target_memkb"), max_memkb)
     xc.call("xc_domain_max_vcpus", domid, to_int(b_info.get("max_vcpus"), 1))
     xc.call("xc_domain_setmaxmem", domid, target_memkb + LIBXL_MAXMEM_CONSTANT)
-    store_dom = to_int((xs.read("/tool/xenstored/domid") or b"0").decode(), 0)
-    console_dom = to_int((xs.read("/tool/xenconsoled/domid") or b"0").decode(), 0)
     store_port = xc.call("xc_evtchn_alloc_unbound", domid, store_dom)
     console_port = xc.call("xc_evtchn_alloc_unbound", domid, console_dom)
     # libxl__arch_domain_create (x86): hvm_set_conf_params first

@@ -1,7 +1,8 @@
 """ctypes over Debian's libxenctrl/libxenguest: the hypercalls the Xen backend makes.
 
 Only what :mod:`pyxl.backends.xen` needs (domain info, pause/unpause/destroy,
-create, resume, HVM params, shutdown), with the struct layouts of the domctl
+create, resume, HVM params, shutdown; the argv of the short children that make
+the slow ones: destroy, create and build), with the struct layouts of the domctl
 interface written out where libxenctrl takes or returns them.  Loaded only on
 a Xen host.
 
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import struct
 import sys
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from pyxl._paths import XEN_RELEASES, xen_release, xenctrl_releases
 from pyxl.errors import BackendError, StartupError
@@ -141,6 +143,10 @@ if lib.xc_domain_destroy(xch, int(sys.argv[2])) < 0:
 """
 
 
+#: A make child's spec is one argument: at most 128 KiB (MAX_ARG_STRLEN).
+MAX_SPEC = 100 << 10
+
+
 class Xc:
     """The few libxenctrl/libxenguest calls pyxl needs."""
 
@@ -221,6 +227,19 @@ class Xc:
         with the reason on stderr), for a caller that must not wait for it."""
         return [sys.executable or "python3", "-I", "-S", "-c", _DESTROY,
                 f"libxenctrl.so.{self.release}", str(domid)]
+
+    def make_command(self, spec: Dict[str, Any]) -> List[str]:
+        """The argv of a child that creates and builds a restore target
+        (:func:`pyxl.backends.xenmake.main`), for a caller that must not wait
+        for it: this interpreter, isolated (``-I -S``: no site, no user paths),
+        importing pyxl from where this copy is."""
+        text = json.dumps(spec, separators=(",", ":"))
+        if len(text) > MAX_SPEC:
+            raise StartupError(f"the saved config is too large to build from ({len(text)} bytes)")
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        boot = ("import sys; sys.path.insert(0, sys.argv[1]); "
+                "from pyxl.backends.xenmake import main; sys.exit(main(sys.argv[2:]))")
+        return [sys.executable or "python3", "-I", "-S", "-c", boot, root, self.release, text]
 
     def create(self, handle: bytes, flags: int, max_vcpus: int, max_evtchn_port: int,
                max_grant_frames: int, max_maptrack_frames: int, grant_opts: int,

@@ -22,7 +22,12 @@ from pyxl.loop import Loop, Timer
 
 __all__ = ["CHUNK", "CAPPED_PIPE", "SpliceRelay", "make_pipe", "pipe_size"]
 
-CHUNK = 1 << 20             # most bytes one splice moves; the uncapped pipes' size
+CHUNK = 1 << 20             # the uncapped pipes' size
+# Most bytes one splice moves.  Into a loopback or local socket the kernel does
+# the receiving side's work inside the sender's call: one splice of 1 MiB took
+# 10-23 ms of the loop's CPU in bench/stall.py's migrate round, a quarter of
+# that at 256 KiB, for 1.4x the loop's CPU per GiB (A/B, bench/README.md).
+SPLICE = 256 << 10
 # Under a bandwidth cap the helper should feel it soon: a small pipe (not the
 # kernel's default 64 KiB, which our helper grows to 256 KiB).
 CAPPED_PIPE = 32 << 10
@@ -112,7 +117,7 @@ class SpliceRelay:
                 self._discard()
                 return
             if not self.eof:
-                n = CHUNK
+                n = SPLICE
                 if self.rate:
                     n = min(n, int(self._refill()))
                     if n < 4096:

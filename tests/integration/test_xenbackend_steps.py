@@ -1,7 +1,7 @@
 """XenBackend builds a restore target, and removes a destroyed domain's nodes, in
-steps: one loop callback each, so the application's loop runs between the
-create hypercall, the build's hypercalls, the XenStore transaction and libxl's
-stored config.  A half-made domain is destroyed on the same loop.  The
+steps, so the application's loop runs between them: the create hypercall and
+the build's hypercalls run in a child (the loop runs while they do), then the
+XenStore transaction (on the loop) and libxl's stored config.  A half-made domain is destroyed on the same loop.  The
 operation's side: a restore that times out or is cancelled while its domain
 is being built fails once it is built, with the domain destroyed.
 
@@ -83,20 +83,35 @@ def traced(monkeypatch, line: Timeline, xc_class: Any = RecordingXc) -> Recordin
     return Xc()
 
 
-def test_a_restore_target_is_built_one_step_per_loop_callback(xsd, host, monkeypatch):
+class SlowMake(RecordingXc):
+    """The child that makes the hypercalls takes 0.3 s (a busy Xen)."""
+
+    def make_command(self, spec: Dict[str, Any]) -> List[str]:
+        return ["sh", "-c", 'sleep 0.3; exec "$0" "$@"', *super().make_command(spec)]
+
+
+def test_a_restore_target_is_built_in_steps_with_its_hypercalls_in_a_child(
+        xsd, host, monkeypatch):
     loop = SelectorLoop()
     line = Timeline(loop)
-    be = backend(xsd, traced(monkeypatch, line))
+    be = backend(xsd, traced(monkeypatch, line, SlowMake))
     out: List[Tuple[Optional[int], Optional[Exception]]] = []
+    t0 = time.monotonic()
     base.start_create_restore_target(be, loop, CONFIG, lambda d, e: out.append((d, e)))
     assert loop.run_until(lambda: bool(out), 10)
     line.running = False
-    assert out == [(7, None)]
+    assert out == [(7, None)] and time.monotonic() - t0 >= 0.3
     steps = line.steps()
-    # each step is its own callback: the application's ticker runs between them
     assert [e for e in steps if e != "tick"] == ["create", "build", "store", "userdata"]
-    for a, b in zip(["create", "build", "store"], ["build", "store", "userdata"]):
-        assert steps.index(b) - steps.index(a) == 2 and steps[steps.index(a) + 1] == "tick", steps
+    # the loop ran all the while the child made the hypercalls
+    made = line.events.index("build")
+    assert line.events[made + 1:line.events.index("store")].count("tick") > 20
+    # the store's transaction and the stored config are steps of their own
+    for a, b in (("build", "store"), ("store", "userdata")):
+        assert steps[steps.index(a) + 1] == "tick" and steps.index(b) - steps.index(a) == 2, steps
+    # what the child told: the build's event channels are the helper's ports
+    assert be.restore_ports(7) == (1, 0, 2, 0)
+    assert ("xc_set_paging_mempool_size", 7, 2048 << 10) in be.xc.log
     assert (host / f"userdata-d.7.{UUID}.libxl-json").exists()
     assert xsd.nodes["/local/domain/7/name"] == b"g1"
     loop.close()
