@@ -189,16 +189,14 @@ def start_unpause(backend: Backend, loop: Loop, domid: int, done: Done) -> Optio
     """Unpause ``domid`` from ``loop``: through the backend's optional
     ``start_unpause`` (``done`` later, from the loop), else its ``unpause``
     (``done`` before this returns; None).  A backend's exception is ``done(False, why)``."""
-    return _start_or_call(_start_form(backend, "unpause"), backend.unpause,
-                          loop, domid, done)
+    return _start_or_call(backend, "unpause", loop, domid, (), done)
 
 
 def start_resume(backend: Backend, loop: Loop, domid: int, done: Done) -> Optional[Cancellable]:
     """:meth:`Backend.resume` from ``loop``, as :func:`start_unpause` does it:
     the optional ``start_resume`` (an HVM guest's QMP ``cont`` is an exchange
     with its QEMU), else ``resume``."""
-    return _start_or_call(_start_form(backend, "resume"), backend.resume,
-                          loop, domid, done)
+    return _start_or_call(backend, "resume", loop, domid, (), done)
 
 
 def _start_form(backend: Backend, name: str) -> Any:
@@ -220,13 +218,15 @@ def _start_form(backend: Backend, name: str) -> Any:
     return start
 
 
-def _start_or_call(start: Optional[Callable[[Loop, int, Done], Cancellable]],
-                   call: Callable[[int], None], loop: Loop, domid: int,
-                   done: Done) -> Optional[Cancellable]:
+def _start_or_call(backend: Backend, name: str, loop: Loop, domid: int,
+                   args: Tuple[Any, ...], done: Done) -> Optional[Cancellable]:
+    """``start_<name>(loop, domid, *args, done)`` if the backend has that form
+    (:func:`_start_form`), else ``<name>(domid, *args)`` and ``done`` at once."""
+    start = _start_form(backend, name)
     try:
         if start is not None:
-            return start(loop, domid, done)
-        call(domid)
+            return start(loop, domid, *args, done)   # type: ignore[no-any-return]
+        getattr(backend, name)(domid, *args)
     except Exception as exc:  # a backend is the caller's code (any toolstack's)
         done(False, str(exc) or type(exc).__name__)
         return None
@@ -239,10 +239,7 @@ def start_restore_done(backend: Backend, loop: Loop, domid: int, store_gfn: int,
     """:meth:`Backend.restore_done` from ``loop``, as :func:`start_unpause`
     does it: the optional ``start_restore_done`` (a real host's XenStore
     rounds, read on the loop), else ``restore_done``."""
-    start = _start_form(backend, "restore_done")
-    return _start_or_call(
-        None if start is None else lambda lp, d, dn: start(lp, d, store_gfn, console_gfn, dn),
-        lambda d: backend.restore_done(d, store_gfn, console_gfn), loop, domid, done)
+    return _start_or_call(backend, "restore_done", loop, domid, (store_gfn, console_gfn), done)
 
 
 def start_rename(backend: Backend, loop: Loop, domid: int, name: str,
@@ -250,10 +247,7 @@ def start_rename(backend: Backend, loop: Loop, domid: int, name: str,
     """:meth:`Backend.rename` from ``loop``, as :func:`start_unpause` does it:
     the optional ``start_rename`` (a real host's XenStore rounds, read on the
     loop), else ``rename``."""
-    start = _start_form(backend, "rename")
-    return _start_or_call(
-        None if start is None else lambda lp, d, dn: start(lp, d, name, dn),
-        lambda d: backend.rename(d, name), loop, domid, done)
+    return _start_or_call(backend, "rename", loop, domid, (name,), done)
 
 
 def start_create_restore_target(backend: Backend, loop: Loop, config: Dict[str, Any],

@@ -29,7 +29,8 @@ PV, PVH and HVM guests; an HVM guest's device model is Debian's QEMU.
 * restore (:mod:`~pyxl.backends.xenbuild`): the empty domain as
   libxl__domain_make/libxl__build_pre make it, after checking the saved
   config asks for nothing pyxl cannot rebuild (:mod:`~pyxl.backends.libxlcfg`),
-  its XenStore transactions run on the loop (:mod:`~pyxl.backends.xsasync`);
+  its hypercalls in a short child (:mod:`~pyxl.backends.xenmake`), its XenStore
+  transactions on the loop (:mod:`~pyxl.backends.xsasync`);
   after the helper libxl__build_post, the console (and an HVM guest's vkb),
   XS_INTRODUCE; then, before the guest may run, its disks with their hotplug
   scripts, an HVM guest's QEMU (:mod:`~pyxl.backends.hvm`), its NICs
@@ -393,8 +394,9 @@ class XenBackend(NoDeviceModel):
         """The empty domain a restore goes into, as libxl__domain_make +
         libxl__build_pre make it.  A saved config asking for what pyxl does
         not rebuild is refused first (raised here); then the domain is made
-        in steps, one loop callback each -- the create hypercall, the build's
-        hypercalls, the XenStore transaction, libxl's stored config -- and
+        in steps -- the name check and the XenStore reads it needs (on the
+        loop), the create and build hypercalls (a child: :mod:`xenmake`), the
+        XenStore transaction (on the loop), libxl's stored config -- and
         ``done(domid, None)``.  A half-made domain is destroyed (on the loop)
         before ``done(None, exc)``."""
         config = _copy(config)
