@@ -24,9 +24,10 @@ __all__ = ["CHUNK", "CAPPED_PIPE", "SpliceRelay", "make_pipe", "pipe_size"]
 
 CHUNK = 1 << 20             # the uncapped pipes' size
 # Most bytes one splice moves.  Into a loopback or local socket the kernel does
-# the receiving side's work inside the sender's call: one splice of 1 MiB took
-# 10-23 ms of the loop's CPU in bench/stall.py's migrate round, a quarter of
-# that at 256 KiB, for 1.4x the loop's CPU per GiB (A/B, bench/README.md).
+# the receiving side's work inside the sender's call: a pump of 1 MiB splices
+# took up to 18 ms of the loop's CPU in bench/stall.py's migrate round.  At
+# 256 KiB such callbacks are rarer (worst 13 ms against 23 ms in A/B runs), for
+# 1.4x the loop's CPU per GiB (bench/README.md).
 SPLICE = 256 << 10
 # Under a bandwidth cap the helper should feel it soon: a small pipe (not the
 # kernel's default 64 KiB, which our helper grows to 256 KiB).
