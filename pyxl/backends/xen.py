@@ -395,8 +395,8 @@ class XenBackend(NoDeviceModel):
         libxl__build_pre make it.  A saved config asking for what pyxl does
         not rebuild is refused first (raised here); then the domain is made
         in steps -- the name check and the XenStore reads it needs (on the
-        loop), the create and build hypercalls (a child: :mod:`xenmake`), the
-        XenStore transaction (on the loop), libxl's stored config -- and
+        loop), the create and build hypercalls and libxl's stored config (a
+        child: :mod:`xenmake`), the XenStore transaction (on the loop) -- and
         ``done(domid, None)``.  A half-made domain is destroyed (on the loop)
         before ``done(None, exc)``."""
         config = _copy(config)
@@ -473,7 +473,7 @@ class XenBackend(NoDeviceModel):
                            domid)
                 start_destroy(self, loop, domid, lambda ok, why: None if ok else _log.error(
                     "could not destroy domain %d: %s", domid, why))
-            spec = xenmake.spec(config, handle, *services[0])
+            spec = xenmake.spec(config, handle, *services[0], USERDATA_DIR)
             return xenmake.MakeChild(loop, self.xc.make_command(spec), made_it, orphan)
 
         def nodes() -> xsasync.XsScript[None]:
@@ -486,19 +486,7 @@ class XenBackend(NoDeviceModel):
             return xsasync.XsTask(loop, self._open_xs, nodes(), finished,
                                   f"domain {made[0]}'s XenStore nodes")
 
-        def userdata() -> None:
-            xenbuild.write_userdata(USERDATA_DIR, made[0], uuid, config)
-
-        took: List[str] = []     # each step's time, for -vv (the loop's longest stretch)
-
-        def timed(step: Callable[[], None]) -> Callable[[], None]:
-            def run() -> None:
-                t0 = time.monotonic()
-                try:
-                    step()
-                finally:
-                    took.append(f"{step.__name__} {(time.monotonic() - t0) * 1e3:.1f} ms")
-            return run
+        took: List[str] = []     # each step's time, for -vv
 
         def waited(start: Callable[[Finished], Cancellable]) -> Waits:
             def begin(finished: Finished) -> Cancellable:
@@ -532,8 +520,7 @@ class XenBackend(NoDeviceModel):
                 done(None, exc)
             start_destroy(self, loop, domid, destroyed)
 
-        run_steps(loop, [waited(name_free), waited(make), waited(store), timed(userdata)],
-                  finished)
+        run_steps(loop, [waited(name_free), waited(make), waited(store)], finished)
 
     def rename(self, domid: int, name: str) -> None:
         """Rename a domain (XenStore and libxl's stored config), as

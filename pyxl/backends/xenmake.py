@@ -13,6 +13,7 @@ domains, read by the parent from XenStore) and prints, as it goes::
 
     domid D                 once the domain exists
     ports SP SD CP CD       once it is built (the helper's store/console ports)
+    stored                  once libxl's stored config is written
 
 then exits 0; or a one-line reason on stderr and exit 1.  The parent
 (:class:`MakeChild`) learns the domid even from a child that failed half way,
@@ -31,7 +32,8 @@ import sys
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from pyxl.backends.libxlcfg import to_int
-from pyxl.backends.xenbuild import Ports, XcCalls, altp2m_mode, build_pre, create_flags
+from pyxl.backends.xenbuild import (Ports, XcCalls, altp2m_mode, build_pre, create_flags,
+                                    write_userdata)
 from pyxl.backends.xenctrl import Xc
 from pyxl.childproc import ShortChild
 from pyxl.errors import StartupError
@@ -47,9 +49,11 @@ Spec = Dict[str, Any]
 Made = Callable[[Optional[int], Optional[Ports], Optional[Exception]], None]
 
 
-def spec(config: Dict[str, Any], handle: bytes, store_dom: int, console_dom: int) -> Spec:
+def spec(config: Dict[str, Any], handle: bytes, store_dom: int, console_dom: int,
+         userdata_dir: str) -> Spec:
     """What the child needs to make the domain of ``config`` (libxl's
-    xc_domain_create arguments for it, libxl__domain_make)."""
+    xc_domain_create arguments for it, libxl__domain_make) and store the
+    config where libxl keeps it (``userdata_dir``)."""
     c_info, b_info = config.get("c_info") or {}, config.get("b_info") or {}
     flags, emu, misc = create_flags(config)
     grant_version = to_int(b_info.get("max_grant_version"), -1)
@@ -62,26 +66,32 @@ def spec(config: Dict[str, Any], handle: bytes, store_dom: int, console_dom: int
                        to_int(b_info.get("max_maptrack_frames"), -1), grant_version & 0xF,
                        to_int(c_info.get("poolid"), 0), emu, misc, to_int(c_info.get("ssidref"), 0)],
             "altp2m": altp2m_mode(config), "config": config,
-            "store_dom": store_dom, "console_dom": console_dom}
+            "store_dom": store_dom, "console_dom": console_dom, "userdata_dir": userdata_dir}
 
 
 def make_domain(xc: XcCalls, spec: Spec, tell: Callable[[str], None]) -> None:
     """Create the domain and build it (libxl__domain_make's hypercall, then
-    libxl__build_pre's), telling each result as soon as it is known."""
+    libxl__build_pre's), then write libxl's stored config (a file and a
+    rename: not for the loop either), telling each result as soon as it is known."""
     (flags, vcpus, evtchn_port, grant_frames, maptrack_frames, grant_opts, cpupool, emu, misc,
      ssidref) = spec["create"]
     domid = xc.create(bytes.fromhex(spec["handle"]), flags, vcpus, evtchn_port, grant_frames,
                       maptrack_frames, grant_opts, cpupool, emu, misc, ssidref,
                       altp2m=spec["altp2m"])
     tell(f"domid {domid}")
-    ports = build_pre(xc, domid, spec["config"], spec["store_dom"], spec["console_dom"])
+    config = spec["config"]
+    ports = build_pre(xc, domid, config, spec["store_dom"], spec["console_dom"])
     tell("ports " + " ".join(map(str, ports)))
+    write_userdata(spec["userdata_dir"], domid, config["c_info"]["uuid"], config)
+    tell("stored")
 
 
 def parse(out: str) -> Tuple[Optional[int], Optional[Ports]]:
-    """The domid and ports a child told (None for what it did not)."""
+    """The domid and ports a child told (None for what it did not; the
+    ports only once the config is stored too: the child's whole work)."""
     domid: Optional[int] = None
     ports: Optional[Ports] = None
+    told: Optional[Ports] = None
     for line in out.splitlines():
         key, _, rest = line.partition(" ")
         try:
@@ -89,7 +99,9 @@ def parse(out: str) -> Tuple[Optional[int], Optional[Ports]]:
                 domid = int(rest)
             elif key == "ports":
                 sp, sd, cp, cd = (int(x) for x in rest.split())
-                ports = (sp, sd, cp, cd)
+                told = (sp, sd, cp, cd)
+            elif key == "stored":
+                ports = told
         except ValueError:
             continue        # not ours (nothing else prints here)
     return domid, ports

@@ -20,7 +20,7 @@ from xenfakes import RecordingXc, backend
 xsd = test_xenbackend_hvm.xsd
 
 SPEC = {"handle": "00" * 16, "create": [0] * 10, "altp2m": 0, "config": CONFIG,
-        "store_dom": 0, "console_dom": 0}
+        "store_dom": 0, "console_dom": 0, "userdata_dir": "/nonexistent"}
 
 
 def test_the_child_boots_isolated_and_refuses_in_one_line():
@@ -48,7 +48,8 @@ def test_a_spec_too_large_for_argv_is_refused_before_anything_runs():
 
 
 def test_what_a_child_tells_is_parsed_and_nothing_else():
-    assert xenmake.parse("domid 7\nports 1 0 2 0\n") == (7, (1, 0, 2, 0))
+    assert xenmake.parse("domid 7\nports 1 0 2 0\nstored\n") == (7, (1, 0, 2, 0))
+    assert xenmake.parse("domid 7\nports 1 0 2 0\n") == (7, None)   # not all done
     assert xenmake.parse("domid 7\n") == (7, None)
     assert xenmake.parse("noise\ndomid x\nports 1 2\n") == (None, None)
 
@@ -79,8 +80,8 @@ def test_a_half_made_domain_is_told_with_the_builds_failure():
 
 def test_a_domain_made_after_a_cancel_is_handed_over_to_be_destroyed():
     loop = SelectorLoop()
-    out, orphans = _run(loop, ["sh", "-c", 'sleep 0.2; echo "domid 11"; echo "ports 1 0 2 0"'],
-                        cancel=True)
+    out, orphans = _run(loop, ["sh", "-c", 'sleep 0.2; echo "domid 11"; echo "ports 1 0 2 0"; '
+                               'echo stored'], cancel=True)
     assert out == [] and orphans == [11]
     loop.close()
 
@@ -100,4 +101,19 @@ def test_a_failed_create_is_told_and_nothing_is_destroyed(xsd, host):  # noqa: F
     assert str(exc) == ("cannot create the domain to restore into: [Errno 13] Permission "
                         "denied")
     assert not [c for c in be.xc.log if c[0] == "destroy"] and list(host.iterdir()) == []
+    loop.close()
+
+
+def test_a_config_that_cannot_be_stored_fails_the_build_and_the_domain_goes(
+        xsd, host, monkeypatch):  # noqa: F811
+    monkeypatch.setattr("pyxl.backends.xen.USERDATA_DIR", str(host / "missing"))
+    loop = SelectorLoop()
+    be = backend(xsd, RecordingXc())
+    out: List[Tuple[Optional[int], Optional[Exception]]] = []
+    base.start_create_restore_target(be, loop, CONFIG, lambda d, e: out.append((d, e)))
+    assert loop.run_until(lambda: bool(out), 10)
+    (domid, exc), = out
+    assert domid is None and str(exc).startswith("cannot prepare domain 7 for the restore: ")
+    assert "No such file or directory" in str(exc)
+    assert ("destroy", 7) in be.xc.log and not xsd.subtree("/local/domain/7")
     loop.close()
