@@ -527,12 +527,22 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         assert self.domid is not None and self._restored_result is not None
         self.logger.warning("the sender vanished after checkpoint %d: taking over domain %d",
                             self._restored_result.checkpoints, self.domid)
-        if self.name is not None:
-            try:
-                self.backend.rename(self.domid, self.name)
-            except Exception as exc:   # e.g. the source still holds the name here
+        if self.name is None:
+            self._run_taken_over()
+            return
+        name = self.name
+
+        def renamed(ok: bool, why: str) -> None:
+            if self.domid is None or self._done or self.state == "failed":
+                return      # failed meanwhile: the copy is being destroyed
+            if not ok:      # e.g. the source still holds the name here
                 self.logger.warning("failover domain %d keeps its name %s%s: %s", self.domid,
-                                    self.name, INCOMING, exc)
+                                    name, INCOMING, why)
+            self._run_taken_over()
+        start_rename(self.backend, self.loop, self.domid, name, renamed)
+
+    def _run_taken_over(self) -> None:
+        assert self.domid is not None
         if self.paused:
             self._taken_over(True, "")
         else:

@@ -465,10 +465,9 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
             if self._teardown_waits is not None:
                 # Failed meanwhile: the teardown waited for this rename.
                 resume, self._teardown_waits = self._teardown_waits, None
-                self._restore_name()
-                self._teardown(resume)
+                self._restore_name(lambda: self._teardown(resume))
             elif self._done or self._done_pending is not None:
-                self._restore_name()        # ended meanwhile, without a teardown to wait
+                self._restore_name(lambda: None)   # ended meanwhile, without a teardown
             elif not ok:
                 self._fail(MigrationError(f"cannot rename domain {self.domid} to "
                                           f"{name}{AWAY}: {why}"))
@@ -492,9 +491,10 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         save = self.save
         assert save is not None and self._save_result is not None
         if status != 0:
-            self._restore_name()
-            self._fail(MigrationError(f"the receiver could not start its copy (status {status});"
-                                      " it destroyed it"), resume=True)
+            exc = MigrationError(f"the receiver could not start its copy (status {status}); it "
+                                 "destroyed it")
+            self._error = self._error or exc    # what a failure meanwhile must not replace
+            self._restore_name(lambda: self._fail(exc, resume=True))
             return
         digest = digest_or_none(self.backend, self.logger, self.domid) \
             if self.want_digest else None
@@ -522,15 +522,25 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
 
     # -- failures --
 
-    def _restore_name(self) -> None:
-        if self._name is None:
+    def _restore_name(self, then: Callable[[], None]) -> None:
+        """Give the source its name back (from the loop: a real host's XenStore
+        rounds), then ``then()``.  A teardown meanwhile waits for it."""
+        name = self._name
+        if name is None:
+            then()
             return
-        try:
-            self.backend.rename(self.domid, self._name)
-            self._name = None
-        except Exception as exc:
-            self.logger.error("could not rename domain %d back to %s: %s", self.domid,
-                              self._name, exc)
+
+        def back(ok: bool, why: str) -> None:
+            self._renaming = False
+            self._teardown_waits = None     # ``then`` is the teardown that waited
+            if ok:
+                self._name = None
+            else:
+                self.logger.error("could not rename domain %d back to %s: %s", self.domid,
+                                  name, why)
+            then()
+        self._renaming = True
+        start_rename(self.backend, self.loop, self.domid, name, back)
 
     def _channel_failed(self, exc: MigrationError) -> None:
         """The channel broke (no connection, TLS refused or broken): once the

@@ -655,20 +655,16 @@ def test_a_migration_destroys_its_domain_without_blocking_the_loop(hosts, fail):
 
 class _SlowRename(_Watching):
     """A backend whose renames take 0.4 s (a child's sleep, as a busy
-    xenstored's answers would) and are told from the loop; its waited-for
-    ``rename`` is only for a failure's way back (``waited_ok``)."""
+    xenstored's answers would) and are told from the loop; a migration must
+    never wait for its ``rename``, not even on a failure's way back."""
 
-    def __init__(self, *a: Any, waited_ok: bool = False, **kw: Any) -> None:
+    def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
-        self.waited_ok = waited_ok
         self.renamed: List[str] = []
         self.on_start: Any = None
 
     def rename(self, domid: int, name: str) -> None:
-        if not self.waited_ok:
-            raise AssertionError(f"rename({domid}, {name!r}) waited for, on the loop")
-        self.renamed.append(f"waited {name}")
-        super().rename(domid, name)
+        raise AssertionError(f"rename({domid}, {name!r}) waited for, on the loop")
 
     def start_rename(self, loop: Any, domid: int, name: str, done: Any) -> Any:
         from pyxl.childproc import ShortChild
@@ -702,20 +698,39 @@ def test_a_migrations_renames_run_on_the_loop(hosts):
 
 def test_a_migration_cancelled_while_its_source_is_renamed_gives_the_name_back(hosts):
     """Cancelled while the rename to NAME--migratedaway is under way: the
-    teardown waits for the rename to end, renames the source back, and it runs
-    on with its name; the receiver has nothing."""
+    teardown waits for the rename to end, renames the source back (on the
+    loop too), and it runs on with its name; the receiver has nothing."""
     a, b = hosts
     dom = sim.create(32 * MB, name="web5", sim_dir=a)
-    source = _SlowRename(a, a, waited_ok=True)
+    source = _SlowRename(a, a)
     rx = migrate.receive("127.0.0.1:0", sim_dir=b)
     tx = migrate.migrate(dom, rx.address, backend=source)
     source.on_start = tx.cancel
     run_both(tx, rx)
     assert isinstance(tx.exception(), pyxl.Cancelled), tx.exception()
-    assert source.renamed == ["web5--migratedaway", "waited web5"]
+    assert source.renamed == ["web5--migratedaway", "web5"]
     assert [(i.name, i.state) for i in sim.list_domains(sim_dir=a)] == [("web5", "running")]
     source_survived(a, dom)
     assert rx.exception() is not None and domains(b) == []
+
+
+def test_a_failed_start_at_the_receiver_renames_the_source_back_on_the_loop(hosts):
+    """The receiver reports status 1: the source gets its name back through
+    ``start_rename`` (0.4 s here) and runs on; the error stays the receiver's."""
+    a, b = hosts
+    dom = sim.create(32 * MB, name="web6", sim_dir=a)
+    source = _SlowRename(a, a)
+    rx = migrate.receive("127.0.0.1:0", backend=_Watching(b, a, fail=True))
+    tx = migrate.migrate(dom, rx.address, backend=source)
+    ticks = _ticking(default_loop())
+    run_both(tx, rx)
+    assert isinstance(tx.exception(), migrate.MigrationError), tx.exception()
+    assert "could not start its copy (status 1)" in str(tx.exception())
+    assert source.renamed == ["web6--migratedaway", "web6"]
+    assert max(t1 - t0 for t0, t1 in zip(ticks, ticks[1:])) < 0.2
+    assert [(i.name, i.state) for i in sim.list_domains(sim_dir=a)] == [("web6", "running")]
+    source_survived(a, dom)
+    assert domains(b) == []
 
 
 def test_migration_within_one_host(hosts):
