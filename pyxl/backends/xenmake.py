@@ -7,20 +7,22 @@ allocated inside the call), and under an emulated CPU they took 10-100 ms: not
 something for the caller's event loop.  So they run in a child, as
 ``xc_domain_destroy`` does, and the loop only reads its answer.
 
-The child (:func:`main`, its argv :meth:`~pyxl.backends.xenctrl.Xc.make_command`) takes the Xen release and a JSON
-*spec* (the create arguments, the saved config, the store's and console's
-domains, read by the parent from XenStore) and prints, as it goes::
+The child (:func:`main`; its argv is :meth:`~pyxl.backends.xenctrl.Xc.make_command`'s)
+takes the Xen release and a JSON *spec* (:func:`spec`: the create arguments,
+the saved config, the store's and console's domains, which the parent read
+from XenStore, and where libxl's stored config goes) and prints, as it goes::
 
     domid D                 once the domain exists
     ports SP SD CP CD       once it is built (the helper's store/console ports)
     stored                  once libxl's stored config is written
 
-then exits 0; or a one-line reason on stderr and exit 1.  The parent
+then exits 0; or a one-line reason on stderr (libxenctrl's own log lines may
+come before it) and exit 1.  The parent
 (:class:`MakeChild`) learns the domid even from a child that failed half way,
 so a half-made domain is always destroyed.
 
-May import: pyxl.backends.libxlcfg, pyxl.backends.xenbuild, pyxl.backends.xenctrl (the child loads
-libxenctrl; the parent never asks this module to), pyxl.childproc,
+May import: pyxl.backends.libxlcfg, pyxl.backends.xenbuild,
+pyxl.backends.xenctrl (only the child loads libxenctrl), pyxl.childproc,
 pyxl.errors, pyxl.fdio, pyxl.loop.
 """
 
@@ -43,7 +45,8 @@ from pyxl.loop import Loop
 __all__ = ["MakeChild", "Spec", "main", "make_domain", "parse", "spec"]
 
 #: What the child is told: ``handle`` (hex), ``create`` (xc_domain_create's
-#: arguments after the handle), ``altp2m``, ``config``, ``store_dom``, ``console_dom``.
+#: arguments after the handle), ``altp2m``, ``config``, ``store_dom``,
+#: ``console_dom``, ``userdata_dir``.
 Spec = Dict[str, Any]
 
 Made = Callable[[Optional[int], Optional[Ports], Optional[Exception]], None]
@@ -115,7 +118,7 @@ def main(argv: Sequence[str]) -> int:
         release, text = argv
         make_domain(Xc(release), json.loads(text), tell)
     except Exception as exc:  # the child's outcome: one line for the parent
-        print(f"{exc}", file=sys.stderr)
+        print(str(exc) or type(exc).__name__, file=sys.stderr)
         return 1
     return 0
 
@@ -131,7 +134,8 @@ class MakeChild:
         self._done: Optional[Made] = done
         self._orphan = orphan
         # its stdout: a few dozen bytes, far below a pipe's size, read once it ended
-        self._out, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._out, w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self._out, False)
         try:
             self.child = ShortChild(loop, argv, self._ended, stdout_to=w)
         except BaseException:
