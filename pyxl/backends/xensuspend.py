@@ -8,8 +8,11 @@ xenstored connection, its fd on the operation's loop) wakes us on every
 domain state change, and ``xc_domain_getinfolist`` tells whether D has shut
 down with reason suspend.  A timer bounds the wait; on timeout a request the
 guest never picked up is withdrawn, so it cannot suspend later behind our back.
+The request's XenStore write is a round trip on the loop (:mod:`xsasync`, a
+connection of its own, sent once the watch is set), not one waited for.
 
-May import: pyxl.backends.xenctrl, pyxl.backends.xenstore, pyxl.backends.xswatch, pyxl.loop.
+May import: pyxl.backends.xenctrl, pyxl.backends.xenstore, pyxl.backends.xsasync,
+pyxl.backends.xswatch, pyxl.loop.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Any, Callable, Optional
 
 from pyxl._log import get_logger
 from pyxl.backends.xenctrl import SHUTDOWN_suspend
-from pyxl.backends.xenstore import XenStore
+from pyxl.backends.xenstore import XS_WRITE, XenStore
+from pyxl.backends.xsasync import XsScript, XsTask, ok, reason
 from pyxl.backends.xswatch import Outcome, XsWait
 from pyxl.loop import Loop, Timer
 
@@ -42,27 +46,44 @@ class Suspend:
         self.events = 0
         self.via_shutdown = via_shutdown
         self._failing: Optional[Timer] = None
+        self._asking: Optional[XsTask[None]] = None
         self.wait = XsWait(loop, be._open_xs, ["@releaseDomain"], self._check, timeout,
                            self._finish, f"suspend of domain {domid}",
                            on_timeout=self._timed_out)
         if self.wait.xs is None:
             return      # it reports the XenStore failure from the loop
+        if not via_shutdown:
+            # Bounded like the wait: a xenstored that never takes the request
+            # fails the suspend (the request may still land later, as it
+            # could behind any timeout).
+            self._asking = XsTask(loop, be._open_xs, _ask(domid), self._asked,
+                                  f"asking domain {domid} to suspend", timeout)
+            return
         try:
-            if via_shutdown:
-                be.xc.shutdown(domid, SHUTDOWN_suspend)
-            else:
-                self.wait.xs.write(f"/local/domain/{domid}/control/shutdown", "suspend")
+            be.xc.shutdown(domid, SHUTDOWN_suspend)
         except OSError as exc:
             why = f"cannot ask domain {domid} to suspend: {exc}"
             self.wait.cancel()
             self._failing = loop.call_later(0, lambda: self._finish(False, why))
 
+    def _asked(self, exc: Optional[Exception]) -> None:
+        self._asking = None
+        if exc is not None and not self.wait.finished:
+            self.wait.cancel()
+            self._finish(False, f"cannot ask domain {self.domid} to suspend: {reason(exc)}")
+
     def cancel(self) -> None:
         self.wait.cancel()
+        if self._asking is not None:
+            self._asking.cancel()
+            self._asking = None
         if self._failing is not None:
             self._failing.cancel()
 
     def _finish(self, ok: bool, why: str) -> None:
+        if self._asking is not None:    # suspended or failed before xenstored answered
+            self._asking.cancel()
+            self._asking = None
         _log.info("domain %d %s after %.3f s (%d @releaseDomain events)", self.domid,
                   "suspended" if ok else f"did not suspend ({why})",
                   time.monotonic() - self.started, self.events)
@@ -101,3 +122,9 @@ class Suspend:
         return False, (f"guest did not suspend within {self.timeout:g}s"
                        + ("" if self.via_shutdown else
                           " (no PV drivers answering control/shutdown?)"))
+
+
+def _ask(domid: int) -> XsScript[None]:
+    """The request the guest's PV drivers watch for."""
+    [reply] = yield [(XS_WRITE, f"/local/domain/{domid}/control/shutdown\0suspend".encode(), 0)]
+    ok(reply)

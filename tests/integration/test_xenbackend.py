@@ -171,7 +171,7 @@ def _suspend_with(xsd: FakeXenstored, monkeypatch, guest, timeout=5.0):
     be = XenBackend.__new__(XenBackend)
     be.xc = FakeXc()
     be._xs = None
-    monkeypatch.setattr("pyxl.backends.xen.open_default", lambda: XenStore(sock=xsd.client))
+    monkeypatch.setattr("pyxl.backends.xen.open_default", xsd.connect)   # one per call
     loop = SelectorLoop()
     out: List[Tuple[bool, str]] = []
     xsd.on_write = guest
@@ -203,6 +203,49 @@ def test_suspend_times_out_and_withdraws_the_request(xsd, monkeypatch):
     out, be, dt = _suspend_with(xsd, monkeypatch, lambda xc: None, timeout=0.3)
     assert out and out[0][0] is False and "did not suspend within 0.3s" in out[0][1]
     assert xsd.nodes["/local/domain/5/control/shutdown"] == b""
+
+
+def test_suspend_request_is_a_round_trip_on_the_loop(xsd, monkeypatch):
+    """xenstored takes 0.3 s to answer the control/shutdown write: the loop's
+    ticker runs on meanwhile, and the guest that then suspends is seen."""
+    xsd.delay[xenstore.XS_WRITE] = 0.3
+    ticks: List[float] = []
+
+    def guest(xc: FakeXc) -> None:
+        def suspend(path: str, value: bytes) -> None:
+            if path == "/local/domain/5/control/shutdown" and value == b"suspend":
+                xc.flags = XEN_DOMINF_shutdown | (SHUTDOWN_suspend << XEN_DOMINF_shutdownshift)
+                threading.Timer(0.05, xsd.fire, ["@releaseDomain"]).start()
+        xsd.after_write = suspend
+
+    loop_ticks = SelectorLoop.call_later
+
+    def ticking(self: SelectorLoop, delay: float, cb):  # type: ignore[no-untyped-def]
+        if not ticks:     # the first timer set starts the application's ticker
+            def tick() -> None:
+                ticks.append(time.monotonic())
+                loop_ticks(self, 0.005, tick)
+            loop_ticks(self, 0, tick)
+        return loop_ticks(self, delay, cb)
+    monkeypatch.setattr(SelectorLoop, "call_later", ticking)
+    out, be, dt = _suspend_with(xsd, monkeypatch, guest)
+    assert out == [(True, "")] and dt >= 0.3
+    assert max(b - a for a, b in zip(ticks, ticks[1:])) < 0.15
+
+
+def test_suspend_request_that_cannot_be_made_fails_in_one_line(xsd, monkeypatch):
+    opened: List[int] = []
+    real = xsd.connect
+
+    def connect() -> XenStore:
+        opened.append(1)
+        if len(opened) > 1:     # the watch's connection works; the request's does not
+            raise OSError(errno.ECONNREFUSED, "Connection refused")
+        return real()
+    monkeypatch.setattr(xsd, "connect", connect)
+    out, be, dt = _suspend_with(xsd, monkeypatch, lambda xc: None)
+    assert out == [(False, "cannot ask domain 5 to suspend: Connection refused")]
+    assert dt < 3
 
 
 def test_suspend_reports_other_shutdown(xsd, monkeypatch):

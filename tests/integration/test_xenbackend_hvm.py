@@ -385,7 +385,8 @@ def test_hvm_suspend_without_pv_drivers_asks_xen(xsd, host):
     be.xc.params[(7, 0)] = 1    # PV drivers: callback IRQ set
     out.clear()
     be.start_suspend(loop, 7, 0.2, lambda ok, why: out.append((ok, why)))
-    assert xsd.nodes["/local/domain/7/control/shutdown"] == b"suspend"
+    # the request is written from the loop (a round trip to xenstored)
+    assert loop.run_until(lambda: xsd.nodes["/local/domain/7/control/shutdown"] == b"suspend", 5)
     loop.run_until(lambda: bool(out), timeout=5)
     loop.close()
     assert xsd.nodes["/local/domain/7/control/shutdown"] == b""     # withdrawn
