@@ -26,7 +26,7 @@ def test_a_wake_up_stops_after_its_time_and_every_byte_arrives(monkeypatch):
         time.sleep(0.003)          # as if the helper held the pipe's lock
         return real(*a, **k)
     monkeypatch.setattr(relay.os, "splice", slow_splice)
-    monkeypatch.setattr(relay, "CHUNK", 16 << 10)   # 256 KiB: 16 splices
+    monkeypatch.setattr(relay, "SPLICE", 16 << 10)   # 256 KiB: 16 splices
 
     src_r, src_w = make_pipe(1 << 20)
     dst_r, dst_w = make_pipe(1 << 20)
