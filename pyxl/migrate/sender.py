@@ -523,21 +523,17 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
     # -- failures --
 
     def _restore_name(self, then: Callable[[], None]) -> None:
-        """Give the source its name back (from the loop: a real host's XenStore
-        rounds), then ``then()``.  A teardown meanwhile waits for it."""
+        """Give the source its name back, on the loop, then ``then()`` (a teardown waits)."""
         name = self._name
         if name is None:
             then()
             return
 
         def back(ok: bool, why: str) -> None:
-            self._renaming = False
-            self._teardown_waits = None     # ``then`` is the teardown that waited
-            if ok:
-                self._name = None
-            else:
-                self.logger.error("could not rename domain %d back to %s: %s", self.domid,
-                                  name, why)
+            self._renaming, self._teardown_waits = False, None   # ``then`` is the one that waited
+            if not ok:
+                self.logger.error("could not rename domain %d back to %s: %s", self.domid, name, why)
+            self._name = None if ok else name
             then()
         self._renaming = True
         start_rename(self.backend, self.loop, self.domid, name, back)
@@ -668,9 +664,8 @@ def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
             on_progress: Optional[Callable[[ProgressEvent], None]] = None,
             handshake_timeout: float = 60.0, remus: bool = False,
             checkpoints: Optional[int] = None, checkpoint_interval: float = 0.1,
-            tls: Optional[TlsOptions] = None,
-            idle_timeout: Optional[float] = 60.0, auto_converge: bool = False,
-            policy: Optional[Policy] = None,
+            tls: Optional[TlsOptions] = None, idle_timeout: Optional[float] = 60.0,
+            auto_converge: bool = False, policy: Optional[Policy] = None,
             policy_deadline: float = 5.0, compress: bool = False) -> MigrateOperation:
     """Start migrating ``domid`` to a receiver at ``target`` ("HOST:PORT") or
     through ``command`` (its stdin/stdout; e.g. "ssh host pyxl migrate-receive").
