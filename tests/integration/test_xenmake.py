@@ -86,34 +86,34 @@ def test_a_domain_made_after_a_cancel_is_handed_over_to_be_destroyed():
     loop.close()
 
 
+def _build(be: Any) -> Tuple[Optional[int], Optional[Exception]]:
+    loop = SelectorLoop()
+    out: List[Tuple[Optional[int], Optional[Exception]]] = []
+    base.start_create_restore_target(be, loop, CONFIG, lambda d, e: out.append((d, e)))
+    assert loop.run_until(lambda: bool(out), 10)
+    loop.close()
+    (got,) = out
+    return got
+
+
 def test_a_failed_create_is_told_and_nothing_is_destroyed(xsd, host):  # noqa: F811
     class Refusing(RecordingXc):
         def create(self, *args: Any, **kw: Any) -> int:
             raise OSError(13, "Permission denied")
 
-    loop = SelectorLoop()
     be = backend(xsd, Refusing())
-    out: List[Tuple[Optional[int], Optional[Exception]]] = []
-    base.start_create_restore_target(be, loop, CONFIG, lambda d, e: out.append((d, e)))
-    assert loop.run_until(lambda: bool(out), 10)
-    (domid, exc), = out
+    domid, exc = _build(be)
     assert domid is None and isinstance(exc, StartupError)
     assert str(exc) == ("cannot create the domain to restore into: [Errno 13] Permission "
                         "denied")
     assert not [c for c in be.xc.log if c[0] == "destroy"] and list(host.iterdir()) == []
-    loop.close()
 
 
 def test_a_config_that_cannot_be_stored_fails_the_build_and_the_domain_goes(
         xsd, host, monkeypatch):  # noqa: F811
     monkeypatch.setattr("pyxl.backends.xen.USERDATA_DIR", str(host / "missing"))
-    loop = SelectorLoop()
     be = backend(xsd, RecordingXc())
-    out: List[Tuple[Optional[int], Optional[Exception]]] = []
-    base.start_create_restore_target(be, loop, CONFIG, lambda d, e: out.append((d, e)))
-    assert loop.run_until(lambda: bool(out), 10)
-    (domid, exc), = out
+    domid, exc = _build(be)
     assert domid is None and str(exc).startswith("cannot prepare domain 7 for the restore: ")
     assert "No such file or directory" in str(exc)
     assert ("destroy", 7) in be.xc.log and not xsd.subtree("/local/domain/7")
-    loop.close()
