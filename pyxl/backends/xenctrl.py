@@ -237,7 +237,13 @@ class Xc:
         if len(text) > MAX_SPEC:
             raise StartupError(f"the saved config is too large to build from ({len(text)} bytes)")
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        boot = ("import sys; sys.path.insert(0, sys.argv[1]); "
+        # Its start is the restore's wait (seconds under an emulated CPU), and
+        # it needs Xen's modules only: an empty stand-in for the pyxl.backends
+        # package skips that package's __init__, which imports every backend
+        # (the simulator's, QEMU's).
+        boot = ("import sys, types; sys.path.insert(0, sys.argv[1]); "
+                "p = types.ModuleType('pyxl.backends'); "
+                "p.__path__ = [sys.argv[1] + '/pyxl/backends']; sys.modules[p.__name__] = p; "
                 "from pyxl.backends.xenmake import main; sys.exit(main(sys.argv[2:]))")
         return [sys.executable or "python3", "-I", "-S", "-c", boot, root, self.release, text]
 

@@ -31,16 +31,16 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 
 from pyxl.backends.libxlcfg import to_int
 from pyxl.backends.xenbuild import (Ports, XcCalls, altp2m_mode, build_pre, create_flags,
                                     write_userdata)
 from pyxl.backends.xenctrl import Xc
-from pyxl.childproc import ShortChild
 from pyxl.errors import StartupError
-from pyxl.fdio import close_quietly, read_ready
-from pyxl.loop import Loop
+
+if TYPE_CHECKING:
+    from pyxl.loop import Loop
 
 __all__ = ["MakeChild", "Spec", "main", "make_domain", "parse", "spec"]
 
@@ -129,8 +129,9 @@ class MakeChild:
     failed: the caller destroys it).  A cancel does not stop the child (its
     hypercalls take milliseconds): what it made goes to ``orphan(domid)``."""
 
-    def __init__(self, loop: Loop, argv: Sequence[str], done: Made,
+    def __init__(self, loop: "Loop", argv: Sequence[str], done: Made,
                  orphan: Callable[[int], None]) -> None:
+        from pyxl.childproc import ShortChild   # the parent's side only: the child starts faster
         self._done: Optional[Made] = done
         self._orphan = orphan
         # its stdout: a few dozen bytes, far below a pipe's size, read once it ended
@@ -145,6 +146,7 @@ class MakeChild:
             os.close(w)
 
     def _ended(self, status: int, err: str) -> None:
+        from pyxl.fdio import close_quietly, read_ready
         out, _ = read_ready(self._out)      # all there: the child has exited
         close_quietly(self._out)
         domid, ports = parse(out.decode(errors="replace"))
