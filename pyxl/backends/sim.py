@@ -30,6 +30,7 @@ from pyxl.childproc import ShortChild
 from pyxl.errors import BackendError, DeviceModelError, StartupError
 from pyxl.loop import Loop, Timer
 from pyxl.sim import dmcontrol
+from pyxl.sim.control import load_futex
 
 # How often to look at a simulated guest's run state while it suspends.  A
 # timer on the loop, not a sleep: the loop keeps serving other operations.
@@ -66,6 +67,7 @@ class SimBackend:
         self.dm_ready_timeout = dm_ready_timeout
         self.dm_command = dm_command
         self._no_dm = NoDeviceModel()
+        load_futex()    # now, not inside the first suspend's loop callback
 
     def helper_env(self) -> Dict[str, str]:
         env = dict(os.environ)

@@ -169,14 +169,23 @@ _SYS_FUTEX = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine)
 _libc: "Optional[ctypes.CDLL]" = None
 
 
-def _futex_wake(page: mmap.mmap, off: int) -> None:
-    """Wake a vCPU sleeping on a control word (it also polls, so this is only latency)."""
+def load_futex() -> None:
+    """Load what :func:`_futex_wake` needs (ctypes, libc): 2-3 ms once, which a
+    backend spends when it is made rather than in the loop callback of its
+    first suspend.  Not at the top: `pyxl sim list` and `import pyxl.sim` start faster."""
     global _libc
-    import ctypes   # here, not at the top: `pyxl sim list` and `import pyxl.sim` start faster
-    if _SYS_FUTEX is None:
-        return
+    import ctypes
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _futex_wake(page: mmap.mmap, off: int) -> None:
+    """Wake a vCPU sleeping on a control word (it also polls, so this is only latency)."""
+    import ctypes   # see load_futex
+    if _SYS_FUTEX is None:
+        return
+    load_futex()
+    assert _libc is not None
     word = ctypes.c_uint32.from_buffer(page, off)
     try:
         _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(ctypes.addressof(word)),
