@@ -231,7 +231,7 @@ def _info_from(hdr: bytes, vcpu_alive: bool) -> DomainInfo:
     max_pages = _field(hdr, "max_pages")
     return DomainInfo(
         domid=_field(hdr, "domid"),
-        name=_field(hdr, "name").split(b"\0", 1)[0].decode(errors="replace"),
+        name=_name_of(_field(hdr, "name")),
         uuid=_uuid_text(_field(hdr, "uuid")),
         state=STATE_NAMES.get(st, f"unknown({st})"),
         memory=_field(hdr, "mem_bytes"),
@@ -253,21 +253,28 @@ def info(domid: int, sim_dir: Optional[str] = None) -> DomainInfo:
         return _info_from(bytes(d.page), d.vcpu_alive())
 
 
+def _name_of(field: bytes) -> str:
+    """The control page's name field as text (NUL-padded UTF-8)."""
+    return field.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _domids(sdir: str) -> List[int]:
+    """The domids of the state directory's domain directories (``dN``)."""
+    try:
+        entries = os.listdir(sdir)
+    except FileNotFoundError:
+        return []
+    return [int(m.group(1)) for m in map(re.compile(r"^d(\d+)$").match, entries) if m]
+
+
 def names(sim_dir: Optional[str] = None) -> Dict[int, str]:
     """Every live domain's name, by domid: the control page's head, read
     (not mapped) -- a name check before each restore reads them all."""
     sdir = sim_dir_path(sim_dir)
-    try:
-        entries = os.listdir(sdir)
-    except FileNotFoundError:
-        return {}
     out: Dict[int, str] = {}
-    for entry in entries:
-        m = re.match(r"^d(\d+)$", entry)
-        if not m:
-            continue
+    for domid in _domids(sdir):
         try:
-            fd = os.open(os.path.join(sdir, entry, "ctl"),
+            fd = os.open(os.path.join(sdir, f"d{domid}", "ctl"),
                          os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:
             continue            # going, or not a domain
@@ -278,28 +285,20 @@ def names(sim_dir: Optional[str] = None) -> Dict[int, str]:
         if len(head) < PAGE_SIZE or _field(head, "magic") != CTL_MAGIC \
                 or _field(head, "version") != CTL_VERSION or _field(head, "state") == DYING:
             continue
-        out[int(m.group(1))] = _field(head, "name").split(b"\0", 1)[0].decode(
-            errors="replace")
+        out[domid] = _name_of(_field(head, "name"))
     return out
 
 
 def list_domains(sim_dir: Optional[str] = None) -> List[DomainInfo]:
     """Every live domain in the state directory, by domid."""
     sdir = sim_dir_path(sim_dir)
-    try:
-        names = os.listdir(sdir)
-    except FileNotFoundError:
-        return []
     out = []
-    for name in names:
-        m = re.match(r"^d(\d+)$", name)
-        if not m:
-            continue
+    for domid in sorted(_domids(sdir)):
         try:
-            out.append(info(int(m.group(1)), sdir))
+            out.append(info(domid, sdir))
         except (SimError, OSError):
             continue  # destroyed meanwhile, or not ours
-    return sorted(out, key=lambda i: i.domid)
+    return out
 
 
 def state(domid: int, sim_dir: Optional[str] = None) -> str:
@@ -314,7 +313,7 @@ def config(domid: int, sim_dir: Optional[str] = None) -> Dict[str, Any]:
         d.state()
         n = d.get("config_len")
         raw = os.pread(d.fd, n, CONFIG_OFF)
-        name = d.get("name").split(b"\0", 1)[0].decode(errors="replace")
+        name = _name_of(d.get("name"))
     import json   # here: `pyxl sim list` never reads a config
     cfg: Dict[str, Any] = json.loads(raw)
     # The name lives in the control page (rename() changes it there), as
