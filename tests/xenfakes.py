@@ -321,6 +321,6 @@ def backend(xsd: FakeXenstored, xc: Any) -> XenBackend:
     be = XenBackend.__new__(XenBackend)
     be.xc = xc
     be._xs = XenStore(sock=xsd.client)
-    be._ports, be._restoring, be._dm_procs = {}, {}, {}
+    be._ports, be._restoring, be._dm_procs, be._types = {}, {}, {}, {}
     be._open_xs = xsd.connect      # type: ignore[method-assign]
     return be

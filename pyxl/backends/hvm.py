@@ -29,7 +29,8 @@ SIGHUP and unlinks both QMP sockets; :func:`remove_state_files` the
 qemu-save/qemu-resume files.
 
 May import: pyxl.backends.base, pyxl.backends.devicemodel, pyxl.backends.qemu_args,
-pyxl.backends.xenstore, pyxl.backends.xswatch, pyxl.errors, pyxl.loop, pyxl.qmp.
+pyxl.backends.xenstore, pyxl.backends.xsasync, pyxl.backends.xswatch, pyxl.errors, pyxl.loop,
+pyxl.qmp.
 """
 
 from __future__ import annotations
@@ -37,21 +38,23 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pyxl._log import get_logger
 from pyxl.backends import qemu_args
-from pyxl.backends.base import Cancellable
-from pyxl.backends.devicemodel import QmpDeviceModel
-from pyxl.backends.xenstore import XenStore
-from pyxl.backends.xswatch import Outcome, XsWait
+from pyxl.backends.base import Cancellable, EmulatorRecord
+from pyxl.backends.devicemodel import QmpDeviceModel, emulator_xenstore_data
+from pyxl.backends.xenstore import (XS_DIRECTORY, XS_MKDIR, XS_READ, XS_RM, XS_WRITE, XenStore,
+                                    check_batch)
+from pyxl.backends.xsasync import XsScript, XsTask, entries, missing, ok, reason
+from pyxl.backends.xswatch import XsWait, node_is
 from pyxl.errors import DeviceModelError
 from pyxl.loop import Loop
 from pyxl.qmp import QmpClient
 
-__all__ = ["ChardevPostconfig", "DeviceModelStart", "LIB_DIR", "LOG_DIR", "START_TIMEOUT", "start_timeout", "destroy_device_model",
-           "device_model", "dm_path", "physmap", "remove_state_files", "restore_file",
-           "save_file"]
+__all__ = ["ChardevPostconfig", "DeviceModelStart", "LIB_DIR", "LOG_DIR", "START_TIMEOUT",
+           "start_timeout", "forget_device_model", "destroy_device_model", "device_model",
+           "dm_path", "physmap", "writes", "remove_state_files", "restore_file", "save_file"]
 
 _log = get_logger("pyxl.xen")
 
@@ -112,48 +115,54 @@ def _log_tail(name: str, lines: int = 5) -> str:
 Popen = Callable[..., "subprocess.Popen[Any]"]
 
 
-def physmap(xs: XenStore, domid: int) -> Dict[str, str]:
+def physmap(domid: int) -> XsScript[Dict[str, str]]:
     """The ``physmap/<id>/{start_addr,size,name}`` keys QEMU keeps under its
     XenStore directory (only with Xen < 4.10's interface), for the
     EMULATOR_XENSTORE_DATA record (libxl__save_emulator_xenstore_data); a
-    missing subkey is an error, as in libxl."""
+    missing subkey is an error, as in libxl.  Two rounds."""
     base = dm_path(domid)
+    [listing] = yield [(XS_DIRECTORY, f"{base}/physmap\0".encode(), 0)]
+    names = [] if missing(listing) else entries(ok(listing))
+    keys = [f"physmap/{e}/{sub}" for e in names for sub in ("start_addr", "size", "name")]
+    replies = yield [(XS_READ, f"{base}/{k}\0".encode(), 0) for k in keys]
     out: Dict[str, str] = {}
-    for ent in xs.directory(f"{base}/physmap"):
-        for sub in ("start_addr", "size", "name"):
-            key = f"physmap/{ent}/{sub}"
-            val = xs.read(f"{base}/{key}")
-            if val is None:
-                raise DeviceModelError(f"{base}/{key} is missing")
-            out[key] = val.decode(errors="replace")
+    for key, reply in zip(keys, replies):
+        if missing(reply):
+            raise DeviceModelError(f"{base}/{key} is missing")
+        out[key] = ok(reply).decode(errors="replace")
     return out
 
 
-def _kill_by_pid(xs: XenStore, domid: int) -> None:
-    """libxl__kill_xs_path: SIGHUP to the pid QEMU's spawner recorded."""
-    raw = xs.read(f"/local/domain/{domid}/image/device-model-pid")
-    if raw and raw.strip().isdigit():
-        try:
-            os.kill(int(raw), signal.SIGHUP)
-        except ProcessLookupError:
-            _log.info("domain %d: its device model had exited already", domid)
+def writes(values: Sequence[Tuple[str, str]]) -> XsScript[None]:
+    """One round writing ``values`` [(path, value)] (the first refusal raised)."""
+    requests = [(XS_WRITE, f"{path}\0{value}".encode(), 0) for path, value in values]
+    check_batch(requests, (yield requests))
 
 
-def device_model(xs: XenStore, domid: int, ready: Optional[Callable[[], bool]] = None,
-                 ready_timeout: Optional[float] = None) -> QmpDeviceModel:
+def device_model(domid: int, ready: Optional[Callable[[], bool]] = None,
+                 ready_timeout: Optional[float] = None,
+                 kill: Optional[Callable[[], None]] = None,
+                 xenstore_data: Optional[Dict[str, str]] = None) -> QmpDeviceModel:
     """The domain's QEMU as a :class:`QmpDeviceModel`: libxl's QMP socket and
-    state files, the physmap keys through XenStore, killed by its recorded pid."""
-    def write_keys(kv: Dict[str, str]) -> None:
-        for k, v in kv.items():
-            xs.write(f"{dm_path(domid)}/{k}", v)
-
+    state files; ``xenstore_data``: its physmap keys, read beforehand (a save)."""
     return QmpDeviceModel(domid, qemu_args.qmp_path(domid), save_file(domid),
-                          restore_file(domid), ready=ready,
-                          kill=lambda: _kill_by_pid(xs, domid),
-                          xenstore_data=lambda: physmap(xs, domid),
-                          write_xenstore_data=write_keys,
+                          restore_file(domid), ready=ready, kill=kill,
+                          xenstore_data=None if xenstore_data is None else lambda: xenstore_data,
                           ready_timeout=start_timeout() if ready_timeout is None else ready_timeout,
                           logger=get_logger(f"pyxl.domain.{domid}"))
+
+
+def _prepare(domid: int, bios: str, records: Sequence[EmulatorRecord]) -> XsScript[None]:
+    """What QEMU reads at its start, in one round: hvmloader's two keys, its
+    own directory and the stream's physmap keys in it."""
+    dom = f"/local/domain/{domid}"
+    requests = [(XS_WRITE, f"{dom}/hvmloader/bios\0{bios}".encode(), 0),
+                # qemu-xen: no memory relocation by hvmloader (a larger MMIO hole instead)
+                (XS_WRITE, f"{dom}/hvmloader/allow-memory-relocate\0" "0".encode(), 0),
+                (XS_MKDIR, f"{dm_path(domid)}\0".encode(), 0)]
+    requests += [(XS_WRITE, f"{dm_path(domid)}/{k}\0{v}".encode(), 0)
+                 for k, v in emulator_xenstore_data(records).items()]
+    check_batch(requests, (yield requests))
 
 
 class DeviceModelStart:
@@ -166,11 +175,11 @@ class DeviceModelStart:
     own connection, on the loop), so the check reads no XenStore itself.
     ``procs`` keeps the Popen for reaping."""
 
-    def __init__(self, loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: int,
+    def __init__(self, loop: Loop, opener: Callable[[], XenStore], domid: int,
                  config: Dict[str, Any], records: List[Tuple[int, bytes]],
                  done: Callable[[bool, str], None], procs: Dict[int, "subprocess.Popen[Any]"],
                  timeout: Optional[float] = None, popen: Popen = subprocess.Popen) -> None:
-        self.loop, self.xs, self.domid, self.config = loop, xs, domid, config
+        self.domid, self.config = domid, config
         self.done_cb, self.procs, self.popen = done, procs, popen
         self.name = f"qemu-dm-{(config.get('c_info') or {}).get('name') or domid}"
         self.running = self.spawned = False
@@ -178,31 +187,35 @@ class DeviceModelStart:
         self.finished = False
         self.wait: Optional[XsWait] = None
         timeout = start_timeout() if timeout is None else timeout
-        self.dm = device_model(xs, domid, self._ready, timeout)
+        self.loop, self.opener, self.records = loop, opener, records
+        self.pid_write: Optional[XsTask[None]] = None
+        self.ended: Optional[Tuple[Optional[DeviceModelError]]] = None
+        self.dm = device_model(domid, self._ready, timeout, kill=self._kill)
         state = f"{dm_path(domid)}/state"
-
-        def check(wxs: XenStore) -> Outcome:
-            return (True, "") if wxs.read(state) == b"running" else None
 
         def watched(ok: bool, why: str) -> None:
             self.running, self.watch_failed = ok, None if ok else why
 
         # The device model's own timeout ends the start; the watch outlives it a little.
-        self.wait = XsWait(loop, opener, [state], check, timeout + 5, watched,
+        self.wait = XsWait(loop, opener, [state], node_is(state, b"running"), timeout + 5,
+                           watched,
                            f"domain {domid}'s device model (waiting for {state} = running)")
-        try:
-            bios = str(((config.get("b_info") or {}).get("type.hvm") or {}).get("bios")
-                       or "seabios")
-            dom = f"/local/domain/{domid}"
-            xs.write(f"{dom}/hvmloader/bios", bios.lower())
-            # qemu-xen: no memory relocation by hvmloader (a larger MMIO hole instead)
-            xs.write(f"{dom}/hvmloader/allow-memory-relocate", "0")
-            xs.mkdir(dm_path(domid))
-        except OSError as exc:
-            why = f"cannot start the device model: {exc}"
-            self.step: Cancellable = loop.call_later(0, lambda: self._finish(DeviceModelError(why)))
+        bios = str(((config.get("b_info") or {}).get("type.hvm") or {}).get("bios")
+                   or "seabios")
+        self.step: Cancellable = XsTask(loop, opener, _prepare(domid, bios.lower(), records),
+                                        self._prepared, f"domain {domid}'s device model nodes")
+
+    def _prepared(self, exc: Optional[Exception]) -> None:
+        if exc is not None:
+            self._finish(DeviceModelError(f"cannot start the device model: {reason(exc)}"))
             return
-        self.step = self.dm.start_restore(loop, records, self._spawn, self._finish)
+        self.step = self.dm.start_restore(self.loop, self.records, self._spawn, self._finish)
+
+    def _kill(self) -> None:
+        """libxl__kill_xs_path's SIGHUP, to the pid we recorded (if it is still ours)."""
+        proc = self.procs.get(self.domid)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGHUP)
 
     def _ready(self) -> bool:
         if self.watch_failed is not None:
@@ -222,8 +235,20 @@ class DeviceModelStart:
             os.close(log_fd)
         self.procs[domid] = proc
         self.spawned = True
-        self.xs.write(f"/local/domain/{domid}/image/device-model-pid", str(proc.pid))
+        self.pid_write = XsTask(self.loop, self.opener,
+                                writes([(f"/local/domain/{domid}/image/device-model-pid",
+                                         str(proc.pid))]),
+                                self._pid_written, f"domain {domid}'s device-model-pid")
         return proc
+
+    def _pid_written(self, exc: Optional[Exception]) -> None:
+        self.pid_write = None
+        if exc is not None:     # xl's destroy would not find QEMU: the start fails
+            self.step.cancel()
+            self._finish(DeviceModelError(f"cannot record the device model's pid: "
+                                          f"{reason(exc)}"))
+        elif self.ended is not None:
+            self._finish(*self.ended)
 
     def cancel(self) -> None:
         if self.finished:
@@ -231,12 +256,19 @@ class DeviceModelStart:
         self.finished = True
         if self.wait is not None:
             self.wait.cancel()
+        if self.pid_write is not None:
+            self.pid_write.cancel()
         self.step.cancel()
 
     def _finish(self, err: Optional[DeviceModelError]) -> None:
         if self.finished:
             return
+        if self.pid_write is not None and err is None:
+            self.ended = (err,)     # running once its pid is on record
+            return
         self.finished = True
+        if self.pid_write is not None:
+            self.pid_write.cancel()
         if self.wait is not None:
             self.wait.cancel()
         if err is None:
@@ -249,13 +281,14 @@ class DeviceModelStart:
 class ChardevPostconfig:
     """libxl's device_model_postconfig_chardev, once QEMU runs: QMP
     ``query-chardev``, and each ``serialN`` on a pty published as
-    ``/local/domain/D/serial/N/tty`` (for ``xl console -t serial``).
-    ``done(ok, why)`` from the loop."""
+    ``/local/domain/D/serial/N/tty`` (for ``xl console -t serial``, one round
+    on the loop).  ``done(ok, why)`` from the loop."""
 
-    def __init__(self, loop: Loop, xs: XenStore, domid: int,
+    def __init__(self, loop: Loop, opener: Callable[[], XenStore], domid: int,
                  done: Callable[[bool, str], None], timeout: float = 10.0) -> None:
-        self.xs, self.domid, self._done = xs, domid, done
+        self.loop, self.opener, self.domid, self._done = loop, opener, domid, done
         self.finished = False
+        self.publish: Optional[XsTask[None]] = None
         self.client = QmpClient(loop, qemu_args.qmp_path(domid), timeout=timeout)
         self.client.connect(lambda err: None)      # a failure reaches the command
         self.client.command("query-chardev", None, self._answered)
@@ -263,10 +296,11 @@ class ChardevPostconfig:
     def _answered(self, value: Any, err: Optional[DeviceModelError]) -> None:
         if self.finished:
             return
-        self.cancel()
+        self.client.close()
         if err is not None:
-            self._done(False, f"QMP query-chardev: {err}")
+            self._end(False, f"QMP query-chardev: {err}")
             return
+        ttys: List[Tuple[str, str]] = []
         try:
             for item in value if isinstance(value, list) else []:
                 label, filename = str(item.get("label", "")), str(item.get("filename", ""))
@@ -274,27 +308,59 @@ class ChardevPostconfig:
                 if not label.startswith("serial"):
                     continue
                 if not port.isdigit():
-                    self._done(False, f"QMP query-chardev: invalid serial port {label!r}")
+                    self._end(False, f"QMP query-chardev: invalid serial port {label!r}")
                     return
                 if filename.startswith("pty:"):
-                    self.xs.write(f"/local/domain/{self.domid}/serial/{int(port)}/tty",
-                                  filename[len("pty:"):])
-        except (AttributeError, OSError) as exc:
-            self._done(False, f"QMP query-chardev: {exc}")
+                    ttys.append((f"/local/domain/{self.domid}/serial/{int(port)}/tty",
+                                 filename[len("pty:"):]))
+        except AttributeError as exc:
+            self._end(False, f"QMP query-chardev: {exc}")
             return
-        self._done(True, "")
+
+        def published(exc: Optional[Exception]) -> None:
+            self.publish = None
+            self._end(exc is None, "" if exc is None else
+                      f"publishing the serial ptys: {reason(exc)}")
+        self.publish = XsTask(self.loop, self.opener, writes(ttys), published,
+                              f"domain {self.domid}'s serial ptys")
+
+    def _end(self, ok: bool, why: str) -> None:
+        self.cancel()
+        self._done(ok, why)
 
     def cancel(self) -> None:
         self.finished = True
         self.client.close()
+        if self.publish is not None:
+            self.publish.cancel()
+            self.publish = None
 
 
-def destroy_device_model(xs: XenStore, domid: int,
+def forget_device_model(domid: int) -> XsScript[Optional[int]]:
+    """libxl__destroy_device_model's XenStore part, in one round: the
+    device-model directory goes, and the pid QEMU's spawner recorded is read
+    (None if there is none)."""
+    replies = yield [(XS_RM, f"{dm_path(domid)}\0".encode(), 0),
+                     (XS_READ, f"/local/domain/{domid}/image/device-model-pid\0".encode(), 0)]
+    if not missing(replies[0]):
+        ok(replies[0])
+    raw = None if missing(replies[1]) else ok(replies[1]).strip()
+    return int(raw) if raw and raw.isdigit() else None
+
+
+def destroy_device_model(domid: int, pid: Optional[int],
                          procs: Optional[Dict[int, "subprocess.Popen[Any]"]] = None) -> None:
-    """libxl__destroy_device_model + libxl__qmp_cleanup for a dom0 QEMU (a
-    domain without one has nothing of this to remove)."""
-    xs.rm(dm_path(domid))
-    _kill_by_pid(xs, domid)
+    """The rest of libxl__destroy_device_model + libxl__qmp_cleanup for a
+    dom0 QEMU, once :func:`forget_device_model` gave its ``pid``: SIGHUP,
+    the QMP sockets unlinked, our exited QEMUs reaped."""
+    proc = (procs or {}).get(domid)
+    if pid is None and proc is not None and proc.poll() is None:
+        pid = proc.pid      # ours, its pid not on record (xenstored refused it)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            _log.info("domain %d: its device model had exited already", domid)
     for path in qemu_args.qmp_paths(domid):
         try:
             os.unlink(path)

@@ -14,15 +14,8 @@ PV, PVH and HVM guests; an HVM guest's device model is Debian's QEMU.
   :class:`~pyxl.backends.devicemodel.QmpDeviceModel`): log-dirty tracking and
   its saved state through its QMP socket (``/var/run/xen/qmp-libxl-D``:
   domains of xl and of pyxl alike).
-* destroy: libxl's order (libxl__destroy_domid): pause; the device model
-  (its XenStore directory, SIGHUP, its QMP sockets); the disks and NICs
-  (:mod:`~pyxl.backends.xendevices`: backends closed, ``block remove``,
-  ``vif-bridge offline``; on a private loop, as this call is synchronous);
-  the XenStore nodes
-  (``/vm/UUID`` unless the other copy of a local migration still names it,
-  ``/local/domain/D``, ``/libxl/D``, dom0's ``backend/*/D``); libxl's
-  userdata and the device model's state files; then ``xc_domain_destroy``, in a short
-  child (Xen frees the domain's memory inside that call: seconds for a large guest).
+* destroy (:mod:`~pyxl.backends.xendestroy`): libxl's order (libxl__destroy_domid),
+  every XenStore exchange a round on the loop, ``xc_domain_destroy`` in a short child.
 * domain config (what ``xl save`` puts in the xl header): the JSON libxl
   stored at creation, ``/var/lib/xen/userdata-d.D.UUID.libxl-json``, with
   the current name and memory (libxl_retrieve_domain_configuration).
@@ -40,7 +33,6 @@ PV, PVH and HVM guests; an HVM guest's device model is Debian's QEMU.
 from __future__ import annotations
 
 import errno
-import glob
 import json
 import os
 import subprocess
@@ -48,18 +40,18 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from pyxl._log import get_logger
-from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xendevices, xenmake, xsasync
+from pyxl.backends import (hvm, libxlcfg, qemu_args, xenbuild, xendestroy, xendevices, xenmake,
+                           xsasync)
 from pyxl.backends.base import (Cancellable, Created, Done, EmulatorRecord, Finished,
-                                NoDeviceModel, RestorePorts, SavedState, Step, Waits, owner_of,
+                                NoDeviceModel, RestorePorts, SavedState, Waits, owner_of,
                                 run_steps, run_to_end, start_destroy)
 from pyxl.backends.libxlcfg import defbool, to_int  # noqa: F401  (defbool: re-exported)
 from pyxl.backends.xenctrl import DomInfo, Xc, XenError  # noqa: F401  (XenError: re-exported)
 from pyxl.backends.xensuspend import HVM_PARAM_ACPI_S_STATE, HVM_PARAM_CALLBACK_IRQ, Suspend
-from pyxl.backends.xenstore import (XS_DIRECTORY, XS_MKDIR, XS_READ, XS_RM, Batch, XenStore,
-                                    XenStoreError, open_default)
-from pyxl.childproc import ShortChild
+from pyxl.backends.xenstore import (XS_DIRECTORY, XS_MKDIR, XS_READ, Batch, XenStore,
+                                    open_default)
 from pyxl.errors import DeviceModelError, StartupError
-from pyxl.loop import Loop, Timer, run_private
+from pyxl.loop import Loop, run_private
 
 _log = get_logger("pyxl.xen")
 
@@ -82,6 +74,7 @@ class XenBackend(NoDeviceModel):
         self._xs: Optional[XenStore] = None
         self._ports: Dict[int, xenbuild.Ports] = {}
         self._restoring: Dict[int, Dict[str, Any]] = {}
+        self._types: Dict[Tuple[int, str], str] = {}
         #: QEMU processes this backend started, kept to be reaped
         self._dm_procs: Dict[int, "subprocess.Popen[bytes]"] = {}
 
@@ -110,13 +103,41 @@ class XenBackend(NoDeviceModel):
         return info
 
     def _type(self, domid: int) -> str:
-        """"pv", "pvh" or "hvm", as libxl__domain_type: Xen says PV or not, and
-        libxl's ``/libxl/D/type`` tells PVH from HVM."""
+        """"pv", "pvh" or "hvm", as libxl__domain_type (waited for: the sync forms)."""
         info = self.xc.getinfo(domid)
         if info is None or not info.hvm:
             return "pv"
-        raw = self.xs.read(f"/libxl/{domid}/type")
-        return "pvh" if raw == b"pvh" else "hvm"
+        return xsasync.run(self.xs, self._read_type(domid, info))
+
+    def _read_type(self, domid: int, info: DomInfo) -> xsasync.XsScript[str]:
+        """libxl's ``/libxl/D/type`` tells PVH from HVM (Xen says only "not
+        PV"); remembered for the domain (its domid and uuid)."""
+        key = (domid, info.uuid)
+        if key not in self._types:
+            [raw] = yield [(XS_READ, f"/libxl/{domid}/type\0".encode(), 0)]
+            pvh = not xsasync.missing(raw) and xsasync.ok(raw) == b"pvh"
+            self._types[key] = "pvh" if pvh else "hvm"
+        return self._types[key]
+
+    def _start_typed(self, loop: Loop, domid: int, then: Callable[[str], Cancellable]
+                     ) -> Cancellable:
+        """``then(kind)`` once the domain's type is known (a XenStore round on
+        the loop, the first time); a XenStore failure leaves it "hvm", whose
+        steps then fail on the device model with a reason of their own."""
+        info = self.xc.getinfo(domid)
+        if info is None or not info.hvm:
+            return then("pv")
+        chain = _Then()
+
+        def known(exc: Optional[Exception]) -> None:
+            if exc is not None:
+                _log.error("domain %d: cannot read /libxl/%d/type: %s", domid, domid,
+                           xsasync.reason(exc))
+            if not chain.cancelled:
+                chain.part = then(task.result or "hvm")
+        task = chain.part = xsasync.XsTask(loop, self._open_xs, self._read_type(domid, info),
+                                           known, f"domain {domid}'s type")
+        return chain
 
     def check_domain(self, domid: int) -> None:
         if domid == 0:
@@ -161,18 +182,20 @@ class XenBackend(NoDeviceModel):
     def start_suspend(self, loop: Loop, domid: int, timeout: float,
                       done: Callable[[bool, str], None]) -> Cancellable:
         """Ask the guest to suspend; call ``done(ok, why)`` from the loop once Xen says it has."""
-        via_shutdown = False
-        if self._type(domid) == "hvm":
-            pvdrv = self.xc.hvm_param_get(domid, HVM_PARAM_CALLBACK_IRQ)
-            s_state = self.xc.hvm_param_get(domid, HVM_PARAM_ACPI_S_STATE)
-            via_shutdown = not pvdrv or bool(s_state)
-        return Suspend(self, loop, domid, timeout, done, via_shutdown)
+        def typed(kind: str) -> Cancellable:
+            via_shutdown = False
+            if kind == "hvm":
+                pvdrv = self.xc.hvm_param_get(domid, HVM_PARAM_CALLBACK_IRQ)
+                s_state = self.xc.hvm_param_get(domid, HVM_PARAM_ACPI_S_STATE)
+                via_shutdown = not pvdrv or bool(s_state)
+            return Suspend(self, loop, domid, timeout, done, via_shutdown)
+        return self._start_typed(loop, domid, typed)
 
     def _dm_cont(self, domid: int) -> None:
         """libxl__dm_resume for a qemu-xen device model: QMP ``cont`` (a short
         exchange on QEMU's local socket, bounded: these calls are synchronous)."""
         if self._type(domid) == "hvm":
-            hvm.device_model(self.xs, domid).resume()
+            hvm.device_model(domid).resume()
 
     def resume(self, domid: int) -> None:
         """The guest runs again.  If its QEMU cannot be told (killed during the
@@ -218,9 +241,11 @@ class XenBackend(NoDeviceModel):
 
     def _start_dm_cont(self, loop: Loop, domid: int,
                        then: Callable[[Optional[Exception]], None]) -> Cancellable:
-        if self._type(domid) != "hvm":
-            return loop.call_later(0, lambda: then(None))
-        return hvm.device_model(self.xs, domid).start_resume(loop, then)
+        def typed(kind: str) -> Cancellable:
+            if kind != "hvm":
+                return loop.call_later(0, lambda: then(None))
+            return hvm.device_model(domid).start_resume(loop, then)
+        return self._start_typed(loop, domid, typed)
 
     def pause(self, domid: int) -> None:
         self.xc.pause(domid)
@@ -258,124 +283,48 @@ class XenBackend(NoDeviceModel):
     # -- the device model on save ----------------------------------------------
     def start_logdirty(self, loop: Loop, domid: int, enable: bool,
                        done: Callable[[bool, str], None]) -> Cancellable:
-        if self._type(domid) != "hvm":      # PVH: libxc asks, nobody to tell
-            return super().start_logdirty(loop, domid, enable, done)
-        return hvm.device_model(self.xs, domid).start_logdirty(
-            loop, enable, lambda err: done(err is None, "" if err is None else str(err)))
+        def typed(kind: str) -> Cancellable:
+            if kind != "hvm":      # PVH: libxc asks, nobody to tell
+                return NoDeviceModel.start_logdirty(self, loop, domid, enable, done)
+            return hvm.device_model(domid).start_logdirty(
+                loop, enable, lambda err: done(err is None, "" if err is None else str(err)))
+        return self._start_typed(loop, domid, typed)
 
     def start_save_device_model(self, loop: Loop, domid: int, live: bool,
                                 done: SavedState) -> Cancellable:
-        if self._type(domid) != "hvm":
-            return super().start_save_device_model(loop, domid, live, done)
-        return hvm.device_model(self.xs, domid).start_save(
-            loop, live, lambda records, err: done(records, "" if err is None else str(err)))
+        """QEMU's state, with its physmap keys (read first, on the loop)."""
+        def typed(kind: str) -> Cancellable:
+            if kind != "hvm":
+                return NoDeviceModel.start_save_device_model(self, loop, domid, live, done)
+            chain = _Then()
+
+            def read(exc: Optional[Exception]) -> None:
+                if exc is not None:
+                    done(None, f"domain {domid}'s device model: {xsasync.reason(exc)}")
+                elif not chain.cancelled:
+                    chain.part = hvm.device_model(domid, xenstore_data=task.result).start_save(
+                        loop, live, lambda recs, err: done(recs, "" if err is None else str(err)))
+            task = chain.part = xsasync.XsTask(loop, self._open_xs, hvm.physmap(domid), read,
+                                               f"domain {domid}'s physmap keys")
+            return chain
+        return self._start_typed(loop, domid, typed)
 
     # -- destroy ----------------------------------------------------------------
     def start_destroy(self, loop: Loop, domid: int, done: Done) -> Cancellable:
-        """libxl__destroy_domid: pause; the device model goes (SIGHUP, its
-        XenStore node and sockets); every device is force-removed, waiting on
-        ``loop`` for the backends to close and the hotplug scripts to run
-        (libxl's timeouts bound it); then XenStore, libxl's files and the
-        domain itself.  ``done(ok, why)`` from ``loop``."""
-        info = self.xc.getinfo(domid)
-        xs = self.xs
-        vm = None
-        try:
-            raw = xs.read(f"/local/domain/{domid}/vm")
-            vm = raw.decode() if raw else None
-        except (OSError, XenStoreError):
-            pass
-        if info is not None:
-            try:
-                self.xc.pause(domid)
-            except XenError:
-                pass
-        hvm.destroy_device_model(xs, domid, self._dm_procs)
-        steps = _DestroySteps(done)
+        """libxl__destroy_domid on ``loop`` (:mod:`~pyxl.backends.xendestroy`)."""
+        return xendestroy.start_destroy(self, loop, domid, done, USERDATA_DIR)
 
-        begun = time.monotonic()   # the phases' times, for -vv: a slow destroy says where
-
-        def destroyed(status: int, err: str) -> None:
-            _log.debug("domain %d: xc_domain_destroy's child ended (status %d), %.2f s after "
-                       "the destroy began", domid, status, time.monotonic() - begun)
-            why = err.splitlines()[-1] if err else f"exit status {status}"
-            steps.finish(status == 0, "" if status == 0 else f"destroying domain {domid}: {why}")
-
-        def remove_rest() -> None:
-            steps.stop()
-            _log.debug("domain %d: devices removed, %.2f s after the destroy began", domid,
-                       time.monotonic() - begun)
-            # Not called off by a cancel: once begun, the domain's nodes all go.
-            run_steps(loop, self._destroy_rest(loop, domid, info, vm), rest_removed)
-
-        def rest_removed(exc: Optional[Exception]) -> None:
-            _log.debug("domain %d: its XenStore nodes and files removed, %.2f s after the "
-                       "destroy began", domid, time.monotonic() - begun)
-            try:
-                if exc is not None:
-                    raise exc
-                if info is None:
-                    steps.finish(True, "")
-                else:   # the hypercall that frees its memory, off the loop
-                    steps.child = ShortChild(loop, self.xc.destroy_command(domid), destroyed)
-            except Exception as err:  # a loop callback: the destroy's outcome, not the loop's
-                steps.finish(False, f"destroying domain {domid}: {err}")
-
-        try:
-            steps.removal = xendevices.DevicesRemoval(loop, self._open_xs, xs, domid, remove_rest)
-        except OSError as exc:
-            _log.error("domain %d: removing its devices: %s", domid, exc)
-            steps.timer = loop.call_later(0, remove_rest)
-            return steps
-        # DevicesRemoval bounds each wait by libxl's timeouts; this bounds them all.
-        steps.timer = loop.call_later(xendevices.DESTROY_TIMEOUT + 2 * xendevices.HOTPLUG_TIMEOUT
-                                      + 5, remove_rest)
-        return steps
+    def _forget(self, domid: int) -> None:
+        """What this backend kept of a domain, once it is destroyed."""
+        for key in [k for k in self._types if k[0] == domid]:
+            del self._types[key]
+        self._restoring.pop(domid, None)
+        self._ports.pop(domid, None)
 
     def destroy(self, domid: int) -> None:
         """:meth:`start_destroy`, waited for (a private loop): for scripts and the CLI."""
         run_to_end(lambda loop, done: self.start_destroy(loop, domid, done),
                    f"destroy of domain {domid}")
-
-    def _destroy_rest(self, loop: Loop, domid: int, info: Optional[DomInfo],
-                      vm: Optional[str]) -> List[Step]:
-        """What is left of a domain once its devices are gone: its XenStore
-        nodes (a script on the loop, :mod:`~pyxl.backends.xsasync`), then its files."""
-        def nodes() -> xsasync.XsScript[None]:
-            listings = yield [(XS_DIRECTORY, b"/local/domain/0/backend\0", 0),
-                              (XS_DIRECTORY, b"/local/domain\0", 0)]
-            btypes, domains = ([] if xsasync.missing(r) else xsasync.entries(xsasync.ok(r))
-                               for r in listings)
-            removals = [f"/local/domain/0/backend/{btype}/{domid}" for btype in btypes]
-            # /vm/UUID is shared with the other copy after a migration on this
-            # host (same uuid): it goes with the last domain that names it.
-            if vm and vm.startswith("/vm/"):
-                others = [int(d) for d in domains if d.isdigit() and int(d) != domid]
-                paths = yield [(XS_READ, f"/local/domain/{d}/vm\0".encode(), 0) for d in others]
-                if vm.encode() not in paths:
-                    removals.append(vm)
-            removals += [f"/local/domain/{domid}", f"/libxl/{domid}"]
-            replies = yield [(XS_RM, f"{path}\0".encode(), 0) for path in removals]
-            for reply in replies:
-                if not xsasync.missing(reply):
-                    xsasync.ok(reply)
-
-        def store(finished: Finished) -> Cancellable:
-            return xsasync.XsTask(loop, self._open_xs, nodes(), finished,
-                                  f"domain {domid}'s XenStore nodes")
-
-        def files() -> None:
-            uuid = info.uuid if info is not None else "*"
-            for f in glob.glob(os.path.join(USERDATA_DIR, f"userdata-d.{domid}.{uuid}.*")):
-                try:
-                    os.unlink(f)
-                except OSError:
-                    pass
-            hvm.remove_state_files(domid)
-            self._restoring.pop(domid, None)
-            self._ports.pop(domid, None)
-
-        return [Waits(store), files]
 
     # -- restore ---------------------------------------------------------------
     def create_restore_target(self, config: Dict[str, Any]) -> int:
@@ -620,57 +569,40 @@ class XenBackend(NoDeviceModel):
         self._ports.pop(domid, None)
         if config is None:
             return super().start_restore_device_model(loop, domid, records, done)
-        xs, opener = self.xs, self._open_xs
+        opener = self._open_xs
         hvm_guest = (config.get("c_info") or {}).get("type") == "hvm"
         protocol = None
         if (config.get("c_info") or {}).get("type") == "pv":
             protocol = self.xc.native_protocol(domid)
         steps: List[xendevices.Step] = []
         for disk in libxlcfg.disks(config):
-            steps += xendevices.add_disk(loop, opener, xs, domid, disk, protocol)
+            steps += xendevices.add_disk(loop, opener, domid, disk, protocol)
         if hvm_guest:
             def start_dm(next_: Callable[[Optional[str]], None]) -> Cancellable:
                 return hvm.DeviceModelStart(
-                    loop, opener, xs, domid, config, records,
+                    loop, opener, domid, config, records,
                     lambda ok, why: next_(None if ok else why),
                     self._dm_procs)
             steps.append(start_dm)
             steps.append(lambda next_: hvm.ChardevPostconfig(
-                loop, xs, domid, lambda ok, why: next_(None if ok else why)))
+                loop, opener, domid, lambda ok, why: next_(None if ok else why)))
         for nic in libxlcfg.nics(config):
-            steps += xendevices.add_nic(loop, opener, xs, domid, nic)
+            steps += xendevices.add_nic(loop, opener, domid, nic)
         return xendevices.DeviceSteps(loop, steps, done)
 
 
-class _DestroySteps:
-    """A destroy in flight: the device removal and its overall bound."""
+class _Then:
+    """A Cancellable whose part in flight changes as it goes (a read, then
+    what it told)."""
 
-    def __init__(self, done: Done) -> None:
-        self._done: Optional[Done] = done
-        self.removal: Optional[xendevices.DevicesRemoval] = None
-        self.timer: Optional[Timer] = None
-        self.child: Optional[ShortChild] = None    # xc_domain_destroy, once it runs
-
-    def stop(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        if self.removal is not None:
-            self.removal.cancel()
-            self.removal = None
-
-    def finish(self, ok: bool, why: str) -> None:
-        done, self._done = self._done, None
-        if done is not None:
-            done(ok, why)
+    def __init__(self) -> None:
+        self.part: Optional[Cancellable] = None
+        self.cancelled = False
 
     def cancel(self) -> None:
-        """No callback; what was started (backends closing, scripts, the
-        hypercall) runs out."""
-        self._done = None
-        self.stop()
-        if self.child is not None:
-            self.child.cancel()
+        self.cancelled = True
+        if self.part is not None:
+            self.part.cancel()
 
 
 def _copy(config: Dict[str, Any]) -> Dict[str, Any]:

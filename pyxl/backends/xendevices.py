@@ -13,7 +13,8 @@ type_if=vif`` and, for a vif_ioemu NIC, ``vif-bridge add type_if=tap`` too.
 A QEMU backend (qdisk) needs neither.  Disks go before the device model,
 NICs after it (domcreate_launch_dm, domcreate_attach_devices).
 
-Everything waits on the loop: XenStore watches (:class:`~pyxl.backends.xswatch.XsWait`),
+Everything waits on the loop: XenStore rounds (:mod:`~pyxl.backends.xsasync`: nothing
+waits on xenstored in a callback), watches (:class:`~pyxl.backends.xswatch.XsWait`),
 the script's output pipe and pidfd, timers.  :class:`DeviceSteps` runs them
 one after the other and stops at the first failure.
 
@@ -41,13 +42,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from pyxl._log import get_logger
 from pyxl.backends import libxlcfg, xenbuild
 from pyxl.backends.libxlcfg import Disk, Nic
-from pyxl.backends.xenstore import XS_READ, Batch, XenStore, XenStoreError
-from pyxl.backends.xsasync import XsScript, XsTask, missing, ok, transaction
-from pyxl.backends.xswatch import Outcome, XsWait
+from pyxl.backends.xenstore import (XS_DIRECTORY, XS_READ, XS_RM, XS_TRANSACTION_END,
+                                    XS_TRANSACTION_START, XS_WRITE, Batch, XenStore,
+                                    XenStoreError, check_batch)
+from pyxl.backends.xsasync import (TRANSACTION_ATTEMPTS, Reply, XsScript, XsTask, entries,
+                                   missing, ok, reason, transaction)
+from pyxl.backends.xswatch import XsWait, node_is
 from pyxl.loop import Loop, Timer
 
 __all__ = ["DeviceSteps", "DevicesRemoval", "Script", "add_disk", "add_nic", "check_bridges",
-           "xs_path_cleanup", "HOTPLUG_TIMEOUT", "INIT_TIMEOUT", "DESTROY_TIMEOUT"]
+           "path_cleanup", "HOTPLUG_TIMEOUT", "INIT_TIMEOUT", "DESTROY_TIMEOUT"]
 
 _log = get_logger("pyxl.xen")
 
@@ -196,52 +200,60 @@ class DeviceSteps:
             self.current.cancel()
 
 
-def _backend_state(path: str, wanted: int) -> Callable[[XenStore], Outcome]:
-    def check(xs: XenStore) -> Outcome:
-        raw = xs.read(f"{path}/state")
-        return (True, "") if raw is not None and raw.strip() == str(wanted).encode() else None
-    return check
-
-
-def _hotplug_env(script: str, bkind: str, domid: int, devid: int, back: str, xs: XenStore,
+def _hotplug_env(script: str, bkind: str, domid: int, devid: int, gatewaydev: str,
                  nictype: Optional[str] = None) -> Dict[str, str]:
+    """libxl's get_hotplug_env (``gatewaydev``: the backend's node of that name)."""
     env = {"script": script, "XENBUS_TYPE": bkind,
            "XENBUS_PATH": f"backend/{bkind}/{domid}/{devid}", "XENBUS_BASE_PATH": "backend"}
     if bkind == "vif":
-        env["netdev"] = (xs.read(f"{back}/gatewaydev") or b"").decode()
+        env["netdev"] = gatewaydev
         if nictype == "vif_ioemu":
             env["INTERFACE"] = f"vif{domid}.{devid}-emu"
         env["vif"] = f"vif{domid}.{devid}"
     return env
 
 
-def _connect(loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: int, bkind: str,
+def _text(reply: Reply) -> str:
+    """A read's value as text ("" for a missing node)."""
+    return "" if missing(reply) else ok(reply).decode(errors="replace")
+
+
+def _connect(loop: Loop, opener: Callable[[], XenStore], domid: int, bkind: str,
              devid: int, back: str, scripts: List[List[str]], nictype: Optional[str],
-             what: str) -> List[Step]:
+             gatewaydev: str, what: str) -> List[Step]:
     """libxl__wait_device_connection + device_hotplug for a dom0 kernel backend."""
     def wait(next_: Callable[[Optional[str]], None]) -> Any:
-        return XsWait(loop, opener, [f"{back}/state"], _backend_state(back, XENBUS_INITWAIT),
+        return XsWait(loop, opener, [f"{back}/state"],
+                      node_is(f"{back}/state", str(XENBUS_INITWAIT).encode()),
                       INIT_TIMEOUT, lambda ok, why: next_(None if ok else f"{what}: {why}"),
                       f"backend {back} reaching state {XENBUS_INITWAIT}")
 
     def run(argv: List[str]) -> Step:
         def step(next_: Callable[[Optional[str]], None]) -> Any:
-            env = _hotplug_env(argv[0], bkind, domid, devid, back, xs, nictype)
+            env = _hotplug_env(argv[0], bkind, domid, devid, gatewaydev, nictype)
             _log.info("domain %d: %s: %s", domid, what, " ".join(argv))
 
             def ran(why: Optional[str]) -> None:
-                if why is not None:
-                    err = xs.read(f"{back}/hotplug-error")
-                    if err:
-                        why += f" ({err.decode(errors='replace')})"
-                next_(None if why is None else f"{what}: {why}")
+                if why is None:
+                    next_(None)
+                    return
+
+                def told(exc: Optional[Exception]) -> None:    # the script's own reason
+                    err = "" if exc is not None or task.result is None else task.result
+                    next_(f"{what}: {why}" + (f" ({err})" if err else ""))
+                task = XsTask(loop, opener, _read(f"{back}/hotplug-error"), told, what)
             return Script(loop, argv, env, HOTPLUG_TIMEOUT, ran)
         return step
 
     return [wait] + [run(a) for a in scripts]
 
 
-def add_disk(loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: int, disk: Disk,
+def _read(path: str) -> XsScript[str]:
+    [reply] = yield [(XS_READ, f"{path}\0".encode(), 0)]
+    return _text(reply)
+
+
+def add_disk(loop: Loop, opener: Callable[[], XenStore], domid: int, disk: Disk,
              protocol: Optional[str] = None) -> List[Step]:
     """The steps adding one disk (``protocol``: a PV guest's native ABI, for old frontends)."""
     bkind = "qdisk" if disk.backend == "qdisk" else "vbd"
@@ -274,12 +286,11 @@ def add_disk(loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: in
 
     if bkind == "qdisk":
         return [nodes]
-    return [nodes] + _connect(loop, opener, xs, domid, "vbd", disk.devid, back,
-                              [[dict(back_entries)["script"], "add"]], None, what)
+    return [nodes] + _connect(loop, opener, domid, "vbd", disk.devid, back,
+                              [[dict(back_entries)["script"], "add"]], None, "", what)
 
 
-def add_nic(loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: int,
-            nic: Nic) -> List[Step]:
+def add_nic(loop: Loop, opener: Callable[[], XenStore], domid: int, nic: Nic) -> List[Step]:
     """The steps adding one NIC (libxl__set_xenstore_nic's nodes, vif-bridge)."""
     back_entries: List[Tuple[str, Any]] = [
         ("frontend-id", domid), ("online", 1), ("state", XENBUS_INITIALISING),
@@ -307,8 +318,8 @@ def add_nic(loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: int
     scripts = [[nic.script, "online", "type_if=vif"]]
     if nic.nictype == "vif_ioemu":
         scripts.append([nic.script, "add", "type_if=tap"])
-    return [nodes] + _connect(loop, opener, xs, domid, "vif", nic.devid, back, scripts,
-                              nic.nictype, what)
+    return [nodes] + _connect(loop, opener, domid, "vif", nic.devid, back, scripts,
+                              nic.nictype, nic.gatewaydev or "", what)
 
 
 def _write_nodes(loop: Loop, opener: Callable[[], XenStore], domid: int, kind: str, devid: int,
@@ -343,93 +354,149 @@ def _write_nodes(loop: Loop, opener: Callable[[], XenStore], domid: int, kind: s
     return task
 
 
-def xs_path_cleanup(xs: XenStore, path: str, tx: int = 0) -> None:
+def path_cleanup(path: str, tx: int = 0) -> XsScript[None]:
     """libxl__xs_path_cleanup: remove ``path``, then each parent left empty
     (no value, no children)."""
-    xs.rm(path, tx)
+    _removed((yield [(XS_RM, f"{path}\0".encode(), tx)])[0])
     parts = path.rstrip("/").split("/")
     while len(parts) > 2:
         parts.pop()
-        parent = "/".join(parts)
-        if xs.read(parent, tx) != b"" or xs.directory(parent, tx):
+        parent = "/".join(parts).encode() + b"\0"
+        value, kids = yield [(XS_READ, parent, tx), (XS_DIRECTORY, parent, tx)]
+        if missing(value) or ok(value) or (not missing(kids) and entries(ok(kids))):
             break
-        xs.rm(parent, tx)
+        _removed((yield [(XS_RM, parent, tx)])[0])
+
+
+def _removed(reply: Reply) -> None:
+    """An XS_RM's reply: a node missing already is fine."""
+    if not missing(reply):
+        ok(reply)
+
+
+def _devices(domid: int) -> XsScript[List[Tuple[str, str, str, str]]]:
+    """The domain's devices libxl keeps, in three rounds: [(kind, devid,
+    backend path, frontend path)]."""
+    base = f"/libxl/{domid}/device"
+    [reply] = yield [(XS_DIRECTORY, f"{base}\0".encode(), 0)]
+    kinds = [] if missing(reply) else entries(ok(reply))
+    listings = yield [(XS_DIRECTORY, f"{base}/{k}\0".encode(), 0) for k in kinds]
+    devs = [(k, d) for k, r in zip(kinds, listings) if not missing(r) for d in entries(ok(r))]
+    paths = yield [(XS_READ, f"{base}/{k}/{d}/{end}\0".encode(), 0)
+                   for k, d in devs for end in ("backend", "frontend")]
+    return [(k, d, _text(paths[2 * i]), _text(paths[2 * i + 1])) for i, (k, d) in enumerate(devs)]
+
+
+#: What a backend told once asked to close: (backend kind, script, nictype, gatewaydev).
+Closing = Tuple[str, str, Optional[str], str]
+
+
+def _initiate(domid: int, kind: str, devid: str, back: str, front: str
+              ) -> XsScript[Optional[Closing]]:
+    """libxl__initiate_device_generic_remove, forced: None if the device's
+    nodes are simply gone now (no dom0 kernel backend, or none left), else
+    what its scripts need once the backend has closed."""
+    lx = f"/libxl/{domid}/device/{kind}/{devid}"
+    bparts = back.split("/")
+    if len(bparts) != 8 or bparts[:3] != ["", "local", "domain"] or bparts[4] != "backend":
+        yield from path_cleanup(lx)
+        return None
+    bkind = bparts[5]
+    if bkind in ("vbd", "vif"):
+        # One transaction: the frontend goes, online=0, state=Closing.
+        # Removed on its own first, the frontend's disappearance let blkback
+        # switch to Closed (staying registered: still online) before our
+        # Closing landed on top of it; then nothing moved it again, the wait
+        # for Closed timed out and the block script never ran (its loop
+        # device stayed).
+        for _ in range(TRANSACTION_ATTEMPTS):
+            tx = int(ok((yield [(XS_TRANSACTION_START, b"\0", 0)])[0]).rstrip(b"\0"))
+            try:
+                if front:
+                    yield from path_cleanup(front, tx)
+                [state] = yield [(XS_READ, f"{back}/state\0".encode(), tx)]
+                closing = not missing(state)
+                if closing:
+                    changes = [(XS_WRITE, f"{back}/online\0".encode() + b"0", tx)]
+                    if ok(state).strip() != str(XENBUS_CLOSED).encode():
+                        changes.append((XS_WRITE, f"{back}/state\0{XENBUS_CLOSING}".encode(), tx))
+                    check_batch(changes, (yield changes))
+            except Exception:
+                yield [(XS_TRANSACTION_END, b"F\0", tx)]
+                raise
+            [end] = yield [(XS_TRANSACTION_END, b"T\0", tx)]
+            if not (isinstance(end, XenStoreError) and end.errno == errno.EAGAIN):
+                ok(end)
+                break
+        else:
+            raise XenStoreError(errno.EAGAIN, "xenstored: the removal's transaction conflicted "
+                                f"{TRANSACTION_ATTEMPTS} times")
+        if closing:
+            script, nictype, gatewaydev = map(_text, (yield [
+                (XS_READ, f"{back}/{node}\0".encode(), 0)
+                for node in ("script", "type", "gatewaydev")]))
+            return bkind, script, nictype if bkind == "vif" else None, gatewaydev
+    for p in (front, lx, back):     # console; QEMU backends (QEMU is gone); a backend gone
+        if p:
+            yield from path_cleanup(p)
+    return None
+
+
+def _cleanup(paths: Sequence[str]) -> XsScript[None]:
+    for p in paths:
+        if p:
+            yield from path_cleanup(p)
 
 
 class DevicesRemoval:
     """Remove every device of ``domid`` libxl would (see the module docstring),
-    all at once on ``loop``; ``done()`` once each is gone (failures are logged:
-    a destroy goes on)."""
+    all at once on ``loop``, every XenStore exchange a round on the loop;
+    ``done()`` once each is gone (failures are logged: a destroy goes on)."""
 
-    def __init__(self, loop: Loop, opener: Callable[[], XenStore], xs: XenStore, domid: int,
+    def __init__(self, loop: Loop, opener: Callable[[], XenStore], domid: int,
                  done: Callable[[], None]) -> None:
-        self.loop, self.opener, self.xs, self.domid, self._done = loop, opener, xs, domid, done
+        self.loop, self.opener, self.domid, self._done = loop, opener, domid, done
         self.pending: Dict[str, Any] = {}
         self.failures: List[str] = []
-        for kind in xs.directory(f"/libxl/{domid}/device"):
-            for devid in xs.directory(f"/libxl/{domid}/device/{kind}"):
-                try:
-                    self._remove(kind, devid)
-                except OSError as exc:      # the others go on
-                    self.failures.append(f"{kind}/{devid}: {exc}")
-                    _log.error("domain %d: removing %s/%s: %s", domid, kind, devid, exc)
-        self.timer = loop.call_later(0, self._check_done)
+        self.pending[""] = XsTask(loop, opener, _devices(domid), self._listed,
+                                  f"domain {domid}'s devices")
+
+    def _listed(self, exc: Optional[Exception]) -> None:
+        listing = self.pending.pop("")
+        if exc is not None:
+            self._failed("", f"listing its devices: {reason(exc)}")
+        for kind, devid, back, front in listing.result or []:
+            key = f"{kind}/{devid}"
+            lx = f"/libxl/{self.domid}/device/{key}"
+            self.pending[key] = self._task(_initiate(self.domid, kind, devid, back, front),
+                                           key, self._then_asked(key, (front, lx, back)))
+        self._check_done()
+
+    def _task(self, script: XsScript[Any], key: str, then: Callable[[Any], None]) -> XsTask[Any]:
+        """``script`` on the loop; ``then(result)``, or the device's removal failed."""
+        def ended(exc: Optional[Exception]) -> None:
+            if exc is not None:
+                self._failed(key, reason(exc))
+            else:
+                then(task.result)
+        task: XsTask[Any] = XsTask(self.loop, self.opener, script, ended,
+                                   f"removing domain {self.domid}'s {key}")
+        return task
 
     def _check_done(self) -> None:
         if not self.pending:
             self._done()
 
-    def _remove(self, kind: str, devid: str) -> None:
-        xs, domid = self.xs, self.domid
-        lx = f"/libxl/{domid}/device/{kind}/{devid}"
-        back = (xs.read(f"{lx}/backend") or b"").decode()
-        front = (xs.read(f"{lx}/frontend") or b"").decode()
-        bparts = back.split("/")
-        if len(bparts) != 8 or bparts[:3] != ["", "local", "domain"] or bparts[4] != "backend":
-            xs_path_cleanup(xs, lx)
-            return
-        bkind = bparts[5]
-        key = f"{kind}/{devid}"
+    def _then_asked(self, key: str, paths: Tuple[str, str, str]
+                    ) -> Callable[[Optional[Closing]], None]:
+        return lambda closing: self._asked(key, closing, paths)
 
-        def cleanup() -> None:
-            for p in (front, lx, back):
-                if p:
-                    xs_path_cleanup(xs, p)
-
-        if bkind not in ("vbd", "vif"):     # console; QEMU backends (QEMU is gone)
-            cleanup()
+    def _asked(self, key: str, closing: Optional[Closing], paths: Tuple[str, str, str]) -> None:
+        if closing is None:     # its nodes are gone already
+            self._removed(key)
             return
-        # One transaction, as libxl__initiate_device_generic_remove: the
-        # frontend goes (forced removal), online=0, state=Closing.  Removed on
-        # its own first, the frontend's disappearance let blkback switch to
-        # Closed (staying registered: still online) before our Closing landed
-        # on top of it; then nothing moved it again, the wait for Closed timed
-        # out and the block script never ran (its loop device stayed).
-        state = None
-        for _attempt in range(16):
-            tx = xs.transaction_start()
-            try:
-                if front:
-                    xs_path_cleanup(xs, front, tx)
-                state = xs.read(f"{back}/state", tx)
-                if state is not None:
-                    xs.write(f"{back}/online", "0", tx)
-                    if state.strip() != str(XENBUS_CLOSED).encode():
-                        xs.write(f"{back}/state", str(XENBUS_CLOSING), tx)
-            except BaseException:
-                xs.transaction_end(tx, commit=False)
-                raise
-            try:
-                xs.transaction_end(tx)
-                break
-            except XenStoreError as exc:
-                if exc.errno != errno.EAGAIN:   # EAGAIN: a conflicting write; again
-                    raise
-        if state is None:
-            cleanup()
-            return
-        script = (xs.read(f"{back}/script") or b"").decode()
-        nictype = (xs.read(f"{back}/type") or b"").decode() if bkind == "vif" else None
+        bkind, script, nictype, gatewaydev = closing
+        back, devid = paths[2], key.split("/")[1]
         argvs: List[List[str]] = []
         if script and bkind == "vbd":
             argvs = [[script, "remove"]]
@@ -437,8 +504,21 @@ class DevicesRemoval:
             argvs = [[script, "offline", "type_if=vif"]]
             if nictype == "vif_ioemu":
                 argvs.append([script, "remove", "type_if=tap"])
+        steps = [self._script(a, bkind, devid, gatewaydev, nictype) for a in argvs]
+
+        def run_scripts(late: Optional[str]) -> None:
+            def scripts_done(ok: bool, why: str) -> None:
+                if late is not None or not ok:
+                    self._failed(key, "; ".join(w for w in (late, None if ok else why) if w),
+                                 paths)
+                else:
+                    self._gone(key, paths)
+            self.pending[key] = DeviceSteps(self.loop, steps, scripts_done)
 
         def closed(ok: bool, why: str) -> None:
+            if ok:
+                run_scripts(None)
+                return
             # A backend that did not close in time: libxl (forced) then skips
             # the script, and the block script's loop device stays attached for
             # good (seen in the lane: QEMU killed during a restore on a loaded
@@ -446,48 +526,49 @@ class DevicesRemoval:
             # add script ran (hotplug-status "connected" is its mark): its losetup -d frees
             # the device as soon as blkback lets go.  The removal is still
             # reported as failed.
-            late = None if ok else why
-            if late is not None and not (xs.read(f"{back}/hotplug-status") or b"").strip():
-                self._failed(key, late, cleanup)     # its script never ran: nothing to undo
-                return
-
-            def scripts_done(ok: bool, why: str) -> None:
-                if late is not None or not ok:
-                    self._failed(key, "; ".join(w for w in (late, None if ok else why) if w),
-                                 cleanup)
-                else:
-                    self._gone(key, cleanup)
-            self.pending[key] = DeviceSteps(self.loop, [self._script(a, bkind, devid, back,
-                                                                     nictype) for a in argvs],
-                                            scripts_done)
+            def status(value: str) -> None:
+                if value.strip():
+                    run_scripts(why)
+                else:   # its script never ran: nothing to undo
+                    self._failed(key, why, paths)
+            self.pending[key] = self._task(_read(f"{back}/hotplug-status"), key, status)
 
         self.pending[key] = XsWait(self.loop, self.opener, [f"{back}/state"],
-                                   _backend_state(back, XENBUS_CLOSED), DESTROY_TIMEOUT, closed,
-                                   f"backend {back} closing")
+                                   node_is(f"{back}/state", str(XENBUS_CLOSED).encode()),
+                                   DESTROY_TIMEOUT, closed, f"backend {back} closing")
 
-    def _script(self, argv: List[str], bkind: str, devid: str, back: str,
+    def _script(self, argv: List[str], bkind: str, devid: str, gatewaydev: str,
                 nictype: Optional[str]) -> Step:
         def step(next_: Callable[[Optional[str]], None]) -> Any:
-            env = _hotplug_env(argv[0], bkind, self.domid, int(devid), back, self.xs, nictype)
+            env = _hotplug_env(argv[0], bkind, self.domid, int(devid), gatewaydev, nictype)
             _log.info("domain %d: %s", self.domid, " ".join(argv))
             return Script(self.loop, argv, env, HOTPLUG_TIMEOUT, next_)
         return step
 
-    def _failed(self, key: str, why: str, cleanup: Callable[[], None]) -> None:
-        _log.error("domain %d: removing %s: %s", self.domid, key, why)
-        self.failures.append(f"{key}: {why}")
-        self._gone(key, cleanup)
+    def _failed(self, key: str, why: str, paths: Sequence[str] = ()) -> None:
+        _log.error("domain %d: removing %s: %s", self.domid, key or "its devices", why)
+        self.failures.append(f"{key}: {why}" if key else why)
+        self._gone(key, paths)
 
-    def _gone(self, key: str, cleanup: Callable[[], None]) -> None:
-        try:
-            cleanup()
-        except OSError as exc:
-            _log.error("domain %d: removing %s from XenStore: %s", self.domid, key, exc)
+    def _gone(self, key: str, paths: Sequence[str]) -> None:
+        """The device's nodes go, with their empty parents."""
+        if not any(paths):
+            self._removed(key)
+            return
+
+        def cleaned(exc: Optional[Exception]) -> None:
+            if exc is not None:
+                _log.error("domain %d: removing %s from XenStore: %s", self.domid, key,
+                           reason(exc))
+            self._removed(key)
+        self.pending[key] = XsTask(self.loop, self.opener, _cleanup(paths), cleaned,
+                                   f"removing domain {self.domid}'s {key}")
+
+    def _removed(self, key: str) -> None:
         self.pending.pop(key, None)
         self._check_done()
 
     def cancel(self) -> None:
-        self.timer.cancel()
         for p in list(self.pending.values()):
             p.cancel()
         self.pending.clear()

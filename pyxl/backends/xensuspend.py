@@ -8,8 +8,9 @@ xenstored connection, its fd on the operation's loop) wakes us on every
 domain state change, and ``xc_domain_getinfolist`` tells whether D has shut
 down with reason suspend.  A timer bounds the wait; on timeout a request the
 guest never picked up is withdrawn, so it cannot suspend later behind our back.
-The request's XenStore write is a round trip on the loop (:mod:`xsasync`, a
-connection of its own, sent once the watch is set), not one waited for.
+Nothing here waits on xenstored: the watch (:class:`XsWait`) and the
+request's write (:mod:`xsasync`, a connection of its own) are round trips on
+the loop.
 
 May import: pyxl.backends.xenctrl, pyxl.backends.xenstore, pyxl.backends.xsasync,
 pyxl.backends.xswatch, pyxl.loop.
@@ -22,8 +23,8 @@ from typing import Any, Callable, Optional
 
 from pyxl._log import get_logger
 from pyxl.backends.xenctrl import SHUTDOWN_suspend
-from pyxl.backends.xenstore import XS_WRITE, XenStore
-from pyxl.backends.xsasync import XsScript, XsTask, ok, reason
+from pyxl.backends.xenstore import XS_READ, XS_WRITE
+from pyxl.backends.xsasync import XsScript, XsTask, missing, ok, reason
 from pyxl.backends.xswatch import Outcome, XsWait
 from pyxl.loop import Loop, Timer
 
@@ -50,12 +51,12 @@ class Suspend:
         self.wait = XsWait(loop, be._open_xs, ["@releaseDomain"], self._check, timeout,
                            self._finish, f"suspend of domain {domid}",
                            on_timeout=self._timed_out)
-        if self.wait.xs is None:
-            return      # it reports the XenStore failure from the loop
         if not via_shutdown:
             # Bounded like the wait: a xenstored that never takes the request
             # fails the suspend (the request may still land later, as it
-            # could behind any timeout).
+            # could behind any timeout).  Sent alongside the watch's
+            # registration: a guest that suspends before the watch is set is
+            # seen by the check that follows the registration.
             self._asking = XsTask(loop, be._open_xs, _ask(domid), self._asked,
                                   f"asking domain {domid} to suspend", timeout)
             return
@@ -100,18 +101,20 @@ class Suspend:
             return f"domain {self.domid} shut down with reason {info.shutdown_reason}, not suspend"
         return None
 
-    def _check(self, xs: XenStore) -> Outcome:
+    def _check(self) -> Outcome:
         self.events += 1
         why = self._state()
         return None if why is None else (why == "", why)
 
-    def _timed_out(self) -> Outcome:
+    def _timed_out(self) -> XsScript[Outcome]:
+        """The last look: a request the guest never picked up is withdrawn
+        (so it cannot suspend later behind our back), then its state read."""
+        if not self.via_shutdown:
+            path = f"/local/domain/{self.domid}/control/shutdown"
+            [reply] = yield [(XS_READ, f"{path}\0".encode(), 0)]
+            if not missing(reply) and ok(reply) == b"suspend":
+                ok((yield [(XS_WRITE, f"{path}\0".encode(), 0)])[0])
         try:
-            xs = self.wait.xs
-            if xs is not None and not self.via_shutdown:
-                path = f"/local/domain/{self.domid}/control/shutdown"
-                if xs.read(path) == b"suspend":
-                    xs.write(path, "")
             why = self._state()
         except OSError:
             why = None

@@ -12,7 +12,9 @@ changes, end) however many nodes it writes.  The same script runs two ways:
   the CLI's waited-for forms);
 * :class:`XsTask` -- on an event loop, on a connection of its own: a round is
   sent at once and its replies are read when the socket says they are there,
-  so the loop never waits on xenstored.
+  so the loop never waits on xenstored.  A script on the loop may also
+  yield :data:`EVENT` to wait for a watch event on its connection
+  (:class:`~pyxl.backends.xswatch.XsWait` is such a script).
 
 May import: pyxl.backends.xenstore, pyxl.loop.
 """
@@ -27,12 +29,24 @@ from pyxl.backends.xenstore import (XS_TRANSACTION_END, XS_TRANSACTION_START, Ba
                                     XenStore, XenStoreError, check_batch, check_reply)
 from pyxl.loop import Loop, Timer
 
-__all__ = ["Request", "Reply", "XsScript", "run", "transaction", "ok", "missing", "entries", "reason", "XsTask"]
+__all__ = ["Request", "Reply", "XsScript", "EVENT", "run", "transaction", "ok", "missing", "entries",
+           "reason", "XsTask"]
 
 T = TypeVar("T")
 Request = Tuple[int, bytes, int]
 Reply = Union[bytes, XenStoreError]
 XsScript = Generator[List[Request], List[Reply], T]
+
+
+
+class _EventRound(List[Request]):
+    """The type of :data:`EVENT`."""
+
+
+#: The round a script on the loop yields to wait for a watch event: answered
+#: with no replies once at least one event has come (the events themselves
+#: are dropped: a waiter reads again what it watches).
+EVENT: List[Request] = _EventRound()
 
 #: xenstored answers a conflicting transaction's end with EAGAIN; libxl then
 #: makes the transaction again.  Bounded here so that a store that always
@@ -94,6 +108,8 @@ def run(xs: XenStore, script: XsScript[T]) -> T:
     try:
         requests = next(script)
         while True:
+            if requests is EVENT:
+                raise ValueError("a script waiting for watch events runs on a loop (XsTask)")
             requests = script.send(xs.pipeline(requests) if requests else [])
     except StopIteration as stop:
         value: T = stop.value
@@ -120,6 +136,7 @@ class XsTask(Generic[T]):
         self._replies: List[Reply] = []
         self._unsent = b""
         self._writing = False
+        self._waiting = False      # the script yielded EVENT
         self._timer: Optional[Timer] = loop.call_later(0, self._start)
         self._deadline: Optional[Timer] = loop.call_later(timeout, lambda: self._fail(
             OSError(errno.ETIMEDOUT, f"{what}: xenstored did not answer within {timeout:g} s")))
@@ -141,7 +158,10 @@ class XsTask(Generic[T]):
 
     def _send(self, requests: Sequence[Request]) -> None:
         assert self._xs is not None
-        while not requests:     # a round of nothing: answered at once
+        while not requests:     # a round of nothing is answered at once; EVENT by an event
+            if requests is EVENT and not self._xs.events():
+                self._waiting = True
+                return
             assert self._script is not None
             requests = self._script.send([])
         frames, self._expect = self._xs.next_frames(requests)
@@ -179,6 +199,12 @@ class XsTask(Generic[T]):
         if self._xs is None:
             return
         try:
+            if self._waiting:
+                if self._xs.events():
+                    self._waiting = False
+                    assert self._script is not None
+                    self._send(self._script.send([]))
+                return
             for rtype, rid, body in self._xs.replies_ready():
                 if not self._expect:
                     raise OSError(errno.EPROTO, f"XenStore reply {rid} to no request")

@@ -310,7 +310,7 @@ def test_device_model_timeout_and_missing_state(xsd, host, monkeypatch):
     be.restore_done(7, 1, 2)
     loop = SelectorLoop()
     out: List[Tuple[bool, str]] = []
-    dm = hvm.DeviceModelStart(loop, xsd.connect, be.xs, 7, be._restoring[7],
+    dm = hvm.DeviceModelStart(loop, xsd.connect, 7, be._restoring[7],
                               [context_record(b"QEVM")], lambda *a: out.append(a), be._dm_procs,
                               timeout=0.3)
     loop.run_until(lambda: bool(out), timeout=10)
