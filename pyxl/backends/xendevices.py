@@ -463,8 +463,10 @@ class DevicesRemoval:
 
     def _listed(self, exc: Optional[Exception]) -> None:
         listing = self.pending.pop("")
-        if exc is not None:
-            self._failed("", f"listing its devices: {reason(exc)}")
+        if exc is not None:     # nothing to remove that we know of: the destroy goes on
+            why = f"listing its devices: {reason(exc)}"
+            _log.error("domain %d: removing its devices: %s", self.domid, why)
+            self.failures.append(why)
         for kind, devid, back, front in listing.result or []:
             key = f"{kind}/{devid}"
             lx = f"/libxl/{self.domid}/device/{key}"
@@ -546,8 +548,8 @@ class DevicesRemoval:
         return step
 
     def _failed(self, key: str, why: str, paths: Sequence[str] = ()) -> None:
-        _log.error("domain %d: removing %s: %s", self.domid, key or "its devices", why)
-        self.failures.append(f"{key}: {why}" if key else why)
+        _log.error("domain %d: removing %s: %s", self.domid, key, why)
+        self.failures.append(f"{key}: {why}")
         self._gone(key, paths)
 
     def _gone(self, key: str, paths: Sequence[str]) -> None:

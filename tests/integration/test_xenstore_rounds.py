@@ -210,3 +210,18 @@ def test_a_scripts_event_wait_is_only_for_the_loop(xsd):
     out, _ = on_loop(lambda loop, done: XsTask(loop, xsd.connect, waits(), done, "t", 0.3))
     (exc,), = out
     assert isinstance(exc, OSError) and "did not answer within 0.3 s" in str(exc)
+
+
+def test_a_removal_that_cannot_list_the_devices_ends_once_and_says_why():
+    from pyxl.backends.xendevices import DevicesRemoval
+
+    def refused() -> xenstore.XenStore:
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+    loop = SelectorLoop()
+    calls: List[int] = []
+    removal = DevicesRemoval(loop, refused, 7, lambda: calls.append(1))
+    assert loop.run_until(lambda: bool(calls), 5)
+    loop.run_until(lambda: False, 0.2)      # nothing more comes
+    assert calls == [1]
+    assert removal.failures == ["listing its devices: Connection refused"]
+    loop.close()
