@@ -455,11 +455,9 @@ class FakeQmp:
             os.close(fd)
 
 
-def test_hvm_save_side_over_qmp(xsd, host):
-    """What the save of an HVM domain (xl's or pyxl's) asks of its QEMU, through
-    /var/run/xen/qmp-libxl-D: log-dirty on, stop + add-fd + xen-save-devices-state
-    (live) -> EMULATOR_XENSTORE_DATA (physmap) + EMULATOR_CONTEXT; cont before
-    the domain runs again (unpause, resume after a failed save).  PVH: none."""
+def hvm_and_pvh(xsd: FakeXenstored):
+    """A backend where domain 7 is an HVM guest whose QEMU wrote a physmap
+    key (Xen < 4.10's interface) and domain 8 a PVH guest."""
     from pyxl.backends.xenctrl import XEN_DOMINF_hvm_guest
     be = backend(xsd, RecordingXc())
     be.xc.domains.update({7: XEN_DOMINF_hvm_guest, 8: XEN_DOMINF_hvm_guest})
@@ -467,6 +465,15 @@ def test_hvm_save_side_over_qmp(xsd, host):
     dm = "/local/domain/0/device-model/7/physmap/f0000000"
     xsd.nodes.update({f"{dm}/start_addr": b"f0000000", f"{dm}/size": b"800000",
                       f"{dm}/name": b"vga.vram"})
+    return be
+
+
+def test_hvm_save_side_over_qmp(xsd, host):
+    """What the save of an HVM domain (xl's or pyxl's) asks of its QEMU, through
+    /var/run/xen/qmp-libxl-D: log-dirty on, stop + add-fd + xen-save-devices-state
+    (live) -> EMULATOR_XENSTORE_DATA (physmap) + EMULATOR_CONTEXT; cont before
+    the domain runs again (unpause, resume after a failed save).  PVH: none."""
+    be = hvm_and_pvh(xsd)
     qmp = FakeQmp(qemu_args.qmp_path(7))
     loop = SelectorLoop()
     try:

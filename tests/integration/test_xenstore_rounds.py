@@ -27,7 +27,7 @@ from pyxl.backends.xswatch import XsWait, node_is
 from pyxl.loop import SelectorLoop
 from pyxl.stream.libxl import EMULATOR_HEADER, LibxlRecordType
 import test_xenbackend_hvm
-from test_xenbackend_hvm import FakeQmp, context_record, hvm1, pv1
+from test_xenbackend_hvm import FakeQmp, context_record, hvm1, hvm_and_pvh, pv1
 from test_xsasync import Gaps
 from xenfakes import FakeXenstored, RecordingXc, backend
 
@@ -151,12 +151,7 @@ def test_an_hvm_guests_qemu_starts_and_goes_without_holding_the_loop(xsd, host):
 
 
 def test_the_save_reads_the_type_and_physmap_on_the_loop(xsd, host):
-    be = backend(xsd, RecordingXc())
-    be.xc.domains.update({7: XEN_DOMINF_hvm_guest, 8: XEN_DOMINF_hvm_guest})
-    xsd.nodes.update({"/libxl/7/type": b"hvm", "/libxl/8/type": b"pvh"})
-    dm = "/local/domain/0/device-model/7/physmap/f0000000"
-    xsd.nodes.update({f"{dm}/start_addr": b"f0000000", f"{dm}/size": b"800000",
-                      f"{dm}/name": b"vga.vram"})
+    be = hvm_and_pvh(xsd)
     qmp = FakeQmp(qemu_args.qmp_path(7))
     try:
         xsd.delay = dict(READS)
