@@ -21,6 +21,7 @@ from typing import List, Tuple
 import pytest
 
 from pyxl.backends import hvm, libxlcfg, qemu_args, xenbuild, xendevices, xenstore
+from pyxl.backends.xen import XenBackend
 from pyxl.backends.xenctrl import SHUTDOWN_suspend
 from pyxl.errors import DeviceModelError, StartupError
 from pyxl.loop import SelectorLoop
@@ -171,17 +172,36 @@ def test_restore_done_hvm_nodes(xsd, host):
     assert intro == [[b"7", str(0xfeffc).encode(), b"1", b""]]
 
 
+def qemu_writes_running(xsd: FakeXenstored, within: float = 10.0) -> None:
+    """What QEMU does once it runs (device-model/7/state = running), from a
+    thread, once the stand-in QEMU has started (within ``within`` s)."""
+    def qemu_side() -> None:
+        for _ in range(int(within * 100)):
+            if os.path.exists(os.environ["FAKE_QEMU_OUT"]):
+                xsd.write("/local/domain/0/device-model/7/state", b"running")
+                return
+            time.sleep(0.01)
+    threading.Thread(target=qemu_side, daemon=True).start()
+
+
+#: the stream's EMULATOR_XENSTORE_DATA record: one physmap key
+XS_DATA = (LibxlRecordType.EMULATOR_XENSTORE_DATA,
+           EMULATOR_HEADER.pack(2, 0) + b"physmap/1/name\0vga\0")
+
+
+def restored_hvm1(xsd: FakeXenstored, host) -> XenBackend:
+    """A backend with hvm1 built as domain 7, its helper done: ready for QEMU."""
+    be = backend(xsd, RecordingXc())
+    be.create_restore_target(hvm1(host))
+    be.restore_done(7, 0xfeffc, 0xfefff)
+    return be
+
+
 def _start_dm(be, records, timeout=10.0, write_running=True, xsd=None):
     loop = SelectorLoop()
     out: List[Tuple[bool, str]] = []
     if write_running:
-        def qemu_side() -> None:      # QEMU writes its state once it runs
-            for _ in range(1000):
-                if os.path.exists(os.environ["FAKE_QEMU_OUT"]):
-                    xsd.write("/local/domain/0/device-model/7/state", b"running")
-                    return
-                time.sleep(0.01)
-        threading.Thread(target=qemu_side, daemon=True).start()
+        qemu_writes_running(xsd)
     t = be.start_restore_device_model(loop, 7, records, lambda ok, why: out.append((ok, why)))
     loop.run_until(lambda: bool(out), timeout=timeout + 10)
     loop.close()
@@ -189,14 +209,10 @@ def _start_dm(be, records, timeout=10.0, write_running=True, xsd=None):
 
 
 def test_device_model_started_on_the_saved_state(xsd, host):
-    be = backend(xsd, RecordingXc())
-    be.create_restore_target(hvm1(host))
-    be.restore_done(7, 0xfeffc, 0xfefff)
-    xs_data = (LibxlRecordType.EMULATOR_XENSTORE_DATA,
-               EMULATOR_HEADER.pack(2, 0) + b"physmap/1/name\0vga\0")
+    be = restored_hvm1(xsd, host)
     qmp = FakeQmp(qemu_args.qmp_path(7))        # the stand-in QEMU's QMP, served here
     try:
-        out, _ = _start_dm(be, [xs_data, context_record(b"QEVM" + bytes(range(256)))], xsd=xsd)
+        out, _ = _start_dm(be, [XS_DATA, context_record(b"QEVM" + bytes(range(256)))], xsd=xsd)
     finally:
         qmp.close()
     assert out == [(True, "")]

@@ -12,7 +12,6 @@ for at least one such answer."""
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import threading
 import time
@@ -25,9 +24,9 @@ from pyxl.backends.xenctrl import XEN_DOMINF_hvm_guest
 from pyxl.backends.xsasync import XsTask
 from pyxl.backends.xswatch import XsWait, node_is
 from pyxl.loop import SelectorLoop
-from pyxl.stream.libxl import EMULATOR_HEADER, LibxlRecordType
 import test_xenbackend_hvm
-from test_xenbackend_hvm import FakeQmp, context_record, hvm1, hvm_and_pvh, pv1
+from test_xenbackend_hvm import (XS_DATA, FakeQmp, context_record, hvm_and_pvh, pv1,
+                                 qemu_writes_running, restored_hvm1)
 from test_xsasync import Gaps
 from xenfakes import FakeXenstored, RecordingXc, backend
 
@@ -115,23 +114,13 @@ def test_a_failed_script_names_the_scripts_own_reason_read_on_the_loop(xsd, host
 
 
 def test_an_hvm_guests_qemu_starts_and_goes_without_holding_the_loop(xsd, host):
-    be = backend(xsd, RecordingXc())
-    be.create_restore_target(hvm1(host))
-    be.restore_done(7, 0xfeffc, 0xfefff)
-    xs_data = (LibxlRecordType.EMULATOR_XENSTORE_DATA,
-               EMULATOR_HEADER.pack(2, 0) + b"physmap/1/name\0vga\0")
-    def qemu_side() -> None:      # QEMU writes its state once it runs
-        for _ in range(2000):
-            if os.path.exists(os.environ["FAKE_QEMU_OUT"]):
-                xsd.write("/local/domain/0/device-model/7/state", b"running")
-                return
-            time.sleep(0.01)
+    be = restored_hvm1(xsd, host)
     qmp = FakeQmp(qemu_args.qmp_path(7))
     try:
-        threading.Thread(target=qemu_side, daemon=True).start()
+        qemu_writes_running(xsd, within=20)
         xsd.delay = {**READS, xenstore.XS_WRITE: SLOW, xenstore.XS_MKDIR: SLOW}
         out, gaps = on_loop(lambda loop, done: be.start_restore_device_model(
-            loop, 7, [xs_data, context_record(b"QEVM")], done))
+            loop, 7, [XS_DATA, context_record(b"QEVM")], done))
         assert out == [(True, "")]
         assert gaps.longest < GAP, ("start", gaps.longest)
         n = xsd.nodes
