@@ -295,7 +295,7 @@ def _cpu_mask() -> bytes:
 
 
 def _request(path: str, argv: Sequence[str], env: Mapping[str, str], targets: Sequence[int],
-             new_group: bool) -> bytes:
+             flags: int) -> bytes:
     """What a fork here would give the child: our cwd and CPU affinity, and our
     nice plus :func:`set_child_nice`'s increment."""
     try:
@@ -304,7 +304,7 @@ def _request(path: str, argv: Sequence[str], env: Mapping[str, str], targets: Se
         cwd = ""
     strings = [path, cwd, *argv, *(f"{k}={v}" for k, v in env.items())]
     mask = _cpu_mask()
-    return (b"PXS1" + struct.pack(f"=II{len(targets)}iiI", 1 if new_group else 0, len(targets),
+    return (b"PXS1" + struct.pack(f"=II{len(targets)}iiI", flags, len(targets),
                                   *targets, min(19, os.getpriority(os.PRIO_PROCESS, 0) + _child_nice),
                                   len(mask))
             + mask + struct.pack("=II", len(argv), len(env))
@@ -343,12 +343,15 @@ class Child:
     elsewhere).  If the program never ran, ``start_error`` says why (an
     OSError, e.g. FileNotFoundError) and ``exited(None)`` follows.  ``pid`` is
     -1 until the spawner has answered (then ``started()``, if given, runs);
-    a signal sent before that is delivered then.  Errors in the request itself (no such program on PATH, no fds)
-    raise OSError here."""
+    a signal sent before that is delivered then.  Errors in the request itself
+    (no such program on PATH, no fds) raise OSError here.  ``new_session``:
+    the child leads a session of its own (``setsid``, as a daemon such as
+    QEMU is started), not only a process group."""
 
     def __init__(self, loop: Loop, argv: Sequence[str], exited: Callable[[Optional[int]], None],
                  *, fds: Optional[Mapping[int, int]] = None,
                  env: Optional[Mapping[str, str]] = None, new_group: bool = True,
+                 new_session: bool = False,
                  started: Optional[Callable[[], None]] = None) -> None:
         self.loop = loop
         self.argv = list(argv)
@@ -367,7 +370,8 @@ class Child:
         if not new_group:
             self._start_here(_which(self.argv[0], env), fds, env)
             return
-        payload = _request(_which(self.argv[0], env), self.argv, env, list(fds), new_group)
+        payload = _request(_which(self.argv[0], env), self.argv, env, list(fds),
+                           2 if new_session else 1)
         ours, sent = _paired(lambda fd: _send(payload, [fd, *fds.values()]))
         self._reply = ours
         loop.add_reader(ours.fileno(), self._answered)
@@ -473,7 +477,10 @@ class Child:
             pid, status = self.pid, -1       # reaped by the kernel (SIGCHLD ignored) or someone
         if pid == 0:
             return                           # a spurious wake-up: not gone yet
-        self.loop.remove_reader(self._pidfd)
+        try:
+            self.loop.remove_reader(self._pidfd)
+        except RuntimeError:                 # from poll(): its loop is closed
+            pass
         close_quietly(self._pidfd)
         self._pidfd = -1
         if status == -1:
@@ -486,6 +493,13 @@ class Child:
         if not self.finished:
             self.finished = True
             self._exited_cb(None if self.start_error is not None else code)
+
+    def poll(self) -> bool:
+        """Is it still running?  Reaps it now if it has exited (for a child
+        whose loop no longer runs: ``exited`` is then called from here)."""
+        if not self.finished and self._pidfd >= 0:
+            self._gone()
+        return not self.finished
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` (through the pidfd: never to a reused pid)."""

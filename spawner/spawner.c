@@ -19,6 +19,7 @@
  *               u8 cpumask[masklen] u32 argc u32 envc
  *               then NUL-terminated: path, cwd ("" = stay), argv[argc], env[envc]
  *   flags:      1 = the child leads a new process group (Ctrl-C is the caller's)
+ *               2 = the child leads a new session (setsid: a daemon, as libxl's QEMU)
  *   nice, cpumask: the caller's, at the request (a child of a fork would
  *               inherit them; ours would inherit this process's instead);
  *               the policy is never a real-time one (see child())
@@ -167,7 +168,9 @@ static void report(int fd, int stage)
 static void child(struct request *rq, int status)
 {
     int keep[MAX_FDS + 2], nkeep = 0, null = -1, top = 2;
-    if (rq->flags & 1)
+    if (rq->flags & 2)
+        setsid();
+    else if (rq->flags & 1)
         setpgid(0, 0);
     /* Best effort, as a fork would have them: a lower nice than ours needs
      * privileges the caller may have and we may not. */

@@ -324,3 +324,14 @@ def backend(xsd: FakeXenstored, xc: Any) -> XenBackend:
     be._ports, be._restoring, be._dm_procs, be._types = {}, {}, {}, {}
     be._open_xs = xsd.connect      # type: ignore[method-assign]
     return be
+
+
+def reaped(proc: Any, timeout: float = 5.0) -> int:
+    """The exit code of a :class:`pyxl.spawn.Child` whose loop has closed
+    (``poll()`` reaps it), once it has gone."""
+    import os
+    deadline = time.monotonic() + timeout
+    while proc.poll():
+        assert time.monotonic() < deadline, f"{proc.argv[0]} still runs after {timeout:g} s"
+        time.sleep(0.01)
+    return os.waitstatus_to_exitcode(proc.wait_status)

@@ -17,8 +17,9 @@ how to kill it (``kill``).
   ``EMULATOR_CONTEXT`` (u32 id 2 = QEMU upstream, u32 index 0, the file).
 * :meth:`~QmpDeviceModel.start_restore`: the ``EMULATOR_CONTEXT`` blob written
   to the restore file and opened read-only; the device model spawned on it
-  (``-incoming fd:N``, the fd inherited); its readiness polled on a timer,
-  bounded (libxl: 60 s); its early exit seen through a pidfd.
+  (``-incoming fd:N``, the fd inherited) as a :class:`pyxl.spawn.Child`, so
+  the loop never waits for its fork and exec; its readiness polled on a timer,
+  bounded (libxl: 60 s); its early exit seen through the child's pidfd.
 * :meth:`~QmpDeviceModel.start_resume` / :meth:`~QmpDeviceModel.resume`: ``cont``.
 * :meth:`~QmpDeviceModel.teardown`: kill it, remove its socket and files.
 
@@ -28,16 +29,14 @@ watches and timers; the only synchronous work is reading and writing small
 regular files, and :meth:`~QmpDeviceModel.resume` for synchronous callers.
 Failures are :class:`pyxl.errors.DeviceModelError`\\ s.
 
-May import: pyxl.errors, pyxl.loop, pyxl.qmp, pyxl.backends.base.
+May import: pyxl.errors, pyxl.loop, pyxl.qmp, pyxl.spawn, pyxl.backends.base.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import struct
-import subprocess
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
@@ -47,6 +46,7 @@ from pyxl.errors import DeviceModelError
 from pyxl.loop import Loop, Timer, run_private
 from pyxl.qmp.client import QmpClient
 from pyxl.qmp.codec import QmpTimeout
+from pyxl.spawn import Child
 
 __all__ = [
     "DeviceModelStartError", "DeviceModelTimeout", "DmDone", "DmSaved",
@@ -66,10 +66,11 @@ MAX_STATE = 256 << 20
 DmDone = Callable[[Optional[DeviceModelError]], None]
 #: ``done(records, err)``: the libxl records of the saved state, or None and why not.
 DmSaved = Callable[[Optional[List[EmulatorRecord]], Optional[DeviceModelError]], None]
-#: ``spawn(fd)``: start the device model on the saved state readable at ``fd``
-#: (``-incoming fd:N``; pass it with ``pass_fds``).  The process may stay a child
-#: (QEMU) or exit 0 once it has daemonized (fakexen's).
-Spawn = Callable[[int], "subprocess.Popen[Any]"]
+#: ``spawn(fd, exited)``: start the device model on the saved state readable at
+#: ``fd`` (``-incoming fd:N``: the child gets it under that number), as a
+#: :class:`~pyxl.spawn.Child` whose ``exited(status)`` is the one given.  The
+#: process may stay a child (QEMU) or exit 0 once it has daemonized (fakexen's).
+Spawn = Callable[[int, Callable[[Optional[int]], None]], Child]
 #: ``ready()``: has the device model reported that it runs?  Raises
 #: DeviceModelError when it can tell it never will.
 Readiness = Callable[[], bool]
@@ -157,8 +158,7 @@ class _Step:
         self.fd = -1
         self.files: List[str] = []
         self.finished = False
-        self.child: "Optional[subprocess.Popen[Any]]" = None
-        self.pidfd = -1
+        self.child: Optional[Child] = None
         owner._steps.add(self)
 
     def qmp(self, on_lost: Callable[[DeviceModelError], None]) -> QmpClient:
@@ -190,22 +190,26 @@ class _Step:
         for path in self.files:
             _unlink(path)
         self.files.clear()
-        self.unwatch_child()
 
-    def unwatch_child(self) -> None:
-        if self.pidfd >= 0:
-            self.loop.remove_reader(self.pidfd)
-            os.close(self.pidfd)
-            self.pidfd = -1
+    def kill_child(self) -> None:
+        """SIGKILL through its pidfd (delivered once the spawner has answered,
+        if it has not yet); the child is reaped from the loop when it goes."""
+        if self.child is not None:
+            self.child.forget()
+            self.child.kill()
 
     def cancel(self) -> None:
         if self.finished:
             return
         self.release()
-        if self.child is not None and self.child.poll() is None:
-            self.child.kill()
-            self.child.wait(5)      # SIGKILLed: reaped at once
+        self.kill_child()
         self.owner._kill_quietly()
+
+
+def _os_why(exc: OSError) -> str:
+    """An OSError in one line, with the file it names."""
+    why = exc.strerror or str(exc)
+    return f"{exc.filename}: {why}" if exc.filename and str(exc.filename) not in why else why
 
 
 def _unlink(path: str) -> None:
@@ -244,7 +248,7 @@ class QmpDeviceModel:
         self.ready_timeout = ready_timeout
         self.logger = logger or get_logger(f"pyxl.domain.{domid}")
         #: The device model process, while it is this object's child (a spawned QEMU).
-        self.child: "Optional[subprocess.Popen[Any]]" = None
+        self.child: Optional[Child] = None
         self._steps: Set[_Step] = set()
 
     # -- log-dirty ----------------------------------------------------------------------------
@@ -368,10 +372,7 @@ class QmpDeviceModel:
             if step.finished:
                 return
             step.release()
-            child = step.child
-            if child is not None and child.poll() is None:
-                child.kill()
-                child.wait(5)       # SIGKILLed: reaped at once
+            step.kill_child()
             self._kill_quietly()
             self._remove(self.qmp_path)
             done(err)
@@ -379,19 +380,20 @@ class QmpDeviceModel:
         def succeed() -> None:
             step.release()
             child = step.child
-            if child is not None and child.poll() is None:
-                self.child = child      # it stays our child (QEMU): teardown reaps it
+            if child is not None and child.running:
+                self.child = child      # it stays our child (QEMU): teardown kills it
             self.logger.debug("device model of domain %d ready after %.3fs", self.domid,
                               time.monotonic() - started)
             done(None)
 
-        def exited() -> None:
-            assert step.child is not None
-            status = step.child.poll()
-            if status is None:
+        def exited(status: Optional[int]) -> None:
+            child = step.child
+            if step.finished or child is None:
                 return
-            step.unwatch_child()
-            if status != 0:
+            if child.start_error is not None:
+                fail(DeviceModelStartError(f"cannot start domain {self.domid}'s device model: "
+                                           f"{_os_why(child.start_error)}"))
+            elif status not in (0, None):   # None: its status was lost (SIGCHLD ignored)
                 fail(DeviceModelStartError(f"domain {self.domid}'s device model exited with "
                                            f"status {status} before it was ready"))
 
@@ -432,14 +434,12 @@ class QmpDeviceModel:
             finally:
                 os.close(wfd)
             step.fd = os.open(self.restore_path, os.O_RDONLY | os.O_CLOEXEC)
-            step.child = spawn(step.fd)
-            os.close(step.fd)
+            step.child = spawn(step.fd, exited)
+            os.close(step.fd)       # the spawner has it, or a copy waits for it there
             step.fd = -1
-            step.pidfd = os.pidfd_open(step.child.pid)
-            loop.add_reader(step.pidfd, exited)
         except (DeviceModelError, OSError) as exc:
             err = exc if isinstance(exc, DeviceModelError) else DeviceModelStartError(
-                f"cannot start domain {self.domid}'s device model: {exc.strerror or exc}")
+                f"cannot start domain {self.domid}'s device model: {_os_why(exc)}")
             step.later(0, lambda: fail(err))
             return step
         step.later(self.ready_timeout, timed_out)
@@ -454,9 +454,7 @@ class QmpDeviceModel:
         for step in list(self._steps):
             step.cancel()
         if self.child is not None:
-            if self.child.poll() is None:
-                self.child.send_signal(signal.SIGKILL)
-                self.child.wait(5)
+            self.child.kill()       # reaped from the loop once it has gone
             self.child = None
         self._kill_quietly()
         for path in (self.qmp_path, self.save_path, self.restore_path):

@@ -15,9 +15,11 @@ Restore (libxl_create.c domcreate_launch_dm, libxl_dm.c libxl__spawn_local_dm),
    device-model directory are written; the stream's EMULATOR_XENSTORE_DATA
    keys go under it and its EMULATOR_CONTEXT to ``qemu-resume.D``;
 2. QEMU is started with :func:`pyxl.backends.qemu_args.device_model_command`
-   and ``-incoming fd:N`` on that file, in its own session, stdin /dev/null,
-   output to ``/var/log/xen/qemu-dm-NAME.log`` (rotated as
-   libxl_create_logfile), its pid recorded in XenStore;
+   and ``-incoming fd:N`` on that file, by :mod:`pyxl.spawn`'s spawner (the
+   loop does not wait for the fork and exec) in a session of its own, stdin
+   /dev/null, output to
+   ``/var/log/xen/qemu-dm-NAME.log`` (rotated as libxl_create_logfile), its
+   pid recorded in XenStore once the spawner has answered;
 3. it is ready when it writes ``running`` to ``device-model/D/state``
    (within 60 s): a XenStore watch on the loop; its early exit fails the start
    at once (a pidfd); the state file is removed either way;
@@ -30,14 +32,13 @@ qemu-save/qemu-resume files.
 
 May import: pyxl.backends.base, pyxl.backends.devicemodel, pyxl.backends.qemu_args,
 pyxl.backends.xenstore, pyxl.backends.xsasync, pyxl.backends.xswatch, pyxl.errors, pyxl.loop,
-pyxl.qmp.
+pyxl.qmp, pyxl.spawn.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pyxl._log import get_logger
@@ -51,6 +52,7 @@ from pyxl.backends.xswatch import XsWait, node_is
 from pyxl.errors import DeviceModelError
 from pyxl.loop import Loop
 from pyxl.qmp import QmpClient
+from pyxl.spawn import Child
 
 __all__ = ["ChardevPostconfig", "DeviceModelStart", "LIB_DIR", "LOG_DIR", "START_TIMEOUT",
            "start_timeout", "forget_device_model", "destroy_device_model", "device_model",
@@ -112,8 +114,6 @@ def _log_tail(name: str, lines: int = 5) -> str:
     return "; its log ends: " + " | ".join(tail) if tail else ""
 
 
-Popen = Callable[..., "subprocess.Popen[Any]"]
-
 
 def physmap(domid: int) -> XsScript[Dict[str, str]]:
     """The ``physmap/<id>/{start_addr,size,name}`` keys QEMU keeps under its
@@ -173,16 +173,17 @@ class DeviceModelStart:
     it (here: libxl's argv, log and session) and checks readiness; readiness
     here is a flag set by a XenStore watch on ``device-model/D/state`` (its
     own connection, on the loop), so the check reads no XenStore itself.
-    ``procs`` keeps the Popen for reaping."""
+    ``procs`` gets the QEMU :class:`~pyxl.spawn.Child` (for a destroy whose
+    pid is not on record)."""
 
     def __init__(self, loop: Loop, opener: Callable[[], XenStore], domid: int,
                  config: Dict[str, Any], records: List[Tuple[int, bytes]],
-                 done: Callable[[bool, str], None], procs: Dict[int, "subprocess.Popen[Any]"],
-                 timeout: Optional[float] = None, popen: Popen = subprocess.Popen) -> None:
+                 done: Callable[[bool, str], None], procs: Dict[int, Child],
+                 timeout: Optional[float] = None) -> None:
         self.domid, self.config = domid, config
-        self.done_cb, self.procs, self.popen = done, procs, popen
+        self.done_cb, self.procs = done, procs
         self.name = f"qemu-dm-{(config.get('c_info') or {}).get('name') or domid}"
-        self.running = self.spawned = False
+        self.running = self.spawned = self.pid_recorded = False
         self.watch_failed: Optional[str] = None
         self.finished = False
         self.wait: Optional[XsWait] = None
@@ -214,32 +215,37 @@ class DeviceModelStart:
     def _kill(self) -> None:
         """libxl__kill_xs_path's SIGHUP, to the pid we recorded (if it is still ours)."""
         proc = self.procs.get(self.domid)
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGHUP)
+        if proc is not None:
+            proc.signal(signal.SIGHUP)      # a no-op once it has gone
 
     def _ready(self) -> bool:
         if self.watch_failed is not None:
             raise DeviceModelError(self.watch_failed)
         return self.running
 
-    def _spawn(self, state_fd: int) -> "subprocess.Popen[Any]":
+    def _spawn(self, state_fd: int, exited: Callable[[Optional[int]], None]) -> Child:
         domid = self.domid
         cmd = qemu_args.device_model_command(self.config, domid, state_fd, dict(os.environ))
         log_fd = _open_log(self.name)
         try:
             _log.info("domain %d: starting its device model: %s", domid, " ".join(cmd.argv))
-            proc = self.popen(cmd.argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                              pass_fds=(state_fd,), env=dict(os.environ, **cmd.env),
-                              close_fds=True, start_new_session=True, restore_signals=True)
+            proc = Child(self.loop, cmd.argv, exited, env=dict(os.environ, **cmd.env),
+                         fds={state_fd: state_fd, 1: log_fd, 2: log_fd}, new_session=True,
+                         started=lambda: self._started(proc))
         finally:
             os.close(log_fd)
         self.procs[domid] = proc
         self.spawned = True
-        self.pid_write = XsTask(self.loop, self.opener,
-                                writes([(f"/local/domain/{domid}/image/device-model-pid",
-                                         str(proc.pid))]),
-                                self._pid_written, f"domain {domid}'s device-model-pid")
         return proc
+
+    def _started(self, proc: Child) -> None:
+        """The spawner has answered: QEMU's pid goes on record (xl's destroy reads it)."""
+        if self.finished:
+            return
+        self.pid_write = XsTask(self.loop, self.opener,
+                                writes([(f"/local/domain/{self.domid}/image/device-model-pid",
+                                         str(proc.pid))]),
+                                self._pid_written, f"domain {self.domid}'s device-model-pid")
 
     def _pid_written(self, exc: Optional[Exception]) -> None:
         self.pid_write = None
@@ -247,7 +253,9 @@ class DeviceModelStart:
             self.step.cancel()
             self._finish(DeviceModelError(f"cannot record the device model's pid: "
                                           f"{reason(exc)}"))
-        elif self.ended is not None:
+            return
+        self.pid_recorded = True
+        if self.ended is not None:
             self._finish(*self.ended)
 
     def cancel(self) -> None:
@@ -263,7 +271,7 @@ class DeviceModelStart:
     def _finish(self, err: Optional[DeviceModelError]) -> None:
         if self.finished:
             return
-        if self.pid_write is not None and err is None:
+        if err is None and not self.pid_recorded:
             self.ended = (err,)     # running once its pid is on record
             return
         self.finished = True
@@ -349,14 +357,14 @@ def forget_device_model(domid: int) -> XsScript[Optional[int]]:
 
 
 def destroy_device_model(domid: int, pid: Optional[int],
-                         procs: Optional[Dict[int, "subprocess.Popen[Any]"]] = None) -> None:
+                         procs: Optional[Dict[int, Child]] = None) -> None:
     """The rest of libxl__destroy_device_model + libxl__qmp_cleanup for a
     dom0 QEMU, once :func:`forget_device_model` gave its ``pid``: SIGHUP,
-    the QMP sockets unlinked, our exited QEMUs reaped."""
+    the QMP sockets unlinked, our exited QEMUs forgotten (the loop reaped them)."""
     proc = (procs or {}).get(domid)
-    if pid is None and proc is not None and proc.poll() is None:
-        pid = proc.pid      # ours, its pid not on record (xenstored refused it)
-    if pid is not None:
+    if proc is not None and proc.running and pid in (None, proc.pid):
+        proc.signal(signal.SIGHUP)     # ours: through its pidfd, never a reused pid
+    elif pid is not None:
         try:
             os.kill(pid, signal.SIGHUP)
         except ProcessLookupError:
@@ -369,8 +377,8 @@ def destroy_device_model(domid: int, pid: Optional[int],
         except OSError as exc:
             _log.error("domain %d: cannot remove QMP socket %s: %s", domid, path, exc.strerror)
     if procs:
-        for d, proc in list(procs.items()):
-            if proc.poll() is not None:     # reap what has exited (ours were our children)
+        for d, other in list(procs.items()):
+            if not other.poll():        # reaped now, if its loop no longer runs
                 del procs[d]
 
 

@@ -16,7 +16,6 @@ without one get :class:`~pyxl.backends.base.NoDeviceModel`'s hooks, as PV guests
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -31,6 +30,7 @@ from pyxl.errors import BackendError, DeviceModelError, StartupError
 from pyxl.loop import Loop, Timer
 from pyxl.sim import dmcontrol
 from pyxl.sim.control import load_futex
+from pyxl.spawn import Child
 
 # How often to look at a simulated guest's run state while it suspends.  A
 # timer on the loop, not a sleep: the loop keeps serving other operations.
@@ -282,24 +282,23 @@ class SimBackend:
         if emulator_context(records) is None:
             return self._no_dm.start_restore_device_model(loop, domid, records, done)
         domdir = dmcontrol.domain_dir(domid, self.sim_dir)
-        launched: List["subprocess.Popen[bytes]"] = []
+        launched: List[Child] = []
 
-        def spawn(fd: int) -> "subprocess.Popen[bytes]":
+        def spawn(fd: int, exited: Callable[[Optional[int]], None]) -> Child:
             argv = (self.dm_command(domid, fd) if self.dm_command is not None
                     else dmcontrol.argv(domid, self.sim_dir, incoming_fd=fd))
             log = os.open(os.path.join(domdir, dmcontrol.LOG_FILE),
                           os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
-            try:
-                p = subprocess.Popen(argv, pass_fds=(fd,), stdin=subprocess.DEVNULL,
-                                     stdout=log, stderr=log, start_new_session=True)
+            try:    # by the spawner: the loop does not wait for the fork and exec
+                child = Child(loop, argv, exited, fds={fd: fd, 1: log, 2: log}, new_session=True)
             finally:
                 os.close(log)
-            launched.append(p)
-            return p
+            launched.append(child)
+            return child
 
         def ready() -> bool:
             # Until its launcher has exited, the device model may not hold its lock yet.
-            if launched and launched[0].poll() is None:
+            if launched and launched[0].running:
                 return dmcontrol.ready(domdir) if dmcontrol.pid(domdir) else False
             return dmcontrol.ready(domdir)
 

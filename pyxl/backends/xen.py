@@ -35,7 +35,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -52,6 +51,7 @@ from pyxl.backends.xenstore import (XS_DIRECTORY, XS_MKDIR, XS_READ, Batch, XenS
                                     open_default)
 from pyxl.errors import DeviceModelError, StartupError
 from pyxl.loop import Loop, run_private
+from pyxl.spawn import Child
 
 _log = get_logger("pyxl.xen")
 
@@ -76,7 +76,7 @@ class XenBackend(NoDeviceModel):
         self._restoring: Dict[int, Dict[str, Any]] = {}
         self._types: Dict[Tuple[int, str], str] = {}
         #: QEMU processes this backend started, kept to be reaped
-        self._dm_procs: Dict[int, "subprocess.Popen[bytes]"] = {}
+        self._dm_procs: Dict[int, Child] = {}
 
     @property
     def xs(self) -> XenStore:

@@ -28,15 +28,13 @@ empty parents.  A console, or a QEMU backend whose QEMU is gone, only has its no
 removed.
 
 May import: pyxl.backends.libxlcfg, pyxl.backends.xenbuild, pyxl.backends.xenstore,
-pyxl.backends.xsasync, pyxl.backends.xswatch, pyxl.loop.
+pyxl.backends.xsasync, pyxl.backends.xswatch, pyxl.fdio, pyxl.loop, pyxl.spawn.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import signal
-import subprocess
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pyxl._log import get_logger
@@ -48,7 +46,9 @@ from pyxl.backends.xenstore import (XS_DIRECTORY, XS_READ, XS_RM, XS_TRANSACTION
 from pyxl.backends.xsasync import (TRANSACTION_ATTEMPTS, Reply, XsScript, XsTask, entries,
                                    missing, ok, reason, transaction)
 from pyxl.backends.xswatch import XsWait, node_is
+from pyxl.fdio import read_ready
 from pyxl.loop import Loop, Timer
+from pyxl.spawn import Child
 
 __all__ = ["DeviceSteps", "DevicesRemoval", "Script", "add_disk", "add_nic", "check_bridges",
            "path_cleanup", "HOTPLUG_TIMEOUT", "INIT_TIMEOUT", "DESTROY_TIMEOUT"]
@@ -83,9 +83,11 @@ Step = Callable[[Callable[[Optional[str]], None]], Any]
 
 
 class Script:
-    """One hotplug script, run from the loop: stdin /dev/null, its output
-    (stdout and stderr) logged line by line, its exit seen through a pidfd,
-    SIGKILLed after ``timeout``.  ``done(why)``: None when it exited 0."""
+    """One hotplug script, run from the loop: started by :mod:`pyxl.spawn`'s
+    spawner (the loop does not wait for its fork and exec; its own process
+    group: Ctrl-C is pyxl's to handle), stdin /dev/null, its output (stdout
+    and stderr) logged line by line, SIGKILLed after ``timeout``.
+    ``done(why)``: None when it exited 0."""
 
     def __init__(self, loop: Loop, argv: Sequence[str], env: Dict[str, str], timeout: float,
                  done: Callable[[Optional[str]], None]) -> None:
@@ -95,34 +97,25 @@ class Script:
         self._buf = b""
         self.finished = False
         self.timer: Optional[Timer] = None
-        self.pidfd = self.out = -1
+        self.child: Optional[Child] = None
+        self.out, w = os.pipe2(os.O_CLOEXEC)
         try:
-            self.proc: Optional["subprocess.Popen[bytes]"] = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT, env=dict(os.environ, **env), close_fds=True,
-                restore_signals=True, process_group=0)   # Ctrl-C is pyxl's to handle
-        except OSError as exc:
-            self.proc = None
+            self.child = Child(loop, self.argv, self._exited, fds={1: w, 2: w},
+                               env=dict(os.environ, **env))
+        except OSError as exc:      # not on PATH, or no spawner
+            os.close(self.out)
+            self.out = -1
             why = f"cannot run {self.what}: {exc.strerror or exc}"
             self.timer = loop.call_later(0, lambda: self._finish(why))
             return
-        assert self.proc.stdout is not None
-        self.out = self.proc.stdout.fileno()
+        finally:
+            os.close(w)
         os.set_blocking(self.out, False)
-        self.pidfd = os.pidfd_open(self.proc.pid)
         loop.add_reader(self.out, self._readable)
-        loop.add_reader(self.pidfd, self._exited)
         self.timer = loop.call_later(timeout, self._timed_out)
 
     def _readable(self) -> None:
-        try:
-            data = os.read(self.out, 65536)
-        except BlockingIOError:
-            return
-        if not data:
-            self.loop.remove_reader(self.out)
-            self.out = -1
-            return
+        data, eof = read_ready(self.out)
         self._buf += data
         *lines, self._buf = self._buf.split(b"\n")
         for line in lines:
@@ -130,19 +123,29 @@ class Script:
             self.output.append(text)
             _log.debug("%s: %s", self.what, text)
         del self.output[:-20]
+        if eof:
+            self._close_out()
 
-    def _exited(self) -> None:
-        assert self.proc is not None
-        status = self.proc.poll()
-        if status is None:
-            return
+    def _close_out(self) -> None:
         if self.out >= 0:
-            self._readable()
-        if status == 0:
+            self.loop.remove_reader(self.out)
+            os.close(self.out)
+            self.out = -1
+
+    def _exited(self, status: Optional[int]) -> None:
+        if self.out >= 0:
+            self._readable()        # what it wrote just before it exited
+        child = self.child
+        assert child is not None
+        if child.start_error is not None:
+            self._finish(f"cannot run {self.what}: {child.start_error.strerror}")
+        elif status == 0:
             self._finish(None)
         else:
             tail = "; ".join(self.output[-3:])
-            self._finish(f"{self.what} failed (exit status {status})" + (f": {tail}" if tail else ""))
+            self._finish(f"{self.what} failed (exit status "
+                         f"{'unknown' if status is None else status})"
+                         + (f": {tail}" if tail else ""))
 
     def _timed_out(self) -> None:
         self.timer = None
@@ -154,18 +157,10 @@ class Script:
         self.finished = True
         if self.timer is not None:
             self.timer.cancel()
-        for fd in (self.out, self.pidfd):
-            if fd >= 0:
-                self.loop.remove_reader(fd)
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-        self.pidfd = self.out = -1
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGKILL)
-                self.proc.wait()
-            if self.proc.stdout is not None:
-                self.proc.stdout.close()
+        self._close_out()
+        if self.child is not None:
+            self.child.forget()
+            self.child.kill()       # a no-op once it has gone; reaped from the loop
 
     def _finish(self, why: Optional[str]) -> None:
         if self.finished:

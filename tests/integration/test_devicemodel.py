@@ -623,6 +623,35 @@ def test_restore_with_a_device_model_command_that_fails(sim_dir, tmp_path, no_le
     assert domids(sim_dir) == []
 
 
+def test_device_models_start_through_the_spawner(sim_dir, tmp_path, monkeypatch, no_leaks):
+    """The device model of a restore is started by pyxl-spawner (no fork,
+    Popen or posix_spawn in this process: the loop never waits for its exec);
+    a program that cannot run is a typed error, and nothing is left."""
+    from pyxl.spawn import start_spawner
+    d = sim.create(16 * MB, sim_dir=sim_dir, device_model=True, paused=True)
+    state = dmcontrol.read_state(dmcontrol.domain_dir(d, sim_dir))
+    path = pyxl.wait(pyxl.save(d, tmp_path / "g", sim_dir=sim_dir))[0].path
+    start_spawner()
+    forks: List[str] = []
+    real_init = subprocess.Popen.__init__
+
+    def spy(self: Any, *a: Any, **k: Any) -> None:
+        forks.append(str(a[0] if a else k.get("args")))
+        real_init(self, *a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(subprocess.Popen, "__init__", spy)
+        m.setattr(os, "fork", lambda: forks.append("fork") or -1)
+        m.setattr(os, "posix_spawn", lambda *a, **k: forks.append("posix_spawn") or -1)
+        n = pyxl.wait(pyxl.restore(path, paused=True, sim_dir=sim_dir))[0].domid
+    assert forks == []
+    assert dmcontrol.read_state(dmcontrol.domain_dir(n, sim_dir)) == state
+    sim.destroy(n, sim_dir=sim_dir)
+    backend = SimBackend(sim_dir, dm_command=lambda domid, fd: [str(tmp_path / "no-qemu")])
+    with pytest.raises(pyxl.OperationError, match="cannot start domain .*device model.*no-qemu"):
+        pyxl.wait(pyxl.restore(path, sim_dir=sim_dir, backend=backend))
+    assert domids(sim_dir) == []
+
+
 def test_cli_guests_get_a_device_model_from_the_environment(sim_dir, tmp_path, no_leaks):
     env = dict(os.environ, PYXL_SIM_DIR=sim_dir, PYXL_SIM_DEVICE_MODEL="1")
     r = subprocess.run([PYXL, "sim", "create", "--memory", "16M", "--paused", "--json"],

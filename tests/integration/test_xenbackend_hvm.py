@@ -26,7 +26,7 @@ from pyxl.backends.xenctrl import SHUTDOWN_suspend
 from pyxl.errors import DeviceModelError, StartupError
 from pyxl.loop import SelectorLoop
 from pyxl.stream.libxl import EMULATOR_HEADER, LibxlRecordType
-from xenfakes import FakeXenstored, RecordingXc, backend
+from xenfakes import FakeXenstored, RecordingXc, backend, reaped
 
 UUID = "4b0f2d2e-6c8e-4a51-9d7c-0a0b0c0d0e0f"
 
@@ -273,7 +273,7 @@ def test_device_model_started_on_the_saved_state(xsd, host):
     assert proc.pid == pid
     be.destroy(7)
     assert be.xc.log.index(("pause", 7)) < be.xc.log.index(("destroy", 7))
-    assert proc.wait(5) == -signal.SIGHUP
+    assert reaped(proc) == -signal.SIGHUP
     assert not [p for p in n if p.startswith(("/local/domain/7", f"/vm/{UUID}", "/libxl/7",
                                               "/local/domain/0/device-model/7",
                                               "/local/domain/0/backend/vkbd/7"))]
@@ -292,6 +292,40 @@ def test_device_model_started_on_the_saved_state(xsd, host):
     # empty parents go too (libxl__xs_path_cleanup); dom0's own nodes stay
     assert not [p for p in n if p.startswith("/local/domain/0/backend/")]
     assert not [p for p in n if p.startswith("/local/domain/7")]
+
+
+def test_qemu_and_hotplug_scripts_are_not_forked_by_this_process(xsd, host, monkeypatch):
+    """QEMU and every hotplug script (the disk's and the NIC's, added and
+    removed) are started by pyxl-spawner: no fork, Popen or posix_spawn here,
+    where the loop would wait for each exec (20-150 ms with the CPUs busy)."""
+    import subprocess
+    from pyxl.spawn import start_spawner
+    start_spawner()
+    forks: List[str] = []
+    real_init = subprocess.Popen.__init__
+
+    def spy(self, *a, **k):
+        forks.append(str(a[0] if a else k.get("args")))
+        real_init(self, *a, **k)
+    monkeypatch.setattr(subprocess.Popen, "__init__", spy)
+    monkeypatch.setattr(os, "fork", lambda: forks.append("fork") or -1)
+    monkeypatch.setattr(os, "posix_spawn", lambda *a, **k: forks.append("posix_spawn") or -1)
+    be = restored_hvm1(xsd, host)
+    qmp = FakeQmp(qemu_args.qmp_path(7))
+    try:
+        out, _ = _start_dm(be, [XS_DATA, context_record(b"QEVM")], xsd=xsd)
+    finally:
+        qmp.close()
+    assert out == [(True, "")]
+    proc = be._dm_procs[7]
+    be.destroy(7)
+    assert reaped(proc) == -signal.SIGHUP
+    log = [line.split()[:2] for line in (host / "hotplug.log").read_text().splitlines()]
+    assert log[:4] == [["block", "add"], ["qemu", "started"], ["vif-bridge", "online"],
+                       ["vif-bridge", "add"]]
+    assert sorted(log[4:]) == [["block", "remove"], ["vif-bridge", "offline"],
+                               ["vif-bridge", "remove"]]
+    assert forks == []
 
 
 def test_device_model_that_exits_fails_at_once_with_its_log(xsd, host, monkeypatch):

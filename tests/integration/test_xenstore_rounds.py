@@ -28,7 +28,7 @@ import test_xenbackend_hvm
 from test_xenbackend_hvm import (XS_DATA, FakeQmp, context_record, hvm_and_pvh, pv1,
                                  qemu_writes_running, restored_hvm1)
 from test_xsasync import Gaps
-from xenfakes import FakeXenstored, RecordingXc, backend
+from xenfakes import FakeXenstored, RecordingXc, backend, reaped
 
 xsd = test_xenbackend_hvm.xsd
 host = test_xenbackend_hvm.host
@@ -133,7 +133,7 @@ def test_an_hvm_guests_qemu_starts_and_goes_without_holding_the_loop(xsd, host):
         assert out == [(True, "")]
         assert gaps.longest < GAP, ("destroy", gaps.longest)
         # SIGHUP to the pid on record, as libxl
-        assert proc.pid == pid and proc.wait(5) == -signal.SIGHUP
+        assert proc.pid == pid and reaped(proc) == -signal.SIGHUP
         assert "/local/domain/0/device-model/7" not in xsd.nodes
     finally:
         qmp.close()
