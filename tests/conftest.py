@@ -221,7 +221,9 @@ def open_fds() -> List[int]:
 
 def children(cmdline: bool = False) -> List[Tuple[int, Union[str, bytes]]]:
     """Live (or zombie) children of this process: (pid, state letter), or with
-    ``cmdline=True`` (pid, raw /proc/PID/cmdline -- comm if that is empty)."""
+    ``cmdline=True`` (pid, raw /proc/PID/cmdline -- comm if that is empty).
+    Those that outlive tests by design (``_LONG_LIVED``) are left out, so a
+    comparison does not depend on which tests ran before."""
     out: List[Tuple[int, Union[str, bytes]]] = []
     me = str(os.getpid())
     spawner = str(spawner_pid())     # pyxl's own, for the life of the process
@@ -232,9 +234,6 @@ def children(cmdline: bool = False) -> List[Tuple[int, Union[str, bytes]]]:
                     fields = f.read().rsplit(")", 1)[1].split()
                 if fields[1] != me:
                     continue
-                if not cmdline:
-                    out.append((int(pid), fields[0]))
-                    continue
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
                     cmd = f.read()
                 if not cmd:
@@ -242,7 +241,8 @@ def children(cmdline: bool = False) -> List[Tuple[int, Union[str, bytes]]]:
                         cmd = f.read()
             except OSError:
                 continue
-            out.append((int(pid), cmd))
+            if not any(name in cmd for name in _LONG_LIVED):
+                out.append((int(pid), cmd if cmdline else fields[0]))
     return out
 
 
@@ -474,8 +474,7 @@ _LONG_LIVED = (b"multiprocessing.resource_tracker",)
 
 def _leftovers() -> Tuple[List[Tuple[int, Union[str, bytes]]], List[int]]:
     import pyxl.loop
-    kids = [(pid, cmd) for pid, cmd in children(cmdline=True)
-            if not any(name in cmd for name in _LONG_LIVED)]
+    kids = children(cmdline=True)
     loop = pyxl.loop._default
     return kids, sorted(loop._sel.get_map()) if loop is not None else []
 
