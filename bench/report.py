@@ -121,6 +121,13 @@ def markdown(res: Dict[str, Any]) -> str:
           f"`migrate_stall_max_ms` / `inloop_destroy_ms` (the waited-for destroy its end "
           f"made before) | {_f(mig.get('migrate_stall_max_ms'))} / "
           f"{_f(mig.get('inloop_destroy_ms'))} ms | ≤ 5 / – | – |")
+    cs = stall.get("child_start") or {}
+    if cs:
+        w(f"| one child's start (QEMU, a hotplug script) with {cs['busy']} busy processes "
+          f"(bench/stall.py) | median / max through pyxl-spawner; `spawner_vs_popen_median` "
+          f"(baseline: `subprocess.Popen` on the loop's thread, same run) | "
+          f"{_f(cs.get('spawner_median_ms'), '{:.2f}')} / {_f(cs.get('spawner_max_ms'), '{:.2f}')}"
+          f" ms / {_f(cs.get('spawner_vs_popen_median'), '{:.3f}')} | – | – |")
     comp = (res.get("compress") or {}).get("profiles") or {}
     typ = comp.get("typical") or {}
     w(f"| zstd (bench/compress.py), `typical` | `compress_size_ratio_typical` / "

@@ -62,6 +62,13 @@ run:
   ``inloop_destroy_ms``, a waited-for destroy of an identical guest, which is
   what the end of a migration did inside one callback before;
   ``migrate_stall_vs_inloop_destroy`` is their ratio.
+* ``child_start``: how long one start of a child (``/bin/true`` with a log
+  fd and an inherited fd, as QEMU or a hotplug script gets) holds the
+  calling thread while ``busy`` CPU-bound processes run: through
+  pyxl-spawner (``pyxl.spawn.Child``), against the baseline
+  ``subprocess.Popen`` from the same thread (how pyxl started QEMU and the
+  hotplug scripts until 28973c0), alternately; ``spawner_vs_popen_median``
+  and ``spawner_vs_popen_max`` are the ratios.
 * baseline, measured in the same run: ``inloop_finish_ms``, the fsync
   + rename + directory fsync of one such file done on the calling thread, as
   the end of a save did inside one callback before the finish moved to a
@@ -78,6 +85,7 @@ import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -91,7 +99,8 @@ import pyxl  # noqa: E402
 from pyxl import sim  # noqa: E402
 from pyxl.backends import SimBackend  # noqa: E402
 from pyxl.loop import SelectorLoop, _SelectorTimer  # noqa: E402
-from pyxl.spawn import child_nice, set_child_nice, set_own_session, start_spawner  # noqa: E402
+from pyxl.spawn import (Child, child_nice, set_child_nice, set_own_session,  # noqa: E402
+                        start_spawner)
 
 
 def _queued() -> float:
@@ -345,6 +354,49 @@ def migrate_round(mib: int) -> Dict[str, Any]:
             sim.remove_dir(d)
 
 
+def child_start_round(busy: int, starts: int = 20) -> Dict[str, Any]:
+    """One child's start, timed on the calling thread, with ``busy`` spinning
+    processes in a session of their own (as helpers are): the spawner's
+    request against Popen's fork and wait for the exec."""
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+            for _ in range(busy)]
+    loop = SelectorLoop()
+    log = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    state_r, state_w = os.pipe2(os.O_CLOEXEC)
+    start_spawner()
+    times: Dict[str, List[float]] = {"popen": [], "spawner": []}
+    try:
+        time.sleep(0.5)     # the spinners have the CPUs
+        for _ in range(starts):
+            t0 = time.perf_counter()
+            p = subprocess.Popen(["/bin/true"], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                 pass_fds=(state_r,), close_fds=True, start_new_session=True,
+                                 restore_signals=True)
+            times["popen"].append((time.perf_counter() - t0) * 1e3)
+            p.wait()
+            ended: List[Any] = []
+            t0 = time.perf_counter()
+            Child(loop, ["/bin/true"], ended.append, fds={state_r: state_r, 1: log, 2: log},
+                  new_session=True)
+            times["spawner"].append((time.perf_counter() - t0) * 1e3)
+            loop.run_until(lambda: bool(ended), 30)
+    finally:
+        for q in spin:
+            q.kill()
+            q.wait()
+        for fd in (log, state_r, state_w):
+            os.close(fd)
+        loop.close()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    top = {k: max(v) for k, v in times.items()}
+    return {"busy": busy, "starts": starts,
+            "popen_median_ms": round(med["popen"], 2), "popen_max_ms": round(top["popen"], 2),
+            "spawner_median_ms": round(med["spawner"], 3),
+            "spawner_max_ms": round(top["spawner"], 3),
+            "spawner_vs_popen_median": round(med["spawner"] / med["popen"], 4),
+            "spawner_vs_popen_max": round(top["spawner"] / top["popen"], 4)}
+
+
 def measure(n: int, mib: int, directory: str) -> Dict[str, Any]:
     """pyxl's default round, then the round with the children at nice +10,
     then the round with the loop at a real-time priority."""
@@ -395,6 +447,7 @@ def measure(n: int, mib: int, directory: str) -> Dict[str, Any]:
     res["inloop_finish_ms"] = round(finish, 1)
     res["stall_vs_inloop_finish"] = round(res["loop_stall_max_ms"] / finish, 3) if finish else None
     res["migrate"] = migrate_round(16 * mib)
+    res["child_start"] = child_start_round(n)
     return res
 
 

@@ -149,6 +149,12 @@ def test_stall_smoke(tmp_path):
     assert mig["worst_migrate_callback"]["callback"]
     assert mig["migrate_stall_vs_inloop_destroy"] == pytest.approx(
         mig["migrate_stall_max_ms"] / mig["inloop_destroy_ms"], rel=2e-2)
+    cs = st["child_start"]
+    assert cs["busy"] == 2 and cs["starts"] == 20
+    assert 0 < cs["spawner_median_ms"] <= cs["spawner_max_ms"]
+    assert 0 < cs["popen_median_ms"] <= cs["popen_max_ms"]
+    assert cs["spawner_vs_popen_median"] == pytest.approx(
+        cs["spawner_median_ms"] / cs["popen_median_ms"], rel=2e-2)
     rt = st["loop_fifo"]
     if os.geteuid() != 0:   # no CAP_SYS_NICE (CI runs as root): the round says why
         assert rt["error"].startswith("cannot set SCHED_FIFO"), rt
