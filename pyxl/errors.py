@@ -39,8 +39,17 @@ __all__ = [
     "MigrationProtocolError", "PrecopyPolicyError",
     "MissingComplete", "MissingRestoreResults", "OperationError", "PrecopyAborted",
     "ProtocolError", "PyxlError", "RemoteProtocolError", "StartupError", "StreamError",
-    "StreamTooLarge", "Timeout", "TruncatedStream", "UnsupportedStream",
+    "StreamTooLarge", "Timeout", "TruncatedStream", "UnsupportedStream", "os_error_text",
 ]
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OSError in one line, naming its file: ``FILE: strerror`` (once, if
+    the text names it already), or ``str(exc)`` when it has no file."""
+    if exc.filename and exc.strerror:
+        name = str(exc.filename)
+        return exc.strerror if name in exc.strerror else f"{name}: {exc.strerror}"
+    return str(exc)
 
 
 class PyxlError(Exception):

@@ -42,7 +42,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set
 
 from pyxl._log import get_logger
 from pyxl.backends.base import Cancellable, EmulatorRecord
-from pyxl.errors import DeviceModelError
+from pyxl.errors import DeviceModelError, os_error_text
 from pyxl.loop import Loop, Timer, run_private
 from pyxl.qmp.client import QmpClient
 from pyxl.qmp.codec import QmpTimeout
@@ -204,12 +204,6 @@ class _Step:
         self.release()
         self.kill_child()
         self.owner._kill_quietly()
-
-
-def _os_why(exc: OSError) -> str:
-    """An OSError in one line, with the file it names."""
-    why = exc.strerror or str(exc)
-    return f"{exc.filename}: {why}" if exc.filename and str(exc.filename) not in why else why
 
 
 def _unlink(path: str) -> None:
@@ -392,7 +386,7 @@ class QmpDeviceModel:
                 return
             if child.start_error is not None:
                 fail(DeviceModelStartError(f"cannot start domain {self.domid}'s device model: "
-                                           f"{_os_why(child.start_error)}"))
+                                           f"{os_error_text(child.start_error)}"))
             elif status not in (0, None):   # None: its status was lost (SIGCHLD ignored)
                 fail(DeviceModelStartError(f"domain {self.domid}'s device model exited with "
                                            f"status {status} before it was ready"))
@@ -439,7 +433,7 @@ class QmpDeviceModel:
             step.fd = -1
         except (DeviceModelError, OSError) as exc:
             err = exc if isinstance(exc, DeviceModelError) else DeviceModelStartError(
-                f"cannot start domain {self.domid}'s device model: {_os_why(exc)}")
+                f"cannot start domain {self.domid}'s device model: {os_error_text(exc)}")
             step.later(0, lambda: fail(err))
             return step
         step.later(self.ready_timeout, timed_out)

@@ -114,7 +114,6 @@ def _log_tail(name: str, lines: int = 5) -> str:
     return "; its log ends: " + " | ".join(tail) if tail else ""
 
 
-
 def physmap(domid: int) -> XsScript[Dict[str, str]]:
     """The ``physmap/<id>/{start_addr,size,name}`` keys QEMU keeps under its
     XenStore directory (only with Xen < 4.10's interface), for the

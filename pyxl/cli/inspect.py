@@ -78,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
                 report = scan_path(args.file, layer=layer, checkpointed=args.checkpointed,
                                    strict=args.verify)
     except OSError as exc:
-        text = f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc)
-        print(f"pyxl: error: {text}", file=sys.stderr)
+        from pyxl.errors import os_error_text
+        print(f"pyxl: error: {os_error_text(exc)}", file=sys.stderr)
         return EXIT_USAGE
     try:
         if compressed is not None and not args.json:

@@ -164,8 +164,7 @@ def fail(exc: BaseException, internal: bool = False) -> None:
     if os.environ.get("PYXL_DEBUG"):
         import traceback
         traceback.print_exc()
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, OSError) and exc.filename and exc.strerror:
-        text = f"{exc.filename}: {exc.strerror}"
+    from pyxl.errors import os_error_text
+    text = (os_error_text(exc) if isinstance(exc, OSError) else str(exc)) or type(exc).__name__
     prefix = "internal error: " if internal else ""
     print(f"pyxl: error: {prefix}{text}".splitlines()[0], file=sys.stderr)
