@@ -179,9 +179,13 @@ class SaveOperation(Operation[SaveResult]):
         self._zstd: Optional[ZstdStage] = None
 
         self.backend.check_domain(domid)
-        if config is None:
-            config = self.backend.domain_config(domid)
-        self.config = config
+        # The config (a file and XenStore reads on a real host) and the
+        # stream's head are read and written from the loop, just before the
+        # helper starts: the caller waits only for the checks whose failure it
+        # sees at once (no such domain, a file that cannot be created).
+        self.config: Dict[str, Any] = config if config is not None else {}
+        self._config_given = config is not None
+        self._xl_header = xl_header
         if isinstance(target, int):
             self._fd = target
         else:
@@ -191,12 +195,6 @@ class SaveOperation(Operation[SaveResult]):
             self._wfd = self._fd
             if options.compress:
                 self._zin, self._wfd = make_pipe(HEAD_ROOM)
-            head = ((stream_xl.xl_header(config) if xl_header else b"")
-                    + stream_libxl.libxl_header() + stream_libxl.libxc_context_record())
-            if options.compress and len(head) > pipe_size(self._wfd):
-                raise StartupError(f"the domain's config is too large to compress a save of "
-                                   f"it ({len(head)} bytes)")
-            write_all(self._wfd, head)    # into an empty pipe of HEAD_ROOM: never blocks
             cbflags = cbflags_for(REMUS_SAVE_CALLBACKS if self.stream_type else SAVE_CALLBACKS)
             xcflags = (XCFLAGS_LIVE if options.live else 0) | (XCFLAGS_DEBUG if options.debug else 0)
             io_fd = self._wfd if self._wfd > 2 else self._dup_high(self._wfd)
@@ -223,6 +221,7 @@ class SaveOperation(Operation[SaveResult]):
         """From the loop: run the compressor, the helper, then the flushing child."""
         self._launch = None
         try:
+            self._write_head()
             try:
                 env = self.backend.helper_env()
                 env.update(self.options.helper_env)
@@ -246,6 +245,31 @@ class SaveOperation(Operation[SaveResult]):
         self._close_launch_fd()
         if self._tmp is not None and self.fsync:
             self._start_finisher()
+
+    def _write_head(self) -> None:
+        """The xl header (the domain's config), libxl's header and its libxc
+        context record: what precedes the helper's output."""
+        if not self._config_given:
+            try:
+                self.config = self.backend.domain_config(self.domid)
+            except StartupError:
+                raise
+            except Exception as exc:   # a backend is the caller's code (any toolstack's)
+                raise StartupError(f"cannot read domain {self.domid}'s config: {exc}",
+                                   op=self) from exc
+        try:
+            head = stream_xl.xl_header(self.config) if self._xl_header else b""
+        except ValueError as exc:
+            raise StartupError(f"cannot write domain {self.domid}'s config: {exc}",
+                               op=self) from exc
+        head += stream_libxl.libxl_header() + stream_libxl.libxc_context_record()
+        if self._zin >= 0 and len(head) > pipe_size(self._wfd):
+            raise StartupError(f"the domain's config is too large to compress a save of "
+                               f"it ({len(head)} bytes)", op=self)
+        try:
+            write_all(self._wfd, head)    # a pipe's is empty and of HEAD_ROOM: never blocks
+        except OSError as exc:
+            raise StartupError(f"cannot write save stream: {exc.strerror}", op=self) from exc
 
     def _close_launch_fd(self) -> None:
         if self._launch_fd >= 0:

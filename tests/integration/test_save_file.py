@@ -139,3 +139,65 @@ def test_a_backend_without_a_helper_environment_fails_the_save_cleanly(sim_dir, 
     assert sim.info(dom, sim_dir=sim_dir).state == "running"
     assert os.listdir(tmp_path) == []
     assert children() == [] and open_fds() == before_fds
+
+
+def test_the_config_is_read_from_the_loop_and_its_failure_fails_the_save_cleanly(
+        sim_dir, tmp_path):
+    """pyxl.save() holds its caller only for the domain check and the file's
+    creation; the config is read (a file and XenStore on a real host) and the
+    stream's head written from the loop.  A backend whose config read fails
+    there fails the save with the reason; no helper ran, no file is left."""
+    reads = []
+
+    class NoConfig(SimBackend):
+        def domain_config(self, domid):
+            reads.append(domid)
+            raise KeyError("c_info")
+
+    before_fds = open_fds()
+    dom = sim.create(16 << 20, name="g", sim_dir=sim_dir)
+    loop = SelectorLoop()
+    op = pyxl.save(dom, str(tmp_path / "g.save"), backend=NoConfig(sim_dir), loop=loop)
+    assert reads == []                  # not on the caller
+    assert loop.run_until(op.done, 30)
+    assert reads == [dom]
+    with pytest.raises(pyxl.StartupError, match=f"cannot read domain {dom}'s config: 'c_info'"):
+        op.result()
+    assert op.helper is None
+    loop.close()
+    assert sim.info(dom, sim_dir=sim_dir).state == "running"
+    assert os.listdir(tmp_path) == []
+    assert children() == [] and open_fds() == before_fds
+
+
+def test_a_save_cancelled_before_its_start_writes_nothing(sim_dir, tmp_path):
+    """Cancelled before the loop ran: the caller's fd gets no header."""
+    dom = sim.create(16 << 20, name="g", sim_dir=sim_dir)
+    loop = SelectorLoop()
+    with open(tmp_path / "g.save", "wb") as f:
+        op = pyxl.save(dom, f.fileno(), backend=SimBackend(sim_dir), loop=loop)
+        assert op.cancel()
+        assert loop.run_until(op.done, 30)
+        with pytest.raises(pyxl.Cancelled):
+            op.result()
+    loop.close()
+    assert os.path.getsize(tmp_path / "g.save") == 0
+    assert sim.info(dom, sim_dir=sim_dir).state == "running"
+
+
+def test_a_config_too_large_to_compress_fails_the_save_cleanly(sim_dir, tmp_path):
+    """A compressed save's head goes into a pipe of 1 MiB before the
+    compressor runs: a larger config is refused with its size."""
+    dom = sim.create(16 << 20, name="g", sim_dir=sim_dir)
+    config = {"c_info": {"name": "g", "type": "hvm"}, "junk": "x" * (2 << 20)}
+    loop = SelectorLoop()
+    op = pyxl.save(dom, str(tmp_path / "g.save"), backend=SimBackend(sim_dir), loop=loop,
+                   compress=True, config=config)
+    assert loop.run_until(op.done, 30)
+    with pytest.raises(pyxl.StartupError, match=r"config is too large to compress a save of "
+                                                r"it \(\d+ bytes\)"):
+        op.result()
+    loop.close()
+    assert os.listdir(tmp_path) == []
+    assert sim.info(dom, sim_dir=sim_dir).state == "running"
+    assert children() == []
