@@ -94,7 +94,6 @@ def _print_info(i: sim.DomainInfo) -> None:
 
 @_guarded
 def cmd_create(args: argparse.Namespace) -> int:
-    import json
     from pyxl import sim
     if args.content is not None and args.content not in sim.CONTENT_PROFILES:
         args.usage_error(f"argument --content: invalid choice: {args.content!r} "
@@ -102,19 +101,21 @@ def cmd_create(args: argparse.Namespace) -> int:
     domid = sim.create(args.memory, dirty_rate=args.dirty_rate, name=args.name,
                        sim_dir=args.sim_dir, paused=args.paused, content=args.content,
                        seed=args.seed)
-    if args.json:
-        print(json.dumps(sim.info(domid, sim_dir=args.sim_dir).to_json()))
-    else:
-        print(domid)
-    return EXIT_OK
+    return _created(args, domid)
 
 
 @_guarded
 def cmd_create_empty(args: argparse.Namespace) -> int:
-    import json
     from pyxl import sim
     domid = sim.create_empty(args.max_mem // 1024, args.name, sim_dir=args.sim_dir)
+    return _created(args, domid)
+
+
+def _created(args: argparse.Namespace, domid: int) -> int:
+    """A new domain's id, or with --json its info."""
     if args.json:
+        import json
+        from pyxl import sim
         print(json.dumps(sim.info(domid, sim_dir=args.sim_dir).to_json()))
     else:
         print(domid)

@@ -127,24 +127,24 @@ def kill(domdir: str, grace: float = 1.0) -> None:
         time.sleep(0.002)
 
 
+def _says_running(domdir: str) -> bool:
+    try:
+        with open(os.path.join(domdir, STATE_FILE), "rb", opener=nofollow) as f:
+            return f.read() == b"running"
+    except FileNotFoundError:
+        return False
+
+
 def ready(domdir: str) -> bool:
     """Has the device model of ``domdir`` reported that it runs?  Raises
     :class:`~pyxl.errors.DeviceModelError` when no device model runs there (it
     exited, e.g. on a state it could not load), with its log's last line."""
-    try:
-        with open(os.path.join(domdir, STATE_FILE), "rb", opener=nofollow) as f:
-            if f.read() == b"running":
-                return True
-    except FileNotFoundError:
-        pass
+    if _says_running(domdir):
+        return True
     if pid(domdir) is None:
         # It may have become ready just before it exited: look once more.
-        try:
-            with open(os.path.join(domdir, STATE_FILE), "rb", opener=nofollow) as f:
-                if f.read() == b"running":
-                    return True
-        except FileNotFoundError:
-            pass
+        if _says_running(domdir):
+            return True
         tail = log_tail(domdir)
         raise DeviceModelError("the device model is not running"
                                + (f": {tail}" if tail else ""))

@@ -349,6 +349,12 @@ def test_cli(fxdir, capsys):
                          "--sim-dir", fxdir)
     other = json.loads(out)
     assert rc == 0 and other["state"] == "paused" and other["domid"] != domid
+    rc, out, _ = run_cli(capsys, "create-empty", "--max-mem", "8M", "--name", "in",
+                         "--sim-dir", fxdir)
+    empty = int(out.strip())
+    rc, out, _ = run_cli(capsys, "create-empty", "--max-mem", "8M", "--json", "--sim-dir", fxdir)
+    assert rc == 0 and json.loads(out)["domid"] not in (domid, other["domid"], empty)
+    assert sim.info(empty, sim_dir=fxdir).name == "in"
     assert run_cli(capsys, "suspend", str(domid), "--sim-dir", fxdir)[0] == 0
     rc, out, _ = run_cli(capsys, "digest", str(domid), "--sim-dir", fxdir)
     assert rc == 0 and out.strip().splitlines()[-1] == sim.digest(domid, fxdir)
