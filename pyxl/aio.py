@@ -21,7 +21,7 @@ import functools
 from typing import Any, Callable, Coroutine, ParamSpec, TypeVar
 
 from pyxl.loop import AsyncioLoop
-from pyxl.migrate import receiver as _receiver, sender as _sender
+from pyxl.migrate import api as _migrate_api
 from pyxl.ops import api
 from pyxl.ops.future import LoopFuture
 
@@ -71,6 +71,6 @@ save = _on_the_running_loop(api.save)
 #: ``await pyxl.aio.restore(path, paused=...)`` -> :class:`pyxl.RestoreResult`
 restore = _on_the_running_loop(api.restore)
 #: ``await pyxl.aio.migrate(domid, "HOST:PORT", live=...)`` -> ``MigrateResult``
-migrate = _on_the_running_loop(_sender.migrate)
+migrate = _on_the_running_loop(_migrate_api.migrate)
 #: ``await pyxl.aio.receive(listen_socket_or_address, ...)`` -> ``ReceiveResult``
-receive = _on_the_running_loop(_receiver.receive)
+receive = _on_the_running_loop(_migrate_api.receive)

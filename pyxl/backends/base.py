@@ -22,6 +22,9 @@ done)``: :meth:`Backend.unpause` for a backend whose unpause may take a while
 None)`` or ``done(None, exc)`` once the domain is ready or gone again
 (:func:`start_create_restore_target`); XenBackend's runs each hypercall batch
 and XenStore transaction in a callback of its own (:func:`run_steps`).
+``start_domain_config(loop, domid, done)``: :meth:`Backend.domain_config` on
+the loop, ``done(config, None)`` or ``done(None, exc)``
+(:func:`start_domain_config`); XenBackend's reads XenStore in one round.
 
 Calls are made from the operation's event loop, so each must return quickly;
 the ones that wait on the guest or its device model (``start_*``) are
@@ -40,10 +43,10 @@ from typing import (Any, Callable, Dict, List, Optional, Protocol, Sequence, Tup
 from pyxl.errors import BackendError, StartupError
 from pyxl.loop import Loop, run_private
 
-__all__ = ["Backend", "Cancellable", "Created", "Done", "EmulatorRecord", "Finished",
+__all__ = ["Backend", "Cancellable", "ConfigRead", "Configured", "Created", "Done", "EmulatorRecord", "Finished",
            "NoDeviceModel", "RestorePorts", "SavedState", "Step", "Waits", "domid_of",
            "name_owner", "owner_of", "run_steps", "run_to_end", "start_create_restore_target",
-           "start_destroy", "start_rename", "start_restore_done", "start_resume",
+           "start_destroy", "start_domain_config", "start_rename", "start_restore_done", "start_resume",
            "start_unpause"]
 
 #: Xen's domain ids for guests: 0 is dom0, DOMID_FIRST_RESERVED (0x7FF0) and up are special.
@@ -61,6 +64,10 @@ SavedState = Callable[[Optional[List[EmulatorRecord]], str], None]
 #: ``done(domid, None)``: the restore target is ready; ``done(None, exc)``: it
 #: could not be made (and nothing of it is left).
 Created = Callable[[Optional[int], Optional[Exception]], None]
+#: ``done(config, None)``: the domain's libxl config; ``done(None, exc)``: why not.
+Configured = Callable[[Optional[Dict[str, Any]], Optional[Exception]], None]
+#: What :func:`start_domain_config` reports: a failure is always a StartupError.
+ConfigRead = Callable[[Optional[Dict[str, Any]], Optional[StartupError]], None]
 
 
 class Cancellable(Protocol):
@@ -248,6 +255,32 @@ def start_rename(backend: Backend, loop: Loop, domid: int, name: str,
     the optional ``start_rename`` (a real host's XenStore rounds, read on the
     loop), else ``rename``."""
     return _start_or_call(backend, "rename", loop, domid, (name,), done)
+
+
+def start_domain_config(backend: Backend, loop: Loop, domid: int,
+                        done: ConfigRead) -> Optional[Cancellable]:
+    """:meth:`Backend.domain_config` from ``loop``: through the backend's
+    optional ``start_domain_config`` (``done`` later, from the loop), else
+    the waited-for call (``done`` before this returns; None).  A failure is
+    ``done(None, StartupError)``, a backend's other exceptions wrapped in one."""
+    def finished(config: Optional[Dict[str, Any]], exc: Optional[Exception]) -> None:
+        if config is not None:
+            done(config, None)
+        elif isinstance(exc, StartupError):
+            done(None, exc)
+        else:
+            done(None, StartupError(f"cannot read domain {domid}'s config: {exc}"))
+
+    start = _start_form(backend, "domain_config")
+    try:
+        if start is not None:
+            return start(loop, domid, finished)   # type: ignore[no-any-return]
+        config = backend.domain_config(domid)
+    except Exception as exc:  # a backend is the caller's code (any toolstack's)
+        finished(None, exc)
+        return None
+    finished(config, None)
+    return None
 
 
 def start_create_restore_target(backend: Backend, loop: Loop, config: Dict[str, Any],

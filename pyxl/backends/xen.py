@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from pyxl._log import get_logger
 from pyxl.backends import (hvm, libxlcfg, qemu_args, xenbuild, xendestroy, xendevices, xenmake,
                            xsasync)
-from pyxl.backends.base import (Cancellable, Created, Done, EmulatorRecord, Finished,
+from pyxl.backends.base import (Cancellable, Configured, Created, Done, EmulatorRecord, Finished,
                                 NoDeviceModel, RestorePorts, SavedState, Waits, owner_of,
                                 run_steps, run_to_end, start_destroy)
 from pyxl.backends.libxlcfg import defbool, to_int  # noqa: F401  (defbool: re-exported)
@@ -61,6 +61,10 @@ USERDATA_DIR = "/var/lib/xen"
 XEN_DOMCTL_CDF_hvm, XEN_DOMCTL_CDF_hap = xenbuild.XEN_DOMCTL_CDF_hvm, xenbuild.XEN_DOMCTL_CDF_hap
 XEN_X86_EMU_LAPIC = xenbuild.XEN_X86_EMU_LAPIC
 _Suspend = Suspend
+
+
+def _config_unread(domid: int, exc: Exception) -> StartupError:
+    return StartupError(f"cannot read domain {domid} from XenStore: {xsasync.reason(exc)}")
 
 
 class XenBackend(NoDeviceModel):
@@ -145,6 +149,27 @@ class XenBackend(NoDeviceModel):
         self._info(domid)
 
     def domain_config(self, domid: int) -> Dict[str, Any]:
+        try:
+            return xsasync.run(self.xs, self._config_script(domid))
+        except OSError as exc:
+            raise _config_unread(domid, exc) from exc
+
+    def start_domain_config(self, loop: Loop, domid: int, done: Configured) -> Cancellable:
+        """:meth:`domain_config` with its XenStore round on the loop."""
+        def finished(exc: Optional[Exception]) -> None:
+            if exc is None:
+                done(task.result, None)
+            else:
+                done(None, _config_unread(domid, exc) if isinstance(exc, OSError) else exc)
+        task = xsasync.XsTask(loop, self._open_xs, self._config_script(domid), finished,
+                              f"domain {domid}'s config")
+        return task
+
+    def _config_script(self, domid: int) -> xsasync.XsScript[Dict[str, Any]]:
+        """As libxl_retrieve_domain_configuration (what `xl save` writes): the
+        stored config with the uuid from Xen, and the current name and memory
+        from XenStore (the stored name is stale after a rename: xl migrate's
+        NAME--incoming), read in one round."""
         info = self._info(domid)
         path = xenbuild.userdata_path(USERDATA_DIR, domid, info.uuid)
         try:
@@ -154,28 +179,25 @@ class XenBackend(NoDeviceModel):
         if cfg is None:
             raise StartupError(f"domain {domid} has no libxl config ({path}): pyxl saves "
                                "domains created by xl/libxl or by pyxl")
-        # As libxl_retrieve_domain_configuration (what `xl save` writes): the
-        # current name and memory from XenStore, the uuid from Xen.  The
-        # stored name is stale after a rename (xl migrate's NAME--incoming).
         c_info = cfg.setdefault("c_info", {})
         b_info = cfg.setdefault("b_info", {})
         c_info["uuid"] = info.uuid
-        try:
-            name = self.xs.read(f"/local/domain/{domid}/name")
-            if name:
-                c_info["name"] = name.decode()
-            # libxl__get_targetmem_fudge, from the stored config
-            fudge = max(0, to_int(b_info.get("video_memkb"), 0))
-            if c_info.get("type") == "hvm" and \
-                    to_int(b_info.get("max_memkb"), 0) > to_int(b_info.get("target_memkb"), 0):
-                fudge += xenbuild.LIBXL_MAXMEM_CONSTANT
-            for node, key in (("memory/target", "target_memkb"),
-                              ("memory/static-max", "max_memkb")):
-                raw = self.xs.read(f"/local/domain/{domid}/{node}")
-                if raw and raw.isdigit():
-                    b_info[key] = int(raw) + (fudge if key == "target_memkb" else 0)
-        except OSError as exc:
-            raise StartupError(f"cannot read domain {domid} from XenStore: {exc}") from exc
+        dom = f"/local/domain/{domid}"
+        replies = yield [(XS_READ, f"{dom}/{node}\0".encode(), 0)
+                         for node in ("name", "memory/target", "memory/static-max")]
+        name, target, static_max = (None if xsasync.missing(r) else xsasync.ok(r)
+                                    for r in replies)
+        if name:
+            c_info["name"] = name.decode()
+        # libxl__get_targetmem_fudge, from the stored config
+        fudge = max(0, to_int(b_info.get("video_memkb"), 0))
+        if c_info.get("type") == "hvm" and \
+                to_int(b_info.get("max_memkb"), 0) > to_int(b_info.get("target_memkb"), 0):
+            fudge += xenbuild.LIBXL_MAXMEM_CONSTANT
+        if target and target.isdigit():
+            b_info["target_memkb"] = int(target) + fudge
+        if static_max and static_max.isdigit():
+            b_info["max_memkb"] = int(static_max)
         return cfg
 
     # -- suspend, resume --------------------------------------------------------

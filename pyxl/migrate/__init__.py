@@ -40,8 +40,9 @@ This package's ``__init__`` only re-exports; loggers are ``pyxl.migrate``,
 from pyxl.errors import MigrationAuthError, MigrationError, MigrationInDoubt
 from pyxl.migrate.address import parse_address
 from pyxl.migrate.precopy import precopy_env
-from pyxl.migrate.receiver import ReceiveOperation, ReceiveResult, receive
-from pyxl.migrate.sender import MigrateOperation, MigrateResult, migrate
+from pyxl.migrate.api import migrate, receive
+from pyxl.migrate.receiver import ReceiveOperation, ReceiveResult
+from pyxl.migrate.sender import MigrateOperation, MigrateResult
 from pyxl.migrate.tls import TlsOptions
 
 __all__ = ["MigrateOperation", "MigrateResult", "MigrationAuthError", "MigrationError",

@@ -1,4 +1,4 @@
-"""The receiving side of a migration: :class:`ReceiveOperation` and :func:`receive`.
+"""The receiving side of a migration: :class:`ReceiveOperation` (:func:`pyxl.migrate.receive` starts one).
 
 This module owns the receiver's decisions: listening for one connection
 (or using given fds, as under ssh), handing the stream to a restore through
@@ -48,7 +48,7 @@ from pyxl.ops.jobstats import JobStats
 from pyxl.ops.operation import STREAM_PLAIN, STREAM_REMUS
 from pyxl.ops.restore import RestoreOperation, RestoreResult
 
-__all__ = ["HEADER_TIMEOUT", "IDLE_TIMEOUT", "ReceiveOperation", "ReceiveResult", "receive"]
+__all__ = ["HEADER_TIMEOUT", "IDLE_TIMEOUT", "ReceiveOperation", "ReceiveResult"]
 
 PROGRESS_EVERY = 0.05   # s between a compressed stream's progress reports to the sender
 HEADER_TIMEOUT = 60.0   # s from a connection to its stream head (TLS, banner, head)
@@ -657,37 +657,3 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         # A TLS link first sends what we wrote (the status), within its grace.
         self.link.close(then=finish)
 
-
-def receive(listen: Optional[Union[str, Tuple[str, int], socket.socket]] = None, *,
-            fds: Optional[Tuple[int, int]] = None, paused: bool = False,
-            helper: Optional[str] = None, timeout: Optional[float] = None,
-            loop: Optional[Loop] = None, sim_dir: Optional[str] = None,
-            backend: Optional[Backend] = None, digest: bool = False,
-            remus: bool = False, tls: Optional[TlsOptions] = None,
-            insecure: bool = False, header_timeout: Optional[float] = HEADER_TIMEOUT,
-            idle_timeout: Optional[float] = IDLE_TIMEOUT,
-            max_pending: int = MAX_PENDING, compress: bool = True) -> ReceiveOperation:
-    """Start receiving one migration: listen on ``listen`` ("ADDR:PORT", a tuple,
-    or a listening socket; port 0 picks one, see ``op.address``) for one
-    connection, or use ``fds=(read_fd, write_fd)`` (e.g. (0, 1) under ssh).
-
-    The domain is restored paused and unpaused once the sender clears it
-    (unless ``paused``).  Options: ``helper``, ``timeout`` (overall),
-    ``loop``, ``sim_dir``, ``digest``; ``tls`` (a :class:`TlsOptions`:
-    mutual TLS, ``allow`` names the peers it accepts); ``insecure`` (plain
-    TCP on a non-loopback address, refused otherwise with a
-    :class:`StartupError`); ``header_timeout`` (per connection, to its stream
-    head; default 60 s) and ``idle_timeout`` (stream inactivity -- not for
-    Remus -- and the wait for "cleared to unpause"; default 60 s), None for
-    no deadline.  While
-    listening, connections that fail TLS, are not allowed, send garbage or
-    stay silent are dropped, and it listens on for the real sender.
-    ``compress``: take a pyxl sender's offer of a zstd stream (default; its
-    frame and checksum are checked before the domain may run).
-    ``pyxl.wait(op)`` gives a :class:`ReceiveResult`.
-    """
-    return ReceiveOperation(listen, fds=fds, paused=paused, helper=helper, timeout=timeout,
-                            loop=loop, sim_dir=sim_dir, backend=backend, digest=digest,
-                            remus=remus, tls=tls, insecure=insecure,
-                            header_timeout=header_timeout, idle_timeout=idle_timeout,
-                            max_pending=max_pending, compress=compress)

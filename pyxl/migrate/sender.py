@@ -1,4 +1,4 @@
-"""The sending side of a migration: :class:`MigrateOperation` and :func:`migrate`.
+"""The sending side of a migration: :class:`MigrateOperation` (:func:`pyxl.migrate.migrate` starts one).
 
 This module owns the sender's decisions: when to start the save (the
 receiver's banner), where its stream goes (a pipe that a
@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 from pyxl._log import get_logger
 from pyxl._paths import helper_path
 from pyxl.backends import Backend, default_backend
-from pyxl.backends.base import start_destroy, start_rename, start_unpause
+from pyxl.backends.base import start_destroy, start_domain_config, start_rename, start_unpause
 from pyxl.errors import (MigrationError, MigrationInDoubt, MigrationProtocolError,
                          OperationError, StartupError)
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking, write_from_loop
@@ -46,7 +46,7 @@ from pyxl.ops.save import SaveOperation, SaveResult
 from pyxl.stream import xl as stream_xl
 from pyxl.stream.xl import XL_OPTIONAL_PYXL_ZSTD
 
-__all__ = ["MigrateOperation", "MigrateResult", "migrate"]
+__all__ = ["MigrateOperation", "MigrateResult"]
 
 CATCH_UP = 8 << 20    # raw bytes a compressed stream's receiver may be behind at the switch-over
 HOLD_MAX = 30.0       # s the switch-over waits for it at most
@@ -290,12 +290,28 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         if not self.compress:
             self._start_save()
             return
-        try:
-            self._config = self.backend.domain_config(self.domid)
-            head = stream_xl.xl_header(self._config, optional_flags=XL_OPTIONAL_PYXL_ZSTD)
-        except Exception as exc:  # a backend is the caller's code
-            self._fail(StartupError(f"cannot read domain {self.domid}'s config: {exc}"))
+        # the config for the offer's xl header (a real host's XenStore round, on the loop)
+        pending = start_domain_config(self.backend, self.loop, self.domid, self._offer_config)
+        if pending is not None:
+            self._timers.append(pending)
+
+    def _offer_config(self, config: Optional[Dict[str, Any]],
+                      exc: Optional[StartupError]) -> None:
+        """The compression offer: an xl header with pyxl's optional flag, sent
+        alone; the save starts once it is written and the receiver answered."""
+        if self._done or self._error is not None:
             return
+        if config is None:
+            assert exc is not None
+            self._fail(exc)
+            return
+        self._config = config
+        try:
+            head = stream_xl.xl_header(config, optional_flags=XL_OPTIONAL_PYXL_ZSTD)
+        except ValueError as err:
+            self._fail(StartupError(f"cannot write domain {self.domid}'s config: {err}"))
+            return
+        w = self._pipe_w
         self._offer = "waiting"
         self.handshake.offer_sent()
         self._timers.append(self.loop.call_later(OFFER_WAIT, lambda: self._offer_answered(None)))
@@ -653,48 +669,3 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
             self.driver.restore()
         self._finish(result, exc)
 
-
-def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
-            command: Optional[str] = None, live: bool = False,
-            downtime_ms: Optional[float] = None, max_iterations: Optional[int] = None,
-            on_fail: OnFail = "abort", max_bandwidth: Optional[int] = None,
-            helper: Optional[str] = None, timeout: Optional[float] = None,
-            loop: Optional[Loop] = None, sim_dir: Optional[str] = None,
-            backend: Optional[Backend] = None, digest: bool = False,
-            on_progress: Optional[Callable[[ProgressEvent], None]] = None,
-            handshake_timeout: float = 60.0, remus: bool = False,
-            checkpoints: Optional[int] = None, checkpoint_interval: float = 0.1,
-            tls: Optional[TlsOptions] = None, idle_timeout: Optional[float] = 60.0,
-            auto_converge: bool = False, policy: Optional[Policy] = None,
-            policy_deadline: float = 5.0, compress: bool = False) -> MigrateOperation:
-    """Start migrating ``domid`` to a receiver at ``target`` ("HOST:PORT") or
-    through ``command`` (its stdin/stdout; e.g. "ssh host pyxl migrate-receive").
-
-    ``live``: precopy while the guest runs.  ``downtime_ms``: the helper's
-    downtime-target precopy policy, with ``max_iterations`` and ``on_fail``
-    ("abort": the guest runs on; "stop": stop and copy anyway).
-    ``max_bandwidth``: bytes/s.  ``helper``, ``timeout`` (overall), ``loop``,
-    ``sim_dir``/``backend`` (where the domain lives), ``digest`` (sim digest at
-    switch-over), ``on_progress``.  ``remus``: a checkpointed stream, switching
-    over after ``checkpoints`` (None: replicate until stopped) every
-    ``checkpoint_interval`` seconds.  ``tls``: a
-    :class:`~pyxl.migrate.tls.TlsOptions` (mutual TLS to the receiver).
-    ``handshake_timeout``: connect + TLS + banner, then each wait for "ready"
-    and for the status (default 60 s); ``idle_timeout``: a stream that does not
-    move (default 60 s, None: none).  ``auto_converge`` (with ``downtime_ms``):
-    cap the guest's CPU while the target cannot be met, and lift it after.
-    ``policy``: your switch-over policy (:mod:`pyxl.migrate.converge`), asked
-    after every round, answering within ``policy_deadline`` seconds.
-    ``compress``: offer the receiver a zstd-compressed stream (a pyxl receiver
-    takes it; an xl one, which never answers, gets it plain after 2 s).  Returns
-    at once; ``pyxl.wait(op)`` or ``await op`` gives a :class:`MigrateResult`.
-    """
-    return MigrateOperation(domid, target, command=command, live=live, downtime_ms=downtime_ms,
-                            max_iterations=max_iterations, on_fail=on_fail,
-                            max_bandwidth=max_bandwidth, helper=helper, timeout=timeout,
-                            loop=loop, sim_dir=sim_dir, backend=backend, digest=digest,
-                            on_progress=on_progress, handshake_timeout=handshake_timeout,
-                            remus=remus, checkpoints=checkpoints,
-                            checkpoint_interval=checkpoint_interval, tls=tls,
-                            idle_timeout=idle_timeout, auto_converge=auto_converge,
-                            policy=policy, policy_deadline=policy_deadline, compress=compress)

@@ -23,11 +23,11 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 
 from pyxl._paths import helper_path
 from pyxl.backends.base import (Backend, Cancellable, EmulatorRecord, start_destroy,
-                                start_resume)
+                                start_domain_config, start_resume)
 from pyxl.childproc import FileFinisher, finish_file
 from pyxl.errors import Cancelled, HelperDied, OperationError, StartupError
 from pyxl.fdio import make_pipe, pipe_size, write_all, write_from_loop
-from pyxl.loop import Loop, Timer
+from pyxl.loop import Loop
 from pyxl.ops.helper_process import save_argv
 from pyxl.ops.operation import (REMUS_SAVE_CALLBACKS, SAVE_CALLBACKS, STREAM_PLAIN,
                                 STREAM_REMUS, XCFLAGS_DEBUG, XCFLAGS_LIVE, CallbackRequest,
@@ -170,7 +170,7 @@ class SaveOperation(Operation[SaveResult]):
         self._own_fd = False
         self._placing: Optional[Cancellable] = None   # the short child putting the file in place
         self._finisher: Optional[FileFinisher] = None   # fsync: flushes the file as it grows
-        self._launch: Optional[Timer] = None            # the helper's start, due on the loop
+        self._launch: Optional[Cancellable] = None      # the helper's start, due on the loop
         self._launch_fd = -1                            # its stream fd, while it is due
         # compress: the stream goes into a pipe (_wfd) that a zstd child
         # (_zstd) reads from _zin and writes to the target (_fd).
@@ -179,10 +179,9 @@ class SaveOperation(Operation[SaveResult]):
         self._zstd: Optional[ZstdStage] = None
 
         self.backend.check_domain(domid)
-        # The config (a file and XenStore reads on a real host) and the
-        # stream's head are read and written from the loop, just before the
-        # helper starts: the caller waits only for the checks whose failure it
-        # sees at once (no such domain, a file that cannot be created).
+        # The config (a real host's XenStore round) and the stream's head come
+        # from the loop, before the helper starts: the caller waits only for the
+        # checks it should see fail at once (no such domain, no file).
         self.config: Dict[str, Any] = config if config is not None else {}
         self._config_given = config is not None
         self._xl_header = xl_header
@@ -218,8 +217,33 @@ class SaveOperation(Operation[SaveResult]):
             raise
 
     def _start(self, argv: List[str], cbflags: int, io_fd: int) -> None:
-        """From the loop: run the compressor, the helper, then the flushing child."""
+        """From the loop: the domain's config (a real host's XenStore round,
+        on the loop), then :meth:`_launch_helper`.  Until the helper starts,
+        ``_launch`` holds what a cancel calls off."""
         self._launch = None
+        if self._config_given:
+            self._launch_helper(argv, cbflags, io_fd)
+            return
+        answered = []
+
+        def configured(config: Optional[Dict[str, Any]], exc: Optional[StartupError]) -> None:
+            answered.append(True)
+            self._launch = None
+            if config is None:
+                assert exc is not None
+                if exc.op is None:
+                    exc.op = self
+                self._close_launch_fd()
+                self._fail_after_helper(exc)
+                return
+            self.config = config
+            self._launch_helper(argv, cbflags, io_fd)
+        pending = start_domain_config(self.backend, self.loop, self.domid, configured)
+        if not answered:
+            self._launch = pending
+
+    def _launch_helper(self, argv: List[str], cbflags: int, io_fd: int) -> None:
+        """The stream's head, then the compressor, the helper and the flushing child."""
         try:
             self._write_head()
             try:
@@ -249,14 +273,6 @@ class SaveOperation(Operation[SaveResult]):
     def _write_head(self) -> None:
         """The xl header (the domain's config), libxl's header and its libxc
         context record: what precedes the helper's output."""
-        if not self._config_given:
-            try:
-                self.config = self.backend.domain_config(self.domid)
-            except StartupError:
-                raise
-            except Exception as exc:   # a backend is the caller's code (any toolstack's)
-                raise StartupError(f"cannot read domain {self.domid}'s config: {exc}",
-                                   op=self) from exc
         try:
             head = stream_xl.xl_header(self.config) if self._xl_header else b""
         except ValueError as exc:
@@ -278,7 +294,8 @@ class SaveOperation(Operation[SaveResult]):
 
     def cancel(self, grace: float = 5.0) -> bool:
         if self._launch is not None and not self._done:
-            # Not started yet: nothing ran and the domain was not touched.
+            # Not started yet (due, or reading the config): nothing ran and the
+            # domain was not touched.
             self._launch.cancel()
             self._launch = None
             self._close_launch_fd()

@@ -281,3 +281,25 @@ def test_corrupt_compressed_stream_is_refused(hosts, tmp_path):
     t.join()
     assert domains(b) == []
     assert zstandard.ZstdDecompressor   # the corruption is zstd's to find, not a parse error
+
+
+def test_a_config_that_cannot_be_read_fails_the_offer_and_keeps_the_source(hosts):
+    """The offer's xl header needs the domain's config, asked for from the
+    loop once the banner came: a backend that cannot give it fails the
+    migration with the reason before any stream; the source runs on."""
+    a, b = hosts
+    dom = sim.create(16 * MB, sim_dir=a, name="g")
+
+    class NoConfig(SimBackend):
+        def domain_config(self, domid):
+            raise OSError("the config store is gone")
+
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b)
+    tx = migrate.migrate(dom, rx.address, backend=NoConfig(a), compress=True)
+    with pytest.raises(pyxl.StartupError,
+                       match=f"cannot read domain {dom}'s config: the config store is gone"):
+        pyxl.wait(tx, timeout=60)
+    rx.cancel()
+    with pytest.raises(pyxl.OperationError):
+        pyxl.wait(rx, timeout=30)
+    assert domains(a) == [(dom, "running")] and domains(b) == []

@@ -161,6 +161,43 @@ def test_the_save_reads_the_type_and_physmap_on_the_loop(xsd, host):
         qmp.close()
 
 
+def test_the_saves_config_is_read_in_one_round_on_the_loop(xsd, tmp_path, monkeypatch):
+    """The xl header's config: the stored file, then the name and the memory
+    from XenStore in one round on the loop; the same as domain_config()."""
+    from pyxl.backends import base, xen as xenbackend
+    from pyxl.errors import StartupError
+    monkeypatch.setattr(xenbackend, "USERDATA_DIR", str(tmp_path))
+    be = backend(xsd, RecordingXc())
+    be.xc.domains[3] = 0
+    uuid = "00010203-0405-0607-0809-0a0b0c0d0e0f"
+    (tmp_path / f"userdata-d.3.{uuid}.libxl-json").write_bytes(
+        b'{"c_info": {"name": "g--incoming", "type": "hvm"}, '
+        b'"b_info": {"max_memkb": 2, "target_memkb": 1, "video_memkb": 8192}}\n\0')
+    xsd.nodes.update({"/local/domain/3/name": b"g",
+                      "/local/domain/3/memory/static-max": b"131072",
+                      "/local/domain/3/memory/target": b"65536"})
+    xsd.delay = dict(READS)
+    # from a callback, as a save's; its end reported a little later, so that
+    # the ticker sees any callback that held the loop
+    out, gaps = on_loop(lambda loop, done: loop.call_later(0.05, lambda: base.start_domain_config(
+        be, loop, 3, lambda *a: loop.call_later(0.02, lambda: done(*a)))))
+    (cfg, exc), = out
+    assert exc is None and cfg == be.domain_config(3)
+    assert cfg["c_info"] == {"name": "g", "type": "hvm", "uuid": uuid}
+    # libxl's fudge: video memory plus LIBXL_MAXMEM_CONSTANT (max > target in the file)
+    assert cfg["b_info"]["target_memkb"] == 65536 + 8192 + 1024
+    assert cfg["b_info"]["max_memkb"] == 131072
+    assert gaps.longest < GAP, gaps.longest
+    xsd.delay = {}
+    del xsd.nodes["/local/domain/3/memory/target"]   # missing: the stored value stands
+    out, _ = on_loop(lambda loop, done: base.start_domain_config(be, loop, 3, done))
+    assert out[0][0]["b_info"]["target_memkb"] == 1
+    be.xc.domains[4] = 0
+    out, _ = on_loop(lambda loop, done: base.start_domain_config(be, loop, 4, done))
+    (cfg, exc), = out
+    assert cfg is None and isinstance(exc, StartupError) and "has no libxl config" in str(exc)
+
+
 def test_a_missing_physmap_key_fails_the_save_in_one_line(xsd, host):
     be = backend(xsd, RecordingXc())
     be.xc.domains[7] = XEN_DOMINF_hvm_guest
