@@ -201,3 +201,30 @@ def test_a_config_too_large_to_compress_fails_the_save_cleanly(sim_dir, tmp_path
     assert os.listdir(tmp_path) == []
     assert sim.info(dom, sim_dir=sim_dir).state == "running"
     assert children() == []
+
+
+def test_a_save_cancelled_while_its_config_is_read_calls_the_read_off(sim_dir, tmp_path):
+    """A backend whose config comes later (XenBackend: a XenStore round): a
+    cancel meanwhile calls the read off, removes the file, starts nothing."""
+    called_off = []
+
+    class Slow(SimBackend):
+        def start_domain_config(self, loop, domid, done):
+            class Read:
+                def cancel(self):
+                    called_off.append(domid)
+            return Read()
+
+    before_fds = open_fds()
+    dom = sim.create(16 << 20, name="g", sim_dir=sim_dir)
+    loop = SelectorLoop()
+    op = pyxl.save(dom, str(tmp_path / "g.save"), backend=Slow(sim_dir), loop=loop)
+    loop.run_until(lambda: False, 0.2)          # the launch ran: the read is pending
+    assert not op.done() and op.helper is None
+    assert op.cancel()
+    assert called_off == [dom] and op.done()
+    with pytest.raises(pyxl.Cancelled):
+        op.result()
+    loop.close()
+    assert os.listdir(tmp_path) == [] and children() == [] and open_fds() == before_fds
+    assert sim.info(dom, sim_dir=sim_dir).state == "running"
