@@ -11,7 +11,8 @@ writes bytes to a pipe, socket or file it does not own a codec for.
   get told when they are out (or that the fd broke).  Handshake messages,
   libxl's checkpoint records and trailers all go through it.
 * small fd utilities (:func:`set_nonblocking`, :func:`close_quietly`,
-  :func:`is_regular`, :func:`make_pipe`, :func:`pipe_size`).
+  :func:`is_regular`, :func:`make_pipe`, :func:`pipe_size`,
+  :func:`create_beside`).
 
 May import: pyxl.errors, pyxl.loop.
 """
@@ -24,7 +25,7 @@ import select
 import stat
 from typing import Callable, List, Optional, Tuple
 
-from pyxl.errors import TruncatedStream
+from pyxl.errors import StartupError, TruncatedStream
 from pyxl.loop import Loop
 
 #: Largest single read: bounded so a forged length never becomes one allocation.
@@ -225,3 +226,22 @@ def write_from_loop(loop: Loop, fd: int, data: bytes,
 
     writer = FdWriter(loop, fd, failed)
     writer.send(data, written)
+
+
+def create_beside(path: str) -> Tuple[int, str]:
+    """A new, empty, private temporary file in ``path``'s directory, to be
+    renamed over ``path`` once whole: (its fd, its name).  StartupError if it
+    cannot be made, naming ``path`` -- the user's file, not the hidden one."""
+    d = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    if os.path.isdir(path):
+        raise StartupError(f"{path}: is a directory")
+    for i in range(100):
+        tmp = os.path.join(d, f".{base}.pyxl-{os.getpid()}-{i}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise StartupError(f"cannot create {path}: {exc.strerror}") from exc
+    raise StartupError(f"cannot create a temporary file next to {path}")

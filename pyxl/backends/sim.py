@@ -162,19 +162,20 @@ class SimBackend:
 
     def start_create_restore_target(self, loop: Loop, config: Dict[str, Any],
                                     done: Created) -> None:
-        """:meth:`create_restore_target` in two loop callbacks: the name check
-        (every domain's control page), then the domain."""
+        """:meth:`create_restore_target` in a few loop callbacks: the name
+        check (every domain's control page), then the domain's creation, a
+        step at a time (:class:`pyxl.sim.Creation`)."""
         name, max_memkb = _target_of(config)
-        made: List[int] = []
+        made = sim.empty_creation(max_memkb, name, config, sim_dir=self.sim_dir)
 
         def finished(exc: Optional[Exception]) -> None:
             if exc is None:
-                done(made[0], None)
+                done(made.domid, None)
+            elif isinstance(exc, sim.SimError):
+                done(None, _not_created(exc))
             else:
                 done(None, exc)
-        run_steps(loop, [lambda: self._name_free(name),
-                         lambda: made.append(self._create_empty(max_memkb, name, config))],
-                  finished)
+        run_steps(loop, [lambda: self._name_free(name), *made.steps()], finished)
 
     def _name_free(self, name: str) -> None:
         other = owner_of(self.domain_names(), name)
@@ -185,7 +186,7 @@ class SimBackend:
         try:
             return sim.create_empty(max_memkb, name, config, sim_dir=self.sim_dir)
         except sim.SimError as exc:
-            raise StartupError(f"cannot create the domain to restore into: {exc}") from exc
+            raise _not_created(exc) from exc
 
     def cpu_cap(self, domid: int) -> int:
         """The scheduler cap, percent of one CPU (0: uncapped): fakexen's vCPU honours it."""
@@ -310,3 +311,9 @@ class SimBackend:
 def _why(err: Optional[DeviceModelError]) -> str:
     """A device model's failure for ``done(ok, why)``: its type (the typed error) and message."""
     return "" if err is None else f"{type(err).__name__}: {err}"
+
+
+def _not_created(exc: Exception) -> StartupError:
+    err = StartupError(f"cannot create the domain to restore into: {exc}")
+    err.__cause__ = exc
+    return err

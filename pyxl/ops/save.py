@@ -26,7 +26,7 @@ from pyxl.backends.base import (Backend, Cancellable, EmulatorRecord, start_dest
                                 start_domain_config, start_resume)
 from pyxl.childproc import FileFinisher, finish_file
 from pyxl.errors import Cancelled, HelperDied, OperationError, StartupError
-from pyxl.fdio import make_pipe, pipe_size, write_all, write_from_loop
+from pyxl.fdio import create_beside, make_pipe, pipe_size, write_all, write_from_loop
 from pyxl.loop import Loop
 from pyxl.ops.helper_process import save_argv
 from pyxl.ops.operation import (REMUS_SAVE_CALLBACKS, SAVE_CALLBACKS, STREAM_PLAIN,
@@ -170,6 +170,7 @@ class SaveOperation(Operation[SaveResult]):
         self._own_fd = False
         self._placing: Optional[Cancellable] = None   # the short child putting the file in place
         self._finisher: Optional[FileFinisher] = None   # fsync: flushes the file as it grows
+        self._finisher_due: Optional[Cancellable] = None  # its start, due on the loop
         self._launch: Optional[Cancellable] = None      # the helper's start, due on the loop
         self._launch_fd = -1                            # its stream fd, while it is due
         # compress: the stream goes into a pipe (_wfd) that a zstd child
@@ -189,7 +190,8 @@ class SaveOperation(Operation[SaveResult]):
             self._fd = target
         else:
             self.path = os.fspath(target)
-            self._open_temp()
+            self._fd, self._tmp = create_beside(self.path)
+            self._own_fd = True
         try:
             self._wfd = self._fd
             if options.compress:
@@ -268,7 +270,9 @@ class SaveOperation(Operation[SaveResult]):
             return
         self._close_launch_fd()
         if self._tmp is not None and self.fsync:
-            self._start_finisher()
+            # in a callback of its own: each start is a request to the
+            # spawner, and the loop's longest stretch should be one of them
+            self._finisher_due = self.loop.call_later(0, self._start_finisher)
 
     def _write_head(self) -> None:
         """The xl header (the domain's config), libxl's header and its libxc
@@ -309,29 +313,11 @@ class SaveOperation(Operation[SaveResult]):
     def _dup_high(fd: int) -> int:
         return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
 
-    def _open_temp(self) -> None:
-        assert self.path is not None
-        d = os.path.dirname(os.path.abspath(self.path))
-        base = os.path.basename(self.path)
-        if os.path.isdir(self.path):
-            raise StartupError(f"{self.path}: is a directory")
-        for i in range(100):
-            tmp = os.path.join(d, f".{base}.pyxl-{os.getpid()}-{i}.tmp")
-            try:
-                self._fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            except FileExistsError:
-                continue
-            except OSError as exc:
-                # the user's path, not the hidden temporary file they never named
-                raise StartupError(f"cannot create {self.path}: {exc.strerror}") from exc
-            self._tmp = tmp
-            self._own_fd = True
-            return
-        raise StartupError(f"cannot create a temporary file next to {self.path}")
-
     def _start_finisher(self) -> None:
         """The flushing child, started once the helper runs (so a failed start
-        leaves no child to wait for)."""
+        leaves no child to wait for).  Had the stream ended first, the file
+        is finished without it (:func:`finish_file`)."""
+        self._finisher_due = None
         assert self._tmp is not None and self.path is not None and self.helper is not None
         try:
             self._finisher = FileFinisher(self.loop, self._tmp, self.path, self._finisher_failed)
@@ -360,6 +346,7 @@ class SaveOperation(Operation[SaveResult]):
             if fd >= 0 and fd != self._fd:
                 os.close(fd)
             setattr(self, name, -1)
+        self._no_finisher_due()
         if self._finisher is not None:
             self._finisher.cancel()     # it exits without renaming; the file goes below
             self._finisher = None
@@ -567,10 +554,16 @@ class SaveOperation(Operation[SaveResult]):
             return
         self._finish(exc=exc)
 
+    def _no_finisher_due(self) -> None:
+        if self._finisher_due is not None:
+            self._finisher_due.cancel()
+            self._finisher_due = None
+
     def _complete_stream(self) -> None:
         """Write the end of the stream; then put the file in place from a short
         child (fsync, rename, directory fsync block for as long as the disk
         takes: never on the loop) and leave the domain."""
+        self._no_finisher_due()
         end = time.monotonic()
         if self.stream_type == STREAM_REMUS:
             # libxc 4.17 ends a checkpointed stream after the last CHECKPOINT

@@ -35,13 +35,14 @@ from pyxl.sim.layout import (DEFAULT_SIM_DIR, PAGE_SIZE, SAVED_PARAMS, bit_runs,
                              vcpu_path)
 from pyxl.sim.memory import (GuestCheck, check_guest, counter, digest, grant_entries,
                              hvm_context, hvm_params, populated_runs)
-from pyxl.sim.statedir import CONTENT_PROFILES, create, create_empty
+from pyxl.sim.statedir import CONTENT_PROFILES, Creation, create, create_empty, empty_creation
 
 __all__ = [
-    "CONTENT_PROFILES",
+    "CONTENT_PROFILES", "Creation",
     "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
     "NoSuchDomain", "PAGE_SIZE", "SAVED_PARAMS", "SimError", "SimTimeout", "UnsafeSimDir", "bit_runs",
     "bury", "check_guest", "check_sim_dir", "config", "counter", "cpu_cap", "create", "create_empty", "destroy", "digest",
+    "empty_creation",
     "format_size", "grant_entries", "helper_env", "hvm_context", "hvm_params", "info",
     "libfakexen_path", "list_domains", "names", "parse_size", "pause", "populated_runs", "ram_runs",
     "remove_dir", "rename", "request_suspend", "resume", "set_cpu_cap", "set_dirty_rate", "sim_dir_path",

@@ -21,7 +21,7 @@ from pyxl.sim import dmcontrol
 # typing is for mypy only (3 ms of `pyxl sim list`).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, Iterator, List, Optional, Tuple
+    from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 
 
@@ -162,7 +162,7 @@ def _build(tmp: str, domid: int, *, name: str, uuid: str, nr_pfns: int, max_page
     if len(cfg_bytes) > CONFIG_MAX:
         raise SimError(f"config JSON of {len(cfg_bytes)} bytes exceeds {CONFIG_MAX}")
     ctl_size = BITMAPS_OFF + 2 * (nr_pfns // 8)
-    populated = bytearray(nr_pfns // 8)
+    populated = bytearray(nr_pfns // 8 if ram else 0)
     tot = 0
     for start, count in ram:
         _set_bits(populated, start, count)
@@ -218,7 +218,8 @@ def _build(tmp: str, domid: int, *, name: str, uuid: str, nr_pfns: int, max_page
                 struct.pack_into("<IIQ", m, MSRS_OFF + 16 * i, idx, flags, val)
             m[CONFIG_OFF:CONFIG_OFF + len(cfg_bytes)] = cfg_bytes
             m[HVMCTX_OFF:HVMCTX_OFF + len(hvmctx)] = hvmctx
-            m[BITMAPS_OFF:BITMAPS_OFF + len(populated)] = populated
+            if ram:     # else all zero, as the new file is already
+                m[BITMAPS_OFF:BITMAPS_OFF + len(populated)] = populated
             # The magic goes in last: a reader never sees a half-written block.
             _pack_field(hdr, "magic", CTL_MAGIC)
             m[0:PAGE_SIZE] = bytes(hdr)
@@ -236,30 +237,57 @@ def _build(tmp: str, domid: int, *, name: str, uuid: str, nr_pfns: int, max_page
             raise SimError(f"initialising guest memory failed: {r.stderr.strip()}")
 
 
-def _create(sim_dir: Optional[str], *, ram_pages: int, max_memkb: int, name: Optional[str],
-            cfg: Optional[Dict[str, Any]], mem_bytes: int, state: int, dirty_rate: int,
-            guest: bool, what: str, content: Optional[str] = None, seed: int = 0) -> int:
-    import shutil
-    import uuid as uuidlib
-    sdir = sim_dir_path(sim_dir)
-    make_sim_dir(sdir)
-    ram = ram_runs(ram_pages) if guest else []
-    if guest:
-        ram.append((SPECIAL_START, SPECIAL_END - SPECIAL_START))
-    nr_pfns = _space_pfns(max(ram_pages, max_memkb // 4))
-    need = (ram_pages if guest else max_memkb // 4) * PAGE_SIZE + BITMAPS_OFF + nr_pfns // 4
-    _check_capacity(sdir, need, what)
+class Creation:
+    """A new domain, made in steps short enough for a loop callback each (a
+    few tenths of a millisecond): :meth:`steps` reserves a domid (with the
+    capacity check), writes the domain's files in its private build
+    directory, and publishes it under its domid.  A step that fails removes
+    what the earlier ones made and raises SimError; a creation left
+    unfinished by a process that died is collected by the next creator."""
 
-    import json   # here, not at the top: `pyxl sim list` never writes a config
-    domid, tmp = _allocate_domid(sdir)
-    try:
-        cfg = json.loads(json.dumps(cfg)) if cfg is not None else {}
+    def __init__(self, sim_dir: Optional[str], *, ram_pages: int, max_memkb: int,
+                 name: Optional[str], cfg: Optional[Dict[str, Any]], mem_bytes: int, state: int,
+                 dirty_rate: int, guest: bool, what: str, content: Optional[str] = None,
+                 seed: int = 0) -> None:
+        self.sdir = sim_dir_path(sim_dir)
+        self.ram = ram_runs(ram_pages) if guest else []
+        if guest:
+            self.ram.append((SPECIAL_START, SPECIAL_END - SPECIAL_START))
+        self.nr_pfns = _space_pfns(max(ram_pages, max_memkb // 4))
+        self.need = (ram_pages if guest else max_memkb // 4) * PAGE_SIZE + BITMAPS_OFF + self.nr_pfns // 4
+        self.max_memkb, self.name, self.cfg, self.mem_bytes = max_memkb, name, cfg, mem_bytes
+        self.state, self.dirty_rate, self.guest, self.what = state, dirty_rate, guest, what
+        self.content, self.seed = content, seed
+        #: the domain's id, once reserved (it exists from the last step on)
+        self.domid = -1
+        self._tmp = ""
+
+    def steps(self) -> List[Callable[[], None]]:
+        return [self._reserve, self._write, self._publish]
+
+    def run(self) -> int:
+        """Every step, at once; the new domid."""
+        for step in self.steps():
+            step()
+        return self.domid
+
+    def _reserve(self) -> None:
+        make_sim_dir(self.sdir)
+        _check_capacity(self.sdir, self.need, self.what)
+        self.domid, self._tmp = _allocate_domid(self.sdir)
+
+    def _write(self) -> None:
+        self._undoing(self._write_files)
+
+    def _write_files(self) -> None:
+        import json   # here, not at the top: `pyxl sim list` never writes a config
+        import uuid as uuidlib
+        cfg = json.loads(json.dumps(self.cfg)) if self.cfg is not None else {}
         c_info = cfg.setdefault("c_info", {})
         b_info = cfg.setdefault("b_info", {})
-        if name is None:
-            name = str(c_info.get("name") or f"sim{domid}")
+        name = self.name if self.name is not None else str(c_info.get("name") or f"sim{self.domid}")
         uuid = str(uuidlib.uuid4())
-        defaults = _default_config(name, uuid, max_memkb, mem_bytes // 1024)
+        defaults = _default_config(name, uuid, self.max_memkb, self.mem_bytes // 1024)
         c_info["name"] = name
         for key, val in defaults["c_info"].items():
             c_info.setdefault(key, val)
@@ -269,18 +297,26 @@ def _create(sim_dir: Optional[str], *, ram_pages: int, max_memkb: int, name: Opt
             uuid = str(uuidlib.UUID(str(c_info["uuid"])))
         except ValueError:
             c_info["uuid"] = uuid
-        _build(tmp, domid, name=name, uuid=uuid, nr_pfns=nr_pfns,
-               max_pages=max_memkb // 4 + MAXMEM_SLACK_PAGES, mem_bytes=mem_bytes,
-               state=state, dirty_rate=dirty_rate, cfg=cfg, ram=ram, guest=guest,
-               content=content, seed=seed)
-        os.rename(tmp, _domdir(sdir, domid))
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _nospace(exc, sdir, f"creating domain {domid}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return domid
+        _build(self._tmp, self.domid, name=name, uuid=uuid, nr_pfns=self.nr_pfns,
+               max_pages=self.max_memkb // 4 + MAXMEM_SLACK_PAGES, mem_bytes=self.mem_bytes,
+               state=self.state, dirty_rate=self.dirty_rate, cfg=cfg, ram=self.ram,
+               guest=self.guest, content=self.content, seed=self.seed)
+
+    def _publish(self) -> None:
+        self._undoing(lambda: os.rename(self._tmp, _domdir(self.sdir, self.domid)))
+
+    def _undoing(self, work: Callable[[], None]) -> None:
+        """``work()``; if it fails, the build directory goes, and an OSError
+        becomes the SimError (or InsufficientResources) that says what failed."""
+        import shutil
+        try:
+            work()
+        except BaseException as exc:
+            if self._tmp:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise _nospace(exc, self.sdir, f"creating domain {self.domid}") from None
+            raise
 
 
 def create(memory_bytes: int, dirty_rate: int = 0, name: Optional[str] = None,
@@ -313,10 +349,10 @@ def create(memory_bytes: int, dirty_rate: int = 0, name: Optional[str] = None,
         raise ValueError("seed must be in [0, 2**64)")
     ram_pages = -(-memory_bytes // PAGE_SIZE)
     memkb = ram_pages * 4
-    domid = _create(sim_dir, ram_pages=ram_pages, max_memkb=memkb, name=name, cfg=config,
-                    mem_bytes=ram_pages * PAGE_SIZE, state=PAUSED, dirty_rate=dirty_rate,
-                    guest=True, what=f"a {format_size(ram_pages * PAGE_SIZE)} guest",
-                    content=content, seed=seed)
+    domid = Creation(sim_dir, ram_pages=ram_pages, max_memkb=memkb, name=name, cfg=config,
+                     mem_bytes=ram_pages * PAGE_SIZE, state=PAUSED, dirty_rate=dirty_rate,
+                     guest=True, what=f"a {format_size(ram_pages * PAGE_SIZE)} guest",
+                     content=content, seed=seed).run()
     try:
         if device_model:
             dmcontrol.start(domid, sim_dir)
@@ -335,10 +371,17 @@ def create_empty(max_memkb: int, name: Optional[str] = None,
     Nothing is populated; the restore's populate_physmap calls allocate memory,
     up to max_memkb (plus libxl's 1 MiB of slack).
     """
+    return empty_creation(max_memkb, name, config, sim_dir).run()
+
+
+def empty_creation(max_memkb: int, name: Optional[str] = None,
+                   config: Optional[Dict[str, Any]] = None,
+                   sim_dir: Optional[str] = None) -> Creation:
+    """:func:`create_empty` as a :class:`Creation`, for a loop to run step by step."""
     if max_memkb <= 0:
         raise ValueError("max_memkb must be positive")
-    return _create(sim_dir, ram_pages=0, max_memkb=max_memkb, name=name, cfg=config,
-                   mem_bytes=max_memkb * 1024, state=PAUSED, dirty_rate=0, guest=False,
-                   what=f"a restore target of {format_size(max_memkb * 1024)}")
+    return Creation(sim_dir, ram_pages=0, max_memkb=max_memkb, name=name, cfg=config,
+                    mem_bytes=max_memkb * 1024, state=PAUSED, dirty_rate=0, guest=False,
+                    what=f"a restore target of {format_size(max_memkb * 1024)}")
 
 

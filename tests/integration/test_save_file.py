@@ -228,3 +228,47 @@ def test_a_save_cancelled_while_its_config_is_read_calls_the_read_off(sim_dir, t
     loop.close()
     assert os.listdir(tmp_path) == [] and children() == [] and open_fds() == before_fds
     assert sim.info(dom, sim_dir=sim_dir).state == "running"
+
+
+def test_the_flushing_child_starts_in_a_callback_of_its_own_and_a_cancel_calls_it_off(
+        sim_dir, tmp_path):
+    """The helper's start and the flushing child's are two requests to the
+    spawner, made in two loop callbacks (the loop's longest stretch is one of
+    them).  A save cancelled between the two starts no flushing child."""
+    before_fds = open_fds()
+    dom = sim.create(16 << 20, name="g", sim_dir=sim_dir)
+    loop = SelectorLoop()
+    op = pyxl.save(dom, str(tmp_path / "g.save"), backend=SimBackend(sim_dir), loop=loop)
+    assert loop.run_until(lambda: op.helper is not None, 10)
+    assert op._finisher is None and op._finisher_due is not None
+    assert op.cancel()
+    assert loop.run_until(op.done, 30)
+    with pytest.raises(pyxl.Cancelled):
+        op.result()
+    loop.run_until(lambda: False, 0.3)     # a due start would have run by now
+    assert op._finisher is None
+    loop.close()
+    assert os.listdir(tmp_path) == [] and children() == [] and open_fds() == before_fds
+    assert sim.info(dom, sim_dir=sim_dir).state == "running"
+
+
+def test_a_stream_that_ends_before_the_flushing_child_starts_is_still_made_durable(
+        sim_dir, tmp_path, slow_calls):
+    """Had the helper finished before the flushing child's start came due,
+    the file is flushed and put in place by a short child all the same."""
+    dom = sim.create(16 << 20, name="g", sim_dir=sim_dir)
+    want = sim.digest(dom, sim_dir=sim_dir)
+    loop = SelectorLoop()
+    path = str(tmp_path / "g.save")
+    op = pyxl.save(dom, path, backend=SimBackend(sim_dir), loop=loop, leave="destroy")
+    assert loop.run_until(lambda: op.helper is not None, 10)
+    op._no_finisher_due()                  # as if the stream's end came first
+    assert loop.run_until(op.done, 60)
+    res = op.result()
+    loop.close()
+    assert op._finisher is None
+    assert [c for c in slow_calls if str(tmp_path) in c[1]] == []    # none on the loop's process
+    assert os.listdir(tmp_path) == ["g.save"] and os.path.getsize(path) == res.bytes_written
+    assert children() == []
+    back = pyxl.wait(pyxl.restore(path, backend=SimBackend(sim_dir), paused=True))[0]
+    assert sim.digest(back.domid, sim_dir=sim_dir) == want

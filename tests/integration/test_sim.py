@@ -437,3 +437,62 @@ def test_cpu_cap_slows_the_guest_as_xens_scheduler_cap(fxdir):
     for bad in (-1, 101, 2.5, True, "50"):
         with pytest.raises(ValueError, match="cpu cap"):
             be.set_cpu_cap(domid, bad)
+
+
+# ---- a creation in steps (a loop's restore target) ------------------------------------------
+
+def test_an_empty_domain_is_made_in_steps_and_exists_only_after_the_last(sim_dir):
+    made = sim.empty_creation(16 * 1024, "target", {"c_info": {"name": "target"}},
+                              sim_dir=sim_dir)
+    steps = made.steps()
+    assert len(steps) == 3
+    for step in steps[:-1]:
+        step()
+        assert made.domid > 0 and sim.list_domains(sim_dir=sim_dir) == []
+    steps[-1]()
+    [dom] = sim.list_domains(sim_dir=sim_dir)
+    assert dom.domid == made.domid and dom.name == "target" and dom.state == "paused"
+    assert [n for n in os.listdir(sim_dir) if n.startswith(".tmp-")] == []
+
+
+def test_a_failed_step_leaves_no_build_directory(sim_dir):
+    huge = {"c_info": {"name": "big"}, "pad": "x" * sim_layout.CONFIG_MAX}
+    made = sim.empty_creation(16 * 1024, "big", huge, sim_dir=sim_dir)
+    reserve, write, _ = made.steps()
+    reserve()
+    assert [n for n in os.listdir(sim_dir) if n.startswith(".tmp-")] != []
+    with pytest.raises(sim.SimError, match="config JSON"):
+        write()
+    assert [n for n in os.listdir(sim_dir) if n.startswith(".tmp-")] == []
+    assert sim.list_domains(sim_dir=sim_dir) == []
+
+
+def test_the_backend_creates_a_restore_target_over_several_callbacks(sim_dir):
+    """Each step is a callback of its own; a failing one is the creation's
+    StartupError and leaves nothing behind."""
+    from pyxl.backends import SimBackend, base
+    from pyxl.errors import StartupError
+    from pyxl.loop import SelectorLoop
+    loop = SelectorLoop()
+    calls = []
+    real = loop.call_later
+    loop.call_later = lambda delay, cb: real(delay, lambda: (calls.append(cb), cb()))
+    be = SimBackend(sim_dir)
+    out = []
+    base.start_create_restore_target(be, loop, {"c_info": {"name": "t"},
+                                                 "b_info": {"max_memkb": 16384}},
+                                     lambda d, e: out.append((d, e)))
+    assert loop.run_until(lambda: out, 10)
+    assert out[0][1] is None and be.domain_names()[out[0][0]] == "t"
+    assert len(calls) >= 5          # the name check, three creation steps, the end
+    out.clear()
+    base.start_create_restore_target(be, loop, {"c_info": {"name": "u"},
+                                                 "b_info": {"max_memkb": 16384},
+                                                 "pad": "x" * sim_layout.CONFIG_MAX},
+                                     lambda d, e: out.append((d, e)))
+    assert loop.run_until(lambda: out, 10)
+    assert out[0][0] is None and isinstance(out[0][1], StartupError)
+    assert "cannot create the domain to restore into" in str(out[0][1])
+    assert sorted(be.domain_names().values()) == ["t"]
+    assert [n for n in os.listdir(sim_dir) if n.startswith(".tmp-")] == []
+    loop.close()
