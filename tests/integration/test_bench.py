@@ -23,6 +23,7 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 
 import benchlib  # noqa: E402
+import report  # noqa: E402
 import memcheck  # noqa: E402
 
 needs_valgrind = pytest.mark.skipif(not shutil.which("valgrind"), reason="valgrind not installed")
@@ -180,3 +181,12 @@ def test_memcheck_on_fakexen(tmp_path):
         assert x["errors"] == 0 and x["definitely_lost"] == 0
     assert runs["live-save"]["iterations"] >= 2
     assert runs["restore"]["identical"]
+
+
+def test_the_report_says_whether_the_stall_goals_hold():
+    """The loop-stall row's holds column: each goal (at most 5 ms) on its own."""
+    assert report.stall_goals({"loop_stall_max_ms": 4.76, "loop_start_block_ms": 2.5}) == \
+        "yes / – / yes"
+    assert report.stall_goals({"loop_stall_max_ms": 5.43, "loop_start_block_ms": 5.0}) == \
+        "**no** / – / yes"
+    assert report.stall_goals({}) == "– / – / –"
