@@ -524,6 +524,7 @@ class SaveOperation(Operation[SaveResult]):
         self._fail_after_helper(exc)
 
     def _fail_after_helper(self, exc: OperationError) -> None:
+        self._no_finisher_due()      # a failing save starts no flushing child
         if self._zstd is not None:
             # The compressor is killed (no well-formed end for a failed
             # stream) and reaped before the failure is reported.
