@@ -90,30 +90,7 @@ class SimBackend:
                       done: Callable[[bool, str], None]) -> Cancellable:
         """Ask the guest to suspend; call ``done(ok, why)`` from the loop when it has."""
         sim.request_suspend(domid, sim_dir=self.sim_dir)
-        deadline = time.monotonic() + timeout
-        holder: Dict[str, Timer] = {}
-
-        def poll() -> None:
-            try:
-                state = sim.state(domid, sim_dir=self.sim_dir)
-            except sim.SimError as exc:
-                done(False, str(exc))
-                return
-            if state == "suspended":
-                done(True, "")
-            elif time.monotonic() >= deadline:
-                done(False, f"guest did not suspend within {timeout:g}s")
-            else:
-                holder["t"] = loop.call_later(_SUSPEND_POLL, poll)
-
-        class _Cancel:
-            def cancel(self) -> None:
-                t = holder.get("t")
-                if t is not None:
-                    t.cancel()
-
-        holder["t"] = loop.call_later(0, poll)
-        return _Cancel()
+        return _SuspendWatch(loop, self.sim_dir, domid, timeout, done)
 
     def resume(self, domid: int) -> None:
         """The guest runs again, and its device model too (QMP ``cont``, as libxl's
@@ -306,6 +283,36 @@ class SimBackend:
         dm = self._qmp_device_model(domid)
         dm.ready = ready
         return dm.start_restore(loop, records, spawn, lambda err: done(err is None, _why(err)))
+
+
+class _SuspendWatch:
+    """Polls a guest asked to suspend, from the loop, until it has (or the
+    deadline passed); cancellable."""
+
+    def __init__(self, loop: Loop, sim_dir: Optional[str], domid: int, timeout: float,
+                 done: Callable[[bool, str], None]) -> None:
+        self._loop, self._sim_dir, self._domid, self._done = loop, sim_dir, domid, done
+        self._deadline, self._timeout = time.monotonic() + timeout, timeout
+        self._timer: Optional[Timer] = loop.call_later(0, self._poll)
+
+    def _poll(self) -> None:
+        self._timer = None
+        try:
+            state = sim.state(self._domid, sim_dir=self._sim_dir)
+        except sim.SimError as exc:
+            self._done(False, str(exc))
+            return
+        if state == "suspended":
+            self._done(True, "")
+        elif time.monotonic() >= self._deadline:
+            self._done(False, f"guest did not suspend within {self._timeout:g}s")
+        else:
+            self._timer = self._loop.call_later(_SUSPEND_POLL, self._poll)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _why(err: Optional[DeviceModelError]) -> str:

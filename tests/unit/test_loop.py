@@ -101,6 +101,32 @@ def test_hook_loop_uses_only_the_hooks():
     assert not ts.fds, "every fd watch was deregistered"
 
 
+def test_hook_loop_timers_fire_once_cancel_and_leave_no_cyclic_garbage():
+    """A HookLoop timer fires once, a cancelled one never (its token goes back
+    to the toolstack), and making one creates nothing only the cyclic
+    collector could free (a class per call did: the collector then ran inside
+    some later callback)."""
+    import gc
+    ts = ToolstackLoop()
+    loop = HookLoop(ts.fd_register, ts.fd_modify, ts.fd_deregister, ts.timeout_register, ts.timeout_cancel)
+    fired = []
+    t1 = loop.call_later(0, lambda: fired.append(1))
+    t2 = loop.call_later(0, lambda: fired.append(2))
+    t2.cancel()
+    assert len(ts.timeouts) == 1
+    ts.run_until(lambda: fired)
+    t1.cancel()                         # after firing: nothing to cancel
+    assert fired == [1] and not ts.timeouts
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(200):
+            loop.call_later(0, lambda: None).cancel()
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
 def test_asyncio_loop():
     loop = asyncio.new_event_loop()
     try:
