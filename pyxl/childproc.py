@@ -46,6 +46,10 @@ _MAX_STDERR = 4096
 _OK = b"\nok\n"
 
 
+def _ignore(status: int, err: str) -> None:
+    pass
+
+
 class ShortChild:
     """Run ``argv`` without waiting for it; ``done(status, stderr)`` from ``loop``."""
 
@@ -127,7 +131,8 @@ class ShortChild:
         if text.endswith(_OK):
             text = text[:-len(_OK)]
         self.finished = True
-        self._done(code, text.decode("utf-8", "replace").strip()[-1000:])
+        done, self._done = self._done, _ignore   # its owner, which holds us, is let go
+        done(code, text.decode("utf-8", "replace").strip()[-1000:])
 
     def close_stdin(self) -> None:
         if self.stdin_fd >= 0:
@@ -144,7 +149,7 @@ class ShortChild:
     def cancel(self) -> None:
         """No callback.  The child is left to finish its step (a half-done
         rename is worse than a finished one) and is still reaped when it ends."""
-        self._done = lambda status, err: None
+        self._done = _ignore
 
 
 # The end both children's programs share (inside their try): the rename into
@@ -247,6 +252,10 @@ try:
 """ + _PLACE
 
 
+def _ignore_why(why: Optional[str]) -> None:
+    pass
+
+
 class FileFinisher:
     """Flush ``tmp`` while it is written, then put it in place as ``dest``.
 
@@ -268,18 +277,20 @@ class FileFinisher:
 
     def _exited(self, status: int, err: str) -> None:
         why = None if status == 0 else (err or f"the file finisher exited with status {status}")
-        if self._done is None:
+        failed, done = self._failed, self._done
+        self._failed, self._done = _ignore_why, _ignore_why    # its last word: let go of the save
+        if done is None:
             self._why = why or "the file finisher ended before the save did"
-            self._failed(self._why)
+            failed(self._why)
         else:
-            self._done(why)
+            done(why)
 
     def commit(self, done: Callable[[Optional[str]], None]) -> None:
         """The file is complete: fsync it, rename it into place, fsync the directory."""
-        self._done = done
         if self.child.finished:
             done(self._why)     # it failed already
             return
+        self._done = done
         try:
             os.write(self.child.stdin_fd, b"commit\n")   # 7 bytes into an empty pipe
         except OSError:

@@ -67,6 +67,10 @@ class _Watches:
                 cb()
 
 
+def _nothing() -> None:
+    pass
+
+
 class _SelectorTimer:
     __slots__ = ("deadline", "callback", "cancelled")
 
@@ -76,7 +80,10 @@ class _SelectorTimer:
         self.cancelled = False
 
     def cancel(self) -> None:
+        # Its callback is let go: whoever keeps the handle (often the
+        # callback's own owner) does not keep a cycle alive with it.
         self.cancelled = True
+        self.callback = _nothing
 
 
 class _MaskLoop:
@@ -153,8 +160,9 @@ class SelectorLoop(_MaskLoop):
         while self._timers and self._timers[0][0] <= now:
             _, _, t = heapq.heappop(self._timers)
             if not t.cancelled:
-                t.cancelled = True
-                t.callback()
+                callback = t.callback
+                t.cancel()
+                callback()
 
     def run_until(self, done: Callable[[], bool], timeout: Optional[float] = None) -> bool:
         """Run until ``done()`` is true; False if ``timeout`` ran out first."""
@@ -224,11 +232,13 @@ class _HookTimer:
     def _fire(self) -> None:
         if not self.fired:
             self.fired = True
-            self._callback()
+            callback, self._callback = self._callback, _nothing
+            callback()
 
     def cancel(self) -> None:
         if not self.fired:
             self.fired = True
+            self._callback = _nothing
             self._hook._tcancel(self.token)
 
 

@@ -492,7 +492,12 @@ class Child:
     def _end(self, code: Optional[int]) -> None:
         if not self.finished:
             self.finished = True
-            self._exited_cb(None if self.start_error is not None else code)
+            exited, self._exited_cb = self._exited_cb, _ignore_status
+            self._started_cb = None
+            # The callbacks' owner (which holds this Child) is no longer held
+            # here: refcounting frees them both, not the cyclic collector
+            # inside some later callback.
+            exited(None if self.start_error is not None else code)
 
     def poll(self) -> bool:
         """Is it still running?  Reaps it now if it has exited (for a child
@@ -518,5 +523,8 @@ class Child:
 
     def forget(self) -> None:
         """No callback; it is still reaped when it ends."""
-        self._exited_cb = lambda status: None
+        self._exited_cb = _ignore_status
 
+
+def _ignore_status(status: Optional[int]) -> None:
+    pass

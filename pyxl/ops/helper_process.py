@@ -250,7 +250,11 @@ class HelperProcess:
                 self.protocol_error = self.truncated
             self.loop.remove_writer(self._in)
             close_quietly(self._in)
-            self._on_exit(self)
+            on_exit, self._on_exit = self._on_exit, _no_report
+            # nothing more to tell the operation: let go of it (it holds us),
+            # so that refcounting frees both once the application does
+            self._on_message = _no_message
+            on_exit(self)
 
     @property
     def running(self) -> bool:
@@ -276,3 +280,11 @@ class HelperProcess:
     @property
     def results(self) -> Optional[RestoreResults]:
         return self.conv.results
+
+
+def _no_report(helper: HelperProcess) -> None:
+    pass
+
+
+def _no_message(msg: Message) -> None:
+    pass

@@ -205,6 +205,10 @@ def read_trailer(fd: int, end: int = RecordType.END, *,
     return parser.records
 
 
+def _no_report(err: Optional[Exception]) -> None:
+    pass
+
+
 class LoopReader:
     """A parser with exact units (``need``/``feed``/``eof``) fed from a pipe or
     socket by the loop: ``done(None)`` once ``feed`` says it is finished, or
@@ -232,6 +236,7 @@ class LoopReader:
             return False
         self.active = False
         self.buf = bytearray()
+        self._done = _no_report     # its owner, which holds this reader, is let go
         self.loop.remove_reader(self.fd)
         try:
             set_nonblocking(self.fd, bool(self.flags & os.O_NONBLOCK))
@@ -240,8 +245,9 @@ class LoopReader:
         return True
 
     def stop(self, err: Optional[Exception] = None) -> None:
+        done = self._done
         if self._detach():
-            self._done(err)
+            done(err)
 
     def _readable(self) -> None:
         while self.active:
