@@ -423,7 +423,7 @@ def child_start_round(busy: int, starts: int = 20) -> Dict[str, Any]:
     med = {k: statistics.median(v) for k, v in times.items()}
     top = {k: max(v) for k, v in times.items()}
     return {"busy": busy, "starts": starts,
-            "popen_median_ms": round(med["popen"], 2), "popen_max_ms": round(top["popen"], 2),
+            "popen_median_ms": round(med["popen"], 3), "popen_max_ms": round(top["popen"], 3),
             "spawner_median_ms": round(med["spawner"], 3),
             "spawner_max_ms": round(top["spawner"], 3),
             "spawner_vs_popen_median": round(med["spawner"] / med["popen"], 4),
