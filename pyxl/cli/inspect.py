@@ -33,6 +33,8 @@ __all__ = ["add_parser", "run", "main", "format_report"]
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 PROG = "pyxl inspect"
+DESCRIPTION = ("Show and check a saved-domain stream: an xl save file, a libxl stream or a "
+               "bare libxc stream, plain or zstd-compressed.")
 
 
 def add_parser(subparsers: Any, argv: "Optional[Sequence[str]]" = None) -> argparse.ArgumentParser:
@@ -40,7 +42,7 @@ def add_parser(subparsers: Any, argv: "Optional[Sequence[str]]" = None) -> argpa
     is ``args.func(args) -> int``."""
     p: argparse.ArgumentParser = subparsers.add_parser(
         "inspect", help="show and check a save file or migration stream",
-        description=__doc__.split("\n\n")[0] if __doc__ else None)
+        description=DESCRIPTION)
     _arguments(p)
     p.set_defaults(func=run)
     return p
@@ -152,8 +154,7 @@ def _emit(report: StreamReport, args: argparse.Namespace,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Stand-alone entry point (``python -m pyxl.cli.inspect FILE``)."""
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0]
-                                     if __doc__ else None)
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
     _arguments(parser)
     try:
         args = parser.parse_args(list(argv) if argv is not None else None)

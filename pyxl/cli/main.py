@@ -47,10 +47,14 @@ def _command_in(argv: "Sequence[str]") -> "Optional[str]":
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+#: what ``pyxl --help`` says first (plain text: the man page's NAME line too)
+DESCRIPTION = "Save, restore and migrate Xen domains, with xl's commands and streams."
+
+
 def build_parser(argv: "Optional[Sequence[str]]" = None) -> argparse.ArgumentParser:
     """pyxl's parser: every command in full if ``argv`` is None, else only the one
     ``argv`` runs (the others by name and help line, enough for ``pyxl --help``)."""
-    parser = Parser(prog="pyxl", description=(__doc__ or "").split("\n")[0])
+    parser = Parser(prog="pyxl", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"pyxl {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="show helper logs (-v info, -vv debug)")

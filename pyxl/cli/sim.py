@@ -282,7 +282,7 @@ def add_parser(subparsers: Any, argv: "Optional[Sequence[str]]" = None) -> argpa
     """
     p: argparse.ArgumentParser = subparsers.add_parser(
         "sim", help="create and control simulated Xen domains (fakexen)",
-        description=__doc__.split("\n")[0] if __doc__ else None)
+        description="Create and control simulated Xen domains (fakexen).")
     common = Parser(add_help=False)   # pyxl's formatter: no shutil import
     common.add_argument("--sim-dir", metavar="DIR",
                         help="fakexen state directory (default: $PYXL_SIM_DIR, "

@@ -100,3 +100,24 @@ def test_the_man_page_renders_and_documents_everything(tmp_path):
     assert commands > 20
     for section in ("EXIT STATUS", "ENVIRONMENT", "SEE ALSO"):
         assert section in text
+
+
+def test_help_texts_are_plain_text():
+    """``--help`` and the man page show what the parser holds, as it is: no
+    reStructuredText from a docstring (``pyxl``) in any description or help line."""
+    import argparse
+
+    from pyxl.cli.docgen import walk
+    from pyxl.cli.main import build_parser
+    texts = []
+    for path, parser in walk(build_parser()):
+        texts += [(path, parser.description), (path, parser.epilog)]
+        for action in parser._actions:
+            texts.append((path, action.help))
+            if isinstance(action, argparse._SubParsersAction):
+                texts += [(path, sub.help) for sub in action._choices_actions]
+    assert len(texts) > 50
+    assert [(path, text) for path, text in texts if text and ("``" in text or ":class:" in text)] == []
+    r = subprocess.run(PYXL + ["inspect", "--help"], capture_output=True, text=True, cwd=ROOT,
+                       check=True)
+    assert "Show and check a saved-domain stream" in r.stdout and "``" not in r.stdout
