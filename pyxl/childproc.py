@@ -31,7 +31,7 @@ import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
 from pyxl.fdio import close_quietly, read_ready
-from pyxl.loop import Loop
+from pyxl.loop import Loop, ignore
 from pyxl.spawn import Child
 
 __all__ = ["FileFinisher", "ShortChild", "finish_file"]
@@ -44,10 +44,6 @@ _MAX_STDERR = 4096
 #: What the child prints last on success: an application that set SIGCHLD to
 #: SIG_IGN leaves no exit status to collect, so success is said, not assumed.
 _OK = b"\nok\n"
-
-
-def _ignore(status: int, err: str) -> None:
-    pass
 
 
 class ShortChild:
@@ -131,7 +127,7 @@ class ShortChild:
         if text.endswith(_OK):
             text = text[:-len(_OK)]
         self.finished = True
-        done, self._done = self._done, _ignore   # its owner, which holds us, is let go
+        done, self._done = self._done, ignore   # its owner, which holds us, is let go
         done(code, text.decode("utf-8", "replace").strip()[-1000:])
 
     def close_stdin(self) -> None:
@@ -149,7 +145,7 @@ class ShortChild:
     def cancel(self) -> None:
         """No callback.  The child is left to finish its step (a half-done
         rename is worse than a finished one) and is still reaped when it ends."""
-        self._done = _ignore
+        self._done = ignore
 
 
 # The end both children's programs share (inside their try): the rename into
@@ -252,10 +248,6 @@ try:
 """ + _PLACE
 
 
-def _ignore_why(why: Optional[str]) -> None:
-    pass
-
-
 class FileFinisher:
     """Flush ``tmp`` while it is written, then put it in place as ``dest``.
 
@@ -278,7 +270,7 @@ class FileFinisher:
     def _exited(self, status: int, err: str) -> None:
         why = None if status == 0 else (err or f"the file finisher exited with status {status}")
         failed, done = self._failed, self._done
-        self._failed, self._done = _ignore_why, _ignore_why    # its last word: let go of the save
+        self._failed, self._done = ignore, ignore    # its last word: let go of the save
         if done is None:
             self._why = why or "the file finisher ended before the save did"
             failed(self._why)

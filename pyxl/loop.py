@@ -67,8 +67,9 @@ class _Watches:
                 cb()
 
 
-def _nothing() -> None:
-    pass
+def ignore(*_: object) -> None:
+    """What a callback slot holds once its owner has been told, or called off:
+    the slot no longer keeps its owner (often the slot's own holder) alive."""
 
 
 class _SelectorTimer:
@@ -83,7 +84,7 @@ class _SelectorTimer:
         # Its callback is let go: whoever keeps the handle (often the
         # callback's own owner) does not keep a cycle alive with it.
         self.cancelled = True
-        self.callback = _nothing
+        self.callback = ignore
 
 
 class _MaskLoop:
@@ -232,13 +233,13 @@ class _HookTimer:
     def _fire(self) -> None:
         if not self.fired:
             self.fired = True
-            callback, self._callback = self._callback, _nothing
+            callback, self._callback = self._callback, ignore
             callback()
 
     def cancel(self) -> None:
         if not self.fired:
             self.fired = True
-            self._callback = _nothing
+            self._callback = ignore
             self._hook._tcancel(self.token)
 
 

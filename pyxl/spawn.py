@@ -49,7 +49,7 @@ from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence
 
 from pyxl._paths import package_file
 from pyxl.fdio import close_quietly
-from pyxl.loop import Loop, Timer
+from pyxl.loop import Loop, Timer, ignore
 
 __all__ = ["Child", "SPAWNER_NAME", "child_nice", "inherited_stderr", "set_child_nice",
            "set_own_session", "spawner_pid", "start_spawner"]
@@ -492,7 +492,7 @@ class Child:
     def _end(self, code: Optional[int]) -> None:
         if not self.finished:
             self.finished = True
-            exited, self._exited_cb = self._exited_cb, _ignore_status
+            exited, self._exited_cb = self._exited_cb, ignore
             self._started_cb = None
             # The callbacks' owner (which holds this Child) is no longer held
             # here: refcounting frees them both, not the cyclic collector
@@ -523,8 +523,5 @@ class Child:
 
     def forget(self) -> None:
         """No callback; it is still reaped when it ends."""
-        self._exited_cb = _ignore_status
+        self._exited_cb = ignore
 
-
-def _ignore_status(status: Optional[int]) -> None:
-    pass

@@ -15,7 +15,7 @@ import signal
 from typing import Callable, Dict, List, Optional, Sequence
 
 from pyxl.fdio import close_quietly, set_nonblocking
-from pyxl.loop import Loop, Timer
+from pyxl.loop import Loop, Timer, ignore
 from pyxl.errors import ProtocolError, RemoteProtocolError
 from pyxl.spawn import Child, inherited_stderr
 from pyxl.wire.codec import Complete, Conversation, Message, RestoreResults
@@ -250,10 +250,10 @@ class HelperProcess:
                 self.protocol_error = self.truncated
             self.loop.remove_writer(self._in)
             close_quietly(self._in)
-            on_exit, self._on_exit = self._on_exit, _no_report
+            on_exit, self._on_exit = self._on_exit, ignore
             # nothing more to tell the operation: let go of it (it holds us),
             # so that refcounting frees both once the application does
-            self._on_message = _no_message
+            self._on_message = ignore
             on_exit(self)
 
     @property
@@ -281,10 +281,3 @@ class HelperProcess:
     def results(self) -> Optional[RestoreResults]:
         return self.conv.results
 
-
-def _no_report(helper: HelperProcess) -> None:
-    pass
-
-
-def _no_message(msg: Message) -> None:
-    pass

@@ -49,7 +49,7 @@ from typing import Any, Callable, List, Optional, Protocol, Tuple
 
 from pyxl.errors import StreamError, TruncatedStream, UnsupportedStream
 from pyxl.fdio import CHUNK, read_exact, set_nonblocking
-from pyxl.loop import Loop
+from pyxl.loop import Loop, ignore
 from pyxl.stream.framing import REC_HEADER, roundup8
 from pyxl.stream.libxl import WHERE_REC, record_name
 from pyxl.stream.libxl import LibxlRecordType as RecordType
@@ -205,10 +205,6 @@ def read_trailer(fd: int, end: int = RecordType.END, *,
     return parser.records
 
 
-def _no_report(err: Optional[Exception]) -> None:
-    pass
-
-
 class LoopReader:
     """A parser with exact units (``need``/``feed``/``eof``) fed from a pipe or
     socket by the loop: ``done(None)`` once ``feed`` says it is finished, or
@@ -236,7 +232,7 @@ class LoopReader:
             return False
         self.active = False
         self.buf = bytearray()
-        self._done = _no_report     # its owner, which holds this reader, is let go
+        self._done = ignore     # its owner, which holds this reader, is let go
         self.loop.remove_reader(self.fd)
         try:
             set_nonblocking(self.fd, bool(self.flags & os.O_NONBLOCK))

@@ -242,6 +242,7 @@ def test_finished_operations_are_freed_without_the_cyclic_collector(sim_dir, tmp
 
     round_trip(1)           # imports and first-use caches
     gc.collect()
+    was_enabled, flags = gc.isenabled(), gc.get_debug()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
     try:
@@ -250,8 +251,9 @@ def test_finished_operations_are_freed_without_the_cyclic_collector(sim_dir, tmp
         left = sorted({type(o).__qualname__ for o in gc.garbage
                        if type(o).__module__.startswith("pyxl")})
     finally:
-        gc.set_debug(0)
+        gc.set_debug(flags)
         gc.garbage.clear()
-        gc.enable()
+        if was_enabled:
+            gc.enable()
         loop.close()
     assert left == [], left
