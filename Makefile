@@ -8,7 +8,7 @@ STAMP     := $(VENV)/.pyxl-installed
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SOURCES   := setup.py pyproject.toml pyxl/wire/table.py pyxl/wire/_generated.py \
              $(wildcard libxl_helper/*.c libxl_helper/*.pyx libxl_helper/*.pxd libxl_helper/*.pxi \
-                        libxl_helper/*.py fakexen/*.c fakexen/*.h spawner/*.c)
+                        libxl_helper/*.py fakexen/*.c fakexen/*.h spawner/*.c finisher/*.c)
 PYTEST_ARGS ?=
 
 .PHONY: setup test test-slow lint regen demo bench memcheck clean apt xen-e2e test-debian13 man
@@ -69,7 +69,7 @@ memcheck: setup
 	$(PY) -m pytest -q tests/integration/test_helper_memcheck.py
 
 clean:
-	rm -rf build $(VENV) pyxl/pyxl-save-helper pyxl/pyxl-sim-vcpu pyxl/pyxl-spawner pyxl/libfakexen.so *.egg-info
+	rm -rf build $(VENV) pyxl/pyxl-save-helper pyxl/pyxl-sim-vcpu pyxl/pyxl-spawner pyxl/pyxl-finisher pyxl/libfakexen.so *.egg-info
 
 # The same suite against Xen 4.20's libraries and Python 3.13: `make test` inside a
 # Debian 13 root built from Debian's packages (cached in .cache/debian13). Root, ~2 min

@@ -1,4 +1,4 @@
-"""Build pyxl: the pure-Python package plus four native artefacts.
+"""Build pyxl: the pure-Python package plus five native artefacts.
 
 setuptools links no programs, so the programs are ``Extension`` subclasses that a
 ``build_ext`` subclass knows how to link:
@@ -10,6 +10,8 @@ setuptools links no programs, so the programs are ``Extension`` subclasses that 
 * ``pyxl/pyxl-sim-vcpu``     the simulated guest's vCPU process.
 * ``pyxl/pyxl-spawner``      starts pyxl's child processes, so the loop never
   waits for an exec (pyxl/spawn.py).
+* ``pyxl/pyxl-finisher``     flushes a saved image and puts it in place, off the
+  loop (pyxl/childproc.py).
 
 The helper is also installed on PATH as ``pyxl-save-helper`` (build_scripts).
 
@@ -200,6 +202,7 @@ setup(
                   depends=["fakexen/simctl.h"]),
         Program("pyxl.pyxl-sim-vcpu", ["fakexen/vcpu.c"], depends=["fakexen/simctl.h"]),
         Program("pyxl.pyxl-spawner", ["spawner/spawner.c"]),
+        Program("pyxl.pyxl-finisher", ["finisher/finisher.c"]),
     ],
     scripts=[HELPER],
     cmdclass={"build_ext": BuildNative, "build_scripts": BuildScripts},

@@ -21,15 +21,18 @@ while the helper does, and at :meth:`FileFinisher.commit` it fsyncs what is
 left, renames the file into place and fsyncs the directory.  Measured on ext4
 (1 GiB): the fsync started after the helper had finished was 30-40 % of the save.
 
-May import: pyxl.loop, pyxl.fdio, pyxl.spawn.
+Both run ``pyxl-finisher`` (finisher/finisher.c).
+
+May import: pyxl._paths, pyxl.loop, pyxl.fdio, pyxl.spawn.
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
+from pyxl._paths import package_file
 from pyxl.fdio import close_quietly, read_ready
 from pyxl.loop import Loop, ignore
 from pyxl.spawn import Child
@@ -148,39 +151,16 @@ class ShortChild:
         self._done = ignore
 
 
-# The end both children's programs share (inside their try): the rename into
-# place, the directory's fsync (if SYNC is "1"), errors in one line, _OK.
-_PLACE = r"""
-    step = "rename to " + dest
-    os.rename(tmp, dest)
-    if sync == "1":
-        step = "fsync of directory " + d
-        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-except OSError as exc:
-    sys.stderr.write(step + ": " + (exc.strerror or str(exc)) + "\n")
-    sys.exit(1)
-sys.stderr.write("\nok\n")
-"""
+#: The program both finishers run (finisher/finisher.c): a C program, since
+#: every save starts one and an interpreter's start cost ~19 ms of CPU.
+FINISHER_NAME = "pyxl-finisher"
 
-# The child's program: small, with no imports beyond os and sys, run with -I -S
-# (about 10 ms to start).  argv: TMP DEST DIR FSYNC(0|1).  Errors say what failed
-# in one line; success ends with _OK.
-_FINISH_FILE = r"""
-import os, sys
-tmp, dest, d, sync = sys.argv[1:5]
-step = "fsync " + tmp
-try:
-    if sync == "1":
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-""" + _PLACE
+
+def _finisher(*args: str) -> List[str]:
+    exe = package_file(FINISHER_NAME)
+    if not os.access(exe, os.X_OK):
+        raise OSError(errno.ENOENT, f"{exe} is missing: build pyxl (`make setup`)")
+    return [exe, *args]
 
 
 def finish_file(loop: Loop, tmp: str, dest: str, fsync: bool,
@@ -198,54 +178,8 @@ def finish_file(loop: Loop, tmp: str, dest: str, fsync: bool,
         else:
             done(err or f"the file finisher exited with status {status}")
 
-    return ShortChild(loop, [sys.executable or "python3", "-I", "-S", "-c", _FINISH_FILE,
-                             tmp, dest, directory, "1" if fsync else "0"], exited)
-
-
-# The flushing finisher's program (run with -I -S; ctypes because os has no
-# sync_file_range).  argv: TMP DEST DIR.  It polls the file's size every 10 ms
-# (or wakes on stdin): each new 8 MiB chunk gets its writeback started, and the
-# chunk before it is waited for, so the dirty pages stay bounded and the disk
-# is busy while the save runs.  stdin "commit" -> flush the rest, fsync, rename,
-# fsync the directory; stdin EOF without it -> the save was abandoned: exit
-# without touching anything (the parent removes the file).
-_FOLLOW_FILE = r"""
-import ctypes, os, select, sys
-tmp, dest, d = sys.argv[1:4]
-CHUNK = 8 << 20
-WAIT_BEFORE, WRITE, WAIT_AFTER = 1, 2, 4
-libc = ctypes.CDLL(None, use_errno=True)
-sfr = libc.sync_file_range
-sfr.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-
-def sync_range(fd, off, n, flags):
-    if sfr(fd, off, n, flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-step = "open " + tmp
-try:
-    fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-    started = waited = 0
-    commit = False
-    step = "writeback of " + tmp
-    while not commit:
-        if select.select([0], [], [], 0.01)[0]:
-            if os.read(0, 64) != b"commit\n":
-                sys.exit(0)            # abandoned
-            commit = True
-        size = os.fstat(fd).st_size
-        while size - started >= CHUNK:
-            sync_range(fd, started, CHUNK, WRITE)
-            if waited < started:
-                sync_range(fd, waited, started - waited, WAIT_BEFORE | WRITE | WAIT_AFTER)
-                waited = started
-            started += CHUNK
-    step = "fsync " + tmp
-    os.fsync(fd)
-    os.close(fd)
-    sync = "1"
-""" + _PLACE
+    return ShortChild(loop, _finisher("finish", tmp, dest, directory, "1" if fsync else "0"),
+                      exited)
 
 
 class FileFinisher:
@@ -263,8 +197,7 @@ class FileFinisher:
         self._done: Optional[Callable[[Optional[str]], None]] = None
         self._why: Optional[str] = None
         directory = os.path.dirname(os.path.abspath(dest))
-        self.child = ShortChild(loop, [sys.executable or "python3", "-I", "-S", "-c",
-                                       _FOLLOW_FILE, tmp, dest, directory],
+        self.child = ShortChild(loop, _finisher("follow", tmp, dest, directory),
                                 self._exited, stdin=True)
 
     def _exited(self, status: int, err: str) -> None:

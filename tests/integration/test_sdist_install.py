@@ -6,7 +6,7 @@ So the supported install is ``pip install pyxl-VERSION.tar.gz`` on the host
 (README: Install).  This test does exactly that -- sdist, fresh venv, pip's
 isolated build -- and then saves and restores a simulated guest with the
 installed ``pyxl`` from a directory outside the source tree: the helper, the
-spawner, fakexen and its vCPU all come from the installed package.
+spawner, the finisher, fakexen and its vCPU all come from the installed package.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def test_sdist_installs_into_a_fresh_venv_and_runs(tmp_path, sim_dir):
     (sdist,) = dist.iterdir()
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    for needed in ("spawner/spawner.c", "libxl_helper/main.c", "libxl_helper/_helper.pyx",
+    for needed in ("spawner/spawner.c", "finisher/finisher.c", "libxl_helper/main.c", "libxl_helper/_helper.pyx",
                    "fakexen/fakexen.c", "fakexen/vcpu.c", "pyxl/wire/_generated.py", "LICENSE",
                    "pyxl/py.typed"):
         assert needed in names, needed
@@ -45,7 +45,8 @@ def test_sdist_installs_into_a_fresh_venv_and_runs(tmp_path, sim_dir):
                      "import pyxl, os; print(os.path.dirname(pyxl.__file__))"],
                     env=env, cwd=str(tmp_path)).strip()
     assert installed.startswith(str(venv)), installed
-    for program in ("pyxl-save-helper", "pyxl-spawner", "pyxl-sim-vcpu", "libfakexen.so"):
+    for program in ("pyxl-save-helper", "pyxl-spawner", "pyxl-finisher", "pyxl-sim-vcpu",
+                    "libfakexen.so"):
         assert os.path.exists(os.path.join(installed, program)), program
     assert run([pyxl, "--version"], env=env, cwd=str(tmp_path)).startswith("pyxl ")
     env["PYXL_SIM_DIR"] = sim_dir
