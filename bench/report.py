@@ -94,6 +94,13 @@ def markdown(res: Dict[str, Any]) -> str:
         w(f"| loop stalls less run-queue wait (same run) | `loop_stall_unqueued_max_ms` / "
           f"its worst callback's `queued_ms` | {_f(stall.get('loop_stall_unqueued_max_ms'))} / "
           f"{_f((stall.get('worst_save_callback') or {}).get('queued_ms'))} ms | (info) | – |")
+    probed = stall.get("with_probe") or {}
+    if "probe" in probed:
+        w(f"| loop stalls, baseline: a stand-in loop beside the round (bench/stallprobe.py: "
+          f"0.3 ms of CPU every 2.5 ms, a session of its own; same run) | its "
+          f"`probe_stall_max_ms` / the round's `loop_stall_max_ms` / `stall_vs_probe` | "
+          f"{_f(stall.get('probe_stall_max_ms'))} / {_f(probed.get('loop_stall_max_ms'))} ms / "
+          f"{_f(stall.get('stall_vs_probe'), '{:.3f}')} | (info) | – |")
     every = stall.get("every_progress") or {}
     if every.get("loop_cpu_per_save_ms") is not None:
         w(f"| the loop's CPU per save / per restore, and per save with every progress report "

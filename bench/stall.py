@@ -6,11 +6,12 @@ N simulated guests are saved at once to real files (fsync on, a new file per
 guest in DIR, on disk), then restored at once, all on one SelectorLoop whose
 every callback (fd readiness and timers) is timed, by the wall clock and by
 the thread's CPU clock, and its context switches counted
-(``getrusage(RUSAGE_THREAD)``).  The whole run is done five times: first as
+(``getrusage(RUSAGE_THREAD)``).  The whole run is done six times: first as
 pyxl runs its children by default (at the caller's priority, as a fork
-gives, in a session of their own), then with ``set_child_nice(10)``, then
-with the children in the caller's session, then with every progress report,
-then with the loop's thread at a real-time priority.  Figures, of the first
+gives, in a session of their own), then with a stand-in loop beside it, then
+with ``set_child_nice(10)``, then with the children in the caller's session,
+then with every progress report, then with the loop's thread at a real-time
+priority.  Figures, of the first
 run:
 
 * ``loop_stall_max_ms``: the longest callback, wall clock (what an
@@ -47,6 +48,13 @@ run:
   session; in their own session they share one group's weight.
   ``own_session_vs_callers_session`` and ``own_session_p99_vs_callers_session``
   are the default round's loop_stall_max_ms and loop_stall_p99_ms over its.
+* ``with_probe``, a baseline: the default round again with
+  bench/stallprobe.py beside it, a stand-in loop in a session of its own
+  whose callbacks only use a CPU (0.3 ms every 2.5 ms, about the share of a
+  CPU pyxl's loop uses in a round).  What its callbacks wait beyond their
+  CPU is the machine's doing, so ``probe_stall_max_ms``, its longest, is the
+  floor any loop meets here under the same load; ``stall_vs_probe`` is that
+  round's loop_stall_max_ms over it.
 * ``child_nice_10`` holds the second run's figures, and
   ``nice10_vs_default`` = its loop_stall_max_ms / loop_stall_max_ms.
 * ``loop_fifo`` holds the third run's: the loop's thread at SCHED_FIFO 1
@@ -255,11 +263,34 @@ def _phase(loop: TimedLoop) -> Dict[str, Any]:
     return out
 
 
-def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
+def _start_probe() -> "subprocess.Popen[bytes]":
+    """bench/stallprobe.py in a session of its own, once it is ready."""
+    probe = subprocess.Popen([sys.executable, "-I", "-S", os.path.join(HERE, "stallprobe.py")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             start_new_session=True)
+    assert probe.stdout is not None
+    if probe.stdout.readline() != b"ready\n":
+        probe.kill()
+        probe.wait()
+        raise RuntimeError("bench/stallprobe.py did not start")
+    return probe
+
+
+def _stop_probe(probe: "subprocess.Popen[bytes]") -> Dict[str, Any]:
+    """End the probe (its stdin) and take its figures."""
+    out, _ = probe.communicate(timeout=30)
+    if probe.returncode != 0:
+        raise RuntimeError(f"bench/stallprobe.py exited with status {probe.returncode}")
+    return dict(json.loads(out))
+
+
+def run(n: int, mib: int, directory: str, probe: bool = False) -> Dict[str, Any]:
     """One round: N saves at once, then N restores, with the children at the
-    current :func:`set_child_nice`."""
+    current :func:`set_child_nice`; with ``probe``, bench/stallprobe.py runs
+    beside the saves and restores, and its figures are key ``probe``."""
     work = tempfile.mkdtemp(prefix="pyxl-stall-", dir=directory)
     sim_dir = tempfile.mkdtemp(prefix="pyxl-stall-sim-", dir="/dev/shm")
+    prober = None
     try:
         backend = SimBackend(sim_dir)
         doms = [sim.create(mib << 20, name=f"g{i}", sim_dir=sim_dir) for i in range(n)]
@@ -269,6 +300,7 @@ def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
         # one-time cost, not a start's
         assert callable(pyxl.save) and callable(pyxl.restore)
         start_spawner()
+        prober = _start_probe() if probe else None
         t = time.perf_counter()
         c = time.thread_time()
         saves = [pyxl.save(d, p, backend=backend, loop=loop) for d, p in zip(doms, paths)]
@@ -288,11 +320,12 @@ def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
         restores_cpu = time.thread_time() - c
         for r in restores:
             r.result()
+        probed = _stop_probe(prober) if prober else None
         restore = _phase(loop)
         loop.close()
         both = (save, restore)
         walls = save["walls"] + restore["walls"]
-        return {
+        return {**({"probe": probed} if probed else {}),
             "child_nice": child_nice(),
             "loop_stall_max_ms": round(max(p["max_ms"] for p in both), 2),
             "loop_stall_cpu_max_ms": round(max(p["cpu_max_ms"] for p in both), 2),
@@ -320,6 +353,9 @@ def run(n: int, mib: int, directory: str) -> Dict[str, Any]:
             "loop_cpu_per_restore_ms": round(restores_cpu * 1e3 / n, 2),
         }
     finally:
+        if prober and prober.poll() is None:
+            prober.kill()
+            prober.wait()
         sim.remove_dir(sim_dir)
         shutil.rmtree(work, ignore_errors=True)
 
@@ -434,6 +470,13 @@ def measure(n: int, mib: int, directory: str) -> Dict[str, Any]:
     """pyxl's default round, then the round with the children at nice +10,
     then the round with the loop at a real-time priority."""
     res = {"n": n, "mib": mib, "dir": directory, **run(n, mib, directory)}
+    # Baseline: the default round again with a stand-in loop beside it, whose
+    # callbacks only use a CPU: the floor any loop meets on this machine.
+    probed = run(n, mib, directory, probe=True)
+    res["with_probe"] = probed
+    res["probe_stall_max_ms"] = probed["probe"]["probe_stall_max_ms"]
+    res["stall_vs_probe"] = round(probed["loop_stall_max_ms"]
+                                  / probed["probe"]["probe_stall_max_ms"], 3)
     ours = child_nice()
     set_child_nice(10)
     try:

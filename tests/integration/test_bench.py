@@ -136,6 +136,17 @@ def test_stall_smoke(tmp_path):
     assert st["nice10_vs_default"] == pytest.approx(
         st["child_nice_10"]["loop_stall_max_ms"] / st["loop_stall_max_ms"], rel=1e-2)
     assert st["inloop_finish_ms"] > 0
+    probed = st["with_probe"]
+    probe = probed["probe"]
+    assert probe["cpu_ms"] == 0.3 and probe["callbacks"] > 0
+    # each of its callbacks spins for 0.3 ms of CPU: none is shorter by the wall clock
+    assert 0.29 <= probe["probe_stall_p99_ms"] <= probe["probe_stall_max_ms"]
+    assert 0 < probe["probe_stall_unqueued_max_ms"] <= probe["probe_stall_max_ms"]
+    assert probe["worst_probe_callback"]["wall_ms"] == probe["probe_stall_max_ms"]
+    assert st["probe_stall_max_ms"] == probe["probe_stall_max_ms"]
+    assert st["stall_vs_probe"] == pytest.approx(
+        probed["loop_stall_max_ms"] / probe["probe_stall_max_ms"], rel=1e-2)
+    assert "probe" not in st and probed["callbacks"] > 20
     every = st["every_progress"]
     assert st["loop_cpu_per_restore_ms"] > 0 and every["loop_cpu_per_restore_ms"] > 0
     assert st["loop_cpu_per_save_vs_every_progress"] == pytest.approx(
