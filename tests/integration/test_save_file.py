@@ -99,6 +99,30 @@ def test_failed_rename_keeps_the_guest_and_the_old_path(sim_dir, tmp_path):
     assert children() == []
 
 
+@pytest.mark.parametrize("fsync", [True, False])   # the flushing finisher; finish_file
+def test_a_missing_finisher_fails_the_save_in_one_line(sim_dir, tmp_path, monkeypatch, fsync):
+    """pyxl-finisher absent (a broken install): the save fails from the loop,
+    naming the program; the old image stays, the guest runs again, nothing
+    is left behind."""
+    import pyxl.childproc
+    missing = str(tmp_path / "no" / "pyxl-finisher")
+    monkeypatch.setattr(pyxl.childproc, "package_file", lambda name: missing)
+    dom = sim.create(16 << 20, name="g", sim_dir=sim_dir)
+    target = tmp_path / "g.save"
+    target.write_bytes(b"the old image")
+    loop = SelectorLoop()
+    op = pyxl.save(dom, str(target), backend=SimBackend(sim_dir), loop=loop, fsync=fsync)
+    assert loop.run_until(op.done, 60)
+    with pytest.raises(OperationError) as info:
+        op.result()
+    msg = str(info.value)
+    assert f"cannot run {missing}: No such file or directory" in msg and "\n" not in msg, msg
+    loop.close()
+    assert sim.info(dom, sim_dir=sim_dir).state == "running"
+    assert sorted(os.listdir(tmp_path)) == ["g.save"] and target.read_bytes() == b"the old image"
+    assert children() == []
+
+
 class _dir:
     """``base`` itself, or a fresh directory on tmpfs (/dev/shm), removed after."""
 
