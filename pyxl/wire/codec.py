@@ -65,16 +65,42 @@ MAX_BODY = 0xFFFF
 
 
 
+def _message_class(number: int, offset: int, mode: Optional[str]) -> Type[Message]:
+    cls = BY_NUMBER.get(number)
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message number {number}", offset)
+    if mode is not None and mode not in cls.SENDERS:
+        raise RemoteProtocolError(f"not sent by a {mode} helper", offset, cls.NAME)
+    return cls
+
+
+def _body_bounds(cls: Type[Message]) -> Tuple[int, Optional[int]]:
+    """The shortest body ``cls`` can have, and the longest (None: strings)."""
+    size, strings = 2, False
+    for _arg, wtype in cls.ARGS:
+        fixed = _FIXED.get(wtype)
+        if fixed is None:
+            size, strings = size + 5, True     # u32 size and at least the NUL
+        else:
+            size += fixed.size
+    return size, None if strings else size
+
+
+def _check_head(length: int, number: int, offset: int, mode: Optional[str]) -> None:
+    """What a frame's first four bytes already rule out."""
+    cls = _message_class(number, offset, mode)
+    least, most = _body_bounds(cls)
+    if length < least or (most is not None and length > most):
+        raise RemoteProtocolError(f"body length {length} impossible for this message", offset,
+                                  cls.NAME)
+
+
 def _decode_body(body: bytes, offset: int, mode: Optional[str]) -> Message:
     if len(body) < 2:
         raise RemoteProtocolError(f"body of {len(body)} bytes has no message number", offset)
     (number,) = _U16.unpack_from(body, 0)
-    cls = BY_NUMBER.get(number)
-    if cls is None:
-        raise RemoteProtocolError(f"unknown message number {number}", offset)
+    cls = _message_class(number, offset, mode)
     name = cls.NAME
-    if mode is not None and mode not in cls.SENDERS:
-        raise RemoteProtocolError(f"not sent by a {mode} helper", offset, name)
     pos = 2
     values: List[Any] = []
     for arg, wtype in cls.ARGS:
@@ -146,6 +172,12 @@ class Decoder:
         try:
             while len(buf) - pos >= 2:
                 (length,) = _U16.unpack_from(buf, pos)
+                if len(buf) - pos >= 4:
+                    # The head is judged before the body is awaited: text on
+                    # the helper's stdout reads as a ~26 KB length, and must
+                    # fail now, not after 26 KB that may never come.
+                    _check_head(length, _U16.unpack_from(buf, pos + 2)[0],
+                                self._offset + pos, self.mode)
                 if len(buf) - pos - 2 < length:
                     break
                 out.append(_decode_body(bytes(buf[pos + 2:pos + 2 + length]),

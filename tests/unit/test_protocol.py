@@ -96,12 +96,13 @@ def test_precopy_round_only_when_negotiated():
 
 
 @pytest.mark.parametrize("body,reason", [
-    (struct.pack("<HI", 10, 0), "cut short"),                         # complete missing errnoval
-    (struct.pack("<Hiii", 10, 0, 0, 0), "trailing"),                  # one int too many
-    (struct.pack("<H", 3) + b"\0", "trailing"),                        # suspend + junk
-    (struct.pack("<HIII", 1, 1, 0, 0), "size 0"),                     # log with empty string
+    (struct.pack("<HI", 10, 0), "length 6 impossible"),               # complete missing errnoval
+    (struct.pack("<Hiii", 10, 0, 0, 0), "length 14 impossible"),      # one int too many
+    (struct.pack("<H", 3) + b"\0", "length 3 impossible"),             # suspend + junk
+    (struct.pack("<HI", 1, 1), "length 6 impossible"),                # log: no room for its strings
+    (struct.pack("<HIII", 1, 1, 0, 0) + bytes(6), "size 0"),          # log with empty string
     (struct.pack("<HIII", 1, 1, 0, 2) + b"ab" + struct.pack("<I", 1) + b"\0", "NUL"),
-    (struct.pack("<HIII", 1, 1, 0, 99) + b"ab\0", "overruns"),
+    (struct.pack("<HIII", 1, 1, 0, 99) + b"ab\0" + bytes(3), "overruns"),
     (b"\x05", "no message number"),
 ])
 def test_malformed_bodies(body, reason):
@@ -109,6 +110,27 @@ def test_malformed_bodies(body, reason):
         Decoder().feed(frame(body))
     assert reason in str(e.value)
     assert e.value.offset == 0
+
+
+@pytest.mark.parametrize("head,reason", [
+    (b"this is not the helper protocol\n", "unknown message number 29545"),
+    (struct.pack("<HH", 4000, 10), "length 4000 impossible"),         # complete, 4000 bytes
+    (struct.pack("<HH", 100, 3), "length 100 impossible"),            # suspend has no arguments
+])
+def test_a_frame_that_can_never_be_valid_fails_on_its_first_four_bytes(head, reason):
+    """Text on the helper's stdout must not leave us waiting for the 26 KB
+    body its first two bytes announce: the head alone already rules it out."""
+    for cut in (4, len(head)):
+        with pytest.raises(ProtocolError, match=reason) as e:
+            Decoder(mode="save").feed(head[:cut])
+        assert e.value.offset == 0
+
+
+def test_a_valid_head_waits_for_its_body():
+    data = encode(protocol.Log(8, 0, "xc", "x" * 1000))
+    d = Decoder(mode="save")
+    assert d.feed(data[:4]) == [] and d.feed(data[4:-1]) == []
+    assert d.feed(data[-1:]) == [protocol.Log(8, 0, "xc", "x" * 1000)]
 
 
 def test_cut_frame_at_eof():
