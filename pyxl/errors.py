@@ -200,7 +200,7 @@ class ConfigError(StartupError):
         if len(field) > 120:    # a path through a deeply nested hostile config
             field = field[:117] + "..."
         super().__init__(f"saved config: {field}: {problem}", op=op)
-        self.field = field
+        self.field, self.problem = field, problem
 
 
 class StreamTooLarge(OperationError):

@@ -118,6 +118,43 @@ def bounded(convert: "Callable[[str], N]", what: str, ok: "Callable[[N], bool]",
     return parse
 
 
+def name_arg(text: str) -> str:
+    """A domain name a user gives (``sim create --name``, ``sim rename``): the
+    rules a restore applies to a saved config's, so that what the simulator
+    makes can be saved and restored; and not digits only, which read as a
+    domain id wherever a domain is taken."""
+    from pyxl.backends.configcheck import check_name
+    from pyxl.errors import ConfigError
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"not valid UTF-8: {text!r}") from None
+    if text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} reads as a domain id: a name needs more "
+                                         f"than digits")
+    try:
+        check_name(text, "name")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} {exc.problem}") from None
+    return text
+
+
+def size_arg(least: int, most: int) -> "Callable[[str], int]":
+    """An argparse type: a size such as 64M or 1G, from ``least`` to ``most`` bytes."""
+    from pyxl._units import format_size, parse_size
+
+    def parse(text: str) -> int:
+        try:
+            value = parse_size(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(
+                f"must be from {format_size(least)} to {format_size(most)}, not {text}")
+        return value
+    return parse
+
+
 #: --timeout, --header-timeout, ...: more than 0, at most a day.
 seconds_arg = bounded(float, "a number of seconds", lambda v: 0 < v <= MAX_SECONDS,
                       f"more than 0 and at most {MAX_SECONDS} seconds")

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from pyxl._units import parse_size
+from pyxl.cli.args import size_arg
 from pyxl.cli.runner import ProgressBar, run as run_op
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
@@ -21,14 +21,10 @@ if TYPE_CHECKING:       # type checkers take this branch
     from typing import Any, List, Optional, Sequence
 
 
-def _size(text: str) -> int:
-    return parse_size(text)
-
-
 def add_parser(sub: Any, argv: "Optional[Sequence[str]]" = None) -> None:
     p = sub.add_parser("demo", help="live-save and restore a busy simulated guest, end to end")
-    p.add_argument("--memory", type=_size, default=512 << 20, help="guest size (default 512M)")
-    p.add_argument("--dirty-rate", type=_size, default=20 << 20,
+    p.add_argument("--memory", type=size_arg(8 << 10, 16 << 40), default=512 << 20, help="guest size (default 512M)")
+    p.add_argument("--dirty-rate", type=size_arg(0, 1 << 40), default=20 << 20,
                    help="bytes/s the guest writes (default 20M)")
     p.add_argument("--helper", metavar="PATH", help="helper to use (default: pyxl's own)")
     p.add_argument("--sim-dir", metavar="DIR", help="fakexen state directory")

@@ -116,9 +116,11 @@ def _run(argv: List[str]) -> int:
         fail(exc)
         return EXIT_USAGE
     except BackendError as exc:
-        from pyxl.sim.errors import UnsafeSimDir   # only now: pyxl.sim is not light
+        from pyxl.sim.errors import InsufficientResources, UnsafeSimDir   # only now: not light
         fail(exc)
-        return EXIT_USAGE if isinstance(exc, UnsafeSimDir) else EXIT_FAILED
+        # no room for a new domain is unusable input, as a restore says it
+        return EXIT_USAGE if isinstance(exc, (UnsafeSimDir, InsufficientResources)) \
+            else EXIT_FAILED
     except (PyxlError, OSError, ValueError) as exc:
         fail(exc)
         return EXIT_FAILED

@@ -23,8 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pyxl._units import parse_size
-from pyxl.cli.args import Parser, domain_arg, resolve_domain
+from pyxl.cli.args import Parser, bounded, domain_arg, name_arg, resolve_domain, seconds_arg, size_arg
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
 if TYPE_CHECKING:       # type checkers take this branch
@@ -41,11 +40,11 @@ if TYPE_CHECKING:       # type checkers take this branch
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+#: A guest's memory: two pages (fakexen's least) to Xen 4.17's 16 TiB.
+_memory = size_arg(8 << 10, 16 << 40)
+#: A dirty rate, bytes/s: 0 (idle) to 1 TiB/s, beyond any guest's.
+_rate = size_arg(0, 1 << 40)
+_seed = bounded(int, "an integer", lambda v: 0 <= v < 1 << 64, "from 0 to 2**64-1")
 
 
 _domid = domain_arg
@@ -64,7 +63,8 @@ def _guarded(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
             if isinstance(getattr(args, "domid", None), str):
                 args.domid = _domid_of(args)
             return fn(args)
-        except (sim.NoSuchDomain, sim.UnsafeSimDir, StartupError) as exc:
+        except (sim.NoSuchDomain, sim.UnsafeSimDir, sim.InsufficientResources,
+                StartupError) as exc:      # (no room: exit 2, as for a restore)
             _err(str(exc))
             return EXIT_USAGE
         except (sim.SimError, ValueError, OSError) as exc:
@@ -203,37 +203,37 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def _create_arguments(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--memory", type=_size, required=True, metavar="SIZE",
+    sp.add_argument("--memory", type=_memory, required=True, metavar="SIZE",
                     help="guest RAM, e.g. 256M or 1G")
-    sp.add_argument("--dirty-rate", type=_size, default=0, metavar="RATE",
+    sp.add_argument("--dirty-rate", type=_rate, default=0, metavar="RATE",
                     help="bytes/s the guest writes, e.g. 50M (default 0: idle)")
-    sp.add_argument("--name", metavar="NAME", help="domain name (default simN)")
+    sp.add_argument("--name", type=name_arg, metavar="NAME", help="domain name (default simN)")
     sp.add_argument("--paused", action="store_true", help="do not start the guest's vCPU")
     sp.add_argument("--content", metavar="PROFILE",     # checked in cmd_create (lazy import)
                     help="fill memory from a profile: zero, text (about 3x compressible), "
                          "random, typical (50%% zero, 30%% text, 20%% random pages); "
                          "default: the stamped test pattern")
-    sp.add_argument("--seed", type=int, default=0, metavar="N",
+    sp.add_argument("--seed", type=_seed, default=0, metavar="N",
                     help="the content profile's seed (default 0): same seed, same bytes")
 
 
 def _create_empty_arguments(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--max-mem", type=_size, required=True, metavar="SIZE",
+    sp.add_argument("--max-mem", type=_memory, required=True, metavar="SIZE",
                     help="the most memory a restore may populate")
-    sp.add_argument("--name", metavar="NAME", help="domain name")
+    sp.add_argument("--name", type=name_arg, metavar="NAME", help="domain name")
 
 
 def _suspend_arguments(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+    sp.add_argument("--timeout", type=seconds_arg, default=10.0, metavar="SECONDS",
                     help="give up after this long (default 10)")
 
 
 def _rename_arguments(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("name", type=name_arg, metavar="NAME")
 
 
 def _set_rate_arguments(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("rate", type=_size, metavar="RATE", help="bytes/s, e.g. 20M (0: idle)")
+    sp.add_argument("rate", type=_rate, metavar="RATE", help="bytes/s, e.g. 20M (0: idle)")
 
 
 def _no_arguments(sp: argparse.ArgumentParser) -> None:

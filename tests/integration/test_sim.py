@@ -366,8 +366,8 @@ def test_cli(fxdir, capsys):
     assert run_cli(capsys, "destroy", str(domid), "--sim-dir", fxdir)[0] == 0
     rc, out, err = run_cli(capsys, "destroy", str(domid), "--sim-dir", fxdir)
     assert rc == 2 and err.count("\n") == 1 and "does not exist" in err
-    rc, out, err = run_cli(capsys, "create", "--memory", "100T", "--sim-dir", fxdir)
-    assert rc == 1 and err.startswith("pyxl: error:") and err.count("\n") == 1
+    rc, out, err = run_cli(capsys, "create", "--memory", "16T", "--sim-dir", fxdir)
+    assert rc == 2 and "needs" in err and err.startswith("pyxl: error:") and err.count("\n") == 1
     rc, out, _ = run_cli(capsys, "list", "--sim-dir", fxdir)
     assert rc == 0 and "DOMID" in out
     rc, out, _ = run_cli(capsys, "env", "--sim-dir", fxdir)
