@@ -12,13 +12,14 @@ writes bytes to a pipe, socket or file it does not own a codec for.
   libxl's checkpoint records and trailers all go through it.
 * small fd utilities (:func:`set_nonblocking`, :func:`close_quietly`,
   :func:`is_regular`, :func:`make_pipe`, :func:`pipe_size`,
-  :func:`create_beside`).
+  :func:`open_save_target`).
 
 May import: pyxl.errors, pyxl.loop.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import select
@@ -94,6 +95,27 @@ def close_quietly(fd: int) -> None:
 
 def is_regular(fd: int) -> bool:
     return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+def is_stream(fd: int) -> bool:
+    """A pipe, a FIFO or a socket: what a loop can wait on (epoll refuses
+    regular files and devices such as /dev/zero)."""
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def check_channel(fds: Tuple[int, int]) -> None:
+    """StartupError unless (read fd, write fd) are pipes or sockets: a
+    migration comes over a channel (ssh's stdin and stdout, a socket), and a
+    file or /dev/null on stdin is a mistake to say at once."""
+    for fd, end in zip(fds, ("read", "write")):
+        try:
+            ok = is_stream(fd)
+        except OSError as exc:
+            raise StartupError(f"the {end} fd {fd}: {exc.strerror}") from exc
+        if not ok:
+            raise StartupError(f"the {end} fd {fd} is not a pipe or a socket: a migration "
+                               f"comes over a channel (ssh, a socket)")
 
 
 def read_exact(fd: int, n: int, *, offset: int = 0, what: str = "data",
@@ -228,18 +250,54 @@ def write_from_loop(loop: Loop, fd: int, data: bytes,
     writer.send(data, written)
 
 
-def create_beside(path: str) -> Tuple[int, str]:
-    """A new, empty, private temporary file in ``path``'s directory, to be
-    renamed over ``path`` once whole: (its fd, its name).  StartupError if it
-    cannot be made, naming ``path`` -- the user's file, not the hidden one."""
-    d = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    if os.path.isdir(path):
+def open_save_target(path: str) -> Tuple[int, Optional[str], str]:
+    """Where a save to ``path`` writes: ``(fd, tmp, dest)``.
+
+    A new or regular file is written as a private temporary file beside it
+    (``tmp``), to be renamed over ``dest`` once whole; through a symlink,
+    ``dest`` is the file it names, so the link stays a link.  A FIFO or a
+    character device (``/dev/null``, to time a save) is written into, as xl
+    does: ``tmp`` is None.  Anything else is refused, before anything ran,
+    naming ``path`` -- the user's file, never the hidden one: renaming a file
+    over a device node or a FIFO would replace it."""
+    if not path:
+        raise StartupError("the save file name is empty")
+    if path.endswith("/"):
+        raise StartupError(f"{path}: not a file name (it ends in '/')")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise StartupError(f"{path}: a symlink to {os.readlink(path)}, which does not "
+                               f"exist") from None
+        return _create_beside(path, path)
+    except OSError as exc:
+        raise StartupError(f"cannot create {path}: {exc.strerror}") from exc
+    if stat.S_ISDIR(st.st_mode):
         raise StartupError(f"{path}: is a directory")
+    if stat.S_ISREG(st.st_mode):
+        return _create_beside(path, os.path.realpath(path))
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
+        try:
+            # O_NONBLOCK: a FIFO nobody reads fails (ENXIO) instead of
+            # holding the caller until a reader comes
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            why = "a FIFO nobody reads" if exc.errno == errno.ENXIO else exc.strerror
+            raise StartupError(f"cannot write to {path}: {why}") from exc
+        os.set_blocking(fd, True)      # the helper's writes wait, as into any pipe
+        return fd, None, path
+    raise StartupError(f"{path}: not a regular file, a FIFO or a character device")
+
+
+def _create_beside(path: str, dest: str) -> Tuple[int, Optional[str], str]:
+    d = os.path.dirname(os.path.abspath(dest))
+    base = os.path.basename(dest)
     for i in range(100):
         tmp = os.path.join(d, f".{base}.pyxl-{os.getpid()}-{i}.tmp")
         try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), tmp
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), \
+                tmp, dest
         except FileExistsError:
             continue
         except OSError as exc:

@@ -25,6 +25,9 @@ and XenStore transaction in a callback of its own (:func:`run_steps`).
 ``start_domain_config(loop, domid, done)``: :meth:`Backend.domain_config` on
 the loop, ``done(config, None)`` or ``done(None, exc)``
 (:func:`start_domain_config`); XenBackend's reads XenStore in one round.
+``lock_dir() -> str``: where a save holds its domain's lock, one directory
+per host (:mod:`pyxl.ops.domainlock`; SimBackend's is its state directory);
+without it, ``/run/pyxl`` for root.
 
 Calls are made from the operation's event loop, so each must return quickly;
 the ones that wait on the guest or its device model (``start_*``) are

@@ -80,6 +80,11 @@ class SimBackend:
         except sim.NoSuchDomain as exc:
             raise StartupError(f"no such domain: {domid}") from exc
 
+    def lock_dir(self) -> str:
+        """Where a save holds its domain's lock (pyxl.ops.domainlock): the
+        state directory, the simulated host's own."""
+        return sim.sim_dir_path(self.sim_dir)
+
     def domain_names(self) -> Dict[int, str]:
         return sim.names(self.sim_dir)
 

@@ -32,7 +32,7 @@ from pyxl.backends import Backend, default_backend
 from pyxl.backends.base import start_destroy, start_rename, start_unpause
 from pyxl.errors import (CorruptImage, HelperFailed, MigrationError, MigrationProtocolError,
                          OperationError, StartupError)
-from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
+from pyxl.fdio import FdWriter, check_channel, close_quietly, set_nonblocking
 from pyxl.loop import Loop, Timer
 from pyxl.migrate.address import parse_address
 from pyxl.migrate.domain import INCOMING, digest_or_none, domain_name
@@ -108,6 +108,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._given_fds = fds is not None
         if tls is not None:
             make_context(tls, server=True)   # its files load, or StartupError now
+        if fds is not None:
+            check_channel(fds)
         self.backend = backend or default_backend(sim_dir)
         self.paused, self.helper, self.want_digest = paused, helper, digest
         self.logger = get_logger("pyxl.migrate.receive")

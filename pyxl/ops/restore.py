@@ -30,7 +30,7 @@ from pyxl.backends.base import (Backend, start_create_restore_target, start_dest
 from pyxl.backends.configcheck import MAX_GIVEN_NAME, check_config, check_name
 from pyxl.errors import (Cancelled, CorruptImage, HelperFailed, OperationError, StartupError,
                          StreamTooLarge, Timeout, TruncatedStream)
-from pyxl.fdio import CHUNK, is_regular, make_pipe, pending_bytes, set_nonblocking
+from pyxl.fdio import CHUNK, is_regular, is_stream, make_pipe, pending_bytes, set_nonblocking
 from pyxl.loop import Loop, Timer, default_loop
 from pyxl.ops.helper_process import restore_argv
 from pyxl.ops.operation import (REMUS_RESTORE_CALLBACKS, RESTORE_CALLBACKS, STREAM_PLAIN,
@@ -127,6 +127,10 @@ class RestoreOperation(Operation[RestoreResult]):
         self._fd, self._own_fd = fd, own
         try:
             regular = is_regular(fd)
+            if not regular and not is_stream(fd):
+                # (epoll refuses a device: a raw EPERM otherwise)
+                self._close()
+                raise StartupError(f"{self._where()}: not a regular file, a pipe or a socket")
             if options.compressed or (regular and is_zstd(
                     os.pread(fd, 4, os.lseek(fd, 0, os.SEEK_CUR)))):
                 # A compressed image: restored from the decompressor's pipe,

@@ -3,14 +3,13 @@
 The xl header and the libxl stream's start are written first, then the helper
 writes libxc's stream on the same fd; it calls back to suspend the guest (the
 backend asks it, from the loop) and to switch the device model's log-dirty
-mode.  When the helper has completed, the libxl records that end the stream
-(the device model's, END) are written, a file is fsynced and renamed over the
-target by a short child (:mod:`pyxl.childproc`: the loop never waits for the
-disk; with ``fsync``, that child starts with the save and flushes the file
-while it grows, so the disk writes in parallel with the helper), and the domain is left as asked: destroyed (xl's default, through the
-backend's ``start_destroy``), paused or running.  A failed save never touches an existing file and lets a suspended
-guest run again.  Checkpointed (Remus) streams repeat the suspend, the libxl
-checkpoint records and the resume per checkpoint.
+mode.  Then the libxl records that end the stream (the device model's, END)
+are written, a short child fsyncs the file and renames it over the target
+(:mod:`pyxl.childproc`; with ``fsync`` it starts with the save and flushes the
+file as it grows), and the domain is left as asked: destroyed (xl's default),
+paused or running.  A failed save never touches an existing file and lets a
+suspended guest run again.  Checkpointed (Remus) streams repeat the suspend,
+the libxl checkpoint records and the resume per checkpoint.
 """
 
 from __future__ import annotations
@@ -26,8 +25,9 @@ from pyxl.backends.base import (Backend, Cancellable, EmulatorRecord, start_dest
                                 start_domain_config, start_resume)
 from pyxl.childproc import FileFinisher, finish_file
 from pyxl.errors import Cancelled, HelperDied, OperationError, StartupError
-from pyxl.fdio import create_beside, make_pipe, pipe_size, write_all, write_from_loop
+from pyxl.fdio import close_quietly, make_pipe, open_save_target, pipe_size, write_all, write_from_loop
 from pyxl.loop import Loop
+from pyxl.ops.domainlock import DomainLock
 from pyxl.ops.helper_process import save_argv
 from pyxl.ops.operation import (REMUS_SAVE_CALLBACKS, SAVE_CALLBACKS, STREAM_PLAIN,
                                 STREAM_REMUS, XCFLAGS_DEBUG, XCFLAGS_LIVE, CallbackRequest,
@@ -159,15 +159,15 @@ class SaveOperation(Operation[SaveResult]):
         self.stream_type = options.stream_type
         self.max_checkpoints = options.checkpoints
         self.checkpoint_interval = options.checkpoint_interval
-        self.checkpoints = 0
-        self.suspended = False
+        self.checkpoints, self.suspended = 0, False
         self.suspended_at: Optional[float] = None
         self._suspend_cancel: Optional[Cancellable] = None
         self._held: Optional[OperationError] = None  # failure waiting for a suspend in flight
         self.path: Optional[str] = None
         self._tmp: Optional[str] = None
-        self._fd = -1
-        self._own_fd = False
+        self._fd, self._own_fd = -1, False
+        self._dest = ""                 # the file renamed over (a symlink's target)
+        self._device_fd = -1            # a FIFO or device opened by path
         self._placing: Optional[Cancellable] = None   # the short child putting the file in place
         self._finisher: Optional[FileFinisher] = None   # fsync: flushes the file as it grows
         self._finisher_due: Optional[Cancellable] = None  # its start, due on the loop
@@ -175,24 +175,28 @@ class SaveOperation(Operation[SaveResult]):
         self._launch_fd = -1                            # its stream fd, while it is due
         # compress: the stream goes into a pipe (_wfd) that a zstd child
         # (_zstd) reads from _zin and writes to the target (_fd).
-        self._wfd = -1
-        self._zin = -1
+        self._wfd = self._zin = -1
         self._zstd: Optional[ZstdStage] = None
 
         self.backend.check_domain(domid)
+        # One save (or migration) of a domain at a time: two would share its
+        # log-dirty bitmap and both "succeed" with stale pages (domainlock).
+        self._lock = DomainLock(backend, domid, ("live " if options.live else "") + "save")
         # The config (a real host's XenStore round) and the stream's head come
         # from the loop, before the helper starts: the caller waits only for the
         # checks it should see fail at once (no such domain, no file).
         self.config: Dict[str, Any] = config if config is not None else {}
         self._config_given = config is not None
         self._xl_header = xl_header
-        if isinstance(target, int):
-            self._fd = target
-        else:
-            self.path = os.fspath(target)
-            self._fd, self._tmp = create_beside(self.path)
-            self._own_fd = True
         try:
+            if isinstance(target, int):
+                self._fd = target
+            else:
+                self.path = os.fspath(target)
+                self._fd, self._tmp, self._dest = open_save_target(self.path)
+                # a FIFO or a device is written into, like a caller's fd, and closed at the end
+                self._own_fd = self._tmp is not None
+                self._device_fd = -1 if self._own_fd else self._fd
             self._wfd = self._fd
             if options.compress:
                 self._zin, self._wfd = make_pipe(HEAD_ROOM)
@@ -214,6 +218,9 @@ class SaveOperation(Operation[SaveResult]):
         except BaseException as exc:
             self._close_launch_fd()
             self._discard()
+            self._lock.release()
+            if self._device_fd >= 0:
+                close_quietly(self._device_fd)
             if isinstance(exc, OSError):
                 raise StartupError(f"cannot write save stream: {exc.strerror}") from exc
             raise
@@ -320,7 +327,7 @@ class SaveOperation(Operation[SaveResult]):
         self._finisher_due = None
         assert self._tmp is not None and self.path is not None and self.helper is not None
         try:
-            self._finisher = FileFinisher(self.loop, self._tmp, self.path, self._finisher_failed)
+            self._finisher = FileFinisher(self.loop, self._tmp, self._dest, self._finisher_failed)
         except OSError as exc:
             self._fail_soon(OperationError(
                 f"cannot start the file finisher: {exc.strerror}", op=self))
@@ -329,14 +336,15 @@ class SaveOperation(Operation[SaveResult]):
     def _zstd_failed(self, why: str) -> None:
         """The compressor failed while the helper wrote (its target broke, or
         it was killed): stop the save now."""
-        self._fail_soon(OperationError(f"compressing the save stream failed: {why}", op=self))
-        if self.helper is not None and self.helper.running:
-            self.helper.kill()
+        self._stage_failed(f"compressing the save stream failed: {why}")
 
     def _finisher_failed(self, why: str) -> None:
         """The flushing child failed while the helper wrote (an I/O error, or
         it was killed): the save cannot be made durable, so stop it now."""
-        self._fail_soon(OperationError(f"flushing the save file failed: {why}", op=self))
+        self._stage_failed(f"flushing the save file failed: {why}")
+
+    def _stage_failed(self, message: str) -> None:
+        self._fail_soon(OperationError(message, op=self))
         if self.helper is not None and self.helper.running:
             self.helper.kill()
 
@@ -361,15 +369,9 @@ class SaveOperation(Operation[SaveResult]):
             self._tmp = None
 
     def _default_handler(self, name: str) -> Handler:
-        if name == "suspend":
-            return self._default_suspend
-        if name == "switch_qemu_logdirty":
-            return self._default_logdirty
-        if name == "postcopy":
-            return self._default_postcopy
-        if name == "checkpoint":
-            return self._default_checkpoint
-        return super()._default_handler(name)
+        own = {"suspend": self._default_suspend, "switch_qemu_logdirty": self._default_logdirty,
+               "postcopy": self._default_postcopy, "checkpoint": self._default_checkpoint}
+        return own.get(name) or super()._default_handler(name)
 
     def _default_logdirty(self, req: CallbackRequest) -> None:
         """libxc asks the device model to track (or stop tracking) the pages it
@@ -472,6 +474,10 @@ class SaveOperation(Operation[SaveResult]):
             # say why first, e.g. a guest that did not answer the request.
             exc.args = (f"the guest did not suspend: {why}; {exc.args[0] if exc.args else exc}",
                         ) + tuple(exc.args[1:])
+        self._lock.release()
+        if self._device_fd >= 0:
+            os.close(self._device_fd)
+            self._device_fd = -1
         super()._finish(result, exc)
 
     def _answer(self, req: CallbackRequest, value: int) -> None:
@@ -633,7 +639,7 @@ class SaveOperation(Operation[SaveResult]):
         if self._finisher is not None:
             self._finisher.commit(placed)
         else:
-            self._placing = finish_file(self.loop, self._tmp, self.path, self.fsync, placed)
+            self._placing = finish_file(self.loop, self._tmp, self._dest, self.fsync, placed)
 
     def _committed(self, result: SaveResult) -> None:
         """The image is safe: leave the domain as asked, then finish."""

@@ -27,7 +27,7 @@ PYXL = [sys.executable, "-m", "pyxl"]
 
 def pyxl_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(PYXL + list(args), capture_output=True, text=True, timeout=timeout,
-                          cwd=str(ROOT))
+                          cwd=str(ROOT), stdin=subprocess.DEVNULL)
 
 
 def last_error(r: subprocess.CompletedProcess) -> str:
@@ -100,6 +100,19 @@ def test_exit_1_inspect_refuses_a_stream(tmp_path):
     (["sim", "info", "web2"], "no such domain: 'web2'"),
     (["migrate", "--command", "true", "web2"], "no such domain: 'web2'"),
     (["migrate", "--downtime", "50", "web1", "127.0.0.1:1"], "migrate: --downtime needs --live"),
+    (["save", "web1", ""], "the save file name is empty"),
+    (["save", "web1", "{tmp}/newdir/"], "{tmp}/newdir/: not a file name (it ends in '/')"),
+    (["restore", "/dev/zero"], "/dev/zero: not a regular file, a pipe or a socket"),
+    (["migrate-receive"], "the read fd 0 is not a pipe or a socket"),         # stdin: /dev/null
+    (["sim", "create", "--memory", "0"], "argument --memory: must be from 8.0 KiB to"),
+    (["sim", "create", "--memory", "16T"], "a 16384.0 GiB guest needs"),     # no room
+    (["sim", "create", "--memory", "64M", "--seed", "-1"], "argument --seed: must be from 0"),
+    (["sim", "create", "--memory", "64M", "--name", "x/y"], "'x/y' must not contain '/'"),
+    (["sim", "create", "--memory", "64M", "--name", "999"], "'999' reads as a domain id"),
+    (["sim", "rename", "web1", ""], "argument NAME: '' must be a non-empty string"),
+    (["sim", "set-rate", "web1", "2T"], "argument RATE: must be from 0 B to 1024.0 GiB"),
+    (["sim", "suspend", "--timeout", "-5", "web1"], "argument --timeout: must be more than 0"),
+    (["demo", "--memory", "0"], "argument --memory: must be from 8.0 KiB"),
     (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
 ])
 def test_exit_2_bad_arguments_or_unusable_input(sim_dir, tmp_path, argv, needle):

@@ -1,0 +1,125 @@
+"""What a save to a path does with what is already there.
+
+A regular file is replaced atomically (a temporary file renamed over it);
+through a symlink the file it names is replaced and the link stays.  A FIFO
+or a character device is written into, as xl does (``save DOM /dev/null``
+times a save): renaming a file over it would have replaced the node itself.
+Anything else, and names that can never be a file, are refused before the
+guest is touched."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+
+import pytest
+
+import pyxl
+from pyxl import sim
+from pyxl.errors import StartupError
+from pyxl.loop import SelectorLoop
+from pyxl.stream.xl import XL_MAGIC
+
+MiB = 1 << 20
+
+
+def _save(dom, target, sim_dir):
+    loop = SelectorLoop()
+    op = pyxl.save(dom, target, leave="running", sim_dir=sim_dir, loop=loop)
+    assert loop.run_until(op.done, 60)
+    loop.close()
+    return op.result()
+
+
+def test_a_character_device_is_written_into_and_stays_a_device(sim_dir, tmp_path):
+    node = tmp_path / "null"
+    os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))     # another /dev/null
+    dom = sim.create(16 * MiB, name="g", sim_dir=sim_dir)
+    res = _save(dom, str(node), sim_dir)
+    assert stat.S_ISCHR(os.lstat(node).st_mode) and os.lstat(node).st_rdev == os.makedev(1, 3)
+    assert res.path == str(node) and res.bytes_written is None
+    assert sorted(os.listdir(tmp_path)) == ["null"]           # no temporary file
+    assert sim.state(dom, sim_dir=sim_dir) == "running"
+
+
+def test_a_fifo_is_written_into_and_its_reader_gets_the_image(sim_dir, tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)      # the reader: drained from the loop
+    got = bytearray()
+    dom = sim.create(16 * MiB, name="g", sim_dir=sim_dir)
+    loop = SelectorLoop()
+
+    def readable():
+        try:
+            data = os.read(rfd, 1 << 16)
+        except BlockingIOError:
+            return
+        if data:
+            got.extend(data)
+        else:
+            loop.remove_reader(rfd)
+    loop.add_reader(rfd, readable)
+    op = pyxl.save(dom, str(fifo), leave="running", sim_dir=sim_dir, loop=loop)
+    assert loop.run_until(op.done, 60)
+    op.result()
+    while True:                                              # what is left in the pipe
+        try:
+            data = os.read(rfd, 1 << 16)
+        except BlockingIOError:
+            break
+        if not data:
+            break
+        got.extend(data)
+    os.close(rfd)
+    loop.close()
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert bytes(got[:len(XL_MAGIC)]) == XL_MAGIC and len(got) > 16 * MiB
+    assert sorted(os.listdir(tmp_path)) == ["pipe"]
+
+
+def test_a_fifo_nobody_reads_is_refused_at_once(sim_dir, tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    dom = sim.create(16 * MiB, name="g", sim_dir=sim_dir)
+    with pytest.raises(StartupError, match=rf"^cannot write to {fifo}: a FIFO nobody reads$"):
+        pyxl.save(dom, str(fifo), sim_dir=sim_dir)
+    assert sim.state(dom, sim_dir=sim_dir) == "running"
+
+
+def test_through_a_symlink_its_file_is_replaced_and_the_link_stays(sim_dir, tmp_path):
+    real = tmp_path / "real.save"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.save"
+    link.symlink_to("real.save")
+    dom = sim.create(16 * MiB, name="g", sim_dir=sim_dir)
+    res = _save(dom, str(link), sim_dir)
+    assert os.readlink(link) == "real.save"
+    assert real.stat().st_size == res.bytes_written > 16 * MiB
+    assert sorted(os.listdir(tmp_path)) == ["link.save", "real.save"]
+
+
+@pytest.mark.parametrize("name,why", [
+    ("", "the save file name is empty"),
+    ("newdir/", "newdir/: not a file name (it ends in '/')"),
+    ("dangling", "dangling: a symlink to nowhere, which does not exist"),
+    ("sock", "sock: not a regular file, a FIFO or a character device"),
+])
+def test_what_can_never_be_a_save_file_is_refused_before_the_guest_is_touched(
+        sim_dir, tmp_path, monkeypatch, name, why):
+    monkeypatch.chdir(tmp_path)
+    os.symlink("nowhere", "dangling")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind("sock")
+    dom = sim.create(16 * MiB, name="g", sim_dir=sim_dir)
+    pid = sim.info(dom, sim_dir=sim_dir).vcpu_pid
+    try:
+        with pytest.raises(StartupError) as e:
+            pyxl.save(dom, name, sim_dir=sim_dir)
+    finally:
+        s.close()
+    assert str(e.value) == why
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "sock"]
+    assert sim.state(dom, sim_dir=sim_dir) == "running"
+    assert sim.info(dom, sim_dir=sim_dir).vcpu_pid == pid    # never suspended
