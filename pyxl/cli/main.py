@@ -74,11 +74,24 @@ def build_parser(argv: "Optional[Sequence[str]]" = None) -> argparse.ArgumentPar
     return parser
 
 
-def _configure_logging(verbose: int) -> None:
-    if verbose == 0:   # pyxl's loggers have a NullHandler: silent, and logging not imported
-        return
+#: Commands that run operations: without -v, pyxl's own warnings still show
+#: (a --downtime the helper will ignore, a dropped connection); errors are
+#: printed once, by the command, and the helper's log needs -v.
+_WARNING_COMMANDS = ("save", "restore", "migrate", "migrate-receive", "demo")
+
+
+def _configure_logging(verbose: int, command: "Optional[str]" = None) -> None:
+    if verbose == 0 and command not in _WARNING_COMMANDS:
+        return   # pyxl's loggers have a NullHandler: silent, and logging not imported
     import logging
-    level = logging.CRITICAL + 1 if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    if verbose == 0:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("pyxl: warning: %(message)s"))
+        handler.addFilter(lambda r: r.levelno == logging.WARNING
+                          and not getattr(r, "pyxl_helper", False))
+        logging.getLogger("pyxl").addHandler(handler)
+        return
+    level = logging.INFO if verbose == 1 else logging.DEBUG
     # -vv: debugging, where the time since the command started tells what was slow.
     fmt = "%(name)s: %(levelname)s: %(message)s"
     if verbose >= 2:
@@ -98,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(argv: List[str]) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, _command_in(argv))
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -101,6 +101,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from pyxl.migrate import migrate
     if (args.target is None) == (args.command is None):
         args.usage_error("give HOST:PORT or --command CMD (one of them)")
+    if args.command is not None and not args.command.strip():
+        args.usage_error("argument --command: empty (a command that runs a receiver: "
+                         "ssh HOST pyxl migrate-receive)")
     tls = _tls(args, name=args.tls_name)
     if tls is not None and args.command is not None:
         args.usage_error("--tls-* is for HOST:PORT; --command is its own channel "
@@ -147,7 +150,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         numbers["throttle"] = res.throttle
     if args.compress:
         numbers["compressed"] = res.compressed
-    to = args.command if args.command is not None else "{}:{}".format(*args.target)
+    from pyxl.migrate.address import format_address
+    to = args.command if args.command is not None else format_address(*args.target)
     downtime = "" if res.downtime is None else f", downtime {res.downtime * 1000:.0f} ms"
     summarize(args, "migrated", config, res.domid, f"to {to}", res.duration, numbers,
               extra=f" ({size_text(res.bytes_sent)} sent{_how(args, res)}{downtime})")
@@ -168,8 +172,9 @@ def cmd_receive(args: argparse.Namespace) -> int:
         op = receive(args.listen, paused=args.paused, helper=args.helper, timeout=args.timeout,
                      sim_dir=args.sim_dir, digest=args.json, remus=args.remus, tls=tls,
                      insecure=args.insecure, compress=not args.no_compress, **deadlines)
-        host, port = op.address or args.listen
-        print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
+        from pyxl.migrate.address import format_address
+        print(f"listening on {format_address(*(op.address or args.listen))}", file=sys.stderr,
+              flush=True)
         out = sys.stdout
     else:
         if tls is not None or args.insecure:

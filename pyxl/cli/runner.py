@@ -155,9 +155,19 @@ def summarize(args: Any, verb: str, config: "Optional[Dict[str, Any]]", domid: i
         return
     if getattr(args, "quiet", False):
         return
-    who = name or f"domain {domid}"
+    who = shown(name) if name else f"domain {domid}"
     size = f" ({size_text(memory)})" if memory else ""
-    print(f"{verb} {who}{size} {where} in {seconds:.1f} s{extra}", file=sys.stderr, flush=True)
+    print(f"{verb} {who}{size} {shown(where)} in {seconds:.1f} s{extra}", file=sys.stderr,
+          flush=True)
+
+
+def shown(text: str) -> str:
+    """``text`` for a terminal line: control characters, line and paragraph
+    separators and format characters (bidi overrides) escaped, so that a
+    domain's name or a file's cannot break the line or forge another."""
+    import unicodedata
+    return "".join(c if unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp")
+                   else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def fail(exc: BaseException, internal: bool = False) -> None:

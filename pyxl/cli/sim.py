@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pyxl.cli.args import Parser, bounded, domain_arg, name_arg, resolve_domain, seconds_arg, size_arg
+from pyxl.cli.args import (Parser, bounded, domain_arg, name_arg, resolve_domain, seconds_arg,
+                           size_arg)
+from pyxl.cli.runner import shown
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
 if TYPE_CHECKING:       # type checkers take this branch
@@ -132,7 +134,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"{'DOMID':>5}  {'NAME':<20} {'STATE':<10} {'MEMORY':>10} {'DIRTY/S':>10}  VCPU")
     for d in doms:
-        print(f"{d.domid:>5}  {d.name[:20]:<20} {d.state:<10} {sim.format_size(d.memory):>10} "
+        print(f"{d.domid:>5}  {shown(d.name)[:20]:<20} {d.state:<10} {sim.format_size(d.memory):>10} "
               f"{sim.format_size(d.dirty_rate) if d.dirty_rate else '-':>10}  "
               f"{d.vcpu_pid or '-'}")
     return EXIT_OK

@@ -101,6 +101,8 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
                  compress: bool = False) -> None:
         if (target is None) == (command is None):
             raise ValueError("give either a target HOST:PORT or a command, not both or neither")
+        if command is not None and not command.strip():
+            raise ValueError("command is empty")
         if tls is not None and not isinstance(tls, TlsOptions):
             raise TypeError(f"tls: a pyxl.migrate.TlsOptions, not {type(tls).__name__}")
         if tls is not None and command is not None:

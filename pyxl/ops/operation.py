@@ -206,8 +206,9 @@ class Operation(LoopFuture[T]):
 
     def _on_message(self, msg: Message) -> None:
         if isinstance(msg, Log):
+            # tagged: the CLI shows the helper's (libxc's) log only when asked (-v)
             self.logger.log(_LEVELS.get(msg.level, logging.INFO), "%s: %s", msg.context,
-                            msg.formatted)
+                            msg.formatted, extra={"pyxl_helper": True})
             if msg.level >= 8:
                 self.helper_errors.append(f"{msg.context}: {msg.formatted}")
         elif isinstance(msg, Progress):

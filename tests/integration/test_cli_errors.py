@@ -343,3 +343,17 @@ def test_restore_interrupted(sim_dir, tmp_path, saved, signum, code):
     assert p.returncode == code, (p.returncode, err)
     assert out == "" and len(err.splitlines()) == 1
     assert domids(sim_dir) == before
+
+
+def test_pyxl_s_own_warnings_show_without_v_and_the_helper_s_log_does_not(sim_dir):
+    """A user who asked for --downtime is told, without -v, that Debian's helper
+    may ignore it; the helper's own log lines stay behind -v."""
+    d = sim.create(16 * MB, name="w", sim_dir=sim_dir)
+    receiver = f"{sys.executable} -m pyxl migrate-receive -q --sim-dir {sim_dir}"
+    r = pyxl_cli("migrate", "-q", "--live", "--downtime", "50", "--helper", HELPERS["debian"],
+                 "--sim-dir", sim_dir, "--command", receiver, "w", timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines == [f"pyxl: warning: helper {HELPERS['debian']} may not implement "
+                     f"PYXL_PRECOPY: it may use Xen's default policy"], r.stderr
+    assert d not in domids(sim_dir)

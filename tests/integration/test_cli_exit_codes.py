@@ -113,6 +113,7 @@ def test_exit_1_inspect_refuses_a_stream(tmp_path):
     (["sim", "set-rate", "web1", "2T"], "argument RATE: must be from 0 B to 1024.0 GiB"),
     (["sim", "suspend", "--timeout", "-5", "web1"], "argument --timeout: must be more than 0"),
     (["demo", "--memory", "0"], "argument --memory: must be from 8.0 KiB"),
+    (["migrate", "--command", " ", "web1"], "argument --command: empty"),
     (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
 ])
 def test_exit_2_bad_arguments_or_unusable_input(sim_dir, tmp_path, argv, needle):
