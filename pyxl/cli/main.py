@@ -117,10 +117,11 @@ def _run(argv: List[str]) -> int:
         return func(args)
     except Interrupted as exc:
         import signal
+        detail = f": {exc.detail}" if exc.detail else ""
         if exc.signum != signal.SIGINT:
-            print("pyxl: terminated", file=sys.stderr)
+            print(f"pyxl: terminated{detail}", file=sys.stderr)
             return EXIT_TERMINATED
-        print("pyxl: interrupted", file=sys.stderr)
+        print(f"pyxl: interrupted{detail}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("pyxl: interrupted", file=sys.stderr)

@@ -24,9 +24,12 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, SIGTERM or SIGHUP stopped an operation, which was cancelled and cleaned
     up (temporary file removed, guest resumed, half-restored domain destroyed)."""
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, detail: "Optional[str]" = None) -> None:
         super().__init__(signum)
         self.signum = signum
+        #: what the user must know beyond "interrupted": a migration whose
+        #: source was not simply left running (a Remus failover, in doubt)
+        self.detail = detail
 
 
 class ProgressBar:
@@ -116,8 +119,10 @@ def run(op: Any) -> Any:
             signal.signal(sig, handler)
         os.close(r)
         os.close(w)
-    if caught and op.exception() is not None:
-        raise Interrupted(caught[0])
+    exc = op.exception()
+    if caught and exc is not None:
+        state = getattr(exc, "source_state", None)
+        raise Interrupted(caught[0], str(exc) if state not in (None, "running") else None)
     return op.result()
 
 

@@ -251,6 +251,29 @@ def test_stopped_sender_pauses_its_source_and_the_receiver_takes_over(hosts):
     assert target.renamed[-1] == "r1" and sim.info(got.domid, sim_dir=b).name == "r1"
 
 
+def test_ctrl_c_of_a_cli_replication_says_where_the_guest_is(hosts):
+    """Ctrl-C is how a replication without --checkpoints ends: the CLI says
+    more than "interrupted" when the source is left paused and the copy runs."""
+    a, b = hosts
+    dom = sim.create(32 * MB, dirty_rate=8 * MB, name="r2", sim_dir=a)
+    time.sleep(0.1)
+    rx, port = _receiver(b)
+    tx = subprocess.Popen(PYXL + ["migrate", "--live", "--remus", "--interval", "0.05",
+                                  "--sim-dir", a, "r2", f"127.0.0.1:{port}"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(2.0)
+    tx.send_signal(signal.SIGINT)
+    _, err = tx.communicate(timeout=60)
+    rx.communicate(timeout=60)
+    assert tx.returncode == 130, err
+    last = err.splitlines()[-1]
+    assert last.startswith("pyxl: interrupted: ") and "failover" in last \
+        and "the source is left paused" in last, err
+    assert sim.info(dom, sim_dir=a).state == "paused"
+    (copy,) = sim.list_domains(sim_dir=b)
+    assert copy.state == "running"
+
+
 def test_remus_needs_live_and_checkpoints_need_remus(hosts):
     a, _ = hosts
     dom = sim.create(4 * MB, sim_dir=a)
