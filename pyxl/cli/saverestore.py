@@ -17,11 +17,21 @@ if TYPE_CHECKING:       # type checkers take this branch
 def cmd_save(args: argparse.Namespace) -> int:
     from pyxl.backends import default_backend
     from pyxl.ops.api import save
+    import os
+    import sys
     leave: Leave = "running" if args.c else "paused" if args.p else "destroy"
+    target: "str | int" = args.file
+    if args.file == "-":          # stdout, as inspect reads stdin: `pyxl save web1 - | ssh ...`
+        if args.json:
+            args.usage_error("--json prints on stdout, which FILE - gives the image")
+        if os.isatty(1):
+            args.usage_error("FILE -: stdout is a terminal, not a place for a save image")
+        sys.stdout.flush()
+        target = 1
     backend = default_backend(args.sim_dir)
     domid = resolve_domain(backend, args.domid)
     bar = ProgressBar(f"saving domain {args.domid}")
-    op = save(domid, args.file, live=args.live, leave=leave, helper=args.helper,
+    op = save(domid, target, live=args.live, leave=leave, helper=args.helper,
               timeout=args.timeout, on_progress=bar, backend=backend, debug=args.debug,
               compress=args.compress)
     bar.op = op
@@ -40,7 +50,7 @@ def cmd_save(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from pyxl.ops.api import restore
     bar = ProgressBar("restoring")
-    op = restore(args.file, paused=args.p, helper=args.helper, timeout=args.timeout,
+    op = restore(0 if args.file == "-" else args.file, paused=args.p, helper=args.helper, timeout=args.timeout,
                  on_progress=bar, sim_dir=args.sim_dir)
     bar.op = op
     try:
@@ -67,12 +77,12 @@ def add_parser(sub: Any, argv: "Optional[Sequence[str]]" = None) -> None:
                    help="write a zstd-compressed image with a checksum (pyxl restores it; "
                         "xl needs `zstd -d` first)")
     p.add_argument("domid", type=domain_arg, metavar="DOMAIN", help="domain id or name")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the image (- for stdout)")
     common_options(p)
-    p.set_defaults(func=cmd_save)
+    p.set_defaults(func=cmd_save, usage_error=p.error)
 
     p = sub.add_parser("restore", help="restore a domain from a save file (xl restore)")
     p.add_argument("-p", action="store_true", help="leave the restored domain paused")
-    p.add_argument("file", metavar="FILE")
+    p.add_argument("file", metavar="FILE", help="the image (- for stdin)")
     common_options(p)
     p.set_defaults(func=cmd_restore)

@@ -28,7 +28,7 @@ from pyxl.stream.libxc_scan import scan_libxc_on
 from pyxl.stream.libxl import LIBXL_HEADER, LIBXL_IDENT
 from pyxl.stream.libxl_scan import scan_libxl_on
 from pyxl.stream.report import StreamReport
-from pyxl.stream.xl import (WHERE, XL_HEADER, XL_MAGIC, max_vcpus_of_config,
+from pyxl.stream.xl import (WHERE, XL_HEADER, XL_MAGIC, ZSTD_MAGIC, max_vcpus_of_config,
                             parse_xl_header, parse_xl_optional_data)
 
 __all__ = ["LIBXC_MAGIC", "LIBXL_MAGIC", "TRAILING_LIMIT", "detect_layer", "note_trailing",
@@ -104,6 +104,9 @@ def scan_source(src: Source, *, layer: Optional[str] = None,
         if layer is None and detected is None:
             if len(head) < 8:
                 raise TruncatedStream(len(head), "stream is shorter than any header", "stream")
+            if head[:4] == ZSTD_MAGIC:     # a file is decompressed first; a pipe cannot be
+                raise StreamError(0, "a zstd-compressed image: inspect the file, or "
+                                  "`zstd -dc FILE | pyxl inspect -`", "stream")
             raise StreamError(0, "not a Xen 4.17 stream: no xl, libxl or libxc magic "
                               f"(starts {head.hex()})", "stream")
         if report.layer == "xl":

@@ -61,6 +61,27 @@ def test_exit_0_save_by_name_and_restore(sim_dir, tmp_path):
 # ---- 1 ---------------------------------------------------------------------------------------
 
 
+def test_exit_0_save_to_stdout_and_restore_from_stdin(sim_dir, tmp_path):
+    """FILE - is stdout for save and stdin for restore, as it is stdin for inspect."""
+    d = sim.create(16 * MB, name="web1", sim_dir=sim_dir)
+    want = sim.digest(d, sim_dir=sim_dir)
+    other = tmp_path / "sim2"
+    other.mkdir(mode=0o700)
+    save = subprocess.Popen(PYXL + ["save", "-q", "--sim-dir", sim_dir, "web1", "-"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT))
+    got = subprocess.run(PYXL + ["restore", "-p", "--sim-dir", str(other), "-"],
+                         stdin=save.stdout, capture_output=True, text=True, cwd=str(ROOT),
+                         timeout=120)
+    assert save.stdout is not None
+    save.stdout.close()
+    assert save.wait(60) == 0 and got.returncode == 0, (save.stderr.read(), got.stderr)
+    (new,) = sim.list_domains(sim_dir=str(other))
+    assert int(got.stdout) == new.domid and new.name == "web1"
+    assert sim.digest(new.domid, sim_dir=str(other)) == want
+    assert d not in [i.domid for i in sim.list_domains(sim_dir=sim_dir)]     # xl's default
+    sim.destroy(new.domid, sim_dir=str(other))
+
+
 def test_exit_1_the_operation_failed(sim_dir, tmp_path):
     """The helper fails: exit 1, one line, nothing left behind, the guest runs on."""
     d = sim.create(16 * MB, name="web1", sim_dir=sim_dir)
@@ -114,6 +135,7 @@ def test_exit_1_inspect_refuses_a_stream(tmp_path):
     (["sim", "suspend", "--timeout", "-5", "web1"], "argument --timeout: must be more than 0"),
     (["demo", "--memory", "0"], "argument --memory: must be from 8.0 KiB"),
     (["migrate", "--command", " ", "web1"], "argument --command: empty"),
+    (["save", "--json", "web1", "-"], "--json prints on stdout, which FILE - gives the image"),
     (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
 ])
 def test_exit_2_bad_arguments_or_unusable_input(sim_dir, tmp_path, argv, needle):

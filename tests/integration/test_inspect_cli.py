@@ -150,6 +150,16 @@ def test_inspect_stdin_pipe_subprocess() -> None:
     assert doc["ok"] and doc["size"] is None and doc["pages"]["pfns"] == 13
 
 
+def test_a_compressed_image_on_a_pipe_is_refused_with_the_fix() -> None:
+    import zstandard
+    data = zstandard.ZstdCompressor(write_checksum=True).compress((STREAMS / "hvm.xl").read_bytes())
+    proc = _python("-m", "pyxl.cli.inspect", "-", data=data)
+    assert proc.returncode == 1
+    assert proc.stderr.decode().splitlines()[-1] == (
+        "pyxl: error: refused: stream at 0x0: a zstd-compressed image: inspect the file, or "
+        "`zstd -dc FILE | pyxl inspect -`")
+
+
 @pytest.mark.parametrize("data", [b"", b"garbage" * 10, b"\xff" * 8 + b"XENF" + bytes(12),
                                   b"LibxlFmt\x00\x00\x00\x02\x00\x00\x00\x00\x07\x00\x00\x00"])
 def test_inspect_never_tracebacks(tmp_path: pathlib.Path, data: bytes) -> None:
