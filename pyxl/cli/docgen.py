@@ -76,11 +76,13 @@ def bash_completion(parser: "argparse.ArgumentParser | None" = None) -> str:
                             kinds.append((f"{path}|{o}", "files"))
                         elif a.metavar in _DIRS:
                             kinds.append((f"{path}|{o}", "dirs"))
-            elif not isinstance(a, argparse._SubParsersAction) and a.metavar:
-                kind = ("files" if a.metavar in _FILES else "domains" if a.metavar == "DOMAIN"
-                        else "")
-                if kind and not any(k == path for k, _ in positional):
-                    positional.append((path, kind))
+            elif not isinstance(a, argparse._SubParsersAction):
+                # the n-th positional of this command: pyxl save DOMAIN FILE
+                n = sum(1 for k, _ in positional if k.startswith(f"{path}|#"))
+                kind = ("words " + " ".join(map(str, a.choices)) if a.choices
+                        else "files" if a.metavar in _FILES
+                        else "domains" if a.metavar == "DOMAIN" else "")
+                positional.append((f"{path}|#{n}", kind))
         opts.append((path, " ".join(names)))
         valued.append((path, " ".join(takes)))
     return f"""\
@@ -104,24 +106,28 @@ _pyxl_valued() {{
 }}
 _pyxl_kind() {{
     case $1 in
-{_case(kinds + [(f"{p}|", k) for p, k in positional])}
+{_case(kinds + [(p, k) for p, k in positional if k])}
     esac
 }}
 _pyxl_domains() {{
     if command -v xl > /dev/null 2>&1 && [ -e /dev/xen/privcmd ]; then
         xl list 2> /dev/null | awk 'NR > 1 {{print $1}}'
     else
-        pyxl sim list 2> /dev/null | awk 'NR > 1 {{print $2}}'
+        pyxl sim list ${{1:+--sim-dir "$1"}} 2> /dev/null | awk 'NR > 1 {{print $2}}'
     fi
 }}
 _pyxl() {{
     local cur=${{COMP_WORDS[COMP_CWORD]}} prev=${{COMP_WORDS[COMP_CWORD-1]}}
-    local path="" w i kind
+    local path="" w i kind npos=0 simdir=""
     for ((i = 1; i < COMP_CWORD; i++)); do
         w=${{COMP_WORDS[i]}}
         case $w in -*) continue ;; esac
+        if [[ ${{COMP_WORDS[i-1]}} == --sim-dir ]]; then simdir=$w; fi
         case " $(_pyxl_valued "$path") " in *" ${{COMP_WORDS[i-1]}} "*) continue ;; esac
-        case " $(_pyxl_subs "$path") " in *" $w "*) path="${{path:+$path }}$w" ;; esac
+        case " $(_pyxl_subs "$path") " in
+            *" $w "*) path="${{path:+$path }}$w"; npos=0 ;;
+            *) npos=$((npos + 1)) ;;
+        esac
     done
     if [[ $prev == -* ]] && [[ " $(_pyxl_valued "$path") " == *" $prev "* ]]; then
         kind=$(_pyxl_kind "$path|$prev")
@@ -132,13 +138,13 @@ _pyxl() {{
         mapfile -t COMPREPLY < <(compgen -W "$(_pyxl_subs "$path")" -- "$cur")
         return
     else
-        kind=$(_pyxl_kind "$path|")
+        kind=$(_pyxl_kind "$path|#$npos")
     fi
     case $kind in
         words\\ *) mapfile -t COMPREPLY < <(compgen -W "${{kind#words }}" -- "$cur") ;;
         files) mapfile -t COMPREPLY < <(compgen -f -- "$cur") ;;
         dirs) mapfile -t COMPREPLY < <(compgen -d -- "$cur") ;;
-        domains) mapfile -t COMPREPLY < <(compgen -W "$(_pyxl_domains)" -- "$cur") ;;
+        domains) mapfile -t COMPREPLY < <(compgen -W "$(_pyxl_domains "$simdir")" -- "$cur") ;;
         *) COMPREPLY=() ;;
     esac
 }}

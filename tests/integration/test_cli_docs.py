@@ -74,6 +74,16 @@ def test_options_and_their_values(script):
 def test_domain_names(script, sim_dir):
     sim.create(16 << 20, name="web1", sim_dir=sim_dir)
     assert complete(script, "pyxl save w", env={"PYXL_SIM_DIR": sim_dir}) == ["web1"]
+    # the --sim-dir on the line is the one whose domains are offered
+    assert complete(script, f"pyxl save --sim-dir {sim_dir} w") == ["web1"]
+
+
+def test_each_positional_completes_as_what_it_is(script, sim_dir):
+    sim.create(16 << 20, name="READ", sim_dir=sim_dir)
+    env = {"PYXL_SIM_DIR": sim_dir}
+    assert complete(script, "pyxl save READ", env=env) == ["READ"]          # DOMAIN: a domain
+    assert "README.md" in complete(script, "pyxl save READ READ", env=env)  # FILE: a file
+    assert complete(script, "pyxl completion ") == ["bash"]
 
 
 def test_the_man_page_renders_and_documents_everything(tmp_path):
