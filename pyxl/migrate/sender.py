@@ -195,6 +195,7 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         self._handshake_timer: Optional[Timer] = self.loop.call_later(
             handshake_timeout, self._no_banner)
         self._timers.append(self._handshake_timer)
+        self._plain_tcp = target is not None and tls is None   # for a hint on a silent peer
         try:
             self.channel = ReceiverChannel(self.loop, target, command, self._ready_transport,
                                            self._channel_failed, tls=tls)
@@ -276,8 +277,11 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
     def _no_banner(self) -> None:
         self._handshake_timer = None
         if self.handshake.state == SenderHandshake.AWAIT_BANNER:
+            # A TLS receiver waits, silent, for a TLS client's first words.
+            hint = " (a receiver that wants TLS waits for it: give the sender --tls-*)" \
+                if self._plain_tcp else ""
             self._fail(MigrationError("no migration receiver answered within the handshake "
-                                      "timeout"))
+                                      f"timeout{hint}"))
 
     def _start_stream(self) -> None:
         """The banner came: the relay, then the save -- or first, with

@@ -708,3 +708,19 @@ def test_silent_or_closed_connections_start_no_stage(hosts, pki):
         s.close()
     wait_refused(rx, 4)
     real_migration(pki, a, b, dom, rx)
+
+
+def test_a_plain_sender_to_a_tls_receiver_is_told_why_nobody_answered(hosts, pki):
+    """A TLS receiver says nothing until a TLS client speaks: the plain sender's
+    timeout says so, where it only said that nobody answered."""
+    a, b = hosts
+    dom = busy(a, 8)
+    rx = receiver(pki, b)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, handshake_timeout=1)
+    assert default_loop().run_until(tx.done, 60)
+    assert str(tx.exception()).endswith(
+        "no migration receiver answered within the handshake timeout (a receiver that wants "
+        "TLS waits for it: give the sender --tls-*)"), tx.exception()
+    rx.cancel()
+    assert default_loop().run_until(rx.done, 30)
+    source_survived(a, dom)
