@@ -149,7 +149,8 @@ class LibxlRestoreReader:
         """The helper reported a checkpoint: read libxl records up to
         CHECKPOINT_END next."""
         if not self.checkpointed:
-            raise StreamError(self._off(), "CHECKPOINT in a non-checkpointed stream", WHERE_REC)
+            raise StreamError(self._off(), "CHECKPOINT in a non-checkpointed stream (a Remus "
+                              "stream? inspect --checkpointed reads one)", WHERE_REC)
         self.in_libxc = False
         self.in_checkpoint = True
         self.offset = None

@@ -32,6 +32,11 @@ class Interrupted(KeyboardInterrupt):
         self.detail = detail
 
 
+#: Seconds into an operation, or bytes moved, before the progress line shows a
+#: rate and an ETA.
+_RATE_AFTER, _RATE_AFTER_BYTES = 0.5, 4 << 20
+
+
 class ProgressBar:
     """A one-line progress display on a TTY; silent otherwise."""
 
@@ -55,12 +60,14 @@ class ProgressBar:
         if st is not None and st.bytes is not None:
             # bytes of the stream, not libxc's fraction of the whole pfn space
             text = f"{self.label} {ev.phase:<22.22} {size_text(st.bytes):>10}"
-            if st.memory:
+            if st.memory and st.bytes < st.memory:
+                # (the stream outgrows the memory: pfn lists, pages sent again)
                 text += f" of ~{size_text(st.memory)}"
-            if st.rate:
+            # A rate over the first kilobytes says nothing (146 KiB/s, ETA 1793 s)
+            if st.rate and (st.bytes >= _RATE_AFTER_BYTES or st.elapsed >= _RATE_AFTER):
                 text += f", {size_text(int(st.rate))}/s"
-            if st.eta is not None:
-                text += f", ETA {st.eta:.0f} s"
+                if st.eta is not None:
+                    text += f", ETA {st.eta:.0f} s"
             if st.dirty_rate:
                 text += f", dirtying {size_text(int(st.dirty_rate))}/s"
             self.stream.write(f"\r{text:<79}")

@@ -225,7 +225,8 @@ class LibxcScanner(Scanner):
             return "verify mode: later pages are compared, not written"
         if rtype == T.CHECKPOINT:
             if not st.checkpointed:
-                raise self._fail(body, "CHECKPOINT in a non-checkpointed stream")
+                raise self._fail(body, "CHECKPOINT in a non-checkpointed stream (a Remus "
+                                       "stream? inspect --checkpointed reads one)")
             self.report.checkpoints += 1
             return f"checkpoint {self.report.checkpoints}"
         if rtype == T.STATIC_DATA_END:

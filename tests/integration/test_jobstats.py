@@ -5,6 +5,7 @@ fraction of the whole pfn space."""
 from __future__ import annotations
 
 import io
+import re
 import os
 from typing import List
 
@@ -73,6 +74,15 @@ def test_the_tty_progress_shows_bytes_rate_and_eta(sim_dir, tmp_path):
     shown = out.getvalue()
     assert "of ~96 MiB" in shown and "/s" in shown, shown
     assert "%" not in shown
+    for line in shown.split("\r"):
+        m = re.match(r"saving \S+ +([\d.]+) (B|KiB|MiB|GiB)", line)
+        if m is None:
+            continue
+        moved = float(m.group(1)) * {"B": 1, "KiB": 1 << 10, "MiB": MB, "GiB": 1 << 30}[m.group(2)]
+        if "/s" in line:              # a rate only once there is something to measure
+            assert moved >= 4 * MB, line
+        if "of ~" in line:            # a total only while the stream is below it
+            assert moved < 96 * MB, line
 
 
 # ---- migration (issue 17: job statistics for migrate and migrate-receive) ----------------------
