@@ -162,8 +162,8 @@ def summarize(args: Any, verb: str, config: "Optional[Dict[str, Any]]", domid: i
     name, memory = domain_of(config)
     if args.json:
         import json
-        print(json.dumps({"name": name, "memory": memory, **numbers,
-                          "seconds": round(seconds, 6)}), file=out or sys.stdout, flush=True)
+        result(json.dumps({"name": name, "memory": memory, **numbers,
+                           "seconds": round(seconds, 6)}), f"{verb} domain {domid}", out)
         return
     if getattr(args, "quiet", False):
         return
@@ -171,6 +171,18 @@ def summarize(args: Any, verb: str, config: "Optional[Dict[str, Any]]", domid: i
     size = f" ({size_text(memory)})" if memory else ""
     print(f"{verb} {who}{size} {shown(where)} in {seconds:.1f} s{extra}", file=sys.stderr,
           flush=True)
+
+
+def result(text: str, verb: str, out: Any = None) -> None:
+    """Print a successful operation's result (a domid, a JSON object).  If
+    stdout fails (a full disk, a closed pipe), the error says that the
+    operation itself succeeded: a script must not retry a restore that ran."""
+    try:
+        print(text, file=out or sys.stdout, flush=True)
+    except OSError as exc:
+        from pyxl.errors import PyxlError
+        raise PyxlError(f"{verb} (the operation succeeded), but its result could not be "
+                        f"written: {exc.strerror or exc}") from exc
 
 
 def shown(text: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pyxl.cli.args import common_options, domain_arg, resolve_domain
-from pyxl.cli.runner import EXIT_OK, ProgressBar, run, summarize
+from pyxl.cli.runner import EXIT_OK, ProgressBar, result, run, summarize
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
 if TYPE_CHECKING:       # type checkers take this branch
@@ -58,7 +58,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if not args.json:
-        print(res.domid, flush=True)      # the result, for scripts: DOMID=$(pyxl restore ...)
+        # the result, for scripts: DOMID=$(pyxl restore ...)
+        result(str(res.domid), f"restored domain {res.domid}")
     summarize(args, "restored", res.config, res.domid,
               f"from {args.file} as domain {res.domid}", res.duration,
               {"domid": res.domid, "file": args.file, "store_gfn": res.store_gfn,

@@ -213,3 +213,19 @@ def test_exit_143_terminated(sim_dir, tmp_path, signum):
     assert err.splitlines() == ["pyxl: terminated"], err
     assert sorted(os.listdir(tmp_path)) == ["slow-helper"]
     assert sim.info(d, sim_dir=sim_dir).state == "running"
+
+
+def test_a_result_that_cannot_be_written_says_the_operation_succeeded(sim_dir, tmp_path):
+    """stdout on a full disk: exit 1, but the line says the restore ran (a script
+    must not retry it) and which domain it made."""
+    sim.create(16 * MB, name="web1", sim_dir=sim_dir)
+    image = str(tmp_path / "web1.save")
+    assert pyxl_cli("save", "--sim-dir", sim_dir, "web1", image).returncode == 0
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(PYXL + ["restore", "--sim-dir", sim_dir, image], stdout=full,
+                           stderr=subprocess.PIPE, text=True, cwd=str(ROOT), timeout=120)
+    assert r.returncode == 1
+    (dom,) = sim.list_domains(sim_dir=sim_dir)
+    assert last_error(r) == (f"pyxl: error: restored domain {dom.domid} (the operation "
+                             f"succeeded), but its result could not be written: No space left "
+                             f"on device")
