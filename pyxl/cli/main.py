@@ -84,12 +84,14 @@ def _configure_logging(verbose: int, command: "Optional[str]" = None) -> None:
     if verbose == 0 and command not in _WARNING_COMMANDS:
         return   # pyxl's loggers have a NullHandler: silent, and logging not imported
     import logging
+
+    from pyxl._log import get_logger
     if verbose == 0:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("pyxl: warning: %(message)s"))
         handler.addFilter(lambda r: r.levelno == logging.WARNING
                           and not getattr(r, "pyxl_helper", False))
-        logging.getLogger("pyxl").addHandler(handler)
+        get_logger("pyxl").addHandler(handler)
         return
     level = logging.INFO if verbose == 1 else logging.DEBUG
     # -vv: debugging, where the time since the command started tells what was slow.
