@@ -172,7 +172,7 @@ class Decoder:
         try:
             while len(buf) - pos >= 2:
                 (length,) = _U16.unpack_from(buf, pos)
-                if len(buf) - pos >= 4:
+                if length >= 2 and len(buf) - pos >= 4:     # (shorter: no number of its own)
                     # The head is judged before the body is awaited: text on
                     # the helper's stdout reads as a ~26 KB length, and must
                     # fail now, not after 26 KB that may never come.
