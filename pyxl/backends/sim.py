@@ -74,6 +74,11 @@ class SimBackend:
         env.update(sim.helper_env(self.sim_dir))
         return env
 
+    def host_id(self) -> Tuple[str, str]:
+        """The simulated host: its state directory (names are unique within it)."""
+        return ("sim", os.path.realpath(self.sim_dir or os.environ.get("PYXL_SIM_DIR")
+                                        or sim.DEFAULT_SIM_DIR))
+
     def check_domain(self, domid: int) -> None:
         try:
             sim.state(domid, sim_dir=self.sim_dir)     # exists (info() also reads the rest)

@@ -91,6 +91,10 @@ class XenBackend(NoDeviceModel):
                 raise StartupError(f"cannot talk to xenstored: {exc}") from exc
         return self._xs
 
+    def host_id(self) -> Tuple[str, str]:
+        """This Xen host: one per process, whatever the backend object."""
+        return ("xen", "")
+
     def _open_xs(self) -> XenStore:
         """A connection of its own (for a watch on the loop)."""
         return open_default()
