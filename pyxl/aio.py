@@ -32,26 +32,10 @@ R = TypeVar("R")
 
 
 async def run(op: "LoopFuture[R]") -> R:
-    """Await an operation started on this asyncio loop (``loop=AsyncioLoop(...)``);
-    cancelling the awaiting task cancels it and waits for its clean-up."""
-    done: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
-
-    def finished(_op: Any) -> None:
-        if not done.done():
-            done.set_result(None)
-
-    op.add_done_callback(finished)
-    try:
-        # shield: a cancel of this task must not cancel ``done``, still needed below
-        await asyncio.shield(done)
-    except asyncio.CancelledError:
-        op.cancel()
-        await done          # the clean-up; its Cancelled outcome stays on ``op``
-        if op.exception() is not None:
-            raise
-        # It finished before the cancel could stop it: the save is on disk, the
-        # domain gone.  Hiding that would be a lie; asyncio.wait_for returns it.
-    return op.result()
+    """Await an operation started on this asyncio loop (``loop=AsyncioLoop(...)``):
+    ``await op`` itself; cancelling the awaiting task cancels it and waits for
+    its clean-up (:meth:`pyxl.ops.future.LoopFuture.__await__`)."""
+    return await op
 
 
 def _on_the_running_loop(start: "Callable[P, LoopFuture[R]]") -> "Callable[P, Coroutine[Any, Any, R]]":

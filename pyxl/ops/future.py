@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Generator, Generic, List, Optional, TypeVar
 
 from pyxl.errors import OperationError
-from pyxl.loop import Loop
+from pyxl.loop import AsyncioLoop, Loop, SelectorLoop
 
 T = TypeVar("T")
 
@@ -54,19 +54,52 @@ class LoopFuture(Generic[T]):
             self._done_cbs.append(fn)
 
     def __await__(self) -> Generator[Any, None, T]:
-        import asyncio
-        fut: "asyncio.Future[T]" = asyncio.get_running_loop().create_future()
+        """asyncio's semantics: cancelling the awaiting task cancels the
+        operation, and the CancelledError propagates once its clean-up is done
+        (helper reaped, temp file removed, guest resumed or half-made domain
+        destroyed); its own ``Cancelled`` outcome stays on the operation.  One
+        that completed before the cancel could stop it returns its result.
 
-        def transfer(op: "LoopFuture[T]") -> None:
-            if fut.cancelled():
-                return
-            if op._exception is not None:
-                fut.set_exception(op._exception)
-            else:
-                fut.set_result(op._result)  # type: ignore[arg-type]  # settled with a T
+        An operation whose loop is not the running asyncio loop (pyxl's
+        SelectorLoop, or an AsyncioLoop of another asyncio loop) raises
+        RuntimeError at once: nothing would make it progress while this waits."""
+        return self._on_asyncio().__await__()
 
-        self.add_done_callback(transfer)
-        return fut.__await__()
+    async def _on_asyncio(self) -> T:
+        import asyncio     # here: a CLI run never imports asyncio
+        running = asyncio.get_running_loop()
+        if not self._done and not self._runs_on(running):
+            raise RuntimeError(f"{self._what()} runs on {type(self.loop).__name__}, not on "
+                               "the running asyncio loop: nothing would make it progress "
+                               "(start it with loop=pyxl.AsyncioLoop(asyncio.get_running_loop()), "
+                               "or use pyxl.aio)")
+        done: "asyncio.Future[None]" = running.create_future()
+
+        def finished(_op: Any) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        self.add_done_callback(finished)
+        try:
+            # shield: a cancel of this task must not cancel ``done``, still needed below
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            self.cancel()
+            await done          # the clean-up; its Cancelled outcome stays on the op
+            if self._exception is not None:
+                raise
+            # It finished before the cancel could stop it: the save is on disk, the
+            # domain gone.  Hiding that would be a lie; asyncio.wait_for returns it.
+        return self.result()
+
+    def _runs_on(self, running: Any) -> bool:
+        """Whether the running asyncio loop makes this operation progress: an
+        AsyncioLoop must be over it; pyxl's SelectorLoop never is; a HookLoop's
+        hooks may be (the application's own loop), so it is trusted."""
+        loop = getattr(self, "loop", None)
+        if isinstance(loop, AsyncioLoop):
+            return loop.loop is running
+        return not isinstance(loop, SelectorLoop)
 
     def _what(self) -> str:
         return self.kind
