@@ -135,6 +135,10 @@ class Operation(LoopFuture[T]):
         self._pending: Optional[CallbackRequest] = None
         self._aux: List[Cancellable] = []
         self._last: Optional[ProgressEvent] = None
+        # stats() once done: the stream's last offset, noted before pyxl closed
+        # it (a closed fd has none), and the end, so that elapsed stops running
+        self._final_bytes: Optional[int] = None
+        self._ended: Optional[float] = None
 
     # -- future protocol (LoopFuture) and progress ------------------------
 
@@ -145,12 +149,24 @@ class Operation(LoopFuture[T]):
         """A live snapshot (virsh domjobinfo): phase, round, pages as libxc counts them,
         stream bytes so far, rate and time left (see :mod:`pyxl.ops.jobstats`)."""
         ev = self._last
-        fd = getattr(self, "_fd", -1)    # the stream: save's target, restore's source
+        ended = self._ended if self._done else None
         return snapshot(ev.phase if ev else "", ev.iteration if ev else None,
                         ev.done if ev else 0, ev.total if ev else 0,
-                        time.monotonic() - self.started,
-                        None if self._done else stream_offset(fd),
+                        (time.monotonic() if ended is None else ended) - self.started,
+                        self._stream_offset() if ended is None else self._final_bytes,
                         memory_of(getattr(self, "config", None)))
+
+    def _stream_offset(self) -> Optional[int]:
+        """Bytes the helper wrote to (save) or read from (restore) a file so far."""
+        try:
+            return stream_offset(getattr(self, "_fd", -1))
+        except OSError:
+            return None
+
+    def _note_stream_end(self) -> None:
+        """Before pyxl closes the stream's fd: keep its offset for stats()."""
+        if getattr(self, "_fd", -1) >= 0:
+            self._final_bytes = self._stream_offset()
 
     def add_progress_callback(self, fn: Callable[[ProgressEvent], None]) -> None:
         self._progress_cbs.append(fn)
@@ -346,6 +362,11 @@ class Operation(LoopFuture[T]):
         raise NotImplementedError
 
     def _finish(self, result: Optional[T] = None, exc: Optional[OperationError] = None) -> None:
+        if not self._done:
+            self._note_stream_end()     # a given fd stays open, and may move on
+            duration = getattr(result, "duration", None)
+            self._ended = (self.started + duration if isinstance(duration, float)
+                           else time.monotonic())
         if not self._done and exc is not None:
             self.logger.error("%s", exc)
         self._set_outcome(result, exc)

@@ -345,6 +345,7 @@ class RestoreOperation(Operation[RestoreResult]):
 
     def _close(self) -> None:
         if self._own_fd and self._fd >= 0:
+            self._note_stream_end()
             os.close(self._fd)
         self._fd = -1
 

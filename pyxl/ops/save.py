@@ -351,6 +351,7 @@ class SaveOperation(Operation[SaveResult]):
             self._finisher.cancel()     # it exits without renaming; the file goes below
             self._finisher = None
         if self._own_fd and self._fd >= 0:
+            self._note_stream_end()
             os.close(self._fd)
             self._fd = -1
         if self._tmp is not None:
@@ -618,6 +619,7 @@ class SaveOperation(Operation[SaveResult]):
             return
         if self._wfd == self._fd:
             self._wfd = -1          # the same fd (no compressor): closed here
+        self._note_stream_end()
         os.close(self._fd)
         self._fd = -1
         assert self._tmp is not None and self.path is not None
