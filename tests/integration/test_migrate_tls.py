@@ -261,8 +261,10 @@ def test_peer_not_on_the_allow_list_is_refused(hosts, pki):
                          tls=opts(pki, "intruder.test"))
     run_both(tx)
     exc = tx.exception()
-    assert isinstance(exc, migrate.MigrationError), exc
+    # a refused certificate, as the README says: not a plain MigrationError
+    assert isinstance(exc, MigrationAuthError), exc
     assert "the receiver failed: not authorized" in str(exc), exc
+    assert exc.source_state == "running", exc.source_state
     source_survived(a, dom)
     wait_refused(rx, 1)
     assert domains(b) == []
