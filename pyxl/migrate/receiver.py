@@ -120,6 +120,10 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self.digest: Optional[str] = None
         self.outbox: Optional[FdWriter] = None
         self._listener: Optional[socket.socket] = None
+        # A listening socket the caller gave stays theirs: never closed, its
+        # timeout (blocking mode) put back.  pyxl's own is closed at the end.
+        self._own_listener = True
+        self._given_timeout: Optional[float] = None
         self.link: Optional[Link] = None
         self._pending: Dict[Admission, None] = {}  # connections not admitted yet, oldest first
         self._closing: Set[Admission] = set()     # dropped, their TLS stage not gone yet
@@ -180,6 +184,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
                 "can connect could send a domain; use mutual TLS (--tls-cert/--tls-key/"
                 "--tls-ca), ssh (pyxl migrate --command \"ssh HOST pyxl migrate-receive\"), "
                 "a loopback address, or --insecure on a trusted network")
+        if isinstance(listen, socket.socket):
+            self._own_listener, self._given_timeout = False, listen.gettimeout()
         self._listener.setblocking(False)
         self.address = sockname[:2]
         self.loop.add_reader(self._listener.fileno(), self._accept)
@@ -621,7 +627,10 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
     def _stop_listening(self) -> None:
         if self._listener is not None:
             self.loop.remove_reader(self._listener.fileno())
-            self._listener.close()
+            if self._own_listener:
+                self._listener.close()
+            else:
+                self._listener.settimeout(self._given_timeout)
             self._listener = None
         # Other peers' connections go at once; the operation finishes only once
         # their TLS stages are gone too (a hard close kills them: milliseconds).
