@@ -175,7 +175,14 @@ class DeviceModelError(BackendError):
 
 
 class OperationError(PyxlError):
-    """A save, restore or migration did not succeed."""
+    """A save, restore or migration did not succeed.
+
+    ``guest_state``: a save that failed after its guest was suspended says how
+    it left the guest: ``"running"`` or ``"paused"`` (resumed as it was before
+    the save), or ``"suspended"`` (the resume failed; the message says so too).
+    None: the save never stopped the guest (or not a save)."""
+
+    guest_state: Optional[str] = None
 
     def __init__(self, message: str, op: Optional[Any] = None,
                  helper_errors: Optional[List[str]] = None) -> None:

@@ -180,6 +180,9 @@ class SaveOperation(Operation[SaveResult]):
         self._zstd: Optional[ZstdStage] = None
 
         self.backend.check_domain(domid)
+        # A failed save gives the guest back as it found it: a paused one stays
+        # paused (a toolstack paused it for a reason), not merely resumed.
+        self._was_paused = self._state_now() == "paused"
         # The config (a real host's XenStore round) and the stream's head come
         # from the loop, before the helper starts: the caller waits only for the
         # checks it should see fail at once (no such domain, no file).
@@ -454,7 +457,7 @@ class SaveOperation(Operation[SaveResult]):
                 # waited for the suspend to land so the guest can be resumed.
                 exc, self._held = self._held, None
                 if ok:
-                    self._resume_after_failure(lambda: self._finish(exc=exc))
+                    self._resume_after_failure(lambda: self._finish(exc=exc), exc)
                 else:
                     self._finish(exc=exc)
             elif not req.answered:
@@ -552,7 +555,7 @@ class SaveOperation(Operation[SaveResult]):
             self._held = exc  # a suspend is on its way: finish once it has landed
             return
         if self.suspended:   # reported once the guest runs again (or could not)
-            self._resume_after_failure(lambda: self._finish(exc=exc))
+            self._resume_after_failure(lambda: self._finish(exc=exc), exc)
             return
         self._finish(exc=exc)
 
@@ -674,22 +677,47 @@ class SaveOperation(Operation[SaveResult]):
         else:
             left(True, "")
 
-    def _resume_after_failure(self, then: Callable[[], None]) -> None:
+    def _state_now(self) -> Optional[str]:
+        try:
+            return self.backend.state(self.domid)
+        except Exception:   # a backend is the caller's code; unknown: not paused
+            return None
+
+    def _resume_after_failure(self, then: Callable[[], None],
+                              exc: Optional[OperationError] = None) -> None:
         """The guest runs again after a failed save (the caller's ``on_resume``,
-        else the backend's resume, from the loop); then ``then()``."""
+        else the backend's resume, from the loop), or is paused again if it was
+        paused when the save began (pause first, as ``leave="paused"``: it never
+        runs in between); then ``then()``.  ``exc`` (the failure to report) gets
+        ``guest_state``, and, if the guest could not be resumed, says so."""
+        restore_pause = self._was_paused and self.on_resume is None
+
         def resumed(ok: bool, why: str) -> None:
             if not ok:  # report it: the failure stands
                 self.logger.error("could not resume domain %d after the failed save: %s",
                                   self.domid, why)
+            if exc is not None:
+                exc.guest_state = ("paused" if restore_pause else "running") if ok else "suspended"
+                if not ok:
+                    exc.args = (f"{exc.args[0] if exc.args else exc}; domain {self.domid} is "
+                                f"still suspended: resuming it failed: {why}",
+                                ) + tuple(exc.args[1:])
             then()
 
         if self.on_resume is None:
+            if restore_pause:
+                try:
+                    self.backend.pause(self.domid)
+                except Exception as err:  # a backend is the caller's code
+                    self.logger.error("could not pause domain %d again after the failed save "
+                                      "(it was paused): %s", self.domid, err)
+                    restore_pause = False
             start_resume(self.backend, self.loop, self.domid, resumed)
             return
         try:
             self.on_resume(self.domid)
-        except Exception as exc:  # the caller's on_resume
-            resumed(False, str(exc))
+        except Exception as err:  # the caller's on_resume
+            resumed(False, str(err))
             return
         resumed(True, "")
 
