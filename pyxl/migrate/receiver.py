@@ -56,6 +56,12 @@ IDLE_TIMEOUT = 60.0     # s without stream bytes, or waiting for "cleared to unp
 MAX_PENDING = 8         # connections admitted at once while listening
 
 
+#: How an API caller listens safely (the CLI says it in its own flags).
+PLAIN_TCP_ADVICE = ("use mutual TLS (tls=TlsOptions(...)), ssh (fds=, the receiving end of "
+                    "pyxl migrate --command \"ssh HOST pyxl migrate-receive\"), a loopback "
+                    "address, or insecure=True on a trusted network")
+
+
 @dataclass
 class ReceiveResult:
     domid: int
@@ -181,9 +187,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
                 t.cancel()
             raise StartupError(
                 f"refusing plain TCP on non-loopback {sockname[0]}:{sockname[1]}: anyone who "
-                "can connect could send a domain; use mutual TLS (--tls-cert/--tls-key/"
-                "--tls-ca), ssh (pyxl migrate --command \"ssh HOST pyxl migrate-receive\"), "
-                "a loopback address, or --insecure on a trusted network")
+                f"can connect could send a domain; {PLAIN_TCP_ADVICE}")
         if isinstance(listen, socket.socket):
             self._own_listener, self._given_timeout = False, listen.gettimeout()
         self._listener.setblocking(False)

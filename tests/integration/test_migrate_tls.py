@@ -363,13 +363,17 @@ def test_plain_listen_off_loopback_is_refused_unless_insecure(hosts):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "refusing plain TCP" in lines[0], lines
     assert "--tls-cert" in lines[0] and "--insecure" in lines[0] and "ssh" in lines[0]
+    assert "tls=" not in lines[0] and "insecure=True" not in lines[0]
     rx = _cli("migrate-receive", "--listen", "0.0.0.0:0", "--insecure", "--sim-dir", b,
               "--timeout", "0.5")
     _listening(rx)
     _, err = rx.communicate(timeout=60)
     assert rx.returncode == 1 and "timed out" in err, err
-    with pytest.raises(StartupError, match="refusing plain TCP"):
+    with pytest.raises(StartupError, match="refusing plain TCP") as refused:
         migrate.receive("0.0.0.0:0", sim_dir=b)
+    # an API caller is told the API's keywords, not the CLI's flags
+    assert "tls=" in str(refused.value) and "insecure=True" in str(refused.value)
+    assert "--tls-cert" not in str(refused.value) and "--insecure" not in str(refused.value)
     op = migrate.receive("0.0.0.0:0", sim_dir=b, insecure=True)
     op.cancel()
     run_both(op)
