@@ -46,6 +46,8 @@ PRECOPY_LOG_CONTEXT = "pyxl-precopy"
 #: At most one progress frame per this many ms from pyxl's helper (its
 #: PYXL_PROGRESS_INTERVAL_MS; the first and last of each phase always come).
 PROGRESS_INTERVAL_MS = 50
+#: How many of the helper's ERROR lines an operation keeps (the first and the last ones).
+HELPER_ERRORS = 8
 
 # xentoollog level -> logging level.  The xentoollog-only levels get numbers
 # between the standard ones so that filtering keeps their order.
@@ -123,7 +125,9 @@ class Operation(LoopFuture[T]):
         self.logger = get_logger(f"pyxl.domain.{domid}")
         self.callbacks: Dict[str, Handler] = dict(callbacks or {})
         self.helper: Optional[HelperProcess] = None
-        self.helper_errors: Deque[str] = collections.deque(maxlen=8)
+        #: The helper's ERROR lines: the first (the root cause, quoted in the
+        #: error's message) and the last ones, at most HELPER_ERRORS in all.
+        self.helper_errors: Deque[str] = collections.deque()
         self.started = time.monotonic()
         self.iterations = 0
         self._progress_cbs: List[Callable[[ProgressEvent], None]] = []
@@ -225,6 +229,8 @@ class Operation(LoopFuture[T]):
             self.logger.log(_LEVELS.get(msg.level, logging.INFO), "%s: %s", msg.context,
                             msg.formatted)
             if msg.level >= 8:
+                if len(self.helper_errors) >= HELPER_ERRORS:
+                    del self.helper_errors[1]      # the first stays: what went wrong first
                 self.helper_errors.append(f"{msg.context}: {msg.formatted}")
         elif isinstance(msg, Progress):
             self._progress(msg)
