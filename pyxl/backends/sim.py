@@ -83,6 +83,10 @@ class SimBackend:
         try:
             sim.state(domid, sim_dir=self.sim_dir)     # exists (info() also reads the rest)
         except sim.NoSuchDomain as exc:
+            where = sim.sim_dir_path(self.sim_dir)
+            if not os.path.isdir(where):    # a mistyped sim_dir, not a missing domain
+                raise StartupError(f"no such domain: {domid}: the sim state directory {where} "
+                                   "does not exist") from exc
             raise StartupError(f"no such domain: {domid}") from exc
 
     def domain_names(self) -> Dict[int, str]:
