@@ -503,12 +503,20 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         if not ok:
             self._started(False, why)
             return
+        self._config_named()
         if self.paused:
             self._started(True, "")
             return
         handle = start_unpause(self.backend, self.loop, self.domid, self._started)
         if handle is not None:
             self._timers.append(handle)
+
+    def _config_named(self) -> None:
+        """The result's config carries the name the domain has now, not NAME--incoming."""
+        result = self._restored_result
+        c_info = result.config.get("c_info") if result is not None else None
+        if self.name is not None and isinstance(c_info, dict):
+            c_info["name"] = self.name
 
     def _started(self, ok: bool, why: str) -> None:
         """The received domain runs (or would not start): tell the sender."""
@@ -548,6 +556,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             if not ok:      # e.g. the source still holds the name here
                 self.logger.warning("failover domain %d keeps its name %s%s: %s", self.domid,
                                     name, INCOMING, why)
+            else:
+                self._config_named()
             self._run_taken_over()
         start_rename(self.backend, self.loop, self.domid, name, renamed)
 

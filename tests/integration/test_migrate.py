@@ -110,6 +110,9 @@ def test_live_migration_in_process(hosts, helper):
     assert 1 <= sent.iterations <= 5 and sent.bytes_sent > 64 * MB
     assert sent.downtime is not None and 0 < sent.downtime < sent.duration
     assert domains(a) == [] and domains(b) == [(got.domid, "running")]
+    # the result's config names the domain as it is called now, not NAME--incoming
+    name = sim.info(got.domid, sim_dir=b).name
+    assert "--" not in name and got.restore.config["c_info"]["name"] == name
     assert max(gaps) < 1.0, max(gaps)
     assert_runs_intact(b, got.domid)
 
