@@ -93,6 +93,10 @@ class SaveOptions:
                 raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
         if self.checkpoints is not None and self.checkpoints < 1:
             raise ValueError(f"checkpoints must be at least 1, not {self.checkpoints}")
+        if self.checkpoints is not None and self.stream_type != STREAM_REMUS:
+            # a plain stream has no checkpoints: the number would be ignored
+            raise ValueError("checkpoints is for a checkpointed stream "
+                             "(stream_type=STREAM_REMUS), not a plain one")
         if self.compress and self.stream_type != STREAM_PLAIN:
             raise ValueError("compress is for a plain stream, not a checkpointed one (a Remus "
                              "stream's end is a failover, not a whole zstd frame)")
