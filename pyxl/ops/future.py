@@ -7,15 +7,26 @@ without tying operations to any one of them.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generator, Generic, List, Optional, TypeVar
+from typing import Any, Callable, Dict, Generator, Generic, List, Optional, TypeVar
 
 from pyxl.errors import OperationError
-from pyxl.loop import AsyncioLoop, Loop, SelectorLoop
+from pyxl.loop import AsyncioLoop, Loop, SelectorLoop, default_loop
 
 T = TypeVar("T")
 
 
-class LoopFuture(Generic[T]):
+class _ExitTracked(type):
+    """Registers each operation for the exit's clean-up once its constructor
+    has returned: one whose constructor raised (no such domain) has nothing
+    to clean up, and would never finish if cancelled."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        op = super().__call__(*args, **kwargs)
+        op._cancel_at_exit()
+        return op
+
+
+class LoopFuture(Generic[T], metaclass=_ExitTracked):
     """Settled once, from the loop it runs on, with a ``T`` or an :class:`OperationError`."""
 
     kind = "operation"
@@ -104,13 +115,55 @@ class LoopFuture(Generic[T]):
     def _what(self) -> str:
         return self.kind
 
+    def _cancel_at_exit(self) -> None:
+        """Called once constructed (:class:`_ExitTracked`): an operation on pyxl's default
+        loop, still running when the interpreter exits (an uncaught exception,
+        ``sys.exit()``, the script's end), is cancelled then and the loop run
+        until its clean-up is done (:func:`_exiting`): no temporary file, no
+        suspended guest, no half-made domain is left.  On another loop the
+        application drives it, and cancels it before that loop stops."""
+        if self._done or getattr(self, "loop", None) is not default_loop():
+            return
+        global _exit_hooked
+        if not _exit_hooked:
+            import atexit
+            atexit.register(_exiting)
+            _exit_hooked = True
+        _in_flight[id(self)] = self
+
     def _set_outcome(self, result: Optional[T], exc: Optional[OperationError]) -> bool:
         """Settle once and run the done callbacks; False if already settled."""
         if self._done:
             return False
         self._done = True
         self._result, self._exception = result, exc
+        _in_flight.pop(id(self), None)
         cbs, self._done_cbs = self._done_cbs, []
         for cb in cbs:
             cb(self)
         return True
+
+
+#: Operations on the default loop that have not finished (see _cancel_at_exit).
+_in_flight: Dict[int, "LoopFuture[Any]"] = {}
+_exit_hooked = False
+#: How long the exit waits for their clean-up: cancel()'s SIGTERM, then SIGKILL
+#: after its 5 s grace, the guest's resume or the domain's destroy.
+EXIT_GRACE = 10.0
+
+
+def _exiting() -> None:
+    """atexit: cancel what still runs on the default loop and let it clean up."""
+    ops = [op for op in _in_flight.values() if not op.done()]
+    if not ops:
+        return
+    loop = default_loop()
+    for op in ops:
+        try:
+            op.cancel()
+        except Exception:   # a broken backend: the others still get theirs
+            pass
+    try:
+        loop.run_until(lambda: all(op.done() for op in ops), EXIT_GRACE)
+    except Exception:   # a closed loop: exit anyway
+        return
