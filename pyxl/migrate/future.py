@@ -23,10 +23,10 @@ from pyxl.ops.jobstats import JobStats, snapshot
 
 __all__ = ["MigrationFuture"]
 
-R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 
-class MigrationFuture(LoopFuture[R]):
+class MigrationFuture(LoopFuture[R_co]):
     """A migration as a pyxl operation (``pyxl.wait`` works), with its own timers."""
 
     kind = "migration"
@@ -65,7 +65,7 @@ class MigrationFuture(LoopFuture[R]):
     def _fail(self, exc: OperationError) -> None:
         raise NotImplementedError
 
-    def _finish(self, result: Optional[R] = None, exc: Optional[OperationError] = None) -> None:
+    def _finish(self, result: Any = None, exc: Optional[OperationError] = None) -> None:
         if self._done:
             return
         for t in self._timers:

@@ -12,7 +12,9 @@ from typing import Any, Callable, Dict, Generator, Generic, List, Optional, Type
 from pyxl.errors import OperationError
 from pyxl.loop import AsyncioLoop, Loop, SelectorLoop, default_loop
 
-T = TypeVar("T")
+#: Covariant: users only read a result, so an ``Operation[SaveResult]`` is an
+#: ``Operation[object]``, and a list of a save and a restore is typed without help.
+T_co = TypeVar("T_co", covariant=True)
 
 
 class _ExitTracked(type):
@@ -26,8 +28,8 @@ class _ExitTracked(type):
         return op
 
 
-class LoopFuture(Generic[T], metaclass=_ExitTracked):
-    """Settled once, from the loop it runs on, with a ``T`` or an :class:`OperationError`."""
+class LoopFuture(Generic[T_co], metaclass=_ExitTracked):
+    """Settled once, from the loop it runs on, with a ``T_co`` or an :class:`OperationError`."""
 
     kind = "operation"
     #: The loop whose callbacks make progress (set by the subclass).
@@ -35,14 +37,14 @@ class LoopFuture(Generic[T], metaclass=_ExitTracked):
 
     def __init__(self) -> None:
         self._done = False
-        self._result: Optional[T] = None
+        self._result: Optional[T_co] = None
         self._exception: Optional[OperationError] = None
         self._done_cbs: List[Callable[[Any], None]] = []
 
     def done(self) -> bool:
         return self._done
 
-    def result(self) -> T:
+    def result(self) -> T_co:
         if not self._done:
             raise RuntimeError(f"{self._what()} is still running (use pyxl.wait or await it)")
         if self._exception is not None:
@@ -64,7 +66,7 @@ class LoopFuture(Generic[T], metaclass=_ExitTracked):
         else:
             self._done_cbs.append(fn)
 
-    def __await__(self) -> Generator[Any, None, T]:
+    def __await__(self) -> Generator[Any, None, T_co]:
         """asyncio's semantics: cancelling the awaiting task cancels the
         operation, and the CancelledError propagates once its clean-up is done
         (helper reaped, temp file removed, guest resumed or half-made domain
@@ -76,7 +78,7 @@ class LoopFuture(Generic[T], metaclass=_ExitTracked):
         RuntimeError at once: nothing would make it progress while this waits."""
         return self._on_asyncio().__await__()
 
-    async def _on_asyncio(self) -> T:
+    async def _on_asyncio(self) -> T_co:
         import asyncio     # here: a CLI run never imports asyncio
         running = asyncio.get_running_loop()
         if not self._done and not self._runs_on(running):
@@ -131,7 +133,9 @@ class LoopFuture(Generic[T], metaclass=_ExitTracked):
             _exit_hooked = True
         _in_flight[id(self)] = self
 
-    def _set_outcome(self, result: Optional[T], exc: Optional[OperationError]) -> bool:
+    def _set_outcome(self, result: Any, exc: Optional[OperationError]) -> bool:
+        # ``result`` is a T_co (a covariant type cannot be a parameter's: the
+        # subclasses that settle it pass their own result type)
         """Settle once and run the done callbacks; False if already settled."""
         if self._done:
             return False

@@ -36,7 +36,7 @@ from pyxl.wire.codec import Complete, Log, Message, Progress, RestoreResults
 
 __all__ = ["CallbackRequest", "Handler", "Operation", "PathOrFd", "ProgressEvent"]
 
-T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 XCFLAGS_LIVE = 1
 XCFLAGS_DEBUG = 2
@@ -111,8 +111,8 @@ class CallbackRequest:
         self.op._answer(self, int(value))
 
 
-class Operation(LoopFuture[T]):
-    """One save or restore in progress; ``result()`` is a ``T``."""
+class Operation(LoopFuture[T_co]):
+    """One save or restore in progress; ``result()`` is a ``T_co``."""
 
     kind = "operation"
 
@@ -367,7 +367,7 @@ class Operation(LoopFuture[T]):
     def _conclude(self) -> None:
         raise NotImplementedError
 
-    def _finish(self, result: Optional[T] = None, exc: Optional[OperationError] = None) -> None:
+    def _finish(self, result: Any = None, exc: Optional[OperationError] = None) -> None:
         if not self._done:
             self._note_stream_end()     # a given fd stays open, and may move on
             duration = getattr(result, "duration", None)

@@ -54,6 +54,11 @@ address: Optional[Tuple[str, int]] = rx.address
 tx = migrate.migrate(1, address, live=True, downtime_ms=50, on_fail="stop",
                      max_bandwidth=100 << 20, sim_dir="/tmp/src")
 results = pyxl.wait(op, rop, tx, rx)
+# a list of different operations needs no annotation (the futures are covariant)
+mixed = [op, rop, tx, rx]
+pyxl.wait(*mixed)
+ops: "list[pyxl.Operation[object]]" = [op, rop]
+pyxl.wait(*ops)
 sent: migrate.MigrateResult = tx.result()
 got: migrate.ReceiveResult = rx.result()
 downtime: Optional[float] = sent.downtime
