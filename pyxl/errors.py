@@ -17,7 +17,8 @@
         +-- MigrationError (MigrationInDoubt, MigrationProtocolError, PrecopyPolicyError)
 
 Every operation failure carries what a toolstack needs to report it: the
-operation (``op``), the helper's last ERROR-level log lines (``helper_errors``),
+operation (``op``), the helper's ERROR-level log lines (``helper_errors``: the
+first, quoted in the message, and the last ones),
 and, when known, the helper's exit status and the ``complete`` message's
 retval/errnoval.  Stream errors carry the byte offset of what broke a rule.
 
@@ -175,13 +176,22 @@ class DeviceModelError(BackendError):
 
 
 class OperationError(PyxlError):
-    """A save, restore or migration did not succeed."""
+    """A save, restore or migration did not succeed.
+
+    ``guest_state``: a save that failed after its guest was suspended says how
+    it left the guest: ``"running"`` or ``"paused"`` (resumed as it was before
+    the save), or ``"suspended"`` (the resume failed; the message says so too).
+    None: the save never stopped the guest (or not a save)."""
+
+    guest_state: Optional[str] = None
 
     def __init__(self, message: str, op: Optional[Any] = None,
                  helper_errors: Optional[List[str]] = None) -> None:
         self.op = op
         self.helper_errors = list(helper_errors or [])
-        detail = f" (helper: {self.helper_errors[-1]})" if self.helper_errors else ""
+        # The first ERROR line is the cause ("Failed to read ... Page data");
+        # the last is libxc's summary of it ("Restore failed ... Internal error").
+        detail = f" (helper: {self.helper_errors[0]})" if self.helper_errors else ""
         super().__init__(message + detail)
         self.brief = message
 

@@ -25,9 +25,11 @@ and XenStore transaction in a callback of its own (:func:`run_steps`).
 ``start_domain_config(loop, domid, done)``: :meth:`Backend.domain_config` on
 the loop, ``done(config, None)`` or ``done(None, exc)``
 (:func:`start_domain_config`); XenBackend's reads XenStore in one round.
-``lock_dir() -> str``: where a save holds its domain's lock, one directory
-per host (:mod:`pyxl.ops.domainlock`; SimBackend's is its state directory);
-without it, ``/run/pyxl`` for root.
+``lock_dir() -> str``: the host's directory, one per host: a save holds its
+domain's lock there (:mod:`pyxl.backends.domainlock`), and the names this
+process holds while a domain takes them are held per host directory
+(:mod:`pyxl.backends.names`); SimBackend's is its state directory; without it,
+``/run/pyxl`` for root.
 
 Calls are made from the operation's event loop, so each must return quickly;
 the ones that wait on the guest or its device model (``start_*``) are
@@ -35,7 +37,7 @@ asynchronous: they start the work and report through ``done`` from the loop.  A 
 (:class:`pyxl.BackendError` preferably, any exception is contained): the
 operation fails cleanly or, after the image is safe, logs and goes on.
 
-May import: pyxl.errors, pyxl.loop.
+May import: pyxl.errors, pyxl.loop, pyxl.backends.names.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from __future__ import annotations
 from typing import (Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union,
                     runtime_checkable)
 
+from pyxl.backends import names
 from pyxl.errors import BackendError, StartupError
 from pyxl.loop import Loop, run_private
 
@@ -256,8 +259,19 @@ def start_rename(backend: Backend, loop: Loop, domid: int, name: str,
                  done: Done) -> Optional[Cancellable]:
     """:meth:`Backend.rename` from ``loop``, as :func:`start_unpause` does it:
     the optional ``start_rename`` (a real host's XenStore rounds, read on the
-    loop), else ``rename``."""
-    return _start_or_call(backend, "rename", loop, domid, (name,), done)
+    loop), else ``rename``.  The new name is held in this process until the
+    rename ends (:mod:`pyxl.backends.names`): a second rename, restore or
+    receive to it meanwhile fails as if the domain had it already."""
+    try:
+        release = names.reserve(backend, name)
+    except StartupError as exc:
+        done(False, str(exc))
+        return None
+
+    def renamed(ok: bool, why: str) -> None:
+        release()
+        done(ok, why)
+    return _start_or_call(backend, "rename", loop, domid, (name,), renamed)
 
 
 def start_domain_config(backend: Backend, loop: Loop, domid: int,
@@ -292,17 +306,33 @@ def start_create_restore_target(backend: Backend, loop: Loop, config: Dict[str, 
     backend's optional ``start_create_restore_target`` (``done`` later, from the
     loop), else the waited-for call (``done`` before this returns).  Not called
     off once begun: a half-made domain is destroyed before ``done`` says so.
-    A backend's exception is ``done(None, exc)``."""
+    A backend's exception is ``done(None, exc)``.
+
+    The config's name is held in this process (:mod:`pyxl.backends.names`)
+    from before the backend's name check until ``done``: the domain then has
+    it, or is gone.  A second restore or receive of that name meanwhile is
+    ``done(None, StartupError("domain 'NAME' already exists ..."))``."""
+    c_info = config.get("c_info")
+    name = (c_info.get("name") if isinstance(c_info, dict) else None) or "restored"
+    try:
+        release = names.reserve(backend, str(name))
+    except StartupError as exc:
+        done(None, exc)
+        return
+
+    def created(domid: Optional[int], exc: Optional[Exception]) -> None:
+        release()
+        done(domid, exc)
     start = _start_form(backend, "create_restore_target")
     try:
         if start is not None:
-            start(loop, config, done)
+            start(loop, config, created)
             return
         domid = backend.create_restore_target(config)
     except Exception as exc:  # a backend is the caller's code (any toolstack's)
-        done(None, exc)
+        created(None, exc)
         return
-    done(domid, None)
+    created(domid, None)
 
 
 Finished = Callable[[Optional[Exception]], None]

@@ -78,11 +78,15 @@ class SimBackend:
         try:
             sim.state(domid, sim_dir=self.sim_dir)     # exists (info() also reads the rest)
         except sim.NoSuchDomain as exc:
+            where = sim.sim_dir_path(self.sim_dir)
+            if not os.path.isdir(where):    # a mistyped sim_dir, not a missing domain
+                raise StartupError(f"no such domain: {domid}: the sim state directory {where} "
+                                   "does not exist") from exc
             raise StartupError(f"no such domain: {domid}") from exc
 
     def lock_dir(self) -> str:
-        """Where a save holds its domain's lock (pyxl.ops.domainlock): the
-        state directory, the simulated host's own."""
+        """The simulated host's directory (pyxl.backends.domainlock): its state
+        directory, where a save holds its domain's lock; names are unique in it."""
         return sim.sim_dir_path(self.sim_dir)
 
     def domain_names(self) -> Dict[int, str]:

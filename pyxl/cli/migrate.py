@@ -164,15 +164,29 @@ def _how(args: argparse.Namespace, res: Any) -> str:
     return ", plain: the receiver did not take --compress" if args.compress else ""
 
 
+CLI_PLAIN_TCP_ADVICE = ("use mutual TLS (--tls-cert/--tls-key/--tls-ca), ssh (pyxl migrate "
+                        "--command \"ssh HOST pyxl migrate-receive\"), a loopback address, or "
+                        "--insecure on a trusted network")
+
+
 def cmd_receive(args: argparse.Namespace) -> int:
     from pyxl.migrate import receive
     tls = _tls(args, allow=tuple(args.tls_allow or ()))
     deadlines = dict(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout)
     if args.listen is not None:
-        op = receive(args.listen, paused=args.paused, helper=args.helper, timeout=args.timeout,
-                     sim_dir=args.sim_dir, digest=args.json, remus=args.remus, tls=tls,
-                     insecure=args.insecure, compress=not args.no_compress, **deadlines)
+        from pyxl.errors import StartupError
         from pyxl.migrate.address import format_address
+        from pyxl.migrate.receiver import PLAIN_TCP_ADVICE
+        try:
+            op = receive(args.listen, paused=args.paused, helper=args.helper,
+                         timeout=args.timeout, sim_dir=args.sim_dir, digest=args.json,
+                         remus=args.remus, tls=tls, insecure=args.insecure,
+                         compress=not args.no_compress, **deadlines)
+        except StartupError as exc:
+            if not exc.brief.endswith(PLAIN_TCP_ADVICE):
+                raise
+            # the same advice in this command's flags
+            raise StartupError(exc.brief[:-len(PLAIN_TCP_ADVICE)] + CLI_PLAIN_TCP_ADVICE) from exc
         print(f"listening on {format_address(*(op.address or args.listen))}", file=sys.stderr,
               flush=True)
         out = sys.stdout

@@ -23,10 +23,10 @@ from pyxl.ops.jobstats import JobStats, snapshot
 
 __all__ = ["MigrationFuture"]
 
-R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 
-class MigrationFuture(LoopFuture[R]):
+class MigrationFuture(LoopFuture[R_co]):
     """A migration as a pyxl operation (``pyxl.wait`` works), with its own timers."""
 
     kind = "migration"
@@ -37,6 +37,7 @@ class MigrationFuture(LoopFuture[R]):
         self.started = time.monotonic()
         self._timers: List[Timer] = []
         self._timeout = timeout
+        self._ended: Optional[float] = None     # stats()' clock stops here
         if timeout is not None:
             self._timers.append(self.loop.call_later(timeout, self._timed_out))
 
@@ -48,7 +49,7 @@ class MigrationFuture(LoopFuture[R]):
         base = op.stats() if op is not None else None
         return snapshot(base.phase if base else "", base.iteration if base else None,
                         base.pages_done if base else 0, base.pages_total if base else 0,
-                        time.monotonic() - self.started, sent,
+                        (self._ended or time.monotonic()) - self.started, sent,
                         base.memory if base else None, dirty_rate=dirty_rate,
                         predicted_downtime=predicted_downtime)
 
@@ -64,10 +65,13 @@ class MigrationFuture(LoopFuture[R]):
     def _fail(self, exc: OperationError) -> None:
         raise NotImplementedError
 
-    def _finish(self, result: Optional[R] = None, exc: Optional[OperationError] = None) -> None:
+    def _finish(self, result: Any = None, exc: Optional[OperationError] = None) -> None:
         if self._done:
             return
         for t in self._timers:
             t.cancel()
         self._timers.clear()
+        duration = getattr(result, "duration", None)
+        self._ended = (self.started + duration if isinstance(duration, float)
+                       else time.monotonic())
         self._set_outcome(result, exc)

@@ -56,6 +56,12 @@ IDLE_TIMEOUT = 60.0     # s without stream bytes, or waiting for "cleared to unp
 MAX_PENDING = 8         # connections admitted at once while listening
 
 
+#: How an API caller listens safely (the CLI says it in its own flags).
+PLAIN_TCP_ADVICE = ("use mutual TLS (tls=TlsOptions(...)), ssh (fds=, the receiving end of "
+                    "pyxl migrate --command \"ssh HOST pyxl migrate-receive\"), a loopback "
+                    "address, or insecure=True on a trusted network")
+
+
 @dataclass
 class ReceiveResult:
     domid: int
@@ -122,6 +128,10 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self.digest: Optional[str] = None
         self.outbox: Optional[FdWriter] = None
         self._listener: Optional[socket.socket] = None
+        # A listening socket the caller gave stays theirs: never closed, its
+        # timeout (blocking mode) put back.  pyxl's own is closed at the end.
+        self._own_listener = True
+        self._given_timeout: Optional[float] = None
         self.link: Optional[Link] = None
         self._pending: Dict[Admission, None] = {}  # connections not admitted yet, oldest first
         self._closing: Set[Admission] = set()     # dropped, their TLS stage not gone yet
@@ -179,9 +189,9 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
                 t.cancel()
             raise StartupError(
                 f"refusing plain TCP on non-loopback {sockname[0]}:{sockname[1]}: anyone who "
-                "can connect could send a domain; use mutual TLS (--tls-cert/--tls-key/"
-                "--tls-ca), ssh (pyxl migrate --command \"ssh HOST pyxl migrate-receive\"), "
-                "a loopback address, or --insecure on a trusted network")
+                f"can connect could send a domain; {PLAIN_TCP_ADVICE}")
+        if isinstance(listen, socket.socket):
+            self._own_listener, self._given_timeout = False, listen.gettimeout()
         self._listener.setblocking(False)
         self.address = sockname[:2]
         self.loop.add_reader(self._listener.fileno(), self._accept)
@@ -495,12 +505,20 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         if not ok:
             self._started(False, why)
             return
+        self._config_named()
         if self.paused:
             self._started(True, "")
             return
         handle = start_unpause(self.backend, self.loop, self.domid, self._started)
         if handle is not None:
             self._timers.append(handle)
+
+    def _config_named(self) -> None:
+        """The result's config carries the name the domain has now, not NAME--incoming."""
+        result = self._restored_result
+        c_info = result.config.get("c_info") if result is not None else None
+        if self.name is not None and isinstance(c_info, dict):
+            c_info["name"] = self.name
 
     def _started(self, ok: bool, why: str) -> None:
         """The received domain runs (or would not start): tell the sender."""
@@ -540,6 +558,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             if not ok:      # e.g. the source still holds the name here
                 self.logger.warning("failover domain %d keeps its name %s%s: %s", self.domid,
                                     name, INCOMING, why)
+            else:
+                self._config_named()
             self._run_taken_over()
         start_rename(self.backend, self.loop, self.domid, name, renamed)
 
@@ -623,7 +643,10 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
     def _stop_listening(self) -> None:
         if self._listener is not None:
             self.loop.remove_reader(self._listener.fileno())
-            self._listener.close()
+            if self._own_listener:
+                self._listener.close()
+            else:
+                self._listener.settimeout(self._given_timeout)
             self._listener = None
         # Other peers' connections go at once; the operation finishes only once
         # their TLS stages are gone too (a hard close kills them: milliseconds).

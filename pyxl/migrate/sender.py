@@ -25,8 +25,8 @@ from pyxl._log import get_logger
 from pyxl._paths import helper_path
 from pyxl.backends import Backend, default_backend
 from pyxl.backends.base import start_destroy, start_domain_config, start_rename, start_unpause
-from pyxl.errors import (MigrationError, MigrationInDoubt, MigrationProtocolError,
-                         OperationError, StartupError)
+from pyxl.errors import (MigrationAuthError, MigrationError, MigrationInDoubt,
+                         MigrationProtocolError, OperationError, StartupError)
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking, write_from_loop
 from pyxl.loop import Loop, Timer
 from pyxl.migrate.connection import ReceiverChannel
@@ -49,6 +49,9 @@ from pyxl.stream.xl import XL_OPTIONAL_PYXL_ZSTD
 __all__ = ["MigrateOperation", "MigrateResult"]
 
 CATCH_UP = 8 << 20    # raw bytes a compressed stream's receiver may be behind at the switch-over
+#: A receiver's reason when it refused the sender's certificate (its allow-list, or
+#: its TLS check: pyxl.migrate.listener.peer_reason of a MigrationAuthError).
+NOT_AUTHORIZED = "not authorized"
 HOLD_MAX = 30.0       # s the switch-over waits for it at most
 
 
@@ -266,7 +269,12 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
                 self._reported(event.status)
                 return
             elif isinstance(event, ReceiverFailed):
-                self._fail(MigrationError(f"the receiver failed: {event.reason}"))
+                if event.reason == NOT_AUTHORIZED:      # its allow-list refused our certificate
+                    self._fail(MigrationAuthError(f"the receiver failed: {event.reason} (this "
+                                                  "sender's certificate names are not on its "
+                                                  "allow-list)"))
+                else:
+                    self._fail(MigrationError(f"the receiver failed: {event.reason}"))
                 return
             else:   # ConnectionClosed
                 self._lost("the receiver closed the connection")

@@ -36,7 +36,7 @@ from pyxl.wire.codec import Complete, Log, Message, Progress, RestoreResults
 
 __all__ = ["CallbackRequest", "Handler", "Operation", "PathOrFd", "ProgressEvent"]
 
-T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 XCFLAGS_LIVE = 1
 XCFLAGS_DEBUG = 2
@@ -46,6 +46,8 @@ PRECOPY_LOG_CONTEXT = "pyxl-precopy"
 #: At most one progress frame per this many ms from pyxl's helper (its
 #: PYXL_PROGRESS_INTERVAL_MS; the first and last of each phase always come).
 PROGRESS_INTERVAL_MS = 50
+#: How many of the helper's ERROR lines an operation keeps (the first and the last ones).
+HELPER_ERRORS = 8
 
 # xentoollog level -> logging level.  The xentoollog-only levels get numbers
 # between the standard ones so that filtering keeps their order.
@@ -109,8 +111,8 @@ class CallbackRequest:
         self.op._answer(self, int(value))
 
 
-class Operation(LoopFuture[T]):
-    """One save or restore in progress; ``result()`` is a ``T``."""
+class Operation(LoopFuture[T_co]):
+    """One save or restore in progress; ``result()`` is a ``T_co``."""
 
     kind = "operation"
 
@@ -123,7 +125,9 @@ class Operation(LoopFuture[T]):
         self.logger = get_logger(f"pyxl.domain.{domid}")
         self.callbacks: Dict[str, Handler] = dict(callbacks or {})
         self.helper: Optional[HelperProcess] = None
-        self.helper_errors: Deque[str] = collections.deque(maxlen=8)
+        #: The helper's ERROR lines: the first (the root cause, quoted in the
+        #: error's message) and the last ones, at most HELPER_ERRORS in all.
+        self.helper_errors: Deque[str] = collections.deque()
         self.started = time.monotonic()
         self.iterations = 0
         self._progress_cbs: List[Callable[[ProgressEvent], None]] = []
@@ -135,6 +139,10 @@ class Operation(LoopFuture[T]):
         self._pending: Optional[CallbackRequest] = None
         self._aux: List[Cancellable] = []
         self._last: Optional[ProgressEvent] = None
+        # stats() once done: the stream's last offset, noted before pyxl closed
+        # it (a closed fd has none), and the end, so that elapsed stops running
+        self._final_bytes: Optional[int] = None
+        self._ended: Optional[float] = None
 
     # -- future protocol (LoopFuture) and progress ------------------------
 
@@ -145,12 +153,24 @@ class Operation(LoopFuture[T]):
         """A live snapshot (virsh domjobinfo): phase, round, pages as libxc counts them,
         stream bytes so far, rate and time left (see :mod:`pyxl.ops.jobstats`)."""
         ev = self._last
-        fd = getattr(self, "_fd", -1)    # the stream: save's target, restore's source
+        ended = self._ended if self._done else None
         return snapshot(ev.phase if ev else "", ev.iteration if ev else None,
                         ev.done if ev else 0, ev.total if ev else 0,
-                        time.monotonic() - self.started,
-                        None if self._done else stream_offset(fd),
+                        (time.monotonic() if ended is None else ended) - self.started,
+                        self._stream_offset() if ended is None else self._final_bytes,
                         memory_of(getattr(self, "config", None)))
+
+    def _stream_offset(self) -> Optional[int]:
+        """Bytes the helper wrote to (save) or read from (restore) a file so far."""
+        try:
+            return stream_offset(getattr(self, "_fd", -1))
+        except OSError:
+            return None
+
+    def _note_stream_end(self) -> None:
+        """Before pyxl closes the stream's fd: keep its offset for stats()."""
+        if getattr(self, "_fd", -1) >= 0:
+            self._final_bytes = self._stream_offset()
 
     def add_progress_callback(self, fn: Callable[[ProgressEvent], None]) -> None:
         self._progress_cbs.append(fn)
@@ -210,6 +230,8 @@ class Operation(LoopFuture[T]):
             self.logger.log(_LEVELS.get(msg.level, logging.INFO), "%s: %s", msg.context,
                             msg.formatted, extra={"pyxl_helper": True})
             if msg.level >= 8:
+                if len(self.helper_errors) >= HELPER_ERRORS:
+                    del self.helper_errors[1]      # the first stays: what went wrong first
                 self.helper_errors.append(f"{msg.context}: {msg.formatted}")
         elif isinstance(msg, Progress):
             self._progress(msg)
@@ -346,7 +368,12 @@ class Operation(LoopFuture[T]):
     def _conclude(self) -> None:
         raise NotImplementedError
 
-    def _finish(self, result: Optional[T] = None, exc: Optional[OperationError] = None) -> None:
+    def _finish(self, result: Any = None, exc: Optional[OperationError] = None) -> None:
+        if not self._done:
+            self._note_stream_end()     # a given fd stays open, and may move on
+            duration = getattr(result, "duration", None)
+            self._ended = (self.started + duration if isinstance(duration, float)
+                           else time.monotonic())
         if not self._done and exc is not None:
             self.logger.error("%s", exc)
         self._set_outcome(result, exc)

@@ -349,6 +349,7 @@ class RestoreOperation(Operation[RestoreResult]):
 
     def _close(self) -> None:
         if self._own_fd and self._fd >= 0:
+            self._note_stream_end()
             os.close(self._fd)
         self._fd = -1
 
@@ -427,7 +428,7 @@ class RestoreOperation(Operation[RestoreResult]):
             # may still be on their way.  Read them as they arrive, not blocking
             # the loop; the helper has exited, so the fd is ours alone.
             self._trailer = TrailerReader(self.loop, self._fd, self._trailer_read,
-                                          limits=self.limits)
+                                          limits=self.limits, offset=self.raw_taken or 0)
             if self._timeout is not None:
                 left = max(0.0, self._timeout - (time.monotonic() - self.started))
                 self._aux.append(self.loop.call_later(left, self._trailer_timed_out))
@@ -455,9 +456,10 @@ class RestoreOperation(Operation[RestoreResult]):
 
     def _trailer_error(self, err: Exception) -> OperationError:
         text = f"{self._where()}: after the libxc stream: {err}"
-        if isinstance(err, TrailerTooLarge):
-            return StreamTooLarge(text, err.bound, op=self)
-        return OperationError(text, op=self)
+        exc = (StreamTooLarge(text, err.bound, op=self) if isinstance(err, TrailerTooLarge)
+               else OperationError(text, op=self))
+        exc.__cause__ = err     # the StreamError, with its .offset
+        return exc
 
     def _stop_trailer(self, exc: OperationError) -> None:
         if self._trailer is not None:

@@ -17,102 +17,31 @@ from __future__ import annotations
 import fcntl
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from pyxl._paths import helper_path
 from pyxl.backends.base import (Backend, Cancellable, EmulatorRecord, start_destroy,
                                 start_domain_config, start_resume)
+from pyxl.backends.domainlock import DomainLock
 from pyxl.childproc import FileFinisher, finish_file
 from pyxl.errors import Cancelled, HelperDied, OperationError, StartupError
 from pyxl.fdio import close_quietly, make_pipe, open_save_target, pipe_size, write_all, write_from_loop
 from pyxl.loop import Loop
-from pyxl.ops.domainlock import DomainLock
 from pyxl.ops.helper_process import save_argv
-from pyxl.ops.operation import (REMUS_SAVE_CALLBACKS, SAVE_CALLBACKS, STREAM_PLAIN,
-                                STREAM_REMUS, XCFLAGS_DEBUG, XCFLAGS_LIVE, CallbackRequest,
-                                Handler, Operation, PathOrFd, ProgressEvent)
+from pyxl.ops.operation import (REMUS_SAVE_CALLBACKS, SAVE_CALLBACKS, STREAM_REMUS,
+                                XCFLAGS_DEBUG, XCFLAGS_LIVE, CallbackRequest, Handler, Operation,
+                                PathOrFd, ProgressEvent)
+from pyxl.ops.saveoptions import Leave, SaveOptions, SaveResult
 from pyxl.stream import libxc as stream_libxc
 from pyxl.stream import libxl as stream_libxl
 from pyxl.stream import xl as stream_xl
 from pyxl.wire.codec import Suspend, SwitchQemuLogdirty, cbflags_for
-from pyxl.zstdstage import DEFAULT_LEVEL, ZstdStage
+from pyxl.zstdstage import ZstdStage
 
 __all__ = ["Leave", "SaveOperation", "SaveOptions", "SaveResult"]
 
-#: What becomes of the domain after a successful save.
-Leave = Literal["destroy", "paused", "running"]
 #: The compressor's input pipe: the stream's head goes in before anyone reads it.
 HEAD_ROOM = 1 << 20
-
-
-@dataclass(frozen=True)
-class SaveOptions:
-    """How to save: the choices a caller makes, checked when made.
-
-    ``live``: pre-copy while the guest runs.  ``leave``: "destroy" (xl's default),
-    "paused" or "running".  ``helper``: the helper to run (default
-    :func:`pyxl.helper_path`).  ``timeout``: give up (helper killed) after this
-    many seconds.  ``suspend_timeout``: how long the guest may take to suspend.
-    ``debug``: libxc's XCFLAGS_DEBUG (resend every page for verification).
-    ``fsync``: flush a file and its directory before the rename.  ``helper_env``:
-    extra environment for the helper (e.g. the precopy policy's ``PYXL_PRECOPY``).
-    ``stream_type=STREAM_REMUS`` (1): a checkpointed stream (libxl's Remus; use
-    it with ``live=True``): after each checkpoint libxl's checkpoint records go
-    out and the guest resumes; another checkpoint is asked for after
-    ``checkpoint_interval`` seconds until ``checkpoints`` were taken (None: until
-    cancelled).  After the last one the guest stays as it is and ``leave``
-    applies as for a save.  ``compress``: the image is one zstd frame (level
-    ``compress_level``, with zstd's content checksum) of the xl image, made by
-    a child between the helper and the target (:mod:`pyxl.zstdstage`);
-    ``zstd -d`` gives back what xl restores.
-    """
-
-    live: bool = False
-    leave: Leave = "destroy"
-    helper: Optional[str] = None
-    timeout: Optional[float] = None
-    suspend_timeout: float = 30.0
-    debug: bool = False
-    fsync: bool = True
-    helper_env: Mapping[str, str] = field(default_factory=dict)
-    stream_type: int = STREAM_PLAIN
-    checkpoints: Optional[int] = None
-    checkpoint_interval: float = 0.1
-    compress: bool = False
-    compress_level: int = DEFAULT_LEVEL
-
-    def __post_init__(self) -> None:
-        if self.leave not in ("destroy", "paused", "running"):
-            raise ValueError(f"leave must be 'destroy', 'paused' or 'running', not {self.leave!r}")
-        if self.stream_type not in (STREAM_PLAIN, STREAM_REMUS):
-            raise ValueError(f"stream_type must be 0 (plain) or 1 (Remus), not {self.stream_type}")
-        for name in ("timeout", "suspend_timeout", "checkpoint_interval"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
-        if self.checkpoints is not None and self.checkpoints < 1:
-            raise ValueError(f"checkpoints must be at least 1, not {self.checkpoints}")
-        if self.compress and self.stream_type != STREAM_PLAIN:
-            raise ValueError("compress is for a plain stream, not a checkpointed one (a Remus "
-                             "stream's end is a failover, not a whole zstd frame)")
-        if not -7 <= self.compress_level <= 19:
-            raise ValueError(f"compress_level must be a zstd level from -7 to 19, "
-                             f"not {self.compress_level}")
-
-
-@dataclass
-class SaveResult:
-    domid: int
-    path: Optional[str]
-    bytes_written: Optional[int]
-    duration: float
-    iterations: int
-    downtime: Optional[float]  # suspend reply -> end of stream (seconds)
-    retval: int = 0
-    errnoval: int = 0
-    checkpoints: int = 0       # Remus: checkpoints sent
-    compressed: bool = False   # bytes_written are zstd's
 
 
 
@@ -182,6 +111,9 @@ class SaveOperation(Operation[SaveResult]):
         # One save (or migration) of a domain at a time: two would share its
         # log-dirty bitmap and both "succeed" with stale pages (domainlock).
         self._lock = DomainLock(backend, domid, ("live " if options.live else "") + "save")
+        # A failed save gives the guest back as it found it: a paused one stays
+        # paused (a toolstack paused it for a reason), not merely resumed.
+        self._was_paused = self._state_now() == "paused"
         # The config (a real host's XenStore round) and the stream's head come
         # from the loop, before the helper starts: the caller waits only for the
         # checks it should see fail at once (no such domain, no file).
@@ -359,6 +291,7 @@ class SaveOperation(Operation[SaveResult]):
             self._finisher.cancel()     # it exits without renaming; the file goes below
             self._finisher = None
         if self._own_fd and self._fd >= 0:
+            self._note_stream_end()
             os.close(self._fd)
             self._fd = -1
         if self._tmp is not None:
@@ -455,7 +388,7 @@ class SaveOperation(Operation[SaveResult]):
                 # waited for the suspend to land so the guest can be resumed.
                 exc, self._held = self._held, None
                 if ok:
-                    self._resume_after_failure(lambda: self._finish(exc=exc))
+                    self._resume_after_failure(lambda: self._finish(exc=exc), exc)
                 else:
                     self._finish(exc=exc)
             elif not req.answered:
@@ -557,7 +490,7 @@ class SaveOperation(Operation[SaveResult]):
             self._held = exc  # a suspend is on its way: finish once it has landed
             return
         if self.suspended:   # reported once the guest runs again (or could not)
-            self._resume_after_failure(lambda: self._finish(exc=exc))
+            self._resume_after_failure(lambda: self._finish(exc=exc), exc)
             return
         self._finish(exc=exc)
 
@@ -624,6 +557,7 @@ class SaveOperation(Operation[SaveResult]):
             return
         if self._wfd == self._fd:
             self._wfd = -1          # the same fd (no compressor): closed here
+        self._note_stream_end()
         os.close(self._fd)
         self._fd = -1
         assert self._tmp is not None and self.path is not None
@@ -678,22 +612,47 @@ class SaveOperation(Operation[SaveResult]):
         else:
             left(True, "")
 
-    def _resume_after_failure(self, then: Callable[[], None]) -> None:
+    def _state_now(self) -> Optional[str]:
+        try:
+            return self.backend.state(self.domid)
+        except Exception:   # a backend is the caller's code; unknown: not paused
+            return None
+
+    def _resume_after_failure(self, then: Callable[[], None],
+                              exc: Optional[OperationError] = None) -> None:
         """The guest runs again after a failed save (the caller's ``on_resume``,
-        else the backend's resume, from the loop); then ``then()``."""
+        else the backend's resume, from the loop), or is paused again if it was
+        paused when the save began (pause first, as ``leave="paused"``: it never
+        runs in between); then ``then()``.  ``exc`` (the failure to report) gets
+        ``guest_state``, and, if the guest could not be resumed, says so."""
+        restore_pause = self._was_paused and self.on_resume is None
+
         def resumed(ok: bool, why: str) -> None:
             if not ok:  # report it: the failure stands
                 self.logger.error("could not resume domain %d after the failed save: %s",
                                   self.domid, why)
+            if exc is not None:
+                exc.guest_state = ("paused" if restore_pause else "running") if ok else "suspended"
+                if not ok:
+                    exc.args = (f"{exc.args[0] if exc.args else exc}; domain {self.domid} is "
+                                f"still suspended: resuming it failed: {why}",
+                                ) + tuple(exc.args[1:])
             then()
 
         if self.on_resume is None:
+            if restore_pause:
+                try:
+                    self.backend.pause(self.domid)
+                except Exception as err:  # a backend is the caller's code
+                    self.logger.error("could not pause domain %d again after the failed save "
+                                      "(it was paused): %s", self.domid, err)
+                    restore_pause = False
             start_resume(self.backend, self.loop, self.domid, resumed)
             return
         try:
             self.on_resume(self.domid)
-        except Exception as exc:  # the caller's on_resume
-            resumed(False, str(exc))
+        except Exception as err:  # the caller's on_resume
+            resumed(False, str(err))
             return
         resumed(True, "")
 

@@ -193,8 +193,14 @@ class Parser(Protocol):
 
 def read_trailer(fd: int, end: int = RecordType.END, *,
                  limits: TrailerLimits = TrailerLimits()) -> Records:
-    """The emulator records from ``fd`` up to the ``end`` record (blocking reads)."""
-    parser = TrailerParser(end, limits=limits)
+    """The emulator records from ``fd`` up to the ``end`` record (blocking reads).
+    Errors name file offsets (``pyxl inspect``'s): the fd's position is where
+    the records begin."""
+    try:
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError:
+        start = 0       # not a file: offsets from the records' start
+    parser = TrailerParser(end, offset=start, limits=limits)
     while not parser.done:
         try:
             unit = read_exact(fd, parser.need(), offset=parser.offset, what="libxl records",
@@ -278,7 +284,8 @@ class TrailerReader(LoopReader):
 
     def __init__(self, loop: Loop, fd: int,
                  done: Callable[[Records, Optional[Exception]], None],
-                 end: int = RecordType.END, *, limits: TrailerLimits = TrailerLimits()) -> None:
-        self.trailer = TrailerParser(end, limits=limits)
+                 end: int = RecordType.END, *, limits: TrailerLimits = TrailerLimits(),
+                 offset: int = 0) -> None:
+        self.trailer = TrailerParser(end, offset=offset, limits=limits)
         super().__init__(loop, fd, self.trailer,
                          lambda err: done([] if err else self.trailer.records, err))

@@ -64,8 +64,8 @@ def test_save_and_restore(sim_dir, tmp_path):
 
 def test_loop_keyword_is_refused():
     async def go() -> None:
-        await pyxl.aio.save(1, "/nonexistent/x", loop=pyxl.SelectorLoop())
-    with pytest.raises(TypeError, match="running asyncio loop"):
+        await pyxl.aio.save(1, "/nonexistent/x", loop=pyxl.SelectorLoop())  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="unexpected keyword argument 'loop'"):
         asyncio.run(go())
 
 
@@ -147,3 +147,68 @@ def test_migrate_and_receive(sim_dir, tmp_path):
     assert reports == []
     assert sent.digest == got.digest and sent.iterations >= 1 and sent.bytes_sent > 32 * MB
     assert [(i.domid, i.name) for i in sim.list_domains(sim_dir)] == [(got.domid, "db")]
+
+
+def test_cancelling_a_task_that_awaits_an_operation_cancels_it(sim_dir, tmp_path):
+    """``await op`` (not pyxl.aio): a cancel of the awaiting task cancels the
+    save (leave="destroy": the guest must survive it), and the CancelledError
+    comes once the clean-up is done: helper gone, no temporary file."""
+    d = sim.create(256 * MB, dirty_rate=8 * MB, sim_dir=sim_dir)
+    slow = tmp_path / "slow-helper"
+    slow.write_text(f"#!/bin/sh\nexec nice -n 19 {HELPERS['ours']} \"$@\"\n")
+    slow.chmod(0o755)
+    ops: List[pyxl.SaveOperation] = []
+
+    async def go() -> str:
+        op = pyxl.save(d, str(tmp_path / "g.save"), live=True, helper=str(slow), sim_dir=sim_dir,
+                       loop=pyxl.AsyncioLoop(asyncio.get_running_loop()))
+        ops.append(op)
+
+        async def waiter() -> pyxl.SaveResult:
+            return await op
+        task = asyncio.create_task(waiter())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            assert op.done(), "the CancelledError came before the clean-up"
+            return "cancelled"
+        return "finished"
+
+    outcome, reports = run_collecting(go())
+    assert reports == [], [r.get("message") for r in reports]
+    assert ops[0].done()
+    if outcome == "finished":   # completed before the cancel could stop it
+        assert d not in [i.domid for i in sim.list_domains(sim_dir)]
+        return
+    assert isinstance(ops[0].exception(), pyxl.Cancelled)
+    assert sim.info(d, sim_dir=sim_dir).state == "running"
+    assert sorted(os.listdir(tmp_path)) == ["slow-helper"]
+
+
+def test_awaiting_an_operation_of_another_loop_fails_at_once(sim_dir, tmp_path):
+    """An operation on pyxl's default loop (or on another asyncio loop) makes no
+    progress while asyncio runs: awaiting it is a RuntimeError, not a hang."""
+    d = sim.create(32 * MB, sim_dir=sim_dir)
+    op = pyxl.save(d, str(tmp_path / "g.save"), leave="running", sim_dir=sim_dir)
+
+    async def go() -> None:
+        await asyncio.wait_for(op, 5)
+    with pytest.raises(RuntimeError, match="runs on SelectorLoop, not on the running asyncio loop"):
+        asyncio.run(go())
+    other = asyncio.new_event_loop()
+    try:
+        op2 = pyxl.save(d, str(tmp_path / "h.save"), leave="running", sim_dir=sim_dir,
+                        loop=pyxl.AsyncioLoop(other))
+        async def go2() -> None:
+            await op2
+        with pytest.raises(RuntimeError, match="runs on AsyncioLoop, not on the running"):
+            asyncio.run(go2())
+        op2.cancel()
+        while not op2.done():   # its own loop cleans it up
+            other.run_until_complete(asyncio.sleep(0.01))
+    finally:
+        other.close()
+    pyxl.wait(op)     # it runs on where it belongs, and completes
+    assert sim.info(d, sim_dir=sim_dir).state == "running"

@@ -62,6 +62,29 @@ def test_typed_failures_leave_file_and_domain(sim_dir, tmp_path, case, any_loop)
         assert e.value.errnoval == 5
 
 
+def test_the_first_helper_error_is_quoted_and_kept(sim_dir, tmp_path):
+    """libxc logs the cause first and its summary last ("Save failed ... Internal
+    error"): the message quotes the first; helper_errors keeps it and the last
+    ones, however many came in between."""
+    d = sim.create(16 * MB, sim_dir=sim_dir)
+    helper = script(tmp_path, """\
+        send(p.Log(8, -1, 'xc', 'Failed to write page data: the cause'))
+        for i in range(20):
+            send(p.Log(8, -1, 'xc', f'consequence {i}'))
+        send(p.Log(8, -1, 'xc', 'Save failed (0 = Success): Internal error'))
+        send(p.Complete(-1, 0)); reply()
+        """)
+    op = pyxl.save(d, tmp_path / "g.save", helper=helper, sim_dir=sim_dir)
+    assert pyxl.default_loop().run_until(op.done, 30)
+    exc = op.exception()
+    assert isinstance(exc, pyxl.HelperFailed), exc
+    assert str(exc).endswith("(helper: xc: Failed to write page data: the cause)"), exc
+    assert exc.helper_errors[0] == "xc: Failed to write page data: the cause"
+    assert exc.helper_errors[-1] == "xc: Save failed (0 = Success): Internal error"
+    assert len(exc.helper_errors) == 8 and exc.helper_errors[1] == "xc: consequence 14"
+    assert sim.info(d, sim_dir=sim_dir).state == "running"
+
+
 def test_failure_after_suspend_resumes_guest(sim_dir, tmp_path):
     d = sim.create(16 * MB, dirty_rate=1 * MB, sim_dir=sim_dir)
     helper = script(tmp_path, """\

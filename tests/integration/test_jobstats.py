@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import re
 import os
+import time
 from typing import List
 
 import pyxl
@@ -47,8 +48,14 @@ def test_stats_while_a_save_and_a_restore_run(sim_dir, tmp_path):
     assert all(s.rate and s.rate > 0 and s.elapsed > 0 for s in moving)
     assert any(s.eta is not None for s in moving)
     assert moving[-1].bytes <= os.path.getsize(target)
+    # finished: the final figures stay (virsh domjobinfo --completed), and the
+    # clock stops at the result's duration
     done = op.stats()
-    assert done.bytes is None and done.phase          # finished: the stream is closed
+    assert done.phase and done.bytes == op.result().bytes_written == os.path.getsize(target)
+    assert done.elapsed == op.result().duration
+    assert done.rate == done.bytes / done.elapsed and done.eta is None
+    time.sleep(0.05)
+    assert op.stats() == done
 
     seen.clear()
     rop = pyxl.restore(target, backend=SimBackend(sim_dir),
@@ -56,6 +63,23 @@ def test_stats_while_a_save_and_a_restore_run(sim_dir, tmp_path):
     pyxl.wait(rop)
     assert all(s.memory == 96 * MB for s in seen)
     assert all(s.bytes is None or s.bytes <= os.path.getsize(target) for s in seen)
+    rdone = rop.stats()
+    assert rdone.bytes == os.path.getsize(target)     # the whole image was read
+    assert rdone.elapsed == rop.result().duration and rdone.rate
+    # libxc reports no progress while it restores: no phase, no pages
+    assert rdone.phase == "" and rdone.pages_done == rdone.pages_total == 0
+    time.sleep(0.05)
+    assert rop.stats() == rdone
+
+
+def test_stats_of_a_failed_save_stop_at_its_end(sim_dir, tmp_path):
+    d = sim.create(64 * MB, sim_dir=sim_dir)
+    op = pyxl.save(d, str(tmp_path / "g.save"), helper="/bin/false", sim_dir=sim_dir)
+    pyxl.default_loop().run_until(op.done, 30)
+    assert op.exception() is not None
+    first = op.stats()
+    time.sleep(0.05)
+    assert op.stats() == first and first.elapsed > 0
 
 
 class Tty(io.StringIO):
@@ -110,7 +134,7 @@ def test_stats_while_a_migration_runs(tmp_path):
         tx = migrate.migrate(d, rx.address, live=True, sim_dir=a, downtime_ms=1,
                              max_iterations=6, on_fail="stop", auto_converge=True,
                              max_bandwidth=64 * MB, on_progress=sample)
-        res, _ = pyxl.wait(tx, rx, timeout=120)
+        res, rres = pyxl.wait(tx, rx, timeout=120)
         moving = [s for s in sent if s.bytes]
         assert moving and all(s.memory == 64 * MB for s in moving), sent[:3]
         assert [s.bytes for s in moving] == sorted(s.bytes for s in moving)
@@ -122,6 +146,10 @@ def test_stats_while_a_migration_runs(tmp_path):
         incoming = [s for s in got if s.bytes]
         assert incoming and [s.bytes for s in incoming] == sorted(s.bytes for s in incoming)
         assert rx.stats().bytes == res.bytes_sent          # all of it arrived
+        # finished: the clocks stop at the results' durations
+        assert tx.stats().elapsed == res.duration and rx.stats().elapsed == rres.duration
+        time.sleep(0.05)
+        assert tx.stats().elapsed == res.duration
     finally:
         sim.remove_dir(a)
         sim.remove_dir(b)

@@ -110,6 +110,9 @@ def test_live_migration_in_process(hosts, helper):
     assert 1 <= sent.iterations <= 5 and sent.bytes_sent > 64 * MB
     assert sent.downtime is not None and 0 < sent.downtime < sent.duration
     assert domains(a) == [] and domains(b) == [(got.domid, "running")]
+    # the result's config names the domain as it is called now, not NAME--incoming
+    name = sim.info(got.domid, sim_dir=b).name
+    assert "--" not in name and got.restore.config["c_info"]["name"] == name
     assert max(gaps) < 1.0, max(gaps)
     assert_runs_intact(b, got.domid)
 
@@ -475,6 +478,36 @@ def test_receiver_timeout_without_sender(hosts):
     assert isinstance(rx.exception(), pyxl.Timeout)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", rx.address[1]), timeout=1).close()
+
+
+def test_a_given_listening_socket_stays_the_callers(hosts):
+    """pyxl never closes an fd it was given: a listening socket passed to
+    receive() stays open, in the blocking mode it had, after a cancelled
+    receive and after a migration; one pyxl made from an address is closed."""
+    a, b = hosts
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        assert srv.getblocking()
+        rx = migrate.receive(srv, sim_dir=b)
+        assert not srv.getblocking()       # pyxl's, while it listens
+        rx.cancel()
+        run_both(rx)
+        assert isinstance(rx.exception(), pyxl.Cancelled)
+        assert srv.fileno() >= 0 and srv.getblocking()
+        dom = sim.create(32 * MB, sim_dir=a)
+        srv.settimeout(7.5)
+        rx = migrate.receive(srv, sim_dir=b)
+        tx = migrate.migrate(dom, srv.getsockname(), sim_dir=a)
+        pyxl.wait(tx, rx)
+        assert srv.fileno() >= 0 and srv.gettimeout() == 7.5
+        # still a listening socket the caller can use
+        with socket.create_connection(srv.getsockname(), timeout=5):
+            srv.accept()[0].close()
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b)
+    port = rx.address[1]
+    rx.cancel()
+    run_both(rx)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
 # ---------------------------------------------------------------------------

@@ -281,6 +281,10 @@ def test_remus_needs_live_and_checkpoints_need_remus(hosts):
         migrate.migrate(dom, "127.0.0.1:1", sim_dir=a, remus=True)
     with pytest.raises(ValueError):
         migrate.migrate(dom, "127.0.0.1:1", live=True, sim_dir=a, checkpoints=2)
+    # a save too: checkpoints on a plain stream would be ignored
+    with pytest.raises(ValueError, match="checkpoints is for a checkpointed stream"):
+        pyxl.save(dom, "/nonexistent/x.save", live=True, sim_dir=a, checkpoints=3)
+    assert sim.info(dom, sim_dir=a).state == "running"
     done = subprocess.run(PYXL + ["migrate", "--sim-dir", a, "--live", "--checkpoints", "2",
                                   str(dom), "127.0.0.1:1"], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)

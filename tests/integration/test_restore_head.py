@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
+import subprocess
 import threading
 import time
 
@@ -118,3 +120,19 @@ def test_restore_from_a_fifo_whose_writer_comes_late(sim_dir, fifo, tmp_path):
     t.join(10)
     assert sim.digest(res.domid, sim_dir=sim_dir) == before
     assert sim.state(res.domid, sim_dir=sim_dir) == "paused"
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd is installed by make setup")
+def test_where_a_files_head_errors_come_from(sim_dir, tmp_path):
+    """As the README's Restore table says: an uncompressed file's bad head
+    raises from pyxl.restore(); a compressed file's is the operation's outcome
+    (read through the decompressor, from the loop)."""
+    junk = tmp_path / "junk.save"
+    junk.write_bytes(b"not an xl save file at all" * 10)
+    with pytest.raises(pyxl.StartupError, match="wrong magic"):
+        pyxl.restore(junk, sim_dir=sim_dir)
+    subprocess.run(["zstd", "-q", str(junk), "-o", str(tmp_path / "junk.zst")], check=True)
+    op = pyxl.restore(tmp_path / "junk.zst", sim_dir=sim_dir)
+    assert default_loop().run_until(op.done, 30)
+    assert isinstance(op.exception(), pyxl.StartupError) and "wrong magic" in str(op.exception())
+    assert domids(sim_dir) == []

@@ -131,3 +131,14 @@ def test_vcpu_does_not_write_through_a_planted_symlink(sim_dir, tmp_path):
     assert "symbolic links" in r.stderr, r.stderr
     with open(victim, "rb") as f:
         assert f.read(8) == b"precious"
+
+
+def test_a_save_in_a_missing_state_directory_says_so(tmp_path):
+    """A mistyped sim_dir: the error names the directory that does not exist,
+    not only the domain."""
+    missing = str(tmp_path / "no" / "such")
+    with pytest.raises(pyxl.StartupError,
+                       match=f"no such domain: 3: the sim state directory {missing} does not "
+                             "exist$"):
+        pyxl.save(3, str(tmp_path / "g.save"), sim_dir=missing)
+    assert list(tmp_path.iterdir()) == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -306,4 +307,35 @@ def test_restore_from_a_file_with_a_flood_is_refused(sim_dir, tmp_path, good):
     r = pyxl_cli("restore", "--sim-dir", sim_dir, str(path))
     one_line_error(r, 1, "pyxl's bound on EMULATOR_CONTEXT bytes")
     assert time.monotonic() - t0 < 30
+    assert domids(sim_dir) == before
+
+
+def test_a_cut_in_the_records_after_the_libxc_stream_names_the_file_offset(sim_dir, tmp_path,
+                                                                            good):
+    """A file cut inside its END record: the error names the file offset where
+    the bytes are missing (as `pyxl inspect` does), not one counted from the
+    records' start, and its cause is the StreamError with that offset."""
+    config, stream = good
+    path = tmp_path / "cut.save"
+    path.write_bytes(xl_head(json.dumps(config).encode()) + stream[:-len(END)])
+    size = path.stat().st_size
+    before = domids(sim_dir)
+    op = pyxl.restore(path, sim_dir=sim_dir)
+    assert default_loop().run_until(op.done, 60)
+    exc = op.exception()
+    assert type(exc) is pyxl.OperationError, exc
+    assert f"libxl record at {size:#x}: end of stream" in str(exc), exc
+    assert isinstance(exc.__cause__, pyxl.TruncatedStream) and exc.__cause__.offset == size
+    assert domids(sim_dir) == before
+    r = pyxl_cli("inspect", str(path))
+    assert f"at {size:#x}" in r.stdout + r.stderr, (r.stdout, r.stderr)
+    # the same image compressed (zstd -d gives back the file above): the offset
+    # in the plain stream, which the restore counts as the helper reads it
+    if shutil.which("zstd") is None:
+        return
+    subprocess.run(["zstd", "-q", "--check", str(path), "-o", str(tmp_path / "cut.zst")],
+                   check=True)
+    op = pyxl.restore(tmp_path / "cut.zst", sim_dir=sim_dir)
+    assert default_loop().run_until(op.done, 60)
+    assert f"libxl record at {size:#x}: end of stream" in str(op.exception()), op.exception()
     assert domids(sim_dir) == before

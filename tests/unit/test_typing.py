@@ -54,6 +54,11 @@ address: Optional[Tuple[str, int]] = rx.address
 tx = migrate.migrate(1, address, live=True, downtime_ms=50, on_fail="stop",
                      max_bandwidth=100 << 20, sim_dir="/tmp/src")
 results = pyxl.wait(op, rop, tx, rx)
+# a list of different operations needs no annotation (the futures are covariant)
+mixed = [op, rop, tx, rx]
+pyxl.wait(*mixed)
+ops: "list[pyxl.Operation[object]]" = [op, rop]
+pyxl.wait(*ops)
 sent: migrate.MigrateResult = tx.result()
 got: migrate.ReceiveResult = rx.result()
 downtime: Optional[float] = sent.downtime
@@ -83,6 +88,8 @@ BAD = {
                         r'Unexpected keyword argument "pasued"'),
     "aio_keyword": ('import asyncio\nasyncio.run(pyxl.aio.save(1, "/tmp/x.save", liv=True))\n',
                     r'Unexpected keyword argument "liv"'),
+    "aio_loop": ('import asyncio\nasyncio.run(pyxl.aio.save(1, "/tmp/x.save", '
+                 'loop=pyxl.default_loop()))\n', r'Unexpected keyword argument "loop"'),
 }
 
 
@@ -123,7 +130,9 @@ def test_help_shows_every_keyword(fn):
     params = inspect.signature(fn).parameters.values()
     assert not [p for p in params if p.kind is p.VAR_KEYWORD]
     names = {p.name for p in params}
-    assert {"helper", "timeout", "loop", "sim_dir", "backend"} <= names
+    assert {"helper", "timeout", "sim_dir", "backend"} <= names
+    # pyxl.aio's run on the running asyncio loop: no loop= to offer
+    assert ("loop" in names) == (fn.__module__ != "pyxl.aio")
     if fn.__name__ in ("save", "migrate"):
         assert "live" in names
     closed = {"leave": ("destroy", "paused", "running"), "on_fail": ("abort", "stop")}
@@ -132,3 +141,16 @@ def test_help_shows_every_keyword(fn):
             alias = inspect.signature(fn).parameters[name].annotation
             module = sys.modules[inspect.unwrap(fn).__module__]
             assert typing.get_args(getattr(module, alias)) == values
+
+
+@pytest.mark.parametrize("name", ["save", "restore", "migrate", "receive"])
+def test_the_aio_signatures_are_their_twins_without_loop(name):
+    """pyxl.aio's signatures are written out (a ParamSpec cannot drop loop=):
+    they must stay the synchronous twins', parameter for parameter."""
+    twin = getattr(migrate if name in ("migrate", "receive") else pyxl, name)
+    mine = inspect.signature(getattr(pyxl.aio, name)).parameters
+    theirs = {k: p for k, p in inspect.signature(twin).parameters.items() if k != "loop"}
+    assert list(mine) == list(theirs)
+    for k, p in theirs.items():
+        assert (mine[k].kind, mine[k].default, mine[k].annotation) == \
+            (p.kind, p.default, p.annotation), k

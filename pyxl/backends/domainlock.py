@@ -9,11 +9,13 @@ does: a save (and so a migration's sender) holds an ``flock`` on a lock file
 of its domain while it runs, and a second one, in this process or another,
 fails at once with :class:`~pyxl.errors.StartupError` naming the holder.
 
-The lock file lives in the backend's ``lock_dir()`` (the sim state directory,
-so each simulated host has its own), else ``/run/pyxl`` for root (the real
-host) or a private directory of the user's.  It holds the holder's pid and
-what it does, for the error, and is removed when the lock is let go.  Opening
-and locking a file on tmpfs never waits: ``LOCK_NB``.
+The lock file lives in the host's directory, :func:`host_dir`: the backend's
+``lock_dir()`` (the sim state directory, so each simulated host has its own),
+else ``/run/pyxl`` for root (the real host) or a private directory of the
+user's.  That directory is also what names the host for the names a process
+holds while a domain takes them (:mod:`pyxl.backends.names`).  The file holds
+the holder's pid and what it does, for the error, and is removed when the lock
+is let go.  Opening and locking a file on tmpfs never waits: ``LOCK_NB``.
 
 May import: pyxl.errors.
 """
@@ -28,7 +30,7 @@ from typing import Any, Optional
 
 from pyxl.errors import StartupError
 
-__all__ = ["DomainLock", "default_lock_dir"]
+__all__ = ["DomainLock", "default_lock_dir", "host_dir"]
 
 
 def default_lock_dir() -> str:
@@ -39,6 +41,13 @@ def default_lock_dir() -> str:
         return "/run/pyxl"
     base = os.environ.get("XDG_RUNTIME_DIR")
     return os.path.join(base, "pyxl") if base else f"/tmp/pyxl-{uid}"
+
+
+def host_dir(backend: Any) -> str:
+    """The directory of the host ``backend``'s domains live on (absolute;
+    not created here): its ``lock_dir()``, else :func:`default_lock_dir`."""
+    lock_dir = getattr(backend, "lock_dir", None)
+    return os.path.abspath(lock_dir() if callable(lock_dir) else default_lock_dir())
 
 
 def _private_dir(path: str) -> str:
@@ -59,8 +68,7 @@ class DomainLock:
     """Held from construction until :meth:`release` (idempotent)."""
 
     def __init__(self, backend: Any, domid: int, what: str) -> None:
-        lock_dir = getattr(backend, "lock_dir", None)
-        directory = _private_dir(lock_dir() if callable(lock_dir) else default_lock_dir())
+        directory = _private_dir(host_dir(backend))
         self.path = os.path.join(directory, f".lock-d{domid}")
         self._fd: Optional[int] = None
         # A holder removes the file as it lets go; one who opened it just
