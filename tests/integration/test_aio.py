@@ -199,7 +199,8 @@ def test_awaiting_an_operation_of_another_loop_fails_at_once(sim_dir, tmp_path):
         asyncio.run(go())
     other = asyncio.new_event_loop()
     try:
-        op2 = pyxl.save(d, str(tmp_path / "h.save"), leave="running", sim_dir=sim_dir,
+        d2 = sim.create(32 * MB, sim_dir=sim_dir)     # (one save of a domain at a time)
+        op2 = pyxl.save(d2, str(tmp_path / "h.save"), leave="running", sim_dir=sim_dir,
                         loop=pyxl.AsyncioLoop(other))
         async def go2() -> None:
             await op2
