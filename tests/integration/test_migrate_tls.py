@@ -422,12 +422,13 @@ def test_tls_options_are_checked():
 
 
 def test_silent_peers_cannot_fill_the_door(hosts):
-    """With every slot held by a silent peer, a newcomer evicts the oldest."""
+    """With every slot (8 x max_pending) held by a silent peer, a newcomer
+    evicts the oldest silent one."""
     a, b = hosts
     dom = busy(a, 8)
     rx = migrate.receive("127.0.0.1:0", sim_dir=b, digest=True, max_pending=2)
-    idle = [socket.create_connection(rx.address) for _ in range(2)]
-    assert default_loop().run_until(lambda: len(rx._pending) == 2, 30)
+    idle = [socket.create_connection(rx.address) for _ in range(16)]
+    assert default_loop().run_until(lambda: len(rx._pending) == 16, 30)
     tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True)
     sent, got = pyxl.wait(tx, rx, timeout=120)
     assert sent.digest == got.digest and rx.refused >= 1
