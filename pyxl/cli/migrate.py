@@ -260,8 +260,9 @@ def add_parser(subparsers: Any, argv: "Optional[Sequence[str]]" = None) -> None:
                    help="listen here for one migration (port 0: any; plain TCP only on "
                         "loopback unless --insecure); default: stdin/stdout")
     p.add_argument("--insecure", action="store_true",
-                   help="allow plain TCP on an address that is not loopback: anyone who can "
-                        "connect can send a domain (refused without this)")
+                   help="allow plain TCP on an address that is not loopback, and any local "
+                        "user's connections on loopback: anyone who can connect can send a "
+                        "domain (without it: refused, resp. only this user's)")
     _tls_options(p)
     p.add_argument("--tls-allow", action="append", metavar="NAME",
                    help="with TLS: accept only a peer whose certificate names NAME (subject "

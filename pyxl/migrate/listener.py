@@ -9,8 +9,9 @@ receiver runs several admissions at once and takes the first that delivers
 a stream head; the others, and every connection that fails TLS, is not
 allowed, sends garbage or stays silent, are dropped while it keeps
 listening.  :func:`peer_reason` says what a failure may tell the peer:
-never a local path or a size.  It may import the handshake and tls modules
-of this package, pyxl.errors, pyxl.fdio and pyxl.loop.
+never a local path or a size.  Plain TCP on loopback takes only
+connections of the receiver's own user (:mod:`.peeruid`).  It may import the
+handshake, tls and peeruid modules of this package, pyxl.errors, pyxl.fdio and pyxl.loop.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
 from pyxl.loop import Loop, Timer
 from pyxl.migrate.handshake import (NEED_DATA, Banner, ConnectionClosed, ReceiverFailed,
                                     ReceiverHandshake, StreamHead)
+from pyxl.migrate.peeruid import peer_uid
 from pyxl.migrate.tls import TlsBridge, TlsOptions, allowed
 
 __all__ = ["Admission", "DropLog", "Link", "SILENT", "SECURING", "TALKING", "is_loopback",
@@ -128,6 +130,19 @@ def peer_reason(exc: BaseException) -> str:
     return "the restore failed"
 
 
+def _not_our_user(sock: socket.socket) -> Optional[str]:
+    """Why a plain loopback connection may not send us a domain: another user
+    opened it (loopback is every local user's; see :mod:`.peeruid`)."""
+    try:
+        uid = peer_uid(sock)
+    except OSError as exc:
+        return f"cannot tell which user opened the connection ({exc.strerror or exc})"
+    if uid != os.geteuid():
+        return (f"the connection is user {uid}'s, not this receiver's ({os.geteuid()}): "
+                "plain TCP takes only its own user's connections (use TLS, ssh or --insecure)")
+    return None
+
+
 class Link:
     """The connection to an admitted sender: ``rfd``/``wfd`` (one socket,
     given fds, or a TLS bridge's pipe ends), a half-close and a close."""
@@ -191,7 +206,8 @@ class Admission:
                  on_head: Callable[["Admission", StreamHead], None],
                  on_reject: Callable[["Admission", OperationError], None],
                  logger: logging.Logger,
-                 on_stage: Optional[Callable[["Admission"], None]] = None) -> None:
+                 on_stage: Optional[Callable[["Admission"], None]] = None,
+                 own_user_only: bool = False) -> None:
         self.loop, self.peer, self.logger = loop, peer, logger
         self.on_head, self.on_reject, self.on_stage = on_head, on_reject, on_stage
         self.allow = tls.allow if tls is not None else ()
@@ -218,6 +234,12 @@ class Admission:
             self._hello_watch = True
         elif sock is not None:
             self.link = Link(sock.fileno(), sock.fileno(), peer, sock=sock)
+            why = _not_our_user(sock) if own_user_only else None
+            if why is not None:   # refused before the banner, as a peer not allowed
+                set_nonblocking(sock.fileno(), True)
+                self.outbox = FdWriter(self.loop, sock.fileno(), self._write_failed)
+                self._reject(MigrationAuthError(why))
+                return
             self._open()
         else:
             assert fds is not None

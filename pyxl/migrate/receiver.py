@@ -209,7 +209,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             self._admit(Admission(self.loop, sock=conn, peer=where, tls=self.tls,
                                   timeout=self.header_timeout, on_head=self._admitted,
                                   on_reject=self._rejected, logger=self.logger,
-                                  on_stage=self._make_room))
+                                  on_stage=self._make_room,
+                                  own_user_only=self.tls is None and not self.insecure))
             if self._listener is None:   # that one was admitted at once
                 return
 

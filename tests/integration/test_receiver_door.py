@@ -3,19 +3,28 @@
 * A flood of silent connections (another process, 200 a second, each held
   0.5 s) must not keep a real TLS sender out: the receiver drops the least
   advanced connection of the busiest source, and silent ones are the least.
+* Plain TCP on loopback takes only the receiver's own user's connections:
+  another uid (a forked child that setuid()s to nobody; the suite runs as
+  root, as in CI) is told "not authorized" before any banner, the refusal is
+  logged, and the receiver's own user then migrates through it.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import subprocess
 import sys
-from typing import Any, Iterator
+from typing import Any, Iterator, Tuple
 
 import pytest
 
+import pyxl
+from pyxl import migrate
 from pyxl.loop import default_loop
 
-from test_migrate import busy
+from test_migrate import busy, domains
 from test_migrate_tls import pki, real_migration, receiver  # noqa: F401  (pki: a fixture)
 
 FLOOD = """
@@ -56,3 +65,71 @@ def test_a_silent_flood_does_not_keep_a_tls_sender_out(hosts, pki, flood):  # no
     # the flood is under way: the door has been full and dropping for a while
     assert default_loop().run_until(lambda: rx.refused >= 100, 60), rx.refused
     real_migration(pki, a, b, dom, rx)
+
+
+MB = 1 << 20
+NOBODY = 65534
+
+
+def _connect_as(uid: int, port: int) -> Tuple[int, int]:
+    """A child that becomes ``uid``, connects, and writes what it was told
+    (until EOF) to a pipe: (pid, read end)."""
+    "warm".encode("idna")          # connect() encodes the host: no import after setuid
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            s = socket.socket()
+            s.settimeout(30)
+            s.connect(("127.0.0.1", port))
+            got = b""
+            while len(got) < 4096:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+            os.write(w, got)
+        finally:
+            os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def _told(pid: int, r: int) -> bytes:
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        return f.read()
+
+
+def test_plain_loopback_refuses_another_users_connection(hosts, caplog):
+    assert os.geteuid() == 0, "the suite runs as root (CI): it can be another user"
+    a, b = hosts
+    dom = busy(a, 8)
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, digest=True)
+    with caplog.at_level(logging.WARNING, logger="pyxl.migrate.receive"):
+        pid, r = _connect_as(NOBODY, rx.address[1])
+        assert default_loop().run_until(lambda: rx.refused >= 1 or rx.done(), 60)
+        told = _told(pid, r)
+    assert told == b"domain receive failed: not authorized\0", told
+    assert not rx.done() and domains(b) == []
+    logged = [m for m in caplog.messages if "dropped the connection" in m]
+    assert len(logged) == 1 and f"user {NOBODY}'s, not this receiver's (0)" in logged[0], logged
+    assert "\n" not in logged[0]
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True)   # root: ours
+    sent, got = pyxl.wait(tx, rx, timeout=120)
+    assert sent.digest == got.digest and domains(b) == [(got.domid, "running")]
+
+
+def test_insecure_loopback_takes_any_users_connection(hosts):
+    _, b = hosts
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, insecure=True, header_timeout=1)
+    pid, r = _connect_as(NOBODY, rx.address[1])
+    assert default_loop().run_until(lambda: rx.refused >= 1, 60)    # at header_timeout
+    assert _told(pid, r).startswith(b"xl migration receiver ready")
+    rx.cancel()
+    assert default_loop().run_until(rx.done, 30)
+
