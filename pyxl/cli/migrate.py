@@ -271,8 +271,9 @@ def add_parser(subparsers: Any, argv: "Optional[Sequence[str]]" = None) -> None:
                    help="drop a connection that has not sent its stream's head (TLS "
                         "included) within this long (default 60)")
     p.add_argument("--idle-timeout", type=_deadline_s, metavar="SECONDS", default=60.0,
-                   help="fail if the stream stops for this long, or the sender does not "
-                        "clear the unpause (default 60)")
+                   help="fail if the stream moves less than 64 KiB in this long (a trickle "
+                        "counts as stopped), or the sender does not clear the unpause "
+                        "(default 60)")
     p.add_argument("--paused", action="store_true", help="leave the received domain paused")
     p.add_argument("--no-compress", action="store_true",
                    help="answer a pyxl sender's compression offer with 'none' (its stream "

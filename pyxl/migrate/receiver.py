@@ -53,6 +53,7 @@ __all__ = ["HEADER_TIMEOUT", "IDLE_TIMEOUT", "ReceiveOperation", "ReceiveResult"
 PROGRESS_EVERY = 0.05   # s between a compressed stream's progress reports to the sender
 HEADER_TIMEOUT = 60.0   # s from a connection to its stream head (TLS, banner, head)
 IDLE_TIMEOUT = 60.0     # s without stream bytes, or waiting for "cleared to unpause"
+IDLE_MIN_BYTES = 64 << 10   # fewer stream bytes than this in an idle_timeout: idle too
 MAX_PENDING = 8         # connections in TLS (a stage each) at once while listening
 SILENT_SLOTS = 8        # x max_pending: connections pending in all (silent ones cost a socket)
 
@@ -390,7 +391,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         return self._job_stats(self.restore, self._head_bytes + relayed)
 
     def _arm_idle(self) -> None:
-        """Stream inactivity: fail if the sender moves nothing for ``idle_timeout``.
+        """Stream inactivity: fail if the sender moves less than IDLE_MIN_BYTES
+        in an ``idle_timeout`` (a byte now and then is not progress).
         Not for Remus: a checkpointed stream is quiet between checkpoints, for
         an interval only the sender knows (and its end is a failover anyway)."""
         if self.idle_timeout is None or self.remus:
@@ -402,8 +404,13 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._idle_timer = None
         if self.state != "stream" or self.relay is None or self.relay.finished:
             return
-        if self.relay.sent == self._idle_mark:
+        moved = self.relay.sent - max(self._idle_mark, 0)
+        if moved == 0:
             self._fail(MigrationError(f"the sender sent nothing for {self.idle_timeout:g}s"))
+            return
+        if moved < IDLE_MIN_BYTES:   # a trickle must not hold a half-made domain forever
+            self._fail(MigrationError(f"the sender sent under {IDLE_MIN_BYTES >> 10} KiB in "
+                                      f"{self.idle_timeout:g}s"))
             return
         self._idle_mark = self.relay.sent
         self._arm_idle()

@@ -7,6 +7,7 @@
   another uid (a forked child that setuid()s to nobody; the suite runs as
   root, as in CI) is told "not authorized" before any banner, the refusal is
   logged, and the receiver's own user then migrates through it.
+* A trickle (a byte every 0.2 s) is idle: cut at idle_timeout.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from typing import Any, Iterator, Tuple
 
 import pytest
 
 import pyxl
-from pyxl import migrate
+from pyxl import migrate, sim
 from pyxl.loop import default_loop
 
 from test_migrate import busy, domains
@@ -133,3 +135,36 @@ def test_insecure_loopback_takes_any_users_connection(hosts):
     rx.cancel()
     assert default_loop().run_until(rx.done, 30)
 
+
+TRICKLE = """
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(open(sys.argv[2], "rb").read()[:(1 << 20) + 4096])
+for _ in range(60):          # then a byte every 0.2 s: the stream "moves"
+    time.sleep(0.2)
+    try:
+        s.send(b"\\0")
+    except OSError:
+        break
+"""
+
+
+def test_a_trickle_is_idle_at_the_receiver(hosts, tmp_path):
+    """A sender that moves a byte now and then (under 64 KiB per idle_timeout)
+    is cut at idle_timeout, and the half-made domain is destroyed."""
+    a, b = hosts
+    dom = sim.create(16 * MB, sim_dir=a, paused=True)
+    pyxl.wait(pyxl.save(dom, tmp_path / "g.save", sim_dir=a))
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, idle_timeout=1)
+    peer = subprocess.Popen([sys.executable, "-c", TRICKLE, str(rx.address[1]),
+                             str(tmp_path / "g.save")])
+    try:
+        t = time.monotonic()
+        assert default_loop().run_until(rx.done, 60)
+        took = time.monotonic() - t
+    finally:
+        peer.kill()
+        peer.wait(timeout=30)
+    assert "the sender sent under 64 KiB in 1s" in str(rx.exception()), rx.exception()
+    assert took < 5, took          # not the trickle's 12 s
+    assert domains(b) == []
