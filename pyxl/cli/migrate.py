@@ -265,8 +265,8 @@ def add_parser(subparsers: Any, argv: "Optional[Sequence[str]]" = None) -> None:
                         "domain (without it: refused, resp. only this user's)")
     _tls_options(p)
     p.add_argument("--tls-allow", action="append", metavar="NAME",
-                   help="with TLS: accept only a peer whose certificate names NAME (subject "
-                        "CN or DNS subjectAltName); repeatable")
+                   help="with TLS: accept only a peer whose certificate names NAME (a DNS "
+                        "subjectAltName; the subject CN if it has none; any case); repeatable")
     p.add_argument("--header-timeout", type=_deadline_s, metavar="SECONDS", default=60.0,
                    help="drop a connection that has not sent its stream's head (TLS "
                         "included) within this long (default 60)")

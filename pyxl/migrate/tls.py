@@ -91,8 +91,9 @@ def make_context(opts: TlsOptions, server: bool) -> ssl.SSLContext:
 
 def allowed(names: Iterable[str], allow: Tuple[str, ...]) -> bool:
     """Is a peer with these certificate names on the allow-list (empty: anyone
-    the CA vouches for)?"""
-    return not allow or any(n in allow for n in names)
+    the CA vouches for)?  DNS names: case does not matter."""
+    wanted = {a.lower() for a in allow}
+    return not allow or any(n.lower() in wanted for n in names)
 
 
 class TlsBridge:

@@ -74,13 +74,16 @@ def context(cert: str, key: str, ca: str, server: bool) -> ssl.SSLContext:
 
 
 def peer_names(cert: Optional[Dict[str, Any]]) -> List[str]:
-    """The names a peer certificate (``getpeercert()``) stands for: its
-    subject CNs and DNS subjectAltNames."""
+    """The names a peer certificate (``getpeercert()``) stands for: its DNS
+    subjectAltNames, or its subject CNs if it has none (RFC 6125, as the
+    sender's hostname check: one certificate names the same host to both
+    ends), lower-cased (DNS names are case-insensitive)."""
     if not cert:
         return []
-    names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
-    names += [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
-    return list(dict.fromkeys(names))
+    names = [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
+    if not names:
+        names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    return list(dict.fromkeys(n.lower() for n in names))
 
 
 def describe(exc: BaseException, peer: str, handshake: bool) -> str:

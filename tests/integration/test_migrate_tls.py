@@ -52,9 +52,10 @@ def _ca(d: Path, name: str) -> None:
              "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
 
 
-def _leaf(d: Path, ca: str, name: str, sans: str) -> None:
+def _leaf(d: Path, ca: str, name: str, sans: str, cn: str = "") -> None:
     _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn or name}",
+             cwd=d)
     (d / f"{name}.ext").write_text(f"subjectAltName={sans}\n"
                                    "extendedKeyUsage=serverAuth,clientAuth\n"
                                    "keyUsage=critical,digitalSignature\n")
@@ -267,6 +268,32 @@ def test_peer_not_on_the_allow_list_is_refused(hosts, pki):
     wait_refused(rx, 1)
     assert domains(b) == []
     real_migration(pki, a, b, dom, rx)
+
+
+def test_allow_list_names_are_dns_names(hosts, pki):
+    """RFC 6125, as the sender's check: any case matches; the subject CN counts
+    only when the certificate has no DNS subjectAltName."""
+    a, b = hosts
+    dom = busy(a, 20)
+    d = pki["dir"]
+    _leaf(d, "ca", "upper", "DNS:SENDER.Test", cn="SENDER.TEST")
+    _leaf(d, "ca", "cn-only", "email:x@example.org", cn=SENDER)     # no DNS SAN: the CN
+    _leaf(d, "ca", "cn-and-other-san", "DNS:other.test", cn=SENDER)
+    rx = receiver(pki, b)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, tls=opts(pki, "cn-and-other-san"))
+    run_both(tx)
+    assert "the receiver failed: not authorized" in str(tx.exception()), tx.exception()
+    wait_refused(rx, 1)
+    rx.cancel()
+    run_both(rx)
+    source_survived(a, dom)
+    for who in ("upper", "cn-only"):
+        rx = receiver(pki, b)
+        tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True,
+                             tls=opts(pki, who))
+        sent, got = pyxl.wait(tx, rx, timeout=120)
+        assert sent.digest == got.digest and rx.refused == 0
+        dom, a, b = got.domid, b, a       # and back, with the next certificate
 
 
 def test_silent_and_garbage_tls_peers(hosts, pki):
