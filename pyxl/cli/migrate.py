@@ -164,12 +164,18 @@ def cmd_receive(args: argparse.Namespace) -> int:
     from pyxl.migrate import receive
     tls = _tls(args, allow=tuple(args.tls_allow or ()))
     deadlines = dict(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout)
+    if args.insecure and tls is not None:   # one would silently not apply
+        args.usage_error("--insecure is for plain TCP; with --tls-* the peer is authenticated")
     if args.listen is not None:
         op = receive(args.listen, paused=args.paused, helper=args.helper, timeout=args.timeout,
                      sim_dir=args.sim_dir, digest=args.json, remus=args.remus, tls=tls,
                      insecure=args.insecure, compress=not args.no_compress, **deadlines)
         host, port = op.address or args.listen
         print(f"listening on {host}:{port}", file=sys.stderr, flush=True)
+        from pyxl.migrate.listener import is_loopback
+        if tls is None and not is_loopback((host, port)):   # --insecure said so; say it back
+            print(f"pyxl: warning: plain TCP on {host}:{port}: anyone who can connect can send "
+                  "a domain", file=sys.stderr, flush=True)
         out = sys.stdout
     else:
         if tls is not None or args.insecure:

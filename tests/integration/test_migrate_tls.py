@@ -390,9 +390,20 @@ def test_plain_listen_off_loopback_is_refused_unless_insecure(hosts):
     assert "--tls-cert" in lines[0] and "--insecure" in lines[0] and "ssh" in lines[0]
     rx = _cli("migrate-receive", "--listen", "0.0.0.0:0", "--insecure", "--sim-dir", b,
               "--timeout", "0.5")
-    _listening(rx)
+    port = _listening(rx)
+    assert rx.stderr is not None
+    warned = rx.stderr.readline()     # the next line, at once (communicate() may skip it)
+    assert warned == (f"pyxl: warning: plain TCP on 0.0.0.0:{port}: anyone who can connect "
+                      "can send a domain\n"), warned
     _, err = rx.communicate(timeout=60)
-    assert rx.returncode == 1 and "timed out" in err, err
+    assert rx.returncode == 1 and "timed out" in err and "warning" not in err, err
+    rx = _cli("migrate-receive", "--listen", "127.0.0.1:0", "--insecure", "--sim-dir", b,
+              "--timeout", "0.5")                                # loopback: no warning
+    _listening(rx)
+    assert rx.stderr is not None
+    after = rx.stderr.readline()
+    rx.communicate(timeout=60)
+    assert rx.returncode == 1 and "timed out" in after, after
     with pytest.raises(StartupError, match="refusing plain TCP"):
         migrate.receive("0.0.0.0:0", sim_dir=b)
     op = migrate.receive("0.0.0.0:0", sim_dir=b, insecure=True)
@@ -422,6 +433,8 @@ def test_tls_listen_off_loopback_is_allowed(hosts, pki):
       "/no/k", "--tls-ca", "/no/a"], "cannot load the TLS CA file"),
     (["migrate", "--tls-cert", "c", "--tls-key", "k", "--tls-ca", "a", "--command", "true",
       "1"], "--command is its own channel"),
+    (["migrate-receive", "--listen", "127.0.0.1:0", "--insecure", "--tls-cert", "c",
+      "--tls-key", "k", "--tls-ca", "a"], "--insecure is for plain TCP"),
     (["migrate-receive", "--listen", "127.0.0.1:0", "--header-timeout", "0"],
      "must be more than 0"),
 ])
