@@ -88,13 +88,14 @@ def _tls(args: argparse.Namespace, allow: Tuple[str, ...] = (),
     from pyxl.migrate import TlsOptions
     files = (args.tls_cert, args.tls_key, args.tls_ca)
     if all(f is None for f in files):
-        if allow or name is not None:
-            args.usage_error("--tls-allow and --tls-name go with --tls-cert, "
+        if allow or name is not None or args.tls_crl is not None:
+            args.usage_error("--tls-allow, --tls-name and --tls-crl go with --tls-cert, "
                                     "--tls-key and --tls-ca")
         return None
     if any(f is None for f in files):
         args.usage_error("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca")
-    return TlsOptions(args.tls_cert, args.tls_key, args.tls_ca, allow=allow, server_name=name)
+    return TlsOptions(args.tls_cert, args.tls_key, args.tls_ca, allow=allow, server_name=name,
+                      crl=args.tls_crl)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -208,6 +209,9 @@ def _tls_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", metavar="FILE", help="mutual TLS: this end's private key (PEM)")
     p.add_argument("--tls-ca", metavar="FILE",
                    help="mutual TLS: the CA the peer's certificate must chain to (PEM)")
+    p.add_argument("--tls-crl", metavar="FILE",
+                   help="mutual TLS: refuse a peer whose certificate this CRL revokes (PEM, "
+                        "from the peer certificate's issuer)")
 
 
 def add_parser(subparsers: Any, argv: "Optional[Sequence[str]]" = None) -> None:

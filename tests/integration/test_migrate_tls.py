@@ -296,6 +296,59 @@ def test_allow_list_names_are_dns_names(hosts, pki):
         dom, a, b = got.domid, b, a       # and back, with the next certificate
 
 
+def _revoke(d: Path, ca: str, *names: str) -> Path:
+    """A CRL from ``ca`` that revokes the certificates ``names`` (openssl ca)."""
+    (d / "crl-index.txt").write_text("")
+    (d / "crl-number").write_text("01\n")
+    (d / "crl.cnf").write_text("[ca]\ndefault_ca = d\n[d]\ndatabase = crl-index.txt\n"
+                               "crlnumber = crl-number\ndefault_md = sha256\n"
+                               "default_crl_days = 2\n")
+    for name in names:
+        _openssl("ca", "-config", "crl.cnf", "-keyfile", f"{ca}.key", "-cert", f"{ca}.pem",
+                 "-revoke", f"{name}.pem", cwd=d)
+    _openssl("ca", "-config", "crl.cnf", "-keyfile", f"{ca}.key", "-cert", f"{ca}.pem",
+             "-gencrl", "-out", "revoked.crl", cwd=d)
+    return d / "revoked.crl"
+
+
+def test_a_revoked_certificate_is_refused_at_either_end(hosts, pki):
+    """--tls-crl / TlsOptions.crl: the receiver refuses a revoked sender, the
+    sender a revoked receiver; certificates the CRL does not name still work."""
+    a, b = hosts
+    dom = busy(a, 20)
+    d = pki["dir"]
+    _leaf(d, "ca", "revoked-sender", f"DNS:{SENDER}")
+    _leaf(d, "ca", "revoked-receiver", "DNS:localhost,IP:127.0.0.1")
+    crl = str(_revoke(d, "ca", "revoked-sender", "revoked-receiver"))
+    with pytest.raises(StartupError, match="cannot load the TLS CRL file /no/crl"):
+        migrate.receive("127.0.0.1:0", sim_dir=b, tls=opts(pki, "receiver.test", crl="/no/crl"))
+    done = subprocess.run(PYXL + ["migrate-receive", "--listen", "127.0.0.1:0", "--sim-dir", b,
+                                  *tls_args(pki, "receiver.test"), "--tls-crl", str(d / "ca.key")],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "cannot load the TLS CRL file" in done.stderr, done.stderr
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, digest=True,
+                         tls=opts(pki, "receiver.test", allow=(SENDER,), crl=crl))
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, tls=opts(pki, "revoked-sender"))
+    run_both(tx)
+    assert isinstance(tx.exception(), migrate.MigrationError), tx.exception()
+    wait_refused(rx, 1)
+    source_survived(a, dom)
+    real_migration(pki, a, b, dom, rx)           # a sender the CRL does not name
+    dom = domains(b)[0][0]
+    a, b = b, a
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, tls=opts(pki, "revoked-receiver"))
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a,
+                         tls=opts(pki, SENDER, crl=crl))
+    run_both(tx)
+    exc = tx.exception()
+    assert isinstance(exc, MigrationAuthError) and "certificate revoked" in str(exc), exc
+    source_survived(a, dom)
+    rx.cancel()
+    run_both(rx)
+    assert domains(b) == []
+
+
 def test_silent_and_garbage_tls_peers(hosts, pki):
     """A peer that completes TLS and then says nothing, one that never starts
     TLS, and one that sends garbage inside TLS: all dropped."""
@@ -426,7 +479,7 @@ def test_tls_listen_off_loopback_is_allowed(hosts, pki):
     (["migrate-receive", "--listen", "127.0.0.1:0", "--tls-cert", "x"],
      "needs all of --tls-cert, --tls-key and --tls-ca"),
     (["migrate-receive", "--listen", "127.0.0.1:0", "--tls-allow", "x"],
-     "--tls-allow and --tls-name go with"),
+     "--tls-allow, --tls-name and --tls-crl go with"),
     (["migrate-receive", "--tls-cert", "c", "--tls-key", "k", "--tls-ca", "a"],
      "go with --listen"),
     (["migrate-receive", "--listen", "127.0.0.1:0", "--tls-cert", "/no/c", "--tls-key",
@@ -435,6 +488,8 @@ def test_tls_listen_off_loopback_is_allowed(hosts, pki):
       "1"], "--command is its own channel"),
     (["migrate-receive", "--listen", "127.0.0.1:0", "--insecure", "--tls-cert", "c",
       "--tls-key", "k", "--tls-ca", "a"], "--insecure is for plain TCP"),
+    (["migrate-receive", "--listen", "127.0.0.1:0", "--tls-crl", "x"],
+     "--tls-crl go with --tls-cert"),
     (["migrate-receive", "--listen", "127.0.0.1:0", "--header-timeout", "0"],
      "must be more than 0"),
 ])
