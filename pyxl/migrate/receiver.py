@@ -265,6 +265,13 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._stop_listening()
         if self._done or self._finishing:
             return
+        if head.offered and domain_name(head.header.config if head.header else None) is None:
+            # An offer's outer header names the copy (NAME--incoming until cleared,
+            # given to the restore as its name); without one the inner header's
+            # name would be restored as it stands, the final name before the clear.
+            self._fail(MigrationProtocolError("the compression offer's xl header names no "
+                                              "domain (c_info.name)"))
+            return
         if head.offered:
             self._choose(head)
             return
@@ -348,7 +355,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             return
         os.write(w, data)   # an empty pipe takes it whole
         self._head_bytes = len(data)
-        self.name = domain_name(head.header.config or {}) if head.header is not None else None
+        self.name = domain_name(head.header.config if head.header is not None else None)
         try:
             self.restore = restore(r, paused=True, helper=self.helper, loop=self.loop,
                                    backend=self.backend, compressed=self.compressed,

@@ -8,6 +8,7 @@
   root, as in CI) is told "not authorized" before any banner, the refusal is
   logged, and the receiver's own user then migrates through it.
 * A trickle (a byte every 0.2 s) is idle: cut at idle_timeout.
+* A compression offer whose xl header names no domain is refused.
 """
 
 from __future__ import annotations
@@ -167,4 +168,43 @@ def test_a_trickle_is_idle_at_the_receiver(hosts, tmp_path):
         peer.wait(timeout=30)
     assert "the sender sent under 64 KiB in 1s" in str(rx.exception()), rx.exception()
     assert took < 5, took          # not the trickle's 12 s
+    assert domains(b) == []
+
+
+OFFER = """
+import socket, struct, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30)
+banner = b""
+while not banner.endswith(b"\\n"):
+    banner += s.recv(100)
+magic = b"Xen saved domain, xl format\\n \\0 \\r"
+# an outer xl header that offers zstd (pyxl's optional flag) and carries no config
+s.sendall(struct.pack("=32sIIII", magic, 0x01020304, 2, 1 << 31, 4) + struct.pack("=I", 0))
+told = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    told += chunk
+sys.stdout.buffer.write(told)
+"""
+
+
+def test_a_compression_offer_without_a_name_is_refused(hosts):
+    """The copy is named from the offer's outer header (NAME--incoming until
+    cleared): an outer header without a name is refused before anything is
+    restored, rather than restoring the inner header's name as final."""
+    _, b = hosts
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b)
+    peer = subprocess.Popen([sys.executable, "-c", OFFER, str(rx.address[1])],
+                            stdout=subprocess.PIPE)
+    try:
+        assert default_loop().run_until(rx.done, 60)
+        told, _ = peer.communicate(timeout=30)
+    finally:
+        peer.kill()
+        peer.wait(timeout=30)
+    assert "the compression offer's xl header names no domain" in str(rx.exception())
+    assert told == b"domain receive failed: the compression offer's xl header names no domain " \
+                   b"(c_info.name)\0", told
     assert domains(b) == []
