@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from typing import Any, Dict, List, Optional, Tuple
 
 from pyxl.errors import ConfigError
@@ -53,6 +54,8 @@ _U32 = (1 << 32) - 1
 _UUID = re.compile(r"\A[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
 # C0 and C1 control characters and DEL: xl takes any other character but '/'.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Unicode line and paragraph separators, format characters (bidi controls among them).
+_INVISIBLE = frozenset(("Zl", "Zp", "Cf"))
 _PLAIN_KEY = re.compile(r"\A[A-Za-z0-9_.\-]{1,40}\Z")
 
 # (field, lowest, highest) of the other integers a backend hands to Xen; each is optional.
@@ -104,7 +107,8 @@ def check_config(config: Any) -> None:
 
 def check_name(name: Any, field: str = "c_info.name", limit: int = MAX_NAME) -> None:
     """A domain name as xl takes one: a non-empty string of at most ``limit``
-    characters, without '/' or control characters."""
+    characters, without '/', control characters (C0, C1), Unicode line or
+    paragraph separators or format characters (bidi controls)."""
     if not isinstance(name, str) or not name:
         raise ConfigError(field, "must be a non-empty string")
     if len(name) > limit:
@@ -113,6 +117,13 @@ def check_name(name: Any, field: str = "c_info.name", limit: int = MAX_NAME) -> 
         raise ConfigError(field, "must not contain '/'")
     if _CONTROL.search(name):
         raise ConfigError(field, "must not contain control characters")
+    for ch in name:
+        # U+2028/2029 end a line for splitlines() and some log viewers (a name
+        # could forge a "pyxl: error:" line); bidi and other format characters
+        # (U+202E) reorder or hide what is shown of it.
+        if unicodedata.category(ch) in _INVISIBLE:
+            raise ConfigError(field, f"must not contain line or paragraph separators or "
+                                     f"format characters (U+{ord(ch):04X})")
     _text(name, field)
 
 

@@ -88,13 +88,14 @@ def _tls(args: argparse.Namespace, allow: Tuple[str, ...] = (),
     from pyxl.migrate import TlsOptions
     files = (args.tls_cert, args.tls_key, args.tls_ca)
     if all(f is None for f in files):
-        if allow or name is not None:
-            args.usage_error("--tls-allow and --tls-name go with --tls-cert, "
+        if allow or name is not None or args.tls_crl is not None:
+            args.usage_error("--tls-allow, --tls-name and --tls-crl go with --tls-cert, "
                                     "--tls-key and --tls-ca")
         return None
     if any(f is None for f in files):
         args.usage_error("mutual TLS needs all of --tls-cert, --tls-key and --tls-ca")
-    return TlsOptions(args.tls_cert, args.tls_key, args.tls_ca, allow=allow, server_name=name)
+    return TlsOptions(args.tls_cert, args.tls_key, args.tls_ca, allow=allow, server_name=name,
+                      crl=args.tls_crl)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -173,9 +174,12 @@ def cmd_receive(args: argparse.Namespace) -> int:
     from pyxl.migrate import receive
     tls = _tls(args, allow=tuple(args.tls_allow or ()))
     deadlines = dict(header_timeout=args.header_timeout, idle_timeout=args.idle_timeout)
+    if args.insecure and tls is not None:   # one would silently not apply
+        args.usage_error("--insecure is for plain TCP; with --tls-* the peer is authenticated")
     if args.listen is not None:
         from pyxl.errors import StartupError
         from pyxl.migrate.address import format_address
+        from pyxl.migrate.listener import is_loopback
         from pyxl.migrate.receiver import PLAIN_TCP_ADVICE
         try:
             op = receive(args.listen, paused=args.paused, helper=args.helper,
@@ -187,8 +191,11 @@ def cmd_receive(args: argparse.Namespace) -> int:
                 raise
             # the same advice in this command's flags
             raise StartupError(exc.brief[:-len(PLAIN_TCP_ADVICE)] + CLI_PLAIN_TCP_ADVICE) from exc
-        print(f"listening on {format_address(*(op.address or args.listen))}", file=sys.stderr,
-              flush=True)
+        where = op.address or args.listen
+        print(f"listening on {format_address(*where)}", file=sys.stderr, flush=True)
+        if tls is None and not is_loopback(where):   # --insecure said so; say it back
+            print(f"pyxl: warning: plain TCP on {format_address(*where)}: anyone who can "
+                  "connect can send a domain", file=sys.stderr, flush=True)
         out = sys.stdout
     else:
         if tls is not None or args.insecure:
@@ -221,6 +228,9 @@ def _tls_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", metavar="FILE", help="mutual TLS: this end's private key (PEM)")
     p.add_argument("--tls-ca", metavar="FILE",
                    help="mutual TLS: the CA the peer's certificate must chain to (PEM)")
+    p.add_argument("--tls-crl", metavar="FILE",
+                   help="mutual TLS: refuse a peer whose certificate this CRL revokes (PEM, "
+                        "from the peer certificate's issuer)")
 
 
 def add_parser(subparsers: Any, argv: "Optional[Sequence[str]]" = None) -> None:
@@ -279,18 +289,20 @@ def add_parser(subparsers: Any, argv: "Optional[Sequence[str]]" = None) -> None:
                    help="listen here for one migration (port 0: any; plain TCP only on "
                         "loopback unless --insecure); default: stdin/stdout")
     p.add_argument("--insecure", action="store_true",
-                   help="allow plain TCP on an address that is not loopback: anyone who can "
-                        "connect can send a domain (refused without this)")
+                   help="allow plain TCP on an address that is not loopback, and any local "
+                        "user's connections on loopback: anyone who can connect can send a "
+                        "domain (without it: refused, resp. only this user's)")
     _tls_options(p)
     p.add_argument("--tls-allow", action="append", metavar="NAME",
-                   help="with TLS: accept only a peer whose certificate names NAME (subject "
-                        "CN or DNS subjectAltName); repeatable")
+                   help="with TLS: accept only a peer whose certificate names NAME (a DNS "
+                        "subjectAltName; the subject CN if it has none; any case); repeatable")
     p.add_argument("--header-timeout", type=_deadline_s, metavar="SECONDS", default=60.0,
                    help="drop a connection that has not sent its stream's head (TLS "
                         "included) within this long (default 60)")
     p.add_argument("--idle-timeout", type=_deadline_s, metavar="SECONDS", default=60.0,
-                   help="fail if the stream stops for this long, or the sender does not "
-                        "clear the unpause (default 60)")
+                   help="fail if the stream moves less than 64 KiB in this long (a trickle "
+                        "counts as stopped), or the sender does not clear the unpause "
+                        "(default 60)")
     p.add_argument("--paused", action="store_true", help="leave the received domain paused")
     p.add_argument("--no-compress", action="store_true",
                    help="answer a pyxl sender's compression offer with 'none' (its stream "

@@ -100,6 +100,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     if args.content is not None and args.content not in sim.CONTENT_PROFILES:
         args.usage_error(f"argument --content: invalid choice: {args.content!r} "
                          f"(choose from {', '.join(sim.CONTENT_PROFILES)})")
+    _name_free(args)
     domid = sim.create(args.memory, dirty_rate=args.dirty_rate, name=args.name,
                        sim_dir=args.sim_dir, paused=args.paused, content=args.content,
                        seed=args.seed)
@@ -109,8 +110,21 @@ def cmd_create(args: argparse.Namespace) -> int:
 @_guarded
 def cmd_create_empty(args: argparse.Namespace) -> int:
     from pyxl import sim
+    _name_free(args)
     domid = sim.create_empty(args.max_mem // 1024, args.name, sim_dir=args.sim_dir)
     return _created(args, domid)
+
+
+def _name_free(args: argparse.Namespace) -> None:
+    """Names are unique (as xl's): a second domain of a name is refused, as a
+    restore of it is, not made to leave both ambiguous."""
+    from pyxl import sim
+    from pyxl.errors import StartupError
+    if args.name is None:
+        return
+    for domid, name in sim.names(args.sim_dir).items():
+        if name == args.name:
+            raise StartupError(f"domain {args.name!r} already exists (domid {domid})")
 
 
 def _created(args: argparse.Namespace, domid: int) -> int:

@@ -9,8 +9,9 @@ receiver runs several admissions at once and takes the first that delivers
 a stream head; the others, and every connection that fails TLS, is not
 allowed, sends garbage or stays silent, are dropped while it keeps
 listening.  :func:`peer_reason` says what a failure may tell the peer:
-never a local path or a size.  It may import the handshake and tls modules
-of this package, pyxl.errors, pyxl.fdio and pyxl.loop.
+never a local path or a size.  Plain TCP on loopback takes only
+connections of the receiver's own user (:mod:`.peeruid`).  It may import the
+handshake, tls and peeruid modules of this package, pyxl.errors, pyxl.fdio and pyxl.loop.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import ipaddress
 import logging
 import os
 import socket
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from pyxl.errors import (Cancelled, HelperDied, HelperExited, HelperFailed, MigrationAuthError,
                          MigrationError, MigrationProtocolError, OperationError, StartupError,
@@ -28,9 +29,72 @@ from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
 from pyxl.loop import Loop, Timer
 from pyxl.migrate.handshake import (NEED_DATA, Banner, ConnectionClosed, ReceiverFailed,
                                     ReceiverHandshake, StreamHead)
+from pyxl.migrate.peeruid import peer_uid
 from pyxl.migrate.tls import TlsBridge, TlsOptions, allowed
 
-__all__ = ["Admission", "Link", "is_loopback", "peer_reason"]
+__all__ = ["Admission", "DropLog", "Link", "SILENT", "SECURING", "TALKING", "is_loopback",
+           "peer_reason", "pick_evictee"]
+
+# How far a pending connection got, for eviction: a peer that has sent nothing
+# cost one connect(); one in its TLS handshake made us start a stage; one that
+# is authenticated (or, on plain TCP, has sent part of a head) is likely the
+# real sender.
+SILENT, SECURING, TALKING = 0, 1, 2
+
+
+def pick_evictee(pending: Sequence[Tuple[str, int]]) -> int:
+    """Which pending connection goes when a newcomer finds the door full.
+
+    ``pending``: (source address, progress) per connection, oldest first; the
+    answer is an index into it.  Only the source address holding the most
+    connections is a candidate (a flood from one place pushes out its own,
+    not others'); among its connections the least advanced goes, the oldest
+    among equals -- so while silent peers are pending, one that has started
+    TLS or sent a head's first bytes is never pushed out by a cheap peer.
+    """
+    count: Dict[str, int] = {}
+    for host, _ in pending:
+        count[host] = count.get(host, 0) + 1
+    most = max(count.values())
+    return min((i for i, (host, _) in enumerate(pending) if count[host] == most),
+               key=lambda i: (pending[i][1], i))
+
+
+class DropLog:
+    """Dropped connections in the log without a log flood: the first
+    ``burst`` of each ``window`` seconds one WARNING each, the rest one
+    summary line at the window's end (a flood of connections must not turn
+    into a flood of log lines, nor go unseen)."""
+
+    def __init__(self, loop: Loop, logger: logging.Logger, window: float = 10.0,
+                 burst: int = 5) -> None:
+        self.loop, self.logger, self.window, self.burst = loop, logger, window, burst
+        self._logged = self._unlogged = 0
+        self._sources: Dict[str, int] = {}
+        self._timer: Optional[Timer] = None
+
+    def dropped(self, peer: str, why: object) -> None:
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.window, self.flush)
+        if self._logged < self.burst:
+            self._logged += 1
+            self.logger.warning("dropped the connection from %s: %s", peer, why)
+            return
+        self._unlogged += 1
+        host = peer.rsplit(":", 1)[0]
+        self._sources[host] = self._sources.get(host, 0) + 1
+
+    def flush(self) -> None:
+        """Say what was not logged one by one; start a new window."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._unlogged:
+            top = max(self._sources, key=lambda h: self._sources[h])
+            self.logger.warning("dropped %d more connections (most from %s: %d) in %gs",
+                                self._unlogged, top, self._sources[top], self.window)
+        self._logged = self._unlogged = 0
+        self._sources.clear()
 
 
 def is_loopback(sockname: Tuple[Any, ...]) -> bool:
@@ -64,6 +128,19 @@ def peer_reason(exc: BaseException) -> str:
         # The receiver's own messages; what follows a colon may be a local detail.
         return exc.brief.split(": ", 1)[0]
     return "the restore failed"
+
+
+def _not_our_user(sock: socket.socket) -> Optional[str]:
+    """Why a plain loopback connection may not send us a domain: another user
+    opened it (loopback is every local user's; see :mod:`.peeruid`)."""
+    try:
+        uid = peer_uid(sock)
+    except OSError as exc:
+        return f"cannot tell which user opened the connection ({exc.strerror or exc})"
+    if uid != os.geteuid():
+        return (f"the connection is user {uid}'s, not this receiver's ({os.geteuid()}): "
+                "plain TCP takes only its own user's connections (use TLS, ssh or --insecure)")
+    return None
 
 
 class Link:
@@ -128,16 +205,20 @@ class Admission:
                  timeout: Optional[float],
                  on_head: Callable[["Admission", StreamHead], None],
                  on_reject: Callable[["Admission", OperationError], None],
-                 logger: logging.Logger) -> None:
+                 logger: logging.Logger,
+                 on_stage: Optional[Callable[["Admission"], None]] = None,
+                 own_user_only: bool = False) -> None:
         self.loop, self.peer, self.logger = loop, peer, logger
-        self.on_head, self.on_reject = on_head, on_reject
+        self.on_head, self.on_reject, self.on_stage = on_head, on_reject, on_stage
         self.allow = tls.allow if tls is not None else ()
         self.handshake = ReceiverHandshake()
         self.link: Optional[Link] = None
         self.outbox: Optional[FdWriter] = None
         self.bridge: Optional[TlsBridge] = None
         self.sock = sock
+        self.host = peer.rsplit(":", 1)[0] if sock is not None else peer
         self.finished = False
+        self._got = 0             # head bytes read so far
         self._watching = False
         self._timeout = timeout
         self._timer: Optional[Timer] = (loop.call_later(timeout, self._idle)
@@ -153,11 +234,40 @@ class Admission:
             self._hello_watch = True
         elif sock is not None:
             self.link = Link(sock.fileno(), sock.fileno(), peer, sock=sock)
+            why = _not_our_user(sock) if own_user_only else None
+            if why is not None:   # refused before the banner, as a peer not allowed
+                set_nonblocking(sock.fileno(), True)
+                self.outbox = FdWriter(self.loop, sock.fileno(), self._write_failed)
+                self._reject(MigrationAuthError(why))
+                return
             self._open()
         else:
             assert fds is not None
             self.link = Link(fds[0], fds[1], peer)
             self._open()
+
+    @property
+    def staged(self) -> bool:
+        """Has it started a TLS stage (a process) that is not gone?"""
+        return self._tls is not None and (self.bridge is not None or self.link is not None)
+
+    def progress(self) -> int:
+        """SILENT, SECURING or TALKING (see :func:`pick_evictee`).  A silent
+        peer's socket is peeked (non-blocking): bytes that came but were not
+        yet seen by the loop count, so a burst of accepts in one wake-up does
+        not push out a sender whose first bytes wait to be read."""
+        if self._got or (self._tls is not None and self.link is not None):
+            return TALKING
+        if self.bridge is not None:
+            return SECURING
+        sock = self.sock if self.sock is not None else (
+            self.link.sock if self.link is not None else None)
+        if sock is None:
+            return SILENT
+        try:
+            return SECURING if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) else SILENT
+        except OSError:
+            return SILENT
 
     def _hello(self) -> None:
         assert self.sock is not None and self._tls is not None
@@ -172,6 +282,8 @@ class Admission:
         if not first:
             self._reject(MigrationError("the peer closed the connection before TLS"))
             return
+        if self.on_stage is not None:
+            self.on_stage(self)   # the owner makes room: stages are bounded, sockets less so
         self.bridge = TlsBridge(self.loop, self.sock, self._tls, server=True,
                                 on_ready=self._secured, on_failed=self._reject)
         self.sock = None          # the bridge's (its stage's) now
@@ -215,6 +327,7 @@ class Admission:
         except OSError as exc:
             self._reject(MigrationError(f"reading from the sender failed: {exc.strerror}"))
             return
+        self._got += len(data)
         self.handshake.receive_data(data)
         try:
             event = self.handshake.next_event()

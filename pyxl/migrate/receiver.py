@@ -40,7 +40,7 @@ from pyxl.migrate.future import MigrationFuture
 from pyxl.migrate.handshake import (NEED_DATA, CompressionChosen, ConnectionClosed,
                                     DomainReceived, ReceiverFailed, ReceiverHandshake,
                                     ReceiverProgress, StreamHead, StreamStart, UnpauseResult)
-from pyxl.migrate.listener import Admission, Link, is_loopback, peer_reason
+from pyxl.migrate.listener import Admission, DropLog, Link, is_loopback, peer_reason, pick_evictee
 from pyxl.migrate.relay import CHUNK, SpliceRelay, make_pipe, pipe_size
 from pyxl.migrate.tls import TlsOptions, make_context
 from pyxl.ops.api import restore
@@ -53,7 +53,9 @@ __all__ = ["HEADER_TIMEOUT", "IDLE_TIMEOUT", "ReceiveOperation", "ReceiveResult"
 PROGRESS_EVERY = 0.05   # s between a compressed stream's progress reports to the sender
 HEADER_TIMEOUT = 60.0   # s from a connection to its stream head (TLS, banner, head)
 IDLE_TIMEOUT = 60.0     # s without stream bytes, or waiting for "cleared to unpause"
-MAX_PENDING = 8         # connections admitted at once while listening
+IDLE_MIN_BYTES = 64 << 10   # fewer stream bytes than this in an idle_timeout: idle too
+MAX_PENDING = 8         # connections in TLS (a stage each) at once while listening
+SILENT_SLOTS = 8        # x max_pending: connections pending in all (silent ones cost a socket)
 
 
 #: How an API caller listens safely (the CLI says it in its own flags).
@@ -154,6 +156,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._head_bytes = 0                        # the stream's head, written before it
         self._error: Optional[OperationError] = None
         super().__init__(loop, timeout)
+        self._drops = DropLog(self.loop, self.logger)
         if fds is not None:
             self.state = "header"
             self._admit(Admission(self.loop, fds=fds, peer="stdio", timeout=header_timeout,
@@ -209,19 +212,30 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
                 self.logger.warning("accepting a connection failed: %s", exc.strerror)
                 return
             where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-            if len(self._pending) >= self.max_pending:
-                # Full: the oldest goes (not the newcomer), so that a few silent
-                # peers cannot keep the real sender out for a whole header_timeout.
-                oldest = next(iter(self._pending))
-                self._rejected(oldest, MigrationError(
-                    f"{len(self._pending)} connections pending; dropped the oldest"))
-            self.logger.info("connection from %s", where)
+            if len(self._pending) >= SILENT_SLOTS * self.max_pending:
+                # Full: one pending goes (not the newcomer, or a few stalled peers
+                # would hold the door for a whole header_timeout): the least advanced
+                # of the busiest source, so a silent flood pushes out its own.
+                self._evict(list(self._pending))
+            self.logger.debug("connection from %s", where)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._admit(Admission(self.loop, sock=conn, peer=where, tls=self.tls,
                                   timeout=self.header_timeout, on_head=self._admitted,
-                                  on_reject=self._rejected, logger=self.logger))
+                                  on_reject=self._rejected, logger=self.logger,
+                                  on_stage=self._make_room,
+                                  own_user_only=self.tls is None and not self.insecure))
             if self._listener is None:   # that one was admitted at once
                 return
+
+    def _evict(self, among: List[Admission]) -> None:
+        victim = among[pick_evictee([(a.host, a.progress()) for a in among])]
+        self._rejected(victim, MigrationError("too many connections pending; dropped this one"))
+
+    def _make_room(self, adm: Admission) -> None:
+        """``adm`` starts a TLS stage (a process): at most max_pending run at once."""
+        staged = [a for a in self._pending if a is not adm and a.staged]
+        if len(staged) >= self.max_pending:
+            self._evict(staged)
 
     def _admit(self, adm: Admission) -> None:
         if not adm.finished:
@@ -235,7 +249,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             self._fail(exc)
             return
         self.refused += 1
-        self.logger.warning("dropped the connection from %s: %s", adm.peer, exc)
+        self._drops.dropped(adm.peer, exc)
         self._closing.add(adm)
         adm.refuse(peer_reason(exc), then=lambda: self._gone(adm))
 
@@ -262,6 +276,13 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._adopt(adm)
         self._stop_listening()
         if self._done or self._finishing:
+            return
+        if head.offered and domain_name(head.header.config if head.header else None) is None:
+            # An offer's outer header names the copy (NAME--incoming until cleared,
+            # given to the restore as its name); without one the inner header's
+            # name would be restored as it stands, the final name before the clear.
+            self._fail(MigrationProtocolError("the compression offer's xl header names no "
+                                              "domain (c_info.name)"))
             return
         if head.offered:
             self._choose(head)
@@ -346,7 +367,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             return
         os.write(w, data)   # an empty pipe takes it whole
         self._head_bytes = len(data)
-        self.name = domain_name(head.header.config or {}) if head.header is not None else None
+        self.name = domain_name(head.header.config if head.header is not None else None)
         try:
             self.restore = restore(r, paused=True, helper=self.helper, loop=self.loop,
                                    backend=self.backend, compressed=self.compressed,
@@ -389,7 +410,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         return self._job_stats(self.restore, self._head_bytes + relayed)
 
     def _arm_idle(self) -> None:
-        """Stream inactivity: fail if the sender moves nothing for ``idle_timeout``.
+        """Stream inactivity: fail if the sender moves less than IDLE_MIN_BYTES
+        in an ``idle_timeout`` (a byte now and then is not progress).
         Not for Remus: a checkpointed stream is quiet between checkpoints, for
         an interval only the sender knows (and its end is a failover anyway)."""
         if self.idle_timeout is None or self.remus:
@@ -401,8 +423,13 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._idle_timer = None
         if self.state != "stream" or self.relay is None or self.relay.finished:
             return
-        if self.relay.sent == self._idle_mark:
+        moved = self.relay.sent - max(self._idle_mark, 0)
+        if moved == 0:
             self._fail(MigrationError(f"the sender sent nothing for {self.idle_timeout:g}s"))
+            return
+        if moved < IDLE_MIN_BYTES:   # a trickle must not hold a half-made domain forever
+            self._fail(MigrationError(f"the sender sent under {IDLE_MIN_BYTES >> 10} KiB in "
+                                      f"{self.idle_timeout:g}s"))
             return
         self._idle_mark = self.relay.sent
         self._arm_idle()
@@ -641,6 +668,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._close_and_finish(None, self._error)
 
     def _stop_listening(self) -> None:
+        self._drops.flush()
         if self._listener is not None:
             self.loop.remove_reader(self._listener.fileno())
             if self._own_listener:

@@ -50,7 +50,9 @@ class TlsOptions:
     ends always verify each other.  ``allow`` (receiver): if not empty, the
     peer certificate's subject CN or a DNS SAN must be one of these names.
     ``server_name`` (sender): the name the receiver's certificate must carry
-    (default: the host of the target address).
+    (default: the host of the target address).  ``crl``: a PEM CRL file from
+    the peer certificate's issuer; a certificate it revokes is refused (a
+    leaked key is otherwise shut out only by the allow-list or a new CA).
     """
 
     cert: str
@@ -58,8 +60,13 @@ class TlsOptions:
     ca: str
     allow: Tuple[str, ...] = field(default=())
     server_name: Optional[str] = None
+    crl: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.crl, os.PathLike):
+            object.__setattr__(self, "crl", os.fspath(self.crl))
+        if self.crl is not None and not (isinstance(self.crl, str) and self.crl):
+            raise TypeError(f"TlsOptions.crl: a file name, not {self.crl!r}")
         for name in ("cert", "key", "ca"):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
@@ -84,15 +91,16 @@ def make_context(opts: TlsOptions, server: bool) -> ssl.SSLContext:
     builds its own).  Raises :class:`StartupError` for files that cannot be
     loaded (exit 2 in the CLI)."""
     try:
-        return context(opts.cert, opts.key, opts.ca, server)
+        return context(opts.cert, opts.key, opts.ca, server, opts.crl)
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
 
 
 def allowed(names: Iterable[str], allow: Tuple[str, ...]) -> bool:
     """Is a peer with these certificate names on the allow-list (empty: anyone
-    the CA vouches for)?"""
-    return not allow or any(n in allow for n in names)
+    the CA vouches for)?  DNS names: case does not matter."""
+    wanted = {a.lower() for a in allow}
+    return not allow or any(n.lower() in wanted for n in names)
 
 
 class TlsBridge:
@@ -131,7 +139,7 @@ class TlsBridge:
         self._local_r, self._local_w = up_r, down_w   # the owner's, once ready
         argv = [sys.executable or "python3", "-I", "-S", tlsstage.__file__,
                 "server" if server else "client", opts.cert, opts.key, opts.ca,
-                server_name or "", str(sock.fileno()), str(theirs.fileno())]
+                server_name or "", str(sock.fileno()), str(theirs.fileno()), opts.crl or ""]
         try:
             self._child = ShortChild(loop, argv, self._exited, stdin_from=down_r,
                                      stdout_to=up_w, pass_fds=(sock.fileno(), theirs.fileno()))

@@ -48,10 +48,13 @@ SLICE = 256 << 10     # plaintext per read from the owner; ciphertext per recv
 _QUEUE_HIGH = 1 << 20
 
 
-def context(cert: str, key: str, ca: str, server: bool) -> ssl.SSLContext:
+def context(cert: str, key: str, ca: str, server: bool,
+            crl: Optional[str] = None) -> ssl.SSLContext:
     """TLS 1.3 only, the peer's certificate required and verified against
-    ``ca`` at both ends, the receiver's name checked by the sender.  Files
-    that cannot be loaded raise ValueError with a one-line reason."""
+    ``ca`` at both ends, the receiver's name checked by the sender; with
+    ``crl``, the peer's certificate checked against it (the leaf only: the
+    CRL must come from its issuer).  Files that cannot be loaded raise
+    ValueError with a one-line reason."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.verify_mode = ssl.CERT_REQUIRED
@@ -65,6 +68,13 @@ def context(cert: str, key: str, ca: str, server: bool) -> ssl.SSLContext:
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise ValueError(f"cannot load the TLS CA file {ca}: "
                          f"{getattr(exc, 'strerror', None) or exc}") from exc
+    if crl:
+        try:
+            ctx.load_verify_locations(cafile=crl)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ValueError(f"cannot load the TLS CRL file {crl}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from exc
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError, ValueError) as exc:
@@ -74,13 +84,16 @@ def context(cert: str, key: str, ca: str, server: bool) -> ssl.SSLContext:
 
 
 def peer_names(cert: Optional[Dict[str, Any]]) -> List[str]:
-    """The names a peer certificate (``getpeercert()``) stands for: its
-    subject CNs and DNS subjectAltNames."""
+    """The names a peer certificate (``getpeercert()``) stands for: its DNS
+    subjectAltNames, or its subject CNs if it has none (RFC 6125, as the
+    sender's hostname check: one certificate names the same host to both
+    ends), lower-cased (DNS names are case-insensitive)."""
     if not cert:
         return []
-    names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
-    names += [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
-    return list(dict.fromkeys(names))
+    names = [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
+    if not names:
+        names = [v for rdn in cert.get("subject", ()) for k, v in rdn if k == "commonName"]
+    return list(dict.fromkeys(n.lower() for n in names))
 
 
 def describe(exc: BaseException, peer: str, handshake: bool) -> str:
@@ -325,13 +338,13 @@ class Stage:
 
 
 def main(argv: List[str]) -> int:
-    role, cert, key, ca, server_name, sock_fd, control_fd = argv[1:8]
+    role, cert, key, ca, server_name, sock_fd, control_fd, crl = argv[1:9]
     server = role == "server"
     peer = "sender" if server else "receiver"
     control = socket.socket(fileno=int(control_fd))
     stage: Optional[Stage] = None
     try:
-        ctx = context(cert, key, ca, server)
+        ctx = context(cert, key, ca, server, crl or None)
     except ValueError as exc:       # the files changed since the owner loaded them
         sys.stderr.write("error\t" + str(exc) + "\n")
         return 1

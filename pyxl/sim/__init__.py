@@ -25,7 +25,7 @@ non-blocking pair :func:`request_suspend` + :func:`state` lets an event loop
 poll for suspension with a timer.
 """
 
-from pyxl.sim.control import (DomainInfo, bury, config, cpu_cap, destroy, info, list_domains, names, pause, remove_dir,
+from pyxl.sim.control import (MAX_NAME_BYTES, DomainInfo, bury, config, cpu_cap, destroy, info, list_domains, names, pause, remove_dir,
                               rename, request_suspend, resume, set_cpu_cap, set_dirty_rate, start_unpause,
                               state, suspend, unpause, unpause_failed)
 from pyxl.sim.errors import (DomainStateError, InsufficientResources, NoSuchDomain, SimError,
@@ -40,7 +40,7 @@ from pyxl.sim.statedir import CONTENT_PROFILES, Creation, create, create_empty, 
 __all__ = [
     "CONTENT_PROFILES", "Creation",
     "DEFAULT_SIM_DIR", "DomainInfo", "DomainStateError", "GuestCheck", "InsufficientResources",
-    "NoSuchDomain", "PAGE_SIZE", "SAVED_PARAMS", "SimError", "SimTimeout", "UnsafeSimDir", "bit_runs",
+    "MAX_NAME_BYTES", "NoSuchDomain", "PAGE_SIZE", "SAVED_PARAMS", "SimError", "SimTimeout", "UnsafeSimDir", "bit_runs",
     "bury", "check_guest", "check_sim_dir", "config", "counter", "cpu_cap", "create", "create_empty", "destroy", "digest",
     "empty_creation",
     "format_size", "grant_entries", "helper_env", "hvm_context", "hvm_params", "info",

@@ -318,16 +318,31 @@ def config(domid: int, sim_dir: Optional[str] = None) -> Dict[str, Any]:
     cfg: Dict[str, Any] = json.loads(raw)
     # The name lives in the control page (rename() changes it there), as
     # libxl's current name lives in XenStore rather than in its stored config.
-    # (The page holds 63 bytes: a longer name from the config stays whole.)
+    # (The page holds 63 bytes: a longer name from an old state dir's config stays whole.)
     c_info = cfg.setdefault("c_info", {})
-    if str(c_info.get("name", "")).encode()[:63].decode(errors="replace") != name:
+    if str(c_info.get("name", "")).encode()[:MAX_NAME_BYTES].decode(errors="replace") != name:
         c_info["name"] = name
     return cfg
 
 
+#: The control page's name field: bytes of UTF-8 a domain's name may take.
+MAX_NAME_BYTES = 63
+
+
+def check_name_fits(name: str) -> None:
+    """Refuse a name the control page cannot hold whole: cut, it would no
+    longer be the name asked for (two such domains would share it, and
+    neither could be found by it)."""
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise SimError(f"domain name {name[:24]!r}... is {size} bytes of UTF-8; fakexen "
+                       f"keeps at most {MAX_NAME_BYTES}")
+
+
 def rename(domid: int, name: str, sim_dir: Optional[str] = None) -> None:
-    """Give the domain a new name (kept to 63 bytes of UTF-8, as at creation)."""
-    raw = name.encode()[:63]
+    """Give the domain a new name (at most MAX_NAME_BYTES of UTF-8, as at creation)."""
+    check_name_fits(name)
+    raw = name.encode()
     if not raw or b"\0" in raw:
         raise ValueError(f"a domain name is not empty and has no NUL: {name!r}")
     with _Dom(domid, sim_dir) as d:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from pyxl.sim.layout import (PAGE_SIZE, BITMAPS_OFF, CONFIG_MAX, CONFIG_OFF, CTL_MAGIC, CTL_VERSION, HVMCTX_OFF, LEAVES_OFF, LIBXL_PARAMS, MAXMEM_SLACK_PAGES, MSRS_OFF, PAUSED, SPECIAL_END, SPECIAL_START, _cpu_policy, _default_config, _domdir, _hvm_context, _pack_field, _set_bits, _space_pfns, format_size, make_sim_dir, nofollow, ram_runs, sim_dir_path, vcpu_path)
 from pyxl.sim.errors import (InsufficientResources, SimError)
-from pyxl.sim.control import (destroy, unpause)
+from pyxl.sim.control import (MAX_NAME_BYTES, check_name_fits, destroy, unpause)
 from pyxl.sim import dmcontrol
 
 # typing is for mypy only (3 ms of `pyxl sim list`).
@@ -206,7 +206,7 @@ def _build(tmp: str, domid: int, *, name: str, uuid: str, nr_pfns: int, max_page
                 ("tsc", (0, gtsc_khz, 0, 0, now % (1 << 40) if guest else 0)),
                 ("params", params), ("hvmctx_len", len(hvmctx)), ("nr_leaves", len(leaves)),
                 ("nr_msrs", len(msrs)), ("config_len", len(cfg_bytes)),
-                ("uuid", uuidlib.UUID(uuid).bytes), ("name", name.encode()[:63]),
+                ("uuid", uuidlib.UUID(uuid).bytes), ("name", name.encode()[:MAX_NAME_BYTES]),
                 ("created_ns", now), ("populated_off", BITMAPS_OFF),
                 ("dirty_off", BITMAPS_OFF + nr_pfns // 8), ("ctl_size", ctl_size),
             ]
@@ -272,6 +272,11 @@ class Creation:
         return self.domid
 
     def _reserve(self) -> None:
+        c_info = (self.cfg or {}).get("c_info")
+        given = self.name if self.name is not None else (
+            c_info.get("name") if isinstance(c_info, dict) else None)
+        if given:   # before anything is made: refused whole, never cut
+            check_name_fits(str(given))
         make_sim_dir(self.sdir)
         _check_capacity(self.sdir, self.need, self.what)
         self.domid, self._tmp = _allocate_domid(self.sdir)

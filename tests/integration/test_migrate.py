@@ -781,8 +781,9 @@ def test_migration_within_one_host(hosts):
 def test_sim_rename_api_and_cli(hosts):
     a, _ = hosts
     dom = sim.create(16 * MB, name="x" * 63, sim_dir=a, paused=True)
-    sim.rename(dom, "y" * 70, sim_dir=a)             # kept to 63 bytes, as at creation
-    assert sim.info(dom, sim_dir=a).name == "y" * 63
+    with pytest.raises(sim.SimError, match="is 70 bytes of UTF-8"):   # refused, not cut
+        sim.rename(dom, "y" * 70, sim_dir=a)
+    assert sim.info(dom, sim_dir=a).name == "x" * 63
     with pytest.raises(ValueError):
         sim.rename(dom, "", sim_dir=a)
     done = subprocess.run(PYXL + ["sim", "rename", "--sim-dir", a, str(dom), "db2"],

@@ -52,9 +52,10 @@ def _ca(d: Path, name: str) -> None:
              "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
 
 
-def _leaf(d: Path, ca: str, name: str, sans: str) -> None:
+def _leaf(d: Path, ca: str, name: str, sans: str, cn: str = "") -> None:
     _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn or name}",
+             cwd=d)
     (d / f"{name}.ext").write_text(f"subjectAltName={sans}\n"
                                    "extendedKeyUsage=serverAuth,clientAuth\n"
                                    "keyUsage=critical,digitalSignature\n")
@@ -271,6 +272,85 @@ def test_peer_not_on_the_allow_list_is_refused(hosts, pki):
     real_migration(pki, a, b, dom, rx)
 
 
+def test_allow_list_names_are_dns_names(hosts, pki):
+    """RFC 6125, as the sender's check: any case matches; the subject CN counts
+    only when the certificate has no DNS subjectAltName."""
+    a, b = hosts
+    dom = busy(a, 20)
+    d = pki["dir"]
+    _leaf(d, "ca", "upper", "DNS:SENDER.Test", cn="SENDER.TEST")
+    _leaf(d, "ca", "cn-only", "email:x@example.org", cn=SENDER)     # no DNS SAN: the CN
+    _leaf(d, "ca", "cn-and-other-san", "DNS:other.test", cn=SENDER)
+    rx = receiver(pki, b)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, tls=opts(pki, "cn-and-other-san"))
+    run_both(tx)
+    assert "the receiver failed: not authorized" in str(tx.exception()), tx.exception()
+    wait_refused(rx, 1)
+    rx.cancel()
+    run_both(rx)
+    source_survived(a, dom)
+    for who in ("upper", "cn-only"):
+        rx = receiver(pki, b)
+        tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True,
+                             tls=opts(pki, who))
+        sent, got = pyxl.wait(tx, rx, timeout=120)
+        assert sent.digest == got.digest and rx.refused == 0
+        dom, a, b = got.domid, b, a       # and back, with the next certificate
+
+
+def _revoke(d: Path, ca: str, *names: str) -> Path:
+    """A CRL from ``ca`` that revokes the certificates ``names`` (openssl ca)."""
+    (d / "crl-index.txt").write_text("")
+    (d / "crl-number").write_text("01\n")
+    (d / "crl.cnf").write_text("[ca]\ndefault_ca = d\n[d]\ndatabase = crl-index.txt\n"
+                               "crlnumber = crl-number\ndefault_md = sha256\n"
+                               "default_crl_days = 2\n")
+    for name in names:
+        _openssl("ca", "-config", "crl.cnf", "-keyfile", f"{ca}.key", "-cert", f"{ca}.pem",
+                 "-revoke", f"{name}.pem", cwd=d)
+    _openssl("ca", "-config", "crl.cnf", "-keyfile", f"{ca}.key", "-cert", f"{ca}.pem",
+             "-gencrl", "-out", "revoked.crl", cwd=d)
+    return d / "revoked.crl"
+
+
+def test_a_revoked_certificate_is_refused_at_either_end(hosts, pki):
+    """--tls-crl / TlsOptions.crl: the receiver refuses a revoked sender, the
+    sender a revoked receiver; certificates the CRL does not name still work."""
+    a, b = hosts
+    dom = busy(a, 20)
+    d = pki["dir"]
+    _leaf(d, "ca", "revoked-sender", f"DNS:{SENDER}")
+    _leaf(d, "ca", "revoked-receiver", "DNS:localhost,IP:127.0.0.1")
+    crl = str(_revoke(d, "ca", "revoked-sender", "revoked-receiver"))
+    with pytest.raises(StartupError, match="cannot load the TLS CRL file /no/crl"):
+        migrate.receive("127.0.0.1:0", sim_dir=b, tls=opts(pki, "receiver.test", crl="/no/crl"))
+    done = subprocess.run(PYXL + ["migrate-receive", "--listen", "127.0.0.1:0", "--sim-dir", b,
+                                  *tls_args(pki, "receiver.test"), "--tls-crl", str(d / "ca.key")],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "cannot load the TLS CRL file" in done.stderr, done.stderr
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, digest=True,
+                         tls=opts(pki, "receiver.test", allow=(SENDER,), crl=crl))
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, tls=opts(pki, "revoked-sender"))
+    run_both(tx)
+    assert isinstance(tx.exception(), migrate.MigrationError), tx.exception()
+    wait_refused(rx, 1)
+    source_survived(a, dom)
+    real_migration(pki, a, b, dom, rx)           # a sender the CRL does not name
+    dom = domains(b)[0][0]
+    a, b = b, a
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, tls=opts(pki, "revoked-receiver"))
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a,
+                         tls=opts(pki, SENDER, crl=crl))
+    run_both(tx)
+    exc = tx.exception()
+    assert isinstance(exc, MigrationAuthError) and "certificate revoked" in str(exc), exc
+    source_survived(a, dom)
+    rx.cancel()
+    run_both(rx)
+    assert domains(b) == []
+
+
 def test_silent_and_garbage_tls_peers(hosts, pki):
     """A peer that completes TLS and then says nothing, one that never starts
     TLS, and one that sends garbage inside TLS: all dropped."""
@@ -366,9 +446,20 @@ def test_plain_listen_off_loopback_is_refused_unless_insecure(hosts):
     assert "tls=" not in lines[0] and "insecure=True" not in lines[0]
     rx = _cli("migrate-receive", "--listen", "0.0.0.0:0", "--insecure", "--sim-dir", b,
               "--timeout", "0.5")
-    _listening(rx)
+    port = _listening(rx)
+    assert rx.stderr is not None
+    warned = rx.stderr.readline()     # the next line, at once (communicate() may skip it)
+    assert warned == (f"pyxl: warning: plain TCP on 0.0.0.0:{port}: anyone who can connect "
+                      "can send a domain\n"), warned
     _, err = rx.communicate(timeout=60)
-    assert rx.returncode == 1 and "timed out" in err, err
+    assert rx.returncode == 1 and "timed out" in err and "warning" not in err, err
+    rx = _cli("migrate-receive", "--listen", "127.0.0.1:0", "--insecure", "--sim-dir", b,
+              "--timeout", "0.5")                                # loopback: no warning
+    _listening(rx)
+    assert rx.stderr is not None
+    after = rx.stderr.readline()
+    rx.communicate(timeout=60)
+    assert rx.returncode == 1 and "timed out" in after, after
     with pytest.raises(StartupError, match="refusing plain TCP") as refused:
         migrate.receive("0.0.0.0:0", sim_dir=b)
     # an API caller is told the API's keywords, not the CLI's flags
@@ -394,13 +485,17 @@ def test_tls_listen_off_loopback_is_allowed(hosts, pki):
     (["migrate-receive", "--listen", "127.0.0.1:0", "--tls-cert", "x"],
      "needs all of --tls-cert, --tls-key and --tls-ca"),
     (["migrate-receive", "--listen", "127.0.0.1:0", "--tls-allow", "x"],
-     "--tls-allow and --tls-name go with"),
+     "--tls-allow, --tls-name and --tls-crl go with"),
     (["migrate-receive", "--tls-cert", "c", "--tls-key", "k", "--tls-ca", "a"],
      "go with --listen"),
     (["migrate-receive", "--listen", "127.0.0.1:0", "--tls-cert", "/no/c", "--tls-key",
       "/no/k", "--tls-ca", "/no/a"], "cannot load the TLS CA file"),
     (["migrate", "--tls-cert", "c", "--tls-key", "k", "--tls-ca", "a", "--command", "true",
       "1"], "--command is its own channel"),
+    (["migrate-receive", "--listen", "127.0.0.1:0", "--insecure", "--tls-cert", "c",
+      "--tls-key", "k", "--tls-ca", "a"], "--insecure is for plain TCP"),
+    (["migrate-receive", "--listen", "127.0.0.1:0", "--tls-crl", "x"],
+     "--tls-crl go with --tls-cert"),
     (["migrate-receive", "--listen", "127.0.0.1:0", "--header-timeout", "0"],
      "must be more than 0"),
 ])
@@ -428,12 +523,13 @@ def test_tls_options_are_checked():
 
 
 def test_silent_peers_cannot_fill_the_door(hosts):
-    """With every slot held by a silent peer, a newcomer evicts the oldest."""
+    """With every slot (8 x max_pending) held by a silent peer, a newcomer
+    evicts the oldest silent one."""
     a, b = hosts
     dom = busy(a, 8)
     rx = migrate.receive("127.0.0.1:0", sim_dir=b, digest=True, max_pending=2)
-    idle = [socket.create_connection(rx.address) for _ in range(2)]
-    assert default_loop().run_until(lambda: len(rx._pending) == 2, 30)
+    idle = [socket.create_connection(rx.address) for _ in range(16)]
+    assert default_loop().run_until(lambda: len(rx._pending) == 16, 30)
     tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True)
     sent, got = pyxl.wait(tx, rx, timeout=120)
     assert sent.digest == got.digest and rx.refused >= 1

@@ -504,3 +504,18 @@ def test_handshake_does_no_io():
             names.add(node.module or "")
     banned = {"os", "select", "socket", "subprocess", "pyxl.loop", "pyxl.fdio", "asyncio"}
     assert not names & banned, names & banned
+
+
+def test_certificate_names_are_rfc6125_dns_names():
+    """The allow-list's view of a certificate: DNS subjectAltNames (the CN only
+    without them), lower-cased; matched without regard to case."""
+    from pyxl.migrate.tls import allowed
+    from pyxl.migrate.tlsstage import peer_names
+    both = {"subject": ((("commonName", "src.example"),),),
+            "subjectAltName": (("DNS", "Other.Example"), ("IP Address", "10.0.0.1"))}
+    assert peer_names(both) == ["other.example"]
+    cn_only = {"subject": ((("commonName", "SRC.example"),),), "subjectAltName": ()}
+    assert peer_names(cn_only) == ["src.example"]
+    assert peer_names(None) == []
+    assert allowed(["src.example"], ("SRC.Example",)) and allowed(["x"], ())
+    assert not allowed(peer_names(both), ("src.example",))

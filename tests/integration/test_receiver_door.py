@@ -1,0 +1,210 @@
+"""A listening receiver's door under attack: real sockets, real processes.
+
+* A flood of silent connections (another process, 200 a second, each held
+  0.5 s) must not keep a real TLS sender out: the receiver drops the least
+  advanced connection of the busiest source, and silent ones are the least.
+* Plain TCP on loopback takes only the receiver's own user's connections:
+  another uid (a forked child that setuid()s to nobody; the suite runs as
+  root, as in CI) is told "not authorized" before any banner, the refusal is
+  logged, and the receiver's own user then migrates through it.
+* A trickle (a byte every 0.2 s) is idle: cut at idle_timeout.
+* A compression offer whose xl header names no domain is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Iterator, Tuple
+
+import pytest
+
+import pyxl
+from pyxl import migrate, sim
+from pyxl.loop import default_loop
+
+from test_migrate import busy, domains
+from test_migrate_tls import pki, real_migration, receiver  # noqa: F401  (pki: a fixture)
+
+FLOOD = """
+import collections, socket, sys, time
+port, rate = int(sys.argv[1]), float(sys.argv[2])
+held = collections.deque()
+n, t0 = 0, time.monotonic()
+while True:
+    try:
+        held.append((time.monotonic(), socket.create_connection(("127.0.0.1", port), 1)))
+        n += 1
+    except OSError:
+        time.sleep(0.05)
+    while held and held[0][0] < time.monotonic() - 0.5:
+        held.popleft()[1].close()
+    time.sleep(max(0.0, t0 + n / rate - time.monotonic()))
+"""
+
+
+@pytest.fixture
+def flood() -> Iterator[Any]:
+    procs = []
+
+    def start(port: int, rate: float = 200) -> None:
+        procs.append(subprocess.Popen([sys.executable, "-c", FLOOD, str(port), str(rate)]))
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait(timeout=30)
+
+
+def test_a_silent_flood_does_not_keep_a_tls_sender_out(hosts, pki, flood):  # noqa: F811
+    a, b = hosts
+    dom = busy(a, 20)
+    rx = receiver(pki, b, header_timeout=10)
+    flood(rx.address[1])
+    # the flood is under way: the door has been full and dropping for a while
+    assert default_loop().run_until(lambda: rx.refused >= 100, 60), rx.refused
+    real_migration(pki, a, b, dom, rx)
+
+
+MB = 1 << 20
+NOBODY = 65534
+
+
+def _connect_as(uid: int, port: int) -> Tuple[int, int]:
+    """A child that becomes ``uid``, connects, and writes what it was told
+    (until EOF) to a pipe: (pid, read end)."""
+    "warm".encode("idna")          # connect() encodes the host: no import after setuid
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            s = socket.socket()
+            s.settimeout(30)
+            s.connect(("127.0.0.1", port))
+            got = b""
+            while len(got) < 4096:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                got += chunk
+            os.write(w, got)
+        finally:
+            os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def _told(pid: int, r: int) -> bytes:
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        return f.read()
+
+
+def test_plain_loopback_refuses_another_users_connection(hosts, caplog):
+    assert os.geteuid() == 0, "the suite runs as root (CI): it can be another user"
+    a, b = hosts
+    dom = busy(a, 8)
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, digest=True)
+    with caplog.at_level(logging.WARNING, logger="pyxl.migrate.receive"):
+        pid, r = _connect_as(NOBODY, rx.address[1])
+        assert default_loop().run_until(lambda: rx.refused >= 1 or rx.done(), 60)
+        told = _told(pid, r)
+    assert told == b"domain receive failed: not authorized\0", told
+    assert not rx.done() and domains(b) == []
+    logged = [m for m in caplog.messages if "dropped the connection" in m]
+    assert len(logged) == 1 and f"user {NOBODY}'s, not this receiver's (0)" in logged[0], logged
+    assert "\n" not in logged[0]
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True)   # root: ours
+    sent, got = pyxl.wait(tx, rx, timeout=120)
+    assert sent.digest == got.digest and domains(b) == [(got.domid, "running")]
+
+
+def test_insecure_loopback_takes_any_users_connection(hosts):
+    _, b = hosts
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, insecure=True, header_timeout=1)
+    pid, r = _connect_as(NOBODY, rx.address[1])
+    assert default_loop().run_until(lambda: rx.refused >= 1, 60)    # at header_timeout
+    assert _told(pid, r).startswith(b"xl migration receiver ready")
+    rx.cancel()
+    assert default_loop().run_until(rx.done, 30)
+
+
+TRICKLE = """
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(open(sys.argv[2], "rb").read()[:(1 << 20) + 4096])
+for _ in range(60):          # then a byte every 0.2 s: the stream "moves"
+    time.sleep(0.2)
+    try:
+        s.send(b"\\0")
+    except OSError:
+        break
+"""
+
+
+def test_a_trickle_is_idle_at_the_receiver(hosts, tmp_path):
+    """A sender that moves a byte now and then (under 64 KiB per idle_timeout)
+    is cut at idle_timeout, and the half-made domain is destroyed."""
+    a, b = hosts
+    dom = sim.create(16 * MB, sim_dir=a, paused=True)
+    pyxl.wait(pyxl.save(dom, tmp_path / "g.save", sim_dir=a))
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, idle_timeout=1)
+    peer = subprocess.Popen([sys.executable, "-c", TRICKLE, str(rx.address[1]),
+                             str(tmp_path / "g.save")])
+    try:
+        t = time.monotonic()
+        assert default_loop().run_until(rx.done, 60)
+        took = time.monotonic() - t
+    finally:
+        peer.kill()
+        peer.wait(timeout=30)
+    assert "the sender sent under 64 KiB in 1s" in str(rx.exception()), rx.exception()
+    assert took < 5, took          # not the trickle's 12 s
+    assert domains(b) == []
+
+
+OFFER = """
+import socket, struct, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30)
+banner = b""
+while not banner.endswith(b"\\n"):
+    banner += s.recv(100)
+magic = b"Xen saved domain, xl format\\n \\0 \\r"
+# an outer xl header that offers zstd (pyxl's optional flag) and carries no config
+s.sendall(struct.pack("=32sIIII", magic, 0x01020304, 2, 1 << 31, 4) + struct.pack("=I", 0))
+told = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    told += chunk
+sys.stdout.buffer.write(told)
+"""
+
+
+def test_a_compression_offer_without_a_name_is_refused(hosts):
+    """The copy is named from the offer's outer header (NAME--incoming until
+    cleared): an outer header without a name is refused before anything is
+    restored, rather than restoring the inner header's name as final."""
+    _, b = hosts
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b)
+    peer = subprocess.Popen([sys.executable, "-c", OFFER, str(rx.address[1])],
+                            stdout=subprocess.PIPE)
+    try:
+        assert default_loop().run_until(rx.done, 60)
+        told, _ = peer.communicate(timeout=30)
+    finally:
+        peer.kill()
+        peer.wait(timeout=30)
+    assert "the compression offer's xl header names no domain" in str(rx.exception())
+    assert told == b"domain receive failed: the compression offer's xl header names no domain " \
+                   b"(c_info.name)\0", told
+    assert domains(b) == []
