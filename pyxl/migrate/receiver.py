@@ -14,7 +14,8 @@ a stream head; plain TCP is refused on a non-loopback address unless
 :class:`~pyxl.migrate.handshake.ReceiverHandshake`.  It may import the
 handshake, relay, listener, tls, domain, future and address modules of this package,
 pyxl.ops (RestoreOperation), pyxl.backends, pyxl.errors, pyxl.fdio, pyxl.loop
-and pyxl._units; the sender's modules never.
+and pyxl._units; the sender's modules never.  Its defaults and result type
+are :mod:`.receiveoptions`'.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import functools
 import os
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from pyxl._log import get_logger
@@ -40,6 +40,9 @@ from pyxl.migrate.future import MigrationFuture
 from pyxl.migrate.handshake import (NEED_DATA, CompressionChosen, ConnectionClosed,
                                     DomainReceived, ReceiverFailed, ReceiverHandshake,
                                     ReceiverProgress, StreamHead, StreamStart, UnpauseResult)
+from pyxl.migrate.receiveoptions import (HEADER_TIMEOUT, IDLE_MIN_BYTES, IDLE_TIMEOUT,
+                                         MAX_PENDING, PLAIN_TCP_ADVICE, PROGRESS_EVERY,
+                                         SILENT_SLOTS, ReceiveResult)
 from pyxl.migrate.listener import Admission, DropLog, Link, is_loopback, peer_reason, pick_evictee
 from pyxl.migrate.relay import CHUNK, SpliceRelay, make_pipe, pipe_size
 from pyxl.migrate.tls import TlsOptions, make_context
@@ -48,31 +51,8 @@ from pyxl.ops.jobstats import JobStats
 from pyxl.ops.operation import STREAM_PLAIN, STREAM_REMUS
 from pyxl.ops.restore import RestoreOperation, RestoreResult
 
-__all__ = ["HEADER_TIMEOUT", "IDLE_TIMEOUT", "ReceiveOperation", "ReceiveResult"]
-
-PROGRESS_EVERY = 0.05   # s between a compressed stream's progress reports to the sender
-HEADER_TIMEOUT = 60.0   # s from a connection to its stream head (TLS, banner, head)
-IDLE_TIMEOUT = 60.0     # s without stream bytes, or waiting for "cleared to unpause"
-IDLE_MIN_BYTES = 64 << 10   # fewer stream bytes than this in an idle_timeout: idle too
-MAX_PENDING = 8         # connections in TLS (a stage each) at once while listening
-SILENT_SLOTS = 8        # x max_pending: connections pending in all (silent ones cost a socket)
-
-
-#: How an API caller listens safely (the CLI says it in its own flags).
-PLAIN_TCP_ADVICE = ("use mutual TLS (tls=TlsOptions(...)), ssh (fds=, the receiving end of "
-                    "pyxl migrate --command \"ssh HOST pyxl migrate-receive\"), a loopback "
-                    "address, or insecure=True on a trusted network")
-
-
-@dataclass
-class ReceiveResult:
-    domid: int
-    digest: Optional[str]       # sim digest of the received domain before it ran (on request)
-    duration: float
-    paused: bool
-    restore: RestoreResult
-    checkpoints: int = 0        # Remus: checkpoints received
-    failover: bool = False      # Remus: the sender vanished; took over at the last checkpoint
+__all__ = ["HEADER_TIMEOUT", "IDLE_TIMEOUT", "MAX_PENDING", "PLAIN_TCP_ADVICE", "ReceiveOperation",
+           "ReceiveResult"]
 
 
 class ReceiveOperation(MigrationFuture[ReceiveResult]):
