@@ -177,10 +177,20 @@ def result(text: str, verb: str, out: Any = None) -> None:
     """Print a successful operation's result (a domid, a JSON object).  If
     stdout fails (a full disk, a closed pipe), the error says that the
     operation itself succeeded: a script must not retry a restore that ran."""
+    stream = out or sys.stdout
     try:
-        print(text, file=out or sys.stdout, flush=True)
+        print(text, file=stream, flush=True)
     except OSError as exc:
         from pyxl.errors import PyxlError
+        try:
+            # What stays buffered would fail again at exit ("Exception ignored
+            # on flushing sys.stdout", and Python 3.13 exits 120 for it): the
+            # fd goes to /dev/null, so that flush succeeds and says nothing.
+            devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
         raise PyxlError(f"{verb} (the operation succeeded), but its result could not be "
                         f"written: {exc.strerror or exc}") from exc
 
