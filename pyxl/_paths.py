@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 
 # typing is for mypy only (3 ms of `pyxl sim list`).
 TYPE_CHECKING = False
@@ -71,3 +72,23 @@ def helper_path(override: Optional[str] = None) -> str:
 
 def package_file(name: str) -> str:
     return os.path.join(_PKG, name)
+
+
+def unsafe_dir(path: str, what: str) -> Optional[str]:
+    """Why the directory ``path`` (``what`` names it in the answer) must not be
+    trusted, or None: it must be a directory, not a symlink to one, belong to
+    us, and be neither group- nor world-writable, so that nobody else can plant
+    files in it (state, locks) or swap it.  OSError from ``lstat`` (a missing
+    directory) is the caller's to judge."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return f"{what} {path} is a symlink: refusing it"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{what} {path} is not a directory"
+    if st.st_uid != os.geteuid():
+        return (f"{what} {path} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}): "
+                f"refusing it")
+    if st.st_mode & 0o022:
+        return (f"{what} {path} is group- or world-writable (mode {stat.S_IMODE(st.st_mode):04o}): "
+                f"refusing it (chmod go-w it)")
+    return None

@@ -17,7 +17,7 @@ holds while a domain takes them (:mod:`pyxl.backends.names`).  The file holds
 the holder's pid and what it does, for the error, and is removed when the lock
 is let go.  Opening and locking a file on tmpfs never waits: ``LOCK_NB``.
 
-May import: pyxl.errors.
+May import: pyxl._paths, pyxl.errors.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import stat
 from typing import Any, Optional
 
+from pyxl._paths import unsafe_dir
 from pyxl.errors import StartupError
 
 __all__ = ["DomainLock", "default_lock_dir", "host_dir"]
@@ -55,12 +55,11 @@ def _private_dir(path: str) -> str:
     write into, so that nobody can hold, or fake, our locks."""
     try:
         os.makedirs(path, 0o700, exist_ok=True)
-        st = os.lstat(path)
+        problem = unsafe_dir(path, "lock directory")
     except OSError as exc:
         raise StartupError(f"lock directory {path}: {exc.strerror}") from exc
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise StartupError(f"lock directory {path} is not a private directory of uid "
-                           f"{os.geteuid()}: refusing it")
+    if problem:
+        raise StartupError(problem)
     return path
 
 

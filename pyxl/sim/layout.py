@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import struct
 
-from pyxl._paths import package_file
+from pyxl._paths import package_file, unsafe_dir
 from pyxl._units import format_size as format_size, parse_size as parse_size  # pyxl.sim.parse_size
 from pyxl.sim.errors import UnsafeSimDir
 
@@ -138,20 +137,11 @@ def check_sim_dir(path: str) -> None:
     (not a symlink to one), ours, and not group- or world-writable.  A missing
     one passes (:func:`make_sim_dir` creates it)."""
     try:
-        st = os.lstat(path)
+        problem = unsafe_dir(path, "sim state directory")
     except FileNotFoundError:
         return
-    if stat.S_ISLNK(st.st_mode):
-        raise UnsafeSimDir(f"sim state directory {path} is a symlink: refusing it")
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsafeSimDir(f"sim state directory {path} is not a directory")
-    if st.st_uid != os.geteuid():
-        raise UnsafeSimDir(f"sim state directory {path} belongs to uid {st.st_uid}, not to "
-                           f"you (uid {os.geteuid()}): refusing it")
-    if st.st_mode & 0o022:
-        raise UnsafeSimDir(f"sim state directory {path} is group- or world-writable (mode "
-                           f"{stat.S_IMODE(st.st_mode):04o}): refusing it (chmod go-w it)")
-
+    if problem:
+        raise UnsafeSimDir(problem)
 
 def nofollow(path: str, flags: int) -> int:
     """``open(..., opener=nofollow)``: files in the state directory are opened

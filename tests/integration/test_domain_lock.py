@@ -69,3 +69,32 @@ def test_the_lock_holds_across_processes_and_a_failed_save_lets_go(sim_dir, tmp_
     assert loop.run_until(op.done, 60)
     op.result()
     loop.close()
+
+
+class _HostAt:
+    """A backend's one say in locking: where its host's lock files go."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def lock_dir(self) -> str:
+        return self.path
+
+
+def test_a_lock_directory_others_could_write_into_is_refused(tmp_path):
+    from pyxl.backends.domainlock import DomainLock
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o700)
+    os.chmod(shared, 0o777)
+    with pytest.raises(StartupError, match=r"lock directory .*shared is group- or world-writable "
+                                           r"\(mode 0777\): refusing it"):
+        DomainLock(_HostAt(str(shared)), 3, "save")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "own")
+    (tmp_path / "own").mkdir(mode=0o700)
+    with pytest.raises(StartupError, match=r"lock directory .*link is a symlink: refusing it"):
+        DomainLock(_HostAt(str(link)), 3, "save")
+    assert os.listdir(shared) == [] and os.listdir(tmp_path / "own") == []
+    held = DomainLock(_HostAt(str(tmp_path / "new" / "dir")), 3, "save")  # made, 0700
+    assert os.stat(tmp_path / "new" / "dir").st_mode & 0o777 == 0o700
+    held.release()
