@@ -34,7 +34,7 @@ from pyxl.errors import (CorruptImage, HelperFailed, MigrationError, MigrationPr
                          OperationError, StartupError)
 from pyxl.fdio import FdWriter, check_channel, close_quietly, set_nonblocking
 from pyxl.loop import Loop, Timer
-from pyxl.migrate.address import parse_address
+from pyxl.migrate.address import format_address, parse_address
 from pyxl.migrate.domain import INCOMING, digest_or_none, domain_name
 from pyxl.migrate.future import MigrationFuture
 from pyxl.migrate.handshake import (NEED_DATA, CompressionChosen, ConnectionClosed,
@@ -191,7 +191,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             except OSError as exc:   # e.g. EMFILE: keep listening, say so
                 self.logger.warning("accepting a connection failed: %s", exc.strerror)
                 return
-            where = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+            where = format_address(peer[0], peer[1]) if isinstance(peer, tuple) else str(peer)
             if len(self._pending) >= SILENT_SLOTS * self.max_pending:
                 # Full: one pending goes (not the newcomer, or a few stalled peers
                 # would hold the door for a whole header_timeout): the least advanced
