@@ -179,7 +179,6 @@ def cmd_receive(args: argparse.Namespace) -> int:
     if args.listen is not None:
         from pyxl.errors import StartupError
         from pyxl.migrate.address import format_address
-        from pyxl.migrate.listener import is_loopback
         from pyxl.migrate.receiver import PLAIN_TCP_ADVICE
         try:
             op = receive(args.listen, paused=args.paused, helper=args.helper,
@@ -193,9 +192,6 @@ def cmd_receive(args: argparse.Namespace) -> int:
             raise StartupError(exc.brief[:-len(PLAIN_TCP_ADVICE)] + CLI_PLAIN_TCP_ADVICE) from exc
         where = op.address or args.listen
         print(f"listening on {format_address(*where)}", file=sys.stderr, flush=True)
-        if tls is None and not is_loopback(where):   # --insecure said so; say it back
-            print(f"pyxl: warning: plain TCP on {format_address(*where)}: anyone who can "
-                  "connect can send a domain", file=sys.stderr, flush=True)
         out = sys.stdout
     else:
         if tls is not None or args.insecure:

@@ -171,8 +171,11 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             for t in self._timers:
                 t.cancel()
             raise StartupError(
-                f"refusing plain TCP on non-loopback {sockname[0]}:{sockname[1]}: anyone who "
+                f"refusing plain TCP on non-loopback {format_address(*sockname[:2])}: anyone who "
                 f"can connect could send a domain; {PLAIN_TCP_ADVICE}")
+        if tls is None and not is_loopback(sockname):   # insecure=True said so; say it back
+            self.logger.warning("plain TCP on %s: anyone who can connect can send a domain",
+                                format_address(*sockname[:2]))
         if isinstance(listen, socket.socket):
             self._own_listener, self._given_timeout = False, listen.gettimeout()
         self._listener.setblocking(False)

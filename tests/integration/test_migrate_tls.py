@@ -11,6 +11,7 @@ migrate through it, memory byte for byte.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -435,7 +436,7 @@ def test_failure_text_to_the_sender_has_no_local_path(hosts):
 # Plain TCP off loopback; options
 
 
-def test_plain_listen_off_loopback_is_refused_unless_insecure(hosts):
+def test_plain_listen_off_loopback_is_refused_unless_insecure(hosts, caplog):
     _, b = hosts
     done = subprocess.run(PYXL + ["migrate-receive", "--listen", "0.0.0.0:0", "--sim-dir", b],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
@@ -446,9 +447,9 @@ def test_plain_listen_off_loopback_is_refused_unless_insecure(hosts):
     assert "tls=" not in lines[0] and "insecure=True" not in lines[0]
     rx = _cli("migrate-receive", "--listen", "0.0.0.0:0", "--insecure", "--sim-dir", b,
               "--timeout", "0.5")
-    port = _listening(rx)
     assert rx.stderr is not None
-    warned = rx.stderr.readline()     # the next line, at once (communicate() may skip it)
+    warned = rx.stderr.readline()     # as the receiver starts (communicate() may skip it)
+    port = _listening(rx)
     assert warned == (f"pyxl: warning: plain TCP on 0.0.0.0:{port}: anyone who can connect "
                       "can send a domain\n"), warned
     _, err = rx.communicate(timeout=60)
@@ -465,7 +466,12 @@ def test_plain_listen_off_loopback_is_refused_unless_insecure(hosts):
     # an API caller is told the API's keywords, not the CLI's flags
     assert "tls=" in str(refused.value) and "insecure=True" in str(refused.value)
     assert "--tls-cert" not in str(refused.value) and "--insecure" not in str(refused.value)
-    op = migrate.receive("0.0.0.0:0", sim_dir=b, insecure=True)
+    with caplog.at_level(logging.WARNING, logger="pyxl.migrate.receive"):
+        op = migrate.receive("0.0.0.0:0", sim_dir=b, insecure=True)
+    assert op.address is not None
+    # the library warns its caller too, through logging
+    assert [r.getMessage() for r in caplog.records] == [
+        f"plain TCP on 0.0.0.0:{op.address[1]}: anyone who can connect can send a domain"]
     op.cancel()
     run_both(op)
     with socket.create_server(("0.0.0.0", 0)) as srv, \
