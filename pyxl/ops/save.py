@@ -598,11 +598,15 @@ class SaveOperation(Operation[SaveResult]):
             then()
 
         try:
-            if self.leave == "running":
+            # A guest paused when the save began stays paused (as under xl, whose
+            # resume leaves the toolstack's pause in place): "running" means as
+            # it was, not unpaused.
+            if self.leave == "running" and not self._was_paused:
                 start_resume(self.backend, self.loop, self.domid, left)
                 return
-            # Remus: it ran on after the last checkpoint.  xl save -p: paused
-            # first, so the guest never runs between the suspend and the pause.
+            # Remus: it ran on after the last checkpoint.  xl save -p, or a
+            # paused guest: paused first, so it never runs between the suspend
+            # and the pause.
             self.backend.pause(self.domid)
         except Exception as exc:  # a backend is the caller's code
             left(False, str(exc))

@@ -71,3 +71,22 @@ def test_a_failed_resume_is_in_the_error(sim_dir, tmp_path):
     assert "\n" not in str(exc)
     assert sim.state(d, sim_dir=sim_dir) == "suspended"
     sim.resume(d, sim_dir=sim_dir)
+
+
+@pytest.mark.parametrize("before", ["running", "paused"])
+@pytest.mark.parametrize("live", [False, True])
+def test_a_checkpoint_save_leaves_the_guest_as_it_found_it(sim_dir, tmp_path, before, live):
+    """``leave="running"`` (``xl save -c``) resumes the guest as it was: one a
+    toolstack had paused stays paused (xl's resume keeps that pause too), and
+    the image is still a whole guest."""
+    d = sim.create(64 * MB, dirty_rate=1 * MB if live else 0, sim_dir=sim_dir)
+    if before == "paused":
+        sim.pause(d, sim_dir=sim_dir)
+    op = pyxl.save(d, tmp_path / "g.save", live=live, leave="running", sim_dir=sim_dir)
+    assert pyxl.default_loop().run_until(op.done, 60)
+    op.result()
+    assert sim.state(d, sim_dir=sim_dir) == before
+    sim.destroy(d, sim_dir=sim_dir)
+    r = pyxl.restore(tmp_path / "g.save", paused=True, sim_dir=sim_dir)
+    assert pyxl.default_loop().run_until(r.done, 60)
+    sim.check_guest(r.result().domid, sim_dir=sim_dir)
