@@ -139,6 +139,15 @@ def name_arg(text: str) -> str:
     return text
 
 
+def dir_arg(text: str) -> str:
+    """A directory a user names (``--sim-dir``): not empty, which would
+    otherwise quietly mean the default."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty: name a directory, or leave the option out "
+                                         "for the default")
+    return text
+
+
 def size_arg(least: int, most: int) -> "Callable[[str], int]":
     """An argparse type: a size such as 64M or 1G, from ``least`` to ``most`` bytes."""
     from pyxl._units import format_size, parse_size
@@ -164,7 +173,8 @@ def common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--helper", metavar="PATH",
                    help="helper to run (default: $PYXL_SAVE_HELPER, else pyxl's own); "
                         "e.g. /usr/lib/xen-4.17/bin/libxl-save-helper")
-    p.add_argument("--sim-dir", metavar="DIR", help="fakexen state directory (default: "
+    p.add_argument("--sim-dir", metavar="DIR", type=dir_arg,
+                   help="fakexen state directory (default: "
                    "$PYXL_SIM_DIR, else /dev/shm/pyxl-sim-$UID)")
     p.add_argument("--timeout", type=seconds_arg, metavar="SECONDS",
                    help=f"give up after this long (more than 0, at most {MAX_SECONDS})")

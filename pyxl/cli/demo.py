@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from pyxl.cli.args import size_arg
+from pyxl.cli.args import dir_arg, size_arg
 from pyxl.cli.runner import ProgressBar, run as run_op
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
@@ -27,7 +27,7 @@ def add_parser(sub: Any, argv: "Optional[Sequence[str]]" = None) -> None:
     p.add_argument("--dirty-rate", type=size_arg(0, 1 << 40), default=20 << 20,
                    help="bytes/s the guest writes (default 20M)")
     p.add_argument("--helper", metavar="PATH", help="helper to use (default: pyxl's own)")
-    p.add_argument("--sim-dir", metavar="DIR", help="fakexen state directory")
+    p.add_argument("--sim-dir", metavar="DIR", type=dir_arg, help="fakexen state directory")
     p.set_defaults(func=run)
 
 

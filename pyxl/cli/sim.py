@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pyxl.cli.args import (Parser, bounded, domain_arg, name_arg, resolve_domain, seconds_arg,
+from pyxl.cli.args import (Parser, bounded, dir_arg, domain_arg, name_arg, resolve_domain, seconds_arg,
                            size_arg)
 from pyxl.cli.runner import shown
 
@@ -140,8 +140,16 @@ def _created(args: argparse.Namespace, domid: int) -> int:
 
 @_guarded
 def cmd_list(args: argparse.Namespace) -> int:
+    import os
+
     from pyxl import sim
-    doms = sim.list_domains(args.sim_dir)
+    from pyxl.errors import StartupError
+    where = sim.sim_dir_path(args.sim_dir)
+    if (args.sim_dir or os.environ.get("PYXL_SIM_DIR")) and not os.path.isdir(where):
+        # named, and mistyped, as likely as not: say so rather than list nothing
+        # (the default directory is made by the first `sim create`)
+        raise StartupError(f"the sim state directory {where} does not exist")
+    doms = sim.list_domains(where)
     if args.json:
         import json   # here: the table needs none of it
         print(json.dumps([d.to_json() for d in doms]))
@@ -300,7 +308,7 @@ def add_parser(subparsers: Any, argv: "Optional[Sequence[str]]" = None) -> argpa
         "sim", help="create and control simulated Xen domains (fakexen)",
         description="Create and control simulated Xen domains (fakexen).")
     common = Parser(add_help=False)   # pyxl's formatter: no shutil import
-    common.add_argument("--sim-dir", metavar="DIR",
+    common.add_argument("--sim-dir", metavar="DIR", type=dir_arg,
                         help="fakexen state directory (default: $PYXL_SIM_DIR, "
                              "else /dev/shm/pyxl-sim-$UID)")
     sub = p.add_subparsers(dest="sim_command", metavar="COMMAND")

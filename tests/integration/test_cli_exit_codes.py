@@ -154,6 +154,25 @@ def test_exit_2_bad_arguments_or_unusable_input(sim_dir, tmp_path, argv, needle)
     assert sim.info(d, sim_dir=sim_dir).state == "running"
 
 
+def test_exit_2_a_sim_dir_named_but_missing_or_empty(tmp_path):
+    """A mistyped --sim-dir (or $PYXL_SIM_DIR) is said, not shown as an empty host;
+    an empty one is a usage error rather than quietly the default."""
+    missing = str(tmp_path / "no-such-host")
+    for argv in (["sim", "list", "--sim-dir", missing], ["sim", "list", "--json", "--sim-dir", missing]):
+        r = pyxl_cli(*argv)
+        assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+        assert last_error(r) == f"pyxl: error: the sim state directory {missing} does not exist"
+    r = subprocess.run(PYXL + ["sim", "list"], capture_output=True, text=True, timeout=60,
+                       cwd=str(ROOT), env={**os.environ, "PYXL_SIM_DIR": missing})
+    assert r.returncode == 2 and missing in last_error(r), r.stderr
+    assert not os.path.exists(missing)
+    for argv in (["sim", "list", "--sim-dir", ""], ["save", "--sim-dir", "", "1", "x.save"],
+                 ["restore", "--sim-dir=", "x.save"], ["demo", "--sim-dir", ""]):
+        r = pyxl_cli(*argv)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert "argument --sim-dir: empty: name a directory" in last_error(r), r.stderr
+
+
 # ---- 130 and 143 -------------------------------------------------------------------------------
 
 
