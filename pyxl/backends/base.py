@@ -316,7 +316,7 @@ def start_create_restore_target(backend: Backend, loop: Loop, config: Dict[str, 
     name = (c_info.get("name") if isinstance(c_info, dict) else None) or "restored"
     try:
         release = names.reserve(backend, str(name))
-    except StartupError as exc:
+    except Exception as exc:  # taken, or the backend's lock_dir() failed (the caller's code)
         done(None, exc)
         return
 

@@ -63,6 +63,9 @@ class SimBackend:
                  dm_ready_timeout: float = 60.0,
                  dm_command: Optional[Callable[[int, int], List[str]]] = None) -> None:
         self.sim_dir = sim_dir
+        # An unsafe state directory is refused now (UnsafeSimDir), not first
+        # met in a loop callback halfway through an operation.
+        sim.sim_dir_path(sim_dir)
         self.qmp_timeout = qmp_timeout
         self.dm_ready_timeout = dm_ready_timeout
         self.dm_command = dm_command

@@ -90,3 +90,21 @@ def test_a_checkpoint_save_leaves_the_guest_as_it_found_it(sim_dir, tmp_path, be
     r = pyxl.restore(tmp_path / "g.save", paused=True, sim_dir=sim_dir)
     assert pyxl.default_loop().run_until(r.done, 60)
     sim.check_guest(r.result().domid, sim_dir=sim_dir)
+
+
+class LostHost(SimBackend):
+    """fakexen, but its host directory is gone by the time a restore names its domain."""
+
+    def lock_dir(self) -> str:
+        raise pyxl.BackendError("the host's directory went away")
+
+
+def test_a_backend_failing_to_name_its_host_fails_the_restore_not_the_loop(sim_dir, tmp_path):
+    d = sim.create(16 * MB, sim_dir=sim_dir)
+    op = pyxl.save(d, tmp_path / "g.save", sim_dir=sim_dir)
+    assert pyxl.default_loop().run_until(op.done, 60)
+    op.result()
+    r = pyxl.restore(tmp_path / "g.save", backend=LostHost(sim_dir))
+    assert pyxl.default_loop().run_until(r.done, 60)     # the loop was not left by a raise
+    assert "the host's directory went away" in str(r.exception())
+    assert sim.list_domains(sim_dir) == []

@@ -86,6 +86,11 @@ def test_unsafe_directories_are_refused(tmp_path):
         r = subprocess.run(PYXL + ["save", "--sim-dir", str(path), "1", str(tmp_path / "x")],
                            capture_output=True, text=True, timeout=60, cwd=str(ROOT))
         one_line_error(r, 2, needle)
+        # a receiver refuses it before it greets a sender (stdin: a pipe)
+        r = subprocess.run(PYXL + ["migrate-receive", "--sim-dir", str(path)], input="",
+                           capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+        one_line_error(r, 2, needle)
+        assert r.stdout == ""
         if path.is_dir() and not path.is_symlink():
             assert [n for n in os.listdir(path) if not n.startswith(".")] == []
 
