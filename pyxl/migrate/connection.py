@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 from typing import Any, Callable, List, Optional, Tuple, Union
 
@@ -59,6 +60,7 @@ class ReceiverChannel:
         self._sock: Optional[socket.socket] = None
         self._connecting = False
         self._child: Optional[Child] = None
+        self._command_status: Optional[int] = None   # its exit code, once it exited
         self._lookup: Optional[Lookup] = None
         self._untried: List[Address] = []    # a name's other addresses, tried in turn
         self._exited: Optional[Callable[[], None]] = None
@@ -223,7 +225,22 @@ class ReceiverChannel:
         if self._child is not None:
             self._child.kill()
 
+    def command_ended(self) -> str:
+        """How the command ended, if it failed ("the receiving command exited
+        with status 3"), for a failed migration's error; else ""."""
+        status = self._command_status
+        if status is None or status == 0:
+            return ""
+        if status < 0:
+            try:
+                name = signal.Signals(-status).name
+            except ValueError:
+                name = f"signal {-status}"
+            return f"the receiving command was killed by {name}"
+        return f"the receiving command exited with status {status}"
+
     def _child_exited(self, status: Optional[int]) -> None:
+        self._command_status = status
         if self._kill_timer is not None:
             self._kill_timer.cancel()
             self._kill_timer = None

@@ -679,6 +679,10 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         close_quietly(self._pipe_r)
         self._pipe_r = -1
         result, exc = self._done_pending
+        ended = self.channel.command_ended() if self.channel is not None else ""
+        if exc is not None and ended:   # ssh's 255, a receiver's 2: the user's next clue
+            exc.brief = f"{exc.brief} ({ended})"
+            exc.args = (f"{exc.args[0]} ({ended})",) + tuple(exc.args[1:])
         if self.driver is not None:
             self.driver.restore()
         self._finish(result, exc)

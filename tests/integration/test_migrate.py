@@ -227,6 +227,27 @@ def test_cli_through_a_command(hosts):
     assert domains(a) == [] and domains(b) == [(got["domid"], "running")]
 
 
+@pytest.mark.parametrize("command,ended", [
+    ("exit 3", "the receiving command exited with status 3"),
+    ("kill -KILL $$", "the receiving command was killed by SIGKILL"),
+    ("{receiver} --sim-dir /dev/null", "the receiving command exited with status 2"),
+])
+def test_a_failed_command_says_how_it_ended(hosts, command, ended):
+    """ssh's 255, a receiver's own exit status: the sender's error says how the
+    command ended, the one clue a user has to which side failed."""
+    a, b = hosts
+    dom = busy(a, 5)
+    receiver = " ".join(PYXL + ["migrate-receive", "--sim-dir", b, "--paused"])
+    tx = subprocess.run(PYXL + ["migrate", "--sim-dir", a, "--command",
+                                command.format(receiver=receiver), str(dom)],
+                        capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert tx.returncode == 1, tx.stderr
+    assert tx.stderr.splitlines()[-1].startswith("pyxl: error: ")
+    assert tx.stderr.splitlines()[-1].endswith(f"({ended})"), tx.stderr
+    source_survived(a, dom)
+    assert domains(b) == []
+
+
 @pytest.mark.parametrize("opts,target,complaint", [
     ([], [], "give HOST:PORT or --command CMD"),
     (["--command", "true"], ["127.0.0.1:1"], "give HOST:PORT or --command CMD"),
