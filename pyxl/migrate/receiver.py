@@ -174,8 +174,11 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
                 f"refusing plain TCP on non-loopback {format_address(*sockname[:2])}: anyone who "
                 f"can connect could send a domain; {PLAIN_TCP_ADVICE}")
         if tls is None and not is_loopback(sockname):   # insecure=True said so; say it back
-            self.logger.warning("plain TCP on %s: anyone who can connect can send a domain",
-                                format_address(*sockname[:2]))
+            # From the loop's first turn: after the caller's own "listening on"
+            # line, which scripts read first.
+            where = format_address(*sockname[:2])
+            self._timers.append(self.loop.call_later(0, lambda: self.logger.warning(
+                "plain TCP on %s: anyone who can connect can send a domain", where)))
         if isinstance(listen, socket.socket):
             self._own_listener, self._given_timeout = False, listen.gettimeout()
         self._listener.setblocking(False)

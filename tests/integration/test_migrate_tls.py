@@ -447,9 +447,9 @@ def test_plain_listen_off_loopback_is_refused_unless_insecure(hosts, caplog):
     assert "tls=" not in lines[0] and "insecure=True" not in lines[0]
     rx = _cli("migrate-receive", "--listen", "0.0.0.0:0", "--insecure", "--sim-dir", b,
               "--timeout", "0.5")
-    assert rx.stderr is not None
-    warned = rx.stderr.readline()     # as the receiver starts (communicate() may skip it)
     port = _listening(rx)
+    assert rx.stderr is not None
+    warned = rx.stderr.readline()     # the next line, at once (communicate() may skip it)
     assert warned == (f"pyxl: warning: plain TCP on 0.0.0.0:{port}: anyone who can connect "
                       "can send a domain\n"), warned
     _, err = rx.communicate(timeout=60)
@@ -468,6 +468,7 @@ def test_plain_listen_off_loopback_is_refused_unless_insecure(hosts, caplog):
     assert "--tls-cert" not in str(refused.value) and "--insecure" not in str(refused.value)
     with caplog.at_level(logging.WARNING, logger="pyxl.migrate.receive"):
         op = migrate.receive("0.0.0.0:0", sim_dir=b, insecure=True)
+        op.loop.run_once(0.1)
     assert op.address is not None
     # the library warns its caller too, through logging
     assert [r.getMessage() for r in caplog.records] == [
