@@ -100,10 +100,12 @@ def cmd_create(args: argparse.Namespace) -> int:
     if args.content is not None and args.content not in sim.CONTENT_PROFILES:
         args.usage_error(f"argument --content: invalid choice: {args.content!r} "
                          f"(choose from {', '.join(sim.CONTENT_PROFILES)})")
+    if args.seed is not None and args.content is None:   # the stamped pattern has none
+        args.usage_error("argument --seed: goes with --content PROFILE")
     _name_free(args)
     domid = sim.create(args.memory, dirty_rate=args.dirty_rate, name=args.name,
                        sim_dir=args.sim_dir, paused=args.paused, content=args.content,
-                       seed=args.seed)
+                       seed=args.seed or 0)
     return _created(args, domid)
 
 
@@ -237,8 +239,8 @@ def _create_arguments(sp: argparse.ArgumentParser) -> None:
                     help="fill memory from a profile: zero, text (about 3x compressible), "
                          "random, typical (50%% zero, 30%% text, 20%% random pages); "
                          "default: the stamped test pattern")
-    sp.add_argument("--seed", type=_seed, default=0, metavar="N",
-                    help="the content profile's seed (default 0): same seed, same bytes")
+    sp.add_argument("--seed", type=_seed, metavar="N",
+                    help="with --content: the profile's seed (default 0): same seed, same bytes")
 
 
 def _create_empty_arguments(sp: argparse.ArgumentParser) -> None:

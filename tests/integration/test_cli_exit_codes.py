@@ -127,7 +127,9 @@ def test_exit_1_inspect_refuses_a_stream(tmp_path):
     (["migrate-receive"], "the read fd 0 is not a pipe or a socket"),         # stdin: /dev/null
     (["sim", "create", "--memory", "0"], "argument --memory: must be from 8.0 KiB to"),
     (["sim", "create", "--memory", "16T"], "a 16384.0 GiB guest needs"),     # no room
-    (["sim", "create", "--memory", "64M", "--seed", "-1"], "argument --seed: must be from 0"),
+    (["sim", "create", "--memory", "64M", "--content", "text", "--seed", "-1"],
+     "argument --seed: must be from 0"),
+    (["sim", "create", "--memory", "64M", "--seed", "5"], "argument --seed: goes with --content"),
     (["sim", "create", "--memory", "64M", "--name", "x/y"], "'x/y' must not contain '/'"),
     (["sim", "create", "--memory", "64M", "--name", "999"], "'999' reads as a domain id"),
     (["sim", "rename", "web1", ""], "argument NAME: '' must be a non-empty string"),
