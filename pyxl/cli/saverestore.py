@@ -70,7 +70,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def add_parser(sub: Any, argv: "Optional[Sequence[str]]" = None) -> None:
     p = sub.add_parser("save", help="save a domain to a file (xl save)")
     after = p.add_mutually_exclusive_group()
-    after.add_argument("-c", action="store_true", help="leave the domain running after the save")
+    after.add_argument("-c", action="store_true", help="leave the domain running after the save (one that was paused stays paused)")
     after.add_argument("-p", action="store_true", help="leave the domain paused after the save")
     p.add_argument("--live", action="store_true", help="pre-copy while the guest runs")
     p.add_argument("--debug", action="store_true", help="resend all pages for verification")
