@@ -64,6 +64,22 @@ def test_live_save_of_dirtying_guest(sim_dir, tmp_path, helper):
     assert after.consistent and after.pages_written > check.pages_written, (check, after)
 
 
+def test_wait_returns_a_tuple_in_the_order_given(sim_dir, tmp_path):
+    """pyxl.wait's results are a tuple, one per operation in the order given
+    (what its overloads promise mypy: ``saved, restored = pyxl.wait(s, r)``)."""
+    a = sim.create(32 * MB, sim_dir=sim_dir)
+    b = sim.create(32 * MB, sim_dir=sim_dir)
+    pyxl.wait(pyxl.save(b, tmp_path / "b", sim_dir=sim_dir))
+    results = pyxl.wait(pyxl.save(a, tmp_path / "a", leave="running", sim_dir=sim_dir),
+                        pyxl.restore(tmp_path / "b", paused=True, sim_dir=sim_dir))
+    assert isinstance(results, tuple) and len(results) == 2
+    saved, restored = results
+    assert isinstance(saved, pyxl.SaveResult) and saved.path == str(tmp_path / "a")
+    assert isinstance(restored, pyxl.RestoreResult)
+    assert sim.info(restored.domid, sim_dir=sim_dir).state == "paused"
+    assert pyxl.wait() == ()
+
+
 def test_leave_running_and_logs(sim_dir, tmp_path, caplog):
     d = sim.create(32 * MB, sim_dir=sim_dir)
     caplog.set_level("DEBUG", logger=f"pyxl.domain.{d}")
