@@ -66,8 +66,8 @@ def restore(path_or_fd: PathOrFd, *, paused: bool = False, helper: Optional[str]
     """Start restoring an xl save file (or stream on an fd) into a new domain.
 
     ``name``: the new domain's, instead of the saved config's.  ``paused``: leave
-    it paused.  ``compressed``: an fd that carries a zstd image (a file's is
-    recognised by its magic).  See :class:`~pyxl.ops.restore.RestoreOptions`.
+    it paused.  ``compressed``: a pipe or socket that carries a zstd image (a
+    regular file's magic says whether it is one, whatever ``compressed`` says).  See :class:`~pyxl.ops.restore.RestoreOptions`.
     """
     options = RestoreOptions(paused=paused, helper=helper, timeout=timeout, name=name,
                              stream_type=stream_type, compressed=compressed)
