@@ -68,6 +68,9 @@ class RestoreOptions:
     compressed: bool = False
 
     def __post_init__(self) -> None:
+        for flag in ("paused", "compressed"):      # paused="no" would restore it paused
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be True or False, not {getattr(self, flag)!r}")
         if self.compressed and self.stream_type != STREAM_PLAIN:
             raise ValueError("a compressed stream is a plain one (not checkpointed)")
         if self.stream_type not in (STREAM_PLAIN, STREAM_REMUS):
