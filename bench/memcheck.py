@@ -131,8 +131,8 @@ def run(helper: Optional[str] = None, keep: Optional[str] = None) -> Dict[str, A
         t0 = time.monotonic()
         op = pyxl.restore(image, paused=True, helper=wrapper, sim_dir=sim_dir, timeout=600,
                           name="restored")
-        res = pyxl.wait(op)[0]
-        same = sim.digest(res.domid, sim_dir=sim_dir) == want
+        back = pyxl.wait(op)[0]
+        same = sim.digest(back.domid, sim_dir=sim_dir) == want
         record("restore", op, t0, {"identical": same})
         if not same:
             runs[-1]["ok"] = False

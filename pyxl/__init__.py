@@ -16,7 +16,7 @@ whole library.  The ``TYPE_CHECKING`` block gives type checkers the same names.
 
 import importlib as _importlib
 
-from pyxl.errors import (BackendError, Cancelled, CompressedImage, ConfigError, CorruptImage,
+from pyxl.errors import (BackendError, CallbackError, Cancelled, CompressedImage, ConfigError, CorruptImage,
                          HelperDied, HelperExited,
                          HelperFailed,
                          HelperProtocolError, LocalProtocolError, MigrationError, MigrationInDoubt,
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from pyxl.ops.api import restore, save, wait
 
 __all__ = [
-    "AsyncioLoop", "Backend", "BackendError", "CallbackRequest", "Cancelled", "CompressedImage",
+    "AsyncioLoop", "Backend", "BackendError", "CallbackError", "CallbackRequest", "Cancelled", "CompressedImage",
     "ConfigError", "CorruptImage",
     "DEBIAN_HELPER",
     "HelperDied", "HelperExited", "HelperFailed", "HelperProtocolError", "HookLoop",

@@ -13,7 +13,7 @@
     +-- OperationError           a save, restore or migration did not succeed (pyxl.ops, pyxl.migrate)
         +-- StartupError (ConfigError), HelperExited, HelperDied, HelperFailed (PrecopyAborted),
         |   MissingComplete, MissingRestoreResults, HelperProtocolError, Timeout, Cancelled,
-        |   StreamTooLarge, CorruptImage
+        |   StreamTooLarge, CorruptImage, CallbackError
         +-- MigrationError (MigrationInDoubt, MigrationProtocolError, PrecopyPolicyError)
 
 Every operation failure carries what a toolstack needs to report it: the
@@ -35,7 +35,7 @@ if TYPE_CHECKING:       # type checkers take this branch
     from typing import Any, Dict, List, Optional
 
 __all__ = [
-    "BackendError", "Cancelled", "CompressedImage", "ConfigError", "CorruptImage", "DeviceModelError", "HelperDied", "HelperFailed", "HelperExited",
+    "BackendError", "CallbackError", "Cancelled", "CompressedImage", "ConfigError", "CorruptImage", "DeviceModelError", "HelperDied", "HelperFailed", "HelperExited",
     "HelperProtocolError", "LocalProtocolError", "MigrationError", "MigrationInDoubt",
     "MigrationProtocolError", "PrecopyPolicyError",
     "MissingComplete", "MissingRestoreResults", "OperationError", "PrecopyAborted",
@@ -181,7 +181,10 @@ class OperationError(PyxlError):
     ``guest_state``: a save that failed after its guest was suspended says how
     it left the guest: ``"running"`` or ``"paused"`` (resumed as it was before
     the save), or ``"suspended"`` (the resume failed; the message says so too).
-    None: the save never stopped the guest (or not a save)."""
+    None: the save never stopped the guest (or not a save).  A
+    :class:`CallbackError` of a save's suspend handler always has it: the
+    guest as the handler left it (``"running"``, ``"paused"``; one it
+    suspended is resumed first)."""
 
     guest_state: Optional[str] = None
 
@@ -281,6 +284,20 @@ class CorruptImage(OperationError):
     corrupt, a content checksum that does not match, no checksum at all, or
     more bytes than its stream (after END, or after the zstd frame).  The
     restored domain never ran and was destroyed before this is reported."""
+
+
+class CallbackError(OperationError):
+    """A callback of the application's raised (a ``callbacks=`` handler, or the
+    coroutine it returned; ``on_progress`` or a progress callback;
+    ``before_suspend``; ``write_trailer``): the operation failed because of it.
+    ``__cause__`` is the callback's exception and ``callback`` names it
+    (``"suspend handler"``, ``"on_progress"``, ...).  A raising handler is
+    answered with failure, so libxc stops; any other callback that raised kills
+    the helper.  A save's ``guest_state`` says how the guest was left."""
+
+    def __init__(self, message: str, callback: str, op: Optional[Any] = None) -> None:
+        super().__init__(message, op=op)
+        self.callback = callback
 
 
 class Timeout(OperationError):

@@ -7,7 +7,8 @@ keyword, so a misspelt one is a ``TypeError`` and ``help(pyxl.save)`` lists them
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar,
+                    overload)
 
 from pyxl.backends import Backend, default_backend
 from pyxl.backends.base import EmulatorRecord
@@ -65,8 +66,8 @@ def restore(path_or_fd: PathOrFd, *, paused: bool = False, helper: Optional[str]
     """Start restoring an xl save file (or stream on an fd) into a new domain.
 
     ``name``: the new domain's, instead of the saved config's.  ``paused``: leave
-    it paused.  ``compressed``: an fd that carries a zstd image (a file's is
-    recognised by its magic).  See :class:`~pyxl.ops.restore.RestoreOptions`.
+    it paused.  ``compressed``: a pipe or socket that carries a zstd image (a
+    regular file's magic says whether it is one, whatever ``compressed`` says).  See :class:`~pyxl.ops.restore.RestoreOptions`.
     """
     options = RestoreOptions(paused=paused, helper=helper, timeout=timeout, name=name,
                              stream_type=stream_type, compressed=compressed)
@@ -74,11 +75,39 @@ def restore(path_or_fd: PathOrFd, *, paused: bool = False, helper: Optional[str]
                             loop=loop, callbacks=callbacks, on_progress=on_progress)
 
 
-def wait(*ops: "LoopFuture[Any]", timeout: Optional[float] = None) -> List[Any]:
+T1 = TypeVar("T1")
+T2 = TypeVar("T2")
+T3 = TypeVar("T3")
+T4 = TypeVar("T4")
+T = TypeVar("T")
+
+
+# Typed per position for one to four operations (``sent, got = pyxl.wait(tx, rx)``
+# gives a MigrateResult and a ReceiveResult), as typeshed types asyncio.gather;
+# more give a tuple of their common supertype.
+@overload
+def wait(op1: "LoopFuture[T1]", /, *, timeout: Optional[float] = None) -> Tuple[T1]: ...
+@overload
+def wait(op1: "LoopFuture[T1]", op2: "LoopFuture[T2]", /, *,
+         timeout: Optional[float] = None) -> Tuple[T1, T2]: ...
+@overload
+def wait(op1: "LoopFuture[T1]", op2: "LoopFuture[T2]", op3: "LoopFuture[T3]", /, *,
+         timeout: Optional[float] = None) -> Tuple[T1, T2, T3]: ...
+@overload
+def wait(op1: "LoopFuture[T1]", op2: "LoopFuture[T2]", op3: "LoopFuture[T3]",
+         op4: "LoopFuture[T4]", /, *, timeout: Optional[float] = None) -> Tuple[T1, T2, T3, T4]: ...
+@overload
+def wait(*ops: "LoopFuture[T]", timeout: Optional[float] = None) -> Tuple[T, ...]: ...
+
+
+def wait(*ops: "LoopFuture[Any]", timeout: Optional[float] = None) -> Tuple[Any, ...]:
     """Run the default loop until every op is done; raise the first failure.
 
-    All operations run to completion even when one fails, so that nothing is
-    left half-done.  ``timeout`` bounds the wait (the ops keep running).
+    Returns a tuple of their results, in the order given (``a, b =
+    pyxl.wait(save_op, restore_op)``; typed per position up to four
+    operations).  All operations run to completion even when one fails, so
+    that nothing is left half-done.  ``timeout`` bounds the wait (the ops keep
+    running).
     """
     loop = default_loop()
     for op in ops:
@@ -91,4 +120,4 @@ def wait(*ops: "LoopFuture[Any]", timeout: Optional[float] = None) -> List[Any]:
         raise TimeoutError(f"pyxl.wait: operations still running after {timeout:g}s")
     if first:
         first[0].result()
-    return [op.result() for op in ops]
+    return tuple(op.result() for op in ops)

@@ -25,7 +25,7 @@ from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional, Seque
 
 from pyxl._log import get_logger
 from pyxl.backends.base import Cancellable
-from pyxl.errors import (Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
+from pyxl.errors import (CallbackError, Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
                          MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
                          StartupError, Timeout)
 from pyxl.loop import Loop, default_loop
@@ -131,9 +131,11 @@ class Operation(LoopFuture[T_co]):
         self.started = time.monotonic()
         self.iterations = 0
         self._progress_cbs: List[Callable[[ProgressEvent], None]] = []
+        self._on_progress = on_progress
         if on_progress is not None:
             self._progress_cbs.append(on_progress)
         self._failure: Optional[OperationError] = None  # decided before the helper exits
+        self._app_failed = False     # a callback of the application's raised (CallbackError)
         self._timer: Optional[Cancellable] = None
         self._timeout = timeout
         self._pending: Optional[CallbackRequest] = None
@@ -255,17 +257,29 @@ class Operation(LoopFuture[T_co]):
         event = ProgressEvent(self.domid, msg.context, msg.doing_what, msg.done, msg.total,
                               iteration)
         self._last = event
+        if self._app_failed:
+            return          # one raised: the helper is being killed
         for cb in self._progress_cbs:
-            cb(event)
+            try:
+                cb(event)
+            except Exception as exc:  # the application's: it fails the operation, not the loop
+                name = "on_progress" if cb is self._on_progress else "progress callback"
+                self._callback_raised(name, exc, kill=True)
+                return
 
     def _callback(self, msg: Message) -> None:
         req = CallbackRequest(self, msg)
         self._pending = req
+        if self._app_failed:
+            # the operation fails already (a callback raised): nothing more is
+            # asked of the guest or the application
+            req.reply(FAILURE_REPLY.get(msg.NAME, -1))
+            return
         handler = self.callbacks.get(msg.NAME) or self._default_handler(msg.NAME)
         try:
             answer = handler(req)
         except Exception as exc:  # a toolstack handler bug must not wedge the helper
-            self.logger.error("%s handler raised %r", msg.NAME, exc)
+            self._callback_raised(f"{msg.NAME} handler", exc)
             if not req.answered:
                 req.reply(FAILURE_REPLY.get(msg.NAME, -1))
             return
@@ -284,13 +298,40 @@ class Operation(LoopFuture[T_co]):
             if req.answered:
                 return
             if t.cancelled() or t.exception() is not None:
-                self.logger.error("%s handler failed: %r", req.name,
-                                  None if t.cancelled() else t.exception())
+                exc = asyncio.CancelledError() if t.cancelled() else t.exception()
+                assert exc is not None
+                self._callback_raised(f"{req.name} handler", exc)
                 req.reply(FAILURE_REPLY.get(req.name, -1))
             else:
                 req.reply(int(t.result()))
 
         task.add_done_callback(done)
+
+    def _callback_raised(self, what: str, exc: BaseException,
+                         kill: bool = False) -> Optional[OperationError]:
+        """A callback of the application's (``what``) raised ``exc``: the
+        operation fails with a :class:`CallbackError` caused by it (a handler
+        is then answered with failure; ``kill``: the helper is killed, for a
+        callback that nothing answers)."""
+        self.logger.error("%s raised %r", what, exc)
+        if self._done:
+            return None
+        first = not self._app_failed
+        self._app_failed = True
+        text = repr(exc)
+        text = text if len(text) <= 200 else text[:197] + "..."
+        err = CallbackError(f"{self.kind} of domain {self.domid} failed: the application's "
+                            f"{what} raised {text}", what, op=self)
+        err.__cause__ = exc
+        self._fail_soon(err)
+        if first and self._failure is err:
+            self._callback_failed(err)
+        if kill and self.helper is not None and self.helper.running:
+            self.helper.kill()
+        return self._failure
+
+    def _callback_failed(self, err: CallbackError) -> None:
+        """Hook: the operation fails with ``err`` (a save notes the guest's state)."""
 
     def _answer(self, req: CallbackRequest, value: int) -> None:
         if req is not self._pending or self.helper is None:

@@ -55,9 +55,10 @@ class RestoreOptions:
     ``stream_type=STREAM_REMUS`` (1): a checkpointed stream: at each checkpoint
     libxl's records up to CHECKPOINT_END are read (``checkpoint_records``) and
     libxc applies the previous checkpoint.  ``compressed``: the source (a pipe or
-    socket) carries a zstd-compressed image (a regular file's is recognised by
-    its magic): it is decompressed as it arrives, and the frame's checksum is
-    checked before the domain may run."""
+    socket) carries a zstd-compressed image: it is decompressed as it arrives,
+    and the frame's checksum is checked before the domain may run.  A regular
+    file's magic says whether it is compressed, whatever ``compressed`` says (a
+    plain image restores as one)."""
 
     paused: bool = False
     helper: Optional[str] = None
@@ -67,6 +68,9 @@ class RestoreOptions:
     compressed: bool = False
 
     def __post_init__(self) -> None:
+        for flag in ("paused", "compressed"):      # paused="no" would restore it paused
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be True or False, not {getattr(self, flag)!r}")
         if self.compressed and self.stream_type != STREAM_PLAIN:
             raise ValueError("a compressed stream is a plain one (not checkpointed)")
         if self.stream_type not in (STREAM_PLAIN, STREAM_REMUS):
@@ -131,8 +135,11 @@ class RestoreOperation(Operation[RestoreResult]):
                 # (epoll refuses a device: a raw EPERM otherwise)
                 self._close()
                 raise StartupError(f"{self._where()}: not a regular file, a pipe or a socket")
-            if options.compressed or (regular and is_zstd(
-                    os.pread(fd, 4, os.lseek(fd, 0, os.SEEK_CUR)))):
+            # A regular file's magic decides (compressed= or not: a plain image
+            # given as compressed was "not a zstd frame" from the decompressor);
+            # only a pipe's or a socket's bytes cannot be looked at first.
+            if (is_zstd(os.pread(fd, 4, os.lseek(fd, 0, os.SEEK_CUR))) if regular
+                    else options.compressed):
                 # A compressed image: restored from the decompressor's pipe,
                 # read from the loop like any pipe.
                 loop = loop if loop is not None else default_loop()

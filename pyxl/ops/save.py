@@ -24,7 +24,7 @@ from pyxl.backends.base import (Backend, Cancellable, EmulatorRecord, start_dest
                                 start_domain_config, start_resume)
 from pyxl.backends.domainlock import DomainLock
 from pyxl.childproc import FileFinisher, finish_file
-from pyxl.errors import Cancelled, HelperDied, OperationError, StartupError
+from pyxl.errors import CallbackError, Cancelled, HelperDied, OperationError, StartupError
 from pyxl.fdio import close_quietly, make_pipe, open_save_target, pipe_size, write_all, write_from_loop
 from pyxl.loop import Loop
 from pyxl.ops.helper_process import save_argv
@@ -373,9 +373,27 @@ class SaveOperation(Operation[SaveResult]):
             def go() -> None:
                 if not self._done and not req.answered:
                     self._suspend_now(req)
-            self.before_suspend(go)
+            try:
+                self.before_suspend(go)
+            except Exception as exc:  # the caller's
+                self._callback_raised("before_suspend", exc)
+                if not req.answered:
+                    req.reply(0)
             return
         self._suspend_now(req)
+
+    def _callback_failed(self, err: CallbackError) -> None:
+        """A suspend handler of the application's raised: it may have stopped
+        the guest first.  A suspended guest is resumed like any a failed save
+        leaves (``guest_state`` then says how); one it did not stop is reported
+        as it is (``guest_state`` "running" or "paused")."""
+        if err.callback != "suspend handler" or self.suspended:
+            return
+        state = self._state_now()
+        if state == "suspended":
+            self.suspended = True
+        else:
+            err.guest_state = state
 
     def _suspend_now(self, req: CallbackRequest) -> None:
         def done(ok: bool, why: str) -> None:
@@ -533,18 +551,31 @@ class SaveOperation(Operation[SaveResult]):
                         f"compressing the save stream failed: {why}", op=self))
                     return
                 self._zstd = None
-                if self.write_trailer is not None:
-                    self.write_trailer(b"")    # the relay: the stream has ended
-                self._stream_written(time.monotonic())
+                if self._trailer_to_caller(b""):    # the relay: the stream has ended
+                    self._stream_written(time.monotonic())
 
             write_from_loop(self.loop, self._wfd, trailer, written)
             return
         if self.write_trailer is not None:
-            self.write_trailer(trailer)
+            if not self._trailer_to_caller(trailer):
+                return
         else:
             # The helper has exited, so nobody else writes to this description.
             write_all(self._fd, trailer)
         self._stream_written(end)
+
+    def _trailer_to_caller(self, data: bytes) -> bool:
+        """``write_trailer(data)``, if given; False if it raised (the save then fails)."""
+        if self.write_trailer is None:
+            return True
+        try:
+            self.write_trailer(data)
+        except Exception as exc:  # the caller's
+            err = self._callback_raised("write_trailer", exc)
+            assert err is not None
+            self._fail_after_helper(err)
+            return False
+        return True
 
     def _stream_written(self, end: float) -> None:
         """The whole stream is in the target: put a file in place, then commit."""
@@ -656,7 +687,7 @@ class SaveOperation(Operation[SaveResult]):
         try:
             self.on_resume(self.domid)
         except Exception as err:  # the caller's on_resume
-            resumed(False, str(err))
+            resumed(False, f"on_resume raised {err!r}")
             return
         resumed(True, "")
 

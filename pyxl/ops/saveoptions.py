@@ -55,6 +55,9 @@ class SaveOptions:
     compress_level: int = DEFAULT_LEVEL
 
     def __post_init__(self) -> None:
+        for flag in ("live", "debug", "fsync", "compress"):   # live="no" would be live
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be True or False, not {getattr(self, flag)!r}")
         if self.leave not in ("destroy", "paused", "running"):
             raise ValueError(f"leave must be 'destroy', 'paused' or 'running', not {self.leave!r}")
         if self.stream_type not in (STREAM_PLAIN, STREAM_REMUS):

@@ -80,6 +80,35 @@ def test_debian_zstd_gives_back_the_xl_image(sim_dir, tmp_path):
     assert sim.digest(back.domid, sim_dir=sim_dir) == want
 
 
+def test_compressed_true_on_a_plain_file_restores_it(sim_dir, tmp_path):
+    """A regular file's magic decides: ``compressed=True`` on a plain image (by
+    path or as a file's fd) restores it as plain, where it used to fail from
+    the loop with the decompressor's "not a zstd frame" (CorruptImage).  A file
+    that is neither is refused by pyxl.restore() itself, as without the flag."""
+    dom = sim.create(16 << 20, name="g", sim_dir=sim_dir, content="text")
+    want = sim.digest(dom, sim_dir=sim_dir)
+    plain = tmp_path / "plain.save"
+    _save(sim_dir, dom, str(plain))
+    assert plain.read_bytes().startswith(XL_MAGIC)
+    before_fds = open_fds()
+    back = pyxl.wait(pyxl.restore(str(plain), backend=SimBackend(sim_dir), paused=True,
+                                  compressed=True))[0]
+    assert sim.digest(back.domid, sim_dir=sim_dir) == want
+    sim.destroy(back.domid, sim_dir=sim_dir)
+    fd = os.open(plain, os.O_RDONLY)
+    try:
+        back = pyxl.wait(pyxl.restore(fd, backend=SimBackend(sim_dir), paused=True,
+                                      compressed=True))[0]
+    finally:
+        os.close(fd)
+    assert sim.digest(back.domid, sim_dir=sim_dir) == want
+    junk = tmp_path / "junk.save"
+    junk.write_bytes(b"not an xl image at all" * 200)
+    with pytest.raises(StartupError, match=r"junk.save: xl header at 0x0: wrong magic"):
+        pyxl.restore(str(junk), backend=SimBackend(sim_dir), compressed=True)
+    assert children() == [] and open_fds() == before_fds
+
+
 def _bad_images(path, tmp_path):
     data = path.read_bytes()
     plain = zstandard.ZstdDecompressor().decompressobj().decompress(data)

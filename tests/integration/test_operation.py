@@ -64,6 +64,36 @@ def test_live_save_of_dirtying_guest(sim_dir, tmp_path, helper):
     assert after.consistent and after.pages_written > check.pages_written, (check, after)
 
 
+def test_wait_returns_a_tuple_in_the_order_given(sim_dir, tmp_path):
+    """pyxl.wait's results are a tuple, one per operation in the order given
+    (what its overloads promise mypy: ``saved, restored = pyxl.wait(s, r)``)."""
+    a = sim.create(32 * MB, sim_dir=sim_dir)
+    b = sim.create(32 * MB, sim_dir=sim_dir)
+    pyxl.wait(pyxl.save(b, tmp_path / "b", sim_dir=sim_dir))
+    results = pyxl.wait(pyxl.save(a, tmp_path / "a", leave="running", sim_dir=sim_dir),
+                        pyxl.restore(tmp_path / "b", paused=True, sim_dir=sim_dir))
+    assert isinstance(results, tuple) and len(results) == 2
+    saved, restored = results
+    assert isinstance(saved, pyxl.SaveResult) and saved.path == str(tmp_path / "a")
+    assert isinstance(restored, pyxl.RestoreResult)
+    assert sim.info(restored.domid, sim_dir=sim_dir).state == "paused"
+    assert pyxl.wait() == ()
+
+
+def test_a_flag_that_is_not_a_bool_is_a_type_error(sim_dir, tmp_path):
+    """paused="no" used to restore paused (a truthy string), live="no" to save
+    live: mypy rejects them, and now so does the call, before anything happens."""
+    d = sim.create(16 * MB, sim_dir=sim_dir)
+    with pytest.raises(TypeError, match=r"^live must be True or False, not 'no'$"):
+        pyxl.save(d, tmp_path / "g", live="no", sim_dir=sim_dir)  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == [] and sim.state(d, sim_dir=sim_dir) == "running"
+    pyxl.wait(pyxl.save(d, tmp_path / "g", sim_dir=sim_dir))
+    for flag in ("paused", "compressed"):
+        with pytest.raises(TypeError, match=rf"^{flag} must be True or False, not 'no'$"):
+            pyxl.restore(tmp_path / "g", sim_dir=sim_dir, **{flag: "no"})
+    assert sim.list_domains(sim_dir) == []
+
+
 def test_leave_running_and_logs(sim_dir, tmp_path, caplog):
     d = sim.create(32 * MB, sim_dir=sim_dir)
     caplog.set_level("DEBUG", logger=f"pyxl.domain.{d}")

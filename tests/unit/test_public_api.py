@@ -26,7 +26,7 @@ PUBLIC = sorted([
     # the host
     "Backend", "DEBIAN_HELPER", "helper_path",
     # errors (pyxl/errors.py)
-    "BackendError", "Cancelled", "CompressedImage", "ConfigError", "CorruptImage", "HelperDied",
+    "BackendError", "CallbackError", "Cancelled", "CompressedImage", "ConfigError", "CorruptImage", "HelperDied",
     "HelperExited", "HelperFailed",
     "HelperProtocolError", "LocalProtocolError", "MigrationError", "MigrationInDoubt", "MigrationProtocolError",
     "MissingComplete", "MissingRestoreResults", "OperationError", "PrecopyAborted", "PrecopyPolicyError",

@@ -54,6 +54,11 @@ address: Optional[Tuple[str, int]] = rx.address
 tx = migrate.migrate(1, address, live=True, downtime_ms=50, on_fail="stop",
                      max_bandwidth=100 << 20, sim_dir="/tmp/src")
 results = pyxl.wait(op, rop, tx, rx)
+# typed per position: each result has its operation's type, no annotation needed
+saved2, restored2 = pyxl.wait(op, rop)
+written2: Optional[int] = saved2.bytes_written
+domid2: int = restored2.domid
+more: "tuple[object, ...]" = pyxl.wait(op, rop, tx, rx, op, timeout=5.0)
 # a list of different operations needs no annotation (the futures are covariant)
 mixed = [op, rop, tx, rx]
 pyxl.wait(*mixed)
@@ -86,6 +91,18 @@ BAD = {
                         r'Argument "on_fail" to "migrate" has incompatible type'),
     "receive_keyword": ('migrate.receive("127.0.0.1:0", pasued=True)\n',
                         r'Unexpected keyword argument "pasued"'),
+    "wait_per_position": ('a, b = pyxl.wait(pyxl.save(1, "/tmp/x.save"), '
+                          'pyxl.restore("/tmp/x.save"))\nreveal_type((a, b))\n',
+                          r'Revealed type is "tuple\[pyxl\.ops\.saveoptions\.SaveResult, '
+                          r'pyxl\.ops\.restore\.RestoreResult\]"'),
+    "wait_result_is_typed": ('s: str\nr: int\ns, r = pyxl.wait(pyxl.save(1, "/tmp/x.save"), '
+                             'pyxl.restore("/tmp/x.save"))\n',
+                             r'Incompatible types in assignment \(expression has type '
+                             r'"SaveResult", variable has type "str"\)'),
+    "wait_many_is_common": ('domid: int = pyxl.wait(*[pyxl.save(1, "/tmp/x.save")] * 5)[0].domid\n'
+                            'x: int = pyxl.wait(pyxl.save(1, "/x"), pyxl.restore("/x"), '
+                            'pyxl.save(1, "/x"), pyxl.restore("/x"), pyxl.save(1, "/x"))[4]\n',
+                            r'Incompatible types in assignment \(expression has type "object"'),
     "aio_keyword": ('import asyncio\nasyncio.run(pyxl.aio.save(1, "/tmp/x.save", liv=True))\n',
                     r'Unexpected keyword argument "liv"'),
     "aio_loop": ('import asyncio\nasyncio.run(pyxl.aio.save(1, "/tmp/x.save", '
