@@ -143,8 +143,17 @@ class LoopFuture(Generic[T_co], metaclass=_ExitTracked):
         self._result, self._exception = result, exc
         _in_flight.pop(id(self), None)
         cbs, self._done_cbs = self._done_cbs, []
+        # Every callback runs, even after one raised (another may be an
+        # ``await op`` waiting to wake); the first exception then goes up
+        # through the loop, as any of the application's callbacks' does.
+        raised: Optional[BaseException] = None
         for cb in cbs:
-            cb(self)
+            try:
+                cb(self)
+            except BaseException as exc:  # the application's code
+                raised = raised or exc
+        if raised is not None:
+            raise raised
         return True
 
 

@@ -80,6 +80,33 @@ def test_wait_returns_a_tuple_in_the_order_given(sim_dir, tmp_path):
     assert pyxl.wait() == ()
 
 
+def test_a_raising_done_callback_does_not_keep_the_others_from_running(sim_dir, tmp_path):
+    """The application's done callbacks all run, one raising or not (another may
+    be an ``await op``); the first exception goes up through the loop."""
+    d = sim.create(16 * MB, sim_dir=sim_dir)
+    loop = pyxl.SelectorLoop()
+    op = pyxl.save(d, tmp_path / "g.save", leave="running", sim_dir=sim_dir, loop=loop)
+    seen = []
+
+    def broken(_op):
+        seen.append("broken")
+        raise ZeroDivisionError("the application's bug")
+    op.add_done_callback(broken)
+    op.add_done_callback(lambda o: seen.append(("after", o.done())))
+    with pytest.raises(ZeroDivisionError, match="the application's bug"):
+        loop.run_until(op.done, 60)
+    assert seen == ["broken", ("after", True)]
+    op.result()
+    loop.close()
+
+    async def main():     # asyncio: an awaiting task still wakes
+        op = pyxl.save(d, tmp_path / "h.save", leave="running", sim_dir=sim_dir,
+                       loop=pyxl.AsyncioLoop(asyncio.get_running_loop()))
+        op.add_done_callback(broken)
+        return await asyncio.wait_for(op, 60)
+    assert asyncio.run(main()).path == str(tmp_path / "h.save")
+
+
 def test_a_flag_that_is_not_a_bool_is_a_type_error(sim_dir, tmp_path):
     """paused="no" used to restore paused (a truthy string), live="no" to save
     live: mypy rejects them, and now so does the call, before anything happens."""
