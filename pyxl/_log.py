@@ -12,8 +12,14 @@ May import: the standard library only.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 ROOT = "pyxl"
+
+#: A record that logs an operation's outcome carries this attribute (true):
+#: the CLI prints that outcome itself (``pyxl: error: ...``), so at ``-v`` it
+#: leaves these records out rather than show one failure twice.
+OUTCOME = "pyxl_outcome"
 
 
 def install_null_handler() -> None:
@@ -29,3 +35,16 @@ def get_logger(name: str) -> logging.Logger:
         raise ValueError(f"not a pyxl logger name: {name!r}")
     install_null_handler()
     return logging.getLogger(name)
+
+
+def log_failure(logger: logging.Logger, exc: Any) -> None:
+    """Log an operation's failure (an OperationError) at ERROR, once: an owner
+    that fails with the error one of its operations already logged (a receive
+    with its restore's) does not repeat it."""
+    if getattr(exc, "logged", False):
+        return
+    logger.error("%s", exc, extra={OUTCOME: True})
+    try:
+        exc.logged = True
+    except AttributeError:
+        pass

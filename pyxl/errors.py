@@ -187,6 +187,13 @@ class OperationError(PyxlError):
     suspended is resumed first)."""
 
     guest_state: Optional[str] = None
+    #: What a migration receiver tells its sender instead of the generic reason
+    #: for the error's kind (:func:`pyxl.migrate.listener.peer_reason` checks it
+    #: as any reason: no local path, size or free memory).
+    peer_text: Optional[str] = None
+    #: Set once an operation logged it: an owner that reports the same error
+    #: (a receive, its restore's) does not log it again.
+    logged: bool = False
 
     def __init__(self, message: str, op: Optional[Any] = None,
                  helper_errors: Optional[List[str]] = None) -> None:

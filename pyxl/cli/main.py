@@ -99,6 +99,12 @@ def _configure_logging(verbose: int, command: "Optional[str]" = None) -> None:
     if verbose >= 2:
         fmt = "+%(relativeCreated)6.0fms " + fmt
     logging.basicConfig(level=level, format=fmt)
+    if verbose == 1:
+        # The command prints its outcome (`pyxl: error: ...`): an operation's
+        # record of the same failure would say it twice (-vv shows everything).
+        from pyxl._log import OUTCOME
+        for shown in logging.root.handlers:
+            shown.addFilter(lambda r: not getattr(r, OUTCOME, False))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -11,7 +11,8 @@ allowed, sends garbage or stays silent, are dropped while it keeps
 listening.  :func:`peer_reason` says what a failure may tell the peer:
 never a local path or a size.  Plain TCP on loopback takes only
 connections of the receiver's own user (:mod:`.peeruid`).  It may import the
-handshake, tls and peeruid modules of this package, pyxl.errors, pyxl.fdio and pyxl.loop.
+handshake, tls and peeruid modules of this package, pyxl.errors, pyxl._units, pyxl.fdio
+and pyxl.loop.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import socket
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-from pyxl.errors import (Cancelled, HelperDied, HelperExited, HelperFailed, MigrationAuthError,
+from pyxl._units import format_size
+from pyxl.errors import (Cancelled, CorruptImage, HelperDied, HelperExited, HelperFailed, MigrationAuthError,
                          MigrationError, MigrationProtocolError, OperationError, StartupError,
                          Timeout)
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
@@ -32,7 +35,8 @@ from pyxl.migrate.handshake import (NEED_DATA, Banner, ConnectionClosed, Receive
 from pyxl.migrate.peeruid import peer_uid
 from pyxl.migrate.tls import TlsBridge, TlsOptions, allowed
 
-__all__ = ["Admission", "DropLog", "Link", "SILENT", "SECURING", "TALKING", "is_loopback",
+__all__ = ["Admission", "DropLog", "Link", "SILENT", "SECURING", "TALKING", "blame_sender",
+           "is_loopback",
            "peer_reason", "pick_evictee"]
 
 # How far a pending connection got, for eviction: a peer that has sent nothing
@@ -62,38 +66,42 @@ def pick_evictee(pending: Sequence[Tuple[str, int]]) -> int:
 
 class DropLog:
     """Dropped connections in the log without a log flood: the first
-    ``burst`` of each ``window`` seconds one WARNING each, the rest one
-    summary line at the window's end (a flood of connections must not turn
-    into a flood of log lines, nor go unseen)."""
+    ``burst`` of each ``window`` seconds one WARNING each (with the reason),
+    then, if there were more, one summary WARNING at the window's end:
+    ``dropped N connections from M sources in the last 10s (5 shown above;
+    most from HOST: K)``.  WARNINGs show without ``-v`` (the CLI's), so a flood
+    is seen, and it never costs more than burst + 1 lines a window."""
 
     def __init__(self, loop: Loop, logger: logging.Logger, window: float = 10.0,
                  burst: int = 5) -> None:
         self.loop, self.logger, self.window, self.burst = loop, logger, window, burst
-        self._logged = self._unlogged = 0
+        self._logged = self._dropped = 0
         self._sources: Dict[str, int] = {}
         self._timer: Optional[Timer] = None
 
     def dropped(self, peer: str, why: object) -> None:
         if self._timer is None:
             self._timer = self.loop.call_later(self.window, self.flush)
+        self._dropped += 1
+        host = peer.rsplit(":", 1)[0]
+        self._sources[host] = self._sources.get(host, 0) + 1
         if self._logged < self.burst:
             self._logged += 1
             self.logger.warning("dropped the connection from %s: %s", peer, why)
-            return
-        self._unlogged += 1
-        host = peer.rsplit(":", 1)[0]
-        self._sources[host] = self._sources.get(host, 0) + 1
 
     def flush(self) -> None:
-        """Say what was not logged one by one; start a new window."""
+        """Sum up the window, if not all of it was logged one by one; start a new one."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._unlogged:
+        if self._dropped > self._logged:
             top = max(self._sources, key=lambda h: self._sources[h])
-            self.logger.warning("dropped %d more connections (most from %s: %d) in %gs",
-                                self._unlogged, top, self._sources[top], self.window)
-        self._logged = self._unlogged = 0
+            n = len(self._sources)
+            self.logger.warning("dropped %d connections from %d source%s in the last %gs "
+                                "(%d shown above; most from %s: %d)", self._dropped, n,
+                                "" if n == 1 else "s", self.window, self._logged, top,
+                                self._sources[top])
+        self._logged = self._dropped = 0
         self._sources.clear()
 
 
@@ -107,27 +115,87 @@ def is_loopback(sockname: Tuple[Any, ...]) -> bool:
 
 def peer_reason(exc: BaseException) -> str:
     """What the sender is told when a receive fails: what failed, by kind --
-    never the local paths, sizes or free memory a full message may hold."""
+    never the local paths, sizes or free memory a full message may hold.
+    Every reason a receiver sends comes from here, and passes :func:`_told`."""
+    text = getattr(exc, "peer_text", None)
+    if isinstance(text, str) and _told(text):
+        return text
     if isinstance(exc, MigrationProtocolError):
-        return exc.brief          # about the peer's own bytes
-    if isinstance(exc, MigrationAuthError):
-        return "not authorized"
-    if isinstance(exc, HelperExited):
-        return f"the restore helper exited with error status {exc.status}"
-    if isinstance(exc, HelperDied):
-        return f"the restore helper died ({exc.signame})"
-    if isinstance(exc, HelperFailed):
-        return f"the restore failed ({exc.errno_name})"
-    if isinstance(exc, StartupError):
-        return "the domain could not be created on the receiving host"
-    if isinstance(exc, Timeout):
-        return "the receiver timed out"
-    if isinstance(exc, Cancelled):
-        return "the receive was cancelled"
-    if isinstance(exc, MigrationError):
+        reason = exc.brief        # about the peer's own bytes
+    elif isinstance(exc, MigrationAuthError):
+        reason = "not authorized"
+    elif isinstance(exc, HelperExited):
+        reason = f"the restore helper exited with error status {exc.status}"
+    elif isinstance(exc, HelperDied):
+        reason = f"the restore helper died ({exc.signame})"
+    elif isinstance(exc, HelperFailed) and exc.errnoval > 0:
+        reason = f"the restore failed ({exc.errno_name})"
+    elif isinstance(exc, HelperFailed):
+        # libxc reports errno 0 (or -1) for a stream it refuses: "(0)" told
+        # nothing.  The first ERROR line's words say which check refused it.
+        what = _libxc_category(exc.helper_errors)
+        reason = "the restore failed: the stream was refused by libxc" + (
+            f" ({what})" if what else "")
+    elif isinstance(exc, StartupError):
+        reason = "the domain could not be created on the receiving host"
+    elif isinstance(exc, Timeout):
+        reason = "the receiver timed out"
+    elif isinstance(exc, Cancelled):
+        reason = "the receive was cancelled"
+    elif isinstance(exc, MigrationError):
         # The receiver's own messages; what follows a colon may be a local detail.
-        return exc.brief.split(": ", 1)[0]
-    return "the restore failed"
+        reason = exc.brief.split(": ", 1)[0]
+    else:
+        reason = "the restore failed"
+    if _told(reason):
+        return reason
+    first = reason.split(": ", 1)[0]   # e.g. "not a migration stream: <the parser's words>"
+    return first if _told(first) else "the receive failed"
+
+
+# What a reason sent to a peer may not hold: a path, a size (the receiver's
+# memory, a file's), a free-memory figure; and it is one short printable line.
+_SIZE = re.compile(r"\d\s*(?:[KMGTP]i?B|[kK]B|bytes?|pages?)\b", re.IGNORECASE)
+_LOCAL = re.compile(r"/|\bfree\b|\bmemory\b|\bmemkb\b", re.IGNORECASE)
+
+
+def _told(reason: str) -> bool:
+    """May a receiver send ``reason`` to its peer?  The one check of every reason."""
+    return (0 < len(reason) <= 200 and reason.isprintable()
+            and not _SIZE.search(reason) and not _LOCAL.search(reason))
+
+
+def _libxc_category(helper_errors: Sequence[str]) -> str:
+    """The kind of check libxc's first ERROR line names, without its numbers:
+    ``xc: Record (0x00000001, Page data) length 0xfffffff0 exceeds max
+    (0x8000000): Internal error`` -> ``record length exceeds max``; "" when
+    there is none, it is not libxc's, or it is not plain words."""
+    line = next((e for e in helper_errors if e.startswith("xc: ")), "")
+    text = line[len("xc: "):].split(": ", 1)[0]
+    text = re.sub(r"\([^()]*\)", " ", text)
+    words = [w for w in text.split() if not any(c.isdigit() for c in w)]
+    what = " ".join(words)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z_ ,'-]{2,79}", what) or what == "Restore failed":
+        return ""
+    return what[0].lower() + what[1:] if not what[:2].isupper() else what
+
+
+def blame_sender(exc: OperationError, eof_at: Optional[int],
+                 logger: logging.Logger) -> OperationError:
+    """A restore that failed after the sender hung up mid-stream (``eof_at``
+    bytes in; None: it did not, or a Remus stream, whose end is a failover)
+    failed because of that (a pyxl or xl sender waits for our answer once its
+    stream is whole): say so, not what libxc makes of a truncated stream
+    ("Restore failed (0 = Success)").  The sender is told no size."""
+    if eof_at is None or not isinstance(exc, (HelperFailed, CorruptImage)):
+        return exc   # e.g. a config refused (ConfigError): that is the reason
+    logger.info("the restore's own error: %s", exc)
+    blamed = MigrationError(f"the sender closed the stream after {format_size(eof_at)}, before "
+                            "its end (the migration stopped on the sending side: its log says "
+                            "why); the half-received domain was destroyed")
+    blamed.peer_text = ("the sender closed the stream before its end (the migration stopped "
+                        "on the sending side); the half-received domain was destroyed")
+    return blamed
 
 
 def _not_our_user(sock: socket.socket) -> Optional[str]:

@@ -12,7 +12,7 @@ listening receiver drops bad peers and keeps listening until one delivers
 a stream head; plain TCP is refused on a non-loopback address unless
 ``insecure``.  Bytes go through
 :class:`~pyxl.migrate.handshake.ReceiverHandshake`.  It may import the
-handshake, relay, listener, tls, domain, future and address modules of this package,
+handshake, relay, listener, incoming, tls, domain, future and address modules of this package,
 pyxl.ops (RestoreOperation), pyxl.backends, pyxl.errors, pyxl.fdio, pyxl.loop
 and pyxl._units; the sender's modules never.  Its defaults and result type
 are :mod:`.receiveoptions`'.
@@ -26,30 +26,29 @@ import socket
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
-from pyxl._log import get_logger
-from pyxl._units import format_size
+from pyxl._log import get_logger, log_failure
 from pyxl.backends import Backend, default_backend
 from pyxl.backends.base import start_destroy, start_rename, start_unpause
-from pyxl.errors import (CorruptImage, HelperFailed, MigrationError, MigrationProtocolError,
-                         OperationError, StartupError)
+from pyxl.errors import MigrationError, MigrationProtocolError, OperationError, StartupError
 from pyxl.fdio import FdWriter, check_channel, close_quietly, set_nonblocking
 from pyxl.loop import Loop, Timer
 from pyxl.migrate.address import format_address, parse_address
 from pyxl.migrate.domain import INCOMING, digest_or_none, domain_name
 from pyxl.migrate.future import MigrationFuture
+from pyxl.migrate.incoming import check_image_name, name_taken, start_name_check
 from pyxl.migrate.handshake import (NEED_DATA, CompressionChosen, ConnectionClosed,
                                     DomainReceived, ReceiverFailed, ReceiverHandshake,
                                     ReceiverProgress, StreamHead, StreamStart, UnpauseResult)
 from pyxl.migrate.receiveoptions import (HEADER_TIMEOUT, IDLE_MIN_BYTES, IDLE_TIMEOUT,
                                          MAX_PENDING, PLAIN_TCP_ADVICE, PROGRESS_EVERY,
                                          SILENT_SLOTS, ReceiveResult)
-from pyxl.migrate.listener import Admission, DropLog, Link, is_loopback, peer_reason, pick_evictee
+from pyxl.migrate.listener import (Admission, DropLog, Link, blame_sender, is_loopback,
+                                   peer_reason, pick_evictee)
 from pyxl.migrate.relay import CHUNK, SpliceRelay, make_pipe, pipe_size
 from pyxl.migrate.tls import TlsOptions, make_context
-from pyxl.ops.api import restore
 from pyxl.ops.jobstats import JobStats
 from pyxl.ops.operation import STREAM_PLAIN, STREAM_REMUS
-from pyxl.ops.restore import RestoreOperation, RestoreResult
+from pyxl.ops.restore import RestoreOperation, RestoreOptions, RestoreResult
 
 __all__ = ["HEADER_TIMEOUT", "IDLE_TIMEOUT", "MAX_PENDING", "PLAIN_TCP_ADVICE", "ReceiveOperation",
            "ReceiveResult"]
@@ -202,7 +201,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
                 # Full: one pending goes (not the newcomer, or a few stalled peers
                 # would hold the door for a whole header_timeout): the least advanced
                 # of the busiest source, so a silent flood pushes out its own.
-                self._evict(list(self._pending))
+                self._evict(list(self._pending), "connections pending")
             self.logger.debug("connection from %s", where)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._admit(Admission(self.loop, sock=conn, peer=where, tls=self.tls,
@@ -213,15 +212,19 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             if self._listener is None:   # that one was admitted at once
                 return
 
-    def _evict(self, among: List[Admission]) -> None:
+    def _evict(self, among: List[Admission], what: str) -> None:
         victim = among[pick_evictee([(a.host, a.progress()) for a in among])]
-        self._rejected(victim, MigrationError("too many connections pending; dropped this one"))
+        exc = MigrationError(f"the receiver is full ({len(among)} {what}): dropped the least "
+                             "advanced connection of the source with the most")
+        exc.peer_text = ("the receiver is full: it dropped this connection, the least "
+                         "advanced one of the source with the most connections")
+        self._rejected(victim, exc)
 
     def _make_room(self, adm: Admission) -> None:
         """``adm`` starts a TLS stage (a process): at most max_pending run at once."""
         staged = [a for a in self._pending if a is not adm and a.staged]
         if len(staged) >= self.max_pending:
-            self._evict(staged)
+            self._evict(staged, "TLS handshakes under way")
 
     def _admit(self, adm: Admission) -> None:
         if not adm.finished:
@@ -270,10 +273,19 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             self._fail(MigrationProtocolError("the compression offer's xl header names no "
                                               "domain (c_info.name)"))
             return
-        if head.offered:
-            self._choose(head)
+        start_name_check(self.backend, self.loop, head.header.config if head.header else None,
+                         lambda exc: self._name_checked(head, exc))
+
+    def _name_checked(self, head: StreamHead, exc: Optional[OperationError]) -> None:
+        """NAME is free, or maybe held by the source itself (:mod:`.incoming`)."""
+        if self._done or self._finishing:
             return
-        self._begin_restore(head)
+        if exc is not None:
+            self._fail(exc)
+        elif head.offered:
+            self._choose(head)
+        else:
+            self._begin_restore(head)
 
     def _choose(self, head: StreamHead) -> None:
         """The sender offers compression (its xl header alone came): answer,
@@ -355,10 +367,14 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._head_bytes = len(data)
         self.name = domain_name(head.header.config if head.header is not None else None)
         try:
-            self.restore = restore(r, paused=True, helper=self.helper, loop=self.loop,
-                                   backend=self.backend, compressed=self.compressed,
-                                   stream_type=STREAM_REMUS if self.remus else STREAM_PLAIN,
-                                   name=None if self.name is None else f"{self.name}{INCOMING}")
+            options = RestoreOptions(
+                paused=True, helper=self.helper, compressed=self.compressed,
+                stream_type=STREAM_REMUS if self.remus else STREAM_PLAIN,
+                name=None if self.name is None else f"{self.name}{INCOMING}")
+            self.restore = RestoreOperation(
+                r, options, backend=self.backend, loop=self.loop,
+                config_check=(functools.partial(check_image_name, self.name)
+                              if self.compressed else None))
         except OperationError as exc:
             self._fail(exc)
             return
@@ -448,7 +464,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         exc = op.exception()
         if exc is not None:
             self.domid = None   # the restore destroyed it
-            self._fail(self._pending_error or self._blame_sender(exc))
+            self._fail(self._pending_error or blame_sender(
+                exc, None if self.remus else self._sender_eof_at, self.logger))
             return
         self._restored_result = op.result()
         self.domid = self._restored_result.domid
@@ -464,20 +481,6 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self._watch(self._readable)
         if self.idle_timeout is not None:
             self._timers.append(self.loop.call_later(self.idle_timeout, self._no_go))
-
-    def _blame_sender(self, exc: OperationError) -> OperationError:
-        """A restore that failed after the sender hung up mid-stream failed because
-        of that (a pyxl or xl sender waits for our answer once its stream is
-        whole; a Remus stream's end is a failover, not a failure): say so, not
-        what libxc makes of a truncated stream ("Restore failed (0 = Success)")."""
-        if (self._sender_eof_at is None or self.remus
-                or not isinstance(exc, (HelperFailed, CorruptImage))):
-            return exc   # e.g. a config refused (ConfigError): that is the reason
-        self.logger.debug("the restore's own error: %s", exc)
-        return MigrationError(f"the sender closed the stream after "
-                              f"{format_size(self._sender_eof_at)}, before its end (the "
-                              f"migration stopped on the sending side: its log says why); "
-                              f"the half-received domain was destroyed")
 
     def _no_go(self) -> None:
         if self.state == "go":
@@ -542,7 +545,8 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         err: Optional[OperationError] = None
         if not ok:
             status = 1
-            err = MigrationError(f"received domain {self.domid} would not start: {why}")
+            err = (name_taken(self.backend, self.domid, self.name) if self.name else None) \
+                or MigrationError(f"received domain {self.domid} would not start: {why}")
             self._destroy()
         self.state = "reported"
         result = None
@@ -631,7 +635,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             return
         self.state = "failed"
         self._destroy()
-        self.logger.error("%s", exc)
+        log_failure(self.logger, exc)   # once: not again if it is its restore's
         self._error = exc
         if self.outbox is None or not self.outbox.active:
             self._close_and_finish(None, exc)

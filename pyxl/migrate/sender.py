@@ -9,7 +9,7 @@ destroyed after the receiver's status 0, running after any failure before
 "cleared to unpause", paused when in doubt.  Bytes go through
 :class:`~pyxl.migrate.handshake.SenderHandshake`; the channel is
 :class:`~pyxl.migrate.connection.ReceiverChannel`.  It may import the
-handshake, relay, connection, domain, future, precopy and converge modules of this
+handshake, relay, connection, domain, future, precopy, converge, tls and tlsstage modules of this
 package, pyxl.ops (SaveOperation), pyxl.backends, pyxl.errors, pyxl.fdio
 and pyxl.loop; the receiver's module never.
 """
@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
-from pyxl._log import get_logger
+from pyxl._log import get_logger, log_failure
 from pyxl._paths import helper_path
 from pyxl.backends import Backend, default_backend
 from pyxl.backends.base import start_destroy, start_domain_config, start_rename, start_unpause
@@ -39,6 +39,7 @@ from pyxl.migrate.handshake import (NEED_DATA, OFFER_WAIT, Banner, ClearedToUnpa
 from pyxl.migrate.precopy import OnFail, precopy_env
 from pyxl.migrate.relay import CAPPED_PIPE, CHUNK, SpliceRelay, make_pipe
 from pyxl.migrate.tls import TlsOptions
+from pyxl.migrate.tlsstage import CLOSED_EARLY
 from pyxl.ops.api import save
 from pyxl.ops.operation import STREAM_PLAIN, STREAM_REMUS, ProgressEvent
 from pyxl.ops.jobstats import JobStats
@@ -240,10 +241,15 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         except BlockingIOError:
             return
         except OSError as exc:
-            self._lost(f"reading from the receiver failed: {exc.strerror}")
+            self._lost(f"reading from the receiver failed: {exc.strerror}{self._early()}")
             return
         self.handshake.receive_data(data)
         self._process()
+
+    def _early(self) -> str:
+        """Before its banner, a receiver that hangs up is full or refuses us."""
+        return (f" ({CLOSED_EARLY})"
+                if self.handshake.state == SenderHandshake.AWAIT_BANNER else "")
 
     def _process(self) -> None:
         while not self._done and self._error is None:
@@ -277,7 +283,7 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
                     self._fail(MigrationError(f"the receiver failed: {event.reason}"))
                 return
             else:   # ConnectionClosed
-                self._lost("the receiver closed the connection")
+                self._lost("the receiver closed the connection" + self._early())
                 return
 
     # -- the save --
@@ -662,7 +668,7 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         self._close_transport()
         close_quietly(self._pipe_r)
         self._pipe_r = -1
-        self.logger.error("%s", exc)
+        log_failure(self.logger, exc)   # once: not again if it is its save's
         self._done_pending = (None, exc)
         self._maybe_finish()
 

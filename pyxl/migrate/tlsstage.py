@@ -110,7 +110,26 @@ def describe(exc: BaseException, peer: str, handshake: bool) -> str:
         why = f"TLS with the {peer} failed: {exc.strerror or exc}"
     else:
         why = f"TLS with the {peer} failed: {exc}"
+    if handshake and peer == "receiver" and _hung_up(exc):
+        # Not a refused certificate (that is an alert): a receiver that drops
+        # connections it has no room for, or from hosts it does not take.
+        why += f" ({CLOSED_EARLY})"
+        auth = False
     return ("auth" if auth else "error") + "\t" + why
+
+
+#: The sender's hint when the receiver hangs up before it is ready (the
+#: receiver's log says which: full, or this host refused).
+CLOSED_EARLY = ("the receiver closed the connection before it was ready: it may be full, or "
+                "refuse this host; see its log")
+
+
+def _hung_up(exc: BaseException) -> bool:
+    """A reset or an EOF without an alert: the peer just closed."""
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError,
+                        BrokenPipeError)):
+        return True
+    return isinstance(exc, ssl.SSLError) and "eof" in (exc.reason or str(exc)).lower()
 
 
 class Stage:

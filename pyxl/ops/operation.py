@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, TypeVar,
                     Union)
 
-from pyxl._log import get_logger
+from pyxl._log import get_logger, log_failure
 from pyxl.backends.base import Cancellable
 from pyxl.errors import (CallbackError, Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
                          MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
@@ -416,7 +416,7 @@ class Operation(LoopFuture[T_co]):
             self._ended = (self.started + duration if isinstance(duration, float)
                            else time.monotonic())
         if not self._done and exc is not None:
-            self.logger.error("%s", exc)
+            log_failure(self.logger, exc)
         self._set_outcome(result, exc)
 
 

@@ -100,7 +100,8 @@ class RestoreOperation(Operation[RestoreResult]):
     def __init__(self, source: PathOrFd, options: RestoreOptions = RestoreOptions(), *,
                  backend: Backend, loop: Optional[Loop] = None,
                  callbacks: Optional[Dict[str, Handler]] = None,
-                 on_progress: Optional[Callable[[ProgressEvent], None]] = None) -> None:
+                 on_progress: Optional[Callable[[ProgressEvent], None]] = None,
+                 config_check: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
         """Restore the stream at ``source`` (a path or an fd) into a new domain that
         ``backend`` builds (:meth:`~pyxl.Backend.create_restore_target`).
 
@@ -110,8 +111,12 @@ class RestoreOperation(Operation[RestoreResult]):
         and the head's errors (a bad stream, a bad config, the timeout) are the
         operation's outcome.  Either way the backend builds the domain and the
         helper starts from the loop: ``domid`` is -1 until the new domain
-        exists, and the build's errors are the operation's outcome."""
+        exists, and the build's errors are the operation's outcome.
+        ``config_check(config)``: the owner's own check of the stream's config
+        (a migration receiver's), after pyxl's and before the domain is built
+        or renamed; an OperationError it raises is the restore's outcome."""
         self.options = options
+        self._config_check = config_check
         self.stream_type = options.stream_type
         self.checkpoints = 0
         self.failed_over = False
@@ -242,6 +247,8 @@ class RestoreOperation(Operation[RestoreResult]):
                                "config to build the new domain from")
         config = header.config
         check_config(config)
+        if self._config_check is not None:
+            self._config_check(config)
         if self.options.name is not None:
             check_name(self.options.name, "name", MAX_GIVEN_NAME)
             c_info = config.get("c_info")

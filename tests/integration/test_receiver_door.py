@@ -19,16 +19,19 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Iterator, Tuple
+from pathlib import Path
+from typing import Any, Iterator, List, Tuple
 
 import pytest
 
 import pyxl
 from pyxl import migrate, sim
+from pyxl.errors import MigrationAuthError
 from pyxl.loop import default_loop
 
-from test_migrate import busy, domains
-from test_migrate_tls import pki, real_migration, receiver  # noqa: F401  (pki: a fixture)
+from test_migrate import busy, domains, source_survived
+from test_migrate_tls import (SENDER, _stages, opts, pki, real_migration,  # noqa: F401  (pki)
+                              receiver)
 
 FLOOD = """
 import collections, socket, sys, time
@@ -208,3 +211,116 @@ def test_a_compression_offer_without_a_name_is_refused(hosts):
     assert told == b"domain receive failed: the compression offer's xl header names no domain " \
                    b"(c_info.name)\0", told
     assert domains(b) == []
+
+
+BYTE_FLOOD = """
+import collections, socket, sys, time
+port, rate = int(sys.argv[1]), float(sys.argv[2])
+held = collections.deque()
+n, t0 = 0, time.monotonic()
+while True:
+    try:
+        s = socket.create_connection(("127.0.0.1", port), 1)
+        s.send(b"\\x16")            # one byte (a TLS record's first), then silence
+        held.append((time.monotonic(), s))
+        n += 1
+    except OSError:
+        time.sleep(0.05)
+    while held and held[0][0] < time.monotonic() - 3:
+        held.popleft()[1].close()
+    time.sleep(max(0.0, t0 + n / rate - time.monotonic()))
+"""
+
+
+def _server_stages() -> List[int]:
+    """The receiver's TLS stages (children of this process, role "server")."""
+    return [p for p in _stages()
+            if b"server" in Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")]
+
+
+#: 1-byte peers a second.  Each starts a stage; the sender's own handshake is
+#: pushed out if max_pending (8) newer stages start during it (README, Trust),
+#: so at some rate a byte flood does keep it out: on this 2-vCPU machine 10/s
+#: lets it in, 25/s with max_pending 4 kept it out for 120 s.
+RATE = 10
+
+
+def test_a_one_byte_flood_keeps_stages_bounded_and_a_tls_sender_gets_in(hosts, pki):  # noqa: F811
+    """Peers that send one byte and then nothing each start a TLS stage (a
+    process): at most max_pending run at once, and a real TLS migration gets
+    through while the flood goes on (at RATE, stages dropped at the 2 s
+    header timeout or pushed out by newer ones)."""
+    a, b = hosts
+    dom = busy(a, 20)
+    rx = receiver(pki, b, header_timeout=2)          # max_pending: 8
+    peer = subprocess.Popen([sys.executable, "-c", BYTE_FLOOD, str(rx.address[1]), str(RATE)])
+    seen: List[int] = []
+
+    def sample() -> None:
+        seen.append(len(_server_stages()))
+        if not rx.done():
+            default_loop().call_later(0.02, sample)
+
+    try:
+        sample()
+        assert default_loop().run_until(lambda: rx.refused >= 20, 60), rx.refused
+        before = rx.refused
+        try:
+            real_migration(pki, a, b, dom, rx)
+        finally:
+            if not rx.done():
+                rx.cancel()
+                default_loop().run_until(rx.done, 30)
+        assert peer.poll() is None and rx.refused > before   # the flood went on meanwhile
+    finally:
+        peer.kill()
+        peer.wait(timeout=30)
+    assert max(seen) <= 8, sorted(seen)[-10:]
+    assert max(seen) >= 4, seen      # the flood did start stages
+
+
+def test_a_sender_pushed_out_in_its_handshake_is_told_why(hosts, pki):  # noqa: F811
+    """A full door (max_pending=1) drops the real sender's TLS handshake for a
+    newer stage: the sender says the receiver closed before it was ready, and
+    may be full, not a bare "Connection reset by peer"."""
+    a, b = hosts
+    dom = busy(a, 8)
+    rx = receiver(pki, b, max_pending=1)
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, tls=opts(pki, SENDER))
+    assert default_loop().run_until(lambda: any(p.staged for p in rx._pending), 30)
+    pusher = socket.create_connection(rx.address)
+    pusher.send(b"\x16")                       # a newer stage: the sender's goes
+    try:
+        assert default_loop().run_until(tx.done, 60)
+    finally:
+        pusher.close()
+    exc = tx.exception()
+    assert isinstance(exc, migrate.MigrationError), exc
+    assert not isinstance(exc, MigrationAuthError), exc
+    assert str(exc).startswith("TLS with the receiver failed: "), exc
+    assert str(exc).endswith("(the receiver closed the connection before it was ready: it may "
+                             "be full, or refuse this host; see its log)"), exc
+    source_survived(a, dom)
+    rx.cancel()
+    assert default_loop().run_until(rx.done, 30)
+    assert domains(b) == []
+
+
+def test_a_plain_sender_dropped_before_the_banner_is_told_why(hosts):
+    """A receiver that accepts and closes at once (a full or refusing one):
+    the plain sender's error says so."""
+    a, _ = hosts
+    dom = busy(a, 8)
+    door = socket.socket()
+    door.bind(("127.0.0.1", 0))
+    door.listen(4)
+    tx = migrate.migrate(dom, door.getsockname(), live=True, sim_dir=a)
+    door.settimeout(30)
+    conn, _ = door.accept()
+    conn.close()
+    door.close()
+    assert default_loop().run_until(tx.done, 60)
+    assert str(tx.exception()) == ("the receiver closed the connection (the receiver closed "
+                                   "the connection before it was ready: it may be full, or "
+                                   "refuse this host; see its log)"), tx.exception()
+    source_survived(a, dom)
