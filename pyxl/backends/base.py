@@ -457,6 +457,26 @@ def domid_of(backend: Backend, name_or_id: "str | int") -> int:
     return found[0]
 
 
+NamesRead = Callable[[Optional[Dict[int, str]], Optional[Exception]], None]
+
+
+def start_domain_names(backend: Backend, loop: Loop, done: NamesRead) -> Optional[Cancellable]:
+    """:meth:`Backend.domain_names` from ``loop``: through the backend's optional
+    ``start_domain_names`` (``done`` later, from the loop: a real host's
+    XenStore round), else the waited-for call (``done`` before this returns;
+    None).  A backend's exception is ``done(None, exc)``."""
+    start = _start_form(backend, "domain_names")
+    try:
+        if start is not None:
+            return start(loop, done)   # type: ignore[no-any-return]
+        names = backend.domain_names()
+    except Exception as exc:  # a backend is the caller's code (any toolstack's)
+        done(None, exc)
+        return None
+    done(names, None)
+    return None
+
+
 def name_owner(backend: Backend, name: str, but: Optional[int] = None) -> Optional[int]:
     """The domain, other than ``but``, that is already called ``name``, or None.
 

@@ -546,6 +546,16 @@ class XenBackend(NoDeviceModel):
         """Each domain's /local/domain/D/name, as libxl_name_to_domid reads it."""
         return xsasync.run(self.xs, self._names())
 
+    def start_domain_names(self, loop: Loop,
+                           done: Callable[[Optional[Dict[int, str]], Optional[Exception]], None]
+                           ) -> Cancellable:
+        """:meth:`domain_names` on ``loop``: one XenStore round on a connection of its own."""
+        def finished(exc: Optional[Exception]) -> None:
+            done(task.result if exc is None else None, exc)
+        task: xsasync.XsTask[Dict[int, str]] = xsasync.XsTask(loop, self._open_xs, self._names(),
+                                                               finished, "the domains' names")
+        return task
+
     @staticmethod
     def _names() -> xsasync.XsScript[Dict[int, str]]:
         """Every domain's name: its list, then each name, in one round."""

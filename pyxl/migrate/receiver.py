@@ -35,11 +35,11 @@ from pyxl.loop import Loop, Timer
 from pyxl.migrate.address import format_address, parse_address
 from pyxl.migrate.domain import INCOMING, digest_or_none, domain_name
 from pyxl.migrate.future import MigrationFuture
-from pyxl.migrate.incoming import check_image_name, name_taken, start_name_check
+from pyxl.migrate.incoming import check_image_name, start_name_check, start_name_taken
 from pyxl.migrate.handshake import (NEED_DATA, CompressionChosen, ConnectionClosed,
                                     DomainReceived, ReceiverFailed, ReceiverHandshake,
                                     ReceiverProgress, StreamHead, StreamStart, UnpauseResult)
-from pyxl.migrate.receiveoptions import (HEADER_TIMEOUT, IDLE_MIN_BYTES, IDLE_TIMEOUT,
+from pyxl.migrate.receiveoptions import (HEADER_TIMEOUT, check_receive_args, IDLE_MIN_BYTES, IDLE_TIMEOUT,
                                          MAX_PENDING, PLAIN_TCP_ADVICE, PROGRESS_EVERY,
                                          SILENT_SLOTS, ReceiveResult)
 from pyxl.migrate.listener import (Admission, DropLog, Link, blame_sender, is_loopback,
@@ -78,17 +78,7 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
         self.remus = remus
         self.compress = compress and not remus   # take a sender's compression offer
         self.compressed = False
-        if (listen is None) == (fds is None):
-            raise ValueError("give either listen (an address or a listening socket) or fds")
-        if tls is not None and not isinstance(tls, TlsOptions):
-            raise TypeError(f"tls: a pyxl.migrate.TlsOptions, not {type(tls).__name__}")
-        if tls is not None and fds is not None:
-            raise ValueError("TLS is for a listening receiver (fds are already a channel: ssh)")
-        for what, value in (("header_timeout", header_timeout), ("idle_timeout", idle_timeout)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{what} must be positive (or None: no deadline)")
-        if max_pending < 1:
-            raise ValueError("max_pending must be at least 1")
+        check_receive_args(listen, fds, tls, header_timeout, idle_timeout, max_pending)
         self.tls, self.insecure = tls, insecure
         self.header_timeout, self.idle_timeout = header_timeout, idle_timeout
         self.max_pending = max_pending
@@ -537,16 +527,23 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
             c_info["name"] = self.name
 
     def _started(self, ok: bool, why: str) -> None:
-        """The received domain runs (or would not start): tell the sender."""
+        """The received domain runs (or would not start: a name collision?)."""
+        if not ok and self.name and self.domid is not None:
+            start_name_taken(self.backend, self.loop, self.domid, self.name,
+                             lambda taken: self._report_start(taken, why))
+            return
+        self._report_start(None, "" if ok else why)
+
+    def _report_start(self, taken: Optional[OperationError], why: str) -> None:
+        """Tell the sender whether the domain runs (``why`` empty) or not."""
         if self._done or self._finishing or self.state != "starting":
             return          # failed meanwhile (the sender went away): already reported
         assert self.domid is not None and self.outbox is not None
         status = 0
         err: Optional[OperationError] = None
-        if not ok:
+        if taken is not None or why:
             status = 1
-            err = (name_taken(self.backend, self.domid, self.name) if self.name else None) \
-                or MigrationError(f"received domain {self.domid} would not start: {why}")
+            err = taken or MigrationError(f"received domain {self.domid} would not start: {why}")
             self._destroy()
         self.state = "reported"
         result = None

@@ -32,6 +32,7 @@ from typing import Any
 import pyxl
 from pyxl import migrate, sim
 from pyxl.errors import MigrationProtocolError, StartupError
+from pyxl.backends.sim import SimBackend
 from pyxl.loop import default_loop
 
 from test_migrate import busy, domains, run_both, source_survived
@@ -243,6 +244,50 @@ def test_a_collision_at_the_rename_is_exit_2(hosts, tmp_path):
                         rf"\(domid {twin}\); the received copy was destroyed", str(exc)), exc
     # xl's protocol has only a status byte after "cleared to unpause"
     assert "could not start its copy (status 1)" in str(tx.exception()), tx.exception()
+    source_survived(a, dom)
+    assert domains(b) == [(twin, "running")]
+
+
+class RemoteNames(SimBackend):
+    """fakexen, but its domains' names come as a real host's do: later, from the
+    loop (a XenStore round); the waited-for form must not be used on the loop."""
+
+    def domain_names(self):
+        caller = sys._getframe(1).f_globals["__name__"]
+        if not caller.startswith("pyxl.backends.sim"):   # fakexen's own create may
+            raise AssertionError(f"domain_names() waited for on the loop, by {caller}")
+        return SimBackend.domain_names(self)
+
+    def start_domain_names(self, loop, done):
+        names = SimBackend.domain_names(self)
+        return loop.call_later(0.05, lambda: done(names, None))
+
+    def rename(self, domid, name):    # its own check, as the Xen backend's
+        taken = [d for d, n in SimBackend.domain_names(self).items() if n == name and d != domid]
+        if taken:
+            raise pyxl.BackendError(f"domain {name!r} already exists (domid {taken[0]})")
+        sim.rename(domid, name, sim_dir=self.sim_dir)
+
+
+def test_the_names_are_read_from_the_loop_not_waited_for(hosts, tmp_path):
+    """Both name checks (at the head, at the rename) take the backend's loop
+    form: on Xen a waited-for XenStore round would stall the loop."""
+    a, b = hosts
+    dom = busy(a, 8)
+    sim.rename(dom, "web9", sim_dir=a)
+    other = _named(b, "web9")
+    rx = migrate.receive("127.0.0.1:0", backend=RemoteNames(b))
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a)
+    run_both(tx, rx)
+    assert "not the migrating domain" in str(rx.exception()), rx.exception()
+    sim.destroy(other, sim_dir=b)
+    pyxl.wait(pyxl.save(dom, tmp_path / "twin.save", sim_dir=a, leave="running"))
+    twin = pyxl.wait(pyxl.restore(tmp_path / "twin.save", sim_dir=b))[0].domid
+    rx = migrate.receive("127.0.0.1:0", backend=RemoteNames(b))
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a)
+    run_both(tx, rx)
+    assert re.search(rf"domain 'web9' already exists \(domid {twin}\); the received copy was "
+                     "destroyed", str(rx.exception())), rx.exception()
     source_survived(a, dom)
     assert domains(b) == [(twin, "running")]
 
