@@ -30,21 +30,25 @@ from pyxl.errors import MigrationAuthError
 from pyxl.loop import default_loop
 
 from test_migrate import busy, domains, source_survived
+from test_receiver_told import _told as _told_peer
 from test_migrate_tls import (SENDER, _stages, opts, pki, real_migration,  # noqa: F401  (pki)
                               receiver)
 
 FLOOD = """
 import collections, socket, sys, time
-port, rate = int(sys.argv[1]), float(sys.argv[2])
+port, rate, first, hold = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 held = collections.deque()
 n, t0 = 0, time.monotonic()
 while True:
     try:
-        held.append((time.monotonic(), socket.create_connection(("127.0.0.1", port), 1)))
+        s = socket.create_connection(("127.0.0.1", port), 1)
+        if first:
+            s.send(bytes.fromhex(first))     # its first bytes, then silence
+        held.append((time.monotonic(), s))
         n += 1
     except OSError:
         time.sleep(0.05)
-    while held and held[0][0] < time.monotonic() - 0.5:
+    while held and held[0][0] < time.monotonic() - hold:
         held.popleft()[1].close()
     time.sleep(max(0.0, t0 + n / rate - time.monotonic()))
 """
@@ -54,8 +58,13 @@ while True:
 def flood() -> Iterator[Any]:
     procs = []
 
-    def start(port: int, rate: float = 200) -> None:
-        procs.append(subprocess.Popen([sys.executable, "-c", FLOOD, str(port), str(rate)]))
+    def start(port: int, rate: float = 200, first: bytes = b"",
+              hold: float = 0.5) -> "subprocess.Popen[bytes]":
+        """Peers at ``rate``/s that send ``first`` (silent if empty), then
+        nothing, each held open ``hold`` s."""
+        procs.append(subprocess.Popen([sys.executable, "-c", FLOOD, str(port), str(rate),
+                                       first.hex(), str(hold)]))
+        return procs[-1]
 
     yield start
     for p in procs:
@@ -199,37 +208,12 @@ def test_a_compression_offer_without_a_name_is_refused(hosts):
     restored, rather than restoring the inner header's name as final."""
     _, b = hosts
     rx = migrate.receive("127.0.0.1:0", sim_dir=b)
-    peer = subprocess.Popen([sys.executable, "-c", OFFER, str(rx.address[1])],
-                            stdout=subprocess.PIPE)
-    try:
-        assert default_loop().run_until(rx.done, 60)
-        told, _ = peer.communicate(timeout=30)
-    finally:
-        peer.kill()
-        peer.wait(timeout=30)
+    told = _told_peer(rx, subprocess.Popen([sys.executable, "-c", OFFER, str(rx.address[1])],
+                                           stdout=subprocess.PIPE))
     assert "the compression offer's xl header names no domain" in str(rx.exception())
     assert told == b"domain receive failed: the compression offer's xl header names no domain " \
                    b"(c_info.name)\0", told
     assert domains(b) == []
-
-
-BYTE_FLOOD = """
-import collections, socket, sys, time
-port, rate = int(sys.argv[1]), float(sys.argv[2])
-held = collections.deque()
-n, t0 = 0, time.monotonic()
-while True:
-    try:
-        s = socket.create_connection(("127.0.0.1", port), 1)
-        s.send(b"\\x16")            # one byte (a TLS record's first), then silence
-        held.append((time.monotonic(), s))
-        n += 1
-    except OSError:
-        time.sleep(0.05)
-    while held and held[0][0] < time.monotonic() - 3:
-        held.popleft()[1].close()
-    time.sleep(max(0.0, t0 + n / rate - time.monotonic()))
-"""
 
 
 def _server_stages() -> List[int]:
@@ -245,7 +229,8 @@ def _server_stages() -> List[int]:
 RATE = 10
 
 
-def test_a_one_byte_flood_keeps_stages_bounded_and_a_tls_sender_gets_in(hosts, pki):  # noqa: F811
+def test_a_one_byte_flood_keeps_stages_bounded_and_a_tls_sender_gets_in(hosts, pki,  # noqa: F811
+                                                                        flood):
     """Peers that send one byte and then nothing each start a TLS stage (a
     process): at most max_pending run at once, and a real TLS migration gets
     through while the flood goes on (at RATE, stages dropped at the 2 s
@@ -253,7 +238,7 @@ def test_a_one_byte_flood_keeps_stages_bounded_and_a_tls_sender_gets_in(hosts, p
     a, b = hosts
     dom = busy(a, 20)
     rx = receiver(pki, b, header_timeout=2)          # max_pending: 8
-    peer = subprocess.Popen([sys.executable, "-c", BYTE_FLOOD, str(rx.address[1]), str(RATE)])
+    peer = flood(rx.address[1], RATE, first=b"\x16", hold=3)   # a TLS record's first byte
     seen: List[int] = []
 
     def sample() -> None:
