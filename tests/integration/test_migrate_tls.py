@@ -104,7 +104,16 @@ def real_migration(pki: Dict[str, Path], a: str, b: str, dom: int,
     """The real sender, after the bad peers: the guest arrives intact."""
     tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True,
                          tls=opts(pki, SENDER))
-    sent, got = pyxl.wait(tx, rx, timeout=120)
+    try:
+        # the sender first: its failure (pushed out, say) is the error shown,
+        # not a timeout of the receiver that still waits for a sender
+        (sent,) = pyxl.wait(tx, timeout=120)
+        (got,) = pyxl.wait(rx, timeout=60)
+    finally:    # a failure leaves nothing running for the tests after it
+        for op in (tx, rx):
+            if not op.done():
+                op.cancel()
+                default_loop().run_until(op.done, 30)
     assert sent.digest == got.digest and re.fullmatch(r"[0-9a-f]{64}", sent.digest)
     assert domains(a) == [] and domains(b) == [(got.domid, "running")]
     assert_runs_intact(b, got.domid)
