@@ -182,6 +182,11 @@ class TlsBridge:
                 return
 
     def _ready(self, names_json: bytes) -> None:
+        if self._closing is not None:
+            # The owner let go during the handshake (a receiver pushed this
+            # peer out): the stage is being killed; its "ready", read in the
+            # meantime, has no one to go to.
+            return
         try:
             names = json.loads(names_json)
         except ValueError:

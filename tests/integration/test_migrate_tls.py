@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import re
 import socket
 import ssl
@@ -842,3 +843,35 @@ def test_a_plain_sender_to_a_tls_receiver_is_told_why_nobody_answered(hosts, pki
     rx.cancel()
     assert default_loop().run_until(rx.done, 30)
     source_survived(a, dom)
+
+
+def test_a_bridge_closed_while_its_ready_line_is_on_the_way_says_nothing(pki):
+    """A receiver that pushes a peer out during its handshake closes the peer's
+    bridge; the stage's "ready", read after that, must not reach the owner
+    (CI run 29: on_ready(-1, -1), then fcntl(-1) inside a loop callback)."""
+    from pyxl.migrate.tls import TlsBridge
+    loop = default_loop()
+    raced = 0
+    for _ in range(5):    # the race is between two processes: several tries
+        near, far = socket.socketpair()
+        got: List[Any] = []
+        server = TlsBridge(loop, near, opts(pki, "receiver.test"), server=True,
+                           on_ready=lambda r, w: got.append(("server", r, w)),
+                           on_failed=lambda exc: got.append(("server failed", exc)))
+        client = TlsBridge(loop, far, opts(pki, SENDER), server=False,
+                           server_name="receiver.test",
+                           on_ready=lambda r, w: got.append(("client", r, w)),
+                           on_failed=lambda exc: got.append(("client failed", exc)))
+        # the client is through: the server's stage has said, or is saying, "ready"
+        assert loop.run_until(lambda: any(g[0] == "client" for g in got), 30), got
+        raced += not any(g[0] == "server" for g in got) and \
+            bool(select.select([server._control], [], [], 5)[0])   # "ready" unread
+        server.close()
+        client.abort()
+        assert loop.run_until(lambda: server._child.finished and client._child.finished, 30)
+        assert all(g[1] >= 0 for g in got if g[0] in ("server", "client")), got
+        for g in got:
+            if g[0] in ("server", "client"):
+                for fd in {g[1], g[2]}:
+                    os.close(fd)
+    assert raced, "the server's ready line was read before the close every time"
