@@ -247,9 +247,10 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         self._process()
 
     def _early(self) -> str:
-        """Before its banner, a receiver that hangs up is full or refuses us."""
-        return (f" ({CLOSED_EARLY})"
-                if self.handshake.state == SenderHandshake.AWAIT_BANNER else "")
+        """Before its banner, a listening receiver that hangs up is full or
+        refuses us (a command's own exit status says why it ended instead)."""
+        return (f" ({CLOSED_EARLY})" if self._plain_tcp
+                and self.handshake.state == SenderHandshake.AWAIT_BANNER else "")
 
     def _process(self) -> None:
         while not self._done and self._error is None:
