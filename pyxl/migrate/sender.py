@@ -200,6 +200,7 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
             handshake_timeout, self._no_banner)
         self._timers.append(self._handshake_timer)
         self._plain_tcp = target is not None and tls is None   # for a hint on a silent peer
+        self._listening = target is not None   # not a command: one that hangs up early is full
         try:
             self.channel = ReceiverChannel(self.loop, target, command, self._ready_transport,
                                            self._channel_failed, tls=tls)
@@ -241,16 +242,18 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         except BlockingIOError:
             return
         except OSError as exc:
-            self._lost(f"reading from the receiver failed: {exc.strerror}{self._early()}")
+            early = f" ({CLOSED_EARLY})" if self._early() else ""
+            self._lost(f"reading from the receiver failed: {exc.strerror}{early}")
             return
         self.handshake.receive_data(data)
         self._process()
 
-    def _early(self) -> str:
+    def _early(self) -> bool:
         """Before its banner, a listening receiver that hangs up is full or
-        refuses us (a command's own exit status says why it ended instead)."""
-        return (f" ({CLOSED_EARLY})" if self._plain_tcp
-                and self.handshake.state == SenderHandshake.AWAIT_BANNER else "")
+        refuses us (a command's own exit status says why it ended instead).
+        Over TLS too: TLS 1.3's client is done with its handshake a flight
+        before the server, which may still drop it as pending."""
+        return self._listening and self.handshake.state == SenderHandshake.AWAIT_BANNER
 
     def _process(self) -> None:
         while not self._done and self._error is None:
@@ -284,7 +287,7 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
                     self._fail(MigrationError(f"the receiver failed: {event.reason}"))
                 return
             else:   # ConnectionClosed
-                self._lost("the receiver closed the connection" + self._early())
+                self._lost(CLOSED_EARLY if self._early() else "the receiver closed the connection")
                 return
 
     # -- the save --

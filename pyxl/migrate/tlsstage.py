@@ -96,8 +96,9 @@ def peer_names(cert: Optional[Dict[str, Any]]) -> List[str]:
     return list(dict.fromkeys(n.lower() for n in names))
 
 
-def describe(exc: BaseException, peer: str, handshake: bool) -> str:
-    """``auth<TAB>why`` or ``error<TAB>why``: what the owner raises."""
+def describe(exc: BaseException, peer: str, handshake: bool, heard: bool = False) -> str:
+    """``auth<TAB>why`` or ``error<TAB>why``: what the owner raises (``heard``:
+    the peer's first plaintext came, e.g. a receiver's banner)."""
     auth = handshake   # later: an alert (a refused certificate) or a break
     if isinstance(exc, ssl.SSLCertVerificationError):
         why = f"TLS with the {peer} failed: certificate verify failed: {exc.verify_message}"
@@ -110,9 +111,11 @@ def describe(exc: BaseException, peer: str, handshake: bool) -> str:
         why = f"TLS with the {peer} failed: {exc.strerror or exc}"
     else:
         why = f"TLS with the {peer} failed: {exc}"
-    if handshake and peer == "receiver" and _hung_up(exc):
+    if peer == "receiver" and not heard and _hung_up(exc):
         # Not a refused certificate (that is an alert): a receiver that drops
-        # connections it has no room for, or from hosts it does not take.
+        # connections it has no room for, or from hosts it does not take; in
+        # or after our handshake (TLS 1.3's client is done a flight before
+        # the server, which may still drop the connection as pending).
         why += f" ({CLOSED_EARLY})"
         auth = False
     return ("auth" if auth else "error") + "\t" + why
@@ -152,6 +155,7 @@ class Stage:
         self.peer_eof = False                  # the peer closed: fd 1 is closed
         self.closing = False                   # the owner closed the control socket
         self.opened = False                    # the handshake is done
+        self.heard = False                     # the peer's first plaintext came
         self.poller = select.poll()
         self.watched: Dict[int, int] = {}
 
@@ -284,6 +288,8 @@ class Stage:
             eof = True
         if self.bio_out.pending:       # e.g. a KeyUpdate's answer
             self.flush()
+        if got:
+            self.heard = True
         if got and not self.closing:
             self.plain = self.pview[:got]
         if eof:
@@ -377,7 +383,8 @@ def main(argv: List[str]) -> int:
         control.sendall(b"ready " + json.dumps(names).encode() + b"\n")
         stage.relay()
     except (ssl.SSLError, OSError) as exc:
-        sys.stderr.write(describe(exc, peer, stage is None or not stage.opened) + "\n")
+        sys.stderr.write(describe(exc, peer, stage is None or not stage.opened,
+                                  stage is not None and stage.heard) + "\n")
         if stage is not None:          # our alert, if any, so the peer learns why
             try:
                 stage.flush()
