@@ -51,7 +51,6 @@ class ReceiverChannel:
                  on_failed: Callable[[MigrationError], None],
                  tls: Optional[TlsOptions] = None) -> None:
         self.loop, self.on_ready, self.on_failed = loop, on_ready, on_failed
-        self.tls = tls
         if tls is not None:
             make_context(tls, server=False)   # its files load, or StartupError now
         self._bridge: Optional[TlsBridge] = None
@@ -73,6 +72,14 @@ class ReceiverChannel:
                 assert target is not None
                 host, port = parse_address(target) if isinstance(target, str) else target
                 self._host = host
+                if tls is not None:
+                    # Started now, given the socket once connected: the
+                    # connection is silent for a round trip, not for the
+                    # stage's start as well (a full receiver drops silent
+                    # connections first).
+                    self._bridge = TlsBridge(self.loop, None, tls, server=False,
+                                             server_name=tls.server_name or host,
+                                             on_ready=self._secured, on_failed=self.on_failed)
                 addr = numeric(host, port)
                 if addr is not None:
                     self._connect(*addr)
@@ -155,13 +162,11 @@ class ReceiverChannel:
                                           f"{os.strerror(err)}"))
             return
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.tls is not None:
+        if self._bridge is not None:
             # The socket is the bridge's now; we get its plaintext pipes.
             sock, self._sock = self._sock, None
             self.rfd = self.wfd = -1
-            self._bridge = TlsBridge(self.loop, sock, self.tls, server=False,
-                                     server_name=self.tls.server_name or self._host,
-                                     on_ready=self._secured, on_failed=self.on_failed)
+            self._bridge.attach(sock)
             return
         self.on_ready(self.rfd, self.wfd)
 
@@ -181,8 +186,7 @@ class ReceiverChannel:
             self.loop.remove_writer(self.wfd)
             self._connecting = False
         if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+            self._drop_socket()
         if self._bridge is not None:
             # Our pipe ends first: the bridge then sends what is in them and
             # close_notify (within its grace), and lets go.

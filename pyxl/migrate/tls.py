@@ -106,8 +106,12 @@ def allowed(names: Iterable[str], allow: Tuple[str, ...]) -> bool:
 class TlsBridge:
     """One TLS connection on ``sock``, run by a TLS stage child process
     (:mod:`pyxl.migrate.tlsstage`); the socket is the child's from now on.
+    With ``sock=None`` the stage starts and waits: :meth:`attach` gives it
+    the socket (a sender starts its stage while it connects, so that its
+    connection is never silent for the ~25 ms a stage takes to start: a full
+    receiver drops silent connections first).
 
-    The handshake starts at once.  Then ``on_ready(rfd, wfd)``: the owner
+    The handshake starts once the stage has the socket.  Then ``on_ready(rfd, wfd)``: the owner
     reads the peer's plaintext from ``rfd`` and writes its own to ``wfd``
     (both non-blocking pipe ends that the owner now holds and closes); EOF on
     ``rfd`` is the peer's close (close_notify or TCP FIN), and closing ``wfd``
@@ -120,7 +124,8 @@ class TlsBridge:
     :data:`_CLOSE_GRACE` seconds), then ``then()`` once the child is gone.
     """
 
-    def __init__(self, loop: Loop, sock: socket.socket, opts: TlsOptions, *, server: bool,
+    def __init__(self, loop: Loop, sock: Optional[socket.socket], opts: TlsOptions, *,
+                 server: bool,
                  server_name: Optional[str] = None,
                  on_ready: Callable[[int, int], None],
                  on_failed: Callable[[MigrationError], None]) -> None:
@@ -139,24 +144,39 @@ class TlsBridge:
         self._local_r, self._local_w = up_r, down_w   # the owner's, once ready
         argv = [sys.executable or "python3", "-I", "-S", tlsstage.__file__,
                 "server" if server else "client", opts.cert, opts.key, opts.ca,
-                server_name or "", str(sock.fileno()), str(theirs.fileno()), opts.crl or ""]
+                server_name or "", str(theirs.fileno()), opts.crl or ""]
         try:
             self._child = ShortChild(loop, argv, self._exited, stdin_from=down_r,
-                                     stdout_to=up_w, pass_fds=(sock.fileno(), theirs.fileno()))
+                                     stdout_to=up_w, pass_fds=(theirs.fileno(),))
         except BaseException:
             for fd in (up_r, down_w, up_w, down_r):
                 close_quietly(fd)
             self._control.close()
+            if sock is not None:
+                sock.close()
             raise
         finally:
             theirs.close()
-            sock.close()
         # The stage's ends of the pipes, kept until it said "eof" or exited:
         # so the owner never sees an EOF or an EPIPE before the bridge has
         # reported why the stage ended.
         self._stage_up_w, self._stage_down_r = up_w, down_r
         self._control.setblocking(False)
         loop.add_reader(self._control.fileno(), self._said_something)
+        if sock is not None:
+            self.attach(sock)
+
+    def attach(self, sock: socket.socket) -> None:
+        """Hand the stage its connected socket (once; ours is closed): one
+        byte and the fd on the control socket, which is empty this early, so
+        the send cannot block."""
+        try:
+            if self.state == "handshake" and self._closing is None:
+                socket.send_fds(self._control, [b"s"], [sock.fileno()])
+        except OSError:
+            pass        # the stage is gone: its exit says why
+        finally:
+            sock.close()
 
     def _said_something(self) -> None:
         """The stage's lines (``ready NAMES``, ``eof``), or its control EOF."""

@@ -12,15 +12,17 @@ plain TCP (bench/README.md has the figures).
 This file is both a module (``context`` and ``peer_names`` are the one
 place that builds a migration's :class:`ssl.SSLContext` and names a peer) and
 the child's program, run by path as ``python -I -S tlsstage.py ROLE CERT KEY
-CA SERVER_NAME SOCK_FD CONTROL_FD``: it imports nothing but the standard
+CA SERVER_NAME CONTROL_FD CRL``: it imports nothing but the standard
 library (nothing of pyxl: it starts in ~25 ms, which a receiver pays per
 connection, authenticated or not).
 
 The child's fds: 0 the owner's plaintext for the peer (a pipe; EOF: send
 close_notify after it), 1 the peer's plaintext for the owner (a pipe; closed
 after the peer's close), 2 errors (one line: ``auth<TAB>why`` for a refused or
-failed authentication, ``error<TAB>why`` otherwise; then exit 1), SOCK_FD the
-connected TCP socket, CONTROL_FD a socket to the owner: the stage writes
+failed authentication, ``error<TAB>why`` otherwise; then exit 1), CONTROL_FD a
+socket to the owner, on which the connected TCP socket comes first (one byte
+with the fd; the owner may start the stage before it has connected: EOF
+instead means it gave up, exit 1 saying nothing); then the stage writes
 ``ready NAMES_JSON\\n`` once the handshake is done and ``eof\\n`` once it closed
 fd 1 after the peer's close (the owner holds a copy of fd 1, and of fd 0, until
 then or until the stage exited, so that a failure is reported before the owner
@@ -363,7 +365,7 @@ class Stage:
 
 
 def main(argv: List[str]) -> int:
-    role, cert, key, ca, server_name, sock_fd, control_fd, crl = argv[1:9]
+    role, cert, key, ca, server_name, control_fd, crl = argv[1:8]
     server = role == "server"
     peer = "sender" if server else "receiver"
     control = socket.socket(fileno=int(control_fd))
@@ -374,7 +376,10 @@ def main(argv: List[str]) -> int:
         sys.stderr.write("error\t" + str(exc) + "\n")
         return 1
     try:
-        sock = socket.socket(fileno=int(sock_fd))
+        _, fds, _, _ = socket.recv_fds(control, 1, 1)   # the owner's connected socket
+        if not fds:
+            return 1                # the owner gave up before it connected
+        sock = socket.socket(fileno=fds[0])
         for fd in (0, 1, sock.fileno()):
             os.set_blocking(fd, False)
         stage = Stage(ctx, sock, control, server, None if server else server_name)

@@ -731,6 +731,59 @@ def _stages() -> List[int]:
     return found
 
 
+def test_the_sender_starts_its_stage_while_it_connects(hosts, pki):
+    """The sender's stage starts with the connect, not after it: its
+    connection is silent for a round trip, not for a stage's start as well
+    (a full receiver drops silent connections first).  A connect that cannot
+    complete (the door's backlog is full: the kernel drops the SYN) finds
+    the stage up; cancelled, the migration leaves no stage."""
+    a, _ = hosts
+    dom = busy(a, 8)
+    door = socket.socket()
+    door.bind(("127.0.0.1", 0))
+    door.listen(0)
+    fillers: List[socket.socket] = []
+    try:
+        while True:                      # until a connect no longer completes
+            s = socket.socket()
+            fillers.append(s)
+            s.settimeout(0.3)
+            try:
+                s.connect(door.getsockname())
+            except socket.timeout:
+                break
+        tx = migrate.migrate(dom, door.getsockname(), live=True, sim_dir=a,
+                             tls=opts(pki, SENDER))
+        assert default_loop().run_until(lambda: _stages() or tx.done(), 30)
+        assert not tx.done(), tx.exception()
+        assert len(_stages()) == 1
+        tx.cancel()
+        assert default_loop().run_until(tx.done, 30)
+        assert default_loop().run_until(lambda: not _stages(), 30), _stages()
+    finally:
+        for s in fillers:
+            s.close()
+        door.close()
+    assert isinstance(tx.exception(), pyxl.Cancelled), tx.exception()
+    source_survived(a, dom)
+
+
+def test_a_refused_tls_connect_says_so_and_leaves_no_stage(hosts, pki):
+    a, _ = hosts
+    dom = busy(a, 8)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()                       # nobody listens there
+    tx = migrate.migrate(dom, ("127.0.0.1", port), live=True, sim_dir=a,
+                         tls=opts(pki, SENDER))
+    assert default_loop().run_until(tx.done, 30)
+    assert str(tx.exception()) == "cannot connect to the receiver: Connection refused", \
+        tx.exception()
+    assert default_loop().run_until(lambda: not _stages(), 30), _stages()
+    source_survived(a, dom)
+
+
 def test_tls_runs_in_stage_children_that_end_with_the_migration(hosts, pki):
     """Both ends' TLS runs in a stage child while the stream flows; the loop
     process spends a fraction of what the stream's AES-GCM costs; no stage
