@@ -188,7 +188,7 @@ class OperationError(PyxlError):
 
     guest_state: Optional[str] = None
     #: What a migration receiver tells its sender instead of the generic reason
-    #: for the error's kind (:func:`pyxl.migrate.listener.peer_reason` checks it
+    #: for the error's kind (:func:`pyxl.migrate.reasons.peer_reason` checks it
     #: as any reason: no local path, size or free memory).
     peer_text: Optional[str] = None
     #: Set once an operation logged it: an owner that reports the same error

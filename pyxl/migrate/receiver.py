@@ -12,7 +12,7 @@ listening receiver drops bad peers and keeps listening until one delivers
 a stream head; plain TCP is refused on a non-loopback address unless
 ``insecure``.  Bytes go through
 :class:`~pyxl.migrate.handshake.ReceiverHandshake`.  It may import the
-handshake, relay, listener, incoming, tls, domain, future and address modules of this package,
+handshake, relay, listener, reasons, incoming, tls, domain, future and address modules of this package,
 pyxl.ops (RestoreOperation), pyxl.backends, pyxl.errors, pyxl.fdio, pyxl.loop
 and pyxl._units; the sender's modules never.  Its defaults and result type
 are :mod:`.receiveoptions`'.
@@ -35,15 +35,15 @@ from pyxl.loop import Loop, Timer
 from pyxl.migrate.address import format_address, parse_address
 from pyxl.migrate.domain import INCOMING, digest_or_none, domain_name
 from pyxl.migrate.future import MigrationFuture
-from pyxl.migrate.incoming import check_image_name, start_name_check, start_name_taken
 from pyxl.migrate.handshake import (NEED_DATA, CompressionChosen, ConnectionClosed,
                                     DomainReceived, ReceiverFailed, ReceiverHandshake,
                                     ReceiverProgress, StreamHead, StreamStart, UnpauseResult)
-from pyxl.migrate.receiveoptions import (HEADER_TIMEOUT, check_receive_args, IDLE_MIN_BYTES, IDLE_TIMEOUT,
-                                         MAX_PENDING, PLAIN_TCP_ADVICE, PROGRESS_EVERY,
-                                         SILENT_SLOTS, ReceiveResult)
-from pyxl.migrate.listener import (Admission, DropLog, Link, blame_sender, is_loopback,
-                                   peer_reason, pick_evictee)
+from pyxl.migrate.incoming import check_image_name, start_name_check, start_name_taken
+from pyxl.migrate.listener import Admission, DropLog, Link, is_loopback, pick_evictee
+from pyxl.migrate.reasons import blame_sender, peer_reason
+from pyxl.migrate.receiveoptions import (HEADER_TIMEOUT, IDLE_MIN_BYTES, IDLE_TIMEOUT, MAX_PENDING,
+                                         PLAIN_TCP_ADVICE, PROGRESS_EVERY, SILENT_SLOTS,
+                                         ReceiveResult, check_receive_args)
 from pyxl.migrate.relay import CHUNK, SpliceRelay, make_pipe, pipe_size
 from pyxl.migrate.tls import TlsOptions, make_context
 from pyxl.ops.jobstats import JobStats

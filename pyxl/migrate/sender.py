@@ -51,7 +51,7 @@ __all__ = ["MigrateOperation", "MigrateResult"]
 
 CATCH_UP = 8 << 20    # raw bytes a compressed stream's receiver may be behind at the switch-over
 #: A receiver's reason when it refused the sender's certificate (its allow-list, or
-#: its TLS check: pyxl.migrate.listener.peer_reason of a MigrationAuthError).
+#: its TLS check: pyxl.migrate.reasons.peer_reason of a MigrationAuthError).
 NOT_AUTHORIZED = "not authorized"
 HOLD_MAX = 30.0       # s the switch-over waits for it at most
 

@@ -1,4 +1,4 @@
-"""What a migration receiver may tell its sender (pyxl.migrate.listener.peer_reason).
+"""What a migration receiver may tell its sender (pyxl.migrate.reasons.peer_reason).
 
 README: the REASON is "never a local path, a size or free memory".  Every
 reason goes through one check (``_told``); an error whose text would break
@@ -15,7 +15,7 @@ import pytest
 
 from pyxl.errors import (HelperFailed, MigrationError, MigrationProtocolError, StartupError,
                          Timeout)
-from pyxl.migrate.listener import _told, blame_sender, peer_reason
+from pyxl.migrate.reasons import _told, blame_sender, peer_reason
 
 LOG = logging.getLogger("pyxl.test.peer_reason")
 
