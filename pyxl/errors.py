@@ -187,6 +187,10 @@ class OperationError(PyxlError):
     suspended is resumed first)."""
 
     guest_state: Optional[str] = None
+    #: A migration's failure, whatever its type (a :class:`MigrationError`,
+    #: or its save's error: a :class:`CallbackError`, a :class:`HelperFailed`
+    #: ...): the source domain's state afterwards, when known.
+    source_state: Optional[str] = None
     #: What a migration receiver tells its sender instead of the generic reason
     #: for the error's kind (:func:`pyxl.migrate.reasons.peer_reason` checks it
     #: as any reason: no local path, size or free memory).
@@ -318,7 +322,8 @@ class Cancelled(OperationError):
 class MigrationError(OperationError):
     """The migration failed.  Unless it is a :class:`MigrationInDoubt`, the source
     domain runs (it was never stopped, or was resumed) and the destination kept
-    nothing.  ``source_state`` is the source's state afterwards, when known."""
+    nothing.  ``source_state`` is the source's state afterwards, when known
+    (as on any error a migration fails with: see :class:`OperationError`)."""
 
     def __init__(self, message: str, source_state: Optional[str] = None, **kw: Any) -> None:
         super().__init__(message, **kw)

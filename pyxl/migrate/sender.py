@@ -667,8 +667,7 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
 
     def _failed(self, exc: OperationError, state: Optional[str]) -> None:
         """The end of a failure: the source is left in ``state``; report ``exc``."""
-        if isinstance(exc, MigrationError):
-            exc.source_state = exc.source_state or state
+        exc.source_state = exc.source_state or state   # a save's error too
         self._close_transport()
         close_quietly(self._pipe_r)
         self._pipe_r = -1

@@ -172,5 +172,5 @@ def test_a_raising_on_progress_fails_a_migration_at_once(hosts):
     exc = tx.exception()
     assert isinstance(exc, pyxl.CallbackError) and isinstance(exc.__cause__, Boom), repr(exc)
     assert isinstance(rx.exception(), pyxl.MigrationError)
-    assert sim.state(d, sim_dir=src) == "running"
+    assert exc.source_state == "running" == sim.state(d, sim_dir=src)
     assert sim.list_domains(dst) == [] and children() == []
