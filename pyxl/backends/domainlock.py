@@ -54,8 +54,11 @@ def _private_dir(path: str) -> str:
     """Create ``path`` (0700) if missing; refuse one another user could
     write into, so that nobody can hold, or fake, our locks."""
     try:
-        os.makedirs(path, 0o700, exist_ok=True)
-        problem = unsafe_dir(path, "lock directory")
+        try:
+            problem = unsafe_dir(path, "lock directory")   # one lstat: every save's
+        except FileNotFoundError:
+            os.makedirs(path, 0o700, exist_ok=True)
+            problem = unsafe_dir(path, "lock directory")
     except OSError as exc:
         raise StartupError(f"lock directory {path}: {exc.strerror}") from exc
     if problem:

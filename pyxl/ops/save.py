@@ -112,8 +112,10 @@ class SaveOperation(Operation[SaveResult]):
         # log-dirty bitmap and both "succeed" with stale pages (domainlock).
         self._lock = DomainLock(backend, domid, ("live " if options.live else "") + "save")
         # A failed save gives the guest back as it found it: a paused one stays
-        # paused (a toolstack paused it for a reason), not merely resumed.
-        self._was_paused = self._state_now() == "paused"
+        # paused (a toolstack paused it for a reason), not merely resumed.  Read
+        # from the loop as the helper starts (see _start): nothing of ours has
+        # touched the guest before that.
+        self._was_paused = False
         # The config (a real host's XenStore round) and the stream's head come
         # from the loop, before the helper starts: the caller waits only for the
         # checks it should see fail at once (no such domain, no file).
@@ -162,6 +164,7 @@ class SaveOperation(Operation[SaveResult]):
         on the loop), then :meth:`_launch_helper`.  Until the helper starts,
         ``_launch`` holds what a cancel calls off."""
         self._launch = None
+        self._was_paused = self._state_now() == "paused"
         if self._config_given:
             self._launch_helper(argv, cbflags, io_fd)
             return
