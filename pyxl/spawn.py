@@ -276,12 +276,29 @@ def _flush() -> None:
             os.close(fd)
 
 
+#: Programs found on PATH, by (name, PATH), as a shell hashes them: a search
+#: is two syscalls per PATH entry (a dozen entries here, some slow beside a
+#: busy disk), and the sim backend starts an ``rm`` from the loop as each
+#: save ends.  A remembered path is checked (as a shell does), not trusted.
+_found: Dict[Tuple[str, str], str] = {}
+
+
+def _executable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.X_OK)
+
+
 def _which(name: str, env: Mapping[str, str]) -> str:
     if "/" in name:
         return name
-    for d in env.get("PATH", os.defpath).split(os.pathsep):
+    search = env.get("PATH", os.defpath)
+    path = _found.get((name, search))
+    if path is not None and _executable(path):
+        return path
+    for d in search.split(os.pathsep):
         path = os.path.join(d or ".", name)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
+        if _executable(path):
+            if len(_found) < 64:
+                _found[(name, search)] = path
             return path
     raise FileNotFoundError(errno.ENOENT, f"{name}: not found on PATH", name)
 

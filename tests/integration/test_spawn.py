@@ -153,6 +153,33 @@ def test_exit_codes_signals_and_a_missing_program():
     loop.close()
 
 
+def test_a_program_found_on_path_is_remembered_but_checked(tmp_path):
+    """A search of PATH is remembered, as a shell hashes it (the loop starts
+    children by name: not a stat per PATH entry each time), and checked when
+    used: a program that moved is found where it went, one that went away is
+    a FileNotFoundError, as before."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    env = {"PATH": f"{first}:{second}"}
+    prog = second / "pyxl-test-prog"
+    prog.write_text("#!/bin/sh\necho second\n")
+    prog.chmod(0o755)
+    assert output_of(["pyxl-test-prog"], env=env) == "second\n"
+    assert spawn._found[("pyxl-test-prog", env["PATH"])] == str(prog)
+    moved = first / "pyxl-test-prog"
+    moved.write_text("#!/bin/sh\necho first\n")
+    moved.chmod(0o755)
+    assert output_of(["pyxl-test-prog"], env=env) == "second\n"     # remembered
+    prog.unlink()
+    assert output_of(["pyxl-test-prog"], env=env) == "first\n"      # checked: moved
+    moved.unlink()
+    loop = SelectorLoop()
+    with pytest.raises(FileNotFoundError):
+        Child(loop, ["pyxl-test-prog"], lambda code: None, env=env)
+    loop.close()
+
+
 def stopped_spawner() -> Tuple[int, SelectorLoop, List[Optional[int]]]:
     """The spawner's pid, stopped (SIGSTOP); a loop; a list for exit codes."""
     start_spawner()
