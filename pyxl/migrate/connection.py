@@ -54,7 +54,6 @@ class ReceiverChannel:
         if tls is not None:
             make_context(tls, server=False)   # its files load, or StartupError now
         self._bridge: Optional[TlsBridge] = None
-        self._host = ""
         self.rfd = self.wfd = -1
         self._sock: Optional[socket.socket] = None
         self._connecting = False
@@ -71,7 +70,6 @@ class ReceiverChannel:
             else:
                 assert target is not None
                 host, port = parse_address(target) if isinstance(target, str) else target
-                self._host = host
                 if tls is not None:
                     # Started now, given the socket once connected: the
                     # connection is silent for a round trip, not for the

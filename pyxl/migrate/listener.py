@@ -8,8 +8,9 @@ the receiver then uses it (``rfd``/``wfd``, half-close, close).  A listening
 receiver runs several admissions at once and takes the first that delivers
 a stream head; the others, and every connection that fails TLS, is not
 allowed, sends garbage or stays silent, are dropped while it keeps
-listening (what a failure may tell the peer is :mod:`.reasons`').  Plain TCP on loopback takes only
-connections of the receiver's own user (:mod:`.peeruid`).  It may import the
+listening (what a failure may tell the peer is :mod:`.reasons`').  Plain
+TCP on loopback takes only connections of the receiver's own user
+(:mod:`.peeruid`).  It may import the
 handshake, tls and peeruid modules of this package, pyxl.errors, pyxl.fdio
 and pyxl.loop.
 """
