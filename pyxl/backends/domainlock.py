@@ -12,10 +12,11 @@ fails at once with :class:`~pyxl.errors.StartupError` naming the holder.
 The lock file lives in the host's directory, :func:`host_dir`: the backend's
 ``lock_dir()`` (the sim state directory, so each simulated host has its own),
 else ``/run/pyxl`` for root (the real host) or a private directory of the
-user's.  That directory is also what names the host for the names a process
-holds while a domain takes them (:mod:`pyxl.backends.names`).  The file holds
-the holder's pid and what it does, for the error, and is removed when the lock
-is let go.  Opening and locking a file on tmpfs never waits: ``LOCK_NB``.
+user's.  The names that processes hold while a domain takes them are locks
+of the same kind there (:class:`HostLock`, :mod:`pyxl.backends.names`).  A
+lock file holds the holder's pid and what it does, for the error, and is
+removed when the lock is let go.  Opening and locking a file on tmpfs never
+waits: ``LOCK_NB``.
 
 May import: pyxl._paths, pyxl.errors.
 """
@@ -25,12 +26,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from pyxl._paths import unsafe_dir
 from pyxl.errors import StartupError
 
-__all__ = ["DomainLock", "default_lock_dir", "host_dir"]
+__all__ = ["DomainLock", "HostLock", "default_lock_dir", "host_dir"]
 
 
 def default_lock_dir() -> str:
@@ -66,12 +67,17 @@ def _private_dir(path: str) -> str:
     return path
 
 
-class DomainLock:
-    """Held from construction until :meth:`release` (idempotent)."""
+class HostLock:
+    """An ``flock`` on ``name``, a file of the host's directory, held from
+    construction until :meth:`release` (idempotent).  ``holder``: what the
+    file says while held (for a newcomer's error); ``busy(holder)``: the
+    error a newcomer gets while it is held; ``cannot``: the start of the
+    error when the file cannot be opened or locked."""
 
-    def __init__(self, backend: Any, domid: int, what: str) -> None:
+    def __init__(self, backend: Any, name: str, holder: str,
+                 busy: Callable[[str], Exception], cannot: str) -> None:
         directory = _private_dir(host_dir(backend))
-        self.path = os.path.join(directory, f".lock-d{domid}")
+        self.path = os.path.join(directory, name)
         self._fd: Optional[int] = None
         # A holder removes the file as it lets go; one who opened it just
         # before then locks a file no longer in the directory, so the lock
@@ -81,17 +87,15 @@ class DomainLock:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                              0o600)
             except OSError as exc:
-                raise StartupError(f"cannot lock domain {domid}: {self.path}: "
-                                   f"{exc.strerror}") from exc
+                raise StartupError(f"{cannot}: {self.path}: {exc.strerror}") from exc
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
-                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+                held_by = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
                 os.close(fd)
                 if exc.errno != errno.EWOULDBLOCK:
-                    raise StartupError(f"cannot lock domain {domid}: {exc.strerror}") from exc
-                raise StartupError(f"domain {domid} is busy: {holder or 'another save'} "
-                                   f"is in flight") from None
+                    raise StartupError(f"{cannot}: {exc.strerror}") from exc
+                raise busy(held_by) from None
             try:
                 same = os.path.samestat(os.fstat(fd), os.lstat(self.path))
             except FileNotFoundError:
@@ -101,9 +105,9 @@ class DomainLock:
                 break
             os.close(fd)
         else:
-            raise StartupError(f"cannot lock domain {domid}: {self.path} keeps changing")
+            raise StartupError(f"{cannot}: {self.path} keeps changing")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"a {what} by process {os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{holder} by process {os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -115,3 +119,14 @@ class DomainLock:
                 pass
             os.close(self._fd)
             self._fd = None
+
+
+class DomainLock(HostLock):
+    """One save or migration of ``domid`` at a time (see the module)."""
+
+    def __init__(self, backend: Any, domid: int, what: str) -> None:
+        super().__init__(
+            backend, f".lock-d{domid}", f"a {what}",
+            lambda holder: StartupError(f"domain {domid} is busy: {holder or 'another save'} "
+                                        "is in flight"),
+            f"cannot lock domain {domid}")

@@ -1,10 +1,13 @@
-"""Names are unique on a host, within one process too: a name is held from
-before its check until the domain has it (pyxl.backends.names), so restores,
-receives and renames racing for one name on one loop cannot all pass the check.
+"""Names are unique on a host, within one process and across processes: a
+name is held from before its check until the domain has it
+(pyxl.backends.names), so restores, receives and renames racing for one name
+cannot all pass the check.
 Real helpers and fakexen; fakes of libxenctrl and xenstored for XenBackend."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import List, Optional, Tuple
 
 import pyxl
@@ -15,6 +18,7 @@ from pyxl.errors import StartupError
 from pyxl.loop import SelectorLoop
 
 import test_xenbackend_steps
+from conftest import ROOT
 from test_xenbackend_steps import CONFIG, SlowMake
 from xenfakes import backend
 
@@ -45,6 +49,47 @@ def test_three_restores_of_one_name_at_once_make_one_domain(sim_dir, tmp_path):
     sim.destroy(ok[0].result().domid, sim_dir=sim_dir)
     again = pyxl.wait(pyxl.restore(img, name="twin", sim_dir=sim_dir))[0]
     assert sim.info(again.domid, sim_dir=sim_dir).name == "twin"
+
+
+HOLDER = """
+import sys
+from pyxl.backends import names
+from pyxl.backends.sim import SimBackend
+release = names.reserve(SimBackend(sys.argv[1]), sys.argv[2])
+print("held", flush=True)
+sys.stdin.read()          # until told
+release()
+"""
+
+
+def test_a_name_another_process_is_making_is_refused_until_it_lets_go(sim_dir, tmp_path):
+    """Another pyxl process holds the name (its restore is making the
+    domain): ours fails as if the domain existed, naming the holder; once the
+    holder lets go, or is killed, the name restores."""
+    d = sim.create(64 * MB, sim_dir=sim_dir)
+    img = tmp_path / "a.save"
+    pyxl.wait(pyxl.save(d, img, sim_dir=sim_dir))
+    for end in ("release", "SIGKILL"):
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, sim_dir, "twin"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT)
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+            op = pyxl.restore(img, name="twin", sim_dir=sim_dir)
+            assert pyxl.default_loop().run_until(op.done, 60)
+            exc = op.exception()
+            assert type(exc) is StartupError, exc
+            assert str(exc).endswith(f"domain 'twin' already exists (a restore or rename by "
+                                     f"process {holder.pid} is making it)"), exc
+            assert sim.list_domains(sim_dir=sim_dir) == []
+        finally:
+            if end == "release":
+                holder.communicate(b"", timeout=30)
+            else:
+                holder.kill()
+                holder.wait(timeout=30)
+        restored = pyxl.wait(pyxl.restore(img, name="twin", sim_dir=sim_dir))[0]
+        assert sim.info(restored.domid, sim_dir=sim_dir).name == "twin"
+        sim.destroy(restored.domid, sim_dir=sim_dir)
 
 
 def test_names_are_held_per_host(tmp_path, hosts):
