@@ -43,7 +43,7 @@ COMMANDS: "Dict[str, Tuple[str, str]]" = {
 
 def _command_in(argv: "Sequence[str]") -> "Optional[str]":
     """The subcommand argv names: its first word that is not an option (pyxl's own
-    options, -v/--verbose/--version/-h, take no value)."""
+    options, -v/--verbose/-T/--timestamps/--version/-h, take no value)."""
     return next((a for a in argv if not a.startswith("-")), None)
 
 
@@ -58,6 +58,9 @@ def build_parser(argv: "Optional[Sequence[str]]" = None) -> argparse.ArgumentPar
     parser.add_argument("--version", action="version", version=f"pyxl {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="show helper logs (-v info, -vv debug)")
+    parser.add_argument("-T", "--timestamps", action="store_true",
+                        help="start each log line with the date and time and pyxl's pid "
+                             "(xl -T)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     wanted = None if argv is None else _command_in(argv)
@@ -80,15 +83,23 @@ def build_parser(argv: "Optional[Sequence[str]]" = None) -> argparse.ArgumentPar
 _WARNING_COMMANDS = ("save", "restore", "migrate", "migrate-receive", "demo")
 
 
-def _configure_logging(verbose: int, command: "Optional[str]" = None) -> None:
+#: -T's prefix, as xl's: the local date and time (to the millisecond) and the pid
+_STAMP = "%(asctime)s.%(msecs)03d [%(process)d] "
+_STAMP_DATE = "%Y-%m-%d %H:%M:%S"
+
+
+def _configure_logging(verbose: int, command: "Optional[str]" = None,
+                       stamps: bool = False) -> None:
     if verbose == 0 and command not in _WARNING_COMMANDS:
         return   # pyxl's loggers have a NullHandler: silent, and logging not imported
     import logging
 
     from pyxl._log import get_logger
+    stamp = _STAMP if stamps else ""
     if verbose == 0:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("pyxl: warning: %(message)s"))
+        handler.setFormatter(logging.Formatter(stamp + "pyxl: warning: %(message)s",
+                                               datefmt=_STAMP_DATE))
         handler.addFilter(lambda r: r.levelno == logging.WARNING
                           and not getattr(r, "pyxl_helper", False))
         get_logger("pyxl").addHandler(handler)
@@ -98,7 +109,7 @@ def _configure_logging(verbose: int, command: "Optional[str]" = None) -> None:
     fmt = "%(name)s: %(levelname)s: %(message)s"
     if verbose >= 2:
         fmt = "+%(relativeCreated)6.0fms " + fmt
-    logging.basicConfig(level=level, format=fmt)
+    logging.basicConfig(level=level, format=stamp + fmt, datefmt=_STAMP_DATE)
     if verbose == 1:
         # The command prints its outcome (`pyxl: error: ...`): an operation's
         # record of the same failure would say it twice (-vv shows everything).
@@ -119,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(argv: List[str]) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose, _command_in(argv))
+    _configure_logging(args.verbose, _command_in(argv), args.timestamps)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -357,3 +357,41 @@ def test_pyxl_s_own_warnings_show_without_v_and_the_helper_s_log_does_not(sim_di
     assert lines == [f"pyxl: warning: helper {HELPERS['debian']} may not implement "
                      f"PYXL_PRECOPY: it may use Xen's default policy"], r.stderr
     assert d not in domids(sim_dir)
+
+
+STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \[(\d+)\] "
+
+
+def test_T_starts_each_log_line_with_the_time_and_the_pid(sim_dir, tmp_path):
+    """``pyxl -T``, as ``xl -T``: a warning without -v and every -v line begin
+    with the local date and time and pyxl's pid; the command's own lines
+    (its summary, its error) do not change."""
+    import re
+    d = sim.create(16 * MB, name="w", sim_dir=sim_dir)
+    before = time.time()
+    r = pyxl_cli("-T", "-v", "save", "--sim-dir", sim_dir, "w", str(tmp_path / "w.save"))
+    assert r.returncode == 0, r.stderr
+    logged = [line for line in r.stderr.splitlines() if not line.startswith("saved ")]
+    assert logged, r.stderr
+    pids = set()
+    for line in logged:
+        m = re.match(STAMP + r"pyxl\.\S+: (INFO|DEBUG|DETAIL|WARNING|ERROR): ", line)
+        assert m, line
+        pids.add(m.group(1))
+        stamp = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+        assert before - 2 <= stamp <= time.time() + 1, line
+    assert len(pids) == 1            # the pyxl process's, not the helper's
+    assert d not in domids(sim_dir)   # saved, then destroyed
+    # without -v: pyxl's own warning, stamped
+    d = sim.create(16 * MB, name="w2", sim_dir=sim_dir)
+    receiver = f"{sys.executable} -m pyxl migrate-receive -q --sim-dir {sim_dir}"
+    r = pyxl_cli("-T", "migrate", "-q", "--live", "--downtime", "50", "--helper",
+                 HELPERS["debian"], "--sim-dir", sim_dir, "--command", receiver, "w2",
+                 timeout=120)
+    assert r.returncode == 0, r.stderr
+    [line] = r.stderr.splitlines()
+    assert re.fullmatch(STAMP + f"pyxl: warning: helper {re.escape(HELPERS['debian'])} may "
+                        "not implement PYXL_PRECOPY: it may use Xen's default policy", line), line
+    # a command's error is its own line, unstamped
+    one_line_error(pyxl_cli("-T", "save", "--sim-dir", sim_dir, "nosuch", "x.save"), 2,
+                   "no such domain")

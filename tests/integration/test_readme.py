@@ -173,8 +173,11 @@ def _options_of(parser) -> set:
 def test_the_cli_synopsis_names_real_options():
     import argparse
     from pyxl.cli.main import build_parser
-    synopsis = next(b for b in of("") if b.text.startswith("pyxl [-v|-vv] COMMAND"))
+    synopsis = next(b for b in of("") if b.text.startswith("pyxl [-v|-vv] [-T] COMMAND"))
     parser = build_parser()
+    top = synopsis.text.splitlines()[0]
+    for opt in re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", top):   # pyxl's own options
+        assert opt.replace("-vv", "-v") in _options_of(parser), opt
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     checked = 0
     current: Optional[str] = None
