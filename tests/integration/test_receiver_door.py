@@ -143,6 +143,46 @@ def test_plain_loopback_refuses_another_users_connection(hosts, caplog):
     assert sent.digest == got.digest and domains(b) == [(got.domid, "running")]
 
 
+def test_another_users_connection_closed_before_the_accept_is_refused(hosts, tmp_path, caplog):
+    """Another user corks a connect, a stream head and a close into one go:
+    its socket is TIME_WAIT before the receiver accepts, and the kernel then
+    reports uid 0 for it, root's.  It must not pass for the receiver's own
+    user (it did: the receiver built NAME--incoming from its bytes)."""
+    assert os.geteuid() == 0, "the suite runs as root (CI): it can be another user"
+    a, b = hosts
+    dom = busy(a, 8)
+    image = tmp_path / "g.save"
+    pyxl.wait(pyxl.save(sim.create(1 << 20, sim_dir=a, paused=True), image, sim_dir=a))
+    head = image.read_bytes()[:3000]
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, digest=True)
+    "warm".encode("idna")          # connect() encodes the host: no import after setuid
+    with caplog.at_level(logging.WARNING, logger="pyxl.migrate.receive"):
+        for _ in range(3):
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    os.setgroups([])
+                    os.setgid(NOBODY)
+                    os.setuid(NOBODY)
+                    s = socket.socket()
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+                    s.connect(("127.0.0.1", rx.address[1]))
+                    s.sendall(head)
+                    s.close()          # the data and the FIN go out together
+                finally:
+                    os._exit(0)
+            assert os.waitpid(pid, 0)[1] == 0
+        assert default_loop().run_until(lambda: rx.refused >= 3 or rx.done(), 60)
+    assert not rx.done(), rx.exception()
+    assert rx.refused == 3 and domains(b) == []
+    logged = [m for m in caplog.messages if "dropped the connection" in m]
+    assert len(logged) == 3 and all("cannot tell which user opened the connection (its socket "
+                                    "is closed already" in m for m in logged), logged
+    tx = migrate.migrate(dom, rx.address, live=True, sim_dir=a, digest=True)   # root: ours
+    sent, got = pyxl.wait(tx, rx, timeout=120)
+    assert sent.digest == got.digest and domains(b) == [(got.domid, "running")]
+
+
 def test_insecure_loopback_takes_any_users_connection(hosts):
     _, b = hosts
     rx = migrate.receive("127.0.0.1:0", sim_dir=b, insecure=True, header_timeout=1)
