@@ -259,24 +259,31 @@ def open_save_target(path: str) -> Tuple[int, Optional[str], str]:
     character device (``/dev/null``, to time a save) is written into, as xl
     does: ``tmp`` is None.  Anything else is refused, before anything ran,
     naming ``path`` -- the user's file, never the hidden one: renaming a file
-    over a device node or a FIFO would replace it."""
+    over a device node or a FIFO would replace it.
+
+    A save often runs as root into a directory others may write to, so what
+    is decided is what the kernel opened, not a second look by name: a name
+    that is not a symlink is replaced as a name (a symlink swapped in later is
+    replaced, never followed); a symlink is followed by the kernel (its
+    protected_symlinks rules apply) and its file must be the one a resolved
+    path names; a FIFO or a device must still be one once opened."""
     if not path:
         raise StartupError("the save file name is empty")
     if path.endswith("/"):
         raise StartupError(f"{path}: not a file name (it ends in '/')")
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
+        dest = path
+        if stat.S_ISLNK(st.st_mode):
+            st, dest = _follow(path)
     except FileNotFoundError:
-        if os.path.islink(path):
-            raise StartupError(f"{path}: a symlink to {os.readlink(path)}, which does not "
-                               f"exist") from None
         return _create_beside(path, path)
     except OSError as exc:
         raise StartupError(f"cannot create {path}: {exc.strerror}") from exc
     if stat.S_ISDIR(st.st_mode):
         raise StartupError(f"{path}: is a directory")
     if stat.S_ISREG(st.st_mode):
-        return _create_beside(path, os.path.realpath(path))
+        return _create_beside(path, dest)
     if stat.S_ISFIFO(st.st_mode) or stat.S_ISCHR(st.st_mode):
         try:
             # O_NONBLOCK: a FIFO nobody reads fails (ENXIO) instead of
@@ -285,9 +292,36 @@ def open_save_target(path: str) -> Tuple[int, Optional[str], str]:
         except OSError as exc:
             why = "a FIFO nobody reads" if exc.errno == errno.ENXIO else exc.strerror
             raise StartupError(f"cannot write to {path}: {why}") from exc
+        opened = os.fstat(fd)
+        if not (stat.S_ISFIFO(opened.st_mode) or stat.S_ISCHR(opened.st_mode)):
+            os.close(fd)          # swapped for a file since: never written in place
+            raise StartupError(f"{path}: changed while it was being opened")
         os.set_blocking(fd, True)      # the helper's writes wait, as into any pipe
         return fd, None, path
     raise StartupError(f"{path}: not a regular file, a FIFO or a character device")
+
+
+def _follow(path: str) -> Tuple[os.stat_result, str]:
+    """A symlink's file, as the kernel follows it, and a resolved path naming
+    that same file.  FileNotFoundError for a dangling one is turned into the
+    user's error here; another OSError is the caller's."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise StartupError(f"{path}: a symlink to {os.readlink(path)}, which does not "
+                           "exist") from None
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    dest = os.path.realpath(path)
+    try:
+        same = os.path.samestat(os.stat(dest), st)
+    except OSError:
+        same = False
+    if not same:
+        raise StartupError(f"{path}: changed while it was being opened")
+    return st, dest
 
 
 def _create_beside(path: str, dest: str) -> Tuple[int, Optional[str], str]:

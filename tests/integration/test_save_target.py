@@ -123,3 +123,68 @@ def test_what_can_never_be_a_save_file_is_refused_before_the_guest_is_touched(
     assert sorted(os.listdir(tmp_path)) == ["dangling", "sock"]
     assert sim.state(dom, sim_dir=sim_dir) == "running"
     assert sim.info(dom, sim_dir=sim_dir).vcpu_pid == pid    # never suspended
+
+
+def _swap_after_lstat(monkeypatch, path, swap):
+    """The attacker wins the race: ``swap()`` runs right after pyxl's first
+    look at ``path``, by stat or lstat (as another user's loop in a shared
+    directory could)."""
+    done = []
+
+    def looked(real):
+        def look(p, *a, **kw):
+            st = real(p, *a, **kw)
+            if os.fspath(p) == str(path) and not done:
+                done.append(True)
+                swap()
+            return st
+        return look
+    monkeypatch.setattr(os, "lstat", looked(os.lstat))
+    monkeypatch.setattr(os, "stat", looked(os.stat))
+
+
+def test_a_file_swapped_for_a_symlink_is_replaced_as_a_name_never_followed(
+        sim_dir, tmp_path, monkeypatch):
+    """Saving as root into a directory others write to: the regular file at
+    the name is swapped for a symlink to a file elsewhere after pyxl looked.
+    The name is replaced (the symlink goes); the other file is untouched."""
+    victim = tmp_path / "elsewhere" / "victim"
+    victim.parent.mkdir()
+    victim.write_bytes(b"precious\n")
+    target = tmp_path / "shared" / "g.save"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+
+    def swap():
+        target.unlink()
+        target.symlink_to(victim)
+    dom = sim.create(16 * MiB, name="g", sim_dir=sim_dir)
+    _swap_after_lstat(monkeypatch, target, swap)
+    res = _save(dom, str(target), sim_dir)
+    monkeypatch.undo()
+    assert victim.read_bytes() == b"precious\n"
+    assert os.listdir(victim.parent) == ["victim"]
+    assert not target.is_symlink() and target.stat().st_size == res.bytes_written
+    assert target.read_bytes()[:len(XL_MAGIC)] == XL_MAGIC
+
+
+def test_a_fifo_swapped_for_a_file_is_never_written_into(sim_dir, tmp_path, monkeypatch):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+
+    def swap():
+        fifo.unlink()
+        fifo.symlink_to(victim)
+    dom = sim.create(16 * MiB, name="g", sim_dir=sim_dir)
+    _swap_after_lstat(monkeypatch, fifo, swap)
+    try:
+        with pytest.raises(StartupError, match=rf"^{fifo}: changed while it was being opened$"):
+            pyxl.save(dom, str(fifo), sim_dir=sim_dir)
+    finally:
+        monkeypatch.undo()
+        os.close(reader)
+    assert victim.read_bytes() == b"precious\n"
+    assert sim.state(dom, sim_dir=sim_dir) == "running"
