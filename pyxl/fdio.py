@@ -325,8 +325,10 @@ def _follow(path: str) -> Tuple[os.stat_result, str]:
 
 
 def _create_beside(path: str, dest: str) -> Tuple[int, Optional[str], str]:
-    d = os.path.dirname(os.path.abspath(dest))
-    base = os.path.basename(dest)
+    # Both absolute now: the rename comes later, from a child, and the
+    # caller's working directory may have changed by then.
+    dest = os.path.abspath(dest)
+    d, base = os.path.split(dest)
     for i in range(100):
         tmp = os.path.join(d, f".{base}.pyxl-{os.getpid()}-{i}.tmp")
         try:

@@ -188,3 +188,20 @@ def test_a_fifo_swapped_for_a_file_is_never_written_into(sim_dir, tmp_path, monk
         os.close(reader)
     assert victim.read_bytes() == b"precious\n"
     assert sim.state(dom, sim_dir=sim_dir) == "running"
+
+
+def test_a_relative_name_is_the_callers_directory_at_the_call(sim_dir, tmp_path, monkeypatch):
+    """The image is put in place later, from the loop: a caller that changes
+    its working directory meanwhile still gets it where it asked."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    dom = sim.create(16 * MiB, name="g", sim_dir=sim_dir)
+    monkeypatch.chdir(first)
+    loop = SelectorLoop()
+    op = pyxl.save(dom, "g.save", sim_dir=sim_dir, loop=loop)
+    os.chdir(second)
+    assert loop.run_until(op.done, 60)
+    loop.close()
+    op.result()
+    assert os.listdir(first) == ["g.save"] and os.listdir(second) == []
