@@ -28,7 +28,8 @@ the loop, ``done(config, None)`` or ``done(None, exc)``
 ``lock_dir() -> str``: the host's directory, one per host: a save holds its
 domain's lock there (:mod:`pyxl.backends.domainlock`), and the names this
 process holds while a domain takes them are held per host directory
-(:mod:`pyxl.backends.names`); SimBackend's is its state directory; without it,
+(:mod:`pyxl.backends.names`); SimBackend's is ``.locks`` in its state directory;
+without it,
 ``/run/pyxl`` for root.
 
 Calls are made from the operation's event loop, so each must return quickly;

@@ -10,9 +10,9 @@ of its domain while it runs, and a second one, in this process or another,
 fails at once with :class:`~pyxl.errors.StartupError` naming the holder.
 
 The lock file lives in the host's directory, :func:`host_dir`: the backend's
-``lock_dir()`` (the sim state directory, so each simulated host has its own),
-else ``/run/pyxl`` for root (the real host) or a private directory of the
-user's.  The names that processes hold while a domain takes them are locks
+``lock_dir()`` (``.locks`` in the sim state directory, so each simulated host
+has its own), else ``/run/pyxl`` for root (the real host) or a private
+directory of the user's.  The names that processes hold while a domain takes them are locks
 of the same kind there (:class:`HostLock`, :mod:`pyxl.backends.names`).  A
 lock file holds the holder's pid and what it does, for the error, and is
 removed when the lock is let go.  Opening and locking a file on tmpfs never

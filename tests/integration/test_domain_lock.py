@@ -26,12 +26,16 @@ def test_a_second_save_of_a_domain_is_refused_while_the_first_runs(sim_dir, tmp_
                                            rf"{os.getpid()} is in flight"):
         pyxl.save(d, str(tmp_path / "b.save"), leave="running", sim_dir=sim_dir, loop=loop)
     assert not (tmp_path / "b.save").exists()
+    # held in a directory of its own, not fakexen's busy state directory
+    assert os.path.exists(os.path.join(sim_dir, ".locks", f".lock-d{d}"))
+    assert not os.path.exists(os.path.join(sim_dir, f".lock-d{d}"))
     assert loop.run_until(first.done, 60)
     first.result()
     with pytest.raises(StartupError, match="the save file name is empty"):
         pyxl.save(d, "", sim_dir=sim_dir, loop=loop)      # a refused target lets go too
     # let go at the end, and the lock file with it
-    assert [n for n in os.listdir(sim_dir) if n.startswith(".lock-d")] == []
+    assert [n for n in os.listdir(os.path.join(sim_dir, ".locks"))
+            if n.startswith(".lock-d")] == []
     second = pyxl.save(d, str(tmp_path / "b.save"), leave="running", sim_dir=sim_dir, loop=loop)
     assert loop.run_until(second.done, 60)
     second.result()
