@@ -68,16 +68,16 @@ def _private_dir(path: str) -> str:
 
 
 class HostLock:
-    """An ``flock`` on ``name``, a file of the host's directory, held from
-    construction until :meth:`release` (idempotent).  ``holder``: what the
-    file says while held (for a newcomer's error); ``busy(holder)``: the
-    error a newcomer gets while it is held; ``cannot``: the start of the
-    error when the file cannot be opened or locked."""
+    """An ``flock`` on ``name``, a file of ``directory`` (a host's:
+    :func:`host_dir`), held from construction until :meth:`release`
+    (idempotent).  ``holder``: what the file says while held (for a
+    newcomer's error); ``busy(holder)``: the error a newcomer gets while it
+    is held; ``cannot``: the start of the error when the file cannot be
+    opened or locked."""
 
-    def __init__(self, backend: Any, name: str, holder: str,
+    def __init__(self, directory: str, name: str, holder: str,
                  busy: Callable[[str], Exception], cannot: str) -> None:
-        directory = _private_dir(host_dir(backend))
-        self.path = os.path.join(directory, name)
+        self.path = os.path.join(_private_dir(directory), name)
         self._fd: Optional[int] = None
         # A holder removes the file as it lets go; one who opened it just
         # before then locks a file no longer in the directory, so the lock
@@ -126,7 +126,7 @@ class DomainLock(HostLock):
 
     def __init__(self, backend: Any, domid: int, what: str) -> None:
         super().__init__(
-            backend, f".lock-d{domid}", f"a {what}",
+            host_dir(backend), f".lock-d{domid}", f"a {what}",
             lambda holder: StartupError(f"domain {domid} is busy: {holder or 'another save'} "
                                         "is in flight"),
             f"cannot lock domain {domid}")

@@ -32,12 +32,13 @@ def reserve(backend: Any, name: str) -> Callable[[], None]:
     """Hold ``name`` on the backend's host; return the call that releases it
     (idempotent).  Raises :class:`StartupError` if this process, or another,
     holds it already."""
-    key = (host_dir(backend), name)
+    directory = host_dir(backend)
+    key = (directory, name)
     if key in _held:
         raise StartupError(f"domain {name!r} already exists (another operation of this "
                            "process is making it)")
     digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-    lock = HostLock(backend, f".name-{digest}", "a restore or rename",
+    lock = HostLock(directory, f".name-{digest}", "a restore or rename",
                     lambda holder: StartupError(f"domain {name!r} already exists "
                                                 f"({holder or 'another process'} is making it)"),
                     f"cannot hold the name {name!r}")
