@@ -73,6 +73,29 @@ def test_a_suspend_handler_that_suspends_then_raises_gets_its_guest_resumed(sim_
     _no_file(tmp_path)
 
 
+def test_a_coroutine_suspend_handler_that_suspends_then_raises_gets_its_guest_resumed(
+        sim_dir, tmp_path):
+    d = sim.create(32 * MB, sim_dir=sim_dir)
+
+    async def handler(req: pyxl.CallbackRequest) -> int:
+        await asyncio.sleep(0)              # the answer is owed across a turn of the loop
+        sim.suspend(d, sim_dir=sim_dir)
+        await asyncio.sleep(0.05)
+        raise Boom("suspended, then exploded")
+
+    async def main() -> BaseException:
+        with pytest.raises(pyxl.CallbackError) as info:
+            await asyncio.wait_for(pyxl.aio.save(d, str(tmp_path / "g.save"), live=True,
+                                                 leave="destroy", sim_dir=sim_dir,
+                                                 callbacks={"suspend": handler}), 30)
+        return info.value
+    exc = asyncio.run(main())
+    assert isinstance(exc, pyxl.CallbackError) and isinstance(exc.__cause__, Boom)
+    assert exc.callback == "suspend handler"
+    assert exc.guest_state == "running" == sim.state(d, sim_dir=sim_dir)
+    _no_file(tmp_path)
+
+
 def test_a_raising_coroutine_handler_fails_the_save_with_its_exception(sim_dir, tmp_path):
     d = sim.create(32 * MB, sim_dir=sim_dir)
 
