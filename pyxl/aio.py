@@ -98,7 +98,8 @@ async def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = No
                   checkpoints: Optional[int] = None, checkpoint_interval: float = 0.1,
                   tls: Optional[TlsOptions] = None, idle_timeout: Optional[float] = 60.0,
                   auto_converge: bool = False, policy: Optional[Policy] = None,
-                  policy_deadline: float = 5.0, compress: bool = False) -> MigrateResult:
+                  policy_deadline: float = 5.0, compress: bool = False,
+                  insecure: bool = False) -> MigrateResult:
     """:func:`pyxl.migrate.migrate` on the running asyncio loop: its ``MigrateResult``."""
     return await _here(_migrate_api.migrate, locals())
 

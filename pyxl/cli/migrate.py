@@ -42,6 +42,7 @@ import sys
 from pyxl._units import parse_size
 from pyxl.cli.args import bounded, common_options as _common, domain_arg, resolve_domain, seconds_arg
 from pyxl.cli.runner import ProgressBar, run, size_text, summarize
+from pyxl.errors import PyxlError
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
 if TYPE_CHECKING:       # type checkers take this branch
@@ -109,6 +110,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if tls is not None and args.command is not None:
         args.usage_error("--tls-* is for HOST:PORT; --command is its own channel "
                                 "(ssh)")
+    if args.insecure and (tls is not None or args.command is not None):
+        args.usage_error("--insecure is for plain TCP to HOST:PORT; --tls-* authenticates the "
+                         "receiver, and --command is its own channel (ssh)")
     if args.downtime is None and (args.max_iterations is not None or args.on_fail is not None):
         args.usage_error("--max-iterations and --on-fail go with --downtime")
     if args.downtime is not None and not args.live:
@@ -127,21 +131,25 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     backend.check_domain(domid)               # "no such domain: 7", exit 2
     config = backend.domain_config(domid)     # for the summary: the source is gone after
     bar = ProgressBar(f"migrating domain {args.domid}")
-    op = migrate(domid, args.target, backend=backend, command=args.command, live=args.live,
-                 downtime_ms=args.downtime, max_iterations=args.max_iterations,
-                 on_fail=args.on_fail or "abort", max_bandwidth=args.max_bandwidth,
-                 helper=args.helper, timeout=args.timeout,
-                 digest=args.json, on_progress=bar, remus=args.remus,
-                 checkpoints=args.checkpoints,
-                 checkpoint_interval=0.1 if args.interval is None else args.interval,
-                 tls=tls, handshake_timeout=args.handshake_timeout,
-                 idle_timeout=args.idle_timeout, auto_converge=args.auto_converge,
-                 compress=args.compress)
-    bar.op = op    # the bar shows the bytes sent, the rate and the time left (op.stats())
     try:
-        res = run(op)
-    finally:
-        bar.close()
+        op = migrate(domid, args.target, backend=backend, command=args.command, live=args.live,
+                     downtime_ms=args.downtime, max_iterations=args.max_iterations,
+                     on_fail=args.on_fail or "abort", max_bandwidth=args.max_bandwidth,
+                     helper=args.helper, timeout=args.timeout,
+                     digest=args.json, on_progress=bar, remus=args.remus,
+                     checkpoints=args.checkpoints,
+                     checkpoint_interval=0.1 if args.interval is None else args.interval,
+                     tls=tls, handshake_timeout=args.handshake_timeout,
+                     idle_timeout=args.idle_timeout, auto_converge=args.auto_converge,
+                     compress=args.compress, insecure=args.insecure)
+        bar.op = op    # the bar shows the bytes sent, the rate and the time left (op.stats())
+        try:
+            res = run(op)
+        finally:
+            bar.close()
+    except PyxlError as exc:
+        _in_flags(exc)
+        raise
     numbers = {"domid": res.domid, "digest": res.digest,
                "downtime_ms": None if res.downtime is None else round(res.downtime * 1000, 3),
                "iterations": res.iterations, "bytes_sent": res.bytes_sent}
@@ -168,6 +176,19 @@ def _how(args: argparse.Namespace, res: Any) -> str:
 CLI_PLAIN_TCP_ADVICE = ("use mutual TLS (--tls-cert/--tls-key/--tls-ca), ssh (pyxl migrate "
                         "--command \"ssh HOST pyxl migrate-receive\"), a loopback address, or "
                         "--insecure on a trusted network")
+
+
+SENDER_CLI_ADVICE = ("use mutual TLS (--tls-cert/--tls-key/--tls-ca), ssh (--command \"ssh "
+                     "HOST pyxl migrate-receive\"), or --insecure on a trusted network")
+
+
+def _in_flags(exc: BaseException) -> None:
+    """A sender's refusal of plain TCP, with its advice in this command's flags."""
+    from pyxl.migrate.connection import PLAIN_TCP_ADVICE
+    brief = getattr(exc, "brief", None)
+    if isinstance(brief, str) and brief.endswith(PLAIN_TCP_ADVICE):
+        setattr(exc, "brief", brief[:-len(PLAIN_TCP_ADVICE)] + SENDER_CLI_ADVICE)
+        exc.args = (getattr(exc, "brief"),) + exc.args[1:]
 
 
 def cmd_receive(args: argparse.Namespace) -> int:
@@ -263,6 +284,10 @@ def add_parser(subparsers: Any, argv: "Optional[Sequence[str]]" = None) -> None:
     p.add_argument("--command", metavar="CMD",
                    help="run CMD (through the shell) and send over its stdin/stdout, "
                         "e.g. \"ssh host pyxl migrate-receive\"")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow plain TCP to an address that is not loopback, and to another "
+                        "local user's receiver on loopback: whoever answers gets the guest "
+                        "(without it: refused)")
     _tls_options(p)
     p.add_argument("--tls-name", metavar="NAME",
                    help="with TLS: the name the receiver's certificate must carry "

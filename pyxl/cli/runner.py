@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from pyxl._text import shown
+
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
 if TYPE_CHECKING:       # type checkers take this branch
     from typing import Any, Dict, List, Optional, Tuple
@@ -195,15 +197,6 @@ def result(text: str, verb: str, out: Any = None) -> None:
                         f"written: {exc.strerror or exc}") from exc
 
 
-def shown(text: str) -> str:
-    """``text`` for a terminal line: control characters, line and paragraph
-    separators and format characters (bidi overrides) escaped, so that a
-    domain's name or a file's cannot break the line or forge another."""
-    import unicodedata
-    return "".join(c if unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp")
-                   else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
 def fail(exc: BaseException, internal: bool = False) -> None:
     if os.environ.get("PYXL_DEBUG"):
         import traceback
@@ -211,4 +204,6 @@ def fail(exc: BaseException, internal: bool = False) -> None:
     from pyxl.errors import os_error_text
     text = (os_error_text(exc) if isinstance(exc, OSError) else str(exc)) or type(exc).__name__
     prefix = "internal error: " if internal else ""
-    print(f"pyxl: error: {prefix}{text}".splitlines()[0], file=sys.stderr)
+    # Its first line, made safe: an error can quote what a peer or a file said.
+    print(f"pyxl: error: {prefix}{shown(text.splitlines()[0] if text else '')}",
+          file=sys.stderr)

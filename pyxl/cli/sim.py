@@ -25,7 +25,7 @@ import sys
 
 from pyxl.cli.args import (Parser, bounded, dir_arg, domain_arg, name_arg, resolve_domain, seconds_arg,
                            size_arg)
-from pyxl.cli.runner import shown
+from pyxl._text import shown
 
 TYPE_CHECKING = False   # typing is not imported at run time (a faster CLI start);
 if TYPE_CHECKING:       # type checkers take this branch

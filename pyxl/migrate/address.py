@@ -1,15 +1,17 @@
 """The receiver's address as a user writes it: ``HOST:PORT`` or ``[V6ADDR]:PORT``.
 
 This module owns :func:`parse_address` (text to ``(host, port)``, port 0
-only to listen) and :func:`format_address` (back); looking the host up is :mod:`pyxl.migrate.resolve`'s job.
-It imports nothing but typing.
+only to listen), :func:`format_address` (back) and :func:`is_loopback`;
+looking the host up is :mod:`pyxl.migrate.resolve`'s job.  It imports
+nothing but ipaddress and typing.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+import ipaddress
+from typing import Any, Tuple
 
-__all__ = ["format_address", "parse_address"]
+__all__ = ["format_address", "is_loopback", "parse_address"]
 
 
 def parse_address(text: str, *, listen: bool = False) -> Tuple[str, int]:
@@ -31,3 +33,11 @@ def parse_address(text: str, *, listen: bool = False) -> Tuple[str, int]:
 def format_address(host: str, port: int) -> str:
     """(host, port) as a user writes it: an IPv6 address in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_loopback(sockname: Tuple[Any, ...]) -> bool:
+    """Is a socket address (``(host, port, ...)``, numeric) a loopback one (127/8, ::1)?"""
+    try:
+        return ipaddress.ip_address(str(sockname[0]).split("%")[0]).is_loopback
+    except ValueError:
+        return False

@@ -39,7 +39,8 @@ def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
             checkpoints: Optional[int] = None, checkpoint_interval: float = 0.1,
             tls: Optional[TlsOptions] = None, idle_timeout: Optional[float] = 60.0,
             auto_converge: bool = False, policy: Optional[Policy] = None,
-            policy_deadline: float = 5.0, compress: bool = False) -> MigrateOperation:
+            policy_deadline: float = 5.0, compress: bool = False,
+            insecure: bool = False) -> MigrateOperation:
     """Start migrating ``domid`` to a receiver at ``target`` ("HOST:PORT") or
     through ``command`` (its stdin/stdout; e.g. "ssh host pyxl migrate-receive").
 
@@ -52,6 +53,10 @@ def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
     over after ``checkpoints`` (None: replicate until stopped) every
     ``checkpoint_interval`` seconds.  ``tls``: a
     :class:`~pyxl.migrate.tls.TlsOptions` (mutual TLS to the receiver).
+    Plain TCP (neither ``tls`` nor ``command``) authenticates nobody: it goes
+    to a loopback address only, to a receiver of this user's (or root's), and
+    elsewhere only with ``insecure`` (a :class:`StartupError` otherwise; a
+    :class:`MigrationAuthError` for another user's receiver).
     ``handshake_timeout``: connect + TLS + banner, then each wait for "ready"
     and for the status (default 60 s); ``idle_timeout``: a stream that does not
     move (default 60 s, None: none).  ``auto_converge`` (with ``downtime_ms``):
@@ -70,7 +75,8 @@ def migrate(domid: int, target: Optional[Union[str, Tuple[str, int]]] = None, *,
                             remus=remus, checkpoints=checkpoints,
                             checkpoint_interval=checkpoint_interval, tls=tls,
                             idle_timeout=idle_timeout, auto_converge=auto_converge,
-                            policy=policy, policy_deadline=policy_deadline, compress=compress)
+                            policy=policy, policy_deadline=policy_deadline, compress=compress,
+                            insecure=insecure)
 
 
 def receive(listen: Optional[Union[str, Tuple[str, int], socket.socket]] = None, *,

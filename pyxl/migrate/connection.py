@@ -8,9 +8,17 @@ xl does) and talking to its stdin/stdout; closing it all; and, for a
 command, waiting for its exit (SIGKILL after a grace period) so that no
 child outlives the migration.  It knows nothing of the handshake or the
 save.  With TLS (:mod:`.tls`) the connection's plaintext is a bridge's
-pipe pair, as for a command.  It may import os, errno, socket,
-pyxl.errors, pyxl.fdio, pyxl.loop, pyxl.spawn and
-pyxl.migrate.{address,resolve,tls}.
+pipe pair, as for a command.
+
+Plain TCP authenticates nobody, so without ``insecure`` it goes only to a
+loopback address, and there only to a receiver of our own user (or root's):
+any local user can listen on a free port -- where an ssh tunnel failed to
+bind, say -- and would get the guest, then say "status 0" and have the source
+destroyed.  The receiver's socket is on this host, and the kernel says whose
+it is (:mod:`.peeruid`), once the receiver has accepted it: at its banner
+(:meth:`ReceiverChannel.unauthenticated_receiver`).  It may import os, errno,
+socket, pyxl.errors, pyxl.fdio, pyxl.loop, pyxl.spawn and
+pyxl.migrate.{address,peeruid,resolve,tls}.
 """
 
 from __future__ import annotations
@@ -21,15 +29,20 @@ import signal
 import socket
 from typing import Any, Callable, List, Optional, Tuple, Union
 
-from pyxl.errors import MigrationError
+from pyxl.errors import MigrationError, OperationError, StartupError
 from pyxl.fdio import close_quietly
 from pyxl.loop import Loop, Timer
-from pyxl.migrate.address import parse_address
+from pyxl.migrate.address import format_address, is_loopback, parse_address
+from pyxl.migrate.peeruid import peer_uid
 from pyxl.migrate.resolve import Address, Lookup, numeric
 from pyxl.migrate.tls import TlsBridge, TlsOptions, make_context
 from pyxl.spawn import Child, inherited_stderr
 
-__all__ = ["ReceiverChannel"]
+__all__ = ["PLAIN_TCP_ADVICE", "ReceiverChannel"]
+
+#: How an API caller migrates safely (the CLI says it in its own flags).
+PLAIN_TCP_ADVICE = ("use mutual TLS (tls=TlsOptions(...)), ssh (command=\"ssh HOST pyxl "
+                    "migrate-receive\"), or insecure=True on a trusted network")
 
 _EXIT_GRACE = 10.0    # seconds a command gets to exit once its pipes are closed
 
@@ -42,15 +55,19 @@ class ReceiverChannel:
     TCP; a TLS bridge's pipe ends with ``tls``; maybe before the
     constructor returns); ``on_failed(exc)`` if the name does not resolve,
     the connection is refused, or TLS fails (at any time: a
-    MigrationAuthError when refused, a MigrationError when broken).  Raises OSError at once if it cannot even start, StartupError for
-    TLS files that do not load (both the caller's StartupError).
+    MigrationAuthError when refused, a MigrationError when broken), or a
+    name is not a loopback address for plain TCP (StartupError).  Raises
+    OSError at once if it cannot even start, StartupError for TLS files that
+    do not load and for plain TCP to a numeric address that is not loopback
+    (without ``insecure``).
     """
 
     def __init__(self, loop: Loop, target: Optional[Union[str, Tuple[str, int]]],
                  command: Optional[str], on_ready: Callable[[int, int], None],
-                 on_failed: Callable[[MigrationError], None],
-                 tls: Optional[TlsOptions] = None) -> None:
+                 on_failed: Callable[[OperationError], None],
+                 tls: Optional[TlsOptions] = None, insecure: bool = False) -> None:
         self.loop, self.on_ready, self.on_failed = loop, on_ready, on_failed
+        self._checks_peer = command is None and tls is None and not insecure
         if tls is not None:
             make_context(tls, server=False)   # its files load, or StartupError now
         self._bridge: Optional[TlsBridge] = None
@@ -80,6 +97,9 @@ class ReceiverChannel:
                                              on_ready=self._secured, on_failed=self.on_failed)
                 addr = numeric(host, port)
                 if addr is not None:
+                    why = self._refused(addr)
+                    if why:
+                        raise StartupError(why)
                     self._connect(*addr)
                 else:   # a name: looked up from the loop
                     self._lookup = Lookup(self.loop, host, port, self._resolved)
@@ -114,7 +134,36 @@ class ReceiverChannel:
             self.on_failed(MigrationError(why))
             return
         self._untried = list(lookup.addresses[1:]) if lookup is not None else []
+        why = next(filter(None, map(self._refused, [addr] + self._untried)), "")
+        if why:
+            self.on_failed(StartupError(why))
+            return
         self._try(addr)
+
+    def _refused(self, addr: Address) -> str:
+        """Why plain TCP may not go to ``addr`` ("" if it may)."""
+        if not self._checks_peer or is_loopback(addr[1]):
+            return ""
+        return (f"refusing plain TCP to {format_address(*addr[1][:2])}, not a loopback address: "
+                "the guest's memory would cross the network unencrypted, to whoever answers; "
+                f"{PLAIN_TCP_ADVICE}")
+
+    def unauthenticated_receiver(self) -> Optional[str]:
+        """Why the receiver that sent its banner may not have the guest (None:
+        it may).  Plain TCP without ``insecure`` is on loopback (see
+        :meth:`_refused`): the receiver's socket must be our user's, or root's."""
+        if not self._checks_peer or self._sock is None:
+            return None
+        try:
+            uid = peer_uid(self._sock)
+        except OSError as exc:
+            return f"cannot tell which user's receiver answered ({exc.strerror or exc})"
+        if uid not in (os.geteuid(), 0):
+            where = format_address(*self._sock.getpeername()[:2])
+            return (f"the receiver at {where} is user {uid}'s, not this sender's "
+                    f"({os.geteuid()}) or root's: plain TCP sends a domain only to its own "
+                    f"user's receiver; {PLAIN_TCP_ADVICE}")
+        return None
 
     def _try(self, addr: Address) -> None:
         """Connect to ``addr``; if that fails at once, the next of the name's addresses."""

@@ -10,7 +10,9 @@ that a receiver reads itself.  :class:`SenderHandshake` and
 ``send(event)``.  Bad peer bytes raise
 :class:`~pyxl.errors.MigrationProtocolError` and poison the machine; asking
 it to send what the protocol forbids raises
-:class:`~pyxl.errors.LocalProtocolError`.  It may import pyxl.errors and
+:class:`~pyxl.errors.LocalProtocolError`.  What a receiver says in words (why
+it failed) is made safe here, as it is received: escaped, at most
+:data:`REASON_MAX` characters.  It may import pyxl.errors, pyxl._text and
 pyxl.stream's header codecs (bytes in, values out); never os, select,
 socket, subprocess, the loop or the operations.
 """
@@ -51,6 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NoReturn, Optional, Union
 
+from pyxl._text import shown
 from pyxl.errors import LocalProtocolError, MigrationProtocolError
 from pyxl.stream import xl as stream_xl
 from pyxl.stream.framing import REC_HEADER
@@ -62,7 +65,7 @@ LIBXL_MAGIC_START = b"Libx"    # a plain libxl stream's first bytes (its ident, 
 __all__ = [
     "BANNER", "READY", "GO", "REPORT", "FAILED", "CHOSEN", "RESTORED", "COMPRESSIONS",
     "OFFER_WAIT", "ReceiverProgress",
-    "MESSAGE_MAX", "HEAD_MAX", "Banner", "StreamHead", "CompressionChosen", "StreamStart", "DomainReceived", "ReceiverFailed", "ClearedToUnpause",
+    "MESSAGE_MAX", "REASON_MAX", "HEAD_MAX", "Banner", "StreamHead", "CompressionChosen", "StreamStart", "DomainReceived", "ReceiverFailed", "ClearedToUnpause",
     "UnpauseResult", "ConnectionClosed", "NEED_DATA", "Event",
     "SenderHandshake", "ReceiverHandshake",
 ]
@@ -77,6 +80,7 @@ RESTORED = b"pyxl restored "             # pyxl: + decimal bytes + NUL, a compre
 COMPRESSIONS = ("zstd", "none")
 OFFER_WAIT = 2.0            # s a sender waits for the answer to its offer (xl never answers)
 MESSAGE_MAX = 4096          # longest handshake message (NUL included) we accept or send
+REASON_MAX = 200            # characters of a receiver's reason a sender keeps (as reasons.py sends)
 HEAD_MAX = 512 << 10        # xl optional data (the config) a receiver takes
 
 
@@ -269,8 +273,12 @@ class SenderHandshake(_Handshake):
     ``AWAIT_BANNER`` -(:class:`Banner`)-> ``STREAMING`` -(``stream_sent()``)->
     ``AWAIT_READY`` -(:class:`DomainReceived`)-> ``MAY_CLEAR``
     -(``send(ClearedToUnpause())``)-> ``AWAIT_REPORT`` -(:class:`UnpauseResult`)->
-    ``DONE``.  Instead of its banner, while streaming or awaiting READY the
-    receiver may say :class:`ReceiverFailed` (-> ``DONE``).
+    ``DONE``.  Instead of its banner, while streaming, awaiting READY, or
+    before it is cleared to unpause, the receiver may say
+    :class:`ReceiverFailed` (-> ``DONE``); anything else before it is cleared
+    (an early status: the source must not go on its word) is a protocol
+    error.  Bytes that came before ``send(ClearedToUnpause())`` are parsed
+    in ``MAY_CLEAR``, so the caller takes every event before it clears.
     """
 
     AWAIT_BANNER = "await-banner"
@@ -306,7 +314,7 @@ class SenderHandshake(_Handshake):
 
     def _parsing(self) -> bool:
         return self.state in (self.AWAIT_BANNER, self.STREAMING, self.AWAIT_READY,
-                              self.AWAIT_REPORT)
+                              self.MAY_CLEAR, self.AWAIT_REPORT)
 
     def _parse(self) -> Union[Event, _NeedData]:
         if self.state == self.AWAIT_BANNER:
@@ -323,6 +331,15 @@ class SenderHandshake(_Handshake):
             return Banner()
         if self.state in (self.STREAMING, self.AWAIT_READY):
             return self._parse_message()
+        if self.state == self.MAY_CLEAR:
+            # Only pyxl's "failed" (a receiver that gave up waiting to be
+            # cleared); a status now would come before it could be true.
+            if not self._buf:
+                return NEED_DATA
+            if not FAILED.startswith(bytes(self._buf[:len(FAILED)])):
+                self._bad("the receiver spoke before it was cleared to unpause: "
+                          f"{bytes(self._buf[:80])!r}")
+            return self._parse_message() if len(self._buf) >= len(FAILED) else NEED_DATA
         if self.state == self.AWAIT_REPORT:
             if len(self._buf) < len(REPORT) + 1:
                 if not REPORT.startswith(bytes(self._buf[:len(REPORT)])):
@@ -333,10 +350,10 @@ class SenderHandshake(_Handshake):
             status = self._take(len(REPORT) + 1)[-1]
             self.state = self.DONE
             return UnpauseResult(status)
-        return NEED_DATA   # MAY_CLEAR, DONE: the receiver has nothing to say
+        return NEED_DATA   # DONE: the receiver has nothing to say
 
     def _parse_message(self) -> Union[Event, _NeedData]:
-        """READY or FAILED: NUL-terminated."""
+        """READY or FAILED (or pyxl's CHOSEN, RESTORED): NUL-terminated."""
         nul = self._buf.find(b"\0", 0, MESSAGE_MAX)
         if nul < 0:
             if len(self._buf) >= MESSAGE_MAX:
@@ -350,7 +367,9 @@ class SenderHandshake(_Handshake):
         msg = self._take(nul + 1)
         if msg.startswith(FAILED):
             self.state = self.DONE
-            return ReceiverFailed(msg[len(FAILED):-1].decode("utf-8", "replace"))
+            # Words for logs and terminals: escaped and cut here, once.
+            reason = msg[len(FAILED):-1].decode("utf-8", "replace")
+            return ReceiverFailed(shown(reason, REASON_MAX) or "(no reason given)")
         if msg.startswith(RESTORED) and self.answered and self.state in (self.STREAMING,
                                                                           self.AWAIT_READY):
             digits = msg[len(RESTORED):-1]
@@ -363,7 +382,7 @@ class SenderHandshake(_Handshake):
                 self._bad(f"the receiver chose an unknown compression {name[:40]!r}")
             self.answered = True
             return CompressionChosen(name)
-        if msg != READY or self.state != self.AWAIT_READY:
+        if msg != READY or self.state != self.AWAIT_READY:   # MAY_CLEAR: FAILED only
             self._bad(f"unexpected message from the receiver: {msg[:80]!r}")
         self.state = self.MAY_CLEAR
         return DomainReceived()

@@ -17,11 +17,10 @@ and pyxl.loop.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from pyxl.errors import MigrationAuthError, MigrationError, MigrationProtocolError, OperationError
 from pyxl.fdio import FdWriter, close_quietly, set_nonblocking
@@ -31,7 +30,7 @@ from pyxl.migrate.handshake import (NEED_DATA, Banner, ConnectionClosed, Receive
 from pyxl.migrate.peeruid import peer_uid
 from pyxl.migrate.tls import TlsBridge, TlsOptions, allowed
 
-__all__ = ["Admission", "DropLog", "Link", "SILENT", "SECURING", "TALKING", "is_loopback",
+__all__ = ["Admission", "DropLog", "Link", "SILENT", "SECURING", "TALKING",
            "pick_evictee"]
 
 # How far a pending connection got, for eviction: a peer that has sent nothing
@@ -98,14 +97,6 @@ class DropLog:
                                 self._sources[top])
         self._logged = self._dropped = 0
         self._sources.clear()
-
-
-def is_loopback(sockname: Tuple[Any, ...]) -> bool:
-    """Is a bound socket's address a loopback one (127/8, ::1)?"""
-    try:
-        return ipaddress.ip_address(str(sockname[0]).split("%")[0]).is_loopback
-    except ValueError:
-        return False
 
 
 def _not_our_user(sock: socket.socket) -> Optional[str]:

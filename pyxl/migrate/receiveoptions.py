@@ -4,7 +4,8 @@ deadlines and door sizes :func:`pyxl.migrate.receive` takes by default,
 TCP off loopback, and :class:`ReceiveResult`
 (re-exported by :mod:`pyxl.migrate.receiver`, which runs the receive).
 
-May import: pyxl.ops.restore (the result it holds), pyxl.migrate.tls.
+May import: pyxl.ops.restore (the result it holds), pyxl.migrate.tls,
+pyxl.migrate.relay (IDLE_MIN_BYTES).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from pyxl.migrate.relay import IDLE_MIN_BYTES
 from pyxl.migrate.tls import TlsOptions
 from pyxl.ops.restore import RestoreResult
 
@@ -21,7 +23,6 @@ __all__ = ["check_receive_args", "HEADER_TIMEOUT", "IDLE_MIN_BYTES", "IDLE_TIMEO
 PROGRESS_EVERY = 0.05   # s between a compressed stream's progress reports to the sender
 HEADER_TIMEOUT = 60.0   # s from a connection to its stream head (TLS, banner, head)
 IDLE_TIMEOUT = 60.0     # s without stream bytes, or waiting for "cleared to unpause"
-IDLE_MIN_BYTES = 64 << 10   # fewer stream bytes than this in an idle_timeout: idle too
 MAX_PENDING = 8         # connections in TLS (a stage each) at once while listening
 SILENT_SLOTS = 8        # x max_pending: connections pending in all (silent ones cost a socket)
 

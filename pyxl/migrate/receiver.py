@@ -32,14 +32,14 @@ from pyxl.backends.base import start_destroy, start_rename, start_unpause
 from pyxl.errors import MigrationError, MigrationProtocolError, OperationError, StartupError
 from pyxl.fdio import FdWriter, check_channel, close_quietly, set_nonblocking
 from pyxl.loop import Loop, Timer
-from pyxl.migrate.address import format_address, parse_address
+from pyxl.migrate.address import format_address, is_loopback, parse_address
 from pyxl.migrate.domain import INCOMING, digest_or_none, domain_name
 from pyxl.migrate.future import MigrationFuture
 from pyxl.migrate.handshake import (NEED_DATA, CompressionChosen, ConnectionClosed,
                                     DomainReceived, ReceiverFailed, ReceiverHandshake,
                                     ReceiverProgress, StreamHead, StreamStart, UnpauseResult)
 from pyxl.migrate.incoming import check_image_name, start_name_check, start_name_taken
-from pyxl.migrate.listener import Admission, DropLog, Link, is_loopback, pick_evictee
+from pyxl.migrate.listener import Admission, DropLog, Link, pick_evictee
 from pyxl.migrate.reasons import blame_sender, peer_reason
 from pyxl.migrate.receiveoptions import (HEADER_TIMEOUT, IDLE_MIN_BYTES, IDLE_TIMEOUT, MAX_PENDING,
                                          PLAIN_TCP_ADVICE, PROGRESS_EVERY, SILENT_SLOTS,

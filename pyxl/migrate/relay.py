@@ -20,9 +20,12 @@ from typing import Callable, Optional
 from pyxl.fdio import make_pipe, pipe_size, set_nonblocking
 from pyxl.loop import Loop, Timer
 
-__all__ = ["CHUNK", "CAPPED_PIPE", "SpliceRelay", "make_pipe", "pipe_size"]
+__all__ = ["CHUNK", "CAPPED_PIPE", "IDLE_MIN_BYTES", "SpliceRelay", "make_pipe", "pipe_size"]
 
 CHUNK = 1 << 20             # the uncapped pipes' size
+#: Fewer stream bytes than this through a relay in an idle timeout is no
+#: progress, at either end (a peer that trickles must not hold a domain).
+IDLE_MIN_BYTES = 64 << 10
 # Most bytes one splice moves.  Into a loopback or local socket the kernel does
 # the receiving side's work inside the sender's call: a pump of 1 MiB splices
 # took up to 18 ms of the loop's CPU in bench/stall.py's migrate round.  At
@@ -80,6 +83,11 @@ class SpliceRelay:
         self._pump()
 
     # -- registrations --
+
+    @property
+    def waiting_on_peer(self) -> bool:
+        """Bytes wait for the destination to take them (it is not writable)."""
+        return self._writing
 
     def _watch(self, read: bool, write: bool) -> None:
         if read != self._reading:

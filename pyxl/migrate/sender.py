@@ -9,8 +9,8 @@ destroyed after the receiver's status 0, running after any failure before
 "cleared to unpause", paused when in doubt.  Bytes go through
 :class:`~pyxl.migrate.handshake.SenderHandshake`; the channel is
 :class:`~pyxl.migrate.connection.ReceiverChannel`.  It may import the
-handshake, relay, connection, domain, future, precopy, converge, tls and tlsstage modules of this
-package, pyxl.ops (SaveOperation), pyxl.backends, pyxl.errors, pyxl.fdio
+handshake, relay, connection, domain, future, precopy, converge, sendoptions, tls and tlsstage
+modules of this package, pyxl.ops (SaveOperation), pyxl.backends, pyxl.errors, pyxl.fdio
 and pyxl.loop; the receiver's module never.
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Set, Tuple, Union
 
 from pyxl._log import get_logger, log_failure
@@ -37,7 +36,8 @@ from pyxl.migrate.handshake import (NEED_DATA, OFFER_WAIT, Banner, ClearedToUnpa
                                     CompressionChosen, DomainReceived, ReceiverFailed,
                                     ReceiverProgress, SenderHandshake, UnpauseResult)
 from pyxl.migrate.precopy import OnFail, precopy_env
-from pyxl.migrate.relay import CAPPED_PIPE, CHUNK, SpliceRelay, make_pipe
+from pyxl.migrate.relay import CAPPED_PIPE, CHUNK, IDLE_MIN_BYTES, SpliceRelay, make_pipe
+from pyxl.migrate.sendoptions import MigrateResult, check_send_args
 from pyxl.migrate.tls import TlsOptions
 from pyxl.migrate.tlsstage import CLOSED_EARLY
 from pyxl.ops.api import save
@@ -54,20 +54,6 @@ CATCH_UP = 8 << 20    # raw bytes a compressed stream's receiver may be behind a
 #: its TLS check: pyxl.migrate.reasons.peer_reason of a MigrationAuthError).
 NOT_AUTHORIZED = "not authorized"
 HOLD_MAX = 30.0       # s the switch-over waits for it at most
-
-
-@dataclass
-class MigrateResult:
-    domid: int
-    downtime: Optional[float]   # seconds: source suspended -> destination's copy running
-    iterations: int             # precopy rounds sent while the guest ran
-    bytes_sent: int             # stream bytes written to the connection
-    duration: float
-    digest: Optional[str]       # sim digest of the source at switch-over (on request)
-    save: SaveResult
-    checkpoints: int = 0        # Remus: checkpoints sent before the switch-over
-    throttle: int = 0           # the lowest CPU cap (percent) auto-converge/a policy set; 0: none
-    compressed: bool = False    # the receiver took the offer: bytes_sent are zstd's
 
 
 class MigrateOperation(MigrationFuture[MigrateResult]):
@@ -102,26 +88,11 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
                  tls: Optional[TlsOptions] = None,
                  idle_timeout: Optional[float] = 60.0, auto_converge: bool = False,
                  policy: Optional[Policy] = None, policy_deadline: float = 5.0,
-                 compress: bool = False) -> None:
-        if (target is None) == (command is None):
-            raise ValueError("give either a target HOST:PORT or a command, not both or neither")
-        if command is not None and not command.strip():
-            raise ValueError("command is empty")
-        if tls is not None and not isinstance(tls, TlsOptions):
-            raise TypeError(f"tls: a pyxl.migrate.TlsOptions, not {type(tls).__name__}")
-        if tls is not None and command is not None:
-            raise ValueError("TLS is for a HOST:PORT target (a command is its own channel: ssh)")
-        if not handshake_timeout > 0:
-            raise ValueError("handshake_timeout must be positive")
-        if idle_timeout is not None and not idle_timeout > 0:
-            raise ValueError("idle_timeout must be positive (or None: no deadline)")
+                 compress: bool = False, insecure: bool = False) -> None:
+        check_send_args(target, command, tls, insecure, handshake_timeout, idle_timeout, live,
+                        remus, compress, checkpoints, downtime_ms, max_bandwidth)
         self.handshake_timeout, self.idle_timeout = handshake_timeout, idle_timeout
         self._idle_mark = -1
-        if remus and not live:
-            raise ValueError("a checkpointed (Remus) migration is live")
-        if remus and compress:
-            raise ValueError("compression is for a plain migration, not a checkpointed one "
-                             "(a Remus stream's end is a failover, not a whole frame)")
         self.compress = compress
         self.compressed = False           # the receiver took the offer
         self._config: Optional[Dict[str, Any]] = None
@@ -133,14 +104,8 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         # the suspend that waits for it to catch up.
         self._restored: Optional[int] = None
         self._held_suspend: Optional[Callable[[], None]] = None
-        if checkpoints is not None and (not remus or checkpoints < 1):
-            raise ValueError("checkpoints: a positive number, for a Remus migration")
         self.remus, self.checkpoints = remus, checkpoints
         self.checkpoint_interval = checkpoint_interval
-        if downtime_ms is not None and not live:
-            raise ValueError("a downtime target needs a live migration")
-        if max_bandwidth is not None and max_bandwidth <= 0:
-            raise ValueError("max_bandwidth must be positive")
         if auto_converge:
             if downtime_ms is None or policy is not None:
                 raise ValueError("auto_converge needs a downtime target (and no policy of yours)")
@@ -203,7 +168,7 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         self._listening = target is not None   # not a command: one that hangs up early is full
         try:
             self.channel = ReceiverChannel(self.loop, target, command, self._ready_transport,
-                                           self._channel_failed, tls=tls)
+                                           self._channel_failed, tls=tls, insecure=insecure)
         except BaseException as exc:
             self._close_transport()
             for t in self._timers:
@@ -256,6 +221,7 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         return self._listening and self.handshake.state == SenderHandshake.AWAIT_BANNER
 
     def _process(self) -> None:
+        received = False
         while not self._done and self._error is None:
             try:
                 event = self.handshake.next_event()
@@ -266,15 +232,23 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
                     self._fail(exc)
                 return
             if event is NEED_DATA:
+                if received:
+                    # Only now: whatever came with "ready" has been parsed (a
+                    # status sent before we clear it must not be taken after).
+                    self._send_go()
                 return
             if isinstance(event, Banner):
+                problem = self.channel.unauthenticated_receiver() if self.channel else None
+                if problem is not None:
+                    self._fail(MigrationAuthError(problem))
+                    return
                 self._start_stream()
             elif isinstance(event, CompressionChosen):
                 self._offer_answered(event.name)
             elif isinstance(event, ReceiverProgress):
                 self._receiver_caught_up(event.restored)
             elif isinstance(event, DomainReceived):
-                self._send_go()
+                received = True
             elif isinstance(event, UnpauseResult):
                 self._reported(event.status)
                 return
@@ -417,9 +391,10 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
     def _arm_idle(self) -> None:
         """Stream inactivity: a receiver that takes nothing for ``idle_timeout``
         (the save helper then blocks, maybe with the source suspended) fails
-        the migration; the source runs on.  Not for Remus, quiet between
-        checkpoints."""
-        if self.idle_timeout is not None and not self.remus:
+        the migration; the source runs on.  A Remus stream is quiet between
+        checkpoints: there only a relay held up by the receiver counts (a
+        checkpoint it stopped reading keeps the source suspended)."""
+        if self.idle_timeout is not None:
             self._timers.append(self.loop.call_later(self.idle_timeout, self._idle_check))
 
     def _idle_check(self) -> None:
@@ -427,8 +402,15 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         if (self._done or self._error is not None or relay is None or relay.finished
                 or self.handshake.state != SenderHandshake.STREAMING):
             return
-        if relay.sent == self._idle_mark:
-            self._fail(MigrationError(f"the stream did not move for {self.idle_timeout:g}s"))
+        moved = relay.sent - self._idle_mark      # the first check only takes the mark
+        # Nothing moved (and not a Remus stream between checkpoints), or the
+        # receiver takes a trickle while bytes wait for it: that keeps the
+        # source suspended as surely as taking nothing (not our own cap).
+        if self._idle_mark >= 0 and ((moved == 0 and not self.remus) or
+                                     (moved < IDLE_MIN_BYTES and relay.waiting_on_peer)):
+            self._fail(MigrationError(
+                f"the stream did not move for {self.idle_timeout:g}s" if moved == 0 else
+                f"the receiver took under {IDLE_MIN_BYTES >> 10} KiB in {self.idle_timeout:g}s"))
             return
         self._idle_mark = relay.sent
         self._arm_idle()
@@ -520,6 +502,9 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
 
     def _clear_to_unpause(self) -> None:
         assert self.outbox is not None
+        if self._done or self._error is not None or \
+                self.handshake.state != SenderHandshake.MAY_CLEAR:
+            return      # failed while the source was renamed (the receiver said so)
         go = self.handshake.send(ClearedToUnpause())
         self._go_sent = True
         self.outbox.send(go)
@@ -578,7 +563,7 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
         self._renaming = True
         start_rename(self.backend, self.loop, self.domid, name, back)
 
-    def _channel_failed(self, exc: MigrationError) -> None:
+    def _channel_failed(self, exc: OperationError) -> None:
         """The channel broke (no connection, TLS refused or broken): once the
         receiver was cleared, that is a lost status like any other."""
         if self._go_sent:
@@ -610,6 +595,11 @@ class MigrateOperation(MigrationFuture[MigrateResult]):
 
     def _fail(self, exc: OperationError, resume: bool = False) -> None:
         if self._done or self._done_pending is not None:
+            return
+        if self._go_sent and not resume and not isinstance(exc, MigrationInDoubt):
+            # Whatever ends it now (a timeout, a cancel, the caller's own
+            # callback) ends it with the receiver cleared to run the guest.
+            self._in_doubt(exc.brief, cause=exc)
             return
         if self._error is None:
             self._error = exc

@@ -257,6 +257,7 @@ def test_a_failed_command_says_how_it_ended(hosts, command, ended):
     (["--live"], ["localhost"], "expected HOST:PORT"),
     (["--live", "--max-bandwidth", "0"], ["127.0.0.1:1"], "must be positive"),
     (["--live", "--downtime", "0"], ["127.0.0.1:1"], "must be from 0.001"),
+    (["--insecure", "--command", "true"], [], "--insecure is for plain TCP to HOST:PORT"),
 ])
 def test_cli_usage_errors(hosts, opts, target, complaint):
     done = subprocess.run(PYXL + ["migrate", "--sim-dir", hosts[0]] + opts + ["1"] + target,
@@ -320,8 +321,19 @@ def test_migration_between_network_namespaces(hosts, netns):
     rx = _cli_ns(ns_b, "migrate-receive", "--listen", f"{addr}:0", "--insecure", "--sim-dir", b,
                  "--json")
     port = _listening(rx)
+    # the sender refuses plain TCP off loopback as well, before it connects
+    refused = subprocess.run(["ip", "netns", "exec", ns_a] + PYXL +
+                             ["migrate", "--live", "--sim-dir", a, str(dom), f"{addr}:{port}"],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr == (f"pyxl: error: refusing plain TCP to {addr}:{port}, not a loopback "
+                              "address: the guest's memory would cross the network unencrypted, "
+                              "to whoever answers; use mutual TLS (--tls-cert/--tls-key/--tls-ca)"
+                              ", ssh (--command \"ssh HOST pyxl migrate-receive\"), or --insecure "
+                              "on a trusted network\n")
+    assert domains(a) == [(dom, "running")]
     tx = subprocess.run(["ip", "netns", "exec", ns_a] + PYXL +
-                        ["migrate", "--live", "--json", "--sim-dir", a, str(dom),
+                        ["migrate", "--live", "--insecure", "--json", "--sim-dir", a, str(dom),
                          f"{addr}:{port}"], capture_output=True, text=True, timeout=120,
                         cwd=ROOT)
     assert tx.returncode == 0, tx.stderr
@@ -346,8 +358,8 @@ def test_killed_receiver_across_namespaces_leaves_source_running(hosts, netns):
                  b)
     port = _listening(rx)
     tx = subprocess.Popen(["ip", "netns", "exec", ns_a] + PYXL +
-                          ["migrate", "--live", "--max-bandwidth", "20M", "--sim-dir", a,
-                           str(dom), f"{addr}:{port}"], stdout=subprocess.PIPE,
+                          ["migrate", "--live", "--insecure", "--max-bandwidth", "20M",
+                           "--sim-dir", a, str(dom), f"{addr}:{port}"], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, cwd=ROOT)
     time.sleep(1.0)
     rx.kill()

@@ -245,7 +245,8 @@ def test_sender_message_at_the_limit_is_fine():
     tx = SenderHandshake()
     feed(tx, XL_BANNER)
     reason = "r" * (hs.MESSAGE_MAX - len(PYXL_FAILED) - 1)
-    assert feed(tx, PYXL_FAILED + reason.encode() + b"\0") == [ReceiverFailed(reason)]
+    assert feed(tx, PYXL_FAILED + reason.encode() + b"\0") == \
+        [ReceiverFailed(reason[:hs.REASON_MAX - 1] + "…")]      # kept: its start
 
 
 def test_sender_oversized_nul_message_in_one_read():
@@ -458,6 +459,55 @@ def test_failed_reason_is_one_bounded_message():
     feed(tx, XL_BANNER)
     (ev,) = feed(tx, msg)
     assert isinstance(ev, ReceiverFailed) and ev.reason.startswith("a b") and "\ufffd" not in ev.reason
+
+
+def test_a_receivers_reason_is_made_safe_as_it_is_received():
+    """Escapes, separators and bidi overrides escaped, the length bounded: the
+    reason goes into errors, logs and terminals as it is."""
+    tx = SenderHandshake()
+    feed(tx, XL_BANNER)
+    said = "\x1b[1A\x1b[2Kmigrated\nforged: ERROR\u2028x\u202eevil\x07" + "A" * 3000
+    (ev,) = feed(tx, PYXL_FAILED + said.encode() + b"\0")
+    assert isinstance(ev, ReceiverFailed)
+    assert ev.reason.startswith("\\x1b[1A\\x1b[2Kmigrated\\nforged: ERROR\\u2028x\\u202eevil\\x07AAA")
+    assert ev.reason.isprintable() and len(ev.reason) == hs.REASON_MAX and ev.reason[-1] == "…"
+    tx = SenderHandshake()
+    feed(tx, XL_BANNER)
+    assert feed(tx, PYXL_FAILED + b"\0") == [ReceiverFailed("(no reason given)")]
+
+
+@pytest.mark.parametrize("how", ["whole", "bytes"])
+def test_a_status_before_the_receiver_is_cleared_is_a_protocol_error(how):
+    """A status now would come before the receiver could know it may run the
+    guest: the source must not be given up on its word."""
+    tx = SenderHandshake()
+    feed(tx, XL_BANNER)
+    tx.stream_sent()
+    with pytest.raises(MigrationProtocolError, match="spoke before it was cleared to unpause"):
+        feed(tx, XL_READY + XL_REPORT + b"\x00", how)
+    with pytest.raises(LocalProtocolError):
+        tx.send(ClearedToUnpause())
+
+
+@pytest.mark.parametrize("how", ["whole", "bytes"])
+def test_a_receiver_may_fail_before_it_is_cleared(how):
+    """pyxl's receiver gives up waiting to be cleared with its "failed": the
+    sender takes it, and has nobody to clear."""
+    tx = SenderHandshake()
+    feed(tx, XL_BANNER)
+    tx.stream_sent()
+    assert feed(tx, XL_READY + PYXL_FAILED + b"gave up waiting\0", how) == \
+        [DomainReceived(), ReceiverFailed("gave up waiting")]
+    assert tx.state == SenderHandshake.DONE
+    with pytest.raises(LocalProtocolError):
+        tx.send(ClearedToUnpause())
+    tx = SenderHandshake()
+    feed(tx, XL_BANNER)
+    tx.stream_sent()
+    feed(tx, XL_READY + PYXL_FAILED[:5])
+    tx.receive_data(b"")
+    with pytest.raises(MigrationProtocolError, match="in the middle of a message"):
+        tx.next_event()
 
 
 @pytest.mark.parametrize("bad", [

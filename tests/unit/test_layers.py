@@ -365,7 +365,7 @@ def test_no_oversized_modules():
 #: pyxl's layers, bottom first.  A module may import its own layer's modules and
 #: any below; never one above (the README's layer picture).
 LAYERS: Tuple[Tuple[str, ...], ...] = (
-    ("pyxl.errors", "pyxl._paths", "pyxl._log", "pyxl._units", "pyxl._record"),
+    ("pyxl.errors", "pyxl._paths", "pyxl._log", "pyxl._units", "pyxl._record", "pyxl._text"),
     ("pyxl.wire", "pyxl.stream", "pyxl.qmp.codec"),
     ("pyxl.loop", "pyxl.fdio", "pyxl.streamio", "pyxl.spawn", "pyxl.childproc", "pyxl.zstdstage",
      "pyxl.qmp", "pyxl.sim"),
