@@ -9,24 +9,34 @@ restore files), how to start the process (``spawn``), how to tell it is ready
 how to kill it (``kill``).
 
 * :meth:`~QmpDeviceModel.start_logdirty`: ``xen-set-global-dirty-log``.
-* :meth:`~QmpDeviceModel.start_save`: ``stop``; a fresh save file (a stale one
-  deleted first) opened ``O_WRONLY|O_CREAT|O_TRUNC`` 0600 and passed with
-  ``add-fd`` (SCM_RIGHTS); ``xen-save-devices-state`` to ``/dev/fdset/N``;
-  ``remove-fd``; the file read back and deleted -> the libxl records
+* :meth:`~QmpDeviceModel.start_save`: ``stop``; an anonymous file (memfd)
+  passed write-only with ``add-fd`` (SCM_RIGHTS); ``xen-save-devices-state``
+  to ``/dev/fdset/N``; ``remove-fd``; the file read back through pyxl's own
+  descriptor of it, at most ``max_state`` bytes -> the libxl records
   ``EMULATOR_XENSTORE_DATA`` (only if there are physmap keys) and
   ``EMULATOR_CONTEXT`` (u32 id 2 = QEMU upstream, u32 index 0, the file).
 * :meth:`~QmpDeviceModel.start_restore`: the ``EMULATOR_CONTEXT`` blob written
-  to the restore file and opened read-only; the device model spawned on it
-  (``-incoming fd:N``, the fd inherited) as a :class:`pyxl.spawn.Child`, so
-  the loop never waits for its fork and exec; its readiness polled on a timer,
-  bounded (libxl: 60 s); its early exit seen through the child's pidfd.
+  to an anonymous file; the device model spawned on it (``-incoming fd:N``,
+  the fd inherited) as a :class:`pyxl.spawn.Child`, so the loop never waits
+  for its fork and exec; its readiness polled on a timer, bounded (libxl:
+  60 s); its early exit seen through the child's pidfd.
+
+libxl names the two files in ``/var/lib/xen`` and QEMU opens the save file
+by name.  pyxl's are nameless: a device model is the guest's first target,
+and one that can write where the files are named (fakexen's, or a QEMU run
+as another user) could otherwise swap a name for a symlink or a FIFO between
+pyxl's looks -- and have pyxl (root) truncate any file and hand it over,
+copy any file into the image, or wait forever on the loop.  The state is
+bounded as a restore bounds it (:func:`state_bound`): a save never writes an
+image no restore would take.
 * :meth:`~QmpDeviceModel.start_resume` / :meth:`~QmpDeviceModel.resume`: ``cont``.
 * :meth:`~QmpDeviceModel.teardown`: kill it, remove its socket and files.
 
 Each QMP step opens its own connection (as libxl's ``libxl__ev_qmp`` does), so
 steps may run on different loops.  Everything is asynchronous on the loop -- fd
-watches and timers; the only synchronous work is reading and writing small
-regular files, and :meth:`~QmpDeviceModel.resume` for synchronous callers.
+watches and timers; the only synchronous work is reading and writing the
+bounded state in memory-backed files, and :meth:`~QmpDeviceModel.resume` for
+synchronous callers.
 Failures are :class:`pyxl.errors.DeviceModelError`\\ s.
 
 May import: pyxl.errors, pyxl.loop, pyxl.qmp, pyxl.spawn, pyxl.backends.base.
@@ -49,9 +59,10 @@ from pyxl.qmp.codec import QmpTimeout
 from pyxl.spawn import Child
 
 __all__ = [
-    "DeviceModelStartError", "DeviceModelTimeout", "DmDone", "DmSaved",
-    "EMULATOR_CONTEXT", "EMULATOR_QEMU_UPSTREAM", "EMULATOR_XENSTORE_DATA", "QmpDeviceModel",
-    "Readiness", "Spawn", "emulator_context", "emulator_records", "emulator_xenstore_data",
+    "DEFAULT_MAX_EMULATOR_CONTEXT", "DeviceModelStartError", "DeviceModelTimeout", "DmDone",
+    "DmSaved", "EMULATOR_CONTEXT", "EMULATOR_QEMU_UPSTREAM", "EMULATOR_XENSTORE_DATA",
+    "QmpDeviceModel", "Readiness", "Spawn", "emulator_context", "emulator_records",
+    "emulator_xenstore_data", "state_bound",
 ]
 
 #: libxl's record types for the device model (libxl_sr_stream_format.h).
@@ -59,8 +70,18 @@ EMULATOR_XENSTORE_DATA, EMULATOR_CONTEXT = 2, 3
 #: libxl's emulator id for qemu-xen (upstream QEMU).
 EMULATOR_QEMU_UPSTREAM = 2
 _EMU_HDR = struct.Struct("<II")
-#: Largest device-model state accepted (QEMU's for a Xen HVM guest is some KiB).
-MAX_STATE = 256 << 20
+#: Largest device-model state (EMULATOR_CONTEXT) saved or restored, unless the
+#: backend declares ``max_emulator_context`` (QEMU's for a Xen HVM guest: some KiB).
+DEFAULT_MAX_EMULATOR_CONTEXT = 4 << 20
+
+
+def state_bound(backend: Any) -> int:
+    """The backend's ``max_emulator_context`` (bytes) if it declares one, else
+    :data:`DEFAULT_MAX_EMULATOR_CONTEXT`: the one bound of a save and a restore."""
+    declared = getattr(backend, "max_emulator_context", None)
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+        return declared
+    return DEFAULT_MAX_EMULATOR_CONTEXT
 
 #: ``done(err)``: None when the step succeeded.
 DmDone = Callable[[Optional[DeviceModelError]], None]
@@ -155,8 +176,7 @@ class _Step:
         self.owner, self.loop = owner, loop
         self.client: Optional[QmpClient] = None
         self.timers: List[Timer] = []
-        self.fd = -1
-        self.files: List[str] = []
+        self.fds: List[int] = []         # closed by release()
         self.finished = False
         self.child: Optional[Child] = None
         owner._steps.add(self)
@@ -175,7 +195,7 @@ class _Step:
         self.timers.append(timer)
 
     def release(self) -> None:
-        """Everything but the child: client, timers, fd, files."""
+        """Everything but the child: client, timers, fds."""
         self.finished = True
         self.owner._steps.discard(self)
         if self.client is not None:
@@ -184,12 +204,14 @@ class _Step:
         for t in self.timers:
             t.cancel()
         self.timers.clear()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        for path in self.files:
-            _unlink(path)
-        self.files.clear()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+    def take(self, fd: int) -> None:
+        """Close ``fd`` now (it is no longer this step's)."""
+        self.fds.remove(fd)
+        os.close(fd)
 
     def kill_child(self) -> None:
         """SIGKILL through its pidfd (delivered once the spawner has answered,
@@ -216,9 +238,8 @@ def _unlink(path: str) -> None:
 class QmpDeviceModel:
     """One domain's device model, over QMP.
 
-    ``qmp_path``: its QMP socket.  ``save_path``/``restore_path``: where its state
-    goes while saved and restored (libxl: ``/var/lib/xen/qemu-save.D``,
-    ``qemu-resume.D``).  ``ready``: the readiness check polled after a restore
+    ``qmp_path``: its QMP socket.  ``max_state``: the most device state a save
+    takes (:func:`state_bound`).  ``ready``: the readiness check polled after a restore
     spawn.  ``kill``: stop the device model however it runs (a daemon's pid file,
     XenStore's ``image/device-model-pid``); called by :meth:`teardown` and after a
     failed restore.  ``xenstore_data()``: the physmap keys to save (none: no
@@ -228,14 +249,14 @@ class QmpDeviceModel:
     start on a saved state (libxl: 60 s).
     """
 
-    def __init__(self, domid: int, qmp_path: str, save_path: str, restore_path: str, *,
+    def __init__(self, domid: int, qmp_path: str, *, max_state: int = DEFAULT_MAX_EMULATOR_CONTEXT,
                  ready: Optional[Readiness] = None, kill: Optional[Callable[[], None]] = None,
                  xenstore_data: Optional[Callable[[], Dict[str, str]]] = None,
                  write_xenstore_data: Optional[Callable[[Dict[str, str]], None]] = None,
                  qmp_timeout: float = 10.0, save_timeout: float = 60.0,
                  ready_timeout: float = 60.0, logger: Optional[logging.Logger] = None) -> None:
         self.domid = domid
-        self.qmp_path, self.save_path, self.restore_path = qmp_path, save_path, restore_path
+        self.qmp_path, self.max_state = qmp_path, max_state
         self.ready, self.kill = ready, kill
         self.xenstore_data, self.write_xenstore_data = xenstore_data, write_xenstore_data
         self.qmp_timeout, self.save_timeout = qmp_timeout, save_timeout
@@ -292,7 +313,6 @@ class QmpDeviceModel:
         def fail(err: DeviceModelError) -> None:
             if step.finished:
                 return
-            step.files.append(self.save_path)
             step.release()
             done(None, err)
 
@@ -310,19 +330,22 @@ class QmpDeviceModel:
                 except DeviceModelError as exc:
                     fail(exc)
                 except OSError as exc:
-                    fail(DeviceModelError(f"domain {self.domid}'s device-model state file "
-                                          f"{self.save_path}: {exc.strerror or exc}"))
+                    fail(DeviceModelError(f"domain {self.domid}'s device-model state file: "
+                                          f"{exc.strerror or exc}"))
             return reply
 
         def stopped(_: Any) -> None:
-            _unlink(self.save_path)   # libxl does not truncate: a stale file must go first
-            step.fd = os.open(self.save_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-                              | os.O_CLOEXEC, 0o600)
-            client.command("add-fd", {}, check(added), fds=[step.fd])
+            state = _anonymous_file(f"qemu-save.{self.domid}")
+            step.fds.append(state)
+            # QEMU matches an fdset's descriptor by its access mode (it opens
+            # /dev/fdset/N write-only): a write-only one of the same file.
+            writer = os.open(f"/proc/self/fd/{state}", os.O_WRONLY | os.O_CLOEXEC)
+            step.fds.append(writer)
+            client.command("add-fd", {}, check(lambda value: added(value, writer)),
+                           fds=[writer])
 
-        def added(value: Any) -> None:
-            os.close(step.fd)
-            step.fd = -1
+        def added(value: Any, writer: int) -> None:
+            step.take(writer)       # the device model has its own now
             fdset = value.get("fdset-id") if isinstance(value, dict) else None
             if type(fdset) is not int:
                 raise DeviceModelError(f"QMP add-fd answered {value!r}, without an fdset-id")
@@ -342,9 +365,8 @@ class QmpDeviceModel:
             client.command("remove-fd", {"fdset-id": fdset}, removed)
 
         def finish() -> None:
-            blob = _read_file(self.save_path)
+            blob = _read_state(step.fds[0], self.max_state)
             xs = self.xenstore_data() if self.xenstore_data is not None else {}
-            step.files.append(self.save_path)
             step.release()
             done(emulator_records(blob, xs), None)
 
@@ -419,18 +441,12 @@ class QmpDeviceModel:
             xs = emulator_xenstore_data(records)
             if xs and self.write_xenstore_data is not None:
                 self.write_xenstore_data(xs)
-            step.files.append(self.restore_path)
-            _unlink(self.restore_path)
-            wfd = os.open(self.restore_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                          0o600)
-            try:
-                _write_all(wfd, blob)
-            finally:
-                os.close(wfd)
-            step.fd = os.open(self.restore_path, os.O_RDONLY | os.O_CLOEXEC)
-            step.child = spawn(step.fd, exited)
-            os.close(step.fd)       # the spawner has it, or a copy waits for it there
-            step.fd = -1
+            state = _anonymous_file(f"qemu-resume.{self.domid}")
+            step.fds.append(state)
+            _write_all(state, blob)
+            os.lseek(state, 0, os.SEEK_SET)     # QEMU reads it from where it stands
+            step.child = spawn(state, exited)
+            step.take(state)        # the spawner has it, or a copy waits for it there
         except (DeviceModelError, OSError) as exc:
             err = exc if isinstance(exc, DeviceModelError) else DeviceModelStartError(
                 f"cannot start domain {self.domid}'s device model: {os_error_text(exc)}")
@@ -443,16 +459,14 @@ class QmpDeviceModel:
     # -- teardown -----------------------------------------------------------------------------
 
     def teardown(self) -> None:
-        """Call off every step in flight, kill the device model, remove its socket and
-        its save and restore files."""
+        """Call off every step in flight, kill the device model, remove its socket."""
         for step in list(self._steps):
             step.cancel()
         if self.child is not None:
             self.child.kill()       # reaped from the loop once it has gone
             self.child = None
         self._kill_quietly()
-        for path in (self.qmp_path, self.save_path, self.restore_path):
-            self._remove(path)
+        self._remove(self.qmp_path)
 
     def _kill_quietly(self) -> None:
         if self.kill is not None:
@@ -469,22 +483,26 @@ class QmpDeviceModel:
             self.logger.warning("could not remove %s: %s", path, exc.strerror)
 
 
-def _read_file(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        if size > MAX_STATE:
-            raise DeviceModelError(f"device-model state of {size} bytes (more than {MAX_STATE})")
-        parts, got = [], 0
-        while got < size:
-            chunk = os.read(fd, size - got)
-            if not chunk:
-                break
-            parts.append(chunk)
-            got += len(chunk)
-        return b"".join(parts)
-    finally:
-        os.close(fd)
+def _anonymous_file(name: str) -> int:
+    """A memory-backed file with no name in any directory (``memfd_create``)."""
+    return os.memfd_create(name, os.MFD_CLOEXEC)
+
+
+def _read_state(fd: int, bound: int) -> bytes:
+    """The device model's saved state, from pyxl's own descriptor of the file
+    it wrote: at most ``bound`` bytes, or DeviceModelError."""
+    size = os.fstat(fd).st_size
+    if size > bound:
+        raise DeviceModelError(f"device-model state of {size} bytes (more than {bound}, the "
+                               "most a restore takes)")
+    parts, got = [], 0
+    while got < size:
+        chunk = os.pread(fd, size - got, got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -3,9 +3,10 @@
 :func:`device_model` makes the domain's QEMU a
 :class:`~pyxl.backends.devicemodel.QmpDeviceModel` (QMP steps: log-dirty,
 save, ``cont``, start on a saved state) with libxl's paths: QMP socket
-``/var/run/xen/qmp-libxl-D``, state files ``/var/lib/xen/qemu-save.D`` and
-``qemu-resume.D``, physmap keys under ``/local/domain/0/device-model/D``, and
-killed with SIGHUP by the pid in ``/local/domain/D/image/device-model-pid``.
+``/var/run/xen/qmp-libxl-D``, physmap keys under
+``/local/domain/0/device-model/D``, and killed with SIGHUP by the pid in
+``/local/domain/D/image/device-model-pid``.  Its state goes through anonymous
+files, not libxl's ``/var/lib/xen/qemu-save.D`` (see the devicemodel module).
 It works for a QEMU xl started as well as for pyxl's.
 
 Restore (libxl_create.c domcreate_launch_dm, libxl_dm.c libxl__spawn_local_dm),
@@ -13,7 +14,7 @@ Restore (libxl_create.c domcreate_launch_dm, libxl_dm.c libxl__spawn_local_dm),
 
 1. ``hvmloader/bios``, ``hvmloader/allow-memory-relocate`` and the
    device-model directory are written; the stream's EMULATOR_XENSTORE_DATA
-   keys go under it and its EMULATOR_CONTEXT to ``qemu-resume.D``;
+   keys go under it and its EMULATOR_CONTEXT to an anonymous file;
 2. QEMU is started with :func:`pyxl.backends.qemu_args.device_model_command`
    and ``-incoming fd:N`` on that file, by :mod:`pyxl.spawn`'s spawner (the
    loop does not wait for the fork and exec) in a session of its own, stdin
@@ -22,13 +23,13 @@ Restore (libxl_create.c domcreate_launch_dm, libxl_dm.c libxl__spawn_local_dm),
    pid recorded in XenStore once the spawner has answered;
 3. it is ready when it writes ``running`` to ``device-model/D/state``
    (within 60 s): a XenStore watch on the loop; its early exit fails the start
-   at once (a pidfd); the state file is removed either way;
+   at once (a pidfd);
 4. :class:`ChardevPostconfig`: its serial ptys are published in XenStore.
 
 Destroy (libxl__destroy_device_model, libxl__qmp_cleanup):
 :func:`destroy_device_model` removes the device-model directory, sends QEMU
 SIGHUP and unlinks both QMP sockets; :func:`remove_state_files` the
-qemu-save/qemu-resume files.
+qemu-save/qemu-resume files libxl (an xl save of the domain) may have left.
 
 May import: pyxl.backends.base, pyxl.backends.devicemodel, pyxl.backends.qemu_args,
 pyxl.backends.xenstore, pyxl.backends.xsasync, pyxl.backends.xswatch, pyxl.errors, pyxl.loop,
@@ -42,9 +43,11 @@ import signal
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from pyxl._log import get_logger
+from pyxl._text import shown
 from pyxl.backends import qemu_args
 from pyxl.backends.base import Cancellable, EmulatorRecord
-from pyxl.backends.devicemodel import QmpDeviceModel, emulator_xenstore_data
+from pyxl.backends.devicemodel import (DEFAULT_MAX_EMULATOR_CONTEXT, QmpDeviceModel,
+                                       emulator_xenstore_data)
 from pyxl.backends.xenstore import (XS_DIRECTORY, XS_MKDIR, XS_READ, XS_RM, XS_WRITE, XenStore,
                                     check_batch)
 from pyxl.backends.xsasync import XsScript, XsTask, entries, missing, ok, reason
@@ -111,7 +114,8 @@ def _log_tail(name: str, lines: int = 5) -> str:
             tail = f.read().decode(errors="replace").strip().splitlines()[-lines:]
     except OSError:
         return ""
-    return "; its log ends: " + " | ".join(tail) if tail else ""
+    # QEMU's own words (its guest's first target): escaped for logs and terminals
+    return "; its log ends: " + shown(" | ".join(tail), 600) if tail else ""
 
 
 def physmap(domid: int) -> XsScript[Dict[str, str]]:
@@ -138,14 +142,20 @@ def writes(values: Sequence[Tuple[str, str]]) -> XsScript[None]:
     check_batch(requests, (yield requests))
 
 
+#: Serial ports of a device model whose ptys pyxl publishes, at most (QEMU has 4).
+MAX_SERIAL_PORTS = 32
+
+
 def device_model(domid: int, ready: Optional[Callable[[], bool]] = None,
                  ready_timeout: Optional[float] = None,
                  kill: Optional[Callable[[], None]] = None,
-                 xenstore_data: Optional[Dict[str, str]] = None) -> QmpDeviceModel:
-    """The domain's QEMU as a :class:`QmpDeviceModel`: libxl's QMP socket and
-    state files; ``xenstore_data``: its physmap keys, read beforehand (a save)."""
-    return QmpDeviceModel(domid, qemu_args.qmp_path(domid), save_file(domid),
-                          restore_file(domid), ready=ready, kill=kill,
+                 xenstore_data: Optional[Dict[str, str]] = None,
+                 max_state: int = DEFAULT_MAX_EMULATOR_CONTEXT) -> QmpDeviceModel:
+    """The domain's QEMU as a :class:`QmpDeviceModel`: libxl's QMP socket;
+    ``xenstore_data``: its physmap keys, read beforehand (a save); ``max_state``:
+    the backend's bound (:func:`~pyxl.backends.devicemodel.state_bound`)."""
+    return QmpDeviceModel(domid, qemu_args.qmp_path(domid), max_state=max_state,
+                          ready=ready, kill=kill,
                           xenstore_data=None if xenstore_data is None else lambda: xenstore_data,
                           ready_timeout=start_timeout() if ready_timeout is None else ready_timeout,
                           logger=get_logger(f"pyxl.domain.{domid}"))
@@ -314,8 +324,11 @@ class ChardevPostconfig:
                 port = label[len("serial"):]
                 if not label.startswith("serial"):
                     continue
-                if not port.isdigit():
-                    self._end(False, f"QMP query-chardev: invalid serial port {label!r}")
+                # The device model's words: ASCII digits only (str.isdigit takes
+                # "²" and "١"), and a bounded number of ports to publish.
+                if not (port.isascii() and port.isdigit() and len(port) <= 4) \
+                        or len(ttys) >= MAX_SERIAL_PORTS or len(filename) > 4096:
+                    self._end(False, f"QMP query-chardev: invalid serial port {label[:40]!r}")
                     return
                 if filename.startswith("pty:"):
                     ttys.append((f"/local/domain/{self.domid}/serial/{int(port)}/tty",
@@ -352,7 +365,9 @@ def forget_device_model(domid: int) -> XsScript[Optional[int]]:
     if not missing(replies[0]):
         ok(replies[0])
     raw = None if missing(replies[1]) else ok(replies[1]).strip()
-    return int(raw) if raw and raw.isdigit() else None
+    pid = int(raw) if raw and raw.isdigit() and len(raw) <= 10 else None
+    # 0 would signal our own process group, 1 init: never a device model's
+    return pid if pid is not None and pid > 1 else None
 
 
 def destroy_device_model(domid: int, pid: Optional[int],

@@ -24,7 +24,7 @@ from pyxl import sim
 from pyxl.backends.base import (Cancellable, Created, Done, EmulatorRecord, NoDeviceModel,
                                 RestorePorts, SavedState, name_owner, owner_of, run_steps,
                                 run_to_end)
-from pyxl.backends.devicemodel import QmpDeviceModel, emulator_context
+from pyxl.backends.devicemodel import QmpDeviceModel, emulator_context, state_bound
 from pyxl.childproc import ShortChild
 from pyxl.errors import BackendError, DeviceModelError, StartupError
 from pyxl.loop import Loop, Timer
@@ -246,8 +246,7 @@ class SimBackend:
     def _qmp_device_model(self, domid: int) -> QmpDeviceModel:
         domdir = dmcontrol.domain_dir(domid, self.sim_dir)
         return QmpDeviceModel(
-            domid, dmcontrol.qmp_path(domid, self.sim_dir),
-            os.path.join(domdir, dmcontrol.SAVE_FILE), os.path.join(domdir, dmcontrol.RESTORE_FILE),
+            domid, dmcontrol.qmp_path(domid, self.sim_dir), max_state=state_bound(self),
             kill=lambda: dmcontrol.kill(domdir), qmp_timeout=self.qmp_timeout,
             save_timeout=self.qmp_timeout, ready_timeout=self.dm_ready_timeout,
             logger=get_logger(f"pyxl.domain.{domid}"))

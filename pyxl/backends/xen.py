@@ -44,6 +44,7 @@ from pyxl.backends import (hvm, libxlcfg, qemu_args, xenbuild, xendestroy, xende
 from pyxl.backends.base import (Cancellable, Configured, Created, Done, EmulatorRecord, Finished,
                                 NoDeviceModel, RestorePorts, SavedState, Waits, owner_of,
                                 run_steps, run_to_end, start_destroy)
+from pyxl.backends.devicemodel import state_bound
 from pyxl.backends.libxlcfg import defbool, to_int  # noqa: F401  (defbool: re-exported)
 from pyxl.backends.xenctrl import DomInfo, Xc, XenError  # noqa: F401  (XenError: re-exported)
 from pyxl.backends.xensuspend import HVM_PARAM_ACPI_S_STATE, HVM_PARAM_CALLBACK_IRQ, Suspend
@@ -324,8 +325,10 @@ class XenBackend(NoDeviceModel):
                 if exc is not None:
                     done(None, f"domain {domid}'s device model: {xsasync.reason(exc)}")
                 elif not chain.cancelled:
-                    chain.part = hvm.device_model(domid, xenstore_data=task.result).start_save(
-                        loop, live, lambda recs, err: done(recs, "" if err is None else str(err)))
+                    chain.part = hvm.device_model(
+                        domid, xenstore_data=task.result, max_state=state_bound(self)
+                    ).start_save(loop, live,
+                                 lambda recs, err: done(recs, "" if err is None else str(err)))
             task = chain.part = xsasync.XsTask(loop, self._open_xs, hvm.physmap(domid), read,
                                                f"domain {domid}'s physmap keys")
             return chain

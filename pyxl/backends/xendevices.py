@@ -393,7 +393,10 @@ def _initiate(domid: int, kind: str, devid: str, back: str, front: str
     what its scripts need once the backend has closed."""
     lx = f"/libxl/{domid}/device/{kind}/{devid}"
     bparts = back.split("/")
-    if len(bparts) != 8 or bparts[:3] != ["", "local", "domain"] or bparts[4] != "backend":
+    # Only dom0's own backends: their scripts are dom0's to run (libxl skips a
+    # driver domain's; pyxl never makes one).
+    if len(bparts) != 8 or bparts[:3] != ["", "local", "domain"] or bparts[3] != "0" \
+            or bparts[4] != "backend":
         yield from path_cleanup(lx)
         return None
     bkind = bparts[5]

@@ -38,7 +38,8 @@ so the records are held until then: at most these bounds, per receiver.
 
 Past a bound, the parser raises :class:`TrailerTooLarge` (naming the bound).
 
-May import: pyxl.errors, pyxl.fdio, pyxl.loop, pyxl.stream.
+May import: pyxl.errors, pyxl.fdio, pyxl.loop, pyxl.stream, pyxl.backends.devicemodel
+(the one bound of the device model's state).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Protocol, Tuple
 
+from pyxl.backends.devicemodel import DEFAULT_MAX_EMULATOR_CONTEXT, state_bound
 from pyxl.errors import StreamError, TruncatedStream, UnsupportedStream
 from pyxl.fdio import CHUNK, read_exact, set_nonblocking
 from pyxl.loop import Loop, ignore
@@ -64,8 +66,6 @@ EMULATOR_RECORDS = (RecordType.EMULATOR_XENSTORE_DATA, RecordType.EMULATOR_CONTE
 MAX_RECORDS = 8
 #: EMULATOR_XENSTORE_DATA bytes in one trailer, at most.
 MAX_XENSTORE_DATA = 1 << 20
-#: EMULATOR_CONTEXT bytes in one trailer, unless the backend says otherwise.
-DEFAULT_MAX_EMULATOR_CONTEXT = 4 << 20
 
 Records = List[Tuple[int, bytes]]
 
@@ -91,10 +91,7 @@ class TrailerLimits:
     def for_backend(cls, backend: Any) -> "TrailerLimits":
         """The defaults, with the backend's ``max_emulator_context`` (bytes) if it
         declares one (a device model whose saved state may be larger)."""
-        declared = getattr(backend, "max_emulator_context", None)
-        if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
-            return cls(emulator_context=declared)
-        return cls()
+        return cls(emulator_context=state_bound(backend))   # as the save bounds it
 
     def bound_of(self, rtype: int) -> Tuple[int, str]:
         if rtype == RecordType.EMULATOR_XENSTORE_DATA:

@@ -27,7 +27,9 @@ every later call raises again.  Asking it for something QMP forbids raises
 :class:`QmpLocalProtocolError`.
 
 All the QMP errors live here, under :class:`pyxl.errors.DeviceModelError`, so the
-client and the backends share them.  May import: pyxl.errors only.
+client and the backends share them.  What the device model says in words (an
+error's class and desc, an event's name) is escaped and bounded as it is
+parsed (:func:`pyxl._text.shown`).  May import: pyxl.errors, pyxl._text.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, NoReturn, Optional, Tuple, Union
 
+from pyxl._text import shown as _shown
 from pyxl.errors import DeviceModelError
 
 __all__ = [
@@ -290,6 +293,9 @@ class QmpConnection:
             if not (isinstance(err, dict) and isinstance(err.get("class"), str)
                     and isinstance(err.get("desc"), str)):
                 self._bad(f"an error without class and desc: {shown!r}")
+            # Words from the device model (the guest's first target) reach
+            # logs and terminals: escaped and bounded here, as they arrive.
+            err = {"class": _shown(err["class"], 64), "desc": _shown(err["desc"], 500)}
             if "id" not in msg:
                 self._bad(f"an error for no command (id missing): {err['class']}: {err['desc']}")
         cid, command = self._answered(msg.get("id"), shown)
@@ -316,12 +322,15 @@ class QmpConnection:
         name, data, ts = msg["event"], msg.get("data", {}), msg.get("timestamp")
         if not isinstance(name, str) or not name:
             self._bad(f"an event without a name: {shown!r}")
+        name = _shown(name, 64)
         if not isinstance(data, dict):
             self._bad(f"an event whose data is not an object: {shown!r}")
         when: Optional[float] = None
         if isinstance(ts, dict):
             sec, usec = ts.get("seconds"), ts.get("microseconds")
-            if isinstance(sec, int) and isinstance(usec, int):
+            # (-1, -1): QEMU's "no time"; a 400-digit one would not even make a float
+            if type(sec) is int and type(usec) is int and abs(sec) < 1 << 63 \
+                    and abs(usec) < 1_000_000:
                 when = sec + usec / 1e6
         return Event(name, data, when)
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import sys
 import time
 
+from pyxl._text import shown
 from pyxl.errors import DeviceModelError
-from pyxl.sim.layout import _domdir, nofollow, sim_dir_path
+from pyxl.sim.layout import _domdir, sim_dir_path
 
 # typing is for mypy only (3 ms of `pyxl sim list`).
 TYPE_CHECKING = False
@@ -87,9 +89,8 @@ def start(domid: int, sim_dir: Optional[str] = None, timeout: float = 30.0) -> N
 
 def pid(domdir: str) -> Optional[int]:
     """The pid of the device model running in ``domdir``, None if none runs."""
-    try:
-        fd = os.open(os.path.join(domdir, LOCK_FILE), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except FileNotFoundError:
+    fd = _open_regular(os.path.join(domdir, LOCK_FILE))
+    if fd is None:
         return None
     try:
         try:
@@ -97,10 +98,38 @@ def pid(domdir: str) -> Optional[int]:
         except BlockingIOError:
             raw = os.pread(fd, 32, 0)
             try:
-                return int(raw.decode().strip())
+                found = int(raw.decode().strip())
             except ValueError:
                 return -1           # between taking the lock and writing its pid
+            return found if found > 1 else -1     # never our group (0) nor init
         return None
+    finally:
+        os.close(fd)
+
+
+def _open_regular(path: str) -> "Optional[int]":
+    """An fd of ``path`` (None: there is none), a regular file of the state
+    directory, opened without following a symlink or waiting on a FIFO: the
+    device model writes there, and its files are read from the loop."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DeviceModelError(f"{path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DeviceModelError(f"{path} is not a regular file")
+    return fd
+
+
+def _read_small(path: str, limit: int) -> "Optional[bytes]":
+    """At most ``limit`` bytes of a regular file of the state directory (None: none)."""
+    fd = _open_regular(path)
+    if fd is None:
+        return None
+    try:
+        return os.pread(fd, limit, 0)
     finally:
         os.close(fd)
 
@@ -128,11 +157,7 @@ def kill(domdir: str, grace: float = 1.0) -> None:
 
 
 def _says_running(domdir: str) -> bool:
-    try:
-        with open(os.path.join(domdir, STATE_FILE), "rb", opener=nofollow) as f:
-            return f.read() == b"running"
-    except FileNotFoundError:
-        return False
+    return _read_small(os.path.join(domdir, STATE_FILE), 64) == b"running"
 
 
 def ready(domdir: str) -> bool:
@@ -154,20 +179,21 @@ def ready(domdir: str) -> bool:
 def log_tail(domdir: str) -> str:
     """The last line of the device model's log ('' if none)."""
     try:
-        with open(os.path.join(domdir, LOG_FILE), "rb", opener=nofollow) as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
-            lines = f.read().decode(errors="replace").strip().splitlines()
-    except OSError:
+        fd = _open_regular(os.path.join(domdir, LOG_FILE))
+        if fd is None:
+            return ""
+        try:
+            size = os.fstat(fd).st_size
+            tail = os.pread(fd, 4096, max(0, size - 4096))
+        finally:
+            os.close(fd)
+    except (OSError, DeviceModelError):
         return ""
-    return lines[-1] if lines else ""
+    lines = tail.decode(errors="replace").strip().splitlines()
+    return shown(lines[-1], 300) if lines else ""     # the device model's words
 
 
 def read_state(domdir: str) -> Optional[bytes]:
     """The device model's current state (what ``xen-save-devices-state`` would write),
     or None for a domain that never had one."""
-    try:
-        with open(os.path.join(domdir, REGS_FILE), "rb", opener=nofollow) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
+    return _read_small(os.path.join(domdir, REGS_FILE), 1 << 20)

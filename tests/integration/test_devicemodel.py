@@ -369,7 +369,6 @@ def test_command_timeout_leaves_the_connection_usable(sim_dir, monkeypatch, no_l
 def controller(d: int, sim_dir: str, **kw: Any) -> QmpDeviceModel:
     domdir = dmcontrol.domain_dir(d, sim_dir)
     return QmpDeviceModel(d, dmcontrol.qmp_path(d, sim_dir),
-                          os.path.join(domdir, "qemu-save"), os.path.join(domdir, "qemu-resume"),
                           kill=lambda: dmcontrol.kill(domdir), **kw)
 
 
@@ -388,10 +387,14 @@ def test_controller_save_writes_libxl_records(sim_dir, no_leaks):
     d = sim.create(16 * MB, sim_dir=sim_dir, device_model=True, paused=True)
     dm = controller(d, sim_dir)
     domdir = dmcontrol.domain_dir(d, sim_dir)
-    stale = os.path.join(domdir, "qemu-save")
-    with open(stale, "wb") as f:
-        f.write(b"stale" * 10000)                  # longer than the state: must not remain
-    os.chmod(stale, 0o644)
+    # The state goes through a file with no name: what the device model (the
+    # guest's first target) plants where libxl names its files is never
+    # opened -- not a symlink to a file of root's, not a FIFO.
+    victim = os.path.join(sim_dir, "victim")
+    with open(victim, "wb") as f:
+        f.write(b"precious")
+    os.symlink(victim, os.path.join(domdir, "qemu-save"))
+    os.mkfifo(os.path.join(domdir, "qemu-resume"))
     (err,) = run_step(lambda loop, done: dm.start_logdirty(loop, True, done))
     assert err is None
     records, err = run_step(lambda loop, done: dm.start_save(loop, False, done))
@@ -400,7 +403,9 @@ def test_controller_save_writes_libxl_records(sim_dir, no_leaks):
     body = records[0][1]
     assert struct.unpack_from("<II", body) == (2, 0)        # qemu-xen, index 0
     assert body[8:] == dmcontrol.read_state(domdir)
-    assert not os.path.exists(stale), "the save file is removed once read"
+    with open(victim, "rb") as f:
+        assert f.read() == b"precious"
+    assert os.readlink(os.path.join(domdir, "qemu-save")) == victim     # not pyxl's to touch
     assert qmp(d, sim_dir, "query-status")["status"] == "paused"
     assert qmp(d, sim_dir, "query-fdsets") == [], "the descriptor was given back"
     assert qmp_log(d, sim_dir) == [
@@ -411,6 +416,40 @@ def test_controller_save_writes_libxl_records(sim_dir, no_leaks):
         "qmp_capabilities", "query-status", "qmp_capabilities", "query-fdsets"]
     dm.resume()
     assert qmp(d, sim_dir, "query-status")["status"] == "running"
+
+
+def test_a_device_state_over_the_restore_bound_fails_the_save(sim_dir, tmp_path, no_leaks):
+    """A save takes no more device state than a restore would (the backend's
+    ``max_emulator_context``): an image that could never be restored is not
+    written, and the guest runs on."""
+    d = sim.create(16 * MB, sim_dir=sim_dir, device_model=True, paused=True)
+    records, err = run_step(lambda loop, done: controller(d, sim_dir, max_state=1024).start_save(
+        loop, False, done))
+    assert records is None and isinstance(err, DeviceModelError)
+    assert str(err).startswith("device-model state of ") and "(more than 1024, the most a " \
+        "restore takes)" in str(err)
+    controller(d, sim_dir).resume()
+    e = sim.create(16 * MB, sim_dir=sim_dir, device_model=True)
+    backend = SimBackend(sim_dir)
+    backend.max_emulator_context = 1024   # type: ignore[attr-defined]
+    with pytest.raises(pyxl.OperationError, match="more than 1024, the most a restore takes"):
+        pyxl.wait(pyxl.save(e, tmp_path / "g", backend=backend, timeout=30))
+    assert sim.state(e, sim_dir=sim_dir) == "running" and os.listdir(tmp_path) == []
+
+
+def test_files_the_device_model_writes_are_never_waited_on(sim_dir, no_leaks):
+    """The device model writes its state directory; what pyxl reads there
+    from its loop must not be a FIFO it would wait on forever."""
+    d = sim.create(16 * MB, sim_dir=sim_dir, device_model=True, paused=True)
+    domdir = dmcontrol.domain_dir(d, sim_dir)
+    for name in (dmcontrol.STATE_FILE, dmcontrol.LOG_FILE):
+        os.replace(os.path.join(domdir, name), os.path.join(domdir, name + ".was"))
+        os.mkfifo(os.path.join(domdir, name))
+    t = time.monotonic()
+    with pytest.raises(DeviceModelError, match="device-model-state is not a regular file"):
+        dmcontrol.ready(domdir)
+    assert dmcontrol.log_tail(domdir) == ""
+    assert time.monotonic() - t < 1
 
 
 def test_controller_typed_errors(sim_dir, monkeypatch, no_leaks):
@@ -690,13 +729,11 @@ def test_controller_teardown(sim_dir, no_leaks):
     d = sim.create(16 * MB, sim_dir=sim_dir, device_model=True, paused=True)
     domdir = dmcontrol.domain_dir(d, sim_dir)
     pid = dmcontrol.pid(domdir)
-    for name in ("qemu-save", "qemu-resume"):
-        open(os.path.join(domdir, name), "wb").close()
     dm = controller(d, sim_dir)
     dm.teardown()
     assert pid not in dm_processes()
     left = domain_files(d, sim_dir)
-    assert not {"qmp.sock", "qemu-save", "qemu-resume"} & set(left), left
+    assert "qmp.sock" not in left, left
     dm.teardown()                                    # nothing left to do: fine
 
 

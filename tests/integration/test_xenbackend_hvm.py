@@ -233,7 +233,7 @@ def test_device_model_started_on_the_saved_state(xsd, host):
     assert n["/local/domain/0/device-model/7/physmap/1/name"] == b"vga"
     assert (n["/local/domain/7/hvmloader/bios"],
             n["/local/domain/7/hvmloader/allow-memory-relocate"]) == (b"seabios", b"0")
-    assert not (host / "lib" / "qemu-resume.7").exists()     # removed once QEMU runs
+    assert not (host / "lib" / "qemu-resume.7").exists()     # never named: a memfd
     assert "fake qemu: up" in (host / "log" / "qemu-dm-hvm1.log").read_text()
     # the disk before QEMU, the NIC after it, with Xen's scripts and libxl's environment
     log = (host / "hotplug.log").read_text().splitlines()
@@ -378,6 +378,32 @@ def test_device_model_timeout_and_missing_state(xsd, host, monkeypatch):
     assert not (host / "lib" / "qemu-resume.7").exists()
 
 
+@pytest.mark.parametrize("chardevs", [
+    [{"label": "serial\u00b2", "filename": "pty:/dev/pts/9"}],       # str.isdigit says yes
+    [{"label": "serial\u0661", "filename": "pty:/dev/pts/9"}],       # Arabic-Indic one
+    [{"label": "serial" + "9" * 5000, "filename": "pty:/dev/pts/9"}],  # past int()'s limit
+    [{"label": f"serial{i}", "filename": "pty:/dev/pts/9"} for i in range(100)],
+])
+def test_a_device_model_that_names_its_serial_ports_oddly_fails_its_start(xsd, host, chardevs):
+    """QEMU's answer to query-chardev is its own (its guest's first target):
+    a port that is not a small ASCII number, or too many ports, fail the
+    start with a reason -- not an exception out of the loop, nor a key of
+    its choosing in XenStore."""
+    be = restored_hvm1(xsd, host)
+    qmp = FakeQmp(qemu_args.qmp_path(7))
+    qmp.chardevs = chardevs
+    try:
+        out, _ = _start_dm(be, [XS_DATA, context_record(b"QEVM")], xsd=xsd)
+    finally:
+        qmp.close()
+    ((ok, why),) = out
+    assert ok is False and "invalid serial port" in why and len(why) < 400, why
+    assert not [k for k in xsd.nodes if k.startswith("/local/domain/7/serial/")]
+    proc = be._dm_procs[7]
+    be.destroy(7)           # what the failed restore does next: its QEMU goes with it
+    assert reaped(proc) == -signal.SIGHUP
+
+
 def test_unsupported_config_refused_before_any_domain(xsd, host):
     be = backend(xsd, RecordingXc())
     cfg = hvm1(host)
@@ -450,6 +476,9 @@ class FakeQmp:
     def __init__(self, path: str, state: bytes = b"QEVM-device-state") -> None:
         import socket as _socket
         self.state = state
+        self.chardevs = [{"label": "libxl-cmd", "filename": "unix:/x,server=on"},
+                         {"label": "serial0", "filename": "pty:/dev/pts/5"},
+                         {"label": "serial1", "filename": "null"}]
         self.commands: List[Tuple[str, object]] = []
         self.srv = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         self.srv.bind(path)
@@ -491,9 +520,7 @@ class FakeQmp:
                     if name == "add-fd":
                         ret = {"fdset-id": 1, "fd": 42}
                     elif name == "query-chardev":
-                        ret = [{"label": "libxl-cmd", "filename": "unix:/x,server=on"},
-                               {"label": "serial0", "filename": "pty:/dev/pts/5"},
-                               {"label": "serial1", "filename": "null"}]
+                        ret = self.chardevs
                     elif name == "xen-save-devices-state":
                         os.write(self.fds.pop(), self.state)
                     conn.sendall(json.dumps({"return": ret, "id": msg["id"]}).encode() + b"\r\n")

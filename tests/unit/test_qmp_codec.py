@@ -262,6 +262,23 @@ def test_events_with_data_and_odd_timestamps():
                      b'{"event": "X", "timestamp": "now"}\n')
     assert got == [Event("SHUTDOWN", {"guest": True, "reason": "host-qmp"}, -1.000001),
                    Event("X", {}, None)]
+    # a device model's timestamp that no float holds: no time, not an untyped error
+    assert feed(conn, b'{"event": "Y", "timestamp": {"seconds": ' + b"9" * 400
+                + b', "microseconds": 0}}\n') == [Event("Y", {}, None)]
+
+
+def test_a_device_models_words_are_escaped_and_bounded():
+    """An error's class and desc and an event's name reach logs and terminals."""
+    conn = ready()
+    cid = conn.send_command("stop")[0]
+    desc = "\x1b]0;owned\x07\nforged line\u202e" + "d" * 2000
+    (err,) = feed(conn, json.dumps({"id": cid, "error": {"class": "\x1bC" * 100,
+                                                          "desc": desc}}).encode() + b"\n")
+    assert err.cls.isprintable() and len(err.cls) == 64 and err.cls.startswith("\\x1bC")
+    assert err.desc.startswith("\\x1b]0;owned\\x07\\nforged line\\u202eddd")
+    assert err.desc.isprintable() and len(err.desc) == 500
+    (ev,) = feed(conn, b'{"event": "STOP\\u001b[2K", "data": {}}\n')
+    assert ev.name == "STOP\\x1b[2K"
 
 
 def test_every_chunking_of_a_conversation_gives_the_same_events():
