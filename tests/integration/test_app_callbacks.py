@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from typing import Any, Dict
 
 import pytest
 
@@ -73,6 +74,20 @@ def test_a_suspend_handler_that_suspends_then_raises_gets_its_guest_resumed(sim_
     _no_file(tmp_path)
 
 
+def _aio_save_failure(d: int, tmp_path: Any, sim_dir: str, leave: Any,
+                      callbacks: Dict[str, Any]) -> pyxl.CallbackError:
+    """A live save through pyxl.aio whose callbacks raise Boom: its CallbackError."""
+    async def main() -> pyxl.CallbackError:
+        with pytest.raises(pyxl.CallbackError) as info:
+            await asyncio.wait_for(pyxl.aio.save(d, str(tmp_path / "g.save"), live=True,
+                                                 leave=leave, sim_dir=sim_dir,
+                                                 callbacks=callbacks), 30)
+        return info.value
+    exc = asyncio.run(main())
+    assert isinstance(exc.__cause__, Boom)
+    return exc
+
+
 def test_a_coroutine_suspend_handler_that_suspends_then_raises_gets_its_guest_resumed(
         sim_dir, tmp_path):
     d = sim.create(32 * MB, sim_dir=sim_dir)
@@ -83,14 +98,7 @@ def test_a_coroutine_suspend_handler_that_suspends_then_raises_gets_its_guest_re
         await asyncio.sleep(0.05)
         raise Boom("suspended, then exploded")
 
-    async def main() -> BaseException:
-        with pytest.raises(pyxl.CallbackError) as info:
-            await asyncio.wait_for(pyxl.aio.save(d, str(tmp_path / "g.save"), live=True,
-                                                 leave="destroy", sim_dir=sim_dir,
-                                                 callbacks={"suspend": handler}), 30)
-        return info.value
-    exc = asyncio.run(main())
-    assert isinstance(exc, pyxl.CallbackError) and isinstance(exc.__cause__, Boom)
+    exc = _aio_save_failure(d, tmp_path, sim_dir, "destroy", {"suspend": handler})
     assert exc.callback == "suspend handler"
     assert exc.guest_state == "running" == sim.state(d, sim_dir=sim_dir)
     _no_file(tmp_path)
@@ -103,15 +111,7 @@ def test_a_raising_coroutine_handler_fails_the_save_with_its_exception(sim_dir, 
         await asyncio.sleep(0)
         raise Boom("coroutine exploded")
 
-    async def main() -> BaseException:
-        with pytest.raises(pyxl.CallbackError) as info:
-            await asyncio.wait_for(pyxl.aio.save(d, str(tmp_path / "g.save"), live=True,
-                                                 leave="running", sim_dir=sim_dir,
-                                                 callbacks={"switch_qemu_logdirty": handler}),
-                                   30)
-        return info.value
-    exc = asyncio.run(main())
-    assert isinstance(exc, pyxl.CallbackError) and isinstance(exc.__cause__, Boom)
+    exc = _aio_save_failure(d, tmp_path, sim_dir, "running", {"switch_qemu_logdirty": handler})
     assert exc.callback == "switch_qemu_logdirty handler"
     assert sim.state(d, sim_dir=sim_dir) == "running"
     assert children() == []
