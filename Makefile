@@ -61,6 +61,7 @@ bench: setup
 	$(PY) bench/run.py $(if $(QUICK),--quick)
 	$(PY) bench/stall.py $(if $(QUICK),--quick --out bench/results/quick.json)
 	$(PY) bench/compress.py $(if $(QUICK),--quick --out bench/results/quick.json)
+	$(PY) bench/report.py bench/results/$(if $(QUICK),quick,latest).json > /dev/null
 
 # valgrind memcheck of our helper: save, live save, restore on fakexen (bench/memcheck.py),
 # then the helper's failure paths (tests/integration/test_helper_memcheck.py).  `make test` runs both too.

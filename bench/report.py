@@ -1,6 +1,9 @@
 """Turn a bench result (bench/results/*.json) into the markdown table and the PNG plot.
 
-    python bench/report.py bench/results/latest.json   # reprint the table, redraw the plot
+    python bench/report.py bench/results/latest.json   # rewrite latest.md, redraw the plot
+
+``make bench`` runs it last: bench/run.py writes the table before bench/stall.py
+and bench/compress.py merge their keys into the json.
 """
 
 from __future__ import annotations
@@ -399,10 +402,13 @@ def main(argv: List[str]) -> int:
         return 2
     with open(argv[1]) as f:
         res = json.load(f)
-    sys.stdout.write(markdown(res))
-    png = os.path.splitext(argv[1])[0] + ".png"
-    plot(res, png)
-    sys.stdout.write(f"\nplot: {png}\n")
+    md = markdown(res)
+    stem = os.path.splitext(argv[1])[0]
+    with open(stem + ".md", "w") as f:     # what the json holds now, stall and zstd keys too
+        f.write(md)
+    sys.stdout.write(md)
+    plot(res, stem + ".png")
+    sys.stdout.write(f"\nplot: {stem}.png\n")
     return 0
 
 
