@@ -59,7 +59,7 @@ from pyxl.spawn import Child
 
 __all__ = ["ChardevPostconfig", "DeviceModelStart", "LIB_DIR", "LOG_DIR", "START_TIMEOUT",
            "start_timeout", "forget_device_model", "destroy_device_model", "device_model",
-           "dm_path", "physmap", "writes", "remove_state_files", "restore_file", "save_file"]
+           "dm_path", "physmap", "writes", "remove_state_files"]
 
 _log = get_logger("pyxl.xen")
 
@@ -83,14 +83,6 @@ def start_timeout() -> float:
 def dm_path(domid: int) -> str:
     """The device model's XenStore directory (DEVICE_MODEL_XS_PATH, dom0's QEMU)."""
     return f"/local/domain/0/device-model/{domid}"
-
-
-def save_file(domid: int) -> str:
-    return os.path.join(LIB_DIR, f"qemu-save.{domid}")
-
-
-def restore_file(domid: int) -> str:
-    return os.path.join(LIB_DIR, f"qemu-resume.{domid}")
 
 
 def _open_log(name: str) -> int:
@@ -397,8 +389,11 @@ def destroy_device_model(domid: int, pid: Optional[int],
 
 
 def remove_state_files(domid: int) -> None:
-    """devices_destroy_cb: the device model's save and restore files."""
-    for path in (save_file(domid), restore_file(domid)):
+    """devices_destroy_cb: the device model's save and restore files that libxl
+    (an xl save or restore of the domain) may have left.  pyxl's own never have
+    a name: they are anonymous files (see the module's docstring)."""
+    for name in (f"qemu-save.{domid}", f"qemu-resume.{domid}"):
+        path = os.path.join(LIB_DIR, name)
         try:
             os.unlink(path)
         except FileNotFoundError:

@@ -148,7 +148,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     except PyxlError as exc:
-        _in_flags(exc)
+        from pyxl.migrate.connection import PLAIN_TCP_ADVICE
+        _in_flags(exc, PLAIN_TCP_ADVICE, SENDER_CLI_ADVICE)  # the refusal may come through the op
         raise
     numbers = {"domid": res.domid, "digest": res.digest,
                "downtime_ms": None if res.downtime is None else round(res.downtime * 1000, 3),
@@ -173,21 +174,21 @@ def _how(args: argparse.Namespace, res: Any) -> str:
     return ", plain: the receiver did not take --compress" if args.compress else ""
 
 
-CLI_PLAIN_TCP_ADVICE = ("use mutual TLS (--tls-cert/--tls-key/--tls-ca), ssh (pyxl migrate "
-                        "--command \"ssh HOST pyxl migrate-receive\"), a loopback address, or "
-                        "--insecure on a trusted network")
+RECEIVER_CLI_ADVICE = ("use mutual TLS (--tls-cert/--tls-key/--tls-ca), ssh (pyxl migrate "
+                     "--command \"ssh HOST pyxl migrate-receive\"), a loopback address, or "
+                     "--insecure on a trusted network")
 
 
 SENDER_CLI_ADVICE = ("use mutual TLS (--tls-cert/--tls-key/--tls-ca), ssh (--command \"ssh "
                      "HOST pyxl migrate-receive\"), or --insecure on a trusted network")
 
 
-def _in_flags(exc: BaseException) -> None:
-    """A sender's refusal of plain TCP, with its advice in this command's flags."""
-    from pyxl.migrate.connection import PLAIN_TCP_ADVICE
+def _in_flags(exc: PyxlError, library_advice: str, cli_advice: str) -> None:
+    """A refusal of plain TCP, its advice (given in the library's arguments)
+    rewritten in place in this command's flags; any other error is left as it is."""
     brief = getattr(exc, "brief", None)
-    if isinstance(brief, str) and brief.endswith(PLAIN_TCP_ADVICE):
-        setattr(exc, "brief", brief[:-len(PLAIN_TCP_ADVICE)] + SENDER_CLI_ADVICE)
+    if isinstance(brief, str) and brief.endswith(library_advice):
+        setattr(exc, "brief", brief[:-len(library_advice)] + cli_advice)
         exc.args = (getattr(exc, "brief"),) + exc.args[1:]
 
 
@@ -207,10 +208,8 @@ def cmd_receive(args: argparse.Namespace) -> int:
                          remus=args.remus, tls=tls, insecure=args.insecure,
                          compress=not args.no_compress, **deadlines)
         except StartupError as exc:
-            if not exc.brief.endswith(PLAIN_TCP_ADVICE):
-                raise
-            # the same advice in this command's flags
-            raise StartupError(exc.brief[:-len(PLAIN_TCP_ADVICE)] + CLI_PLAIN_TCP_ADVICE) from exc
+            _in_flags(exc, PLAIN_TCP_ADVICE, RECEIVER_CLI_ADVICE)
+            raise
         where = op.address or args.listen
         print(f"listening on {format_address(*where)}", file=sys.stderr, flush=True)
         out = sys.stdout

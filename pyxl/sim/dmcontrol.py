@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from typing import List, Optional
 
 __all__ = [
-    "LOG_FILE", "QMP_SOCKET", "REGS_FILE", "RESTORE_FILE", "SAVE_FILE", "STATE_FILE",
+    "LOG_FILE", "QMP_SOCKET", "REGS_FILE", "STATE_FILE",
     "argv", "domain_dir", "has_device_model", "kill", "log_tail", "pid", "qmp_path", "ready",
     "read_state", "start",
 ]
@@ -40,9 +40,6 @@ QMP_SOCKET, STATE_FILE, REGS_FILE = "qmp.sock", "device-model-state", "device-mo
 LOCK_FILE, LOG_FILE = "device-model.lock", "device-model.log"
 #: The device model program, run as a script (``python -I -S``).
 PROGRAM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "devicemodel.py")
-#: Where the device model's state goes while it is saved and restored (libxl's
-#: /var/lib/xen/qemu-save.D and qemu-resume.D).
-SAVE_FILE, RESTORE_FILE = "qemu-save", "qemu-resume"
 
 
 def domain_dir(domid: int, sim_dir: Optional[str] = None) -> str:
