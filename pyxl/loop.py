@@ -22,7 +22,7 @@ import heapq
 import itertools
 import selectors
 import time
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple, TypeVar
 
 Callback = Callable[[], None]
 
@@ -121,6 +121,20 @@ class SelectorLoop(_MaskLoop):
         self._sel = selectors.DefaultSelector()
         self._timers: List[Tuple[float, int, _SelectorTimer]] = []
         self._seq = itertools.count()
+        self._holds: Set[object] = set()
+
+    def hold(self, token: object) -> None:
+        """Ask :func:`run_private` to run this loop on, once its step is done,
+        until ``token`` is :meth:`release`-d (a child pyxl killed must still
+        be answered for and reaped on this loop; at most ``LINGER`` s)."""
+        self._holds.add(token)
+
+    def release(self, token: object) -> None:
+        self._holds.discard(token)
+
+    @property
+    def held(self) -> bool:
+        return bool(self._holds)
 
     def _update(self, fd: int) -> None:
         mask = self._w.mask(fd)
@@ -285,8 +299,17 @@ def run_private(start: Callable[[Loop, Callable[[T], None]], Optional[Timer]],
                 handle.cancel()
             raise TimeoutError(f"not done within {timeout:g} s")
     finally:
+        # A step may end while a child it killed is not yet answered for or
+        # reaped (a hotplug script past its time): closed now, nothing would
+        # ever deliver the kill.
+        if loop.held:
+            loop.run_until(lambda: not loop.held, LINGER)
         loop.close()
     return out[0]
+
+
+#: The longest :func:`run_private` runs on for what its loop holds.
+LINGER = 5.0
 
 
 _default: Optional[SelectorLoop] = None

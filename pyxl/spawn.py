@@ -380,6 +380,7 @@ class Child:
         self.wait_status: Optional[int] = None   # os.waitpid's, when known
         self._pidfd = -1
         self._pending: List[int] = []
+        self._killed = False
         env = dict(os.environ if env is None else env)
         fds = dict(fds or {})
         self._reply: Optional[socket.socket] = None
@@ -392,6 +393,7 @@ class Child:
         ours, sent = _paired(lambda fd: _send(payload, [fd, *fds.values()]))
         self._reply = ours
         loop.add_reader(ours.fileno(), self._answered)
+        self._hold(True)     # a private loop runs on until the spawner has answered
         # Queued (the spawner's socket was full): the answers to earlier
         # requests send it; this loop also tries, in case those answers are
         # read by a loop that is not running.
@@ -454,6 +456,7 @@ class Child:
         self.loop.remove_reader(sock.fileno())
         sock.close()
         self._reply = None
+        self._hold(self._killed)    # a killed child is held until it is reaped
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
@@ -509,6 +512,7 @@ class Child:
     def _end(self, code: Optional[int]) -> None:
         if not self.finished:
             self.finished = True
+            self._hold(False)
             exited, self._exited_cb = self._exited_cb, ignore
             self._started_cb = None
             # The callbacks' owner (which holds this Child) is no longer held
@@ -536,7 +540,19 @@ class Child:
             pass
 
     def kill(self) -> None:
+        if not self.finished:
+            self._killed = True
+            self._hold(True)
         self.signal(signal.SIGKILL)
+
+    def _hold(self, on: bool) -> None:
+        """Keep a private loop (:func:`pyxl.loop.run_private`) running for
+        this child: one whose step ended while the spawner had not answered,
+        or that was killed and is not yet reaped, is otherwise never signalled
+        or reaped (other loops run on anyway)."""
+        hold = getattr(self.loop, "hold" if on else "release", None)
+        if hold is not None:
+            hold(self)
 
     def forget(self) -> None:
         """No callback; it is still reaped when it ends."""

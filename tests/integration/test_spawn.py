@@ -367,3 +367,30 @@ def test_children_start_under_a_low_open_files_limit():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "None", "ok"]
+
+
+def test_a_private_step_that_kills_its_child_before_the_answer_leaves_nothing():
+    """A step on run_private's loop that starts a child and kills it at once
+    (a hotplug script past its time while the spawner is slow to answer) and
+    is done: the loop runs on until the child is answered for, killed and
+    reaped.  Closed at once (CI run 36), the kill was never sent: the script's
+    `sleep` ran on."""
+    from pyxl.loop import run_private
+    before = {pid for pid, _ in children()}
+    started: List[Child] = []
+
+    def step(loop, done):
+        child = Child(loop, ["sleep", "30"], lambda code: None)
+        started.append(child)
+        child.forget()
+        child.kill()                 # before the spawner can have answered
+        done(True)
+
+    t0 = time.monotonic()
+    assert run_private(step) is True
+    assert time.monotonic() - t0 < 5
+    (child,) = started
+    assert child.finished and child.pid > 0
+    assert [c for c in children() if c[0] not in before] == []
+    with pytest.raises(ProcessLookupError):
+        os.kill(child.pid, 0)
