@@ -213,41 +213,61 @@ class FdWriter:
             self.flushed.clear()
 
 
+class LoopWrite:
+    """A :func:`write_from_loop` under way.  ``cancel()`` stops it (``done``
+    is not called) and gives the fd its flags back; once it has ended, a
+    no-op."""
+
+    def __init__(self, loop: Loop, fd: int, data: bytes,
+                 done: Callable[[Optional[OSError]], None]) -> None:
+        self.fd, self._done = fd, done
+        self._flags = set_nonblocking(fd, True)
+        self._writer: Optional[FdWriter] = FdWriter(loop, fd, self._failed)
+        self._writer.send(data, self._written)
+
+    def cancel(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            try:
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, self._flags)
+            except OSError:
+                pass
+
+    def _failed(self, exc: OSError) -> None:
+        self.cancel()
+        self._done(exc)
+
+    def _written(self) -> None:
+        self.cancel()
+        self._done(None)
+
+
+class _Written:
+    def cancel(self) -> None:
+        pass
+
+
 def write_from_loop(loop: Loop, fd: int, data: bytes,
-                    done: Callable[[Optional[OSError]], None]) -> None:
-    """Write ``data`` to ``fd``, then ``done(None)``, or ``done(OSError)``.
+                    done: Callable[[Optional[OSError]], None]) -> "LoopWrite | _Written":
+    """Write ``data`` to ``fd``, then ``done(None)``, or ``done(OSError)``;
+    returns a handle whose ``cancel()`` stops the write (the fd is then
+    watched no more, and has its flags back).
 
     A regular file is written at once.  A pipe or socket is written from the
     loop, non-blocking meanwhile (its flags restored before ``done``) -- only
-    for an fd no helper writes to right now (it waits for a callback's answer).
+    for an fd no helper writes to right now (it waits for a callback's answer,
+    or has exited).
     """
-    if is_regular(fd):
-        try:
-            write_all(fd, data)
-        except OSError as exc:
-            done(exc)
-        else:
-            done(None)
-        return
-    flags = set_nonblocking(fd, True)
-
-    def restore_flags() -> None:
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-        except OSError:
-            pass
-
-    def failed(exc: OSError) -> None:
-        restore_flags()
+    if not is_regular(fd):
+        return LoopWrite(loop, fd, data, done)
+    try:
+        write_all(fd, data)
+    except OSError as exc:
         done(exc)
-
-    def written() -> None:
-        writer.close()
-        restore_flags()
+    else:
         done(None)
-
-    writer = FdWriter(loop, fd, failed)
-    writer.send(data, written)
+    return _Written()
 
 
 def open_save_target(path: str) -> Tuple[int, Optional[str], str]:

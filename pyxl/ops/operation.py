@@ -107,8 +107,9 @@ class CallbackRequest:
     def reply(self, value: Union[int, bool]) -> None:
         if self.answered:
             raise RuntimeError(f"{self.name} already answered")
+        answer = int(value)     # a value that is no number leaves it unanswered
         self.answered = True
-        self.op._answer(self, int(value))
+        self.op._answer(self, answer)
 
 
 class Operation(LoopFuture[T_co]):
@@ -288,7 +289,19 @@ class Operation(LoopFuture[T_co]):
         if inspect.isawaitable(answer):
             self._await_answer(req, answer)
         else:
-            req.reply(int(answer))
+            self._handler_answered(req, answer)
+
+    def _handler_answered(self, req: CallbackRequest, answer: Any) -> None:
+        """A handler's answer, which must be a number: anything else is as if
+        it had raised (the helper is answered with failure, never left waiting)."""
+        try:
+            value = int(answer)
+        except (TypeError, ValueError, OverflowError):
+            self._callback_raised(f"{req.name} handler", TypeError(
+                f"it answered a {type(answer).__name__}, not a number"))
+            req.reply(FAILURE_REPLY.get(req.name, -1))
+            return
+        req.reply(value)
 
     def _await_answer(self, req: CallbackRequest, aw: Awaitable[int]) -> None:
         import asyncio
@@ -303,7 +316,7 @@ class Operation(LoopFuture[T_co]):
                 self._callback_raised(f"{req.name} handler", exc)
                 req.reply(FAILURE_REPLY.get(req.name, -1))
             else:
-                req.reply(int(t.result()))
+                self._handler_answered(req, t.result())
 
         task.add_done_callback(done)
 

@@ -381,6 +381,11 @@ class RestoreOperation(Operation[RestoreResult]):
     def _default_checkpoint(self, req: CallbackRequest) -> None:
         """libxc read a CHECKPOINT: read libxl's records of that checkpoint (the
         helper waits for our answer, so the fd is ours meanwhile), then go on."""
+        # The last checkpoint's steps have all answered (the helper goes on
+        # only after that): their handles go, or each checkpoint's would stay,
+        # its records and all.
+        self._aux.clear()
+
         def read(records: List[Tuple[int, bytes]], err: Optional[Exception]) -> None:
             if isinstance(err, TruncatedStream):
                 # The sender died while we buffered this checkpoint: as libxl

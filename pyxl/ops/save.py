@@ -44,7 +44,6 @@ __all__ = ["Leave", "SaveOperation", "SaveOptions", "SaveResult"]
 HEAD_ROOM = 1 << 20
 
 
-
 class SaveOperation(Operation[SaveResult]):
     kind = "save"
 
@@ -136,7 +135,7 @@ class SaveOperation(Operation[SaveResult]):
                 self._zin, self._wfd = make_pipe(HEAD_ROOM)
             cbflags = cbflags_for(REMUS_SAVE_CALLBACKS if self.stream_type else SAVE_CALLBACKS)
             xcflags = (XCFLAGS_LIVE if options.live else 0) | (XCFLAGS_DEBUG if options.debug else 0)
-            io_fd = self._wfd if self._wfd > 2 else self._dup_high(self._wfd)
+            io_fd = self._wfd if self._wfd > 2 else fcntl.fcntl(self._wfd, fcntl.F_DUPFD_CLOEXEC, 3)
             # libxl passes a dup of its own stdin as BACK_FD (zero-initialised
             # state); it is only read for COLO streams, so we pass -1.
             argv = save_argv(helper_path(options.helper), io_fd, -1, domid, xcflags, cbflags,
@@ -251,10 +250,6 @@ class SaveOperation(Operation[SaveResult]):
             return True
         return super().cancel(grace)
 
-    @staticmethod
-    def _dup_high(fd: int) -> int:
-        return fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
-
     def _start_finisher(self) -> None:
         """The flushing child, started once the helper runs (so a failed start
         leaves no child to wait for).  Had the stream ended first, the file
@@ -354,11 +349,13 @@ class SaveOperation(Operation[SaveResult]):
                 return
             req.reply(1)
 
-        # The helper waits for this answer, so the fd is ours for the moment.
-        write_from_loop(self.loop, self._wfd, records, written)
+        # The helper waits for this answer, so the fd is ours for the moment
+        # (and no longer once it has gone: its exit cancels the write).
+        self._aux.append(write_from_loop(self.loop, self._wfd, records, written))
 
     def _default_checkpoint(self, req: CallbackRequest) -> None:
         """Remus: another checkpoint after the interval, until enough were taken."""
+        self._aux.clear()   # the last checkpoint's steps have answered (see restore's)
         more = self.max_checkpoints is None or self.checkpoints < self.max_checkpoints
         if not more:
             return req.reply(0)   # a graceful end of the stream
@@ -607,7 +604,10 @@ class SaveOperation(Operation[SaveResult]):
         if self._finisher is not None:
             self._finisher.commit(placed)
         else:
-            self._placing = finish_file(self.loop, self._tmp, self._dest, self.fsync, placed)
+            try:
+                self._placing = finish_file(self.loop, self._tmp, self._dest, self.fsync, placed)
+            except OSError as exc:      # no child (EMFILE, EAGAIN): failed, not escaped
+                placed(f"cannot start it: {exc.strerror}")
 
     def _committed(self, result: SaveResult) -> None:
         """The image is safe: leave the domain as asked, then finish."""

@@ -74,6 +74,28 @@ def test_a_suspend_handler_that_suspends_then_raises_gets_its_guest_resumed(sim_
     _no_file(tmp_path)
 
 
+@pytest.mark.parametrize("answer", [object(), "yes", None.__class__, 1e400])
+def test_a_suspend_handler_answering_no_number_fails_the_save_and_resumes_its_guest(
+        sim_dir, tmp_path, answer):
+    """A handler that suspends the guest and answers something int() refuses
+    (an object, a word, a class, an infinite float): the helper was left
+    waiting for an answer that never came, the guest suspended."""
+    d = sim.create(32 * MB, sim_dir=sim_dir)
+
+    def handler(req: pyxl.CallbackRequest) -> Any:
+        sim.suspend(d, sim_dir=sim_dir)
+        return answer
+    op = pyxl.save(d, tmp_path / "g.save", live=True, leave="destroy", sim_dir=sim_dir,
+                   callbacks={"suspend": handler})
+    assert pyxl.default_loop().run_until(op.done, 30), "the operation hung"
+    exc = op.exception()
+    assert isinstance(exc, pyxl.CallbackError), repr(exc)
+    assert exc.callback == "suspend handler" and "not a number" in str(exc)
+    assert exc.guest_state == "running" == sim.state(d, sim_dir=sim_dir)
+    assert children() == []
+    _no_file(tmp_path)
+
+
 def _aio_save_failure(d: int, tmp_path: Any, sim_dir: str, leave: Any,
                       callbacks: Dict[str, Any]) -> pyxl.CallbackError:
     """A live save through pyxl.aio whose callbacks raise Boom: its CallbackError."""

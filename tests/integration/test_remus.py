@@ -290,3 +290,82 @@ def test_remus_needs_live_and_checkpoints_need_remus(hosts):
                           timeout=60, cwd=ROOT)
     assert done.returncode == 2 and "go with --remus" in done.stderr
 
+
+
+def test_a_long_replication_holds_one_checkpoints_steps_not_all(hosts):
+    """Each checkpoint's steps (the checkpoint timer, the records' write; at
+    the receiver the reader of its libxl records, records and all) are let go
+    at the next one: every one was kept until the end (a replication meant to
+    run for days grew by a checkpoint's device state each time)."""
+    a, b = hosts
+    dom = sim.create(8 * MB, sim_dir=a)
+    left, right = socket.socketpair()
+    save, _ = remus_save(a, dom, left.fileno(), "ours", checkpoints=40)
+    save.checkpoint_interval = 0.001
+    rest = pyxl.restore(right.fileno(), paused=True, sim_dir=b, stream_type=STREAM_REMUS)
+    most = [0, 0]
+
+    def sample() -> None:
+        most[:] = [max(most[0], len(save._aux)), max(most[1], len(rest._aux))]
+        if not (save.done() and rest.done()):
+            default_loop().call_later(0.002, sample)
+    sample()
+    sent, got = pyxl.wait(save, rest, timeout=120)
+    left.close()
+    right.close()
+    assert sent.checkpoints == 40 == got.checkpoints
+    assert most[0] <= 4 and most[1] <= 4, most
+
+
+def test_a_cancel_while_a_checkpoints_records_wait_for_the_peer_leaves_its_fd_alone(hosts):
+    """The checkpoint's records wait for a peer that stopped reading, and the
+    replication is cancelled: the write goes with the helper.  It used to
+    outlive the operation: the caller's fd still watched and non-blocking, and
+    once the peer read again, the guest resumed and a checkpoint counted on the
+    finished operation."""
+    import fcntl
+    a, _ = hosts
+    dom = sim.create(16 * MB, sim_dir=a)
+    left, right = socket.socketpair()
+    left.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+    resumes: List[bool] = []
+    save, _ = remus_save(a, dom, left.fileno(), "ours", checkpoints=5,
+                         emulator_records=[(3, bytes(4 << 20))],
+                         on_resume=lambda d: resumes.append(save.done()))
+    loop = default_loop()
+
+    def drain() -> None:            # the peer reads the stream, not the records after it
+        if save.done():
+            return
+        if save.callbacks.get("_stalled") is None:
+            try:
+                while right.recv(1 << 20, socket.MSG_DONTWAIT):
+                    pass
+            except BlockingIOError:
+                pass
+        loop.call_later(0.001, drain)
+    postcopy = save.callbacks["postcopy"]
+
+    def stalled(req: pyxl.CallbackRequest) -> None:
+        save.callbacks["_stalled"] = postcopy
+        loop.call_later(0.3, save.cancel)
+        return postcopy(req)
+    save.callbacks["postcopy"] = stalled
+    right.setblocking(False)
+    drain()
+    with pytest.raises(pyxl.Cancelled):
+        pyxl.wait(save, timeout=60)
+    fd = left.fileno()
+    assert fd not in loop._w.writers
+    assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+    checkpoints = save.checkpoints
+    while True:                     # the peer reads again
+        try:
+            if not right.recv(1 << 20):
+                break
+        except BlockingIOError:
+            break
+    loop.run_until(lambda: False, 0.3)
+    assert save.checkpoints == checkpoints and True not in resumes
+    left.close()
+    right.close()

@@ -296,3 +296,26 @@ def test_a_stream_that_ends_before_the_flushing_child_starts_is_still_made_durab
     assert children() == []
     back = pyxl.wait(pyxl.restore(path, backend=SimBackend(sim_dir), paused=True))[0]
     assert sim.digest(back.domid, sim_dir=sim_dir) == want
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_no_child_to_put_the_file_in_place_fails_the_save(sim_dir, tmp_path, monkeypatch, compress):
+    """The short child that puts the file in place cannot start (no fds left,
+    no processes): the save fails with that said, the temporary file goes and
+    the guest runs again.  With compress the OSError escaped from the loop's
+    callback: the save never ended, its guest stayed suspended."""
+    import errno
+
+    import importlib
+    save_module = importlib.import_module("pyxl.ops.save")
+
+    def no_child(*args: object, **kw: object) -> None:
+        raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+    monkeypatch.setattr(save_module, "finish_file", no_child)
+    d = sim.create(16 << 20, sim_dir=sim_dir)
+    op = pyxl.save(d, tmp_path / "g.save", sim_dir=sim_dir, fsync=False, compress=compress)
+    with pytest.raises(OperationError, match="^putting the save file in place failed: cannot "
+                                             "start it: Too many open files"):
+        pyxl.wait(op, timeout=30)
+    assert sim.state(d, sim_dir=sim_dir) == "running"
+    assert list(tmp_path.iterdir()) == [] and children() == []
