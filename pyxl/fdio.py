@@ -225,6 +225,10 @@ class LoopWrite:
         self._writer: Optional[FdWriter] = FdWriter(loop, fd, self._failed)
         self._writer.send(data, self._written)
 
+    @property
+    def active(self) -> bool:
+        return self._writer is not None
+
     def cancel(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -244,6 +248,8 @@ class LoopWrite:
 
 
 class _Written:
+    active = False
+
     def cancel(self) -> None:
         pass
 

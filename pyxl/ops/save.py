@@ -101,6 +101,7 @@ class SaveOperation(Operation[SaveResult]):
         self._finisher_due: Optional[Cancellable] = None  # its start, due on the loop
         self._launch: Optional[Cancellable] = None      # the helper's start, due on the loop
         self._launch_fd = -1                            # its stream fd, while it is due
+        self._ending: Optional[Cancellable] = None      # the stream's end, being written
         # compress: the stream goes into a pipe (_wfd) that a zstd child
         # (_zstd) reads from _zin and writes to the target (_fd).
         self._wfd = self._zin = -1
@@ -238,15 +239,22 @@ class SaveOperation(Operation[SaveResult]):
             self._launch_fd = -1
 
     def cancel(self, grace: float = 5.0) -> bool:
-        if self._launch is not None and not self._done:
+        if self._done:
+            return False
+        cancelled = Cancelled(f"{self.kind} of domain {self.domid} cancelled", op=self)
+        if self._launch is not None:
             # Not started yet (due, or reading the config): nothing ran and the
             # domain was not touched.
             self._launch.cancel()
             self._launch = None
             self._close_launch_fd()
             self._discard()
-            self._finish(exc=Cancelled(f"{self.kind} of domain {self.domid} cancelled",
-                                       op=self))
+            self._finish(exc=cancelled)
+            return True
+        if self._ending is not None:    # the helper is gone; a slow reader has the end
+            self._ending.cancel()
+            self._ending = None
+            self._fail_after_helper(cancelled)
             return True
         return super().cancel(grace)
 
@@ -322,9 +330,8 @@ class SaveOperation(Operation[SaveResult]):
     def _default_postcopy(self, req: CallbackRequest) -> None:
         """Remus, after a checkpoint's libxc records: libxl's records for it,
         then the guest runs again until the next checkpoint."""
-        records = b"".join(stream_libxl.libxl_record(rtype, body)
-                           for rtype, body in self.emulator_records)
-        records += stream_libxl.checkpoint_end_record()
+        records = stream_libxl.records_and(self.emulator_records,
+                                           stream_libxl.checkpoint_end_record())
 
         def written(err: Optional[OSError]) -> None:
             if err is not None:
@@ -518,51 +525,47 @@ class SaveOperation(Operation[SaveResult]):
             self._finisher_due = None
 
     def _complete_stream(self) -> None:
-        """Write the end of the stream; then put the file in place from a short
-        child (fsync, rename, directory fsync block for as long as the disk
-        takes: never on the loop) and leave the domain."""
+        """Write the end of the stream; then put the file in place from a short child
+        (fsync, rename, directory fsync take as long as the disk) and leave the domain."""
         self._no_finisher_due()
         end = time.monotonic()
         if self.stream_type == STREAM_REMUS:
-            # libxc 4.17 ends a checkpointed stream after the last CHECKPOINT
-            # (its emulator records went with each one): add the libxc END it
-            # omits, so the receiver's libxc completes on it, then libxl's END.
+            # libxc 4.17 omits its END after the last CHECKPOINT (whose emulator
+            # records went with it): the receiver's libxc completes on ours.
             trailer = stream_libxc.end_record() + stream_libxl.end_record()
         else:
-            trailer = b"".join(stream_libxl.libxl_record(rtype, body)
-                               for rtype, body in self.emulator_records)
-            trailer += stream_libxl.end_record()
-        if self._zstd is not None:
-            # Into the compressor's pipe, from the loop (it may be full);
-            # then its EOF, and the compressed stream ends when zstd exits.
-            def written(err: Optional[OSError]) -> None:
+            trailer = stream_libxl.records_and(self.emulator_records, stream_libxl.end_record())
+        if self.write_trailer is not None and self._zstd is None:
+            if self._trailer_to_caller(trailer):
+                self._stream_written(end)
+            return
+
+        def written(err: Optional[OSError]) -> None:
+            self._ending = None
+            if self._zstd is not None:      # the compressor's pipe: its EOF, then its exit
                 os.close(self._wfd)
                 self._wfd = -1
-                if err is not None:
-                    self._fail_after_helper(OperationError(
-                        f"writing the end of the save stream failed: {err.strerror}", op=self))
-                    return
-                assert self._zstd is not None
+            if err is not None:
+                self._fail_after_helper(OperationError(
+                    f"writing the end of the save stream failed: {err.strerror}", op=self))
+            elif self._zstd is not None:
                 self._zstd.wait(compressed)
+            else:
+                self._stream_written(end)
 
-            def compressed(why: Optional[str]) -> None:
-                if why is not None:
-                    self._fail_after_helper(OperationError(
-                        f"compressing the save stream failed: {why}", op=self))
-                    return
-                self._zstd = None
-                if self._trailer_to_caller(b""):    # the relay: the stream has ended
-                    self._stream_written(time.monotonic())
-
-            write_from_loop(self.loop, self._wfd, trailer, written)
-            return
-        if self.write_trailer is not None:
-            if not self._trailer_to_caller(trailer):
+        def compressed(why: Optional[str]) -> None:
+            if why is not None:
+                self._fail_after_helper(OperationError(
+                    f"compressing the save stream failed: {why}", op=self))
                 return
-        else:
-            # The helper has exited, so nobody else writes to this description.
-            write_all(self._fd, trailer)
-        self._stream_written(end)
+            self._zstd = None
+            if self._trailer_to_caller(b""):    # the relay: the stream has ended
+                self._stream_written(time.monotonic())
+
+        # The helper has exited: the fd is ours.  A pipe, FIFO or socket is written
+        # from the loop (its reader may be slow; a cancel stops it), a file at once.
+        ending = write_from_loop(self.loop, self._wfd, trailer, written)
+        self._ending = ending if ending.active else None
 
     def _trailer_to_caller(self, data: bytes) -> bool:
         """``write_trailer(data)``, if given; False if it raised (the save then fails)."""

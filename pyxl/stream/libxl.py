@@ -179,6 +179,12 @@ def checkpoint_end_record() -> bytes:
     return libxl_record(LibxlRecordType.CHECKPOINT_END)
 
 
+def records_and(records: Iterable[Tuple[int, bytes]], end: bytes) -> bytes:
+    """libxl records (``(type, body)``: the device model's), then ``end``
+    (:func:`end_record`, or :func:`checkpoint_end_record` for a checkpoint)."""
+    return b"".join(libxl_record(rtype, body) for rtype, body in records) + end
+
+
 def _xenstore_body(pairs: Union[Mapping[str, str], Iterable[Tuple[str, str]]]) -> bytes:
     items = pairs.items() if isinstance(pairs, Mapping) else pairs
     out = bytearray()

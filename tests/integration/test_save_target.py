@@ -13,6 +13,8 @@ import os
 import socket
 import stat
 
+from typing import List
+
 import pytest
 
 import pyxl
@@ -205,3 +207,52 @@ def test_a_relative_name_is_the_callers_directory_at_the_call(sim_dir, tmp_path,
     loop.close()
     op.result()
     assert os.listdir(first) == ["g.save"] and os.listdir(second) == []
+
+
+def test_a_pipe_whose_reader_stalls_at_the_end_leaves_the_loop_free_and_can_be_cancelled(sim_dir):
+    """The stream's end (here 1 MiB of device records) goes into a pipe whose
+    reader stops as the helper exits: it is written from the loop, so timers
+    run meanwhile and a cancel ends the save, the guest running again and the
+    caller's fd as it was.  It was written inside the loop's callback, which
+    blocked until the reader came back (6 s in a review's run) and saw no
+    cancel, no timer, no signal meanwhile."""
+    import fcntl
+    import threading
+    import time
+
+    from pyxl.loop import default_loop
+    dom = sim.create(16 << 20, sim_dir=sim_dir)
+    r, w = os.pipe()
+    op = pyxl.save(dom, w, leave="destroy", sim_dir=sim_dir,
+                   emulator_records=[(3, bytes(1 << 20))])
+    resume_reading = threading.Event()
+
+    def reader() -> None:
+        while op.helper is None or op.helper.running:
+            if not os.read(r, 1 << 16):
+                return
+        resume_reading.wait(10)          # the reader stalls, the pipe fills
+        while os.read(r, 1 << 16):
+            pass
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    loop = default_loop()
+    beats: List[float] = []
+
+    def beat() -> None:
+        beats.append(time.monotonic())
+        if not op.done():
+            loop.call_later(0.02, beat)
+    beat()
+    assert loop.run_until(lambda: op.helper is not None and not op.helper.running, 30)
+    loop.call_later(0.5, op.cancel)
+    with pytest.raises(pyxl.Cancelled):
+        pyxl.wait(op, timeout=5)
+    assert not fcntl.fcntl(w, fcntl.F_GETFL) & os.O_NONBLOCK
+    resume_reading.set()
+    os.close(w)
+    t.join(10)
+    os.close(r)
+    assert max(b - a for a, b in zip(beats, beats[1:])) < 0.3
+    assert sim.state(dom, sim_dir=sim_dir) == "running"
+    assert w not in loop._w.writers
