@@ -14,14 +14,15 @@ outcome by libxl's rules when the helper exits.  :mod:`pyxl.ops.save` and
 from __future__ import annotations
 
 import collections
+import fcntl
 import inspect
 import logging
 import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, TypeVar,
-                    Union)
+from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, Tuple,
+                    TypeVar, Union)
 
 from pyxl._log import get_logger, log_failure
 from pyxl.backends.base import Cancellable
@@ -116,6 +117,9 @@ class Operation(LoopFuture[T_co]):
     """One save or restore in progress; ``result()`` is a ``T_co``."""
 
     kind = "operation"
+    #: A caller's fd made blocking, and its flags (set before __init__ by a
+    #: restore, which opens its source first).
+    _lent: Optional[Tuple[int, int]] = None
 
     def __init__(self, domid: int, loop: Optional[Loop], timeout: Optional[float],
                  callbacks: Optional[Dict[str, Handler]],
@@ -169,6 +173,25 @@ class Operation(LoopFuture[T_co]):
             return stream_offset(getattr(self, "_fd", -1))
         except OSError:
             return None
+
+    def _borrow_fd(self, fd: int) -> int:
+        """A caller's fd, made blocking for the operation: the helper (or a zstd
+        child) shares its open file description and does not retry EAGAIN, so
+        an asyncio socket failed the operation.  Its flags go back at the end."""
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        if flags & os.O_NONBLOCK:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+            self._lent = (fd, flags)
+        return fd
+
+    def _give_back_fd(self) -> None:
+        if self._lent is not None:
+            fd, flags = self._lent
+            self._lent = None
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+            except OSError:     # the caller closed it already
+                pass
 
     def _note_stream_end(self) -> None:
         """Before pyxl closes the stream's fd: keep its offset for stats()."""
@@ -425,6 +448,7 @@ class Operation(LoopFuture[T_co]):
     def _finish(self, result: Any = None, exc: Optional[OperationError] = None) -> None:
         if not self._done:
             self._note_stream_end()     # a given fd stays open, and may move on
+            self._give_back_fd()
             duration = getattr(result, "duration", None)
             self._ended = (self.started + duration if isinstance(duration, float)
                            else time.monotonic())

@@ -190,7 +190,10 @@ class RestoreOperation(Operation[RestoreResult]):
         that a FIFO without a writer does not block here (its head is then read
         from the loop, under the timeout); a regular file is made blocking again."""
         if isinstance(source, int):
-            return source, False
+            try:
+                return self._borrow_fd(source), False
+            except OSError as exc:
+                raise StartupError(f"cannot read fd {source}: {exc.strerror}") from exc
         self.path = os.fspath(source)
         if os.path.isdir(self.path):
             raise StartupError(f"{self.path}: is a directory")

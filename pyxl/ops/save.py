@@ -67,8 +67,7 @@ class SaveOperation(Operation[SaveResult]):
         the stream instead of writing them to the fd, so a full pipe never blocks
         the loop (with ``compress``, they go to the compressor, and
         ``write_trailer(b"")`` says that the compressed stream has ended).
-        ``on_resume(domid)`` replaces the backend's resume when a failed save
-        must let the guest run again.  ``xl_header=False``: the stream starts
+        ``on_resume(domid)``: a failed save's resume.  ``xl_header=False``: the stream starts
         at libxl's header (a migration sender wrote the xl header itself).
         ``before_suspend(go)``: the default suspend starts when it calls
         ``go()`` (a compressed migration waits for its receiver to catch up)."""
@@ -124,7 +123,7 @@ class SaveOperation(Operation[SaveResult]):
         self._xl_header = xl_header
         try:
             if isinstance(target, int):
-                self._fd = target
+                self._fd = self._borrow_fd(target)
             else:
                 self.path = os.fspath(target)
                 self._fd, self._tmp, self._dest = open_save_target(self.path)
@@ -153,6 +152,7 @@ class SaveOperation(Operation[SaveResult]):
             self._close_launch_fd()
             self._discard()
             self._lock.release()
+            self._give_back_fd()
             if self._device_fd >= 0:
                 close_quietly(self._device_fd)
             if isinstance(exc, OSError):

@@ -256,3 +256,42 @@ def test_a_pipe_whose_reader_stalls_at_the_end_leaves_the_loop_free_and_can_be_c
     assert max(b - a for a, b in zip(beats, beats[1:])) < 0.3
     assert sim.state(dom, sim_dir=sim_dir) == "running"
     assert w not in loop._w.writers
+
+
+def test_a_callers_non_blocking_socket_is_saved_into_and_restored_from(sim_dir):
+    """Sockets as asyncio leaves them (O_NONBLOCK): the helper shares the open
+    file description and libxc does not retry EAGAIN, so a save failed ("Failed
+    to write page data") and so did a restore.  The fds are blocking while the
+    operations run, and non-blocking again after."""
+    import fcntl
+    import threading
+    dom = sim.create(32 << 20, dirty_rate=4 << 20, sim_dir=sim_dir)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    got = bytearray()
+
+    def slowly() -> None:             # a slow reader, so the helper meets a full socket
+        b2 = b.dup()
+        b2.setblocking(True)
+        while True:
+            chunk = b2.recv(1 << 15)
+            if not chunk:
+                break
+            got.extend(chunk)
+            threading.Event().wait(0.0002)
+        b2.close()
+    t = threading.Thread(target=slowly, daemon=True)
+    t.start()
+    pyxl.wait(pyxl.save(dom, a.fileno(), live=True, sim_dir=sim_dir), timeout=60)
+    assert fcntl.fcntl(a.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    a.close()
+    t.join(30)
+    c, d = socket.socketpair()
+    d.setblocking(False)
+    threading.Thread(target=lambda: (c.sendall(bytes(got)), c.close()), daemon=True).start()
+    (res,) = pyxl.wait(pyxl.restore(d.fileno(), sim_dir=sim_dir), timeout=60)
+    assert fcntl.fcntl(d.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+    assert sim.check_guest(res.domid, sim_dir=sim_dir).consistent
+    d.close()
+    b.close()
