@@ -69,8 +69,8 @@ class SaveOperation(Operation[SaveResult]):
         ``write_trailer(b"")`` says that the compressed stream has ended).
         ``on_resume(domid)``: a failed save's resume.  ``xl_header=False``: the stream starts
         at libxl's header (a migration sender wrote the xl header itself).
-        ``before_suspend(go)``: the default suspend starts when it calls
-        ``go()`` (a compressed migration waits for its receiver to catch up)."""
+        ``before_suspend(go)``: the default suspend waits for ``go()`` (a
+        compressed migration's receiver catching up)."""
         super().__init__(domid, loop, options.timeout, callbacks, on_progress)
         self.options = options
         self.backend = backend
@@ -101,8 +101,7 @@ class SaveOperation(Operation[SaveResult]):
         self._launch: Optional[Cancellable] = None      # the helper's start, due on the loop
         self._launch_fd = -1                            # its stream fd, while it is due
         self._ending: Optional[Cancellable] = None      # the stream's end, being written
-        # compress: the stream goes into a pipe (_wfd) that a zstd child
-        # (_zstd) reads from _zin and writes to the target (_fd).
+        # compress: _wfd is a pipe that a zstd child (_zstd) reads at _zin, into _fd.
         self._wfd = self._zin = -1
         self._zstd: Optional[ZstdStage] = None
 
@@ -110,10 +109,9 @@ class SaveOperation(Operation[SaveResult]):
         # One save (or migration) of a domain at a time: two would share its
         # log-dirty bitmap and both "succeed" with stale pages (domainlock).
         self._lock = DomainLock(backend, domid, ("live " if options.live else "") + "save")
-        # A failed save gives the guest back as it found it: a paused one stays
-        # paused (a toolstack paused it for a reason), not merely resumed.  Read
-        # from the loop as the helper starts (see _start): nothing of ours has
-        # touched the guest before that.
+        # A failed save gives the guest back as it found it: a paused one stays paused
+        # (a toolstack paused it for a reason).  Read from the loop as the helper
+        # starts (see _start): nothing of ours has touched the guest before that.
         self._was_paused = False
         # The config (a real host's XenStore round) and the stream's head come
         # from the loop, before the helper starts: the caller waits only for the
@@ -505,9 +503,11 @@ class SaveOperation(Operation[SaveResult]):
             zstd.stop(reaped)
             return
         if self._finisher is not None:
-            # Report only once the flushing child is gone (it exits at once on
-            # its stdin's EOF, without renaming): no child outlives the save.
+            # Report once the flushing child is gone (at its stdin's EOF, without
+            # renaming).  Its descriptor is the file's last: freeing a GiB of it
+            # (180 ms on ext4) is its exit's, not the loop's unlink's.
             finisher, self._finisher = self._finisher, None
+            self._discard()
             finisher.abandon(lambda: self._fail_after_helper(exc))
             return
         self._discard()
