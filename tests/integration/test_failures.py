@@ -147,3 +147,18 @@ def test_missing_domain_is_startup_error(sim_dir, tmp_path):
     with pytest.raises(pyxl.StartupError, match="no such domain"):
         pyxl.save(4242, tmp_path / "x", sim_dir=sim_dir)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_helpers_error_line_in_the_read_that_breaks_the_protocol_is_kept(sim_dir, tmp_path):
+    """An ERROR line and a broken frame in one read: the line is the helper's
+    last word on what went wrong, and was dropped with the frame."""
+    d = sim.create(16 * MB, sim_dir=sim_dir)
+    helper = script(tmp_path, """\
+        os.write(1, p.encode(p.Log(8, -1, 'xc', 'the real cause')) + b'\\x04\\x00\\x63\\x00\\x00\\x00')
+        time.sleep(30)
+        """)
+    op = pyxl.save(d, tmp_path / "g.save", helper=helper, sim_dir=sim_dir, timeout=20)
+    assert pyxl.default_loop().run_until(op.done, 30)
+    exc = op.exception()
+    assert isinstance(exc, pyxl.HelperProtocolError), exc
+    assert exc.helper_errors == ["xc: the real cause"]
