@@ -18,7 +18,7 @@ from pyxl.fdio import close_quietly, set_nonblocking
 from pyxl.loop import Loop, Timer, ignore
 from pyxl.errors import ProtocolError, RemoteProtocolError
 from pyxl.spawn import Child, inherited_stderr
-from pyxl.wire.codec import Complete, Conversation, Log, Message, RestoreResults
+from pyxl.wire.codec import Complete, Conversation, Log, Message, Progress, RestoreResults
 
 # Bytes to read per readiness event, one read per event: a helper that floods
 # its stdout (libxc reports progress per batch of 1024 pfns, about 100
@@ -146,8 +146,11 @@ class HelperProcess:
                 msgs = self.conv.receive(data)
             except ProtocolError as exc:
                 for msg in getattr(exc, "before", None) or ():
-                    if isinstance(msg, Log):    # its last words may say why: kept
-                        self._on_message(msg)
+                    # Its last words may say why: the logs (and progress) up to
+                    # the first message that would be acted on are delivered.
+                    if not isinstance(msg, (Log, Progress)):
+                        break
+                    self._on_message(msg)
                 if data:
                     self._fail_protocol(exc)
                 else:

@@ -359,10 +359,10 @@ def check_helper_outcome(plan: Plan, hp: HelperProcess, seen: List[Message]) -> 
     if plan.error is not None and not plan.truncated:
         err = hp.protocol_error
         assert err is not None
-        # Known limitation of pyxl.wire.codec: when a frame fails to decode, the
-        # messages decoded before it in the same read are neither delivered
-        # nor checked, so a later decode error can be reported instead of an
-        # earlier conversation-rule error.
+        # Known limitation of pyxl.wire.codec: when a frame fails to decode, of
+        # the messages decoded before it in the same read only the leading logs
+        # and progress are delivered (HelperProcess), and a later decode error
+        # can be reported instead of an earlier conversation-rule error.
         assert err.offset >= plan.error.offset
         if err.offset == plan.error.offset:
             assert str(err) == str(plan.error)
