@@ -69,13 +69,17 @@ rm -rf "$cache/clone"
 rm -rf "$cache/tmp" && mkdir -m 1777 "$cache/tmp"
 log "make test in Debian 13 (Xen $(ls "$root"/usr/lib/x86_64-linux-gnu/libxenctrl.so.4.* | sed -n 's/.*libxenctrl.so.\(4\.[0-9]*\)$/\1/p'), $(chroot "$root" python3 --version))"
 args=$(printf ' %q' "$@")
+# A passed run's files are removed; a failed run's stay to be looked at (to the next run).
+status=0
 # The root bind-mounted on itself: a mount point, as \`ip netns\` needs its / to be
 # (the namespace tests move veth ends with \`ip -n\`).
-exec unshare -m --propagation private sh -ec "
+unshare -m --propagation private sh -ec "
     mount --bind '$root' '$root'
     mount -t proc proc '$root/proc'; mount --rbind /dev '$root/dev'
     mount -t tmpfs -o mode=1777 tmpfs '$root/dev/shm'; mount --bind '$cache/tmp' '$root/tmp'
     mount -t tmpfs tmpfs '$root/run'
     exec chroot '$root' env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         HOME=/root LANG=C.UTF-8 PIP_CERT=/etc/ssl/host-ca.crt PIP_DISABLE_PIP_VERSION_CHECK=1 \
-        sh -ec 'cd /src/pyxl && make test PYTEST_ARGS=\"$args\"'"
+        sh -ec 'cd /src/pyxl && make test PYTEST_ARGS=\"$args\"'" || status=$?
+[ "$status" != 0 ] || rm -rf "$cache/tmp"
+exit "$status"

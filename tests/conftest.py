@@ -70,6 +70,47 @@ def vectors() -> pathlib.Path:
     return VECTORS
 
 
+# ---- a hung test fails alone; a passed test's files go at once ------------------------------
+
+#: A test running longer than this fails (pytest-timeout, pyproject.toml), with
+#: the stacks of where it waited, and the suite goes on.  A hang used to hold the
+#: suite until CI's own limit: on a disk that earlier runs had filled, a save's
+#: pipe reader died of ENOSPC while the test still held the pipe's read end, and
+#: the save waited for a reader forever.  The slow lane's runs take longer.
+SLOW_TEST_TIMEOUT = 1800
+
+
+def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
+    if SLOW:
+        for item in items:
+            if item.get_closest_marker("timeout") is None:
+                item.add_marker(pytest.mark.timeout(SLOW_TEST_TIMEOUT))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when == "call":
+        item.stash[_PASSED] = report.passed
+
+
+_PASSED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def _tmp_path_freed(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A passed test's ``tmp_path`` is removed as it ends, not with the session:
+    the suite writes some 12 GiB of save files, and kept to the end they need
+    that much free disk (twice, with ``make test-debian13``'s run after).  A
+    failed test's stays, to be looked at.  Defined first of the autouse
+    fixtures, so it runs after their clean-ups."""
+    yield
+    path = request.node.funcargs.get("tmp_path") if hasattr(request.node, "funcargs") else None
+    if path is not None and request.node.stash.get(_PASSED, False):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 #: Long-running CLI processes a test started (a migrate-receive): whatever is
 #: still running when the test ends -- it failed before waiting for them -- is
 #: killed and reaped, so one failure does not leave a listener behind for the

@@ -261,10 +261,10 @@ def test_our_helper_grows_a_default_stream_pipe_only(sim_dir, tmp_path, helper, 
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, initial)
         with open(path, "wb") as out:
             reader = subprocess.Popen(["cat"], stdin=r, stdout=out)
-        pyxl.wait(pyxl.save(d, w, helper=HELPERS[helper], sim_dir=sim_dir))
+        os.close(r)     # cat's alone: if it dies (a full disk), the save gets EPIPE, not a wait
+        pyxl.wait(pyxl.save(d, w, helper=HELPERS[helper], sim_dir=sim_dir), timeout=60)
         assert fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) == grown
     finally:
-        os.close(r)
         os.close(w)
     assert reader.wait(10) == 0
     r, w = os.pipe()
@@ -273,7 +273,8 @@ def test_our_helper_grows_a_default_stream_pipe_only(sim_dir, tmp_path, helper, 
             fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, initial)
         writer = subprocess.Popen(["cat", str(path)], stdout=w)
         os.close(w)
-        res = pyxl.wait(pyxl.restore(r, paused=True, helper=HELPERS[helper], sim_dir=sim_dir))[0]
+        res = pyxl.wait(pyxl.restore(r, paused=True, helper=HELPERS[helper], sim_dir=sim_dir),
+                        timeout=60)[0]
         assert fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) == grown
     finally:
         os.close(r)
