@@ -234,8 +234,8 @@ class LoopWrite:
             self._writer.close()
             self._writer = None
             try:
-                fcntl.fcntl(self.fd, fcntl.F_SETFL, self._flags)
-            except OSError:
+                set_nonblocking(self.fd, bool(self._flags & os.O_NONBLOCK))
+            except OSError:     # closed meanwhile
                 pass
 
     def _failed(self, exc: OSError) -> None:

@@ -14,21 +14,20 @@ outcome by libxl's rules when the helper exits.  :mod:`pyxl.ops.save` and
 from __future__ import annotations
 
 import collections
-import fcntl
 import inspect
 import logging
 import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, Tuple,
-                    TypeVar, Union)
+from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, TypeVar, Union)
 
 from pyxl._log import get_logger, log_failure
 from pyxl.backends.base import Cancellable
 from pyxl.errors import (CallbackError, Cancelled, HelperDied, HelperExited, HelperFailed, HelperProtocolError,
                          MissingComplete, MissingRestoreResults, OperationError, PrecopyAborted,
                          StartupError, Timeout)
+from pyxl.fdio import set_nonblocking
 from pyxl.loop import Loop, default_loop
 from pyxl.ops.future import LoopFuture
 from pyxl.ops.helper_process import HelperProcess
@@ -71,6 +70,12 @@ STREAM_PLAIN, STREAM_REMUS = 0, 1
 
 PathOrFd = Union[str, "os.PathLike[str]", int]
 Handler = Callable[["CallbackRequest"], Union[int, bool, None, Awaitable[int]]]
+
+
+def _exc_text(exc: BaseException) -> str:
+    """An exception as the one line of a failure names it: its repr, bounded."""
+    text = repr(exc)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ class Operation(LoopFuture[T_co]):
     kind = "operation"
     #: A caller's fd made blocking, and its flags (set before __init__ by a
     #: restore, which opens its source first).
-    _lent: Optional[Tuple[int, int]] = None
+    _lent: Optional[int] = None
 
     def __init__(self, domid: int, loop: Optional[Loop], timeout: Optional[float],
                  callbacks: Optional[Dict[str, Handler]],
@@ -178,18 +183,15 @@ class Operation(LoopFuture[T_co]):
         """A caller's fd, made blocking for the operation: the helper (or a zstd
         child) shares its open file description and does not retry EAGAIN, so
         an asyncio socket failed the operation.  Its flags go back at the end."""
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        if flags & os.O_NONBLOCK:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
-            self._lent = (fd, flags)
+        if set_nonblocking(fd, False) & os.O_NONBLOCK:
+            self._lent = fd
         return fd
 
     def _give_back_fd(self) -> None:
         if self._lent is not None:
-            fd, flags = self._lent
-            self._lent = None
+            fd, self._lent = self._lent, None
             try:
-                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+                set_nonblocking(fd, True)
             except OSError:     # the caller closed it already
                 pass
 
@@ -299,11 +301,15 @@ class Operation(LoopFuture[T_co]):
             # asked of the guest or the application
             req.reply(FAILURE_REPLY.get(msg.NAME, -1))
             return
-        handler = self.callbacks.get(msg.NAME) or self._default_handler(msg.NAME)
+        own = self.callbacks.get(msg.NAME)
+        handler = own or self._default_handler(msg.NAME)
         try:
             answer = handler(req)
         except Exception as exc:  # a toolstack handler bug must not wedge the helper
-            self._callback_raised(f"{msg.NAME} handler", exc)
+            if own is None:   # pyxl's handler: its backend's call raised (or pyxl's bug)
+                self._step_raised(msg.NAME, exc)
+            else:
+                self._callback_raised(f"{msg.NAME} handler", exc)
             if not req.answered:
                 req.reply(FAILURE_REPLY.get(msg.NAME, -1))
             return
@@ -354,20 +360,34 @@ class Operation(LoopFuture[T_co]):
             return None
         first = not self._app_failed
         self._app_failed = True
-        text = repr(exc)
-        text = text if len(text) <= 200 else text[:197] + "..."
         err = CallbackError(f"{self.kind} of domain {self.domid} failed: the application's "
-                            f"{what} raised {text}", what, op=self)
+                            f"{what} raised {_exc_text(exc)}", what, op=self)
         err.__cause__ = exc
         self._fail_soon(err)
         if first and self._failure is err:
-            self._callback_failed(err)
+            self._handler_failed(what, err)
         if kill and self.helper is not None and self.helper.running:
             self.helper.kill()
         return self._failure
 
-    def _callback_failed(self, err: CallbackError) -> None:
-        """Hook: the operation fails with ``err`` (a save notes the guest's state)."""
+    def _step_raised(self, name: str, exc: BaseException) -> None:
+        """pyxl's own handler of the helper's ``name`` raised: the backend's
+        call in it did (a backend is any toolstack's code), not a callback of
+        the application's.  The operation fails with an :class:`OperationError`
+        caused by it; the handler is answered with failure."""
+        self.logger.error("answering the helper's %s: %r", name, exc)
+        if self._done:
+            return
+        err = OperationError(f"{self.kind} of domain {self.domid} failed: answering the "
+                             f"helper's {name} raised {_exc_text(exc)}", op=self)
+        err.__cause__ = exc
+        self._fail_soon(err)
+        if self._failure is err:
+            self._handler_failed(f"{name} handler", err)
+
+    def _handler_failed(self, what: str, err: OperationError) -> None:
+        """Hook: the operation fails with ``err`` because the handler or callback
+        ``what`` raised (a save notes the guest's state)."""
 
     def _answer(self, req: CallbackRequest, value: int) -> None:
         if req is not self._pending or self.helper is None:
@@ -455,7 +475,3 @@ class Operation(LoopFuture[T_co]):
         if not self._done and exc is not None:
             log_failure(self.logger, exc)
         self._set_outcome(result, exc)
-
-
-
-

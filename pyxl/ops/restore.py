@@ -132,8 +132,18 @@ class RestoreOperation(Operation[RestoreResult]):
         self._creating = False                    # the backend is building the domain
         self._timer_armed = False
         self._unzstd: Optional[ZstdStage] = None
-        fd, own = self._open(source)
-        self._fd, self._own_fd = fd, own
+        self._fd, self._own_fd = self._open(source)
+        try:
+            self._begin(self._fd, loop, callbacks, on_progress)
+        except BaseException:
+            self._give_back_fd()    # a caller's fd is refused with its flags as they were
+            raise
+
+    def _begin(self, fd: int, loop: Optional[Loop], callbacks: Optional[Dict[str, Handler]],
+               on_progress: Optional[Callable[[ProgressEvent], None]]) -> None:
+        """The constructor's rest, once the source is open: read a file's head
+        now, another source's from the loop."""
+        options = self.options
         try:
             regular = is_regular(fd)
             if not regular and not is_stream(fd):

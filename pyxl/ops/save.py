@@ -7,9 +7,10 @@ mode.  Then the libxl records that end the stream (the device model's, END)
 are written, a short child fsyncs the file and renames it over the target
 (:mod:`pyxl.childproc`; with ``fsync`` it starts with the save and flushes the
 file as it grows), and the domain is left as asked: destroyed (xl's default),
-paused or running.  A failed save never touches an existing file and lets a
-suspended guest run again.  Checkpointed (Remus) streams repeat the suspend,
-the libxl checkpoint records and the resume per checkpoint.
+paused or running (:mod:`pyxl.ops.aftersave`).  A failed save never touches
+an existing file and lets a suspended guest run again.  Checkpointed (Remus)
+streams repeat the suspend, the libxl checkpoint records and the resume per
+checkpoint.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from pyxl.backends.base import (Backend, Cancellable, EmulatorRecord, start_dest
                                 start_domain_config, start_resume)
 from pyxl.backends.domainlock import DomainLock
 from pyxl.childproc import FileFinisher, finish_file
-from pyxl.errors import CallbackError, Cancelled, HelperDied, OperationError, StartupError
+from pyxl.errors import Cancelled, HelperDied, OperationError, StartupError
 from pyxl.fdio import close_quietly, make_pipe, open_save_target, pipe_size, write_all, write_from_loop
 from pyxl.loop import Loop
+from pyxl.ops.aftersave import leave_saved, resume_after_failure
 from pyxl.ops.helper_process import save_argv
 from pyxl.ops.operation import (REMUS_SAVE_CALLBACKS, SAVE_CALLBACKS, STREAM_REMUS,
                                 XCFLAGS_DEBUG, XCFLAGS_LIVE, CallbackRequest, Handler, Operation,
@@ -387,12 +389,12 @@ class SaveOperation(Operation[SaveResult]):
             return
         self._suspend_now(req)
 
-    def _callback_failed(self, err: CallbackError) -> None:
-        """A suspend handler of the application's raised: it may have stopped
-        the guest first.  A suspended guest is resumed like any a failed save
-        leaves (``guest_state`` then says how); one it did not stop is reported
-        as it is (``guest_state`` "running" or "paused")."""
-        if err.callback != "suspend handler" or self.suspended:
+    def _handler_failed(self, what: str, err: OperationError) -> None:
+        """A suspend handler raised (the application's, or the backend's call in
+        pyxl's): it may have stopped the guest first.  A suspended guest is
+        resumed like any a failed save leaves (``guest_state`` then says how);
+        one it did not stop is reported as it is ("running" or "paused")."""
+        if what != "suspend handler" or self.suspended:
             return
         state = self._state_now()
         if state == "suspended":
@@ -615,7 +617,9 @@ class SaveOperation(Operation[SaveResult]):
     def _committed(self, result: SaveResult) -> None:
         """The image is safe: leave the domain as asked, then finish."""
         if self.leave != "destroy":
-            self._leave_domain(lambda: self._finish(result))
+            leave_saved(self.backend, self.loop, self.domid, self.leave,
+                        was_paused=self._was_paused, suspended=self.suspended,
+                        logger=self.logger, then=lambda: self._finish(result))
             return
 
         def destroyed(ok: bool, why: str) -> None:
@@ -626,33 +630,6 @@ class SaveOperation(Operation[SaveResult]):
 
         start_destroy(self.backend, self.loop, self.domid, destroyed)
 
-    def _leave_domain(self, then: Callable[[], None]) -> None:
-        """Leave the saved domain as asked (its resume from the loop), then ``then()``."""
-        def left(ok: bool, why: str) -> None:
-            if not ok:  # the image is safe: report it, and go on
-                self.logger.error("saved domain %d, but could not leave it %s: %s", self.domid,
-                                  self.leave, why)
-            then()
-
-        try:
-            # A guest paused when the save began stays paused (as under xl, whose
-            # resume leaves the toolstack's pause in place): "running" means as
-            # it was, not unpaused.
-            if self.leave == "running" and not self._was_paused:
-                start_resume(self.backend, self.loop, self.domid, left)
-                return
-            # Remus: it ran on after the last checkpoint.  xl save -p, or a
-            # paused guest: paused first, so it never runs between the suspend
-            # and the pause.
-            self.backend.pause(self.domid)
-        except Exception as exc:  # a backend is the caller's code
-            left(False, str(exc))
-            return
-        if self.suspended:
-            start_resume(self.backend, self.loop, self.domid, left)
-        else:
-            left(True, "")
-
     def _state_now(self) -> Optional[str]:
         try:
             return self.backend.state(self.domid)
@@ -661,40 +638,5 @@ class SaveOperation(Operation[SaveResult]):
 
     def _resume_after_failure(self, then: Callable[[], None],
                               exc: Optional[OperationError] = None) -> None:
-        """The guest runs again after a failed save (the caller's ``on_resume``,
-        else the backend's resume, from the loop), or is paused again if it was
-        paused when the save began (pause first, as ``leave="paused"``: it never
-        runs in between); then ``then()``.  ``exc`` (the failure to report) gets
-        ``guest_state``, and, if the guest could not be resumed, says so."""
-        restore_pause = self._was_paused and self.on_resume is None
-
-        def resumed(ok: bool, why: str) -> None:
-            if not ok:  # report it: the failure stands
-                self.logger.error("could not resume domain %d after the failed save: %s",
-                                  self.domid, why)
-            if exc is not None:
-                exc.guest_state = ("paused" if restore_pause else "running") if ok else "suspended"
-                if not ok:
-                    exc.args = (f"{exc.args[0] if exc.args else exc}; domain {self.domid} is "
-                                f"still suspended: resuming it failed: {why}",
-                                ) + tuple(exc.args[1:])
-            then()
-
-        if self.on_resume is None:
-            if restore_pause:
-                try:
-                    self.backend.pause(self.domid)
-                except Exception as err:  # a backend is the caller's code
-                    self.logger.error("could not pause domain %d again after the failed save "
-                                      "(it was paused): %s", self.domid, err)
-                    restore_pause = False
-            start_resume(self.backend, self.loop, self.domid, resumed)
-            return
-        try:
-            self.on_resume(self.domid)
-        except Exception as err:  # the caller's on_resume
-            resumed(False, f"on_resume raised {err!r}")
-            return
-        resumed(True, "")
-
-
+        resume_after_failure(self.backend, self.loop, self.domid, was_paused=self._was_paused,
+                             on_resume=self.on_resume, logger=self.logger, then=then, exc=exc)

@@ -17,6 +17,7 @@ import pyxl
 import pyxl.aio
 from conftest import children
 from pyxl import sim
+from pyxl.backends.sim import SimBackend
 
 MB = 1 << 20
 
@@ -58,6 +59,33 @@ def test_a_raising_suspend_handler_fails_the_save_with_its_exception(sim_dir, tm
     assert str(exc).startswith(f"save of domain {d} failed: the application's suspend handler "
                                "raised Boom('handler exploded')")
     assert exc.guest_state == before == sim.state(d, sim_dir=sim_dir)
+    _no_file(tmp_path)
+
+
+class _SuspendRaises(SimBackend):
+    """A backend whose suspend call raises (a toolstack's own backend, or one
+    whose XenStore went away)."""
+
+    def start_suspend(self, loop: Any, domid: int, timeout: float, done: Any) -> Any:
+        raise Boom("xenstored went away")
+
+
+def test_a_backend_raising_in_pyxls_own_handler_is_not_blamed_on_the_application(
+        sim_dir, tmp_path):
+    """No handler of the application's ran: the failure says pyxl's answer to
+    the helper raised, as an OperationError (not a CallbackError naming "the
+    application's suspend handler"), and the guest is reported as left."""
+    d = sim.create(32 * MB, sim_dir=sim_dir)
+    op = pyxl.save(d, tmp_path / "g.save", leave="running", backend=_SuspendRaises(sim_dir))
+    assert pyxl.default_loop().run_until(op.done, 30), "the operation hung"
+    exc = op.exception()
+    assert type(exc) is pyxl.OperationError, repr(exc)
+    assert str(exc).startswith(f"save of domain {d} failed: answering the helper's suspend "
+                               "raised Boom('xenstored went away')"), exc
+    assert "application" not in str(exc) and "\n" not in str(exc)
+    assert isinstance(exc.__cause__, Boom)
+    assert exc.guest_state == "running" == sim.state(d, sim_dir=sim_dir)
+    assert children() == []
     _no_file(tmp_path)
 
 

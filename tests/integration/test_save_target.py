@@ -295,3 +295,18 @@ def test_a_callers_non_blocking_socket_is_saved_into_and_restored_from(sim_dir):
     assert sim.check_guest(res.domid, sim_dir=sim_dir).consistent
     d.close()
     b.close()
+
+
+@pytest.mark.parametrize("source", ["/dev/zero", "directory"])
+def test_a_callers_non_blocking_fd_refused_at_restore_gets_its_flags_back(tmp_path, source):
+    """A restore that refuses a caller's fd in its constructor (a device; a
+    directory's fd) gives it back as it came: non-blocking, still open."""
+    import fcntl
+    path = str(tmp_path) if source == "directory" else source
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        with pytest.raises(StartupError, match="not a regular file, a pipe or a socket"):
+            pyxl.restore(fd)
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+    finally:
+        os.close(fd)
