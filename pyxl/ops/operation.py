@@ -147,6 +147,7 @@ class Operation(LoopFuture[T_co]):
         self._failure: Optional[OperationError] = None  # decided before the helper exits
         self._app_failed = False     # a callback of the application's raised (CallbackError)
         self._timer: Optional[Cancellable] = None
+        self._timer_due: Optional[float] = None     # when the timeout, once started, expires
         self._timeout = timeout
         self._pending: Optional[CallbackRequest] = None
         self._aux: List[Cancellable] = []
@@ -217,6 +218,7 @@ class Operation(LoopFuture[T_co]):
 
     def _start_timer(self) -> None:
         if self._timeout is not None:
+            self._timer_due = time.monotonic() + self._timeout
             self._timer = self.loop.call_later(self._timeout, self._timed_out)
 
     def _timed_out(self) -> None:

@@ -25,7 +25,7 @@ from pyxl.backends.base import (Backend, Cancellable, EmulatorRecord, start_dest
                                 start_domain_config, start_resume)
 from pyxl.backends.domainlock import DomainLock
 from pyxl.childproc import FileFinisher, finish_file
-from pyxl.errors import Cancelled, HelperDied, OperationError, StartupError
+from pyxl.errors import Cancelled, HelperDied, OperationError, StartupError, Timeout
 from pyxl.fdio import close_quietly, make_pipe, open_save_target, pipe_size, write_all, write_from_loop
 from pyxl.loop import Loop
 from pyxl.ops.aftersave import leave_saved, resume_after_failure
@@ -252,8 +252,7 @@ class SaveOperation(Operation[SaveResult]):
             self._finish(exc=cancelled)
             return True
         if self._ending is not None:    # the helper is gone; a slow reader has the end
-            self._ending.cancel()
-            self._ending = None
+            self._stop_ending()
             self._fail_after_helper(cancelled)
             return True
         return super().cancel(grace)
@@ -543,7 +542,7 @@ class SaveOperation(Operation[SaveResult]):
             return
 
         def written(err: Optional[OSError]) -> None:
-            self._ending = None
+            self._stop_ending()
             if self._zstd is not None:      # the compressor's pipe: its EOF, then its exit
                 os.close(self._wfd)
                 self._wfd = -1
@@ -567,7 +566,27 @@ class SaveOperation(Operation[SaveResult]):
         # The helper has exited: the fd is ours.  A pipe, FIFO or socket is written
         # from the loop (its reader may be slow; a cancel stops it), a file at once.
         ending = write_from_loop(self.loop, self._wfd, trailer, written)
-        self._ending = ending if ending.active else None
+        if ending.active:
+            self._ending = ending
+            if self._timer_due is not None:     # the operation's timeout bounds it too
+                self._timer = self.loop.call_later(max(0.0, self._timer_due - time.monotonic()),
+                                                   self._ending_timed_out)
+
+    def _stop_ending(self) -> None:
+        """The stream's end is written, or given up: no write, no timer."""
+        if self._ending is not None:
+            self._ending.cancel()
+            self._ending = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _ending_timed_out(self) -> None:
+        self._timer = None
+        self._stop_ending()
+        self._fail_after_helper(Timeout(
+            f"{self.kind} of domain {self.domid} timed out after {self._timeout:g}s: the "
+            "stream's end waited for its reader", op=self))
 
     def _trailer_to_caller(self, data: bytes) -> bool:
         """``write_trailer(data)``, if given; False if it raised (the save then fails)."""

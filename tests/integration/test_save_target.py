@@ -258,6 +258,42 @@ def test_a_pipe_whose_reader_stalls_at_the_end_leaves_the_loop_free_and_can_be_c
     assert w not in loop._w.writers
 
 
+def test_the_timeout_bounds_a_stream_end_that_waits_for_a_stalled_reader(sim_dir):
+    """The operation's ``timeout`` used to end with the helper: a reader that
+    stopped before the stream's end held the save until a cancel.  Now the
+    save fails with Timeout when its time is up, the guest runs again, the
+    caller's fd is as it was."""
+    import fcntl
+    import threading
+    import time
+
+    dom = sim.create(16 << 20, sim_dir=sim_dir)
+    r, w = os.pipe()
+    start = time.monotonic()
+    op = pyxl.save(dom, w, leave="destroy", sim_dir=sim_dir, timeout=4,
+                   emulator_records=[(3, bytes(1 << 20))])
+    stop = threading.Event()
+
+    def reader() -> None:               # reads while the helper runs, then stops
+        while op.helper is None or op.helper.running:
+            if not os.read(r, 1 << 16):
+                return
+        stop.wait(30)
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    with pytest.raises(pyxl.Timeout, match=r"timed out after 4s: the stream's end waited for its "
+                                           r"reader"):
+        pyxl.wait(op, timeout=20)
+    assert 3.9 < time.monotonic() - start < 8
+    assert op.helper is not None and op.helper.wait_status == 0    # it had finished its part
+    assert not fcntl.fcntl(w, fcntl.F_GETFL) & os.O_NONBLOCK
+    assert sim.state(dom, sim_dir=sim_dir) == "running"
+    stop.set()
+    os.close(w)
+    t.join(10)
+    os.close(r)
+
+
 def test_a_callers_non_blocking_socket_is_saved_into_and_restored_from(sim_dir):
     """Sockets as asyncio leaves them (O_NONBLOCK): the helper shares the open
     file description and libxc does not retry EAGAIN, so a save failed ("Failed
