@@ -24,7 +24,7 @@ from pyxl._paths import helper_path
 from pyxl.backends.base import (Backend, Cancellable, EmulatorRecord, start_destroy,
                                 start_domain_config, start_resume)
 from pyxl.backends.domainlock import DomainLock
-from pyxl.childproc import FileFinisher, finish_file
+from pyxl.childproc import FileFinisher, finish_file, remove_in_child
 from pyxl.errors import Cancelled, HelperDied, OperationError, StartupError, Timeout
 from pyxl.fdio import close_quietly, make_pipe, open_save_target, pipe_size, write_all, write_from_loop
 from pyxl.loop import Loop
@@ -285,7 +285,10 @@ class SaveOperation(Operation[SaveResult]):
         if self.helper is not None and self.helper.running:
             self.helper.kill()
 
-    def _discard(self) -> None:
+    def _discard(self, then: Optional[Callable[[], None]] = None) -> bool:
+        """Close the stream's fds and remove the temporary file.  With ``then``,
+        a short child removes the file (True; ``then()`` from the loop once it
+        is gone); else, or with no file, it goes here (False)."""
         for name in ("_wfd", "_zin"):
             fd = getattr(self, name)
             if fd >= 0 and fd != self._fd:
@@ -295,16 +298,21 @@ class SaveOperation(Operation[SaveResult]):
         if self._finisher is not None:
             self._finisher.cancel()     # it exits without renaming; the file goes below
             self._finisher = None
+        fd, tmp = -1, self._tmp
+        self._tmp = None
         if self._own_fd and self._fd >= 0:
             self._note_stream_end()
-            os.close(self._fd)
-            self._fd = -1
-        if self._tmp is not None:
+            fd, self._fd = self._fd, -1
+        if tmp is not None and fd >= 0 and then is not None:
+            remove_in_child(self.loop, tmp, fd, then)
+            return True
+        close_quietly(fd)
+        if tmp is not None:
             try:
-                os.unlink(self._tmp)
+                os.unlink(tmp)
             except FileNotFoundError:
                 pass
-            self._tmp = None
+        return False
 
     def _default_handler(self, name: str) -> Handler:
         own = {"suspend": self._default_suspend, "switch_qemu_logdirty": self._default_logdirty,
@@ -511,7 +519,8 @@ class SaveOperation(Operation[SaveResult]):
             self._discard()
             finisher.abandon(lambda: self._fail_after_helper(exc))
             return
-        self._discard()
+        if self._discard(then=lambda: self._fail_after_helper(exc)):
+            return      # no flushing child (fsync=False): a short one removes the file
         if self._suspend_cancel is not None:
             self._held = exc  # a suspend is on its way: finish once it has landed
             return
