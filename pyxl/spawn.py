@@ -51,10 +51,13 @@ from pyxl._paths import package_file
 from pyxl.fdio import close_quietly
 from pyxl.loop import Loop, Timer, ignore
 
-__all__ = ["Child", "SPAWNER_NAME", "child_nice", "inherited_stderr", "set_child_nice",
+__all__ = ["Child", "MAX_REQUEST", "SPAWNER_NAME", "child_nice", "inherited_stderr", "set_child_nice",
            "set_own_session", "spawner_pid", "start_spawner"]
 
 SPAWNER_NAME = "pyxl-spawner"
+#: The longest request the spawner reads (spawner.c's MAX_MSG): a start's path,
+#: argv and environment, each with its NUL, and some 40 bytes more.
+MAX_REQUEST = 256 * 1024
 _REPLY = struct.Struct("=iiI")          # pid, errno, stage
 _STAGES = {1: "the spawner refused the request", 2: "clone", 3: "its fds", 4: "chdir",
            5: "exec"}
@@ -160,6 +163,14 @@ class _Spawner:
             **({"start_new_session": True} if _own_session else {"process_group": 0})))
         self.own_session = _own_session
         self.pid = os.getpid()
+        # The longest request the kernel takes on this socket (its send buffer,
+        # less the kernel's own 32 bytes), at most what the spawner reads.
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_REQUEST + 4096)
+        except OSError:
+            pass        # the host's cap (net.core.wmem_max) stands
+        self.max_request = min(MAX_REQUEST,
+                               self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 32)
         #: requests that found the socket full: (payload, our copies of their fds)
         self.pending: Deque[Tuple[bytes, List[int]]] = collections.deque()
 
@@ -233,6 +244,10 @@ def _send(payload: bytes, fds: Sequence[int]) -> bool:
     if its socket is full, at a later :func:`_flush` (False).  Never waits."""
     start_spawner()
     assert _spawner is not None
+    if len(payload) > _spawner.max_request:
+        # Refused here, not queued: the kernel would refuse it at every try.
+        raise OSError(errno.E2BIG, f"argument list and environment too long for "
+                      f"{SPAWNER_NAME} ({len(payload)} bytes; at most {_spawner.max_request})")
     if _spawner.pending:
         _spawner.queue(payload, fds)      # in order
         _flush()
@@ -271,6 +286,11 @@ def _flush() -> None:
         except (BrokenPipeError, ConnectionResetError):
             spawner = _restart()
             continue
+        except OSError:
+            # This one cannot be sent (ENOBUFS, ...): it is dropped, its reply
+            # socket's far end closed with it, so its Child fails ("did not
+            # answer"); the requests behind it go on.
+            pass
         spawner.pending.popleft()
         for fd in fds:
             os.close(fd)
@@ -447,7 +467,10 @@ class Child:
         sock = self._reply
         assert sock is not None
         try:
-            data, anc, _flags, _addr = sock.recvmsg(_REPLY.size, socket.CMSG_SPACE(4))
+            # close-on-exec: a program the application starts keeping its
+            # fds does not get our children's pidfds
+            data, anc, _flags, _addr = sock.recvmsg(_REPLY.size, socket.CMSG_SPACE(4),
+                                                    socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -468,7 +491,8 @@ class Child:
             # The spawner died before answering: whatever it started (if
             # anything) cannot be told apart here.
             self.start_error = self.start_error or OSError(
-                errno.ECHILD, "pyxl-spawner ended before it answered")
+                errno.ECHILD, "pyxl-spawner did not answer (it ended, or the request could not "
+                "be sent)")
             self._end(None)
             return
         pid, err, stage = _REPLY.unpack(data)

@@ -81,13 +81,13 @@ static int recv_request(struct request *rq, ssize_t *len)
     mh.msg_control = ctl.buf;
     mh.msg_controllen = sizeof(ctl.buf);
     ssize_t n;
+    rq->nrecv = 0;
     do
         n = recvmsg(0, &mh, MSG_CMSG_CLOEXEC);
     while (n < 0 && errno == EINTR);
-    if (n <= 0)
+    if (n < 0)
         return -1;
     *len = n;
-    rq->nrecv = 0;
     for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
         if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
             continue;
@@ -95,7 +95,9 @@ static int recv_request(struct request *rq, ssize_t *len)
         for (int i = 0; i < k && rq->nrecv < MAX_FDS; i++)
             memcpy(&rq->fds[rq->nrecv++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
     }
-    if (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC))
+    if (n == 0 && rq->nrecv == 0)
+        return -1;              /* EOF (an empty request with fds is malformed, not EOF) */
+    if (n == 0 || mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC))
         return 1;               /* malformed: answered if a reply socket came */
     return 0;
 }
@@ -196,9 +198,10 @@ static void child(struct request *rq, int status)
             top = rq->target[i];
     /* The report pipe and every source go above the highest target first,
      * then each source is put in place (dup2 clears CLOEXEC on the target). */
-    status = fcntl(status, F_DUPFD_CLOEXEC, top + 1);
-    if (status < 0)
-        _exit(127);
+    int high = fcntl(status, F_DUPFD_CLOEXEC, top + 1);
+    if (high < 0)
+        report(status, ST_FDS);     /* a target at the fd limit: said, not a silent 127 */
+    status = high;
     for (uint32_t i = 0; i < rq->nfds; i++) {
         int hi = fcntl(rq->fds[i + 1], F_DUPFD_CLOEXEC, top + 1);
         if (hi < 0)
@@ -233,8 +236,12 @@ static void child(struct request *rq, int status)
     for (int i = 0; i < nkeep; i++) {
         unsigned lo = keep[i] + 1;
         unsigned hi = i + 1 < nkeep ? (unsigned)keep[i + 1] - 1 : ~0U;
-        if (lo <= hi)
-            syscall(SYS_close_range, lo, hi, 0);
+        if (lo <= hi && syscall(SYS_close_range, lo, hi, 0) < 0) {
+            /* No close_range (before Linux 5.9, or a seccomp filter): one by one. */
+            long max = sysconf(_SC_OPEN_MAX);
+            for (unsigned fd = lo; fd <= hi && (long)fd < max; fd++)
+                close((int)fd);
+        }
     }
     if (rq->cwd[0] && chdir(rq->cwd) < 0)
         report(status, ST_CHDIR);
@@ -303,7 +310,7 @@ static void serve(struct request *rq, int malformed, ssize_t len)
     }
     struct inflight *f = &inflight[ninflight++];
     f->status = pipefd[0];
-    f->sock = dup(sock);        /* the request's own copy is closed by the caller */
+    f->sock = fcntl(sock, F_DUPFD_CLOEXEC, 0);   /* the request's own copy is closed by the caller */
     f->pidfd = pidfd;
     f->pid = (int32_t)pid;
 }

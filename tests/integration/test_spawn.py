@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import errno
 import os
 import signal
 import socket
@@ -226,7 +227,9 @@ def test_a_dead_spawner_is_replaced_and_its_pending_start_fails():
 def test_malformed_requests_are_answered_and_the_spawner_lives_on():
     start_spawner()
     assert spawn._spawner is not None
-    for payload in (b"junk", b"PXS1" + b"\xff" * 40, b"PXS1" + bytes(12)):
+    # b"": an empty request with its reply socket was taken for EOF: no answer,
+    # and the spawner stopped taking requests
+    for payload in (b"junk", b"PXS1" + b"\xff" * 40, b"PXS1" + bytes(12), b""):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         spawn._spawner.sock.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                  array.array("i", [theirs.fileno()]))])
@@ -394,3 +397,57 @@ def test_a_private_step_that_kills_its_child_before_the_answer_leaves_nothing():
     assert [c for c in children() if c[0] not in before] == []
     with pytest.raises(ProcessLookupError):
         os.kill(child.pid, 0)
+
+
+def test_a_target_at_the_open_files_limit_is_a_start_error_not_a_silent_127():
+    """The child could not move its exec report above a target at the fd
+    limit and exited 127 unheard: the start looked like a child that ran."""
+    code = ("import os, resource\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit("
+            "resource.RLIMIT_NOFILE)[1]))\n"
+            "from pyxl.loop import SelectorLoop\n"
+            "from pyxl.spawn import Child\n"
+            "loop = SelectorLoop(); seen = []\n"
+            "r, w = os.pipe()\n"
+            "c = Child(loop, ['true'], seen.append, fds={63: w})\n"
+            "os.close(w)\n"
+            "assert loop.run_until(lambda: seen, 20)\n"
+            "print(seen[0], repr(c.start_error))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "None OSError(22, 'Invalid argument (its fds)')", r.stdout
+
+
+def test_our_childrens_pidfds_are_not_inherited_by_what_the_application_runs():
+    loop = SelectorLoop()
+    seen: List[Optional[int]] = []
+    child = Child(loop, ["sleep", "30"], seen.append)
+    assert loop.run_until(lambda: child.pid > 0, 10)
+    assert not os.get_inheritable(child._pidfd)
+    child.kill()
+    assert loop.run_until(lambda: seen, 10)
+    loop.close()
+
+
+def test_a_request_too_long_for_the_spawner_is_refused_and_the_queue_behind_it_moves():
+    """A start whose request the kernel refuses at every try (EMSGSIZE), once
+    queued behind a busy spawner, stayed at the queue's head: the starts before
+    it were never answered, nor any after.  Too long for the socket is now
+    refused at the call (E2BIG); the rest are all answered."""
+    pid, loop, seen = stopped_spawner()
+    assert spawn._spawner is not None
+    limit = spawn._spawner.max_request
+    env = {"PATH": os.environ["PATH"]}
+    kids = [Child(loop, ["true"], seen.append, env={**env, "MID": "y" * 40000}) for _ in range(15)]
+    assert spawn._spawner.pending, "the spawner's socket is full: starts wait in the queue"
+    with pytest.raises(OSError) as refused:
+        Child(loop, ["true"], seen.append, env={**env, "BIG": "x" * limit})
+    assert refused.value.errno == errno.E2BIG
+    assert f"at most {limit}" in str(refused.value)
+    half = (limit - 2048) // 2        # (one string is at most 128 KiB at exec)
+    near = Child(loop, ["true"], seen.append, env={**env, "B1": "x" * half, "B2": "x" * half})
+    os.kill(pid, signal.SIGCONT)
+    assert loop.run_until(lambda: len(seen) == 16, 30), (len(seen), len(spawn._spawner.pending))
+    assert seen == [0] * 16 and all(k.start_error is None for k in kids + [near])
+    assert run_child(["true"])["code"] == 0
+    loop.close()
