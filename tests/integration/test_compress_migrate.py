@@ -103,7 +103,9 @@ def test_switch_over_waits_for_the_receiver_to_catch_up(hosts, caplog):
     assert len(held) == 1 and len(released) == 1, (held, released)
     behind_then = int(re.search(r"is (\d+) bytes behind", held[0]).group(1))
     behind_at_release = int(re.search(r"\((-?\d+) bytes behind\)", released[0]).group(1))
-    assert behind_then > 64 * MB                  # the whole guest was still queued
+    # Tens of MiB were still queued (64-70 MiB on a quiet machine; 55 MiB with
+    # QEMU busy beside the run, CI run 41: the receiver then kept up better).
+    assert behind_then > 4 * CATCH_UP
     assert behind_at_release <= CATCH_UP
     # Quiet machine: 0.12 s with the hold, 0.8 s without (2 s for 1 GiB).
     assert sent.downtime < 1.5, sent.downtime
