@@ -48,8 +48,8 @@ from pyxl.backends.devicemodel import state_bound
 from pyxl.backends.libxlcfg import defbool, to_int  # noqa: F401  (defbool: re-exported)
 from pyxl.backends.xenctrl import DomInfo, Xc, XenError  # noqa: F401  (XenError: re-exported)
 from pyxl.backends.xensuspend import HVM_PARAM_ACPI_S_STATE, HVM_PARAM_CALLBACK_IRQ, Suspend
-from pyxl.backends.xenstore import (XS_DIRECTORY, XS_MKDIR, XS_READ, Batch, XenStore,
-                                    open_default)
+from pyxl.backends.xenstore import (XS_DIRECTORY, XS_MKDIR, XS_READ, XS_RESUME, Batch,
+                                    XenStore, open_default)
 from pyxl.errors import DeviceModelError, StartupError
 from pyxl.loop import Loop, run_private
 from pyxl.spawn import Child
@@ -236,17 +236,28 @@ class XenBackend(NoDeviceModel):
         self.xs.resume(domid)
 
     def start_resume(self, loop: Loop, domid: int, done: Done) -> Cancellable:
-        """:meth:`resume` from the loop: QMP ``cont`` is an exchange on the loop."""
+        """:meth:`resume` from the loop: QMP ``cont`` and XS_RESUME are
+        exchanges on the loop (xenstored may take a while to answer)."""
+        chain = _Then()
+
         def cont(err: Optional[Exception]) -> None:
             try:
                 self.xc.resume(domid, fast=True)
-                self.xs.resume(domid)
             except OSError as exc:
                 done(False, f"resuming domain {domid}: {exc}")
                 return
-            done(err is None, "" if err is None else
-                 f"domain {domid} was resumed, but its device model was not: {err}")
-        return self._start_dm_cont(loop, domid, cont)
+
+            def told(exc: Optional[Exception]) -> None:
+                if exc is not None:
+                    done(False, f"resuming domain {domid}: {xsasync.reason(exc)}")
+                    return
+                done(err is None, "" if err is None else
+                     f"domain {domid} was resumed, but its device model was not: {err}")
+            if not chain.cancelled:     # (called from the loop, never before this returns)
+                chain.part = xsasync.XsTask(loop, self._open_xs, _xs_resume(domid), told,
+                                            f"resume of domain {domid}")
+        chain.part = self._start_dm_cont(loop, domid, cont)
+        return chain
 
     def start_unpause(self, loop: Loop, domid: int, done: Done) -> Cancellable:
         """:meth:`unpause` from the loop: QMP ``cont`` is an exchange on the loop."""
@@ -402,7 +413,9 @@ class XenBackend(NoDeviceModel):
                                f"{[d.vdev for d in disks if d.backend == 'qdisk'][0]} needs "
                                "QEMU as its backend (qdisk), which pyxl starts for HVM only")
         name = c_info.get("name") or "restored"
-        uuid = c_info.get("uuid") or ""
+        # libxl's form, lower case: the userdata file and /vm/UUID are found
+        # again by Xen's handle, which is printed in lower case
+        uuid = str(c_info.get("uuid") or "").lower()
         try:
             handle = bytes.fromhex(uuid.replace("-", ""))
             assert len(handle) == 16
@@ -624,6 +637,12 @@ class XenBackend(NoDeviceModel):
         for nic in libxlcfg.nics(config):
             steps += xendevices.add_nic(loop, opener, domid, nic)
         return xendevices.DeviceSteps(loop, steps, done)
+
+
+def _xs_resume(domid: int) -> xsasync.XsScript[None]:
+    """XS_RESUME: xenstored lets the resumed domain's frontends talk again."""
+    [reply] = yield [(XS_RESUME, f"{domid}\0".encode(), 0)]
+    xsasync.ok(reply)
 
 
 class _Then:

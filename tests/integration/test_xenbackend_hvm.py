@@ -741,3 +741,21 @@ def test_backend_that_does_not_close_still_gets_its_remove_script(xsd, host, mon
     assert ran.count("block add") == 1 and ran[-1] == "block remove"
     assert not any(r.startswith("vif-bridge offline") for r in ran)
     assert not xsd.subtree("/local/domain/0/backend/vbd")
+
+
+def test_a_config_uuid_in_upper_case_is_kept_as_libxl_keeps_it(xsd, host):
+    """An upper-case uuid passes the config check, and named libxl's stored
+    config and /vm as given, while everything that later finds them goes by
+    Xen's handle, in lower case: the restored domain could not be saved again
+    ("no libxl config"), and its userdata file outlived it."""
+    upper = "4B0F2D2E-6C8E-4A51-9D7C-0A0B0C0D0E0F"
+    cfg = pv1(host)
+    cfg["c_info"]["uuid"] = upper
+    be = backend(xsd, RecordingXc())
+    domid = be.create_restore_target(cfg)
+    be.restore_done(domid, 1, 2)
+    assert be.domain_config(domid)["c_info"]["uuid"] == upper.lower()
+    assert f"/vm/{upper.lower()}" in xsd.nodes
+    assert (host / "lib" / f"userdata-d.{domid}.{upper.lower()}.libxl-json").exists()
+    be.destroy(domid)
+    assert list((host / "lib").glob("userdata-d.*")) == []

@@ -181,6 +181,30 @@ def test_a_destroyed_domains_nodes_go_without_holding_the_loop(xsd, host):
     loop.close()
 
 
+def test_a_resume_tells_xenstored_without_holding_the_loop(xsd, host):
+    """A failed save's resume: the hypercall, then XS_RESUME as a round on the
+    loop, which ticks on while xenstored takes 0.5 s (it was a request on the
+    backend's blocking connection inside the loop's callback)."""
+    be = backend(xsd, RecordingXc())
+    be.create_restore_target(CONFIG)
+    loop = SelectorLoop()
+    ticks: List[float] = []
+    out: List[Tuple[bool, str]] = []
+
+    def tick() -> None:
+        ticks.append(time.monotonic())
+        if not out:
+            loop.call_later(0.005, tick)
+    xsd.delay = {xenstore.XS_RESUME: 0.5}
+    be.start_resume(loop, 7, lambda ok, why: out.append((ok, why)))
+    loop.call_later(0, tick)
+    assert loop.run_until(lambda: bool(out), 30)
+    assert out == [(True, "")]
+    assert [p[0] for m, _tx, p in xsd.log if m == xenstore.XS_RESUME] == [b"7"]
+    assert ticks[-1] - ticks[0] >= 0.45 and max(b - a for a, b in zip(ticks, ticks[1:])) < 0.1
+    loop.close()
+
+
 class SlowBuild(SimBackend):
     """A toolstack's backend whose domain build takes 0.6 s of loop time."""
 
