@@ -81,7 +81,9 @@ async def restore(path_or_fd: PathOrFd, *, paused: bool = False, helper: Optiona
                   on_progress: Optional[Callable[[ProgressEvent], None]] = None,
                   backend: Optional[Backend] = None, sim_dir: Optional[str] = None,
                   name: Optional[str] = None, stream_type: int = STREAM_PLAIN,
-                  compressed: bool = False) -> RestoreResult:
+                  compressed: bool = False,
+                  config_check: Optional[Callable[[Dict[str, Any]], None]] = None
+                  ) -> RestoreResult:
     """:func:`pyxl.restore` on the running asyncio loop: its :class:`pyxl.RestoreResult`."""
     return await _here(api.restore, locals())
 
@@ -111,6 +113,8 @@ async def receive(listen: Optional[Union[str, Tuple[str, int], socket.socket]] =
                   digest: bool = False, remus: bool = False, tls: Optional[TlsOptions] = None,
                   insecure: bool = False, header_timeout: Optional[float] = HEADER_TIMEOUT,
                   idle_timeout: Optional[float] = IDLE_TIMEOUT,
-                  max_pending: int = MAX_PENDING, compress: bool = True) -> ReceiveResult:
+                  max_pending: int = MAX_PENDING, compress: bool = True,
+                  config_check: Optional[Callable[[Dict[str, Any]], None]] = None
+                  ) -> ReceiveResult:
     """:func:`pyxl.migrate.receive` on the running asyncio loop: its ``ReceiveResult``."""
     return await _here(_migrate_api.receive, locals())

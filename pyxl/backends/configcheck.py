@@ -19,7 +19,17 @@ types and ranges once, in the restore operation, for every backend:
 * the other integers the real-Xen backend passes to Xen (event channels,
   grant frames, pool, ssidref, video and shadow memory, RTC offset);
 * ``c_info.type`` pv/hvm/pvh; ``c_info.uuid`` libxl's 8-4-4-4-12 hex form;
-  ``c_info.name`` as xl takes it (:func:`check_name`).
+  ``c_info.name`` as xl takes it (:func:`check_name`);
+* what the receiving host runs and how (:func:`_check_programs`): a stream
+  names no program (no ``device_model``, no hotplug script outside the host's
+  script directory), adds no device-model arguments (``extra*``), points no
+  serial port at a file, and reads no host file into an HVM guest (direct
+  kernel boot); the disk and NIC lists are lists of objects whose words that
+  reach QEMU's options or the hotplug scripts (vdev, mac, model, bridge,
+  interface names, addresses, keymap, boot order) have their forms, so no
+  comma adds an option.  Disk paths and bridges stay the sender's to choose, as
+  under xl: a receiver that does not trust its senders with them checks them
+  with the restore's ``config_check``.
 
 A failure is a :class:`~pyxl.ConfigError` naming the field, one line.  The
 checks are pyxl's: libxl would catch some later, after the domain exists.
@@ -36,7 +46,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from pyxl.errors import ConfigError
 
-__all__ = ["MAX_DEPTH", "MAX_GIVEN_NAME", "MAX_MEMKB", "MAX_NAME", "MAX_VCPUS", "check_config", "check_name"]
+__all__ = ["MAX_DEPTH", "MAX_GIVEN_NAME", "MAX_MEMKB", "MAX_NAME", "MAX_VCPUS", "XEN_SCRIPT_DIR",
+           "check_config", "check_name"]
+
+#: Where the hotplug scripts a config names are (libxl's default; the only place
+#: a stream's config may take one from).
+XEN_SCRIPT_DIR = "/etc/xen/scripts"
 
 #: Deepest nesting of objects and lists accepted (libxl's configs nest ~5 deep).
 MAX_DEPTH = 32
@@ -57,6 +72,24 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Unicode line and paragraph separators, format characters (bidi controls among them).
 _INVISIBLE = frozenset(("Zl", "Zp", "Cf"))
 _PLAIN_KEY = re.compile(r"\A[A-Za-z0-9_.\-]{1,40}\Z")
+# The words of a config that reach QEMU's options or a hotplug script's
+# arguments: none holds a comma (QEMU's option separator), '/', '=' or a space.
+_SCRIPT = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.+\-]{0,63}\Z")
+_Form = Tuple["re.Pattern[str]", str]
+_WORD: _Form = (re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.+\-]{0,63}\Z"),
+                "a word of letters, digits and . _ + - (at most 64)")
+_IFNAME: _Form = (re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.+\-]{0,14}\Z"),     # IFNAMSIZ - 1
+                  "an interface name (letters, digits and . _ + -, at most 15)")
+_MAC: _Form = (re.compile(r"\A[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}\Z"),
+               "a MAC address (six hex pairs, colon-separated)")
+_ADDRESSES: _Form = (re.compile(r"\A[0-9A-Fa-f.:/]{1,64}( [0-9A-Fa-f.:/]{1,64}){0,15}\Z"),
+                     "IP addresses (at most 16, space-separated)")
+_BOOT: _Form = (re.compile(r"\A[a-p]{1,8}\Z"), "a boot order (drive letters a-p)")
+#: The serial ports a stream may ask of the device model (none is a file or a socket).
+_SERIALS = ("pty", "none", "null")
+_NIC_WORDS = (("mac", _MAC), ("model", _WORD), ("bridge", _IFNAME), ("ifname", _IFNAME),
+              ("gatewaydev", _IFNAME), ("ip", _ADDRESSES), ("nictype", _WORD))
+_DISK_WORDS = (("vdev", _WORD), ("format", _WORD), ("backend", _WORD))
 
 # (field, lowest, highest) of the other integers a backend hands to Xen; each is optional.
 _B_INFO_INTS: Tuple[Tuple[str, int, int], ...] = (
@@ -103,6 +136,79 @@ def check_config(config: Any) -> None:
         raise ConfigError("b_info.type.hvm", f"must be an object, not {_kind(hvm)}")
     if isinstance(hvm, dict):
         _int(hvm, "b_info.type.hvm", "mca_caps", 0, _MEMKB_DEFAULT)
+    _check_programs(config, b_info, hvm or {}, dtype == "hvm")
+
+
+def _check_programs(config: Dict[str, Any], b_info: Dict[str, Any], hvm: Dict[str, Any],
+                    is_hvm: bool) -> None:
+    """What a stream may make the receiving host run, and with what words
+    (see the module's docstring).  The host runs them as root."""
+    if b_info.get("device_model") not in (None, ""):
+        raise ConfigError("b_info.device_model", "names a program: the receiving host runs its "
+                          "own device model, not one a stream names")
+    for key in ("extra", "extra_pv", "extra_hvm"):
+        if b_info.get(key) not in (None, []):
+            raise ConfigError(f"b_info.{key}", "adds device-model arguments: those are the "
+                              "receiving host's to give, not a stream's")
+    if is_hvm:
+        for key in ("kernel", "ramdisk"):
+            if b_info.get(key) not in (None, ""):
+                raise ConfigError(f"b_info.{key}", "names a file of the receiving host for "
+                                  "QEMU to load into the guest (direct kernel boot)")
+    serials = hvm.get("serial_list")
+    if serials is not None and not isinstance(serials, list):
+        raise ConfigError("b_info.type.hvm.serial_list", f"must be a list, not {_kind(serials)}")
+    for i, port in enumerate([hvm.get("serial")] + list(serials or [])):
+        if port not in (None, "") and port not in _SERIALS:
+            where = "serial" if i == 0 else f"serial_list[{i - 1}]"
+            raise ConfigError(f"b_info.type.hvm.{where}", "must be \"pty\", \"none\" or "
+                              "\"null\" (a stream points no serial port at a file or socket)")
+    _word(hvm, "b_info.type.hvm", "keymap", _WORD)
+    _word(hvm, "b_info.type.hvm", "boot", _BOOT)
+    for d, where in _objects(config, "disks"):
+        _script(d, where)
+        for key, form in _DISK_WORDS:
+            _word(d, where, key, form)
+    for n, where in _objects(config, "nics"):
+        _script(n, where)
+        for key, form in _NIC_WORDS:
+            _word(n, where, key, form)
+
+
+def _objects(config: Dict[str, Any], key: str) -> List[Tuple[Dict[str, Any], str]]:
+    """A device list: None, or a list of objects; each with the name errors use."""
+    value = config.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(key, f"must be a list, not {_kind(value)}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ConfigError(f"{key}[{i}]", f"must be an object, not {_kind(item)}")
+        out.append((item, f"{key}[{i}]"))
+    return out
+
+
+def _script(device: Dict[str, Any], where: str) -> None:
+    """A hotplug script: a name in the host's script directory (as xl's
+    ``script=vif-bridge``), or that directory's path to it."""
+    script = device.get("script")
+    if script in (None, ""):
+        return
+    name = script[len(XEN_SCRIPT_DIR) + 1:] if isinstance(script, str) and \
+        script.startswith(XEN_SCRIPT_DIR + "/") else script
+    if not isinstance(name, str) or not _SCRIPT.match(name):
+        raise ConfigError(f"{where}.script", f"must name a script in {XEN_SCRIPT_DIR} (a "
+                          "stream names no other program)")
+
+
+def _word(obj: Dict[str, Any], where: str, key: str, form: _Form) -> None:
+    value = obj.get(key)
+    if value in (None, ""):
+        return
+    if not isinstance(value, str) or not form[0].match(value):
+        raise ConfigError(f"{where}.{key}", f"must be {form[1]}")
 
 
 def check_name(name: Any, field: str = "c_info.name", limit: int = MAX_NAME) -> None:

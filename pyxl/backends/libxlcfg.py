@@ -14,7 +14,7 @@ exists.  Pure functions over the JSON (enums are libxl's lowercase names,
 defbools ``"True"``/``"False"``/``"<default>"``); the one look at the host
 (does a disk path exist, and is it a file or a block device) is a parameter.
 
-May import: pyxl.errors.
+May import: pyxl.errors, pyxl.backends.configcheck (the script directory).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import os
 import stat
 from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
+from pyxl.backends.configcheck import XEN_SCRIPT_DIR
 from pyxl.errors import StartupError
 
-__all__ = ["Disk", "Nic", "avail_vcpus", "b_hvm", "check_restorable", "defbool", "disk_dev_number",
+__all__ = ["Disk", "Nic", "XEN_SCRIPT_DIR", "avail_vcpus", "b_hvm", "check_restorable", "defbool", "disk_dev_number",
            "disks", "memkb", "nics", "paging_memkb", "prepare_nics", "to_int", "unsupported",
            "video_memkb"]
 
-XEN_SCRIPT_DIR = "/etc/xen/scripts"
 #: libxl_types.idl's MemKB default (~0ULL): "not set".
 _MEMKB_DEFAULT = (1 << 64) - 1
 

@@ -84,7 +84,7 @@ def device_model_command(config: Dict[str, Any], domid: int,
           "-mon", "chardev=libxenstat-cmd,mode=control"]
     a += ["-nodefaults", "-no-user-config"]
     if c_info.get("name"):
-        a += ["-name", str(c_info["name"])]
+        a += ["-name", _value(str(c_info["name"]))]
     # vnc, sdl and spice are refused by check_restorable: no display.
     a += ["-vnc", "none", "-display", "none"]
     if hvm.get("keymap"):
@@ -134,6 +134,12 @@ def device_model_command(config: Dict[str, Any], domid: int,
     return DeviceModelCommand(a, env)
 
 
+def _value(text: str) -> str:
+    """A value inside one of QEMU's ``key=value,...`` options: a comma is
+    doubled (QEMU's escape), so a name or a path never adds an option."""
+    return text.replace(",", ",,")
+
+
 def _machine(config: Dict[str, Any]) -> str:
     hvm = b_hvm(config)
     m = "xenfv,suppress-vmdesc=on" if defbool(hvm.get("xen_platform_pci"), True) \
@@ -161,6 +167,6 @@ def _drives(config: Dict[str, Any], st: libxlcfg.StatFn) -> List[str]:
         fmt = _QEMU_FORMATS.get(d.format, "") if d.backend == "qdisk" else "raw"
         if not fmt:
             continue    # libxl: "Unable to determine disk image format": PV only
-        a += ["-drive", f"file={d.pdev_path},if=ide,index={d.disk_index},media=disk,format={fmt},"
+        a += ["-drive", f"file={_value(d.pdev_path)},if=ide,index={d.disk_index},media=disk,format={fmt},"
                         "cache=writeback"]
     return a

@@ -13,7 +13,7 @@ signatures name.
 from __future__ import annotations
 
 import socket
-from typing import Callable, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from pyxl.backends import Backend
 from pyxl.loop import Loop
@@ -87,7 +87,8 @@ def receive(listen: Optional[Union[str, Tuple[str, int], socket.socket]] = None,
             remus: bool = False, tls: Optional[TlsOptions] = None,
             insecure: bool = False, header_timeout: Optional[float] = HEADER_TIMEOUT,
             idle_timeout: Optional[float] = IDLE_TIMEOUT,
-            max_pending: int = MAX_PENDING, compress: bool = True) -> ReceiveOperation:
+            max_pending: int = MAX_PENDING, compress: bool = True,
+            config_check: Optional[Callable[[Dict[str, Any]], None]] = None) -> ReceiveOperation:
     """Start receiving one migration: listen on ``listen`` ("ADDR:PORT", a tuple,
     or a listening socket; port 0 picks one, see ``op.address``) for one
     connection, or use ``fds=(read_fd, write_fd)`` (e.g. (0, 1) under ssh).
@@ -105,10 +106,14 @@ def receive(listen: Optional[Union[str, Tuple[str, int], socket.socket]] = None,
     stay silent are dropped, and it listens on for the real sender.
     ``compress``: take a pyxl sender's offer of a zstd stream (default; its
     frame and checksum are checked before the domain may run).
-    ``pyxl.wait(op)`` gives a :class:`ReceiveResult`.
+    ``config_check(config)``: the host's own policy on the sender's config (its
+    disk paths, bridges, ...), after pyxl's checks and before anything is
+    built; a :class:`~pyxl.ConfigError` it raises fails the receive, and the
+    sender is told.  ``pyxl.wait(op)`` gives a :class:`ReceiveResult`.
     """
     return ReceiveOperation(listen, fds=fds, paused=paused, helper=helper, timeout=timeout,
                             loop=loop, sim_dir=sim_dir, backend=backend, digest=digest,
                             remus=remus, tls=tls, insecure=insecure,
                             header_timeout=header_timeout, idle_timeout=idle_timeout,
-                            max_pending=max_pending, compress=compress)
+                            max_pending=max_pending, compress=compress,
+                            config_check=config_check)

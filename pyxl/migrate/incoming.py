@@ -31,7 +31,7 @@ from pyxl.errors import MigrationProtocolError, OperationError, StartupError
 from pyxl.loop import Loop
 from pyxl.migrate.domain import domain_name
 
-__all__ = ["check_image_name", "start_name_check", "start_name_taken"]
+__all__ = ["check_image_name", "config_checks", "start_name_check", "start_name_taken"]
 
 #: What the sender is told when the name is taken on the receiving host.
 TAKEN = "a domain of that name, not the migrating one, already exists on the receiving host"
@@ -90,6 +90,20 @@ def start_name_taken(backend: Backend, loop: Loop, domid: int, name: str,
         err.peer_text = TAKEN
         done(err)
     start_domain_names(backend, loop, listed)
+
+
+def config_checks(offered: Optional[str], compressed: bool,
+                  policy: Optional[Callable[[Dict[str, Any]], None]]
+                  ) -> Callable[[Dict[str, Any]], None]:
+    """A receiver's checks of the stream's config, after pyxl's own: a
+    compressed image names the domain its offer named; then the host's
+    ``config_check`` policy, if any."""
+    def check(config: Dict[str, Any]) -> None:
+        if compressed:
+            check_image_name(offered, config)
+        if policy is not None:
+            policy(config)
+    return check
 
 
 def check_image_name(offered: Optional[str], config: Dict[str, Any]) -> None:

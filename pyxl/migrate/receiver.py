@@ -38,7 +38,7 @@ from pyxl.migrate.future import MigrationFuture
 from pyxl.migrate.handshake import (NEED_DATA, CompressionChosen, ConnectionClosed,
                                     DomainReceived, ReceiverFailed, ReceiverHandshake,
                                     ReceiverProgress, StreamHead, StreamStart, UnpauseResult)
-from pyxl.migrate.incoming import check_image_name, start_name_check, start_name_taken
+from pyxl.migrate.incoming import config_checks, start_name_check, start_name_taken
 from pyxl.migrate.listener import Admission, DropLog, Link, pick_evictee
 from pyxl.migrate.reasons import blame_sender, peer_reason
 from pyxl.migrate.receiveoptions import (HEADER_TIMEOUT, IDLE_MIN_BYTES, IDLE_TIMEOUT, MAX_PENDING,
@@ -74,8 +74,10 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
                  remus: bool = False, tls: Optional[TlsOptions] = None,
                  insecure: bool = False, header_timeout: Optional[float] = HEADER_TIMEOUT,
                  idle_timeout: Optional[float] = IDLE_TIMEOUT,
-                 max_pending: int = MAX_PENDING, compress: bool = True) -> None:
+                 max_pending: int = MAX_PENDING, compress: bool = True,
+                 config_check: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
         self.remus = remus
+        self.config_check = config_check
         self.compress = compress and not remus   # take a sender's compression offer
         self.compressed = False
         check_receive_args(listen, fds, tls, header_timeout, idle_timeout, max_pending)
@@ -361,10 +363,9 @@ class ReceiveOperation(MigrationFuture[ReceiveResult]):
                 paused=True, helper=self.helper, compressed=self.compressed,
                 stream_type=STREAM_REMUS if self.remus else STREAM_PLAIN,
                 name=None if self.name is None else f"{self.name}{INCOMING}")
-            self.restore = RestoreOperation(
-                r, options, backend=self.backend, loop=self.loop,
-                config_check=(functools.partial(check_image_name, self.name)
-                              if self.compressed else None))
+            self.restore = RestoreOperation(r, options, backend=self.backend, loop=self.loop,
+                                            config_check=config_checks(
+                                                self.name, self.compressed, self.config_check))
         except OperationError as exc:
             self._fail(exc)
             return

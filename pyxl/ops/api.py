@@ -62,17 +62,23 @@ def restore(path_or_fd: PathOrFd, *, paused: bool = False, helper: Optional[str]
             on_progress: Optional[Callable[[ProgressEvent], None]] = None,
             loop: Optional[Loop] = None, backend: Optional[Backend] = None,
             sim_dir: Optional[str] = None, name: Optional[str] = None,
-            stream_type: int = STREAM_PLAIN, compressed: bool = False) -> RestoreOperation:
+            stream_type: int = STREAM_PLAIN, compressed: bool = False,
+            config_check: Optional[Callable[[Dict[str, Any]], None]] = None) -> RestoreOperation:
     """Start restoring an xl save file (or stream on an fd) into a new domain.
 
     ``name``: the new domain's, instead of the saved config's.  ``paused``: leave
     it paused.  ``compressed``: a pipe or socket that carries a zstd image (a
-    regular file's magic says whether it is one, whatever ``compressed`` says).  See :class:`~pyxl.ops.restore.RestoreOptions`.
+    regular file's magic says whether it is one, whatever ``compressed`` says).
+    ``config_check(config)``: the host's own policy on the stream's config
+    (its disk paths, bridges, ...), after pyxl's checks and before anything is
+    built; a :class:`~pyxl.ConfigError` it raises refuses the stream.  See
+    :class:`~pyxl.ops.restore.RestoreOptions`.
     """
     options = RestoreOptions(paused=paused, helper=helper, timeout=timeout, name=name,
                              stream_type=stream_type, compressed=compressed)
     return RestoreOperation(path_or_fd, options, backend=backend or default_backend(sim_dir),
-                            loop=loop, callbacks=callbacks, on_progress=on_progress)
+                            loop=loop, callbacks=callbacks, on_progress=on_progress,
+                            config_check=config_check)
 
 
 T1 = TypeVar("T1")

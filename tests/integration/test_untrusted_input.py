@@ -113,6 +113,34 @@ BAD_CONFIGS = [
      "c_info.name"),
     ("type", setter("c_info", "type", "hvm\u0000"), "c_info.type"),
     ("huge-int-elsewhere", lambda c: c.update(extra={"n": 1 << 80}), "extra.n"),
+    # What the receiving host runs, as root, and with what words (review 29: a
+    # stream named the hotplug script, the device model, QEMU's arguments).
+    ("device-model", setter("b_info", "device_model", "/bin/true"),
+     "b_info.device_model: names a program"),
+    ("extra-args", setter("b_info", "extra", ["-chardev", "file,id=x,path=/etc/shadow"]),
+     "b_info.extra: adds device-model arguments"),
+    ("extra-hvm-string", setter("b_info", "extra_hvm", "-S"), "b_info.extra_hvm"),
+    ("hvm-kernel", lambda c: (c["c_info"].update(type="hvm"),
+                              c["b_info"].update(kernel="/etc/shadow")), "b_info.kernel"),
+    ("serial-file", setter("b_info", "type.hvm", {"serial": "file:/etc/cron.d/x"}),
+     "b_info.type.hvm.serial: must be \"pty\""),
+    ("serial-list-socket", setter("b_info", "type.hvm", {"serial_list": ["pty", "unix:/s,server"]}),
+     "b_info.type.hvm.serial_list[1]"),
+    ("boot-option", setter("b_info", "type.hvm", {"boot": "c,splash=/etc/shadow"}),
+     "b_info.type.hvm.boot: must be a boot order"),
+    ("disk-script-path", lambda c: c.update(disks=[{"vdev": "xvda", "script": "/tmp/evil"}]),
+     "disks[0].script: must name a script in /etc/xen/scripts"),
+    ("disk-script-dotdot", lambda c: c.update(disks=[{"vdev": "xvda",
+                                                      "script": "/etc/xen/scripts/../../tmp/e"}]),
+     "disks[0].script"),
+    ("nic-script", lambda c: c.update(nics=[{"script": "../../../tmp/evil"}]), "nics[0].script"),
+    ("nic-mac-option", lambda c: c.update(nics=[{"mac": "00:16:3e:00:00:03,romfile=/etc/shadow"}]),
+     "nics[0].mac: must be a MAC address"),
+    ("nic-model-option", lambda c: c.update(nics=[{"model": "e1000,romfile=/x"}]), "nics[0].model"),
+    ("nic-bridge-option", lambda c: c.update(nics=[{"bridge": "xenbr0,script=/x"}]),
+     "nics[0].bridge: must be an interface name"),
+    ("disks-string", lambda c: c.update(disks="xvda"), "disks: must be a list"),
+    ("disk-string", lambda c: c.update(disks=["xvda"]), "disks[0]: must be an object"),
 ]
 
 
@@ -160,6 +188,52 @@ def test_name_given_to_restore_is_checked(sim_dir, tmp_path, good):
     with pytest.raises(pyxl.ConfigError, match="name: must not contain '/'"):
         pyxl.restore(path, sim_dir=sim_dir, name="a/b")
     assert domids(sim_dir) == []
+
+
+def _only_srv_disks(seen):
+    """A host's policy: disks only under /srv/guests (what a config_check is for)."""
+    def check(config):
+        seen.append(config)
+        for i, d in enumerate(config.get("disks") or []):
+            if not str(d.get("pdev_path", "")).startswith("/srv/guests/"):
+                raise pyxl.ConfigError(f"disks[{i}].pdev_path", "is not under /srv/guests")
+    return check
+
+
+def test_a_hosts_config_check_refuses_what_pyxl_lets_through(sim_dir, tmp_path, good):
+    """Disk paths are the sender's to choose, as under xl: a host that does not
+    trust its senders with them says so in config_check, which sees the config
+    after pyxl's checks and refuses it before anything is built."""
+    path = tmp_path / "disk.save"
+    path.write_bytes(with_config(good, lambda c: c.update(
+        disks=[{"vdev": "xvda", "pdev_path": "/dev/sda", "format": "raw"}])))
+    seen: list = []
+    with pytest.raises(pyxl.ConfigError, match=r"config: disks\[0\]\.pdev_path: is not under /srv/guests$"):
+        pyxl.restore(path, sim_dir=sim_dir, config_check=_only_srv_disks(seen))
+    assert len(seen) == 1 and seen[0]["disks"][0]["pdev_path"] == "/dev/sda"
+    assert domids(sim_dir) == []
+    with pytest.raises(pyxl.ConfigError, match=r"b_info\.device_model"):   # pyxl's, first
+        path.write_bytes(with_config(good, setter("b_info", "device_model", "/bin/true")))
+        pyxl.restore(path, sim_dir=sim_dir, config_check=_only_srv_disks(seen))
+    assert len(seen) == 1
+
+
+def test_a_receivers_config_check_fails_the_receive_and_the_sender_is_told(hosts, good):
+    _, b = hosts
+    data = with_config(good, lambda c: c.update(
+        disks=[{"vdev": "xvda", "pdev_path": "/dev/sda", "format": "raw"}]))
+    data = data[:len(data) - len(good[1]) + 64]
+    seen: list = []
+    rx = migrate.receive("127.0.0.1:0", sim_dir=b, config_check=_only_srv_disks(seen))
+    peer = socket.create_connection(rx.address)
+    peer.setblocking(False)
+    peer.sendall(data)
+    assert default_loop().run_until(rx.done, 60)
+    assert isinstance(rx.exception(), pyxl.ConfigError), rx.exception()
+    assert "disks[0].pdev_path: is not under /srv/guests" in str(rx.exception())
+    assert_peer_told(peer)
+    peer.close()
+    assert domids(b) == [] and len(seen) == 1
 
 
 @pytest.mark.parametrize("edit,needle", [b[1:] for b in BAD_CONFIGS[2:3] + BAD_CONFIGS[5:7]],

@@ -164,6 +164,20 @@ def test_disks_as_libxl_places_them():
     ]
 
 
+def test_a_comma_in_a_name_or_a_disk_path_adds_no_option():
+    """QEMU splits an option's value at a comma: ``file=/img/a,readonly=off.img``
+    gave the drive an option of the path's choosing.  A comma is doubled,
+    QEMU's escape (libxl passes them as they are)."""
+    c = hvm1()
+    c["c_info"]["name"] = "web,debug-threads=on"
+    c["disks"] = [{"pdev_path": "/img/a,snapshot=on.img", "vdev": "xvda", "format": "raw",
+                   "readwrite": 1}]
+    argv = device_model_command(c, 5, 9, environ={}, st=_st()).argv
+    assert argv[argv.index("-name") + 1] == "web,,debug-threads=on"
+    assert argv[argv.index("-drive") + 1] == \
+        "file=/img/a,,snapshot=on.img,if=ide,index=0,media=disk,format=raw,cache=writeback"
+
+
 @pytest.mark.parametrize("vdev,expected", [
     ("xvda", (51712, 0, 0)), ("xvdb3", (51731, 1, 3)), ("xvdq", ((1 << 28) | (16 << 8), 16, 0)),
     ("hda", (768, 0, 0)), ("hdb", (832, 1, 0)), ("hdc", (5632, 2, 0)), ("hdd2", (5698, 3, 2)),

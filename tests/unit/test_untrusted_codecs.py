@@ -157,6 +157,14 @@ def test_good_configs_pass():
     check_config(CONFIG)
     check_config({"b_info": {"max_memkb": 1}})
     check_config(dict(CONFIG, b_info=dict(CONFIG["b_info"], video_memkb=(1 << 64) - 1)))
+    # devices as xl writes them: scripts by name or in the host's script directory
+    check_config(dict(CONFIG, disks=[{"vdev": "xvda", "pdev_path": "/srv/a,b.img", "format": "raw",
+                                      "script": "block"}],
+                      nics=[{"mac": "00:16:3E:00:00:03", "bridge": "xenbr0", "model": "e1000",
+                             "script": "/etc/xen/scripts/vif-bridge", "ip": "10.0.0.2 fe80::1/64",
+                             "nictype": "vif_ioemu"}],
+                      b_info=dict(CONFIG["b_info"], **{"type.hvm": {
+                          "serial": "pty", "boot": "cd", "keymap": "en-us"}})))
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
