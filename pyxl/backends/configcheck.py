@@ -22,14 +22,14 @@ types and ranges once, in the restore operation, for every backend:
   ``c_info.name`` as xl takes it (:func:`check_name`);
 * what the receiving host runs and how (:func:`_check_programs`): a stream
   names no program (no ``device_model``, no hotplug script outside the host's
-  script directory), adds no device-model arguments (``extra*``), points no
-  serial port at a file, and reads no host file into an HVM guest (direct
-  kernel boot); the disk and NIC lists are lists of objects whose words that
-  reach QEMU's options or the hotplug scripts (vdev, mac, model, bridge,
-  interface names, addresses, keymap, boot order) have their forms, so no
-  comma adds an option.  Disk paths and bridges stay the sender's to choose, as
-  under xl: a receiver that does not trust its senders with them checks them
-  with the restore's ``config_check``.
+  script directory), adds no device-model arguments (``extra*``) and points no
+  serial port at a file or socket; the disk and NIC lists are lists of objects
+  whose words that reach QEMU's options or the hotplug scripts (vdev, mac,
+  model, bridge, interface names, addresses, keymap, boot order) have their
+  forms, so no comma adds an option.  The host paths a config names (disks, an
+  HVM guest's kernel and ramdisk) and its bridges stay the sender's to choose,
+  as under xl: a receiver that does not trust its senders with them checks
+  them with the restore's ``config_check``.
 
 A failure is a :class:`~pyxl.ConfigError` naming the field, one line.  The
 checks are pyxl's: libxl would catch some later, after the domain exists.
@@ -136,11 +136,10 @@ def check_config(config: Any) -> None:
         raise ConfigError("b_info.type.hvm", f"must be an object, not {_kind(hvm)}")
     if isinstance(hvm, dict):
         _int(hvm, "b_info.type.hvm", "mca_caps", 0, _MEMKB_DEFAULT)
-    _check_programs(config, b_info, hvm or {}, dtype == "hvm")
+    _check_programs(config, b_info, hvm or {})
 
 
-def _check_programs(config: Dict[str, Any], b_info: Dict[str, Any], hvm: Dict[str, Any],
-                    is_hvm: bool) -> None:
+def _check_programs(config: Dict[str, Any], b_info: Dict[str, Any], hvm: Dict[str, Any]) -> None:
     """What a stream may make the receiving host run, and with what words
     (see the module's docstring).  The host runs them as root."""
     if b_info.get("device_model") not in (None, ""):
@@ -150,11 +149,6 @@ def _check_programs(config: Dict[str, Any], b_info: Dict[str, Any], hvm: Dict[st
         if b_info.get(key) not in (None, []):
             raise ConfigError(f"b_info.{key}", "adds device-model arguments: those are the "
                               "receiving host's to give, not a stream's")
-    if is_hvm:
-        for key in ("kernel", "ramdisk"):
-            if b_info.get(key) not in (None, ""):
-                raise ConfigError(f"b_info.{key}", "names a file of the receiving host for "
-                                  "QEMU to load into the guest (direct kernel boot)")
     serials = hvm.get("serial_list")
     if serials is not None and not isinstance(serials, list):
         raise ConfigError("b_info.type.hvm.serial_list", f"must be a list, not {_kind(serials)}")

@@ -120,8 +120,6 @@ BAD_CONFIGS = [
     ("extra-args", setter("b_info", "extra", ["-chardev", "file,id=x,path=/etc/shadow"]),
      "b_info.extra: adds device-model arguments"),
     ("extra-hvm-string", setter("b_info", "extra_hvm", "-S"), "b_info.extra_hvm"),
-    ("hvm-kernel", lambda c: (c["c_info"].update(type="hvm"),
-                              c["b_info"].update(kernel="/etc/shadow")), "b_info.kernel"),
     ("serial-file", setter("b_info", "type.hvm", {"serial": "file:/etc/cron.d/x"}),
      "b_info.type.hvm.serial: must be \"pty\""),
     ("serial-list-socket", setter("b_info", "type.hvm", {"serial_list": ["pty", "unix:/s,server"]}),
