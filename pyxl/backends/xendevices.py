@@ -82,6 +82,11 @@ def check_bridges(nics: Sequence[Nic]) -> Optional[str]:
 Step = Callable[[Callable[[Optional[str]], None]], Any]
 
 
+#: The longest line of a hotplug script's output kept (a script that writes
+#: no newline is not buffered without bound).
+_MAX_LINE = 4096
+
+
 class Script:
     """One hotplug script, run from the loop: started by :mod:`pyxl.spawn`'s
     spawner (the loop does not wait for its fork and exec; its own process
@@ -118,6 +123,9 @@ class Script:
         data, eof = read_ready(self.out)
         self._buf += data
         *lines, self._buf = self._buf.split(b"\n")
+        if len(self._buf) > _MAX_LINE:     # no newline for long: a line of its own, cut
+            lines.append(self._buf[:_MAX_LINE] + b"...")
+            self._buf = b""
         for line in lines:
             text = line.decode(errors="replace").rstrip()
             self.output.append(text)

@@ -715,6 +715,30 @@ def test_hotplug_script_timeout(xsd, host, monkeypatch):
     be.destroy(7)
 
 
+def test_a_hotplug_script_that_writes_no_newline_is_kept_to_a_line(xsd, host, monkeypatch):
+    """Its output was buffered whole until a newline came: 8 MiB without one
+    stayed in memory (and was split again at every read).  Now a line is cut at
+    4 KiB, and the failure quotes the cut line."""
+    from pyxl.backends import xendevices
+    (host / "scripts" / "block").write_text(
+        "#!/bin/sh\nhead -c 8388608 /dev/zero | tr '\\0' x\nexit 1\n")
+    seen: List[int] = []
+    readable = xendevices.Script._readable
+
+    def watched(self):
+        readable(self)
+        seen.append(len(self._buf))
+    monkeypatch.setattr(xendevices.Script, "_readable", watched)
+    be = backend(xsd, RecordingXc())
+    be.create_restore_target(pv1(host))
+    be.restore_done(7, 1, 2)
+    (ok, why), = _restore_devices(be, 7, [])
+    assert not ok and "block add failed (exit status 1)" in why
+    assert seen and max(seen) <= xendevices._MAX_LINE
+    assert "x" * 100 in why and len(why) < 20000
+    be.destroy(7)
+
+
 def test_backend_that_does_not_close_still_gets_its_remove_script(xsd, host, monkeypatch,
                                                                    caplog):
     """A disk whose add script ran (hotplug-status, as Xen's block script
