@@ -1,7 +1,0 @@
-"""``python -m pyxl``: the pyxl command line."""
-
-import sys
-
-from pyxl.cli.main import main
-
-sys.exit(main())
