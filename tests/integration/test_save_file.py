@@ -337,15 +337,22 @@ def test_a_failed_save_leaves_freeing_its_file_to_the_flushing_child(sim_dir, tm
                          for fd in os.listdir(f"/proc/{self.child.pid}/fd"))))
         return abandon(self, then)
     monkeypatch.setattr(childproc.FileFinisher, "abandon", watched)
+    _cancel_a_save_midway(sim_dir, tmp_path, fsync=True)
+    assert seen == [([], True)]          # gone by name; the child held the last descriptor
+
+
+def _cancel_a_save_midway(sim_dir, tmp_path, fsync: bool) -> None:
+    """A 256 MiB save cancelled once 8 MiB are written: Cancelled, no file,
+    no child, the guest running."""
     d = sim.create(256 << 20, sim_dir=sim_dir)
-    op = pyxl.save(d, tmp_path / "g.save", sim_dir=sim_dir, fsync=True, leave="running")
+    op = pyxl.save(d, tmp_path / "g.save", sim_dir=sim_dir, fsync=fsync, leave="running")
     loop = pyxl.default_loop()
     assert loop.run_until(lambda: op.stats().bytes > 8 << 20 or op.done(), 30)
     op.cancel()
     with pytest.raises(pyxl.Cancelled):
         pyxl.wait(op, timeout=30)
-    assert seen == [([], True)]          # gone by name; the child held the last descriptor
     assert list(tmp_path.iterdir()) == [] and children() == []
+    assert sim.state(d, sim_dir=sim_dir) == "running"
 
 
 def test_without_the_flushing_child_a_failed_save_has_a_short_child_remove_its_file(
@@ -365,13 +372,5 @@ def test_without_the_flushing_child_a_failed_save_has_a_short_child_remove_its_f
                      os.readlink(f"/proc/self/fd/{fd}") == path))
         return remove_in_child(loop, path, fd, done)
     monkeypatch.setattr(save_module, "remove_in_child", watched)
-    d = sim.create(256 << 20, sim_dir=sim_dir)
-    op = pyxl.save(d, tmp_path / "g.save", sim_dir=sim_dir, fsync=False, leave="running")
-    loop = pyxl.default_loop()
-    assert loop.run_until(lambda: op.stats().bytes > 8 << 20 or op.done(), 30)
-    op.cancel()
-    with pytest.raises(pyxl.Cancelled):
-        pyxl.wait(op, timeout=30)
+    _cancel_a_save_midway(sim_dir, tmp_path, fsync=False)
     assert seen == [(True, True)]        # the file and its last descriptor, to the child
-    assert list(tmp_path.iterdir()) == [] and children() == []
-    assert sim.state(d, sim_dir=sim_dir) == "running"

@@ -353,23 +353,31 @@ def test_child_nice_out_of_range_is_refused(bad):
     assert spawn.child_nice() == 0
 
 
-def test_children_start_under_a_low_open_files_limit():
-    """Debian's default soft RLIMIT_NOFILE is 1024 (the lane's dom0): the
-    spawner's children must not need fd numbers above their own targets."""
-    code = ("import os, resource, sys\n"
+def _under_64_open_files(argv: str, target: int, then: str) -> str:
+    """What a process whose open-files limit is 64 prints of one Child of
+    ``argv`` given a pipe as fd ``target``: its exit code, then ``then``."""
+    code = ("import os, resource\n"
             "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit("
             "resource.RLIMIT_NOFILE)[1]))\n"
             "from pyxl.loop import SelectorLoop\n"
             "from pyxl.spawn import Child\n"
             "loop = SelectorLoop(); seen = []\n"
             "r, w = os.pipe()\n"
-            "c = Child(loop, ['sh', '-c', 'echo ok >&9'], seen.append, fds={9: w})\n"
+            f"c = Child(loop, {argv}, seen.append, fds={{{target}: w}})\n"
             "os.close(w)\n"
             "assert loop.run_until(lambda: seen, 20)\n"
-            "print(seen[0], c.start_error, os.read(r, 10).decode().strip())\n")
+            f"print(seen[0], {then})\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["0", "None", "ok"]
+    return r.stdout.strip()
+
+
+def test_children_start_under_a_low_open_files_limit():
+    """Debian's default soft RLIMIT_NOFILE is 1024 (the lane's dom0): the
+    spawner's children must not need fd numbers above their own targets."""
+    out = _under_64_open_files("['sh', '-c', 'echo ok >&9']", 9,
+                               "c.start_error, os.read(r, 10).decode().strip()")
+    assert out.split() == ["0", "None", "ok"]
 
 
 def test_a_private_step_that_kills_its_child_before_the_answer_leaves_nothing():
@@ -402,20 +410,8 @@ def test_a_private_step_that_kills_its_child_before_the_answer_leaves_nothing():
 def test_a_target_at_the_open_files_limit_is_a_start_error_not_a_silent_127():
     """The child could not move its exec report above a target at the fd
     limit and exited 127 unheard: the start looked like a child that ran."""
-    code = ("import os, resource\n"
-            "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit("
-            "resource.RLIMIT_NOFILE)[1]))\n"
-            "from pyxl.loop import SelectorLoop\n"
-            "from pyxl.spawn import Child\n"
-            "loop = SelectorLoop(); seen = []\n"
-            "r, w = os.pipe()\n"
-            "c = Child(loop, ['true'], seen.append, fds={63: w})\n"
-            "os.close(w)\n"
-            "assert loop.run_until(lambda: seen, 20)\n"
-            "print(seen[0], repr(c.start_error))\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "None OSError(22, 'Invalid argument (its fds)')", r.stdout
+    out = _under_64_open_files("['true']", 63, "repr(c.start_error)")
+    assert out == "None OSError(22, 'Invalid argument (its fds)')", out
 
 
 def test_our_childrens_pidfds_are_not_inherited_by_what_the_application_runs():
