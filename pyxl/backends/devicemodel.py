@@ -73,6 +73,9 @@ _EMU_HDR = struct.Struct("<II")
 #: Largest device-model state (EMULATOR_CONTEXT) saved or restored, unless the
 #: backend declares ``max_emulator_context`` (QEMU's for a Xen HVM guest: some KiB).
 DEFAULT_MAX_EMULATOR_CONTEXT = 4 << 20
+#: The longest a failed start waits for its killed device model to be reaped
+#: before it is told (a process stuck in the kernel must not hold the restore).
+REAP_WAIT = 5.0
 
 
 def state_bound(backend: Any) -> int:
@@ -384,14 +387,32 @@ class QmpDeviceModel:
         started = time.monotonic()
         ready = self.ready
 
+        #: a failure told once its killed child is reaped (at most REAP_WAIT s):
+        #: nothing of the failed start is left when the caller hears of it
+        held: List[DeviceModelError] = []
+
         def fail(err: DeviceModelError) -> None:
             if step.finished:
                 return
             step.release()
-            step.kill_child()
             self._kill_quietly()
             self._remove(self.qmp_path)
-            done(err)
+            child = step.child
+            if child is None or not child.running:
+                done(err)
+                return
+            held.append(err)
+            child.kill()
+            deadline.append(loop.call_later(REAP_WAIT, tell_held))
+
+        deadline: List[Timer] = []
+
+        def tell_held() -> None:
+            for timer in deadline:
+                timer.cancel()
+            deadline.clear()
+            if held:
+                done(held.pop())
 
         def succeed() -> None:
             step.release()
@@ -404,6 +425,9 @@ class QmpDeviceModel:
 
         def exited(status: Optional[int]) -> None:
             child = step.child
+            if held:
+                tell_held()
+                return
             if step.finished or child is None:
                 return
             if child.start_error is not None:

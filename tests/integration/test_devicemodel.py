@@ -659,7 +659,16 @@ def test_restore_with_a_device_model_command_that_fails(sim_dir, tmp_path, no_le
         sys.executable, "-c", "import time; time.sleep(60)"])
     with pytest.raises(pyxl.OperationError, match="DeviceModelTimeout"):
         pyxl.wait(pyxl.restore(path, sim_dir=sim_dir, backend=backend))
+    assert children() == []
     assert domids(sim_dir) == []
+    # ... and reaped before the failure is told (CI run 43: a zombie, when the
+    # failure was told at the kill and the loop stopped before its exit came).
+    # This one takes a while to die: 768 MiB to free.
+    backend = SimBackend(sim_dir, dm_ready_timeout=1.5, dm_command=lambda domid, fd: [
+        sys.executable, "-c", "import time; b = bytearray(b'x') * (768 << 20); time.sleep(60)"])
+    with pytest.raises(pyxl.OperationError, match="DeviceModelTimeout"):
+        pyxl.wait(pyxl.restore(path, sim_dir=sim_dir, backend=backend))
+    assert children() == []
 
 
 def test_device_models_start_through_the_spawner(sim_dir, tmp_path, monkeypatch, no_leaks):
