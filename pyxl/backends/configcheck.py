@@ -74,7 +74,6 @@ _INVISIBLE = frozenset(("Zl", "Zp", "Cf"))
 _PLAIN_KEY = re.compile(r"\A[A-Za-z0-9_.\-]{1,40}\Z")
 # The words of a config that reach QEMU's options or a hotplug script's
 # arguments: none holds a comma (QEMU's option separator), '/', '=' or a space.
-_SCRIPT = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.+\-]{0,63}\Z")
 _Form = Tuple["re.Pattern[str]", str]
 _WORD: _Form = (re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.+\-]{0,63}\Z"),
                 "a word of letters, digits and . _ + - (at most 64)")
@@ -190,9 +189,9 @@ def _script(device: Dict[str, Any], where: str) -> None:
     script = device.get("script")
     if script in (None, ""):
         return
-    name = script[len(XEN_SCRIPT_DIR) + 1:] if isinstance(script, str) and \
-        script.startswith(XEN_SCRIPT_DIR + "/") else script
-    if not isinstance(name, str) or not _SCRIPT.match(name):
+    if isinstance(script, str) and script.startswith(XEN_SCRIPT_DIR + "/"):
+        script = script[len(XEN_SCRIPT_DIR) + 1:]
+    if not isinstance(script, str) or not _WORD[0].match(script):   # a name: no '/', no '..'
         raise ConfigError(f"{where}.script", f"must name a script in {XEN_SCRIPT_DIR} (a "
                           "stream names no other program)")
 

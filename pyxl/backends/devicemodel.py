@@ -390,6 +390,7 @@ class QmpDeviceModel:
         #: a failure told once its killed child is reaped (at most REAP_WAIT s):
         #: nothing of the failed start is left when the caller hears of it
         held: List[DeviceModelError] = []
+        deadline: List[Timer] = []
 
         def fail(err: DeviceModelError) -> None:
             if step.finished:
@@ -404,8 +405,6 @@ class QmpDeviceModel:
             held.append(err)
             child.kill()
             deadline.append(loop.call_later(REAP_WAIT, tell_held))
-
-        deadline: List[Timer] = []
 
         def tell_held() -> None:
             for timer in deadline:
